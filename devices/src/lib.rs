@@ -1,0 +1,1 @@
+//! Emulated devices: legacy PIO devices now, virtio-mmio devices later.

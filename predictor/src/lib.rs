@@ -1,0 +1,1 @@
+//! Resource predictor: telemetry windows, forecasters, policy and evaluation.
