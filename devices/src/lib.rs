@@ -1,1 +1,7 @@
-//! Emulated devices: legacy PIO devices now, virtio-mmio devices later.
+//! Emulated devices of a prescient microVM: the I/O buses and the legacy PIO devices (virtio-mmio
+//! devices join them in later work).
+
+pub mod bus;
+pub mod legacy;
+
+pub use bus::{Bus, BusDevice, BusError};

@@ -1,1 +1,15 @@
-//! The prescient VMM.
+//! prescient: a KVM microVM monitor whose resource predictor runs inside it.
+//!
+//! A [`vmm_config::VmConfig`] (from `--config-file`) is turned into a running
+//! [`microvm::MicroVm`] by [`builder::build_microvm`]; [`microvm::MicroVm::run`] serves the VMM
+//! thread's event loop until the guest ends and says why ([`exit::ExitReason`]).
+
+pub mod arch;
+pub mod boot;
+pub mod builder;
+pub mod console;
+pub mod device_manager;
+pub mod exit;
+pub mod microvm;
+pub mod vmm_config;
+pub mod vstate;

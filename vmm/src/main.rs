@@ -1,1 +1,70 @@
-fn main() {}
+//! The `prescient` binary.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use vmm::builder::{build_microvm, BuildError};
+use vmm::exit::code;
+use vmm::vmm_config::{SpecFileError, VmConfig};
+
+/// A KVM microVM monitor that sizes its VMs ahead of demand.
+#[derive(Debug, Parser)]
+#[command(name = "prescient", version, about)]
+struct Cli {
+    /// JSON VM spec to boot (Firecracker's config file format).
+    #[arg(long, value_name = "PATH")]
+    config_file: Option<PathBuf>,
+
+    /// Log verbosity on stderr: error, warn, info, debug or trace.
+    #[arg(long, value_name = "LEVEL", default_value = "warn",
+          value_parser = ["error", "warn", "info", "debug", "trace"])]
+    log_level: String,
+}
+
+fn init_logging(level: &str) {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::new(level))
+        .with_target(false)
+        .init();
+}
+
+/// Prints the one line that explains a failed run and gives its exit code.
+fn fail(message: impl std::fmt::Display, exit_code: i32) -> ExitCode {
+    eprintln!("prescient: {message}");
+    ExitCode::from(exit_code as u8)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_level);
+
+    let Some(spec_path) = cli.config_file else {
+        return fail(
+            "nothing to boot: pass --config-file PATH (see --help)",
+            code::BAD_CONFIG,
+        );
+    };
+    let config = match VmConfig::from_file(&spec_path) {
+        Ok(c) => c,
+        Err(e) => return fail(e, code::BAD_CONFIG),
+    };
+    let microvm = match build_microvm(&config) {
+        Ok(vm) => vm,
+        Err(BuildError::Config(e)) => {
+            // Point at the field in the file the user wrote.
+            let text = std::fs::read_to_string(&spec_path).unwrap_or_default();
+            return fail(SpecFileError::at(&spec_path, &text, e), code::BAD_CONFIG);
+        }
+        Err(e) => return fail(e, code::VMM_ERROR),
+    };
+    let reason = microvm.run();
+    let exit_code = reason.exit_code();
+    if exit_code == code::OK {
+        tracing::info!("microVM ended: {reason}");
+        ExitCode::SUCCESS
+    } else {
+        fail(reason, exit_code)
+    }
+}

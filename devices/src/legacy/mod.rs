@@ -1,0 +1,21 @@
+//! Legacy PC devices on the PIO bus: the 16550 serial port and the i8042 controller.
+
+mod i8042;
+mod serial;
+
+pub use i8042::I8042;
+pub use serial::{InputDrained, SerialDevice, SerialError};
+
+use vm_superio::Trigger;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Raises a guest interrupt by writing an eventfd that KVM routes to a GSI (irqfd).
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = std::io::Error;
+
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}

@@ -1,0 +1,162 @@
+//! Builds a running microVM from a validated [`VmConfig`].
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, SubscriberOps};
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::{Cap, Kvm};
+
+use crate::arch::x86_64::cpuid::Topology;
+use crate::arch::x86_64::mptable::{self, MptableError};
+use crate::boot::load_boot_source;
+use crate::console::{ConsoleInput, RawTerminal};
+use crate::device_manager::legacy::{self, LegacyError};
+use crate::exit::ExitSignal;
+use crate::microvm::{MicroVm, Subscriber};
+use crate::vmm_config::{ConfigError, JsonPath, MachineConfig, VmConfig};
+use crate::vstate::memory::create_guest_memory;
+use crate::vstate::vcpu::{register_kick_handler, IoBuses, Vcpu, VcpuError};
+use crate::vstate::vm::{Vm, VmError};
+
+/// Errors of building a microVM. [`BuildError::Config`] points at the spec field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot open /dev/kvm: {0}")]
+    Kvm(kvm_ioctls::Error),
+    #[error("KVM lacks the {0:?} capability this VMM needs")]
+    MissingCap(Cap),
+    #[error("cannot read KVM's supported CPUID: {0}")]
+    SupportedCpuid(kvm_ioctls::Error),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Mptable(#[from] MptableError),
+    #[error(transparent)]
+    Legacy(#[from] LegacyError),
+    #[error("cannot create the exit event: {0}")]
+    ExitEvent(std::io::Error),
+    #[error("cannot catch termination signals: {0}")]
+    Signals(std::io::Error),
+    #[error("cannot create the event loop: {0}")]
+    EventManager(event_manager::Error),
+}
+
+/// KVM features the VMM relies on; checked up front for a clear message on odd hosts.
+const REQUIRED_CAPS: [Cap; 8] = [
+    Cap::Irqchip,
+    Cap::Pit2,
+    Cap::Irqfd,
+    Cap::Ioeventfd,
+    Cap::UserMemory,
+    Cap::SetTssAddr,
+    Cap::ExtCpuid,
+    Cap::ImmediateExit,
+];
+
+fn serial_output(config: &VmConfig) -> Result<Box<dyn Write + Send>, ConfigError> {
+    match config
+        .serial
+        .as_ref()
+        .and_then(|s| s.serial_out_path.as_ref())
+    {
+        None => Ok(Box::new(std::io::stdout())),
+        Some(path) => OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map(|f| Box::new(f) as Box<dyn Write + Send>)
+            .map_err(|e| {
+                ConfigError::new(
+                    JsonPath::keys(&["serial", "serial_out_path"]),
+                    format!("cannot open {}: {e}", path.display()),
+                )
+            }),
+    }
+}
+
+/// Creates the VM, loads the guest and starts its vCPUs.
+pub fn build_microvm(config: &VmConfig) -> Result<MicroVm, BuildError> {
+    config.validate()?;
+    let machine = &config.machine_config;
+
+    let kvm = Kvm::new().map_err(BuildError::Kvm)?;
+    if let Some(cap) = REQUIRED_CAPS.into_iter().find(|c| !kvm.check_extension(*c)) {
+        return Err(BuildError::MissingCap(cap));
+    }
+    let supported_cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(BuildError::SupportedCpuid)?;
+
+    let vm = Vm::new(&kvm)?;
+    let mem = create_guest_memory(machine.mem_bytes())
+        .map_err(|e| ConfigError::new(MachineConfig::mem_path(), e.to_string()))?;
+    vm.register_memory(&mem)
+        .map_err(|e| ConfigError::new(MachineConfig::mem_path(), e.to_string()))?;
+
+    let entry = load_boot_source(&mem, &config.boot_source)
+        .map_err(|e| ConfigError::new(e.spec_field(), e.to_string()))?;
+    mptable::setup_mptable(&mem, machine.vcpu_count)?;
+
+    let exit = Arc::new(ExitSignal::new().map_err(BuildError::ExitEvent)?);
+    exit.catch_termination_signals()
+        .map_err(BuildError::Signals)?;
+    let mut buses = IoBuses::default();
+    let legacy = legacy::attach(
+        vm.fd(),
+        &mut buses.pio,
+        serial_output(config)?,
+        exit.clone(),
+    )?;
+
+    let mut event_manager = EventManager::<Subscriber>::new().map_err(BuildError::EventManager)?;
+    let console_is_stdout = config
+        .serial
+        .as_ref()
+        .and_then(|s| s.serial_out_path.as_ref())
+        .is_none();
+    let terminal = if console_is_stdout {
+        RawTerminal::enable()
+    } else {
+        None
+    };
+    if terminal.is_some() {
+        event_manager.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(
+            legacy.serial.clone(),
+            legacy.serial_input_drained,
+        ))));
+    }
+
+    register_kick_handler()?;
+    let topology = Topology::new(machine.vcpu_count, machine.smt);
+    let vcpus = (0..machine.vcpu_count)
+        .map(|index| {
+            let vcpu = Vcpu::new(vm.fd(), index)?;
+            vcpu.configure(&supported_cpuid, topology, &mem, entry)?;
+            Ok(vcpu)
+        })
+        .collect::<Result<Vec<_>, VcpuError>>()?;
+    let buses = Arc::new(buses);
+    let handles = vcpus
+        .into_iter()
+        .map(|vcpu| vcpu.start(buses.clone(), exit.clone()))
+        .collect::<Result<Vec<_>, VcpuError>>()?;
+    tracing::info!(
+        "microVM started: {} vCPUs, {} MiB",
+        machine.vcpu_count,
+        machine.mem_size_mib
+    );
+    Ok(MicroVm::new(
+        vm,
+        mem,
+        handles,
+        exit,
+        event_manager,
+        terminal,
+    ))
+}

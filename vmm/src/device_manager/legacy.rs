@@ -1,0 +1,80 @@
+//! The legacy PIO devices every microVM has: COM1 (serial console) and the i8042 (reset).
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use devices::legacy::{InputDrained, IrqTrigger, SerialDevice, I8042};
+use devices::{Bus, BusError};
+use kvm_ioctls::VmFd;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::arch::x86_64::layout::SERIAL_IRQ;
+use crate::exit::{ExitReason, ExitSignal};
+
+/// COM1 ports and the i8042's 0x60..=0x64 window.
+const COM1_BASE: u64 = 0x3f8;
+const COM1_LEN: u64 = 8;
+const I8042_BASE: u64 = 0x60;
+const I8042_LEN: u64 = 5;
+
+/// Errors of creating the legacy devices.
+#[derive(Debug, thiserror::Error)]
+pub enum LegacyError {
+    #[error("cannot create an eventfd for the {0}: {1}")]
+    EventFd(&'static str, std::io::Error),
+    #[error("cannot route the serial interrupt (IRQ {SERIAL_IRQ}) through KVM: {0}")]
+    Irqfd(kvm_ioctls::Error),
+    #[error("cannot place the {0} on the PIO bus: {1}")]
+    Bus(&'static str, BusError),
+}
+
+/// Turns the guest's i8042 reset command into the VM's end.
+struct ResetToExit(Arc<ExitSignal>);
+
+impl vm_superio::Trigger for ResetToExit {
+    type E = std::convert::Infallible;
+
+    fn trigger(&self) -> Result<(), Self::E> {
+        self.0.request(ExitReason::GuestReset);
+        Ok(())
+    }
+}
+
+/// The VMM's handles on the legacy devices.
+pub struct LegacyDevices {
+    pub serial: Arc<Mutex<SerialDevice>>,
+    /// Readable when the guest has emptied the serial receive FIFO.
+    pub serial_input_drained: EventFd,
+}
+
+/// Creates COM1 (writing the guest's console to `serial_out`) and the i8042 on `pio`.
+pub fn attach(
+    vm: &VmFd,
+    pio: &mut Bus,
+    serial_out: Box<dyn Write + Send>,
+    exit: Arc<ExitSignal>,
+) -> Result<LegacyDevices, LegacyError> {
+    let evt = |what| EventFd::new(EFD_NONBLOCK).map_err(|e| LegacyError::EventFd(what, e));
+    let irq = evt("serial interrupt")?;
+    vm.register_irqfd(&irq, SERIAL_IRQ)
+        .map_err(LegacyError::Irqfd)?;
+    let drained = evt("serial input")?;
+    let drained_for_device = drained
+        .try_clone()
+        .map_err(|e| LegacyError::EventFd("serial input", e))?;
+    let serial = Arc::new(Mutex::new(SerialDevice::new(
+        IrqTrigger(irq),
+        InputDrained(drained_for_device),
+        serial_out,
+    )));
+    pio.insert(serial.clone(), COM1_BASE, COM1_LEN)
+        .map_err(|e| LegacyError::Bus("serial port", e))?;
+
+    let i8042 = Arc::new(Mutex::new(I8042::new(ResetToExit(exit))));
+    pio.insert(i8042, I8042_BASE, I8042_LEN)
+        .map_err(|e| LegacyError::Bus("i8042", e))?;
+    Ok(LegacyDevices {
+        serial,
+        serial_input_drained: drained,
+    })
+}

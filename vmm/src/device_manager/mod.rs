@@ -1,0 +1,3 @@
+//! Creates the VM's devices and attaches them to the buses and interrupt lines.
+
+pub mod legacy;
