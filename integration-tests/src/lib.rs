@@ -1,1 +1,207 @@
 //! End-to-end tests of the prescient binary under real KVM, and the test guest they boot.
+//!
+//! This library is the harness the tests in `tests/` share: it finds (building if needed) the
+//! real `prescient` binary, knows where the build script put the test guest, writes VM specs,
+//! and runs the VMM with a deadline so that a hang fails a test instead of stalling CI.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The test guest with a PVH note (the default boot path).
+pub const TEST_GUEST_PVH: &str = env!("PRESCIENT_TEST_GUEST_PVH");
+/// The same guest without the note: booted through the Linux 64-bit protocol.
+pub const TEST_GUEST_LINUX64: &str = env!("PRESCIENT_TEST_GUEST_LINUX64");
+
+/// The target directory this test binary was built in (`target/<profile>/deps/<test>`).
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test executables live in <target>/<profile>/deps")
+        .to_path_buf()
+}
+
+/// The `prescient` binary of this build profile, built on first use so that `cargo test` alone
+/// is enough (cargo does not build other packages' binaries for a package's tests).
+pub fn prescient_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("PRESCIENT_BIN") {
+            return PathBuf::from(p);
+        }
+        let dir = profile_dir();
+        let target_dir = dir
+            .parent()
+            .expect("profile dir has a parent")
+            .to_path_buf();
+        let profile = dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "vmm",
+            "--bin",
+            "prescient",
+            "--target-dir",
+        ])
+        .arg(&target_dir);
+        match profile {
+            "debug" => {}
+            "release" => {
+                cmd.arg("--release");
+            }
+            other => {
+                cmd.args(["--profile", other]);
+            }
+        }
+        let status = cmd.status().expect("cannot run cargo to build prescient");
+        assert!(status.success(), "building prescient failed: {status}");
+        dir.join("prescient")
+    })
+}
+
+/// A scratch directory for one test, removed when dropped.
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("prescient-it-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create scratch dir");
+        Self(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Writes `contents` to `name` in the scratch dir and returns its path.
+    pub fn write(&self, name: &str, contents: &str) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::write(&p, contents).expect("write scratch file");
+        p
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A VM spec for the test guest.
+pub fn guest_spec(kernel: &str, vcpus: u8, mem_mib: u64, boot_args: &str) -> String {
+    serde_json::json!({
+        "boot-source": {"kernel_image_path": kernel, "boot_args": boot_args},
+        "machine-config": {"vcpu_count": vcpus, "mem_size_mib": mem_mib},
+    })
+    .to_string()
+}
+
+/// What a finished VMM run left behind.
+#[derive(Debug)]
+pub struct Outcome {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Outcome {
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+
+    /// Asserts the run ended with `code`, showing both streams if not.
+    pub fn assert_code(&self, code: i32) -> &Self {
+        assert_eq!(
+            self.code(),
+            Some(code),
+            "unexpected exit\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+
+    /// Asserts the guest console printed `line` as a whole line.
+    pub fn assert_line(&self, line: &str) -> &Self {
+        assert!(
+            self.stdout.lines().any(|l| l.trim_end() == line),
+            "missing line {line:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+
+    /// The value of `key=` in the first console line starting with `prefix`.
+    pub fn field(&self, prefix: &str, key: &str) -> Option<String> {
+        let line = self.stdout.lines().find(|l| l.starts_with(prefix))?;
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+            .map(str::to_string)
+    }
+}
+
+/// Runs `prescient` with `args`; kills it and panics if it is still running after `deadline`.
+pub fn run_prescient(args: &[&str], deadline: Duration) -> Outcome {
+    let child = Command::new(prescient_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn prescient");
+    wait_with_deadline(child, deadline)
+}
+
+/// Runs the VM described by `spec` (written to the scratch dir).
+pub fn run_spec(scratch: &Scratch, spec: &str, deadline: Duration) -> Outcome {
+    let path = scratch.write("vm.json", spec);
+    run_prescient(&["--config-file", path.to_str().unwrap()], deadline)
+}
+
+/// Collects a child's output, enforcing the deadline.
+pub fn wait_with_deadline(mut child: Child, deadline: Duration) -> Outcome {
+    let start = Instant::now();
+    let mut out = child.stdout.take().expect("piped stdout");
+    let mut err = child.stderr.take().expect("piped stderr");
+    let out_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for prescient") {
+            break status;
+        }
+        if start.elapsed() > deadline {
+            let _ = child.kill();
+            let status = child.wait().expect("reap prescient");
+            let stdout = out_reader.join().unwrap_or_default();
+            let stderr = err_reader.join().unwrap_or_default();
+            panic!(
+                "prescient still running after {deadline:?} (killed: {status})\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let elapsed = start.elapsed();
+    Outcome {
+        status,
+        stdout: out_reader.join().unwrap_or_default(),
+        stderr: err_reader.join().unwrap_or_default(),
+        elapsed,
+    }
+}

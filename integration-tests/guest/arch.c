@@ -1,0 +1,260 @@
+/*
+ * x86-64 CPU setup: GDT with one TSS per CPU, IDT (vectors 0-31), page
+ * tables, traps (including user -> kernel calls), LAPIC access.
+ *
+ * Runs at CPL0, which the CI hosts emulate instruction by instruction:
+ * keep loops here short. Bulk page-table filling happens at CPL3
+ * (paging_extend_user), which is possible because every RAM page,
+ * including the page tables themselves, is mapped U/S=1.
+ */
+#include "guest.h"
+
+struct percpu g_cpus[MAX_CPUS];
+u8 g_kstacks[MAX_CPUS][KSTACK_SIZE] ALIGNED(4096);
+u8 g_ustacks[MAX_CPUS][USTACK_SIZE] ALIGNED(4096);
+
+/* ---- GDT ------------------------------------------------------------- */
+static u64 gdt[GDT_FIXED + 2 * MAX_CPUS] ALIGNED(16) = {
+	0,
+	0x00af9a000000ffffULL,  /* 0x08 kernel code, 64-bit */
+	0x00cf92000000ffffULL,  /* 0x10 kernel data */
+	0x00cff2000000ffffULL,  /* 0x18 user data, DPL3 */
+	0x00affa000000ffffULL,  /* 0x20 user code, 64-bit, DPL3 */
+};
+
+struct desc_ptr { u16 limit; u64 base; } __attribute__((packed));
+
+/* Used by entry.S (both the 32-bit and the 64-bit lgdt form). */
+struct desc_ptr gdt_ptr = { sizeof(gdt) - 1, (u64)gdt };
+
+/* ---- IDT ------------------------------------------------------------- */
+struct idt_gate {
+	u16 off0, sel;
+	u8 ist, type;
+	u16 off1;
+	u32 off2, zero;
+} __attribute__((packed));
+
+static struct idt_gate idt[256] ALIGNED(16);
+static struct desc_ptr idt_ptr = { sizeof(idt) - 1, (u64)idt };
+
+extern const u64 exc_stub_table[32];
+
+static void set_gate(int vec, u64 handler, u8 type)
+{
+	struct idt_gate *g = &idt[vec];
+	g->off0 = (u16)handler;
+	g->sel = SEL_KCODE;
+	g->ist = 0;
+	g->type = type;
+	g->off1 = (u16)(handler >> 16);
+	g->off2 = (u32)(handler >> 32);
+	g->zero = 0;
+}
+
+static void paging_map_lapic(void);
+
+void arch_init_bsp(void)
+{
+	paging_map_lapic();
+	for (int v = 0; v < 32; v++)
+		set_gate(v, exc_stub_table[v], 0x8e);           /* interrupt gate, DPL0 */
+	arch_init_cpu(0);
+}
+
+void arch_init_cpu(u32 index)
+{
+	struct percpu *pc = &g_cpus[index];
+	u64 base = (u64)&pc->tss;
+
+	pc->index = index;
+	pc->apic_id = lapic_id();
+	pc->tss.rsp0 = (u64)&g_kstacks[index][KSTACK_SIZE];
+	pc->tss.iomap_base = sizeof(struct tss);        /* no bitmap: IOPL decides */
+
+	u64 *d = &gdt[GDT_FIXED + 2 * index];
+	d[0] = (sizeof(struct tss) - 1) | ((base & 0xffffff) << 16) |
+	       (0x89ULL << 40) | (((base >> 24) & 0xff) << 56);
+	d[1] = base >> 32;
+
+	u16 sel = SEL_TSS0 + 16 * index;
+	__asm__ volatile("ltr %0" : : "r"(sel));
+	__asm__ volatile("lidt %0" : : "m"(idt_ptr));
+}
+
+/* ---- paging ---------------------------------------------------------- */
+extern u64 boot_pml4[512], boot_pdpt[512], boot_pd0[512];
+static u64 pd_hi[MAX_PD_GIB][512] ALIGNED(4096);   /* pd_hi[g] maps GiB g (g >= 1) */
+
+#define PTE_P   0x1ULL
+#define PTE_RW  0x2ULL
+#define PTE_US  0x4ULL
+#define PTE_PWT 0x8ULL
+#define PTE_PCD 0x10ULL
+#define PTE_PS  0x80ULL
+#define GIB     (1ULL << 30)
+#define MIB2    (1ULL << 21)
+
+static u64 *pd_for(u64 gib)
+{
+	if (!(boot_pdpt[gib] & PTE_P))
+		boot_pdpt[gib] = (u64)pd_hi[gib] | PTE_P | PTE_RW | PTE_US;
+	return pd_hi[gib];
+}
+
+/* CPL3: identity-map (2 MiB, U/S=1) every RAM range above 1 GiB and below
+ * MAX_PD_GIB GiB. (The LAPIC page, CPL0 only and uncached, is mapped by
+ * paging_map_lapic() at boot.) */
+void paging_extend_user(void)
+{
+	for (u32 i = 0; i < g_boot.nr_mem; i++) {
+		const struct mem_region *r = &g_boot.mem[i];
+		if (r->type != MEM_RAM)
+			continue;
+		u64 lo = r->addr & ~(MIB2 - 1), hi = r->addr + r->size;
+		if (lo < GIB)
+			lo = GIB;
+		if (hi > MAX_PD_GIB * GIB)
+			hi = MAX_PD_GIB * GIB;
+		for (u64 a = lo; a < hi; a += MIB2)
+			pd_for(a >> 30)[(a >> 21) & 511] = a | PTE_P | PTE_RW | PTE_US | PTE_PS;
+	}
+}
+
+/* CPL0, before anything reads the LAPIC: two stores and a CR3 reload. */
+static void paging_map_lapic(void)
+{
+	pd_for(LAPIC_BASE >> 30)[(LAPIC_BASE >> 21) & 511] =
+		LAPIC_BASE | PTE_P | PTE_RW | PTE_PWT | PTE_PCD | PTE_PS;
+	paging_reload();
+}
+
+void paging_reload(void)
+{
+	__asm__ volatile("mov %0, %%cr3" : : "r"((u64)boot_pml4) : "memory");
+}
+
+/* ---- LAPIC ----------------------------------------------------------- */
+u32 lapic_read(u32 reg) { return *(volatile u32 *)(LAPIC_BASE + reg); }
+void lapic_write(u32 reg, u32 v) { *(volatile u32 *)(LAPIC_BASE + reg) = v; }
+
+/* From the LAPIC, not CPUID: under PVM-style KVM a CPL3 CPUID may run
+ * natively and report the host's APIC id. */
+u32 lapic_id(void) { return lapic_read(0x20) >> 24; }
+
+/* ---- traps ----------------------------------------------------------- */
+NORETURN void triple_fault(void)
+{
+	static const struct desc_ptr null_idt = { 0, 0 };
+	__asm__ volatile("lidt %0\n\tud2" : : "m"(null_idt));
+	for (;;)
+		;
+}
+
+NORETURN void halt_forever(void)
+{
+	for (;;)
+		__asm__ volatile("cli; hlt");
+}
+
+/* Which CPU are we? Exceptions always run on a per-CPU kernel stack. */
+static u32 cpu_from_stack(u64 rsp)
+{
+	u64 base = (u64)g_kstacks;
+	if (rsp < base || rsp >= base + sizeof(g_kstacks))
+		return 0xffffffff;
+	return (u32)((rsp - base) / KSTACK_SIZE);
+}
+
+/*
+ * in/out at CPL3 when the hypervisor ignores RFLAGS.IOPL (#GP, error code
+ * 0): decode and perform it here. Handles [66] E4-E7 / EC-EF (imm8 or dx
+ * port; byte, word, dword). Returns 0 if this is not such an instruction.
+ */
+static int emulate_user_pio(struct trap_frame *f)
+{
+	const u8 *ip = (const u8 *)f->rip;
+	int len = 1, size = 4;
+	if (ip[0] == 0x66) {
+		size = 2;
+		ip++;
+		len++;
+	}
+	u8 op = ip[0];
+	u16 port;
+	if (op >= 0xe4 && op <= 0xe7) {
+		port = ip[1];
+		len++;
+	} else if (op >= 0xec && op <= 0xef) {
+		port = (u16)f->rdx;
+	} else {
+		return 0;
+	}
+	if (!(op & 1))
+		size = 1;
+	u32 v = (u32)f->rax;
+	if (op & 2) {                                   /* out */
+		if (size == 1)
+			__asm__ volatile("outb %b0, %w1" : : "a"(v), "Nd"(port));
+		else if (size == 2)
+			__asm__ volatile("outw %w0, %w1" : : "a"(v), "Nd"(port));
+		else
+			__asm__ volatile("outl %0, %w1" : : "a"(v), "Nd"(port));
+	} else {                                        /* in */
+		if (size == 1) {
+			u8 b;
+			__asm__ volatile("inb %w1, %b0" : "=a"(b) : "Nd"(port));
+			f->rax = (f->rax & ~0xffULL) | b;
+		} else if (size == 2) {
+			u16 w;
+			__asm__ volatile("inw %w1, %w0" : "=a"(w) : "Nd"(port));
+			f->rax = (f->rax & ~0xffffULL) | w;
+		} else {
+			u32 d;
+			__asm__ volatile("inl %w1, %0" : "=a"(d) : "Nd"(port));
+			f->rax = d;                     /* 32-bit writes zero-extend */
+		}
+	}
+	f->rip += (u64)len;
+	return 1;
+}
+
+/* A CPL3 `hlt` is a user -> kernel call (see guest.h, SYS_*). */
+static void syscall_trap(struct trap_frame *f)
+{
+	f->rip += 1;
+	switch (f->rax) {
+	case SYS_EXIT:
+		/* run_user() put RSP0 right above this frame */
+		user_return_to_kernel((u64)(f + 1), f->rdi);
+	case SYS_HALT:
+		halt_forever();
+	case SYS_WRITE:
+		serial_write_line((const char *)f->rdi, f->rsi);
+		f->rax = 0;
+		break;
+	default:
+		f->rax = ~0ULL;
+		break;
+	}
+}
+
+void trap_handler(struct trap_frame *f)
+{
+	if (f->vec == 13 && f->err == 0 && (f->cs & 3) == 3) {
+		if (*(const u8 *)f->rip == 0xf4) {
+			syscall_trap(f);
+			return;
+		}
+		if (emulate_user_pio(f))
+			return;
+	}
+
+	u64 rsp;
+	__asm__ volatile("mov %%rsp, %0" : "=r"(rsp));
+	char buf[128];
+	int n = fmt(buf, sizeof(buf), "guest: PANIC exception %lu err=0x%lx rip=0x%lx cpu=%d\n",
+		    f->vec, f->err, f->rip, (int)cpu_from_stack(rsp));
+	serial_panic_write(buf, (size_t)n);
+	triple_fault();
+}
