@@ -291,22 +291,28 @@ fn handle_exit(index: u8, exit: VcpuExit<'_>, buses: &IoBuses) -> Next {
     let reason = match exit {
         VcpuExit::IoIn(port, data) => {
             if !buses.pio.read(u64::from(port), data) {
+                tracing::trace!("vCPU {index}: unclaimed PIO read of port {port:#x}");
                 data.fill(0xff);
             }
             return Next::Continue;
         }
         VcpuExit::IoOut(port, data) => {
-            buses.pio.write(u64::from(port), data);
+            if !buses.pio.write(u64::from(port), data) {
+                tracing::trace!("vCPU {index}: unclaimed PIO write of port {port:#x}");
+            }
             return Next::Continue;
         }
         VcpuExit::MmioRead(addr, data) => {
             if !buses.mmio.read(addr, data) {
+                tracing::trace!("vCPU {index}: unclaimed MMIO read at {addr:#x}");
                 data.fill(0xff);
             }
             return Next::Continue;
         }
         VcpuExit::MmioWrite(addr, data) => {
-            buses.mmio.write(addr, data);
+            if !buses.mmio.write(addr, data) {
+                tracing::trace!("vCPU {index}: unclaimed MMIO write at {addr:#x}");
+            }
             return Next::Continue;
         }
         VcpuExit::Intr => return Next::Continue,
