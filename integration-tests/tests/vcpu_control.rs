@@ -1,0 +1,94 @@
+//! Pausing, resuming and kicking vCPUs that run guest code, through the VMM library.
+//!
+//! The guest's CPU phase runs at CPL3 inside KVM_RUN; only the kick signal gets a vCPU out of it,
+//! so CPU time that stops growing while paused shows that kick, pause and resume work.
+
+use std::time::Duration;
+
+use integration_tests::{guest_spec, Scratch, TEST_GUEST_PVH};
+use vmm::builder::build_microvm;
+use vmm::exit::ExitReason;
+use vmm::vmm_config::VmConfig;
+
+/// CPU time (utime + stime, in clock ticks) of this process's threads named `vcpu*`.
+fn vcpu_ticks() -> u64 {
+    let mut total = 0;
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if !comm.starts_with("vcpu") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+        // Fields after the parenthesised name: utime and stime are the 12th and 13th.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        total += fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    }
+    total
+}
+
+#[test]
+fn paused_vcpus_stop_burning_cpu_and_resume_where_they_were() {
+    let scratch = Scratch::new("vcpu-control");
+    let console = scratch.path().join("console.log");
+    let mut spec: serde_json::Value =
+        serde_json::from_str(&guest_spec(TEST_GUEST_PVH, 2, 64, "cpu_ms=20000 mem_mib=1")).unwrap();
+    spec["serial"] = serde_json::json!({ "serial_out_path": console });
+    let config = VmConfig::parse(&spec.to_string()).unwrap();
+    let vm = build_microvm(&config).expect("build the microVM");
+
+    // Wait until both vCPUs are in their CPU phase (the APs start it after "cpus online").
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string(&console)
+        .unwrap_or_default()
+        .contains("guest: cpus online=2")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "guest never reached its CPU phase"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let window = Duration::from_millis(500);
+    // 100 Hz ticks. Running vCPUs must get at least 100 ms of CPU per window even on a loaded
+    // 2-core CI host; paused ones at most a tick or two of stragglers.
+    let running_min = 10;
+    let paused_max = 2;
+
+    let before = vcpu_ticks();
+    std::thread::sleep(window);
+    let running = vcpu_ticks() - before;
+    assert!(
+        running >= running_min,
+        "2 busy vCPUs burned only {running} ticks in {window:?}"
+    );
+
+    vm.pause().expect("pause");
+    let before = vcpu_ticks();
+    std::thread::sleep(window);
+    let paused = vcpu_ticks() - before;
+    assert!(
+        paused <= paused_max,
+        "paused vCPUs burned {paused} ticks in {window:?}"
+    );
+
+    vm.resume().expect("resume");
+    let before = vcpu_ticks();
+    std::thread::sleep(window);
+    let resumed = vcpu_ticks() - before;
+    assert!(
+        resumed >= running_min,
+        "resumed vCPUs burned only {resumed} ticks"
+    );
+
+    // Ending the VM from outside stops the vCPUs mid-phase and joins them.
+    let reason = ExitReason::VmmError("test over".into());
+    vm.exit_signal().request(reason.clone());
+    assert_eq!(vm.run(), reason);
+    let console = std::fs::read_to_string(&console).unwrap();
+    assert!(
+        !console.contains("cpu_phase done"),
+        "the 20 s phase cannot have finished:\n{console}"
+    );
+}
