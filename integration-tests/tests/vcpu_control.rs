@@ -6,8 +6,9 @@
 use std::time::Duration;
 
 use integration_tests::{guest_spec, Scratch, TEST_GUEST_PVH};
-use vmm::builder::build_microvm;
 use vmm::exit::ExitReason;
+use vmm::rpc::{InstanceState, VmmAction, VmmData};
+use vmm::runtime::Runtime;
 use vmm::vmm_config::VmConfig;
 
 /// CPU time (utime + stime, in clock ticks) of this process's threads named `vcpu*`.
@@ -36,7 +37,13 @@ fn paused_vcpus_stop_burning_cpu_and_resume_where_they_were() {
         serde_json::from_str(&guest_spec(TEST_GUEST_PVH, 2, 64, "cpu_ms=20000 mem_mib=1")).unwrap();
     spec["serial"] = serde_json::json!({ "serial_out_path": console });
     let config = VmConfig::parse(&spec.to_string()).unwrap();
-    let vm = build_microvm(&config).expect("build the microVM");
+    let mut vm = Runtime::new("vcpu-control".into(), config).unwrap();
+    vm.start().expect("start the microVM");
+    let state = |vm: &mut Runtime| match vm.handle(VmmAction::GetInstanceInfo) {
+        Ok(VmmData::InstanceInfo(info)) => info.state,
+        other => panic!("unexpected answer {other:?}"),
+    };
+    assert_eq!(state(&mut vm), InstanceState::Running);
 
     // Wait until both vCPUs are in their CPU phase (the APs start it after "cpus online").
     let start = std::time::Instant::now();
@@ -64,7 +71,8 @@ fn paused_vcpus_stop_burning_cpu_and_resume_where_they_were() {
         "2 busy vCPUs burned only {running} ticks in {window:?}"
     );
 
-    vm.pause().expect("pause");
+    vm.handle(VmmAction::Pause).expect("pause");
+    assert_eq!(state(&mut vm), InstanceState::Paused);
     let before = vcpu_ticks();
     std::thread::sleep(window);
     let paused = vcpu_ticks() - before;
@@ -73,7 +81,8 @@ fn paused_vcpus_stop_burning_cpu_and_resume_where_they_were() {
         "paused vCPUs burned {paused} ticks in {window:?}"
     );
 
-    vm.resume().expect("resume");
+    vm.handle(VmmAction::Resume).expect("resume");
+    assert_eq!(state(&mut vm), InstanceState::Running);
     let before = vcpu_ticks();
     std::thread::sleep(window);
     let resumed = vcpu_ticks() - before;

@@ -14,7 +14,8 @@ use crate::boot::load_boot_source;
 use crate::console::{ConsoleInput, RawTerminal};
 use crate::device_manager::legacy::{self, LegacyError};
 use crate::exit::ExitSignal;
-use crate::microvm::{MicroVm, Subscriber};
+use crate::microvm::MicroVm;
+use crate::runtime::Subscriber;
 use crate::vmm_config::{ConfigError, JsonPath, MachineConfig, VmConfig};
 use crate::vstate::memory::create_guest_memory;
 use crate::vstate::vcpu::{register_kick_handler, IoBuses, Vcpu, VcpuError};
@@ -39,12 +40,6 @@ pub enum BuildError {
     Mptable(#[from] MptableError),
     #[error(transparent)]
     Legacy(#[from] LegacyError),
-    #[error("cannot create the exit event: {0}")]
-    ExitEvent(std::io::Error),
-    #[error("cannot catch termination signals: {0}")]
-    Signals(std::io::Error),
-    #[error("cannot create the event loop: {0}")]
-    EventManager(event_manager::Error),
 }
 
 /// KVM features the VMM relies on; checked up front for a clear message on odd hosts.
@@ -80,8 +75,13 @@ fn serial_output(config: &VmConfig) -> Result<Box<dyn Write + Send>, ConfigError
     }
 }
 
-/// Creates the VM, loads the guest and starts its vCPUs.
-pub fn build_microvm(config: &VmConfig) -> Result<MicroVm, BuildError> {
+/// Creates the VM, loads the guest and starts its vCPUs. The VM's host-side event sources join
+/// `event_manager`; the VM ends through `exit`.
+pub fn build_microvm(
+    config: &VmConfig,
+    exit: Arc<ExitSignal>,
+    event_manager: &mut EventManager<Subscriber>,
+) -> Result<MicroVm, BuildError> {
     config.validate()?;
     let machine = &config.machine_config;
 
@@ -99,13 +99,10 @@ pub fn build_microvm(config: &VmConfig) -> Result<MicroVm, BuildError> {
     vm.register_memory(&mem)
         .map_err(|e| ConfigError::new(MachineConfig::mem_path(), e.to_string()))?;
 
-    let entry = load_boot_source(&mem, &config.boot_source)
+    let entry = load_boot_source(&mem, config.boot_source()?)
         .map_err(|e| ConfigError::new(e.spec_field(), e.to_string()))?;
     mptable::setup_mptable(&mem, machine.vcpu_count)?;
 
-    let exit = Arc::new(ExitSignal::new().map_err(BuildError::ExitEvent)?);
-    exit.catch_termination_signals()
-        .map_err(BuildError::Signals)?;
     let mut buses = IoBuses::default();
     let legacy = legacy::attach(
         vm.fd(),
@@ -114,7 +111,6 @@ pub fn build_microvm(config: &VmConfig) -> Result<MicroVm, BuildError> {
         exit.clone(),
     )?;
 
-    let mut event_manager = EventManager::<Subscriber>::new().map_err(BuildError::EventManager)?;
     let console_is_stdout = config
         .serial
         .as_ref()
@@ -151,12 +147,5 @@ pub fn build_microvm(config: &VmConfig) -> Result<MicroVm, BuildError> {
         machine.vcpu_count,
         machine.mem_size_mib
     );
-    Ok(MicroVm::new(
-        vm,
-        mem,
-        handles,
-        exit,
-        event_manager,
-        terminal,
-    ))
+    Ok(MicroVm::new(vm, mem, handles, exit, terminal))
 }

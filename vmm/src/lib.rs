@@ -4,6 +4,7 @@
 //! [`microvm::MicroVm`] by [`builder::build_microvm`]; [`microvm::MicroVm::run`] serves the VMM
 //! thread's event loop until the guest ends and says why ([`exit::ExitReason`]).
 
+pub mod api;
 pub mod arch;
 pub mod boot;
 pub mod builder;
@@ -11,5 +12,7 @@ pub mod console;
 pub mod device_manager;
 pub mod exit;
 pub mod microvm;
+pub mod rpc;
+pub mod runtime;
 pub mod vmm_config;
 pub mod vstate;

@@ -15,12 +15,17 @@ pub use json_path::{JsonPath, Segment};
 pub use machine_config::{MachineConfig, MAX_VCPUS};
 pub use serial::SerialConfig;
 
-/// A whole microVM.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A whole microVM. The boot source may be missing only while a VM is being configured through the
+/// API; a spec file must name it and a VM cannot start without it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
-    #[serde(rename = "boot-source")]
-    pub boot_source: BootSourceConfig,
+    #[serde(
+        rename = "boot-source",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub boot_source: Option<BootSourceConfig>,
     #[serde(rename = "machine-config", default)]
     pub machine_config: MachineConfig,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -103,6 +108,7 @@ impl VmConfig {
         })?;
         config
             .validate()
+            .and_then(|()| config.boot_source().map(|_| ()))
             .map_err(|e| SpecFileError::at(file, &text, e))?;
         Ok(config)
     }
@@ -110,11 +116,23 @@ impl VmConfig {
     /// Checks what serde cannot: value ranges and the files the spec names.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.machine_config.validate()?;
-        self.boot_source.validate()?;
+        if let Some(boot) = &self.boot_source {
+            boot.validate()?;
+        }
         if let Some(serial) = &self.serial {
             serial.validate()?;
         }
         Ok(())
+    }
+
+    /// The boot source, which a VM needs to start.
+    pub fn boot_source(&self) -> Result<&BootSourceConfig, ConfigError> {
+        self.boot_source.as_ref().ok_or_else(|| {
+            ConfigError::new(
+                JsonPath::keys(&["boot-source"]),
+                "missing: a VM needs a kernel (kernel_image_path)",
+            )
+        })
     }
 }
 
@@ -196,7 +214,10 @@ mod tests {
         assert_eq!(c.machine_config.vcpu_count, 2);
         assert_eq!(c.machine_config.mem_size_mib, 256);
         assert!(!c.machine_config.smt);
-        assert_eq!(c.boot_source.boot_args.as_deref(), Some("console=ttyS0"));
+        assert_eq!(
+            c.boot_source().unwrap().boot_args.as_deref(),
+            Some("console=ttyS0")
+        );
 
         let body = format!(
             r#"{{"boot-source": {{"kernel_image_path": "{}"}}}}"#,
@@ -225,7 +246,10 @@ mod tests {
         let e = err_of("{\"boot-source\": ");
         assert!(e.contains("EOF"), "{e}");
         let e = err_of(r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 8}}"#);
-        assert!(e.contains("missing field `boot-source`"), "{e}");
+        assert!(
+            e.contains("boot-source: missing: a VM needs a kernel"),
+            "{e}"
+        );
     }
 
     #[test]

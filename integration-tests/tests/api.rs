@@ -1,0 +1,344 @@
+//! The API socket of the real binary: configure and run a VM by API, every error path, several
+//! clients at once, and the /vm/config round trip.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use integration_tests::{
+    prescient_bin, run_prescient, wait_with_deadline, ApiClient, Outcome, Scratch, TEST_GUEST_PVH,
+};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn spawn_api(socket: &Path, extra: &[&str]) -> Child {
+    Command::new(prescient_bin())
+        .arg("--api-sock")
+        .arg(socket)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn prescient")
+}
+
+fn terminate(child: Child) -> Outcome {
+    // SAFETY: plain kill(2) of our own child process.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    wait_with_deadline(child, DEADLINE)
+}
+
+fn boot_source(args: &str) -> String {
+    serde_json::json!({"kernel_image_path": TEST_GUEST_PVH, "boot_args": args}).to_string()
+}
+
+#[test]
+fn a_vm_is_configured_started_paused_and_resumed_entirely_by_api() {
+    let scratch = Scratch::new("api-lifecycle");
+    let socket = scratch.path().join("api.sock");
+    let child = spawn_api(&socket, &["--id", "vm-7"]);
+    let mut api = ApiClient::connect(&socket);
+
+    let info = api.request("GET", "/", None);
+    assert_eq!(info.status, 200);
+    assert_eq!(info.json()["state"], "Not started");
+    assert_eq!(info.json()["id"], "vm-7");
+
+    let r = api.request(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
+    assert_eq!(r.status, 400, "no kernel yet");
+    assert!(r.json()["fault_message"]
+        .as_str()
+        .unwrap()
+        .contains("boot-source"));
+
+    let r = api.request(
+        "PUT",
+        "/boot-source",
+        Some(&boot_source("cpu_ms=10 mem_mib=4 exit=halt")),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    let console = scratch.path().join("console.log");
+    let serial = serde_json::json!({ "serial_out_path": console }).to_string();
+    assert_eq!(api.request("PUT", "/serial", Some(&serial)).status, 204);
+    let r = api.request(
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 2, "mem_size_mib": 64}"#),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    let r = api.request("PATCH", "/machine-config", Some(r#"{"mem_size_mib": 96}"#));
+    assert_eq!(r.status, 204, "{}", r.body);
+    let m = api.request("GET", "/machine-config", None).json();
+    assert_eq!(
+        (m["vcpu_count"].as_u64(), m["mem_size_mib"].as_u64()),
+        (Some(2), Some(96))
+    );
+
+    let r = api.request(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(api.request("GET", "/", None).json()["state"], "Running");
+
+    let r = api.request("PATCH", "/machine-config", Some(r#"{"vcpu_count": 4}"#));
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.json()["fault_message"],
+        "The requested operation is not supported after starting the microVM."
+    );
+    let r = api.request(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
+    assert_eq!(r.status, 400, "a second start is refused");
+
+    assert_eq!(
+        api.request("PATCH", "/vm", Some(r#"{"state": "Paused"}"#))
+            .status,
+        204
+    );
+    assert_eq!(api.request("GET", "/", None).json()["state"], "Paused");
+    assert_eq!(
+        api.request("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#))
+            .status,
+        204
+    );
+    assert_eq!(api.request("GET", "/", None).json()["state"], "Running");
+
+    // The resumed guest runs to its end (it then halts, so the VMM stays up).
+    let start = std::time::Instant::now();
+    let text = loop {
+        let text = std::fs::read_to_string(&console).unwrap_or_default();
+        if text.contains("prescient-test-guest: done") || start.elapsed() > DEADLINE {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(text.contains("guest: cpus online=2 expected=2"), "{text}");
+    assert!(text.contains("prescient-test-guest: done"), "{text}");
+    terminate(child).assert_code(143);
+    assert!(!socket.exists(), "the socket is removed at exit");
+}
+
+#[test]
+fn vm_config_round_trips_into_a_spec_file() {
+    let scratch = Scratch::new("api-roundtrip");
+    let socket = scratch.path().join("api.sock");
+    let child = spawn_api(&socket, &[]);
+    let mut api = ApiClient::connect(&socket);
+    assert_eq!(
+        api.request(
+            "PUT",
+            "/boot-source",
+            Some(&boot_source("cpu_ms=5 mem_mib=2"))
+        )
+        .status,
+        204
+    );
+    assert_eq!(
+        api.request(
+            "PUT",
+            "/machine-config",
+            Some(r#"{"vcpu_count": 3, "mem_size_mib": 80, "smt": false}"#)
+        )
+        .status,
+        204
+    );
+    let config = api.request("GET", "/vm/config", None);
+    assert_eq!(config.status, 200);
+    terminate(child).assert_code(143);
+
+    let spec = scratch.write("from-api.json", &config.body);
+    let out = run_prescient(&["--config-file", spec.to_str().unwrap()], DEADLINE);
+    out.assert_code(0)
+        .assert_line("guest: cpus online=3 expected=3")
+        .assert_line("prescient-test-guest: done");
+}
+
+#[test]
+fn a_vm_from_the_config_file_is_served_by_the_api_and_its_end_ends_the_process() {
+    let scratch = Scratch::new("api-with-file");
+    let socket = scratch.path().join("api.sock");
+    let spec = scratch.write(
+        "vm.json",
+        &integration_tests::guest_spec(TEST_GUEST_PVH, 1, 64, "cpu_ms=300 mem_mib=2"),
+    );
+    let child = spawn_api(&socket, &["--config-file", spec.to_str().unwrap()]);
+    let mut api = ApiClient::connect(&socket);
+    let state = api.request("GET", "/", None).json()["state"].clone();
+    assert!(state == "Running", "state {state}");
+    let out = wait_with_deadline(child, DEADLINE);
+    out.assert_code(0).assert_line("prescient-test-guest: done");
+    assert!(!socket.exists());
+}
+
+#[test]
+fn every_bad_request_is_answered_and_the_server_keeps_serving() {
+    let scratch = Scratch::new("api-errors");
+    let socket = scratch.path().join("api.sock");
+    let child = spawn_api(&socket, &[]);
+
+    // Each case on its own connection: (raw request, expected status or None for a close).
+    let huge_header = format!("GET / HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(10_000));
+    let big_body = format!(
+        "PUT /boot-source HTTP/1.1\r\nContent-Length: 60000\r\n\r\n{}",
+        "a".repeat(60_000)
+    );
+    let with_body = |method: &str, path: &str, body: &str| {
+        format!(
+            "{method} {path} HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    };
+    let cases: Vec<(&str, Vec<u8>, Option<u16>)> = vec![
+        (
+            "malformed request line",
+            b"HELLO\r\n\r\n".to_vec(),
+            Some(400),
+        ),
+        ("huge headers", huge_header.into_bytes(), Some(431)),
+        ("body over the limit", big_body.into_bytes(), Some(413)),
+        (
+            "bad content length",
+            b"PUT /vm HTTP/1.1\r\nContent-Length: -1\r\n\r\n".to_vec(),
+            Some(400),
+        ),
+        (
+            "chunked body",
+            b"PUT /vm HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_vec(),
+            Some(501),
+        ),
+        (
+            "invalid JSON",
+            with_body("PUT", "/machine-config", "{nope"),
+            Some(400),
+        ),
+        (
+            "unknown field",
+            with_body("PATCH", "/machine-config", r#"{"cpus": 2}"#),
+            Some(400),
+        ),
+        (
+            "out of range",
+            with_body(
+                "PUT",
+                "/machine-config",
+                r#"{"vcpu_count": 0, "mem_size_mib": 64}"#,
+            ),
+            Some(400),
+        ),
+        (
+            "wrong type",
+            with_body("PATCH", "/machine-config", r#"{"smt": "yes"}"#),
+            Some(400),
+        ),
+        (
+            "missing body",
+            with_body("PUT", "/boot-source", ""),
+            Some(400),
+        ),
+        (
+            "unknown path",
+            b"GET /nope HTTP/1.1\r\n\r\n".to_vec(),
+            Some(404),
+        ),
+        (
+            "wrong method",
+            b"DELETE /machine-config HTTP/1.1\r\n\r\n".to_vec(),
+            Some(405),
+        ),
+        (
+            "kernel that does not exist",
+            with_body(
+                "PUT",
+                "/boot-source",
+                r#"{"kernel_image_path": "/no/such"}"#,
+            ),
+            Some(400),
+        ),
+        (
+            "pause before start",
+            with_body("PATCH", "/vm", r#"{"state": "Paused"}"#),
+            Some(400),
+        ),
+        (
+            "truncated body",
+            b"PUT /machine-config HTTP/1.1\r\nContent-Length: 50\r\n\r\n{\"vcpu".to_vec(),
+            None,
+        ),
+    ];
+    for (what, raw, expected) in cases {
+        let mut c = ApiClient::connect(&socket);
+        c.send_raw(&raw);
+        if expected.is_none() {
+            // Half-close: the server sees the body can never complete.
+            drop(c);
+            continue;
+        }
+        let r = c
+            .read_response()
+            .unwrap_or_else(|| panic!("{what}: no answer"));
+        assert_eq!(Some(r.status), expected, "{what}: {}", r.body);
+        let fault = r.json()["fault_message"].as_str().map(str::to_owned);
+        assert!(fault.is_some_and(|m| !m.is_empty()), "{what}: {}", r.body);
+    }
+    let mut api = ApiClient::connect(&socket);
+    assert_eq!(api.request("GET", "/", None).status, 200, "still serving");
+    let m = api.request("GET", "/machine-config", None).json();
+    assert_eq!(m["vcpu_count"], 1, "no bad request changed the config");
+    terminate(child).assert_code(143);
+}
+
+#[test]
+fn concurrent_clients_are_all_served() {
+    let scratch = Scratch::new("api-concurrent");
+    let socket = scratch.path().join("api.sock");
+    let child = spawn_api(&socket, &[]);
+    ApiClient::connect(&socket); // wait for the socket
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                let mut api = ApiClient::connect(&socket);
+                for i in 0..50 {
+                    assert_eq!(api.request("GET", "/", None).status, 200);
+                    let body = format!(r#"{{"mem_size_mib": {}}}"#, 64 + t * 100 + i);
+                    assert_eq!(
+                        api.request("PATCH", "/machine-config", Some(&body)).status,
+                        204
+                    );
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("client thread");
+    }
+    let mut api = ApiClient::connect(&socket);
+    let mem = api.request("GET", "/machine-config", None).json()["mem_size_mib"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        (64..64 + 800).contains(&mem) && (mem - 64) % 100 == 49,
+        "last write of some client: {mem}"
+    );
+    terminate(child).assert_code(143);
+}
+
+#[test]
+fn an_existing_socket_path_is_refused() {
+    let scratch = Scratch::new("api-exists");
+    let socket = scratch.write("api.sock", "");
+    let out = run_prescient(&["--api-sock", socket.to_str().unwrap()], DEADLINE);
+    out.assert_code(1);
+    assert!(out.stderr.contains("already exists"), "{}", out.stderr);
+}

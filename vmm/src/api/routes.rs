@@ -1,0 +1,246 @@
+//! Maps HTTP requests to VMM actions and VMM answers back to HTTP, with Firecracker's paths,
+//! bodies and status codes.
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use super::http::{Request, Response};
+use crate::rpc::{ActionError, VmmAction, VmmData};
+
+/// The Firecracker API version whose request and response shapes prescient follows.
+pub const FIRECRACKER_API_VERSION: &str = "1.12.0";
+
+/// What a request turns into.
+#[derive(Debug)]
+pub enum Routed {
+    /// Needs the VMM thread.
+    Action(VmmAction),
+    /// Answered on the API thread.
+    Reply(Response),
+}
+
+/// `PUT /actions` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InstanceActionInfo {
+    action_type: String,
+}
+
+/// `PATCH /vm` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmState {
+    state: String,
+}
+
+/// Paths of Firecracker's API that need devices prescient does not have yet.
+const NOT_YET: [(&str, &str); 7] = [
+    ("/drives/", "virtio-blk drives"),
+    ("/network-interfaces/", "virtio-net interfaces"),
+    ("/vsock", "virtio-vsock"),
+    ("/entropy", "virtio-rng"),
+    ("/balloon", "the virtio balloon"),
+    ("/hotplug/memory", "virtio-mem memory hotplug"),
+    ("/snapshot/", "snapshots"),
+];
+
+fn parse_body<T: DeserializeOwned>(req: &Request) -> Result<T, Response> {
+    if req.body.is_empty() {
+        return Err(Response::fault(
+            400,
+            format!("{} {} needs a JSON body", req.method, req.path),
+        ));
+    }
+    let mut de = serde_json::Deserializer::from_slice(&req.body);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let at = if path == "." {
+            String::new()
+        } else {
+            format!("{path}: ")
+        };
+        Response::fault(
+            400,
+            format!("invalid body for {} {}: {at}{inner}", req.method, req.path),
+        )
+    })
+}
+
+fn method_not_allowed(req: &Request, allowed: &str) -> Routed {
+    let mut r = Response::fault(
+        405,
+        format!(
+            "{} is not allowed on {}; use {allowed}",
+            req.method, req.path
+        ),
+    );
+    r.headers.push(format!("Allow: {allowed}"));
+    Routed::Reply(r)
+}
+
+/// Turns `req` into an action, or answers it.
+pub fn route(req: &Request) -> Routed {
+    let action = |r: Result<VmmAction, Response>| match r {
+        Ok(a) => Routed::Action(a),
+        Err(resp) => Routed::Reply(resp),
+    };
+    match (req.path.as_str(), req.method.as_str()) {
+        ("/", "GET") => Routed::Action(VmmAction::GetInstanceInfo),
+        ("/", _) => method_not_allowed(req, "GET"),
+        ("/version", "GET") => Routed::Reply(Response::json(
+            200,
+            serde_json::json!({
+                "firecracker_version": FIRECRACKER_API_VERSION,
+                "prescient_version": env!("CARGO_PKG_VERSION"),
+            })
+            .to_string(),
+        )),
+        ("/version", _) => method_not_allowed(req, "GET"),
+        ("/boot-source", "PUT") => action(parse_body(req).map(VmmAction::PutBootSource)),
+        ("/boot-source", _) => method_not_allowed(req, "PUT"),
+        ("/machine-config", "GET") => Routed::Action(VmmAction::GetMachineConfig),
+        ("/machine-config", "PUT") => action(parse_body(req).map(VmmAction::PutMachineConfig)),
+        ("/machine-config", "PATCH") => action(parse_body(req).map(VmmAction::PatchMachineConfig)),
+        ("/machine-config", _) => method_not_allowed(req, "GET, PUT, PATCH"),
+        ("/serial", "PUT") => action(parse_body(req).map(VmmAction::PutSerial)),
+        ("/serial", _) => method_not_allowed(req, "PUT"),
+        ("/vm/config", "GET") => Routed::Action(VmmAction::GetVmConfig),
+        ("/vm/config", _) => method_not_allowed(req, "GET"),
+        ("/actions", "PUT") => {
+            action(parse_body::<InstanceActionInfo>(req).and_then(
+                |a| match a.action_type.as_str() {
+                    "InstanceStart" => Ok(VmmAction::StartInstance),
+                    other => Err(Response::fault(
+                        400,
+                        format!("action_type {other:?} is not supported; supported: InstanceStart"),
+                    )),
+                },
+            ))
+        }
+        ("/actions", _) => method_not_allowed(req, "PUT"),
+        ("/vm", "PATCH") => action(parse_body::<VmState>(req).and_then(
+            |s| match s.state.as_str() {
+                "Paused" => Ok(VmmAction::Pause),
+                "Resumed" => Ok(VmmAction::Resume),
+                other => Err(Response::fault(
+                    400,
+                    format!("state {other:?} is not one of \"Paused\", \"Resumed\""),
+                )),
+            },
+        )),
+        ("/vm", _) => method_not_allowed(req, "PATCH"),
+        (path, _) => match NOT_YET.iter().find(|(prefix, _)| path.starts_with(prefix)) {
+            Some((_, what)) => Routed::Reply(Response::fault(
+                400,
+                format!("{what} are not supported by this prescient build yet"),
+            )),
+            None => Routed::Reply(Response::fault(
+                404,
+                format!("no such API resource: {} {path}", req.method),
+            )),
+        },
+    }
+}
+
+/// The HTTP form of the VMM's answer.
+pub fn respond(result: Result<VmmData, ActionError>) -> Response {
+    let json = |v: serde_json::Result<String>| match v {
+        Ok(body) => Response::json(200, body),
+        Err(e) => Response::fault(500, format!("cannot serialise the answer: {e}")),
+    };
+    match result {
+        Ok(VmmData::Empty) => Response::no_content(),
+        Ok(VmmData::InstanceInfo(info)) => json(serde_json::to_string(&info)),
+        Ok(VmmData::MachineConfig(m)) => json(serde_json::to_string(&m)),
+        Ok(VmmData::VmConfig(c)) => json(serde_json::to_string(&c)),
+        Err(e) => Response::fault(400, e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(method: &str, path: &str, body: &str) -> Request {
+        Request {
+            method: method.into(),
+            path: path.into(),
+            body: body.as_bytes().to_vec(),
+            keep_alive: true,
+        }
+    }
+
+    fn reply(r: Routed) -> Response {
+        match r {
+            Routed::Reply(resp) => resp,
+            Routed::Action(a) => panic!("expected a reply, got {a:?}"),
+        }
+    }
+
+    #[test]
+    fn firecracker_paths_map_to_actions() {
+        assert!(matches!(
+            route(&req("GET", "/", "")),
+            Routed::Action(VmmAction::GetInstanceInfo)
+        ));
+        assert!(matches!(
+            route(&req("PATCH", "/machine-config", r#"{"vcpu_count": 2}"#)),
+            Routed::Action(VmmAction::PatchMachineConfig(u)) if u.vcpu_count == Some(2)
+        ));
+        assert!(matches!(
+            route(&req(
+                "PUT",
+                "/actions",
+                r#"{"action_type": "InstanceStart"}"#
+            )),
+            Routed::Action(VmmAction::StartInstance)
+        ));
+        assert!(matches!(
+            route(&req("PATCH", "/vm", r#"{"state": "Paused"}"#)),
+            Routed::Action(VmmAction::Pause)
+        ));
+        let v = reply(route(&req("GET", "/version", "")));
+        assert_eq!(v.status, 200);
+        assert!(v.body.contains("firecracker_version"));
+    }
+
+    #[test]
+    fn bad_requests_get_their_status_and_a_fault_message() {
+        let r = reply(route(&req("GET", "/nope", "")));
+        assert_eq!(r.status, 404);
+        let r = reply(route(&req("DELETE", "/machine-config", "")));
+        assert_eq!(r.status, 405);
+        assert_eq!(r.headers, vec!["Allow: GET, PUT, PATCH".to_string()]);
+        let r = reply(route(&req(
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": "x"}"#,
+        )));
+        assert_eq!(r.status, 400);
+        assert!(r.body.contains("vcpu_count: invalid type"), "{}", r.body);
+        let r = reply(route(&req("PUT", "/boot-source", "")));
+        assert!(r.body.contains("needs a JSON body"));
+        let r = reply(route(&req("PUT", "/boot-source", r#"{"kernel": "x"}"#)));
+        assert!(r.body.contains("unknown field `kernel`"), "{}", r.body);
+        let r = reply(route(&req(
+            "PUT",
+            "/actions",
+            r#"{"action_type": "Reboot"}"#,
+        )));
+        assert!(r.body.contains("not supported"));
+        let r = reply(route(&req("PUT", "/drives/rootfs", "{}")));
+        assert_eq!(r.status, 400);
+        assert!(r.body.contains("virtio-blk drives are not supported"));
+        let r = reply(route(&req("PATCH", "/vm", r#"{"state": "Sleeping"}"#)));
+        assert_eq!(r.status, 400);
+    }
+
+    #[test]
+    fn answers_become_json_or_204_and_errors_400() {
+        assert_eq!(respond(Ok(VmmData::Empty)).status, 204);
+        let r = respond(Err(ActionError::NotAllowedAfterBoot));
+        assert_eq!(r.status, 400);
+        assert!(r.body.contains("not supported after starting"));
+    }
+}

@@ -1,0 +1,121 @@
+//! What can be asked of the VMM thread (by the API, later by the predictor), and its answers.
+
+use serde::{Deserialize, Serialize};
+
+use crate::builder::BuildError;
+use crate::vmm_config::{BootSourceConfig, ConfigError, MachineConfig, SerialConfig, VmConfig};
+use crate::vstate::vcpu::VcpuError;
+
+/// One request to the VMM thread.
+#[derive(Debug, Clone, PartialEq)]
+pub enum VmmAction {
+    GetInstanceInfo,
+    GetVmConfig,
+    GetMachineConfig,
+    PutBootSource(BootSourceConfig),
+    PutMachineConfig(MachineConfig),
+    PatchMachineConfig(MachineConfigUpdate),
+    PutSerial(SerialConfig),
+    StartInstance,
+    Pause,
+    Resume,
+}
+
+/// A partial `machine-config` (PATCH): only the fields given change.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfigUpdate {
+    pub vcpu_count: Option<u8>,
+    pub mem_size_mib: Option<u64>,
+    pub smt: Option<bool>,
+}
+
+impl MachineConfigUpdate {
+    pub fn apply(&self, to: &MachineConfig) -> MachineConfig {
+        MachineConfig {
+            vcpu_count: self.vcpu_count.unwrap_or(to.vcpu_count),
+            mem_size_mib: self.mem_size_mib.unwrap_or(to.mem_size_mib),
+            smt: self.smt.unwrap_or(to.smt),
+        }
+    }
+}
+
+/// The VM's lifecycle state, as Firecracker names it in `GET /`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InstanceState {
+    #[serde(rename = "Not started")]
+    NotStarted,
+    Running,
+    Paused,
+}
+
+/// `GET /`: Firecracker's instance description.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceInfo {
+    pub id: String,
+    pub state: InstanceState,
+    pub vmm_version: String,
+    pub app_name: String,
+}
+
+/// A successful answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum VmmData {
+    Empty,
+    InstanceInfo(InstanceInfo),
+    MachineConfig(MachineConfig),
+    VmConfig(VmConfig),
+}
+
+/// Why an action was refused; the API answers 400 with this text as `fault_message`.
+#[derive(Debug, thiserror::Error)]
+pub enum ActionError {
+    #[error("The requested operation is not supported after starting the microVM.")]
+    NotAllowedAfterBoot,
+    #[error("The requested operation is not supported before starting the microVM.")]
+    NotAllowedBeforeBoot,
+    #[error("{0}")]
+    InvalidConfig(#[from] ConfigError),
+    #[error("cannot start the microVM: {0}")]
+    Start(BuildError),
+    #[error("{0}")]
+    Vcpu(#[from] VcpuError),
+}
+
+impl From<BuildError> for ActionError {
+    fn from(e: BuildError) -> Self {
+        match e {
+            BuildError::Config(c) => ActionError::InvalidConfig(c),
+            other => ActionError::Start(other),
+        }
+    }
+}
+
+/// An action with the channel its answer goes back on.
+pub struct ActionRequest {
+    pub action: VmmAction,
+    pub reply: std::sync::mpsc::Sender<Result<VmmData, ActionError>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patch_changes_only_given_fields() {
+        let base = MachineConfig::default();
+        let patch: MachineConfigUpdate = serde_json::from_str(r#"{"mem_size_mib": 512}"#).unwrap();
+        let after = patch.apply(&base);
+        assert_eq!(after.mem_size_mib, 512);
+        assert_eq!(after.vcpu_count, base.vcpu_count);
+        assert!(serde_json::from_str::<MachineConfigUpdate>(r#"{"vcpus": 2}"#).is_err());
+    }
+
+    #[test]
+    fn instance_state_uses_firecracker_names() {
+        assert_eq!(
+            serde_json::to_string(&InstanceState::NotStarted).unwrap(),
+            "\"Not started\""
+        );
+    }
+}

@@ -1,0 +1,207 @@
+//! The VMM thread: one event loop that exists before the VM does, owns the VM's configuration and,
+//! once started, the VM; it serves API requests between events and returns why the VM ended.
+
+use std::os::fd::AsRawFd;
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::builder::build_microvm;
+use crate::exit::{ExitReason, ExitSignal};
+use crate::microvm::{MicroVm, RunState};
+use crate::rpc::{ActionError, ActionRequest, InstanceInfo, InstanceState, VmmAction, VmmData};
+use crate::vmm_config::VmConfig;
+
+/// Every fd the VMM thread serves is a subscriber of one event manager.
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Errors of setting up the VMM thread.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("cannot create the event loop: {0}")]
+    EventManager(event_manager::Error),
+    #[error("cannot create the exit event: {0}")]
+    ExitEvent(std::io::Error),
+    #[error("cannot catch termination signals: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Drains an eventfd whose only job is to wake the loop; the loop then looks at the queue or
+/// signal behind it.
+struct Wakeup(EventFd);
+
+impl MutEventSubscriber for Wakeup {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.0, EventSet::IN)) {
+            tracing::error!("cannot watch wakeup eventfd {}: {e}", self.0.as_raw_fd());
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.0.read();
+    }
+}
+
+/// The VMM thread's state.
+pub struct Runtime {
+    event_manager: EventManager<Subscriber>,
+    exit: Arc<ExitSignal>,
+    config: VmConfig,
+    vm: Option<MicroVm>,
+    api: Option<Receiver<ActionRequest>>,
+    id: String,
+}
+
+impl Runtime {
+    /// A VMM thread for the VM `config` describes (possibly still incomplete, for the API to fill).
+    pub fn new(id: String, config: VmConfig) -> Result<Self, RuntimeError> {
+        let mut event_manager =
+            EventManager::<Subscriber>::new().map_err(RuntimeError::EventManager)?;
+        let exit = Arc::new(ExitSignal::new().map_err(RuntimeError::ExitEvent)?);
+        exit.catch_termination_signals()
+            .map_err(RuntimeError::Signals)?;
+        let wake = exit
+            .event_fd()
+            .try_clone()
+            .map_err(RuntimeError::ExitEvent)?;
+        event_manager.add_subscriber(Arc::new(Mutex::new(Wakeup(wake))));
+        Ok(Self {
+            event_manager,
+            exit,
+            config,
+            vm: None,
+            api: None,
+            id,
+        })
+    }
+
+    /// Serves `requests`; `wake` is written by whoever queues one.
+    pub fn attach_api(&mut self, requests: Receiver<ActionRequest>, wake: EventFd) {
+        self.event_manager
+            .add_subscriber(Arc::new(Mutex::new(Wakeup(wake))));
+        self.api = Some(requests);
+    }
+
+    /// Boots the configured VM.
+    pub fn start(&mut self) -> Result<(), ActionError> {
+        if self.vm.is_some() {
+            return Err(ActionError::NotAllowedAfterBoot);
+        }
+        let vm = build_microvm(&self.config, self.exit.clone(), &mut self.event_manager)?;
+        self.vm = Some(vm);
+        Ok(())
+    }
+
+    /// The VM's end signal (tests and embedders end the VM through it).
+    pub fn exit_signal(&self) -> Arc<ExitSignal> {
+        self.exit.clone()
+    }
+
+    /// Serves events and requests until the VM ends, then stops it and says why it ended.
+    pub fn run(mut self) -> ExitReason {
+        let reason = loop {
+            if let Some(reason) = self.exit.reason() {
+                break reason;
+            }
+            if let Err(e) = self.event_manager.run() {
+                break ExitReason::VmmError(format!("event loop failed: {e}"));
+            }
+            self.serve_requests();
+        };
+        if let Some(vm) = self.vm.take() {
+            vm.stop();
+        }
+        reason
+    }
+
+    fn serve_requests(&mut self) {
+        let Some(requests) = self.api.take() else {
+            return;
+        };
+        while let Ok(request) = requests.try_recv() {
+            let result = self.handle(request.action);
+            // A client that hung up no longer wants the answer.
+            let _ = request.reply.send(result);
+        }
+        self.api = Some(requests);
+    }
+
+    fn before_boot(&self) -> Result<(), ActionError> {
+        match self.vm {
+            Some(_) => Err(ActionError::NotAllowedAfterBoot),
+            None => Ok(()),
+        }
+    }
+
+    fn running_vm(&mut self) -> Result<&mut MicroVm, ActionError> {
+        self.vm.as_mut().ok_or(ActionError::NotAllowedBeforeBoot)
+    }
+
+    /// Carries out one action.
+    pub fn handle(&mut self, action: VmmAction) -> Result<VmmData, ActionError> {
+        match action {
+            VmmAction::GetInstanceInfo => Ok(VmmData::InstanceInfo(InstanceInfo {
+                id: self.id.clone(),
+                state: match self.vm.as_ref().map(MicroVm::state) {
+                    None => InstanceState::NotStarted,
+                    Some(RunState::Running) => InstanceState::Running,
+                    Some(RunState::Paused) => InstanceState::Paused,
+                },
+                vmm_version: env!("CARGO_PKG_VERSION").to_string(),
+                app_name: "prescient".to_string(),
+            })),
+            VmmAction::GetVmConfig => Ok(VmmData::VmConfig(self.config.clone())),
+            VmmAction::GetMachineConfig => {
+                Ok(VmmData::MachineConfig(self.config.machine_config.clone()))
+            }
+            VmmAction::PutBootSource(boot) => {
+                self.before_boot()?;
+                boot.validate()?;
+                self.config.boot_source = Some(boot);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutMachineConfig(machine) => {
+                self.before_boot()?;
+                machine.validate()?;
+                self.config.machine_config = machine;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PatchMachineConfig(update) => {
+                self.before_boot()?;
+                let machine = update.apply(&self.config.machine_config);
+                machine.validate()?;
+                self.config.machine_config = machine;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutSerial(serial) => {
+                self.before_boot()?;
+                serial.validate()?;
+                self.config.serial = Some(serial);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::StartInstance => {
+                self.start()?;
+                Ok(VmmData::Empty)
+            }
+            // Pausing a paused VM (or resuming a running one) is not an error: the state asked
+            // for is the state it is in.
+            VmmAction::Pause => {
+                let vm = self.running_vm()?;
+                if vm.state() == RunState::Running {
+                    vm.pause()?;
+                }
+                Ok(VmmData::Empty)
+            }
+            VmmAction::Resume => {
+                let vm = self.running_vm()?;
+                if vm.state() == RunState::Paused {
+                    vm.resume()?;
+                }
+                Ok(VmmData::Empty)
+            }
+        }
+    }
+}
