@@ -342,3 +342,88 @@ fn an_existing_socket_path_is_refused() {
     out.assert_code(1);
     assert!(out.stderr.contains("already exists"), "{}", out.stderr);
 }
+
+#[test]
+fn logger_and_metrics_are_configured_flushed_and_scraped_by_api() {
+    let scratch = Scratch::new("api-metrics");
+    let socket = scratch.path().join("api.sock");
+    let console = scratch.path().join("console.log");
+    let mut spec: serde_json::Value = serde_json::from_str(&integration_tests::guest_spec(
+        TEST_GUEST_PVH,
+        1,
+        64,
+        "cpu_ms=1 mem_mib=1 exit=halt",
+    ))
+    .unwrap();
+    spec["serial"] = serde_json::json!({ "serial_out_path": console });
+    let spec = scratch.write("vm.json", &spec.to_string());
+    let child = spawn_api(&socket, &["--config-file", spec.to_str().unwrap()]);
+    let mut api = ApiClient::connect(&socket);
+
+    let log = scratch.path().join("prescient.log");
+    let logger = serde_json::json!({"log_path": log, "level": "Debug", "show_level": true});
+    let r = api.request("PUT", "/logger", Some(&logger.to_string()));
+    assert_eq!(r.status, 204, "{}", r.body);
+    api.request("GET", "/machine-config", None);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("API: GET /machine-config"),
+        "debug lines go to the log file: {text}"
+    );
+
+    let metrics = scratch.path().join("metrics.json");
+    let cfg = serde_json::json!({ "metrics_path": metrics }).to_string();
+    assert_eq!(api.request("PUT", "/metrics", Some(&cfg)).status, 204);
+    let again = api.request("PUT", "/metrics", Some(&cfg));
+    assert_eq!(again.status, 400, "metrics are configured once");
+
+    // Once the guest has printed its last line, every console byte must have been counted.
+    let start = std::time::Instant::now();
+    let console_len = loop {
+        let text = std::fs::read_to_string(&console).unwrap_or_default();
+        if text.contains("prescient-test-guest: done") {
+            break text.len() as u64;
+        }
+        assert!(start.elapsed() < DEADLINE, "guest never finished: {text}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let scrape = api.request("GET", "/metrics", None);
+    assert_eq!(scrape.status, 200);
+    let value = |name: &str| -> u64 {
+        scrape
+            .body
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} missing:\n{}", scrape.body))
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(value("prescient_uart_bytes_out_total"), console_len);
+    assert!(
+        value("prescient_vcpu_exit_io_out_total") >= console_len,
+        "each byte is a port write"
+    );
+    assert!(value("prescient_api_server_requests_total") >= 4);
+    let r = api.request(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "FlushMetrics"}"#),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    let flushed = std::fs::read_to_string(&metrics).unwrap();
+    let line: serde_json::Value = serde_json::from_str(flushed.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        line["uart"]["bytes_out"].as_u64(),
+        Some(console_len),
+        "{line}"
+    );
+    assert!(
+        line["vcpu"]["exit_io_out"].as_u64().unwrap() >= console_len,
+        "{line}"
+    );
+    assert!(
+        line["api_server"]["client_errors"].as_u64().unwrap() >= 1,
+        "{line}"
+    );
+    terminate(child).assert_code(143);
+}

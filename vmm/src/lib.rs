@@ -11,6 +11,8 @@ pub mod builder;
 pub mod console;
 pub mod device_manager;
 pub mod exit;
+pub mod logger;
+pub mod metrics;
 pub mod microvm;
 pub mod rpc;
 pub mod runtime;

@@ -31,14 +31,6 @@ struct Cli {
     log_level: String,
 }
 
-fn init_logging(level: &str) {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::new(level))
-        .with_target(false)
-        .init();
-}
-
 /// Prints the one line that explains a failed run and gives its exit code.
 fn fail(message: impl std::fmt::Display, exit_code: i32) -> ExitCode {
     eprintln!("prescient: {message}");
@@ -47,7 +39,7 @@ fn fail(message: impl std::fmt::Display, exit_code: i32) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log_level);
+    vmm::logger::init(&cli.log_level);
 
     if cli.config_file.is_none() && cli.api_sock.is_none() {
         return fail(

@@ -3,6 +3,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::builder::BuildError;
+use crate::logger::{LoggerConfig, LoggerError};
+use crate::metrics::{MetricsConfig, MetricsError};
 use crate::vmm_config::{BootSourceConfig, ConfigError, MachineConfig, SerialConfig, VmConfig};
 use crate::vstate::vcpu::VcpuError;
 
@@ -19,6 +21,9 @@ pub enum VmmAction {
     StartInstance,
     Pause,
     Resume,
+    PutMetrics(MetricsConfig),
+    FlushMetrics,
+    PutLogger(LoggerConfig),
 }
 
 /// A partial `machine-config` (PATCH): only the fields given change.
@@ -80,6 +85,10 @@ pub enum ActionError {
     Start(BuildError),
     #[error("{0}")]
     Vcpu(#[from] VcpuError),
+    #[error("{0}")]
+    Metrics(#[from] MetricsError),
+    #[error("{0}")]
+    Logger(#[from] LoggerError),
 }
 
 impl From<BuildError> for ActionError {

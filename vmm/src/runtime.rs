@@ -4,13 +4,16 @@
 use std::os::fd::AsRawFd;
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::builder::build_microvm;
 use crate::exit::{ExitReason, ExitSignal};
+use crate::metrics::METRICS;
 use crate::microvm::{MicroVm, RunState};
 use crate::rpc::{ActionError, ActionRequest, InstanceInfo, InstanceState, VmmAction, VmmData};
 use crate::vmm_config::VmConfig;
@@ -29,6 +32,13 @@ pub enum RuntimeError {
     Signals(std::io::Error),
 }
 
+fn start_metrics_timer(event_manager: &mut EventManager<Subscriber>) -> std::io::Result<()> {
+    let mut timer = TimerFd::new()?;
+    timer.reset(METRICS_FLUSH_PERIOD, Some(METRICS_FLUSH_PERIOD))?;
+    event_manager.add_subscriber(Arc::new(Mutex::new(MetricsTimer(timer))));
+    Ok(())
+}
+
 /// Drains an eventfd whose only job is to wake the loop; the loop then looks at the queue or
 /// signal behind it.
 struct Wakeup(EventFd);
@@ -42,6 +52,27 @@ impl MutEventSubscriber for Wakeup {
 
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
         let _ = self.0.read();
+    }
+}
+
+/// Writes the metrics every [`METRICS_FLUSH_PERIOD`], as Firecracker does, once a sink exists.
+struct MetricsTimer(TimerFd);
+
+/// How often configured metrics are flushed without being asked.
+pub const METRICS_FLUSH_PERIOD: Duration = Duration::from_secs(60);
+
+impl MutEventSubscriber for MetricsTimer {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.0, EventSet::IN)) {
+            tracing::error!("cannot watch the metrics timer: {e}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.0.wait();
+        if let Err(e) = METRICS.flush() {
+            tracing::warn!("periodic metrics flush: {e}");
+        }
     }
 }
 
@@ -200,6 +231,21 @@ impl Runtime {
                 if vm.state() == RunState::Paused {
                     vm.resume()?;
                 }
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutMetrics(config) => {
+                METRICS.configure(&config)?;
+                if let Err(e) = start_metrics_timer(&mut self.event_manager) {
+                    tracing::warn!("metrics will only be written on FlushMetrics: {e}");
+                }
+                Ok(VmmData::Empty)
+            }
+            VmmAction::FlushMetrics => {
+                METRICS.flush()?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutLogger(config) => {
+                crate::logger::configure(&config)?;
                 Ok(VmmData::Empty)
             }
         }

@@ -4,7 +4,7 @@ mod i8042;
 mod serial;
 
 pub use i8042::I8042;
-pub use serial::{InputDrained, SerialDevice, SerialError};
+pub use serial::{SerialCounters, SerialDevice, SerialError, SerialHooks};
 
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;

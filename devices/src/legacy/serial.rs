@@ -1,6 +1,8 @@
 //! The 16550 UART at COM1, the guest's console.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use vm_superio::serial::{Serial, SerialEvents};
 use vmm_sys_util::eventfd::EventFd;
@@ -19,16 +21,36 @@ pub enum SerialError {
     Interrupt(std::io::Error),
 }
 
-/// Tells the VMM, through an eventfd, that the guest emptied the receive FIFO: host input that
-/// did not fit earlier can now be delivered instead of being dropped.
-pub struct InputDrained(pub EventFd);
+/// What the UART has done, for the VMM's metrics.
+#[derive(Debug, Default)]
+pub struct SerialCounters {
+    /// Bytes the guest wrote that reached the host writer.
+    pub bytes_out: AtomicU64,
+    /// Bytes the guest wrote that the host writer refused (lost).
+    pub bytes_lost: AtomicU64,
+    /// Reads of the receive buffer by the guest.
+    pub reads: AtomicU64,
+}
 
-impl SerialEvents for InputDrained {
-    fn buffer_read(&self) {}
-    fn out_byte(&self) {}
-    fn tx_lost_byte(&self) {}
+/// The UART's event hooks: counts its traffic and tells the VMM, through an eventfd, that the
+/// guest emptied the receive FIFO, so host input that did not fit earlier can now be delivered.
+pub struct SerialHooks {
+    pub input_drained: EventFd,
+    pub counters: Arc<SerialCounters>,
+}
+
+impl SerialEvents for SerialHooks {
+    fn buffer_read(&self) {
+        self.counters.reads.fetch_add(1, Ordering::Relaxed);
+    }
+    fn out_byte(&self) {
+        self.counters.bytes_out.fetch_add(1, Ordering::Relaxed);
+    }
+    fn tx_lost_byte(&self) {
+        self.counters.bytes_lost.fetch_add(1, Ordering::Relaxed);
+    }
     fn in_buffer_empty(&self) {
-        if let Err(e) = self.0.write(1) {
+        if let Err(e) = self.input_drained.write(1) {
             tracing::warn!("serial: cannot signal an empty receive FIFO: {e}");
         }
     }
@@ -36,15 +58,15 @@ impl SerialEvents for InputDrained {
 
 /// A 16550 whose output goes to a host writer (stdout or a file) and whose input the VMM feeds.
 pub struct SerialDevice {
-    uart: Serial<IrqTrigger, InputDrained, Box<dyn Write + Send>>,
+    uart: Serial<IrqTrigger, SerialHooks, Box<dyn Write + Send>>,
 }
 
 impl SerialDevice {
     /// A UART that raises its interrupt through `irq`, writes what the guest sends to `out`, and
-    /// signals `drained` when the guest has read all queued input.
-    pub fn new(irq: IrqTrigger, drained: InputDrained, out: Box<dyn Write + Send>) -> Self {
+    /// reports to `hooks`.
+    pub fn new(irq: IrqTrigger, hooks: SerialHooks, out: Box<dyn Write + Send>) -> Self {
         Self {
-            uart: Serial::with_events(irq, drained, out),
+            uart: Serial::with_events(irq, hooks, out),
         }
     }
 
@@ -85,7 +107,7 @@ impl BusDevice for SerialDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
+    use std::sync::Mutex;
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     /// A writer the test can inspect after handing it to the device.
@@ -106,15 +128,20 @@ mod tests {
         let out = SharedBuf::default();
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let drained = EventFd::new(EFD_NONBLOCK).unwrap();
+        let counters = Arc::new(SerialCounters::default());
         let mut dev = SerialDevice::new(
             IrqTrigger(irq.try_clone().unwrap()),
-            InputDrained(drained.try_clone().unwrap()),
+            SerialHooks {
+                input_drained: drained.try_clone().unwrap(),
+                counters: counters.clone(),
+            },
             Box::new(out.clone()),
         );
         for b in b"hi\n" {
             dev.write(0, &[*b]);
         }
         assert_eq!(out.0.lock().unwrap().as_slice(), b"hi\n");
+        assert_eq!(counters.bytes_out.load(Ordering::Relaxed), 3);
 
         // Enable the received-data interrupt (IER bit 0), then feed input.
         dev.write(1, &[0x01]);

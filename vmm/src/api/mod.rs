@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::metrics::METRICS;
 use crate::rpc::ActionRequest;
 use http::{Connection, ReadError, Response};
 use routes::{respond, route, Routed};
@@ -135,6 +136,17 @@ fn accept_loop(listener: UnixListener, link: VmmLink) {
     }
 }
 
+/// Counts one answered request by its status class.
+fn count(status: u16) {
+    let api = &METRICS.api;
+    api.requests.fetch_add(1, Ordering::Relaxed);
+    match status {
+        400..=499 => api.client_errors.fetch_add(1, Ordering::Relaxed),
+        500..=599 => api.server_errors.fetch_add(1, Ordering::Relaxed),
+        _ => 0,
+    };
+}
+
 fn serve_client(stream: UnixStream, link: &VmmLink) {
     if let Err(e) = stream.set_read_timeout(Some(IDLE_TIMEOUT)) {
         tracing::warn!("API: cannot set a client timeout: {e}");
@@ -146,12 +158,14 @@ fn serve_client(stream: UnixStream, link: &VmmLink) {
             Ok(req) => {
                 tracing::debug!("API: {} {}", req.method, req.path);
                 let response = link.answer(route(&req));
+                count(response.status);
                 if conn.write_response(&response, req.keep_alive).is_err() || !req.keep_alive {
                     return;
                 }
             }
             Err(e) => {
                 if let Some(status) = e.status() {
+                    count(status);
                     let _ = conn.write_response(&Response::fault(status, &e), false);
                 } else if !matches!(e, ReadError::Closed) {
                     tracing::debug!("API: client dropped: {e}");

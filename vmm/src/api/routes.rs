@@ -5,6 +5,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use super::http::{Request, Response};
+use crate::metrics::METRICS;
 use crate::rpc::{ActionError, VmmAction, VmmData};
 
 /// The Firecracker API version whose request and response shapes prescient follows.
@@ -111,9 +112,13 @@ pub fn route(req: &Request) -> Routed {
             action(parse_body::<InstanceActionInfo>(req).and_then(
                 |a| match a.action_type.as_str() {
                     "InstanceStart" => Ok(VmmAction::StartInstance),
+                    "FlushMetrics" => Ok(VmmAction::FlushMetrics),
                     other => Err(Response::fault(
                         400,
-                        format!("action_type {other:?} is not supported; supported: InstanceStart"),
+                        format!(
+                            "action_type {other:?} is not supported; \
+                             supported: InstanceStart, FlushMetrics"
+                        ),
                     )),
                 },
             ))
@@ -130,6 +135,14 @@ pub fn route(req: &Request) -> Routed {
             },
         )),
         ("/vm", _) => method_not_allowed(req, "PATCH"),
+        ("/metrics", "GET") => Routed::Reply(Response {
+            content_type: "text/plain; version=0.0.4",
+            ..Response::json(200, METRICS.prometheus())
+        }),
+        ("/metrics", "PUT") => action(parse_body(req).map(VmmAction::PutMetrics)),
+        ("/metrics", _) => method_not_allowed(req, "GET, PUT"),
+        ("/logger", "PUT") => action(parse_body(req).map(VmmAction::PutLogger)),
+        ("/logger", _) => method_not_allowed(req, "PUT"),
         (path, _) => match NOT_YET.iter().find(|(prefix, _)| path.starts_with(prefix)) {
             Some((_, what)) => Routed::Reply(Response::fault(
                 400,

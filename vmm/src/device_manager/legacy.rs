@@ -3,13 +3,14 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use devices::legacy::{InputDrained, IrqTrigger, SerialDevice, I8042};
+use devices::legacy::{IrqTrigger, SerialCounters, SerialDevice, SerialHooks, I8042};
 use devices::{Bus, BusError};
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::x86_64::layout::SERIAL_IRQ;
 use crate::exit::{ExitReason, ExitSignal};
+use crate::metrics::METRICS;
 
 /// COM1 ports and the i8042's 0x60..=0x64 window.
 const COM1_BASE: u64 = 0x3f8;
@@ -35,6 +36,10 @@ impl vm_superio::Trigger for ResetToExit {
     type E = std::convert::Infallible;
 
     fn trigger(&self) -> Result<(), Self::E> {
+        METRICS
+            .vmm
+            .guest_resets
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.0.request(ExitReason::GuestReset);
         Ok(())
     }
@@ -62,9 +67,15 @@ pub fn attach(
     let drained_for_device = drained
         .try_clone()
         .map_err(|e| LegacyError::EventFd("serial input", e))?;
+    let counters = Arc::new(SerialCounters::default());
+    METRICS.register_serial(counters.clone());
+    let hooks = SerialHooks {
+        input_drained: drained_for_device,
+        counters,
+    };
     let serial = Arc::new(Mutex::new(SerialDevice::new(
         IrqTrigger(irq),
-        InputDrained(drained_for_device),
+        hooks,
         serial_out,
     )));
     pio.insert(serial.clone(), COM1_BASE, COM1_LEN)

@@ -21,6 +21,7 @@ use crate::arch::x86_64::cpuid::{filter_cpuid, Topology};
 use crate::arch::x86_64::regs::{setup_boot_vcpu, setup_fpu, BootEntry, RegsError};
 use crate::arch::x86_64::{lapic, msr};
 use crate::exit::{ExitReason, ExitSignal};
+use crate::metrics::{VcpuCounters, METRICS};
 
 /// Errors of creating, configuring and controlling vCPUs.
 #[derive(Debug, thiserror::Error)]
@@ -178,12 +179,14 @@ impl Vcpu {
         let index = self.index;
         let (event_tx, event_rx) = channel();
         let (response_tx, response_rx) = channel();
+        let counters = METRICS.register_vcpu();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
                 let mut runner = VcpuRunner {
                     index,
                     fd: self.fd,
+                    counters,
                     buses,
                     exit,
                     events: event_rx,
@@ -205,6 +208,7 @@ impl Vcpu {
 struct VcpuRunner {
     index: u8,
     fd: VcpuFd,
+    counters: Arc<VcpuCounters>,
     buses: Arc<IoBuses>,
     exit: Arc<ExitSignal>,
     events: Receiver<VcpuEvent>,
@@ -219,7 +223,7 @@ impl VcpuRunner {
                 break;
             }
             let next = match self.fd.run() {
-                Ok(exit) => handle_exit(self.index, exit, &self.buses),
+                Ok(exit) => handle_exit(self.index, exit, &self.buses, &self.counters),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     // Kicked: clear the flag so the next KVM_RUN runs, then look at events.
                     self.fd.set_kvm_immediate_exit(0);
@@ -286,31 +290,40 @@ impl VcpuRunner {
 
 /// Acts on one KVM exit of vCPU `index`. Unclaimed port and MMIO reads see all-ones, as on a bus
 /// with nothing attached; unclaimed writes are dropped.
-fn handle_exit(index: u8, exit: VcpuExit<'_>, buses: &IoBuses) -> Next {
+fn handle_exit(index: u8, exit: VcpuExit<'_>, buses: &IoBuses, counters: &VcpuCounters) -> Next {
     let vcpu = index;
+    let count = |c: &std::sync::atomic::AtomicU64| c.fetch_add(1, Ordering::Relaxed);
     let reason = match exit {
         VcpuExit::IoIn(port, data) => {
+            count(&counters.exit_io_in);
             if !buses.pio.read(u64::from(port), data) {
+                count(&counters.unclaimed_access);
                 tracing::trace!("vCPU {index}: unclaimed PIO read of port {port:#x}");
                 data.fill(0xff);
             }
             return Next::Continue;
         }
         VcpuExit::IoOut(port, data) => {
+            count(&counters.exit_io_out);
             if !buses.pio.write(u64::from(port), data) {
+                count(&counters.unclaimed_access);
                 tracing::trace!("vCPU {index}: unclaimed PIO write of port {port:#x}");
             }
             return Next::Continue;
         }
         VcpuExit::MmioRead(addr, data) => {
+            count(&counters.exit_mmio_read);
             if !buses.mmio.read(addr, data) {
+                count(&counters.unclaimed_access);
                 tracing::trace!("vCPU {index}: unclaimed MMIO read at {addr:#x}");
                 data.fill(0xff);
             }
             return Next::Continue;
         }
         VcpuExit::MmioWrite(addr, data) => {
+            count(&counters.exit_mmio_write);
             if !buses.mmio.write(addr, data) {
+                count(&counters.unclaimed_access);
                 tracing::trace!("vCPU {index}: unclaimed MMIO write at {addr:#x}");
             }
             return Next::Continue;
@@ -425,32 +438,44 @@ mod tests {
             .insert(Arc::new(Mutex::new(Count(seen.clone()))), 0x80, 1)
             .unwrap();
 
+        let counters = VcpuCounters::default();
         let mut data = [0u8; 2];
-        let next = handle_exit(0, VcpuExit::IoIn(0x81, &mut data), &buses);
+        let next = handle_exit(0, VcpuExit::IoIn(0x81, &mut data), &buses, &counters);
         assert_eq!(next, Next::Continue);
         assert_eq!(data, [0xff, 0xff]);
-        handle_exit(0, VcpuExit::IoIn(0x80, &mut data), &buses);
+        handle_exit(0, VcpuExit::IoIn(0x80, &mut data), &buses, &counters);
         assert_eq!(data, [0x42, 0x42]);
-        handle_exit(0, VcpuExit::IoOut(0x80, &[7]), &buses);
+        handle_exit(0, VcpuExit::IoOut(0x80, &[7]), &buses, &counters);
         assert_eq!(*seen.lock().unwrap(), vec![7]);
         let mut mmio = [0u8; 4];
-        handle_exit(0, VcpuExit::MmioRead(0xd000_0000, &mut mmio), &buses);
+        handle_exit(
+            0,
+            VcpuExit::MmioRead(0xd000_0000, &mut mmio),
+            &buses,
+            &counters,
+        );
         assert_eq!(mmio, [0xff; 4]);
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        assert_eq!(get(&counters.exit_io_in), 2);
+        assert_eq!(get(&counters.exit_io_out), 1);
+        assert_eq!(get(&counters.exit_mmio_read), 1);
+        assert_eq!(get(&counters.unclaimed_access), 2);
     }
 
     #[test]
     fn fatal_exits_end_the_vm_with_their_reason() {
         let buses = IoBuses::default();
+        let c = VcpuCounters::default();
         assert_eq!(
-            handle_exit(2, VcpuExit::Shutdown, &buses),
+            handle_exit(2, VcpuExit::Shutdown, &buses, &c),
             Next::End(ExitReason::TripleFault { vcpu: 2, rip: None })
         );
         assert!(matches!(
-            handle_exit(1, VcpuExit::InternalError, &buses),
+            handle_exit(1, VcpuExit::InternalError, &buses, &c),
             Next::End(ExitReason::GuestCrashed { vcpu: 1, .. })
         ));
         assert_eq!(
-            handle_exit(0, VcpuExit::Hlt, &buses),
+            handle_exit(0, VcpuExit::Hlt, &buses, &c),
             Next::End(ExitReason::GuestHalted { vcpu: 0 })
         );
     }

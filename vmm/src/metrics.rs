@@ -1,0 +1,364 @@
+//! The VMM's counters: kept cumulative, written as Firecracker-style JSON (deltas since the last
+//! flush) to the metrics file or FIFO, and served in Prometheus text format on `GET /metrics`.
+//!
+//! Counters a vCPU bumps on every exit live in that vCPU's own cache line ([`VcpuCounters`]), so
+//! the exit path never writes memory another vCPU writes; readers sum them.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+
+use devices::legacy::SerialCounters;
+use serde::{Deserialize, Serialize};
+
+/// Exit counters of one vCPU, padded to a cache line of its own.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub struct VcpuCounters {
+    pub exit_io_in: AtomicU64,
+    pub exit_io_out: AtomicU64,
+    pub exit_mmio_read: AtomicU64,
+    pub exit_mmio_write: AtomicU64,
+    /// Accesses to ports or MMIO addresses no device owns.
+    pub unclaimed_access: AtomicU64,
+}
+
+/// Counters of the API server.
+#[derive(Debug, Default)]
+pub struct ApiCounters {
+    pub requests: AtomicU64,
+    /// Requests answered 4xx.
+    pub client_errors: AtomicU64,
+    /// Requests answered 5xx.
+    pub server_errors: AtomicU64,
+}
+
+/// Counters of VM lifecycle events.
+#[derive(Debug, Default)]
+pub struct VmmCounters {
+    pub guest_resets: AtomicU64,
+    pub metrics_flushes: AtomicU64,
+    pub metrics_write_failures: AtomicU64,
+}
+
+/// Every counter of the process.
+#[derive(Default)]
+pub struct Metrics {
+    pub api: ApiCounters,
+    pub vmm: VmmCounters,
+    vcpus: Mutex<Vec<Arc<VcpuCounters>>>,
+    serial: Mutex<Option<Arc<SerialCounters>>>,
+    sink: Mutex<Option<Sink>>,
+}
+
+/// The process-wide metrics.
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::default);
+
+/// One named value: `group` and `name` form the JSON key and the Prometheus metric name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sample {
+    pub group: &'static str,
+    pub name: &'static str,
+    pub help: &'static str,
+    pub value: u64,
+}
+
+/// `PUT /metrics`: where flushed metrics go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub metrics_path: PathBuf,
+}
+
+/// Errors of the metrics sink.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("metrics are already configured (to {0})")]
+    AlreadyConfigured(PathBuf),
+    #[error("cannot open metrics file {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("metrics are not configured: PUT /metrics first")]
+    NotConfigured,
+    #[error("cannot write metrics to {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// An open metrics destination and what it was last sent.
+struct Sink {
+    path: PathBuf,
+    file: File,
+    last: BTreeMap<(&'static str, &'static str), u64>,
+}
+
+/// Opens a file or FIFO for writing without blocking on a FIFO that has no reader yet.
+pub fn open_nonblocking(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+}
+
+fn sum(vcpus: &[Arc<VcpuCounters>], f: fn(&VcpuCounters) -> &AtomicU64) -> u64 {
+    vcpus.iter().map(|v| f(v).load(Ordering::Relaxed)).sum()
+}
+
+impl Metrics {
+    /// Counters for a new vCPU, read from now on.
+    pub fn register_vcpu(&self) -> Arc<VcpuCounters> {
+        let counters = Arc::new(VcpuCounters::default());
+        lock(&self.vcpus).push(counters.clone());
+        counters
+    }
+
+    pub fn register_serial(&self, counters: Arc<SerialCounters>) {
+        *lock(&self.serial) = Some(counters);
+    }
+
+    /// The current cumulative values.
+    pub fn samples(&self) -> Vec<Sample> {
+        let vcpus = lock(&self.vcpus).clone();
+        let serial = lock(&self.serial).clone().unwrap_or_default();
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let s = |group, name, help, value| Sample {
+            group,
+            name,
+            help,
+            value,
+        };
+        vec![
+            s(
+                "api_server",
+                "requests",
+                "API requests served",
+                load(&self.api.requests),
+            ),
+            s(
+                "api_server",
+                "client_errors",
+                "API requests answered 4xx",
+                load(&self.api.client_errors),
+            ),
+            s(
+                "api_server",
+                "server_errors",
+                "API requests answered 5xx",
+                load(&self.api.server_errors),
+            ),
+            s(
+                "vcpu",
+                "exit_io_in",
+                "vCPU exits for port reads",
+                sum(&vcpus, |v| &v.exit_io_in),
+            ),
+            s(
+                "vcpu",
+                "exit_io_out",
+                "vCPU exits for port writes",
+                sum(&vcpus, |v| &v.exit_io_out),
+            ),
+            s(
+                "vcpu",
+                "exit_mmio_read",
+                "vCPU exits for MMIO reads",
+                sum(&vcpus, |v| &v.exit_mmio_read),
+            ),
+            s(
+                "vcpu",
+                "exit_mmio_write",
+                "vCPU exits for MMIO writes",
+                sum(&vcpus, |v| &v.exit_mmio_write),
+            ),
+            s(
+                "vcpu",
+                "unclaimed_access",
+                "port or MMIO accesses no device owns",
+                sum(&vcpus, |v| &v.unclaimed_access),
+            ),
+            s(
+                "uart",
+                "bytes_out",
+                "console bytes written by the guest",
+                load(&serial.bytes_out),
+            ),
+            s(
+                "uart",
+                "bytes_lost",
+                "console bytes the host could not take",
+                load(&serial.bytes_lost),
+            ),
+            s(
+                "uart",
+                "reads",
+                "console input reads by the guest",
+                load(&serial.reads),
+            ),
+            s(
+                "vmm",
+                "guest_resets",
+                "guest resets through the i8042",
+                load(&self.vmm.guest_resets),
+            ),
+            s(
+                "vmm",
+                "metrics_flushes",
+                "metrics flushes written",
+                load(&self.vmm.metrics_flushes),
+            ),
+            s(
+                "vmm",
+                "metrics_write_failures",
+                "metrics flushes that failed",
+                load(&self.vmm.metrics_write_failures),
+            ),
+        ]
+    }
+
+    /// Prometheus text exposition of every counter.
+    pub fn prometheus(&self) -> String {
+        let mut out = String::new();
+        for s in self.samples() {
+            let metric = format!("prescient_{}_{}_total", s.group, s.name);
+            out.push_str(&format!(
+                "# HELP {metric} {}\n# TYPE {metric} counter\n{metric} {}\n",
+                s.help, s.value
+            ));
+        }
+        out
+    }
+
+    /// Sends flushed metrics to `config.metrics_path` from now on.
+    pub fn configure(&self, config: &MetricsConfig) -> Result<(), MetricsError> {
+        let mut sink = lock(&self.sink);
+        if let Some(s) = sink.as_ref() {
+            return Err(MetricsError::AlreadyConfigured(s.path.clone()));
+        }
+        let file = open_nonblocking(&config.metrics_path).map_err(|source| MetricsError::Open {
+            path: config.metrics_path.clone(),
+            source,
+        })?;
+        *sink = Some(Sink {
+            path: config.metrics_path.clone(),
+            file,
+            last: BTreeMap::new(),
+        });
+        Ok(())
+    }
+
+    /// Writes one JSON line with what changed since the last flush, Firecracker's format.
+    pub fn flush(&self) -> Result<(), MetricsError> {
+        let mut guard = lock(&self.sink);
+        let sink = guard.as_mut().ok_or(MetricsError::NotConfigured)?;
+        let mut groups: BTreeMap<&str, serde_json::Map<String, serde_json::Value>> =
+            BTreeMap::new();
+        for s in self.samples() {
+            let last = sink.last.insert((s.group, s.name), s.value).unwrap_or(0);
+            groups
+                .entry(s.group)
+                .or_default()
+                .insert(s.name.to_string(), (s.value - last).into());
+        }
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut doc = serde_json::Map::new();
+        doc.insert("utc_timestamp_ms".into(), now_ms.into());
+        for (group, values) in groups {
+            doc.insert(group.to_string(), values.into());
+        }
+        let line = format!("{}\n", serde_json::Value::Object(doc));
+        let result = sink.file.write_all(line.as_bytes());
+        let counter = match result {
+            Ok(()) => &self.vmm.metrics_flushes,
+            Err(_) => &self.vmm.metrics_write_failures,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        result.map_err(|source| MetricsError::Write {
+            path: sink.path.clone(),
+            source,
+        })
+    }
+
+    /// Whether a sink is configured (the periodic flush only runs then).
+    pub fn is_configured(&self) -> bool {
+        lock(&self.sink).is_some()
+    }
+}
+
+/// Metrics state stays usable after a panic elsewhere: every update is a single store.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vcpu_counters_are_summed_and_flushes_are_deltas() {
+        let m = Metrics::default();
+        let a = m.register_vcpu();
+        let b = m.register_vcpu();
+        a.exit_io_out.fetch_add(3, Ordering::Relaxed);
+        b.exit_io_out.fetch_add(4, Ordering::Relaxed);
+        let io_out = |m: &Metrics| {
+            m.samples()
+                .into_iter()
+                .find(|s| s.name == "exit_io_out")
+                .unwrap()
+                .value
+        };
+        assert_eq!(io_out(&m), 7);
+
+        assert!(matches!(m.flush(), Err(MetricsError::NotConfigured)));
+        let dir = std::env::temp_dir().join(format!("prescient-metrics-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("metrics.json");
+        let _ = std::fs::remove_file(&path);
+        m.configure(&MetricsConfig {
+            metrics_path: path.clone(),
+        })
+        .unwrap();
+        assert!(m
+            .configure(&MetricsConfig {
+                metrics_path: path.clone()
+            })
+            .is_err());
+        m.flush().unwrap();
+        a.exit_io_out.fetch_add(1, Ordering::Relaxed);
+        m.flush().unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["vcpu"]["exit_io_out"], 7);
+        assert_eq!(
+            lines[1]["vcpu"]["exit_io_out"], 1,
+            "the second flush holds the delta"
+        );
+        assert!(lines[1]["utc_timestamp_ms"].as_u64().unwrap() > 0);
+    }
+
+    #[test]
+    fn prometheus_text_has_help_type_and_value_per_counter() {
+        let m = Metrics::default();
+        m.api.requests.fetch_add(5, Ordering::Relaxed);
+        let text = m.prometheus();
+        assert!(text.contains("# TYPE prescient_api_server_requests_total counter\n"));
+        assert!(text.contains("\nprescient_api_server_requests_total 5\n"));
+        assert_eq!(text.lines().count(), 3 * m.samples().len());
+    }
+}
