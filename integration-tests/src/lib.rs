@@ -4,6 +4,8 @@
 //! real `prescient` binary, knows where the build script put the test guest, writes VM specs,
 //! and runs the VMM with a deadline so that a hang fails a test instead of stalling CI.
 
+pub mod openapi;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -281,7 +283,8 @@ impl ApiClient {
         })
     }
 
-    /// One request on the kept-alive connection.
+    /// One request on the kept-alive connection; the response is checked against the OpenAPI
+    /// document.
     pub fn request(&mut self, method: &str, path: &str, body: Option<&str>) -> ApiResponse {
         let body = body.unwrap_or("");
         let req = format!(
@@ -289,7 +292,10 @@ impl ApiClient {
             body.len()
         );
         self.send_raw(req.as_bytes());
-        self.read_response()
-            .unwrap_or_else(|| panic!("no response to {method} {path}"))
+        let response = self
+            .read_response()
+            .unwrap_or_else(|| panic!("no response to {method} {path}"));
+        openapi::check_response(method, path, response.status, &response.body);
+        response
     }
 }
