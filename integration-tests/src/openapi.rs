@@ -17,7 +17,7 @@ fn document() -> &'static Value {
 }
 
 /// Resolves a local `$ref` such as `#/components/schemas/Error`.
-fn resolve<'a>(schema: &'a Value) -> &'a Value {
+fn resolve(schema: &Value) -> &Value {
     match schema.get("$ref").and_then(Value::as_str) {
         Some(r) => {
             let pointer = r.strip_prefix('#').expect("local $ref");
