@@ -111,7 +111,7 @@ void boot_copy(int kind, u64 info_paddr);       /* CPL0, first thing */
 
 /* ---- cmdline.c ------------------------------------------------------ */
 enum { MODE_NORMAL, MODE_TRIPLE, MODE_PANIC };
-enum { EXIT_RESET, EXIT_HALT };
+enum { EXIT_RESET, EXIT_HALT, EXIT_KBD };
 struct params {
 	u64 cpu_ms;
 	u64 mem_mib;
@@ -198,6 +198,9 @@ extern volatile u32 g_go;               /* BSP releases APs into the CPU phase *
 u64 smp_parse_user(u64 unused);         /* CPL3: MP table -> g_cpus[].apic_id */
 void smp_boot(void);                    /* CPL0: INIT-SIPI-SIPI each AP */
 void delay_us(u64 us);                  /* any CPL, TSC based */
+
+/* ---- kbd.c (CPL0) --------------------------------------------------- */
+int kbd_wait_ctrl_alt_del(u64 timeout_ms); /* 1 once the i8042 delivered Ctrl-Alt-Del */
 
 /* ---- tsc.c (CPL0) --------------------------------------------------- */
 extern u64 g_tsc_khz;                   /* 0 if calibration failed */

@@ -10,7 +10,8 @@
  *   smp_boot (CPL0) INIT-SIPI-SIPI, waiting at CPL3
  *   stage_run      "cpus online", release APs, CPU phase, memory phase,
  *                  wait for APs, final line
- *   exit (CPL0)    i8042 reset (fallback: triple fault), or halt
+ *   exit (CPL0)    i8042 reset (fallback: triple fault), or halt, or wait
+ *                  for Ctrl-Alt-Del on the i8042 keyboard first
  */
 #include "guest.h"
 
@@ -68,6 +69,8 @@ static NORETURN void guest_exit(u64 ok)
 		triple_fault();                 /* VMM reports a non-clean exit */
 	if (g_params.exit == EXIT_HALT)
 		halt_forever();
+	if (g_params.exit == EXIT_KBD && !kbd_wait_ctrl_alt_del(60000))
+		triple_fault();
 	outb(0x64, 0xfe);                       /* i8042: pulse reset line */
 	delay_us(100000);                       /* VMM may act asynchronously */
 	triple_fault();                         /* no i8042 (e.g. QEMU microvm) */

@@ -427,3 +427,63 @@ fn logger_and_metrics_are_configured_flushed_and_scraped_by_api() {
     );
     terminate(child).assert_code(143);
 }
+
+#[test]
+fn send_ctrl_alt_del_reaches_the_guest_keyboard_and_the_guest_resets() {
+    let scratch = Scratch::new("api-ctrl-alt-del");
+    let socket = scratch.path().join("api.sock");
+    let console = scratch.path().join("console.log");
+    let child = spawn_api(&socket, &[]);
+    let mut api = ApiClient::connect(&socket);
+    let r = api.request(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "SendCtrlAltDel"}"#),
+    );
+    assert_eq!(r.status, 400, "no keyboard before the VM starts");
+
+    api.request(
+        "PUT",
+        "/boot-source",
+        Some(&boot_source("cpu_ms=1 mem_mib=1 exit=kbd")),
+    );
+    let serial = serde_json::json!({ "serial_out_path": console }).to_string();
+    api.request("PUT", "/serial", Some(&serial));
+    let r = api.request(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string(&console)
+        .unwrap_or_default()
+        .contains("guest: kbd waiting for ctrl-alt-del")
+    {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the guest never waited for its keyboard"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = api.request(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "SendCtrlAltDel"}"#),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+
+    // The guest sees the keys and resets; a reset ends prescient cleanly.
+    let out = wait_with_deadline(child, DEADLINE);
+    out.assert_code(0);
+    let text = std::fs::read_to_string(&console).unwrap();
+    for line in [
+        "guest: kbd scancode 0x14",
+        "guest: kbd scancode 0x11",
+        "guest: kbd scancode 0xe0",
+        "guest: kbd scancode 0x71",
+        "guest: ctrl-alt-del",
+    ] {
+        assert!(text.contains(line), "missing {line:?}:\n{text}");
+    }
+}

@@ -147,5 +147,5 @@ pub fn build_microvm(
         machine.vcpu_count,
         machine.mem_size_mib
     );
-    Ok(MicroVm::new(vm, mem, handles, exit, terminal))
+    Ok(MicroVm::new(vm, mem, handles, exit, terminal, legacy.i8042))
 }

@@ -1,11 +1,14 @@
 //! A booted microVM: its vCPU threads and the host resources they run on.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use devices::legacy::{I8042Error, I8042};
 
 use vm_memory::GuestMemoryMmap;
 
 use crate::console::RawTerminal;
+use crate::device_manager::legacy::ResetToExit;
 use crate::exit::ExitSignal;
 use crate::vstate::vcpu::{VcpuError, VcpuEvent, VcpuHandle, VcpuResponse};
 use crate::vstate::vm::Vm;
@@ -26,6 +29,7 @@ pub struct MicroVm {
     vcpus: Vec<VcpuHandle>,
     exit: Arc<ExitSignal>,
     state: RunState,
+    i8042: Arc<Mutex<I8042<ResetToExit>>>,
     _terminal: Option<RawTerminal>,
     _vm: Vm,
     _mem: GuestMemoryMmap,
@@ -38,11 +42,13 @@ impl MicroVm {
         vcpus: Vec<VcpuHandle>,
         exit: Arc<ExitSignal>,
         terminal: Option<RawTerminal>,
+        i8042: Arc<Mutex<I8042<ResetToExit>>>,
     ) -> Self {
         Self {
             vcpus,
             exit,
             state: RunState::Running,
+            i8042,
             _terminal: terminal,
             _vm: vm,
             _mem: mem,
@@ -76,6 +82,14 @@ impl MicroVm {
             vcpu.await_response(expect, VCPU_RESPONSE_TIMEOUT, event)?;
         }
         Ok(())
+    }
+
+    /// Presses Ctrl-Alt-Del on the guest's keyboard.
+    pub fn send_ctrl_alt_del(&self) -> Result<(), I8042Error> {
+        self.i8042
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send_ctrl_alt_del()
     }
 
     /// The VM's end signal, for code that ends it from outside.

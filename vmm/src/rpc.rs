@@ -21,6 +21,7 @@ pub enum VmmAction {
     StartInstance,
     Pause,
     Resume,
+    SendCtrlAltDel,
     PutMetrics(MetricsConfig),
     FlushMetrics,
     PutLogger(LoggerConfig),
@@ -85,6 +86,8 @@ pub enum ActionError {
     Start(BuildError),
     #[error("{0}")]
     Vcpu(#[from] VcpuError),
+    #[error("{0}")]
+    Keyboard(#[from] devices::legacy::I8042Error),
     #[error("{0}")]
     Metrics(#[from] MetricsError),
     #[error("{0}")]

@@ -233,6 +233,10 @@ impl Runtime {
                 }
                 Ok(VmmData::Empty)
             }
+            VmmAction::SendCtrlAltDel => {
+                self.running_vm()?.send_ctrl_alt_del()?;
+                Ok(VmmData::Empty)
+            }
             VmmAction::PutMetrics(config) => {
                 METRICS.configure(&config)?;
                 if let Err(e) = start_metrics_timer(&mut self.event_manager) {

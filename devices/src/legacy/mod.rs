@@ -3,7 +3,7 @@
 mod i8042;
 mod serial;
 
-pub use i8042::I8042;
+pub use i8042::{I8042Error, I8042};
 pub use serial::{SerialCounters, SerialDevice, SerialError, SerialHooks};
 
 use vm_superio::Trigger;

@@ -113,11 +113,12 @@ pub fn route(req: &Request) -> Routed {
                 |a| match a.action_type.as_str() {
                     "InstanceStart" => Ok(VmmAction::StartInstance),
                     "FlushMetrics" => Ok(VmmAction::FlushMetrics),
+                    "SendCtrlAltDel" => Ok(VmmAction::SendCtrlAltDel),
                     other => Err(Response::fault(
                         400,
                         format!(
                             "action_type {other:?} is not supported; \
-                             supported: InstanceStart, FlushMetrics"
+                             supported: InstanceStart, SendCtrlAltDel, FlushMetrics"
                         ),
                     )),
                 },

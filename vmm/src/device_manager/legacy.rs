@@ -8,7 +8,7 @@ use devices::{Bus, BusError};
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::arch::x86_64::layout::SERIAL_IRQ;
+use crate::arch::x86_64::layout::{KEYBOARD_IRQ, SERIAL_IRQ};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::metrics::METRICS;
 
@@ -23,14 +23,14 @@ const I8042_LEN: u64 = 5;
 pub enum LegacyError {
     #[error("cannot create an eventfd for the {0}: {1}")]
     EventFd(&'static str, std::io::Error),
-    #[error("cannot route the serial interrupt (IRQ {SERIAL_IRQ}) through KVM: {0}")]
-    Irqfd(kvm_ioctls::Error),
+    #[error("cannot route the {0} interrupt (IRQ {1}) through KVM: {2}")]
+    Irqfd(&'static str, u32, kvm_ioctls::Error),
     #[error("cannot place the {0} on the PIO bus: {1}")]
     Bus(&'static str, BusError),
 }
 
 /// Turns the guest's i8042 reset command into the VM's end.
-struct ResetToExit(Arc<ExitSignal>);
+pub struct ResetToExit(Arc<ExitSignal>);
 
 impl vm_superio::Trigger for ResetToExit {
     type E = std::convert::Infallible;
@@ -48,6 +48,7 @@ impl vm_superio::Trigger for ResetToExit {
 /// The VMM's handles on the legacy devices.
 pub struct LegacyDevices {
     pub serial: Arc<Mutex<SerialDevice>>,
+    pub i8042: Arc<Mutex<I8042<ResetToExit>>>,
     /// Readable when the guest has emptied the serial receive FIFO.
     pub serial_input_drained: EventFd,
 }
@@ -62,7 +63,7 @@ pub fn attach(
     let evt = |what| EventFd::new(EFD_NONBLOCK).map_err(|e| LegacyError::EventFd(what, e));
     let irq = evt("serial interrupt")?;
     vm.register_irqfd(&irq, SERIAL_IRQ)
-        .map_err(LegacyError::Irqfd)?;
+        .map_err(|e| LegacyError::Irqfd("serial", SERIAL_IRQ, e))?;
     let drained = evt("serial input")?;
     let drained_for_device = drained
         .try_clone()
@@ -81,11 +82,18 @@ pub fn attach(
     pio.insert(serial.clone(), COM1_BASE, COM1_LEN)
         .map_err(|e| LegacyError::Bus("serial port", e))?;
 
-    let i8042 = Arc::new(Mutex::new(I8042::new(ResetToExit(exit))));
-    pio.insert(i8042, I8042_BASE, I8042_LEN)
+    let kbd_irq = evt("keyboard interrupt")?;
+    vm.register_irqfd(&kbd_irq, KEYBOARD_IRQ)
+        .map_err(|e| LegacyError::Irqfd("keyboard", KEYBOARD_IRQ, e))?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(
+        ResetToExit(exit),
+        IrqTrigger(kbd_irq),
+    )));
+    pio.insert(i8042.clone(), I8042_BASE, I8042_LEN)
         .map_err(|e| LegacyError::Bus("i8042", e))?;
     Ok(LegacyDevices {
         serial,
+        i8042,
         serial_input_drained: drained,
     })
 }

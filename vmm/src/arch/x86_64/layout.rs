@@ -43,6 +43,8 @@ pub const LAPIC_START: u64 = 0xfee0_0000;
 pub const IOAPIC_PINS: u8 = 24;
 /// IRQ of the COM1 serial port.
 pub const SERIAL_IRQ: u32 = 4;
+/// IRQ of the i8042 keyboard.
+pub const KEYBOARD_IRQ: u32 = 1;
 
 /// The guest RAM ranges (start, length) for `mem_bytes` of RAM, split around the MMIO gap.
 pub fn ram_ranges(mem_bytes: u64) -> Vec<(u64, u64)> {
