@@ -3,5 +3,7 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod rate_limiter;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};

@@ -1,0 +1,288 @@
+//! virtio-blk: a disk backed by a host file.
+//!
+//! Requests are served synchronously on the VMM thread. WRITE data is on the host file when its
+//! status is returned; FLUSH reaches the disk (fdatasync) before it is acknowledged, so a guest
+//! that flushed loses nothing when the host dies.
+
+mod request;
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use self::request::{Outcome, Request};
+use super::{
+    read_config_bytes, ActivateContext, ActivateError, DeviceCounters, VirtioDevice,
+    VirtioInterrupt, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+};
+use crate::rate_limiter::{Cost, RateLimiter, RateLimiterConfig, RateLimiterError};
+
+pub const SECTOR_SHIFT: u32 = 9;
+pub const SECTOR_SIZE: u64 = 1 << SECTOR_SHIFT;
+/// Descriptors per queue; also bounds the segments of one request.
+pub const QUEUE_SIZE: u16 = 256;
+/// The largest data transfer of one request (a bounce buffer this size may be allocated).
+pub const MAX_REQUEST_BYTES: usize = 4 << 20;
+/// Length of the GET_ID answer.
+pub const DISK_ID_LEN: usize = 20;
+
+const VIRTIO_BLK_F_SEG_MAX: u32 = 2;
+const VIRTIO_BLK_F_RO: u32 = 5;
+const VIRTIO_BLK_F_FLUSH: u32 = 9;
+
+/// Errors of creating a block device.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("cannot open disk image {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot create an eventfd for the block queue: {0}")]
+    EventFd(std::io::Error),
+    #[error(transparent)]
+    RateLimiter(#[from] RateLimiterError),
+}
+
+struct Active {
+    mem: GuestMemoryMmap,
+    queue: Queue,
+    interrupt: Arc<VirtioInterrupt>,
+}
+
+/// A virtio-blk device.
+pub struct Block {
+    id: String,
+    path: PathBuf,
+    disk: File,
+    read_only: bool,
+    capacity_sectors: u64,
+    disk_id: [u8; DISK_ID_LEN],
+    config: Vec<u8>,
+    queue_events: [EventFd; 1],
+    limiter: RateLimiter,
+    counters: Arc<DeviceCounters>,
+    active: Option<Active>,
+    /// Reused bounce buffer between guest memory and the file.
+    buf: Vec<u8>,
+}
+
+impl Block {
+    /// A disk named `id` backed by `path`.
+    pub fn new(
+        id: &str,
+        path: &Path,
+        read_only: bool,
+        limiter: RateLimiterConfig,
+    ) -> Result<Self, BlockError> {
+        let open_error = |source| BlockError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let disk = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(open_error)?;
+        let len = disk.metadata().map_err(open_error)?.len();
+        if len % SECTOR_SIZE != 0 {
+            tracing::warn!(
+                "disk {id}: {} is {len} bytes, not a multiple of {SECTOR_SIZE}; the tail is not visible",
+                path.display()
+            );
+        }
+        let capacity_sectors = len >> SECTOR_SHIFT;
+        let mut disk_id = [0u8; DISK_ID_LEN];
+        let n = id.len().min(DISK_ID_LEN);
+        disk_id[..n].copy_from_slice(&id.as_bytes()[..n]);
+        // capacity (le64), size_max (le32, unused), seg_max (le32).
+        let mut config = Vec::with_capacity(16);
+        config.extend_from_slice(&capacity_sectors.to_le_bytes());
+        config.extend_from_slice(&0u32.to_le_bytes());
+        config.extend_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
+        Ok(Self {
+            id: id.to_string(),
+            path: path.to_path_buf(),
+            disk,
+            read_only,
+            capacity_sectors,
+            disk_id,
+            config,
+            queue_events: [EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?],
+            limiter: RateLimiter::new(limiter)?,
+            counters: Arc::default(),
+            active: None,
+            buf: Vec::new(),
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn capacity_sectors(&self) -> u64 {
+        self.capacity_sectors
+    }
+
+    pub fn rate_limiter(&self) -> RateLimiterConfig {
+        self.limiter.config()
+    }
+
+    /// Replaces the rate limiter's buckets while the guest runs.
+    pub fn update_rate_limiter(&mut self, config: RateLimiterConfig) -> Result<(), BlockError> {
+        self.limiter.update_buckets(config)?;
+        self.process_queue();
+        Ok(())
+    }
+
+    /// Serves available requests until the queue is empty or the rate limiter says wait.
+    pub fn process_queue(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mut completed = false;
+        while !self.limiter.is_blocked() {
+            let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let used = match Request::parse(&active.mem, chain) {
+                Ok(mut request) => {
+                    let cost = Cost {
+                        bytes: request.data_len() as u64,
+                        ops: 1,
+                    };
+                    if !self.limiter.consume(cost) {
+                        // Leave the chain in the ring; it is served when the timer fires.
+                        active.queue.go_to_previous_position();
+                        DeviceCounters::inc(&self.counters.throttled, 1);
+                        break;
+                    }
+                    let outcome = request.execute(
+                        &self.disk,
+                        self.read_only,
+                        self.capacity_sectors,
+                        &self.disk_id,
+                        &mut self.buf,
+                    );
+                    count(&self.counters, &outcome);
+                    request.complete(outcome)
+                }
+                Err(e) => {
+                    // No status byte to answer through: hand the buffers back unused.
+                    tracing::debug!("block {}: dropped a malformed chain: {e}", self.id);
+                    DeviceCounters::inc(&self.counters.invalid_requests, 1);
+                    0
+                }
+            };
+            if let Err(e) = active.queue.add_used(&active.mem, head, used) {
+                tracing::warn!("block {}: cannot return a used buffer: {e}", self.id);
+                DeviceCounters::inc(&self.counters.invalid_requests, 1);
+            }
+            completed = true;
+        }
+        if completed && active.queue.needs_notification(&active.mem).unwrap_or(true) {
+            active.interrupt.signal_used_queue();
+        }
+    }
+}
+
+/// Adds one executed request to `c`.
+fn count(c: &DeviceCounters, outcome: &Outcome) {
+    DeviceCounters::inc(&c.requests, 1);
+    DeviceCounters::inc(&c.bytes_to_guest, outcome.bytes_to_guest as u64);
+    DeviceCounters::inc(&c.bytes_from_guest, outcome.bytes_from_guest as u64);
+    if outcome.invalid {
+        DeviceCounters::inc(&c.invalid_requests, 1);
+    }
+    if outcome.io_error {
+        DeviceCounters::inc(&c.io_errors, 1);
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        TYPE_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    fn avail_features(&self) -> u64 {
+        let mut f =
+            (1u64 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_BLK_F_FLUSH) | (1 << VIRTIO_BLK_F_SEG_MAX);
+        if self.read_only {
+            f |= 1 << VIRTIO_BLK_F_RO;
+        }
+        f
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        let got = ctx.queues.len();
+        let queue = ctx
+            .queues
+            .into_iter()
+            .next()
+            .filter(|_| got == 1)
+            .ok_or(ActivateError::QueueCount { expected: 1, got })?;
+        self.active = Some(Active {
+            mem: ctx.mem,
+            queue,
+            interrupt: ctx.interrupt,
+        });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+    }
+
+    fn counters(&self) -> Arc<DeviceCounters> {
+        self.counters.clone()
+    }
+}
+
+impl MutEventSubscriber for Block {
+    fn init(&mut self, ops: &mut EventOps) {
+        for (fd, what) in [
+            (self.queue_events[0].as_raw_fd(), "queue"),
+            (self.limiter.as_raw_fd(), "rate limiter"),
+        ] {
+            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                tracing::error!("block {}: cannot watch its {what}: {e}", self.id);
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.fd() == self.queue_events[0].as_raw_fd() {
+            let _ = self.queue_events[0].read();
+        } else {
+            self.limiter.on_timer();
+        }
+        self.process_queue();
+    }
+}
+
+#[cfg(test)]
+mod tests;

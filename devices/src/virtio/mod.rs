@@ -1,0 +1,183 @@
+//! Virtio devices over MMIO (virtio 1.x, "modern"): the transport, the interface every device
+//! implements, and the devices.
+//!
+//! Every descriptor chain is guest-controlled input: a device validates it, answers a bad request
+//! with a virtio error status where it can find a status byte, otherwise returns the chain unused,
+//! counts it, and goes on. Nothing the guest puts in a queue can panic or stall the VMM.
+
+pub mod block;
+pub mod mmio;
+pub mod rng;
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Feature bit every modern device offers and every driver must accept.
+pub const VIRTIO_F_VERSION_1: u32 = 32;
+
+/// Device type ids.
+pub const TYPE_NET: u32 = 1;
+pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_RNG: u32 = 4;
+
+/// InterruptStatus bits.
+pub const INTERRUPT_USED_RING: u32 = 1;
+pub const INTERRUPT_CONFIG_CHANGE: u32 = 2;
+
+/// A device's interrupt line: the status bits the driver reads and acknowledges, and the irqfd
+/// that KVM turns into the IOAPIC pin.
+pub struct VirtioInterrupt {
+    status: AtomicU32,
+    irq: EventFd,
+}
+
+impl VirtioInterrupt {
+    pub fn new(irq: EventFd) -> Self {
+        Self {
+            status: AtomicU32::new(0),
+            irq,
+        }
+    }
+
+    /// Tells the driver that used buffers are waiting.
+    pub fn signal_used_queue(&self) {
+        self.signal(INTERRUPT_USED_RING);
+    }
+
+    /// Tells the driver that the configuration space (or the device state) changed.
+    pub fn signal_config_change(&self) {
+        self.signal(INTERRUPT_CONFIG_CHANGE);
+    }
+
+    fn signal(&self, bit: u32) {
+        self.status.fetch_or(bit, Ordering::AcqRel);
+        if let Err(e) = self.irq.write(1) {
+            tracing::warn!("virtio: cannot raise the device interrupt: {e}");
+        }
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::Acquire)
+    }
+
+    /// The driver acknowledged `bits`.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::AcqRel);
+    }
+
+    fn clear(&self) {
+        self.status.store(0, Ordering::Release);
+    }
+}
+
+/// What a device has done, for the VMM's metrics and the predictor.
+#[derive(Debug, Default)]
+pub struct DeviceCounters {
+    /// Requests served (with any status).
+    pub requests: AtomicU64,
+    /// Bytes the device wrote into guest buffers.
+    pub bytes_to_guest: AtomicU64,
+    /// Bytes the device took from guest buffers.
+    pub bytes_from_guest: AtomicU64,
+    /// Malformed chains or requests (answered with an error status, or returned unused).
+    pub invalid_requests: AtomicU64,
+    /// Host-side I/O failures.
+    pub io_errors: AtomicU64,
+    /// Times the rate limiter made the queue wait.
+    pub throttled: AtomicU64,
+    /// Accesses to the device's registers that the spec forbids (wrong width, state or offset).
+    pub invalid_register_access: AtomicU64,
+}
+
+impl DeviceCounters {
+    pub fn inc(counter: &AtomicU64, by: u64) {
+        counter.fetch_add(by, Ordering::Relaxed);
+    }
+}
+
+/// Everything a device needs to start serving its queues.
+pub struct ActivateContext {
+    pub mem: GuestMemoryMmap,
+    pub queues: Vec<Queue>,
+    pub acked_features: u64,
+    pub interrupt: Arc<VirtioInterrupt>,
+}
+
+/// Why a device refused to start.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("expected {expected} queues, the driver set up {got}")]
+    QueueCount { expected: usize, got: usize },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A virtio device behind a transport.
+pub trait VirtioDevice: Send {
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; the number of entries is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// The eventfds the driver's queue notifications arrive on (KVM ioeventfds), one per queue.
+    fn queue_events(&self) -> &[EventFd];
+    fn avail_features(&self) -> u64;
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Config space writes; read-only config by default.
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        tracing::debug!(
+            "virtio device type {}: ignored config write of {} bytes at {offset}",
+            self.device_type(),
+            data.len()
+        );
+    }
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
+    /// Back to the state before activation (the driver wrote 0 to Status).
+    fn reset(&mut self);
+    fn counters(&self) -> Arc<DeviceCounters>;
+}
+
+/// Copies `value`'s little-endian config bytes at `offset` into `data`; out-of-range bytes are 0.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(offset) = usize::try_from(offset) else {
+        return;
+    };
+    if offset >= config.len() {
+        return;
+    }
+    let n = data.len().min(config.len() - offset);
+    data[..n].copy_from_slice(&config[offset..offset + n]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    #[test]
+    fn interrupt_bits_are_set_signalled_and_acked() {
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let i = VirtioInterrupt::new(irq.try_clone().unwrap());
+        i.signal_used_queue();
+        i.signal_config_change();
+        assert_eq!(i.status(), INTERRUPT_USED_RING | INTERRUPT_CONFIG_CHANGE);
+        assert_eq!(irq.read().unwrap(), 2);
+        i.ack(INTERRUPT_USED_RING);
+        assert_eq!(i.status(), INTERRUPT_CONFIG_CHANGE);
+    }
+
+    #[test]
+    fn config_reads_past_the_end_are_zero() {
+        let config = [1u8, 2, 3, 4];
+        let mut data = [9u8; 4];
+        read_config_bytes(&config, 2, &mut data);
+        assert_eq!(data, [3, 4, 0, 0]);
+        read_config_bytes(&config, 100, &mut data);
+        assert_eq!(data, [0; 4]);
+        read_config_bytes(&config, u64::MAX, &mut data);
+        assert_eq!(data, [0; 4]);
+    }
+}
