@@ -97,10 +97,26 @@ impl BootError {
     }
 }
 
-/// Loads everything `boot` names into `mem` and returns how to enter the kernel.
+/// `args` with `extra` (parameters the VMM adds: devices, root disk) placed before any `--`,
+/// which starts the arguments for init.
+pub fn kernel_cmdline(args: &str, extra: &[String]) -> String {
+    if extra.is_empty() {
+        return args.to_string();
+    }
+    let extra = extra.join(" ");
+    match args.split_once(" -- ") {
+        Some((kernel, init)) => format!("{kernel} {extra} -- {init}"),
+        None if args.is_empty() => extra,
+        None => format!("{args} {extra}"),
+    }
+}
+
+/// Loads everything `boot` names into `mem` and returns how to enter the kernel; `extra` kernel
+/// parameters are added to the command line.
 pub fn load_boot_source(
     mem: &GuestMemoryMmap,
     boot: &BootSourceConfig,
+    extra: &[String],
 ) -> Result<BootEntry, BootError> {
     let path = &boot.kernel_image_path;
     let open_error = |source| BootError::OpenKernel {
@@ -123,7 +139,11 @@ pub fn load_boot_source(
         KernelFormat::BzImage => load(BzImage::load(mem, None, &mut kernel, himem))?,
     };
 
-    let args = boot.boot_args.as_deref().unwrap_or(DEFAULT_BOOT_ARGS);
+    let args = kernel_cmdline(
+        boot.boot_args.as_deref().unwrap_or(DEFAULT_BOOT_ARGS),
+        extra,
+    );
+    let args = args.as_str();
     let cmdline = Cmdline::try_from(args, CMDLINE_MAX_SIZE).map_err(BootError::Cmdline)?;
     load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline).map_err(BootError::WriteCmdline)?;
     let cmdline_len = args.len() as u32;
@@ -364,7 +384,7 @@ mod tests {
         let k = temp_file("pvh.elf", &tiny_elf(Some(0x10_0008)));
         let initrd = temp_file("initrd", &[0xab; 5000]);
         let mem = guest_mem(64);
-        let entry = load_boot_source(&mem, &boot_source(k, Some(initrd))).unwrap();
+        let entry = load_boot_source(&mem, &boot_source(k, Some(initrd)), &[]).unwrap();
         assert_eq!(
             entry,
             BootEntry::Pvh {
@@ -398,7 +418,7 @@ mod tests {
     fn elf_without_note_uses_the_linux_64bit_protocol() {
         let k = temp_file("plain.elf", &tiny_elf(None));
         let mem = guest_mem(32);
-        let entry = load_boot_source(&mem, &boot_source(k, None)).unwrap();
+        let entry = load_boot_source(&mem, &boot_source(k, None), &[]).unwrap();
         assert_eq!(
             entry,
             BootEntry::Linux64 {
@@ -414,11 +434,26 @@ mod tests {
     }
 
     #[test]
+    fn device_parameters_go_before_init_arguments() {
+        let extra = vec!["virtio_mmio.device=4K@0xc0000000:5".to_string()];
+        assert_eq!(
+            kernel_cmdline("console=ttyS0 -- init-arg", &extra),
+            "console=ttyS0 virtio_mmio.device=4K@0xc0000000:5 -- init-arg"
+        );
+        assert_eq!(
+            kernel_cmdline("a", &extra),
+            "a virtio_mmio.device=4K@0xc0000000:5"
+        );
+        assert_eq!(kernel_cmdline("", &extra), extra[0]);
+        assert_eq!(kernel_cmdline("a b", &[]), "a b");
+    }
+
+    #[test]
     fn an_initrd_larger_than_memory_is_refused() {
         let k = temp_file("small.elf", &tiny_elf(None));
         let initrd = temp_file("big-initrd", &vec![0u8; 3 * MIB as usize]);
         let mem = guest_mem(2);
-        let e = load_boot_source(&mem, &boot_source(k, Some(initrd))).unwrap_err();
+        let e = load_boot_source(&mem, &boot_source(k, Some(initrd)), &[]).unwrap_err();
         assert!(matches!(e, BootError::InitrdTooLarge { .. }), "{e}");
         assert_eq!(e.spec_field().to_string(), "boot-source.initrd_path");
     }
@@ -427,7 +462,7 @@ mod tests {
     fn a_kernel_that_does_not_fit_is_a_load_error() {
         let k = temp_file("noroom.elf", &tiny_elf(None));
         let mem = guest_mem(1); // RAM ends exactly where the kernel would load
-        let e = load_boot_source(&mem, &boot_source(k, None)).unwrap_err();
+        let e = load_boot_source(&mem, &boot_source(k, None), &[]).unwrap_err();
         assert!(e.to_string().starts_with("cannot load kernel"), "{e}");
     }
 }

@@ -4,19 +4,26 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
+use devices::virtio::block::Block;
+use devices::virtio::rng::Rng;
+use devices::virtio::VirtioDevice;
 use event_manager::{EventManager, SubscriberOps};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, Kvm};
+use vm_memory::GuestMemoryMmap;
 
 use crate::arch::x86_64::cpuid::Topology;
 use crate::arch::x86_64::mptable::{self, MptableError};
 use crate::boot::load_boot_source;
 use crate::console::{ConsoleInput, RawTerminal};
 use crate::device_manager::legacy::{self, LegacyError};
+use crate::device_manager::mmio::{MmioDeviceManager, MmioError};
 use crate::exit::ExitSignal;
+use crate::metrics::METRICS;
+use crate::microvm::BlockHandle;
 use crate::microvm::MicroVm;
 use crate::runtime::Subscriber;
-use crate::vmm_config::{ConfigError, JsonPath, MachineConfig, VmConfig};
+use crate::vmm_config::{ConfigError, JsonPath, MachineConfig, Segment, VmConfig};
 use crate::vstate::memory::create_guest_memory;
 use crate::vstate::vcpu::{register_kick_handler, IoBuses, Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
@@ -40,6 +47,8 @@ pub enum BuildError {
     Mptable(#[from] MptableError),
     #[error(transparent)]
     Legacy(#[from] LegacyError),
+    #[error(transparent)]
+    Mmio(#[from] MmioError),
 }
 
 /// KVM features the VMM relies on; checked up front for a clear message on odd hosts.
@@ -99,11 +108,13 @@ pub fn build_microvm(
     vm.register_memory(&mem)
         .map_err(|e| ConfigError::new(MachineConfig::mem_path(), e.to_string()))?;
 
-    let entry = load_boot_source(&mem, config.boot_source()?)
+    let mut buses = IoBuses::default();
+    let (blocks, extra_args) = attach_virtio_devices(config, &vm, &mem, &mut buses, event_manager)?;
+
+    let entry = load_boot_source(&mem, config.boot_source()?, &extra_args)
         .map_err(|e| ConfigError::new(e.spec_field(), e.to_string()))?;
     mptable::setup_mptable(&mem, machine.vcpu_count)?;
 
-    let mut buses = IoBuses::default();
     let legacy = legacy::attach(
         vm.fd(),
         &mut buses.pio,
@@ -147,5 +158,74 @@ pub fn build_microvm(
         machine.vcpu_count,
         machine.mem_size_mib
     );
-    Ok(MicroVm::new(vm, mem, handles, exit, terminal, legacy.i8042))
+    Ok(MicroVm::new(
+        vm,
+        mem,
+        handles,
+        exit,
+        terminal,
+        legacy.i8042,
+        blocks,
+    ))
+}
+
+/// A drive's spec field, for errors about it.
+fn drive_field(index: usize, name: &'static str) -> JsonPath {
+    JsonPath(vec![
+        Segment::Key("drives"),
+        Segment::Index(index),
+        Segment::Key(name),
+    ])
+}
+
+/// Creates the virtio devices the spec names (the root drive first, so it is /dev/vda) and
+/// returns the block devices by id and the kernel parameters that announce them.
+fn attach_virtio_devices(
+    config: &VmConfig,
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    buses: &mut IoBuses,
+    event_manager: &mut EventManager<Subscriber>,
+) -> Result<(Vec<BlockHandle>, Vec<String>), BuildError> {
+    let mut manager = MmioDeviceManager::default();
+    let mut extra = Vec::new();
+    let mut order: Vec<usize> = (0..config.drives.len()).collect();
+    order.sort_by_key(|&i| !config.drives[i].is_root_device);
+    let mut blocks = Vec::new();
+    for i in order {
+        let d = &config.drives[i];
+        let block = Block::new(
+            &d.drive_id,
+            &d.path_on_host,
+            d.is_read_only,
+            d.rate_limiter.unwrap_or_default(),
+        )
+        .map_err(|e| ConfigError::new(drive_field(i, "path_on_host"), e.to_string()))?;
+        METRICS.register_device(format!("block_{}", d.drive_id), block.counters());
+        let block = Arc::new(Mutex::new(block));
+        manager.attach(vm.fd(), mem, &mut buses.mmio, event_manager, block.clone())?;
+        if d.is_root_device {
+            extra.push(match &d.partuuid {
+                Some(uuid) => format!("root=PARTUUID={uuid}"),
+                None => "root=/dev/vda".to_string(),
+            });
+            extra.push(if d.is_read_only { "ro" } else { "rw" }.to_string());
+        }
+        blocks.push((d.drive_id.clone(), block));
+    }
+    if let Some(entropy) = &config.entropy {
+        let rng = Rng::new(entropy.rate_limiter.unwrap_or_default()).map_err(|e| {
+            ConfigError::new(JsonPath::keys(&["entropy", "rate_limiter"]), e.to_string())
+        })?;
+        METRICS.register_device("entropy".to_string(), rng.counters());
+        manager.attach(
+            vm.fd(),
+            mem,
+            &mut buses.mmio,
+            event_manager,
+            Arc::new(Mutex::new(rng)),
+        )?;
+    }
+    extra.extend(manager.cmdline_entries());
+    Ok((blocks, extra))
 }

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 
 use devices::legacy::SerialCounters;
+use devices::virtio::DeviceCounters;
 use serde::{Deserialize, Serialize};
 
 /// Exit counters of one vCPU, padded to a cache line of its own.
@@ -51,6 +52,7 @@ pub struct Metrics {
     pub vmm: VmmCounters,
     vcpus: Mutex<Vec<Arc<VcpuCounters>>>,
     serial: Mutex<Option<Arc<SerialCounters>>>,
+    devices: Mutex<Vec<(String, Arc<DeviceCounters>)>>,
     sink: Mutex<Option<Sink>>,
 }
 
@@ -60,7 +62,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::default);
 /// One named value: `group` and `name` form the JSON key and the Prometheus metric name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sample {
-    pub group: &'static str,
+    pub group: String,
     pub name: &'static str,
     pub help: &'static str,
     pub value: u64,
@@ -96,7 +98,7 @@ pub enum MetricsError {
 struct Sink {
     path: PathBuf,
     file: File,
-    last: BTreeMap<(&'static str, &'static str), u64>,
+    last: BTreeMap<(String, &'static str), u64>,
 }
 
 /// Opens a file or FIFO for writing without blocking on a FIFO that has no reader yet.
@@ -126,18 +128,23 @@ impl Metrics {
         *lock(&self.serial) = Some(counters);
     }
 
+    /// A virtio device's counters, reported as group `name` (e.g. `block_rootfs`).
+    pub fn register_device(&self, name: String, counters: Arc<DeviceCounters>) {
+        lock(&self.devices).push((name, counters));
+    }
+
     /// The current cumulative values.
     pub fn samples(&self) -> Vec<Sample> {
         let vcpus = lock(&self.vcpus).clone();
         let serial = lock(&self.serial).clone().unwrap_or_default();
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let s = |group, name, help, value| Sample {
-            group,
+        let s = |group: &str, name, help, value| Sample {
+            group: group.to_string(),
             name,
             help,
             value,
         };
-        vec![
+        let mut samples = vec![
             s(
                 "api_server",
                 "requests",
@@ -222,7 +229,40 @@ impl Metrics {
                 "metrics flushes that failed",
                 load(&self.vmm.metrics_write_failures),
             ),
-        ]
+        ];
+        for (group, c) in lock(&self.devices).iter() {
+            let counters = [
+                ("requests", "device requests served", &c.requests),
+                (
+                    "bytes_to_guest",
+                    "bytes the device wrote to guest buffers",
+                    &c.bytes_to_guest,
+                ),
+                (
+                    "bytes_from_guest",
+                    "bytes the device took from guest buffers",
+                    &c.bytes_from_guest,
+                ),
+                (
+                    "invalid_requests",
+                    "malformed requests or descriptor chains",
+                    &c.invalid_requests,
+                ),
+                ("io_errors", "host I/O failures", &c.io_errors),
+                (
+                    "throttled",
+                    "times the rate limiter made the queue wait",
+                    &c.throttled,
+                ),
+                (
+                    "invalid_register_access",
+                    "register accesses the virtio spec forbids",
+                    &c.invalid_register_access,
+                ),
+            ];
+            samples.extend(counters.map(|(name, help, v)| s(group, name, help, load(v))));
+        }
+        samples
     }
 
     /// Prometheus text exposition of every counter.
@@ -260,10 +300,13 @@ impl Metrics {
     pub fn flush(&self) -> Result<(), MetricsError> {
         let mut guard = lock(&self.sink);
         let sink = guard.as_mut().ok_or(MetricsError::NotConfigured)?;
-        let mut groups: BTreeMap<&str, serde_json::Map<String, serde_json::Value>> =
+        let mut groups: BTreeMap<String, serde_json::Map<String, serde_json::Value>> =
             BTreeMap::new();
         for s in self.samples() {
-            let last = sink.last.insert((s.group, s.name), s.value).unwrap_or(0);
+            let last = sink
+                .last
+                .insert((s.group.clone(), s.name), s.value)
+                .unwrap_or(0);
             groups
                 .entry(s.group)
                 .or_default()
@@ -275,7 +318,7 @@ impl Metrics {
         let mut doc = serde_json::Map::new();
         doc.insert("utc_timestamp_ms".into(), now_ms.into());
         for (group, values) in groups {
-            doc.insert(group.to_string(), values.into());
+            doc.insert(group, values.into());
         }
         let line = format!("{}\n", serde_json::Value::Object(doc));
         let result = sink.file.write_all(line.as_bytes());

@@ -4,6 +4,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use devices::legacy::{I8042Error, I8042};
+use devices::rate_limiter::RateLimiterConfig;
+use devices::virtio::block::{Block, BlockError};
 
 use vm_memory::GuestMemoryMmap;
 
@@ -15,6 +17,9 @@ use crate::vstate::vm::Vm;
 
 /// How long a vCPU gets to acknowledge a pause or resume.
 const VCPU_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A block device and the drive id the spec gave it.
+pub type BlockHandle = (String, Arc<Mutex<Block>>);
 
 /// Whether the vCPUs are running guest code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +35,7 @@ pub struct MicroVm {
     exit: Arc<ExitSignal>,
     state: RunState,
     i8042: Arc<Mutex<I8042<ResetToExit>>>,
+    blocks: Vec<BlockHandle>,
     _terminal: Option<RawTerminal>,
     _vm: Vm,
     _mem: GuestMemoryMmap,
@@ -43,12 +49,14 @@ impl MicroVm {
         exit: Arc<ExitSignal>,
         terminal: Option<RawTerminal>,
         i8042: Arc<Mutex<I8042<ResetToExit>>>,
+        blocks: Vec<BlockHandle>,
     ) -> Self {
         Self {
             vcpus,
             exit,
             state: RunState::Running,
             i8042,
+            blocks,
             _terminal: terminal,
             _vm: vm,
             _mem: mem,
@@ -90,6 +98,17 @@ impl MicroVm {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .send_ctrl_alt_del()
+    }
+
+    /// Replaces a drive's rate limiter while the guest runs; false if there is no such drive.
+    pub fn update_drive_rate_limiter(
+        &self,
+        drive_id: &str,
+        limiter: RateLimiterConfig,
+    ) -> Option<Result<(), BlockError>> {
+        let (_, block) = self.blocks.iter().find(|(id, _)| id == drive_id)?;
+        let mut block = block.lock().unwrap_or_else(|p| p.into_inner());
+        Some(block.update_rate_limiter(limiter))
     }
 
     /// The VM's end signal, for code that ends it from outside.

@@ -5,7 +5,10 @@ use serde::{Deserialize, Serialize};
 use crate::builder::BuildError;
 use crate::logger::{LoggerConfig, LoggerError};
 use crate::metrics::{MetricsConfig, MetricsError};
-use crate::vmm_config::{BootSourceConfig, ConfigError, MachineConfig, SerialConfig, VmConfig};
+use crate::vmm_config::{
+    BootSourceConfig, ConfigError, DriveConfig, DriveUpdate, EntropyConfig, MachineConfig,
+    SerialConfig, VmConfig,
+};
 use crate::vstate::vcpu::VcpuError;
 
 /// One request to the VMM thread.
@@ -18,6 +21,9 @@ pub enum VmmAction {
     PutMachineConfig(MachineConfig),
     PatchMachineConfig(MachineConfigUpdate),
     PutSerial(SerialConfig),
+    PutDrive(DriveConfig),
+    PatchDrive(DriveUpdate),
+    PutEntropy(EntropyConfig),
     StartInstance,
     Pause,
     Resume,
@@ -88,6 +94,12 @@ pub enum ActionError {
     Vcpu(#[from] VcpuError),
     #[error("{0}")]
     Keyboard(#[from] devices::legacy::I8042Error),
+    #[error("no drive {0:?}")]
+    NoSuchDrive(String),
+    #[error("{0}")]
+    Drive(#[from] devices::virtio::block::BlockError),
+    #[error("a running drive's {0} cannot change; only its rate_limiter can")]
+    DriveFieldFixedAfterBoot(&'static str),
     #[error("{0}")]
     Metrics(#[from] MetricsError),
     #[error("{0}")]

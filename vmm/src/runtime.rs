@@ -16,7 +16,7 @@ use crate::exit::{ExitReason, ExitSignal};
 use crate::metrics::METRICS;
 use crate::microvm::{MicroVm, RunState};
 use crate::rpc::{ActionError, ActionRequest, InstanceInfo, InstanceState, VmmAction, VmmData};
-use crate::vmm_config::VmConfig;
+use crate::vmm_config::{validate_drives, DriveUpdate, VmConfig};
 
 /// Every fd the VMM thread serves is a subscriber of one event manager.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -171,6 +171,33 @@ impl Runtime {
         self.vm.as_mut().ok_or(ActionError::NotAllowedBeforeBoot)
     }
 
+    /// `PATCH /drives/{id}`: any field before boot, the rate limiter live after.
+    fn patch_drive(&mut self, update: DriveUpdate) -> Result<VmmData, ActionError> {
+        let index = self
+            .config
+            .drives
+            .iter()
+            .position(|d| d.drive_id == update.drive_id)
+            .ok_or_else(|| ActionError::NoSuchDrive(update.drive_id.clone()))?;
+        let mut drives = self.config.drives.clone();
+        if let Some(path) = &update.path_on_host {
+            if self.vm.is_some() {
+                return Err(ActionError::DriveFieldFixedAfterBoot("path_on_host"));
+            }
+            drives[index].path_on_host = path.clone();
+        }
+        if update.rate_limiter.is_some() {
+            drives[index].rate_limiter = update.rate_limiter;
+        }
+        validate_drives(&drives)?;
+        if let (Some(vm), Some(limiter)) = (&self.vm, update.rate_limiter) {
+            vm.update_drive_rate_limiter(&update.drive_id, limiter)
+                .ok_or_else(|| ActionError::NoSuchDrive(update.drive_id.clone()))??;
+        }
+        self.config.drives = drives;
+        Ok(VmmData::Empty)
+    }
+
     /// Carries out one action.
     pub fn handle(&mut self, action: VmmAction) -> Result<VmmData, ActionError> {
         match action {
@@ -211,6 +238,24 @@ impl Runtime {
                 self.before_boot()?;
                 serial.validate()?;
                 self.config.serial = Some(serial);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutDrive(drive) => {
+                self.before_boot()?;
+                let mut drives = self.config.drives.clone();
+                match drives.iter_mut().find(|d| d.drive_id == drive.drive_id) {
+                    Some(existing) => *existing = drive,
+                    None => drives.push(drive),
+                }
+                validate_drives(&drives)?;
+                self.config.drives = drives;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PatchDrive(update) => self.patch_drive(update),
+            VmmAction::PutEntropy(entropy) => {
+                self.before_boot()?;
+                entropy.validate()?;
+                self.config.entropy = Some(entropy);
                 Ok(VmmData::Empty)
             }
             VmmAction::StartInstance => {

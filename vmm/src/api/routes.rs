@@ -7,6 +7,7 @@ use serde::Deserialize;
 use super::http::{Request, Response};
 use crate::metrics::METRICS;
 use crate::rpc::{ActionError, VmmAction, VmmData};
+use crate::vmm_config::{DriveConfig, DriveUpdate};
 
 /// The Firecracker API version whose request and response shapes prescient follows.
 pub const FIRECRACKER_API_VERSION: &str = "1.12.0";
@@ -35,11 +36,9 @@ struct VmState {
 }
 
 /// Paths of Firecracker's API that need devices prescient does not have yet.
-const NOT_YET: [(&str, &str); 7] = [
-    ("/drives/", "virtio-blk drives"),
+const NOT_YET: [(&str, &str); 5] = [
     ("/network-interfaces/", "virtio-net interfaces"),
     ("/vsock", "virtio-vsock"),
-    ("/entropy", "virtio-rng"),
     ("/balloon", "the virtio balloon"),
     ("/hotplug/memory", "virtio-mem memory hotplug"),
     ("/snapshot/", "snapshots"),
@@ -66,6 +65,25 @@ fn parse_body<T: DeserializeOwned>(req: &Request) -> Result<T, Response> {
             format!("invalid body for {} {}: {at}{inner}", req.method, req.path),
         )
     })
+}
+
+/// A body whose id field must equal the id in the path (`/drives/{id}`).
+fn parse_with_id<T: DeserializeOwned>(
+    req: &Request,
+    path_id: &str,
+    id_of: fn(&T) -> &str,
+) -> Result<T, Response> {
+    let body: T = parse_body(req)?;
+    if id_of(&body) != path_id {
+        return Err(Response::fault(
+            400,
+            format!(
+                "the id in the path ({path_id:?}) and in the body ({:?}) differ",
+                id_of(&body)
+            ),
+        ));
+    }
+    Ok(body)
 }
 
 fn method_not_allowed(req: &Request, allowed: &str) -> Routed {
@@ -144,6 +162,21 @@ pub fn route(req: &Request) -> Routed {
         ("/metrics", _) => method_not_allowed(req, "GET, PUT"),
         ("/logger", "PUT") => action(parse_body(req).map(VmmAction::PutLogger)),
         ("/logger", _) => method_not_allowed(req, "PUT"),
+        ("/entropy", "PUT") => action(parse_body(req).map(VmmAction::PutEntropy)),
+        ("/entropy", _) => method_not_allowed(req, "PUT"),
+        (path, method) if path.starts_with("/drives/") => {
+            let id = &path["/drives/".len()..];
+            match method {
+                "PUT" => action(
+                    parse_with_id(req, id, |d: &DriveConfig| &d.drive_id).map(VmmAction::PutDrive),
+                ),
+                "PATCH" => action(
+                    parse_with_id(req, id, |d: &DriveUpdate| &d.drive_id)
+                        .map(VmmAction::PatchDrive),
+                ),
+                _ => method_not_allowed(req, "PUT, PATCH"),
+            }
+        }
         (path, _) => match NOT_YET.iter().find(|(prefix, _)| path.starts_with(prefix)) {
             Some((_, what)) => Routed::Reply(Response::fault(
                 400,
@@ -243,9 +276,12 @@ mod tests {
             r#"{"action_type": "Reboot"}"#,
         )));
         assert!(r.body.contains("not supported"));
-        let r = reply(route(&req("PUT", "/drives/rootfs", "{}")));
+        let r = reply(route(&req("PUT", "/vsock", "{}")));
         assert_eq!(r.status, 400);
-        assert!(r.body.contains("virtio-blk drives are not supported"));
+        assert!(r.body.contains("virtio-vsock are not supported"));
+        let body = r#"{"drive_id": "other", "path_on_host": "/x", "is_root_device": false}"#;
+        let r = reply(route(&req("PUT", "/drives/rootfs", body)));
+        assert!(r.body.contains("differ"), "{}", r.body);
         let r = reply(route(&req("PATCH", "/vm", r#"{"state": "Sleeping"}"#)));
         assert_eq!(r.status, 400);
     }

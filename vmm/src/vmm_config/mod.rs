@@ -2,6 +2,8 @@
 //! Firecracker's configuration file so that users can bring theirs.
 
 mod boot_source;
+mod drives;
+mod entropy;
 pub mod json_path;
 mod machine_config;
 mod serial;
@@ -11,6 +13,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use boot_source::{BootSourceConfig, KernelFormat, DEFAULT_BOOT_ARGS};
+pub use drives::{validate_drives, validate_id, DriveConfig, DriveUpdate};
+pub use entropy::EntropyConfig;
 pub use json_path::{JsonPath, Segment};
 pub use machine_config::{MachineConfig, MAX_VCPUS};
 pub use serial::SerialConfig;
@@ -28,6 +32,10 @@ pub struct VmConfig {
     pub boot_source: Option<BootSourceConfig>,
     #[serde(rename = "machine-config", default)]
     pub machine_config: MachineConfig,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drives: Vec<DriveConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<EntropyConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<SerialConfig>,
 }
@@ -118,6 +126,10 @@ impl VmConfig {
         self.machine_config.validate()?;
         if let Some(boot) = &self.boot_source {
             boot.validate()?;
+        }
+        validate_drives(&self.drives)?;
+        if let Some(entropy) = &self.entropy {
+            entropy.validate()?;
         }
         if let Some(serial) = &self.serial {
             serial.validate()?;
