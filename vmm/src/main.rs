@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use vmm::exit::code;
 use vmm::rpc::ActionError;
 use vmm::runtime::Runtime;
@@ -11,8 +11,16 @@ use vmm::vmm_config::{SpecFileError, VmConfig};
 
 /// A KVM microVM monitor that sizes its VMs ahead of demand.
 #[derive(Debug, Parser)]
-#[command(name = "prescient", version, about)]
+#[command(
+    name = "prescient",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
     /// JSON VM spec to boot at once (Firecracker's config file format).
     #[arg(long, value_name = "PATH")]
     config_file: Option<PathBuf>,
@@ -37,9 +45,51 @@ fn fail(message: impl std::fmt::Display, exit_code: i32) -> ExitCode {
     ExitCode::from(exit_code as u8)
 }
 
+/// Tools that run without a VM.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The resource predictor's offline tools.
+    Predictor {
+        #[command(subcommand)]
+        command: PredictorCommand,
+    },
+    /// Train the recurrent forecaster on recorded traces (needs the `torch` build feature).
+    #[cfg(feature = "torch")]
+    Train(predictor::train::TrainArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum PredictorCommand {
+    /// Replay traces through every forecaster and policy, and compare them with baselines.
+    Eval(predictor::eval::EvalArgs),
+}
+
+/// Runs a tool; its errors exit 1 with one line.
+fn run_tool(command: Command) -> ExitCode {
+    let mut out = std::io::stdout().lock();
+    let result = match command {
+        Command::Predictor {
+            command: PredictorCommand::Eval(args),
+        } => predictor::eval::run(&args, &mut out)
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        #[cfg(feature = "torch")]
+        Command::Train(args) => predictor::train::run(&args, &mut out)
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e, code::VMM_ERROR),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     vmm::logger::init(&cli.log_level);
+    if let Some(command) = cli.command {
+        return run_tool(command);
+    }
 
     if cli.config_file.is_none() && cli.api_sock.is_none() {
         return fail(

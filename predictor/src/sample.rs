@@ -1,0 +1,66 @@
+//! One window's observation in the form the policy, the scores and trace files share.
+
+use crate::resource::Usage;
+use serde::{Deserialize, Serialize};
+
+/// Inputs of the anomaly rules that are not resource use. Every field defaults to zero so
+/// traces that only carry usage (synthetic ones, or ones recorded without exit telemetry)
+/// still parse.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Signals {
+    /// Completed virtio requests plus port and MMIO exits that reached a known device.
+    #[serde(default)]
+    pub io_ops: u64,
+    /// Port or MMIO exits whose address belongs to no device.
+    #[serde(default)]
+    pub unknown_exits: u64,
+    /// Bit `i` set when device `i` saw any I/O during the window.
+    #[serde(default)]
+    pub devices: u32,
+}
+
+/// One window: when it started, how much of each resource was used, and the rule signals.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    pub t_ms: u64,
+    #[serde(flatten)]
+    pub usage: Usage,
+    #[serde(flatten)]
+    pub signals: Signals,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_only_line_parses_with_zero_signals() {
+        let s: Sample =
+            serde_json::from_str(r#"{"t_ms":100,"cpu":1.0,"mem":512.0,"blk":2.5,"net":0.5}"#)
+                .unwrap();
+        assert_eq!(s.t_ms, 100);
+        assert_eq!(s.usage.mem, 512.0);
+        assert_eq!(s.signals, Signals::default());
+    }
+
+    #[test]
+    fn round_trips_flat() {
+        let s = Sample {
+            t_ms: 7,
+            usage: Usage {
+                cpu: 0.25,
+                mem: 1.0,
+                blk: 2.0,
+                net: 3.0,
+            },
+            signals: Signals {
+                io_ops: 4,
+                unknown_exits: 1,
+                devices: 0b101,
+            },
+        };
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(json.contains(r#""unknown_exits":1"#), "{json}");
+        assert_eq!(serde_json::from_str::<Sample>(&json).unwrap(), s);
+    }
+}

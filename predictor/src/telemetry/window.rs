@@ -1,0 +1,169 @@
+//! One window's aggregated signals and their reduction to a [`Sample`].
+
+use super::recorder::{DeviceId, DeviceKind, ExitCounts};
+use crate::resource::Usage;
+use crate::sample::{Sample, Signals};
+use serde::{Deserialize, Serialize};
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// The subset of KVM's per-vCPU binary statistics (KVM_GET_STATS_FD) the predictor uses.
+/// The VMM hands in cumulative values; the collector turns them into per-window deltas.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvmVcpuStats {
+    pub exits: u64,
+    pub halt_wait_ns: u64,
+    pub io_exits: u64,
+    pub mmio_exits: u64,
+    pub page_faults: u64,
+}
+
+impl KvmVcpuStats {
+    pub(crate) fn since(&self, earlier: &KvmVcpuStats) -> KvmVcpuStats {
+        KvmVcpuStats {
+            exits: self.exits.wrapping_sub(earlier.exits),
+            halt_wait_ns: self.halt_wait_ns.wrapping_sub(earlier.halt_wait_ns),
+            io_exits: self.io_exits.wrapping_sub(earlier.io_exits),
+            mmio_exits: self.mmio_exits.wrapping_sub(earlier.mmio_exits),
+            page_faults: self.page_faults.wrapping_sub(earlier.page_faults),
+        }
+    }
+}
+
+/// Memory as seen from both sides at window close, in MiB.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MemorySample {
+    /// From the balloon statistics queue or the guest agent, when the guest reports them.
+    pub guest_total: Option<f64>,
+    pub guest_available: Option<f64>,
+    /// Resident pages of the guest memory mapping on the host.
+    pub host_rss: f64,
+    /// Memory currently plugged into the guest (boot memory plus hot-plugged blocks).
+    pub plugged: f64,
+}
+
+impl MemorySample {
+    /// The guest's own view is preferred because host RSS never shrinks when the guest
+    /// frees pages (until they are ballooned or unplugged), so it overstates demand.
+    pub fn used(&self) -> f64 {
+        match (self.guest_total, self.guest_available) {
+            (Some(total), Some(avail)) => (total - avail).max(0.0),
+            _ => self.host_rss,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VcpuWindow {
+    pub exits: ExitCounts,
+    pub kvm: KvmVcpuStats,
+    /// CPU time the vCPU thread consumed during the window.
+    pub cpu_ns: u64,
+    /// Timestamp of the vCPU's latest exit, to spot a vCPU that stopped exiting.
+    pub last_exit_ns: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceWindow {
+    pub id: DeviceId,
+    pub kind: DeviceKind,
+    pub ops: u64,
+    pub read_bytes: u64,
+    pub written_bytes: u64,
+}
+
+/// Everything collected for one VM over one window.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Window {
+    pub start_ns: u64,
+    pub duration_ns: u64,
+    pub vcpus: Vec<VcpuWindow>,
+    pub devices: Vec<DeviceWindow>,
+    pub memory: MemorySample,
+}
+
+impl Window {
+    /// Reduces the window to per-resource usage and rule signals.
+    pub fn sample(&self) -> Sample {
+        let secs = self.duration_ns.max(1) as f64 / 1e9;
+        let mut usage = Usage {
+            cpu: self.vcpus.iter().map(|v| v.cpu_ns).sum::<u64>() as f64 / 1e9 / secs,
+            mem: self.memory.used(),
+            blk: 0.0,
+            net: 0.0,
+        };
+        let mut exits = ExitCounts::default();
+        for v in &self.vcpus {
+            exits.add(&v.exits);
+        }
+        let mut signals = Signals {
+            io_ops: 0,
+            unknown_exits: exits.unknown(),
+            devices: 0,
+        };
+        for d in &self.devices {
+            let rate = (d.read_bytes + d.written_bytes) as f64 / MIB / secs;
+            match d.kind {
+                DeviceKind::Block => usage.blk += rate,
+                DeviceKind::Net => usage.net += rate,
+                _ => {}
+            }
+            let touched = d.ops + exits.device(d.id);
+            signals.io_ops += touched;
+            if touched > 0 {
+                signals.devices |= 1 << d.id.index();
+            }
+        }
+        Sample {
+            t_ms: self.start_ns / 1_000_000,
+            usage,
+            signals,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_view_wins_over_rss() {
+        let mut m = MemorySample {
+            guest_total: Some(1024.0),
+            guest_available: Some(300.0),
+            host_rss: 1000.0,
+            plugged: 1024.0,
+        };
+        assert_eq!(m.used(), 724.0);
+        m.guest_available = None;
+        assert_eq!(m.used(), 1000.0);
+    }
+
+    #[test]
+    fn kvm_delta_subtracts_fieldwise() {
+        let a = KvmVcpuStats {
+            exits: 10,
+            halt_wait_ns: 5,
+            io_exits: 3,
+            mmio_exits: 2,
+            page_faults: 1,
+        };
+        let b = KvmVcpuStats {
+            exits: 15,
+            halt_wait_ns: 9,
+            io_exits: 4,
+            mmio_exits: 2,
+            page_faults: 7,
+        };
+        assert_eq!(
+            b.since(&a),
+            KvmVcpuStats {
+                exits: 5,
+                halt_wait_ns: 4,
+                io_exits: 1,
+                mmio_exits: 0,
+                page_faults: 6
+            }
+        );
+    }
+}

@@ -1,0 +1,323 @@
+//! The trace format: JSON lines, one header line then one [`Sample`] per window.
+//!
+//! ```text
+//! {"format":"prescient-trace","version":1,"name":"bursty-1","window_ms":100,"capacity":{"cpu":4.0,"mem":4096.0,"blk":200.0,"net":400.0}}
+//! {"t_ms":0,"cpu":0.41,"mem":812.0,"blk":3.2,"net":0.9,"io_ops":120,"unknown_exits":0,"devices":3}
+//! {"t_ms":100,"cpu":0.44,"mem":815.5,"blk":2.7,"net":1.1}
+//! ```
+//!
+//! Units are those of [`crate::resource::Resource`]; `capacity` is what the VM was
+//! configured with (the static allocation and the budget maximum). The rule signals
+//! (`io_ops`, `unknown_exits`, `devices`) are optional. `t_ms` must increase.
+
+use crate::resource::Usage;
+use crate::sample::Sample;
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+pub const FORMAT: &str = "prescient-trace";
+pub const VERSION: u32 = 1;
+/// File extension the directory readers pick up.
+pub const EXTENSION: &str = "jsonl";
+
+#[derive(Debug, Error)]
+pub enum TraceError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("line {line}: {source}")]
+    Json {
+        line: usize,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("trace has no header line")]
+    Empty,
+    #[error(
+        "header says format {format:?} version {version}; expected {FORMAT:?} version {VERSION}"
+    )]
+    Format { format: String, version: u32 },
+    #[error("line {line}: t_ms {t_ms} does not follow {previous}")]
+    Order {
+        line: usize,
+        t_ms: u64,
+        previous: u64,
+    },
+    #[error("writing trace: {0}")]
+    Write(#[source] std::io::Error),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Header {
+    pub format: String,
+    pub version: u32,
+    pub name: String,
+    pub window_ms: u64,
+    pub capacity: Usage,
+}
+
+impl Header {
+    pub fn new(name: impl Into<String>, window_ms: u64, capacity: Usage) -> Header {
+        Header {
+            format: FORMAT.into(),
+            version: VERSION,
+            name: name.into(),
+            window_ms,
+            capacity,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Trace {
+    pub header: Header,
+    pub samples: Vec<Sample>,
+}
+
+/// Streams samples to any writer; the VMM keeps one open for a recorded run.
+pub struct TraceWriter<W: Write> {
+    out: W,
+}
+
+impl<W: Write> TraceWriter<W> {
+    pub fn new(mut out: W, header: &Header) -> Result<Self, TraceError> {
+        write_line(&mut out, header)?;
+        Ok(TraceWriter { out })
+    }
+
+    pub fn write(&mut self, sample: &Sample) -> Result<(), TraceError> {
+        write_line(&mut self.out, sample)
+    }
+
+    pub fn finish(mut self) -> Result<W, TraceError> {
+        self.out.flush().map_err(TraceError::Write)?;
+        Ok(self.out)
+    }
+}
+
+fn write_line<T: Serialize>(out: &mut impl Write, value: &T) -> Result<(), TraceError> {
+    serde_json::to_writer(&mut *out, value).map_err(|e| TraceError::Write(e.into()))?;
+    out.write_all(b"\n").map_err(TraceError::Write)
+}
+
+/// Streams samples from any reader, checking the header and time order.
+pub struct TraceReader<R: BufRead> {
+    lines: std::io::Lines<R>,
+    header: Header,
+    line: usize,
+    previous: Option<u64>,
+}
+
+impl<R: BufRead> TraceReader<R> {
+    pub fn new(input: R) -> Result<Self, TraceError> {
+        let mut lines = input.lines();
+        let first = lines
+            .next()
+            .ok_or(TraceError::Empty)?
+            .map_err(TraceError::Write)?;
+        let header: Header =
+            serde_json::from_str(&first).map_err(|source| TraceError::Json { line: 1, source })?;
+        if header.format != FORMAT || header.version != VERSION {
+            return Err(TraceError::Format {
+                format: header.format,
+                version: header.version,
+            });
+        }
+        Ok(TraceReader {
+            lines,
+            header,
+            line: 1,
+            previous: None,
+        })
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+}
+
+impl<R: BufRead> Iterator for TraceReader<R> {
+    type Item = Result<Sample, TraceError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let text = match self.lines.next()? {
+                Ok(t) => t,
+                Err(e) => return Some(Err(TraceError::Write(e))),
+            };
+            self.line += 1;
+            if text.trim().is_empty() {
+                continue;
+            }
+            let line = self.line;
+            let sample: Sample = match serde_json::from_str(&text) {
+                Ok(s) => s,
+                Err(source) => return Some(Err(TraceError::Json { line, source })),
+            };
+            if let Some(previous) = self.previous.filter(|&p| sample.t_ms <= p) {
+                return Some(Err(TraceError::Order {
+                    line,
+                    t_ms: sample.t_ms,
+                    previous,
+                }));
+            }
+            self.previous = Some(sample.t_ms);
+            return Some(Ok(sample));
+        }
+    }
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> TraceError + '_ {
+    move |source| TraceError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+pub fn read(path: &Path) -> Result<Trace, TraceError> {
+    let file = File::open(path).map_err(io_error(path))?;
+    let reader = TraceReader::new(BufReader::new(file))?;
+    let header = reader.header().clone();
+    let samples = reader.collect::<Result<Vec<_>, _>>()?;
+    Ok(Trace { header, samples })
+}
+
+pub fn write(path: &Path, trace: &Trace) -> Result<(), TraceError> {
+    let file = File::create(path).map_err(io_error(path))?;
+    let mut w = TraceWriter::new(BufWriter::new(file), &trace.header)?;
+    for s in &trace.samples {
+        w.write(s)?;
+    }
+    w.finish()?;
+    Ok(())
+}
+
+/// Every `*.jsonl` file in `dir`, sorted by name so runs are reproducible.
+pub fn list(dir: &Path) -> Result<Vec<PathBuf>, TraceError> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io_error(dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == EXTENSION))
+        .collect();
+    paths.sort();
+    Ok(paths)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sample::Signals;
+
+    fn header() -> Header {
+        Header::new(
+            "t",
+            100,
+            Usage {
+                cpu: 2.0,
+                mem: 1024.0,
+                blk: 50.0,
+                net: 50.0,
+            },
+        )
+    }
+
+    fn sample(t_ms: u64) -> Sample {
+        Sample {
+            t_ms,
+            usage: Usage {
+                cpu: 0.5,
+                mem: 300.0 + t_ms as f64,
+                blk: 1.0,
+                net: 2.0,
+            },
+            signals: Signals {
+                io_ops: 3,
+                unknown_exits: 0,
+                devices: 1,
+            },
+        }
+    }
+
+    #[test]
+    fn writer_output_reads_back() {
+        let mut w = TraceWriter::new(Vec::new(), &header()).unwrap();
+        for t in [0, 100, 200] {
+            w.write(&sample(t)).unwrap();
+        }
+        let bytes = w.finish().unwrap();
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        assert_eq!(text.lines().count(), 4);
+        assert!(
+            text.starts_with(r#"{"format":"prescient-trace","version":1"#),
+            "{text}"
+        );
+        let r = TraceReader::new(bytes.as_slice()).unwrap();
+        assert_eq!(r.header(), &header());
+        let samples: Vec<Sample> = r.map(Result::unwrap).collect();
+        assert_eq!(samples, vec![sample(0), sample(100), sample(200)]);
+    }
+
+    #[test]
+    fn documented_example_parses() {
+        let text = r#"{"format":"prescient-trace","version":1,"name":"bursty-1","window_ms":100,"capacity":{"cpu":4.0,"mem":4096.0,"blk":200.0,"net":400.0}}
+{"t_ms":0,"cpu":0.41,"mem":812.0,"blk":3.2,"net":0.9,"io_ops":120,"unknown_exits":0,"devices":3}
+
+{"t_ms":100,"cpu":0.44,"mem":815.5,"blk":2.7,"net":1.1}
+"#;
+        let r = TraceReader::new(text.as_bytes()).unwrap();
+        let s: Vec<Sample> = r.map(Result::unwrap).collect();
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].signals.devices, 3);
+        assert_eq!(s[1].signals.io_ops, 0);
+    }
+
+    #[test]
+    fn rejects_bad_input_with_line_numbers() {
+        assert!(matches!(TraceReader::new(&b""[..]), Err(TraceError::Empty)));
+        let other = r#"{"format":"other","version":1,"name":"x","window_ms":1,"capacity":{"cpu":1,"mem":1,"blk":1,"net":1}}"#;
+        assert!(matches!(
+            TraceReader::new(other.as_bytes()),
+            Err(TraceError::Format { .. })
+        ));
+        let mut text = serde_json::to_string(&header()).unwrap();
+        text.push_str("\n{\"t_ms\":100,\"cpu\":1,\"mem\":1,\"blk\":1,\"net\":1}\n{\"t_ms\":100,\"cpu\":1,\"mem\":1,\"blk\":1,\"net\":1}\n{\"t_ms\":300}\n");
+        let results: Vec<_> = TraceReader::new(text.as_bytes()).unwrap().collect();
+        assert!(results[0].is_ok());
+        assert!(matches!(
+            results[1],
+            Err(TraceError::Order {
+                line: 3,
+                t_ms: 100,
+                previous: 100
+            })
+        ));
+        assert!(matches!(results[2], Err(TraceError::Json { line: 4, .. })));
+    }
+
+    #[test]
+    fn files_round_trip_and_list_sorted() {
+        let dir = std::env::temp_dir().join(format!("predictor-trace-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let t = Trace {
+            header: header(),
+            samples: vec![sample(0), sample(100)],
+        };
+        write(&dir.join("b.jsonl"), &t).unwrap();
+        write(&dir.join("a.jsonl"), &t).unwrap();
+        std::fs::write(dir.join("notes.txt"), "x").unwrap();
+        let paths = list(&dir).unwrap();
+        let names: Vec<_> = paths
+            .iter()
+            .map(|p| p.file_name().unwrap().to_str().unwrap())
+            .collect();
+        assert_eq!(names, ["a.jsonl", "b.jsonl"]);
+        assert_eq!(read(&paths[0]).unwrap(), t);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
