@@ -121,6 +121,35 @@ void paging_extend_user(void)
 	}
 }
 
+/* CPL3 (before the next paging_reload()): identity-map an MMIO window with
+ * 4 KiB pages, uncached (PCD|PWT), U/S=1, so user-mode drivers can use it.
+ * Page tables come from a small static pool (one per 2 MiB region); a
+ * 2 MiB page already there (RAM) is split, keeping its flags. Returns 0 if
+ * the window lies above MAX_PD_GIB or the pool is exhausted. */
+#define MMIO_PTS 8
+static u64 mmio_pt[MMIO_PTS][512] ALIGNED(4096);
+static u32 mmio_pt_used;
+
+int paging_map_mmio_user(u64 base, u64 size)
+{
+	u64 lo = base & ~0xfffULL, hi = (base + size + 0xfff) & ~0xfffULL;
+	if (hi > MAX_PD_GIB * GIB || hi <= lo)
+		return 0;
+	for (u64 a = lo; a < hi; a += 4096) {
+		u64 *pd = (a >> 30) ? pd_for(a >> 30) : boot_pd0, *pde = &pd[(a >> 21) & 511];
+		if (!(*pde & PTE_P) || (*pde & PTE_PS)) {
+			if (mmio_pt_used == MMIO_PTS)
+				return 0;
+			u64 *pt = mmio_pt[mmio_pt_used++], big = *pde;
+			for (int i = 0; (big & PTE_P) && i < 512; i++)
+				pt[i] = ((big & ~(MIB2 - 1)) + ((u64)i << 12)) | (big & 0x1f);
+			*pde = (u64)pt | PTE_P | PTE_RW | PTE_US;
+		}
+		((u64 *)(*pde & ~0xfffULL))[(a >> 12) & 511] = a | PTE_P | PTE_RW | PTE_US | PTE_PCD | PTE_PWT;
+	}
+	return 1;
+}
+
 /* CPL0, before anything reads the LAPIC: two stores and a CR3 reload. */
 static void paging_map_lapic(void)
 {

@@ -63,7 +63,7 @@ static int apply(const char *k, size_t kn, const char *v, size_t vn)
 			return 2;
 		return 0;
 	}
-	return 1;
+	return virtio_param(k, kn, v, vn);      /* virtio_mmio.device=, blk_*, net_*, rng_* */
 }
 
 void cmdline_parse(const char *s, int report)

@@ -213,6 +213,23 @@ u64 wait_ap_up_user(u64 cpu);           /* returns 1 if AP arrived */
 u64 wait_aps_done_user(u64 unused);     /* returns number of APs not done */
 u64 ap_user_main(u64 cpu);
 
+/* ---- virtio*.c: virtio-mmio devices (all driver work at CPL3) --------- */
+#define VIRTIO_MAX_DEV  8
+struct virtio_params {
+	u32 nr_dev;                     /* virtio_mmio.device=<size>@<base>:<irq>[:<id>] */
+	struct { u64 base, size; u32 irq; } dev[VIRTIO_MAX_DEV];
+	int off;                        /* virtio=off: ignore every device */
+	u64 timeout_ms;                 /* virtio_timeout_ms: one request's bound */
+	u64 blk_rw, blk_read, blk_ops, blk_sector, blk_qd;
+	u64 rng_bytes;
+	u64 net_tx, net_rx, net_rx_ethertype;
+};
+extern struct virtio_params g_vparams;
+int virtio_param(const char *k, size_t kn, const char *v, size_t vn); /* cmdline: 0 ok, 1 unknown, 2 bad */
+void virtio_map_user(void);             /* CPL3, before paging_reload(): map the MMIO windows */
+u64 virtio_run_user(u64 unused);        /* CPL3: probe + workloads; 1 = ok */
+int paging_map_mmio_user(u64 base, u64 size); /* arch.c, CPL3: 4 KiB pages, UC, U/S=1 */
+
 /* ---- main.c --------------------------------------------------------- */
 extern u8 __image_start[], __image_end[];
 void kmain(int kind, u64 info_paddr);

@@ -37,6 +37,7 @@ static u64 stage_setup(u64 unused)
 			total += g_boot.mem[i].size;
 	gprintf("guest: memory total_mib=%lu entries=%u\n", total >> 20, g_boot.nr_mem);
 	paging_extend_user();
+	virtio_map_user();
 
 	if (g_params.mode == MODE_PANIC)
 		__asm__ volatile("ud2");
@@ -57,6 +58,8 @@ static u64 stage_run(u64 unused)
 	__atomic_store_n(&g_go, 1, __ATOMIC_RELEASE);
 	cpu_phase_user(0);
 	u64 ok = mem_phase_user(0);
+	if (!virtio_run_user(0))
+		ok = 0;
 	if (wait_aps_done_user(0))
 		ok = 0;
 	gprintf(ok ? "prescient-test-guest: done\n" : "prescient-test-guest: failed\n");
