@@ -5,6 +5,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use devices::virtio::block::Block;
+use devices::virtio::net::Net;
 use devices::virtio::rng::Rng;
 use devices::virtio::VirtioDevice;
 use event_manager::{EventManager, SubscriberOps};
@@ -20,10 +21,10 @@ use crate::device_manager::legacy::{self, LegacyError};
 use crate::device_manager::mmio::{MmioDeviceManager, MmioError};
 use crate::exit::ExitSignal;
 use crate::metrics::METRICS;
-use crate::microvm::BlockHandle;
 use crate::microvm::MicroVm;
+use crate::microvm::VirtioHandles;
 use crate::runtime::Subscriber;
-use crate::vmm_config::{ConfigError, JsonPath, MachineConfig, Segment, VmConfig};
+use crate::vmm_config::{parse_mac, ConfigError, JsonPath, MachineConfig, Segment, VmConfig};
 use crate::vstate::memory::create_guest_memory;
 use crate::vstate::vcpu::{register_kick_handler, IoBuses, Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
@@ -109,7 +110,7 @@ pub fn build_microvm(
         .map_err(|e| ConfigError::new(MachineConfig::mem_path(), e.to_string()))?;
 
     let mut buses = IoBuses::default();
-    let (blocks, extra_args) = attach_virtio_devices(config, &vm, &mem, &mut buses, event_manager)?;
+    let (virtio, extra_args) = attach_virtio_devices(config, &vm, &mem, &mut buses, event_manager)?;
 
     let entry = load_boot_source(&mem, config.boot_source()?, &extra_args)
         .map_err(|e| ConfigError::new(e.spec_field(), e.to_string()))?;
@@ -165,7 +166,7 @@ pub fn build_microvm(
         exit,
         terminal,
         legacy.i8042,
-        blocks,
+        virtio,
     ))
 }
 
@@ -179,19 +180,21 @@ fn drive_field(index: usize, name: &'static str) -> JsonPath {
 }
 
 /// Creates the virtio devices the spec names (the root drive first, so it is /dev/vda) and
-/// returns the block devices by id and the kernel parameters that announce them.
+/// returns the devices that can be changed live, by id, and the kernel parameters that announce
+/// them.
 fn attach_virtio_devices(
     config: &VmConfig,
     vm: &Vm,
     mem: &GuestMemoryMmap,
     buses: &mut IoBuses,
     event_manager: &mut EventManager<Subscriber>,
-) -> Result<(Vec<BlockHandle>, Vec<String>), BuildError> {
+) -> Result<(VirtioHandles, Vec<String>), BuildError> {
     let mut manager = MmioDeviceManager::default();
     let mut extra = Vec::new();
     let mut order: Vec<usize> = (0..config.drives.len()).collect();
     order.sort_by_key(|&i| !config.drives[i].is_root_device);
     let mut blocks = Vec::new();
+    let mut nets = Vec::new();
     for i in order {
         let d = &config.drives[i];
         let block = Block::new(
@@ -213,6 +216,29 @@ fn attach_virtio_devices(
         }
         blocks.push((d.drive_id.clone(), block));
     }
+    for (i, n) in config.network_interfaces.iter().enumerate() {
+        let net = Net::new(
+            &n.iface_id,
+            &n.host_dev_name,
+            n.guest_mac.as_deref().and_then(parse_mac),
+            n.rx_rate_limiter.unwrap_or_default(),
+            n.tx_rate_limiter.unwrap_or_default(),
+        )
+        .map_err(|e| {
+            ConfigError::new(
+                JsonPath(vec![
+                    Segment::Key("network-interfaces"),
+                    Segment::Index(i),
+                    Segment::Key("host_dev_name"),
+                ]),
+                e.to_string(),
+            )
+        })?;
+        METRICS.register_device(format!("net_{}", n.iface_id), net.counters());
+        let net = Arc::new(Mutex::new(net));
+        manager.attach(vm.fd(), mem, &mut buses.mmio, event_manager, net.clone())?;
+        nets.push((n.iface_id.clone(), net));
+    }
     if let Some(entropy) = &config.entropy {
         let rng = Rng::new(entropy.rate_limiter.unwrap_or_default()).map_err(|e| {
             ConfigError::new(JsonPath::keys(&["entropy", "rate_limiter"]), e.to_string())
@@ -227,5 +253,5 @@ fn attach_virtio_devices(
         )?;
     }
     extra.extend(manager.cmdline_entries());
-    Ok((blocks, extra))
+    Ok((VirtioHandles { blocks, nets }, extra))
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use devices::legacy::{I8042Error, I8042};
 use devices::rate_limiter::RateLimiterConfig;
 use devices::virtio::block::{Block, BlockError};
+use devices::virtio::net::{Net, NetError};
 
 use vm_memory::GuestMemoryMmap;
 
@@ -18,8 +19,20 @@ use crate::vstate::vm::Vm;
 /// How long a vCPU gets to acknowledge a pause or resume.
 const VCPU_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A block device and the drive id the spec gave it.
-pub type BlockHandle = (String, Arc<Mutex<Block>>);
+/// The virtio devices that can change while the guest runs, by their spec ids.
+#[derive(Default)]
+pub struct VirtioHandles {
+    pub blocks: Vec<(String, Arc<Mutex<Block>>)>,
+    pub nets: Vec<(String, Arc<Mutex<Net>>)>,
+}
+
+fn find<'a, T>(
+    devices: &'a [(String, Arc<Mutex<T>>)],
+    id: &str,
+) -> Option<std::sync::MutexGuard<'a, T>> {
+    let (_, dev) = devices.iter().find(|(i, _)| i == id)?;
+    Some(dev.lock().unwrap_or_else(|p| p.into_inner()))
+}
 
 /// Whether the vCPUs are running guest code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,7 +48,7 @@ pub struct MicroVm {
     exit: Arc<ExitSignal>,
     state: RunState,
     i8042: Arc<Mutex<I8042<ResetToExit>>>,
-    blocks: Vec<BlockHandle>,
+    virtio: VirtioHandles,
     _terminal: Option<RawTerminal>,
     _vm: Vm,
     _mem: GuestMemoryMmap,
@@ -49,14 +62,14 @@ impl MicroVm {
         exit: Arc<ExitSignal>,
         terminal: Option<RawTerminal>,
         i8042: Arc<Mutex<I8042<ResetToExit>>>,
-        blocks: Vec<BlockHandle>,
+        virtio: VirtioHandles,
     ) -> Self {
         Self {
             vcpus,
             exit,
             state: RunState::Running,
             i8042,
-            blocks,
+            virtio,
             _terminal: terminal,
             _vm: vm,
             _mem: mem,
@@ -100,15 +113,24 @@ impl MicroVm {
             .send_ctrl_alt_del()
     }
 
-    /// Replaces a drive's rate limiter while the guest runs; false if there is no such drive.
+    /// Replaces a drive's rate limiter while the guest runs; None if there is no such drive.
     pub fn update_drive_rate_limiter(
         &self,
         drive_id: &str,
         limiter: RateLimiterConfig,
     ) -> Option<Result<(), BlockError>> {
-        let (_, block) = self.blocks.iter().find(|(id, _)| id == drive_id)?;
-        let mut block = block.lock().unwrap_or_else(|p| p.into_inner());
-        Some(block.update_rate_limiter(limiter))
+        Some(find(&self.virtio.blocks, drive_id)?.update_rate_limiter(limiter))
+    }
+
+    /// Replaces an interface's rate limiters while the guest runs; None if there is no such
+    /// interface.
+    pub fn update_net_rate_limiters(
+        &self,
+        iface_id: &str,
+        rx: Option<RateLimiterConfig>,
+        tx: Option<RateLimiterConfig>,
+    ) -> Option<Result<(), NetError>> {
+        Some(find(&self.virtio.nets, iface_id)?.update_rate_limiters(rx, tx))
     }
 
     /// The VM's end signal, for code that ends it from outside.

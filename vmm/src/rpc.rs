@@ -7,7 +7,7 @@ use crate::logger::{LoggerConfig, LoggerError};
 use crate::metrics::{MetricsConfig, MetricsError};
 use crate::vmm_config::{
     BootSourceConfig, ConfigError, DriveConfig, DriveUpdate, EntropyConfig, MachineConfig,
-    SerialConfig, VmConfig,
+    NetworkInterfaceConfig, NetworkInterfaceUpdate, SerialConfig, VmConfig,
 };
 use crate::vstate::vcpu::VcpuError;
 
@@ -24,6 +24,8 @@ pub enum VmmAction {
     PutDrive(DriveConfig),
     PatchDrive(DriveUpdate),
     PutEntropy(EntropyConfig),
+    PutNetworkInterface(NetworkInterfaceConfig),
+    PatchNetworkInterface(NetworkInterfaceUpdate),
     StartInstance,
     Pause,
     Resume,
@@ -98,6 +100,10 @@ pub enum ActionError {
     NoSuchDrive(String),
     #[error("{0}")]
     Drive(#[from] devices::virtio::block::BlockError),
+    #[error("no network interface {0:?}")]
+    NoSuchInterface(String),
+    #[error("{0}")]
+    Net(#[from] devices::virtio::net::NetError),
     #[error("a running drive's {0} cannot change; only its rate_limiter can")]
     DriveFieldFixedAfterBoot(&'static str),
     #[error("{0}")]

@@ -16,7 +16,9 @@ use crate::exit::{ExitReason, ExitSignal};
 use crate::metrics::METRICS;
 use crate::microvm::{MicroVm, RunState};
 use crate::rpc::{ActionError, ActionRequest, InstanceInfo, InstanceState, VmmAction, VmmData};
-use crate::vmm_config::{validate_drives, DriveUpdate, VmConfig};
+use crate::vmm_config::{
+    validate_drives, validate_interfaces, DriveUpdate, NetworkInterfaceUpdate, VmConfig,
+};
 
 /// Every fd the VMM thread serves is a subscriber of one event manager.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -198,6 +200,33 @@ impl Runtime {
         Ok(VmmData::Empty)
     }
 
+    /// `PATCH /network-interfaces/{id}`: the rate limiters, live after boot.
+    fn patch_interface(&mut self, update: NetworkInterfaceUpdate) -> Result<VmmData, ActionError> {
+        let missing = || ActionError::NoSuchInterface(update.iface_id.clone());
+        let mut ifaces = self.config.network_interfaces.clone();
+        let iface = ifaces
+            .iter_mut()
+            .find(|n| n.iface_id == update.iface_id)
+            .ok_or_else(missing)?;
+        if update.rx_rate_limiter.is_some() {
+            iface.rx_rate_limiter = update.rx_rate_limiter;
+        }
+        if update.tx_rate_limiter.is_some() {
+            iface.tx_rate_limiter = update.tx_rate_limiter;
+        }
+        validate_interfaces(&ifaces)?;
+        if let Some(vm) = &self.vm {
+            vm.update_net_rate_limiters(
+                &update.iface_id,
+                update.rx_rate_limiter,
+                update.tx_rate_limiter,
+            )
+            .ok_or_else(missing)??;
+        }
+        self.config.network_interfaces = ifaces;
+        Ok(VmmData::Empty)
+    }
+
     /// Carries out one action.
     pub fn handle(&mut self, action: VmmAction) -> Result<VmmData, ActionError> {
         match action {
@@ -252,6 +281,18 @@ impl Runtime {
                 Ok(VmmData::Empty)
             }
             VmmAction::PatchDrive(update) => self.patch_drive(update),
+            VmmAction::PutNetworkInterface(iface) => {
+                self.before_boot()?;
+                let mut ifaces = self.config.network_interfaces.clone();
+                match ifaces.iter_mut().find(|n| n.iface_id == iface.iface_id) {
+                    Some(existing) => *existing = iface,
+                    None => ifaces.push(iface),
+                }
+                validate_interfaces(&ifaces)?;
+                self.config.network_interfaces = ifaces;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PatchNetworkInterface(update) => self.patch_interface(update),
             VmmAction::PutEntropy(entropy) => {
                 self.before_boot()?;
                 entropy.validate()?;

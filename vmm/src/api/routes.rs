@@ -7,7 +7,7 @@ use serde::Deserialize;
 use super::http::{Request, Response};
 use crate::metrics::METRICS;
 use crate::rpc::{ActionError, VmmAction, VmmData};
-use crate::vmm_config::{DriveConfig, DriveUpdate};
+use crate::vmm_config::{DriveConfig, DriveUpdate, NetworkInterfaceConfig, NetworkInterfaceUpdate};
 
 /// The Firecracker API version whose request and response shapes prescient follows.
 pub const FIRECRACKER_API_VERSION: &str = "1.12.0";
@@ -36,8 +36,7 @@ struct VmState {
 }
 
 /// Paths of Firecracker's API that need devices prescient does not have yet.
-const NOT_YET: [(&str, &str); 5] = [
-    ("/network-interfaces/", "virtio-net interfaces"),
+const NOT_YET: [(&str, &str); 4] = [
     ("/vsock", "virtio-vsock"),
     ("/balloon", "the virtio balloon"),
     ("/hotplug/memory", "virtio-mem memory hotplug"),
@@ -164,6 +163,20 @@ pub fn route(req: &Request) -> Routed {
         ("/logger", _) => method_not_allowed(req, "PUT"),
         ("/entropy", "PUT") => action(parse_body(req).map(VmmAction::PutEntropy)),
         ("/entropy", _) => method_not_allowed(req, "PUT"),
+        (path, method) if path.starts_with("/network-interfaces/") => {
+            let id = &path["/network-interfaces/".len()..];
+            match method {
+                "PUT" => action(
+                    parse_with_id(req, id, |n: &NetworkInterfaceConfig| &n.iface_id)
+                        .map(VmmAction::PutNetworkInterface),
+                ),
+                "PATCH" => action(
+                    parse_with_id(req, id, |n: &NetworkInterfaceUpdate| &n.iface_id)
+                        .map(VmmAction::PatchNetworkInterface),
+                ),
+                _ => method_not_allowed(req, "PUT, PATCH"),
+            }
+        }
         (path, method) if path.starts_with("/drives/") => {
             let id = &path["/drives/".len()..];
             match method {

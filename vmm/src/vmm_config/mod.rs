@@ -6,6 +6,7 @@ mod drives;
 mod entropy;
 pub mod json_path;
 mod machine_config;
+mod net;
 mod serial;
 
 use std::path::{Path, PathBuf};
@@ -17,6 +18,7 @@ pub use drives::{validate_drives, validate_id, DriveConfig, DriveUpdate};
 pub use entropy::EntropyConfig;
 pub use json_path::{JsonPath, Segment};
 pub use machine_config::{MachineConfig, MAX_VCPUS};
+pub use net::{parse_mac, validate_interfaces, NetworkInterfaceConfig, NetworkInterfaceUpdate};
 pub use serial::SerialConfig;
 
 /// A whole microVM. The boot source may be missing only while a VM is being configured through the
@@ -34,6 +36,12 @@ pub struct VmConfig {
     pub machine_config: MachineConfig,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub drives: Vec<DriveConfig>,
+    #[serde(
+        rename = "network-interfaces",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub network_interfaces: Vec<NetworkInterfaceConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entropy: Option<EntropyConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -128,6 +136,7 @@ impl VmConfig {
             boot.validate()?;
         }
         validate_drives(&self.drives)?;
+        validate_interfaces(&self.network_interfaces)?;
         if let Some(entropy) = &self.entropy {
             entropy.validate()?;
         }

@@ -1,0 +1,331 @@
+//! virtio-net on a host TAP device.
+//!
+//! TX: frames the guest queues are written to the TAP. RX: frames read from the TAP go into the
+//! buffers the guest posted. A frame read while the guest has no buffer (or while the RX rate
+//! limiter says wait) is held, and the TAP is not polled until buffers or tokens return, so no
+//! frame is lost to a full ring and the loop never spins.
+
+mod tap;
+
+pub use tap::{Tap, TapError, VNET_HDR_LEN};
+
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{
+    read_config_bytes, ActivateContext, ActivateError, DeviceCounters, VirtioDevice,
+    VirtioInterrupt, TYPE_NET, VIRTIO_F_VERSION_1,
+};
+use crate::rate_limiter::{Cost, RateLimiter, RateLimiterConfig, RateLimiterError};
+
+pub const QUEUE_SIZE: u16 = 256;
+const RX: usize = 0;
+const TX: usize = 1;
+/// A header plus the largest frame a TAP without offloads delivers.
+pub const MAX_FRAME_WITH_HDR: usize = VNET_HDR_LEN + 65_550;
+const VIRTIO_NET_F_MAC: u32 = 5;
+
+/// Errors of creating a network device.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    #[error("cannot create an eventfd for a network queue: {0}")]
+    EventFd(std::io::Error),
+    #[error(transparent)]
+    RateLimiter(#[from] RateLimiterError),
+}
+
+struct Active {
+    mem: GuestMemoryMmap,
+    queues: [Queue; 2],
+    interrupt: Arc<VirtioInterrupt>,
+}
+
+/// A virtio-net device.
+pub struct Net {
+    id: String,
+    tap: Tap,
+    config: Vec<u8>,
+    has_mac: bool,
+    queue_events: [EventFd; 2],
+    rx_limiter: RateLimiter,
+    tx_limiter: RateLimiter,
+    counters: Arc<DeviceCounters>,
+    active: Option<Active>,
+    /// A frame read from the TAP and not yet delivered, `rx_len` bytes long (0: none).
+    rx_frame: Vec<u8>,
+    rx_len: usize,
+    tap_polled: bool,
+    tx_frame: Vec<u8>,
+}
+
+impl Net {
+    pub fn new(
+        id: &str,
+        tap_name: &str,
+        mac: Option<[u8; 6]>,
+        rx: RateLimiterConfig,
+        tx: RateLimiterConfig,
+    ) -> Result<Self, NetError> {
+        let evt = || EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd);
+        Ok(Self {
+            id: id.to_string(),
+            tap: Tap::open(tap_name)?,
+            config: mac.map(|m| m.to_vec()).unwrap_or_default(),
+            has_mac: mac.is_some(),
+            queue_events: [evt()?, evt()?],
+            rx_limiter: RateLimiter::new(rx)?,
+            tx_limiter: RateLimiter::new(tx)?,
+            counters: Arc::default(),
+            active: None,
+            rx_frame: vec![0; MAX_FRAME_WITH_HDR],
+            rx_len: 0,
+            // Polled from the guest's first RX kick: before that there is nowhere to put frames.
+            tap_polled: false,
+            tx_frame: Vec::with_capacity(MAX_FRAME_WITH_HDR),
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Replaces the rate limiters while the guest runs. A queue waiting on the old buckets is
+    /// re-checked when the limiter's timer fires.
+    pub fn update_rate_limiters(
+        &mut self,
+        rx: Option<RateLimiterConfig>,
+        tx: Option<RateLimiterConfig>,
+    ) -> Result<(), NetError> {
+        if let Some(rx) = rx {
+            self.rx_limiter.update_buckets(rx)?;
+        }
+        if let Some(tx) = tx {
+            self.tx_limiter.update_buckets(tx)?;
+        }
+        Ok(())
+    }
+
+    /// Moves frames from the TAP into guest buffers; returns whether the TAP should be polled
+    /// (false before activation, and while a frame waits for a buffer or for tokens).
+    fn process_rx(&mut self) -> bool {
+        let Some(active) = self.active.as_mut() else {
+            return false;
+        };
+        let q = &mut active.queues[RX];
+        let mut completed = false;
+        let poll_tap = loop {
+            if self.rx_len == 0 {
+                match self.tap.read_frame(&mut self.rx_frame) {
+                    Ok(n) => self.rx_len = n,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break true,
+                    Err(e) => {
+                        tracing::warn!("net {}: TAP read: {e}", self.id);
+                        DeviceCounters::inc(&self.counters.io_errors, 1);
+                        break true;
+                    }
+                }
+            }
+            let Some(chain) = q.pop_descriptor_chain(&active.mem) else {
+                break false;
+            };
+            let head = chain.head_index();
+            let frame_bytes = (self.rx_len.saturating_sub(VNET_HDR_LEN)) as u64;
+            if !self.rx_limiter.consume(Cost {
+                bytes: frame_bytes,
+                ops: 1,
+            }) {
+                q.go_to_previous_position();
+                DeviceCounters::inc(&self.counters.throttled, 1);
+                break false;
+            }
+            let used = match Writer::new(&active.mem, chain) {
+                Ok(mut w) if w.available_bytes() >= self.rx_len => {
+                    match w.write_all(&self.rx_frame[..self.rx_len]) {
+                        Ok(()) => {
+                            DeviceCounters::inc(&self.counters.requests, 1);
+                            DeviceCounters::inc(&self.counters.bytes_to_guest, frame_bytes);
+                            self.rx_len as u32
+                        }
+                        Err(_) => 0,
+                    }
+                }
+                // A buffer too small for the frame, or outside guest memory: the frame is
+                // dropped, as a NIC drops what does not fit, and the buffer returned.
+                _ => {
+                    DeviceCounters::inc(&self.counters.invalid_requests, 1);
+                    0
+                }
+            };
+            self.rx_len = 0;
+            if let Err(e) = q.add_used(&active.mem, head, used) {
+                tracing::warn!("net {}: cannot return an RX buffer: {e}", self.id);
+            }
+            completed = true;
+        };
+        if completed && q.needs_notification(&active.mem).unwrap_or(true) {
+            active.interrupt.signal_used_queue();
+        }
+        poll_tap
+    }
+
+    /// Sends the frames the guest queued.
+    fn process_tx(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let q = &mut active.queues[TX];
+        let mut completed = false;
+        while let Some(chain) = q.pop_descriptor_chain(&active.mem) {
+            let head = chain.head_index();
+            match Reader::new(&active.mem, chain) {
+                Ok(mut r) if (VNET_HDR_LEN..=MAX_FRAME_WITH_HDR).contains(&r.available_bytes()) => {
+                    let len = r.available_bytes();
+                    if !self.tx_limiter.consume(Cost {
+                        bytes: (len - VNET_HDR_LEN) as u64,
+                        ops: 1,
+                    }) {
+                        q.go_to_previous_position();
+                        DeviceCounters::inc(&self.counters.throttled, 1);
+                        break;
+                    }
+                    self.tx_frame.resize(len, 0);
+                    let sent = r
+                        .read_exact(&mut self.tx_frame)
+                        .and_then(|()| self.tap.write_frame(&self.tx_frame));
+                    match sent {
+                        Ok(()) => {
+                            DeviceCounters::inc(&self.counters.requests, 1);
+                            DeviceCounters::inc(
+                                &self.counters.bytes_from_guest,
+                                (len - VNET_HDR_LEN) as u64,
+                            );
+                        }
+                        Err(e) => {
+                            // Lost like a frame on a busy wire; the guest's buffer comes back.
+                            tracing::debug!("net {}: TAP write: {e}", self.id);
+                            DeviceCounters::inc(&self.counters.io_errors, 1);
+                        }
+                    }
+                }
+                _ => DeviceCounters::inc(&self.counters.invalid_requests, 1),
+            }
+            if let Err(e) = q.add_used(&active.mem, head, 0) {
+                tracing::warn!("net {}: cannot return a TX buffer: {e}", self.id);
+            }
+            completed = true;
+        }
+        if completed && q.needs_notification(&active.mem).unwrap_or(true) {
+            active.interrupt.signal_used_queue();
+        }
+    }
+
+    fn set_tap_polling(&mut self, poll: bool, ops: &mut EventOps) {
+        if poll == self.tap_polled {
+            return;
+        }
+        let events = Events::new_raw(self.tap.as_raw_fd(), EventSet::IN);
+        let result = if poll {
+            ops.add(events)
+        } else {
+            ops.remove(events)
+        };
+        match result {
+            Ok(()) => self.tap_polled = poll,
+            Err(e) => tracing::error!("net {}: cannot change TAP polling: {e}", self.id),
+        }
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        TYPE_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    fn avail_features(&self) -> u64 {
+        let mut f = 1u64 << VIRTIO_F_VERSION_1;
+        if self.has_mac {
+            f |= 1 << VIRTIO_NET_F_MAC;
+        }
+        f
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        let got = ctx.queues.len();
+        let queues: [Queue; 2] = ctx
+            .queues
+            .try_into()
+            .map_err(|_| ActivateError::QueueCount { expected: 2, got })?;
+        self.active = Some(Active {
+            mem: ctx.mem,
+            queues,
+            interrupt: ctx.interrupt,
+        });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        // The TAP stays polled if it was; the next event finds no active device and stops it.
+        self.active = None;
+        self.rx_len = 0;
+    }
+
+    fn counters(&self) -> Arc<DeviceCounters> {
+        self.counters.clone()
+    }
+}
+
+impl MutEventSubscriber for Net {
+    fn init(&mut self, ops: &mut EventOps) {
+        let fds = [
+            self.queue_events[RX].as_raw_fd(),
+            self.queue_events[TX].as_raw_fd(),
+            self.rx_limiter.as_raw_fd(),
+            self.tx_limiter.as_raw_fd(),
+        ];
+        for fd in fds {
+            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                tracing::error!("net {}: cannot watch fd {fd}: {e}", self.id);
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.queue_events[TX].as_raw_fd() {
+            let _ = self.queue_events[TX].read();
+            return self.process_tx();
+        }
+        if fd == self.tx_limiter.as_raw_fd() {
+            self.tx_limiter.on_timer();
+            return self.process_tx();
+        }
+        if fd == self.queue_events[RX].as_raw_fd() {
+            let _ = self.queue_events[RX].read();
+        } else if fd == self.rx_limiter.as_raw_fd() {
+            self.rx_limiter.on_timer();
+        }
+        let poll = self.process_rx();
+        self.set_tap_polling(poll, ops);
+    }
+}
