@@ -14,6 +14,7 @@
 struct virtio_params g_vparams = {
 	.timeout_ms = 10000,
 	.blk_qd = 1,
+	.blk_op_kib = 4,
 	.net_rx_ethertype = 0,          /* 0: count every frame */
 };
 
@@ -126,6 +127,8 @@ int virtio_param(const char *k, size_t kn, const char *v, size_t vn)
 		{ "blk_ops", &g_vparams.blk_ops },
 		{ "blk_sector", &g_vparams.blk_sector },
 		{ "blk_qd", &g_vparams.blk_qd },
+		{ "blk_op_kib", &g_vparams.blk_op_kib },
+		{ "blk_write", &g_vparams.blk_write },
 		{ "rng_bytes", &g_vparams.rng_bytes },
 		{ "net_tx", &g_vparams.net_tx },
 		{ "net_rx", &g_vparams.net_rx },

@@ -27,7 +27,6 @@
 
 #define BLK_BUF         (64 * 1024)
 #define BLK_QD_MAX      16
-#define OPS_BYTES       4096
 
 struct blk_req { u32 type, reserved; u64 sector; };
 static struct blk_slot { struct blk_req hdr; volatile u8 status; } slots[BLK_QD_MAX] ALIGNED(32);
@@ -198,17 +197,23 @@ static int blk_read(struct vdev *d, u64 n)
 	return 1;
 }
 
-/* ---- blk_ops: N 4 KiB reads, blk_qd in flight, timed ------------------ */
+/* ---- blk_ops: N reads (or writes) of blk_op_kib, blk_qd in flight, timed - */
 static int blk_ops(struct vdev *d, u64 n)
 {
 	struct vq *q = &d->vq[0];
-	u64 blocks = binfo[d->index].capacity / (OPS_BYTES / 512), qd = g_vparams.blk_qd;
-	if (!blocks) {
-		gprintf("guest: %s ops: capacity below %u bytes\n", d->name, OPS_BYTES);
+	u64 kib = g_vparams.blk_op_kib, qd = g_vparams.blk_qd;
+	if (kib < 4 || kib > BLK_BUF / 1024 || (kib & (kib - 1))) {
+		gprintf("guest: %s ops: blk_op_kib=%lu is not a power of two in 4..64\n", d->name, kib);
 		return 0;
 	}
-	if (binfo[d->index].max_bytes < OPS_BYTES) {
-		gprintf("guest: %s ops: size_max below %u bytes\n", d->name, OPS_BYTES);
+	u32 bytes = (u32)(kib * 1024), type = g_vparams.blk_write ? T_OUT : T_IN;
+	u64 blocks = binfo[d->index].capacity / (bytes / 512);
+	if (!blocks) {
+		gprintf("guest: %s ops: capacity below %u bytes\n", d->name, bytes);
+		return 0;
+	}
+	if (binfo[d->index].max_bytes < bytes) {
+		gprintf("guest: %s ops: size_max below %u bytes\n", d->name, bytes);
 		return 0;
 	}
 	if (qd < 1)
@@ -217,6 +222,8 @@ static int blk_ops(struct vdev *d, u64 n)
 		qd = BLK_QD_MAX;
 	if (qd > (u64)q->size / 3)
 		qd = q->size / 3 ? q->size / 3 : 1;
+	if (qd > BLK_BUF / bytes)               /* each request in flight has its own buffer */
+		qd = BLK_BUF / bytes;
 
 	int free_slots[BLK_QD_MAX], nfree = 0;
 	for (int i = (int)qd - 1; i >= 0; i--)
@@ -226,9 +233,9 @@ static int blk_ops(struct vdev *d, u64 n)
 		int sub = 0;
 		while (nfree && issued < n) {
 			int slot = free_slots[--nfree];
-			u64 sector = (issued % blocks) * (OPS_BYTES / 512);
-			if (blk_submit(d, slot, T_IN, sector, blk_buf + (u64)slot * OPS_BYTES, OPS_BYTES) < 0) {
-				gprintf("guest: %s queue full op=read\n", d->name);
+			u64 sector = (issued % blocks) * (bytes / 512);
+			if (blk_submit(d, slot, type, sector, blk_buf + (u64)slot * bytes, bytes) < 0) {
+				gprintf("guest: %s queue full op=%s\n", d->name, op_name(type));
 				return 0;
 			}
 			issued++;
@@ -239,13 +246,13 @@ static int blk_ops(struct vdev *d, u64 n)
 		u32 ulen;
 		int h = vq_wait(q, &ulen);      /* at least one request is in flight */
 		if (h == -1) {
-			gprintf("guest: %s timeout op=read\n", d->name);
+			gprintf("guest: %s timeout op=%s\n", d->name, op_name(type));
 			return 0;
 		}
 		while (h >= 0) {
 			int slot = head_slot[h];
 			if (slots[slot].status != S_OK) {
-				gprintf("guest: %s status=%d op=read\n", d->name, slots[slot].status);
+				gprintf("guest: %s status=%d op=%s\n", d->name, slots[slot].status, op_name(type));
 				return 0;
 			}
 			free_slots[nfree++] = slot;
@@ -258,7 +265,8 @@ static int blk_ops(struct vdev *d, u64 n)
 	u64 ticks = rdtsc() - t0;
 	u64 ms = ticks / vt_ticks_per_ms();
 	u64 rate = ticks ? n * vt_ticks_per_ms() * 1000 / ticks : 0;
-	gprintf("guest: %s ops=%lu qd=%lu ms=%lu ops_per_s=%lu\n", d->name, n, qd, ms, rate);
+	gprintf("guest: %s ops=%lu qd=%lu ms=%lu ops_per_s=%lu kib=%lu op=%s kib_per_s=%lu\n",
+		d->name, n, qd, ms, rate, kib, op_name(type), rate * kib);
 	return 1;
 }
 
