@@ -184,9 +184,10 @@ impl RateLimiter {
             self.ops = ops;
             return true;
         }
+        // Wait times come from the refilled copies: the stored buckets were not refilled.
         let wait = [
-            (!bytes_ok).then(|| self.bandwidth.as_ref().map(|b| b.wait_for(cost.bytes))),
-            (!ops_ok).then(|| self.ops.as_ref().map(|b| b.wait_for(cost.ops))),
+            (!bytes_ok).then(|| bandwidth.as_ref().map(|b| b.wait_for(cost.bytes))),
+            (!ops_ok).then(|| ops.as_ref().map(|b| b.wait_for(cost.ops))),
         ]
         .into_iter()
         .flatten()
