@@ -9,9 +9,27 @@ use integration_tests::{guest_spec, prescient_bin, Scratch, TEST_GUEST_PVH};
 
 /// (label, guest parameters, result field, unit divisor, unit)
 const WORKLOADS: [(&str, &str, &str, f64, &str); 3] = [
-    ("seq read 64 KiB", "blk_ops=2048 blk_op_kib=64", "kib_per_s", 1024.0, "MiB/s"),
-    ("seq write 64 KiB", "blk_ops=2048 blk_op_kib=64 blk_write=1", "kib_per_s", 1024.0, "MiB/s"),
-    ("rand read 4 KiB qd8", "blk_ops=20000 blk_qd=8", "ops_per_s", 1.0, "IOPS"),
+    (
+        "seq read 64 KiB",
+        "blk_ops=2048 blk_op_kib=64",
+        "kib_per_s",
+        1024.0,
+        "MiB/s",
+    ),
+    (
+        "seq write 64 KiB",
+        "blk_ops=2048 blk_op_kib=64 blk_write=1",
+        "kib_per_s",
+        1024.0,
+        "MiB/s",
+    ),
+    (
+        "rand read 4 KiB qd8",
+        "blk_ops=20000 blk_qd=8",
+        "ops_per_s",
+        1.0,
+        "IOPS",
+    ),
 ];
 const DISK_MIB: u64 = 256;
 
@@ -28,7 +46,11 @@ fn result(stdout: &str, field: &str) -> f64 {
 }
 
 fn run(cmd: &mut Command) -> String {
-    let out = cmd.stdin(Stdio::null()).stderr(Stdio::null()).output().expect("run VMM");
+    let out = cmd
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .expect("run VMM");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -38,15 +60,24 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    let runs: usize = std::env::var("BLOCK_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let runs: usize = std::env::var("BLOCK_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
     let scratch = Scratch::new("block-bench");
     let disk = scratch.path().join("disk.img");
-    std::fs::File::create(&disk).unwrap().set_len(DISK_MIB << 20).unwrap();
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(DISK_MIB << 20)
+        .unwrap();
     // Touch the file once so both VMMs read allocated, cached blocks rather than holes.
     std::fs::write(&disk, vec![0x5au8; (DISK_MIB << 20) as usize]).unwrap();
 
     println!("virtio-blk, test guest (1 vCPU, polling driver), {DISK_MIB} MiB raw file, median of {runs} runs");
-    println!("{:<22} {:>14} {:>14} {:>10}", "workload", "prescient", "qemu microvm", "ratio");
+    println!(
+        "{:<22} {:>14} {:>14} {:>10}",
+        "workload", "prescient", "qemu microvm", "ratio"
+    );
     for (label, args, field, div, unit) in WORKLOADS {
         let args = format!("cpu_ms=1 mem_mib=1 {args}");
         let mut spec: serde_json::Value =
@@ -55,20 +86,45 @@ fn main() {
         let spec_path = scratch.write("vm.json", &spec.to_string());
         let (mut ours, mut theirs) = (Vec::new(), Vec::new());
         for _ in 0..runs {
-            let out = run(Command::new(prescient_bin()).args(["--config-file", spec_path.to_str().unwrap()]));
+            let out =
+                run(Command::new(prescient_bin())
+                    .args(["--config-file", spec_path.to_str().unwrap()]));
             ours.push(result(&out, field) / div);
             let out = run(Command::new("qemu-system-x86_64")
-                .args(["-M", "microvm,x-option-roms=off,rtc=off,acpi=off", "-accel", "kvm"])
-                .args(["-smp", "1", "-m", "128", "-nodefaults", "-no-user-config", "-nographic"])
+                .args([
+                    "-M",
+                    "microvm,x-option-roms=off,rtc=off,acpi=off",
+                    "-accel",
+                    "kvm",
+                ])
+                .args([
+                    "-smp",
+                    "1",
+                    "-m",
+                    "128",
+                    "-nodefaults",
+                    "-no-user-config",
+                    "-nographic",
+                ])
                 .args(["-serial", "stdio", "-no-reboot", "-device", "i8042"])
                 .args(["-global", "virtio-mmio.force-legacy=false"])
                 .arg("-drive")
                 .arg(format!("if=none,id=d0,format=raw,file={}", disk.display()))
-                .args(["-device", "virtio-blk-device,drive=d0", "-kernel", TEST_GUEST_PVH])
+                .args([
+                    "-device",
+                    "virtio-blk-device,drive=d0",
+                    "-kernel",
+                    TEST_GUEST_PVH,
+                ])
                 .args(["-append", &args]));
             theirs.push(result(&out, field) / div);
         }
         let (p, q) = (median(ours), median(theirs));
-        println!("{label:<22} {:>9.0} {unit:<4} {:>9.0} {unit:<4} {:>10.2}", p, q, p / q);
+        println!(
+            "{label:<22} {:>9.0} {unit:<4} {:>9.0} {unit:<4} {:>10.2}",
+            p,
+            q,
+            p / q
+        );
     }
 }

@@ -82,6 +82,13 @@ impl Scratch {
         &self.0
     }
 
+    /// A file of `bytes` zero bytes (allocated, not sparse) named `name`.
+    pub fn zeroed_file(&self, name: &str, bytes: usize) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::write(&p, vec![0u8; bytes]).expect("write scratch file");
+        p
+    }
+
     /// Writes `contents` to `name` in the scratch dir and returns its path.
     pub fn write(&self, name: &str, contents: &str) -> PathBuf {
         let p = self.0.join(name);
@@ -103,6 +110,42 @@ pub fn guest_spec(kernel: &str, vcpus: u8, mem_mib: u64, boot_args: &str) -> Str
         "machine-config": {"vcpu_count": vcpus, "mem_size_mib": mem_mib},
     })
     .to_string()
+}
+
+/// A spec for the test guest (1 vCPU, 128 MiB) with `args` after a short CPU and memory phase,
+/// the `drives` given, and an entropy device if `entropy` is set.
+pub fn guest_spec_devices(
+    args: &str,
+    drives: serde_json::Value,
+    entropy: Option<serde_json::Value>,
+) -> String {
+    let mut spec: serde_json::Value = serde_json::from_str(&guest_spec(
+        TEST_GUEST_PVH,
+        1,
+        128,
+        &format!("cpu_ms=1 mem_mib=1 {args}"),
+    ))
+    .expect("guest_spec is JSON");
+    spec["drives"] = drives;
+    if let Some(e) = entropy {
+        spec["entropy"] = e;
+    }
+    spec.to_string()
+}
+
+/// A `drives[]` entry that is not the root device.
+pub fn drive_json(id: &str, path: &Path, read_only: bool) -> serde_json::Value {
+    serde_json::json!({"drive_id": id, "path_on_host": path, "is_root_device": false, "is_read_only": read_only})
+}
+
+/// The value of counter `name` in a Prometheus text scrape.
+pub fn prometheus_value(scrape: &str, name: &str) -> u64 {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("{name} missing from the scrape"))
+        .parse()
+        .unwrap_or_else(|e| panic!("{name} is not a number: {e}"))
 }
 
 /// What a finished VMM run left behind.
@@ -148,6 +191,57 @@ impl Outcome {
         line.split_whitespace()
             .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
             .map(str::to_string)
+    }
+}
+
+/// A `prescient` that runs alongside the test; killed when dropped, so a failing test never
+/// leaves a VM running.
+pub struct RunningVmm(Option<Child>);
+
+impl RunningVmm {
+    /// Starts `prescient` with `args` (stdin closed, stdout and stderr captured).
+    pub fn spawn<I, S>(args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        Self::from_command(Command::new(prescient_bin()).args(args))
+    }
+
+    /// Starts `cmd` (a prescient, possibly wrapped, e.g. in `ip netns exec`).
+    pub fn from_command(cmd: &mut Command) -> Self {
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn prescient");
+        Self(Some(child))
+    }
+
+    pub fn id(&self) -> u32 {
+        self.0.as_ref().map_or(0, Child::id)
+    }
+
+    /// Waits for the VMM to end by itself.
+    pub fn wait(mut self, deadline: Duration) -> Outcome {
+        wait_with_deadline(self.0.take().expect("not yet waited for"), deadline)
+    }
+
+    /// Sends SIGTERM and waits for the clean stop that follows.
+    pub fn terminate(self, deadline: Duration) -> Outcome {
+        // SAFETY: kill(2) of our own child, which has not been reaped (we still own it).
+        unsafe { libc::kill(self.id() as libc::pid_t, libc::SIGTERM) };
+        self.wait(deadline)
+    }
+}
+
+impl Drop for RunningVmm {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 

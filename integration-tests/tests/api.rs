@@ -2,31 +2,20 @@
 //! clients at once, and the /vm/config round trip.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use integration_tests::{
-    prescient_bin, run_prescient, wait_with_deadline, ApiClient, Outcome, Scratch, TEST_GUEST_PVH,
-};
+use integration_tests::{run_prescient, ApiClient, Outcome, RunningVmm, Scratch, TEST_GUEST_PVH};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
-fn spawn_api(socket: &Path, extra: &[&str]) -> Child {
-    Command::new(prescient_bin())
-        .arg("--api-sock")
-        .arg(socket)
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn prescient")
+fn spawn_api(socket: &Path, extra: &[&str]) -> RunningVmm {
+    let mut args = vec!["--api-sock", socket.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    RunningVmm::spawn(args)
 }
 
-fn terminate(child: Child) -> Outcome {
-    // SAFETY: plain kill(2) of our own child process.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    wait_with_deadline(child, DEADLINE)
+fn terminate(vmm: RunningVmm) -> Outcome {
+    vmm.terminate(DEADLINE)
 }
 
 fn boot_source(args: &str) -> String {
@@ -175,7 +164,7 @@ fn a_vm_from_the_config_file_is_served_by_the_api_and_its_end_ends_the_process()
     let mut api = ApiClient::connect(&socket);
     let state = api.request("GET", "/", None).json()["state"].clone();
     assert!(state == "Running", "state {state}");
-    let out = wait_with_deadline(child, DEADLINE);
+    let out = child.wait(DEADLINE);
     out.assert_code(0).assert_line("prescient-test-guest: done");
     assert!(!socket.exists());
 }
@@ -474,7 +463,7 @@ fn send_ctrl_alt_del_reaches_the_guest_keyboard_and_the_guest_resets() {
     assert_eq!(r.status, 204, "{}", r.body);
 
     // The guest sees the keys and resets; a reset ends prescient cleanly.
-    let out = wait_with_deadline(child, DEADLINE);
+    let out = child.wait(DEADLINE);
     out.assert_code(0);
     let text = std::fs::read_to_string(&console).unwrap();
     for line in [

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use integration_tests::{prescient_bin, wait_with_deadline, Scratch, TEST_GUEST_PVH};
+use integration_tests::{wait_with_deadline, RunningVmm, Scratch, TEST_GUEST_PVH};
 
 const CLIENT: &str = "firecracker-python==0.0.5";
 
@@ -51,14 +51,7 @@ fn firecracker_python_drives_a_prescient_vm() {
     let scratch = Scratch::new("fc-python");
     let socket = scratch.path().join("api.sock");
     let console = scratch.path().join("console.log");
-    let vmm = Command::new(prescient_bin())
-        .arg("--api-sock")
-        .arg(&socket)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let vmm = RunningVmm::spawn([std::ffi::OsStr::new("--api-sock"), socket.as_os_str()]);
     // The client's first call races the socket's creation; give it the socket first.
     integration_tests::ApiClient::connect(&socket);
 
@@ -74,9 +67,7 @@ fn firecracker_python_drives_a_prescient_vm() {
         .spawn()
         .unwrap();
     let out = wait_with_deadline(client, Duration::from_secs(120));
-    // SAFETY: plain kill(2) of our own child process.
-    unsafe { libc::kill(vmm.id() as libc::pid_t, libc::SIGTERM) };
-    let vmm = wait_with_deadline(vmm, Duration::from_secs(30));
+    let vmm = vmm.terminate(Duration::from_secs(30));
     assert!(
         out.stdout.contains("client: ok"),
         "client failed ({:?})\n{}\n{}\n--- prescient stderr ---\n{}",

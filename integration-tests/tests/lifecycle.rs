@@ -1,9 +1,8 @@
 //! The VMM's own lifecycle around a guest that does not end by itself.
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use integration_tests::{guest_spec, prescient_bin, wait_with_deadline, Scratch, TEST_GUEST_PVH};
+use integration_tests::{guest_spec, RunningVmm, Scratch, TEST_GUEST_PVH};
 
 #[test]
 fn sigterm_stops_a_vm_whose_vcpus_are_halted_forever() {
@@ -12,20 +11,11 @@ fn sigterm_stops_a_vm_whose_vcpus_are_halted_forever() {
         "vm.json",
         &guest_spec(TEST_GUEST_PVH, 2, 64, "cpu_ms=1 mem_mib=1 exit=halt"),
     );
-    let child = Command::new(prescient_bin())
-        .args(["--config-file", spec.to_str().unwrap()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id() as libc::pid_t;
+    let vmm = RunningVmm::spawn(["--config-file", spec.to_str().unwrap()]);
     // Give the guest time to reach its halt; its exact progress does not matter.
     let start = Instant::now();
     std::thread::sleep(Duration::from_millis(500));
-    // SAFETY: plain kill(2) of our own child process.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let out = wait_with_deadline(child, Duration::from_secs(30));
+    let out = vmm.terminate(Duration::from_secs(30));
     assert!(start.elapsed() < Duration::from_secs(30));
     out.assert_code(128 + libc::SIGTERM);
     assert!(out.stderr.contains("received signal 15"), "{}", out.stderr);

@@ -4,7 +4,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use integration_tests::{prescient_bin, wait_with_deadline, Scratch, TEST_GUEST_PVH};
+use integration_tests::{prescient_bin, wait_with_deadline, RunningVmm, Scratch, TEST_GUEST_PVH};
 
 /// A network namespace with a TAP in it, deleted on drop.
 struct Netns(String);
@@ -79,12 +79,11 @@ fn frames_cross_between_the_guest_and_a_host_tap() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    let vm = ns
-        .exec(prescient_bin())
-        .args(["--config-file", spec.to_str().unwrap()])
-        .spawn()
-        .unwrap();
-    let out = wait_with_deadline(vm, Duration::from_secs(90));
+    let vm = RunningVmm::from_command(
+        ns.exec(prescient_bin())
+            .args(["--config-file", spec.to_str().unwrap()]),
+    );
+    let out = vm.wait(Duration::from_secs(90));
     let peer = wait_with_deadline(peer, Duration::from_secs(90));
     out.assert_code(0)
         .assert_line("guest: net0 mac=06:00:ac:10:00:02")

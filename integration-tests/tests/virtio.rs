@@ -2,34 +2,13 @@
 //! reaches the host file, read-only drives refuse writes, rate limiters slow the guest and can be
 //! changed while it runs.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use integration_tests::{run_spec, ApiClient, Scratch, TEST_GUEST_PVH};
+use integration_tests::{
+    drive_json, guest_spec_devices, prometheus_value, run_spec, ApiClient, Scratch, TEST_GUEST_PVH,
+};
 
 const DEADLINE: Duration = Duration::from_secs(90);
-
-fn spec(args: &str, drives: serde_json::Value, entropy: Option<serde_json::Value>) -> String {
-    let mut s = serde_json::json!({
-        "boot-source": {"kernel_image_path": TEST_GUEST_PVH, "boot_args": format!("cpu_ms=1 mem_mib=1 {args}")},
-        "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
-        "drives": drives,
-    });
-    if let Some(e) = entropy {
-        s["entropy"] = e;
-    }
-    s.to_string()
-}
-
-fn disk(scratch: &Scratch, name: &str, bytes: usize) -> std::path::PathBuf {
-    let p = scratch.path().join(name);
-    std::fs::write(&p, vec![0u8; bytes]).unwrap();
-    p
-}
-
-fn drive(id: &str, path: &Path, read_only: bool) -> serde_json::Value {
-    serde_json::json!({"drive_id": id, "path_on_host": path, "is_root_device": false, "is_read_only": read_only})
-}
 
 /// FNV-1a 64, as the guest's `blk_read` reports it.
 fn fnv1a(bytes: &[u8]) -> u64 {
@@ -41,11 +20,15 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 #[test]
 fn guest_writes_reach_the_host_file_and_read_back_identically() {
     let scratch = Scratch::new("virtio-blk-rw");
-    let img = disk(&scratch, "disk.img", 4 << 20);
+    let img = scratch.zeroed_file("disk.img", 4 << 20);
     let args = "blk_rw=64 blk_sector=100 blk_read=64";
     let out = run_spec(
         &scratch,
-        &spec(args, serde_json::json!([drive("disk0", &img, false)]), None),
+        &guest_spec_devices(
+            args,
+            serde_json::json!([drive_json("disk0", &img, false)]),
+            None,
+        ),
         DEADLINE,
     );
     out.assert_code(0)
@@ -75,12 +58,12 @@ fn guest_writes_reach_the_host_file_and_read_back_identically() {
 #[test]
 fn a_read_only_drive_answers_guest_writes_with_ioerr() {
     let scratch = Scratch::new("virtio-blk-ro");
-    let img = disk(&scratch, "ro.img", 1 << 20);
+    let img = scratch.zeroed_file("ro.img", 1 << 20);
     let out = run_spec(
         &scratch,
-        &spec(
+        &guest_spec_devices(
             "blk_rw=8",
-            serde_json::json!([drive("ro", &img, true)]),
+            serde_json::json!([drive_json("ro", &img, true)]),
             None,
         ),
         DEADLINE,
@@ -96,7 +79,7 @@ fn entropy_reaches_the_guest() {
     let scratch = Scratch::new("virtio-rng");
     let out = run_spec(
         &scratch,
-        &spec(
+        &guest_spec_devices(
             "rng_bytes=65536",
             serde_json::json!([]),
             Some(serde_json::json!({})),
@@ -109,8 +92,8 @@ fn entropy_reaches_the_guest() {
 #[test]
 fn rate_limiters_hold_the_guest_to_its_budget() {
     let scratch = Scratch::new("virtio-limits");
-    let img = disk(&scratch, "disk.img", 1 << 20);
-    let mut d = drive("disk0", &img, false);
+    let img = scratch.zeroed_file("disk.img", 1 << 20);
+    let mut d = drive_json("disk0", &img, false);
     // 100 ops per second, starting full: 300 reads need about 2 s (unlimited: ~0.1 s).
     d["rate_limiter"] = serde_json::json!({"ops": {"size": 100, "refill_time": 1000}});
     // 8 KiB per second: 32 KiB of entropy need about 3 s.
@@ -118,7 +101,7 @@ fn rate_limiters_hold_the_guest_to_its_budget() {
         serde_json::json!({"rate_limiter": {"bandwidth": {"size": 8192, "refill_time": 1000}}});
     let out = run_spec(
         &scratch,
-        &spec(
+        &guest_spec_devices(
             "blk_ops=300 rng_bytes=32768",
             serde_json::json!([d]),
             Some(entropy),
@@ -126,19 +109,12 @@ fn rate_limiters_hold_the_guest_to_its_budget() {
         DEADLINE,
     );
     out.assert_code(0).assert_line("guest: rng0 bytes=32768 ok");
+    // Timed on the host (the guest's clock is only as good as its calibration): unlimited, both
+    // workloads take well under a second; limited, about 2 s + 3 s.
     assert!(
         out.elapsed >= Duration::from_millis(4500),
         "limits not applied: {:?}",
         out.elapsed
-    );
-    let ops_per_s: u64 = out
-        .field("guest: blk0 ops=300", "ops_per_s")
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(
-        ops_per_s <= 200,
-        "guest saw {ops_per_s} ops/s under a 100 ops/s limit"
     );
 }
 
@@ -147,15 +123,11 @@ fn a_live_rate_limiter_update_releases_a_throttled_guest() {
     let scratch = Scratch::new("virtio-live-limit");
     let socket = scratch.path().join("api.sock");
     let console = scratch.path().join("console.log");
-    let img = disk(&scratch, "disk.img", 1 << 20);
-    let child = std::process::Command::new(integration_tests::prescient_bin())
-        .arg("--api-sock")
-        .arg(&socket)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let img = scratch.zeroed_file("disk.img", 1 << 20);
+    let vmm = integration_tests::RunningVmm::spawn([
+        std::ffi::OsStr::new("--api-sock"),
+        socket.as_os_str(),
+    ]);
     let mut api = ApiClient::connect(&socket);
     let boot = serde_json::json!({"kernel_image_path": TEST_GUEST_PVH, "boot_args": "cpu_ms=1 mem_mib=1 blk_ops=400 exit=halt"});
     assert_eq!(
@@ -164,7 +136,7 @@ fn a_live_rate_limiter_update_releases_a_throttled_guest() {
         204
     );
     // 10 ops per second: 400 reads would take about 40 s.
-    let mut d = drive("disk0", &img, false);
+    let mut d = drive_json("disk0", &img, false);
     d["rate_limiter"] = serde_json::json!({"ops": {"size": 10, "refill_time": 1000}});
     let r = api.request("PUT", "/drives/disk0", Some(&d.to_string()));
     assert_eq!(r.status, 204, "{}", r.body);
@@ -192,12 +164,7 @@ fn a_live_rate_limiter_update_releases_a_throttled_guest() {
     wait_for("guest: blk0 capacity=2048", DEADLINE);
     std::thread::sleep(Duration::from_millis(1500));
     let scrape = api.request("GET", "/metrics", None).body;
-    let throttled: u64 = scrape
-        .lines()
-        .find_map(|l| l.strip_prefix("prescient_block_disk0_throttled_total "))
-        .unwrap()
-        .parse()
-        .unwrap();
+    let throttled = prometheus_value(&scrape, "prescient_block_disk0_throttled_total");
     assert!(throttled > 0, "the limiter made the queue wait");
     let so_far = std::fs::read_to_string(&console).unwrap();
     assert!(
@@ -218,7 +185,42 @@ fn a_live_rate_limiter_update_releases_a_throttled_guest() {
         Some(r#"{"drive_id": "disk0", "path_on_host": "/tmp/x"}"#),
     );
     assert_eq!(r.status, 400, "a running drive keeps its file");
-    // SAFETY: plain kill(2) of our own child process.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    integration_tests::wait_with_deadline(child, DEADLINE).assert_code(143);
+    vmm.terminate(DEADLINE).assert_code(143);
+}
+
+#[test]
+fn data_acknowledged_after_flush_survives_kill_9_of_the_vmm() {
+    let scratch = Scratch::new("virtio-blk-kill9");
+    let img = scratch.zeroed_file("disk.img", 1 << 20);
+    let console = scratch.path().join("console.log");
+    let mut s: serde_json::Value = serde_json::from_str(&guest_spec_devices(
+        "blk_rw=128 blk_sector=16 blk_read=128 exit=halt",
+        serde_json::json!([drive_json("disk0", &img, false)]),
+        None,
+    ))
+    .unwrap();
+    s["serial"] = serde_json::json!({ "serial_out_path": console });
+    let spec_path = scratch.write("vm.json", &s.to_string());
+    let vmm = integration_tests::RunningVmm::spawn(["--config-file", spec_path.to_str().unwrap()]);
+    let start = Instant::now();
+    let text = loop {
+        let text = std::fs::read_to_string(&console).unwrap_or_default();
+        if text.contains("guest: blk0 read sectors=128 ok") {
+            break text;
+        }
+        assert!(start.elapsed() < DEADLINE, "guest did not finish:\n{text}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    // The guest has had its write and FLUSH acknowledged: SIGKILL the VMM, no clean-up at all.
+    drop(vmm);
+    assert!(text.contains("guest: blk0 rw sectors=128 ok"));
+    let file = std::fs::read(&img).unwrap();
+    let expected = format!(
+        "guest: blk0 read sectors=128 ok fnv1a=0x{:016x}",
+        fnv1a(&file[16 * 512..144 * 512])
+    );
+    assert!(
+        text.contains(&expected),
+        "host file differs from what the guest wrote:\n{text}"
+    );
 }
