@@ -223,6 +223,7 @@ struct virtio_params {
 	u64 blk_rw, blk_read, blk_ops, blk_sector, blk_qd, blk_op_kib, blk_write;
 	u64 rng_bytes;
 	u64 net_tx, net_rx, net_rx_ethertype;
+	u64 vsock_echo_listen, vsock_connect, vsock_send;
 };
 extern struct virtio_params g_vparams;
 int virtio_param(const char *k, size_t kn, const char *v, size_t vn); /* cmdline: 0 ok, 1 unknown, 2 bad */

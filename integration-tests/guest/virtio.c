@@ -132,6 +132,9 @@ int virtio_param(const char *k, size_t kn, const char *v, size_t vn)
 		{ "rng_bytes", &g_vparams.rng_bytes },
 		{ "net_tx", &g_vparams.net_tx },
 		{ "net_rx", &g_vparams.net_rx },
+		{ "vsock_echo_listen", &g_vparams.vsock_echo_listen },
+		{ "vsock_connect", &g_vparams.vsock_connect },
+		{ "vsock_send", &g_vparams.vsock_send },
 	};
 	if (keq(k, kn, "virtio_mmio.device"))
 		return parse_device(v, vn);
@@ -372,7 +375,8 @@ int vq_wait(struct vq *q, u32 *len)
 static int workload_wanted(void)
 {
 	const struct virtio_params *p = &g_vparams;
-	return p->blk_rw || p->blk_read || p->blk_ops || p->rng_bytes || p->net_tx || p->net_rx;
+	return p->blk_rw || p->blk_read || p->blk_ops || p->rng_bytes || p->net_tx || p->net_rx ||
+	       p->vsock_echo_listen || p->vsock_connect;
 }
 
 static int need(const char *what, u32 have, int wanted)
@@ -393,7 +397,7 @@ u64 virtio_run_user(u64 unused)
 
 	int ok = 1;
 	u32 nblk = 0, nnet = 0, nrng = 0, nvsock = 0;
-	struct vdev *blks[VIRTIO_MAX_DEV], *nets[NET_MAX], *rngs[VIRTIO_MAX_DEV];
+	struct vdev *blks[VIRTIO_MAX_DEV], *nets[NET_MAX], *rngs[VIRTIO_MAX_DEV], *vsock = 0;
 
 	for (u32 i = 0; i < p->nr_dev; i++) {
 		struct vdev *d = &devs[i];
@@ -450,6 +454,10 @@ u64 virtio_run_user(u64 unused)
 			break;
 		case VIRTIO_ID_VSOCK:
 			fmt(d->name, sizeof(d->name), "vsock%u", nvsock++);
+			if (!vsock_init(d))
+				ok = 0;
+			else if (!vsock)
+				vsock = d;
 			break;
 		default:
 			break;
@@ -459,11 +467,14 @@ u64 virtio_run_user(u64 unused)
 	ok &= need("blk", nblk, p->blk_rw || p->blk_read || p->blk_ops);
 	ok &= need("rng", nrng, p->rng_bytes != 0);
 	ok &= need("net", nnet, p->net_tx || p->net_rx);
+	ok &= need("vsock", vsock != 0, p->vsock_echo_listen || p->vsock_connect);
 	for (u32 i = 0; i < nblk; i++)
 		ok &= blk_workload(blks[i]);
 	for (u32 i = 0; i < nrng; i++)
 		ok &= rng_workload(rngs[i]);
 	if (nnet)
 		ok &= net_workload(nets, nnet);
+	if (vsock && (p->vsock_echo_listen || p->vsock_connect))
+		ok &= vsock_workload(vsock);
 	return (u64)ok;
 }

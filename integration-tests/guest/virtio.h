@@ -78,7 +78,7 @@ struct vq {
 	struct vring_used *used;
 };
 
-#define VDEV_MAX_VQ 2
+#define VDEV_MAX_VQ 3
 struct vdev {
 	u32 index;                      /* position on the command line */
 	u64 base, size;
@@ -135,5 +135,7 @@ int rng_init(struct vdev *d);
 int rng_workload(struct vdev *d);
 int net_init(struct vdev *d);           /* at most NET_MAX devices */
 int net_workload(struct vdev **nets, u32 n);  /* all net devices together */
+int vsock_init(struct vdev *d);         /* the first vsock device is driven */
+int vsock_workload(struct vdev *d);     /* 1 = ok */
 
 #endif

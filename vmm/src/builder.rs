@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use devices::virtio::block::Block;
 use devices::virtio::net::Net;
 use devices::virtio::rng::Rng;
+use devices::virtio::vsock::Vsock;
 use devices::virtio::VirtioDevice;
 use event_manager::{EventManager, SubscriberOps};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
@@ -24,7 +25,9 @@ use crate::metrics::METRICS;
 use crate::microvm::MicroVm;
 use crate::microvm::VirtioHandles;
 use crate::runtime::Subscriber;
-use crate::vmm_config::{parse_mac, ConfigError, JsonPath, MachineConfig, Segment, VmConfig};
+use crate::vmm_config::{
+    parse_mac, ConfigError, JsonPath, MachineConfig, Segment, VmConfig, VsockConfig,
+};
 use crate::vstate::memory::create_guest_memory;
 use crate::vstate::vcpu::{register_kick_handler, IoBuses, Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
@@ -250,6 +253,18 @@ fn attach_virtio_devices(
             &mut buses.mmio,
             event_manager,
             Arc::new(Mutex::new(rng)),
+        )?;
+    }
+    if let Some(v) = &config.vsock {
+        let vsock = Vsock::new(v.guest_cid, &v.uds_path)
+            .map_err(|e| ConfigError::new(VsockConfig::uds_path_field(), e.to_string()))?;
+        METRICS.register_device("vsock".to_string(), vsock.counters());
+        manager.attach(
+            vm.fd(),
+            mem,
+            &mut buses.mmio,
+            event_manager,
+            Arc::new(Mutex::new(vsock)),
         )?;
     }
     extra.extend(manager.cmdline_entries());

@@ -7,7 +7,7 @@ use crate::logger::{LoggerConfig, LoggerError};
 use crate::metrics::{MetricsConfig, MetricsError};
 use crate::vmm_config::{
     BootSourceConfig, ConfigError, DriveConfig, DriveUpdate, EntropyConfig, MachineConfig,
-    NetworkInterfaceConfig, NetworkInterfaceUpdate, SerialConfig, VmConfig,
+    NetworkInterfaceConfig, NetworkInterfaceUpdate, SerialConfig, VmConfig, VsockConfig,
 };
 use crate::vstate::vcpu::VcpuError;
 
@@ -26,6 +26,7 @@ pub enum VmmAction {
     PutEntropy(EntropyConfig),
     PutNetworkInterface(NetworkInterfaceConfig),
     PatchNetworkInterface(NetworkInterfaceUpdate),
+    PutVsock(VsockConfig),
     StartInstance,
     Pause,
     Resume,

@@ -293,6 +293,12 @@ impl Runtime {
                 Ok(VmmData::Empty)
             }
             VmmAction::PatchNetworkInterface(update) => self.patch_interface(update),
+            VmmAction::PutVsock(vsock) => {
+                self.before_boot()?;
+                vsock.validate()?;
+                self.config.vsock = Some(vsock);
+                Ok(VmmData::Empty)
+            }
             VmmAction::PutEntropy(entropy) => {
                 self.before_boot()?;
                 entropy.validate()?;

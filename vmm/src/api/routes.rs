@@ -36,8 +36,7 @@ struct VmState {
 }
 
 /// Paths of Firecracker's API that need devices prescient does not have yet.
-const NOT_YET: [(&str, &str); 4] = [
-    ("/vsock", "virtio-vsock"),
+const NOT_YET: [(&str, &str); 3] = [
     ("/balloon", "the virtio balloon"),
     ("/hotplug/memory", "virtio-mem memory hotplug"),
     ("/snapshot/", "snapshots"),
@@ -163,6 +162,8 @@ pub fn route(req: &Request) -> Routed {
         ("/logger", _) => method_not_allowed(req, "PUT"),
         ("/entropy", "PUT") => action(parse_body(req).map(VmmAction::PutEntropy)),
         ("/entropy", _) => method_not_allowed(req, "PUT"),
+        ("/vsock", "PUT") => action(parse_body(req).map(VmmAction::PutVsock)),
+        ("/vsock", _) => method_not_allowed(req, "PUT"),
         (path, method) if path.starts_with("/network-interfaces/") => {
             let id = &path["/network-interfaces/".len()..];
             match method {
@@ -289,9 +290,14 @@ mod tests {
             r#"{"action_type": "Reboot"}"#,
         )));
         assert!(r.body.contains("not supported"));
-        let r = reply(route(&req("PUT", "/vsock", "{}")));
+        let r = reply(route(&req("PUT", "/balloon", "{}")));
         assert_eq!(r.status, 400);
-        assert!(r.body.contains("virtio-vsock are not supported"));
+        assert!(r.body.contains("balloon are not supported"));
+        let r = reply(route(&req("PUT", "/vsock", r#"{"guest_cid": 3}"#)));
+        assert_eq!(r.status, 400);
+        assert!(r.body.contains("missing field `uds_path`"), "{}", r.body);
+        let r = reply(route(&req("GET", "/vsock", "")));
+        assert_eq!(r.status, 405);
         let body = r#"{"drive_id": "other", "path_on_host": "/x", "is_root_device": false}"#;
         let r = reply(route(&req("PUT", "/drives/rootfs", body)));
         assert!(r.body.contains("differ"), "{}", r.body);

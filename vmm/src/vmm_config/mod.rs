@@ -8,6 +8,7 @@ pub mod json_path;
 mod machine_config;
 mod net;
 mod serial;
+mod vsock;
 
 use std::path::{Path, PathBuf};
 
@@ -20,6 +21,7 @@ pub use json_path::{JsonPath, Segment};
 pub use machine_config::{MachineConfig, MAX_VCPUS};
 pub use net::{parse_mac, validate_interfaces, NetworkInterfaceConfig, NetworkInterfaceUpdate};
 pub use serial::SerialConfig;
+pub use vsock::VsockConfig;
 
 /// A whole microVM. The boot source may be missing only while a VM is being configured through the
 /// API; a spec file must name it and a VM cannot start without it.
@@ -46,6 +48,8 @@ pub struct VmConfig {
     pub entropy: Option<EntropyConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<SerialConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockConfig>,
 }
 
 /// A spec that parsed but cannot describe a VM, or a VM that cannot be built from it: the place
@@ -142,6 +146,9 @@ impl VmConfig {
         }
         if let Some(serial) = &self.serial {
             serial.validate()?;
+        }
+        if let Some(vsock) = &self.vsock {
+            vsock.validate()?;
         }
         Ok(())
     }
