@@ -14,7 +14,7 @@ pub mod vsock;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -108,6 +108,40 @@ pub struct ActivateContext {
     pub queues: Vec<Queue>,
     pub acked_features: u64,
     pub interrupt: Arc<VirtioInterrupt>,
+}
+
+/// The queues of a started device, the memory they live in and the interrupt they raise.
+pub struct ActiveQueues<const N: usize> {
+    pub mem: GuestMemoryMmap,
+    pub queues: [Queue; N],
+    pub interrupt: Arc<VirtioInterrupt>,
+}
+
+impl<const N: usize> ActiveQueues<N> {
+    /// Takes what a device with exactly `N` queues starts with.
+    pub fn new(ctx: ActivateContext) -> Result<Self, ActivateError> {
+        let got = ctx.queues.len();
+        let queues = ctx
+            .queues
+            .try_into()
+            .map_err(|_| ActivateError::QueueCount { expected: N, got })?;
+        Ok(Self {
+            mem: ctx.mem,
+            queues,
+            interrupt: ctx.interrupt,
+        })
+    }
+
+    /// Raises the interrupt for new used buffers in queue `index`, unless the driver asked not to
+    /// be told (event index).
+    pub fn notify(&mut self, index: usize) {
+        if self.queues[index]
+            .needs_notification(&self.mem)
+            .unwrap_or(true)
+        {
+            self.interrupt.signal_used_queue();
+        }
+    }
 }
 
 /// Why a device refused to start.

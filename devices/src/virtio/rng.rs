@@ -5,13 +5,12 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use virtio_queue::{Queue, QueueOwnedT, QueueT, Writer};
-use vm_memory::GuestMemoryMmap;
+use virtio_queue::{QueueOwnedT, QueueT, Writer};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
-    ActivateContext, ActivateError, DeviceCounters, VirtioDevice, VirtioInterrupt, TYPE_RNG,
+    ActivateContext, ActivateError, ActiveQueues, DeviceCounters, VirtioDevice, TYPE_RNG,
     VIRTIO_F_VERSION_1,
 };
 use crate::rate_limiter::{Cost, RateLimiter, RateLimiterConfig, RateLimiterError};
@@ -29,18 +28,12 @@ pub enum RngError {
     RateLimiter(#[from] RateLimiterError),
 }
 
-struct Active {
-    mem: GuestMemoryMmap,
-    queue: Queue,
-    interrupt: Arc<VirtioInterrupt>,
-}
-
 /// The entropy device.
 pub struct Rng {
     queue_events: [EventFd; 1],
     limiter: RateLimiter,
     counters: Arc<DeviceCounters>,
-    active: Option<Active>,
+    active: Option<ActiveQueues<1>>,
     buf: Vec<u8>,
 }
 
@@ -85,7 +78,7 @@ impl Rng {
         };
         let mut completed = false;
         while !self.limiter.is_blocked() {
-            let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) else {
+            let Some(chain) = active.queues[0].pop_descriptor_chain(&active.mem) else {
                 break;
             };
             let head = chain.head_index();
@@ -96,7 +89,7 @@ impl Rng {
                         bytes: len as u64,
                         ops: 1,
                     }) {
-                        active.queue.go_to_previous_position();
+                        active.queues[0].go_to_previous_position();
                         DeviceCounters::inc(&self.counters.throttled, 1);
                         break;
                     }
@@ -120,13 +113,13 @@ impl Rng {
                     0
                 }
             };
-            if let Err(e) = active.queue.add_used(&active.mem, head, used) {
+            if let Err(e) = active.queues[0].add_used(&active.mem, head, used) {
                 tracing::warn!("entropy: cannot return a used buffer: {e}");
             }
             completed = true;
         }
-        if completed && active.queue.needs_notification(&active.mem).unwrap_or(true) {
-            active.interrupt.signal_used_queue();
+        if completed {
+            active.notify(0);
         }
     }
 }
@@ -153,18 +146,7 @@ impl VirtioDevice for Rng {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let got = ctx.queues.len();
-        let queue = ctx
-            .queues
-            .into_iter()
-            .next()
-            .filter(|_| got == 1)
-            .ok_or(ActivateError::QueueCount { expected: 1, got })?;
-        self.active = Some(Active {
-            mem: ctx.mem,
-            queue,
-            interrupt: ctx.interrupt,
-        });
+        self.active = Some(ActiveQueues::new(ctx)?);
         Ok(())
     }
 
@@ -199,10 +181,12 @@ impl MutEventSubscriber for Rng {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::virtio::VirtioInterrupt;
     use std::sync::atomic::Ordering;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::{Bytes, GuestAddress};
+    use virtio_queue::Queue;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     #[test]
     fn fills_writable_buffers_and_returns_unusable_chains_empty() {

@@ -12,15 +12,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use self::request::{Outcome, Request};
 use super::{
-    read_config_bytes, ActivateContext, ActivateError, DeviceCounters, VirtioDevice,
-    VirtioInterrupt, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+    read_config_bytes, ActivateContext, ActivateError, ActiveQueues, DeviceCounters, VirtioDevice,
+    TYPE_BLOCK, VIRTIO_F_VERSION_1,
 };
 use crate::rate_limiter::{Cost, RateLimiter, RateLimiterConfig, RateLimiterError};
 
@@ -51,12 +50,6 @@ pub enum BlockError {
     RateLimiter(#[from] RateLimiterError),
 }
 
-struct Active {
-    mem: GuestMemoryMmap,
-    queue: Queue,
-    interrupt: Arc<VirtioInterrupt>,
-}
-
 /// A virtio-blk device.
 pub struct Block {
     id: String,
@@ -69,7 +62,7 @@ pub struct Block {
     queue_events: [EventFd; 1],
     limiter: RateLimiter,
     counters: Arc<DeviceCounters>,
-    active: Option<Active>,
+    active: Option<ActiveQueues<1>>,
     /// Reused bounce buffer between guest memory and the file.
     buf: Vec<u8>,
 }
@@ -153,7 +146,7 @@ impl Block {
         };
         let mut completed = false;
         while !self.limiter.is_blocked() {
-            let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) else {
+            let Some(chain) = active.queues[0].pop_descriptor_chain(&active.mem) else {
                 break;
             };
             let head = chain.head_index();
@@ -165,7 +158,7 @@ impl Block {
                     };
                     if !self.limiter.consume(cost) {
                         // Leave the chain in the ring; it is served when the timer fires.
-                        active.queue.go_to_previous_position();
+                        active.queues[0].go_to_previous_position();
                         DeviceCounters::inc(&self.counters.throttled, 1);
                         break;
                     }
@@ -186,14 +179,14 @@ impl Block {
                     0
                 }
             };
-            if let Err(e) = active.queue.add_used(&active.mem, head, used) {
+            if let Err(e) = active.queues[0].add_used(&active.mem, head, used) {
                 tracing::warn!("block {}: cannot return a used buffer: {e}", self.id);
                 DeviceCounters::inc(&self.counters.invalid_requests, 1);
             }
             completed = true;
         }
-        if completed && active.queue.needs_notification(&active.mem).unwrap_or(true) {
-            active.interrupt.signal_used_queue();
+        if completed {
+            active.notify(0);
         }
     }
 }
@@ -238,18 +231,7 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let got = ctx.queues.len();
-        let queue = ctx
-            .queues
-            .into_iter()
-            .next()
-            .filter(|_| got == 1)
-            .ok_or(ActivateError::QueueCount { expected: 1, got })?;
-        self.active = Some(Active {
-            mem: ctx.mem,
-            queue,
-            interrupt: ctx.interrupt,
-        });
+        self.active = Some(ActiveQueues::new(ctx)?);
         Ok(())
     }
 

@@ -5,7 +5,10 @@ use std::sync::atomic::Ordering;
 
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Bytes, GuestAddress};
+use virtio_queue::Queue;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::virtio::VirtioInterrupt;
 
 use super::request::*;
 use super::*;

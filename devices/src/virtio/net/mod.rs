@@ -14,14 +14,13 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
-use vm_memory::GuestMemoryMmap;
+use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
-    read_config_bytes, ActivateContext, ActivateError, DeviceCounters, VirtioDevice,
-    VirtioInterrupt, TYPE_NET, VIRTIO_F_VERSION_1,
+    read_config_bytes, ActivateContext, ActivateError, ActiveQueues, DeviceCounters, VirtioDevice,
+    TYPE_NET, VIRTIO_F_VERSION_1,
 };
 use crate::rate_limiter::{Cost, RateLimiter, RateLimiterConfig, RateLimiterError};
 
@@ -43,12 +42,6 @@ pub enum NetError {
     RateLimiter(#[from] RateLimiterError),
 }
 
-struct Active {
-    mem: GuestMemoryMmap,
-    queues: [Queue; 2],
-    interrupt: Arc<VirtioInterrupt>,
-}
-
 /// A virtio-net device.
 pub struct Net {
     id: String,
@@ -59,7 +52,7 @@ pub struct Net {
     rx_limiter: RateLimiter,
     tx_limiter: RateLimiter,
     counters: Arc<DeviceCounters>,
-    active: Option<Active>,
+    active: Option<ActiveQueues<2>>,
     /// A frame read from the TAP and not yet delivered, `rx_len` bytes long (0: none).
     rx_frame: Vec<u8>,
     rx_len: usize,
@@ -171,8 +164,8 @@ impl Net {
             }
             completed = true;
         };
-        if completed && q.needs_notification(&active.mem).unwrap_or(true) {
-            active.interrupt.signal_used_queue();
+        if completed {
+            active.notify(RX);
         }
         poll_tap
     }
@@ -223,8 +216,8 @@ impl Net {
             }
             completed = true;
         }
-        if completed && q.needs_notification(&active.mem).unwrap_or(true) {
-            active.interrupt.signal_used_queue();
+        if completed {
+            active.notify(TX);
         }
     }
 
@@ -271,16 +264,7 @@ impl VirtioDevice for Net {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let got = ctx.queues.len();
-        let queues: [Queue; 2] = ctx
-            .queues
-            .try_into()
-            .map_err(|_| ActivateError::QueueCount { expected: 2, got })?;
-        self.active = Some(Active {
-            mem: ctx.mem,
-            queues,
-            interrupt: ctx.interrupt,
-        });
+        self.active = Some(ActiveQueues::new(ctx)?);
         Ok(())
     }
 

@@ -31,14 +31,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
-use vm_memory::GuestMemoryMmap;
+use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
-    read_config_bytes, ActivateContext, ActivateError, DeviceCounters, VirtioDevice,
-    VirtioInterrupt, TYPE_VSOCK, VIRTIO_F_VERSION_1,
+    read_config_bytes, ActivateContext, ActivateError, ActiveQueues, DeviceCounters, VirtioDevice,
+    TYPE_VSOCK, VIRTIO_F_VERSION_1,
 };
 use conn::{connect_nonblocking, Conn, Flush, State};
 use packet::*;
@@ -70,12 +69,6 @@ pub enum VsockError {
     EventFd(std::io::Error),
 }
 
-struct Active {
-    mem: GuestMemoryMmap,
-    queues: [Queue; 3],
-    interrupt: Arc<VirtioInterrupt>,
-}
-
 /// A control packet toward the guest; its credit fields are filled in when it is sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Ctl {
@@ -93,7 +86,7 @@ pub struct Vsock {
     config: [u8; 8],
     queue_events: [EventFd; 3],
     counters: Arc<DeviceCounters>,
-    active: Option<Active>,
+    active: Option<ActiveQueues<3>>,
     /// Connections by (host port, guest port).
     conns: BTreeMap<(u32, u32), Conn>,
     /// Host clients that have not finished their CONNECT line.
@@ -347,9 +340,8 @@ impl Vsock {
             }
             completed = true;
         }
-        let q = &mut active.queues[RX];
-        if completed && q.needs_notification(&active.mem).unwrap_or(true) {
-            active.interrupt.signal_used_queue();
+        if completed {
+            active.notify(RX);
         }
         self.buf = buf;
         self.active = Some(active);
@@ -414,9 +406,8 @@ impl Vsock {
             }
             completed = true;
         }
-        let q = &mut active.queues[TX];
-        if completed && q.needs_notification(&active.mem).unwrap_or(true) {
-            active.interrupt.signal_used_queue();
+        if completed {
+            active.notify(TX);
         }
         self.buf = buf;
         self.active = Some(active);
@@ -712,16 +703,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let got = ctx.queues.len();
-        let queues: [Queue; 3] = ctx
-            .queues
-            .try_into()
-            .map_err(|_| ActivateError::QueueCount { expected: 3, got })?;
-        self.active = Some(Active {
-            mem: ctx.mem,
-            queues,
-            interrupt: ctx.interrupt,
-        });
+        self.active = Some(ActiveQueues::new(ctx)?);
         self.rx_starved = false;
         Ok(())
     }
