@@ -1,0 +1,320 @@
+//! What the agent can be asked to do: named workloads with a duration, and powering off.
+//!
+//! Requests come from the kernel command line (`prescient.workload=stress-cpu:10,poweroff`) and
+//! from lines on the console (`run fio-randrw:5`, `poweroff`).
+
+use std::fmt;
+
+/// The named workloads. Each maps to one command of a Debian package in the rootfs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `stress-ng --cpu 0`: every online CPU busy.
+    StressCpu,
+    /// `stress-ng --vm 1 --vm-keep`: one worker that maps `size` of memory (default 50% of what
+    /// is available when it starts) once and keeps touching it, so it stays resident.
+    StressMem,
+    /// fio random 4k reads and writes to a `size` file (default 64M) under /var/tmp.
+    FioRandrw,
+}
+
+impl Kind {
+    const ALL: [Kind; 3] = [Kind::StressCpu, Kind::StressMem, Kind::FioRandrw];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::StressCpu => "stress-cpu",
+            Kind::StressMem => "stress-mem",
+            Kind::FioRandrw => "fio-randrw",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    pub kind: Kind,
+    pub secs: u32,
+    /// A size in the workload tool's own syntax (`128M`, `50%`); checked to be digits then a unit.
+    pub size: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    Run(Workload),
+    /// Ends the VM: `reboot -f`, which a `reboot=k` kernel turns into an i8042 reset.
+    Poweroff,
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Step::Poweroff => f.write_str("poweroff"),
+            Step::Run(w) => {
+                write!(f, "{}:{}", w.kind.name(), w.secs)?;
+                if let Some(size) = &w.size {
+                    write!(f, ":{size}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Parses one step: `poweroff` or `<workload>:<seconds>[:<size>]`.
+pub fn parse_step(s: &str) -> Result<Step, String> {
+    let s = s.trim();
+    if s == "poweroff" {
+        return Ok(Step::Poweroff);
+    }
+    let mut parts = s.split(':');
+    let name = parts.next().unwrap_or_default();
+    let kind = Kind::ALL
+        .into_iter()
+        .find(|k| k.name() == name)
+        .ok_or_else(|| {
+            let names: Vec<_> = Kind::ALL.iter().map(|k| k.name()).collect();
+            format!(
+                "unknown workload {name:?} (known: {}, poweroff)",
+                names.join(", ")
+            )
+        })?;
+    let secs = parts
+        .next()
+        .ok_or_else(|| format!("{name}: missing duration, e.g. {name}:10"))?;
+    let secs: u32 = secs.parse().ok().filter(|&n| n > 0).ok_or_else(|| {
+        format!("{name}: duration must be a positive number of seconds, got {secs:?}")
+    })?;
+    let size = parts.next().map(str::to_string);
+    if let Some(size) = &size {
+        let digits = size.trim_end_matches(|c: char| c.is_ascii_alphabetic() || c == '%');
+        let valid_unit = matches!(&size[digits.len()..], "" | "K" | "M" | "G" | "%");
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) || !valid_unit {
+            return Err(format!(
+                "{name}: size must be digits then K, M, G or %, got {size:?}"
+            ));
+        }
+    }
+    if parts.next().is_some() {
+        return Err(format!("{name}: too many ':' fields in {s:?}"));
+    }
+    Ok(Step::Run(Workload { kind, secs, size }))
+}
+
+/// Parses a comma-separated list of steps.
+pub fn parse_steps(s: &str) -> Result<Vec<Step>, String> {
+    s.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(parse_step)
+        .collect()
+}
+
+/// The steps requested on the kernel command line with `prescient.workload=`.
+pub fn from_cmdline(cmdline: &str) -> Result<Vec<Step>, String> {
+    let mut steps = Vec::new();
+    for arg in cmdline.split_whitespace() {
+        if let Some(list) = arg.strip_prefix("prescient.workload=") {
+            steps.extend(parse_steps(list)?);
+        }
+    }
+    Ok(steps)
+}
+
+/// A line typed on the console: `run <steps>`, or the steps themselves.
+pub fn from_console(line: &str) -> Result<Vec<Step>, String> {
+    let line = line.trim();
+    parse_steps(line.strip_prefix("run ").unwrap_or(line))
+}
+
+impl Workload {
+    /// The program and arguments that run this workload. `direct_io` says whether fio may use
+    /// O_DIRECT (not on tmpfs, which the initramfs root is).
+    pub fn command(&self, direct_io: bool) -> (&'static str, Vec<String>) {
+        let timeout = format!("{}s", self.secs);
+        match self.kind {
+            Kind::StressCpu => (
+                "stress-ng",
+                vec!["--cpu", "0", "--timeout", &timeout, "--metrics-brief"]
+                    .into_iter()
+                    .map(String::from)
+                    .collect(),
+            ),
+            Kind::StressMem => {
+                let bytes = self.size.as_deref().unwrap_or("50%");
+                (
+                    "stress-ng",
+                    [
+                        "--vm",
+                        "1",
+                        "--vm-bytes",
+                        bytes,
+                        "--vm-keep",
+                        "--timeout",
+                        &timeout,
+                        "--metrics-brief",
+                    ]
+                    .into_iter()
+                    .map(String::from)
+                    .collect(),
+                )
+            }
+            Kind::FioRandrw => {
+                let size = self.size.as_deref().unwrap_or("64M");
+                (
+                    "fio",
+                    vec![
+                        "--name=randrw".to_string(),
+                        "--directory=/var/tmp".to_string(),
+                        "--rw=randrw".to_string(),
+                        "--bs=4k".to_string(),
+                        format!("--size={size}"),
+                        format!("--runtime={}", self.secs),
+                        "--time_based".to_string(),
+                        "--ioengine=psync".to_string(),
+                        format!("--direct={}", u8::from(direct_io)),
+                        "--unlink=1".to_string(),
+                    ],
+                )
+            }
+        }
+    }
+}
+
+/// The filesystem type of the mount that holds `path`, from /proc/mounts text.
+pub fn fs_type_of<'a>(path: &str, mounts: &'a str) -> Option<&'a str> {
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_dev, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+            let inside = path == dir
+                || dir == "/"
+                || path
+                    .strip_prefix(dir)
+                    .is_some_and(|rest| rest.starts_with('/'));
+            inside.then_some((dir.len(), fstype))
+        })
+        // The deepest mount wins; among equal ones the last mounted (it hides the others).
+        .fold(None, |best: Option<(usize, &str)>, m| match best {
+            Some(b) if b.0 > m.0 => Some(b),
+            _ => Some(m),
+        })
+        .map(|(_, t)| t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(kind: Kind, secs: u32, size: Option<&str>) -> Step {
+        Step::Run(Workload {
+            kind,
+            secs,
+            size: size.map(String::from),
+        })
+    }
+
+    #[test]
+    fn parses_workloads_with_and_without_a_size() {
+        assert_eq!(
+            parse_step("stress-cpu:10"),
+            Ok(run(Kind::StressCpu, 10, None))
+        );
+        assert_eq!(
+            parse_step(" stress-mem:3:128M "),
+            Ok(run(Kind::StressMem, 3, Some("128M")))
+        );
+        assert_eq!(
+            parse_step("fio-randrw:5:50%"),
+            Ok(run(Kind::FioRandrw, 5, Some("50%")))
+        );
+        assert_eq!(parse_step("poweroff"), Ok(Step::Poweroff));
+    }
+
+    #[test]
+    fn rejects_bad_steps_with_a_reason() {
+        assert!(parse_step("stress-gpu:1")
+            .unwrap_err()
+            .contains("unknown workload"));
+        assert!(parse_step("stress-cpu")
+            .unwrap_err()
+            .contains("missing duration"));
+        assert!(parse_step("stress-cpu:0").unwrap_err().contains("positive"));
+        assert!(parse_step("stress-cpu:x").unwrap_err().contains("positive"));
+        assert!(parse_step("stress-mem:1:lots")
+            .unwrap_err()
+            .contains("size"));
+        assert!(parse_step("stress-mem:1:12Q").unwrap_err().contains("size"));
+        assert!(parse_step("stress-mem:1:1M:2")
+            .unwrap_err()
+            .contains("too many"));
+    }
+
+    #[test]
+    fn steps_display_as_they_parse() {
+        for s in ["stress-cpu:10", "stress-mem:3:128M", "poweroff"] {
+            assert_eq!(parse_step(s).unwrap().to_string(), s);
+        }
+    }
+
+    #[test]
+    fn reads_steps_from_the_kernel_command_line() {
+        let cmdline = "console=ttyS0 prescient.workload=stress-cpu:2,fio-randrw:1 reboot=k \
+                       prescient.workload=poweroff\n";
+        assert_eq!(
+            from_cmdline(cmdline),
+            Ok(vec![
+                run(Kind::StressCpu, 2, None),
+                run(Kind::FioRandrw, 1, None),
+                Step::Poweroff
+            ])
+        );
+        assert_eq!(from_cmdline("console=ttyS0"), Ok(vec![]));
+        assert!(from_cmdline("prescient.workload=nope:1").is_err());
+    }
+
+    #[test]
+    fn reads_steps_from_console_lines() {
+        assert_eq!(
+            from_console("run stress-cpu:1\r"),
+            Ok(vec![run(Kind::StressCpu, 1, None)])
+        );
+        assert_eq!(from_console("poweroff"), Ok(vec![Step::Poweroff]));
+        assert_eq!(from_console("  "), Ok(vec![]));
+    }
+
+    #[test]
+    fn builds_the_workload_commands() {
+        let w = |k, size: Option<&str>| Workload {
+            kind: k,
+            secs: 7,
+            size: size.map(String::from),
+        };
+        let (prog, args) = w(Kind::StressCpu, None).command(true);
+        assert_eq!(prog, "stress-ng");
+        assert_eq!(args.join(" "), "--cpu 0 --timeout 7s --metrics-brief");
+        let (_, args) = w(Kind::StressMem, Some("64M")).command(true);
+        assert_eq!(
+            args.join(" "),
+            "--vm 1 --vm-bytes 64M --vm-keep --timeout 7s --metrics-brief"
+        );
+        let (prog, args) = w(Kind::FioRandrw, None).command(false);
+        assert_eq!(prog, "fio");
+        assert!(args.contains(&"--size=64M".to_string()));
+        assert!(args.contains(&"--runtime=7".to_string()));
+        assert!(args.contains(&"--direct=0".to_string()));
+        let (_, args) = w(Kind::FioRandrw, Some("8M")).command(true);
+        assert!(args.contains(&"--size=8M".to_string()));
+        assert!(args.contains(&"--direct=1".to_string()));
+    }
+
+    #[test]
+    fn finds_the_filesystem_holding_a_path() {
+        let mounts = "/dev/root / ext4 rw 0 0\nproc /proc proc rw 0 0\n\
+                      tmpfs /tmp tmpfs rw 0 0\ntmpfs /var/tmpfoo tmpfs rw 0 0\n";
+        assert_eq!(fs_type_of("/var/tmp", mounts), Some("ext4"));
+        assert_eq!(fs_type_of("/tmp/x", mounts), Some("tmpfs"));
+        assert_eq!(fs_type_of("/tmp", mounts), Some("tmpfs"));
+        let initramfs = "rootfs / rootfs rw 0 0\nnone / tmpfs rw 0 0\n";
+        assert_eq!(fs_type_of("/var/tmp", initramfs), Some("tmpfs"));
+        assert_eq!(fs_type_of("/x", ""), None);
+    }
+}
