@@ -313,3 +313,120 @@ impl MutEventSubscriber for Net {
         self.set_tap_polling(poll, ops);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::Queue;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    use crate::virtio::VirtioInterrupt;
+
+    /// Moves this test thread into a network namespace of its own, so its TAP never appears on
+    /// the host (network namespaces are per thread).
+    fn private_netns() {
+        // SAFETY: unshare(2) with a plain flag; it changes only this thread's namespaces.
+        let ret = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(
+            ret,
+            0,
+            "unshare(CLONE_NEWNET): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    fn desc(addr: u64, len: u32, flags: u16) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0))
+    }
+
+    #[test]
+    fn bad_tap_names_are_refused_before_any_syscall() {
+        for name in ["", "a-name-that-is-too-long", "nul\0"] {
+            assert!(
+                matches!(Tap::open(name), Err(TapError::Name(_))),
+                "{name:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_tx_chains_come_back_unused_and_are_counted() {
+        private_netns();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let mut net = Net::new(
+            "eth0",
+            "prsnt-ut0",
+            Some([6, 0, 0, 0, 0, 1]),
+            RateLimiterConfig::default(),
+            RateLimiterConfig::default(),
+        )
+        .unwrap();
+        assert_ne!(net.avail_features() & (1 << VIRTIO_NET_F_MAC), 0);
+        let mut mac = [0u8; 6];
+        net.read_config(0, &mut mac);
+        assert_eq!(mac, [6, 0, 0, 0, 0, 1]);
+
+        let rx = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let tx = MockSplitQueue::create(&mem, GuestAddress(0x8000), 16);
+        net.activate(ActivateContext {
+            mem: mem.clone(),
+            queues: vec![
+                rx.create_queue::<Queue>().unwrap(),
+                tx.create_queue::<Queue>().unwrap(),
+            ],
+            acked_features: 1 << VIRTIO_F_VERSION_1,
+            interrupt: Arc::new(VirtioInterrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
+        })
+        .unwrap();
+        // Shorter than a virtio-net header; outside guest memory; device-writable only.
+        tx.add_desc_chains(&[desc(0x10_0000, 8, 0)], 0).unwrap();
+        tx.add_desc_chains(&[desc(0xffff_0000, 64, 0)], 1).unwrap();
+        tx.add_desc_chains(&[desc(0x10_1000, 64, 2)], 2).unwrap();
+        // A well-formed frame: the TAP is down, so the write fails like a frame on a dead link.
+        tx.add_desc_chains(&[desc(0x10_2000, (VNET_HDR_LEN + 60) as u32, 0)], 3)
+            .unwrap();
+        net.process_tx();
+        assert_eq!(tx.used().idx().load(), 4, "every chain came back");
+        for i in 0..4 {
+            assert_eq!(tx.used().ring().ref_at(i).unwrap().load().len(), 0);
+        }
+        let c = net.counters();
+        assert_eq!(c.invalid_requests.load(Ordering::Relaxed), 3);
+        let sent = c.requests.load(Ordering::Relaxed) + c.io_errors.load(Ordering::Relaxed);
+        assert_eq!(sent, 1, "the good frame was handed to the TAP");
+        // No frame waits on the TAP: RX takes nothing and asks to keep polling.
+        assert!(net.process_rx());
+        assert_eq!(rx.used().idx().load(), 0);
+    }
+
+    #[test]
+    fn a_two_queue_device_refuses_another_queue_count() {
+        private_netns();
+        let mut net = Net::new(
+            "eth0",
+            "prsnt-ut1",
+            None,
+            RateLimiterConfig::default(),
+            RateLimiterConfig::default(),
+        )
+        .unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let q = MockSplitQueue::new(&mem, 16);
+        let e = net.activate(ActivateContext {
+            mem: mem.clone(),
+            queues: vec![q.create_queue::<Queue>().unwrap()],
+            acked_features: 0,
+            interrupt: Arc::new(VirtioInterrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
+        });
+        assert!(matches!(
+            e,
+            Err(ActivateError::QueueCount {
+                expected: 2,
+                got: 1
+            })
+        ));
+    }
+}
