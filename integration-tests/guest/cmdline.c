@@ -20,7 +20,7 @@ static int eq(const char *a, size_t n, const char *lit)
 	return n == m && !memcmp(a, lit, n);
 }
 
-static int parse_u64(const char *s, size_t n, u64 *out)
+int parse_u64(const char *s, size_t n, u64 *out)
 {
 	u64 v = 0;
 	if (!n)

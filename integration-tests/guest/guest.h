@@ -120,6 +120,7 @@ struct params {
 };
 extern struct params g_params;
 void cmdline_parse(const char *s, int report);  /* report: print unknown keys */
+int parse_u64(const char *s, size_t n, u64 *out); /* decimal digits only; 0 if not a number */
 
 /* ---- serial.c / fmt.c ----------------------------------------------- */
 void serial_init(void);

@@ -62,19 +62,6 @@ static int parse_num(const char *s, size_t n, u64 *out, size_t *used)
 	return 1;
 }
 
-static int parse_dec(const char *s, size_t n, u64 *out)
-{
-	u64 v = 0;
-	if (!n)
-		return 0;
-	for (size_t i = 0; i < n; i++) {
-		if (s[i] < '0' || s[i] > '9')
-			return 0;
-		v = v * 10 + (u64)(s[i] - '0');
-	}
-	*out = v;
-	return 1;
-}
 
 /* <size>[KMG]@<base>:<irq>[:<id>] (Linux: memparse, then "@%lli:%u%n:%d%n") */
 static int parse_device(const char *v, size_t n)
@@ -159,7 +146,7 @@ int virtio_param(const char *k, size_t kn, const char *v, size_t vn)
 	}
 	for (size_t i = 0; i < sizeof(nums) / sizeof(nums[0]); i++)
 		if (keq(k, kn, nums[i].key))
-			return parse_dec(v, vn, nums[i].val) ? 0 : 2;
+			return parse_u64(v, vn, nums[i].val) ? 0 : 2;
 	return 1;
 }
 

@@ -78,6 +78,17 @@ impl MutEventSubscriber for MetricsTimer {
     }
 }
 
+/// `list` with `item` in place of the entry with the same id, or added at the end (a PUT of a
+/// device section), for validation before it replaces the configuration.
+fn upsert_by_id<T: Clone>(list: &[T], item: T, id: fn(&T) -> &String) -> Vec<T> {
+    let mut list = list.to_vec();
+    match list.iter_mut().find(|existing| id(existing) == id(&item)) {
+        Some(existing) => *existing = item,
+        None => list.push(item),
+    }
+    list
+}
+
 /// The VMM thread's state.
 pub struct Runtime {
     event_manager: EventManager<Subscriber>,
@@ -271,11 +282,7 @@ impl Runtime {
             }
             VmmAction::PutDrive(drive) => {
                 self.before_boot()?;
-                let mut drives = self.config.drives.clone();
-                match drives.iter_mut().find(|d| d.drive_id == drive.drive_id) {
-                    Some(existing) => *existing = drive,
-                    None => drives.push(drive),
-                }
+                let drives = upsert_by_id(&self.config.drives, drive, |d| &d.drive_id);
                 validate_drives(&drives)?;
                 self.config.drives = drives;
                 Ok(VmmData::Empty)
@@ -283,11 +290,7 @@ impl Runtime {
             VmmAction::PatchDrive(update) => self.patch_drive(update),
             VmmAction::PutNetworkInterface(iface) => {
                 self.before_boot()?;
-                let mut ifaces = self.config.network_interfaces.clone();
-                match ifaces.iter_mut().find(|n| n.iface_id == iface.iface_id) {
-                    Some(existing) => *existing = iface,
-                    None => ifaces.push(iface),
-                }
+                let ifaces = upsert_by_id(&self.config.network_interfaces, iface, |n| &n.iface_id);
                 validate_interfaces(&ifaces)?;
                 self.config.network_interfaces = ifaces;
                 Ok(VmmData::Empty)
@@ -345,5 +348,21 @@ impl Runtime {
                 Ok(VmmData::Empty)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upsert_replaces_by_id_and_appends_new_ids() {
+        let list = vec![("a".to_string(), 1), ("b".to_string(), 2)];
+        let id = |e: &(String, i32)| &e.0;
+        let replaced = upsert_by_id(&list, ("a".to_string(), 9), id);
+        assert_eq!(replaced, vec![("a".to_string(), 9), ("b".to_string(), 2)]);
+        let appended = upsert_by_id(&list, ("c".to_string(), 3), id);
+        assert_eq!(appended.len(), 3);
+        assert_eq!(appended[2], ("c".to_string(), 3));
     }
 }
