@@ -358,7 +358,9 @@ mod tests {
     #[test]
     fn upsert_replaces_by_id_and_appends_new_ids() {
         let list = vec![("a".to_string(), 1), ("b".to_string(), 2)];
-        let id = |e: &(String, i32)| &e.0;
+        fn id(e: &(String, i32)) -> &String {
+            &e.0
+        }
         let replaced = upsert_by_id(&list, ("a".to_string(), 9), id);
         assert_eq!(replaced, vec![("a".to_string(), 9), ("b".to_string(), 2)]);
         let appended = upsert_by_id(&list, ("c".to_string(), 3), id);
