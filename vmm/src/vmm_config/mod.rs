@@ -201,10 +201,15 @@ mod tests {
     use super::*;
     use std::io::Write;
 
+    /// Each file gets a name of its own: tests run in parallel and must not see each other's
+    /// half-written files.
     fn write_temp(name: &str, contents: &[u8]) -> PathBuf {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("prescient-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join(name);
+        let p = dir.join(format!("{n}-{name}"));
         std::fs::File::create(&p)
             .unwrap()
             .write_all(contents)
@@ -218,12 +223,8 @@ mod tests {
         write_temp("vmlinux", &elf)
     }
 
-    /// Each spec gets its own file: tests run in parallel.
     fn spec(body: &str) -> PathBuf {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        write_temp(&format!("vm{n}.json"), body.as_bytes())
+        write_temp("vm.json", body.as_bytes())
     }
 
     fn err_of(body: &str) -> String {
