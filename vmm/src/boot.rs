@@ -433,6 +433,62 @@ mod tests {
         assert_eq!({ params.hdr.ramdisk_size }, 0);
     }
 
+    /// A minimal bzImage: a setup header (boot protocol 2.12, loaded high, with the 64-bit entry
+    /// flag unless `no_64bit`) and 4 KiB of protected-mode kernel.
+    fn tiny_bzimage(no_64bit: bool) -> Vec<u8> {
+        const SETUP_SECTS: u8 = 4;
+        let mut img = vec![0u8; (usize::from(SETUP_SECTS) + 1) * 512];
+        img[0x1f1] = SETUP_SECTS;
+        img[0x1fe..0x200].copy_from_slice(&KERNEL_BOOT_FLAG_MAGIC.to_le_bytes());
+        img[0x202..0x206].copy_from_slice(b"HdrS");
+        img[0x206..0x208].copy_from_slice(&0x020cu16.to_le_bytes());
+        img[0x211] = 1; // LOADED_HIGH
+        img[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes());
+        if !no_64bit {
+            img[0x236..0x238].copy_from_slice(&XLF_KERNEL_64.to_le_bytes());
+        }
+        img.extend_from_slice(&[0xab; 4096]);
+        img
+    }
+
+    #[test]
+    fn a_bzimage_is_entered_at_its_64bit_entry_with_boot_params() {
+        let k = temp_file("bzImage", &tiny_bzimage(false));
+        let mem = guest_mem(32);
+        let entry = load_boot_source(&mem, &boot_source(k, None), &[]).unwrap();
+        assert_eq!(
+            entry,
+            BootEntry::Linux64 {
+                entry: GuestAddress(0x10_0000 + BZIMAGE_64BIT_ENTRY_OFFSET),
+                boot_params: GuestAddress(ZERO_PAGE_START)
+            }
+        );
+        let mut kernel = [0u8; 4096];
+        mem.read_slice(&mut kernel, GuestAddress(0x10_0000))
+            .unwrap();
+        assert_eq!(
+            kernel, [0xab; 4096],
+            "the protected-mode part is at code32_start"
+        );
+        let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
+        assert_eq!({ params.hdr.header }, KERNEL_HDR_MAGIC);
+        assert_eq!(
+            { params.hdr.version },
+            0x020c,
+            "the image's own header is passed on"
+        );
+        assert_eq!({ params.hdr.type_of_loader }, KERNEL_LOADER_OTHER);
+        assert_eq!({ params.hdr.cmd_line_ptr }, CMDLINE_START as u32);
+    }
+
+    #[test]
+    fn a_bzimage_without_a_64bit_entry_is_refused() {
+        let k = temp_file("bzImage32", &tiny_bzimage(true));
+        let e = load_boot_source(&guest_mem(32), &boot_source(k, None), &[]).unwrap_err();
+        assert!(matches!(e, BootError::No64BitEntry(_)), "{e}");
+        assert_eq!(e.spec_field().to_string(), "boot-source.kernel_image_path");
+    }
+
     #[test]
     fn device_parameters_go_before_init_arguments() {
         let extra = vec!["virtio_mmio.device=4K@0xc0000000:5".to_string()];
