@@ -119,7 +119,6 @@ pub struct RateLimiter {
     ops: Option<TokenBucket>,
     timer: TimerFd,
     blocked: bool,
-    throttled: u64,
 }
 
 impl std::fmt::Debug for RateLimiter {
@@ -147,7 +146,6 @@ impl RateLimiter {
             config,
             timer: TimerFd::new().map_err(|e| RateLimiterError::Timer(e.into()))?,
             blocked: false,
-            throttled: 0,
         })
     }
 
@@ -158,11 +156,6 @@ impl RateLimiter {
     /// Whether a request must wait for the timer.
     pub fn is_blocked(&self) -> bool {
         self.blocked
-    }
-
-    /// Requests that had to wait, since creation.
-    pub fn throttled_count(&self) -> u64 {
-        self.throttled
     }
 
     /// Takes the tokens `cost` needs, from both buckets or from neither. On false the caller
@@ -200,10 +193,7 @@ impl RateLimiter {
 
     fn block_for(&mut self, wait: Duration) {
         match self.timer.reset(wait, None) {
-            Ok(()) => {
-                self.blocked = true;
-                self.throttled += 1;
-            }
+            Ok(()) => self.blocked = true,
             // Without a timer nothing would ever unblock the queue: let the request through.
             Err(e) => tracing::error!("rate limiter timer: {e}; not throttling"),
         }
@@ -322,7 +312,6 @@ mod tests {
         std::thread::sleep(Duration::from_millis(60));
         rl.on_timer();
         assert!(rl.consume(cost));
-        assert_eq!(rl.throttled_count(), 1);
     }
 
     #[test]

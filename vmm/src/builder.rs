@@ -166,7 +166,6 @@ pub fn build_microvm(
         vm,
         mem,
         handles,
-        exit,
         terminal,
         legacy.i8042,
         virtio,

@@ -332,11 +332,6 @@ impl Metrics {
             source,
         })
     }
-
-    /// Whether a sink is configured (the periodic flush only runs then).
-    pub fn is_configured(&self) -> bool {
-        lock(&self.sink).is_some()
-    }
 }
 
 /// Metrics state stays usable after a panic elsewhere: every update is a single store.

@@ -12,7 +12,6 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::console::RawTerminal;
 use crate::device_manager::legacy::ResetToExit;
-use crate::exit::ExitSignal;
 use crate::vstate::vcpu::{VcpuError, VcpuEvent, VcpuHandle, VcpuResponse};
 use crate::vstate::vm::Vm;
 
@@ -45,7 +44,6 @@ pub enum RunState {
 pub struct MicroVm {
     // Field order is drop order: vCPU threads are joined in `stop` before memory and the VM go.
     vcpus: Vec<VcpuHandle>,
-    exit: Arc<ExitSignal>,
     state: RunState,
     i8042: Arc<Mutex<I8042<ResetToExit>>>,
     virtio: VirtioHandles,
@@ -59,14 +57,12 @@ impl MicroVm {
         vm: Vm,
         mem: GuestMemoryMmap,
         vcpus: Vec<VcpuHandle>,
-        exit: Arc<ExitSignal>,
         terminal: Option<RawTerminal>,
         i8042: Arc<Mutex<I8042<ResetToExit>>>,
         virtio: VirtioHandles,
     ) -> Self {
         Self {
             vcpus,
-            exit,
             state: RunState::Running,
             i8042,
             virtio,
@@ -131,11 +127,6 @@ impl MicroVm {
         tx: Option<RateLimiterConfig>,
     ) -> Option<Result<(), NetError>> {
         Some(find(&self.virtio.nets, iface_id)?.update_rate_limiters(rx, tx))
-    }
-
-    /// The VM's end signal, for code that ends it from outside.
-    pub fn exit_signal(&self) -> Arc<ExitSignal> {
-        self.exit.clone()
     }
 
     /// Stops and joins every vCPU thread, then releases the VM.
