@@ -213,21 +213,24 @@ mod tests {
         );
     }
 
+    /// A point model that predicts the last value it saw, at every horizon.
+    struct Last(f64);
+
+    impl PointModel for Last {
+        fn name(&self) -> &str {
+            "last"
+        }
+        fn update(&mut self, v: f64) {
+            self.0 = v;
+        }
+        fn point(&self, _: Horizon) -> f64 {
+            self.0
+        }
+    }
+
     #[test]
     fn relative_band_scales_with_the_forecast() {
-        /// Predicts the last value, so a series alternating x and 1.1x has a 10 % error.
-        struct Last(f64);
-        impl PointModel for Last {
-            fn name(&self) -> &str {
-                "last"
-            }
-            fn update(&mut self, v: f64) {
-                self.0 = v;
-            }
-            fn point(&self, _: Horizon) -> f64 {
-                self.0
-            }
-        }
+        // Last predicts the last value, so a series alternating x and 1.1x has a 10 % error.
         let mut f = Banded::new(
             Last(0.0),
             BandConfig {
@@ -250,19 +253,7 @@ mod tests {
 
     #[test]
     fn errors_are_measured_at_the_configured_horizon() {
-        /// Predicts the last value; on a ramp of +1 per step its h-step error is exactly h.
-        struct Last(f64);
-        impl PointModel for Last {
-            fn name(&self) -> &str {
-                "last"
-            }
-            fn update(&mut self, v: f64) {
-                self.0 = v;
-            }
-            fn point(&self, _: Horizon) -> f64 {
-                self.0
-            }
-        }
+        // Last predicts the last value; on a ramp of +1 per step its h-step error is exactly h.
         let mut f = Banded::new(Last(0.0), cfg(3, 1)).unwrap();
         for i in 0..50 {
             f.observe(i as f64);
