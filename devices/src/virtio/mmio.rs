@@ -125,7 +125,9 @@ impl MmioTransport {
             0x44 => queue.map_or(0, |q| u32::from(q.ready())),
             0x60 => self.interrupt.status(),
             0x70 => self.status,
-            0xfc => self.config_generation,
+            0xfc => self
+                .config_generation
+                .wrapping_add(lock(&self.device).config_generation()),
             _ => {
                 self.invalid(format_args!(
                     "read of write-only or unknown register {offset:#x}"

@@ -5,7 +5,10 @@
 //! with a virtio error status where it can find a status byte, otherwise returns the chain unused,
 //! counts it, and goes on. Nothing the guest puts in a queue can panic or stall the VMM.
 
+pub mod balloon;
 pub mod block;
+pub mod discard;
+pub mod mem;
 pub mod mmio;
 pub mod net;
 pub mod rng;
@@ -25,7 +28,9 @@ pub const VIRTIO_F_VERSION_1: u32 = 32;
 pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_RNG: u32 = 4;
+pub const TYPE_BALLOON: u32 = 5;
 pub const TYPE_VSOCK: u32 = 19;
+pub const TYPE_MEM: u32 = 24;
 
 /// InterruptStatus bits.
 pub const INTERRUPT_USED_RING: u32 = 1;
@@ -169,6 +174,11 @@ pub trait VirtioDevice: Send {
             self.device_type(),
             data.len()
         );
+    }
+    /// Bumped by devices whose config space changes on their own (balloon target, virtio-mem
+    /// requested size), so that a driver reading several fields sees one consistent version.
+    fn config_generation(&self) -> u32 {
+        0
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
     /// Back to the state before activation (the driver wrote 0 to Status).

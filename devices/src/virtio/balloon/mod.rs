@@ -1,0 +1,500 @@
+//! virtio-balloon: the guest gives pages back (inflate) and takes them again (deflate) to meet a
+//! target the host sets; it reports its memory statistics on request, and with free page
+//! reporting hands over memory it freed on its own. Inflated and reported pages are discarded on
+//! the host at once.
+//!
+//! Queues, in the order the driver finds them: inflate, deflate, then stats if STATS_VQ was
+//! negotiated, then reporting if REPORTING was. Every PFN and range is checked against guest
+//! memory; bad entries are counted and skipped, the rest of the request still counts.
+
+pub mod stats;
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use serde::Serialize;
+use virtio_queue::{DescriptorChain, QueueT, Reader};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
+
+use self::stats::{GuestStats, StatsReport};
+use super::discard::{discard, DiscardError, PAGE_SIZE};
+use super::{
+    read_config_bytes, ActivateContext, ActivateError, ActiveQueues, DeviceCounters, VirtioDevice,
+    TYPE_BALLOON, VIRTIO_F_VERSION_1,
+};
+
+pub const QUEUE_SIZE: u16 = 256;
+/// Pages per MiB.
+pub const PAGES_PER_MIB: u32 = (1 << 20) / PAGE_SIZE as u32;
+
+const F_STATS_VQ: u32 = 1;
+const F_DEFLATE_ON_OOM: u32 = 2;
+const F_REPORTING: u32 = 5;
+const QUEUES: usize = 4;
+/// Config space: `le32 num_pages` (device), `le32 actual` (driver).
+const CONFIG_ACTUAL: u64 = 4;
+
+/// Errors of creating the balloon.
+#[derive(Debug, thiserror::Error)]
+pub enum BalloonError {
+    #[error("cannot create an eventfd for a balloon queue: {0}")]
+    EventFd(std::io::Error),
+    #[error("cannot create the balloon statistics timer: {0}")]
+    Timer(std::io::Error),
+    #[error("statistics were disabled when the VM started; they cannot be turned on or off now")]
+    StatsToggle,
+}
+
+/// What the balloon is asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BalloonOptions {
+    pub target_pages: u32,
+    pub deflate_on_oom: bool,
+    /// How often the guest is asked for statistics; zero: no statistics queue.
+    pub stats_interval: Duration,
+    pub free_page_reporting: bool,
+}
+
+/// `GET /balloon/statistics`: Firecracker's shape, plus how old the guest's report is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct BalloonStats {
+    pub target_pages: u32,
+    pub actual_pages: u32,
+    pub target_mib: u32,
+    pub actual_mib: u32,
+    #[serde(flatten)]
+    pub guest: GuestStats,
+    /// Milliseconds since the guest's last report; absent before the first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stats_age_ms: Option<u64>,
+}
+
+/// What the host has seen the guest do, for metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BalloonActivity {
+    pub inflated_pages: u64,
+    pub deflated_pages: u64,
+    pub reported_bytes: u64,
+    pub stats_reports: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Inflate,
+    Deflate,
+    Stats,
+    Reporting,
+}
+
+/// Which queue does what under the negotiated features (absent queues take no index).
+fn roles(acked: u64) -> [Option<Role>; QUEUES] {
+    let mut roles = [Some(Role::Inflate), Some(Role::Deflate), None, None];
+    let mut next = 2;
+    for (bit, role) in [(F_STATS_VQ, Role::Stats), (F_REPORTING, Role::Reporting)] {
+        if acked & (1 << bit) != 0 {
+            roles[next] = Some(role);
+            next += 1;
+        }
+    }
+    roles
+}
+
+struct Active {
+    queues: ActiveQueues<QUEUES>,
+    roles: [Option<Role>; QUEUES],
+}
+
+/// The balloon device.
+pub struct Balloon {
+    options: BalloonOptions,
+    actual_pages: u32,
+    queue_events: [EventFd; QUEUES],
+    stats_timer: TimerFd,
+    stats: Option<StatsReport>,
+    /// The stats buffer the guest lent us: given back to ask for a new report.
+    stats_head: Option<u16>,
+    activity: BalloonActivity,
+    counters: Arc<DeviceCounters>,
+    config_generation: u32,
+    active: Option<Active>,
+}
+
+impl Balloon {
+    pub fn new(options: BalloonOptions) -> Result<Self, BalloonError> {
+        let evt = || EventFd::new(EFD_NONBLOCK).map_err(BalloonError::EventFd);
+        Ok(Self {
+            options,
+            actual_pages: 0,
+            queue_events: [evt()?, evt()?, evt()?, evt()?],
+            stats_timer: TimerFd::new().map_err(|e| BalloonError::Timer(e.into()))?,
+            stats: None,
+            stats_head: None,
+            activity: BalloonActivity::default(),
+            counters: Arc::default(),
+            config_generation: 0,
+            active: None,
+        })
+    }
+
+    pub fn options(&self) -> BalloonOptions {
+        self.options
+    }
+
+    /// Asks the guest to hold `pages` pages in the balloon.
+    pub fn set_target_pages(&mut self, pages: u32) {
+        if pages == self.options.target_pages {
+            return;
+        }
+        self.options.target_pages = pages;
+        self.config_generation = self.config_generation.wrapping_add(1);
+        if let Some(active) = &self.active {
+            active.queues.interrupt.signal_config_change();
+        }
+    }
+
+    /// Changes how often statistics are asked for. The stats queue exists only if statistics
+    /// were on when the VM started, so this cannot turn them on or off.
+    pub fn set_stats_interval(&mut self, interval: Duration) -> Result<(), BalloonError> {
+        if interval.is_zero() != self.options.stats_interval.is_zero() {
+            return Err(BalloonError::StatsToggle);
+        }
+        self.options.stats_interval = interval;
+        if self.has_role(Role::Stats) {
+            self.arm_stats_timer();
+        }
+        Ok(())
+    }
+
+    /// Pages the guest says it holds in the balloon.
+    pub fn actual_pages(&self) -> u32 {
+        self.actual_pages
+    }
+
+    pub fn activity(&self) -> BalloonActivity {
+        self.activity
+    }
+
+    /// The target, the guest's count and its latest statistics.
+    pub fn stats(&self) -> BalloonStats {
+        BalloonStats {
+            target_pages: self.options.target_pages,
+            actual_pages: self.actual_pages,
+            target_mib: self.options.target_pages / PAGES_PER_MIB,
+            actual_mib: self.actual_pages / PAGES_PER_MIB,
+            guest: self.stats.map(|r| r.stats).unwrap_or_default(),
+            stats_age_ms: self
+                .stats
+                .map(|r| r.at.elapsed().as_millis().try_into().unwrap_or(u64::MAX)),
+        }
+    }
+
+    /// The guest's latest report and when it arrived.
+    pub fn latest_report(&self) -> Option<StatsReport> {
+        self.stats
+    }
+
+    fn has_role(&self, role: Role) -> bool {
+        self.active
+            .as_ref()
+            .is_some_and(|a| a.roles.contains(&Some(role)))
+    }
+
+    fn arm_stats_timer(&mut self) {
+        let interval = self.options.stats_interval;
+        let result = if interval.is_zero() {
+            self.stats_timer.clear()
+        } else {
+            self.stats_timer.reset(interval, Some(interval))
+        };
+        if let Err(e) = result {
+            tracing::warn!("balloon: cannot set the statistics timer: {e}");
+        }
+    }
+
+    fn invalid(&self, what: std::fmt::Arguments<'_>) {
+        DeviceCounters::inc(&self.counters.invalid_requests, 1);
+        tracing::debug!("balloon: {what}");
+    }
+
+    /// Serves every request waiting in queue `index`.
+    pub fn process_queue(&mut self, index: usize) {
+        let Some(role) = self.active.as_ref().and_then(|a| a.roles[index]) else {
+            return self.invalid(format_args!("notification of unused queue {index}"));
+        };
+        let mut completed = false;
+        loop {
+            let Some(active) = self.active.as_mut() else {
+                return;
+            };
+            if !active.queues.queues[index].ready() {
+                return self.invalid(format_args!("notification of queue {index}, not ready"));
+            }
+            let mem = active.queues.mem.clone();
+            let Some(chain) = active.queues.queues[index].pop_descriptor_chain(&mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            DeviceCounters::inc(&self.counters.requests, 1);
+            match role {
+                Role::Inflate | Role::Deflate => self.page_list(&mem, chain, role),
+                Role::Reporting => self.report_free(&mem, chain),
+                Role::Stats => {
+                    // Held until the next poll: returning it is how we ask for the next report.
+                    self.take_stats(&mem, chain);
+                    if let Some(old) = self.stats_head.replace(head) {
+                        self.invalid(format_args!("a second stats buffer while one was held"));
+                        self.complete(index, old);
+                        completed = true;
+                    }
+                    continue;
+                }
+            }
+            self.complete(index, head);
+            completed = true;
+        }
+        if completed {
+            if let Some(active) = self.active.as_mut() {
+                active.queues.notify(index);
+            }
+        }
+    }
+
+    fn complete(&mut self, index: usize, head: u16) {
+        if let Some(active) = self.active.as_mut() {
+            if let Err(e) = active.queues.queues[index].add_used(&active.queues.mem, head, 0) {
+                tracing::warn!("balloon: cannot return a used buffer: {e}");
+            }
+        }
+    }
+
+    /// An inflate or deflate request: little-endian u32 page frame numbers.
+    fn page_list(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        role: Role,
+    ) {
+        let mut reader = match Reader::new(mem, chain) {
+            Ok(r) => r,
+            Err(e) => return self.invalid(format_args!("unreadable page list: {e}")),
+        };
+        if reader.available_bytes() % 4 != 0 {
+            self.invalid(format_args!(
+                "page list of {} bytes (not whole PFNs)",
+                reader.available_bytes()
+            ));
+        }
+        // Consecutive PFNs are discarded as one range: one madvise for a run, not per page.
+        let mut run: Option<(u64, u64)> = None;
+        while reader.available_bytes() >= 4 {
+            let pfn: u32 = match reader.read_obj() {
+                Ok(p) => p,
+                Err(e) => return self.invalid(format_args!("page list read: {e}")),
+            };
+            let addr = u64::from(pfn) * PAGE_SIZE;
+            if !mem.address_in_range(GuestAddress(addr)) {
+                self.invalid(format_args!("PFN {pfn:#x} is not guest memory"));
+                continue;
+            }
+            match role {
+                Role::Deflate => self.activity.deflated_pages += 1,
+                _ => {
+                    self.activity.inflated_pages += 1;
+                    run = match run {
+                        Some((start, len)) if start + len == addr => Some((start, len + PAGE_SIZE)),
+                        Some(done) => {
+                            self.discard_range(mem, done);
+                            Some((addr, PAGE_SIZE))
+                        }
+                        None => Some((addr, PAGE_SIZE)),
+                    };
+                }
+            }
+        }
+        if let Some(done) = run {
+            self.discard_range(mem, done);
+        }
+    }
+
+    /// A free page report: device-writable ranges the guest no longer uses.
+    fn report_free(&mut self, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) {
+        for desc in chain {
+            let range = (desc.addr().0, u64::from(desc.len()));
+            if self.discard_range(mem, range) {
+                self.activity.reported_bytes += range.1;
+            }
+        }
+    }
+
+    fn discard_range(&mut self, mem: &GuestMemoryMmap, (addr, len): (u64, u64)) -> bool {
+        match discard(mem, GuestAddress(addr), len) {
+            Ok(()) => true,
+            Err(e @ DiscardError::Madvise { .. }) => {
+                DeviceCounters::inc(&self.counters.io_errors, 1);
+                tracing::warn!("balloon: {e}");
+                false
+            }
+            Err(e) => {
+                self.invalid(format_args!("{e}"));
+                false
+            }
+        }
+    }
+
+    fn take_stats(&mut self, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) {
+        let mut reader = match Reader::new(mem, chain) {
+            Ok(r) => r,
+            Err(e) => return self.invalid(format_args!("unreadable stats buffer: {e}")),
+        };
+        let mut bytes = vec![0u8; reader.available_bytes()];
+        if let Err(e) = std::io::Read::read_exact(&mut reader, &mut bytes) {
+            return self.invalid(format_args!("stats buffer read: {e}"));
+        }
+        match GuestStats::parse(&bytes) {
+            Some((stats, _unknown)) => {
+                self.stats = Some(StatsReport {
+                    stats,
+                    at: Instant::now(),
+                });
+                self.activity.stats_reports += 1;
+            }
+            None => self.invalid(format_args!("stats buffer of {} bytes", bytes.len())),
+        }
+    }
+
+    /// The stats timer fired: give the guest its buffer back so it sends a fresh report.
+    fn poll_stats(&mut self) {
+        let _ = self.stats_timer.wait();
+        let Some(index) = self
+            .active
+            .as_ref()
+            .and_then(|a| a.roles.iter().position(|r| *r == Some(Role::Stats)))
+        else {
+            return;
+        };
+        if let Some(head) = self.stats_head.take() {
+            self.complete(index, head);
+            if let Some(active) = self.active.as_mut() {
+                active.queues.notify(index);
+            }
+        }
+    }
+}
+
+impl VirtioDevice for Balloon {
+    fn device_type(&self) -> u32 {
+        TYPE_BALLOON
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; QUEUES]
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    fn avail_features(&self) -> u64 {
+        let mut f = 1 << VIRTIO_F_VERSION_1;
+        if !self.options.stats_interval.is_zero() {
+            f |= 1 << F_STATS_VQ;
+        }
+        if self.options.deflate_on_oom {
+            f |= 1 << F_DEFLATE_ON_OOM;
+        }
+        if self.options.free_page_reporting {
+            f |= 1 << F_REPORTING;
+        }
+        f
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut config = [0u8; 8];
+        config[..4].copy_from_slice(&self.options.target_pages.to_le_bytes());
+        config[4..].copy_from_slice(&self.actual_pages.to_le_bytes());
+        read_config_bytes(&config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        match (offset, <[u8; 4]>::try_from(data)) {
+            (CONFIG_ACTUAL, Ok(bytes)) => self.actual_pages = u32::from_le_bytes(bytes),
+            _ => {
+                DeviceCounters::inc(&self.counters.invalid_register_access, 1);
+                tracing::debug!(
+                    "balloon: config write of {} bytes at {offset} (only `actual` is writable)",
+                    data.len()
+                );
+            }
+        }
+    }
+
+    fn config_generation(&self) -> u32 {
+        self.config_generation
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        let roles = roles(ctx.acked_features);
+        let queues = ActiveQueues::new(ctx)?;
+        for (i, role) in roles.iter().enumerate() {
+            if role.is_some() && !queues.queues[i].ready() {
+                return Err(ActivateError::Other(format!(
+                    "balloon queue {i} ({role:?}) was not set up"
+                )));
+            }
+        }
+        self.active = Some(Active { queues, roles });
+        if self.has_role(Role::Stats) {
+            self.arm_stats_timer();
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.stats_head = None;
+        if let Err(e) = self.stats_timer.clear() {
+            tracing::warn!("balloon: cannot stop the statistics timer: {e}");
+        }
+    }
+
+    fn counters(&self) -> Arc<DeviceCounters> {
+        self.counters.clone()
+    }
+}
+
+impl MutEventSubscriber for Balloon {
+    fn init(&mut self, ops: &mut EventOps) {
+        let fds = self
+            .queue_events
+            .iter()
+            .map(AsRawFd::as_raw_fd)
+            .chain([self.stats_timer.as_raw_fd()]);
+        for fd in fds {
+            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                tracing::error!("balloon: cannot watch fd {fd}: {e}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.fd() == self.stats_timer.as_raw_fd() {
+            return self.poll_stats();
+        }
+        if let Some(i) = self
+            .queue_events
+            .iter()
+            .position(|e| e.as_raw_fd() == events.fd())
+        {
+            let _ = self.queue_events[i].read();
+            self.process_queue(i);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

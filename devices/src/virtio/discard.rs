@@ -1,0 +1,97 @@
+//! Gives guest pages back to the host: the balloon's inflated and reported pages, and virtio-mem's
+//! unplugged blocks. Guest RAM is private anonymous memory, so MADV_DONTNEED frees the pages at
+//! once and a later guest access finds zeroes.
+
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+/// The unit of discarding (and of balloon page frame numbers).
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Why a range could not be given back.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscardError {
+    #[error("range {addr:#x}+{len:#x} is not page-aligned")]
+    Misaligned { addr: u64, len: u64 },
+    #[error("range {addr:#x}+{len:#x} is not all guest RAM")]
+    OutsideMemory { addr: u64, len: u64 },
+    #[error("madvise(MADV_DONTNEED) of guest range {addr:#x}+{len:#x}: {source}")]
+    Madvise {
+        addr: u64,
+        len: u64,
+        source: std::io::Error,
+    },
+}
+
+/// The host pieces of `[addr, addr + len)`, one per memory region it crosses, or None if any byte
+/// of it is not guest memory.
+fn host_pieces(mem: &GuestMemoryMmap, addr: u64, len: u64) -> Option<Vec<(*mut u8, usize)>> {
+    let mut pieces = Vec::new();
+    let mut cur = addr;
+    let end = addr.checked_add(len)?;
+    while cur < end {
+        let region = mem.find_region(GuestAddress(cur))?;
+        let offset = region.to_region_addr(GuestAddress(cur))?;
+        let n = (region.len() - offset.0).min(end - cur);
+        let host = region.get_host_address(offset).ok()?;
+        pieces.push((host, usize::try_from(n).ok()?));
+        cur += n;
+    }
+    Some(pieces)
+}
+
+/// Frees the host pages behind `[addr, addr + len)` of guest memory. The whole range is checked
+/// before anything is freed, so a bad range frees nothing.
+pub fn discard(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> Result<(), DiscardError> {
+    let addr = addr.0;
+    if !addr.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
+        return Err(DiscardError::Misaligned { addr, len });
+    }
+    let pieces = host_pieces(mem, addr, len).ok_or(DiscardError::OutsideMemory { addr, len })?;
+    for (host, n) in pieces {
+        // SAFETY: `host..host + n` lies inside one live guest memory mapping (checked above).
+        // MADV_DONTNEED only drops its pages; the mapping stays valid and reads as zeroes, which
+        // is what the guest agreed to when it gave the pages up.
+        if unsafe { libc::madvise(host.cast(), n, libc::MADV_DONTNEED) } != 0 {
+            return Err(DiscardError::Madvise {
+                addr,
+                len,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn discarded_pages_read_zero_and_bad_ranges_free_nothing() {
+        let mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x10_0000),
+            (GuestAddress(0x20_0000), 0x10_0000),
+        ])
+        .unwrap();
+        for a in [0x1000u64, 0x2000, 0xf_f000, 0x20_0000] {
+            mem.write_obj(0xabcd_u64, GuestAddress(a)).unwrap();
+        }
+        discard(&mem, GuestAddress(0x1000), 0x1000).unwrap();
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(0x1000)).unwrap(), 0);
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(0x2000)).unwrap(), 0xabcd);
+
+        // Crosses the hole between the regions: refused as a whole.
+        let e = discard(&mem, GuestAddress(0xf_f000), 0x10_2000).unwrap_err();
+        assert!(matches!(e, DiscardError::OutsideMemory { .. }), "{e}");
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(0xf_f000)).unwrap(), 0xabcd);
+        let e = discard(&mem, GuestAddress(0x1800), 0x1000).unwrap_err();
+        assert!(matches!(e, DiscardError::Misaligned { .. }), "{e}");
+        let e = discard(&mem, GuestAddress(!0xfff), 0x2000).unwrap_err();
+        assert!(matches!(e, DiscardError::OutsideMemory { .. }), "{e}");
+        assert_eq!(
+            mem.read_obj::<u64>(GuestAddress(0x20_0000)).unwrap(),
+            0xabcd
+        );
+    }
+}
