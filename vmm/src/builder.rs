@@ -4,7 +4,9 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
+use devices::virtio::balloon::Balloon;
 use devices::virtio::block::Block;
+use devices::virtio::mem::{MemLayout, VirtioMem};
 use devices::virtio::net::Net;
 use devices::virtio::rng::Rng;
 use devices::virtio::vsock::Vsock;
@@ -12,9 +14,10 @@ use devices::virtio::VirtioDevice;
 use event_manager::{EventManager, SubscriberOps};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, Kvm};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap};
 
 use crate::arch::x86_64::cpuid::Topology;
+use crate::arch::x86_64::layout::hotplug_region_start;
 use crate::arch::x86_64::mptable::{self, MptableError};
 use crate::boot::load_boot_source;
 use crate::console::{ConsoleInput, RawTerminal};
@@ -26,9 +29,10 @@ use crate::microvm::MicroVm;
 use crate::microvm::VirtioHandles;
 use crate::runtime::Subscriber;
 use crate::vmm_config::{
-    parse_mac, ConfigError, JsonPath, MachineConfig, Segment, VmConfig, VsockConfig,
+    parse_mac, ConfigError, JsonPath, MachineConfig, MemoryHotplugConfig, Segment, VmConfig,
+    VsockConfig,
 };
-use crate::vstate::memory::create_guest_memory;
+use crate::vstate::memory::{create_guest_memory, create_hotplug_region};
 use crate::vstate::vcpu::{register_kick_handler, IoBuses, Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
 
@@ -112,8 +116,21 @@ pub fn build_microvm(
     vm.register_memory(&mem)
         .map_err(|e| ConfigError::new(MachineConfig::mem_path(), e.to_string()))?;
 
+    let hotplug = match &config.memory_hotplug {
+        Some(h) => Some(hotplug_memory(h, machine, &kvm, &mem)?),
+        None => None,
+    };
+    // Devices see plugged memory too (a guest may put buffers there); boot code does not.
+    let device_mem = match &hotplug {
+        Some(h) => mem
+            .insert_region(h.region.clone())
+            .map_err(|e| ConfigError::new(MemoryHotplugConfig::total_path(), e.to_string()))?,
+        None => mem.clone(),
+    };
+
     let mut buses = IoBuses::default();
-    let (virtio, extra_args) = attach_virtio_devices(config, &vm, &mem, &mut buses, event_manager)?;
+    let (virtio, extra_args) =
+        attach_virtio_devices(config, &vm, &device_mem, hotplug, &mut buses, event_manager)?;
 
     let entry = load_boot_source(&mem, config.boot_source()?, &extra_args)
         .map_err(|e| ConfigError::new(e.spec_field(), e.to_string()))?;
@@ -164,12 +181,52 @@ pub fn build_microvm(
     );
     Ok(MicroVm::new(
         vm,
-        mem,
+        device_mem,
         handles,
         terminal,
         legacy.i8042,
         virtio,
     ))
+}
+
+/// The virtio-mem region: its host mapping, geometry and first KVM slot number.
+struct HotplugMemory {
+    region: Arc<GuestRegionMmap>,
+    layout: MemLayout,
+    first_slot: u32,
+}
+
+fn hotplug_memory(
+    config: &MemoryHotplugConfig,
+    machine: &MachineConfig,
+    kvm: &Kvm,
+    boot_mem: &GuestMemoryMmap,
+) -> Result<HotplugMemory, ConfigError> {
+    let err = |m: String| ConfigError::new(MemoryHotplugConfig::total_path(), m);
+    const MIB: u64 = 1 << 20;
+    let (size, block, slot) = (
+        config.total_size_mib * MIB,
+        config.block_size_mib * MIB,
+        config.slot_size_mib * MIB,
+    );
+    let start = hotplug_region_start(machine.mem_bytes(), slot)
+        .ok_or_else(|| err("no room above guest RAM for the hotplug region".to_string()))?;
+    let layout = MemLayout::new(start, size, block, slot).map_err(|e| err(e.to_string()))?;
+    let first_slot = boot_mem.num_regions();
+    let available = kvm.get_nr_memslots().saturating_sub(first_slot);
+    if layout.slots() > available {
+        return Err(err(format!(
+            "{} slots of {} MiB need more KVM memory slots than this host gives a VM ({available})",
+            layout.slots(),
+            config.slot_size_mib
+        )));
+    }
+    let region = create_hotplug_region(start, size).map_err(|e| err(e.to_string()))?;
+    Ok(HotplugMemory {
+        region: Arc::new(region),
+        layout,
+        first_slot: first_slot as u32,
+    })
 }
 
 /// A drive's spec field, for errors about it.
@@ -188,6 +245,7 @@ fn attach_virtio_devices(
     config: &VmConfig,
     vm: &Vm,
     mem: &GuestMemoryMmap,
+    hotplug: Option<HotplugMemory>,
     buses: &mut IoBuses,
     event_manager: &mut EventManager<Subscriber>,
 ) -> Result<(VirtioHandles, Vec<String>), BuildError> {
@@ -266,6 +324,46 @@ fn attach_virtio_devices(
             Arc::new(Mutex::new(vsock)),
         )?;
     }
+    let balloon = match &config.balloon {
+        Some(b) => {
+            let balloon = Balloon::new(b.options()).map_err(|e| {
+                ConfigError::new(JsonPath::keys(&["balloon", "amount_mib"]), e.to_string())
+            })?;
+            METRICS.register_device("balloon".to_string(), balloon.counters());
+            let balloon = Arc::new(Mutex::new(balloon));
+            manager.attach(
+                vm.fd(),
+                mem,
+                &mut buses.mmio,
+                event_manager,
+                balloon.clone(),
+            )?;
+            Some(balloon)
+        }
+        None => None,
+    };
+    let memory = match hotplug {
+        Some(h) => {
+            let slots = vm.hotplug_slots(h.region, h.layout, h.first_slot);
+            let device = VirtioMem::new(h.layout, Box::new(slots))
+                .map_err(|e| ConfigError::new(MemoryHotplugConfig::total_path(), e.to_string()))?;
+            METRICS.register_device("memory_hotplug".to_string(), device.counters());
+            let device = Arc::new(Mutex::new(device));
+            manager.attach(vm.fd(), mem, &mut buses.mmio, event_manager, device.clone())?;
+            // Linux leaves added memory offline unless told otherwise.
+            extra.push("memhp_default_state=online".to_string());
+            Some(device)
+        }
+        None => None,
+    };
     extra.extend(manager.cmdline_entries());
-    Ok((VirtioHandles { blocks, nets }, extra))
+    Ok((
+        VirtioHandles {
+            blocks,
+            nets,
+            balloon,
+            memory,
+        },
+        extra,
+    ))
 }

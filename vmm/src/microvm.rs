@@ -5,13 +5,18 @@ use std::time::Duration;
 
 use devices::legacy::{I8042Error, I8042};
 use devices::rate_limiter::RateLimiterConfig;
+use devices::virtio::balloon::stats::StatsReport;
+use devices::virtio::balloon::Balloon;
 use devices::virtio::block::{Block, BlockError};
+use devices::virtio::discard::PAGE_SIZE;
+use devices::virtio::mem::VirtioMem;
 use devices::virtio::net::{Net, NetError};
 
 use vm_memory::GuestMemoryMmap;
 
 use crate::console::RawTerminal;
 use crate::device_manager::legacy::ResetToExit;
+use crate::vstate::memory::resident_bytes;
 use crate::vstate::vcpu::{VcpuError, VcpuEvent, VcpuHandle, VcpuResponse};
 use crate::vstate::vm::Vm;
 
@@ -23,6 +28,27 @@ const VCPU_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct VirtioHandles {
     pub blocks: Vec<(String, Arc<Mutex<Block>>)>,
     pub nets: Vec<(String, Arc<Mutex<Net>>)>,
+    pub balloon: Option<Arc<Mutex<Balloon>>>,
+    pub memory: Option<Arc<Mutex<VirtioMem>>>,
+}
+
+fn lock<T>(device: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    device.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What the guest's memory costs the host now, and what the guest says of it: cheap enough to
+/// read every predictor window.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MemoryAccounting {
+    /// Host memory behind guest RAM and the hotplug region (resident pages).
+    pub guest_rss_bytes: u64,
+    pub plugged_bytes: u64,
+    pub requested_bytes: u64,
+    /// Pages the guest holds in the balloon, in bytes.
+    pub balloon_bytes: u64,
+    pub balloon_target_bytes: u64,
+    /// The guest's latest statistics (balloon stats queue) and when they came.
+    pub guest_report: Option<StatsReport>,
 }
 
 fn find<'a, T>(
@@ -30,7 +56,7 @@ fn find<'a, T>(
     id: &str,
 ) -> Option<std::sync::MutexGuard<'a, T>> {
     let (_, dev) = devices.iter().find(|(i, _)| i == id)?;
-    Some(dev.lock().unwrap_or_else(|p| p.into_inner()))
+    Some(lock(dev))
 }
 
 /// Whether the vCPUs are running guest code.
@@ -49,7 +75,10 @@ pub struct MicroVm {
     virtio: VirtioHandles,
     _terminal: Option<RawTerminal>,
     _vm: Vm,
-    _mem: GuestMemoryMmap,
+    /// Guest RAM and the hotplug region.
+    mem: GuestMemoryMmap,
+    /// mincore's page map, kept between accounting calls.
+    residency: Vec<u8>,
 }
 
 impl MicroVm {
@@ -68,7 +97,8 @@ impl MicroVm {
             virtio,
             _terminal: terminal,
             _vm: vm,
-            _mem: mem,
+            mem,
+            residency: Vec::new(),
         }
     }
 
@@ -127,6 +157,34 @@ impl MicroVm {
         tx: Option<RateLimiterConfig>,
     ) -> Option<Result<(), NetError>> {
         Some(find(&self.virtio.nets, iface_id)?.update_rate_limiters(rx, tx))
+    }
+
+    /// The balloon, if the VM has one.
+    pub fn balloon(&self) -> Option<std::sync::MutexGuard<'_, Balloon>> {
+        self.virtio.balloon.as_deref().map(lock)
+    }
+
+    /// The virtio-mem device, if the VM has a hotplug region.
+    pub fn hotplug_memory(&self) -> Option<std::sync::MutexGuard<'_, VirtioMem>> {
+        self.virtio.memory.as_deref().map(lock)
+    }
+
+    /// The host's and the guest's view of the guest's memory.
+    pub fn memory_accounting(&mut self) -> MemoryAccounting {
+        let mut a = MemoryAccounting {
+            guest_rss_bytes: resident_bytes(&self.mem, &mut self.residency),
+            ..MemoryAccounting::default()
+        };
+        if let Some(mem) = self.hotplug_memory() {
+            a.plugged_bytes = mem.plugged_bytes();
+            a.requested_bytes = mem.requested_bytes();
+        }
+        if let Some(balloon) = self.balloon() {
+            a.balloon_bytes = u64::from(balloon.actual_pages()) * PAGE_SIZE;
+            a.balloon_target_bytes = u64::from(balloon.options().target_pages) * PAGE_SIZE;
+            a.guest_report = balloon.latest_report();
+        }
+        a
     }
 
     /// Stops and joins every vCPU thread, then releases the VM.

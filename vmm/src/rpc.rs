@@ -6,10 +6,13 @@ use crate::builder::BuildError;
 use crate::logger::{LoggerConfig, LoggerError};
 use crate::metrics::{MetricsConfig, MetricsError};
 use crate::vmm_config::{
-    BootSourceConfig, ConfigError, DriveConfig, DriveUpdate, EntropyConfig, MachineConfig,
-    NetworkInterfaceConfig, NetworkInterfaceUpdate, SerialConfig, VmConfig, VsockConfig,
+    BalloonConfig, BalloonStatsUpdate, BalloonUpdate, BootSourceConfig, ConfigError, DriveConfig,
+    DriveUpdate, EntropyConfig, MachineConfig, MemoryHotplugConfig, MemoryHotplugSizeUpdate,
+    MemoryHotplugStatus, NetworkInterfaceConfig, NetworkInterfaceUpdate, SerialConfig, VmConfig,
+    VsockConfig,
 };
 use crate::vstate::vcpu::VcpuError;
+use devices::virtio::balloon::BalloonStats;
 
 /// One request to the VMM thread.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,6 +30,14 @@ pub enum VmmAction {
     PutNetworkInterface(NetworkInterfaceConfig),
     PatchNetworkInterface(NetworkInterfaceUpdate),
     PutVsock(VsockConfig),
+    PutBalloon(BalloonConfig),
+    PatchBalloon(BalloonUpdate),
+    GetBalloon,
+    GetBalloonStats,
+    PatchBalloonStats(BalloonStatsUpdate),
+    PutMemoryHotplug(MemoryHotplugConfig),
+    PatchMemoryHotplug(MemoryHotplugSizeUpdate),
+    GetMemoryHotplug,
     StartInstance,
     Pause,
     Resume,
@@ -80,6 +91,9 @@ pub enum VmmData {
     InstanceInfo(InstanceInfo),
     MachineConfig(MachineConfig),
     VmConfig(VmConfig),
+    Balloon(BalloonConfig),
+    BalloonStats(BalloonStats),
+    MemoryHotplug(MemoryHotplugStatus),
 }
 
 /// Why an action was refused; the API answers 400 with this text as `fault_message`.
@@ -107,6 +121,16 @@ pub enum ActionError {
     Net(#[from] devices::virtio::net::NetError),
     #[error("a running drive's {0} cannot change; only its rate_limiter can")]
     DriveFieldFixedAfterBoot(&'static str),
+    #[error("No balloon device configured.")]
+    NoBalloon,
+    #[error("Balloon statistics are not enabled (stats_polling_interval_s was 0 at start).")]
+    BalloonStatsDisabled,
+    #[error("{0}")]
+    Balloon(#[from] devices::virtio::balloon::BalloonError),
+    #[error("No memory hotplug device configured.")]
+    NoMemoryHotplug,
+    #[error("{0}")]
+    MemoryHotplug(#[from] devices::virtio::mem::MemError),
     #[error("{0}")]
     Metrics(#[from] MetricsError),
     #[error("{0}")]

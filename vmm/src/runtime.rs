@@ -17,7 +17,8 @@ use crate::metrics::METRICS;
 use crate::microvm::{MicroVm, RunState};
 use crate::rpc::{ActionError, ActionRequest, InstanceInfo, InstanceState, VmmAction, VmmData};
 use crate::vmm_config::{
-    validate_drives, validate_interfaces, DriveUpdate, NetworkInterfaceUpdate, VmConfig,
+    validate_drives, validate_interfaces, BalloonStatsUpdate, BalloonUpdate, DriveUpdate,
+    MemoryHotplugSizeUpdate, MemoryHotplugStatus, NetworkInterfaceUpdate, VmConfig,
 };
 
 /// Every fd the VMM thread serves is a subscriber of one event manager.
@@ -238,6 +239,77 @@ impl Runtime {
         Ok(VmmData::Empty)
     }
 
+    /// `PATCH /balloon`: a new target, live after boot.
+    fn patch_balloon(&mut self, update: BalloonUpdate) -> Result<VmmData, ActionError> {
+        let mut balloon = self.config.balloon.clone().ok_or(ActionError::NoBalloon)?;
+        balloon.amount_mib = update.amount_mib;
+        balloon.validate(self.config.machine_config.mem_size_mib)?;
+        if let Some(vm) = &self.vm {
+            let mut device = vm.balloon().ok_or(ActionError::NoBalloon)?;
+            device.set_target_pages(balloon.options().target_pages);
+        }
+        self.config.balloon = Some(balloon);
+        Ok(VmmData::Empty)
+    }
+
+    /// `PATCH /balloon/statistics`: how often the guest is asked for statistics.
+    fn patch_balloon_stats(&mut self, update: BalloonStatsUpdate) -> Result<VmmData, ActionError> {
+        let mut balloon = self.config.balloon.clone().ok_or(ActionError::NoBalloon)?;
+        balloon.stats_polling_interval_s = update.stats_polling_interval_s;
+        balloon.stats_polling_interval_ms = update.stats_polling_interval_ms;
+        if let Some(vm) = &self.vm {
+            let mut device = vm.balloon().ok_or(ActionError::NoBalloon)?;
+            device.set_stats_interval(update.interval())?;
+        }
+        self.config.balloon = Some(balloon);
+        Ok(VmmData::Empty)
+    }
+
+    fn balloon_stats(&self) -> Result<VmmData, ActionError> {
+        let vm = self.vm.as_ref().ok_or(ActionError::NotAllowedBeforeBoot)?;
+        let device = vm.balloon().ok_or(ActionError::NoBalloon)?;
+        if device.options().stats_interval.is_zero() {
+            return Err(ActionError::BalloonStatsDisabled);
+        }
+        Ok(VmmData::BalloonStats(device.stats()))
+    }
+
+    /// `PATCH /hotplug/memory`: the size the guest should plug, after boot.
+    fn patch_memory_hotplug(
+        &mut self,
+        update: MemoryHotplugSizeUpdate,
+    ) -> Result<VmmData, ActionError> {
+        let config = self
+            .config
+            .memory_hotplug
+            .as_ref()
+            .ok_or(ActionError::NoMemoryHotplug)?;
+        config.validate_request(update.requested_size_mib)?;
+        let vm = self.vm.as_ref().ok_or(ActionError::NotAllowedBeforeBoot)?;
+        let mut device = vm.hotplug_memory().ok_or(ActionError::NoMemoryHotplug)?;
+        device.set_requested_bytes(update.requested_size_mib << 20)?;
+        Ok(VmmData::Empty)
+    }
+
+    fn memory_hotplug_status(&self) -> Result<VmmData, ActionError> {
+        let config = self
+            .config
+            .memory_hotplug
+            .as_ref()
+            .ok_or(ActionError::NoMemoryHotplug)?;
+        let (plugged, requested) = match self.vm.as_ref().and_then(MicroVm::hotplug_memory) {
+            Some(device) => (device.plugged_bytes(), device.requested_bytes()),
+            None => (0, 0),
+        };
+        Ok(VmmData::MemoryHotplug(MemoryHotplugStatus {
+            total_size_mib: config.total_size_mib,
+            block_size_mib: config.block_size_mib,
+            slot_size_mib: config.slot_size_mib,
+            plugged_size_mib: plugged >> 20,
+            requested_size_mib: requested >> 20,
+        }))
+    }
+
     /// Carries out one action.
     pub fn handle(&mut self, action: VmmAction) -> Result<VmmData, ActionError> {
         match action {
@@ -308,6 +380,29 @@ impl Runtime {
                 self.config.entropy = Some(entropy);
                 Ok(VmmData::Empty)
             }
+            VmmAction::PutBalloon(balloon) => {
+                self.before_boot()?;
+                balloon.validate(self.config.machine_config.mem_size_mib)?;
+                self.config.balloon = Some(balloon);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PatchBalloon(update) => self.patch_balloon(update),
+            VmmAction::GetBalloon => self
+                .config
+                .balloon
+                .clone()
+                .map(VmmData::Balloon)
+                .ok_or(ActionError::NoBalloon),
+            VmmAction::GetBalloonStats => self.balloon_stats(),
+            VmmAction::PatchBalloonStats(update) => self.patch_balloon_stats(update),
+            VmmAction::PutMemoryHotplug(hotplug) => {
+                self.before_boot()?;
+                hotplug.validate()?;
+                self.config.memory_hotplug = Some(hotplug);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PatchMemoryHotplug(update) => self.patch_memory_hotplug(update),
+            VmmAction::GetMemoryHotplug => self.memory_hotplug_status(),
             VmmAction::StartInstance => {
                 self.start()?;
                 Ok(VmmData::Empty)

@@ -35,12 +35,8 @@ struct VmState {
     state: String,
 }
 
-/// Paths of Firecracker's API that need devices prescient does not have yet.
-const NOT_YET: [(&str, &str); 3] = [
-    ("/balloon", "the virtio balloon"),
-    ("/hotplug/memory", "virtio-mem memory hotplug"),
-    ("/snapshot/", "snapshots"),
-];
+/// Paths of Firecracker's API that need features prescient does not have yet.
+const NOT_YET: [(&str, &str); 1] = [("/snapshot/", "snapshots")];
 
 fn parse_body<T: DeserializeOwned>(req: &Request) -> Result<T, Response> {
     if req.body.is_empty() {
@@ -164,6 +160,19 @@ pub fn route(req: &Request) -> Routed {
         ("/entropy", _) => method_not_allowed(req, "PUT"),
         ("/vsock", "PUT") => action(parse_body(req).map(VmmAction::PutVsock)),
         ("/vsock", _) => method_not_allowed(req, "PUT"),
+        ("/balloon", "GET") => Routed::Action(VmmAction::GetBalloon),
+        ("/balloon", "PUT") => action(parse_body(req).map(VmmAction::PutBalloon)),
+        ("/balloon", "PATCH") => action(parse_body(req).map(VmmAction::PatchBalloon)),
+        ("/balloon", _) => method_not_allowed(req, "GET, PUT, PATCH"),
+        ("/balloon/statistics", "GET") => Routed::Action(VmmAction::GetBalloonStats),
+        ("/balloon/statistics", "PATCH") => {
+            action(parse_body(req).map(VmmAction::PatchBalloonStats))
+        }
+        ("/balloon/statistics", _) => method_not_allowed(req, "GET, PATCH"),
+        ("/hotplug/memory", "GET") => Routed::Action(VmmAction::GetMemoryHotplug),
+        ("/hotplug/memory", "PUT") => action(parse_body(req).map(VmmAction::PutMemoryHotplug)),
+        ("/hotplug/memory", "PATCH") => action(parse_body(req).map(VmmAction::PatchMemoryHotplug)),
+        ("/hotplug/memory", _) => method_not_allowed(req, "GET, PUT, PATCH"),
         (path, method) if path.starts_with("/network-interfaces/") => {
             let id = &path["/network-interfaces/".len()..];
             match method {
@@ -215,6 +224,9 @@ pub fn respond(result: Result<VmmData, ActionError>) -> Response {
         Ok(VmmData::InstanceInfo(info)) => json(serde_json::to_string(&info)),
         Ok(VmmData::MachineConfig(m)) => json(serde_json::to_string(&m)),
         Ok(VmmData::VmConfig(c)) => json(serde_json::to_string(&c)),
+        Ok(VmmData::Balloon(b)) => json(serde_json::to_string(&b)),
+        Ok(VmmData::BalloonStats(s)) => json(serde_json::to_string(&s)),
+        Ok(VmmData::MemoryHotplug(m)) => json(serde_json::to_string(&m)),
         Err(e) => Response::fault(400, e),
     }
 }
@@ -292,7 +304,17 @@ mod tests {
         assert!(r.body.contains("not supported"));
         let r = reply(route(&req("PUT", "/balloon", "{}")));
         assert_eq!(r.status, 400);
-        assert!(r.body.contains("balloon are not supported"));
+        assert!(r.body.contains("missing field `amount_mib`"), "{}", r.body);
+        let r = reply(route(&req("PUT", "/snapshot/create", "{}")));
+        assert!(r.body.contains("snapshots are not supported"), "{}", r.body);
+        let r = reply(route(&req("DELETE", "/hotplug/memory", "")));
+        assert_eq!(r.status, 405);
+        let r = reply(route(&req(
+            "PATCH",
+            "/hotplug/memory",
+            r#"{"requested_size_mib": -1}"#,
+        )));
+        assert!(r.body.contains("requested_size_mib"), "{}", r.body);
         let r = reply(route(&req("PUT", "/vsock", r#"{"guest_cid": 3}"#)));
         assert_eq!(r.status, 400);
         assert!(r.body.contains("missing field `uds_path`"), "{}", r.body);

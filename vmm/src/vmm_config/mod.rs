@@ -1,11 +1,13 @@
 //! The VM spec: one serde model for the `--config-file` JSON and (later) the API, modelled on
 //! Firecracker's configuration file so that users can bring theirs.
 
+mod balloon;
 mod boot_source;
 mod drives;
 mod entropy;
 pub mod json_path;
 mod machine_config;
+mod memory_hotplug;
 mod net;
 mod serial;
 mod vsock;
@@ -14,11 +16,13 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use balloon::{BalloonConfig, BalloonStatsUpdate, BalloonUpdate};
 pub use boot_source::{BootSourceConfig, KernelFormat, DEFAULT_BOOT_ARGS};
 pub use drives::{validate_drives, validate_id, DriveConfig, DriveUpdate};
 pub use entropy::EntropyConfig;
 pub use json_path::{JsonPath, Segment};
 pub use machine_config::{MachineConfig, MAX_VCPUS};
+pub use memory_hotplug::{MemoryHotplugConfig, MemoryHotplugSizeUpdate, MemoryHotplugStatus};
 pub use net::{parse_mac, validate_interfaces, NetworkInterfaceConfig, NetworkInterfaceUpdate};
 pub use serial::SerialConfig;
 pub use vsock::VsockConfig;
@@ -50,6 +54,14 @@ pub struct VmConfig {
     pub serial: Option<SerialConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<VsockConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<BalloonConfig>,
+    #[serde(
+        rename = "memory-hotplug",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub memory_hotplug: Option<MemoryHotplugConfig>,
 }
 
 /// A spec that parsed but cannot describe a VM, or a VM that cannot be built from it: the place
@@ -149,6 +161,12 @@ impl VmConfig {
         }
         if let Some(vsock) = &self.vsock {
             vsock.validate()?;
+        }
+        if let Some(balloon) = &self.balloon {
+            balloon.validate(self.machine_config.mem_size_mib)?;
+        }
+        if let Some(hotplug) = &self.memory_hotplug {
+            hotplug.validate()?;
         }
         Ok(())
     }

@@ -1,8 +1,14 @@
 //! The KVM VM: in-kernel irqchip and PIT, the TSS and identity-map pages, and guest memory slots.
 
+use std::sync::Arc;
+
+use devices::virtio::mem::{HotplugSlots, MemLayout};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    MemoryRegionAddress,
+};
 
 use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
 
@@ -30,12 +36,49 @@ pub enum VmError {
 
 /// A KVM VM with the platform devices every prescient guest gets.
 pub struct Vm {
-    fd: VmFd,
+    /// Shared with the virtio-mem device, which adds and removes memory slots while the VM runs.
+    fd: Arc<VmFd>,
+}
+
+/// The host address of a region's first byte.
+fn host_address(region: &GuestRegionMmap) -> u64 {
+    region
+        .get_host_address(MemoryRegionAddress(0))
+        .expect("an mmap region always has a host address") as u64
+}
+
+/// Makes guest range `[start, start + size)` the KVM memory slot `slot`, backed by host memory at
+/// `host`; a size of 0 deletes the slot.
+///
+/// # Safety
+/// When `size` is not 0, `host..host + size` must be a mapping that stays alive until the slot
+/// is deleted or the VM is gone.
+unsafe fn set_memory_slot(
+    fd: &VmFd,
+    slot: u32,
+    start: u64,
+    size: u64,
+    host: u64,
+) -> Result<(), VmError> {
+    let desc = kvm_userspace_memory_region {
+        slot,
+        flags: 0,
+        guest_phys_addr: start,
+        memory_size: size,
+        userspace_addr: host,
+    };
+    // SAFETY: the caller vouches for the mapping (see above).
+    unsafe { fd.set_user_memory_region(desc) }.map_err(|source| VmError::MemorySlot {
+        slot,
+        start,
+        size,
+        source,
+    })
 }
 
 impl Vm {
     pub fn new(kvm: &Kvm) -> Result<Self, VmError> {
-        let fd = kvm.create_vm().map_err(VmError::Create)?;
+        let fd = Arc::new(kvm.create_vm().map_err(VmError::Create)?);
         // Both addresses must be set before any vCPU exists; they sit in the MMIO gap, never RAM.
         fd.set_tss_address(KVM_TSS_ADDRESS as usize)
             .map_err(VmError::TssAddress)?;
@@ -56,30 +99,70 @@ impl Vm {
     /// Makes every region of `mem` a KVM memory slot.
     pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
         for (slot, region) in mem.iter().enumerate() {
-            let slot = slot as u32;
-            let start = region.start_addr().raw_value();
-            let size = region.len();
-            let host = region
-                .get_host_address(vm_memory::MemoryRegionAddress(0))
-                .expect("an mmap region always has a host address") as u64;
-            let desc = kvm_userspace_memory_region {
-                slot,
-                flags: 0,
-                guest_phys_addr: start,
-                memory_size: size,
-                userspace_addr: host,
-            };
-            // SAFETY: the region is a live mapping of `size` bytes owned by `mem`, which the
+            // SAFETY: the region is a live mapping of `len()` bytes owned by `mem`, which the
             // microVM keeps alive for as long as the VM exists.
-            unsafe { self.fd.set_user_memory_region(desc) }.map_err(|source| {
-                VmError::MemorySlot {
-                    slot,
-                    start,
-                    size,
-                    source,
-                }
-            })?;
+            unsafe {
+                set_memory_slot(
+                    &self.fd,
+                    slot as u32,
+                    region.start_addr().raw_value(),
+                    region.len(),
+                    host_address(region),
+                )
+            }?;
         }
         Ok(())
+    }
+
+    /// The slots of a virtio-mem region, numbered from `first_slot`, mapped on demand.
+    pub fn hotplug_slots(
+        &self,
+        region: Arc<GuestRegionMmap>,
+        layout: MemLayout,
+        first_slot: u32,
+    ) -> KvmHotplugSlots {
+        KvmHotplugSlots {
+            vm: self.fd.clone(),
+            host_base: host_address(&region),
+            region,
+            layout,
+            first_slot,
+        }
+    }
+}
+
+/// virtio-mem's view of KVM: one memory slot per hotplug slot with plugged blocks.
+pub struct KvmHotplugSlots {
+    vm: Arc<VmFd>,
+    /// Keeps the host mapping alive for as long as a slot may point into it.
+    region: Arc<GuestRegionMmap>,
+    host_base: u64,
+    layout: MemLayout,
+    first_slot: u32,
+}
+
+impl HotplugSlots for KvmHotplugSlots {
+    fn set_present(&mut self, slot: usize, present: bool) -> std::io::Result<()> {
+        let range = self.layout.slot_range(slot);
+        let offset = range.start - self.layout.addr;
+        if range.end - self.layout.addr > self.region.len() {
+            return Err(std::io::Error::other(format!(
+                "hotplug slot {slot} lies outside the region"
+            )));
+        }
+        let size = if present { self.layout.slot_size } else { 0 };
+        let kvm_slot = self.first_slot + slot as u32;
+        // SAFETY: the slot lies inside `region` (checked above), a live mapping this struct
+        // keeps alive; the slot is deleted before the region can go, or with the VM.
+        unsafe {
+            set_memory_slot(
+                &self.vm,
+                kvm_slot,
+                range.start,
+                size,
+                self.host_base + offset,
+            )
+        }
+        .map_err(std::io::Error::other)
     }
 }

@@ -58,6 +58,19 @@ pub fn ram_ranges(mem_bytes: u64) -> Vec<(u64, u64)> {
     }
 }
 
+/// Where a virtio-mem region of slots of `slot_size` bytes starts: above RAM and the 32-bit gap,
+/// on a 1 GiB boundary (Linux adds hotplugged memory in 128 MiB sections, and a 1 GiB boundary
+/// lets guests map it with the largest pages), and on a slot boundary.
+pub fn hotplug_region_start(mem_bytes: u64, slot_size: u64) -> Option<u64> {
+    let ram_end = ram_ranges(mem_bytes)
+        .last()
+        .map_or(Some(0), |(start, len)| start.checked_add(*len))?;
+    let align = slot_size.max(1 << 30);
+    ram_end
+        .max(RAM_ABOVE_4G_START)
+        .checked_next_multiple_of(align)
+}
+
 /// e820 type of usable RAM.
 pub const E820_RAM: u32 = 1;
 
@@ -77,6 +90,16 @@ pub fn e820_entries(mem_bytes: u64) -> Vec<(u64, u64, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hotplug_memory_goes_above_ram_and_the_gap_on_a_gib_boundary() {
+        const MIB: u64 = 1 << 20;
+        assert_eq!(hotplug_region_start(256 * MIB, 128 * MIB), Some(4 << 30));
+        assert_eq!(hotplug_region_start(4096 * MIB, 128 * MIB), Some(5 << 30));
+        assert_eq!(hotplug_region_start(4097 * MIB, 128 * MIB), Some(6 << 30));
+        assert_eq!(hotplug_region_start(256 * MIB, 2 << 30), Some(4 << 30));
+        assert_eq!(hotplug_region_start(u64::MAX - (1 << 20), 128 * MIB), None);
+    }
 
     const MIB: u64 = 1 << 20;
     const GIB: u64 = 1 << 30;
