@@ -102,23 +102,29 @@ static u64 *pd_for(u64 gib)
 	return pd_hi[gib];
 }
 
-/* CPL3: identity-map (2 MiB, U/S=1) every RAM range above 1 GiB and below
- * MAX_PD_GIB GiB. (The LAPIC page, CPL0 only and uncached, is mapped by
- * paging_map_lapic() at boot.) */
+/* CPL3: identity-map [addr, addr + size) with 2 MiB pages, U/S=1, above
+ * 1 GiB and below MAX_PD_GIB GiB. Only not-present entries become present,
+ * so no TLB flush is needed. Returns 0 if part of the range lies above. */
+int paging_map_ram_user(u64 addr, u64 size)
+{
+	u64 lo = addr & ~(MIB2 - 1), hi = addr + size;
+	if (lo < GIB)
+		lo = GIB;
+	int whole = hi <= MAX_PD_GIB * GIB;
+	if (!whole)
+		hi = MAX_PD_GIB * GIB;
+	for (u64 a = lo; a < hi; a += MIB2)
+		pd_for(a >> 30)[(a >> 21) & 511] = a | PTE_P | PTE_RW | PTE_US | PTE_PS;
+	return whole;
+}
+
+/* CPL3: map every RAM range of the memory map. (The LAPIC page, CPL0 only
+ * and uncached, is mapped by paging_map_lapic() at boot.) */
 void paging_extend_user(void)
 {
-	for (u32 i = 0; i < g_boot.nr_mem; i++) {
-		const struct mem_region *r = &g_boot.mem[i];
-		if (r->type != MEM_RAM)
-			continue;
-		u64 lo = r->addr & ~(MIB2 - 1), hi = r->addr + r->size;
-		if (lo < GIB)
-			lo = GIB;
-		if (hi > MAX_PD_GIB * GIB)
-			hi = MAX_PD_GIB * GIB;
-		for (u64 a = lo; a < hi; a += MIB2)
-			pd_for(a >> 30)[(a >> 21) & 511] = a | PTE_P | PTE_RW | PTE_US | PTE_PS;
-	}
+	for (u32 i = 0; i < g_boot.nr_mem; i++)
+		if (g_boot.mem[i].type == MEM_RAM)
+			paging_map_ram_user(g_boot.mem[i].addr, g_boot.mem[i].size);
 }
 
 /* CPL3 (before the next paging_reload()): identity-map an MMIO window with

@@ -157,6 +157,7 @@ extern u8 g_ustacks[MAX_CPUS][USTACK_SIZE];
 void arch_init_bsp(void);               /* IDT + this CPU's TSS */
 void arch_init_cpu(u32 index);          /* TSS/GDT slot, ltr, lidt */
 void paging_extend_user(void);          /* CPL3: map RAM above 1 GiB + LAPIC */
+int paging_map_ram_user(u64 addr, u64 size); /* CPL3: 2 MiB pages; 0 if above MAX_PD_GIB */
 void paging_reload(void);               /* CPL0: reload CR3 */
 NORETURN void triple_fault(void);
 NORETURN void halt_forever(void);       /* CPL0 */
@@ -225,6 +226,8 @@ struct virtio_params {
 	u64 rng_bytes;
 	u64 net_tx, net_rx, net_rx_ethertype;
 	u64 vsock_echo_listen, vsock_connect, vsock_send;
+	u64 vmem_steps, elastic_wait_ms;
+	u64 balloon_steps, balloon_report_mib, balloon_report_delay_ms;
 };
 extern struct virtio_params g_vparams;
 int virtio_param(const char *k, size_t kn, const char *v, size_t vn); /* cmdline: 0 ok, 1 unknown, 2 bad */

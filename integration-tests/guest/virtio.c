@@ -16,6 +16,8 @@ struct virtio_params g_vparams = {
 	.blk_qd = 1,
 	.blk_op_kib = 4,
 	.net_rx_ethertype = 0,          /* 0: count every frame */
+	.elastic_wait_ms = 60000,
+	.balloon_report_delay_ms = 2000,
 };
 
 static struct vdev devs[VIRTIO_MAX_DEV];
@@ -122,6 +124,11 @@ int virtio_param(const char *k, size_t kn, const char *v, size_t vn)
 		{ "vsock_echo_listen", &g_vparams.vsock_echo_listen },
 		{ "vsock_connect", &g_vparams.vsock_connect },
 		{ "vsock_send", &g_vparams.vsock_send },
+		{ "vmem_steps", &g_vparams.vmem_steps },
+		{ "elastic_wait_ms", &g_vparams.elastic_wait_ms },
+		{ "balloon_steps", &g_vparams.balloon_steps },
+		{ "balloon_report_mib", &g_vparams.balloon_report_mib },
+		{ "balloon_report_delay_ms", &g_vparams.balloon_report_delay_ms },
 	};
 	if (keq(k, kn, "virtio_mmio.device"))
 		return parse_device(v, vn);
@@ -184,7 +191,7 @@ u64 vd_cfg64(struct vdev *d, u32 off)
 }
 
 /* ---- virtqueues -------------------------------------------------------- */
-#define VQ_POOL 16
+#define VQ_POOL 24
 static u8 vq_mem[VQ_POOL][4096] ALIGNED(4096);     /* desc @0, avail @1024, used @2048 */
 static u32 vq_mem_used;
 
@@ -363,7 +370,8 @@ static int workload_wanted(void)
 {
 	const struct virtio_params *p = &g_vparams;
 	return p->blk_rw || p->blk_read || p->blk_ops || p->rng_bytes || p->net_tx || p->net_rx ||
-	       p->vsock_echo_listen || p->vsock_connect;
+	       p->vsock_echo_listen || p->vsock_connect || p->vmem_steps || p->balloon_steps ||
+	       p->balloon_report_mib;
 }
 
 static int need(const char *what, u32 have, int wanted)
@@ -385,6 +393,7 @@ u64 virtio_run_user(u64 unused)
 	int ok = 1;
 	u32 nblk = 0, nnet = 0, nrng = 0, nvsock = 0;
 	struct vdev *blks[VIRTIO_MAX_DEV], *nets[NET_MAX], *rngs[VIRTIO_MAX_DEV], *vsock = 0;
+	struct vdev *balloon = 0, *vmem = 0;
 
 	for (u32 i = 0; i < p->nr_dev; i++) {
 		struct vdev *d = &devs[i];
@@ -446,6 +455,24 @@ u64 virtio_run_user(u64 unused)
 			else if (!vsock)
 				vsock = d;
 			break;
+		case VIRTIO_ID_BALLOON:
+			fmt(d->name, sizeof(d->name), "balloon%u", balloon != 0);
+			if (balloon)
+				break;
+			if (balloon_init(d))
+				balloon = d;
+			else
+				ok = 0;
+			break;
+		case VIRTIO_ID_MEM:
+			fmt(d->name, sizeof(d->name), "vmem%u", vmem != 0);
+			if (vmem)
+				break;
+			if (vmem_init(d))
+				vmem = d;
+			else
+				ok = 0;
+			break;
 		default:
 			break;
 		}
@@ -455,6 +482,8 @@ u64 virtio_run_user(u64 unused)
 	ok &= need("rng", nrng, p->rng_bytes != 0);
 	ok &= need("net", nnet, p->net_tx || p->net_rx);
 	ok &= need("vsock", vsock != 0, p->vsock_echo_listen || p->vsock_connect);
+	ok &= need("balloon", balloon != 0, p->balloon_steps || p->balloon_report_mib);
+	ok &= need("virtio-mem", vmem != 0, p->vmem_steps != 0);
 	for (u32 i = 0; i < nblk; i++)
 		ok &= blk_workload(blks[i]);
 	for (u32 i = 0; i < nrng; i++)
@@ -463,5 +492,9 @@ u64 virtio_run_user(u64 unused)
 		ok &= net_workload(nets, nnet);
 	if (vsock && (p->vsock_echo_listen || p->vsock_connect))
 		ok &= vsock_workload(vsock);
+	if (balloon)
+		ok &= balloon_workload(balloon);
+	if (vmem)
+		ok &= vmem_workload(vmem);
 	return (u64)ok;
 }

@@ -55,7 +55,9 @@
 #define VIRTIO_ID_NET       1
 #define VIRTIO_ID_BLK       2
 #define VIRTIO_ID_RNG       4
+#define VIRTIO_ID_BALLOON   5
 #define VIRTIO_ID_VSOCK     19
+#define VIRTIO_ID_MEM       24
 
 /* ---- split virtqueue ------------------------------------------------- */
 #define VQ_MAX_SIZE         64          /* QueueNum = largest power of 2 <= min(QueueNumMax, 64) */
@@ -78,7 +80,7 @@ struct vq {
 	struct vring_used *used;
 };
 
-#define VDEV_MAX_VQ 3
+#define VDEV_MAX_VQ 4
 struct vdev {
 	u32 index;                      /* position on the command line */
 	u64 base, size;
@@ -111,6 +113,7 @@ static inline int vd_has(struct vdev *d, int bit) { return (d->features >> bit) 
 u8 vd_cfg8(struct vdev *d, u32 off);
 u32 vd_cfg32(struct vdev *d, u32 off);
 u64 vd_cfg64(struct vdev *d, u32 off);
+static inline void vd_wcfg32(struct vdev *d, u32 off, u32 v) { mmio_w32(d->base + VM_CONFIG + off, v); }
 
 /* Reset, negotiate VERSION_1 + (offered & want), set up nq queues, DRIVER_OK.
  * Prints a line and returns 0 on any failure. */
@@ -137,5 +140,9 @@ int net_init(struct vdev *d);           /* at most NET_MAX devices */
 int net_workload(struct vdev **nets, u32 n);  /* all net devices together */
 int vsock_init(struct vdev *d);         /* the first vsock device is driven */
 int vsock_workload(struct vdev *d);     /* 1 = ok */
+int balloon_init(struct vdev *d);       /* the first balloon is driven */
+int balloon_workload(struct vdev *d);   /* 1 = ok */
+int vmem_init(struct vdev *d);          /* the first virtio-mem device is driven */
+int vmem_workload(struct vdev *d);      /* 1 = ok */
 
 #endif

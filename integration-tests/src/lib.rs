@@ -188,10 +188,47 @@ impl Outcome {
     /// The value of `key=` in the first console line starting with `prefix`.
     pub fn field(&self, prefix: &str, key: &str) -> Option<String> {
         let line = self.stdout.lines().find(|l| l.starts_with(prefix))?;
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
-            .map(str::to_string)
+        line_field(line, key)
     }
+}
+
+/// The value of `key=` in a console line.
+pub fn line_field(line: &str, key: &str) -> Option<String> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .map(str::to_string)
+}
+
+/// Waits until the console file `path` has a whole line starting with `prefix`, and returns it.
+pub fn wait_for_console_line(path: &Path, prefix: &str, deadline: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        // Only newline-terminated lines: the last one may still be being written.
+        if let Some(line) = text
+            .split_inclusive('\n')
+            .filter(|l| l.ends_with('\n'))
+            .find(|l| l.starts_with(prefix))
+        {
+            return line.trim_end().to_string();
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "no console line starting with {prefix:?} after {deadline:?}; console:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Resident memory of process `pid`, in bytes (VmRSS).
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/<pid>/status");
+    kib << 10
 }
 
 /// A `prescient` that runs alongside the test; killed when dropped, so a failing test never

@@ -1,0 +1,230 @@
+/*
+ * virtio-mem (device id 24), CPL3, one request queue.
+ *
+ * vmem_init: accept UNPLUGGED_INACCESSIBLE, print the region
+ *   "guest: vmem0 addr=.. region_mib=.. block_kib=.. plugged_mib=.. requested_mib=..",
+ *   map the whole region in the page tables (2 MiB pages; touching an
+ *   unplugged part is then an MMIO exit, not a page fault), and unplug
+ *   everything a previous driver left plugged.
+ * vmem_workload, vmem_steps=N: first check that unplugged memory is not
+ *   RAM (a write there does not read back), then follow N changes of the
+ *   requested size: wait (elastic_wait_ms) until requested != plugged,
+ *   plug the lowest free blocks or unplug the highest plugged ones, write a
+ *   pattern to each page it plugs and check it before unplugging, then ask
+ *   STATE for every run of blocks and compare with its own bitmap and the
+ *   device's plugged_size. One line per step:
+ *   "guest: vmem0 step=K requested_mib=R plugged_mib=P device_plugged_mib=D state=ok ms=T"
+ */
+#include "virtio.h"
+
+#define F_UNPLUGGED_INACCESSIBLE 1
+enum { REQ_PLUG, REQ_UNPLUG, REQ_UNPLUG_ALL, REQ_STATE };
+enum { RESP_ACK, RESP_NACK, RESP_BUSY, RESP_ERROR };
+enum { ST_PLUGGED, ST_UNPLUGGED, ST_MIXED };
+/* config space */
+#define C_BLOCK_SIZE    0
+#define C_ADDR          16
+#define C_REGION_SIZE   24
+#define C_PLUGGED       40
+#define C_REQUESTED     48
+
+#define MAX_BLOCKS (64 * 1024)
+#define PAGE 4096ULL
+#define PATTERN 0x3c3c5a5aa5a5c3c3ULL
+
+struct vmem_req { u16 type, pad[3]; u64 addr; u16 nb_blocks, pad2[3]; } __attribute__((packed));
+struct vmem_resp { u16 type, pad[3]; u16 state; } __attribute__((packed));
+
+static struct vmem_req req ALIGNED(64);
+static struct vmem_resp resp ALIGNED(64);
+static u64 plugged_bits[MAX_BLOCKS / 64];
+static u64 base, block, nblocks, nplugged;
+
+static int is_plugged(u64 b) { return (plugged_bits[b / 64] >> (b % 64)) & 1; }
+static void mark(u64 b, int on)
+{
+	if (on)
+		plugged_bits[b / 64] |= 1ULL << (b % 64);
+	else
+		plugged_bits[b / 64] &= ~(1ULL << (b % 64));
+}
+
+/* One request; returns the response type, or -1 if the device did not answer. */
+static int request(struct vdev *d, u16 type, u64 first, u64 n, u16 *state)
+{
+	memset(&req, 0, sizeof(req));
+	req.type = type;
+	req.addr = base + first * block;
+	req.nb_blocks = (u16)n;
+	resp.type = 0xffff;
+	struct vbuf b[2] = { { (u64)&req, sizeof(req), 0 }, { (u64)&resp, sizeof(resp), 1 } };
+	u32 len;
+	if (vq_submit(&d->vq[0], b, 2) < 0)
+		return -1;
+	vq_kick(&d->vq[0]);
+	if (vq_wait(&d->vq[0], &len) < 0 || len < sizeof(resp)) {
+		gprintf("guest: %s request %u got no answer\n", d->name, type);
+		return -1;
+	}
+	if (state)
+		*state = resp.state;
+	return resp.type;
+}
+
+/* Pattern in the first word of every page of blocks [first, first + n). */
+static u64 pattern_op(u64 first, u64 n, int write)
+{
+	for (u64 a = base + first * block; a < base + (first + n) * block; a += PAGE) {
+		volatile u64 *p = (volatile u64 *)a;
+		if (write)
+			*p = a ^ PATTERN;
+		else if (*p != (a ^ PATTERN))
+			return a;
+	}
+	return 0;
+}
+
+int vmem_init(struct vdev *d)
+{
+	if (!vdev_init(d, 1ULL << F_UNPLUGGED_INACCESSIBLE, 1))
+		return 0;
+	block = vd_cfg64(d, C_BLOCK_SIZE);
+	base = vd_cfg64(d, C_ADDR);
+	u64 size = vd_cfg64(d, C_REGION_SIZE);
+	gprintf("guest: %s addr=0x%lx region_mib=%lu block_kib=%lu plugged_mib=%lu requested_mib=%lu\n",
+		d->name, base, size >> 20, block >> 10, vd_cfg64(d, C_PLUGGED) >> 20,
+		vd_cfg64(d, C_REQUESTED) >> 20);
+	if (!block || (block & (block - 1)) || block < PAGE || base % block || size % block) {
+		gprintf("guest: %s bad geometry\n", d->name);
+		return 0;
+	}
+	nblocks = size / block;
+	if (nblocks > MAX_BLOCKS || !paging_map_ram_user(base, size)) {
+		gprintf("guest: %s region too large for this guest\n", d->name);
+		return 0;
+	}
+	if (vd_cfg64(d, C_PLUGGED) && request(d, REQ_UNPLUG_ALL, 0, 0, 0) != RESP_ACK) {
+		gprintf("guest: %s unplug-all refused\n", d->name);
+		return 0;
+	}
+	return 1;
+}
+
+/* Plugs the lowest unplugged blocks until `want` are plugged; 0 on failure. */
+static int plug_to(struct vdev *d, u64 want)
+{
+	u64 b = 0;
+	while (nplugged < want && b < nblocks) {
+		if (is_plugged(b)) {
+			b++;
+			continue;
+		}
+		u64 n = 0;
+		while (b + n < nblocks && !is_plugged(b + n) && nplugged + n < want && n < 0xffff)
+			n++;
+		int r = request(d, REQ_PLUG, b, n, 0);
+		if (r == RESP_NACK)
+			return 1;               /* the host lowered the request meanwhile */
+		if (r != RESP_ACK) {
+			gprintf("guest: %s plug of %lu blocks at %lu answered %d\n", d->name, n, b, r);
+			return 0;
+		}
+		for (u64 i = 0; i < n; i++)
+			mark(b + i, 1);
+		nplugged += n;
+		pattern_op(b, n, 1);
+		u64 bad = pattern_op(b, n, 0);
+		if (bad) {
+			gprintf("guest: %s plugged memory does not hold data at 0x%lx\n", d->name, bad);
+			return 0;
+		}
+		b += n;
+	}
+	return 1;
+}
+
+/* Unplugs the highest plugged blocks until `want` are left; checks their data first. */
+static int unplug_to(struct vdev *d, u64 want)
+{
+	u64 b = nblocks;
+	while (nplugged > want && b > 0) {
+		if (!is_plugged(b - 1)) {
+			b--;
+			continue;
+		}
+		u64 n = 0;
+		while (b - n > 0 && is_plugged(b - n - 1) && nplugged - n > want && n < 0xffff)
+			n++;
+		u64 bad = pattern_op(b - n, n, 0);
+		if (bad) {
+			gprintf("guest: %s lost data at 0x%lx while plugged\n", d->name, bad);
+			return 0;
+		}
+		int r = request(d, REQ_UNPLUG, b - n, n, 0);
+		if (r != RESP_ACK) {
+			gprintf("guest: %s unplug of %lu blocks at %lu answered %d\n", d->name, n, b - n, r);
+			return 0;
+		}
+		for (u64 i = 0; i < n; i++)
+			mark(b - n + i, 0);
+		nplugged -= n;
+		b -= n;
+	}
+	return 1;
+}
+
+/* STATE of every run of equal blocks must match our bitmap. */
+static int states_agree(struct vdev *d)
+{
+	for (u64 b = 0; b < nblocks;) {
+		int on = is_plugged(b);
+		u64 n = 1;
+		while (b + n < nblocks && is_plugged(b + n) == on && n < 0xffff)
+			n++;
+		u16 st;
+		if (request(d, REQ_STATE, b, n, &st) != RESP_ACK ||
+		    st != (on ? ST_PLUGGED : ST_UNPLUGGED)) {
+			gprintf("guest: %s STATE of %lu blocks at %lu is %u, expected %s\n", d->name, n, b,
+				st, on ? "plugged" : "unplugged");
+			return 0;
+		}
+		b += n;
+	}
+	return 1;
+}
+
+int vmem_workload(struct vdev *d)
+{
+	if (!g_vparams.vmem_steps)
+		return 1;
+	/* Nothing is plugged: the region's first word is not memory. */
+	volatile u64 *probe = (volatile u64 *)base;
+	*probe = PATTERN;
+	if (*probe == PATTERN) {
+		gprintf("guest: %s unplugged memory is accessible\n", d->name);
+		return 0;
+	}
+	gprintf("guest: %s unplugged memory inaccessible\n", d->name);
+	for (u64 step = 1; step <= g_vparams.vmem_steps; step++) {
+		u64 end = vt_deadline(g_vparams.elastic_wait_ms), requested;
+		while ((requested = vd_cfg64(d, C_REQUESTED) / block) == nplugged) {
+			if (vt_expired(end)) {
+				gprintf("guest: %s step=%lu no new requested size\n", d->name, step);
+				return 0;
+			}
+			delay_us(1000);
+		}
+		vdev_ack_irq(d);
+		u64 t0 = rdtsc();
+		int ok = requested > nplugged ? plug_to(d, requested) : unplug_to(d, requested);
+		if (!ok || !states_agree(d))
+			return 0;
+		u64 dev = vd_cfg64(d, C_PLUGGED);
+		gprintf("guest: %s step=%lu requested_mib=%lu plugged_mib=%lu device_plugged_mib=%lu state=%s ms=%lu\n",
+			d->name, step, requested * block >> 20, nplugged * block >> 20, dev >> 20,
+			dev == nplugged * block ? "ok" : "MISMATCH", vt_ms_since(t0));
+		if (dev != nplugged * block)
+			return 0;
+	}
+	return 1;
+}
