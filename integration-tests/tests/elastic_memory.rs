@@ -292,3 +292,42 @@ fn elastic_memory_api_refuses_what_the_vm_state_does_not_allow() {
     let r = api.request("GET", "/balloon/statistics", None);
     assert!(r.body.contains("before starting"), "{}", r.body);
 }
+
+#[test]
+fn the_elastic_memory_example_spec_boots_and_follows_the_api() {
+    let scratch = Scratch::new("elastic-example");
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../resources/examples/elastic-memory.json"
+    ))
+    .unwrap()
+    .replace("@TEST_GUEST@", TEST_GUEST_PVH);
+    let (vmm, mut api, console) = start(&scratch, serde_json::from_str(&text).unwrap());
+    wait_for_console_line(&console, "guest: balloon0 stats=1", DEADLINE);
+    for (step, mib) in [(1, 64), (2, 32), (3, 0)] {
+        patch(
+            &mut api,
+            "/balloon",
+            serde_json::json!({ "amount_mib": mib }),
+        );
+        let line =
+            wait_for_console_line(&console, &format!("guest: balloon0 step={step} "), DEADLINE);
+        assert_eq!(field(&line, "actual_pages"), mib * 256, "{line}");
+    }
+    wait_for_console_line(
+        &console,
+        "guest: vmem0 unplugged memory inaccessible",
+        DEADLINE,
+    );
+    for (step, mib) in [(1, 256), (2, 1024), (3, 0)] {
+        patch(
+            &mut api,
+            "/hotplug/memory",
+            serde_json::json!({ "requested_size_mib": mib }),
+        );
+        let line = wait_for_console_line(&console, &format!("guest: vmem0 step={step} "), DEADLINE);
+        assert_eq!(field(&line, "plugged_mib"), mib, "{line}");
+    }
+    wait_for_console_line(&console, "prescient-test-guest: done", DEADLINE);
+    vmm.wait(DEADLINE).assert_code(0);
+}
