@@ -28,9 +28,7 @@ pub enum ArgsError {
     CgroupArg(String),
     #[error("--cgroup-version {0} is neither 1 nor 2")]
     CgroupVersion(u8),
-    #[error(
-        "--resource-limit {0:?} is not NAME=VALUE with NAME one of fsize, no-file, as, nproc"
-    )]
+    #[error("--resource-limit {0:?} is not NAME=VALUE with NAME one of fsize, no-file, as, nproc")]
     ResourceLimit(String),
     #[error("--exec-file {0:?} must be an absolute path to a file without '..'")]
     ExecFile(PathBuf),
@@ -242,17 +240,26 @@ mod tests {
     #[test]
     fn a_good_command_line_validates() {
         let mut a = args();
-        a.cgroups = vec!["cpu.cfs_quota_us=50000".into(), "memory.limit_in_bytes=1".into()];
+        a.cgroups = vec![
+            "cpu.cfs_quota_us=50000".into(),
+            "memory.limit_in_bytes=1".into(),
+        ];
         a.resource_limits = vec!["no-file=1024".into()];
         let spec = a.validate().unwrap();
         assert_eq!(spec.cgroups[0], ("cpu.cfs_quota_us".into(), "50000".into()));
         assert_eq!(spec.resource_limits[0].resource, libc::RLIMIT_NOFILE);
-        assert_eq!(spec.chroot_dir(), Path::new("/srv/jailer/prescient/vm-1/root"));
+        assert_eq!(
+            spec.chroot_dir(),
+            Path::new("/srv/jailer/prescient/vm-1/root")
+        );
     }
 
     #[test]
     fn each_bad_argument_has_its_own_error() {
-        assert_eq!(err(|a| a.id = String::new()), ArgsError::EmptyId(String::new()));
+        assert_eq!(
+            err(|a| a.id = String::new()),
+            ArgsError::EmptyId(String::new())
+        );
         assert_eq!(err(|a| a.id = "a".repeat(65)), ArgsError::IdTooLong(65));
         assert_eq!(
             err(|a| a.id = "../x".into()),

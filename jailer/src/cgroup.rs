@@ -243,7 +243,9 @@ impl Cgroup {
                 .any(|c| ["cpu", "cpuacct", "memory", "pids"].contains(&c));
             let mount = mounts.v1.iter().find(|m| {
                 m.controllers.join(",") == controllers
-                    || controllers.split(',').all(|c| m.controllers.iter().any(|m| m == c))
+                    || controllers
+                        .split(',')
+                        .all(|c| m.controllers.iter().any(|m| m == c))
             });
             if let (true, Some(mount)) = (wanted, mount) {
                 let inside = Path::new(path)
@@ -481,8 +483,8 @@ mod tests {
 
     impl Temp {
         fn new(name: &str) -> Self {
-            let p = std::env::temp_dir()
-                .join(format!("jailer-cgroup-{}-{name}", std::process::id()));
+            let p =
+                std::env::temp_dir().join(format!("jailer-cgroup-{}-{name}", std::process::id()));
             let _ = fs::remove_dir_all(&p);
             fs::create_dir_all(&p).unwrap();
             Self(p)
@@ -506,7 +508,11 @@ mod tests {
     #[test]
     fn mountinfo_gives_v1_hierarchies_and_the_unified_mount() {
         let m = Mounts::parse(MOUNTINFO);
-        assert_eq!(m.v1.len(), 2, "named hierarchies carry no controller: {m:?}");
+        assert_eq!(
+            m.v1.len(),
+            2,
+            "named hierarchies carry no controller: {m:?}"
+        );
         assert_eq!(
             m.v1_hierarchy("cpuacct").unwrap().mount_point,
             Path::new("/sys/fs/cgroup/cpu,cpuacct")
@@ -598,9 +604,15 @@ mod tests {
         let cg = Cgroup::open(vec![dir.clone()]).unwrap();
         assert_eq!(cg.version(), Version::V2);
         cg.set_cpu_quota(Some(25_000), 50_000).unwrap();
-        assert_eq!(fs::read_to_string(dir.join("cpu.max")).unwrap(), "25000 50000");
+        assert_eq!(
+            fs::read_to_string(dir.join("cpu.max")).unwrap(),
+            "25000 50000"
+        );
         cg.set_cpu_quota(None, 100_000).unwrap();
-        assert_eq!(fs::read_to_string(dir.join("cpu.max")).unwrap(), "max 100000");
+        assert_eq!(
+            fs::read_to_string(dir.join("cpu.max")).unwrap(),
+            "max 100000"
+        );
         assert_eq!(cg.cpu_usage().unwrap(), Duration::from_micros(1234));
         fs::write(dir.join("cpu.stat"), "user_usec 1\n").unwrap();
         assert!(matches!(
@@ -645,7 +657,10 @@ mod tests {
             .spawn()
             .unwrap();
         cg.add_process(child.id()).unwrap();
-        assert!(cg.get("cgroup.procs").unwrap().contains(&child.id().to_string()));
+        assert!(cg
+            .get("cgroup.procs")
+            .unwrap()
+            .contains(&child.id().to_string()));
         assert!(
             matches!(cg.remove(), Err(CgroupError::Remove { source, .. }) if source.raw_os_error() == Some(libc::EBUSY)),
             "a group with a task cannot go"
@@ -712,7 +727,10 @@ mod tests {
             .spawn()
             .unwrap();
         cg.add_process(child.id()).unwrap();
-        assert!(cg.get("cgroup.procs").unwrap().contains(&child.id().to_string()));
+        assert!(cg
+            .get("cgroup.procs")
+            .unwrap()
+            .contains(&child.id().to_string()));
         let reopened = Cgroup::open(cg.dirs().to_vec()).unwrap();
         assert_eq!(reopened.version(), Version::V2);
         reopened.cpu_usage().unwrap();

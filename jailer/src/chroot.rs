@@ -263,7 +263,11 @@ fn interpreter(exec: &Path) -> Result<Option<PathBuf>> {
         path: exec.to_path_buf(),
         source,
     })?;
-    let u16_at = |o: usize| bytes.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u16_at = |o: usize| {
+        bytes
+            .get(o..o + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
     let u64_at = |o: usize| {
         bytes
             .get(o..o + 8)
@@ -317,7 +321,10 @@ fn shared_libraries(exec: &Path) -> Result<Vec<PathBuf>> {
     if !out.status.success() {
         return Err(failed(String::from_utf8_lossy(&out.stderr).into_owned()));
     }
-    Ok(parse_ld_list(&String::from_utf8_lossy(&out.stdout), &interp))
+    Ok(parse_ld_list(
+        &String::from_utf8_lossy(&out.stdout),
+        &interp,
+    ))
 }
 
 /// Paths in `ld.so --list` output: `name => /path (0x..)` lines and the loader's own line.
@@ -362,7 +369,9 @@ mod tests {
     #[test]
     fn the_test_binary_has_its_loader_as_interpreter() {
         let exe = std::env::current_exe().unwrap();
-        let interp = interpreter(&exe).unwrap().expect("a dynamically linked test binary");
+        let interp = interpreter(&exe)
+            .unwrap()
+            .expect("a dynamically linked test binary");
         assert!(interp.exists(), "{interp:?}");
         let libs = shared_libraries(&exe).unwrap();
         assert!(

@@ -105,7 +105,10 @@ impl VmmFiles {
                 self.inputs.push((p, read_only));
             }
         }
-        for out in [&spec["serial"]["serial_out_path"], &spec["vsock"]["uds_path"]] {
+        for out in [
+            &spec["serial"]["serial_out_path"],
+            &spec["vsock"]["uds_path"],
+        ] {
             if let Some(dir) = text(out).as_deref().and_then(Path::parent) {
                 self.output_dirs.push(dir.to_path_buf());
             }
@@ -130,12 +133,14 @@ fn make_cgroup(spec: &JailSpec) -> Result<Cgroup, JailError> {
     } else {
         let (mount_point, _) = mounts.v2.clone().ok_or(CgroupError::NoUnifiedMount)?;
         // v2 offers no separate cpuacct: CPU usage is in every group's cpu.stat.
-        let available = std::fs::read_to_string(mount_point.join("cgroup.controllers"))
-            .unwrap_or_default();
+        let available =
+            std::fs::read_to_string(mount_point.join("cgroup.controllers")).unwrap_or_default();
         let named: Vec<String> = controllers
             .into_iter()
             .filter(|c| {
-                spec.cgroups.iter().any(|(f, _)| f.starts_with(&format!("{c}.")))
+                spec.cgroups
+                    .iter()
+                    .any(|(f, _)| f.starts_with(&format!("{c}.")))
                     || available.split_whitespace().any(|a| a == c)
             })
             .collect();
@@ -237,11 +242,10 @@ mod tests {
 
     #[test]
     fn an_unreadable_spec_is_named() {
-        let args: Vec<String> = ["--config-file", "/nonexistent/vm.json"].map(String::from).into();
+        let args: Vec<String> = ["--config-file", "/nonexistent/vm.json"]
+            .map(String::from)
+            .into();
         let err = VmmFiles::of(&args).unwrap_err();
-        assert!(
-            err.to_string().contains("/nonexistent/vm.json"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("/nonexistent/vm.json"), "{err}");
     }
 }

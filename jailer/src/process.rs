@@ -189,7 +189,9 @@ pub fn drop_privileges(uid: u32, gid: u32) -> Result<()> {
 
 /// Replaces this process with `path` run with `args`, in an empty environment.
 pub fn exec(path: &Path, args: &[String]) -> Result<std::convert::Infallible> {
-    let c = |s: &[u8]| CString::new(s).map_err(|_| ProcessError::Nul(String::from_utf8_lossy(s).into()));
+    let c = |s: &[u8]| {
+        CString::new(s).map_err(|_| ProcessError::Nul(String::from_utf8_lossy(s).into()))
+    };
     let program = c(path.as_os_str().as_bytes())?;
     let mut argv = vec![program.clone()];
     for a in args {
