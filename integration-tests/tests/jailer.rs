@@ -292,3 +292,107 @@ fn a_v2_cgroup_gets_what_v2_offers_here_and_refuses_the_rest() {
         .assert_code(0)
         .assert_line("prescient-test-guest: done");
 }
+
+/// A network namespace made for one test, deleted when dropped.
+struct NetNs(String);
+
+impl NetNs {
+    fn new(name: String) -> Self {
+        let status = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("run ip (iproute2)");
+        assert!(status.success(), "ip netns add {name}");
+        Self(name)
+    }
+
+    fn path(&self) -> PathBuf {
+        PathBuf::from("/var/run/netns").join(&self.0)
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn a_daemon_jail_runs_the_vmm_as_pid_1_of_a_new_pid_namespace_in_the_given_netns() {
+    let scratch = Scratch::new("jail-daemon");
+    let base = scratch.path().join("jail");
+    let id = format!("d-{}", std::process::id());
+    let netns = NetNs::new(format!("prescient-jail-{}", std::process::id()));
+    let _cgroups = ["cpu", "cpuacct", "memory", "pids"]
+        .map(|c| CgroupDir(PathBuf::from(format!("/sys/fs/cgroup/{c}/prescient/{id}"))));
+    let config = scratch.write(
+        "vm.json",
+        &guest_spec(TEST_GUEST_PVH, 1, 64, "cpu_ms=60000 mem_mib=1"),
+    );
+    let out = run_prescient(
+        &[
+            "jail",
+            "--id",
+            &id,
+            "--uid",
+            &UID.to_string(),
+            "--gid",
+            &GID.to_string(),
+            "--chroot-base-dir",
+            base.to_str().unwrap(),
+            "--netns",
+            netns.path().to_str().unwrap(),
+            "--daemonize",
+            "--new-pid-ns",
+            "--",
+            "--api-sock",
+            "/run/api.sock",
+            "--config-file",
+            config.to_str().unwrap(),
+        ],
+        DEADLINE,
+    );
+    out.assert_code(0);
+
+    let root = base.join("prescient").join(&id).join("root");
+    let pid: u32 = std::fs::read_to_string(root.join("prescient.pid"))
+        .expect("the daemon's pid file")
+        .trim()
+        .parse()
+        .unwrap();
+    struct Kill(u32);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            // SAFETY: kill(2) of the daemon this test started, if it is still there.
+            unsafe { libc::kill(self.0 as libc::pid_t, libc::SIGKILL) };
+        }
+    }
+    let _kill = Kill(pid);
+    let socket = root.join("run/api.sock");
+    wait_for("the daemon's API socket", || socket.exists());
+    let mut api = ApiClient::connect(&socket);
+    assert_eq!(api.request("GET", "/", None).json()["state"], "Running");
+
+    let nspid = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let nspid = nspid.lines().find(|l| l.starts_with("NSpid:")).unwrap();
+    assert_eq!(
+        nspid.split_whitespace().collect::<Vec<_>>(),
+        ["NSpid:", &pid.to_string(), "1"],
+        "the VMM is pid 1 of its own pid namespace"
+    );
+    assert_eq!(status_field(pid, "Uid"), UID.to_string());
+    let ns = std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+    let ino = std::fs::metadata(netns.path()).unwrap().ino();
+    assert_eq!(ns, PathBuf::from(format!("net:[{ino}]")));
+    let sid = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = sid[sid.rfind(')').unwrap() + 2..].split(' ').collect();
+    assert_eq!(fields[3], pid.to_string(), "a daemon leads its own session");
+
+    // SAFETY: kill(2) of the daemon started above.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    wait_for("the daemon to exit", || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map_or(true, |s| s[s.rfind(')').unwrap() + 2..].starts_with('Z'))
+    });
+    assert!(!socket.exists(), "SIGTERM left the daemon's API socket");
+}
