@@ -644,13 +644,17 @@ mod tests {
     fn real_v1_group_limits_and_accounts_a_process() {
         assert!(is_root(), "cgroup tests need root (CI runs as root)");
         let mounts = Mounts::current().unwrap();
-        let controllers: Vec<String> = ["cpu", "cpuacct", "pids"].map(String::from).into();
+        // cpuset too: a new cpuset group refuses tasks until it has CPUs and memory nodes.
+        let controllers: Vec<String> = ["cpu", "cpuacct", "pids", "cpuset"]
+            .map(String::from)
+            .into();
         let rel = PathBuf::from(format!("prescient-test/v1-{}", std::process::id()));
         let cg = Cgroup::create_v1(&mounts, &controllers, &rel).unwrap();
         cg.set_cpu_quota(Some(20_000), 100_000).unwrap();
         assert_eq!(cg.get("cpu.cfs_quota_us").unwrap().trim(), "20000");
         cg.set("pids.max", "64").unwrap();
         assert_eq!(cg.get("pids.max").unwrap().trim(), "64");
+        assert!(!cg.get("cpuset.cpus").unwrap().trim().is_empty());
         let mut child = std::process::Command::new("sh")
             .args(["-c", "read x"])
             .stdin(std::process::Stdio::piped())

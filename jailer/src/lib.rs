@@ -48,6 +48,10 @@ pub enum JailError {
     Spec { path: PathBuf, detail: String },
     #[error("cannot find this executable: {0}")]
     CurrentExe(std::io::Error),
+    #[error(
+        "{what} {path:?} must be an absolute path: the VMM runs with / as its working directory"
+    )]
+    RelativePath { what: &'static str, path: PathBuf },
 }
 
 /// Host files the VMM's arguments and spec name.
@@ -70,15 +74,30 @@ fn option_value<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
     })
 }
 
+/// `path` if it is absolute.
+fn absolute(what: &'static str, path: &Path) -> Result<PathBuf, JailError> {
+    if path.is_absolute() {
+        Ok(path.to_path_buf())
+    } else {
+        Err(JailError::RelativePath {
+            what,
+            path: path.to_path_buf(),
+        })
+    }
+}
+
 impl VmmFiles {
     /// The files of VMM arguments `args` and of the spec they name (read from the host).
     pub fn of(args: &[String]) -> Result<Self, JailError> {
         let mut files = VmmFiles::default();
-        let parent = |p: &str| Path::new(p).parent().map(Path::to_path_buf);
-        if let Some(dir) = option_value(args, "--api-sock").and_then(parent) {
-            files.output_dirs.push(dir);
+        if let Some(sock) = option_value(args, "--api-sock") {
+            let sock = absolute("--api-sock", Path::new(sock))?;
+            files
+                .output_dirs
+                .extend(sock.parent().map(Path::to_path_buf));
         }
         if let Some(path) = option_value(args, "--config-file") {
+            absolute("--config-file", Path::new(path))?;
             let spec_err = |detail: String| JailError::Spec {
                 path: path.into(),
                 detail,
@@ -87,32 +106,35 @@ impl VmmFiles {
             let spec: serde_json::Value =
                 serde_json::from_str(&text).map_err(|e| spec_err(e.to_string()))?;
             files.inputs.push((path.into(), true));
-            files.add_spec(&spec);
+            files.add_spec(&spec)?;
         }
         Ok(files)
     }
 
-    fn add_spec(&mut self, spec: &serde_json::Value) {
-        let text = |v: &serde_json::Value| v.as_str().map(PathBuf::from);
+    fn add_spec(&mut self, spec: &serde_json::Value) -> Result<(), JailError> {
+        let path = |what, v: &serde_json::Value| {
+            v.as_str().map(|p| absolute(what, Path::new(p))).transpose()
+        };
         for key in ["kernel_image_path", "initrd_path"] {
-            if let Some(p) = text(&spec["boot-source"][key]) {
+            if let Some(p) = path(key, &spec["boot-source"][key])? {
                 self.inputs.push((p, true));
             }
         }
         for drive in spec["drives"].as_array().into_iter().flatten() {
-            if let Some(p) = text(&drive["path_on_host"]) {
+            if let Some(p) = path("path_on_host", &drive["path_on_host"])? {
                 let read_only = drive["is_read_only"].as_bool().unwrap_or(false);
                 self.inputs.push((p, read_only));
             }
         }
-        for out in [
-            &spec["serial"]["serial_out_path"],
-            &spec["vsock"]["uds_path"],
+        for (what, out) in [
+            ("serial_out_path", &spec["serial"]["serial_out_path"]),
+            ("uds_path", &spec["vsock"]["uds_path"]),
         ] {
-            if let Some(dir) = text(out).as_deref().and_then(Path::parent) {
+            if let Some(dir) = path(what, out)?.as_deref().and_then(Path::parent) {
                 self.output_dirs.push(dir.to_path_buf());
             }
         }
+        Ok(())
     }
 }
 
@@ -227,7 +249,7 @@ mod tests {
             "serial": {"serial_out_path": "/logs/serial.out"}
         });
         let mut files = VmmFiles::default();
-        files.add_spec(&spec);
+        files.add_spec(&spec).unwrap();
         assert_eq!(
             files.inputs,
             [
@@ -238,6 +260,24 @@ mod tests {
             ]
         );
         assert_eq!(files.output_dirs, ["/logs", "/run/vm"].map(PathBuf::from));
+    }
+
+    #[test]
+    fn relative_paths_are_refused_by_name() {
+        let spec = serde_json::json!({"drives": [{"path_on_host": "disk.img"}]});
+        let err = VmmFiles::default().add_spec(&spec).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "path_on_host \"disk.img\" must be an absolute path: the VMM runs with / as its working directory"
+        );
+        let args: Vec<String> = ["--api-sock", "api.sock"].map(String::from).into();
+        assert!(matches!(
+            VmmFiles::of(&args),
+            Err(JailError::RelativePath {
+                what: "--api-sock",
+                ..
+            })
+        ));
     }
 
     #[test]
