@@ -138,7 +138,11 @@ impl Runtime {
         }
         let vm = build_microvm(&self.config, self.exit.clone(), &mut self.event_manager)?;
         self.vm = Some(vm);
-        seccomp::install(ThreadKind::Vmm)?;
+        if let Err(e) = seccomp::install(ThreadKind::Vmm) {
+            // An unfiltered VMM thread must not serve a running guest.
+            self.exit.request(ExitReason::VmmError(e.to_string()));
+            return Err(e.into());
+        }
         Ok(())
     }
 

@@ -219,9 +219,11 @@ struct VcpuRunner {
 impl VcpuRunner {
     fn run(&mut self) {
         KVM_RUN.with(|run| run.set(self.fd.get_kvm_run() as *mut kvm_run));
+        // A vCPU whose filter is missing must not run the guest: it ends the VM instead.
+        let index = self.index;
+        let unfiltered = move |e| ExitReason::VmmError(format!("vCPU {index}: {e}"));
         if let Err(e) = seccomp::install(ThreadKind::Vcpu) {
-            self.exit
-                .request(ExitReason::VmmError(format!("vCPU {}: {e}", self.index)));
+            self.exit.request(unfiltered(e));
         }
         loop {
             if self.exit.is_requested() || !self.handle_events() {
@@ -229,8 +231,7 @@ impl VcpuRunner {
             }
             // The safe point: between two KVM_RUNs, with no exit half-handled.
             if let Err(e) = seccomp::catch_up(ThreadKind::Vcpu) {
-                self.exit
-                    .request(ExitReason::VmmError(format!("vCPU {}: {e}", self.index)));
+                self.exit.request(unfiltered(e));
                 break;
             }
             let next = match self.fd.run() {
