@@ -37,6 +37,20 @@ struct Cli {
     #[arg(long, value_name = "LEVEL", default_value = "warn",
           value_parser = ["error", "warn", "info", "debug", "trace"])]
     log_level: String,
+
+    /// Run without seccomp filters (debugging only: the VMM is then not contained).
+    #[arg(long)]
+    no_seccomp: bool,
+
+    /// The VM's cgroup directories (the jailer passes the ones it made): the predictor sets the
+    /// CPU quota there, and the VMM tries to remove them when it exits.
+    #[arg(long = "cgroup-dir", value_name = "DIR")]
+    cgroup_dirs: Vec<PathBuf>,
+
+    /// Test hook: the first thread of this kind (vmm, api, vcpu) to install its seccomp filter
+    /// makes a syscall outside it, which must kill the process with SIGSYS.
+    #[arg(long, value_name = "KIND", hide = true)]
+    seccomp_test_violation: Option<vmm::seccomp::ThreadKind>,
 }
 
 /// Prints the one line that explains a failed run and gives its exit code.
@@ -53,6 +67,9 @@ enum Command {
         #[command(subcommand)]
         command: PredictorCommand,
     },
+    /// Isolate one microVM (chroot, namespaces, cgroup, uid/gid) and run the VMM with the
+    /// arguments after `--` (Firecracker's jailer).
+    Jail(jailer::JailArgs),
     /// Train the recurrent forecaster on recorded traces (needs the `torch` build feature).
     #[cfg(feature = "torch")]
     Train(predictor::train::TrainArgs),
@@ -73,6 +90,13 @@ fn run_tool(command: Command) -> ExitCode {
         } => predictor::eval::run(&args, &mut out)
             .map(|_| ())
             .map_err(|e| e.to_string()),
+        Command::Jail(args) => {
+            let spec = match args.validate() {
+                Ok(s) => s,
+                Err(e) => return fail(e, code::BAD_CONFIG),
+            };
+            jailer::jail(&spec).map(|_| ()).map_err(|e| e.to_string())
+        }
         #[cfg(feature = "torch")]
         Command::Train(args) => predictor::train::run(&args, &mut out)
             .map(|_| ())
@@ -91,6 +115,12 @@ fn main() -> ExitCode {
         return run_tool(command);
     }
 
+    if !cli.no_seccomp {
+        vmm::seccomp::enable();
+    }
+    if let Some(kind) = cli.seccomp_test_violation {
+        vmm::seccomp::set_test_violation(kind);
+    }
     if cli.config_file.is_none() && cli.api_sock.is_none() {
         return fail(
             "nothing to boot: pass --config-file PATH and/or --api-sock PATH (see --help)",
@@ -104,6 +134,14 @@ fn main() -> ExitCode {
         },
         None => VmConfig::default(),
     };
+    // Removes the API socket and the cgroup on every return from here.
+    let _cleanup = vmm::cleanup::Guard;
+    if !cli.cgroup_dirs.is_empty() {
+        match jailer::cgroup::Cgroup::open(cli.cgroup_dirs.clone()) {
+            Ok(c) => vmm::cleanup::register_cgroup(c),
+            Err(e) => return fail(format!("--cgroup-dir: {e}"), code::BAD_CONFIG),
+        }
+    }
     let mut runtime = match Runtime::new(cli.id, config) {
         Ok(r) => r,
         Err(e) => return fail(e, code::VMM_ERROR),
@@ -112,6 +150,7 @@ fn main() -> ExitCode {
     let _api = match &cli.api_sock {
         Some(path) => match vmm::api::start(path) {
             Ok((server, requests, wake)) => {
+                vmm::cleanup::register_api_sock(path.clone());
                 runtime.attach_api(requests, wake);
                 Some(server)
             }

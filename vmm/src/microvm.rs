@@ -187,6 +187,13 @@ impl MicroVm {
         a
     }
 
+    /// Makes every vCPU leave KVM_RUN once, to look at what changed (a seccomp stage).
+    pub fn kick_vcpus(&self) {
+        for vcpu in &self.vcpus {
+            vcpu.kick();
+        }
+    }
+
     /// Stops and joins every vCPU thread, then releases the VM.
     pub fn stop(mut self) {
         for vcpu in self.vcpus.drain(..) {

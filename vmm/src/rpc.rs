@@ -45,6 +45,8 @@ pub enum VmmAction {
     PutMetrics(MetricsConfig),
     FlushMetrics,
     PutLogger(LoggerConfig),
+    /// Tighten every thread's seccomp filter to this stage.
+    SetSeccompStage(crate::seccomp::Stage),
 }
 
 /// A partial `machine-config` (PATCH): only the fields given change.
@@ -135,6 +137,8 @@ pub enum ActionError {
     Metrics(#[from] MetricsError),
     #[error("{0}")]
     Logger(#[from] LoggerError),
+    #[error("{0}")]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 impl From<BuildError> for ActionError {

@@ -16,6 +16,7 @@ use crate::exit::{ExitReason, ExitSignal};
 use crate::metrics::METRICS;
 use crate::microvm::{MicroVm, RunState};
 use crate::rpc::{ActionError, ActionRequest, InstanceInfo, InstanceState, VmmAction, VmmData};
+use crate::seccomp::{self, ThreadKind};
 use crate::vmm_config::{
     validate_drives, validate_interfaces, BalloonStatsUpdate, BalloonUpdate, DriveUpdate,
     MemoryHotplugSizeUpdate, MemoryHotplugStatus, NetworkInterfaceUpdate, VmConfig,
@@ -130,13 +131,32 @@ impl Runtime {
         self.api = Some(requests);
     }
 
-    /// Boots the configured VM.
+    /// Boots the configured VM, then filters this thread's syscalls (after the vCPU threads
+    /// started, so that they do not inherit the VMM thread's filter on top of their own).
     pub fn start(&mut self) -> Result<(), ActionError> {
         if self.vm.is_some() {
             return Err(ActionError::NotAllowedAfterBoot);
         }
         let vm = build_microvm(&self.config, self.exit.clone(), &mut self.event_manager)?;
         self.vm = Some(vm);
+        if let Err(e) = seccomp::install(ThreadKind::Vmm) {
+            // An unfiltered VMM thread must not serve a running guest.
+            self.exit.request(ExitReason::VmmError(e.to_string()));
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// The VMM thread's safe point: installs any seccomp stage requested since, and kicks the
+    /// vCPUs so that they reach theirs.
+    fn catch_up_seccomp(&mut self) -> Result<(), seccomp::SeccompError> {
+        let before = seccomp::installed();
+        seccomp::catch_up(ThreadKind::Vmm)?;
+        if seccomp::installed() != before {
+            if let Some(vm) = &self.vm {
+                vm.kick_vcpus();
+            }
+        }
         Ok(())
     }
 
@@ -150,6 +170,9 @@ impl Runtime {
         let reason = loop {
             if let Some(reason) = self.exit.reason() {
                 break reason;
+            }
+            if let Err(e) = self.catch_up_seccomp() {
+                break ExitReason::VmmError(e.to_string());
             }
             if let Err(e) = self.event_manager.run() {
                 break ExitReason::VmmError(format!("event loop failed: {e}"));
@@ -436,6 +459,12 @@ impl Runtime {
             }
             VmmAction::FlushMetrics => {
                 METRICS.flush()?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::SetSeccompStage(stage) => {
+                seccomp::request_stage(stage)?;
+                // In force for this thread before the answer goes out.
+                self.catch_up_seccomp()?;
                 Ok(VmmData::Empty)
             }
             VmmAction::PutLogger(config) => {

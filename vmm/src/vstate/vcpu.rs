@@ -22,6 +22,7 @@ use crate::arch::x86_64::regs::{setup_boot_vcpu, setup_fpu, BootEntry, RegsError
 use crate::arch::x86_64::{lapic, msr};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::metrics::{VcpuCounters, METRICS};
+use crate::seccomp::{self, ThreadKind};
 
 /// Errors of creating, configuring and controlling vCPUs.
 #[derive(Debug, thiserror::Error)]
@@ -218,8 +219,19 @@ struct VcpuRunner {
 impl VcpuRunner {
     fn run(&mut self) {
         KVM_RUN.with(|run| run.set(self.fd.get_kvm_run() as *mut kvm_run));
+        // A vCPU whose filter is missing must not run the guest: it ends the VM instead.
+        let index = self.index;
+        let unfiltered = move |e| ExitReason::VmmError(format!("vCPU {index}: {e}"));
+        if let Err(e) = seccomp::install(ThreadKind::Vcpu) {
+            self.exit.request(unfiltered(e));
+        }
         loop {
             if self.exit.is_requested() || !self.handle_events() {
+                break;
+            }
+            // The safe point: between two KVM_RUNs, with no exit half-handled.
+            if let Err(e) = seccomp::catch_up(ThreadKind::Vcpu) {
+                self.exit.request(unfiltered(e));
                 break;
             }
             let next = match self.fd.run() {

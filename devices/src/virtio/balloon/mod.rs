@@ -114,7 +114,11 @@ pub struct Balloon {
     options: BalloonOptions,
     actual_pages: u32,
     queue_events: [EventFd; QUEUES],
+    /// Runs only on the VMM thread (armed by the first report, stopped when a tick finds the
+    /// device reset): activation and reset come on vCPU threads, whose seccomp filter has no
+    /// timer calls.
     stats_timer: TimerFd,
+    stats_timer_armed: bool,
     stats: Option<StatsReport>,
     /// The stats buffer the guest lent us: given back to ask for a new report.
     stats_head: Option<u16>,
@@ -132,6 +136,7 @@ impl Balloon {
             actual_pages: 0,
             queue_events: [evt()?, evt()?, evt()?, evt()?],
             stats_timer: TimerFd::new().map_err(|e| BalloonError::Timer(e.into()))?,
+            stats_timer_armed: false,
             stats: None,
             stats_head: None,
             activity: BalloonActivity::default(),
@@ -164,8 +169,8 @@ impl Balloon {
             return Err(BalloonError::StatsToggle);
         }
         self.options.stats_interval = interval;
-        if self.has_role(Role::Stats) {
-            self.arm_stats_timer();
+        if self.stats_timer_armed {
+            self.set_stats_timer(true);
         }
         Ok(())
     }
@@ -198,21 +203,16 @@ impl Balloon {
         self.stats
     }
 
-    fn has_role(&self, role: Role) -> bool {
-        self.active
-            .as_ref()
-            .is_some_and(|a| a.roles.contains(&Some(role)))
-    }
-
-    fn arm_stats_timer(&mut self) {
+    fn set_stats_timer(&mut self, on: bool) {
         let interval = self.options.stats_interval;
-        let result = if interval.is_zero() {
-            self.stats_timer.clear()
-        } else {
+        let result = if on && !interval.is_zero() {
             self.stats_timer.reset(interval, Some(interval))
+        } else {
+            self.stats_timer.clear()
         };
-        if let Err(e) = result {
-            tracing::warn!("balloon: cannot set the statistics timer: {e}");
+        match result {
+            Ok(()) => self.stats_timer_armed = on,
+            Err(e) => tracing::warn!("balloon: cannot set the statistics timer: {e}"),
         }
     }
 
@@ -362,6 +362,9 @@ impl Balloon {
                     at: Instant::now(),
                 });
                 self.activity.stats_reports += 1;
+                if !self.stats_timer_armed {
+                    self.set_stats_timer(true);
+                }
             }
             None => self.invalid(format_args!("stats buffer of {} bytes", bytes.len())),
         }
@@ -375,7 +378,8 @@ impl Balloon {
             .as_ref()
             .and_then(|a| a.roles.iter().position(|r| *r == Some(Role::Stats)))
         else {
-            return;
+            // Reset since the last tick: the next driver's first report re-arms the timer.
+            return self.set_stats_timer(false);
         };
         if let Some(head) = self.stats_head.take() {
             self.complete(index, head);
@@ -448,18 +452,12 @@ impl VirtioDevice for Balloon {
             }
         }
         self.active = Some(Active { queues, roles });
-        if self.has_role(Role::Stats) {
-            self.arm_stats_timer();
-        }
         Ok(())
     }
 
     fn reset(&mut self) {
         self.active = None;
         self.stats_head = None;
-        if let Err(e) = self.stats_timer.clear() {
-            tracing::warn!("balloon: cannot stop the statistics timer: {e}");
-        }
     }
 
     fn counters(&self) -> Arc<DeviceCounters> {
