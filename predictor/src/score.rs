@@ -17,6 +17,8 @@ pub enum ScoreError {
     },
     #[error("action thresholds must increase from log to kill, got {0:?}")]
     Ladder(ActionLadder),
+    #[error("{0:?} is not an anomaly action (log, alert, tighten_seccomp, throttle, pause, kill)")]
+    NotAnAnomalyAction(Action),
 }
 
 fn unit_interval(name: &'static str, value: f64) -> Result<(), ScoreError> {
@@ -103,6 +105,13 @@ pub struct ActionLadder {
     pub throttle: f64,
     pub pause: f64,
     pub kill: f64,
+    /// The heaviest action this ladder takes; higher levels map to it.
+    #[serde(default = "heaviest")]
+    pub ceiling: Action,
+}
+
+fn heaviest() -> Action {
+    Action::Kill
 }
 
 impl Default for ActionLadder {
@@ -114,6 +123,7 @@ impl Default for ActionLadder {
             throttle: 2.0,
             pause: 4.0,
             kill: 8.0,
+            ceiling: Action::Kill,
         }
     }
 }
@@ -134,7 +144,39 @@ impl ActionLadder {
         self.steps()
             .into_iter()
             .find(|(at, _)| score >= *at)
-            .map_or(Action::Hold, |(_, a)| a)
+            .map_or(Action::Hold, |(_, a)| a.min(self.ceiling))
+    }
+
+    /// "At score `threshold`, do `action`": the default ladder scaled so that `action` starts
+    /// at `threshold` (the lighter actions keep their proportions below it) and nothing
+    /// heavier is ever taken.
+    pub fn up_to(threshold: f64, action: Action) -> Result<ActionLadder, ScoreError> {
+        let d = ActionLadder::default();
+        let at = d
+            .steps()
+            .into_iter()
+            .find(|(_, a)| *a == action)
+            .map(|(at, _)| at)
+            .ok_or(ScoreError::NotAnAnomalyAction(action))?;
+        if !(threshold > 0.0 && threshold.is_finite()) {
+            return Err(ScoreError::Parameter {
+                name: "anomaly threshold",
+                range: "(0, inf)",
+                value: threshold,
+            });
+        }
+        let k = threshold / at;
+        let ladder = ActionLadder {
+            log: d.log * k,
+            alert: d.alert * k,
+            tighten_seccomp: d.tighten_seccomp * k,
+            throttle: d.throttle * k,
+            pause: d.pause * k,
+            kill: d.kill * k,
+            ceiling: action,
+        };
+        ladder.validate()?;
+        Ok(ladder)
     }
 
     fn validate(&self) -> Result<(), ScoreError> {
@@ -398,6 +440,16 @@ mod tests {
         assert_eq!(l.action(3.0), Action::Throttle);
         assert_eq!(l.action(5.0), Action::Pause);
         assert_eq!(l.action(9.0), Action::Kill);
+        let pause_at_one = ActionLadder::up_to(1.0, Action::Pause).unwrap();
+        assert_eq!(pause_at_one.action(0.99), Action::Throttle);
+        assert_eq!(pause_at_one.action(1.0), Action::Pause);
+        assert_eq!(pause_at_one.action(100.0), Action::Pause);
+        assert_eq!(pause_at_one.action(0.05), Action::Log);
+        assert_eq!(
+            ActionLadder::up_to(1.0, Action::Resize),
+            Err(ScoreError::NotAnAnomalyAction(Action::Resize))
+        );
+        assert!(ActionLadder::up_to(0.0, Action::Kill).is_err());
         let bad = ActionLadder { pause: 10.0, ..l };
         assert!(AnomalyDetector::new(AnomalyConfig {
             ladder: bad,
