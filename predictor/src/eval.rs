@@ -7,9 +7,9 @@ use crate::forecast::{
 };
 use crate::plot::{self, PlotError, Series};
 use crate::policy::{Action, Allocation, Budget, Decision, Policy, PolicyConfig, PolicyError};
-use crate::spec::SpecError;
 use crate::resource::{PerResource, Resource};
 use crate::sample::Sample;
+use crate::spec::SpecError;
 use crate::synthetic::{self, SyntheticError};
 use crate::trace::{self, Trace, TraceError};
 use std::io::Write;
@@ -85,7 +85,9 @@ pub fn replay_recorded(trace: &Trace) -> Result<Option<Vec<Decision>>, EvalError
         return Ok(None);
     };
     let mut policy = spec.build()?;
-    Ok(Some(trace.samples.iter().map(|s| policy.decide(s)).collect()))
+    Ok(Some(
+        trace.samples.iter().map(|s| policy.decide(s)).collect(),
+    ))
 }
 
 fn write_recorded_decisions(
@@ -101,7 +103,10 @@ fn write_recorded_decisions(
             continue;
         };
         replayed += 1;
-        let acted: Vec<&Decision> = decisions.iter().filter(|d| d.action != Action::Hold).collect();
+        let acted: Vec<&Decision> = decisions
+            .iter()
+            .filter(|d| d.action != Action::Hold)
+            .collect();
         for d in &acted {
             serde_json::to_writer(&mut file, d).map_err(std::io::Error::from)?;
             file.write_all(b"\n")?;
@@ -619,7 +624,9 @@ mod tests {
         run(&args, &mut out).unwrap();
         let written = std::fs::read_to_string(dir.join("decisions.json")).unwrap();
         assert_eq!(written.lines().collect::<Vec<_>>(), expected);
-        assert!(String::from_utf8(out).unwrap().contains("400 windows replayed"));
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .contains("400 windows replayed"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

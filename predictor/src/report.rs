@@ -118,7 +118,10 @@ mod tests {
         let mut out = Vec::new();
         run(&args, &mut out).unwrap();
         let text = String::from_utf8(out).unwrap();
-        assert!(text.contains("200 windows of 100 ms, default holt"), "{text}");
+        assert!(
+            text.contains("200 windows of 100 ms, default holt"),
+            "{text}"
+        );
         assert!(text.contains("mem  used"), "{text}");
         let svg = std::fs::read_to_string(dir.join("r.svg")).unwrap();
         assert!(svg.contains("allocated mem (MiB)"));

@@ -321,6 +321,13 @@ impl AnomalyDetector {
 
     /// Scores one window. `expected` is the point forecast that was made for it; `cores`
     /// is how many cores the VM may use (its vCPU count).
+    /// Replaces the action ladder, keeping the residual history and the score.
+    pub fn set_ladder(&mut self, ladder: ActionLadder) -> Result<(), ScoreError> {
+        ladder.validate()?;
+        self.cfg.ladder = ladder;
+        Ok(())
+    }
+
     pub fn update(&mut self, sample: &Sample, expected: &Usage, cores: f64) -> AnomalyReport {
         let cfg = &self.cfg;
         let mut f = Findings::default();

@@ -100,7 +100,8 @@ mod tests {
         s.model_path = Some("/nonexistent/model.safetensors".into());
         assert!(matches!(s.build(), Err(SpecError::Model(_))));
         s.model_path = Some(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/gru-synthetic.safetensors"),
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("models/gru-synthetic.safetensors"),
         );
         assert!(s.build().is_ok());
     }

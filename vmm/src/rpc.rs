@@ -2,12 +2,15 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::autopilot::decisions::DecisionPage;
+use crate::autopilot::PredictorStatus;
 use crate::builder::BuildError;
 use crate::logger::{LoggerConfig, LoggerError};
 use crate::metrics::{MetricsConfig, MetricsError};
 use crate::vmm_config::{
     BootSourceConfig, ConfigError, DriveConfig, DriveUpdate, EntropyConfig, MachineConfig,
-    NetworkInterfaceConfig, NetworkInterfaceUpdate, SerialConfig, VmConfig, VsockConfig,
+    NetworkInterfaceConfig, NetworkInterfaceUpdate, PredictorUpdate, SerialConfig, VmConfig,
+    VsockConfig,
 };
 use crate::vstate::vcpu::VcpuError;
 
@@ -34,6 +37,12 @@ pub enum VmmAction {
     PutMetrics(MetricsConfig),
     FlushMetrics,
     PutLogger(LoggerConfig),
+    GetPredictor,
+    /// Logged decisions from this sequence number on.
+    GetPredictorDecisions {
+        since: u64,
+    },
+    PatchPredictor(PredictorUpdate),
 }
 
 /// A partial `machine-config` (PATCH): only the fields given change.
@@ -79,7 +88,9 @@ pub enum VmmData {
     Empty,
     InstanceInfo(InstanceInfo),
     MachineConfig(MachineConfig),
-    VmConfig(VmConfig),
+    VmConfig(Box<VmConfig>),
+    Predictor(Box<PredictorStatus>),
+    PredictorDecisions(DecisionPage),
 }
 
 /// Why an action was refused; the API answers 400 with this text as `fault_message`.
@@ -111,6 +122,12 @@ pub enum ActionError {
     Metrics(#[from] MetricsError),
     #[error("{0}")]
     Logger(#[from] LoggerError),
+    #[error("the VM has no predictor section; add one to the spec (or PUT nothing: it is fixed at boot)")]
+    NoPredictor,
+    #[error("the predictor is not running (not booted yet, or not enabled at boot)")]
+    PredictorNotStarted,
+    #[error("cannot start the predictor: {0}")]
+    Predictor(String),
 }
 
 impl From<BuildError> for ActionError {

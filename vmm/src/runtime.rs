@@ -11,13 +11,16 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
+use crate::autopilot::exits::now_ns;
+use crate::autopilot::{Autopilot, PredictorStatus};
 use crate::builder::build_microvm;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::metrics::METRICS;
 use crate::microvm::{MicroVm, RunState};
 use crate::rpc::{ActionError, ActionRequest, InstanceInfo, InstanceState, VmmAction, VmmData};
 use crate::vmm_config::{
-    validate_drives, validate_interfaces, DriveUpdate, NetworkInterfaceUpdate, VmConfig,
+    validate_drives, validate_interfaces, DriveUpdate, NetworkInterfaceUpdate, PredictorUpdate,
+    VmConfig,
 };
 
 /// Every fd the VMM thread serves is a subscriber of one event manager.
@@ -95,6 +98,7 @@ pub struct Runtime {
     exit: Arc<ExitSignal>,
     config: VmConfig,
     vm: Option<MicroVm>,
+    autopilot: Option<Autopilot>,
     api: Option<Receiver<ActionRequest>>,
     id: String,
 }
@@ -117,6 +121,7 @@ impl Runtime {
             exit,
             config,
             vm: None,
+            autopilot: None,
             api: None,
             id,
         })
@@ -134,9 +139,87 @@ impl Runtime {
         if self.vm.is_some() {
             return Err(ActionError::NotAllowedAfterBoot);
         }
-        let vm = build_microvm(&self.config, self.exit.clone(), &mut self.event_manager)?;
+        let mut autopilot = match &self.config.predictor {
+            Some(p) if p.enabled => Some(Autopilot::new(
+                p,
+                &self.config.machine_config,
+                &self.id,
+                now_ns(),
+            )?),
+            _ => None,
+        };
+        let mut vm = build_microvm(
+            &self.config,
+            self.exit.clone(),
+            &mut self.event_manager,
+            autopilot.as_mut().map(Autopilot::collector),
+        )?;
+        if let Some(a) = &mut autopilot {
+            if let Err(e) = a.attach(
+                &self.id,
+                &mut vm,
+                &self.config.drives,
+                &self.config.network_interfaces,
+                &mut self.event_manager,
+            ) {
+                vm.stop();
+                return Err(ActionError::Predictor(e.to_string()));
+            }
+        }
         self.vm = Some(vm);
+        self.autopilot = autopilot;
         Ok(())
+    }
+
+    /// Closes a predictor window if its clock ticked.
+    fn close_window(&mut self) {
+        let (Some(autopilot), Some(vm)) = (&mut self.autopilot, &mut self.vm) else {
+            return;
+        };
+        if !autopilot.take_due() {
+            return;
+        }
+        match autopilot.close_window(now_ns(), vm, &self.exit) {
+            Ok(changes) => {
+                for (id, limiter) in changes.drives {
+                    if let Some(d) = self.config.drives.iter_mut().find(|d| d.drive_id == id) {
+                        d.rate_limiter = Some(limiter);
+                    }
+                }
+                for (id, limiter) in changes.nets {
+                    let iface = self
+                        .config
+                        .network_interfaces
+                        .iter_mut()
+                        .find(|n| n.iface_id == id);
+                    if let Some(n) = iface {
+                        n.rx_rate_limiter = Some(limiter);
+                        n.tx_rate_limiter = Some(limiter);
+                    }
+                }
+            }
+            Err(e) => tracing::error!("predictor window: {e}"),
+        }
+    }
+
+    /// `PATCH /predictor`: before boot the section, after boot the live policy too.
+    fn patch_predictor(&mut self, update: PredictorUpdate) -> Result<VmmData, ActionError> {
+        let current = self
+            .config
+            .predictor
+            .as_ref()
+            .ok_or(ActionError::NoPredictor)?;
+        let next = update.apply(current);
+        next.validate(&self.config.machine_config)?;
+        if self.vm.is_some() {
+            let autopilot = self
+                .autopilot
+                .as_mut()
+                .ok_or(ActionError::PredictorNotStarted)?;
+            autopilot.reconfigure(&next, &self.config.machine_config)?;
+        }
+        self.config.predictor = Some(next);
+        Ok(VmmData::Empty)
     }
 
     /// The VM's end signal (tests and embedders end the VM through it).
@@ -153,11 +236,14 @@ impl Runtime {
             if let Err(e) = self.event_manager.run() {
                 break ExitReason::VmmError(format!("event loop failed: {e}"));
             }
+            self.close_window();
             self.serve_requests();
         };
         if let Some(vm) = self.vm.take() {
             vm.stop();
         }
+        // After the vCPU threads are gone, so their cgroup can go too.
+        self.autopilot = None;
         reason
     }
 
@@ -251,7 +337,7 @@ impl Runtime {
                 vmm_version: env!("CARGO_PKG_VERSION").to_string(),
                 app_name: "prescient".to_string(),
             })),
-            VmmAction::GetVmConfig => Ok(VmmData::VmConfig(self.config.clone())),
+            VmmAction::GetVmConfig => Ok(VmmData::VmConfig(Box::new(self.config.clone()))),
             VmmAction::GetMachineConfig => {
                 Ok(VmmData::MachineConfig(self.config.machine_config.clone()))
             }
@@ -347,6 +433,20 @@ impl Runtime {
                 crate::logger::configure(&config)?;
                 Ok(VmmData::Empty)
             }
+            VmmAction::GetPredictor => {
+                let status = match (&self.autopilot, &self.config.predictor) {
+                    (Some(a), _) => a.status(),
+                    (None, Some(p)) => PredictorStatus::idle(p.clone()),
+                    (None, None) => return Err(ActionError::NoPredictor),
+                };
+                Ok(VmmData::Predictor(Box::new(status)))
+            }
+            VmmAction::GetPredictorDecisions { since } => match &self.autopilot {
+                Some(a) => Ok(VmmData::PredictorDecisions(a.decisions(since))),
+                None if self.config.predictor.is_some() => Err(ActionError::PredictorNotStarted),
+                None => Err(ActionError::NoPredictor),
+            },
+            VmmAction::PatchPredictor(update) => self.patch_predictor(update),
         }
     }
 }

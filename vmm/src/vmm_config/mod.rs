@@ -7,6 +7,7 @@ mod entropy;
 pub mod json_path;
 mod machine_config;
 mod net;
+mod predictor;
 mod serial;
 mod vsock;
 
@@ -20,12 +21,13 @@ pub use entropy::EntropyConfig;
 pub use json_path::{JsonPath, Segment};
 pub use machine_config::{MachineConfig, MAX_VCPUS};
 pub use net::{parse_mac, validate_interfaces, NetworkInterfaceConfig, NetworkInterfaceUpdate};
+pub use predictor::{AnomalyResponse, BudgetConfig, PredictorConfig, PredictorUpdate, Range};
 pub use serial::SerialConfig;
 pub use vsock::VsockConfig;
 
 /// A whole microVM. The boot source may be missing only while a VM is being configured through the
 /// API; a spec file must name it and a VM cannot start without it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
     #[serde(
@@ -50,6 +52,8 @@ pub struct VmConfig {
     pub serial: Option<SerialConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<VsockConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predictor: Option<PredictorConfig>,
 }
 
 /// A spec that parsed but cannot describe a VM, or a VM that cannot be built from it: the place
@@ -149,6 +153,9 @@ impl VmConfig {
         }
         if let Some(vsock) = &self.vsock {
             vsock.validate()?;
+        }
+        if let Some(predictor) = &self.predictor {
+            predictor.validate(&self.machine_config)?;
         }
         Ok(())
     }
