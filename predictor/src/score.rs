@@ -105,13 +105,9 @@ pub struct ActionLadder {
     pub throttle: f64,
     pub pause: f64,
     pub kill: f64,
-    /// The heaviest action this ladder takes; higher levels map to it.
-    #[serde(default = "heaviest")]
-    pub ceiling: Action,
-}
-
-fn heaviest() -> Action {
-    Action::Kill
+    /// When set, the one action taken (from its level up); below it, only `log`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub only: Option<Action>,
 }
 
 impl Default for ActionLadder {
@@ -123,7 +119,7 @@ impl Default for ActionLadder {
             throttle: 2.0,
             pause: 4.0,
             kill: 8.0,
-            ceiling: Action::Kill,
+            only: None,
         }
     }
 }
@@ -141,15 +137,21 @@ impl ActionLadder {
     }
 
     pub fn action(&self, score: f64) -> Action {
-        self.steps()
+        let found = self
+            .steps()
             .into_iter()
             .find(|(at, _)| score >= *at)
-            .map_or(Action::Hold, |(_, a)| a.min(self.ceiling))
+            .map_or(Action::Hold, |(_, a)| a);
+        match self.only {
+            Some(only) if found >= only => only,
+            Some(_) if found > Action::Hold => Action::Log,
+            _ => found,
+        }
     }
 
     /// "At score `threshold`, do `action`": the default ladder scaled so that `action` starts
-    /// at `threshold` (the lighter actions keep their proportions below it) and nothing
-    /// heavier is ever taken.
+    /// at `threshold`; below it the score is only logged (from the scaled `log` level), and
+    /// nothing else is ever taken.
     pub fn up_to(threshold: f64, action: Action) -> Result<ActionLadder, ScoreError> {
         let d = ActionLadder::default();
         let at = d
@@ -173,7 +175,7 @@ impl ActionLadder {
             throttle: d.throttle * k,
             pause: d.pause * k,
             kill: d.kill * k,
-            ceiling: action,
+            only: Some(action),
         };
         ladder.validate()?;
         Ok(ladder)
@@ -448,10 +450,11 @@ mod tests {
         assert_eq!(l.action(5.0), Action::Pause);
         assert_eq!(l.action(9.0), Action::Kill);
         let pause_at_one = ActionLadder::up_to(1.0, Action::Pause).unwrap();
-        assert_eq!(pause_at_one.action(0.99), Action::Throttle);
+        assert_eq!(pause_at_one.action(0.99), Action::Log);
         assert_eq!(pause_at_one.action(1.0), Action::Pause);
         assert_eq!(pause_at_one.action(100.0), Action::Pause);
         assert_eq!(pause_at_one.action(0.05), Action::Log);
+        assert_eq!(pause_at_one.action(0.04), Action::Hold);
         assert_eq!(
             ActionLadder::up_to(1.0, Action::Resize),
             Err(ScoreError::NotAnAnomalyAction(Action::Resize))

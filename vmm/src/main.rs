@@ -53,6 +53,9 @@ enum Command {
         #[command(subcommand)]
         command: PredictorCommand,
     },
+    /// Render a trace (e.g. one a VM recorded to its predictor trace_path) as used vs allocated
+    /// vs forecast per resource over time (SVG).
+    Report(predictor::report::ReportArgs),
     /// Train the recurrent forecaster on recorded traces (needs the `torch` build feature).
     #[cfg(feature = "torch")]
     Train(predictor::train::TrainArgs),
@@ -73,6 +76,7 @@ fn run_tool(command: Command) -> ExitCode {
         } => predictor::eval::run(&args, &mut out)
             .map(|_| ())
             .map_err(|e| e.to_string()),
+        Command::Report(args) => predictor::report::run(&args, &mut out).map_err(|e| e.to_string()),
         #[cfg(feature = "torch")]
         Command::Train(args) => predictor::train::run(&args, &mut out)
             .map(|_| ())

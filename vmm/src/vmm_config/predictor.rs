@@ -309,7 +309,7 @@ mod tests {
         );
         let spec = c.policy_spec(&machine()).unwrap();
         assert_eq!(spec.config.horizon.get(), 5);
-        assert_eq!(spec.config.anomaly.ladder.ceiling, Action::Alert);
+        assert_eq!(spec.config.anomaly.ladder.only, Some(Action::Alert));
     }
 
     #[test]
