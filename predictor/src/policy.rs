@@ -446,7 +446,7 @@ mod tests {
         let mut b = budget();
         b.0.mem.max = 256.0;
         b.0.mem.initial = 256.0;
-        let ladder = crate::score::ActionLadder::up_to(1.0, Action::Kill).unwrap();
+        let ladder = crate::score::ActionLadder::only_at(1.0, Action::Kill).unwrap();
         p.reconfigure(b, ladder).unwrap();
         assert_eq!(p.allocation().mem, 256.0);
         assert_eq!(p.budget().0.mem.max, 256.0);

@@ -152,7 +152,7 @@ impl ActionLadder {
     /// "At score `threshold`, do `action`": the default ladder scaled so that `action` starts
     /// at `threshold`; below it the score is only logged (from the scaled `log` level), and
     /// nothing else is ever taken.
-    pub fn up_to(threshold: f64, action: Action) -> Result<ActionLadder, ScoreError> {
+    pub fn only_at(threshold: f64, action: Action) -> Result<ActionLadder, ScoreError> {
         let d = ActionLadder::default();
         let at = d
             .steps()
@@ -449,17 +449,17 @@ mod tests {
         assert_eq!(l.action(3.0), Action::Throttle);
         assert_eq!(l.action(5.0), Action::Pause);
         assert_eq!(l.action(9.0), Action::Kill);
-        let pause_at_one = ActionLadder::up_to(1.0, Action::Pause).unwrap();
+        let pause_at_one = ActionLadder::only_at(1.0, Action::Pause).unwrap();
         assert_eq!(pause_at_one.action(0.99), Action::Log);
         assert_eq!(pause_at_one.action(1.0), Action::Pause);
         assert_eq!(pause_at_one.action(100.0), Action::Pause);
         assert_eq!(pause_at_one.action(0.05), Action::Log);
         assert_eq!(pause_at_one.action(0.04), Action::Hold);
         assert_eq!(
-            ActionLadder::up_to(1.0, Action::Resize),
+            ActionLadder::only_at(1.0, Action::Resize),
             Err(ScoreError::NotAnAnomalyAction(Action::Resize))
         );
-        assert!(ActionLadder::up_to(0.0, Action::Kill).is_err());
+        assert!(ActionLadder::only_at(0.0, Action::Kill).is_err());
         let bad = ActionLadder { pause: 10.0, ..l };
         assert!(AnomalyDetector::new(AnomalyConfig {
             ladder: bad,

@@ -199,7 +199,7 @@ impl PredictorConfig {
     pub fn policy_spec(&self, machine: &MachineConfig) -> Result<PolicySpec, ConfigError> {
         let horizon = Horizon::new(self.horizon)
             .map_err(|e| ConfigError::new(field(&["horizon"]), e.to_string()))?;
-        let ladder = ActionLadder::up_to(self.anomaly.threshold, self.anomaly.action)
+        let ladder = ActionLadder::only_at(self.anomaly.threshold, self.anomaly.action)
             .map_err(|e| ConfigError::new(field(&["anomaly"]), e.to_string()))?;
         Ok(PolicySpec {
             forecaster: self.forecaster,
