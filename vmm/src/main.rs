@@ -37,6 +37,20 @@ struct Cli {
     #[arg(long, value_name = "LEVEL", default_value = "warn",
           value_parser = ["error", "warn", "info", "debug", "trace"])]
     log_level: String,
+
+    /// Run without seccomp filters (debugging only: the VMM is then not contained).
+    #[arg(long)]
+    no_seccomp: bool,
+
+    /// The VM's cgroup directories (the jailer passes the ones it made): the predictor sets the
+    /// CPU quota there, and the VMM tries to remove them when it exits.
+    #[arg(long = "cgroup-dir", value_name = "DIR")]
+    cgroup_dirs: Vec<PathBuf>,
+
+    /// Test hook: the first thread of this kind (vmm, api, vcpu) to install its seccomp filter
+    /// makes a syscall outside it, which must kill the process with SIGSYS.
+    #[arg(long, value_name = "KIND", hide = true)]
+    seccomp_test_violation: Option<vmm::seccomp::ThreadKind>,
 }
 
 /// Prints the one line that explains a failed run and gives its exit code.
@@ -56,6 +70,9 @@ enum Command {
     /// Render a trace (e.g. one a VM recorded to its predictor trace_path) as used vs allocated
     /// vs forecast per resource over time (SVG).
     Report(predictor::report::ReportArgs),
+    /// Isolate one microVM (chroot, namespaces, cgroup, uid/gid) and run the VMM with the
+    /// arguments after `--` (Firecracker's jailer).
+    Jail(jailer::JailArgs),
     /// Train the recurrent forecaster on recorded traces (needs the `torch` build feature).
     #[cfg(feature = "torch")]
     Train(predictor::train::TrainArgs),
@@ -77,6 +94,13 @@ fn run_tool(command: Command) -> ExitCode {
             .map(|_| ())
             .map_err(|e| e.to_string()),
         Command::Report(args) => predictor::report::run(&args, &mut out).map_err(|e| e.to_string()),
+        Command::Jail(args) => {
+            let spec = match args.validate() {
+                Ok(s) => s,
+                Err(e) => return fail(e, code::BAD_CONFIG),
+            };
+            jailer::jail(&spec).map(|_| ()).map_err(|e| e.to_string())
+        }
         #[cfg(feature = "torch")]
         Command::Train(args) => predictor::train::run(&args, &mut out)
             .map(|_| ())
@@ -95,6 +119,12 @@ fn main() -> ExitCode {
         return run_tool(command);
     }
 
+    if !cli.no_seccomp {
+        vmm::seccomp::enable();
+    }
+    if let Some(kind) = cli.seccomp_test_violation {
+        vmm::seccomp::set_test_violation(kind);
+    }
     if cli.config_file.is_none() && cli.api_sock.is_none() {
         return fail(
             "nothing to boot: pass --config-file PATH and/or --api-sock PATH (see --help)",
@@ -108,14 +138,31 @@ fn main() -> ExitCode {
         },
         None => VmConfig::default(),
     };
+    // Removes the API socket and the cgroup on every return from here.
+    let _cleanup = vmm::cleanup::Guard;
+    let vm_cgroup = if cli.cgroup_dirs.is_empty() {
+        None
+    } else {
+        match jailer::cgroup::Cgroup::open(cli.cgroup_dirs.clone()) {
+            Ok(c) => {
+                vmm::cleanup::register_cgroup(c.clone());
+                Some(c)
+            }
+            Err(e) => return fail(format!("--cgroup-dir: {e}"), code::BAD_CONFIG),
+        }
+    };
     let mut runtime = match Runtime::new(cli.id, config) {
         Ok(r) => r,
         Err(e) => return fail(e, code::VMM_ERROR),
     };
+    if let Some(c) = vm_cgroup {
+        runtime.set_vm_cgroup(c);
+    }
     // Held until the end: dropping the server removes the socket file.
     let _api = match &cli.api_sock {
         Some(path) => match vmm::api::start(path) {
             Ok((server, requests, wake)) => {
+                vmm::cleanup::register_api_sock(path.clone());
                 runtime.attach_api(requests, wake);
                 Some(server)
             }

@@ -201,6 +201,13 @@ impl MicroVm {
         Some(find(&self.virtio.nets, iface_id)?.update_rate_limiters(rx, tx))
     }
 
+    /// Makes every vCPU leave KVM_RUN once, to look at what changed (a seccomp stage).
+    pub fn kick_vcpus(&self) {
+        for vcpu in &self.vcpus {
+            vcpu.kick();
+        }
+    }
+
     /// Stops and joins every vCPU thread, then releases the VM.
     pub fn stop(mut self) {
         for vcpu in self.vcpus.drain(..) {

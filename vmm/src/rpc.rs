@@ -43,6 +43,8 @@ pub enum VmmAction {
         since: u64,
     },
     PatchPredictor(PredictorUpdate),
+    /// Tighten every thread's seccomp filter to this stage.
+    SetSeccompStage(crate::seccomp::Stage),
 }
 
 /// A partial `machine-config` (PATCH): only the fields given change.
@@ -128,6 +130,8 @@ pub enum ActionError {
     PredictorNotStarted,
     #[error("cannot start the predictor: {0}")]
     Predictor(String),
+    #[error("{0}")]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 impl From<BuildError> for ActionError {

@@ -18,6 +18,7 @@ use crate::exit::{ExitReason, ExitSignal};
 use crate::metrics::METRICS;
 use crate::microvm::{MicroVm, RunState};
 use crate::rpc::{ActionError, ActionRequest, InstanceInfo, InstanceState, VmmAction, VmmData};
+use crate::seccomp::{self, ThreadKind};
 use crate::vmm_config::{
     validate_drives, validate_interfaces, DriveUpdate, NetworkInterfaceUpdate, PredictorUpdate,
     VmConfig,
@@ -99,6 +100,8 @@ pub struct Runtime {
     config: VmConfig,
     vm: Option<MicroVm>,
     autopilot: Option<Autopilot>,
+    /// The VM's cgroup the jailer made (`--cgroup-dir`), where the predictor sets the CPU quota.
+    vm_cgroup: Option<jailer::cgroup::Cgroup>,
     api: Option<Receiver<ActionRequest>>,
     id: String,
 }
@@ -122,9 +125,15 @@ impl Runtime {
             config,
             vm: None,
             autopilot: None,
+            vm_cgroup: None,
             api: None,
             id,
         })
+    }
+
+    /// The VM's cgroup, handed over by the jailer.
+    pub fn set_vm_cgroup(&mut self, cgroup: jailer::cgroup::Cgroup) {
+        self.vm_cgroup = Some(cgroup);
     }
 
     /// Serves `requests`; `wake` is written by whoever queues one.
@@ -134,7 +143,8 @@ impl Runtime {
         self.api = Some(requests);
     }
 
-    /// Boots the configured VM.
+    /// Boots the configured VM, then filters this thread's syscalls (after the vCPU threads
+    /// started, so that they do not inherit the VMM thread's filter on top of their own).
     pub fn start(&mut self) -> Result<(), ActionError> {
         if self.vm.is_some() {
             return Err(ActionError::NotAllowedAfterBoot);
@@ -160,6 +170,7 @@ impl Runtime {
                 &mut vm,
                 &self.config.drives,
                 &self.config.network_interfaces,
+                self.vm_cgroup.clone(),
                 &mut self.event_manager,
             ) {
                 vm.stop();
@@ -168,6 +179,24 @@ impl Runtime {
         }
         self.vm = Some(vm);
         self.autopilot = autopilot;
+        if let Err(e) = seccomp::install(ThreadKind::Vmm) {
+            // An unfiltered VMM thread must not serve a running guest.
+            self.exit.request(ExitReason::VmmError(e.to_string()));
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// The VMM thread's safe point: installs any seccomp stage requested since, and kicks the
+    /// vCPUs so that they reach theirs.
+    fn catch_up_seccomp(&mut self) -> Result<(), seccomp::SeccompError> {
+        let before = seccomp::installed();
+        seccomp::catch_up(ThreadKind::Vmm)?;
+        if seccomp::installed() != before {
+            if let Some(vm) = &self.vm {
+                vm.kick_vcpus();
+            }
+        }
         Ok(())
     }
 
@@ -232,6 +261,9 @@ impl Runtime {
         let reason = loop {
             if let Some(reason) = self.exit.reason() {
                 break reason;
+            }
+            if let Err(e) = self.catch_up_seccomp() {
+                break ExitReason::VmmError(e.to_string());
             }
             if let Err(e) = self.event_manager.run() {
                 break ExitReason::VmmError(format!("event loop failed: {e}"));
@@ -427,6 +459,12 @@ impl Runtime {
             }
             VmmAction::FlushMetrics => {
                 METRICS.flush()?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::SetSeccompStage(stage) => {
+                seccomp::request_stage(stage)?;
+                // In force for this thread before the answer goes out.
+                self.catch_up_seccomp()?;
                 Ok(VmmData::Empty)
             }
             VmmAction::PutLogger(config) => {

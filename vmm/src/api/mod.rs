@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::metrics::METRICS;
 use crate::rpc::ActionRequest;
+use crate::seccomp::{self, SeccompError, ThreadKind};
 use http::{Connection, ReadError, Response};
 use routes::{respond, route, Routed};
 
@@ -105,9 +106,28 @@ pub fn start(
     Ok((server, receiver, wake))
 }
 
+/// Installs the API thread's seccomp filters, or reports why it could not; an API thread
+/// without its filter must not serve.
+fn filter_api_thread(step: fn(ThreadKind) -> Result<(), SeccompError>) -> bool {
+    match step(ThreadKind::Api) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!("API: {e}; closing the API");
+            false
+        }
+    }
+}
+
 fn accept_loop(listener: UnixListener, link: VmmLink) {
+    if !filter_api_thread(seccomp::install) {
+        return;
+    }
     let clients = Arc::new(AtomicUsize::new(0));
     for stream in listener.incoming() {
+        // New client threads start with the filters this thread has.
+        if !filter_api_thread(seccomp::catch_up) {
+            return;
+        }
         let stream = match stream {
             Ok(s) => s,
             Err(e) => {
@@ -124,9 +144,11 @@ fn accept_loop(listener: UnixListener, link: VmmLink) {
             continue;
         }
         let (link, clients) = (link.clone(), clients.clone());
+        let filters = seccomp::installed();
         let spawned = std::thread::Builder::new()
             .name("api-client".into())
             .spawn(move || {
+                seccomp::inherited(filters);
                 serve_client(stream, &link);
                 clients.fetch_sub(1, Ordering::AcqRel);
             });
@@ -156,6 +178,9 @@ fn serve_client(stream: UnixStream, link: &VmmLink) {
     loop {
         match conn.read_request() {
             Ok(req) => {
+                if !filter_api_thread(seccomp::catch_up) {
+                    return;
+                }
                 tracing::debug!("API: {} {}", req.method, req.path);
                 let response = link.answer(route(&req));
                 count(response.status);

@@ -35,6 +35,13 @@ struct VmState {
     state: String,
 }
 
+/// `PUT /seccomp` body (prescient's own path: Firecracker cannot tighten its filters).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SeccompStage {
+    stage: crate::seccomp::Stage,
+}
+
 /// Paths of Firecracker's API that need devices prescient does not have yet.
 const NOT_YET: [(&str, &str); 3] = [
     ("/balloon", "the virtio balloon"),
@@ -179,6 +186,10 @@ pub fn route(req: &Request) -> Routed {
         }),
         ("/metrics", "PUT") => action(parse_body(req).map(VmmAction::PutMetrics)),
         ("/metrics", _) => method_not_allowed(req, "GET, PUT"),
+        ("/seccomp", "PUT") => {
+            action(parse_body::<SeccompStage>(req).map(|s| VmmAction::SetSeccompStage(s.stage)))
+        }
+        ("/seccomp", _) => method_not_allowed(req, "PUT"),
         ("/logger", "PUT") => action(parse_body(req).map(VmmAction::PutLogger)),
         ("/logger", _) => method_not_allowed(req, "PUT"),
         ("/entropy", "PUT") => action(parse_body(req).map(VmmAction::PutEntropy)),

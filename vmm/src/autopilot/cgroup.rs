@@ -1,118 +1,153 @@
-//! CPU quota of the vCPU threads through a cgroup the VMM makes: v1 `cpu.cfs_quota_us` or v2
-//! `cpu.max`, whichever controls CPU on this host. (The jailer issue will hand the VMM its
-//! cgroup; until then the VMM creates one under `prescient/<id>`.)
+//! The CPU quota the predictor gives the VM, through the project's cgroup API
+//! (`jailer::cgroup`). The group is the VM's cgroup the jailer handed over (`--cgroup-dir`; the
+//! whole VMM runs in it), or, without a jailer, one the VMM makes at `prescient/<id>`: on
+//! cgroup v1 for the vCPU threads alone, on v2 for the process (v2 splits a process's threads
+//! only in threaded subtrees). The quota file is opened once: from the `steady` seccomp stage
+//! on, the VMM thread may not open files.
 
-use std::path::{Path, PathBuf};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use jailer::cgroup::{Cgroup, CgroupError, Mounts, Version};
 
 /// CFS period the quota is a share of.
-const PERIOD_US: u64 = 100_000;
+pub const PERIOD_US: u64 = 100_000;
+/// The kernel refuses quotas under 1 ms.
+const MIN_QUOTA_US: u64 = 1000;
 
 #[derive(Debug, thiserror::Error)]
-pub enum CgroupError {
-    #[error("no cgroup cpu controller under {0} (neither v2 cgroup.controllers with cpu nor v1 cpu/cpu.cfs_quota_us)")]
-    NoCpuController(PathBuf),
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
+pub enum QuotaError {
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error("cannot open {path}: {source}")]
+    Open {
+        path: String,
         source: std::io::Error,
     },
+    #[error("cannot write the CPU quota: {0}")]
+    Write(std::io::Error),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Version {
-    V1,
-    V2,
-}
-
-/// The vCPU threads' cgroup.
-#[derive(Debug)]
+/// Where the quota goes, and how it is written.
 pub struct CpuQuota {
-    dir: PathBuf,
-    version: Version,
-    created: bool,
+    cgroup: Cgroup,
+    file: File,
+    /// Made by this VMM (removed when dropped), not handed over by the jailer.
+    owned: bool,
 }
 
-fn write(path: PathBuf, value: &str) -> Result<(), CgroupError> {
-    std::fs::write(&path, value).map_err(|source| CgroupError::Io { path, source })
+/// The quota file's text for `quota_us`.
+fn quota_text(version: Version, quota_us: u64) -> String {
+    match version {
+        Version::V1 => quota_us.to_string(),
+        Version::V2 => format!("{quota_us} {PERIOD_US}"),
+    }
 }
 
-/// Which cgroup version controls CPU under `root` (normally /sys/fs/cgroup), and where.
-pub fn cpu_hierarchy(root: &Path) -> Result<(Version, PathBuf), CgroupError> {
-    let v2 = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
-    if v2.split_whitespace().any(|c| c == "cpu") {
-        return Ok((Version::V2, root.to_path_buf()));
-    }
-    let v1 = root.join("cpu");
-    if v1.join("cpu.cfs_quota_us").exists() {
-        return Ok((Version::V1, v1));
-    }
-    Err(CgroupError::NoCpuController(root.to_path_buf()))
+/// Microseconds per period for `cores`.
+pub fn quota_us(cores: f64) -> u64 {
+    ((cores * PERIOD_US as f64).round() as u64).max(MIN_QUOTA_US)
 }
 
 impl CpuQuota {
-    /// Makes (or takes) `dir`, or `<cpu hierarchy>/prescient/<id>` when none is given, and moves
-    /// the vCPU threads `tids` into it.
-    pub fn create(
-        root: &Path,
-        dir: Option<&Path>,
-        id: &str,
-        tids: &[i32],
-    ) -> Result<Self, CgroupError> {
-        let (version, hierarchy) = cpu_hierarchy(root)?;
-        let dir = dir.map_or_else(|| hierarchy.join("prescient").join(id), Path::to_path_buf);
-        let created = !dir.exists();
-        std::fs::create_dir_all(&dir).map_err(|source| CgroupError::Io {
-            path: dir.clone(),
-            source,
-        })?;
-        let quota = CpuQuota {
-            dir,
-            version,
-            created,
-        };
-        let threads_file = match version {
-            Version::V1 => "tasks",
-            Version::V2 => {
-                // Threads of one process can only be split across a threaded subtree.
-                write(quota.dir.join("cgroup.type"), "threaded")?;
-                "cgroup.threads"
+    /// Uses `cgroup` (the jailer's) as it is.
+    pub fn given(cgroup: Cgroup) -> Result<Self, QuotaError> {
+        Self::open(cgroup, false)
+    }
+
+    /// Makes `prescient/<id>` under the host's CPU controller and moves the vCPU threads
+    /// `tids` (v1) or this process (v2) into it.
+    pub fn create(id: &str, tids: &[libc::pid_t]) -> Result<Self, QuotaError> {
+        let mounts = Mounts::current()?;
+        let relative = Path::new("prescient").join(id);
+        let cpu = ["cpu".to_string()];
+        let cgroup = match mounts.v1_hierarchy("cpu") {
+            Ok(_) => {
+                let cg = Cgroup::create_v1(&mounts, &cpu, &relative)?;
+                for tid in tids {
+                    cg.set("tasks", &tid.to_string())?;
+                }
+                cg
+            }
+            Err(no_v1) => {
+                let (mount_point, _) = mounts.v2.as_ref().ok_or(no_v1)?;
+                let cg = Cgroup::create_v2(mount_point, &cpu, &relative)?;
+                cg.add_process(std::process::id())?;
+                cg
             }
         };
-        for tid in tids {
-            write(quota.dir.join(threads_file), &tid.to_string())?;
-        }
-        Ok(quota)
+        Self::open(cgroup, true)
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    fn open(cgroup: Cgroup, owned: bool) -> Result<Self, QuotaError> {
+        cgroup.set_cpu_quota(None, PERIOD_US)?;
+        let name = match cgroup.version() {
+            Version::V1 => "cpu.cfs_quota_us",
+            Version::V2 => "cpu.max",
+        };
+        let path = cgroup
+            .dirs()
+            .iter()
+            .map(|d| d.join(name))
+            .find(|p| p.exists())
+            .ok_or_else(|| QuotaError::Open {
+                path: name.to_string(),
+                source: std::io::ErrorKind::NotFound.into(),
+            })?;
+        let file = OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|source| QuotaError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
+        Ok(Self {
+            cgroup,
+            file,
+            owned,
+        })
     }
 
-    pub fn version(&self) -> Version {
-        self.version
-    }
-
-    /// Limits the threads to `cores` CPUs' worth of time per period; returns the quota in us.
-    pub fn set_cores(&self, cores: f64) -> Result<u64, CgroupError> {
-        // The kernel refuses quotas under 1 ms.
-        let quota = ((cores * PERIOD_US as f64).round() as u64).max(1000);
-        match self.version {
-            Version::V1 => {
-                write(self.dir.join("cpu.cfs_period_us"), &PERIOD_US.to_string())?;
-                write(self.dir.join("cpu.cfs_quota_us"), &quota.to_string())?;
+    /// What `GET /predictor` says about it.
+    pub fn describe(&self) -> String {
+        let dirs: Vec<String> = self
+            .cgroup
+            .dirs()
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect();
+        format!(
+            "cgroup {:?} {} ({})",
+            self.cgroup.version(),
+            dirs.join(", "),
+            if self.owned {
+                "made by the VMM"
+            } else {
+                "the jailer's"
             }
-            Version::V2 => write(self.dir.join("cpu.max"), &format!("{quota} {PERIOD_US}"))?,
-        }
+        )
+    }
+
+    /// Limits the group to `cores` CPUs' worth of time per period; returns the quota in us.
+    pub fn set_cores(&self, cores: f64) -> Result<u64, QuotaError> {
+        let quota = quota_us(cores);
+        let text = quota_text(self.cgroup.version(), quota);
+        self.file
+            .write_at(text.as_bytes(), 0)
+            .map_err(QuotaError::Write)?;
         Ok(quota)
     }
 }
 
 impl Drop for CpuQuota {
     fn drop(&mut self) {
-        // Empty once the vCPU threads are gone; a cgroup someone else made stays.
-        if self.created {
-            let _ = std::fs::remove_dir(&self.dir);
+        // Empty once the vCPU threads are gone (v1); a v2 group still holds this process and
+        // stays, like the jailer's, for the caller to remove.
+        if self.owned {
+            if let Err(e) = self.cgroup.remove() {
+                tracing::info!("the predictor's cgroup stays: {e}");
+            }
         }
     }
 }
@@ -121,56 +156,49 @@ impl Drop for CpuQuota {
 mod tests {
     use super::*;
 
-    fn fake_root(name: &str) -> PathBuf {
-        let d =
-            std::env::temp_dir().join(format!("prescient-cgroup-{name}-{}", std::process::id()));
+    fn dir(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("prescient-quota-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d
     }
 
     #[test]
-    fn v1_writes_period_quota_and_tasks() {
-        let root = fake_root("v1");
-        std::fs::create_dir_all(root.join("cpu")).unwrap();
-        std::fs::write(root.join("cpu/cpu.cfs_quota_us"), "-1").unwrap();
-        let q = CpuQuota::create(&root, None, "vm1", &[]).unwrap();
-        assert_eq!(q.version(), Version::V1);
-        assert_eq!(q.dir(), root.join("cpu/prescient/vm1"));
+    fn v1_quota_goes_through_the_open_file() {
+        let d = dir("v1");
+        std::fs::write(d.join("cpu.cfs_quota_us"), "-1").unwrap();
+        std::fs::write(d.join("cpu.cfs_period_us"), "100000").unwrap();
+        let q = CpuQuota::given(Cgroup::open(vec![d.clone()]).unwrap()).unwrap();
         assert_eq!(q.set_cores(1.5).unwrap(), 150_000);
-        let read = |f: &str| std::fs::read_to_string(q.dir().join(f)).unwrap();
-        assert_eq!(read("cpu.cfs_quota_us"), "150000");
-        assert_eq!(read("cpu.cfs_period_us"), "100000");
-        assert_eq!(q.set_cores(0.001).unwrap(), 1000);
-        std::fs::remove_dir_all(&root).unwrap();
+        // A regular file keeps longer earlier text; cgroupfs takes each write whole.
+        assert!(std::fs::read_to_string(d.join("cpu.cfs_quota_us"))
+            .unwrap()
+            .starts_with("150000"));
+        assert_eq!(q.set_cores(0.0001).unwrap(), MIN_QUOTA_US);
+        assert!(q.describe().contains("the jailer's"));
+        drop(q);
+        assert!(d.exists(), "a handed-over group is not removed");
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
-    fn v2_marks_the_group_threaded_and_writes_cpu_max() {
-        let root = fake_root("v2");
-        std::fs::write(root.join("cgroup.controllers"), "cpuset cpu io memory").unwrap();
-        let dir = root.join("mine");
-        let q = CpuQuota::create(&root, Some(&dir), "ignored", &[]).unwrap();
-        assert_eq!(q.version(), Version::V2);
-        assert_eq!(
-            std::fs::read_to_string(dir.join("cgroup.type")).unwrap(),
-            "threaded"
-        );
+    fn v2_writes_quota_and_period() {
+        let d = dir("v2");
+        std::fs::write(d.join("cgroup.controllers"), "cpu").unwrap();
+        std::fs::write(d.join("cpu.max"), "max 100000").unwrap();
+        let q = CpuQuota::given(Cgroup::open(vec![d.clone()]).unwrap()).unwrap();
         q.set_cores(0.25).unwrap();
         assert_eq!(
-            std::fs::read_to_string(dir.join("cpu.max")).unwrap(),
+            std::fs::read_to_string(d.join("cpu.max")).unwrap(),
             "25000 100000"
         );
-        std::fs::remove_dir_all(&root).unwrap();
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
-    fn a_root_without_a_cpu_controller_is_refused() {
-        let root = fake_root("none");
-        assert!(matches!(
-            CpuQuota::create(&root, None, "x", &[]),
-            Err(CgroupError::NoCpuController(_))
-        ));
-        std::fs::remove_dir_all(&root).unwrap();
+    fn a_group_without_quota_files_is_refused() {
+        let d = dir("none");
+        assert!(CpuQuota::given(Cgroup::open(vec![d.clone()]).unwrap()).is_err());
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }

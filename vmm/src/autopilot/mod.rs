@@ -12,7 +12,6 @@ pub mod window;
 
 use std::fs::File;
 use std::io::LineWriter;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -30,6 +29,7 @@ use serde::Serialize;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::microvm::MicroVm;
 use crate::runtime::Subscriber;
+use crate::seccomp::{self, Stage};
 use crate::vmm_config::{
     ConfigError, DriveConfig, JsonPath, MachineConfig, NetworkInterfaceConfig, PredictorConfig,
 };
@@ -37,9 +37,8 @@ use actuators::{apply_memory, bandwidth_limiter, MemoryActuator};
 use cgroup::CpuQuota;
 use decisions::{Applied, DecisionLog, DecisionPage};
 use host::{thread_cpu_ns, ResidentMemory};
+use jailer::cgroup::Cgroup;
 use kvm_stats::KvmStatsReader;
-
-const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 /// A virtio device's cumulative counters, turned into the predictor's per-window device input.
 struct DeviceSource {
@@ -208,7 +207,12 @@ impl Autopilot {
             status: Actuators {
                 trace: trace_status,
                 memory: "no memory actuator: virtio-mem/balloon not configured".into(),
-                seccomp: "no seccomp stages in this build (the jailer provides them)".into(),
+                seccomp: if seccomp::is_enabled() {
+                    "stages boot -> steady -> quarantine; tighten_seccomp requests quarantine"
+                        .into()
+                } else {
+                    "off (--no-seccomp)".into()
+                },
                 ..Actuators::default()
             },
             kvm_buf: Vec::new(),
@@ -229,6 +233,7 @@ impl Autopilot {
         vm: &mut MicroVm,
         drives: &[DriveConfig],
         interfaces: &[NetworkInterfaceConfig],
+        vm_cgroup: Option<Cgroup>,
         event_manager: &mut EventManager<Subscriber>,
     ) -> Result<(), AutopilotError> {
         let mut kvm_errors = Vec::new();
@@ -265,11 +270,13 @@ impl Autopilot {
         self.blocks = handles.limited_blocks(drives);
         self.nets = handles.limited_nets(interfaces);
 
-        let tids = vm.vcpu_tids();
-        let cgroup = self.config.cgroup.as_deref();
-        self.status.cpu_quota = match CpuQuota::create(Path::new(CGROUP_ROOT), cgroup, id, &tids) {
+        let quota = match vm_cgroup {
+            Some(given) => CpuQuota::given(given),
+            None => CpuQuota::create(id, &vm.vcpu_tids()),
+        };
+        self.status.cpu_quota = match quota {
             Ok(q) => {
-                let text = format!("cgroup {:?} {}", q.version(), q.dir().display());
+                let text = q.describe();
                 self.cpu = Some(q);
                 text
             }
@@ -454,7 +461,15 @@ impl Autopilot {
                 tracing::warn!("predictor alert: {why}");
                 (true, "alert raised (warning logged)".to_string())
             }
-            Action::TightenSeccomp => (false, format!("not applied: {}", self.status.seccomp)),
+            // Every thread installs the stage itself at its next safe point; the VMM thread
+            // kicks the vCPUs once it has.
+            Action::TightenSeccomp => match seccomp::request_stage(Stage::Quarantine) {
+                Ok(()) => (
+                    true,
+                    format!("seccomp stage {} requested", Stage::Quarantine),
+                ),
+                Err(e) => (false, e.to_string()),
+            },
             Action::Throttle => {
                 self.throttled = true;
                 let min = self.policy.budget().0.cpu.min;

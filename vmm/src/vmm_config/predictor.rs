@@ -86,10 +86,6 @@ pub struct PredictorConfig {
     /// Record every window here, in the trace format `prescient predictor eval` replays.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_path: Option<PathBuf>,
-    /// The cgroup directory (v1 cpu controller or v2) the vCPU threads go to for their CPU
-    /// quota; default: `prescient/<id>` under the host's cpu controller.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cgroup: Option<PathBuf>,
 }
 
 fn enabled() -> bool {
@@ -115,7 +111,6 @@ impl Default for PredictorConfig {
             budget: BudgetConfig::default(),
             anomaly: AnomalyResponse::default(),
             trace_path: None,
-            cgroup: None,
         }
     }
 }

@@ -27,6 +27,7 @@ use crate::autopilot::exits::ExitTelemetry;
 use crate::autopilot::kvm_stats::{KvmStatsError, KvmStatsReader};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::metrics::{VcpuCounters, METRICS};
+use crate::seccomp::{self, ThreadKind};
 
 /// Errors of creating, configuring and controlling vCPUs.
 #[derive(Debug, thiserror::Error)]
@@ -234,8 +235,19 @@ struct VcpuRunner {
 impl VcpuRunner {
     fn run(&mut self) {
         KVM_RUN.with(|run| run.set(self.fd.get_kvm_run() as *mut kvm_run));
+        // A vCPU whose filter is missing must not run the guest: it ends the VM instead.
+        let index = self.index;
+        let unfiltered = move |e| ExitReason::VmmError(format!("vCPU {index}: {e}"));
+        if let Err(e) = seccomp::install(ThreadKind::Vcpu) {
+            self.exit.request(unfiltered(e));
+        }
         loop {
             if self.exit.is_requested() || !self.handle_events() {
+                break;
+            }
+            // The safe point: between two KVM_RUNs, with no exit half-handled.
+            if let Err(e) = seccomp::catch_up(ThreadKind::Vcpu) {
+                self.exit.request(unfiltered(e));
                 break;
             }
             let next = match self.fd.run() {

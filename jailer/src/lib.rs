@@ -1,0 +1,291 @@
+//! `prescient jail`: runs one microVM's VMM isolated, with Firecracker's jailer semantics.
+//!
+//! In order: inherited fds closed; the VM's cgroup made, limited, joined and handed to the
+//! VMM's user; resource limits set; the network namespace joined; a private mount namespace
+//! whose new root `<base>/prescient/<id>/root` holds only the VMM binary and its shared
+//! libraries, the files its spec names, `/dev/kvm`, `/dev/net/tun` and the cgroup's directories;
+//! pivot_root into it; optionally a new pid namespace and/or a daemon; then the uid/gid dropped
+//! and the VMM exec'ed with an empty environment.
+//!
+//! What stays in `<base>/prescient/<id>/root` after the VMM exits: the directory tree, empty
+//! files where host files were bind-mounted (the mounts lived in the VMM's mount namespace and
+//! went with it), the device nodes, `prescient.pid` of a daemon, and any file the VMM created
+//! (logs, metrics, vsock sockets; the API socket it removes itself). The VM's cgroup holds the
+//! VMM until it exits, so the VMM cannot remove it: it is left, empty, for the caller to rmdir.
+
+pub mod args;
+pub mod cgroup;
+pub mod chroot;
+pub mod process;
+
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+
+pub use args::{ArgsError, JailArgs, JailSpec};
+use cgroup::{Cgroup, CgroupError, Mounts};
+use chroot::{Chroot, ChrootError};
+use process::ProcessError;
+
+/// Controllers of the VM's cgroup besides those its `--cgroup` files name: CPU (the
+/// predictor's quota), CPU accounting (its usage), memory and pids.
+pub const DEFAULT_CONTROLLERS: [&str; 4] = ["cpu", "cpuacct", "memory", "pids"];
+
+/// The host devices the VMM opens.
+pub const DEVICES: [&str; 2] = ["/dev/kvm", "/dev/net/tun"];
+
+/// Errors of jailing a VMM.
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    #[error(transparent)]
+    Args(#[from] ArgsError),
+    #[error("cgroup: {0}")]
+    Cgroup(#[from] CgroupError),
+    #[error("chroot: {0}")]
+    Chroot(#[from] ChrootError),
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+    #[error("cannot read the VM spec {path}: {detail}")]
+    Spec { path: PathBuf, detail: String },
+    #[error("cannot find this executable: {0}")]
+    CurrentExe(std::io::Error),
+    #[error(
+        "{what} {path:?} must be an absolute path: the VMM runs with / as its working directory"
+    )]
+    RelativePath { what: &'static str, path: PathBuf },
+}
+
+/// Host files the VMM's arguments and spec name.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct VmmFiles {
+    /// Files it reads or writes in place, with whether they are read-only to it.
+    pub inputs: Vec<(PathBuf, bool)>,
+    /// Directories where it creates files (sockets, logs).
+    pub output_dirs: Vec<PathBuf>,
+}
+
+/// The value of `--name VALUE` or `--name=VALUE` in `args`.
+fn option_value<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.iter().enumerate().find_map(|(i, a)| {
+        if a == name {
+            args.get(i + 1).map(String::as_str)
+        } else {
+            a.strip_prefix(name)?.strip_prefix('=')
+        }
+    })
+}
+
+/// `path` if it is absolute.
+fn absolute(what: &'static str, path: &Path) -> Result<PathBuf, JailError> {
+    if path.is_absolute() {
+        Ok(path.to_path_buf())
+    } else {
+        Err(JailError::RelativePath {
+            what,
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl VmmFiles {
+    /// The files of VMM arguments `args` and of the spec they name (read from the host).
+    pub fn of(args: &[String]) -> Result<Self, JailError> {
+        let mut files = VmmFiles::default();
+        if let Some(sock) = option_value(args, "--api-sock") {
+            let sock = absolute("--api-sock", Path::new(sock))?;
+            files
+                .output_dirs
+                .extend(sock.parent().map(Path::to_path_buf));
+        }
+        if let Some(path) = option_value(args, "--config-file") {
+            absolute("--config-file", Path::new(path))?;
+            let spec_err = |detail: String| JailError::Spec {
+                path: path.into(),
+                detail,
+            };
+            let text = std::fs::read_to_string(path).map_err(|e| spec_err(e.to_string()))?;
+            let spec: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| spec_err(e.to_string()))?;
+            files.inputs.push((path.into(), true));
+            files.add_spec(&spec)?;
+        }
+        Ok(files)
+    }
+
+    fn add_spec(&mut self, spec: &serde_json::Value) -> Result<(), JailError> {
+        let path = |what, v: &serde_json::Value| {
+            v.as_str().map(|p| absolute(what, Path::new(p))).transpose()
+        };
+        for key in ["kernel_image_path", "initrd_path"] {
+            if let Some(p) = path(key, &spec["boot-source"][key])? {
+                self.inputs.push((p, true));
+            }
+        }
+        for drive in spec["drives"].as_array().into_iter().flatten() {
+            if let Some(p) = path("path_on_host", &drive["path_on_host"])? {
+                let read_only = drive["is_read_only"].as_bool().unwrap_or(false);
+                self.inputs.push((p, read_only));
+            }
+        }
+        for (what, out) in [
+            ("serial_out_path", &spec["serial"]["serial_out_path"]),
+            ("uds_path", &spec["vsock"]["uds_path"]),
+        ] {
+            if let Some(dir) = path(what, out)?.as_deref().and_then(Path::parent) {
+                self.output_dirs.push(dir.to_path_buf());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The VM's cgroup: created with `spec`'s files written, this process in it, handed to the VMM's
+/// user.
+fn make_cgroup(spec: &JailSpec) -> Result<Cgroup, JailError> {
+    let mut controllers: Vec<String> = DEFAULT_CONTROLLERS.map(String::from).into();
+    for (file, _) in &spec.cgroups {
+        let controller = file.split('.').next().unwrap_or_default().to_string();
+        if !controllers.contains(&controller) {
+            controllers.push(controller);
+        }
+    }
+    let relative = Path::new("prescient").join(&spec.id);
+    let mounts = Mounts::current()?;
+    let cgroup = if spec.cgroup_version == 1 {
+        Cgroup::create_v1(&mounts, &controllers, &relative)?
+    } else {
+        let (mount_point, _) = mounts.v2.clone().ok_or(CgroupError::NoUnifiedMount)?;
+        // v2 offers no separate cpuacct: CPU usage is in every group's cpu.stat.
+        let available =
+            std::fs::read_to_string(mount_point.join("cgroup.controllers")).unwrap_or_default();
+        let named: Vec<String> = controllers
+            .into_iter()
+            .filter(|c| {
+                spec.cgroups
+                    .iter()
+                    .any(|(f, _)| f.starts_with(&format!("{c}.")))
+                    || available.split_whitespace().any(|a| a == c)
+            })
+            .collect();
+        Cgroup::create_v2(&mount_point, &named, &relative)?
+    };
+    for (file, value) in &spec.cgroups {
+        cgroup.set(file, value)?;
+    }
+    cgroup.add_process(std::process::id())?;
+    cgroup.delegate(spec.uid, spec.gid)?;
+    Ok(cgroup)
+}
+
+/// Jails this process as `spec` says and execs the VMM; returns only on failure.
+pub fn jail(spec: &JailSpec) -> Result<Infallible, JailError> {
+    process::close_inherited_fds()?;
+    let exec = match &spec.exec_file {
+        Some(p) => p.clone(),
+        None => std::env::current_exe().map_err(JailError::CurrentExe)?,
+    };
+    let files = VmmFiles::of(&spec.vmm_args)?;
+    let cgroup = make_cgroup(spec)?;
+    process::set_rlimits(&spec.resource_limits)?;
+    if let Some(netns) = &spec.netns {
+        process::join_netns(netns)?;
+    }
+    let daemon_stdio = if spec.daemonize {
+        Some(process::open_dev_null()?)
+    } else {
+        None
+    };
+
+    let chroot = Chroot::create(&spec.chroot_dir(), spec.uid, spec.gid)?;
+    chroot.bind_executable(&exec)?;
+    for (path, read_only) in &files.inputs {
+        chroot.bind_file("VM file", path, *read_only)?;
+    }
+    for dir in &files.output_dirs {
+        chroot.writable_dir(dir)?;
+    }
+    for device in DEVICES {
+        chroot.device_node(Path::new(device))?;
+    }
+    for dir in cgroup.dirs() {
+        chroot.bind_file("cgroup directory", dir, false)?;
+    }
+    chroot.enter()?;
+
+    process::split(spec.new_pid_ns, daemon_stdio, Path::new("/prescient.pid"))?;
+    process::drop_privileges(spec.uid, spec.gid)?;
+    let mut args = spec.vmm_args.clone();
+    if option_value(&args, "--id").is_none() {
+        args.extend(["--id".to_string(), spec.id.clone()]);
+    }
+    for dir in cgroup.dirs() {
+        args.extend(["--cgroup-dir".to_string(), dir.display().to_string()]);
+    }
+    Ok(process::exec(&exec, &args)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_are_found_in_both_spellings() {
+        let args: Vec<String> = ["--api-sock", "/run/a.sock", "--config-file=/vm.json"]
+            .map(String::from)
+            .into();
+        assert_eq!(option_value(&args, "--api-sock"), Some("/run/a.sock"));
+        assert_eq!(option_value(&args, "--config-file"), Some("/vm.json"));
+        assert_eq!(option_value(&args, "--id"), None);
+    }
+
+    #[test]
+    fn spec_files_are_inputs_and_socket_dirs_are_outputs() {
+        let spec = serde_json::json!({
+            "boot-source": {"kernel_image_path": "/k/vmlinux", "initrd_path": "/k/initrd"},
+            "drives": [
+                {"drive_id": "a", "path_on_host": "/d/a.img", "is_read_only": true},
+                {"drive_id": "b", "path_on_host": "/d/b.img"}
+            ],
+            "vsock": {"guest_cid": 3, "uds_path": "/run/vm/v.sock"},
+            "serial": {"serial_out_path": "/logs/serial.out"}
+        });
+        let mut files = VmmFiles::default();
+        files.add_spec(&spec).unwrap();
+        assert_eq!(
+            files.inputs,
+            [
+                (PathBuf::from("/k/vmlinux"), true),
+                (PathBuf::from("/k/initrd"), true),
+                (PathBuf::from("/d/a.img"), true),
+                (PathBuf::from("/d/b.img"), false)
+            ]
+        );
+        assert_eq!(files.output_dirs, ["/logs", "/run/vm"].map(PathBuf::from));
+    }
+
+    #[test]
+    fn relative_paths_are_refused_by_name() {
+        let spec = serde_json::json!({"drives": [{"path_on_host": "disk.img"}]});
+        let err = VmmFiles::default().add_spec(&spec).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "path_on_host \"disk.img\" must be an absolute path: the VMM runs with / as its working directory"
+        );
+        let args: Vec<String> = ["--api-sock", "api.sock"].map(String::from).into();
+        assert!(matches!(
+            VmmFiles::of(&args),
+            Err(JailError::RelativePath {
+                what: "--api-sock",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn an_unreadable_spec_is_named() {
+        let args: Vec<String> = ["--config-file", "/nonexistent/vm.json"]
+            .map(String::from)
+            .into();
+        let err = VmmFiles::of(&args).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/vm.json"), "{err}");
+    }
+}

@@ -1,0 +1,340 @@
+//! Seccomp filters per thread kind, and their tightening at run time.
+//!
+//! `resources/seccomp/x86_64.json` holds, for each thread kind (VMM, API, vCPU), one filter per
+//! stage; build.rs compiles them to BPF. The "boot" filters are allow-lists (anything else kills
+//! the process with SIGSYS). "steady" and "quarantine" are deny-lists that fail their syscalls
+//! with EPERM; a thread moving to a later stage installs each one in between on top of what it
+//! has, and the kernel applies every installed filter, so a stage can only get stricter.
+//!
+//! A stage is requested process-wide ([`request_stage`]); each thread installs it itself at its
+//! next safe point ([`catch_up`]): a vCPU before its next KVM_RUN, the VMM thread at its next loop
+//! iteration, an API thread at its next request.
+
+use std::cell::Cell;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+
+use seccompiler::{apply_filter, sock_filter, BpfProgram};
+use serde::{Deserialize, Serialize};
+
+/// Errors of installing filters and changing stages.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    #[error("cannot install the {kind} thread's {stage} seccomp filter: {source}")]
+    Install {
+        kind: ThreadKind,
+        stage: Stage,
+        source: seccompiler::Error,
+    },
+    #[error("seccomp is off (--no-seccomp)")]
+    Disabled,
+    #[error("the seccomp stage is already {current}; it can only get stricter, not go back to {requested}")]
+    Looser { current: Stage, requested: Stage },
+}
+
+/// The threads that get a filter of their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadKind {
+    /// The event loop: devices, API actions, the predictor.
+    Vmm,
+    /// The API socket's accept and client threads.
+    Api,
+    /// A thread running KVM_RUN.
+    Vcpu,
+}
+
+impl ThreadKind {
+    fn name(self) -> &'static str {
+        match self {
+            ThreadKind::Vmm => "vmm",
+            ThreadKind::Api => "api",
+            ThreadKind::Vcpu => "vcpu",
+        }
+    }
+}
+
+impl ThreadKind {
+    /// The stage a thread of this kind starts in. API and vCPU threads never open or map files
+    /// nor exec, so they start with the steady filter on top of boot: their boot allow-lists
+    /// admit `openat` only so that steady fails it with EPERM (glibc's malloc probes
+    /// /sys/devices/system/cpu/online when a thread makes its first arena) instead of killing.
+    fn first_stage(self) -> Stage {
+        match self {
+            ThreadKind::Vmm => Stage::Boot,
+            ThreadKind::Api | ThreadKind::Vcpu => Stage::Steady,
+        }
+    }
+}
+
+impl fmt::Display for ThreadKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for ThreadKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        [ThreadKind::Vmm, ThreadKind::Api, ThreadKind::Vcpu]
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| format!("{s:?} is not one of vmm, api, vcpu"))
+    }
+}
+
+/// How much a thread may still do, from most to least.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// Everything a thread of its kind needs to set up and run the VM.
+    Boot = 0,
+    /// The guest is up: no more file opens, no mmap of files, no execve.
+    Steady = 1,
+    /// An anomaly was seen: also no new sockets and no new guest memory.
+    Quarantine = 2,
+}
+
+impl Stage {
+    const ALL: [Stage; 3] = [Stage::Boot, Stage::Steady, Stage::Quarantine];
+
+    fn from_u8(v: u8) -> Stage {
+        Self::ALL[usize::from(v).min(Self::ALL.len() - 1)]
+    }
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Stage::Boot => "boot",
+            Stage::Steady => "steady",
+            Stage::Quarantine => "quarantine",
+        })
+    }
+}
+
+/// The compiled filters, by thread kind then stage (the order of [`Stage::ALL`]).
+const FILTERS: [(ThreadKind, [&[u8]; 3]); 3] = [
+    (
+        ThreadKind::Vmm,
+        [
+            include_bytes!(concat!(env!("OUT_DIR"), "/seccomp/vmm_boot.bpf")),
+            include_bytes!(concat!(env!("OUT_DIR"), "/seccomp/vmm_steady.bpf")),
+            include_bytes!(concat!(env!("OUT_DIR"), "/seccomp/vmm_quarantine.bpf")),
+        ],
+    ),
+    (
+        ThreadKind::Api,
+        [
+            include_bytes!(concat!(env!("OUT_DIR"), "/seccomp/api_boot.bpf")),
+            include_bytes!(concat!(env!("OUT_DIR"), "/seccomp/api_steady.bpf")),
+            include_bytes!(concat!(env!("OUT_DIR"), "/seccomp/api_quarantine.bpf")),
+        ],
+    ),
+    (
+        ThreadKind::Vcpu,
+        [
+            include_bytes!(concat!(env!("OUT_DIR"), "/seccomp/vcpu_boot.bpf")),
+            include_bytes!(concat!(env!("OUT_DIR"), "/seccomp/vcpu_steady.bpf")),
+            include_bytes!(concat!(env!("OUT_DIR"), "/seccomp/vcpu_quarantine.bpf")),
+        ],
+    ),
+];
+
+/// The BPF program of `kind` at `stage`, from build.rs's bytes (8 per instruction, as the
+/// kernel's `struct sock_filter`, little-endian).
+fn program(kind: ThreadKind, stage: Stage) -> BpfProgram {
+    let (_, stages) = FILTERS
+        .iter()
+        .find(|(k, _)| *k == kind)
+        .expect("FILTERS lists every thread kind");
+    stages[stage as usize]
+        .chunks_exact(8)
+        .map(|b| sock_filter {
+            code: u16::from_le_bytes([b[0], b[1]]),
+            jt: b[2],
+            jf: b[3],
+            k: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+        })
+        .collect()
+}
+
+static ENABLED: AtomicBool = AtomicBool::new(false);
+static REQUESTED: AtomicU8 = AtomicU8::new(Stage::Boot as u8);
+/// The thread kind whose first filter is followed by a forbidden syscall (test hook), or
+/// [`NO_VIOLATION`].
+static VIOLATION: AtomicU8 = AtomicU8::new(NO_VIOLATION);
+const NO_VIOLATION: u8 = u8::MAX;
+
+thread_local! {
+    /// The last stage this thread installed; None before its first filter.
+    static INSTALLED: Cell<Option<Stage>> = const { Cell::new(None) };
+}
+
+/// Turns filtering on for threads that start (or reach [`install`]) from now on. Off by
+/// default, so that tests and embedders running the VMM in their own process are not filtered.
+pub fn enable() {
+    ENABLED.store(true, Ordering::Release);
+}
+
+pub fn is_enabled() -> bool {
+    ENABLED.load(Ordering::Acquire)
+}
+
+/// Test hook (`--seccomp-test-violation KIND`): the first thread of `kind` to install its
+/// filter then makes a syscall outside it, to show that the filter kills the process. It does
+/// not change any filter.
+pub fn set_test_violation(kind: ThreadKind) {
+    VIOLATION.store(kind as u8, Ordering::Release);
+}
+
+/// The stage threads are moving to.
+pub fn requested_stage() -> Stage {
+    Stage::from_u8(REQUESTED.load(Ordering::Acquire))
+}
+
+/// Asks every filtered thread to move to `stage` at its next safe point. Asking for the stage
+/// already requested is fine; asking for a looser one is an error.
+pub fn request_stage(stage: Stage) -> Result<(), SeccompError> {
+    if !is_enabled() {
+        return Err(SeccompError::Disabled);
+    }
+    let before = Stage::from_u8(REQUESTED.fetch_max(stage as u8, Ordering::AcqRel));
+    if before > stage {
+        return Err(SeccompError::Looser {
+            current: before,
+            requested: stage,
+        });
+    }
+    Ok(())
+}
+
+/// Installs this thread's filters: its kind's boot filter, those up to its first stage, and
+/// every stage requested since.
+pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
+    if !is_enabled() || INSTALLED.get().is_some() {
+        return Ok(());
+    }
+    apply(kind, Stage::Boot)?;
+    install_up_to(kind, kind.first_stage())?;
+    if VIOLATION.load(Ordering::Acquire) == kind as u8 {
+        // SAFETY: personality(0xffffffff) only queries the execution domain; no filter allows
+        // it, so the process dies here with SIGSYS.
+        unsafe { libc::syscall(libc::SYS_personality, 0xffff_ffffu64) };
+    }
+    catch_up(kind)
+}
+
+/// Records that this thread runs under the filters its parent installed up to `stage` (a
+/// thread inherits its creator's filters).
+pub fn inherited(stage: Option<Stage>) {
+    INSTALLED.set(stage);
+}
+
+/// The last stage this thread installed, for the threads it starts ([`inherited`]).
+pub fn installed() -> Option<Stage> {
+    INSTALLED.get()
+}
+
+/// At a safe point: installs the filters of any stage requested since this thread's last one.
+/// Cheap when there is nothing to do; a thread not yet filtered stays so.
+pub fn catch_up(kind: ThreadKind) -> Result<(), SeccompError> {
+    if INSTALLED.get().is_none() {
+        return Ok(());
+    }
+    install_up_to(kind, requested_stage())
+}
+
+/// Installs each stage after this thread's last one, up to `wanted`.
+fn install_up_to(kind: ThreadKind, wanted: Stage) -> Result<(), SeccompError> {
+    let mut at = INSTALLED.get().unwrap_or(Stage::Boot);
+    while at < wanted {
+        at = Stage::from_u8(at as u8 + 1);
+        apply(kind, at)?;
+    }
+    Ok(())
+}
+
+fn apply(kind: ThreadKind, stage: Stage) -> Result<(), SeccompError> {
+    apply_filter(&program(kind, stage)).map_err(|source| SeccompError::Install {
+        kind,
+        stage,
+        source,
+    })?;
+    INSTALLED.set(Some(stage));
+    tracing::debug!("{kind} thread: {stage} seccomp filter installed");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_filter_was_compiled() {
+        for (kind, _) in FILTERS {
+            for stage in Stage::ALL {
+                let p = program(kind, stage);
+                assert!(p.len() > 4, "{kind} {stage}: {} instructions", p.len());
+            }
+        }
+    }
+
+    #[test]
+    fn stages_order_and_names() {
+        assert!(Stage::Boot < Stage::Steady && Stage::Steady < Stage::Quarantine);
+        let s: Stage = serde_json::from_str("\"quarantine\"").unwrap();
+        assert_eq!(s, Stage::Quarantine);
+        assert_eq!(Stage::Steady.to_string(), "steady");
+        assert_eq!("vcpu".parse::<ThreadKind>(), Ok(ThreadKind::Vcpu));
+        assert!("io".parse::<ThreadKind>().is_err());
+    }
+
+    /// Filters in a child process, so that this test binary stays unfiltered: the boot filter
+    /// allows what the thread needs, steady makes `open` fail with EPERM, and a syscall outside
+    /// the allow-list kills the process with SIGSYS.
+    #[test]
+    fn steady_denies_opens_and_boot_kills_the_unlisted() {
+        // Built before the fork: the child must not allocate (another test thread may hold the
+        // allocator's lock at fork time).
+        let boot = program(ThreadKind::Vmm, Stage::Boot);
+        let steady = program(ThreadKind::Vmm, Stage::Steady);
+        // SAFETY: the child only makes syscalls and exits; no locks are taken after fork.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let code = (|| {
+                apply_filter(&boot).ok()?;
+                let path = c"/dev/null";
+                // SAFETY: a valid path; the fd, if any, is closed right away.
+                let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY) };
+                if fd < 0 {
+                    return Some(10);
+                }
+                // SAFETY: closing the fd just opened.
+                unsafe { libc::close(fd) };
+                apply_filter(&steady).ok()?;
+                // SAFETY: as above.
+                let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY) };
+                let errno = std::io::Error::last_os_error().raw_os_error();
+                if fd >= 0 || errno != Some(libc::EPERM) {
+                    return Some(11);
+                }
+                // SAFETY: personality query; the filter kills the process here.
+                unsafe { libc::syscall(libc::SYS_personality, 0xffff_ffffu64) };
+                Some(12)
+            })()
+            .unwrap_or(13);
+            // SAFETY: _exit in the forked child.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
+            "child ended with status {status:#x} (exit code {})",
+            libc::WEXITSTATUS(status)
+        );
+    }
+}
