@@ -367,3 +367,58 @@ fn an_unknown_port_moves_every_thread_to_the_quarantine_seccomp_stage() {
     );
     vmm.terminate(DEADLINE).assert_code(143);
 }
+
+#[test]
+fn the_cpu_quota_goes_to_the_cgroup_the_jailer_hands_over() {
+    let scratch = Scratch::new("predictor-given-cgroup");
+    let id = format!("predictor-given-{}", std::process::id());
+    // What the jailer passes as --cgroup-dir: a group of the cpu hierarchy made for the VM.
+    let group = Path::new("/sys/fs/cgroup/cpu").join(&id);
+    std::fs::create_dir(&group).expect("a cgroup v1 cpu hierarchy (this host's)");
+    let socket = scratch.path().join("api.sock");
+    let spec = guest_spec(TEST_GUEST_PVH, 1, 128, "cpu_ms=3000 mem_mib=1 exit=halt");
+    let mut spec: Value = serde_json::from_str(&spec).unwrap();
+    spec["predictor"] = serde_json::json!({"budget": {"cpu_cores": {"min": 0.1, "max": 1}}});
+    let spec_path = scratch.write("vm.json", &spec.to_string());
+    let vmm = integration_tests::RunningVmm::spawn([
+        "--api-sock",
+        socket.to_str().unwrap(),
+        "--config-file",
+        spec_path.to_str().unwrap(),
+        "--id",
+        &id,
+        "--cgroup-dir",
+        group.to_str().unwrap(),
+    ]);
+    let mut api = ApiClient::connect(&socket);
+    let status = api.request("GET", "/predictor", None).json();
+    let quota = status["actuators"]["cpu_quota"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        quota.contains(group.to_str().unwrap()) && quota.contains("the jailer's"),
+        "{quota}"
+    );
+    // The CPU phase ends in a halt: the quota comes down in that group, and only there.
+    wait_for(&mut api, "a CPU quota cut", |d| {
+        d.iter()
+            .any(|d| d["resized"]["cpu"] == true && d["allocation"]["cpu"].as_f64().unwrap() < 0.5)
+    });
+    let read = |dir: &Path| {
+        std::fs::read_to_string(dir.join("cpu.cfs_quota_us"))
+            .unwrap()
+            .trim()
+            .parse::<i64>()
+            .unwrap()
+    };
+    let start = Instant::now();
+    while read(&group) >= 50_000 {
+        assert!(start.elapsed() < DEADLINE, "quota {}", read(&group));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!Path::new("/sys/fs/cgroup/cpu/prescient").join(&id).exists());
+    vmm.terminate(DEADLINE).assert_code(143);
+    // The VMM removes the group it was given when it ends (it held no task of it).
+    assert!(!group.exists());
+}
