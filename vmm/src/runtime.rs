@@ -505,4 +505,39 @@ mod tests {
         assert_eq!(appended.len(), 3);
         assert_eq!(appended[2], ("c".to_string(), 3));
     }
+
+    #[test]
+    fn the_predictor_section_is_read_and_patched_before_boot() {
+        use crate::vmm_config::{PredictorConfig, Range};
+        let mut rt = Runtime::new("t".into(), VmConfig::default()).unwrap();
+        assert!(matches!(
+            rt.handle(VmmAction::GetPredictor),
+            Err(ActionError::NoPredictor)
+        ));
+        rt.config.predictor = Some(PredictorConfig::default());
+        let update: PredictorUpdate =
+            serde_json::from_str(r#"{"budget": {"memory_mib": {"min": 16, "max": 64}}}"#).unwrap();
+        rt.handle(VmmAction::PatchPredictor(update)).unwrap();
+        match rt.handle(VmmAction::GetPredictor).unwrap() {
+            VmmData::Predictor(s) => {
+                assert!(!s.running);
+                assert_eq!(
+                    s.config.budget.memory_mib,
+                    Some(Range {
+                        min: 16.0,
+                        max: 64.0
+                    })
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let bad: PredictorUpdate =
+            serde_json::from_str(r#"{"budget": {"cpu_cores": {"min": 1, "max": 4}}}"#).unwrap();
+        let e = rt.handle(VmmAction::PatchPredictor(bad)).unwrap_err();
+        assert!(e.to_string().contains("predictor.budget.cpu_cores"), "{e}");
+        assert!(matches!(
+            rt.handle(VmmAction::GetPredictorDecisions { since: 0 }),
+            Err(ActionError::PredictorNotStarted)
+        ));
+    }
 }
