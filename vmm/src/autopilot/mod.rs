@@ -534,8 +534,10 @@ impl Autopilot {
             })?;
         self.config = config.clone();
         self.throttled = false;
-        let cores = self.policy.allocation().cpu;
-        let _ = self.apply_cpu(cores);
+        if self.config.enabled {
+            let cores = self.policy.allocation().cpu;
+            let _ = self.apply_cpu(cores);
+        }
         Ok(())
     }
 }
