@@ -1,7 +1,9 @@
 //! `prescient jail`: the jailed VMM boots the test guest inside its chroot, as its own user, in
 //! its own cgroup; the host's files are out of its reach; bad arguments each get their error.
 
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -13,6 +15,8 @@ use integration_tests::{
 const DEADLINE: Duration = Duration::from_secs(60);
 const UID: u32 = 40123;
 const GID: u32 = 40124;
+/// Where the jail test leaves an inheritable fd for the jailer to close.
+const LEAKED_FD: i32 = 57;
 
 /// Removes a cgroup directory the jailer made (empty once the VMM has gone).
 struct CgroupDir(PathBuf);
@@ -58,8 +62,21 @@ fn a_jailed_vmm_boots_the_guest_as_its_user_in_its_chroot_and_cgroup() {
     // A host file the VMM must not reach, in a directory the jail does not map.
     let elsewhere = Scratch::new("jail-elsewhere");
     let outside = elsewhere.write("outside.log", "");
+    // An fd the caller forgot to mark close-on-exec, which the jail must not pass on.
+    let leaked = std::fs::File::open(&outside).unwrap();
+    let leaked_fd = leaked.as_raw_fd();
+    let mut jail = Command::new(prescient_bin());
+    // SAFETY: dup2 is async-signal-safe; the fd is open in the parent and inherited.
+    unsafe {
+        jail.pre_exec(move || {
+            if libc::dup2(leaked_fd, LEAKED_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
     let vmm = RunningVmm::from_command(
-        Command::new(prescient_bin())
+        jail.env("PRESCIENT_SECRET", "must-not-reach-the-vmm")
             .args(["jail", "--id", &id])
             .args(["--uid", &UID.to_string(), "--gid", &GID.to_string()])
             .arg("--chroot-base-dir")
@@ -89,6 +106,16 @@ fn a_jailed_vmm_boots_the_guest_as_its_user_in_its_chroot_and_cgroup() {
     let mut api = ApiClient::connect(&host_socket);
     assert_eq!(api.request("GET", "/", None).json()["id"], id.as_str());
 
+    // What it inherited: no environment, not the leaked fd.
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert!(environ.is_empty(), "{}", String::from_utf8_lossy(&environ));
+    let fd = std::fs::read_link(format!("/proc/{pid}/fd/{LEAKED_FD}"));
+    assert!(
+        fd.as_ref().map_or(true, |target| target != &outside),
+        "the jail passed on fd {LEAKED_FD}: {fd:?}"
+    );
+    drop(leaked);
+
     // Its identity and limits.
     assert_eq!(status_field(pid, "Uid"), UID.to_string());
     assert_eq!(status_field(pid, "Gid"), GID.to_string());
@@ -107,12 +134,16 @@ fn a_jailed_vmm_boots_the_guest_as_its_user_in_its_chroot_and_cgroup() {
         .lines()
         .any(|l| l == pid.to_string()));
     assert_eq!(std::fs::metadata(&cpu_dir.0).unwrap().uid(), UID);
-    assert_eq!(
-        std::fs::metadata(cpu_dir.0.join("cpu.cfs_quota_us"))
-            .unwrap()
-            .uid(),
-        UID
-    );
+    // Delegated: a process of the VMM's user can change the quota (what the predictor does).
+    let status = Command::new("sh")
+        .args(["-c", "echo 30000 > \"$1\"", "sh"])
+        .arg(cpu_dir.0.join("cpu.cfs_quota_us"))
+        .uid(UID)
+        .gid(GID)
+        .status()
+        .unwrap();
+    assert!(status.success(), "the VMM's user cannot set its CPU quota");
+    assert_eq!(read(&cpu_dir.0, "cpu.cfs_quota_us").trim(), "30000");
 
     // Its root is the chroot: the host's files are not there, the VM's are.
     let proc_root = PathBuf::from(format!("/proc/{pid}/root"));

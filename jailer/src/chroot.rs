@@ -258,11 +258,18 @@ fn mkdir(path: &Path) -> Result<()> {
 
 /// The ELF program interpreter of `exec`, if it is dynamically linked.
 fn interpreter(exec: &Path) -> Result<Option<PathBuf>> {
-    let bytes = fs::read(exec).map_err(|source| ChrootError::Source {
-        what: "executable",
-        path: exec.to_path_buf(),
-        source,
-    })?;
+    use std::io::Read;
+    // The program headers and the interpreter's name follow the ELF header in every linker's
+    // layout: the start of the file is enough (the binary itself is tens of MiB).
+    const HEAD: u64 = 64 * 1024;
+    let mut bytes = Vec::new();
+    fs::File::open(exec)
+        .and_then(|f| f.take(HEAD).read_to_end(&mut bytes))
+        .map_err(|source| ChrootError::Source {
+            what: "executable",
+            path: exec.to_path_buf(),
+            source,
+        })?;
     let u16_at = |o: usize| {
         bytes
             .get(o..o + 2)
