@@ -63,6 +63,9 @@ static int apply(const char *k, size_t kn, const char *v, size_t vn)
 			return 2;
 		return 0;
 	}
+	int r = phases_param(k, kn, v, vn);     /* port_hammer= */
+	if (r != 1)
+		return r;
 	return virtio_param(k, kn, v, vn);      /* virtio_mmio.device=, blk_*, net_*, rng_* */
 }
 

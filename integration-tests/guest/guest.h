@@ -122,6 +122,10 @@ extern struct params g_params;
 void cmdline_parse(const char *s, int report);  /* report: print unknown keys */
 int parse_u64(const char *s, size_t n, u64 *out); /* decimal digits only; 0 if not a number */
 
+/* ---- phases.c (predictor workloads) --------------------------------- */
+int phases_param(const char *k, size_t kn, const char *v, size_t vn);
+void phases_run(void);                          /* CPL0, after stage_run */
+
 /* ---- serial.c / fmt.c ----------------------------------------------- */
 void serial_init(void);
 void serial_write_line(const char *s, size_t n);  /* whole line, under lock */

@@ -92,7 +92,10 @@ void kmain(int kind, u64 info_paddr)
 	tsc_calibrate();
 	run_user_on(0, stage_mp, 0);
 	smp_boot();
-	guest_exit(run_user_on(0, stage_run, 0));
+	u64 ok = run_user_on(0, stage_run, 0);
+	if (ok)
+		phases_run();
+	guest_exit(ok);
 }
 
 void ap_main(void)

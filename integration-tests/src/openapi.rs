@@ -100,6 +100,7 @@ pub fn violations(schema: &Value, value: &Value, at: &str) -> Vec<String> {
 /// The documented operation for `method` on `path` (templated segments match anything).
 fn operation(method: &str, path: &str) -> Option<&'static Value> {
     let paths = document()["paths"].as_object()?;
+    let path = path.split('?').next().unwrap_or(path);
     let segments: Vec<&str> = path.split('/').collect();
     paths.iter().find_map(|(template, item)| {
         let t: Vec<&str> = template.split('/').collect();

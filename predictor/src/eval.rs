@@ -6,9 +6,10 @@ use crate::forecast::{
     DecayingHistogram, Forecaster, GruWeights, Horizon, PercentileConfig, Preset, RecurrentError,
 };
 use crate::plot::{self, PlotError, Series};
-use crate::policy::{Allocation, Budget, Policy, PolicyConfig, PolicyError};
+use crate::policy::{Action, Allocation, Budget, Decision, Policy, PolicyConfig, PolicyError};
 use crate::resource::{PerResource, Resource};
 use crate::sample::Sample;
+use crate::spec::SpecError;
 use crate::synthetic::{self, SyntheticError};
 use crate::trace::{self, Trace, TraceError};
 use std::io::Write;
@@ -34,6 +35,10 @@ pub enum EvalError {
     Plot(#[from] PlotError),
     #[error("writing the report: {0}")]
     Output(#[from] std::io::Error),
+    #[error("rebuilding a trace's recorded policy: {0}")]
+    Spec(#[from] SpecError),
+    #[error("--decisions-out: no trace in {0} names the policy that recorded it")]
+    NoRecordedPolicy(PathBuf),
 }
 
 /// Arguments of `prescient predictor eval`.
@@ -66,6 +71,59 @@ pub struct EvalArgs {
     /// Trace to plot (its header name); the first trace by default.
     #[arg(long)]
     pub plot_trace: Option<String>,
+    /// For traces the VMM recorded (their header holds the live policy): write the decisions
+    /// that policy makes on them, one JSON line per window whose action is not `hold`, as
+    /// `GET /predictor/decisions` lists them.
+    #[arg(long)]
+    pub decisions_out: Option<PathBuf>,
+}
+
+/// The decisions, window by window, of the policy a trace's header recorded; None for a
+/// trace without one.
+pub fn replay_recorded(trace: &Trace) -> Result<Option<Vec<Decision>>, EvalError> {
+    let Some(spec) = &trace.header.policy else {
+        return Ok(None);
+    };
+    let mut policy = spec.build()?;
+    Ok(Some(
+        trace.samples.iter().map(|s| policy.decide(s)).collect(),
+    ))
+}
+
+fn write_recorded_decisions(
+    traces: &[Trace],
+    dir: &std::path::Path,
+    path: &std::path::Path,
+    out: &mut dyn Write,
+) -> Result<(), EvalError> {
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut replayed = 0;
+    for t in traces {
+        let Some(decisions) = replay_recorded(t)? else {
+            continue;
+        };
+        replayed += 1;
+        let acted: Vec<&Decision> = decisions
+            .iter()
+            .filter(|d| d.action != Action::Hold)
+            .collect();
+        for d in &acted {
+            serde_json::to_writer(&mut file, d).map_err(std::io::Error::from)?;
+            file.write_all(b"\n")?;
+        }
+        writeln!(
+            out,
+            "{}: {} windows replayed through its recorded policy, {} decisions acted",
+            t.header.name,
+            decisions.len(),
+            acted.len()
+        )?;
+    }
+    file.flush()?;
+    if replayed == 0 {
+        return Err(EvalError::NoRecordedPolicy(dir.to_path_buf()));
+    }
+    Ok(())
 }
 
 /// How a method allocates, window by window.
@@ -389,6 +447,9 @@ pub fn run(args: &EvalArgs, out: &mut dyn Write) -> Result<EvalReport, EvalError
         .iter()
         .map(|p| trace::read(p))
         .collect::<Result<Vec<_>, _>>()?;
+    if let Some(path) = &args.decisions_out {
+        write_recorded_decisions(&traces, &args.traces, path, out)?;
+    }
     let mut presets = Preset::CLASSICAL.to_vec();
     if let Some(m) = &args.model {
         presets.push(Preset::Recurrent(Arc::new(GruWeights::load(m)?)));
@@ -406,6 +467,7 @@ pub fn run(args: &EvalArgs, out: &mut dyn Write) -> Result<EvalReport, EvalError
             .map(|(m, a)| Series {
                 method: m,
                 allocated: a,
+                forecast: None,
             })
             .collect();
         plot::plot(path, &name, report.window_ms, &used, &methods)?;
@@ -499,6 +561,7 @@ mod tests {
             model: None,
             svg_out: Some(svg.clone()),
             plot_trace: Some("ramp-1".into()),
+            decisions_out: None,
         };
         let mut out = Vec::new();
         let report = run(&args, &mut out).unwrap();
@@ -515,5 +578,55 @@ mod tests {
             run(&missing, &mut Vec::new()),
             Err(EvalError::Trace(_))
         ));
+    }
+
+    #[test]
+    fn recorded_policy_replays_to_the_same_decisions() {
+        use crate::spec::{ForecasterKind, PolicySpec};
+        let dir = std::env::temp_dir().join(format!("predictor-replay-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut t = synthetic::generate(synthetic::Workload::Bursty, 3, 400);
+        let spec = PolicySpec {
+            forecaster: ForecasterKind::Ewma,
+            model_path: None,
+            budget: Budget::from_capacity(&t.header.capacity),
+            config: PolicyConfig::default(),
+        };
+        let mut live = spec.build().unwrap();
+        let expected: Vec<String> = t
+            .samples
+            .iter()
+            .map(|s| live.decide(s))
+            .filter(|d| d.action != Action::Hold)
+            .map(|d| serde_json::to_string(&d).unwrap())
+            .collect();
+        assert!(!expected.is_empty());
+        let args = EvalArgs {
+            traces: dir.clone(),
+            generate_synthetic: false,
+            seeds: 1,
+            first_seed: 1,
+            windows: 300,
+            horizon: 1,
+            model: None,
+            svg_out: None,
+            plot_trace: None,
+            decisions_out: Some(dir.join("decisions.json")),
+        };
+        trace::write(&dir.join("plain.jsonl"), &t).unwrap();
+        assert!(matches!(
+            run(&args, &mut Vec::new()),
+            Err(EvalError::NoRecordedPolicy(_))
+        ));
+        t.header.policy = Some(spec);
+        trace::write(&dir.join("plain.jsonl"), &t).unwrap();
+        let mut out = Vec::new();
+        run(&args, &mut out).unwrap();
+        let written = std::fs::read_to_string(dir.join("decisions.json")).unwrap();
+        assert_eq!(written.lines().collect::<Vec<_>>(), expected);
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .contains("400 windows replayed"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -17,6 +17,8 @@ pub enum PlotError {
 pub struct Series<'a> {
     pub method: &'a str,
     pub allocated: &'a PerResource<Vec<f64>>,
+    /// The upper forecast the allocation followed, drawn in red where given.
+    pub forecast: Option<&'a PerResource<Vec<f64>>>,
 }
 
 /// Panels get at most this many points; longer series keep each chunk's maximum so that
@@ -57,7 +59,7 @@ pub fn plot(
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let root = root
         .titled(
-            &format!("{title}: used (black) vs allocated (blue)"),
+            &format!("{title}: used (black) vs allocated (blue), forecast (red)"),
             ("sans-serif", 20),
         )
         .map_err(|e| err(&e))?;
@@ -66,10 +68,15 @@ pub fn plot(
         let (m, r) = (&methods[i / cols], Resource::ALL[i % cols]);
         let used_pts = downsample(&used[r], window_s);
         let alloc_pts = downsample(&m.allocated[r], window_s);
+        let forecast_pts = m
+            .forecast
+            .map(|f| downsample(&f[r], window_s))
+            .unwrap_or_default();
         let t_max = used[r].len() as f64 * window_s;
         let y_max = used_pts
             .iter()
             .chain(&alloc_pts)
+            .chain(&forecast_pts)
             .map(|p| p.1)
             .fold(0.0, f64::max)
             * 1.05;
@@ -95,6 +102,11 @@ pub fn plot(
         chart
             .draw_series(LineSeries::new(alloc_pts, &BLUE))
             .map_err(|e| err(&e))?;
+        if !forecast_pts.is_empty() {
+            chart
+                .draw_series(LineSeries::new(forecast_pts, &RED))
+                .map_err(|e| err(&e))?;
+        }
     }
     root.present().map_err(|e| err(&e))?;
     Ok(())
@@ -124,10 +136,12 @@ mod tests {
             Series {
                 method: "holt",
                 allocated: &alloc,
+                forecast: Some(&used),
             },
             Series {
                 method: "ewma",
                 allocated: &alloc,
+                forecast: None,
             },
         ];
         plot(&path, "t", 100, &used, &series).unwrap();

@@ -232,6 +232,24 @@ impl Policy {
         &self.budget
     }
 
+    /// A new budget and anomaly ladder while running (the VMM's `PATCH /predictor`): the
+    /// forecasters and scores keep their history; allocations move into the new bounds.
+    pub fn reconfigure(
+        &mut self,
+        budget: Budget,
+        ladder: crate::score::ActionLadder,
+    ) -> Result<(), PolicyError> {
+        budget.validate()?;
+        self.anomaly.set_ladder(ladder)?;
+        self.cfg.anomaly.ladder = ladder;
+        self.budget = budget;
+        for (r, l) in budget.0.iter() {
+            self.allocation[r] = self.allocation[r].clamp(l.min, l.max);
+            self.shrink_streak[r] = 0;
+        }
+        Ok(())
+    }
+
     /// Feeds a closed window and decides the allocation for the next one.
     pub fn decide(&mut self, sample: &Sample) -> Decision {
         let max = self.budget.max();
@@ -419,6 +437,21 @@ mod tests {
                 ..Default::default()
             },
         }
+    }
+
+    #[test]
+    fn reconfigure_clamps_allocations_and_keeps_forecasters() {
+        let mut p = Policy::new(budget(), cfg(), scripted()).unwrap();
+        p.decide(&mem(0, 500.0));
+        let mut b = budget();
+        b.0.mem.max = 256.0;
+        b.0.mem.initial = 256.0;
+        let ladder = crate::score::ActionLadder::only_at(1.0, Action::Kill).unwrap();
+        p.reconfigure(b, ladder).unwrap();
+        assert_eq!(p.allocation().mem, 256.0);
+        assert_eq!(p.budget().0.mem.max, 256.0);
+        b.0.mem.min = 512.0;
+        assert!(p.reconfigure(b, ladder).is_err());
     }
 
     #[test]

@@ -17,6 +17,8 @@ pub enum ScoreError {
     },
     #[error("action thresholds must increase from log to kill, got {0:?}")]
     Ladder(ActionLadder),
+    #[error("{0:?} is not an anomaly action (log, alert, tighten_seccomp, throttle, pause, kill)")]
+    NotAnAnomalyAction(Action),
 }
 
 fn unit_interval(name: &'static str, value: f64) -> Result<(), ScoreError> {
@@ -103,6 +105,9 @@ pub struct ActionLadder {
     pub throttle: f64,
     pub pause: f64,
     pub kill: f64,
+    /// When set, the one action taken (from its level up); below it, only `log`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub only: Option<Action>,
 }
 
 impl Default for ActionLadder {
@@ -114,6 +119,7 @@ impl Default for ActionLadder {
             throttle: 2.0,
             pause: 4.0,
             kill: 8.0,
+            only: None,
         }
     }
 }
@@ -131,10 +137,48 @@ impl ActionLadder {
     }
 
     pub fn action(&self, score: f64) -> Action {
-        self.steps()
+        let found = self
+            .steps()
             .into_iter()
             .find(|(at, _)| score >= *at)
-            .map_or(Action::Hold, |(_, a)| a)
+            .map_or(Action::Hold, |(_, a)| a);
+        match self.only {
+            Some(only) if found >= only => only,
+            Some(_) if found > Action::Hold => Action::Log,
+            _ => found,
+        }
+    }
+
+    /// "At score `threshold`, do `action`": the default ladder scaled so that `action` starts
+    /// at `threshold`; below it the score is only logged (from the scaled `log` level), and
+    /// nothing else is ever taken.
+    pub fn only_at(threshold: f64, action: Action) -> Result<ActionLadder, ScoreError> {
+        let d = ActionLadder::default();
+        let at = d
+            .steps()
+            .into_iter()
+            .find(|(_, a)| *a == action)
+            .map(|(at, _)| at)
+            .ok_or(ScoreError::NotAnAnomalyAction(action))?;
+        if !(threshold > 0.0 && threshold.is_finite()) {
+            return Err(ScoreError::Parameter {
+                name: "anomaly threshold",
+                range: "(0, inf)",
+                value: threshold,
+            });
+        }
+        let k = threshold / at;
+        let ladder = ActionLadder {
+            log: d.log * k,
+            alert: d.alert * k,
+            tighten_seccomp: d.tighten_seccomp * k,
+            throttle: d.throttle * k,
+            pause: d.pause * k,
+            kill: d.kill * k,
+            only: Some(action),
+        };
+        ladder.validate()?;
+        Ok(ladder)
     }
 
     fn validate(&self) -> Result<(), ScoreError> {
@@ -279,6 +323,13 @@ impl AnomalyDetector {
 
     /// Scores one window. `expected` is the point forecast that was made for it; `cores`
     /// is how many cores the VM may use (its vCPU count).
+    /// Replaces the action ladder, keeping the residual history and the score.
+    pub fn set_ladder(&mut self, ladder: ActionLadder) -> Result<(), ScoreError> {
+        ladder.validate()?;
+        self.cfg.ladder = ladder;
+        Ok(())
+    }
+
     pub fn update(&mut self, sample: &Sample, expected: &Usage, cores: f64) -> AnomalyReport {
         let cfg = &self.cfg;
         let mut f = Findings::default();
@@ -398,6 +449,17 @@ mod tests {
         assert_eq!(l.action(3.0), Action::Throttle);
         assert_eq!(l.action(5.0), Action::Pause);
         assert_eq!(l.action(9.0), Action::Kill);
+        let pause_at_one = ActionLadder::only_at(1.0, Action::Pause).unwrap();
+        assert_eq!(pause_at_one.action(0.99), Action::Log);
+        assert_eq!(pause_at_one.action(1.0), Action::Pause);
+        assert_eq!(pause_at_one.action(100.0), Action::Pause);
+        assert_eq!(pause_at_one.action(0.05), Action::Log);
+        assert_eq!(pause_at_one.action(0.04), Action::Hold);
+        assert_eq!(
+            ActionLadder::only_at(1.0, Action::Resize),
+            Err(ScoreError::NotAnAnomalyAction(Action::Resize))
+        );
+        assert!(ActionLadder::only_at(0.0, Action::Kill).is_err());
         let bad = ActionLadder { pause: 10.0, ..l };
         assert!(AnomalyDetector::new(AnomalyConfig {
             ladder: bad,

@@ -12,6 +12,7 @@
 
 use crate::resource::Usage;
 use crate::sample::Sample;
+use crate::spec::PolicySpec;
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
@@ -60,6 +61,10 @@ pub struct Header {
     pub name: String,
     pub window_ms: u64,
     pub capacity: Usage,
+    /// The policy that ran live, for traces the VMM records: a replay rebuilds it and makes
+    /// the same decisions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicySpec>,
 }
 
 impl Header {
@@ -70,6 +75,7 @@ impl Header {
             name: name.into(),
             window_ms,
             capacity,
+            policy: None,
         }
     }
 }

@@ -14,11 +14,13 @@ use devices::virtio::VirtioDevice;
 use event_manager::{EventManager, SubscriberOps};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, Kvm};
+use predictor::telemetry::{Collector, DeviceKind};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap};
 
 use crate::arch::x86_64::cpuid::Topology;
 use crate::arch::x86_64::layout::hotplug_region_start;
 use crate::arch::x86_64::mptable::{self, MptableError};
+use crate::autopilot::exits::ExitTelemetry;
 use crate::boot::load_boot_source;
 use crate::console::{ConsoleInput, RawTerminal};
 use crate::device_manager::legacy::{self, LegacyError};
@@ -98,6 +100,7 @@ pub fn build_microvm(
     config: &VmConfig,
     exit: Arc<ExitSignal>,
     event_manager: &mut EventManager<Subscriber>,
+    mut predictor: Option<&mut Collector>,
 ) -> Result<MicroVm, BuildError> {
     config.validate()?;
     let machine = &config.machine_config;
@@ -170,9 +173,15 @@ pub fn build_microvm(
         })
         .collect::<Result<Vec<_>, VcpuError>>()?;
     let buses = Arc::new(buses);
+    let virtio_slots = virtio.telemetry.len();
     let handles = vcpus
         .into_iter()
-        .map(|vcpu| vcpu.start(buses.clone(), exit.clone()))
+        .map(|vcpu| {
+            let telemetry = predictor
+                .as_deref_mut()
+                .map(|c| ExitTelemetry::new(c.add_vcpu(), virtio_slots));
+            vcpu.start(buses.clone(), exit.clone(), telemetry)
+        })
         .collect::<Result<Vec<_>, VcpuError>>()?;
     tracing::info!(
         "microVM started: {} vCPUs, {} MiB",
@@ -255,6 +264,7 @@ fn attach_virtio_devices(
     order.sort_by_key(|&i| !config.drives[i].is_root_device);
     let mut blocks = Vec::new();
     let mut nets = Vec::new();
+    let mut telemetry = Vec::new();
     for i in order {
         let d = &config.drives[i];
         let block = Block::new(
@@ -265,6 +275,7 @@ fn attach_virtio_devices(
         )
         .map_err(|e| ConfigError::new(drive_field(i, "path_on_host"), e.to_string()))?;
         METRICS.register_device(format!("block_{}", d.drive_id), block.counters());
+        telemetry.push((DeviceKind::Block, block.counters()));
         let block = Arc::new(Mutex::new(block));
         manager.attach(vm.fd(), mem, &mut buses.mmio, event_manager, block.clone())?;
         if d.is_root_device {
@@ -295,6 +306,7 @@ fn attach_virtio_devices(
             )
         })?;
         METRICS.register_device(format!("net_{}", n.iface_id), net.counters());
+        telemetry.push((DeviceKind::Net, net.counters()));
         let net = Arc::new(Mutex::new(net));
         manager.attach(vm.fd(), mem, &mut buses.mmio, event_manager, net.clone())?;
         nets.push((n.iface_id.clone(), net));
@@ -304,6 +316,7 @@ fn attach_virtio_devices(
             ConfigError::new(JsonPath::keys(&["entropy", "rate_limiter"]), e.to_string())
         })?;
         METRICS.register_device("entropy".to_string(), rng.counters());
+        telemetry.push((DeviceKind::Other, rng.counters()));
         manager.attach(
             vm.fd(),
             mem,
@@ -316,6 +329,7 @@ fn attach_virtio_devices(
         let vsock = Vsock::new(v.guest_cid, &v.uds_path)
             .map_err(|e| ConfigError::new(VsockConfig::uds_path_field(), e.to_string()))?;
         METRICS.register_device("vsock".to_string(), vsock.counters());
+        telemetry.push((DeviceKind::Vsock, vsock.counters()));
         manager.attach(
             vm.fd(),
             mem,
@@ -363,6 +377,7 @@ fn attach_virtio_devices(
             nets,
             balloon,
             memory,
+            telemetry,
         },
         extra,
     ))

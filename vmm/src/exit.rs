@@ -27,6 +27,8 @@ pub enum ExitReason {
     VmmError(String),
     /// The VMM received a terminating signal.
     Signal(i32),
+    /// The predictor's anomaly response ended the VM (`anomaly.action: kill`), for this reason.
+    KilledByPredictor(String),
 }
 
 /// Process exit codes, documented in README.md.
@@ -38,6 +40,8 @@ pub mod code {
     pub const BAD_CONFIG: i32 = 2;
     /// The guest crashed (triple fault, KVM emulation failure).
     pub const GUEST_CRASH: i32 = 3;
+    /// The predictor killed the VM for anomalous behaviour.
+    pub const KILLED_BY_PREDICTOR: i32 = 4;
 }
 
 impl ExitReason {
@@ -49,6 +53,7 @@ impl ExitReason {
             ExitReason::TripleFault { .. } | ExitReason::GuestCrashed { .. } => code::GUEST_CRASH,
             ExitReason::VmmError(_) => code::VMM_ERROR,
             ExitReason::Signal(sig) => 128 + sig,
+            ExitReason::KilledByPredictor(_) => code::KILLED_BY_PREDICTOR,
         }
     }
 }
@@ -71,6 +76,7 @@ impl fmt::Display for ExitReason {
             ExitReason::GuestCrashed { vcpu, detail } => write!(f, "vCPU {vcpu}: {detail}"),
             ExitReason::VmmError(msg) => write!(f, "{msg}"),
             ExitReason::Signal(sig) => write!(f, "received signal {sig}"),
+            ExitReason::KilledByPredictor(why) => write!(f, "killed by the predictor: {why}"),
         }
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod arch;
+pub mod autopilot;
 pub mod boot;
 pub mod builder;
 pub mod cleanup;

@@ -67,6 +67,9 @@ enum Command {
         #[command(subcommand)]
         command: PredictorCommand,
     },
+    /// Render a trace (e.g. one a VM recorded to its predictor trace_path) as used vs allocated
+    /// vs forecast per resource over time (SVG).
+    Report(predictor::report::ReportArgs),
     /// Isolate one microVM (chroot, namespaces, cgroup, uid/gid) and run the VMM with the
     /// arguments after `--` (Firecracker's jailer).
     Jail(jailer::JailArgs),
@@ -90,6 +93,7 @@ fn run_tool(command: Command) -> ExitCode {
         } => predictor::eval::run(&args, &mut out)
             .map(|_| ())
             .map_err(|e| e.to_string()),
+        Command::Report(args) => predictor::report::run(&args, &mut out).map_err(|e| e.to_string()),
         Command::Jail(args) => {
             let spec = match args.validate() {
                 Ok(s) => s,
@@ -136,16 +140,24 @@ fn main() -> ExitCode {
     };
     // Removes the API socket and the cgroup on every return from here.
     let _cleanup = vmm::cleanup::Guard;
-    if !cli.cgroup_dirs.is_empty() {
+    let vm_cgroup = if cli.cgroup_dirs.is_empty() {
+        None
+    } else {
         match jailer::cgroup::Cgroup::open(cli.cgroup_dirs.clone()) {
-            Ok(c) => vmm::cleanup::register_cgroup(c),
+            Ok(c) => {
+                vmm::cleanup::register_cgroup(c.clone());
+                Some(c)
+            }
             Err(e) => return fail(format!("--cgroup-dir: {e}"), code::BAD_CONFIG),
         }
-    }
+    };
     let mut runtime = match Runtime::new(cli.id, config) {
         Ok(r) => r,
         Err(e) => return fail(e, code::VMM_ERROR),
     };
+    if let Some(c) = vm_cgroup {
+        runtime.set_vm_cgroup(c);
+    }
     // Held until the end: dropping the server removes the socket file.
     let _api = match &cli.api_sock {
         Some(path) => match vmm::api::start(path) {

@@ -12,7 +12,13 @@ use devices::virtio::discard::PAGE_SIZE;
 use devices::virtio::mem::VirtioMem;
 use devices::virtio::net::{Net, NetError};
 
+use devices::virtio::DeviceCounters;
+use predictor::telemetry::DeviceKind;
 use vm_memory::GuestMemoryMmap;
+
+use crate::autopilot::kvm_stats::{KvmStatsError, KvmStatsReader};
+use crate::autopilot::Limited;
+use crate::vmm_config::{DriveConfig, NetworkInterfaceConfig};
 
 use crate::console::RawTerminal;
 use crate::device_manager::legacy::ResetToExit;
@@ -23,13 +29,51 @@ use crate::vstate::vm::Vm;
 /// How long a vCPU gets to acknowledge a pause or resume.
 const VCPU_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The virtio devices that can change while the guest runs, by their spec ids.
+/// The virtio devices that can change while the guest runs, by their spec ids, and every
+/// device's counters in MMIO slot order (for the predictor).
 #[derive(Default)]
 pub struct VirtioHandles {
     pub blocks: Vec<(String, Arc<Mutex<Block>>)>,
     pub nets: Vec<(String, Arc<Mutex<Net>>)>,
     pub balloon: Option<Arc<Mutex<Balloon>>>,
     pub memory: Option<Arc<Mutex<VirtioMem>>>,
+    pub telemetry: Vec<(DeviceKind, Arc<DeviceCounters>)>,
+}
+
+fn limited<T>(
+    devices: &[(String, Arc<Mutex<T>>)],
+    base: impl Fn(&str) -> Option<RateLimiterConfig>,
+) -> Vec<Limited<T>> {
+    devices
+        .iter()
+        .map(|(id, device)| Limited {
+            id: id.clone(),
+            device: device.clone(),
+            base: base(id),
+        })
+        .collect()
+}
+
+impl VirtioHandles {
+    /// The drives with the limiters `drives` configured for them.
+    pub fn limited_blocks(&self, drives: &[DriveConfig]) -> Vec<Limited<Block>> {
+        limited(&self.blocks, |id| {
+            drives
+                .iter()
+                .find(|d| d.drive_id == id)
+                .and_then(|d| d.rate_limiter)
+        })
+    }
+
+    /// The interfaces with their configured transmit limiters (rx and tx get the same size).
+    pub fn limited_nets(&self, ifaces: &[NetworkInterfaceConfig]) -> Vec<Limited<Net>> {
+        limited(&self.nets, |id| {
+            ifaces
+                .iter()
+                .find(|n| n.iface_id == id)
+                .and_then(|n| n.tx_rate_limiter)
+        })
+    }
 }
 
 fn lock<T>(device: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -104,6 +148,34 @@ impl MicroVm {
 
     pub fn state(&self) -> RunState {
         self.state
+    }
+
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    pub fn virtio(&self) -> &VirtioHandles {
+        &self.virtio
+    }
+
+    /// Kernel thread ids of the vCPU threads.
+    pub fn vcpu_tids(&self) -> Vec<libc::pid_t> {
+        self.vcpus.iter().map(VcpuHandle::tid).collect()
+    }
+
+    /// Per running vCPU: index, thread, and its KVM stats reader (taken; once).
+    #[allow(clippy::type_complexity)]
+    pub fn vcpu_telemetry(
+        &mut self,
+    ) -> Vec<(u8, libc::pthread_t, Result<KvmStatsReader, KvmStatsError>)> {
+        self.vcpus
+            .iter_mut()
+            .filter_map(|v| {
+                let thread = v.pthread()?;
+                let stats = v.take_kvm_stats()?;
+                Some((v.index(), thread, stats))
+            })
+            .collect()
     }
 
     /// Stops every vCPU at its next exit; they keep their state.

@@ -2,14 +2,16 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::autopilot::decisions::DecisionPage;
+use crate::autopilot::PredictorStatus;
 use crate::builder::BuildError;
 use crate::logger::{LoggerConfig, LoggerError};
 use crate::metrics::{MetricsConfig, MetricsError};
 use crate::vmm_config::{
     BalloonConfig, BalloonStatsUpdate, BalloonUpdate, BootSourceConfig, ConfigError, DriveConfig,
     DriveUpdate, EntropyConfig, MachineConfig, MemoryHotplugConfig, MemoryHotplugSizeUpdate,
-    MemoryHotplugStatus, NetworkInterfaceConfig, NetworkInterfaceUpdate, SerialConfig, VmConfig,
-    VsockConfig,
+    MemoryHotplugStatus, NetworkInterfaceConfig, NetworkInterfaceUpdate, PredictorUpdate,
+    SerialConfig, VmConfig, VsockConfig,
 };
 use crate::vstate::vcpu::VcpuError;
 use devices::virtio::balloon::BalloonStats;
@@ -45,6 +47,12 @@ pub enum VmmAction {
     PutMetrics(MetricsConfig),
     FlushMetrics,
     PutLogger(LoggerConfig),
+    GetPredictor,
+    /// Logged decisions from this sequence number on.
+    GetPredictorDecisions {
+        since: u64,
+    },
+    PatchPredictor(PredictorUpdate),
     /// Tighten every thread's seccomp filter to this stage.
     SetSeccompStage(crate::seccomp::Stage),
 }
@@ -92,10 +100,12 @@ pub enum VmmData {
     Empty,
     InstanceInfo(InstanceInfo),
     MachineConfig(MachineConfig),
-    VmConfig(VmConfig),
+    VmConfig(Box<VmConfig>),
     Balloon(BalloonConfig),
-    BalloonStats(BalloonStats),
+    BalloonStats(Box<BalloonStats>),
     MemoryHotplug(MemoryHotplugStatus),
+    Predictor(Box<PredictorStatus>),
+    PredictorDecisions(DecisionPage),
 }
 
 /// Why an action was refused; the API answers 400 with this text as `fault_message`.
@@ -137,6 +147,12 @@ pub enum ActionError {
     Metrics(#[from] MetricsError),
     #[error("{0}")]
     Logger(#[from] LoggerError),
+    #[error("the VM has no predictor section; add one to the spec (or PUT nothing: it is fixed at boot)")]
+    NoPredictor,
+    #[error("the predictor is not running (not booted yet, or not enabled at boot)")]
+    PredictorNotStarted,
+    #[error("cannot start the predictor: {0}")]
+    Predictor(String),
     #[error("{0}")]
     Seccomp(#[from] crate::seccomp::SeccompError),
 }

@@ -11,6 +11,9 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
+use crate::autopilot::elastic::ElasticMemory;
+use crate::autopilot::exits::now_ns;
+use crate::autopilot::{Autopilot, PredictorStatus};
 use crate::builder::build_microvm;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::metrics::METRICS;
@@ -19,7 +22,8 @@ use crate::rpc::{ActionError, ActionRequest, InstanceInfo, InstanceState, VmmAct
 use crate::seccomp::{self, ThreadKind};
 use crate::vmm_config::{
     validate_drives, validate_interfaces, BalloonStatsUpdate, BalloonUpdate, DriveUpdate,
-    MemoryHotplugSizeUpdate, MemoryHotplugStatus, NetworkInterfaceUpdate, VmConfig,
+    MemoryHotplugSizeUpdate, MemoryHotplugStatus, NetworkInterfaceUpdate, PredictorUpdate,
+    VmConfig,
 };
 
 /// Every fd the VMM thread serves is a subscriber of one event manager.
@@ -97,6 +101,9 @@ pub struct Runtime {
     exit: Arc<ExitSignal>,
     config: VmConfig,
     vm: Option<MicroVm>,
+    autopilot: Option<Autopilot>,
+    /// The VM's cgroup the jailer made (`--cgroup-dir`), where the predictor sets the CPU quota.
+    vm_cgroup: Option<jailer::cgroup::Cgroup>,
     api: Option<Receiver<ActionRequest>>,
     id: String,
 }
@@ -119,9 +126,16 @@ impl Runtime {
             exit,
             config,
             vm: None,
+            autopilot: None,
+            vm_cgroup: None,
             api: None,
             id,
         })
+    }
+
+    /// The VM's cgroup, handed over by the jailer.
+    pub fn set_vm_cgroup(&mut self, cgroup: jailer::cgroup::Cgroup) {
+        self.vm_cgroup = Some(cgroup);
     }
 
     /// Serves `requests`; `wake` is written by whoever queues one.
@@ -137,8 +151,44 @@ impl Runtime {
         if self.vm.is_some() {
             return Err(ActionError::NotAllowedAfterBoot);
         }
-        let vm = build_microvm(&self.config, self.exit.clone(), &mut self.event_manager)?;
+        let mut autopilot = match &self.config.predictor {
+            Some(p) if p.enabled => Some(Autopilot::new(
+                p,
+                &self.config.machine_config,
+                &self.id,
+                now_ns(),
+            )?),
+            _ => None,
+        };
+        let mut vm = build_microvm(
+            &self.config,
+            self.exit.clone(),
+            &mut self.event_manager,
+            autopilot.as_mut().map(Autopilot::collector),
+        )?;
+        if let Some(a) = &mut autopilot {
+            if let Err(e) = a.attach(
+                &self.id,
+                &mut vm,
+                &self.config.drives,
+                &self.config.network_interfaces,
+                self.vm_cgroup.clone(),
+                &mut self.event_manager,
+            ) {
+                vm.stop();
+                return Err(ActionError::Predictor(e.to_string()));
+            }
+            let virtio = vm.virtio();
+            if let Some(memory) = ElasticMemory::new(
+                self.config.machine_config.mem_size_mib,
+                virtio.memory.clone(),
+                virtio.balloon.clone(),
+            ) {
+                a.set_memory_actuator(Box::new(memory));
+            }
+        }
         self.vm = Some(vm);
+        self.autopilot = autopilot;
         if let Err(e) = seccomp::install(ThreadKind::Vmm) {
             // An unfiltered VMM thread must not serve a running guest.
             self.exit.request(ExitReason::VmmError(e.to_string()));
@@ -160,6 +210,57 @@ impl Runtime {
         Ok(())
     }
 
+    /// Closes a predictor window if its clock ticked.
+    fn close_window(&mut self) {
+        let (Some(autopilot), Some(vm)) = (&mut self.autopilot, &mut self.vm) else {
+            return;
+        };
+        if !autopilot.take_due() {
+            return;
+        }
+        match autopilot.close_window(now_ns(), vm, &self.exit) {
+            Ok(changes) => {
+                for (id, limiter) in changes.drives {
+                    if let Some(d) = self.config.drives.iter_mut().find(|d| d.drive_id == id) {
+                        d.rate_limiter = Some(limiter);
+                    }
+                }
+                for (id, limiter) in changes.nets {
+                    let iface = self
+                        .config
+                        .network_interfaces
+                        .iter_mut()
+                        .find(|n| n.iface_id == id);
+                    if let Some(n) = iface {
+                        n.rx_rate_limiter = Some(limiter);
+                        n.tx_rate_limiter = Some(limiter);
+                    }
+                }
+            }
+            Err(e) => tracing::error!("predictor window: {e}"),
+        }
+    }
+
+    /// `PATCH /predictor`: before boot the section, after boot the live policy too.
+    fn patch_predictor(&mut self, update: PredictorUpdate) -> Result<VmmData, ActionError> {
+        let current = self
+            .config
+            .predictor
+            .as_ref()
+            .ok_or(ActionError::NoPredictor)?;
+        let next = update.apply(current);
+        next.validate(&self.config.machine_config)?;
+        if self.vm.is_some() {
+            let autopilot = self
+                .autopilot
+                .as_mut()
+                .ok_or(ActionError::PredictorNotStarted)?;
+            autopilot.reconfigure(&next, &self.config.machine_config)?;
+        }
+        self.config.predictor = Some(next);
+        Ok(VmmData::Empty)
+    }
+
     /// The VM's end signal (tests and embedders end the VM through it).
     pub fn exit_signal(&self) -> Arc<ExitSignal> {
         self.exit.clone()
@@ -177,11 +278,14 @@ impl Runtime {
             if let Err(e) = self.event_manager.run() {
                 break ExitReason::VmmError(format!("event loop failed: {e}"));
             }
+            self.close_window();
             self.serve_requests();
         };
         if let Some(vm) = self.vm.take() {
             vm.stop();
         }
+        // After the vCPU threads are gone, so their cgroup can go too.
+        self.autopilot = None;
         reason
     }
 
@@ -294,7 +398,7 @@ impl Runtime {
         if device.options().stats_interval.is_zero() {
             return Err(ActionError::BalloonStatsDisabled);
         }
-        Ok(VmmData::BalloonStats(device.stats()))
+        Ok(VmmData::BalloonStats(Box::new(device.stats())))
     }
 
     /// `PATCH /hotplug/memory`: the size the guest should plug, after boot.
@@ -346,7 +450,7 @@ impl Runtime {
                 vmm_version: env!("CARGO_PKG_VERSION").to_string(),
                 app_name: "prescient".to_string(),
             })),
-            VmmAction::GetVmConfig => Ok(VmmData::VmConfig(self.config.clone())),
+            VmmAction::GetVmConfig => Ok(VmmData::VmConfig(Box::new(self.config.clone()))),
             VmmAction::GetMachineConfig => {
                 Ok(VmmData::MachineConfig(self.config.machine_config.clone()))
             }
@@ -471,6 +575,20 @@ impl Runtime {
                 crate::logger::configure(&config)?;
                 Ok(VmmData::Empty)
             }
+            VmmAction::GetPredictor => {
+                let status = match (&self.autopilot, &self.config.predictor) {
+                    (Some(a), _) => a.status(),
+                    (None, Some(p)) => PredictorStatus::idle(p.clone()),
+                    (None, None) => return Err(ActionError::NoPredictor),
+                };
+                Ok(VmmData::Predictor(Box::new(status)))
+            }
+            VmmAction::GetPredictorDecisions { since } => match &self.autopilot {
+                Some(a) => Ok(VmmData::PredictorDecisions(a.decisions(since))),
+                None if self.config.predictor.is_some() => Err(ActionError::PredictorNotStarted),
+                None => Err(ActionError::NoPredictor),
+            },
+            VmmAction::PatchPredictor(update) => self.patch_predictor(update),
         }
     }
 }
@@ -490,5 +608,40 @@ mod tests {
         let appended = upsert_by_id(&list, ("c".to_string(), 3), id);
         assert_eq!(appended.len(), 3);
         assert_eq!(appended[2], ("c".to_string(), 3));
+    }
+
+    #[test]
+    fn the_predictor_section_is_read_and_patched_before_boot() {
+        use crate::vmm_config::{PredictorConfig, Range};
+        let mut rt = Runtime::new("t".into(), VmConfig::default()).unwrap();
+        assert!(matches!(
+            rt.handle(VmmAction::GetPredictor),
+            Err(ActionError::NoPredictor)
+        ));
+        rt.config.predictor = Some(PredictorConfig::default());
+        let update: PredictorUpdate =
+            serde_json::from_str(r#"{"budget": {"memory_mib": {"min": 16, "max": 64}}}"#).unwrap();
+        rt.handle(VmmAction::PatchPredictor(update)).unwrap();
+        match rt.handle(VmmAction::GetPredictor).unwrap() {
+            VmmData::Predictor(s) => {
+                assert!(!s.running);
+                assert_eq!(
+                    s.config.budget.memory_mib,
+                    Some(Range {
+                        min: 16.0,
+                        max: 64.0
+                    })
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let bad: PredictorUpdate =
+            serde_json::from_str(r#"{"budget": {"cpu_cores": {"min": 1, "max": 4}}}"#).unwrap();
+        let e = rt.handle(VmmAction::PatchPredictor(bad)).unwrap_err();
+        assert!(e.to_string().contains("predictor.budget.cpu_cores"), "{e}");
+        assert!(matches!(
+            rt.handle(VmmAction::GetPredictorDecisions { since: 0 }),
+            Err(ActionError::PredictorNotStarted)
+        ));
     }
 }

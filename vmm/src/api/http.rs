@@ -9,12 +9,17 @@ const MAX_HEADERS: usize = 32;
 /// Firecracker's default API payload limit.
 pub const MAX_BODY_BYTES: usize = 51_200;
 
+/// Method, path and query of a request.
+type RequestLine = (String, String, String);
+
 /// One parsed request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
     pub method: String,
     /// The path without its query string.
     pub path: String,
+    /// What follows `?` in the target, without it; empty when there is none.
+    pub query: String,
     pub body: Vec<u8>,
     /// False when the client asked to close after this request (or spoke HTTP/1.0).
     pub keep_alive: bool,
@@ -138,13 +143,13 @@ impl<S: Read + Write> Connection<S> {
 
     /// Reads the next request.
     pub fn read_request(&mut self) -> Result<Request, ReadError> {
-        let (head_len, method, path, content_length, keep_alive, expect_continue) = loop {
+        let (head_len, (method, path, query), content_length, keep_alive, expect_continue) = loop {
             let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let mut req = httparse::Request::new(&mut headers);
             match req.parse(&self.buf) {
                 Ok(httparse::Status::Complete(len)) => {
                     let parsed = Self::interpret(&req)?;
-                    break (len, parsed.0, parsed.1, parsed.2, parsed.3, parsed.4);
+                    break (len, parsed.0, parsed.1, parsed.2, parsed.3);
                 }
                 Ok(httparse::Status::Partial) => {
                     if self.buf.len() > MAX_HEADER_BYTES {
@@ -182,6 +187,7 @@ impl<S: Read + Write> Connection<S> {
         Ok(Request {
             method,
             path,
+            query,
             body,
             keep_alive,
         })
@@ -190,10 +196,11 @@ impl<S: Read + Write> Connection<S> {
     /// Method, path, Content-Length, keep-alive and Expect: 100-continue of a parsed head.
     fn interpret(
         req: &httparse::Request<'_, '_>,
-    ) -> Result<(String, String, usize, bool, bool), ReadError> {
+    ) -> Result<(RequestLine, usize, bool, bool), ReadError> {
         let method = req.method.unwrap_or_default().to_string();
         let target = req.path.unwrap_or_default();
-        let path = target.split('?').next().unwrap_or_default().to_string();
+        let (path, query) = target.split_once('?').unwrap_or((target, ""));
+        let (path, query) = (path.to_string(), query.to_string());
         let mut keep_alive = req.version == Some(1);
         let mut content_length = 0usize;
         let mut expect_continue = false;
@@ -227,7 +234,12 @@ impl<S: Read + Write> Connection<S> {
                 expect_continue = value.eq_ignore_ascii_case("100-continue");
             }
         }
-        Ok((method, path, content_length, keep_alive, expect_continue))
+        Ok((
+            (method, path, query),
+            content_length,
+            keep_alive,
+            expect_continue,
+        ))
     }
 
     fn write_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {

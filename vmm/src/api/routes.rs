@@ -87,6 +87,27 @@ fn parse_with_id<T: DeserializeOwned>(
     Ok(body)
 }
 
+/// `since=N` of `GET /predictor/decisions` (0 when absent).
+fn since(query: &str) -> Result<u64, Response> {
+    let mut since = 0;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("since", v)) => {
+                since = v.parse().map_err(|_| {
+                    Response::fault(400, format!("since must be a whole number, got {v:?}"))
+                })?;
+            }
+            _ => {
+                return Err(Response::fault(
+                    400,
+                    format!("unknown query parameter {pair:?}; only since=N is accepted"),
+                ))
+            }
+        }
+    }
+    Ok(since)
+}
+
 fn method_not_allowed(req: &Request, allowed: &str) -> Routed {
     let mut r = Response::fault(
         405,
@@ -184,6 +205,13 @@ pub fn route(req: &Request) -> Routed {
         ("/hotplug/memory", "PUT") => action(parse_body(req).map(VmmAction::PutMemoryHotplug)),
         ("/hotplug/memory", "PATCH") => action(parse_body(req).map(VmmAction::PatchMemoryHotplug)),
         ("/hotplug/memory", _) => method_not_allowed(req, "GET, PUT, PATCH"),
+        ("/predictor", "GET") => Routed::Action(VmmAction::GetPredictor),
+        ("/predictor", "PATCH") => action(parse_body(req).map(VmmAction::PatchPredictor)),
+        ("/predictor", _) => method_not_allowed(req, "GET, PATCH"),
+        ("/predictor/decisions", "GET") => {
+            action(since(&req.query).map(|since| VmmAction::GetPredictorDecisions { since }))
+        }
+        ("/predictor/decisions", _) => method_not_allowed(req, "GET"),
         (path, method) if path.starts_with("/network-interfaces/") => {
             let id = &path["/network-interfaces/".len()..];
             match method {
@@ -238,6 +266,8 @@ pub fn respond(result: Result<VmmData, ActionError>) -> Response {
         Ok(VmmData::Balloon(b)) => json(serde_json::to_string(&b)),
         Ok(VmmData::BalloonStats(s)) => json(serde_json::to_string(&s)),
         Ok(VmmData::MemoryHotplug(m)) => json(serde_json::to_string(&m)),
+        Ok(VmmData::Predictor(p)) => json(serde_json::to_string(&p)),
+        Ok(VmmData::PredictorDecisions(d)) => json(serde_json::to_string(&d)),
         Err(e) => Response::fault(400, e),
     }
 }
@@ -250,6 +280,7 @@ mod tests {
         Request {
             method: method.into(),
             path: path.into(),
+            query: String::new(),
             body: body.as_bytes().to_vec(),
             keep_alive: true,
         }
@@ -336,6 +367,37 @@ mod tests {
         assert!(r.body.contains("differ"), "{}", r.body);
         let r = reply(route(&req("PATCH", "/vm", r#"{"state": "Sleeping"}"#)));
         assert_eq!(r.status, 400);
+    }
+
+    #[test]
+    fn predictor_paths_and_the_since_query() {
+        assert!(matches!(
+            route(&req("GET", "/predictor", "")),
+            Routed::Action(VmmAction::GetPredictor)
+        ));
+        let mut r = req("GET", "/predictor/decisions", "");
+        assert!(matches!(
+            route(&r),
+            Routed::Action(VmmAction::GetPredictorDecisions { since: 0 })
+        ));
+        r.query = "since=42".into();
+        assert!(matches!(
+            route(&r),
+            Routed::Action(VmmAction::GetPredictorDecisions { since: 42 })
+        ));
+        r.query = "since=-1".into();
+        assert!(reply(route(&r))
+            .body
+            .contains("since must be a whole number"));
+        r.query = "from=3".into();
+        assert!(reply(route(&r)).body.contains("unknown query parameter"));
+        assert!(matches!(
+            route(&req("PATCH", "/predictor", r#"{"enabled": false}"#)),
+            Routed::Action(VmmAction::PatchPredictor(u)) if u.enabled == Some(false)
+        ));
+        let e = reply(route(&req("PATCH", "/predictor", r#"{"horizon": 3}"#)));
+        assert!(e.body.contains("unknown field `horizon`"), "{}", e.body);
+        assert_eq!(reply(route(&req("PUT", "/predictor", "{}"))).status, 405);
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod json_path;
 mod machine_config;
 mod memory_hotplug;
 mod net;
+mod predictor;
 mod serial;
 mod vsock;
 
@@ -24,12 +25,13 @@ pub use json_path::{JsonPath, Segment};
 pub use machine_config::{MachineConfig, MAX_VCPUS};
 pub use memory_hotplug::{MemoryHotplugConfig, MemoryHotplugSizeUpdate, MemoryHotplugStatus};
 pub use net::{parse_mac, validate_interfaces, NetworkInterfaceConfig, NetworkInterfaceUpdate};
+pub use predictor::{AnomalyResponse, BudgetConfig, PredictorConfig, PredictorUpdate, Range};
 pub use serial::SerialConfig;
 pub use vsock::VsockConfig;
 
 /// A whole microVM. The boot source may be missing only while a VM is being configured through the
 /// API; a spec file must name it and a VM cannot start without it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
     #[serde(
@@ -62,6 +64,8 @@ pub struct VmConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub memory_hotplug: Option<MemoryHotplugConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predictor: Option<PredictorConfig>,
 }
 
 /// A spec that parsed but cannot describe a VM, or a VM that cannot be built from it: the place
@@ -167,6 +171,9 @@ impl VmConfig {
         }
         if let Some(hotplug) = &self.memory_hotplug {
             hotplug.validate()?;
+        }
+        if let Some(predictor) = &self.predictor {
+            predictor.validate(&self.machine_config)?;
         }
         Ok(())
     }

@@ -14,12 +14,17 @@ use std::time::Duration;
 use devices::Bus;
 use kvm_bindings::{kvm_run, CpuId, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use predictor::telemetry::ExitKind;
+use std::os::fd::AsRawFd;
+use std::os::unix::thread::JoinHandleExt;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::arch::x86_64::cpuid::{filter_cpuid, Topology};
 use crate::arch::x86_64::regs::{setup_boot_vcpu, setup_fpu, BootEntry, RegsError};
 use crate::arch::x86_64::{lapic, msr};
+use crate::autopilot::exits::ExitTelemetry;
+use crate::autopilot::kvm_stats::{KvmStatsError, KvmStatsReader};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::metrics::{VcpuCounters, METRICS};
 use crate::seccomp::{self, ThreadKind};
@@ -171,23 +176,30 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Starts the vCPU on a thread named `vcpu<N>`.
+    /// Starts the vCPU on a thread named `vcpu<N>`; with `telemetry`, every exit is recorded
+    /// for the predictor.
     pub fn start(
         self,
         buses: Arc<IoBuses>,
         exit: Arc<ExitSignal>,
+        telemetry: Option<ExitTelemetry>,
     ) -> Result<VcpuHandle, VcpuError> {
         let index = self.index;
         let (event_tx, event_rx) = channel();
         let (response_tx, response_rx) = channel();
+        let (tid_tx, tid_rx) = channel();
         let counters = METRICS.register_vcpu();
+        let kvm_stats = KvmStatsReader::open(self.fd.as_raw_fd());
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
+                // SAFETY: gettid has no arguments and cannot fail.
+                let _ = tid_tx.send(unsafe { libc::gettid() });
                 let mut runner = VcpuRunner {
                     index,
                     fd: self.fd,
                     counters,
+                    telemetry,
                     buses,
                     exit,
                     events: event_rx,
@@ -196,8 +208,11 @@ impl Vcpu {
                 runner.run();
             })
             .map_err(|source| VcpuError::Spawn { index, source })?;
+        let tid = tid_rx.recv().map_err(|_| VcpuError::Gone { index })?;
         Ok(VcpuHandle {
             index,
+            tid,
+            kvm_stats: Some(kvm_stats),
             thread: Some(thread),
             events: event_tx,
             responses: response_rx,
@@ -210,6 +225,7 @@ struct VcpuRunner {
     index: u8,
     fd: VcpuFd,
     counters: Arc<VcpuCounters>,
+    telemetry: Option<ExitTelemetry>,
     buses: Arc<IoBuses>,
     exit: Arc<ExitSignal>,
     events: Receiver<VcpuEvent>,
@@ -235,7 +251,13 @@ impl VcpuRunner {
                 break;
             }
             let next = match self.fd.run() {
-                Ok(exit) => handle_exit(self.index, exit, &self.buses, &self.counters),
+                Ok(exit) => handle_exit(
+                    self.index,
+                    exit,
+                    &self.buses,
+                    &self.counters,
+                    self.telemetry.as_mut(),
+                ),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     // Kicked: clear the flag so the next KVM_RUN runs, then look at events.
                     self.fd.set_kvm_immediate_exit(0);
@@ -302,45 +324,72 @@ impl VcpuRunner {
 
 /// Acts on one KVM exit of vCPU `index`. Unclaimed port and MMIO reads see all-ones, as on a bus
 /// with nothing attached; unclaimed writes are dropped.
-fn handle_exit(index: u8, exit: VcpuExit<'_>, buses: &IoBuses, counters: &VcpuCounters) -> Next {
+fn handle_exit(
+    index: u8,
+    exit: VcpuExit<'_>,
+    buses: &IoBuses,
+    counters: &VcpuCounters,
+    mut telemetry: Option<&mut ExitTelemetry>,
+) -> Next {
     let vcpu = index;
     let count = |c: &std::sync::atomic::AtomicU64| c.fetch_add(1, Ordering::Relaxed);
     let reason = match exit {
         VcpuExit::IoIn(port, data) => {
             count(&counters.exit_io_in);
-            if !buses.pio.read(u64::from(port), data) {
+            let claimed = buses.pio.read(u64::from(port), data);
+            if !claimed {
                 count(&counters.unclaimed_access);
                 tracing::trace!("vCPU {index}: unclaimed PIO read of port {port:#x}");
                 data.fill(0xff);
+            }
+            if let Some(t) = telemetry {
+                t.pio(claimed);
             }
             return Next::Continue;
         }
         VcpuExit::IoOut(port, data) => {
             count(&counters.exit_io_out);
-            if !buses.pio.write(u64::from(port), data) {
+            let claimed = buses.pio.write(u64::from(port), data);
+            if !claimed {
                 count(&counters.unclaimed_access);
                 tracing::trace!("vCPU {index}: unclaimed PIO write of port {port:#x}");
+            }
+            if let Some(t) = telemetry {
+                t.pio(claimed);
             }
             return Next::Continue;
         }
         VcpuExit::MmioRead(addr, data) => {
             count(&counters.exit_mmio_read);
-            if !buses.mmio.read(addr, data) {
+            let claimed = buses.mmio.read(addr, data);
+            if !claimed {
                 count(&counters.unclaimed_access);
                 tracing::trace!("vCPU {index}: unclaimed MMIO read at {addr:#x}");
                 data.fill(0xff);
+            }
+            if let Some(t) = telemetry {
+                t.mmio(addr, claimed);
             }
             return Next::Continue;
         }
         VcpuExit::MmioWrite(addr, data) => {
             count(&counters.exit_mmio_write);
-            if !buses.mmio.write(addr, data) {
+            let claimed = buses.mmio.write(addr, data);
+            if !claimed {
                 count(&counters.unclaimed_access);
                 tracing::trace!("vCPU {index}: unclaimed MMIO write at {addr:#x}");
             }
+            if let Some(t) = telemetry {
+                t.mmio(addr, claimed);
+            }
             return Next::Continue;
         }
-        VcpuExit::Intr => return Next::Continue,
+        VcpuExit::Intr => {
+            if let Some(t) = telemetry.as_deref_mut() {
+                t.other(ExitKind::Other);
+            }
+            return Next::Continue;
+        }
         VcpuExit::Hlt => ExitReason::GuestHalted { vcpu },
         VcpuExit::Shutdown => ExitReason::TripleFault { vcpu, rip: None },
         VcpuExit::SystemEvent(kind, _)
@@ -364,12 +413,22 @@ fn handle_exit(index: u8, exit: VcpuExit<'_>, buses: &IoBuses, counters: &VcpuCo
             detail: format!("unexpected KVM exit {other:?}"),
         },
     };
+    if let Some(t) = telemetry {
+        t.other(match &reason {
+            ExitReason::GuestHalted { .. } => ExitKind::Hlt,
+            ExitReason::TripleFault { .. } => ExitKind::Shutdown,
+            ExitReason::GuestSystemEvent { .. } => ExitKind::SystemEvent,
+            _ => ExitKind::InternalError,
+        });
+    }
     Next::End(reason)
 }
 
 /// The VMM thread's side of a running vCPU.
 pub struct VcpuHandle {
     index: u8,
+    tid: libc::pid_t,
+    kvm_stats: Option<Result<KvmStatsReader, KvmStatsError>>,
     thread: Option<JoinHandle<()>>,
     events: Sender<VcpuEvent>,
     responses: Receiver<VcpuResponse>,
@@ -378,6 +437,21 @@ pub struct VcpuHandle {
 impl VcpuHandle {
     pub fn index(&self) -> u8 {
         self.index
+    }
+
+    /// The thread's kernel id (for cgroups).
+    pub fn tid(&self) -> libc::pid_t {
+        self.tid
+    }
+
+    /// The thread (for its CPU clock); None once joined.
+    pub fn pthread(&self) -> Option<libc::pthread_t> {
+        self.thread.as_ref().map(|t| t.as_pthread_t())
+    }
+
+    /// The vCPU's KVM stats reader, opened at start; taken once.
+    pub fn take_kvm_stats(&mut self) -> Option<Result<KvmStatsReader, KvmStatsError>> {
+        self.kvm_stats.take()
     }
 
     /// Queues `event` and kicks the vCPU out of KVM_RUN so it sees it.
@@ -452,12 +526,12 @@ mod tests {
 
         let counters = VcpuCounters::default();
         let mut data = [0u8; 2];
-        let next = handle_exit(0, VcpuExit::IoIn(0x81, &mut data), &buses, &counters);
+        let next = handle_exit(0, VcpuExit::IoIn(0x81, &mut data), &buses, &counters, None);
         assert_eq!(next, Next::Continue);
         assert_eq!(data, [0xff, 0xff]);
-        handle_exit(0, VcpuExit::IoIn(0x80, &mut data), &buses, &counters);
+        handle_exit(0, VcpuExit::IoIn(0x80, &mut data), &buses, &counters, None);
         assert_eq!(data, [0x42, 0x42]);
-        handle_exit(0, VcpuExit::IoOut(0x80, &[7]), &buses, &counters);
+        handle_exit(0, VcpuExit::IoOut(0x80, &[7]), &buses, &counters, None);
         assert_eq!(*seen.lock().unwrap(), vec![7]);
         let mut mmio = [0u8; 4];
         handle_exit(
@@ -465,6 +539,7 @@ mod tests {
             VcpuExit::MmioRead(0xd000_0000, &mut mmio),
             &buses,
             &counters,
+            None,
         );
         assert_eq!(mmio, [0xff; 4]);
         let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
@@ -479,15 +554,15 @@ mod tests {
         let buses = IoBuses::default();
         let c = VcpuCounters::default();
         assert_eq!(
-            handle_exit(2, VcpuExit::Shutdown, &buses, &c),
+            handle_exit(2, VcpuExit::Shutdown, &buses, &c, None),
             Next::End(ExitReason::TripleFault { vcpu: 2, rip: None })
         );
         assert!(matches!(
-            handle_exit(1, VcpuExit::InternalError, &buses, &c),
+            handle_exit(1, VcpuExit::InternalError, &buses, &c, None),
             Next::End(ExitReason::GuestCrashed { vcpu: 1, .. })
         ));
         assert_eq!(
-            handle_exit(0, VcpuExit::Hlt, &buses, &c),
+            handle_exit(0, VcpuExit::Hlt, &buses, &c, None),
             Next::End(ExitReason::GuestHalted { vcpu: 0 })
         );
     }

@@ -1,0 +1,424 @@
+//! The inline predictor end to end: the test guest runs CPU, memory, block and unknown-port
+//! phases; the VMM's own loop resizes the vCPU threads' CPU quota and the drive's bandwidth,
+//! pauses the VM when it hammers an unknown port, logs every action, and records a trace that
+//! replays to the same decisions. Alone in its test binary so no other guest shares the cores.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use integration_tests::{
+    drive_json, guest_spec, run_prescient, ApiClient, Scratch, TEST_GUEST_PVH,
+};
+use serde_json::Value;
+
+const DEADLINE: Duration = Duration::from_secs(120);
+const MIB: f64 = 1048576.0;
+
+fn decisions(api: &mut ApiClient) -> Vec<Value> {
+    let page = api
+        .request("GET", "/predictor/decisions?since=0", None)
+        .json();
+    page["decisions"]
+        .as_array()
+        .expect("decisions array")
+        .clone()
+}
+
+fn applied<'a>(d: &'a Value, what: &str) -> Option<&'a Value> {
+    d["applied"].as_array()?.iter().find(|a| a["what"] == what)
+}
+
+fn wait_for(api: &mut ApiClient, what: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let start = Instant::now();
+    loop {
+        let d = decisions(api);
+        if pred(&d) {
+            return d;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "no {what} within {DEADLINE:?}; decisions: {d:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Starts a VM of the test guest with `args`, 1 vCPU, 128 MiB, the `predictor` section and the
+/// spec's other sections from `extra`.
+fn spawn(
+    scratch: &Scratch,
+    id: &str,
+    args: &str,
+    predictor: Value,
+    extra: &[(&str, Value)],
+) -> (integration_tests::RunningVmm, ApiClient) {
+    let socket = scratch.path().join("api.sock");
+    let mut spec: Value = serde_json::from_str(&guest_spec(TEST_GUEST_PVH, 1, 128, args)).unwrap();
+    spec["predictor"] = predictor;
+    for (k, v) in extra {
+        spec[*k] = v.clone();
+    }
+    let spec_path = scratch.write("vm.json", &spec.to_string());
+    let vmm = integration_tests::RunningVmm::spawn([
+        "--api-sock",
+        socket.to_str().unwrap(),
+        "--config-file",
+        spec_path.to_str().unwrap(),
+        "--id",
+        id,
+    ]);
+    let api = ApiClient::connect(&socket);
+    (vmm, api)
+}
+
+/// Seccomp filters installed on `pid`'s thread named `comm`.
+fn seccomp_filters(pid: u32, comm: &str) -> u32 {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        if std::fs::read_to_string(dir.join("comm"))
+            .unwrap_or_default()
+            .trim()
+            != comm
+        {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).unwrap();
+        return status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp_filters:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("Seccomp_filters in status");
+    }
+    panic!("no thread {comm} in {pid}");
+}
+
+fn cgroup_quota(id: &str) -> Option<i64> {
+    let path = Path::new("/sys/fs/cgroup/cpu/prescient")
+        .join(id)
+        .join("cpu.cfs_quota_us");
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+#[test]
+fn the_vmm_follows_the_phases_pauses_on_an_unknown_port_and_its_trace_replays() {
+    let scratch = Scratch::new("predictor-e2e");
+    let trace_dir = scratch.path().join("traces");
+    std::fs::create_dir_all(&trace_dir).unwrap();
+    let trace = trace_dir.join("run.jsonl");
+    let img = scratch.zeroed_file("disk.img", 16 << 20);
+    let id = format!("predictor-e2e-{}", std::process::id());
+
+    // 4 s of CPU (the forecasters warm up in 2 s, then the idle drive's bandwidth shrinks),
+    // 32 MiB touched, 12 MiB read from the drive, then 100000 writes to a port with no device
+    // (about 1.5 s). Forecast misses alone add at most 0.3 a window to the anomaly score, the
+    // unknown port 0.6: the threshold is set where only the port gets the score.
+    let (vmm, mut api) = spawn(
+        &scratch,
+        &id,
+        "cpu_ms=4000 mem_mib=32 blk_ops=3000 port_hammer=100000 exit=halt",
+        serde_json::json!({
+            "window_ms": 100,
+            "horizon": 2,
+            "forecaster": "last",
+            "budget": {"cpu_cores": {"min": 0.1, "max": 1}, "blk_mibps": {"min": 8, "max": 200}},
+            "anomaly": {"threshold": 2.5, "action": "pause"},
+            "trace_path": trace,
+        }),
+        &[(
+            "drives",
+            serde_json::json!([drive_json("disk0", &img, true)]),
+        )],
+    );
+    let status = api.request("GET", "/predictor", None).json();
+    assert_eq!(status["running"], true);
+    assert!(
+        status["actuators"]["kvm_stats"]
+            .as_str()
+            .unwrap()
+            .starts_with("reading KVM binary stats"),
+        "{status}"
+    );
+
+    // The unknown port: the configured action, pause, with its reason.
+    let log = wait_for(&mut api, "pause", |d| {
+        d.iter().any(|d| d["action"] == "pause")
+    });
+    let pause = log.iter().find(|d| d["action"] == "pause").unwrap();
+    assert!(
+        pause["inputs"]["unknown_exits"].as_u64().unwrap() > 0,
+        "{pause}"
+    );
+    assert!(
+        pause["reason"]
+            .as_str()
+            .unwrap()
+            .contains("unknown_exits: true"),
+        "{pause}"
+    );
+    assert_eq!(applied(pause, "pause").unwrap()["applied"], true, "{pause}");
+    assert_eq!(api.request("GET", "/", None).json()["state"], "Paused");
+    // Below the threshold the score is only logged; the pause is the first action taken.
+    let before: Vec<&Value> = log
+        .iter()
+        .take_while(|d| d["action"] != "pause")
+        .filter(|d| !matches!(d["anomaly"]["action"].as_str(), Some("hold" | "log")))
+        .collect();
+    assert!(
+        before.is_empty(),
+        "anomaly actions before the pause: {before:#?}"
+    );
+
+    // I/O: the drive's bandwidth shrank while it was idle and grew back for the reads.
+    let blk: Vec<(f64, &Value)> = log
+        .iter()
+        .filter(|d| d["resized"]["blk"] == true)
+        .map(|d| (d["allocation"]["blk"].as_f64().unwrap(), d))
+        .collect();
+    let low = blk
+        .iter()
+        .position(|(a, _)| *a <= 8.0)
+        .expect("bandwidth never shrank to the minimum while the drive was idle");
+    assert!(
+        blk[low..].iter().any(|(a, _)| *a > 8.0),
+        "bandwidth never grew for the block phase: {blk:?}"
+    );
+    assert!(blk
+        .iter()
+        .all(|(_, d)| applied(d, "blk").unwrap()["applied"] == true));
+    // The drive's limiter in the configuration is the latest blk decision's. The predictor
+    // keeps deciding, so the decisions are read on both sides of the configuration.
+    let last_blk = |log: &[Value]| {
+        log.iter()
+            .rev()
+            .find(|d| d["resized"]["blk"] == true)
+            .and_then(|d| d["allocation"]["blk"].as_f64())
+    };
+    let start = Instant::now();
+    loop {
+        let before = last_blk(&decisions(&mut api)).unwrap();
+        let config = api.request("GET", "/vm/config", None).json();
+        let size = config["drives"][0]["rate_limiter"]["bandwidth"]["size"]
+            .as_u64()
+            .unwrap();
+        if last_blk(&decisions(&mut api)) == Some(before) {
+            assert_eq!(size, (before * MIB * 0.1).round() as u64);
+            break;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the drive's bandwidth never settled"
+        );
+    }
+
+    // Memory: decided, and logged as not applied with the reason (no virtio-mem yet).
+    if let Some(m) = log.iter().find(|d| d["resized"]["mem"] == true) {
+        let a = applied(m, "mem").unwrap();
+        assert_eq!(a["applied"], false);
+        assert!(
+            a["detail"].as_str().unwrap().contains("no memory actuator"),
+            "{a}"
+        );
+    }
+
+    // CPU: the quota was the full core during the burst; once the paused VM uses nothing it
+    // comes down, and the cgroup holds what the predictor decided.
+    let log = wait_for(&mut api, "a CPU quota cut", |d| {
+        d.iter()
+            .any(|d| d["resized"]["cpu"] == true && d["allocation"]["cpu"].as_f64().unwrap() < 0.5)
+    });
+    let cpu: Vec<&Value> = log.iter().filter(|d| d["resized"]["cpu"] == true).collect();
+    assert!(cpu
+        .iter()
+        .all(|d| applied(d, "cpu").unwrap()["applied"] == true));
+    let start = Instant::now();
+    loop {
+        let alloc = api.request("GET", "/predictor", None).json()["allocation"]["cpu"]
+            .as_f64()
+            .unwrap();
+        let quota = cgroup_quota(&id).expect("the VM's cgroup");
+        if quota == ((alloc * 100_000.0).round() as i64).max(1000) && quota < 50_000 {
+            break;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "quota {quota} vs allocation {alloc}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Every action logged acted; the recorded trace replays to the same decisions.
+    let log = decisions(&mut api);
+    assert!(log.iter().all(|d| d["action"] != "hold"));
+    assert!(log
+        .iter()
+        .all(|d| !d["applied"].as_array().unwrap().is_empty()));
+    let replayed_path = scratch.path().join("replayed.jsonl");
+    let out = run_prescient(
+        &[
+            "predictor",
+            "eval",
+            "--traces",
+            trace_dir.to_str().unwrap(),
+            "--decisions-out",
+            replayed_path.to_str().unwrap(),
+        ],
+        DEADLINE,
+    );
+    out.assert_code(0);
+    let replayed: Vec<Value> = std::fs::read_to_string(&replayed_path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let live: Vec<Value> = log
+        .iter()
+        .map(|d| {
+            let mut d = d.clone();
+            let o = d.as_object_mut().unwrap();
+            o.remove("seq");
+            o.remove("applied");
+            d
+        })
+        .collect();
+    let common = live.len().min(replayed.len());
+    let pause_at = live.iter().position(|d| d["action"] == "pause").unwrap();
+    assert!(
+        common > pause_at,
+        "replayed {} of {} live",
+        replayed.len(),
+        live.len()
+    );
+    assert_eq!(live[..common], replayed[..common]);
+
+    // The report renders the run.
+    let svg = scratch.path().join("report.svg");
+    run_prescient(
+        &[
+            "report",
+            trace.to_str().unwrap(),
+            "--out",
+            svg.to_str().unwrap(),
+        ],
+        DEADLINE,
+    )
+    .assert_code(0);
+    assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
+
+    // The budget changes live.
+    let patch = r#"{"budget": {"cpu_cores": {"min": 0.2, "max": 0.5}}}"#;
+    assert_eq!(api.request("PATCH", "/predictor", Some(patch)).status, 204);
+    let status = api.request("GET", "/predictor", None).json();
+    assert_eq!(status["config"]["budget"]["cpu_cores"]["max"], 0.5);
+    assert!(status["allocation"]["cpu"].as_f64().unwrap() >= 0.2);
+    let bad = api.request(
+        "PATCH",
+        "/predictor",
+        Some(r#"{"budget": {"cpu_cores": {"min": 2, "max": 1}}}"#),
+    );
+    assert_eq!(bad.status, 400);
+    assert!(
+        bad.body.contains("predictor.budget.cpu_cores"),
+        "{}",
+        bad.body
+    );
+
+    vmm.terminate(DEADLINE).assert_code(143);
+}
+
+#[test]
+fn an_unknown_port_moves_every_thread_to_the_quarantine_seccomp_stage() {
+    let scratch = Scratch::new("predictor-seccomp");
+    let id = format!("predictor-seccomp-{}", std::process::id());
+    let (vmm, mut api) = spawn(
+        &scratch,
+        &id,
+        "cpu_ms=2500 mem_mib=1 port_hammer=100000 exit=halt",
+        serde_json::json!({"anomaly": {"threshold": 2.5, "action": "tighten_seccomp"}}),
+        &[],
+    );
+    // Answered by the VMM thread, so only once the VM is built.
+    assert_eq!(api.request("GET", "/", None).json()["state"], "Running");
+    let before = seccomp_filters(vmm.id(), "vcpu0");
+    let log = wait_for(&mut api, "tighten_seccomp", |d| {
+        d.iter().any(|d| d["action"] == "tighten_seccomp")
+    });
+    let d = log
+        .iter()
+        .find(|d| d["action"] == "tighten_seccomp")
+        .unwrap();
+    assert!(d["inputs"]["unknown_exits"].as_u64().unwrap() > 0, "{d}");
+    let a = applied(d, "tighten_seccomp").unwrap();
+    assert_eq!(a["applied"], true, "{a}");
+    assert!(a["detail"].as_str().unwrap().contains("quarantine"), "{a}");
+    // The vCPU installs the stage at its next safe point, after the VMM thread's kick.
+    let start = Instant::now();
+    while seccomp_filters(vmm.id(), "vcpu0") <= before {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "vcpu0 never tightened its filter"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The VM runs on, and the predictor still answers.
+    assert_eq!(api.request("GET", "/", None).json()["state"], "Running");
+    assert_eq!(
+        api.request("GET", "/predictor", None).json()["running"],
+        true
+    );
+    vmm.terminate(DEADLINE).assert_code(143);
+}
+
+#[test]
+fn the_cpu_quota_goes_to_the_cgroup_the_jailer_hands_over() {
+    let scratch = Scratch::new("predictor-given-cgroup");
+    let id = format!("predictor-given-{}", std::process::id());
+    // What the jailer passes as --cgroup-dir: a group of the cpu hierarchy made for the VM.
+    let group = Path::new("/sys/fs/cgroup/cpu").join(&id);
+    std::fs::create_dir(&group).expect("a cgroup v1 cpu hierarchy (this host's)");
+    let socket = scratch.path().join("api.sock");
+    let spec = guest_spec(TEST_GUEST_PVH, 1, 128, "cpu_ms=3000 mem_mib=1 exit=halt");
+    let mut spec: Value = serde_json::from_str(&spec).unwrap();
+    spec["predictor"] = serde_json::json!({"budget": {"cpu_cores": {"min": 0.1, "max": 1}}});
+    let spec_path = scratch.write("vm.json", &spec.to_string());
+    let vmm = integration_tests::RunningVmm::spawn([
+        "--api-sock",
+        socket.to_str().unwrap(),
+        "--config-file",
+        spec_path.to_str().unwrap(),
+        "--id",
+        &id,
+        "--cgroup-dir",
+        group.to_str().unwrap(),
+    ]);
+    let mut api = ApiClient::connect(&socket);
+    let status = api.request("GET", "/predictor", None).json();
+    let quota = status["actuators"]["cpu_quota"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        quota.contains(group.to_str().unwrap()) && quota.contains("the jailer's"),
+        "{quota}"
+    );
+    // The CPU phase ends in a halt: the quota comes down in that group, and only there.
+    wait_for(&mut api, "a CPU quota cut", |d| {
+        d.iter()
+            .any(|d| d["resized"]["cpu"] == true && d["allocation"]["cpu"].as_f64().unwrap() < 0.5)
+    });
+    let read = |dir: &Path| {
+        std::fs::read_to_string(dir.join("cpu.cfs_quota_us"))
+            .unwrap()
+            .trim()
+            .parse::<i64>()
+            .unwrap()
+    };
+    let start = Instant::now();
+    while read(&group) >= 50_000 {
+        assert!(start.elapsed() < DEADLINE, "quota {}", read(&group));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!Path::new("/sys/fs/cgroup/cpu/prescient").join(&id).exists());
+    vmm.terminate(DEADLINE).assert_code(143);
+    // The VMM removes the group it was given when it ends (it held no task of it).
+    assert!(!group.exists());
+}

@@ -1,0 +1,38 @@
+//! The window clock: a timerfd in the VMM thread's event loop. Its handler only marks a window
+//! due; the VMM thread closes it right after, where it owns the VM.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::timerfd::TimerFd;
+
+pub struct WindowTimer {
+    timer: TimerFd,
+    due: Arc<AtomicBool>,
+}
+
+impl WindowTimer {
+    /// A periodic timer; `due` is set every `period`.
+    pub fn new(period: Duration, due: Arc<AtomicBool>) -> std::io::Result<Self> {
+        let mut timer = TimerFd::new()?;
+        timer.reset(period, Some(period))?;
+        Ok(Self { timer, due })
+    }
+}
+
+impl MutEventSubscriber for WindowTimer {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.timer, EventSet::IN)) {
+            tracing::error!("cannot watch the predictor window timer: {e}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        // Expirations missed while the loop was busy collapse into one window.
+        let _ = self.timer.wait();
+        self.due.store(true, Ordering::Release);
+    }
+}
