@@ -231,6 +231,7 @@ struct virtio_params {
 	u64 net_tx, net_rx, net_rx_ethertype;
 	u64 vsock_echo_listen, vsock_connect, vsock_send;
 	u64 vmem_steps, elastic_wait_ms;
+	u64 vmem_follow_ms, vmem_ramp_mib, vmem_ramp_ms, vmem_ramp_start_ms;
 	u64 balloon_steps, balloon_report_mib, balloon_report_delay_ms;
 };
 extern struct virtio_params g_vparams;

@@ -126,6 +126,10 @@ int virtio_param(const char *k, size_t kn, const char *v, size_t vn)
 		{ "vsock_send", &g_vparams.vsock_send },
 		{ "vmem_steps", &g_vparams.vmem_steps },
 		{ "elastic_wait_ms", &g_vparams.elastic_wait_ms },
+		{ "vmem_follow_ms", &g_vparams.vmem_follow_ms },
+		{ "vmem_ramp_mib", &g_vparams.vmem_ramp_mib },
+		{ "vmem_ramp_ms", &g_vparams.vmem_ramp_ms },
+		{ "vmem_ramp_start_ms", &g_vparams.vmem_ramp_start_ms },
 		{ "balloon_steps", &g_vparams.balloon_steps },
 		{ "balloon_report_mib", &g_vparams.balloon_report_mib },
 		{ "balloon_report_delay_ms", &g_vparams.balloon_report_delay_ms },
@@ -370,7 +374,7 @@ static int workload_wanted(void)
 {
 	const struct virtio_params *p = &g_vparams;
 	return p->blk_rw || p->blk_read || p->blk_ops || p->rng_bytes || p->net_tx || p->net_rx ||
-	       p->vsock_echo_listen || p->vsock_connect || p->vmem_steps || p->balloon_steps ||
+	       p->vsock_echo_listen || p->vsock_connect || p->vmem_steps || p->vmem_follow_ms || p->balloon_steps ||
 	       p->balloon_report_mib;
 }
 
@@ -483,7 +487,7 @@ u64 virtio_run_user(u64 unused)
 	ok &= need("net", nnet, p->net_tx || p->net_rx);
 	ok &= need("vsock", vsock != 0, p->vsock_echo_listen || p->vsock_connect);
 	ok &= need("balloon", balloon != 0, p->balloon_steps || p->balloon_report_mib);
-	ok &= need("virtio-mem", vmem != 0, p->vmem_steps != 0);
+	ok &= need("virtio-mem", vmem != 0, p->vmem_steps || p->vmem_follow_ms);
 	for (u32 i = 0; i < nblk; i++)
 		ok &= blk_workload(blks[i]);
 	for (u32 i = 0; i < nrng; i++)

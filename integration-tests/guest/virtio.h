@@ -144,5 +144,8 @@ int balloon_init(struct vdev *d);       /* the first balloon is driven */
 int balloon_workload(struct vdev *d);   /* 1 = ok */
 int vmem_init(struct vdev *d);          /* the first virtio-mem device is driven */
 int vmem_workload(struct vdev *d);      /* 1 = ok */
+/* What virtio-mem adds to the guest's memory, for the balloon's statistics (bytes). */
+extern u64 g_vmem_plugged_bytes, g_vmem_used_bytes;
+void balloon_service(void);             /* answer a pending statistics request, if any */
 
 #endif

@@ -56,11 +56,14 @@ static void find_free_ram(void)
 
 static u64 free_bytes(void) { return ram_hi - ram_lo - (u64)balloon_pages * PAGE; }
 
+/* Plugged virtio-mem memory counts as RAM, free where the workload does not
+ * want it; a demand above what is plugged shows as no memory available. */
 static void send_stats(void)
 {
-	u64 f = free_bytes();
+	u64 have = free_bytes() + g_vmem_plugged_bytes;
+	u64 f = have > g_vmem_used_bytes ? have - g_vmem_used_bytes : 0;
 	struct stat_entry s[5] = {
-		{ S_MEMTOT, ram_total }, { S_MEMFREE, f }, { S_AVAIL, f },
+		{ S_MEMTOT, ram_total + g_vmem_plugged_bytes }, { S_MEMFREE, f }, { S_AVAIL, f },
 		{ S_MINFLT, steps_done }, { S_OOM_KILL, 0 },
 	};
 	memcpy(stats, s, sizeof(s));
@@ -70,7 +73,7 @@ static void send_stats(void)
 }
 
 /* The device returns the stats buffer to ask for a fresh report. */
-static void serve_stats(void)
+void balloon_service(void)
 {
 	u32 len;
 	if (stats_q && vq_poll(stats_q, &len) >= 0) {
@@ -126,7 +129,7 @@ static int adjust(struct vdev *d, u32 target)
 		target = max;
 	}
 	while (balloon_pages != target) {
-		serve_stats();
+		balloon_service();
 		if (target > balloon_pages) {
 			u32 n = target - balloon_pages < PFNS_PER_REQ ? target - balloon_pages : PFNS_PER_REQ;
 			if (!send_pfns(d, inflate_q, balloon_pages, n))
@@ -156,7 +159,7 @@ static int report_free(struct vdev *d)
 	gprintf("guest: %s touched_mib=%lu\n", d->name, g_vparams.balloon_report_mib);
 	u64 until = vt_deadline(g_vparams.balloon_report_delay_ms);
 	while (!vt_expired(until)) {
-		serve_stats();
+		balloon_service();
 		delay_us(1000);
 	}
 	for (u64 a = lo; a < top;) {
@@ -187,7 +190,7 @@ int balloon_workload(struct vdev *d)
 				gprintf("guest: %s step=%lu no new target\n", d->name, step);
 				return 0;
 			}
-			serve_stats();
+			balloon_service();
 			delay_us(1000);
 		}
 		vdev_ack_irq(d);

@@ -14,6 +14,18 @@
  *   STATE for every run of blocks and compare with its own bitmap and the
  *   device's plugged_size. One line per step:
  *   "guest: vmem0 step=K requested_mib=R plugged_mib=P device_plugged_mib=D state=ok ms=T"
+ * vmem_follow_ms=F, vmem_ramp_mib=R, vmem_ramp_ms=T, vmem_ramp_start_ms=S:
+ *   for F ms, a workload that is idle for S ms, whose demand then rises
+ *   linearly to R MiB over T ms, falls back to 0 over the next T ms and
+ *   stays there, lives in plugged memory only, while the
+ *   driver follows the requested size (plugging without touching, never
+ *   unplugging blocks in use). Each ms where the demand exceeds what is
+ *   plugged is an allocation failure. The balloon's statistics (when there
+ *   is a balloon) count plugged memory as RAM and the demand as used, met
+ *   or not (as memory pressure would show in Linux).
+ *   A line every 500 ms "guest: vmem0 t=.. demand_mib=.. plugged_mib=..
+ *   requested_mib=..", then "guest: vmem0 follow done failures=N
+ *   peak_plugged_mib=P max_demand_mib=D final_plugged_mib=Q".
  */
 #include "virtio.h"
 
@@ -39,6 +51,7 @@ static struct vmem_req req ALIGNED(64);
 static struct vmem_resp resp ALIGNED(64);
 static u64 plugged_bits[MAX_BLOCKS / 64];
 static u64 base, block, nblocks, nplugged;
+u64 g_vmem_plugged_bytes, g_vmem_used_bytes;
 
 static int is_plugged(u64 b) { return (plugged_bits[b / 64] >> (b % 64)) & 1; }
 static void mark(u64 b, int on)
@@ -110,8 +123,9 @@ int vmem_init(struct vdev *d)
 	return 1;
 }
 
-/* Plugs the lowest unplugged blocks until `want` are plugged; 0 on failure. */
-static int plug_to(struct vdev *d, u64 want)
+/* Plugs the lowest unplugged blocks until `want` are plugged (writing and
+ * checking a pattern on them if `touch`); 0 on failure. */
+static int plug_to(struct vdev *d, u64 want, int touch)
 {
 	u64 b = 0;
 	while (nplugged < want && b < nblocks) {
@@ -132,8 +146,8 @@ static int plug_to(struct vdev *d, u64 want)
 		for (u64 i = 0; i < n; i++)
 			mark(b + i, 1);
 		nplugged += n;
-		pattern_op(b, n, 1);
-		u64 bad = pattern_op(b, n, 0);
+		g_vmem_plugged_bytes = nplugged * block;
+		u64 bad = touch ? (pattern_op(b, n, 1), pattern_op(b, n, 0)) : 0;
 		if (bad) {
 			gprintf("guest: %s plugged memory does not hold data at 0x%lx\n", d->name, bad);
 			return 0;
@@ -143,8 +157,9 @@ static int plug_to(struct vdev *d, u64 want)
 	return 1;
 }
 
-/* Unplugs the highest plugged blocks until `want` are left; checks their data first. */
-static int unplug_to(struct vdev *d, u64 want)
+/* Unplugs the highest plugged blocks until `want` are left; checks their data
+ * first if `check`. */
+static int unplug_to(struct vdev *d, u64 want, int check)
 {
 	u64 b = nblocks;
 	while (nplugged > want && b > 0) {
@@ -155,7 +170,7 @@ static int unplug_to(struct vdev *d, u64 want)
 		u64 n = 0;
 		while (b - n > 0 && is_plugged(b - n - 1) && nplugged - n > want && n < 0xffff)
 			n++;
-		u64 bad = pattern_op(b - n, n, 0);
+		u64 bad = check ? pattern_op(b - n, n, 0) : 0;
 		if (bad) {
 			gprintf("guest: %s lost data at 0x%lx while plugged\n", d->name, bad);
 			return 0;
@@ -168,6 +183,7 @@ static int unplug_to(struct vdev *d, u64 want)
 		for (u64 i = 0; i < n; i++)
 			mark(b - n + i, 0);
 		nplugged -= n;
+		g_vmem_plugged_bytes = nplugged * block;
 		b -= n;
 	}
 	return 1;
@@ -193,8 +209,58 @@ static int states_agree(struct vdev *d)
 	return 1;
 }
 
+/* The demand at `ms` into the follow run, in blocks. */
+static u64 demand_blocks(u64 ms)
+{
+	if (ms < g_vparams.vmem_ramp_start_ms)
+		return 0;
+	ms -= g_vparams.vmem_ramp_start_ms;
+	u64 r = g_vparams.vmem_ramp_mib << 20, t = g_vparams.vmem_ramp_ms ? g_vparams.vmem_ramp_ms : 1;
+	u64 bytes = ms < t ? r * ms / t : ms < 2 * t ? r * (2 * t - ms) / t : 0;
+	return (bytes + block - 1) / block;
+}
+
+/* Plugged blocks are the lowest ones (plug_to fills from the bottom, unplug_to
+ * takes from the top), so the workload's memory is blocks [0, need). */
+static int follow(struct vdev *d)
+{
+	u64 t0 = rdtsc(), touched = 0, failures = 0, peak = 0, max_need = 0, next_line = 0;
+	for (;;) {
+		u64 ms = vt_ms_since(t0);
+		if (ms >= g_vparams.vmem_follow_ms)
+			break;
+		u64 need = demand_blocks(ms), requested = vd_cfg64(d, C_REQUESTED) / block;
+		if (requested > nplugged && !plug_to(d, requested, 0))
+			return 0;
+		if (requested < nplugged && !unplug_to(d, requested > need ? requested : need, 0))
+			return 0;
+		if (need > nplugged)
+			failures++;
+		u64 use = need < nplugged ? need : nplugged;
+		if (use > touched)
+			pattern_op(touched, use - touched, 1);
+		touched = use;
+		g_vmem_used_bytes = need * block;       /* what it wants, met or not */
+		peak = nplugged > peak ? nplugged : peak;
+		max_need = need > max_need ? need : max_need;
+		balloon_service();
+		vdev_ack_irq(d);
+		if (ms >= next_line) {
+			gprintf("guest: %s t=%lu demand_mib=%lu plugged_mib=%lu requested_mib=%lu\n", d->name,
+				ms, need * block >> 20, nplugged * block >> 20, requested * block >> 20);
+			next_line = ms + 500;
+		}
+		delay_us(1000);
+	}
+	gprintf("guest: %s follow done failures=%lu peak_plugged_mib=%lu max_demand_mib=%lu final_plugged_mib=%lu\n",
+		d->name, failures, peak * block >> 20, max_need * block >> 20, nplugged * block >> 20);
+	return 1;
+}
+
 int vmem_workload(struct vdev *d)
 {
+	if (g_vparams.vmem_follow_ms)
+		return follow(d);
 	if (!g_vparams.vmem_steps)
 		return 1;
 	/* Nothing is plugged: the region's first word is not memory. */
@@ -216,7 +282,7 @@ int vmem_workload(struct vdev *d)
 		}
 		vdev_ack_irq(d);
 		u64 t0 = rdtsc();
-		int ok = requested > nplugged ? plug_to(d, requested) : unplug_to(d, requested);
+		int ok = requested > nplugged ? plug_to(d, requested, 1) : unplug_to(d, requested, 1);
 		if (!ok || !states_agree(d))
 			return 0;
 		u64 dev = vd_cfg64(d, C_PLUGGED);

@@ -422,3 +422,81 @@ fn the_cpu_quota_goes_to_the_cgroup_the_jailer_hands_over() {
     // The VMM removes the group it was given when it ends (it held no task of it).
     assert!(!group.exists());
 }
+
+/// Memory end to end with the real devices: the guest's demand ramps to 384 MiB beyond its
+/// 128 MiB of RAM, in virtio-mem blocks only, and back to nothing; its balloon statistics tell
+/// the predictor what it wants. The predictor plugs ahead of the ramp (no allocation ever
+/// fails), unplugs after it, and the host gets the memory back.
+#[test]
+fn the_predictor_plugs_memory_ahead_of_a_ramp_and_takes_it_back_after() {
+    let scratch = Scratch::new("predictor-memory");
+    let console = scratch.path().join("console.txt");
+    let id = format!("predictor-mem-{}", std::process::id());
+    let (vmm, mut api) = spawn(
+        &scratch,
+        &id,
+        "cpu_ms=1 mem_mib=1 vmem_follow_ms=16000 vmem_ramp_start_ms=4000 vmem_ramp_mib=384 \
+         vmem_ramp_ms=4000 exit=halt",
+        serde_json::json!({
+            "window_ms": 100,
+            // 64 MiB above RAM stays plugged: the headroom for the first windows of a ramp.
+            "budget": {"memory_mib": {"min": 192, "max": 1152}},
+        }),
+        &[
+            (
+                "memory-hotplug",
+                serde_json::json!({"total_size_mib": 1024}),
+            ),
+            (
+                "balloon",
+                serde_json::json!({"amount_mib": 0, "deflate_on_oom": true,
+                                   "stats_polling_interval_ms": 100}),
+            ),
+            ("serial", serde_json::json!({ "serial_out_path": console })),
+        ],
+    );
+    let status = api.request("GET", "/predictor", None).json();
+    assert_eq!(
+        status["actuators"]["memory"], "virtio-mem/balloon",
+        "{status}"
+    );
+    let done =
+        integration_tests::wait_for_console_line(&console, "guest: vmem0 follow done", DEADLINE);
+    let field = |key: &str| -> u64 {
+        integration_tests::line_field(&done, key)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{key} in {done:?}"))
+    };
+    assert_eq!(
+        field("failures"),
+        0,
+        "the demand outran the plugged memory: {done}"
+    );
+    assert_eq!(field("max_demand_mib"), 384, "{done}");
+    assert!(field("peak_plugged_mib") >= 384, "{done}");
+    assert_eq!(
+        field("final_plugged_mib"),
+        64,
+        "back to the budget's minimum: {done}"
+    );
+    let hotplug = api.request("GET", "/hotplug/memory", None).json();
+    assert_eq!(hotplug["plugged_size_mib"], 64, "{hotplug}");
+    // The guest wrote up to 384 MiB of plugged memory; unplugging gave it back to the host.
+    let rss = integration_tests::rss_bytes(vmm.id()) as f64 / MIB;
+    assert!(rss < 200.0, "VMM RSS {rss:.0} MiB after the ramp");
+
+    let all = decisions(&mut api);
+    let mem: Vec<&Value> = all.iter().filter_map(|d| applied(d, "mem")).collect();
+    assert!(
+        mem.iter().all(|a| a["applied"] == true),
+        "every memory decision reached the device: {mem:#?}"
+    );
+    let grew = all.iter().any(|d| {
+        applied(d, "mem").is_some() && d["allocation"]["mem"].as_f64().unwrap_or(0.0) >= 512.0
+    });
+    let shrank = all.iter().any(|d| {
+        applied(d, "mem").is_some() && d["allocation"]["mem"].as_f64().unwrap_or(f64::MAX) <= 192.0
+    });
+    assert!(grew && shrank, "memory decisions both ways: {mem:#?}");
+    drop(vmm);
+}

@@ -294,7 +294,14 @@ impl Autopilot {
     }
 
     /// Sets the memory device the predictor drives (virtio-mem or balloon).
-    pub fn set_memory_actuator(&mut self, actuator: Box<dyn MemoryActuator>) {
+    /// The device starts at the policy's initial allocation (the budget's maximum until the
+    /// forecasters have warmed up), so the guest is never short while the predictor learns.
+    pub fn set_memory_actuator(&mut self, mut actuator: Box<dyn MemoryActuator>) {
+        let initial = self.policy.allocation().mem;
+        match apply_memory(actuator.as_mut(), initial, 0.0) {
+            Ok(detail) => tracing::info!("predictor: {detail}"),
+            Err(e) => tracing::warn!("predictor: initial memory allocation: {e}"),
+        }
         self.memory = Some(actuator);
         self.status.memory = "virtio-mem/balloon".into();
     }
@@ -312,7 +319,7 @@ impl Autopilot {
             guest_total: guest.map(|g| (g.used_mib + g.available_mib) as f64),
             guest_available: guest.map(|g| g.available_mib as f64),
             host_rss,
-            plugged: state.map_or(0.0, |s| s.plugged_mib as f64),
+            plugged: state.map_or(0.0, |s| s.total_mib() as f64),
         }
     }
 
