@@ -431,3 +431,38 @@ fn a_daemon_jail_runs_the_vmm_as_pid_1_of_a_new_pid_namespace_in_the_given_netns
         std::fs::remove_dir(&dir.0).expect("the daemon's empty cgroup can be removed");
     }
 }
+
+/// `prescient jail` with a valid command line plus `extra`, which must fail (exit 1) with
+/// `message` and leave no cgroup behind.
+fn assert_failed_jail_leaves_no_cgroup(name: &str, extra: &[&str], message: &str) {
+    let scratch = Scratch::new(name);
+    let id = format!("{name}-{}", std::process::id());
+    let base = scratch.path().join("jail");
+    let mut args = vec!["jail", "--id", &id, "--uid", "1000", "--gid", "1000"];
+    args.extend_from_slice(&["--chroot-base-dir", base.to_str().unwrap()]);
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--", "--api-sock", "/run/api.sock"]);
+    let out = run_prescient(&args, DEADLINE);
+    out.assert_code(1);
+    assert!(out.stderr.contains(message), "{}", out.stderr);
+    for c in ["cpu", "cpuacct", "memory", "pids"] {
+        let dir = PathBuf::from(format!("/sys/fs/cgroup/{c}/prescient/{id}"));
+        assert!(!dir.exists(), "{} was left behind", dir.display());
+    }
+}
+
+#[test]
+fn a_failed_jail_leaves_no_cgroup_behind() {
+    // Refused by the kernel before the jailer joined the group.
+    assert_failed_jail_leaves_no_cgroup(
+        "bad-value",
+        &["--cgroup", "pids.max=lots"],
+        "cannot write \"lots\" to /sys/fs/cgroup/pids/prescient/",
+    );
+    // Failing after it joined the group: it moves back out first.
+    assert_failed_jail_leaves_no_cgroup(
+        "bad-netns",
+        &["--netns", "/var/run/netns/prescient-no-such-ns"],
+        "cannot join network namespace /var/run/netns/prescient-no-such-ns",
+    );
+}
