@@ -62,6 +62,15 @@ fn a_jailed_vmm_boots_the_guest_as_its_user_in_its_chroot_and_cgroup() {
     // A host file the VMM must not reach, in a directory the jail does not map.
     let elsewhere = Scratch::new("jail-elsewhere");
     let outside = elsewhere.write("outside.log", "");
+    // Declared before the VMM, so dropped after it is killed (a group with a task stays).
+    let cpu_dir = CgroupDir(PathBuf::from(format!("/sys/fs/cgroup/cpu/prescient/{id}")));
+    let pids_dir = CgroupDir(PathBuf::from(format!("/sys/fs/cgroup/pids/prescient/{id}")));
+    let _memory_dir = CgroupDir(PathBuf::from(format!(
+        "/sys/fs/cgroup/memory/prescient/{id}"
+    )));
+    let _cpuacct_dir = CgroupDir(PathBuf::from(format!(
+        "/sys/fs/cgroup/cpuacct/prescient/{id}"
+    )));
     // An fd the caller forgot to mark close-on-exec, which the jail must not pass on.
     let leaked = std::fs::File::open(&outside).unwrap();
     let leaked_fd = leaked.as_raw_fd();
@@ -91,14 +100,6 @@ fn a_jailed_vmm_boots_the_guest_as_its_user_in_its_chroot_and_cgroup() {
             .arg(&config),
     );
     let pid = vmm.id();
-    let cpu_dir = CgroupDir(PathBuf::from(format!("/sys/fs/cgroup/cpu/prescient/{id}")));
-    let pids_dir = CgroupDir(PathBuf::from(format!("/sys/fs/cgroup/pids/prescient/{id}")));
-    let _memory_dir = CgroupDir(PathBuf::from(format!(
-        "/sys/fs/cgroup/memory/prescient/{id}"
-    )));
-    let _cpuacct_dir = CgroupDir(PathBuf::from(format!(
-        "/sys/fs/cgroup/cpuacct/prescient/{id}"
-    )));
 
     let root = base.join("prescient").join(&id).join("root");
     let host_socket = root.join(socket.strip_prefix("/").unwrap());
@@ -421,9 +422,47 @@ fn a_daemon_jail_runs_the_vmm_as_pid_1_of_a_new_pid_namespace_in_the_given_netns
 
     // SAFETY: kill(2) of the daemon started above.
     unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    // Reaped by init: a zombie still counts as a member of its cgroups.
     wait_for("the daemon to exit", || {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map_or(true, |s| s[s.rfind(')').unwrap() + 2..].starts_with('Z'))
+        !Path::new(&format!("/proc/{pid}")).exists()
     });
     assert!(!socket.exists(), "SIGTERM left the daemon's API socket");
+    for dir in &_cgroups {
+        std::fs::remove_dir(&dir.0).expect("the daemon's empty cgroup can be removed");
+    }
+}
+
+/// `prescient jail` with a valid command line plus `extra`, which must fail (exit 1) with
+/// `message` and leave no cgroup behind.
+fn assert_failed_jail_leaves_no_cgroup(name: &str, extra: &[&str], message: &str) {
+    let scratch = Scratch::new(name);
+    let id = format!("{name}-{}", std::process::id());
+    let base = scratch.path().join("jail");
+    let mut args = vec!["jail", "--id", &id, "--uid", "1000", "--gid", "1000"];
+    args.extend_from_slice(&["--chroot-base-dir", base.to_str().unwrap()]);
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--", "--api-sock", "/run/api.sock"]);
+    let out = run_prescient(&args, DEADLINE);
+    out.assert_code(1);
+    assert!(out.stderr.contains(message), "{}", out.stderr);
+    for c in ["cpu", "cpuacct", "memory", "pids"] {
+        let dir = PathBuf::from(format!("/sys/fs/cgroup/{c}/prescient/{id}"));
+        assert!(!dir.exists(), "{} was left behind", dir.display());
+    }
+}
+
+#[test]
+fn a_failed_jail_leaves_no_cgroup_behind() {
+    // Refused by the kernel before the jailer joined the group.
+    assert_failed_jail_leaves_no_cgroup(
+        "bad-value",
+        &["--cgroup", "pids.max=lots"],
+        "cannot write \"lots\" to /sys/fs/cgroup/pids/prescient/",
+    );
+    // Failing after it joined the group: it moves back out first.
+    assert_failed_jail_leaves_no_cgroup(
+        "bad-netns",
+        &["--netns", "/var/run/netns/prescient-no-such-ns"],
+        "cannot join network namespace /var/run/netns/prescient-no-such-ns",
+    );
 }

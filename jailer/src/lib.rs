@@ -138,9 +138,8 @@ impl VmmFiles {
     }
 }
 
-/// The VM's cgroup: created with `spec`'s files written, this process in it, handed to the VMM's
-/// user.
-fn make_cgroup(spec: &JailSpec) -> Result<Cgroup, JailError> {
+/// The VM's cgroup, created empty.
+fn create_cgroup(spec: &JailSpec) -> Result<Cgroup, JailError> {
     let mut controllers: Vec<String> = DEFAULT_CONTROLLERS.map(String::from).into();
     for (file, _) in &spec.cgroups {
         let controller = file.split('.').next().unwrap_or_default().to_string();
@@ -150,33 +149,28 @@ fn make_cgroup(spec: &JailSpec) -> Result<Cgroup, JailError> {
     }
     let relative = Path::new("prescient").join(&spec.id);
     let mounts = Mounts::current()?;
-    let cgroup = if spec.cgroup_version == 1 {
-        Cgroup::create_v1(&mounts, &controllers, &relative)?
-    } else {
-        let (mount_point, _) = mounts.v2.clone().ok_or(CgroupError::NoUnifiedMount)?;
-        // v2 offers no separate cpuacct: CPU usage is in every group's cpu.stat.
-        let available =
-            std::fs::read_to_string(mount_point.join("cgroup.controllers")).unwrap_or_default();
-        let named: Vec<String> = controllers
-            .into_iter()
-            .filter(|c| {
-                spec.cgroups
-                    .iter()
-                    .any(|(f, _)| f.starts_with(&format!("{c}.")))
-                    || available.split_whitespace().any(|a| a == c)
-            })
-            .collect();
-        Cgroup::create_v2(&mount_point, &named, &relative)?
-    };
-    for (file, value) in &spec.cgroups {
-        cgroup.set(file, value)?;
+    if spec.cgroup_version == 1 {
+        return Ok(Cgroup::create_v1(&mounts, &controllers, &relative)?);
     }
-    cgroup.add_process(std::process::id())?;
-    cgroup.delegate(spec.uid, spec.gid)?;
-    Ok(cgroup)
+    let (mount_point, _) = mounts.v2.clone().ok_or(CgroupError::NoUnifiedMount)?;
+    // v2 offers no separate cpuacct: CPU usage is in every group's cpu.stat.
+    let available =
+        std::fs::read_to_string(mount_point.join("cgroup.controllers")).unwrap_or_default();
+    let named: Vec<String> = controllers
+        .into_iter()
+        .filter(|c| {
+            spec.cgroups
+                .iter()
+                .any(|(f, _)| f.starts_with(&format!("{c}.")))
+                || available.split_whitespace().any(|a| a == c)
+        })
+        .collect();
+    Ok(Cgroup::create_v2(&mount_point, &named, &relative)?)
 }
 
-/// Jails this process as `spec` says and execs the VMM; returns only on failure.
+/// Jails this process as `spec` says and execs the VMM; returns only on failure. A failed jail
+/// leaves no cgroup behind where it can help it: the process goes back to the groups it came
+/// from and the VM's group is removed.
 pub fn jail(spec: &JailSpec) -> Result<Infallible, JailError> {
     process::close_inherited_fds()?;
     let exec = match &spec.exec_file {
@@ -184,7 +178,29 @@ pub fn jail(spec: &JailSpec) -> Result<Infallible, JailError> {
         None => std::env::current_exe().map_err(JailError::CurrentExe)?,
     };
     let files = VmmFiles::of(&spec.vmm_args)?;
-    let cgroup = make_cgroup(spec)?;
+    let home = Cgroup::current().ok();
+    let cgroup = create_cgroup(spec)?;
+    let Err(e) = jail_in(spec, &exec, &files, &cgroup);
+    if let Some(home) = home {
+        // Best effort: after the pivot the host's cgroup files are out of reach.
+        let _ = home.add_process(std::process::id());
+    }
+    let _ = cgroup.remove();
+    Err(e)
+}
+
+/// Everything after the cgroup exists: its settings, the namespaces, the chroot, the exec.
+fn jail_in(
+    spec: &JailSpec,
+    exec: &Path,
+    files: &VmmFiles,
+    cgroup: &Cgroup,
+) -> Result<Infallible, JailError> {
+    for (file, value) in &spec.cgroups {
+        cgroup.set(file, value)?;
+    }
+    cgroup.add_process(std::process::id())?;
+    cgroup.delegate(spec.uid, spec.gid)?;
     process::set_rlimits(&spec.resource_limits)?;
     if let Some(netns) = &spec.netns {
         process::join_netns(netns)?;
@@ -196,7 +212,7 @@ pub fn jail(spec: &JailSpec) -> Result<Infallible, JailError> {
     };
 
     let chroot = Chroot::create(&spec.chroot_dir(), spec.uid, spec.gid)?;
-    chroot.bind_executable(&exec)?;
+    chroot.bind_executable(exec)?;
     for (path, read_only) in &files.inputs {
         chroot.bind_file("VM file", path, *read_only)?;
     }
@@ -220,7 +236,7 @@ pub fn jail(spec: &JailSpec) -> Result<Infallible, JailError> {
     for dir in cgroup.dirs() {
         args.extend(["--cgroup-dir".to_string(), dir.display().to_string()]);
     }
-    Ok(process::exec(&exec, &args)?)
+    Ok(process::exec(exec, &args)?)
 }
 
 #[cfg(test)]
