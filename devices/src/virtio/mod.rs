@@ -9,6 +9,8 @@ pub mod block;
 pub mod mmio;
 pub mod net;
 pub mod rng;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -162,8 +164,9 @@ pub trait VirtioDevice: Send {
     fn queue_events(&self) -> &[EventFd];
     fn avail_features(&self) -> u64;
     fn read_config(&self, offset: u64, data: &mut [u8]);
-    /// Config space writes; read-only config by default.
+    /// Config space writes; read-only config by default, so every write is a forbidden access.
     fn write_config(&mut self, offset: u64, data: &[u8]) {
+        DeviceCounters::inc(&self.counters().invalid_register_access, 1);
         tracing::debug!(
             "virtio device type {}: ignored config write of {} bytes at {offset}",
             self.device_type(),
