@@ -137,5 +137,10 @@ int net_init(struct vdev *d);           /* at most NET_MAX devices */
 int net_workload(struct vdev **nets, u32 n);  /* all net devices together */
 int vsock_init(struct vdev *d);         /* the first vsock device is driven */
 int vsock_workload(struct vdev *d);     /* 1 = ok */
+int blk_hostile(struct vdev *d, u32 mode);      /* hostile.c's blk modes, 1 = device survived */
+int blk_crash(struct vdev *d, u64 n);   /* blk_crash=N, 1 = ok */
+int hostile_run(struct vdev *first_blk); /* hostile=: the mode, then "hostile <mode> done" */
+int hostile_mode(const char *v, size_t vn);
+int keq(const char *a, size_t n, const char *lit);      /* a[0..n) == lit */     /* HOSTILE_* of a mode name, -1 unknown */
 
 #endif

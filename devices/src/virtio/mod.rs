@@ -16,7 +16,7 @@ pub mod vsock;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -142,6 +142,25 @@ impl<const N: usize> ActiveQueues<N> {
             .unwrap_or(true)
         {
             self.interrupt.signal_used_queue();
+        }
+    }
+}
+
+/// Pops the next available chain of `queue`. An available index more than a queue ahead of the
+/// device is a driver bug that `pop_descriptor_chain` would report only as "nothing available":
+/// it is counted as an invalid request each time the device looks, and nothing is taken until
+/// the driver fixes the index or resets the device.
+pub fn pop_chain<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+    counters: &DeviceCounters,
+) -> Option<DescriptorChain<&'m GuestMemoryMmap>> {
+    match queue.iter(mem) {
+        Ok(mut chains) => chains.next(),
+        Err(e) => {
+            tracing::debug!("virtio: broken available ring: {e}");
+            DeviceCounters::inc(&counters.invalid_requests, 1);
+            None
         }
     }
 }

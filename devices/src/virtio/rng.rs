@@ -10,8 +10,8 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
-    ActivateContext, ActivateError, ActiveQueues, DeviceCounters, VirtioDevice, TYPE_RNG,
-    VIRTIO_F_VERSION_1,
+    pop_chain, ActivateContext, ActivateError, ActiveQueues, DeviceCounters, VirtioDevice,
+    TYPE_RNG, VIRTIO_F_VERSION_1,
 };
 use crate::rate_limiter::{Cost, RateLimiter, RateLimiterConfig, RateLimiterError};
 
@@ -78,7 +78,7 @@ impl Rng {
         };
         let mut completed = false;
         while !self.limiter.is_blocked() {
-            let Some(chain) = active.queues[0].pop_descriptor_chain(&active.mem) else {
+            let Some(chain) = pop_chain(&mut active.queues[0], &active.mem, &self.counters) else {
                 break;
             };
             let head = chain.head_index();

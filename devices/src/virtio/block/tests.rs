@@ -281,3 +281,22 @@ fn the_rate_limiter_holds_requests_in_the_ring_until_tokens_return() {
     rig.blk.process_queue();
     assert_eq!(rig.used_count(), 3);
 }
+
+#[test]
+fn an_available_index_a_ring_ahead_is_counted_and_takes_nothing() {
+    let mem = mem();
+    let path = disk("idx.img", 8);
+    let mut rig = Rig::new(&mem, &path, false, RateLimiterConfig::default());
+    rig.queue.publish(&[], 16 * 3);
+    rig.blk.process_queue();
+    rig.blk.process_queue();
+    assert_eq!(rig.used_count(), 0, "nothing was taken");
+    let invalid = &rig.blk.counters().invalid_requests;
+    assert_eq!(invalid.load(Ordering::Relaxed), 2, "each look is counted");
+    // A driver that fixes its index gets its next request served.
+    rig.queue.publish(&[], 0);
+    assert_eq!(
+        rig.request(VIRTIO_BLK_T_IN, 0, Some((512, true))),
+        VIRTIO_BLK_S_OK
+    );
+}

@@ -19,8 +19,8 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
-    read_config_bytes, ActivateContext, ActivateError, ActiveQueues, DeviceCounters, VirtioDevice,
-    TYPE_NET, VIRTIO_F_VERSION_1,
+    pop_chain, read_config_bytes, ActivateContext, ActivateError, ActiveQueues, DeviceCounters,
+    VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
 };
 use crate::rate_limiter::{Cost, RateLimiter, RateLimiterConfig, RateLimiterError};
 
@@ -127,7 +127,7 @@ impl Net {
                     }
                 }
             }
-            let Some(chain) = q.pop_descriptor_chain(&active.mem) else {
+            let Some(chain) = pop_chain(q, &active.mem, &self.counters) else {
                 break false;
             };
             let head = chain.head_index();
@@ -177,7 +177,7 @@ impl Net {
         };
         let q = &mut active.queues[TX];
         let mut completed = false;
-        while let Some(chain) = q.pop_descriptor_chain(&active.mem) {
+        while let Some(chain) = pop_chain(q, &active.mem, &self.counters) {
             let head = chain.head_index();
             match Reader::new(&active.mem, chain) {
                 Ok(mut r) if (VNET_HDR_LEN..=MAX_FRAME_WITH_HDR).contains(&r.available_bytes()) => {
@@ -400,7 +400,11 @@ mod tests {
         )
         .unwrap();
         let mem = guest_memory(1 << 20);
-        let e = activate(&mut net, &mem, &[DriverQueue::new(&mem, GuestAddress(0), 16)]);
+        let e = activate(
+            &mut net,
+            &mem,
+            &[DriverQueue::new(&mem, GuestAddress(0), 16)],
+        );
         assert!(matches!(
             e,
             Err(ActivateError::QueueCount {
