@@ -12,6 +12,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use integration_tests::{drive_json, guest_spec_devices, prescient_bin, Scratch};
+use predictor::synthetic::Rng;
 
 /// First sector the guest writes; it cycles over 64 sectors from there.
 const FIRST_SECTOR: u64 = 8;
@@ -24,19 +25,6 @@ const KILL_WINDOW_US: u64 = 150_000;
 /// The guest's word for round `k` on `sector` (virtio_blk.c, CRASH_WORD).
 fn crash_word(k: u64, sector: u64) -> u64 {
     0x5052_0000_0000_0000 | (k << 20) | sector
-}
-
-/// splitmix64: small, seedable, good enough to spread kill points.
-struct Prng(u64);
-
-impl Prng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
 }
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -150,12 +138,12 @@ fn every_acknowledged_flush_survives_sigkill() {
     eprintln!(
         "crash consistency: seed {seed} (PRESCIENT_CRASH_SEED to replay), {iterations} kills"
     );
-    let mut prng = Prng(seed);
+    let mut prng = Rng::new(seed);
     let scratch = Scratch::new("crash-consistency");
     let start = Instant::now();
     let mut acked = 0usize;
     for i in 0..iterations {
-        let kill_after = Duration::from_micros(prng.next() % KILL_WINDOW_US);
+        let kill_after = Duration::from_micros(prng.next_u64() % KILL_WINDOW_US);
         acked += killed_run(&scratch, i, kill_after).len();
     }
     eprintln!(
