@@ -33,13 +33,38 @@ impl Addr {
     }
 }
 
-/// One descriptor exactly as the driver writes it: any flags, any `next`.
+/// A descriptor's length: mostly a buffer's worth, sometimes anything.
+#[derive(Arbitrary, Debug)]
+pub enum Len {
+    Short(u16),
+    Raw(u32),
+}
+
+/// One descriptor as the driver writes it: any flags, any `next` (indices past a small table
+/// included; queues hold at most 256 entries).
 #[derive(Arbitrary, Debug)]
 pub struct Desc {
     pub addr: Addr,
-    pub len: u32,
+    pub len: Len,
     pub flags: u16,
-    pub next: u16,
+    pub next: u8,
+}
+
+/// The available index a driver publishes: mostly near the start (the device starts at 0, so up to
+/// the queue size is valid), sometimes anything, wrap-around included.
+#[derive(Arbitrary, Debug)]
+pub enum AvailIdx {
+    Near(u8),
+    Raw(u16),
+}
+
+impl AvailIdx {
+    fn resolve(&self) -> u16 {
+        match *self {
+            AvailIdx::Near(i) => u16::from(i),
+            AvailIdx::Raw(i) => i,
+        }
+    }
 }
 
 /// One queue: its size (a power of two up to the device's maximum), its descriptor table, the
@@ -48,12 +73,13 @@ pub struct Desc {
 pub struct QueueInput {
     pub size_log2: u8,
     pub descs: Vec<Desc>,
-    pub avail: Vec<u16>,
-    pub avail_idx: u16,
+    pub avail: Vec<u8>,
+    pub avail_idx: AvailIdx,
 }
 
 /// Everything a hostile driver controls: the queues, bytes anywhere in guest memory (headers,
-/// payloads, or the rings themselves), and which queue it notifies, in order.
+/// payloads, or the rings themselves), and which queue it notifies, in order (every queue is
+/// notified once more at the end, as a driver that set them up would).
 #[derive(Arbitrary, Debug)]
 pub struct DriverInput {
     pub queues: Vec<QueueInput>,
@@ -83,9 +109,14 @@ where
             let q = DriverQueue::new(&mem, GuestAddress(i as u64 * QUEUE_STRIDE), size);
             if let Some(spec) = spec {
                 for (j, d) in spec.descs.iter().take(usize::from(size)).enumerate() {
-                    q.store_raw(j as u16, d.addr.resolve(), d.len, d.flags, d.next);
+                    let len = match d.len {
+                        Len::Short(l) => u32::from(l),
+                        Len::Raw(l) => l,
+                    };
+                    q.store_raw(j as u16, d.addr.resolve(), len, d.flags, u16::from(d.next));
                 }
-                q.publish(&spec.avail, spec.avail_idx);
+                let heads: Vec<u16> = spec.avail.iter().map(|&h| u16::from(h)).collect();
+                q.publish(&heads, spec.avail_idx.resolve());
             }
             q
         })
@@ -106,8 +137,9 @@ where
     let mut events =
         EventManager::<Arc<Mutex<dyn MutEventSubscriber>>>::new().expect("an epoll instance");
     events.add_subscriber(dev);
-    for &k in input.kicks.iter().take(MAX_KICKS) {
-        kicks[usize::from(k) % kicks.len()]
+    let fuzzed = input.kicks.iter().take(MAX_KICKS).map(|&k| usize::from(k));
+    for k in fuzzed.chain(0..kicks.len()) {
+        kicks[k % kicks.len()]
             .write(1)
             .expect("kick a queue eventfd");
         // Every event ready now is handled; nothing here may block.
