@@ -35,6 +35,8 @@
 #define SYS_EXIT        0       /* leave CPL3: run_user() returns rdi */
 #define SYS_HALT        1       /* cli; hlt forever at CPL0 */
 #define SYS_WRITE       2       /* serial_write_line(rdi = buf, rsi = len) */
+#define SYS_PIO_STORM   3       /* rdi accesses (in/out alternating) to port rsi, at CPL0 */
+#define SYS_CLI_SPIN    4       /* cli; spin forever at CPL0 (never returns) */
 
 /* IOPL=3, IF=0, reserved bit 1. IOPL=3 lets CPL3 do port I/O natively where
  * the hypervisor honours it (QEMU TCG, hardware KVM); PVM-style software KVM
@@ -233,7 +235,16 @@ struct virtio_params {
 	u64 vmem_steps, elastic_wait_ms;
 	u64 vmem_follow_ms, vmem_ramp_mib, vmem_ramp_ms, vmem_ramp_start_ms;
 	u64 balloon_steps, balloon_report_mib, balloon_report_delay_ms;
+	u64 blk_crash;                  /* blk_crash=N: N acked write+FLUSH rounds (crash tests) */
+	u32 hostile;                    /* hostile=<mode>: HOSTILE_* */
+	u64 hostile_n;                  /* hostile_n=N: accesses of the storm modes */
 };
+enum {
+	HOSTILE_NONE, HOSTILE_DESC_LOOP, HOSTILE_OOB_ADDR, HOSTILE_BAD_QUEUE, HOSTILE_CFG_OVERRUN,
+	HOSTILE_MMIO_STORM, HOSTILE_PIO_STORM, HOSTILE_CLI_SPIN,
+};
+#define HOSTILE_MMIO_BASE 0xd0000000UL  /* no device, no RAM: every access is unclaimed */
+#define HOSTILE_PIO_PORT  0x2f0         /* no device */
 extern struct virtio_params g_vparams;
 int virtio_param(const char *k, size_t kn, const char *v, size_t vn); /* cmdline: 0 ok, 1 unknown, 2 bad */
 void virtio_map_user(void);             /* CPL3, before paging_reload(): map the MMIO windows */

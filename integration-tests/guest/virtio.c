@@ -13,6 +13,7 @@
 
 struct virtio_params g_vparams = {
 	.timeout_ms = 10000,
+	.hostile_n = 10000,
 	.blk_qd = 1,
 	.blk_op_kib = 4,
 	.net_rx_ethertype = 0,          /* 0: count every frame */
@@ -23,7 +24,7 @@ struct virtio_params g_vparams = {
 static struct vdev devs[VIRTIO_MAX_DEV];
 
 /* ---- command line ---------------------------------------------------- */
-static int keq(const char *a, size_t n, const char *lit)
+int keq(const char *a, size_t n, const char *lit)
 {
 	size_t m = strlen(lit);
 	return n == m && !memcmp(a, lit, n);
@@ -133,6 +134,8 @@ int virtio_param(const char *k, size_t kn, const char *v, size_t vn)
 		{ "balloon_steps", &g_vparams.balloon_steps },
 		{ "balloon_report_mib", &g_vparams.balloon_report_mib },
 		{ "balloon_report_delay_ms", &g_vparams.balloon_report_delay_ms },
+		{ "blk_crash", &g_vparams.blk_crash },
+		{ "hostile_n", &g_vparams.hostile_n },
 	};
 	if (keq(k, kn, "virtio_mmio.device"))
 		return parse_device(v, vn);
@@ -143,6 +146,13 @@ int virtio_param(const char *k, size_t kn, const char *v, size_t vn)
 			g_vparams.off = 1;
 		else
 			return 2;
+		return 0;
+	}
+	if (keq(k, kn, "hostile")) {
+		int m = hostile_mode(v, vn);
+		if (m < 0)
+			return 2;
+		g_vparams.hostile = (u32)m;
 		return 0;
 	}
 	if (keq(k, kn, "net_rx_ethertype")) {
@@ -172,6 +182,9 @@ void virtio_map_user(void)
 		u64 sz = g_vparams.dev[i].size < MAP_MAX ? g_vparams.dev[i].size : MAP_MAX;
 		devs[i].mapped = paging_map_mmio_user(g_vparams.dev[i].base, sz);
 	}
+	if (g_vparams.hostile == HOSTILE_MMIO_STORM &&
+	    !paging_map_mmio_user(HOSTILE_MMIO_BASE, 4096))
+		gprintf("guest: hostile mmio_storm page cannot be mapped\n");
 }
 
 /* ---- time -------------------------------------------------------------- */
@@ -374,8 +387,8 @@ static int workload_wanted(void)
 {
 	const struct virtio_params *p = &g_vparams;
 	return p->blk_rw || p->blk_read || p->blk_ops || p->rng_bytes || p->net_tx || p->net_rx ||
-	       p->vsock_echo_listen || p->vsock_connect || p->vmem_steps || p->vmem_follow_ms || p->balloon_steps ||
-	       p->balloon_report_mib;
+	       p->vsock_echo_listen || p->vsock_connect || p->vmem_steps || p->vmem_follow_ms ||
+	       p->balloon_steps || p->balloon_report_mib || p->blk_crash || p->hostile;
 }
 
 static int need(const char *what, u32 have, int wanted)
@@ -482,7 +495,9 @@ u64 virtio_run_user(u64 unused)
 		}
 	}
 
-	ok &= need("blk", nblk, p->blk_rw || p->blk_read || p->blk_ops);
+	ok &= need("blk", nblk, p->blk_rw || p->blk_read || p->blk_ops || p->blk_crash);
+	if (p->hostile)
+		ok &= hostile_run(nblk ? blks[0] : 0);
 	ok &= need("rng", nrng, p->rng_bytes != 0);
 	ok &= need("net", nnet, p->net_tx || p->net_rx);
 	ok &= need("vsock", vsock != 0, p->vsock_echo_listen || p->vsock_connect);

@@ -147,5 +147,10 @@ int vmem_workload(struct vdev *d);      /* 1 = ok */
 /* What virtio-mem adds to the guest's memory, for the balloon's statistics (bytes). */
 extern u64 g_vmem_plugged_bytes, g_vmem_used_bytes;
 void balloon_service(void);             /* answer a pending statistics request, if any */
+int blk_hostile(struct vdev *d, u32 mode);      /* hostile.c's blk modes, 1 = device survived */
+int blk_crash(struct vdev *d, u64 n);   /* blk_crash=N, 1 = ok */
+int hostile_run(struct vdev *first_blk); /* hostile=: the mode, then "hostile <mode> done" */
+int hostile_mode(const char *v, size_t vn);
+int keq(const char *a, size_t n, const char *lit);      /* a[0..n) == lit */     /* HOSTILE_* of a mode name, -1 unknown */
 
 #endif

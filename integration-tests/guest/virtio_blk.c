@@ -270,9 +270,121 @@ static int blk_ops(struct vdev *d, u64 n)
 	return 1;
 }
 
+/* ---- blk_crash: acked write + FLUSH rounds, for crash-consistency tests ---- */
+/* Round k writes sector blk_sector + k % 64 with every u64 = CRASH_WORD(k, sector),
+ * FLUSHes, then prints "crash ack k=<k> sector=<s>": an acked round is on stable
+ * storage, whatever happens to the VMM afterwards. */
+#define CRASH_WORD(k, s) (0x5052000000000000ULL | ((u64)(k) << 20) | (u64)(s))
+
+int blk_crash(struct vdev *d, u64 n)
+{
+	if (!vd_has(d, VIRTIO_BLK_F_FLUSH)) {
+		gprintf("guest: %s crash: flush unsupported\n", d->name);
+		return 0;
+	}
+	if (!in_range(d, "crash", 64))
+		return 0;
+	u64 *w = (u64 *)blk_buf;
+	for (u64 k = 0; k < n; k++) {
+		u64 sector = g_vparams.blk_sector + k % 64;
+		for (int i = 0; i < 64; i++)
+			w[i] = CRASH_WORD(k, sector);
+		if (blk_sync(d, T_OUT, sector, blk_buf, 512, 0) != S_OK ||
+		    blk_sync(d, T_FLUSH, 0, 0, 0, 0) != S_OK)
+			return 0;
+		gprintf("guest: %s crash ack k=%lu sector=%lu\n", d->name, k, sector);
+	}
+	return 1;
+}
+
+/* ---- hostile=: requests a buggy or malicious driver sends ------------- */
+/* Bounded wait for the device to move used.idx, without consuming the entry. */
+static int used_moved(struct vq *q, u64 ms)
+{
+	u64 end = vt_deadline(ms);
+	while (__atomic_load_n(&q->used->idx, __ATOMIC_ACQUIRE) == q->last_used)
+		if (vt_expired(end))
+			return 0;
+	return 1;
+}
+
+/* The device's answer to a request whose chain was broken after vq_submit:
+ * its used entry (consumed), or -1 if it returned nothing within 1 s. The
+ * broken descriptors stay off the free list: the queue just has fewer. */
+static int broken_answer(struct vdev *d, u32 *id)
+{
+	struct vq *q = &d->vq[0];
+	int moved = used_moved(q, 1000);
+	if (moved) {
+		*id = q->used->ring[q->last_used & (q->size - 1)].id;
+		q->last_used++;
+		vdev_ack_irq(d);
+	}
+	return moved ? 0 : -1;
+}
+
+int blk_hostile(struct vdev *d, u32 mode)
+{
+	struct vq *q = &d->vq[0];
+	u32 id = ~0u;
+	int r;
+	switch (mode) {
+	case HOSTILE_DESC_LOOP: {
+		/* header -> data -> status -> header ...: a chain that never ends */
+		int h = blk_submit(d, 0, T_IN, 0, blk_buf, 512);
+		u16 last = q->desc[q->desc[h].next].next;
+		q->desc[last].flags |= VRING_DESC_F_NEXT;
+		q->desc[last].next = (u16)h;
+		vq_kick(q);
+		r = broken_answer(d, &id);
+		gprintf("guest: %s hostile desc_loop answered=%d id=%u status=%u\n", d->name, r == 0,
+			id, slots[0].status);
+		return 1;
+	}
+	case HOSTILE_OOB_ADDR: {
+		/* data beyond RAM, then a status byte beyond RAM */
+		int st = blk_sync(d, T_IN, 0, (void *)(1ULL << 40), 4096, 1);
+		gprintf("guest: %s hostile oob_addr data status=%d\n", d->name, st);
+		int h = blk_submit(d, 0, T_IN, 0, blk_buf, 512);
+		q->desc[q->desc[q->desc[h].next].next].addr = 1ULL << 40;
+		vq_kick(q);
+		r = broken_answer(d, &id);
+		gprintf("guest: %s hostile oob_addr status answered=%d id=%u\n", d->name, r == 0, id);
+		return st >= 0;
+	}
+	case HOSTILE_BAD_QUEUE: {
+		/* a head past the table */
+		q->avail->ring[q->avail_idx & (q->size - 1)] = (u16)(q->size + 5);
+		q->avail_idx++;
+		__atomic_store_n(&q->avail->idx, q->avail_idx, __ATOMIC_RELEASE);
+		vq_kick(q);
+		r = broken_answer(d, &id);
+		gprintf("guest: %s hostile bad_queue head answered=%d id=%u\n", d->name, r == 0, id);
+		/* an available index a ring and more ahead, then the right one again */
+		__atomic_store_n(&q->avail->idx, (u16)(q->avail_idx + 3 * q->size), __ATOMIC_RELEASE);
+		vq_kick(q);
+		r = used_moved(q, 200);
+		__atomic_store_n(&q->avail->idx, q->avail_idx, __ATOMIC_RELEASE);
+		gprintf("guest: %s hostile bad_queue idx answered=%d\n", d->name, r);
+		/* queue registers after DRIVER_OK, a queue that does not exist */
+		vd_w(d, VM_QUEUE_SEL, 9);
+		vd_w(d, VM_QUEUE_NUM, 4096);
+		vd_w(d, VM_QUEUE_READY, 1);
+		vd_w(d, VM_QUEUE_SEL, 0);
+		vd_w(d, VM_QUEUE_NUM, 3);
+		vd_w(d, VM_QUEUE_NOTIFY, 77);
+		return 1;
+	}
+	default:
+		return 1;
+	}
+}
+
 int blk_workload(struct vdev *d)
 {
 	const struct virtio_params *p = &g_vparams;
+	if (p->blk_crash && !blk_crash(d, p->blk_crash))
+		return 0;
 	if (p->blk_rw && !blk_rw(d, p->blk_rw))
 		return 0;
 	if (p->blk_read && !blk_read(d, p->blk_read))

@@ -202,15 +202,9 @@ fn data_acknowledged_after_flush_survives_kill_9_of_the_vmm() {
     s["serial"] = serde_json::json!({ "serial_out_path": console });
     let spec_path = scratch.write("vm.json", &s.to_string());
     let vmm = integration_tests::RunningVmm::spawn(["--config-file", spec_path.to_str().unwrap()]);
-    let start = Instant::now();
-    let text = loop {
-        let text = std::fs::read_to_string(&console).unwrap_or_default();
-        if text.contains("guest: blk0 read sectors=128 ok") {
-            break text;
-        }
-        assert!(start.elapsed() < DEADLINE, "guest did not finish:\n{text}");
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    // A whole line: the console is written a byte at a time, so "ok" may come before the sum.
+    integration_tests::wait_for_console_line(&console, "guest: blk0 read sectors=128 ok", DEADLINE);
+    let text = std::fs::read_to_string(&console).unwrap();
     // The guest has had its write and FLUSH acknowledged: SIGKILL the VMM, no clean-up at all.
     drop(vmm);
     assert!(text.contains("guest: blk0 rw sectors=128 ok"));

@@ -78,11 +78,16 @@ impl Workload {
     }
 }
 
-/// SplitMix64: tiny, fast, and good enough for noise; avoids a dependency for test data.
-struct Rng(u64);
+/// SplitMix64: tiny, fast, and good enough for noise; avoids a dependency for test data (the
+/// crash-consistency test draws its kill points from it too).
+pub struct Rng(u64);
 
 impl Rng {
-    fn next_u64(&mut self) -> u64 {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -152,7 +157,7 @@ fn load(workload: Workload, windows: usize, rng: &mut Rng) -> Vec<f64> {
 
 /// One synthetic trace of `windows` windows.
 pub fn generate(workload: Workload, seed: u64, windows: usize) -> Trace {
-    let mut rng = Rng(seed ^ (workload as u64).wrapping_mul(0xA076_1D64_78BD_642F));
+    let mut rng = Rng::new(seed ^ (workload as u64).wrapping_mul(0xA076_1D64_78BD_642F));
     let shape = load(workload, windows, &mut rng);
     let mut mem = 512.0 + 2800.0 * shape.first().copied().unwrap_or(0.0);
     let samples = shape

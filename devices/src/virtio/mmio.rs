@@ -522,6 +522,21 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn config_space_writes_to_a_read_only_config_are_counted() {
+        let (mut t, _) = transport();
+        let before = t.invalid_register_accesses().load(Ordering::Relaxed);
+        t.write(0x100, &[1]);
+        t.write(0xfff, &[1, 2, 3, 4]);
+        assert_eq!(
+            t.invalid_register_accesses().load(Ordering::Relaxed),
+            before + 2
+        );
+        let mut b = [0u8; 2];
+        t.read(0x100, &mut b);
+        assert_eq!(b, [0xaa, 0xbb], "the config is unchanged");
+    }
+
+    #[test]
     fn a_ready_queue_outside_memory_fails_activation() {
         let (mut t, dev) = transport();
         driver_init(&mut t, 1, 0);

@@ -12,12 +12,14 @@ pub mod mem;
 pub mod mmio;
 pub mod net;
 pub mod rng;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -149,6 +151,25 @@ impl<const N: usize> ActiveQueues<N> {
     }
 }
 
+/// Pops the next available chain of `queue`. An available index more than a queue ahead of the
+/// device is a driver bug that `pop_descriptor_chain` would report only as "nothing available":
+/// it is counted as an invalid request each time the device looks, and nothing is taken until
+/// the driver fixes the index or resets the device.
+pub fn pop_chain<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+    counters: &DeviceCounters,
+) -> Option<DescriptorChain<&'m GuestMemoryMmap>> {
+    match queue.iter(mem) {
+        Ok(mut chains) => chains.next(),
+        Err(e) => {
+            tracing::debug!("virtio: broken available ring: {e}");
+            DeviceCounters::inc(&counters.invalid_requests, 1);
+            None
+        }
+    }
+}
+
 /// Why a device refused to start.
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
@@ -167,8 +188,9 @@ pub trait VirtioDevice: Send {
     fn queue_events(&self) -> &[EventFd];
     fn avail_features(&self) -> u64;
     fn read_config(&self, offset: u64, data: &mut [u8]);
-    /// Config space writes; read-only config by default.
+    /// Config space writes; read-only config by default, so every write is a forbidden access.
     fn write_config(&mut self, offset: u64, data: &[u8]) {
+        DeviceCounters::inc(&self.counters().invalid_register_access, 1);
         tracing::debug!(
             "virtio device type {}: ignored config write of {} bytes at {offset}",
             self.device_type(),

@@ -10,8 +10,8 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
-    ActivateContext, ActivateError, ActiveQueues, DeviceCounters, VirtioDevice, TYPE_RNG,
-    VIRTIO_F_VERSION_1,
+    pop_chain, ActivateContext, ActivateError, ActiveQueues, DeviceCounters, VirtioDevice,
+    TYPE_RNG, VIRTIO_F_VERSION_1,
 };
 use crate::rate_limiter::{Cost, RateLimiter, RateLimiterConfig, RateLimiterError};
 
@@ -78,7 +78,7 @@ impl Rng {
         };
         let mut completed = false;
         while !self.limiter.is_blocked() {
-            let Some(chain) = active.queues[0].pop_descriptor_chain(&active.mem) else {
+            let Some(chain) = pop_chain(&mut active.queues[0], &active.mem, &self.counters) else {
                 break;
             };
             let head = chain.head_index();
@@ -181,31 +181,21 @@ impl MutEventSubscriber for Rng {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtio::VirtioInterrupt;
+    use crate::virtio::test_utils::{activate, guest_memory, DriverQueue, WRITE};
     use std::sync::atomic::Ordering;
-    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-    use virtio_queue::mock::MockSplitQueue;
-    use virtio_queue::Queue;
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vm_memory::{Bytes, GuestAddress};
 
     #[test]
     fn fills_writable_buffers_and_returns_unusable_chains_empty() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
-        let mock = MockSplitQueue::new(&mem, 16);
+        let mem = guest_memory(2 << 20);
+        let mut queue = DriverQueue::new(&mem, GuestAddress(0), 16);
         let mut rng = Rng::new(RateLimiterConfig::default()).unwrap();
-        rng.activate(ActivateContext {
-            mem: mem.clone(),
-            queues: vec![mock.create_queue::<Queue>().unwrap()],
-            acked_features: 1 << VIRTIO_F_VERSION_1,
-            interrupt: Arc::new(VirtioInterrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
-        })
-        .unwrap();
-        let d = |addr, len, flags| RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0));
-        mock.add_desc_chains(&[d(0x10_0000, 4096, 2)], 0).unwrap();
-        mock.add_desc_chains(&[d(0x10_2000, 64, 0)], 1).unwrap(); // read-only buffer
-        mock.add_desc_chains(&[d(0xfff0_0000, 64, 2)], 2).unwrap(); // outside memory
+        activate(&mut rng, &mem, std::slice::from_ref(&queue)).unwrap();
+        queue.add_chain(&[(0x10_0000, 4096, WRITE)]);
+        queue.add_chain(&[(0x10_2000, 64, 0)]); // read-only buffer
+        queue.add_chain(&[(0xfff0_0000, 64, WRITE)]); // outside memory
         rng.process_queue();
-        let used = |i| mock.used().ring().ref_at(i).unwrap().load().len();
+        let used = |i| queue.used(i).1;
         assert_eq!((used(0), used(1), used(2)), (4096, 0, 0));
         let mut buf = [0u8; 4096];
         mem.read_slice(&mut buf, GuestAddress(0x10_0000)).unwrap();

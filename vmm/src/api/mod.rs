@@ -174,6 +174,15 @@ fn serve_client(stream: UnixStream, link: &VmmLink) {
         tracing::warn!("API: cannot set a client timeout: {e}");
         return;
     }
+    serve_connection(stream, |routed| link.answer(routed));
+}
+
+/// Serves the requests of one client until it closes, errs or asks to close; `answer` turns a
+/// routed request into its response. Generic over the stream so the fuzz targets drive it.
+pub fn serve_connection<S: std::io::Read + std::io::Write>(
+    stream: S,
+    mut answer: impl FnMut(Routed) -> Response,
+) {
     let mut conn = Connection::new(stream);
     loop {
         match conn.read_request() {
@@ -182,7 +191,7 @@ fn serve_client(stream: UnixStream, link: &VmmLink) {
                     return;
                 }
                 tracing::debug!("API: {} {}", req.method, req.path);
-                let response = link.answer(route(&req));
+                let response = answer(route(&req));
                 count(response.status);
                 if conn.write_response(&response, req.keep_alive).is_err() || !req.keep_alive {
                     return;

@@ -24,8 +24,8 @@ use vmm_sys_util::timerfd::TimerFd;
 use self::stats::{GuestStats, StatsReport};
 use super::discard::{discard, DiscardError, PAGE_SIZE};
 use super::{
-    read_config_bytes, ActivateContext, ActivateError, ActiveQueues, DeviceCounters, VirtioDevice,
-    TYPE_BALLOON, VIRTIO_F_VERSION_1,
+    pop_chain, read_config_bytes, ActivateContext, ActivateError, ActiveQueues, DeviceCounters,
+    VirtioDevice, TYPE_BALLOON, VIRTIO_F_VERSION_1,
 };
 
 pub const QUEUE_SIZE: u16 = 256;
@@ -235,7 +235,8 @@ impl Balloon {
                 return self.invalid(format_args!("notification of queue {index}, not ready"));
             }
             let mem = active.queues.mem.clone();
-            let Some(chain) = active.queues.queues[index].pop_descriptor_chain(&mem) else {
+            let Some(chain) = pop_chain(&mut active.queues.queues[index], &mem, &self.counters)
+            else {
                 break;
             };
             let head = chain.head_index();

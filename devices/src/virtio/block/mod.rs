@@ -18,8 +18,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use self::request::{Outcome, Request};
 use super::{
-    read_config_bytes, ActivateContext, ActivateError, ActiveQueues, DeviceCounters, VirtioDevice,
-    TYPE_BLOCK, VIRTIO_F_VERSION_1,
+    pop_chain, read_config_bytes, ActivateContext, ActivateError, ActiveQueues, DeviceCounters,
+    VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
 };
 use crate::rate_limiter::{Cost, RateLimiter, RateLimiterConfig, RateLimiterError};
 
@@ -146,7 +146,7 @@ impl Block {
         };
         let mut completed = false;
         while !self.limiter.is_blocked() {
-            let Some(chain) = active.queues[0].pop_descriptor_chain(&active.mem) else {
+            let Some(chain) = pop_chain(&mut active.queues[0], &active.mem, &self.counters) else {
                 break;
             };
             let head = chain.head_index();

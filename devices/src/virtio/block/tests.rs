@@ -3,25 +3,21 @@
 use std::io::Write;
 use std::sync::atomic::Ordering;
 
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use crate::virtio::test_utils::{activate_with, guest_memory, DriverQueue, WRITE};
 use crate::virtio::VirtioInterrupt;
 
 use super::request::*;
 use super::*;
 use crate::rate_limiter::TokenBucketConfig;
 
-const NEXT: u16 = 1;
-const WRITE: u16 = 2;
 const HDR: u64 = 0x10_0000;
 const DATA: u64 = 0x10_1000;
 const STATUS: u64 = 0x12_0000;
 
 fn mem() -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap()
+    guest_memory(2 << 20)
 }
 
 fn disk(name: &str, sectors: u64) -> std::path::PathBuf {
@@ -34,60 +30,37 @@ fn disk(name: &str, sectors: u64) -> std::path::PathBuf {
     p
 }
 
-fn desc(addr: u64, len: u32, flags: u16) -> RawDescriptor {
-    RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0))
+fn desc(addr: u64, len: u32, flags: u16) -> (u64, u32, u16) {
+    (addr, len, flags)
 }
 
-/// A device with its one queue in `mem`, the mock queue to feed it, and the interrupt eventfd.
+/// A device with its one queue in `mem`, the driver's side of that queue, and the interrupt
+/// eventfd.
 struct Rig<'a> {
     blk: Block,
-    mock: MockSplitQueue<'a, GuestMemoryMmap>,
+    queue: DriverQueue<'a>,
     mem: &'a GuestMemoryMmap,
     irq: EventFd,
-    next_desc: u16,
 }
 
 impl<'a> Rig<'a> {
     fn new(mem: &'a GuestMemoryMmap, path: &Path, ro: bool, limiter: RateLimiterConfig) -> Self {
         let mut blk = Block::new("rootfs", path, ro, limiter).unwrap();
-        let mock = MockSplitQueue::new(mem, 16);
+        let queue = DriverQueue::new(mem, GuestAddress(0), 16);
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        let queue = mock.create_queue::<Queue>().unwrap();
-        blk.activate(ActivateContext {
-            mem: mem.clone(),
-            queues: vec![queue],
-            acked_features: 1 << VIRTIO_F_VERSION_1,
-            interrupt: Arc::new(VirtioInterrupt::new(irq.try_clone().unwrap())),
-        })
-        .unwrap();
+        let interrupt = Arc::new(VirtioInterrupt::new(irq.try_clone().unwrap()));
+        activate_with(&mut blk, mem, std::slice::from_ref(&queue), interrupt).unwrap();
         Self {
             blk,
-            mock,
+            queue,
             mem,
             irq,
-            next_desc: 0,
         }
     }
 
     /// Places one chain (NEXT flags added) and makes it available.
-    fn submit(&mut self, descs: &[RawDescriptor]) {
-        let chain: Vec<RawDescriptor> = descs
-            .iter()
-            .enumerate()
-            .map(|(i, d)| {
-                let d = SplitDescriptor::from(*d);
-                let last = i == descs.len() - 1;
-                let flags = if last { d.flags() } else { d.flags() | NEXT };
-                RawDescriptor::from(SplitDescriptor::new(
-                    d.addr().0,
-                    d.len(),
-                    flags,
-                    self.next_desc + i as u16 + 1,
-                ))
-            })
-            .collect();
-        self.mock.add_desc_chains(&chain, self.next_desc).unwrap();
-        self.next_desc += descs.len() as u16;
+    fn submit(&mut self, descs: &[(u64, u32, u16)]) {
+        self.queue.add_chain(descs);
     }
 
     fn header(&self, kind: u32, sector: u64) {
@@ -109,12 +82,11 @@ impl<'a> Rig<'a> {
 
     /// (head, len) of used entry `i`.
     fn used(&self, i: usize) -> (u32, u32) {
-        let e = self.mock.used().ring().ref_at(i).unwrap().load();
-        (e.id(), e.len())
+        self.queue.used(i)
     }
 
     fn used_count(&self) -> u16 {
-        self.mock.used().idx().load()
+        self.queue.used_count()
     }
 
     fn request(&mut self, kind: u32, sector: u64, data: Option<(u32, bool)>) -> u8 {
@@ -308,4 +280,23 @@ fn the_rate_limiter_holds_requests_in_the_ring_until_tokens_return() {
     ]);
     rig.blk.process_queue();
     assert_eq!(rig.used_count(), 3);
+}
+
+#[test]
+fn an_available_index_a_ring_ahead_is_counted_and_takes_nothing() {
+    let mem = mem();
+    let path = disk("idx.img", 8);
+    let mut rig = Rig::new(&mem, &path, false, RateLimiterConfig::default());
+    rig.queue.publish(&[], 16 * 3);
+    rig.blk.process_queue();
+    rig.blk.process_queue();
+    assert_eq!(rig.used_count(), 0, "nothing was taken");
+    let invalid = &rig.blk.counters().invalid_requests;
+    assert_eq!(invalid.load(Ordering::Relaxed), 2, "each look is counted");
+    // A driver that fixes its index gets its next request served.
+    rig.queue.publish(&[], 0);
+    assert_eq!(
+        rig.request(VIRTIO_BLK_T_IN, 0, Some((512, true))),
+        VIRTIO_BLK_S_OK
+    );
 }

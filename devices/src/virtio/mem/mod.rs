@@ -23,8 +23,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use self::request::{BlockRange, BlockState, MemRequest, MemResponse, REQUEST_SIZE, RESPONSE_SIZE};
 use super::discard::{discard, PAGE_SIZE};
 use super::{
-    read_config_bytes, ActivateContext, ActivateError, ActiveQueues, DeviceCounters, VirtioDevice,
-    TYPE_MEM, VIRTIO_F_VERSION_1,
+    pop_chain, read_config_bytes, ActivateContext, ActivateError, ActiveQueues, DeviceCounters,
+    VirtioDevice, TYPE_MEM, VIRTIO_F_VERSION_1,
 };
 
 pub const QUEUE_SIZE: u16 = 128;
@@ -268,7 +268,7 @@ impl VirtioMem {
                 return;
             };
             let mem = active.mem.clone();
-            let Some(chain) = active.queues[0].pop_descriptor_chain(&mem) else {
+            let Some(chain) = pop_chain(&mut active.queues[0], &mem, &self.counters) else {
                 break;
             };
             let head = chain.head_index();

@@ -19,8 +19,8 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
-    read_config_bytes, ActivateContext, ActivateError, ActiveQueues, DeviceCounters, VirtioDevice,
-    TYPE_NET, VIRTIO_F_VERSION_1,
+    pop_chain, read_config_bytes, ActivateContext, ActivateError, ActiveQueues, DeviceCounters,
+    VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
 };
 use crate::rate_limiter::{Cost, RateLimiter, RateLimiterConfig, RateLimiterError};
 
@@ -127,7 +127,7 @@ impl Net {
                     }
                 }
             }
-            let Some(chain) = q.pop_descriptor_chain(&active.mem) else {
+            let Some(chain) = pop_chain(q, &active.mem, &self.counters) else {
                 break false;
             };
             let head = chain.head_index();
@@ -177,7 +177,7 @@ impl Net {
         };
         let q = &mut active.queues[TX];
         let mut completed = false;
-        while let Some(chain) = q.pop_descriptor_chain(&active.mem) {
+        while let Some(chain) = pop_chain(q, &active.mem, &self.counters) {
             let head = chain.head_index();
             match Reader::new(&active.mem, chain) {
                 Ok(mut r) if (VNET_HDR_LEN..=MAX_FRAME_WITH_HDR).contains(&r.available_bytes()) => {
@@ -318,12 +318,9 @@ impl MutEventSubscriber for Net {
 mod tests {
     use super::*;
     use std::sync::atomic::Ordering;
-    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-    use virtio_queue::mock::MockSplitQueue;
-    use virtio_queue::Queue;
-    use vm_memory::{GuestAddress, GuestMemoryMmap};
+    use vm_memory::GuestAddress;
 
-    use crate::virtio::VirtioInterrupt;
+    use crate::virtio::test_utils::{activate, guest_memory, DriverQueue, WRITE};
 
     /// Moves this test thread into a network namespace of its own, so its TAP never appears on
     /// the host (network namespaces are per thread).
@@ -336,10 +333,6 @@ mod tests {
             "unshare(CLONE_NEWNET): {}",
             std::io::Error::last_os_error()
         );
-    }
-
-    fn desc(addr: u64, len: u32, flags: u16) -> RawDescriptor {
-        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0))
     }
 
     #[test]
@@ -355,7 +348,7 @@ mod tests {
     #[test]
     fn malformed_tx_chains_come_back_unused_and_are_counted() {
         private_netns();
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let mem = guest_memory(2 << 20);
         let mut net = Net::new(
             "eth0",
             "prsnt-ut0",
@@ -369,29 +362,22 @@ mod tests {
         net.read_config(0, &mut mac);
         assert_eq!(mac, [6, 0, 0, 0, 0, 1]);
 
-        let rx = MockSplitQueue::create(&mem, GuestAddress(0), 16);
-        let tx = MockSplitQueue::create(&mem, GuestAddress(0x8000), 16);
-        net.activate(ActivateContext {
-            mem: mem.clone(),
-            queues: vec![
-                rx.create_queue::<Queue>().unwrap(),
-                tx.create_queue::<Queue>().unwrap(),
-            ],
-            acked_features: 1 << VIRTIO_F_VERSION_1,
-            interrupt: Arc::new(VirtioInterrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
-        })
-        .unwrap();
+        let queues = [
+            DriverQueue::new(&mem, GuestAddress(0), 16),
+            DriverQueue::new(&mem, GuestAddress(0x8000), 16),
+        ];
+        activate(&mut net, &mem, &queues).unwrap();
+        let [rx, mut tx] = queues;
         // Shorter than a virtio-net header; outside guest memory; device-writable only.
-        tx.add_desc_chains(&[desc(0x10_0000, 8, 0)], 0).unwrap();
-        tx.add_desc_chains(&[desc(0xffff_0000, 64, 0)], 1).unwrap();
-        tx.add_desc_chains(&[desc(0x10_1000, 64, 2)], 2).unwrap();
+        tx.add_chain(&[(0x10_0000, 8, 0)]);
+        tx.add_chain(&[(0xffff_0000, 64, 0)]);
+        tx.add_chain(&[(0x10_1000, 64, WRITE)]);
         // A well-formed frame: the TAP is down, so the write fails like a frame on a dead link.
-        tx.add_desc_chains(&[desc(0x10_2000, (VNET_HDR_LEN + 60) as u32, 0)], 3)
-            .unwrap();
+        tx.add_chain(&[(0x10_2000, (VNET_HDR_LEN + 60) as u32, 0)]);
         net.process_tx();
-        assert_eq!(tx.used().idx().load(), 4, "every chain came back");
+        assert_eq!(tx.used_count(), 4, "every chain came back");
         for i in 0..4 {
-            assert_eq!(tx.used().ring().ref_at(i).unwrap().load().len(), 0);
+            assert_eq!(tx.used(i).1, 0);
         }
         let c = net.counters();
         assert_eq!(c.invalid_requests.load(Ordering::Relaxed), 3);
@@ -399,7 +385,7 @@ mod tests {
         assert_eq!(sent, 1, "the good frame was handed to the TAP");
         // No frame waits on the TAP: RX takes nothing and asks to keep polling.
         assert!(net.process_rx());
-        assert_eq!(rx.used().idx().load(), 0);
+        assert_eq!(rx.used_count(), 0);
     }
 
     #[test]
@@ -413,14 +399,12 @@ mod tests {
             RateLimiterConfig::default(),
         )
         .unwrap();
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let q = MockSplitQueue::new(&mem, 16);
-        let e = net.activate(ActivateContext {
-            mem: mem.clone(),
-            queues: vec![q.create_queue::<Queue>().unwrap()],
-            acked_features: 0,
-            interrupt: Arc::new(VirtioInterrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
-        });
+        let mem = guest_memory(1 << 20);
+        let e = activate(
+            &mut net,
+            &mem,
+            &[DriverQueue::new(&mem, GuestAddress(0), 16)],
+        );
         assert!(matches!(
             e,
             Err(ActivateError::QueueCount {

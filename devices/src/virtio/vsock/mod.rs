@@ -36,8 +36,8 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
-    read_config_bytes, ActivateContext, ActivateError, ActiveQueues, DeviceCounters, VirtioDevice,
-    TYPE_VSOCK, VIRTIO_F_VERSION_1,
+    pop_chain, read_config_bytes, ActivateContext, ActivateError, ActiveQueues, DeviceCounters,
+    VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
 };
 use conn::{connect_nonblocking, Conn, Flush, State};
 use packet::*;
@@ -230,7 +230,7 @@ impl Vsock {
                 None
             };
             let q = &mut active.queues[RX];
-            let Some(chain) = q.pop_descriptor_chain(&active.mem) else {
+            let Some(chain) = pop_chain(q, &active.mem, &self.counters) else {
                 self.rx_starved = true;
                 break;
             };
@@ -362,7 +362,7 @@ impl Vsock {
                 break;
             }
             let q = &mut active.queues[TX];
-            let Some(chain) = q.pop_descriptor_chain(&active.mem) else {
+            let Some(chain) = pop_chain(q, &active.mem, &self.counters) else {
                 break;
             };
             let head = chain.head_index();

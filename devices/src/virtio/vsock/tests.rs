@@ -5,23 +5,18 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::Ordering;
 
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::virtio::VirtioInterrupt;
+use crate::virtio::test_utils::{activate, guest_memory, DriverQueue, WRITE};
 
 use super::*;
 
-const NEXT: u16 = 1;
-const WRITE: u16 = 2;
 const GUEST_CID: u64 = 3;
 const RXBUF: u64 = 0x10_0000;
 const TXBUF: u64 = 0x20_0000;
 
 fn mem() -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap()
+    guest_memory(4 << 20)
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -33,54 +28,35 @@ fn scratch(name: &str) -> PathBuf {
 
 struct Rig<'a> {
     dev: Vsock,
-    mocks: Vec<MockSplitQueue<'a, GuestMemoryMmap>>,
+    queues: Vec<DriverQueue<'a>>,
     mem: &'a GuestMemoryMmap,
-    next_desc: [u16; 3],
     rx_posted: u64,
     tx_sent: u64,
+}
+
+/// The three queues of a vsock device, 64 KiB apart from `base`.
+fn driver_queues(mem: &GuestMemoryMmap, base: u64) -> Vec<DriverQueue<'_>> {
+    (0..3u64)
+        .map(|i| DriverQueue::new(mem, GuestAddress(base + i * 0x1_0000), 64))
+        .collect()
 }
 
 impl<'a> Rig<'a> {
     fn new(mem: &'a GuestMemoryMmap, dir: &Path) -> Self {
         let mut dev = Vsock::new(GUEST_CID, &dir.join("v.sock")).unwrap();
-        let mocks: Vec<_> = (0..3u64)
-            .map(|i| MockSplitQueue::create(mem, GuestAddress(i * 0x1_0000), 64))
-            .collect();
-        let queues = mocks
-            .iter()
-            .map(|m| m.create_queue::<Queue>().unwrap())
-            .collect();
-        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        dev.activate(ActivateContext {
-            mem: mem.clone(),
-            queues,
-            acked_features: 1 << VIRTIO_F_VERSION_1,
-            interrupt: Arc::new(VirtioInterrupt::new(irq)),
-        })
-        .unwrap();
+        let queues = driver_queues(mem, 0);
+        activate(&mut dev, mem, &queues).unwrap();
         Self {
             dev,
-            mocks,
+            queues,
             mem,
-            next_desc: [0; 3],
             rx_posted: 0,
             tx_sent: 0,
         }
     }
 
     fn chain(&mut self, q: usize, descs: &[(u64, u32, u16)]) {
-        let base = self.next_desc[q];
-        let chain: Vec<RawDescriptor> = descs
-            .iter()
-            .enumerate()
-            .map(|(i, &(addr, len, flags))| {
-                let last = i == descs.len() - 1;
-                let flags = if last { flags } else { flags | NEXT };
-                RawDescriptor::from(SplitDescriptor::new(addr, len, flags, base + i as u16 + 1))
-            })
-            .collect();
-        self.mocks[q].add_desc_chains(&chain, base).unwrap();
-        self.next_desc[q] += descs.len() as u16;
+        self.queues[q].add_chain(descs);
     }
 
     /// Posts one 4 KiB receive buffer; returns its address.
@@ -120,11 +96,11 @@ impl<'a> Rig<'a> {
     }
 
     fn rx_used(&self) -> u16 {
-        self.mocks[RX].used().idx().load()
+        self.queues[RX].used_count()
     }
 
     fn tx_used(&self) -> u16 {
-        self.mocks[TX].used().idx().load()
+        self.queues[TX].used_count()
     }
 
     /// The header (and payload) of the packet in the receive buffer at `addr`.
@@ -204,8 +180,7 @@ fn a_request_to_a_port_without_a_host_socket_gets_an_rst() {
     rig.send(OP_REQUEST, 1000, 5678, &[]);
     assert_eq!(rig.tx_used(), 1);
     assert_eq!(rig.rx_used(), 1);
-    let e = rig.mocks[RX].used().ring().ref_at(0).unwrap().load();
-    assert_eq!(e.len(), HDR_LEN as u32);
+    assert_eq!(rig.queues[RX].used(0).1, HDR_LEN as u32);
     let (h, _) = rig.received(buf);
     assert_eq!(h.op, OP_RST);
     assert_eq!((h.src_cid, h.dst_cid), (HOST_CID, GUEST_CID));
@@ -359,23 +334,9 @@ fn a_host_client_waiting_for_the_guest_survives_a_driver_reset() {
         dev: rig.dev,
         ..Rig::new(&mem, &scratch("reset2"))
     };
-    let mocks: Vec<_> = (0..3u64)
-        .map(|i| MockSplitQueue::create(&mem, GuestAddress(0x30_0000 + i * 0x1_0000), 64))
-        .collect();
-    let queues = mocks
-        .iter()
-        .map(|m| m.create_queue::<Queue>().unwrap())
-        .collect();
-    rig2.dev
-        .activate(ActivateContext {
-            mem: mem.clone(),
-            queues,
-            acked_features: 1 << VIRTIO_F_VERSION_1,
-            interrupt: Arc::new(VirtioInterrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
-        })
-        .unwrap();
-    rig2.mocks = mocks;
-    rig2.next_desc = [0; 3];
+    let queues = driver_queues(&mem, 0x30_0000);
+    activate(&mut rig2.dev, &mem, &queues).unwrap();
+    rig2.queues = queues;
     let b = rig2.post_rx();
     rig2.dev.process_rx();
     let (h, _) = rig2.received(b);
