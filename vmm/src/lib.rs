@@ -16,6 +16,7 @@ pub mod exit;
 pub mod logger;
 pub mod metrics;
 pub mod microvm;
+pub mod profile;
 pub mod rpc;
 pub mod runtime;
 pub mod seccomp;

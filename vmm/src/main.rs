@@ -1,5 +1,6 @@
 //! The `prescient` binary.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -47,6 +48,15 @@ struct Cli {
     #[arg(long = "cgroup-dir", value_name = "DIR")]
     cgroup_dirs: Vec<PathBuf>,
 
+    /// A workload profile (`prescient profile`) to size the VM from before boot.
+    #[arg(long, value_name = "PATH", requires = "config_file")]
+    profile: Option<PathBuf>,
+
+    /// The model store the predictor of a profiled launch starts from and records into
+    /// (default ~/.cache/prescient/models).
+    #[arg(long, value_name = "DIR", requires = "profile")]
+    model_store: Option<PathBuf>,
+
     /// Test hook: the first thread of this kind (vmm, api, vcpu) to install its seccomp filter
     /// makes a syscall outside it, which must kill the process with SIGSYS.
     #[arg(long, value_name = "KIND", hide = true)]
@@ -67,6 +77,9 @@ enum Command {
         #[command(subcommand)]
         command: PredictorCommand,
     },
+    /// Profile a workload: static analysis of its files and a short dry run in a locked-down
+    /// probe VM; writes the behaviour profile `--profile` sizes a VM from.
+    Profile(vmm::profile::probe::ProfileArgs),
     /// Render a trace (e.g. one a VM recorded to its predictor trace_path) as used vs allocated
     /// vs forecast per resource over time (SVG).
     Report(predictor::report::ReportArgs),
@@ -92,6 +105,18 @@ fn run_tool(command: Command) -> ExitCode {
             command: PredictorCommand::Eval(args),
         } => predictor::eval::run(&args, &mut out)
             .map(|_| ())
+            .map_err(|e| e.to_string()),
+        Command::Profile(args) => vmm::profile::probe::run(&args)
+            .map(|p| {
+                let _ = writeln!(
+                    out,
+                    "profile {}: fingerprint {}, {} windows, {}",
+                    args.out.display(),
+                    p.fingerprint,
+                    p.probe.windows,
+                    p.probe.ended
+                );
+            })
             .map_err(|e| e.to_string()),
         Command::Report(args) => predictor::report::run(&args, &mut out).map_err(|e| e.to_string()),
         Command::Jail(args) => {
@@ -131,12 +156,25 @@ fn main() -> ExitCode {
             code::BAD_CONFIG,
         );
     }
-    let config = match &cli.config_file {
+    let mut config = match &cli.config_file {
         Some(path) => match VmConfig::from_file(path) {
             Ok(c) => c,
             Err(e) => return fail(e, code::BAD_CONFIG),
         },
         None => VmConfig::default(),
+    };
+    let launch = match &cli.profile {
+        Some(path) => {
+            let store = cli
+                .model_store
+                .clone()
+                .or_else(vmm::profile::store::ModelStore::default_root);
+            match vmm::profile::launch::prepare(&mut config, path, store) {
+                Ok(l) => l,
+                Err(e) => return fail(e, code::BAD_CONFIG),
+            }
+        }
+        None => vmm::profile::launch::Launch::default(),
     };
     // Removes the API socket and the cgroup on every return from here.
     let _cleanup = vmm::cleanup::Guard;
@@ -158,6 +196,9 @@ fn main() -> ExitCode {
     if let Some(c) = vm_cgroup {
         runtime.set_vm_cgroup(c);
     }
+    if let Some(w) = launch.warm {
+        runtime.set_warm_start(w);
+    }
     // Held until the end: dropping the server removes the socket file.
     let _api = match &cli.api_sock {
         Some(path) => match vmm::api::start(path) {
@@ -172,7 +213,15 @@ fn main() -> ExitCode {
     };
     if let Some(spec_path) = &cli.config_file {
         match runtime.start() {
-            Ok(()) => {}
+            Ok(()) => {
+                if let Some(stage) = launch.seccomp {
+                    // The VMM thread installs it at its next safe point, in run().
+                    match vmm::seccomp::request_stage(stage) {
+                        Ok(()) => tracing::info!("profile: seccomp stage {stage} requested"),
+                        Err(e) => tracing::warn!("profile: seccomp stage {stage}: {e}"),
+                    }
+                }
+            }
             Err(ActionError::InvalidConfig(e)) => {
                 // Point at the field in the file the user wrote.
                 let text = std::fs::read_to_string(spec_path).unwrap_or_default();

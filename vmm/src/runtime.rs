@@ -106,6 +106,8 @@ pub struct Runtime {
     vm_cgroup: Option<jailer::cgroup::Cgroup>,
     api: Option<Receiver<ActionRequest>>,
     id: String,
+    /// The model store entry the predictor starts from (a profiled launch).
+    warm: Option<crate::profile::store::WarmStart>,
 }
 
 impl Runtime {
@@ -130,12 +132,18 @@ impl Runtime {
             vm_cgroup: None,
             api: None,
             id,
+            warm: None,
         })
     }
 
     /// The VM's cgroup, handed over by the jailer.
     pub fn set_vm_cgroup(&mut self, cgroup: jailer::cgroup::Cgroup) {
         self.vm_cgroup = Some(cgroup);
+    }
+
+    /// Starts the predictor from a model store entry instead of cold.
+    pub fn set_warm_start(&mut self, warm: crate::profile::store::WarmStart) {
+        self.warm = Some(warm);
     }
 
     /// Serves `requests`; `wake` is written by whoever queues one.
@@ -160,6 +168,9 @@ impl Runtime {
             )?),
             _ => None,
         };
+        if let (Some(a), Some(w)) = (&mut autopilot, self.warm.take()) {
+            a.warm_start(&w);
+        }
         let mut vm = build_microvm(
             &self.config,
             self.exit.clone(),

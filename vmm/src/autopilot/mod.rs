@@ -82,6 +82,8 @@ pub struct Actuators {
     pub memory: String,
     pub seccomp: String,
     pub trace: String,
+    /// Where the forecasters started: cold, or the model store trace they replayed.
+    pub model: String,
 }
 
 /// `GET /predictor` body.
@@ -205,6 +207,7 @@ impl Autopilot {
             trace,
             status: Actuators {
                 trace: trace_status,
+                model: "cold start".into(),
                 memory: "no memory actuator: virtio-mem/balloon not configured".into(),
                 seccomp: if seccomp::is_enabled() {
                     "stages boot -> steady -> quarantine; tighten_seccomp requests quarantine"
@@ -217,6 +220,20 @@ impl Autopilot {
             kvm_buf: Vec::new(),
             cpu_buf: Vec::new(),
         })
+    }
+
+    /// Replays a model store trace through the policy before the first window, so that the
+    /// forecasters, band and scores start where that run ended instead of cold. The replayed
+    /// decisions are not applied: the device sizes start from the resulting allocation.
+    pub fn warm_start(&mut self, warm: &crate::profile::store::WarmStart) {
+        for s in &warm.samples {
+            self.policy.decide(s);
+        }
+        self.status.model = format!(
+            "warm start from {}: {} windows replayed",
+            warm.source,
+            warm.samples.len()
+        );
     }
 
     /// Hands out exit recorders, one per vCPU in order.
