@@ -154,8 +154,11 @@ pub struct Profile {
     pub kernel_sha256: String,
     pub inputs: Vec<InputFile>,
     pub probe: ProbeInfo,
-    /// vCPU-seconds per second.
+    /// vCPU-seconds per second the vCPU threads wanted (on a CPU or runnable on a run queue,
+    /// sampled every 100 ms).
     pub cpu_demand: Percentiles,
+    /// vCPU-seconds per second they got (the trace's CPU time per window).
+    pub cpu_used: Percentiles,
     pub memory_footprint: MemoryFootprint,
     pub io_intensity: Vec<IoIntensity>,
     pub security_flags: Vec<SecurityFlag>,

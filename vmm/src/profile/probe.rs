@@ -143,7 +143,11 @@ fn derive_spec(config: &VmConfig, dir: &Path) -> Result<VmConfig, ProbeError> {
 }
 
 /// Runs the probe VM until it ends or `duration` passes (then SIGTERM), and says how it ended.
-fn run_probe(spec: &Path, dir: &Path, duration: Duration) -> Result<String, ProbeError> {
+fn run_probe(
+    spec: &Path,
+    dir: &Path,
+    duration: Duration,
+) -> Result<(String, Vec<f64>), ProbeError> {
     let exe = std::env::current_exe().map_err(ProbeError::Spawn)?;
     let stderr_path = dir.join("stderr.log");
     let stderr = std::fs::File::create(&stderr_path).map_err(|source| ProbeError::Workspace {
@@ -160,7 +164,9 @@ fn run_probe(spec: &Path, dir: &Path, duration: Duration) -> Result<String, Prob
         .spawn()
         .map_err(ProbeError::Spawn)?;
     let start = Instant::now();
+    let mut demand = DemandSampler::new(child.id());
     let status = loop {
+        demand.tick();
         if let Some(s) = child.try_wait().map_err(ProbeError::Spawn)? {
             break (s, false);
         }
@@ -170,7 +176,7 @@ fn run_probe(spec: &Path, dir: &Path, duration: Duration) -> Result<String, Prob
         std::thread::sleep(Duration::from_millis(20));
     };
     let code = status.0.code();
-    match (code, status.1) {
+    let ended = match (code, status.1) {
         (Some(0), _) => Ok(format!(
             "guest exited (code 0) after {:.1} s",
             start.elapsed().as_secs_f64()
@@ -185,7 +191,8 @@ fn run_probe(spec: &Path, dir: &Path, duration: Duration) -> Result<String, Prob
                 .trim()
                 .to_string(),
         }),
-    }
+    }?;
+    Ok((ended, demand.values))
 }
 
 /// SIGTERM, then SIGKILL after the grace period.
@@ -205,9 +212,74 @@ fn stop(child: &mut Child) -> Result<std::process::ExitStatus, ProbeError> {
     }
 }
 
+/// CPU demand of the probe's vCPU threads, from the scheduler's own accounting: time on a CPU
+/// plus time runnable on a run queue (`/proc/<pid>/task/<tid>/schedstat`). On a busy host a
+/// vCPU that spins gets only part of a core, yet it wants all of it: that is its demand.
+struct DemandSampler {
+    pid: u32,
+    last: std::collections::HashMap<String, u64>,
+    at: Instant,
+    /// vCPU-seconds wanted per second, one value per period.
+    values: Vec<f64>,
+}
+
+/// Sampling period of [`DemandSampler`].
+const DEMAND_PERIOD: Duration = Duration::from_millis(100);
+
+/// Running plus run-queue time, ns, from a schedstat line (`run_ns wait_ns timeslices`).
+fn wanted_ns(schedstat: &str) -> Option<u64> {
+    let mut f = schedstat.split_whitespace().map(str::parse::<u64>);
+    Some(f.next()?.ok()? + f.next()?.ok()?)
+}
+
+impl DemandSampler {
+    fn new(pid: u32) -> Self {
+        Self {
+            pid,
+            last: Default::default(),
+            at: Instant::now(),
+            values: Vec::new(),
+        }
+    }
+
+    /// Records a period's demand once one has passed.
+    fn tick(&mut self) {
+        let elapsed = self.at.elapsed();
+        if elapsed < DEMAND_PERIOD {
+            return;
+        }
+        self.at = Instant::now();
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid)) else {
+            return;
+        };
+        let mut wanted = 0;
+        let mut now = std::collections::HashMap::new();
+        for task in tasks.flatten() {
+            let dir = task.path();
+            let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+            if !comm.starts_with("vcpu") {
+                continue;
+            }
+            let stat = std::fs::read_to_string(dir.join("schedstat")).unwrap_or_default();
+            let Some(ns) = wanted_ns(&stat) else { continue };
+            let key = task.file_name().to_string_lossy().into_owned();
+            // A vCPU seen for the first time only sets its baseline.
+            if let Some(before) = self.last.get(&key) {
+                wanted += ns.saturating_sub(*before);
+            }
+            now.insert(key, ns);
+        }
+        if !self.last.is_empty() {
+            self.values
+                .push(wanted as f64 / elapsed.as_nanos().max(1) as f64);
+        }
+        self.last = now;
+    }
+}
+
 /// The behaviour the probe's windows show.
 pub struct Measured {
-    pub cpu: Percentiles,
+    pub cpu_used: Percentiles,
     pub memory: MemoryFootprint,
     pub blk: Percentiles,
     pub ops_per_s: Percentiles,
@@ -222,7 +294,7 @@ pub fn measure(samples: &[Sample], window_ms: u64) -> Measured {
     let first_touch = mem.iter().position(|&m| m >= peak * 0.1).unwrap_or(0);
     let window_s = window_ms as f64 / 1000.0;
     Measured {
-        cpu: Percentiles::of(&col(|s| s.usage.cpu)),
+        cpu_used: Percentiles::of(&col(|s| s.usage.cpu)),
         memory: MemoryFootprint {
             peak_mib: peak,
             working_set_mib: Percentiles::of(&mem[first_touch..]).p50,
@@ -317,7 +389,7 @@ pub fn run(args: &ProfileArgs) -> Result<Profile, ProbeError> {
         source,
     })?;
     let started = Instant::now();
-    let ended = run_probe(
+    let (ended, demand) = run_probe(
         &spec_path,
         &workspace.0,
         Duration::from_secs_f64(args.duration),
@@ -368,7 +440,8 @@ pub fn run(args: &ProfileArgs) -> Result<Profile, ProbeError> {
             mem_size_mib: config.machine_config.mem_size_mib,
             ended,
         },
-        cpu_demand: m.cpu,
+        cpu_demand: Percentiles::of(&demand),
+        cpu_used: m.cpu_used,
         memory_footprint: m.memory,
         io_intensity,
         security_flags: security_flags(&analysis, m.unknown_exits),
@@ -412,12 +485,25 @@ mod tests {
         let mut s = vec![sample(0, 0.1, 2.0, 0.0, 0)];
         s.extend((1..20).map(|i| sample(i * 100, 2.0, 300.0, 20.0, 0)));
         let m = measure(&s, 100);
-        assert_eq!(m.cpu.p95, 2.0);
+        assert_eq!(m.cpu_used.p95, 2.0);
         assert_eq!(m.memory.peak_mib, 300.0);
         assert_eq!(m.memory.working_set_mib, 300.0);
         assert_eq!(m.blk.p50, 20.0);
         assert_eq!(m.ops_per_s.p50, 100.0);
         assert_eq!(m.unknown_exits, 0);
+    }
+
+    #[test]
+    fn demand_is_run_plus_run_queue_time() {
+        assert_eq!(wanted_ns("586129 5418682 4\n"), Some(6004811));
+        assert_eq!(wanted_ns("garbage"), None);
+        // This process has no vCPU threads: no demand is recorded.
+        let mut d = DemandSampler::new(std::process::id());
+        for _ in 0..3 {
+            std::thread::sleep(DEMAND_PERIOD);
+            d.tick();
+        }
+        assert!(d.values.is_empty(), "{:?}", d.values);
     }
 
     #[test]

@@ -159,6 +159,7 @@ mod tests {
                 p50: cpu_p95,
                 p95: cpu_p95,
             },
+            cpu_used: Percentiles::default(),
             memory_footprint: MemoryFootprint {
                 peak_mib: peak,
                 working_set_mib: peak,
