@@ -597,3 +597,46 @@ fn resize_all<T>(
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::store::WarmStart;
+    use predictor::resource::Usage;
+    use predictor::sample::Sample;
+
+    #[test]
+    fn a_warm_start_begins_from_the_replayed_allocation_not_the_budget_maximum() {
+        let machine = MachineConfig {
+            vcpu_count: 1,
+            mem_size_mib: 1024,
+            smt: false,
+        };
+        let config = PredictorConfig::default();
+        let cold = Autopilot::new(&config, &machine, "t", 0).unwrap();
+        let mut warm = Autopilot::new(&config, &machine, "t", 0).unwrap();
+        let samples: Vec<Sample> = (0..100)
+            .map(|i| Sample {
+                t_ms: i * 100,
+                usage: Usage {
+                    cpu: 0.2,
+                    mem: 100.0,
+                    blk: 0.0,
+                    net: 0.0,
+                },
+                ..Sample::default()
+            })
+            .collect();
+        warm.warm_start(&WarmStart {
+            source: "store/x/trace-1.jsonl (same fingerprint)".into(),
+            samples,
+        });
+        let (c, w) = (cold.policy.allocation().mem, warm.policy.allocation().mem);
+        assert_eq!(c, 1024.0, "a cold predictor holds the budget maximum");
+        assert!(w < 512.0, "warm allocation {w} MiB");
+        assert!(warm.status().actuators.unwrap().model.starts_with(
+            "warm start from store/x/trace-1.jsonl (same fingerprint): 100 windows replayed"
+        ));
+        assert_eq!(cold.status().actuators.unwrap().model, "cold start");
+    }
+}
