@@ -192,6 +192,37 @@ impl Outcome {
     }
 }
 
+/// The middle value of a benchmark's runs.
+pub fn median<T: PartialOrd + Copy>(mut v: Vec<T>) -> T {
+    v.sort_by(|a, b| {
+        a.partial_cmp(b)
+            .expect("benchmark values are ordered (no NaN)")
+    });
+    v[v.len() / 2]
+}
+
+/// A VMM for `spec` with its console in `<scratch>/console.txt` and its API on
+/// `<scratch>/api.sock` (both replaced if a previous run left them).
+pub fn start_with_console(
+    scratch: &Scratch,
+    mut spec: serde_json::Value,
+) -> (RunningVmm, ApiClient, PathBuf) {
+    let console = scratch.path().join("console.txt");
+    let socket = scratch.path().join("api.sock");
+    let _ = std::fs::remove_file(&console);
+    let _ = std::fs::remove_file(&socket);
+    spec["serial"] = serde_json::json!({ "serial_out_path": console });
+    let spec_path = scratch.write("vm.json", &spec.to_string());
+    let vmm = RunningVmm::spawn([
+        std::ffi::OsStr::new("--api-sock"),
+        socket.as_os_str(),
+        std::ffi::OsStr::new("--config-file"),
+        spec_path.as_os_str(),
+    ]);
+    let api = ApiClient::connect(&socket);
+    (vmm, api, console)
+}
+
 /// The value of `key=` in a console line.
 pub fn line_field(line: &str, key: &str) -> Option<String> {
     line.split_whitespace()
