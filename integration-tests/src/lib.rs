@@ -192,6 +192,25 @@ impl Outcome {
     }
 }
 
+/// CPU time (utime + stime, in clock ticks) of the threads named `vcpu*` under `tasks`
+/// (`/proc/<pid>/task`, or `/proc/self/task` for a VMM running in the test process).
+pub fn vcpu_ticks(tasks: &Path) -> u64 {
+    let mut total = 0;
+    for task in std::fs::read_dir(tasks).expect("a task directory") {
+        let dir = task.expect("a task").path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if !comm.starts_with("vcpu") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+        // Fields after the parenthesised name: utime and stime are the 12th and 13th.
+        let rest = &stat[stat.rfind(')').expect("a stat line") + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        total += fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    }
+    total
+}
+
 /// The middle value of a benchmark's runs.
 pub fn median<T: PartialOrd + Copy>(mut v: Vec<T>) -> T {
     v.sort_by(|a, b| {
