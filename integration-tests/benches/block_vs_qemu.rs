@@ -5,7 +5,7 @@
 
 use std::process::{Command, Stdio};
 
-use integration_tests::{guest_spec, prescient_bin, Scratch, TEST_GUEST_PVH};
+use integration_tests::{guest_spec, median, prescient_bin, Scratch, TEST_GUEST_PVH};
 
 /// (label, guest parameters, result field, unit divisor, unit)
 const WORKLOADS: [(&str, &str, &str, f64, &str); 3] = [
@@ -52,11 +52,6 @@ fn run(cmd: &mut Command) -> String {
         .output()
         .expect("run VMM");
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 fn main() {

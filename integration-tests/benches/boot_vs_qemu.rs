@@ -12,7 +12,7 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use integration_tests::{guest_spec, prescient_bin, Scratch, TEST_GUEST_PVH};
+use integration_tests::{guest_spec, median, prescient_bin, Scratch, TEST_GUEST_PVH};
 
 const VCPUS: u8 = 2;
 const MEM_MIB: u64 = 256;
@@ -74,11 +74,6 @@ fn measure(cmd: &mut Command) -> Sample {
         exit,
         max_rss_kib: usage.ru_maxrss as u64,
     }
-}
-
-fn median<T: Ord + Copy>(mut v: Vec<T>) -> T {
-    v.sort();
-    v[v.len() / 2]
 }
 
 /// Resident KiB of `pid` outside its guest-RAM mapping: the anonymous mapping whose size is the

@@ -6,7 +6,6 @@
 //! Times are taken on the host from the resize request (API PATCH / QMP `balloon`) to the
 //! guest's console line for that step, which it prints once every request is answered.
 
-use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -14,17 +13,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use integration_tests::{
-    guest_spec, wait_for_console_line, ApiClient, RunningVmm, Scratch, TEST_GUEST_PVH,
+    guest_spec, median, start_with_console, wait_for_console_line, ApiClient, RunningVmm, Scratch,
+    TEST_GUEST_PVH,
 };
 
 const DEADLINE: Duration = Duration::from_secs(120);
 const GUEST_MIB: u64 = 1024;
 const BALLOON_MIB: u64 = 512;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
 
 /// Times each resize: `resize(step, size)` asks, then the console line of that step is awaited.
 fn timed_steps(
@@ -50,20 +45,7 @@ fn prescient_run(
     spec: serde_json::Value,
     ready: &str,
 ) -> (RunningVmm, ApiClient) {
-    let console = scratch.path().join("console.txt");
-    let _ = std::fs::remove_file(&console);
-    let mut spec = spec;
-    spec["serial"] = serde_json::json!({ "serial_out_path": console });
-    let socket = scratch.path().join("api.sock");
-    let _ = std::fs::remove_file(&socket);
-    let spec_path = scratch.write("vm.json", &spec.to_string());
-    let vmm = RunningVmm::spawn([
-        OsStr::new("--api-sock"),
-        socket.as_os_str(),
-        OsStr::new("--config-file"),
-        spec_path.as_os_str(),
-    ]);
-    let api = ApiClient::connect(&socket);
+    let (vmm, api, console) = start_with_console(scratch, spec);
     wait_for_console_line(&console, ready, DEADLINE);
     (vmm, api)
 }

@@ -20,7 +20,7 @@ mod support;
 use std::process::Command;
 use std::time::Duration;
 
-use integration_tests::{prescient_bin, Scratch};
+use integration_tests::{median, prescient_bin, Scratch};
 use support::{cmdline, images, prescient_spec, qemu_available, qemu_microvm, Console, HostKvm};
 
 const VCPUS: u8 = 2;
@@ -42,11 +42,6 @@ fn measure(what: &str, cmd: &mut Command, full: bool) -> (Duration, Option<Durat
             .0
     });
     (banner, ready)
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
 }
 
 fn ms(d: Duration) -> f64 {

@@ -14,7 +14,7 @@
 
 use std::time::Duration;
 
-use integration_tests::{guest_spec, run_spec, Scratch, TEST_GUEST_PVH};
+use integration_tests::{guest_spec, median, run_spec, Scratch, TEST_GUEST_PVH};
 use predictor::eval::replay_recorded;
 use serde_json::Value;
 
@@ -43,11 +43,6 @@ fn exit_ns(scratch: &Scratch, predictor: bool) -> f64 {
         .parse()
         .unwrap();
     us * 1000.0 / EXITS as f64
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// Slack and under-provisioned windows of `allocated` against `used`.

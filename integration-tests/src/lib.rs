@@ -192,6 +192,56 @@ impl Outcome {
     }
 }
 
+/// CPU time (utime + stime, in clock ticks) of the threads named `vcpu*` under `tasks`
+/// (`/proc/<pid>/task`, or `/proc/self/task` for a VMM running in the test process).
+pub fn vcpu_ticks(tasks: &Path) -> u64 {
+    let mut total = 0;
+    for task in std::fs::read_dir(tasks).expect("a task directory") {
+        let dir = task.expect("a task").path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if !comm.starts_with("vcpu") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+        // Fields after the parenthesised name: utime and stime are the 12th and 13th.
+        let rest = &stat[stat.rfind(')').expect("a stat line") + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        total += fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    }
+    total
+}
+
+/// The middle value of a benchmark's runs.
+pub fn median<T: PartialOrd + Copy>(mut v: Vec<T>) -> T {
+    v.sort_by(|a, b| {
+        a.partial_cmp(b)
+            .expect("benchmark values are ordered (no NaN)")
+    });
+    v[v.len() / 2]
+}
+
+/// A VMM for `spec` with its console in `<scratch>/console.txt` and its API on
+/// `<scratch>/api.sock` (both replaced if a previous run left them).
+pub fn start_with_console(
+    scratch: &Scratch,
+    mut spec: serde_json::Value,
+) -> (RunningVmm, ApiClient, PathBuf) {
+    let console = scratch.path().join("console.txt");
+    let socket = scratch.path().join("api.sock");
+    let _ = std::fs::remove_file(&console);
+    let _ = std::fs::remove_file(&socket);
+    spec["serial"] = serde_json::json!({ "serial_out_path": console });
+    let spec_path = scratch.write("vm.json", &spec.to_string());
+    let vmm = RunningVmm::spawn([
+        std::ffi::OsStr::new("--api-sock"),
+        socket.as_os_str(),
+        std::ffi::OsStr::new("--config-file"),
+        spec_path.as_os_str(),
+    ]);
+    let api = ApiClient::connect(&socket);
+    (vmm, api, console)
+}
+
 /// The value of `key=` in a console line.
 pub fn line_field(line: &str, key: &str) -> Option<String> {
     line.split_whitespace()

@@ -2,32 +2,16 @@
 //! VMM, driven over the API, with the host's resident memory measured from outside.
 
 use std::ffi::OsStr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use integration_tests::{
-    guest_spec, line_field, prometheus_value, rss_bytes, wait_for_console_line, ApiClient,
-    RunningVmm, Scratch, TEST_GUEST_PVH,
+    guest_spec, line_field, prometheus_value, rss_bytes, start_with_console, wait_for_console_line,
+    ApiClient, RunningVmm, Scratch, TEST_GUEST_PVH,
 };
 
 const MIB: u64 = 1 << 20;
 const DEADLINE: Duration = Duration::from_secs(120);
-
-/// A VM from `spec` (its serial going to `console`), served on an API socket.
-fn start(scratch: &Scratch, mut spec: serde_json::Value) -> (RunningVmm, ApiClient, PathBuf) {
-    let console = scratch.path().join("console.txt");
-    spec["serial"] = serde_json::json!({ "serial_out_path": console });
-    let socket = scratch.path().join("api.sock");
-    let spec_path = scratch.write("vm.json", &spec.to_string());
-    let vmm = RunningVmm::spawn([
-        OsStr::new("--api-sock"),
-        socket.as_os_str(),
-        OsStr::new("--config-file"),
-        spec_path.as_os_str(),
-    ]);
-    let api = ApiClient::connect(&socket);
-    (vmm, api, console)
-}
 
 fn field(line: &str, key: &str) -> u64 {
     line_field(line, key)
@@ -70,7 +54,7 @@ fn virtio_mem_plugs_what_is_requested_and_gives_it_back() {
     .unwrap();
     spec["memory-hotplug"] =
         serde_json::json!({"total_size_mib": 1024, "block_size_mib": 2, "slot_size_mib": 128});
-    let (vmm, mut api, console) = start(&scratch, spec);
+    let (vmm, mut api, console) = start_with_console(&scratch, spec);
 
     let init = wait_for_console_line(&console, "guest: vmem0 addr=", DEADLINE);
     assert_eq!(field(&init, "region_mib"), 1024, "{init}");
@@ -158,7 +142,7 @@ fn balloon_inflates_deflates_reports_free_pages_and_keeps_guest_stats() {
         "amount_mib": 0, "deflate_on_oom": true,
         "stats_polling_interval_ms": 100, "free_page_reporting": true,
     });
-    let (vmm, mut api, console) = start(&scratch, spec);
+    let (vmm, mut api, console) = start_with_console(&scratch, spec);
 
     let init = wait_for_console_line(&console, "guest: balloon0 stats=1", DEADLINE);
     assert!(init.contains("deflate_on_oom=1 reporting=1"), "{init}");
@@ -302,7 +286,8 @@ fn the_elastic_memory_example_spec_boots_and_follows_the_api() {
     ))
     .unwrap()
     .replace("@TEST_GUEST@", TEST_GUEST_PVH);
-    let (vmm, mut api, console) = start(&scratch, serde_json::from_str(&text).unwrap());
+    let (vmm, mut api, console) =
+        start_with_console(&scratch, serde_json::from_str(&text).unwrap());
     wait_for_console_line(&console, "guest: balloon0 stats=1", DEADLINE);
     for (step, mib) in [(1, 64), (2, 32), (3, 0)] {
         patch(

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use integration_tests::{
-    guest_spec, run_prescient, ApiClient, Outcome, RunningVmm, Scratch, TEST_GUEST_PVH,
+    guest_spec, run_prescient, vcpu_ticks, ApiClient, Outcome, RunningVmm, Scratch, TEST_GUEST_PVH,
 };
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -71,23 +71,6 @@ fn a_syscall_outside_a_threads_filter_kills_the_vmm() {
     out.assert_code(0).assert_line("prescient-test-guest: done");
 }
 
-/// CPU time (utime + stime, in clock ticks) of `pid`'s threads named `vcpu*`.
-fn vcpu_ticks(pid: u32) -> u64 {
-    let mut total = 0;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let dir = task.unwrap().path();
-        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if !comm.starts_with("vcpu") {
-            continue;
-        }
-        let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
-        let rest = &stat[stat.rfind(')').unwrap() + 2..];
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        total += fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    }
-    total
-}
-
 fn put_logger(api: &mut ApiClient, path: &Path) -> integration_tests::ApiResponse {
     let body = serde_json::json!({"log_path": path, "level": "Info"}).to_string();
     api.request("PUT", "/logger", Some(&body))
@@ -124,9 +107,12 @@ fn steady_stage_fails_opens_from_the_vmm_thread_while_the_guest_runs_on() {
     assert_eq!(r.status, 400);
 
     // The guest is still computing: its vCPU burns CPU and the API answers.
-    let before = vcpu_ticks(vmm.id());
+    let before = vcpu_ticks(Path::new(&format!("/proc/{}/task", vmm.id())));
     std::thread::sleep(Duration::from_millis(300));
-    assert!(vcpu_ticks(vmm.id()) > before, "the vCPU stopped running");
+    assert!(
+        vcpu_ticks(Path::new(&format!("/proc/{}/task", vmm.id()))) > before,
+        "the vCPU stopped running"
+    );
     let r = api.request("PUT", "/seccomp", Some(r#"{"stage": "quarantine"}"#));
     assert_eq!(r.status, 204, "{}", r.body);
     assert_eq!(api.request("GET", "/", None).json()["state"], "Running");

@@ -3,31 +3,14 @@
 //! The guest's CPU phase runs at CPL3 inside KVM_RUN; only the kick signal gets a vCPU out of it,
 //! so CPU time that stops growing while paused shows that kick, pause and resume work.
 
+use std::path::Path;
 use std::time::Duration;
 
-use integration_tests::{guest_spec, Scratch, TEST_GUEST_PVH};
+use integration_tests::{guest_spec, vcpu_ticks, Scratch, TEST_GUEST_PVH};
 use vmm::exit::ExitReason;
 use vmm::rpc::{InstanceState, VmmAction, VmmData};
 use vmm::runtime::Runtime;
 use vmm::vmm_config::VmConfig;
-
-/// CPU time (utime + stime, in clock ticks) of this process's threads named `vcpu*`.
-fn vcpu_ticks() -> u64 {
-    let mut total = 0;
-    for task in std::fs::read_dir("/proc/self/task").unwrap() {
-        let dir = task.unwrap().path();
-        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if !comm.starts_with("vcpu") {
-            continue;
-        }
-        let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
-        // Fields after the parenthesised name: utime and stime are the 12th and 13th.
-        let rest = &stat[stat.rfind(')').unwrap() + 2..];
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        total += fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    }
-    total
-}
 
 #[test]
 fn paused_vcpus_stop_burning_cpu_and_resume_where_they_were() {
@@ -63,9 +46,9 @@ fn paused_vcpus_stop_burning_cpu_and_resume_where_they_were() {
     let running_min = 10;
     let paused_max = 2;
 
-    let before = vcpu_ticks();
+    let before = vcpu_ticks(Path::new("/proc/self/task"));
     std::thread::sleep(window);
-    let running = vcpu_ticks() - before;
+    let running = vcpu_ticks(Path::new("/proc/self/task")) - before;
     assert!(
         running >= running_min,
         "2 busy vCPUs burned only {running} ticks in {window:?}"
@@ -73,9 +56,9 @@ fn paused_vcpus_stop_burning_cpu_and_resume_where_they_were() {
 
     vm.handle(VmmAction::Pause).expect("pause");
     assert_eq!(state(&mut vm), InstanceState::Paused);
-    let before = vcpu_ticks();
+    let before = vcpu_ticks(Path::new("/proc/self/task"));
     std::thread::sleep(window);
-    let paused = vcpu_ticks() - before;
+    let paused = vcpu_ticks(Path::new("/proc/self/task")) - before;
     assert!(
         paused <= paused_max,
         "paused vCPUs burned {paused} ticks in {window:?}"
@@ -83,9 +66,9 @@ fn paused_vcpus_stop_burning_cpu_and_resume_where_they_were() {
 
     vm.handle(VmmAction::Resume).expect("resume");
     assert_eq!(state(&mut vm), InstanceState::Running);
-    let before = vcpu_ticks();
+    let before = vcpu_ticks(Path::new("/proc/self/task"));
     std::thread::sleep(window);
-    let resumed = vcpu_ticks() - before;
+    let resumed = vcpu_ticks(Path::new("/proc/self/task")) - before;
     assert!(
         resumed >= running_min,
         "resumed vCPUs burned only {resumed} ticks"

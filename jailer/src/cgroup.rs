@@ -638,6 +638,22 @@ mod tests {
         unsafe { libc::geteuid() == 0 }
     }
 
+    /// Moves a waiting child into `cg` and checks it is listed there; the child ends when its
+    /// stdin closes.
+    fn holds_a_process(cg: &Cgroup) -> std::process::Child {
+        let child = std::process::Command::new("sh")
+            .args(["-c", "read x"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        cg.add_process(child.id()).unwrap();
+        assert!(cg
+            .get("cgroup.procs")
+            .unwrap()
+            .contains(&child.id().to_string()));
+        child
+    }
+
     /// The real v1 hierarchies of this host: a group with a quota, this thread's usage and
     /// removal once empty.
     #[test]
@@ -655,16 +671,7 @@ mod tests {
         cg.set("pids.max", "64").unwrap();
         assert_eq!(cg.get("pids.max").unwrap().trim(), "64");
         assert!(!cg.get("cpuset.cpus").unwrap().trim().is_empty());
-        let mut child = std::process::Command::new("sh")
-            .args(["-c", "read x"])
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        cg.add_process(child.id()).unwrap();
-        assert!(cg
-            .get("cgroup.procs")
-            .unwrap()
-            .contains(&child.id().to_string()));
+        let mut child = holds_a_process(&cg);
         assert!(
             matches!(cg.remove(), Err(CgroupError::Remove { source, .. }) if source.raw_os_error() == Some(libc::EBUSY)),
             "a group with a task cannot go"
@@ -725,16 +732,7 @@ mod tests {
                 Err(CgroupError::NoSuchFile { .. })
             ));
         }
-        let mut child = std::process::Command::new("sh")
-            .args(["-c", "read x"])
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        cg.add_process(child.id()).unwrap();
-        assert!(cg
-            .get("cgroup.procs")
-            .unwrap()
-            .contains(&child.id().to_string()));
+        let mut child = holds_a_process(&cg);
         let reopened = Cgroup::open(cg.dirs().to_vec()).unwrap();
         assert_eq!(reopened.version(), Version::V2);
         reopened.cpu_usage().unwrap();
