@@ -270,6 +270,27 @@ pub fn wait_for_console_line(path: &Path, prefix: &str, deadline: Duration) -> S
     }
 }
 
+/// Seccomp filters installed on `pid`'s thread named `comm`.
+pub fn seccomp_filters(pid: u32, comm: &str) -> u32 {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        if std::fs::read_to_string(dir.join("comm"))
+            .unwrap_or_default()
+            .trim()
+            != comm
+        {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).unwrap();
+        return status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp_filters:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("Seccomp_filters in status");
+    }
+    panic!("no thread {comm} in {pid}");
+}
+
 /// Resident memory of process `pid`, in bytes (VmRSS).
 pub fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");

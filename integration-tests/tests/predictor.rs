@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use integration_tests::{
-    drive_json, guest_spec, run_prescient, ApiClient, Scratch, TEST_GUEST_PVH,
+    drive_json, guest_spec, run_prescient, seccomp_filters, ApiClient, Scratch, TEST_GUEST_PVH,
 };
 use serde_json::Value;
 
@@ -69,27 +69,6 @@ fn spawn(
     ]);
     let api = ApiClient::connect(&socket);
     (vmm, api)
-}
-
-/// Seccomp filters installed on `pid`'s thread named `comm`.
-fn seccomp_filters(pid: u32, comm: &str) -> u32 {
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let dir = task.unwrap().path();
-        if std::fs::read_to_string(dir.join("comm"))
-            .unwrap_or_default()
-            .trim()
-            != comm
-        {
-            continue;
-        }
-        let status = std::fs::read_to_string(dir.join("status")).unwrap();
-        return status
-            .lines()
-            .find_map(|l| l.strip_prefix("Seccomp_filters:"))
-            .and_then(|v| v.trim().parse().ok())
-            .expect("Seccomp_filters in status");
-    }
-    panic!("no thread {comm} in {pid}");
 }
 
 fn cgroup_quota(id: &str) -> Option<i64> {

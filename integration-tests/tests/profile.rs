@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use integration_tests::{
-    run_prescient, wait_for_console_line, ApiClient, Outcome, RunningVmm, Scratch,
+    run_prescient, seccomp_filters, wait_for_console_line, ApiClient, Outcome, RunningVmm, Scratch,
     TEST_GUEST_LINUX64, TEST_GUEST_PVH,
 };
 use serde_json::{json, Value};
@@ -221,27 +221,6 @@ fn a_workload_hammering_an_unknown_port_starts_in_the_steady_stage() {
         std::thread::sleep(Duration::from_millis(50));
     }
     vmm.terminate(DEADLINE).assert_code(128 + libc::SIGTERM);
-}
-
-/// Seccomp filters installed on `pid`'s thread named `comm`.
-fn seccomp_filters(pid: u32, comm: &str) -> u32 {
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let dir = task.unwrap().path();
-        if std::fs::read_to_string(dir.join("comm"))
-            .unwrap_or_default()
-            .trim()
-            != comm
-        {
-            continue;
-        }
-        let status = std::fs::read_to_string(dir.join("status")).unwrap();
-        return status
-            .lines()
-            .find_map(|l| l.strip_prefix("Seccomp_filters:"))
-            .and_then(|v| v.trim().parse().ok())
-            .expect("Seccomp_filters in status");
-    }
-    panic!("no thread {comm} in {pid}");
 }
 
 #[test]
