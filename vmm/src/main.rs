@@ -106,8 +106,8 @@ fn run_tool(command: Command) -> ExitCode {
         } => predictor::eval::run(&args, &mut out)
             .map(|_| ())
             .map_err(|e| e.to_string()),
-        Command::Profile(args) => vmm::profile::probe::run(&args)
-            .map(|p| {
+        Command::Profile(args) => match vmm::profile::probe::run(&args) {
+            Ok(p) => {
                 let _ = writeln!(
                     out,
                     "profile {}: fingerprint {}, {} windows, {}",
@@ -116,8 +116,11 @@ fn run_tool(command: Command) -> ExitCode {
                     p.probe.windows,
                     p.probe.ended
                 );
-            })
-            .map_err(|e| e.to_string()),
+                Ok(())
+            }
+            Err(e) if e.is_bad_input() => return fail(e, code::BAD_CONFIG),
+            Err(e) => Err(e.to_string()),
+        },
         Command::Report(args) => predictor::report::run(&args, &mut out).map_err(|e| e.to_string()),
         Command::Jail(args) => {
             let spec = match args.validate() {

@@ -75,6 +75,19 @@ pub enum ProbeError {
     },
 }
 
+impl ProbeError {
+    /// Whether the user's input was wrong (exit code 2) rather than the probe failing.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            ProbeError::Spec(_)
+                | ProbeError::Duration(_)
+                | ProbeError::Elf { .. }
+                | ProbeError::Profile(ProfileError::NoKernel | ProfileError::Read { .. })
+        )
+    }
+}
+
 /// A temporary directory removed when dropped.
 struct Workspace(PathBuf);
 
