@@ -134,12 +134,20 @@ fn a_known_workload_is_measured_within_20_percent_and_its_profiled_launch_fits()
         300.0,
     );
     let blk = &p["io_intensity"][0];
-    assert_eq!(blk["kind"], "block");
-    assert_eq!(blk["devices"], json!(["data"]));
+    assert_eq!(
+        (&blk["kind"], &blk["device"], &blk["source"]),
+        (&json!("block"), &json!("data"), &json!("metrics"))
+    );
     within(
-        "io block MiB/s p50",
+        "data MiB/s p50",
         blk["mib_per_s"]["p50"].as_f64().unwrap(),
         20.0,
+    );
+    // 64 KiB requests at 20 MiB/s.
+    within(
+        "data ops/s p50",
+        blk["ops_per_s"]["p50"].as_f64().unwrap(),
+        320.0,
     );
     assert_eq!(p["security_flags"], json!([]));
     assert_eq!(p["static"]["kernel"]["format"], "elf64");

@@ -10,6 +10,7 @@
 pub mod elf;
 pub mod launch;
 pub mod probe;
+pub mod scrape;
 pub mod sizing;
 pub mod store;
 
@@ -89,17 +90,19 @@ pub struct MemoryFootprint {
     pub working_set_mib: f64,
 }
 
-/// I/O of one device kind during the probe.
+/// I/O of one device during the probe, over the periods it transferred anything.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IoIntensity {
-    /// `block` or `net`.
+    /// `block` (the probe has no network).
     pub kind: String,
-    /// The spec's devices of this kind (the trace measures them together).
-    pub devices: Vec<String>,
-    /// Over the windows with any transfer.
+    /// The drive's id.
+    pub device: String,
+    /// `metrics`: the drive's own counters; `trace`: the probe ended before two scrapes, so
+    /// the trace's block total split evenly over the drives, and ops of every device.
+    pub source: String,
     pub mib_per_s: Percentiles,
-    /// Completed requests of every device plus known-device port/MMIO exits, per second.
+    /// Requests per second.
     pub ops_per_s: Percentiles,
 }
 

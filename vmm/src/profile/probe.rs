@@ -12,6 +12,7 @@ use predictor::sample::Sample;
 use predictor::trace::TraceError;
 
 use super::elf::{self, ElfError, SENSITIVE_SYSCALLS};
+use super::scrape::DriveScraper;
 use super::{
     describe_inputs, fingerprint, input_paths, IoIntensity, MemoryFootprint, Percentiles,
     ProbeInfo, Profile, ProfileError, SecurityFlag, StaticAnalysis, VERSION,
@@ -160,16 +161,20 @@ fn run_probe(
     spec: &Path,
     dir: &Path,
     duration: Duration,
-) -> Result<(String, Vec<f64>), ProbeError> {
+    drives: Vec<String>,
+) -> Result<(String, Vec<f64>, DriveScraper), ProbeError> {
     let exe = std::env::current_exe().map_err(ProbeError::Spawn)?;
     let stderr_path = dir.join("stderr.log");
     let stderr = std::fs::File::create(&stderr_path).map_err(|source| ProbeError::Workspace {
         path: stderr_path.clone(),
         source,
     })?;
+    let socket = dir.join("api.sock");
     let mut child = Command::new(exe)
         .arg("--config-file")
         .arg(spec)
+        .arg("--api-sock")
+        .arg(&socket)
         .args(["--id", &format!("probe-{}", std::process::id())])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -178,8 +183,11 @@ fn run_probe(
         .map_err(ProbeError::Spawn)?;
     let start = Instant::now();
     let mut demand = DemandSampler::new(child.id());
+    let mut scraper = DriveScraper::new(socket, drives);
     let status = loop {
-        demand.tick();
+        if demand.tick() {
+            scraper.tick();
+        }
         if let Some(s) = child.try_wait().map_err(ProbeError::Spawn)? {
             break (s, false);
         }
@@ -205,7 +213,7 @@ fn run_probe(
                 .to_string(),
         }),
     }?;
-    Ok((ended, demand.values))
+    Ok((ended, demand.values, scraper))
 }
 
 /// SIGTERM, then SIGKILL after the grace period.
@@ -255,15 +263,15 @@ impl DemandSampler {
         }
     }
 
-    /// Records a period's demand once one has passed.
-    fn tick(&mut self) {
+    /// Records a period's demand once one has passed; says whether a period passed.
+    fn tick(&mut self) -> bool {
         let elapsed = self.at.elapsed();
         if elapsed < DEMAND_PERIOD {
-            return;
+            return false;
         }
         self.at = Instant::now();
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid)) else {
-            return;
+            return true;
         };
         let mut wanted = 0;
         let mut now = std::collections::HashMap::new();
@@ -287,6 +295,7 @@ impl DemandSampler {
                 .push(wanted as f64 / elapsed.as_nanos().max(1) as f64);
         }
         self.last = now;
+        true
     }
 }
 
@@ -402,10 +411,12 @@ pub fn run(args: &ProfileArgs) -> Result<Profile, ProbeError> {
         source,
     })?;
     let started = Instant::now();
-    let (ended, demand) = run_probe(
+    let drive_ids: Vec<String> = config.drives.iter().map(|d| d.drive_id.clone()).collect();
+    let (ended, demand, scraper) = run_probe(
         &spec_path,
         &workspace.0,
         Duration::from_secs_f64(args.duration),
+        drive_ids,
     )?;
     let trace_path = workspace.0.join("trace.jsonl");
     let trace = predictor::trace::read(&trace_path).map_err(|source| ProbeError::Trace {
@@ -418,15 +429,31 @@ pub fn run(args: &ProfileArgs) -> Result<Profile, ProbeError> {
     let window_ms = trace.header.window_ms;
     let m = measure(&trace.samples, window_ms);
 
-    let mut io_intensity = Vec::new();
-    if !config.drives.is_empty() {
-        io_intensity.push(IoIntensity {
-            kind: "block".into(),
-            devices: config.drives.iter().map(|d| d.drive_id.clone()).collect(),
-            mib_per_s: m.blk,
-            ops_per_s: m.ops_per_s,
-        });
-    }
+    let share = config.drives.len().max(1) as f64;
+    let io_intensity = config
+        .drives
+        .iter()
+        .map(|d| {
+            let (source, mib_per_s, ops_per_s) = match scraper.rates(&d.drive_id) {
+                Some(r) => ("metrics", r.mib_per_s, r.ops_per_s),
+                None => (
+                    "trace",
+                    Percentiles {
+                        p50: m.blk.p50 / share,
+                        p95: m.blk.p95 / share,
+                    },
+                    m.ops_per_s,
+                ),
+            };
+            IoIntensity {
+                kind: "block".into(),
+                device: d.drive_id.clone(),
+                source: source.into(),
+                mib_per_s,
+                ops_per_s,
+            }
+        })
+        .collect();
     let mut dependency_list: Vec<String> = analysis
         .exec
         .iter()

@@ -86,10 +86,13 @@ pub fn apply(profile: &Profile, config: &mut VmConfig) -> Sized {
         h.total_size_mib = total;
     }
 
-    let blk = profile.io_intensity.iter().find(|i| i.kind == "block");
-    if let Some(io) = blk.filter(|io| io.mib_per_s.p95 > 0.0) {
-        let mibps = (io.mib_per_s.p95 * IO_HEADROOM).max(1.0);
-        for d in &mut config.drives {
+    for d in &mut config.drives {
+        let io = profile
+            .io_intensity
+            .iter()
+            .find(|i| i.kind == "block" && i.device == d.drive_id);
+        if let Some(io) = io.filter(|io| io.mib_per_s.p95 > 0.0) {
+            let mibps = (io.mib_per_s.p95 * IO_HEADROOM).max(1.0);
             let field = format!("drives[{}].rate_limiter", d.drive_id);
             if d.rate_limiter.is_some() {
                 change(
@@ -166,7 +169,8 @@ mod tests {
             },
             io_intensity: vec![IoIntensity {
                 kind: "block".into(),
-                devices: vec!["d".into()],
+                device: "d".into(),
+                source: "metrics".into(),
                 mib_per_s: Percentiles {
                     p50: blk_p95,
                     p95: blk_p95,
