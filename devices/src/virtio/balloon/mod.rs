@@ -21,7 +21,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
-use self::stats::{GuestStats, StatsReport};
+use self::stats::{GuestStats, StatsReport, MAX_REPORT_SIZE};
 use super::discard::{discard, DiscardError, PAGE_SIZE};
 use super::{
     pop_chain, read_config_bytes, ActivateContext, ActivateError, ActiveQueues, DeviceCounters,
@@ -352,7 +352,13 @@ impl Balloon {
             Ok(r) => r,
             Err(e) => return self.invalid(format_args!("unreadable stats buffer: {e}")),
         };
-        let mut bytes = vec![0u8; reader.available_bytes()];
+        let len = reader.available_bytes();
+        if len > MAX_REPORT_SIZE {
+            return self.invalid(format_args!(
+                "stats buffer of {len} bytes (at most {MAX_REPORT_SIZE} are read)"
+            ));
+        }
+        let mut bytes = vec![0u8; len];
         if let Err(e) = std::io::Read::read_exact(&mut reader, &mut bytes) {
             return self.invalid(format_args!("stats buffer read: {e}"));
         }
