@@ -318,7 +318,9 @@ fn a_memory_plug_storm_is_answered_request_by_request_and_plugs_no_more_than_req
         vm.assert_responsive("Running");
         let status = vm.api.request("GET", "/hotplug/memory", None).json();
         assert_eq!(status["requested_size_mib"], REQUESTED_MIB);
-        let plugged = status["plugged_size_mib"].as_u64().expect("plugged_size_mib");
+        let plugged = status["plugged_size_mib"]
+            .as_u64()
+            .expect("plugged_size_mib");
         assert!(
             plugged <= REQUESTED_MIB,
             "{plugged} MiB plugged, {REQUESTED_MIB} MiB requested"
@@ -333,7 +335,10 @@ fn a_memory_plug_storm_is_answered_request_by_request_and_plugs_no_more_than_req
     bystanders_fine(&mut vm, "plug_storm");
 
     let line = console_has(&vm, "guest: hostile plug_storm requests=");
-    assert!(polls >= 1, "the API was never asked during the storm: {line}");
+    assert!(
+        polls >= 1,
+        "the API was never asked during the storm: {line}"
+    );
     eprintln!("{line}; {polls} API polls during it");
     assert_eq!(field(&line, "requests"), REQUESTS, "{line}");
     assert_eq!(field(&line, "mismatch"), 0, "{line}");

@@ -195,8 +195,9 @@ fn stats_buffer_is_held_until_polled_and_its_report_kept() {
     assert_eq!(rig.dev.activity().stats_reports, 3);
 }
 
-/// Found by the `virtio_balloon` fuzz target: the report was read whole into one allocation, so a
-/// chain of descriptors each spanning guest RAM made the VMM allocate queue size x RAM.
+/// Found while fuzzing (`virtio_balloon`, whose RSS kept climbing): the report was read whole into
+/// one allocation, so a chain of descriptors each spanning guest RAM made the VMM allocate queue
+/// size x RAM.
 #[test]
 fn an_oversized_stats_buffer_is_refused_without_reading_it() {
     let mem = mem();
