@@ -195,6 +195,26 @@ fn stats_buffer_is_held_until_polled_and_its_report_kept() {
     assert_eq!(rig.dev.activity().stats_reports, 3);
 }
 
+/// Found by the `virtio_balloon` fuzz target (a 10 s timeout in `page_list`): every PFN of a
+/// chain of RAM-sized descriptors was read, one by one, on the VMM thread.
+#[test]
+fn a_page_list_longer_than_served_is_refused_whole() {
+    let mem = mem();
+    let mut rig = Rig::new(&mem, ALL);
+    rig.fill_pages(0..2);
+    let pfns: Vec<u32> = (0..MAX_PFNS as u32 + 1).map(|i| FIRST_PFN + i % 2).collect();
+    rig.send_pfns(0, 0, &pfns);
+    assert_eq!(rig.used(0), 1, "the buffer goes back");
+    assert_eq!((rig.page(0), rig.page(1)), (0x77, 0x77), "nothing discarded");
+    assert_eq!(rig.dev.activity().inflated_pages, 0);
+    assert_eq!(rig.dev.counters.invalid_requests.load(Ordering::Relaxed), 1);
+
+    // The longest list served is served whole.
+    rig.send_pfns(0, 1, &pfns[..MAX_PFNS]);
+    assert_eq!((rig.page(0), rig.page(1)), (0, 0));
+    assert_eq!(rig.dev.activity().inflated_pages, MAX_PFNS as u64);
+}
+
 /// Found while fuzzing (`virtio_balloon`, whose RSS kept climbing): the report was read whole into
 /// one allocation, so a chain of descriptors each spanning guest RAM made the VMM allocate queue
 /// size x RAM.
