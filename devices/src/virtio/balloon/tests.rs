@@ -202,10 +202,16 @@ fn a_page_list_longer_than_served_is_refused_whole() {
     let mem = mem();
     let mut rig = Rig::new(&mem, ALL);
     rig.fill_pages(0..2);
-    let pfns: Vec<u32> = (0..MAX_PFNS as u32 + 1).map(|i| FIRST_PFN + i % 2).collect();
+    let pfns: Vec<u32> = (0..MAX_PFNS as u32 + 1)
+        .map(|i| FIRST_PFN + i % 2)
+        .collect();
     rig.send_pfns(0, 0, &pfns);
     assert_eq!(rig.used(0), 1, "the buffer goes back");
-    assert_eq!((rig.page(0), rig.page(1)), (0x77, 0x77), "nothing discarded");
+    assert_eq!(
+        (rig.page(0), rig.page(1)),
+        (0x77, 0x77),
+        "nothing discarded"
+    );
     assert_eq!(rig.dev.activity().inflated_pages, 0);
     assert_eq!(rig.dev.counters.invalid_requests.load(Ordering::Relaxed), 1);
 
