@@ -20,6 +20,8 @@ TARGETS=(
   virtio_net
   virtio_vsock
   virtio_rng
+  virtio_balloon
+  virtio_mem
   predictor_policy
 )
 

@@ -4,7 +4,9 @@
 use std::sync::{Arc, Mutex};
 
 use arbitrary::Arbitrary;
-use devices::virtio::test_utils::{activate, guest_memory, DriverQueue};
+use devices::virtio::test_utils::{
+    activate_with, guest_memory, interrupt, DriverQueue, VERSION_1_ONLY,
+};
 use devices::virtio::{DeviceCounters, VirtioDevice};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vm_memory::{Bytes, GuestAddress};
@@ -89,11 +91,19 @@ pub struct DriverInput {
 
 /// Starts `dev` on the queues `input` describes and delivers its kicks through an event manager,
 /// as the VMM thread would. Returns the device's counters.
-pub fn drive<D>(mut dev: D, input: &DriverInput) -> Arc<DeviceCounters>
+pub fn drive<D>(dev: D, input: &DriverInput) -> Arc<DeviceCounters>
 where
     D: VirtioDevice + MutEventSubscriber + 'static,
 {
-    let counters = dev.counters();
+    drive_acking(dev, VERSION_1_ONLY, input).counters()
+}
+
+/// [`drive`] for a driver that acked `acked_features` (which decide, for some devices, which
+/// queues exist and what they do). Returns the device, for the target to check what it holds.
+pub fn drive_acking<D>(mut dev: D, acked_features: u64, input: &DriverInput) -> D
+where
+    D: VirtioDevice + MutEventSubscriber + 'static,
+{
     let mem = guest_memory(MEM_SIZE as usize);
     let max_sizes = dev.queue_max_sizes().to_vec();
     let queues: Vec<DriverQueue<'_>> = max_sizes
@@ -125,8 +135,8 @@ where
         // A write running past the end of memory is cut short, as a driver's would be.
         let _ = mem.write(bytes, GuestAddress(u64::from(*addr) % MEM_SIZE));
     }
-    if activate(&mut dev, &mem, &queues).is_err() {
-        return counters;
+    if activate_with(&mut dev, &mem, &queues, interrupt(), acked_features).is_err() {
+        return dev;
     }
     let kicks: Vec<_> = dev
         .queue_events()
@@ -136,7 +146,7 @@ where
     let dev = Arc::new(Mutex::new(dev));
     let mut events =
         EventManager::<Arc<Mutex<dyn MutEventSubscriber>>>::new().expect("an epoll instance");
-    events.add_subscriber(dev);
+    events.add_subscriber(dev.clone());
     let fuzzed = input.kicks.iter().take(MAX_KICKS).map(|&k| usize::from(k));
     for k in fuzzed.chain(0..kicks.len()) {
         kicks[k % kicks.len()]
@@ -145,5 +155,9 @@ where
         // Every event ready now is handled; nothing here may block.
         events.run_with_timeout(0).expect("the event loop runs");
     }
-    counters
+    drop(events);
+    Arc::into_inner(dev)
+        .expect("the event manager was the device's only other owner")
+        .into_inner()
+        .expect("no handler panicked while holding the device")
 }

@@ -237,11 +237,11 @@ struct virtio_params {
 	u64 balloon_steps, balloon_report_mib, balloon_report_delay_ms;
 	u64 blk_crash;                  /* blk_crash=N: N acked write+FLUSH rounds (crash tests) */
 	u32 hostile;                    /* hostile=<mode>: HOSTILE_* */
-	u64 hostile_n;                  /* hostile_n=N: accesses of the storm modes */
+	u64 hostile_n;                  /* hostile_n=N: accesses/requests of the storm modes */
 };
 enum {
 	HOSTILE_NONE, HOSTILE_DESC_LOOP, HOSTILE_OOB_ADDR, HOSTILE_BAD_QUEUE, HOSTILE_CFG_OVERRUN,
-	HOSTILE_MMIO_STORM, HOSTILE_PIO_STORM, HOSTILE_CLI_SPIN,
+	HOSTILE_MMIO_STORM, HOSTILE_PIO_STORM, HOSTILE_CLI_SPIN, HOSTILE_PLUG_STORM,
 };
 #define HOSTILE_MMIO_BASE 0xd0000000UL  /* no device, no RAM: every access is unclaimed */
 #define HOSTILE_PIO_PORT  0x2f0         /* no device */

@@ -497,7 +497,7 @@ u64 virtio_run_user(u64 unused)
 
 	ok &= need("blk", nblk, p->blk_rw || p->blk_read || p->blk_ops || p->blk_crash);
 	if (p->hostile)
-		ok &= hostile_run(nblk ? blks[0] : 0);
+		ok &= hostile_run(nblk ? blks[0] : 0, vmem);
 	ok &= need("rng", nrng, p->rng_bytes != 0);
 	ok &= need("net", nnet, p->net_tx || p->net_rx);
 	ok &= need("vsock", vsock != 0, p->vsock_echo_listen || p->vsock_connect);

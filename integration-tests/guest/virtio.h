@@ -144,12 +144,26 @@ int balloon_init(struct vdev *d);       /* the first balloon is driven */
 int balloon_workload(struct vdev *d);   /* 1 = ok */
 int vmem_init(struct vdev *d);          /* the first virtio-mem device is driven */
 int vmem_workload(struct vdev *d);      /* 1 = ok */
+/* virtio-mem requests, answers, block states and config fields, for hostile.c's plug storm. */
+enum { VMEM_PLUG, VMEM_UNPLUG, VMEM_UNPLUG_ALL, VMEM_STATE };
+enum { VMEM_ACK, VMEM_NACK, VMEM_BUSY, VMEM_ERROR };
+enum { VMEM_PLUGGED, VMEM_UNPLUGGED, VMEM_MIXED };
+#define VMEM_CFG_PLUGGED   40
+#define VMEM_CFG_REQUESTED 48
+#define VMEM_MAX_BLOCKS (64 * 1024)
+/* The region of the device vmem_init accepted. */
+struct vmem_geometry { u64 base, block, nblocks; };
+extern struct vmem_geometry g_vmem;
+/* One request of `type` for n blocks at guest address `addr` (anything, however wrong); the
+ * response type, or -1 if the device did not answer. *state gets a STATE answer's state. */
+int vmem_request_at(struct vdev *d, u16 type, u64 addr, u16 n, u16 *state);
 /* What virtio-mem adds to the guest's memory, for the balloon's statistics (bytes). */
 extern u64 g_vmem_plugged_bytes, g_vmem_used_bytes;
 void balloon_service(void);             /* answer a pending statistics request, if any */
 int blk_hostile(struct vdev *d, u32 mode);      /* hostile.c's blk modes, 1 = device survived */
 int blk_crash(struct vdev *d, u64 n);   /* blk_crash=N, 1 = ok */
-int hostile_run(struct vdev *first_blk); /* hostile=: the mode, then "hostile <mode> done" */
+/* hostile=: the mode, then "hostile <mode> done" */
+int hostile_run(struct vdev *first_blk, struct vdev *first_vmem);
 int hostile_mode(const char *v, size_t vn);
 int keq(const char *a, size_t n, const char *lit);      /* a[0..n) == lit */     /* HOSTILE_* of a mode name, -1 unknown */
 

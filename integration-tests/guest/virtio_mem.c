@@ -30,17 +30,11 @@
 #include "virtio.h"
 
 #define F_UNPLUGGED_INACCESSIBLE 1
-enum { REQ_PLUG, REQ_UNPLUG, REQ_UNPLUG_ALL, REQ_STATE };
-enum { RESP_ACK, RESP_NACK, RESP_BUSY, RESP_ERROR };
-enum { ST_PLUGGED, ST_UNPLUGGED, ST_MIXED };
 /* config space */
 #define C_BLOCK_SIZE    0
 #define C_ADDR          16
 #define C_REGION_SIZE   24
-#define C_PLUGGED       40
-#define C_REQUESTED     48
 
-#define MAX_BLOCKS (64 * 1024)
 #define PAGE 4096ULL
 #define PATTERN 0x3c3c5a5aa5a5c3c3ULL
 
@@ -49,8 +43,9 @@ struct vmem_resp { u16 type, pad[3]; u16 state; } __attribute__((packed));
 
 static struct vmem_req req ALIGNED(64);
 static struct vmem_resp resp ALIGNED(64);
-static u64 plugged_bits[MAX_BLOCKS / 64];
+static u64 plugged_bits[VMEM_MAX_BLOCKS / 64];
 static u64 base, block, nblocks, nplugged;
+struct vmem_geometry g_vmem;
 u64 g_vmem_plugged_bytes, g_vmem_used_bytes;
 
 static int is_plugged(u64 b) { return (plugged_bits[b / 64] >> (b % 64)) & 1; }
@@ -62,13 +57,12 @@ static void mark(u64 b, int on)
 		plugged_bits[b / 64] &= ~(1ULL << (b % 64));
 }
 
-/* One request; returns the response type, or -1 if the device did not answer. */
-static int request(struct vdev *d, u16 type, u64 first, u64 n, u16 *state)
+int vmem_request_at(struct vdev *d, u16 type, u64 addr, u16 n, u16 *state)
 {
 	memset(&req, 0, sizeof(req));
 	req.type = type;
-	req.addr = base + first * block;
-	req.nb_blocks = (u16)n;
+	req.addr = addr;
+	req.nb_blocks = n;
 	resp.type = 0xffff;
 	struct vbuf b[2] = { { (u64)&req, sizeof(req), 0 }, { (u64)&resp, sizeof(resp), 1 } };
 	u32 len;
@@ -82,6 +76,12 @@ static int request(struct vdev *d, u16 type, u64 first, u64 n, u16 *state)
 	if (state)
 		*state = resp.state;
 	return resp.type;
+}
+
+/* One request for blocks [first, first + n) of the region. */
+static int request(struct vdev *d, u16 type, u64 first, u64 n, u16 *state)
+{
+	return vmem_request_at(d, type, base + first * block, (u16)n, state);
 }
 
 /* Pattern in the first word of every page of blocks [first, first + n). */
@@ -105,18 +105,19 @@ int vmem_init(struct vdev *d)
 	base = vd_cfg64(d, C_ADDR);
 	u64 size = vd_cfg64(d, C_REGION_SIZE);
 	gprintf("guest: %s addr=0x%lx region_mib=%lu block_kib=%lu plugged_mib=%lu requested_mib=%lu\n",
-		d->name, base, size >> 20, block >> 10, vd_cfg64(d, C_PLUGGED) >> 20,
-		vd_cfg64(d, C_REQUESTED) >> 20);
+		d->name, base, size >> 20, block >> 10, vd_cfg64(d, VMEM_CFG_PLUGGED) >> 20,
+		vd_cfg64(d, VMEM_CFG_REQUESTED) >> 20);
 	if (!block || (block & (block - 1)) || block < PAGE || base % block || size % block) {
 		gprintf("guest: %s bad geometry\n", d->name);
 		return 0;
 	}
 	nblocks = size / block;
-	if (nblocks > MAX_BLOCKS || !paging_map_ram_user(base, size)) {
+	g_vmem = (struct vmem_geometry){ base, block, nblocks };
+	if (nblocks > VMEM_MAX_BLOCKS || !paging_map_ram_user(base, size)) {
 		gprintf("guest: %s region too large for this guest\n", d->name);
 		return 0;
 	}
-	if (vd_cfg64(d, C_PLUGGED) && request(d, REQ_UNPLUG_ALL, 0, 0, 0) != RESP_ACK) {
+	if (vd_cfg64(d, VMEM_CFG_PLUGGED) && request(d, VMEM_UNPLUG_ALL, 0, 0, 0) != VMEM_ACK) {
 		gprintf("guest: %s unplug-all refused\n", d->name);
 		return 0;
 	}
@@ -136,10 +137,10 @@ static int plug_to(struct vdev *d, u64 want, int touch)
 		u64 n = 0;
 		while (b + n < nblocks && !is_plugged(b + n) && nplugged + n < want && n < 0xffff)
 			n++;
-		int r = request(d, REQ_PLUG, b, n, 0);
-		if (r == RESP_NACK)
+		int r = request(d, VMEM_PLUG, b, n, 0);
+		if (r == VMEM_NACK)
 			return 1;               /* the host lowered the request meanwhile */
-		if (r != RESP_ACK) {
+		if (r != VMEM_ACK) {
 			gprintf("guest: %s plug of %lu blocks at %lu answered %d\n", d->name, n, b, r);
 			return 0;
 		}
@@ -175,8 +176,8 @@ static int unplug_to(struct vdev *d, u64 want, int check)
 			gprintf("guest: %s lost data at 0x%lx while plugged\n", d->name, bad);
 			return 0;
 		}
-		int r = request(d, REQ_UNPLUG, b - n, n, 0);
-		if (r != RESP_ACK) {
+		int r = request(d, VMEM_UNPLUG, b - n, n, 0);
+		if (r != VMEM_ACK) {
 			gprintf("guest: %s unplug of %lu blocks at %lu answered %d\n", d->name, n, b - n, r);
 			return 0;
 		}
@@ -198,8 +199,8 @@ static int states_agree(struct vdev *d)
 		while (b + n < nblocks && is_plugged(b + n) == on && n < 0xffff)
 			n++;
 		u16 st;
-		if (request(d, REQ_STATE, b, n, &st) != RESP_ACK ||
-		    st != (on ? ST_PLUGGED : ST_UNPLUGGED)) {
+		if (request(d, VMEM_STATE, b, n, &st) != VMEM_ACK ||
+		    st != (on ? VMEM_PLUGGED : VMEM_UNPLUGGED)) {
 			gprintf("guest: %s STATE of %lu blocks at %lu is %u, expected %s\n", d->name, n, b,
 				st, on ? "plugged" : "unplugged");
 			return 0;
@@ -229,7 +230,7 @@ static int follow(struct vdev *d)
 		u64 ms = vt_ms_since(t0);
 		if (ms >= g_vparams.vmem_follow_ms)
 			break;
-		u64 need = demand_blocks(ms), requested = vd_cfg64(d, C_REQUESTED) / block;
+		u64 need = demand_blocks(ms), requested = vd_cfg64(d, VMEM_CFG_REQUESTED) / block;
 		if (requested > nplugged && !plug_to(d, requested, 0))
 			return 0;
 		if (requested < nplugged && !unplug_to(d, requested > need ? requested : need, 0))
@@ -273,7 +274,7 @@ int vmem_workload(struct vdev *d)
 	gprintf("guest: %s unplugged memory inaccessible\n", d->name);
 	for (u64 step = 1; step <= g_vparams.vmem_steps; step++) {
 		u64 end = vt_deadline(g_vparams.elastic_wait_ms), requested;
-		while ((requested = vd_cfg64(d, C_REQUESTED) / block) == nplugged) {
+		while ((requested = vd_cfg64(d, VMEM_CFG_REQUESTED) / block) == nplugged) {
 			if (vt_expired(end)) {
 				gprintf("guest: %s step=%lu no new requested size\n", d->name, step);
 				return 0;
@@ -285,7 +286,7 @@ int vmem_workload(struct vdev *d)
 		int ok = requested > nplugged ? plug_to(d, requested, 1) : unplug_to(d, requested, 1);
 		if (!ok || !states_agree(d))
 			return 0;
-		u64 dev = vd_cfg64(d, C_PLUGGED);
+		u64 dev = vd_cfg64(d, VMEM_CFG_PLUGGED);
 		gprintf("guest: %s step=%lu requested_mib=%lu plugged_mib=%lu device_plugged_mib=%lu state=%s ms=%lu\n",
 			d->name, step, requested * block >> 20, nplugged * block >> 20, dev >> 20,
 			dev == nplugged * block ? "ok" : "MISMATCH", vt_ms_since(t0));

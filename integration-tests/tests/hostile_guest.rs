@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use integration_tests::{
-    drive_json, guest_spec_devices, prometheus_value, run_spec, ApiClient, RunningVmm, Scratch,
+    drive_json, guest_spec_devices, line_field, prometheus_value, rss_bytes, run_spec, ApiClient,
+    RunningVmm, Scratch,
 };
 
 const DEADLINE: Duration = Duration::from_secs(90);
@@ -26,6 +27,11 @@ impl HostileVm {
     /// `args` follow the mode; the bystander's workload (`rng_bytes`) and a disk workload after
     /// the mode (`blk_rw`) show that both devices still work.
     fn launch(mode: &str, args: &str) -> Self {
+        Self::launch_with(mode, args, serde_json::json!({}))
+    }
+
+    /// [`HostileVm::launch`] with more top-level sections in the VM's spec.
+    fn launch_with(mode: &str, args: &str, sections: serde_json::Value) -> Self {
         let scratch = Scratch::new(&format!("hostile-{mode}"));
         let img = scratch.zeroed_file("disk.img", 1 << 20);
         let console = scratch.path().join("console.log");
@@ -39,6 +45,9 @@ impl HostileVm {
         ))
         .unwrap();
         spec["serial"] = serde_json::json!({ "serial_out_path": console });
+        for (key, value) in sections.as_object().expect("sections are an object") {
+            spec[key] = value.clone();
+        }
         let spec = scratch.write("vm.json", &spec.to_string());
         let vmm = RunningVmm::spawn([
             "--api-sock",
@@ -63,10 +72,10 @@ impl HostileVm {
     fn wait_line(&self, line: &str) {
         let start = Instant::now();
         loop {
-            let out = self.console();
-            if out.lines().any(|l| l.trim_end() == line) {
+            if self.has_line(line) {
                 return;
             }
+            let out = self.console();
             assert!(
                 !out.contains("prescient-test-guest: failed") && !out.contains("PANIC"),
                 "the guest failed before {line:?}:\n{out}"
@@ -89,6 +98,10 @@ impl HostileVm {
         let took = start.elapsed();
         assert!(took < API_DEADLINE, "GET / took {took:?}");
         assert_eq!(info["state"], state);
+    }
+
+    fn has_line(&self, line: &str) -> bool {
+        self.console().lines().any(|l| l.trim_end() == line)
     }
 
     fn metric(&mut self, name: &str) -> u64 {
@@ -122,14 +135,9 @@ fn neighbour_runs_clean(name: &str) {
         .assert_line("guest: rng0 bytes=4096 ok");
 }
 
-/// The common checks of a mode aimed at the disk: the guest finished (its disk and entropy
-/// workloads ran after the attack), the VMM answers, the disk counted `counter`, the entropy
-/// device counted nothing, and a neighbour VM is unaffected.
-fn disk_attack(mode: &str, counter: &str) -> HostileVm {
-    let mut vm = HostileVm::launch(mode, "");
-    vm.wait_line(&format!("guest: hostile {mode} start"));
-    neighbour_runs_clean(mode);
-    vm.wait_line("prescient-test-guest: done");
+/// The guest's disk and entropy workloads after the attack succeeded and the entropy device
+/// counted nothing.
+fn bystanders_fine(vm: &mut HostileVm, mode: &str) {
     let out = vm.console();
     for line in [
         format!("guest: hostile {mode} done"),
@@ -138,9 +146,6 @@ fn disk_attack(mode: &str, counter: &str) -> HostileVm {
     ] {
         assert!(out.lines().any(|l| l == line), "missing {line:?}:\n{out}");
     }
-    vm.assert_responsive("Running");
-    let faults = vm.metric(&format!("prescient_block_disk0_{counter}_total"));
-    assert!(faults >= 1, "the disk did not count the {mode} attack");
     for c in ["invalid_requests", "invalid_register_access", "io_errors"] {
         assert_eq!(
             vm.metric(&format!("prescient_entropy_{c}_total")),
@@ -148,6 +153,20 @@ fn disk_attack(mode: &str, counter: &str) -> HostileVm {
             "the bystander entropy device counted {c}"
         );
     }
+}
+
+/// The common checks of a mode aimed at the disk: the guest finished (its disk and entropy
+/// workloads ran after the attack), the VMM answers, the disk counted `counter`, the entropy
+/// device counted nothing, and a neighbour VM is unaffected.
+fn disk_attack(mode: &str, counter: &str) -> HostileVm {
+    let mut vm = HostileVm::launch(mode, "");
+    vm.wait_line(&format!("guest: hostile {mode} start"));
+    neighbour_runs_clean(mode);
+    vm.wait_line("prescient-test-guest: done");
+    bystanders_fine(&mut vm, mode);
+    vm.assert_responsive("Running");
+    let faults = vm.metric(&format!("prescient_block_disk0_{counter}_total"));
+    assert!(faults >= 1, "the disk did not count the {mode} attack");
     vm
 }
 
@@ -257,6 +276,95 @@ fn a_vcpu_spinning_with_interrupts_off_can_be_paused_resumed_and_stopped() {
     assert!(
         !vm.console().contains("guest: hostile cli_spin done"),
         "the spin never ends by itself"
+    );
+    vm.terminate();
+}
+
+fn field(line: &str, key: &str) -> u64 {
+    line_field(line, key)
+        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+        .parse()
+        .unwrap_or_else(|e| panic!("{key}= in {line:?}: {e}"))
+}
+
+#[test]
+fn a_memory_plug_storm_is_answered_request_by_request_and_plugs_no_more_than_requested() {
+    const MIB: u64 = 1 << 20;
+    const REQUESTED_MIB: u64 = 64;
+    const REQUESTS: u64 = 10_000;
+    let mut vm = HostileVm::launch_with(
+        "plug_storm",
+        &format!("hostile_n={REQUESTS}"),
+        serde_json::json!({ "memory-hotplug": { "total_size_mib": 256 } }),
+    );
+    vm.wait_line("guest: hostile plug_storm start");
+    let rss_before = rss_bytes(vm.vmm.id());
+    // The guest waits for a size to plug; the storm starts once it is set.
+    let r = vm.api.request(
+        "PATCH",
+        "/hotplug/memory",
+        Some(&format!(r#"{{"requested_size_mib": {REQUESTED_MIB}}}"#)),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    let mut polls = 0;
+    let mut peak_rss = rss_before;
+    let start = Instant::now();
+    while !vm.has_line("guest: hostile plug_storm done") {
+        let out = vm.console();
+        assert!(
+            !out.contains("prescient-test-guest: failed") && start.elapsed() < DEADLINE,
+            "the storm failed or did not end within {DEADLINE:?}:\n{out}"
+        );
+        vm.assert_responsive("Running");
+        let status = vm.api.request("GET", "/hotplug/memory", None).json();
+        assert_eq!(status["requested_size_mib"], REQUESTED_MIB);
+        let plugged = status["plugged_size_mib"]
+            .as_u64()
+            .expect("plugged_size_mib");
+        assert!(
+            plugged <= REQUESTED_MIB,
+            "{plugged} MiB plugged, {REQUESTED_MIB} MiB requested"
+        );
+        peak_rss = peak_rss.max(rss_bytes(vm.vmm.id()));
+        polls += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    neighbour_runs_clean("plug_storm");
+    vm.wait_line("prescient-test-guest: done");
+    vm.assert_responsive("Running");
+    bystanders_fine(&mut vm, "plug_storm");
+
+    let line = console_has(&vm, "guest: hostile plug_storm requests=");
+    assert!(
+        polls >= 1,
+        "the API was never asked during the storm: {line}"
+    );
+    eprintln!("{line}; {polls} API polls during it");
+    assert_eq!(field(&line, "requests"), REQUESTS, "{line}");
+    assert_eq!(field(&line, "mismatch"), 0, "{line}");
+    assert_eq!(field(&line, "requested_mib"), REQUESTED_MIB, "{line}");
+    for answer in ["ack", "nack", "error"] {
+        assert!(field(&line, answer) > 0, "no {answer} in the storm: {line}");
+    }
+    let guest_plugged = field(&line, "plugged_mib");
+    assert_eq!(field(&line, "state_plugged_mib"), guest_plugged, "{line}");
+    let status = vm.api.request("GET", "/hotplug/memory", None).json();
+    assert_eq!(status["plugged_size_mib"], guest_plugged, "{status}");
+    assert_eq!(vm.metric("prescient_memory_hotplug_io_errors_total"), 0);
+    // Every ERROR answer is one invalid request, and nothing else was invalid.
+    assert_eq!(
+        vm.metric("prescient_memory_hotplug_invalid_requests_total"),
+        field(&line, "error"),
+        "{line}"
+    );
+    // The guest touches no plugged memory, and unplugged blocks are discarded: the host holds at
+    // most what is plugged, plus slack for the VMM's own allocations.
+    peak_rss = peak_rss.max(rss_bytes(vm.vmm.id()));
+    assert!(
+        peak_rss <= rss_before + (REQUESTED_MIB + 32) * MIB,
+        "RSS {} MiB before the storm, {} MiB at its peak ({polls} polls)",
+        rss_before / MIB,
+        peak_rss / MIB
     );
     vm.terminate();
 }

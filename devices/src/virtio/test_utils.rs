@@ -106,26 +106,30 @@ impl<'a> DriverQueue<'a> {
     }
 }
 
+/// The features a driver that wants nothing optional acks.
+pub const VERSION_1_ONLY: u64 = 1 << VIRTIO_F_VERSION_1;
+
 /// Starts `dev` on `queues` in `mem` as a VERSION_1 driver would, with an interrupt nobody reads.
 pub fn activate(
     dev: &mut dyn VirtioDevice,
     mem: &GuestMemoryMmap,
     queues: &[DriverQueue<'_>],
 ) -> Result<(), ActivateError> {
-    activate_with(dev, mem, queues, interrupt())
+    activate_with(dev, mem, queues, interrupt(), VERSION_1_ONLY)
 }
 
-/// [`activate`] with the interrupt the caller watches.
+/// [`activate`] with the interrupt the caller watches and the features the driver acked.
 pub fn activate_with(
     dev: &mut dyn VirtioDevice,
     mem: &GuestMemoryMmap,
     queues: &[DriverQueue<'_>],
     interrupt: Arc<VirtioInterrupt>,
+    acked_features: u64,
 ) -> Result<(), ActivateError> {
     dev.activate(ActivateContext {
         mem: mem.clone(),
         queues: queues.iter().map(DriverQueue::queue).collect(),
-        acked_features: 1 << VIRTIO_F_VERSION_1,
+        acked_features,
         interrupt,
     })
 }

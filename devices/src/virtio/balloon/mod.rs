@@ -21,7 +21,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
-use self::stats::{GuestStats, StatsReport};
+use self::stats::{GuestStats, StatsReport, MAX_REPORT_SIZE};
 use super::discard::{discard, DiscardError, PAGE_SIZE};
 use super::{
     pop_chain, read_config_bytes, ActivateContext, ActivateError, ActiveQueues, DeviceCounters,
@@ -36,6 +36,10 @@ const F_STATS_VQ: u32 = 1;
 const F_DEFLATE_ON_OOM: u32 = 2;
 const F_REPORTING: u32 = 5;
 const QUEUES: usize = 4;
+/// The longest page list served: Linux sends at most 256 PFNs a request. Longer ones are refused
+/// whole, so one request cannot hold the VMM thread for a chain of RAM-sized descriptors' worth
+/// of PFNs (billions, read one by one).
+const MAX_PFNS: usize = 4096;
 /// Config space: `le32 num_pages` (device), `le32 actual` (driver).
 const CONFIG_ACTUAL: u64 = 4;
 
@@ -284,11 +288,14 @@ impl Balloon {
             Ok(r) => r,
             Err(e) => return self.invalid(format_args!("unreadable page list: {e}")),
         };
-        if reader.available_bytes() % 4 != 0 {
-            self.invalid(format_args!(
-                "page list of {} bytes (not whole PFNs)",
-                reader.available_bytes()
+        let len = reader.available_bytes();
+        if len > MAX_PFNS * 4 {
+            return self.invalid(format_args!(
+                "page list of {len} bytes (at most {MAX_PFNS} PFNs are served)"
             ));
+        }
+        if len % 4 != 0 {
+            self.invalid(format_args!("page list of {len} bytes (not whole PFNs)"));
         }
         // Consecutive PFNs are discarded as one range: one madvise for a run, not per page.
         let mut run: Option<(u64, u64)> = None;
@@ -352,7 +359,13 @@ impl Balloon {
             Ok(r) => r,
             Err(e) => return self.invalid(format_args!("unreadable stats buffer: {e}")),
         };
-        let mut bytes = vec![0u8; reader.available_bytes()];
+        let len = reader.available_bytes();
+        if len > MAX_REPORT_SIZE {
+            return self.invalid(format_args!(
+                "stats buffer of {len} bytes (at most {MAX_REPORT_SIZE} are read)"
+            ));
+        }
+        let mut bytes = vec![0u8; len];
         if let Err(e) = std::io::Read::read_exact(&mut reader, &mut bytes) {
             return self.invalid(format_args!("stats buffer read: {e}"));
         }

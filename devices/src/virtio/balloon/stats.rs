@@ -7,6 +7,9 @@ use serde::Serialize;
 
 /// Size of one statistics entry.
 pub const ENTRY_SIZE: usize = 10;
+/// The largest report read: many times the tags any driver knows, and a bound on what a guest can
+/// make the VMM allocate (a chain of descriptors each spanning guest RAM would be gigabytes).
+pub const MAX_REPORT_SIZE: usize = 256 * ENTRY_SIZE;
 
 /// The latest statistics the guest reported. Fields stay `None` until the guest reports them;
 /// sizes are in bytes, as the guest sends them.

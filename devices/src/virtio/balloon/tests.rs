@@ -7,6 +7,7 @@ use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
 use vm_memory::Bytes;
 
+use super::stats::ENTRY_SIZE;
 use super::*;
 use crate::virtio::{VirtioInterrupt, INTERRUPT_CONFIG_CHANGE};
 
@@ -192,6 +193,66 @@ fn stats_buffer_is_held_until_polled_and_its_report_kept() {
     assert_eq!(rig.used(2), 2);
     assert_eq!(rig.dev.counters.invalid_requests.load(Ordering::Relaxed), 1);
     assert_eq!(rig.dev.activity().stats_reports, 3);
+}
+
+/// Found by the `virtio_balloon` fuzz target (a 10 s timeout in `page_list`): every PFN of a
+/// chain of RAM-sized descriptors was read, one by one, on the VMM thread.
+#[test]
+fn a_page_list_longer_than_served_is_refused_whole() {
+    let mem = mem();
+    let mut rig = Rig::new(&mem, ALL);
+    rig.fill_pages(0..2);
+    let pfns: Vec<u32> = (0..MAX_PFNS as u32 + 1)
+        .map(|i| FIRST_PFN + i % 2)
+        .collect();
+    rig.send_pfns(0, 0, &pfns);
+    assert_eq!(rig.used(0), 1, "the buffer goes back");
+    assert_eq!(
+        (rig.page(0), rig.page(1)),
+        (0x77, 0x77),
+        "nothing discarded"
+    );
+    assert_eq!(rig.dev.activity().inflated_pages, 0);
+    assert_eq!(rig.dev.counters.invalid_requests.load(Ordering::Relaxed), 1);
+
+    // The longest list served is served whole.
+    rig.send_pfns(0, 1, &pfns[..MAX_PFNS]);
+    assert_eq!((rig.page(0), rig.page(1)), (0, 0));
+    assert_eq!(rig.dev.activity().inflated_pages, MAX_PFNS as u64);
+}
+
+/// Found while fuzzing (`virtio_balloon`, whose RSS kept climbing): the report was read whole into
+/// one allocation, so a chain of descriptors each spanning guest RAM made the VMM allocate queue
+/// size x RAM.
+#[test]
+fn an_oversized_stats_buffer_is_refused_without_reading_it() {
+    let mem = mem();
+    let mut rig = Rig::new(&mem, ALL);
+    // Whole entries (a malformed report is refused anyway): 16 x 1 MiB less 6 bytes.
+    let chain: Vec<RawDescriptor> = (0..16u16)
+        .map(|i| {
+            let flags = if i < 15 { 1 } else { 0 };
+            RawDescriptor::from(SplitDescriptor::new(0, 0x10_0000 - 6, flags, i + 1))
+        })
+        .collect();
+    rig.mocks[2].add_desc_chains(&chain, 0).unwrap();
+    rig.dev.process_queue(2);
+    assert_eq!(rig.dev.counters.invalid_requests.load(Ordering::Relaxed), 1);
+    assert_eq!(rig.dev.activity().stats_reports, 0);
+    assert!(rig.dev.latest_report().is_none());
+
+    // A report of the largest size taken is still read (the refused buffer, still held, goes
+    // back as a second one arrives).
+    let report: Vec<u8> = (0..MAX_REPORT_SIZE / ENTRY_SIZE)
+        .flat_map(|_| stats_entry(4, 1 << 20))
+        .collect();
+    mem.write_slice(&report, GuestAddress(LIST)).unwrap();
+    rig.mocks[2]
+        .add_desc_chains(&[desc(LIST, report.len() as u32, 0)], 0)
+        .unwrap();
+    rig.dev.process_queue(2);
+    assert_eq!(rig.dev.activity().stats_reports, 1);
+    assert_eq!(rig.dev.stats().guest.free_memory, Some(1 << 20));
 }
 
 #[test]

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::virtio::test_utils::{activate_with, guest_memory, DriverQueue, WRITE};
+use crate::virtio::test_utils::{activate_with, guest_memory, DriverQueue, VERSION_1_ONLY, WRITE};
 use crate::virtio::VirtioInterrupt;
 
 use super::request::*;
@@ -49,7 +49,14 @@ impl<'a> Rig<'a> {
         let queue = DriverQueue::new(mem, GuestAddress(0), 16);
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let interrupt = Arc::new(VirtioInterrupt::new(irq.try_clone().unwrap()));
-        activate_with(&mut blk, mem, std::slice::from_ref(&queue), interrupt).unwrap();
+        activate_with(
+            &mut blk,
+            mem,
+            std::slice::from_ref(&queue),
+            interrupt,
+            VERSION_1_ONLY,
+        )
+        .unwrap();
         Self {
             blk,
             queue,
