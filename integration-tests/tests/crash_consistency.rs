@@ -61,8 +61,16 @@ fn killed_run(scratch: &Scratch, iteration: u32, kill_after: Duration) -> Vec<(u
     let stdout = child.stdout.take().expect("piped stdout");
     let (tx, rx) = mpsc::channel();
     let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
+        let mut stdout = BufReader::new(stdout);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            // A line the kill cut short has no newline: it is not an ack (its number may be
+            // cut too).
+            match stdout.read_line(&mut line) {
+                Ok(_) if line.ends_with('\n') => {}
+                _ => break,
+            }
             if let Some(ack) = parse_ack(&line) {
                 if tx.send(ack).is_err() {
                     break;
