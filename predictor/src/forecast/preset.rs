@@ -7,6 +7,11 @@ use super::{
 use crate::resource::{PerResource, Usage};
 use std::sync::Arc;
 
+/// Half-life of memory's forecast errors, in windows. Resident memory moves in 2 MiB pages, so a
+/// low level's misses are large relative errors; remembered as long as other resources' (600
+/// windows), they keep the band at a large share of every later, higher level.
+const MEM_HALF_LIFE: f64 = 50.0;
+
 #[derive(Clone, Debug)]
 pub enum Preset {
     Last,
@@ -37,8 +42,18 @@ impl Preset {
         horizon: Horizon,
         capacity: f64,
     ) -> Result<Box<dyn Forecaster>, RecurrentError> {
+        self.build_with(horizon, capacity, BandConfig::default().half_life)
+    }
+
+    fn build_with(
+        &self,
+        horizon: Horizon,
+        capacity: f64,
+        half_life: f64,
+    ) -> Result<Box<dyn Forecaster>, RecurrentError> {
         let band = BandConfig {
             horizon,
+            half_life,
             ..BandConfig::default()
         };
         Ok(match self {
@@ -62,7 +77,7 @@ impl Preset {
     ) -> Result<PerResource<Box<dyn Forecaster>>, RecurrentError> {
         Ok(PerResource {
             cpu: self.build(horizon, capacity.cpu)?,
-            mem: self.build(horizon, capacity.mem)?,
+            mem: self.build_with(horizon, capacity.mem, MEM_HALF_LIFE)?,
             blk: self.build(horizon, capacity.blk)?,
             net: self.build(horizon, capacity.net)?,
         })
