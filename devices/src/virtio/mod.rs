@@ -16,11 +16,14 @@ pub mod rng;
 pub mod test_utils;
 pub mod vsock;
 
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use event_manager::{EventOps, Events};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Feature bit every modern device offers and every driver must accept.
@@ -147,6 +150,16 @@ impl<const N: usize> ActiveQueues<N> {
             .unwrap_or(true)
         {
             self.interrupt.signal_used_queue();
+        }
+    }
+}
+
+/// Adds a device's fds (queue eventfds, timers, sockets) to the event loop for reading; a failure
+/// is logged under `who` and the device goes on without that fd.
+pub fn watch_fds(ops: &mut EventOps, who: &str, fds: impl IntoIterator<Item = RawFd>) {
+    for fd in fds {
+        if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+            tracing::error!("{who}: cannot watch fd {fd}: {e}");
         }
     }
 }

@@ -6,12 +6,11 @@ use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::{QueueOwnedT, QueueT, Writer};
-use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
-    pop_chain, ActivateContext, ActivateError, ActiveQueues, DeviceCounters, VirtioDevice,
-    TYPE_RNG, VIRTIO_F_VERSION_1,
+    pop_chain, watch_fds, ActivateContext, ActivateError, ActiveQueues, DeviceCounters,
+    VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1,
 };
 use crate::rate_limiter::{Cost, RateLimiter, RateLimiterConfig, RateLimiterError};
 
@@ -161,11 +160,8 @@ impl VirtioDevice for Rng {
 
 impl MutEventSubscriber for Rng {
     fn init(&mut self, ops: &mut EventOps) {
-        for fd in [self.queue_events[0].as_raw_fd(), self.limiter.as_raw_fd()] {
-            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
-                tracing::error!("entropy: cannot watch fd {fd}: {e}");
-            }
-        }
+        let fds = [self.queue_events[0].as_raw_fd(), self.limiter.as_raw_fd()];
+        watch_fds(ops, "entropy", fds);
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {

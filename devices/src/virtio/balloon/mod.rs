@@ -17,15 +17,14 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use serde::Serialize;
 use virtio_queue::{DescriptorChain, QueueT, Reader};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
 use self::stats::{GuestStats, StatsReport, MAX_REPORT_SIZE};
 use super::discard::{discard, DiscardError, PAGE_SIZE};
 use super::{
-    pop_chain, read_config_bytes, ActivateContext, ActivateError, ActiveQueues, DeviceCounters,
-    VirtioDevice, TYPE_BALLOON, VIRTIO_F_VERSION_1,
+    pop_chain, read_config_bytes, watch_fds, ActivateContext, ActivateError, ActiveQueues,
+    DeviceCounters, VirtioDevice, TYPE_BALLOON, VIRTIO_F_VERSION_1,
 };
 
 pub const QUEUE_SIZE: u16 = 256;
@@ -486,11 +485,7 @@ impl MutEventSubscriber for Balloon {
             .iter()
             .map(AsRawFd::as_raw_fd)
             .chain([self.stats_timer.as_raw_fd()]);
-        for fd in fds {
-            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
-                tracing::error!("balloon: cannot watch fd {fd}: {e}");
-            }
-        }
+        watch_fds(ops, "balloon", fds);
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {

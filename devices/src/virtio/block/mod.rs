@@ -13,13 +13,12 @@ use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use self::request::{Outcome, Request};
 use super::{
-    pop_chain, read_config_bytes, ActivateContext, ActivateError, ActiveQueues, DeviceCounters,
-    VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+    pop_chain, read_config_bytes, watch_fds, ActivateContext, ActivateError, ActiveQueues,
+    DeviceCounters, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
 };
 use crate::rate_limiter::{Cost, RateLimiter, RateLimiterConfig, RateLimiterError};
 
@@ -246,14 +245,8 @@ impl VirtioDevice for Block {
 
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
-        for (fd, what) in [
-            (self.queue_events[0].as_raw_fd(), "queue"),
-            (self.limiter.as_raw_fd(), "rate limiter"),
-        ] {
-            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
-                tracing::error!("block {}: cannot watch its {what}: {e}", self.id);
-            }
-        }
+        let fds = [self.queue_events[0].as_raw_fd(), self.limiter.as_raw_fd()];
+        watch_fds(ops, &format!("block {}", self.id), fds);
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {

@@ -17,14 +17,13 @@ use std::sync::Arc;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::{DescriptorChain, QueueT, Reader, Writer};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use self::request::{BlockRange, BlockState, MemRequest, MemResponse, REQUEST_SIZE, RESPONSE_SIZE};
 use super::discard::{discard, PAGE_SIZE};
 use super::{
-    pop_chain, read_config_bytes, ActivateContext, ActivateError, ActiveQueues, DeviceCounters,
-    VirtioDevice, TYPE_MEM, VIRTIO_F_VERSION_1,
+    pop_chain, read_config_bytes, watch_fds, ActivateContext, ActivateError, ActiveQueues,
+    DeviceCounters, VirtioDevice, TYPE_MEM, VIRTIO_F_VERSION_1,
 };
 
 pub const QUEUE_SIZE: u16 = 128;
@@ -485,10 +484,7 @@ impl VirtioDevice for VirtioMem {
 
 impl MutEventSubscriber for VirtioMem {
     fn init(&mut self, ops: &mut EventOps) {
-        let fd = self.queue_events[0].as_raw_fd();
-        if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
-            tracing::error!("virtio-mem: cannot watch fd {fd}: {e}");
-        }
+        watch_fds(ops, "virtio-mem", [self.queue_events[0].as_raw_fd()]);
     }
 
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {

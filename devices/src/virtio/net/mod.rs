@@ -19,8 +19,8 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
-    pop_chain, read_config_bytes, ActivateContext, ActivateError, ActiveQueues, DeviceCounters,
-    VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
+    pop_chain, read_config_bytes, watch_fds, ActivateContext, ActivateError, ActiveQueues,
+    DeviceCounters, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
 };
 use crate::rate_limiter::{Cost, RateLimiter, RateLimiterConfig, RateLimiterError};
 
@@ -287,11 +287,7 @@ impl MutEventSubscriber for Net {
             self.rx_limiter.as_raw_fd(),
             self.tx_limiter.as_raw_fd(),
         ];
-        for fd in fds {
-            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
-                tracing::error!("net {}: cannot watch fd {fd}: {e}", self.id);
-            }
-        }
+        watch_fds(ops, &format!("net {}", self.id), fds);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {

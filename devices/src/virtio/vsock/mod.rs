@@ -36,8 +36,8 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
-    pop_chain, read_config_bytes, ActivateContext, ActivateError, ActiveQueues, DeviceCounters,
-    VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
+    pop_chain, read_config_bytes, watch_fds, ActivateContext, ActivateError, ActiveQueues,
+    DeviceCounters, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
 };
 use conn::{connect_nonblocking, Conn, Flush, State};
 use packet::*;
@@ -740,11 +740,7 @@ impl MutEventSubscriber for Vsock {
             self.queue_events[EVT].as_raw_fd(),
             self.listener.as_raw_fd(),
         ];
-        for fd in fds {
-            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
-                tracing::error!("vsock: cannot watch fd {fd}: {e}");
-            }
-        }
+        watch_fds(ops, "vsock", fds);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
