@@ -17,7 +17,11 @@ const FILTERS: [&str; 9] = [
 ];
 
 fn main() {
-    let json = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../resources/seccomp/x86_64.json");
+    // Read at run time: `env!` would bake in the directory the build script was compiled in,
+    // and cargo reuses that binary for a checkout at another path sharing the target dir.
+    let manifest_dir =
+        std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    let json = PathBuf::from(manifest_dir).join("../resources/seccomp/x86_64.json");
     println!("cargo:rerun-if-changed={}", json.display());
     let file = std::fs::File::open(&json)
         .unwrap_or_else(|e| panic!("cannot open {}: {e}", json.display()));
