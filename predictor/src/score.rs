@@ -280,7 +280,10 @@ impl Moments {
     }
 
     fn add(&mut self, r: f64, alpha: f64) {
-        let a = if self.n == 0 { 1.0 } else { alpha };
+        // Equal weights until the exponential window has filled (1 / alpha samples): an
+        // exponential variance started from zero stays a small fraction of the true one for that
+        // long, and the z-scores it gives early in a run are several times too large.
+        let a = alpha.max(1.0 / (f64::from(self.n) + 1.0));
         let d = r - self.mean;
         self.mean += a * d;
         self.var = (1.0 - a) * (self.var + a * d * d);
@@ -583,6 +586,28 @@ mod tests {
             4.0,
         );
         assert_eq!(r.findings.new_devices, 0);
+    }
+
+    #[test]
+    fn early_noise_is_measured_against_its_own_spread() {
+        let mut d = AnomalyDetector::new(AnomalyConfig::default()).unwrap();
+        let exp = usage(100.0);
+        // 20 windows of noise with a spread of 1, then a residual of 3: three deviations out,
+        // nowhere near the threshold of 6.
+        for i in 0..20 {
+            let mut s = sample(1.0, quiet());
+            s.usage.mem = 100.0 + if i % 2 == 0 { 1.0 } else { -1.0 };
+            d.update(&s, &Usage { cpu: 1.0, ..exp }, 4.0);
+        }
+        let mut s = sample(1.0, quiet());
+        s.usage.mem = 103.0;
+        let r = d.update(&s, &Usage { cpu: 1.0, ..exp }, 4.0);
+        assert!(r.findings.residual.is_none(), "{r:?}");
+        let mut m = Moments::default();
+        for r in [1.0, -1.0, 1.0, -1.0] {
+            m.add(r, 1e-3);
+        }
+        assert!((m.var - 1.0).abs() < 1e-12, "{m:?}");
     }
 
     #[test]
