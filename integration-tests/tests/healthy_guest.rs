@@ -178,6 +178,13 @@ fn every_device_at_once_under_the_pause_action_raises_no_finding() {
     let decisions = predictor::eval::replay_recorded(&t)
         .expect("replay")
         .expect("the trace names its policy");
+    let highest = decisions
+        .iter()
+        .map(|d| d.anomaly.score)
+        .fold(0.0, f64::max);
+    println!(
+        "{windows} windows, {polls} state polls over {ran:?}; highest anomaly score {highest:.3}"
+    );
     for d in &decisions {
         assert!(
             !d.anomaly.findings.any(),

@@ -3,7 +3,7 @@
 //! reach `<uds_path>_<P>`.
 
 use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use std::time::{Duration, Instant};

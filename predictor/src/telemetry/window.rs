@@ -59,7 +59,8 @@ pub struct VcpuWindow {
     pub kvm: KvmVcpuStats,
     /// CPU time the vCPU thread consumed during the window.
     pub cpu_ns: u64,
-    /// Timestamp of the vCPU's latest exit, to spot a vCPU that stopped exiting.
+    /// End of the latest window in which the vCPU exited at all, to spot a vCPU that stopped
+    /// exiting (no clock is read per exit).
     pub last_exit_ns: u64,
 }
 
