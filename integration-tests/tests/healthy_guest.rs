@@ -175,7 +175,7 @@ fn every_device_at_once_under_the_pause_action_raises_no_finding() {
             "no exit or request of {d} in any window"
         );
     }
-    let decisions = predictor::eval::replay_recorded(&t)
+    let decisions = predictor_tools::eval::replay_recorded(&t)
         .expect("replay")
         .expect("the trace names its policy");
     let highest = decisions
