@@ -56,21 +56,28 @@ impl<const N: usize> CellWriter<N> {
 }
 
 impl<const N: usize> CellReader<N> {
-    /// Growth of every cell since the previous call.
-    pub(crate) fn delta(&mut self) -> [u64; N] {
-        let mut out = [0; N];
-        for (i, (o, last)) in out.iter_mut().zip(self.last.iter_mut()).enumerate() {
-            let now = self.cells.0[i].load(Relaxed);
+    /// Growth of every cell since the previous call, written into `out` (no copy of the
+    /// whole array on the way).
+    pub(crate) fn delta_into(&mut self, out: &mut [u64; N]) {
+        for ((o, last), cell) in out.iter_mut().zip(self.last.iter_mut()).zip(&self.cells.0) {
+            let now = cell.load(Relaxed);
             *o = now.wrapping_sub(*last);
             *last = now;
         }
-        out
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl<const N: usize> CellReader<N> {
+        fn delta(&mut self) -> [u64; N] {
+            let mut out = [0; N];
+            self.delta_into(&mut out);
+            out
+        }
+    }
 
     #[test]
     fn reader_sees_deltas_not_totals() {

@@ -143,16 +143,13 @@ impl Collector {
         }
         let sources = self.vcpus.iter_mut().zip(inputs.kvm).zip(inputs.cpu_ns);
         for (out, ((src, kvm), &cpu)) in self.window.vcpus.iter_mut().zip(sources) {
-            let exits = src.exits.take();
-            if exits.total() > 0 {
+            src.exits.take_into(&mut out.exits);
+            if out.exits.any() {
                 src.last_exit_ns = now_ns;
             }
-            *out = VcpuWindow {
-                exits,
-                kvm: kvm.since(&src.prev_kvm),
-                cpu_ns: cpu.saturating_sub(src.prev_cpu_ns),
-                last_exit_ns: src.last_exit_ns,
-            };
+            out.kvm = kvm.since(&src.prev_kvm);
+            out.cpu_ns = cpu.saturating_sub(src.prev_cpu_ns);
+            out.last_exit_ns = src.last_exit_ns;
             src.prev_kvm = *kvm;
             src.prev_cpu_ns = cpu;
         }

@@ -104,6 +104,11 @@ impl ExitCounts {
         self.0.iter().sum()
     }
 
+    /// Whether anything was counted.
+    pub fn any(&self) -> bool {
+        self.0.iter().any(|&n| n != 0)
+    }
+
     /// Port (`io`) or MMIO accesses in one direction, to any device or none.
     pub fn accesses(&self, io: bool, access: Access) -> u64 {
         let base = (2 * usize::from(!io) + access as usize) * TARGET_SLOTS;
@@ -171,8 +176,9 @@ impl ExitTotals {
 pub(crate) struct ExitReader(CellReader<EXIT_SLOTS>);
 
 impl ExitReader {
-    pub(crate) fn take(&mut self) -> ExitCounts {
-        ExitCounts(self.0.delta())
+    /// Writes the counts since the previous call into `out`.
+    pub(crate) fn take_into(&mut self, out: &mut ExitCounts) {
+        self.0.delta_into(&mut out.0);
     }
 }
 
@@ -258,7 +264,8 @@ mod tests {
         rec.record(ExitKind::Mmio(Access::Write, Target::Unknown));
         rec.record(ExitKind::Io(Access::Read, Target::Unknown));
         rec.record(ExitKind::Hlt);
-        let c = reader.take();
+        let mut c = ExitCounts::default();
+        reader.take_into(&mut c);
         assert_eq!(c.total(), 5);
         assert_eq!(c.device(dev(2)), 2);
         assert_eq!(c.device(dev(3)), 0);
@@ -268,7 +275,8 @@ mod tests {
         assert_eq!(c.accesses(true, Access::Read), 1);
         assert_eq!(c.accesses(false, Access::Read), 1);
         assert_eq!(c.accesses(false, Access::Write), 1);
-        assert_eq!(reader.take().total(), 0);
+        reader.take_into(&mut c);
+        assert_eq!(c.total(), 0);
         // The totals count from the start, whatever the window reader took.
         assert_eq!(totals.counts().total(), 6);
         assert_eq!(totals.counts().get(ExitKind::Hlt), 2);

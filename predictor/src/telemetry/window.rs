@@ -93,13 +93,10 @@ impl Window {
             blk: 0.0,
             net: 0.0,
         };
-        let mut exits = ExitCounts::default();
-        for v in &self.vcpus {
-            exits.add(&v.exits);
-        }
+        // Only the slots the signals need are summed over the vCPUs, not every exit counter.
         let mut signals = Signals {
             io_ops: 0,
-            unknown_exits: exits.unknown(),
+            unknown_exits: self.vcpus.iter().map(|v| v.exits.unknown()).sum(),
             devices: 0,
         };
         for d in &self.devices {
@@ -109,7 +106,8 @@ impl Window {
                 DeviceKind::Net => usage.net += rate,
                 _ => {}
             }
-            let touched = d.ops + exits.device(d.id);
+            let exits: u64 = self.vcpus.iter().map(|v| v.exits.device(d.id)).sum();
+            let touched = d.ops + exits;
             signals.io_ops += touched;
             if touched > 0 {
                 signals.devices |= 1 << d.id.index();
