@@ -195,8 +195,8 @@ impl ActionLadder {
 pub struct AnomalyConfig {
     /// Residual z-score (against the VM's own residual history) where residuals start to count.
     pub z_threshold: f64,
-    /// Most a residual can add per window; kept under `alert` so that demand the forecast
-    /// missed is never by itself a reason to act against the VM.
+    /// Most a residual adds to a window in which a behaviour rule fired (alone it adds
+    /// nothing): demand the forecast missed is never by itself a reason to act against the VM.
     pub residual_weight: f64,
     /// Half-life of the residual statistics, in windows.
     pub history_half_life: f64,
@@ -338,22 +338,18 @@ impl AnomalyDetector {
         let mut f = Findings::default();
         let mut window_score = 0.0;
 
+        let mut missed: Option<(Resource, f64)> = None;
         for r in Resource::ALL {
             let residual = sample.usage[r] - expected[r];
             let m = &mut self.residuals[r];
             // Twenty residuals before a z-score means anything.
             if m.n >= 20 {
                 let z = m.z(residual, expected[r]);
-                if z > cfg.z_threshold && z > f.residual_z {
-                    f.residual = Some(r);
-                    f.residual_z = z;
+                if z > cfg.z_threshold && missed.is_none_or(|(_, best)| z > best) {
+                    missed = Some((r, z));
                 }
             }
             m.add(residual, self.alpha);
-        }
-        if f.residual.is_some() {
-            let excess = (f.residual_z - cfg.z_threshold) / cfg.z_threshold;
-            window_score += cfg.residual_weight * excess.min(1.0);
         }
 
         let pegged = sample.usage.cpu >= cfg.busy_fraction * cores;
@@ -379,6 +375,16 @@ impl AnomalyDetector {
         }
         self.seen_devices |= sample.signals.devices;
         self.windows = self.windows.saturating_add(1);
+
+        // Demand the forecast missed only weighs beside a behaviour rule: alone it is as often a
+        // healthy workload's new phase (a ramp's first windows, a host that gave the vCPUs more
+        // time) as anything else, so it neither counts as a finding nor adds to the score.
+        if let Some((r, z)) = missed.filter(|_| f.any()) {
+            f.residual = Some(r);
+            f.residual_z = z;
+            let excess = (z - cfg.z_threshold) / cfg.z_threshold;
+            window_score += cfg.residual_weight * excess.min(1.0);
+        }
 
         self.score = self.score * cfg.decay + window_score;
         AnomalyReport {
@@ -621,13 +627,26 @@ mod tests {
             let r = d.update(&s, &Usage { cpu: 1.0, ..exp }, 4.0);
             assert!(r.findings.residual.is_none(), "window {i}: {r:?}");
         }
+        // Alone, a forecast miss is no finding: a healthy workload changes phase too.
         let mut s = sample(1.0, quiet());
         s.usage.mem = 130.0;
         let r = d.update(&s, &Usage { cpu: 1.0, ..exp }, 4.0);
+        assert!(!r.findings.any(), "{r:?}");
+        assert_eq!(r.window_score, 0.0);
+        // Beside a behaviour rule it adds its weight, at most 0.3.
+        let mut s = sample(
+            1.0,
+            Signals {
+                unknown_exits: 1,
+                ..quiet()
+            },
+        );
+        s.usage.mem = 160.0;
+        let r = d.update(&s, &Usage { cpu: 1.0, ..exp }, 4.0);
         assert_eq!(r.findings.residual, Some(Resource::Mem));
-        assert!(r.findings.residual_z > 20.0, "{r:?}");
-        // A residual alone stays below alert.
-        assert!(r.window_score <= 0.3 + 1e-12);
-        assert_eq!(r.action, Action::Log);
+        let cfg = AnomalyConfig::default();
+        assert!(r.findings.residual_z > 2.0 * cfg.z_threshold, "{r:?}");
+        let full = cfg.unknown_exit_weight + cfg.residual_weight;
+        assert!((r.window_score - full).abs() < 1e-12, "{r:?}");
     }
 }
