@@ -82,6 +82,7 @@ impl Runtime {
             };
             live::apply(self.vm.as_mut(), &mut self.config, &change)?;
         }
+        // The path changes only before boot, where it is configuration alone.
         self.config.drives[index].path_on_host = drives.swap_remove(index).path_on_host;
         Ok(VmmData::Empty)
     }
