@@ -85,6 +85,69 @@ impl SerialDevice {
     }
 }
 
+/// The UART's registers and receive FIFO (`vm_superio::serial::SerialState`, field by field).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialDeviceState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+impl crate::persist::Persist for SerialDevice {
+    type State = SerialDeviceState;
+
+    fn save(&mut self) -> SerialDeviceState {
+        let s = self.uart.state();
+        SerialDeviceState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    fn restore(&mut self, s: SerialDeviceState) -> Result<(), crate::persist::PersistError> {
+        use crate::persist::PersistError;
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        };
+        let fd = |e: std::io::Error| PersistError::Restore(format!("serial: {e}"));
+        let irq = IrqTrigger(self.uart.interrupt_evt().0.try_clone().map_err(fd)?);
+        let events = self.uart.events();
+        let hooks = SerialHooks {
+            input_drained: events.input_drained.try_clone().map_err(fd)?,
+            counters: events.counters.clone(),
+        };
+        let out = std::mem::replace(self.uart.writer_mut(), Box::new(std::io::sink()));
+        self.uart = Serial::from_state(&state, irq, hooks, out).map_err(|e| {
+            PersistError::Mismatch(format!("serial: {e:?} (receive FIFO too long)"))
+        })?;
+        Ok(())
+    }
+}
+
 impl BusDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);

@@ -20,7 +20,8 @@ use super::{
     pop_chain, read_config_bytes, watch_fds, ActivateContext, ActivateError, ActiveQueues,
     DeviceCounters, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
 };
-use crate::rate_limiter::{Cost, RateLimiter, RateLimiterConfig, RateLimiterError};
+use crate::persist::{Persist, PersistError};
+use crate::rate_limiter::{Cost, RateLimiter, RateLimiterConfig, RateLimiterError, RateLimiterState};
 
 pub const SECTOR_SHIFT: u32 = 9;
 pub const SECTOR_SIZE: u64 = 1 << SECTOR_SHIFT;
@@ -234,12 +235,37 @@ impl VirtioDevice for Block {
         Ok(())
     }
 
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active.as_ref().map_or_else(Vec::new, ActiveQueues::states)
+    }
+
     fn reset(&mut self) {
         self.active = None;
     }
 
     fn counters(&self) -> Arc<DeviceCounters> {
         self.counters.clone()
+    }
+}
+
+/// The disk file is reopened by path from the configuration; what the device holds beyond it
+/// is its rate limiter's fill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BlockState {
+    pub limiter: RateLimiterState,
+}
+
+impl Persist for Block {
+    type State = BlockState;
+
+    fn save(&mut self) -> BlockState {
+        BlockState {
+            limiter: self.limiter.save(),
+        }
+    }
+
+    fn restore(&mut self, state: BlockState) -> Result<(), PersistError> {
+        self.limiter.restore(state.limiter)
     }
 }
 
