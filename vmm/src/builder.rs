@@ -27,7 +27,10 @@ use crate::device_manager::registry::DeviceRegistry;
 use crate::event_loop::Subscriber;
 use crate::exit::ExitSignal;
 use crate::metrics::METRICS;
-use crate::microvm::{MicroVm, VirtioHandles};
+use crate::arch::x86_64::layout::ram_ranges;
+use crate::device_manager::registry::RegisteredDevice;
+use crate::microvm::{MicroVm, RunState, VirtioHandles};
+use crate::snapshot::{DeviceState, SnapshotState};
 use crate::vmm_config::{
     parse_mac, ConfigError, JsonPath, MachineConfig, MemoryHotplugConfig, Segment, VmConfig,
     VsockConfig,
@@ -57,6 +60,29 @@ pub enum BuildError {
     Legacy(#[from] LegacyError),
     #[error(transparent)]
     Mmio(#[from] MmioError),
+    #[error(transparent)]
+    MemoryFile(#[from] crate::snapshot::memory::MemoryFileError),
+    #[error("the snapshot does not match its own configuration: {0}")]
+    SnapshotMismatch(String),
+    #[error("cannot restore device {name}: {source}")]
+    RestoreDevice {
+        name: String,
+        source: devices::persist::PersistError,
+    },
+}
+
+/// Where a VM's guest state comes from.
+pub enum Source<'a> {
+    /// A fresh boot: the kernel is loaded and the boot vCPU starts at its entry.
+    Boot,
+    /// A snapshot: guest memory mapped from its file, every vCPU and device given back its
+    /// saved state; the vCPUs start paused unless `resume`.
+    Snapshot {
+        state: &'a SnapshotState,
+        memory: &'a std::fs::File,
+        memory_path: &'a str,
+        resume: bool,
+    },
 }
 
 /// KVM features the VMM relies on; checked up front for a clear message on odd hosts.
@@ -99,6 +125,54 @@ pub fn build_microvm(
     exit: Arc<ExitSignal>,
     event_manager: &mut EventManager<Subscriber>,
 ) -> Result<MicroVm, BuildError> {
+    assemble(config, exit, event_manager, Source::Boot)
+}
+
+/// Guest RAM (and the hotplug region, if any) as `source` has it: fresh anonymous memory, or
+/// mapped from a snapshot's memory file after checking that the file's layout is the one the
+/// configuration gives.
+fn guest_memory(
+    config: &VmConfig,
+    source: &Source<'_>,
+) -> Result<(GuestMemoryMmap, Option<GuestRegionMmap>), BuildError> {
+    let machine = &config.machine_config;
+    let Source::Snapshot {
+        state,
+        memory,
+        memory_path,
+        ..
+    } = source
+    else {
+        let mem = create_guest_memory(machine.mem_bytes())
+            .map_err(|e| ConfigError::new(MachineConfig::mem_path(), e.to_string()))?;
+        return Ok((mem, None));
+    };
+    let mut expected: Vec<(u64, u64)> = ram_ranges(machine.mem_bytes());
+    if let Some(h) = &config.memory_hotplug {
+        let start = hotplug_region_start(machine.mem_bytes(), h.slot_size_mib << 20)
+            .ok_or_else(|| BuildError::SnapshotMismatch("no room for the hotplug region".into()))?;
+        expected.push((start, h.total_size_mib << 20));
+    }
+    let saved: Vec<(u64, u64)> = state.memory.iter().map(|r| (r.guest_addr, r.len)).collect();
+    if saved != expected {
+        return Err(BuildError::SnapshotMismatch(format!(
+            "memory regions {saved:x?}, the configuration gives {expected:x?}"
+        )));
+    }
+    let mut regions = crate::snapshot::memory::map_file(memory, memory_path, &state.memory)?;
+    let hotplug = config.memory_hotplug.as_ref().and_then(|_| regions.pop());
+    let mem = GuestMemoryMmap::from_regions(regions)
+        .map_err(|e| BuildError::SnapshotMismatch(format!("memory regions: {e}")))?;
+    Ok((mem, hotplug))
+}
+
+/// Builds the VM `config` describes, its guest state from `source`.
+pub fn assemble(
+    config: &VmConfig,
+    exit: Arc<ExitSignal>,
+    event_manager: &mut EventManager<Subscriber>,
+    source: Source<'_>,
+) -> Result<MicroVm, BuildError> {
     config.validate()?;
     let machine = &config.machine_config;
 
@@ -110,14 +184,18 @@ pub fn build_microvm(
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(BuildError::SupportedCpuid)?;
 
-    let vm = Vm::new(&kvm)?;
-    let mem = create_guest_memory(machine.mem_bytes())
-        .map_err(|e| ConfigError::new(MachineConfig::mem_path(), e.to_string()))?;
+    let vm = Vm::new(&kvm, machine.track_dirty_pages)?;
+    let (mem, saved_hotplug) = guest_memory(config, &source)?;
     vm.register_memory(&mem)
         .map_err(|e| ConfigError::new(MachineConfig::mem_path(), e.to_string()))?;
+    if let Source::Snapshot { state, .. } = &source {
+        // Before the devices: an interrupt a restored device raises again must not be lost
+        // under the saved IOAPIC state.
+        vm.restore_state(&state.vm)?;
+    }
 
     let hotplug = match &config.memory_hotplug {
-        Some(h) => Some(hotplug_memory(h, machine, &kvm, &mem)?),
+        Some(h) => Some(hotplug_memory(h, machine, &kvm, &mem, saved_hotplug)?),
         None => None,
     };
     // Devices see plugged memory too (a guest may put buffers there); boot code does not.
@@ -138,11 +216,21 @@ pub fn build_microvm(
         event_manager,
     )?;
 
-    let entry = load_boot_source(&mem, config.boot_source()?, &extra_args)
-        .map_err(|e| ConfigError::new(e.spec_field(), e.to_string()))?;
-    mptable::setup_mptable(&mem, machine.vcpu_count)?;
+    // A snapshot's memory holds the kernel and its boot tables already.
+    let entry = match &source {
+        Source::Boot => {
+            let entry = load_boot_source(&mem, config.boot_source()?, &extra_args)
+                .map_err(|e| ConfigError::new(e.spec_field(), e.to_string()))?;
+            mptable::setup_mptable(&mem, machine.vcpu_count)?;
+            Some(entry)
+        }
+        Source::Snapshot { .. } => None,
+    };
 
     let legacy = legacy::attach(vm.fd(), &mut registry, serial_output(config)?, exit.clone())?;
+    if let Source::Snapshot { state, .. } = &source {
+        restore_devices(registry.devices(), &state.devices)?;
+    }
 
     let console_is_stdout = config
         .serial
@@ -166,10 +254,34 @@ pub fn build_microvm(
     let vcpus = (0..machine.vcpu_count)
         .map(|index| {
             let vcpu = Vcpu::new(vm.fd(), index)?;
-            vcpu.configure(&supported_cpuid, topology, &mem, entry)?;
+            match (&source, entry) {
+                (Source::Snapshot { state, .. }, _) => {
+                    let saved = state.vcpus.get(usize::from(index)).ok_or_else(|| {
+                        BuildError::SnapshotMismatch(format!("no state for vCPU {index}"))
+                    })?;
+                    vcpu.restore(saved)?;
+                }
+                (Source::Boot, Some(entry)) => {
+                    vcpu.configure(&supported_cpuid, topology, &mem, entry)?
+                }
+                (Source::Boot, None) => unreachable!("a boot always has an entry"),
+            }
             Ok(vcpu)
         })
-        .collect::<Result<Vec<_>, VcpuError>>()?;
+        .collect::<Result<Vec<_>, BuildError>>()?;
+    let paused = match &source {
+        Source::Snapshot { state, resume, .. } => {
+            if state.vcpus.len() != vcpus.len() {
+                return Err(BuildError::SnapshotMismatch(format!(
+                    "{} saved vCPUs, vcpu_count {}",
+                    state.vcpus.len(),
+                    vcpus.len()
+                )));
+            }
+            !resume
+        }
+        Source::Boot => false,
+    };
     let (buses, devices) = registry.finish();
     let buses = Arc::new(buses);
     // Each vCPU counts its exits once; the metrics and the predictor read the same counts.
@@ -179,7 +291,7 @@ pub fn build_microvm(
             let (recorder, exits) = ExitRecorder::new();
             METRICS.register_vcpu(exits.clone());
             Ok((
-                vcpu.start(buses.clone(), exit.clone(), Box::new(recorder))?,
+                vcpu.start(buses.clone(), exit.clone(), Box::new(recorder), paused)?,
                 exits,
             ))
         })
@@ -197,7 +309,37 @@ pub fn build_microvm(
         legacy.i8042,
         virtio,
         devices,
+        if paused {
+            RunState::Paused
+        } else {
+            RunState::Running
+        },
     ))
+}
+
+/// Gives every registered device its saved state, by name; the two lists must name the same
+/// devices (the configuration they were built from is the snapshot's).
+fn restore_devices(registered: &[RegisteredDevice], saved: &[DeviceState]) -> Result<(), BuildError> {
+    let names = |it: &mut dyn Iterator<Item = &String>| it.cloned().collect::<Vec<_>>();
+    let have = names(&mut registered.iter().map(|d| &d.info.name));
+    let want = names(&mut saved.iter().map(|d| &d.name));
+    if have != want {
+        return Err(BuildError::SnapshotMismatch(format!(
+            "saved devices {want:?}, the configuration builds {have:?}"
+        )));
+    }
+    for (device, state) in registered.iter().zip(saved) {
+        device
+            .persist
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .restore_bytes(&state.state)
+            .map_err(|source| BuildError::RestoreDevice {
+                name: state.name.clone(),
+                source,
+            })?;
+    }
+    Ok(())
 }
 
 /// The virtio-mem region: its host mapping, geometry and first KVM slot number.
@@ -212,6 +354,7 @@ fn hotplug_memory(
     machine: &MachineConfig,
     kvm: &Kvm,
     boot_mem: &GuestMemoryMmap,
+    saved: Option<GuestRegionMmap>,
 ) -> Result<HotplugMemory, ConfigError> {
     let err = |m: String| ConfigError::new(MemoryHotplugConfig::total_path(), m);
     const MIB: u64 = 1 << 20;
@@ -232,7 +375,10 @@ fn hotplug_memory(
             config.slot_size_mib
         )));
     }
-    let region = create_hotplug_region(start, size).map_err(|e| err(e.to_string()))?;
+    let region = match saved {
+        Some(r) => r,
+        None => create_hotplug_region(start, size).map_err(|e| err(e.to_string()))?,
+    };
     Ok(HotplugMemory {
         region: Arc::new(region),
         layout,

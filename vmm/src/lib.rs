@@ -24,6 +24,7 @@ pub mod profile;
 pub mod rpc;
 pub mod runtime;
 pub mod seccomp;
+pub mod snapshot;
 pub mod vmm_config;
 pub mod vstate;
 

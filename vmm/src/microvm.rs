@@ -18,8 +18,8 @@ use crate::console::RawTerminal;
 use crate::device_manager::legacy::ResetToExit;
 use crate::device_manager::registry::RegisteredDevice;
 use crate::vstate::memory::resident_bytes;
-use crate::vstate::vcpu::{VcpuError, VcpuEvent, VcpuHandle, VcpuResponse};
-use crate::vstate::vm::Vm;
+use crate::vstate::vcpu::{VcpuError, VcpuEvent, VcpuHandle, VcpuResponse, VcpuState};
+use crate::vstate::vm::{Vm, VmError};
 
 /// How long a vCPU gets to acknowledge a pause or resume.
 const VCPU_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -87,7 +87,7 @@ pub struct MicroVm {
     /// Every device on the VM's buses.
     devices: Vec<RegisteredDevice>,
     _terminal: Option<RawTerminal>,
-    _vm: Vm,
+    vm: Vm,
     /// Guest RAM and the hotplug region.
     mem: GuestMemoryMmap,
     /// mincore's page map, kept between accounting calls.
@@ -103,17 +103,18 @@ impl MicroVm {
         i8042: Arc<Mutex<I8042<ResetToExit>>>,
         virtio: VirtioHandles,
         devices: Vec<RegisteredDevice>,
+        state: RunState,
     ) -> Self {
         let (vcpus, exits) = vcpus.into_iter().unzip();
         Self {
             vcpus,
-            state: RunState::Running,
+            state,
             exits,
             i8042,
             virtio,
             devices,
             _terminal: terminal,
-            _vm: vm,
+            vm,
             mem,
             residency: Vec::new(),
         }
@@ -177,9 +178,57 @@ impl MicroVm {
             vcpu.send(event)?;
         }
         for vcpu in &self.vcpus {
-            vcpu.await_response(expect, VCPU_RESPONSE_TIMEOUT, event)?;
+            vcpu.await_response(&expect, VCPU_RESPONSE_TIMEOUT, event)?;
         }
         Ok(())
+    }
+
+    /// The KVM VM (its in-kernel devices' state, its dirty page log).
+    pub fn kvm_vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// Every vCPU's state, in vCPU order; the VM must be paused.
+    pub fn save_vcpus(&self) -> Result<Vec<VcpuState>, VcpuError> {
+        self.vcpus
+            .iter()
+            .map(|v| v.save_state(VCPU_RESPONSE_TIMEOUT))
+            .collect()
+    }
+
+    /// Every device's snapshot state by its registered name, or the device that failed and why.
+    pub fn save_devices(&self) -> Result<Vec<(String, Vec<u8>)>, (String, String)> {
+        self.devices
+            .iter()
+            .map(|d| {
+                let mut device = d.persist.lock().unwrap_or_else(|p| p.into_inner());
+                let bytes = device
+                    .save_bytes()
+                    .map_err(|e| (d.info.name.clone(), e.to_string()))?;
+                Ok((d.info.name.clone(), bytes))
+            })
+            .collect()
+    }
+
+    /// The pages the guest wrote since the last call, one bitmap per region of
+    /// [`MicroVm::guest_memory`] (RAM regions are KVM slots 0.., the hotplug region's slots
+    /// follow).
+    pub fn dirty_pages(&self) -> Result<Vec<Vec<u64>>, VmError> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let hotplug = self.hotplug_memory().map(|m| m.layout());
+        let ram = self.mem.num_regions() - usize::from(hotplug.is_some());
+        let mut out = Vec::with_capacity(self.mem.num_regions());
+        for (slot, region) in self.mem.iter().take(ram).enumerate() {
+            out.push(self.vm.dirty_log(slot as u32, region.len())?);
+        }
+        if let Some(l) = hotplug {
+            let mut bits = Vec::new();
+            for k in 0..l.slots() {
+                bits.extend(self.vm.dirty_log((ram + k) as u32, l.slot_size)?);
+            }
+            out.push(bits);
+        }
+        Ok(out)
     }
 
     /// Presses Ctrl-Alt-Del on the guest's keyboard.

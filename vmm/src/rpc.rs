@@ -14,6 +14,7 @@ use crate::vmm_config::{
     MemoryHotplugStatus, NetworkInterfaceConfig, NetworkInterfaceUpdate, PredictorUpdate,
     SerialConfig, VmConfig, VsockConfig,
 };
+use crate::snapshot::{CreateParams, LoadParams};
 use crate::vstate::vcpu::VcpuError;
 use devices::virtio::balloon::BalloonStats;
 
@@ -56,6 +57,8 @@ pub enum VmmAction {
     PatchPredictor(PredictorUpdate),
     /// Tighten every thread's seccomp filter to this stage.
     SetSeccompStage(crate::seccomp::Stage),
+    CreateSnapshot(CreateParams),
+    LoadSnapshot(LoadParams),
 }
 
 /// A partial `machine-config` (PATCH): only the fields given change.
@@ -65,6 +68,7 @@ pub struct MachineConfigUpdate {
     pub vcpu_count: Option<u8>,
     pub mem_size_mib: Option<u64>,
     pub smt: Option<bool>,
+    pub track_dirty_pages: Option<bool>,
 }
 
 impl MachineConfigUpdate {
@@ -73,6 +77,7 @@ impl MachineConfigUpdate {
             vcpu_count: self.vcpu_count.unwrap_or(to.vcpu_count),
             mem_size_mib: self.mem_size_mib.unwrap_or(to.mem_size_mib),
             smt: self.smt.unwrap_or(to.smt),
+            track_dirty_pages: self.track_dirty_pages.unwrap_or(to.track_dirty_pages),
         }
     }
 }
@@ -151,6 +156,12 @@ pub enum ActionError {
     Predictor(String),
     #[error("{0}")]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    #[error("Create snapshot error: {0}")]
+    CreateSnapshot(String),
+    #[error("Load snapshot error: {0}")]
+    LoadSnapshot(String),
+    #[error("Loading a microVM snapshot not allowed after configuring boot-specific resources.")]
+    LoadAfterConfiguration,
 }
 
 impl From<BuildError> for ActionError {

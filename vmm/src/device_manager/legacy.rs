@@ -84,6 +84,7 @@ pub fn attach(
     )));
     registry.attach(Attachment {
         device: serial.clone(),
+        persist: serial.clone(),
         bus: Bus::Pio,
         base: COM1_BASE,
         len: COM1_LEN,
@@ -101,6 +102,7 @@ pub fn attach(
     )));
     registry.attach(Attachment {
         device: i8042.clone(),
+        persist: i8042.clone(),
         bus: Bus::Pio,
         base: I8042_BASE,
         len: I8042_LEN,

@@ -5,6 +5,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use devices::persist::Snapshottable;
 use devices::virtio::DeviceCounters;
 use devices::{BusDevice, BusError};
 use predictor::telemetry::{DeviceId, DeviceKind, MAX_DEVICES};
@@ -61,6 +62,8 @@ pub struct RegisteredDevice {
     pub info: DeviceInfo,
     /// Requests it served, for devices that serve requests (virtio).
     pub counters: Option<Arc<DeviceCounters>>,
+    /// Its snapshot state, saved and restored under its name.
+    pub persist: Arc<Mutex<dyn Snapshottable>>,
 }
 
 fn id_index<S: serde::Serializer>(id: &DeviceId, s: S) -> Result<S::Ok, S::Error> {
@@ -83,6 +86,7 @@ pub struct Attachment {
     pub name: String,
     pub kind: DeviceKind,
     pub counters: Option<Arc<DeviceCounters>>,
+    pub persist: Arc<Mutex<dyn Snapshottable>>,
 }
 
 impl DeviceRegistry {
@@ -116,6 +120,7 @@ impl DeviceRegistry {
                 base: a.base,
             },
             counters: a.counters,
+            persist: a.persist,
         });
         Ok(id)
     }
@@ -142,9 +147,19 @@ mod tests {
         fn write(&mut self, _offset: u64, _data: &[u8]) {}
     }
 
+    impl devices::persist::Persist for Nothing {
+        type State = ();
+        fn save(&mut self) {}
+        fn restore(&mut self, _: ()) -> Result<(), devices::persist::PersistError> {
+            Ok(())
+        }
+    }
+
     fn attachment(name: &str, bus: Bus, base: u64) -> Attachment {
+        let device = Arc::new(Mutex::new(Nothing));
         Attachment {
-            device: Arc::new(Mutex::new(Nothing)),
+            persist: device.clone(),
+            device,
             bus,
             base,
             len: 0x10,

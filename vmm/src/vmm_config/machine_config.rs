@@ -15,6 +15,10 @@ pub struct MachineConfig {
     pub mem_size_mib: u64,
     #[serde(default)]
     pub smt: bool,
+    /// KVM logs the pages the guest writes, so that `Diff` snapshots hold only those
+    /// (Firecracker's field; costs the guest a little on every first write after a snapshot).
+    #[serde(default)]
+    pub track_dirty_pages: bool,
 }
 
 impl Default for MachineConfig {
@@ -23,6 +27,7 @@ impl Default for MachineConfig {
             vcpu_count: 1,
             mem_size_mib: 128,
             smt: false,
+            track_dirty_pages: false,
         }
     }
 }

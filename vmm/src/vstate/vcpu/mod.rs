@@ -31,6 +31,8 @@ use exits::{handle_exit, Next};
 pub use exits::{ExitObserver, IoBuses};
 
 mod exits;
+mod state;
+pub use state::{StateError, VcpuState};
 
 /// `_IO(KVMIO, 0xce)`: a vCPU's binary statistics file (Linux 5.14+).
 const KVM_GET_STATS_FD: libc::c_ulong = 0xaece;
@@ -65,6 +67,10 @@ pub enum VcpuError {
     },
     #[error("vCPU {index} has stopped")]
     Gone { index: u8 },
+    #[error("vCPU {index}: {source}")]
+    State { index: u8, source: StateError },
+    #[error("vCPU {index} can only be saved while the VM is paused")]
+    NotPaused { index: u8 },
 }
 
 /// Requests from the VMM thread to a vCPU thread.
@@ -72,15 +78,18 @@ pub enum VcpuError {
 pub enum VcpuEvent {
     Pause,
     Resume,
+    /// Read the whole state (only while paused).
+    SaveState,
     /// Leave the run loop for good.
     Finish,
 }
 
 /// A vCPU thread's acknowledgement of an event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum VcpuResponse {
     Paused,
     Resumed,
+    Saved(Box<Result<VcpuState, VcpuError>>),
 }
 
 /// A configured vCPU, before its thread starts.
@@ -167,6 +176,14 @@ impl Vcpu {
         Ok(())
     }
 
+    /// Puts a saved state back instead of [`Vcpu::configure`]: the vCPU goes on where it was.
+    pub fn restore(&self, state: &VcpuState) -> Result<(), VcpuError> {
+        state.restore(&self.fd).map_err(|source| VcpuError::State {
+            index: self.index,
+            source,
+        })
+    }
+
     /// Opens the vCPU's KVM binary statistics file. Only before the thread starts: KVM takes a
     /// vCPU's ioctls one at a time, and its own thread holds it inside KVM_RUN.
     pub fn stats_file(&self) -> std::io::Result<File> {
@@ -180,12 +197,14 @@ impl Vcpu {
         Ok(unsafe { File::from_raw_fd(fd) })
     }
 
-    /// Starts the vCPU on a thread named `vcpu<N>`, telling `observer` of every exit.
+    /// Starts the vCPU on a thread named `vcpu<N>`, telling `observer` of every exit; with
+    /// `paused` it waits for [`VcpuEvent::Resume`] before it first runs.
     pub fn start(
         self,
         buses: Arc<IoBuses>,
         exit: Arc<ExitSignal>,
         observer: Box<dyn ExitObserver>,
+        paused: bool,
     ) -> Result<VcpuHandle, VcpuError> {
         let index = self.index;
         let (event_tx, event_rx) = channel();
@@ -206,7 +225,7 @@ impl Vcpu {
                     events: event_rx,
                     responses: response_tx,
                 };
-                runner.run();
+                runner.run(paused);
             })
             .map_err(|source| VcpuError::Spawn { index, source })?;
         let tid = tid_rx.recv().map_err(|_| VcpuError::Gone { index })?;
@@ -233,7 +252,7 @@ struct VcpuRunner {
 }
 
 impl VcpuRunner {
-    fn run(&mut self) {
+    fn run(&mut self, paused: bool) {
         KVM_RUN.with(|run| run.set(self.fd.get_kvm_run() as *mut kvm_run));
         // A vCPU whose filter is missing must not run the guest: it ends the VM instead.
         let index = self.index;
@@ -241,8 +260,9 @@ impl VcpuRunner {
         if let Err(e) = seccomp::install(ThreadKind::Vcpu) {
             self.exit.request(unfiltered(e));
         }
+        let mut paused = paused;
         loop {
-            if self.exit.is_requested() || !self.handle_events() {
+            if self.exit.is_requested() || !self.handle_events(paused) {
                 break;
             }
             // The safe point: between two KVM_RUNs, with no exit half-handled.
@@ -266,6 +286,7 @@ impl VcpuRunner {
                 self.exit.request(self.with_rip(reason));
                 break;
             }
+            paused = false;
         }
         KVM_RUN.with(|run| run.set(std::ptr::null_mut()));
     }
@@ -281,10 +302,28 @@ impl VcpuRunner {
         }
     }
 
-    /// Serves queued events; while paused, blocks until resumed or finished. Returns false when
-    /// the vCPU must stop.
-    fn handle_events(&mut self) -> bool {
-        let mut paused = false;
+    /// Finishes an I/O exit KVM has not completed yet (the data of an MMIO or port read goes
+    /// into the guest's register only on the next KVM_RUN), without running guest code: after
+    /// this the registers are what the guest will see.
+    fn complete_pending_io(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        // With immediate_exit set KVM completes the I/O and returns EINTR before guest entry.
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
+    }
+
+    fn save_state(&mut self) -> Result<VcpuState, VcpuError> {
+        self.complete_pending_io();
+        VcpuState::save(&self.fd).map_err(|source| VcpuError::State {
+            index: self.index,
+            source,
+        })
+    }
+
+    /// Serves queued events; while paused (from the start with `paused`), blocks until resumed or
+    /// finished. Returns false when the vCPU must stop.
+    fn handle_events(&mut self, paused: bool) -> bool {
+        let mut paused = paused;
         loop {
             let event = if paused {
                 match self.events.recv() {
@@ -309,6 +348,14 @@ impl VcpuRunner {
                     if paused {
                         return true;
                     }
+                }
+                VcpuEvent::SaveState => {
+                    let saved = if paused {
+                        self.save_state()
+                    } else {
+                        Err(VcpuError::NotPaused { index: self.index })
+                    };
+                    let _ = self.responses.send(VcpuResponse::Saved(Box::new(saved)));
                 }
                 VcpuEvent::Finish => return false,
             }
@@ -365,18 +412,43 @@ impl VcpuHandle {
     /// Waits for the vCPU to acknowledge `event` (sent earlier) with `expect`.
     pub fn await_response(
         &self,
-        expect: VcpuResponse,
+        expect: &VcpuResponse,
         timeout: Duration,
         event: VcpuEvent,
     ) -> Result<(), VcpuError> {
+        let got = self.response(timeout, event)?;
+        if std::mem::discriminant(&got) != std::mem::discriminant(expect) {
+            return Err(VcpuError::NoResponse {
+                index: self.index,
+                event,
+                timeout,
+            });
+        }
+        Ok(())
+    }
+
+    fn response(&self, timeout: Duration, event: VcpuEvent) -> Result<VcpuResponse, VcpuError> {
         match self.responses.recv_timeout(timeout) {
-            Ok(r) if r == expect => Ok(()),
-            Ok(_) | Err(RecvTimeoutError::Timeout) => Err(VcpuError::NoResponse {
+            Ok(r) => Ok(r),
+            Err(RecvTimeoutError::Timeout) => Err(VcpuError::NoResponse {
                 index: self.index,
                 event,
                 timeout,
             }),
             Err(RecvTimeoutError::Disconnected) => Err(VcpuError::Gone { index: self.index }),
+        }
+    }
+
+    /// The vCPU's whole state; it must be paused.
+    pub fn save_state(&self, timeout: Duration) -> Result<VcpuState, VcpuError> {
+        self.send(VcpuEvent::SaveState)?;
+        match self.response(timeout, VcpuEvent::SaveState)? {
+            VcpuResponse::Saved(state) => *state,
+            _ => Err(VcpuError::NoResponse {
+                index: self.index,
+                event: VcpuEvent::SaveState,
+                timeout,
+            }),
         }
     }
 
