@@ -6,6 +6,16 @@
 #include "guest.h"
 
 u64 g_tsc_khz;
+u64 g_tsc_backwards;
+
+u64 tsc_forward(u64 *prev)
+{
+	u64 now = rdtsc();
+	if (now < *prev)
+		__atomic_fetch_add(&g_tsc_backwards, 1, __ATOMIC_RELAXED);
+	*prev = now;
+	return now;
+}
 
 /* ---- TSC calibration -------------------------------------------------
  * 1. The classic method: PIT channel 2 in mode 0, gated through port 0x61,

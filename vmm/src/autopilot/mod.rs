@@ -341,6 +341,7 @@ mod tests {
             vcpu_count: 1,
             mem_size_mib: 1024,
             smt: false,
+            track_dirty_pages: false,
         };
         let config = PredictorConfig::default();
         let cold = Autopilot::new(&config, &machine, "t", 0).unwrap();

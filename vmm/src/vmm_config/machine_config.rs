@@ -86,6 +86,7 @@ mod tests {
             vcpu_count,
             mem_size_mib,
             smt,
+            track_dirty_pages: false,
         }
     }
 
