@@ -114,7 +114,10 @@ fn cpu_and_memory_phases_finish_in_new_processes() {
     std::thread::sleep(Duration::from_millis(800));
     let in_mem = snapshot(&mut api, &scratch, "mem", "Full");
     let text = console_text(&console);
-    assert!(!text.contains("mem_phase rounds"), "still in the memory phase:\n{text}");
+    assert!(
+        !text.contains("mem_phase rounds"),
+        "still in the memory phase:\n{text}"
+    );
     drop(second);
 
     let (third, _api) = restore(&scratch, "third", &in_mem);
@@ -184,7 +187,10 @@ fn entropy_and_balloon_go_on_after_a_restore() {
             assert_eq!(s["actual_mib"], 64, "{s}");
             break;
         }
-        assert!(start.elapsed() < DEADLINE, "no guest report after the restore: {s}");
+        assert!(
+            start.elapsed() < DEADLINE,
+            "no guest report after the restore: {s}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     ok(
@@ -195,7 +201,11 @@ fn entropy_and_balloon_go_on_after_a_restore() {
     assert_eq!(line_field(&step, "actual_pages").as_deref(), Some("0"));
     assert_clean_finish(&console);
     ok(
-        api.request("PUT", "/actions", Some(r#"{"action_type": "SendCtrlAltDel"}"#)),
+        api.request(
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "SendCtrlAltDel"}"#),
+        ),
         "ctrl-alt-del",
     );
     second.wait(DEADLINE).assert_code(0);
@@ -220,7 +230,11 @@ fn plugged_memory_stays_plugged_after_a_restore() {
         DEADLINE,
     );
     ok(
-        api.request("PATCH", "/hotplug/memory", Some(r#"{"requested_size_mib": 384}"#)),
+        api.request(
+            "PATCH",
+            "/hotplug/memory",
+            Some(r#"{"requested_size_mib": 384}"#),
+        ),
         "plug",
     );
     let step = wait_for_console_line(&console, "guest: vmem0 step=1 ", DEADLINE);
@@ -230,20 +244,43 @@ fn plugged_memory_stays_plugged_after_a_restore() {
 
     let (second, mut api) = restore(&scratch, "second", &snap);
     let s = api.request("GET", "/hotplug/memory", None).json();
-    assert_eq!((s["plugged_size_mib"].clone(), s["requested_size_mib"].clone()), (384.into(), 384.into()), "{s}");
+    assert_eq!(
+        (
+            s["plugged_size_mib"].clone(),
+            s["requested_size_mib"].clone()
+        ),
+        (384.into(), 384.into()),
+        "{s}"
+    );
     // The guest unplugs down to 128 MiB and checks every block's state and the pattern on
     // what stays plugged: the restored KVM slots must map it.
     ok(
-        api.request("PATCH", "/hotplug/memory", Some(r#"{"requested_size_mib": 128}"#)),
+        api.request(
+            "PATCH",
+            "/hotplug/memory",
+            Some(r#"{"requested_size_mib": 128}"#),
+        ),
         "unplug",
     );
     let step = wait_for_console_line(&console, "guest: vmem0 step=2 ", DEADLINE);
-    assert_eq!(line_field(&step, "plugged_mib").as_deref(), Some("128"), "{step}");
-    assert_eq!(line_field(&step, "device_plugged_mib").as_deref(), Some("128"), "{step}");
+    assert_eq!(
+        line_field(&step, "plugged_mib").as_deref(),
+        Some("128"),
+        "{step}"
+    );
+    assert_eq!(
+        line_field(&step, "device_plugged_mib").as_deref(),
+        Some("128"),
+        "{step}"
+    );
     assert!(step.contains("state=ok"), "{step}");
     assert_clean_finish(&console);
     ok(
-        api.request("PUT", "/actions", Some(r#"{"action_type": "SendCtrlAltDel"}"#)),
+        api.request(
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "SendCtrlAltDel"}"#),
+        ),
         "ctrl-alt-del",
     );
     second.wait(DEADLINE).assert_code(0);
@@ -302,7 +339,11 @@ fn a_diff_snapshot_on_top_of_a_full_one_restores_the_latest_state() {
         .arg(&diff.mem)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let merged = Snap {
         state: diff.state.clone(),
         mem: base.mem.clone(),
@@ -408,11 +449,19 @@ fn load_is_refused_after_configuration_and_create_before_boot() {
     let r = api.request("PUT", "/snapshot/create", Some(&body));
     assert_eq!(r.status, 400, "{}", r.body);
     ok(
-        api.request("PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 64}"#)),
+        api.request(
+            "PUT",
+            "/machine-config",
+            Some(r#"{"vcpu_count": 1, "mem_size_mib": 64}"#),
+        ),
         "machine-config",
     );
     let r = api.request("PUT", "/snapshot/load", Some(&body));
     assert_eq!(r.status, 400, "{}", r.body);
-    assert!(r.body.contains("not allowed after configuring"), "{}", r.body);
+    assert!(
+        r.body.contains("not allowed after configuring"),
+        "{}",
+        r.body
+    );
     vmm.terminate(DEADLINE);
 }

@@ -18,18 +18,18 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap};
 
 use crate::arch::x86_64::cpuid::Topology;
 use crate::arch::x86_64::layout::hotplug_region_start;
+use crate::arch::x86_64::layout::ram_ranges;
 use crate::arch::x86_64::mptable::{self, MptableError};
 use crate::boot::load_boot_source;
 use crate::console::{ConsoleInput, RawTerminal};
 use crate::device_manager::legacy::{self, LegacyError};
 use crate::device_manager::mmio::{MmioDeviceManager, MmioError};
 use crate::device_manager::registry::DeviceRegistry;
+use crate::device_manager::registry::RegisteredDevice;
 use crate::event_loop::Subscriber;
 use crate::exit::ExitSignal;
 use crate::metrics::METRICS;
-use crate::arch::x86_64::layout::ram_ranges;
-use crate::device_manager::registry::RegisteredDevice;
-use crate::microvm::{MicroVm, RunState, VirtioHandles};
+use crate::microvm::{MicroVm, VirtioHandles};
 use crate::snapshot::{DeviceState, SnapshotState};
 use crate::vmm_config::{
     parse_mac, ConfigError, JsonPath, MachineConfig, MemoryHotplugConfig, Segment, VmConfig,
@@ -301,7 +301,7 @@ pub fn assemble(
         machine.vcpu_count,
         machine.mem_size_mib
     );
-    Ok(MicroVm::new(
+    let vm = MicroVm::new(
         vm,
         device_mem,
         handles,
@@ -309,17 +309,16 @@ pub fn assemble(
         legacy.i8042,
         virtio,
         devices,
-        if paused {
-            RunState::Paused
-        } else {
-            RunState::Running
-        },
-    ))
+    );
+    Ok(if paused { vm.started_paused() } else { vm })
 }
 
 /// Gives every registered device its saved state, by name; the two lists must name the same
 /// devices (the configuration they were built from is the snapshot's).
-fn restore_devices(registered: &[RegisteredDevice], saved: &[DeviceState]) -> Result<(), BuildError> {
+fn restore_devices(
+    registered: &[RegisteredDevice],
+    saved: &[DeviceState],
+) -> Result<(), BuildError> {
     let names = |it: &mut dyn Iterator<Item = &String>| it.cloned().collect::<Vec<_>>();
     let have = names(&mut registered.iter().map(|d| &d.info.name));
     let want = names(&mut saved.iter().map(|d| &d.name));

@@ -192,7 +192,12 @@ fn rebase_memory(base: &std::path::Path, diff: &std::path::Path) -> Result<(), S
     };
     let copied = vmm::snapshot::memory::rebase(&open(base, true)?, &open(diff, false)?)
         .map_err(|e| format!("rebase {} onto {}: {e}", diff.display(), base.display()))?;
-    println!("{} MiB of {} merged into {}", copied >> 20, diff.display(), base.display());
+    println!(
+        "{} MiB of {} merged into {}",
+        copied >> 20,
+        diff.display(),
+        base.display()
+    );
     Ok(())
 }
 

@@ -68,6 +68,9 @@ fn find<'a, T>(devices: &'a [(String, Arc<Mutex<T>>)], id: &str) -> Option<Mutex
     Some(lock(dev))
 }
 
+/// A device's name with its saved state (or why it could not be saved).
+pub type SavedDevice<T = Vec<u8>> = (String, T);
+
 /// Whether the vCPUs are running guest code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunState {
@@ -103,12 +106,11 @@ impl MicroVm {
         i8042: Arc<Mutex<I8042<ResetToExit>>>,
         virtio: VirtioHandles,
         devices: Vec<RegisteredDevice>,
-        state: RunState,
     ) -> Self {
         let (vcpus, exits) = vcpus.into_iter().unzip();
         Self {
             vcpus,
-            state,
+            state: RunState::Running,
             exits,
             i8042,
             virtio,
@@ -122,6 +124,12 @@ impl MicroVm {
 
     pub fn state(&self) -> RunState {
         self.state
+    }
+
+    /// A VM whose vCPUs were started paused (a snapshot loaded without `resume_vm`).
+    pub(crate) fn started_paused(mut self) -> Self {
+        self.state = RunState::Paused;
+        self
     }
 
     pub fn guest_memory(&self) -> &GuestMemoryMmap {
@@ -197,7 +205,7 @@ impl MicroVm {
     }
 
     /// Every device's snapshot state by its registered name, or the device that failed and why.
-    pub fn save_devices(&self) -> Result<Vec<(String, Vec<u8>)>, (String, String)> {
+    pub fn save_devices(&self) -> Result<Vec<SavedDevice>, SavedDevice<String>> {
         self.devices
             .iter()
             .map(|d| {

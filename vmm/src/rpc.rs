@@ -8,13 +8,13 @@ use crate::builder::BuildError;
 use crate::live::LiveError;
 use crate::logger::{LoggerConfig, LoggerError};
 use crate::metrics::{MetricsConfig, MetricsError};
+use crate::snapshot::{CreateParams, LoadParams};
 use crate::vmm_config::{
     BalloonConfig, BalloonStatsUpdate, BalloonUpdate, BootSourceConfig, ConfigError, DriveConfig,
     DriveUpdate, EntropyConfig, MachineConfig, MemoryHotplugConfig, MemoryHotplugSizeUpdate,
     MemoryHotplugStatus, NetworkInterfaceConfig, NetworkInterfaceUpdate, PredictorUpdate,
     SerialConfig, VmConfig, VsockConfig,
 };
-use crate::snapshot::{CreateParams, LoadParams};
 use crate::vstate::vcpu::VcpuError;
 use devices::virtio::balloon::BalloonStats;
 

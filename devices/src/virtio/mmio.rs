@@ -646,7 +646,11 @@ pub(crate) mod tests {
         let (mut fresh, fresh_dev) = transport();
         crate::persist::Snapshottable::restore_bytes(&mut fresh, &saved).unwrap();
         assert_eq!(fresh_dev.lock().unwrap().activated, Some((1 << 32) | 0b100));
-        assert_eq!(fresh_dev.lock().unwrap().resets, 7, "the device's own state");
+        assert_eq!(
+            fresh_dev.lock().unwrap().resets,
+            7,
+            "the device's own state"
+        );
         assert_eq!(r32(&mut fresh, 0x70) & STATUS_DRIVER_OK, STATUS_DRIVER_OK);
         assert_eq!(r32(&mut fresh, 0x44), 1, "queue 0 ready");
         assert_eq!(r32(&mut fresh, 0x60), crate::virtio::INTERRUPT_USED_RING);

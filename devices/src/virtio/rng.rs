@@ -13,7 +13,9 @@ use super::{
     VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1,
 };
 use crate::persist::{Persist, PersistError};
-use crate::rate_limiter::{Cost, RateLimiter, RateLimiterConfig, RateLimiterError, RateLimiterState};
+use crate::rate_limiter::{
+    Cost, RateLimiter, RateLimiterConfig, RateLimiterError, RateLimiterState,
+};
 
 /// What the entropy device holds beyond its configuration: its rate limiter's fill.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -171,7 +173,9 @@ impl VirtioDevice for Rng {
     }
 
     fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
-        self.active.as_ref().map_or_else(Vec::new, ActiveQueues::states)
+        self.active
+            .as_ref()
+            .map_or_else(Vec::new, ActiveQueues::states)
     }
 
     fn reset(&mut self) {

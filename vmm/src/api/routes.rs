@@ -42,7 +42,6 @@ struct SeccompStage {
     stage: crate::seccomp::Stage,
 }
 
-
 fn parse_body<T: DeserializeOwned>(req: &Request) -> Result<T, Response> {
     if req.body.is_empty() {
         return Err(Response::fault(
@@ -344,7 +343,11 @@ mod tests {
         assert_eq!(r.status, 400);
         assert!(r.body.contains("missing field `amount_mib`"), "{}", r.body);
         let r = reply(route(&req("PUT", "/snapshot/create", "{}")));
-        assert!(r.body.contains("missing field `snapshot_path`"), "{}", r.body);
+        assert!(
+            r.body.contains("missing field `snapshot_path`"),
+            "{}",
+            r.body
+        );
         let r = reply(route(&req(
             "PUT",
             "/snapshot/load",

@@ -15,13 +15,13 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::autopilot::{now_ns, Autopilot};
 use crate::builder::{assemble, Source};
-use crate::snapshot::{self, CreateParams, LoadParams, SnapshotError};
 use crate::event_loop::{Subscriber, Wakeup};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::metrics::METRICS;
 use crate::microvm::MicroVm;
 use crate::rpc::{ActionError, ActionRequest};
 use crate::seccomp::{self, ThreadKind};
+use crate::snapshot::{self, CreateParams, LoadParams, SnapshotError};
 use crate::vmm_config::VmConfig;
 
 /// Errors of setting up the VMM thread.
@@ -161,7 +161,11 @@ impl Runtime {
         tracing::info!(
             "snapshot {} loaded ({})",
             params.snapshot_path.display(),
-            if params.resume_vm { "resumed" } else { "paused" }
+            if params.resume_vm {
+                "resumed"
+            } else {
+                "paused"
+            }
         );
         Ok(())
     }

@@ -4,8 +4,8 @@
 //! what the guest writes stays in the process.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 
 use serde::{Deserialize, Serialize};
 use vm_memory::mmap::MmapRegionBuilder;
@@ -71,7 +71,11 @@ pub fn layout(mem: &GuestMemoryMmap) -> Vec<RegionLayout> {
 
 /// The file size a layout needs.
 pub fn file_len(layout: &[RegionLayout]) -> u64 {
-    layout.iter().map(|r| r.file_offset + r.len).max().unwrap_or(0)
+    layout
+        .iter()
+        .map(|r| r.file_offset + r.len)
+        .max()
+        .unwrap_or(0)
 }
 
 /// One bit per 4 KiB page of a region: the pages a snapshot writes.
@@ -297,8 +301,10 @@ mod tests {
     #[test]
     fn written_pages_come_back_through_a_private_lazy_mapping() {
         let mem = crate::vstate::memory::create_guest_memory(64 << 20).unwrap();
-        mem.write_obj(0x1122_3344_u32, GuestAddress(0x5000)).unwrap();
-        mem.write_obj(0xabcd_u16, GuestAddress((40 << 20) + 12)).unwrap();
+        mem.write_obj(0x1122_3344_u32, GuestAddress(0x5000))
+            .unwrap();
+        mem.write_obj(0xabcd_u16, GuestAddress((40 << 20) + 12))
+            .unwrap();
         let bitmaps: Vec<_> = mem
             .iter()
             .map(|r| populated_pages(r, false).unwrap())
@@ -306,14 +312,17 @@ mod tests {
         let path = temp("full.mem");
         let file = File::create(&path).unwrap();
         let written = write_pages(&mem, &bitmaps, &file, "full.mem").unwrap();
-        assert!(written >= 2 * PAGE && written < 16 << 20, "{written}");
+        assert!((2 * PAGE..16 << 20).contains(&written), "{written}");
         assert_eq!(file.metadata().unwrap().len(), 64 << 20);
 
         let file = File::open(&path).unwrap();
         let l = layout(&mem);
         let regions = map_file(&file, "full.mem", &l).unwrap();
         let restored = GuestMemoryMmap::from_regions(regions).unwrap();
-        assert_eq!(restored.read_obj::<u32>(GuestAddress(0x5000)).unwrap(), 0x1122_3344);
+        assert_eq!(
+            restored.read_obj::<u32>(GuestAddress(0x5000)).unwrap(),
+            0x1122_3344
+        );
         assert_eq!(
             restored
                 .read_obj::<u16>(GuestAddress((40 << 20) + 12))
@@ -333,11 +342,23 @@ mod tests {
     #[test]
     fn a_diff_rebased_onto_its_base_has_both_layers() {
         let (base_path, diff_path) = (temp("base.mem"), temp("diff.mem"));
-        let base = File::options().create(true).truncate(true).read(true).write(true).open(&base_path).unwrap();
+        let base = File::options()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&base_path)
+            .unwrap();
         base.set_len(16 * PAGE).unwrap();
         base.write_all_at(&[1; 4096], 2 * PAGE).unwrap();
         base.write_all_at(&[2; 4096], 5 * PAGE).unwrap();
-        let diff = File::options().create(true).truncate(true).read(true).write(true).open(&diff_path).unwrap();
+        let diff = File::options()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&diff_path)
+            .unwrap();
         diff.set_len(16 * PAGE).unwrap();
         diff.write_all_at(&[3; 4096], 5 * PAGE).unwrap();
         diff.write_all_at(&[4; 4096], 9 * PAGE).unwrap();

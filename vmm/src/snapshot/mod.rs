@@ -31,7 +31,9 @@ use memory::{MemoryFileError, PageBitmap, RegionLayout};
 /// Errors of creating or loading a snapshot; each says what was wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
-    #[error("the microVM must be paused to create a snapshot (PATCH /vm {{\"state\": \"Paused\"}})")]
+    #[error(
+        "the microVM must be paused to create a snapshot (PATCH /vm {{\"state\": \"Paused\"}})"
+    )]
     NotPaused,
     #[error("Diff snapshots need dirty page tracking or mincore; {0}")]
     Diff(String),
@@ -204,7 +206,9 @@ impl LoadParams {
         }
         if let Some(o) = &self.vsock_override {
             let vsock = config.vsock.as_mut().ok_or_else(|| {
-                SnapshotError::Unsupported("vsock_override: the snapshot has no vsock device".into())
+                SnapshotError::Unsupported(
+                    "vsock_override: the snapshot has no vsock device".into(),
+                )
             })?;
             vsock.uds_path = o.uds_path.clone();
         }
@@ -432,24 +436,35 @@ mod tests {
         .unwrap();
         assert_eq!(p.memory_path().unwrap(), Path::new("m"));
         assert!(p.resume_vm);
-        let p: LoadParams =
-            serde_json::from_str(r#"{"snapshot_path": "s", "mem_file_path": "m2", "enable_diff_snapshots": true}"#)
-                .unwrap();
+        let p: LoadParams = serde_json::from_str(
+            r#"{"snapshot_path": "s", "mem_file_path": "m2", "enable_diff_snapshots": true}"#,
+        )
+        .unwrap();
         assert_eq!(p.memory_path().unwrap(), Path::new("m2"));
         assert!(p.tracks_dirty_pages());
         let both: LoadParams = serde_json::from_str(
             r#"{"snapshot_path": "s", "mem_file_path": "m", "mem_backend": {"backend_type": "File", "backend_path": "m"}}"#,
         )
         .unwrap();
-        assert!(both.check_supported().unwrap_err().to_string().contains("mutually exclusive"));
+        assert!(both
+            .check_supported()
+            .unwrap_err()
+            .to_string()
+            .contains("mutually exclusive"));
         let uffd: LoadParams = serde_json::from_str(
             r#"{"snapshot_path": "s", "mem_backend": {"backend_type": "Uffd", "backend_path": "sock"}}"#,
         )
         .unwrap();
-        assert!(uffd.check_supported().unwrap_err().to_string().contains("Uffd"));
+        assert!(uffd
+            .check_supported()
+            .unwrap_err()
+            .to_string()
+            .contains("Uffd"));
         let neither: LoadParams = serde_json::from_str(r#"{"snapshot_path": "s"}"#).unwrap();
         assert!(neither.check_supported().is_err());
-        assert!(serde_json::from_str::<LoadParams>(r#"{"snapshot_path": "s", "bogus": 1}"#).is_err());
+        assert!(
+            serde_json::from_str::<LoadParams>(r#"{"snapshot_path": "s", "bogus": 1}"#).is_err()
+        );
         let c: CreateParams =
             serde_json::from_str(r#"{"snapshot_path": "s", "mem_file_path": "m"}"#).unwrap();
         assert_eq!(c.snapshot_type, SnapshotType::Full);

@@ -7,8 +7,8 @@ use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES,
 };
-use serde::{Deserialize, Serialize};
 use kvm_ioctls::{Kvm, VmFd};
+use serde::{Deserialize, Serialize};
 use vm_memory::{
     Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
     MemoryRegionAddress,
@@ -96,7 +96,11 @@ unsafe fn set_memory_slot(
 ) -> Result<(), VmError> {
     let desc = kvm_userspace_memory_region {
         slot,
-        flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+        flags: if log_dirty {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        },
         guest_phys_addr: start,
         memory_size: size,
         userspace_addr: host,

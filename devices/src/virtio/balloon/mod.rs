@@ -20,13 +20,13 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::persist::{Persist, PersistError};
 use self::stats::{GuestStats, StatsReport, MAX_REPORT_SIZE};
 use super::discard::{discard, DiscardError, PAGE_SIZE};
 use super::{
     pop_chain, read_config_bytes, watch_fds, ActivateContext, ActivateError, ActiveQueues,
     DeviceCounters, VirtioDevice, TYPE_BALLOON, VIRTIO_F_VERSION_1,
 };
+use crate::persist::{Persist, PersistError};
 
 pub const QUEUE_SIZE: u16 = 256;
 /// Pages per MiB.

@@ -21,7 +21,9 @@ use super::{
     DeviceCounters, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
 };
 use crate::persist::{Persist, PersistError};
-use crate::rate_limiter::{Cost, RateLimiter, RateLimiterConfig, RateLimiterError, RateLimiterState};
+use crate::rate_limiter::{
+    Cost, RateLimiter, RateLimiterConfig, RateLimiterError, RateLimiterState,
+};
 
 pub const SECTOR_SHIFT: u32 = 9;
 pub const SECTOR_SIZE: u64 = 1 << SECTOR_SHIFT;
@@ -236,7 +238,9 @@ impl VirtioDevice for Block {
     }
 
     fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
-        self.active.as_ref().map_or_else(Vec::new, ActiveQueues::states)
+        self.active
+            .as_ref()
+            .map_or_else(Vec::new, ActiveQueues::states)
     }
 
     fn reset(&mut self) {

@@ -19,13 +19,13 @@ use virtio_queue::{DescriptorChain, QueueT, Reader, Writer};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::persist::{Persist, PersistError};
 use self::request::{BlockRange, BlockState, MemRequest, MemResponse, REQUEST_SIZE, RESPONSE_SIZE};
 use super::discard::{discard, PAGE_SIZE};
 use super::{
     pop_chain, read_config_bytes, watch_fds, ActivateContext, ActivateError, ActiveQueues,
     DeviceCounters, VirtioDevice, TYPE_MEM, VIRTIO_F_VERSION_1,
 };
+use crate::persist::{Persist, PersistError};
 
 pub const QUEUE_SIZE: u16 = 128;
 /// The guest must not touch unplugged memory (it is not mapped).
@@ -213,7 +213,7 @@ impl Persist for VirtioMem {
                 s.plugged_bits.len()
             )));
         }
-        if s.requested > self.layout.size || s.requested % self.layout.block_size != 0 {
+        if s.requested > self.layout.size || !s.requested.is_multiple_of(self.layout.block_size) {
             return Err(PersistError::Mismatch(format!(
                 "virtio-mem: requested size {} in a region of {}",
                 s.requested, self.layout.size
@@ -523,7 +523,9 @@ impl VirtioDevice for VirtioMem {
     }
 
     fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
-        self.active.as_ref().map_or_else(Vec::new, ActiveQueues::states)
+        self.active
+            .as_ref()
+            .map_or_else(Vec::new, ActiveQueues::states)
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {

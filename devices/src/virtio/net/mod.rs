@@ -23,7 +23,9 @@ use super::{
     DeviceCounters, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
 };
 use crate::persist::{Persist, PersistError};
-use crate::rate_limiter::{Cost, RateLimiter, RateLimiterConfig, RateLimiterError, RateLimiterState};
+use crate::rate_limiter::{
+    Cost, RateLimiter, RateLimiterConfig, RateLimiterError, RateLimiterState,
+};
 
 /// The TAP is reattached by name from the configuration; a frame read from it and not yet
 /// delivered is dropped, as a network may. What stays is the limiters' fill.
@@ -297,7 +299,9 @@ impl VirtioDevice for Net {
     }
 
     fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
-        self.active.as_ref().map_or_else(Vec::new, ActiveQueues::states)
+        self.active
+            .as_ref()
+            .map_or_else(Vec::new, ActiveQueues::states)
     }
 
     fn reset(&mut self) {

@@ -710,7 +710,9 @@ impl VirtioDevice for Vsock {
     }
 
     fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
-        self.active.as_ref().map_or_else(Vec::new, ActiveQueues::states)
+        self.active
+            .as_ref()
+            .map_or_else(Vec::new, ActiveQueues::states)
     }
 
     fn reset(&mut self) {

@@ -24,7 +24,11 @@ pub enum StateError {
         source: kvm_ioctls::Error,
     },
     #[error("KVM accepted {set} of {total} saved MSRs (it refused MSR {index:#x})")]
-    PartialMsrs { set: usize, total: usize, index: u32 },
+    PartialMsrs {
+        set: usize,
+        total: usize,
+        index: u32,
+    },
     #[error("{0} entries do not fit a KVM list")]
     TooMany(&'static str),
 }
@@ -153,7 +157,8 @@ impl VcpuState {
         vcpu.set_cpuid2(&cpuid).map_err(set("CPUID"))?;
         vcpu.set_mp_state(self.mp_state).map_err(set("MP state"))?;
         vcpu.set_regs(&self.regs).map_err(set("registers"))?;
-        vcpu.set_sregs(&self.sregs).map_err(set("special registers"))?;
+        vcpu.set_sregs(&self.sregs)
+            .map_err(set("special registers"))?;
         // SAFETY: `kvm_xsave` is the fixed 4 KiB region KVM_GET_XSAVE filled on a host of the
         // same CPU features (checked before any restore), so KVM reads no further than it.
         unsafe { vcpu.set_xsave(&self.xsave) }.map_err(set("XSAVE state"))?;
