@@ -19,6 +19,8 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+const STDIN_FD: i32 = libc::STDIN_FILENO;
+
 /// The terminal's mode as the VMM found it, while the VMM holds it in raw mode.
 static SAVED_MODE: Mutex<Option<libc::termios>> = Mutex::new(None);
 
@@ -101,8 +103,6 @@ impl Drop for RawTerminal {
         restore_terminal();
     }
 }
-
-const STDIN_FD: i32 = libc::STDIN_FILENO;
 
 /// Forwards stdin to the serial device, with flow control.
 pub struct ConsoleInput {
