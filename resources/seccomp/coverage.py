@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Which integration test reaches each syscall the seccomp allow-lists admit.
 
-Runs the integration tests one at a time, every `prescient` they start under `strace -f -ff`
-(through PRESCIENT_BIN), then reads each thread's trace from its first filter on (an API client
+Runs the integration tests one at a time, every `prescient` they start under `strace -f -ff -D`
+(through PRESCIENT_BIN; -D keeps the VMM the test's own child, which its signals reach), then reads each thread's trace from its first filter on (an API client
 thread inherits its parent's filters: all of it) and matches its calls against the rules of its
 kind's boot filter in x86_64.json, argument checks included. Prints a Markdown table per thread
 kind: every allowed rule with the tests that reached it, then the calls a filtered thread made
@@ -115,7 +115,8 @@ def parse_thread(path):
             m = CALL.match(line)
             if not m:
                 continue
-            syscall, args = m.group(1), split_args(m.group(2))
+            # A call the process's end cut short (SIGKILL) still shows its arguments.
+            syscall, args = m.group(1), split_args(m.group(2).replace(" <unfinished ...>", ""))
             if syscall == "execve":
                 name, calls, filtered_at, children = None, [], None, []
                 continue
@@ -224,7 +225,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", nargs="*", default=[], help="test binaries to run (default: all)")
     p.add_argument("--skip", nargs="*", default=["linux_guest"], help="test binaries to skip")
-    p.add_argument("--keep", help="keep the traces in this (new) directory")
+    p.add_argument("--keep", help="keep the traces in this directory (tests already in it: error)")
+    p.add_argument("--prescient", help="the binary to trace (default: the debug build), e.g. a "
+                   "release build, whose panics abort")
     p.add_argument("--report-only", help="report on the traces kept in this directory")
     a = p.parse_args()
     if a.report_only:
@@ -239,7 +242,8 @@ def main():
         target = json.loads(subprocess.run(["cargo", "metadata", "--format-version=1", "--no-deps"],
                                            cwd=REPO, check=True, capture_output=True,
                                            text=True).stdout)["target_directory"]
-        failed = run_traced(binaries, set(a.skip), root, os.path.join(target, "debug", "prescient"))
+        prescient = a.prescient or os.path.join(target, "debug", "prescient")
+        failed = run_traced(binaries, set(a.skip), root, os.path.abspath(prescient))
         report(root, failed)
     finally:
         if not a.keep:
