@@ -40,7 +40,7 @@ fn leftovers() -> std::sync::MutexGuard<'static, Leftovers> {
 /// (getcwd, open, mmap), which no filter allows, and the filter would kill the process with
 /// SIGSYS in the middle of the report (`--no-seccomp` gives the backtrace); then it aborts, in
 /// every build.
-pub(crate) fn hook_panics() {
+fn hook_panics() {
     static HOOK: std::sync::Once = std::sync::Once::new();
     HOOK.call_once(|| {
         let previous = std::panic::take_hook();

@@ -3,8 +3,8 @@
 //! The terminal is put in raw mode (no line editing, no echo, no signal keys: Ctrl-C, Ctrl-Z
 //! and Ctrl-\\ reach the guest as bytes, as in Firecracker) and put back exactly as it was when
 //! the VMM ends: by [`RawTerminal`]'s drop on the VMM thread for every end the VMM loop sees
-//! (guest reset, a termination signal, a VMM error, the predictor's kill), and from
-//! [`crate::cleanup`]'s panic hook on whichever thread panics. Both restore with one
+//! (guest reset, a termination signal, a VMM error, the predictor's kill), and from the panic
+//! hook that `crate::cleanup::Guard` sets, on whichever thread panics. Both restore with one
 //! `ioctl(0, TCSETS)` of the mode saved before any seccomp filter was installed, the one
 //! terminal request every thread's filter allows (on fd 0 only). Input the 64-byte UART FIFO
 //! cannot take yet is held back and stdin is not polled until the guest drains the FIFO, so
@@ -86,9 +86,8 @@ impl RawTerminal {
         };
         let mut raw = found;
         raw.c_lflag &= !(libc::ICANON | libc::ECHO | libc::ISIG);
-        // Saved first: a panic from here on restores it.
+        // Saved first: a panic from here on restores it (the hook `cleanup::Guard` sets).
         *SAVED_MODE.lock().unwrap_or_else(|p| p.into_inner()) = Some(found);
-        crate::cleanup::hook_panics();
         if let Err(e) = set_mode(&raw) {
             SAVED_MODE.lock().unwrap_or_else(|p| p.into_inner()).take();
             tracing::warn!("cannot put the terminal in raw mode, guest input disabled: {e}");
