@@ -5,6 +5,7 @@
 //! and runs the VMM with a deadline so that a hang fails a test instead of stalling CI.
 
 pub mod openapi;
+pub mod pty;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
