@@ -2,6 +2,7 @@
 //! `PUT /snapshot/create`, and finishes in a new prescient process after `PUT /snapshot/load`,
 //! every check of the guest passing (its memory pattern, monotonic TSC, its devices' data).
 
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -344,6 +345,37 @@ fn a_diff_snapshot_on_top_of_a_full_one_restores_the_latest_state() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The guest's check must catch one lost page: a copy of the merged memory with a page the
+    // memory phase wrote (one the diff holds, above the guest's image) zeroed again.
+    let lost = {
+        let file = std::fs::File::open(&diff.mem).unwrap();
+        let len = file.metadata().unwrap().len();
+        let extents = vmm::snapshot::memory::data_extents(&file, 4 << 20, len).unwrap();
+        extents
+            .first()
+            .expect("the diff holds the memory phase's pages")
+            .0
+            & !4095
+    };
+    let holed = scratch.path().join("holed.mem");
+    std::fs::copy(&base.mem, &holed).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&holed)
+        .unwrap()
+        .write_all_at(&[0; 4096], lost)
+        .unwrap();
+    let holed = Snap {
+        state: diff.state.clone(),
+        mem: holed,
+    };
+    let (caught, _api) = restore(&scratch, "holed", &holed);
+    let failed =
+        wait_for_console_line(&console, "guest: mem_phase touched_mib=96 FAILED", DEADLINE);
+    assert!(failed.ends_with(&format!("at {lost:#x}")), "{failed}");
+    drop(caught);
+    std::fs::remove_file(&console).unwrap();
+
     let merged = Snap {
         state: diff.state.clone(),
         mem: base.mem.clone(),
@@ -398,6 +430,15 @@ fn every_kind_of_bad_snapshot_file_is_refused_with_its_own_error_and_the_vmm_sta
     newer[8..10].copy_from_slice(&99u16.to_le_bytes());
     let version = variant("version.state", &newer);
     let mut state: vmm::snapshot::SnapshotState = vmm::snapshot::file::decode(&bytes).unwrap();
+    // The MSRs are read on the vCPU thread under its filter, from a list asked of KVM before.
+    let msrs: Vec<u32> = state.vcpus[0].msrs.iter().map(|m| m.index).collect();
+    for (msr, name) in [
+        (0x10, "IA32_TSC"),
+        (0xc000_0082, "LSTAR"),
+        (0x6e0, "TSC_DEADLINE"),
+    ] {
+        assert!(msrs.contains(&msr), "{name} not saved: {msrs:x?}");
+    }
     state.host_cpu.vendor = "SomeOtherCPU".into();
     let cpu = variant("cpu.state", &vmm::snapshot::file::encode(&state).unwrap());
     let foreign = variant("foreign.state", br#"{"this": "is not a snapshot"}"#);

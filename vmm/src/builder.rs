@@ -36,7 +36,7 @@ use crate::vmm_config::{
     VsockConfig,
 };
 use crate::vstate::memory::{create_guest_memory, create_hotplug_region};
-use crate::vstate::vcpu::{register_kick_handler, Vcpu, VcpuError};
+use crate::vstate::vcpu::{register_kick_handler, saved_msr_indices, Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
 
 /// Errors of building a microVM. [`BuildError::Config`] points at the spec field at fault.
@@ -282,6 +282,14 @@ pub fn assemble(
         }
         Source::Boot => false,
     };
+    // The MSRs a snapshot saves: a restored VM's are those its snapshot held; a booted one's
+    // are asked of KVM here, where /dev/kvm can still be opened.
+    let saved_msrs: Arc<[u32]> = match &source {
+        Source::Snapshot { state, .. } => state.vcpus[0].msrs.iter().map(|m| m.index).collect(),
+        Source::Boot => saved_msr_indices(&kvm, vcpus[0].fd())
+            .map_err(|source| VcpuError::State { index: 0, source })?
+            .into(),
+    };
     let (buses, devices) = registry.finish();
     let buses = Arc::new(buses);
     // Each vCPU counts its exits once; the metrics and the predictor read the same counts.
@@ -291,7 +299,13 @@ pub fn assemble(
             let (recorder, exits) = ExitRecorder::new();
             METRICS.register_vcpu(exits.clone());
             Ok((
-                vcpu.start(buses.clone(), exit.clone(), Box::new(recorder), paused)?,
+                vcpu.start(
+                    buses.clone(),
+                    exit.clone(),
+                    Box::new(recorder),
+                    paused,
+                    saved_msrs.clone(),
+                )?,
                 exits,
             ))
         })

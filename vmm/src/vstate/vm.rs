@@ -139,30 +139,14 @@ impl Vm {
     /// The pages the guest wrote in KVM slot `slot` (`size` bytes) since the last call, which
     /// clears the log; all clear for a slot that is not mapped now (an unplugged hotplug slot).
     pub fn dirty_log(&self, slot: u32, size: u64) -> Result<Vec<u64>, VmError> {
-        use std::os::fd::AsRawFd;
-        const KVM_GET_DIRTY_LOG: libc::c_ulong = 0x4010_ae42;
-        let mut bits = vec![0u64; (size / 4096).div_ceil(64) as usize];
-        let mut log = kvm_bindings::kvm_dirty_log {
-            slot,
-            ..Default::default()
-        };
-        log.__bindgen_anon_1.dirty_bitmap = bits.as_mut_ptr().cast();
-        // SAFETY: KVM writes one bit per page of the slot into `bits`, sized for `size` bytes
-        // of pages; `log` lives across the call.
-        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), KVM_GET_DIRTY_LOG, &mut log) };
-        // Some KVMs (kvm_pvm) return a positive count where upstream returns 0.
-        if ret >= 0 {
-            return Ok(bits);
+        match self.fd.get_dirty_log(slot, size as usize) {
+            Ok(bits) => Ok(bits),
+            Err(e) if e.errno() == libc::ENOENT => Ok(vec![0; (size / 4096).div_ceil(64) as usize]),
+            Err(source) => Err(VmError::GetState {
+                what: "dirty page log",
+                source,
+            }),
         }
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ENOENT) {
-            bits.fill(0);
-            return Ok(bits);
-        }
-        Err(VmError::GetState {
-            what: "dirty page log",
-            source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
-        })
     }
 
     pub fn fd(&self) -> &VmFd {

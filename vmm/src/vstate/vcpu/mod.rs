@@ -32,7 +32,7 @@ pub use exits::{ExitObserver, IoBuses};
 
 mod exits;
 mod state;
-pub use state::{StateError, VcpuState};
+pub use state::{saved_msr_indices, StateError, VcpuState};
 
 /// `_IO(KVMIO, 0xce)`: a vCPU's binary statistics file (Linux 5.14+).
 const KVM_GET_STATS_FD: libc::c_ulong = 0xaece;
@@ -197,14 +197,21 @@ impl Vcpu {
         Ok(unsafe { File::from_raw_fd(fd) })
     }
 
+    /// The vCPU's fd, for what the VMM thread asks KVM about it before the thread starts.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
     /// Starts the vCPU on a thread named `vcpu<N>`, telling `observer` of every exit; with
-    /// `paused` it waits for [`VcpuEvent::Resume`] before it first runs.
+    /// `paused` it waits for [`VcpuEvent::Resume`] before it first runs. A snapshot saves the
+    /// MSRs `saved_msrs` lists ([`saved_msr_indices`]).
     pub fn start(
         self,
         buses: Arc<IoBuses>,
         exit: Arc<ExitSignal>,
         observer: Box<dyn ExitObserver>,
         paused: bool,
+        saved_msrs: Arc<[u32]>,
     ) -> Result<VcpuHandle, VcpuError> {
         let index = self.index;
         let (event_tx, event_rx) = channel();
@@ -224,6 +231,7 @@ impl Vcpu {
                     exit,
                     events: event_rx,
                     responses: response_tx,
+                    saved_msrs,
                 };
                 runner.run(paused);
             })
@@ -249,6 +257,7 @@ struct VcpuRunner {
     exit: Arc<ExitSignal>,
     events: Receiver<VcpuEvent>,
     responses: Sender<VcpuResponse>,
+    saved_msrs: Arc<[u32]>,
 }
 
 impl VcpuRunner {
@@ -314,7 +323,7 @@ impl VcpuRunner {
 
     fn save_state(&mut self) -> Result<VcpuState, VcpuError> {
         self.complete_pending_io();
-        VcpuState::save(&self.fd).map_err(|source| VcpuError::State {
+        VcpuState::save(&self.fd, &self.saved_msrs).map_err(|source| VcpuError::State {
             index: self.index,
             source,
         })

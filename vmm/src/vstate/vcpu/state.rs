@@ -1,8 +1,6 @@
 //! A vCPU's complete architectural state, as KVM hands it out: what a snapshot saves and a
 //! restore puts back before the vCPU runs again.
 
-use std::sync::OnceLock;
-
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
     kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
@@ -61,25 +59,30 @@ impl std::fmt::Debug for VcpuState {
     }
 }
 
-/// The MSRs KVM can both read and write on this host: its index list less the ones a get
-/// refuses (KVM lists some that only exist with features the guest CPU lacks). Found once.
-pub fn saved_msr_indices(vcpu: &VcpuFd) -> &'static [u32] {
-    static LIST: OnceLock<Vec<u32>> = OnceLock::new();
-    LIST.get_or_init(|| {
-        let Ok(list) = Kvm::new().and_then(|k| k.get_msr_index_list()) else {
-            return Vec::new();
-        };
-        let mut indices: Vec<u32> = list.as_slice().to_vec();
-        // KVM_GET_MSRS stops at the first MSR it refuses: drop that one and read on.
-        let mut readable = Vec::with_capacity(indices.len());
-        while !indices.is_empty() {
-            let got = read_msrs(vcpu, &indices).map_or(0, |m| m.len());
-            readable.extend_from_slice(&indices[..got]);
-            let skip = (got + 1).min(indices.len());
-            indices.drain(..skip);
-        }
-        readable
-    })
+/// The MSRs KVM can both read and write for `vcpu`: its index list less the ones a get refuses
+/// (KVM lists some that only exist with features the guest CPU lacks). Asked on the VMM thread
+/// while the VM is built: a vCPU thread, under its filter, cannot open `/dev/kvm`.
+pub fn saved_msr_indices(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, StateError> {
+    let list = kvm.get_msr_index_list().map_err(|source| StateError::Get {
+        what: "KVM's MSR index list",
+        source,
+    })?;
+    let mut indices: Vec<u32> = list.as_slice().to_vec();
+    // KVM_GET_MSRS stops at the first MSR it refuses: drop that one and read on.
+    let mut readable = Vec::with_capacity(indices.len());
+    while !indices.is_empty() {
+        let got = read_msrs(vcpu, &indices)?.len();
+        readable.extend_from_slice(&indices[..got]);
+        let skip = (got + 1).min(indices.len());
+        indices.drain(..skip);
+    }
+    if readable.is_empty() {
+        return Err(StateError::Get {
+            what: "any MSR",
+            source: kvm_ioctls::Error::new(libc::EIO),
+        });
+    }
+    Ok(readable)
 }
 
 /// A `kvm_msrs` holds at most `KVM_MAX_MSR_ENTRIES` (256): MSRs go to KVM in chunks below it.
@@ -109,11 +112,11 @@ fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, State
 }
 
 impl VcpuState {
-    /// Reads the whole state. The vCPU must be out of KVM_RUN with no I/O half done (see
-    /// `VcpuRunner::complete_pending_io`).
-    pub fn save(vcpu: &VcpuFd) -> Result<Self, StateError> {
+    /// Reads the whole state, the MSRs `msr_indices` lists ([`saved_msr_indices`]). The vCPU
+    /// must be out of KVM_RUN with no I/O half done (see `VcpuRunner::complete_pending_io`).
+    pub fn save(vcpu: &VcpuFd, msr_indices: &[u32]) -> Result<Self, StateError> {
         let get = |what: &'static str| move |source| StateError::Get { what, source };
-        let indices = saved_msr_indices(vcpu);
+        let indices = msr_indices;
         let msrs = read_msrs(vcpu, indices)?;
         if msrs.len() != indices.len() {
             return Err(StateError::Get {
