@@ -6,16 +6,18 @@
 //! distribution.
 
 use super::{check_param, DecayHistogram, Forecast, ForecastError, Forecaster, Horizon};
+use crate::persist::Persist;
+use serde::{Deserialize, Serialize};
 
-/// A model that only predicts the expected value.
-pub trait PointModel: Send {
+/// A model that only predicts the expected value; plain data, so that a snapshot holds it.
+pub trait PointModel: Send + Persist {
     fn name(&self) -> &str;
     fn update(&mut self, value: f64);
     /// Expected value `h` windows after the latest update.
     fn point(&self, h: Horizon) -> f64;
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BandConfig {
     /// The horizon whose errors calibrate the band.
     pub horizon: Horizon,
@@ -67,10 +69,12 @@ impl BandConfig {
 
 /// A [`PointModel`] with an error band. The forecasters exported as type aliases
 /// ([`super::Ewma`], [`super::Holt`], ...) are all this wrapper.
+#[derive(Serialize, Deserialize)]
 pub struct Banded<M> {
     model: M,
     cfg: BandConfig,
     /// Forecasts for `cfg.horizon` windows ahead, oldest at `head` once full.
+    #[serde(with = "crate::persist::array")]
     pending: [f64; Horizon::MAX],
     head: usize,
     filled: usize,
@@ -104,6 +108,22 @@ impl<M: PointModel> Banded<M> {
     /// forecast) does not divide by zero.
     fn unit(point: f64) -> f64 {
         point.abs().max(1e-6)
+    }
+}
+
+impl<M: PointModel> Persist for Banded<M> {
+    fn fits(&self, fresh: &Self) -> Result<(), String> {
+        let h = fresh.cfg.horizon.get();
+        if self.cfg.horizon != fresh.cfg.horizon || self.head >= h || self.filled > h {
+            return Err(format!(
+                "band of horizon {} at {}/{}; this one's horizon is {h}",
+                self.cfg.horizon.get(),
+                self.head,
+                self.filled
+            ));
+        }
+        self.errors.fits(&fresh.errors)?;
+        self.model.fits(&fresh.model)
     }
 }
 
@@ -159,7 +179,9 @@ mod tests {
     use super::*;
 
     /// Always predicts a fixed value, so the band is pure error statistics.
+    #[derive(Serialize, Deserialize)]
     struct Constant(f64);
+    impl Persist for Constant {}
     impl PointModel for Constant {
         fn name(&self) -> &str {
             "constant"
@@ -214,7 +236,9 @@ mod tests {
     }
 
     /// A point model that predicts the last value it saw, at every horizon.
+    #[derive(Serialize, Deserialize)]
     struct Last(f64);
+    impl Persist for Last {}
 
     impl PointModel for Last {
         fn name(&self) -> &str {

@@ -15,6 +15,7 @@ pub use preset::Preset;
 pub use recurrent::{GruWeights, Recurrent, RecurrentError, RecurrentModel};
 pub use smoothing::{Ewma, EwmaLevel, Holt, HoltTrend, LastValue, LastValueModel};
 
+use crate::persist::SavedState;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -96,8 +97,9 @@ pub struct Forecast {
     pub upper: f64,
 }
 
-/// A per-resource demand predictor fed one observation per window.
-pub trait Forecaster: Send {
+/// A per-resource demand predictor fed one observation per window. Its state goes into VM
+/// snapshots through [`SavedState`] (derive serde and implement [`crate::persist::Persist`]).
+pub trait Forecaster: Send + SavedState {
     fn name(&self) -> &str;
     fn observe(&mut self, value: f64);
     fn forecast(&self, h: Horizon) -> Forecast;

@@ -173,7 +173,14 @@ impl Runtime {
     /// `PUT /snapshot/create`: the paused VM's state and memory to the files named.
     pub fn create_snapshot(&mut self, params: &CreateParams) -> Result<(), ActionError> {
         let vm = self.vm.as_mut().ok_or(ActionError::NotAllowedBeforeBoot)?;
-        snapshot::create(vm, &self.config, params)
+        let predictor = match &self.autopilot {
+            Some(a) => Some(
+                a.save_state(now_ns())
+                    .map_err(|e| ActionError::CreateSnapshot(e.to_string()))?,
+            ),
+            None => None,
+        };
+        snapshot::create(vm, &self.config, predictor, params)
             .map(|_| ())
             .map_err(|e| ActionError::CreateSnapshot(e.to_string()))
     }
@@ -193,6 +200,14 @@ impl Runtime {
         };
         if let (Some(a), Some(w)) = (&mut autopilot, self.warm.take()) {
             a.warm_start(&w);
+        }
+        if let (Some(a), Source::Snapshot { state, .. }) = (&mut autopilot, &source) {
+            if let Some(saved) = &state.predictor {
+                // The VM runs the same either way; only the predictor would start cold.
+                if let Err(e) = a.restore_state(saved, &self.config.machine_config, now_ns()) {
+                    tracing::warn!("predictor starts cold: {e}");
+                }
+            }
         }
         let mut vm = assemble(
             &self.config,

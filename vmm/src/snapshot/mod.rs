@@ -66,6 +66,11 @@ pub enum SnapshotError {
     Vm(#[from] VmError),
     #[error("cannot save device {name}: {message}")]
     Device { name: String, message: String },
+    #[error(
+        "the seccomp stage is {0}: this VMM may no longer create files, so it cannot write a \
+         snapshot (snapshots are taken before PUT /seccomp tightens the filters)"
+    )]
+    Seccomp(crate::seccomp::Stage),
     #[error("{0}")]
     Unsupported(String),
 }
@@ -236,6 +241,8 @@ pub struct SnapshotState {
     pub vm: VmState,
     pub vcpus: Vec<VcpuState>,
     pub devices: Vec<DeviceState>,
+    /// The inline predictor's state (`autopilot::persist`, opaque here), if it ran.
+    pub predictor: Option<Vec<u8>>,
 }
 
 impl SnapshotState {
@@ -326,15 +333,21 @@ pub struct CreateReport {
     pub elapsed: Duration,
 }
 
-/// Writes a snapshot of the paused `vm`, whose configuration is `config`.
+/// Writes a snapshot of the paused `vm`, whose configuration is `config`, with the inline
+/// predictor's state `predictor`.
 pub fn create(
     vm: &mut MicroVm,
     config: &VmConfig,
+    predictor: Option<Vec<u8>>,
     params: &CreateParams,
 ) -> Result<CreateReport, SnapshotError> {
     let start = Instant::now();
     if vm.state() != RunState::Paused {
         return Err(SnapshotError::NotPaused);
+    }
+    let stage = crate::seccomp::requested_stage();
+    if stage > crate::seccomp::Stage::Boot {
+        return Err(SnapshotError::Seccomp(stage));
     }
     let vcpus = vm.save_vcpus()?;
     let devices = vm
@@ -388,6 +401,7 @@ pub fn create(
         vm: vm_state,
         vcpus,
         devices,
+        predictor,
     };
     let bytes = file::encode(&state).map_err(|source| SnapshotError::State {
         path: params.snapshot_path.clone(),
