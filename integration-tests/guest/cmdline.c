@@ -44,6 +44,8 @@ static int apply(const char *k, size_t kn, const char *v, size_t vn)
 		return parse_u64(v, vn, &g_params.mem_mib) ? 0 : 2;
 	if (eq(k, kn, "mem_rounds"))
 		return parse_u64(v, vn, &g_params.mem_rounds) && g_params.mem_rounds ? 0 : 2;
+	if (eq(k, kn, "mem_hold_ms"))
+		return parse_u64(v, vn, &g_params.mem_hold_ms) ? 0 : 2;
 	if (eq(k, kn, "mode")) {
 		if (eq(v, vn, "normal"))
 			g_params.mode = MODE_NORMAL;

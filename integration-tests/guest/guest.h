@@ -118,6 +118,7 @@ struct params {
 	u64 cpu_ms;
 	u64 mem_mib;
 	u64 mem_rounds;
+	u64 mem_hold_ms;
 	int mode;
 	int exit;
 };

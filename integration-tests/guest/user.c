@@ -99,15 +99,29 @@ u64 mem_phase_user(u64 unused)
 		return 0;
 	}
 	u64 start = rdtsc(), prev = start;
+	u64 khz = g_tsc_khz ? g_tsc_khz : 3000000ULL;
 	for (mem_round = 0; mem_round < g_params.mem_rounds && !bad; mem_round++) {
+		u64 round_start = tsc_forward(&prev);
 		mem_walk(MEM_WRITE, want, &bad);
 		if (!bad)
 			mem_walk(MEM_CHECK, want, &bad);
 		tsc_forward(&prev);
+		/* mem_hold_ms: every round's time, and a quiet point after the first (the host
+		 * snapshots the VM there): the first round after a restore pays for faulting the
+		 * working set back in, as the first of all did for populating it. */
+		if (g_params.mem_hold_ms)
+			gprintf("guest: mem_round n=%lu us=%lu\n", mem_round,
+				(prev - round_start) * 1000 / khz);
+		if (g_params.mem_hold_ms && !mem_round && !bad) {
+			gprintf("guest: mem hold ms=%lu\n", g_params.mem_hold_ms);
+			u64 hold = tsc_forward(&prev);
+			while (tsc_forward(&prev) - hold < g_params.mem_hold_ms * khz)
+				cpu_relax();
+		}
 	}
 	if (g_params.mem_rounds > 1)
 		gprintf("guest: mem_phase rounds=%lu ms=%lu\n", mem_round,
-			(u64)((rdtsc() - start) / (g_tsc_khz ? g_tsc_khz : 3000000ULL)));
+			(u64)((rdtsc() - start) / khz));
 	if (bad) {
 		gprintf("guest: mem_phase touched_mib=%lu FAILED at 0x%lx\n", g_params.mem_mib, bad);
 		return 0;

@@ -173,7 +173,10 @@ pub fn assemble(
     event_manager: &mut EventManager<Subscriber>,
     source: Source<'_>,
 ) -> Result<MicroVm, BuildError> {
-    config.validate()?;
+    match source {
+        Source::Boot => config.validate()?,
+        Source::Snapshot { .. } => config.validate_for_restore()?,
+    }
     let machine = &config.machine_config;
 
     let kvm = Kvm::new().map_err(BuildError::Kvm)?;

@@ -253,10 +253,12 @@ impl SnapshotState {
                 path: path.to_path_buf(),
                 message: e.to_string(),
             })?;
-        config.validate().map_err(|e| SnapshotError::Config {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        config
+            .validate_for_restore()
+            .map_err(|e| SnapshotError::Config {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
         Ok(config)
     }
 }
