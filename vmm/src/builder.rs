@@ -183,14 +183,14 @@ pub fn assemble(
     if let Some(cap) = REQUIRED_CAPS.into_iter().find(|c| !kvm.check_extension(*c)) {
         return Err(BuildError::MissingCap(cap));
     }
-    let supported_cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(BuildError::SupportedCpuid)?;
 
-    let vm = Vm::new(&kvm, machine.track_dirty_pages)?;
     let (mem, saved_hotplug) = guest_memory(config, &source)?;
-    vm.register_memory(&mem)
-        .map_err(|e| ConfigError::new(MachineConfig::mem_path(), e.to_string()))?;
+    let vm = Vm::new(&kvm, machine.track_dirty_pages, &mem).map_err(|e| match e {
+        VmError::MemorySlot { .. } => {
+            BuildError::from(ConfigError::new(MachineConfig::mem_path(), e.to_string()))
+        }
+        e => e.into(),
+    })?;
     if let Source::Snapshot { state, .. } = &source {
         // Before the devices: an interrupt a restored device raises again must not be lost
         // under the saved IOAPIC state.
@@ -219,13 +219,17 @@ pub fn assemble(
         event_manager,
     )?;
 
-    // A snapshot's memory holds the kernel and its boot tables already.
-    let entry = match &source {
+    // A snapshot's memory holds the kernel and its boot tables already, and its vCPUs their
+    // CPUID.
+    let boot = match &source {
         Source::Boot => {
             let entry = load_boot_source(&mem, config.boot_source()?, &extra_args)
                 .map_err(|e| ConfigError::new(e.spec_field(), e.to_string()))?;
             mptable::setup_mptable(&mem, machine.vcpu_count)?;
-            Some(entry)
+            let supported_cpuid = kvm
+                .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+                .map_err(BuildError::SupportedCpuid)?;
+            Some((entry, supported_cpuid))
         }
         Source::Snapshot { .. } => None,
     };
@@ -257,15 +261,15 @@ pub fn assemble(
     let vcpus = (0..machine.vcpu_count)
         .map(|index| {
             let vcpu = Vcpu::new(vm.fd(), index)?;
-            match (&source, entry) {
+            match (&source, &boot) {
                 (Source::Snapshot { state, .. }, _) => {
                     let saved = state.vcpus.get(usize::from(index)).ok_or_else(|| {
                         BuildError::SnapshotMismatch(format!("no state for vCPU {index}"))
                     })?;
                     vcpu.restore(saved)?;
                 }
-                (Source::Boot, Some(entry)) => {
-                    vcpu.configure(&supported_cpuid, topology, &mem, entry)?
+                (Source::Boot, Some((entry, supported_cpuid))) => {
+                    vcpu.configure(supported_cpuid, topology, &mem, *entry)?
                 }
                 (Source::Boot, None) => unreachable!("a boot always has an entry"),
             }

@@ -147,7 +147,7 @@ impl MicroVm {
 
     /// Kernel thread ids of the vCPU threads.
     pub fn vcpu_tids(&self) -> Vec<libc::pid_t> {
-        self.vcpus.iter().map(VcpuHandle::tid).collect()
+        self.vcpus.iter().filter_map(VcpuHandle::tid).collect()
     }
 
     /// What telemetry reads of each running vCPU (the stats files are handed over once).

@@ -136,6 +136,7 @@ impl Runtime {
         if self.config != VmConfig::default() {
             return Err(ActionError::LoadAfterConfiguration);
         }
+        let start = std::time::Instant::now();
         let load = |e: SnapshotError| ActionError::LoadSnapshot(e.to_string());
         params.check_supported().map_err(load)?;
         let state = snapshot::read_state(&params.snapshot_path).map_err(load)?;
@@ -159,13 +160,14 @@ impl Runtime {
             return Err(ActionError::LoadSnapshot(e.to_string()));
         }
         tracing::info!(
-            "snapshot {} loaded ({})",
+            "snapshot {} loaded ({}) in {:?}",
             params.snapshot_path.display(),
             if params.resume_vm {
                 "resumed"
             } else {
                 "paused"
-            }
+            },
+            start.elapsed()
         );
         Ok(())
     }

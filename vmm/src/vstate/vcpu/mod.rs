@@ -11,7 +11,7 @@ use std::fs::File;
 use std::os::fd::FromRawFd;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -236,10 +236,12 @@ impl Vcpu {
                 runner.run(paused);
             })
             .map_err(|source| VcpuError::Spawn { index, source })?;
-        let tid = tid_rx.recv().map_err(|_| VcpuError::Gone { index })?;
+        // Not waited for here: on a busy host the new thread may take milliseconds to be
+        // scheduled, and a restore's resume would wait that long for every vCPU in turn.
         Ok(VcpuHandle {
             index,
-            tid,
+            tid: OnceLock::new(),
+            tid_rx,
             stats: Some(stats),
             thread: Some(thread),
             events: event_tx,
@@ -375,7 +377,8 @@ impl VcpuRunner {
 /// The VMM thread's side of a running vCPU.
 pub struct VcpuHandle {
     index: u8,
-    tid: libc::pid_t,
+    tid: OnceLock<Option<libc::pid_t>>,
+    tid_rx: Receiver<libc::pid_t>,
     stats: Option<std::io::Result<File>>,
     thread: Option<JoinHandle<()>>,
     events: Sender<VcpuEvent>,
@@ -387,9 +390,10 @@ impl VcpuHandle {
         self.index
     }
 
-    /// The thread's kernel id (for cgroups).
-    pub fn tid(&self) -> libc::pid_t {
-        self.tid
+    /// The thread's kernel id (for cgroups), once the thread has said it; None if it ended
+    /// before.
+    pub fn tid(&self) -> Option<libc::pid_t> {
+        *self.tid.get_or_init(|| self.tid_rx.recv().ok())
     }
 
     /// The thread (for its CPU clock); None once joined.
