@@ -17,7 +17,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
-use integration_tests::{guest_spec, prescient_bin, ApiClient, Scratch, TEST_GUEST_PVH};
+use integration_tests::{
+    file_data_bytes, guest_spec, prescient_bin, ApiClient, Scratch, TEST_GUEST_PVH,
+};
 
 const DEADLINE: Duration = Duration::from_secs(180);
 
@@ -167,17 +169,6 @@ struct Run {
     memory_written_mib: f64,
 }
 
-/// Bytes of `path` that hold data (not holes).
-fn allocated(path: &Path) -> u64 {
-    let file = std::fs::File::open(path).unwrap();
-    let len = file.metadata().unwrap().len();
-    vmm::snapshot::memory::data_extents(&file, 0, len)
-        .unwrap()
-        .iter()
-        .map(|(s, e)| e - s)
-        .sum()
-}
-
 fn run(vmm: &Vmm, dir: &Path, mem_mib: u64) -> Run {
     let touched = mem_mib / 2;
     let mut spec: serde_json::Value = serde_json::from_str(&guest_spec(
@@ -208,7 +199,7 @@ fn run(vmm: &Vmm, dir: &Path, mem_mib: u64) -> Run {
     out.create = call(&mut api, "PUT", "/snapshot/create", &body.to_string()).as_secs_f64() * 1e3;
     drop(first);
     out.state_kib = std::fs::metadata(&state).unwrap().len() as f64 / 1024.0;
-    out.memory_written_mib = allocated(&mem) as f64 / (1 << 20) as f64;
+    out.memory_written_mib = file_data_bytes(&mem) as f64 / (1 << 20) as f64;
 
     let sock = dir.join(format!("{}-load.sock", vmm.name));
     let spawned = Instant::now();

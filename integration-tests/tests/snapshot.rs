@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use integration_tests::{
-    drive_json, guest_spec, line_field, prescient_bin, start_with_console, wait_for_console_line,
-    ApiClient, RunningVmm, Scratch, TEST_GUEST_PVH,
+    drive_json, file_data_bytes, guest_spec, line_field, prescient_bin, start_with_console,
+    wait_for_console_line, ApiClient, RunningVmm, Scratch, TEST_GUEST_PVH,
 };
 
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -87,16 +87,29 @@ fn assert_clean_finish(console: &Path) {
     }
 }
 
+/// For a guest started with `exit=kbd`: its last line, then Ctrl-Alt-Del ends it cleanly.
+fn finish_on_ctrl_alt_del(console: &Path, api: &mut ApiClient, vmm: RunningVmm) {
+    assert_clean_finish(console);
+    ok(
+        api.request(
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "SendCtrlAltDel"}"#),
+        ),
+        "ctrl-alt-del",
+    );
+    vmm.wait(DEADLINE).assert_code(0);
+}
+
+/// The test guest's spec, as JSON to add sections to.
+fn spec(vcpus: u8, mem_mib: u64, args: &str) -> serde_json::Value {
+    serde_json::from_str(&guest_spec(TEST_GUEST_PVH, vcpus, mem_mib, args)).unwrap()
+}
+
 #[test]
 fn cpu_and_memory_phases_finish_in_new_processes() {
     let scratch = Scratch::new("snapshot-phases");
-    let spec: serde_json::Value = serde_json::from_str(&guest_spec(
-        TEST_GUEST_PVH,
-        2,
-        256,
-        "cpu_ms=1500 mem_mib=64 mem_rounds=2500",
-    ))
-    .unwrap();
+    let spec = spec(2, 256, "cpu_ms=1500 mem_mib=64 mem_rounds=2500");
     let (first, mut api, console) = start_with_console(&scratch, spec);
 
     // In the middle of both vCPUs' CPU phase.
@@ -133,13 +146,11 @@ fn cpu_and_memory_phases_finish_in_new_processes() {
 fn block_data_written_before_the_snapshot_reads_back_after() {
     let scratch = Scratch::new("snapshot-block");
     let disk = scratch.zeroed_file("disk.img", 4 << 20);
-    let mut spec: serde_json::Value = serde_json::from_str(&guest_spec(
-        TEST_GUEST_PVH,
+    let mut spec = spec(
         1,
         128,
         "cpu_ms=1 mem_mib=1 blk_rw=64 blk_sector=16 hold_ms=3000",
-    ))
-    .unwrap();
+    );
     spec["drives"] = serde_json::json!([drive_json("data", &disk, false)]);
     let (first, mut api, console) = start_with_console(&scratch, spec);
     // Written and flushed; the read-back comes after the hold.
@@ -156,13 +167,11 @@ fn block_data_written_before_the_snapshot_reads_back_after() {
 #[test]
 fn entropy_and_balloon_go_on_after_a_restore() {
     let scratch = Scratch::new("snapshot-balloon");
-    let mut spec: serde_json::Value = serde_json::from_str(&guest_spec(
-        TEST_GUEST_PVH,
+    let mut spec = spec(
         1,
         256,
         "cpu_ms=1 mem_mib=160 rng_bytes=65536 balloon_steps=2 exit=kbd",
-    ))
-    .unwrap();
+    );
     spec["entropy"] = serde_json::json!({});
     spec["balloon"] = serde_json::json!({
         "amount_mib": 0, "deflate_on_oom": true, "stats_polling_interval_ms": 100,
@@ -200,28 +209,13 @@ fn entropy_and_balloon_go_on_after_a_restore() {
     );
     let step = wait_for_console_line(&console, "guest: balloon0 step=2 ", DEADLINE);
     assert_eq!(line_field(&step, "actual_pages").as_deref(), Some("0"));
-    assert_clean_finish(&console);
-    ok(
-        api.request(
-            "PUT",
-            "/actions",
-            Some(r#"{"action_type": "SendCtrlAltDel"}"#),
-        ),
-        "ctrl-alt-del",
-    );
-    second.wait(DEADLINE).assert_code(0);
+    finish_on_ctrl_alt_del(&console, &mut api, second);
 }
 
 #[test]
 fn plugged_memory_stays_plugged_after_a_restore() {
     let scratch = Scratch::new("snapshot-vmem");
-    let mut spec: serde_json::Value = serde_json::from_str(&guest_spec(
-        TEST_GUEST_PVH,
-        1,
-        128,
-        "cpu_ms=1 mem_mib=1 vmem_steps=2 exit=kbd",
-    ))
-    .unwrap();
+    let mut spec = spec(1, 128, "cpu_ms=1 mem_mib=1 vmem_steps=2 exit=kbd");
     spec["memory-hotplug"] =
         serde_json::json!({"total_size_mib": 1024, "block_size_mib": 2, "slot_size_mib": 128});
     let (first, mut api, console) = start_with_console(&scratch, spec);
@@ -275,28 +269,13 @@ fn plugged_memory_stays_plugged_after_a_restore() {
         "{step}"
     );
     assert!(step.contains("state=ok"), "{step}");
-    assert_clean_finish(&console);
-    ok(
-        api.request(
-            "PUT",
-            "/actions",
-            Some(r#"{"action_type": "SendCtrlAltDel"}"#),
-        ),
-        "ctrl-alt-del",
-    );
-    second.wait(DEADLINE).assert_code(0);
+    finish_on_ctrl_alt_del(&console, &mut api, second);
 }
 
 #[test]
 fn the_predictor_keeps_what_it_learned_across_a_restore() {
     let scratch = Scratch::new("snapshot-predictor");
-    let mut spec: serde_json::Value = serde_json::from_str(&guest_spec(
-        TEST_GUEST_PVH,
-        1,
-        256,
-        "cpu_ms=60000 mem_mib=1",
-    ))
-    .unwrap();
+    let mut spec = spec(1, 256, "cpu_ms=60000 mem_mib=1");
     spec["predictor"] = serde_json::json!({"window_ms": 50});
     let (first, mut api, console) = start_with_console(&scratch, spec);
     wait_for_console_line(&console, "guest: cpus online=1", DEADLINE);
@@ -350,27 +329,10 @@ fn the_predictor_keeps_what_it_learned_across_a_restore() {
     second.terminate(DEADLINE);
 }
 
-/// Bytes of `path` that hold data (not holes).
-fn allocated(path: &Path) -> u64 {
-    let file = std::fs::File::open(path).unwrap();
-    let len = file.metadata().unwrap().len();
-    vmm::snapshot::memory::data_extents(&file, 0, len)
-        .unwrap()
-        .iter()
-        .map(|(start, end)| end - start)
-        .sum()
-}
-
 #[test]
 fn a_diff_snapshot_on_top_of_a_full_one_restores_the_latest_state() {
     let scratch = Scratch::new("snapshot-diff");
-    let mut spec: serde_json::Value = serde_json::from_str(&guest_spec(
-        TEST_GUEST_PVH,
-        1,
-        256,
-        "cpu_ms=800 mem_mib=96 mem_rounds=2500",
-    ))
-    .unwrap();
+    let mut spec = spec(1, 256, "cpu_ms=800 mem_mib=96 mem_rounds=2500");
     spec["machine-config"]["track_dirty_pages"] = true.into();
     let (first, mut api, console) = start_with_console(&scratch, spec);
     wait_for_console_line(&console, "guest: cpus online=1", DEADLINE);
@@ -388,7 +350,7 @@ fn a_diff_snapshot_on_top_of_a_full_one_restores_the_latest_state() {
     // The base holds the guest's image and little else; the diff what the memory phase
     // wrote since (how far it got depends on the host's speed), not the whole of RAM. The
     // guest's own check of every page after the restore is what proves the diff complete.
-    let (base_bytes, diff_bytes) = (allocated(&base.mem), allocated(&diff.mem));
+    let (base_bytes, diff_bytes) = (file_data_bytes(&base.mem), file_data_bytes(&diff.mem));
     assert!(
         base_bytes < 16 << 20 && diff_bytes > base_bytes + (8 << 20) && diff_bytes < 200 << 20,
         "base memory file holds {} MiB, diff {} MiB",
@@ -452,13 +414,7 @@ fn a_diff_snapshot_on_top_of_a_full_one_restores_the_latest_state() {
 #[test]
 fn every_kind_of_bad_snapshot_file_is_refused_with_its_own_error_and_the_vmm_stays_up() {
     let scratch = Scratch::new("snapshot-bad");
-    let spec: serde_json::Value = serde_json::from_str(&guest_spec(
-        TEST_GUEST_PVH,
-        1,
-        128,
-        "cpu_ms=60000 mem_mib=1",
-    ))
-    .unwrap();
+    let spec = spec(1, 128, "cpu_ms=60000 mem_mib=1");
     let (first, mut api, console) = start_with_console(&scratch, spec);
     wait_for_console_line(&console, "guest: cpus online=1", DEADLINE);
     let good = snapshot(&mut api, &scratch, "good", "Full");

@@ -85,9 +85,14 @@ impl SerialDevice {
     }
 }
 
-/// The UART's registers and receive FIFO (`vm_superio::serial::SerialState`, field by field).
+/// The UART's registers and receive FIFO.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct SerialDeviceState {
+pub struct SerialDeviceState(#[serde(with = "SerialStateDef")] pub vm_superio::serial::SerialState);
+
+/// `vm_superio::serial::SerialState` for serde's remote derive (vm-superio has no serde).
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(remote = "vm_superio::serial::SerialState")]
+struct SerialStateDef {
     pub baud_divisor_low: u8,
     pub baud_divisor_high: u8,
     pub interrupt_enable: u8,
@@ -104,35 +109,12 @@ impl crate::persist::Persist for SerialDevice {
     type State = SerialDeviceState;
 
     fn save(&mut self) -> SerialDeviceState {
-        let s = self.uart.state();
-        SerialDeviceState {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
+        SerialDeviceState(self.uart.state())
     }
 
     fn restore(&mut self, s: SerialDeviceState) -> Result<(), crate::persist::PersistError> {
         use crate::persist::PersistError;
-        let state = vm_superio::serial::SerialState {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        };
+        let state = s.0;
         let fd = |e: std::io::Error| PersistError::Restore(format!("serial: {e}"));
         let irq = IrqTrigger(self.uart.interrupt_evt().0.try_clone().map_err(fd)?);
         let events = self.uart.events();

@@ -317,9 +317,14 @@ impl MmioTransport {
     }
 }
 
-/// One queue's registers and ring positions (`virtio_queue::QueueState`, field by field).
+/// One queue's registers and ring positions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct QueueRegisters {
+pub struct QueueRegisters(#[serde(with = "QueueStateDef")] pub virtio_queue::QueueState);
+
+/// `virtio_queue::QueueState` for serde's remote derive (virtio-queue has no serde).
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(remote = "virtio_queue::QueueState")]
+struct QueueStateDef {
     pub max_size: u16,
     pub next_avail: u16,
     pub next_used: u16,
@@ -329,38 +334,6 @@ pub struct QueueRegisters {
     pub desc_table: u64,
     pub avail_ring: u64,
     pub used_ring: u64,
-}
-
-impl From<virtio_queue::QueueState> for QueueRegisters {
-    fn from(q: virtio_queue::QueueState) -> Self {
-        Self {
-            max_size: q.max_size,
-            next_avail: q.next_avail,
-            next_used: q.next_used,
-            event_idx_enabled: q.event_idx_enabled,
-            size: q.size,
-            ready: q.ready,
-            desc_table: q.desc_table,
-            avail_ring: q.avail_ring,
-            used_ring: q.used_ring,
-        }
-    }
-}
-
-impl From<QueueRegisters> for virtio_queue::QueueState {
-    fn from(q: QueueRegisters) -> Self {
-        Self {
-            max_size: q.max_size,
-            next_avail: q.next_avail,
-            next_used: q.next_used,
-            event_idx_enabled: q.event_idx_enabled,
-            size: q.size,
-            ready: q.ready,
-            desc_table: q.desc_table,
-            avail_ring: q.avail_ring,
-            used_ring: q.used_ring,
-        }
-    }
 }
 
 /// The transport's registers, its queues, the pending interrupt bits and the device's own
@@ -400,7 +373,7 @@ impl Persist for MmioTransport {
                 .queues
                 .iter()
                 .enumerate()
-                .map(|(i, q)| active.get(i).copied().unwrap_or_else(|| q.state()).into())
+                .map(|(i, q)| QueueRegisters(active.get(i).copied().unwrap_or_else(|| q.state())))
                 .collect(),
             status: self.status,
             config_generation: self.config_generation,
@@ -424,7 +397,7 @@ impl Persist for MmioTransport {
         self.queues = s
             .queues
             .iter()
-            .map(|q| Queue::try_from(virtio_queue::QueueState::from(*q)))
+            .map(|q| Queue::try_from(q.0))
             .collect::<Result<_, _>>()
             .map_err(|e| PersistError::Mismatch(format!("queue: {e}")))?;
         self.device_features_select = s.device_features_select;

@@ -26,7 +26,8 @@ impl Persist for DecayHistogram {
     fn fits(&self, fresh: &Self) -> Result<(), String> {
         same_len("histogram buckets", self.weights.len(), fresh.weights.len())?;
         let empty = self.lowest == usize::MAX && self.highest == 0;
-        if !empty && !(self.lowest <= self.highest && self.highest < self.weights.len()) {
+        let inside = self.lowest <= self.highest && self.highest < self.weights.len();
+        if !(empty || inside) {
             return Err(format!(
                 "histogram occupies buckets {}..={} of {}",
                 self.lowest,

@@ -137,10 +137,8 @@ mod tests {
     #[test]
     fn a_restored_autopilot_goes_on_where_the_saved_one_was() {
         let machine = MachineConfig {
-            vcpu_count: 1,
             mem_size_mib: 1024,
-            smt: false,
-            track_dirty_pages: false,
+            ..MachineConfig::default()
         };
         let config = PredictorConfig::default();
         let mut saved = Autopilot::new(&config, &machine, "t", 1_000_000_000).unwrap();
