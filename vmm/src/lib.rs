@@ -13,6 +13,7 @@ pub mod cleanup;
 pub mod console;
 pub mod device_manager;
 pub mod exit;
+pub mod idle_trim;
 pub mod logger;
 pub mod metrics;
 pub mod microvm;

@@ -20,9 +20,10 @@ use crate::autopilot::kvm_stats::{KvmStatsError, KvmStatsReader};
 use crate::autopilot::Limited;
 use crate::vmm_config::{DriveConfig, NetworkInterfaceConfig};
 
+use crate::autopilot::host::thread_cpu_ns;
 use crate::console::RawTerminal;
 use crate::device_manager::legacy::ResetToExit;
-use crate::vstate::memory::resident_bytes;
+use crate::vstate::memory::{resident_bytes, trim_zero_pages, TrimReport};
 use crate::vstate::vcpu::{VcpuError, VcpuEvent, VcpuHandle, VcpuResponse};
 use crate::vstate::vm::Vm;
 
@@ -121,8 +122,6 @@ pub struct MicroVm {
     _vm: Vm,
     /// Guest RAM and the hotplug region.
     mem: GuestMemoryMmap,
-    /// mincore's page map, kept between accounting calls.
-    residency: Vec<u8>,
 }
 
 impl MicroVm {
@@ -142,7 +141,6 @@ impl MicroVm {
             _terminal: terminal,
             _vm: vm,
             mem,
-            residency: Vec::new(),
         }
     }
 
@@ -244,7 +242,7 @@ impl MicroVm {
     /// The host's and the guest's view of the guest's memory.
     pub fn memory_accounting(&mut self) -> MemoryAccounting {
         let mut a = MemoryAccounting {
-            guest_rss_bytes: resident_bytes(&self.mem, &mut self.residency),
+            guest_rss_bytes: resident_bytes(&self.mem),
             ..MemoryAccounting::default()
         };
         if let Some(mem) = self.hotplug_memory() {
@@ -257,6 +255,28 @@ impl MicroVm {
             a.guest_report = balloon.latest_report();
         }
         a
+    }
+
+    /// CPU time the vCPU threads have used so far, in ns.
+    pub fn vcpu_cpu_ns(&self) -> u64 {
+        self.vcpus
+            .iter()
+            .filter_map(VcpuHandle::pthread)
+            .map(|t| thread_cpu_ns(t).unwrap_or(0))
+            .sum()
+    }
+
+    /// Gives the host back the zero pages of mostly unused huge pages of guest memory
+    /// ([`trim_zero_pages`]), with the vCPUs paused meanwhile; a VM the user paused stays paused.
+    /// Runs on the VMM thread, which is also the one that runs the devices.
+    pub fn trim_memory(&mut self) -> Result<TrimReport, VcpuError> {
+        if self.state == RunState::Paused {
+            return Ok(trim_zero_pages(&self.mem));
+        }
+        self.pause()?;
+        let report = trim_zero_pages(&self.mem);
+        self.resume()?;
+        Ok(report)
     }
 
     /// Makes every vCPU leave KVM_RUN once, to look at what changed (a seccomp stage).

@@ -16,14 +16,15 @@ use crate::autopilot::exits::now_ns;
 use crate::autopilot::{Autopilot, PredictorStatus};
 use crate::builder::build_microvm;
 use crate::exit::{ExitReason, ExitSignal};
+use crate::idle_trim::IdleTrim;
 use crate::metrics::METRICS;
 use crate::microvm::{MicroVm, RunState};
 use crate::rpc::{ActionError, ActionRequest, InstanceInfo, InstanceState, VmmAction, VmmData};
 use crate::seccomp::{self, ThreadKind};
 use crate::vmm_config::{
     validate_drives, validate_interfaces, BalloonStatsUpdate, BalloonUpdate, DriveUpdate,
-    MemoryHotplugSizeUpdate, MemoryHotplugStatus, NetworkInterfaceUpdate, PredictorUpdate,
-    VmConfig,
+    HugePages, MemoryHotplugSizeUpdate, MemoryHotplugStatus, NetworkInterfaceUpdate,
+    PredictorUpdate, VmConfig,
 };
 
 /// Every fd the VMM thread serves is a subscriber of one event manager.
@@ -102,6 +103,8 @@ pub struct Runtime {
     config: VmConfig,
     vm: Option<MicroVm>,
     autopilot: Option<Autopilot>,
+    /// Gives back unused parts of transparent huge pages once the guest idles.
+    idle_trim: Option<IdleTrim>,
     /// The VM's cgroup the jailer made (`--cgroup-dir`), where the predictor sets the CPU quota.
     vm_cgroup: Option<jailer::cgroup::Cgroup>,
     api: Option<Receiver<ActionRequest>>,
@@ -129,6 +132,7 @@ impl Runtime {
             config,
             vm: None,
             autopilot: None,
+            idle_trim: None,
             vm_cgroup: None,
             api: None,
             id,
@@ -196,6 +200,12 @@ impl Runtime {
                 virtio.balloon.clone(),
             ) {
                 a.set_memory_actuator(Box::new(memory));
+            }
+        }
+        if self.config.machine_config.huge_pages == HugePages::Transparent {
+            match IdleTrim::start(&mut self.event_manager) {
+                Ok(t) => self.idle_trim = Some(t),
+                Err(e) => tracing::warn!("no idle trim of guest memory: {e}"),
             }
         }
         self.vm = Some(vm);
@@ -290,6 +300,9 @@ impl Runtime {
                 break ExitReason::VmmError(format!("event loop failed: {e}"));
             }
             self.close_window();
+            if let (Some(trim), Some(vm)) = (&mut self.idle_trim, &mut self.vm) {
+                trim.run_if_due(vm);
+            }
             self.serve_requests();
         };
         if let Some(vm) = self.vm.take() {

@@ -22,7 +22,7 @@ pub use boot_source::{BootSourceConfig, KernelFormat, DEFAULT_BOOT_ARGS};
 pub use drives::{validate_drives, validate_id, DriveConfig, DriveUpdate};
 pub use entropy::EntropyConfig;
 pub use json_path::{JsonPath, Segment};
-pub use machine_config::{MachineConfig, MAX_VCPUS};
+pub use machine_config::{HugePages, MachineConfig, MAX_VCPUS};
 pub use memory_hotplug::{MemoryHotplugConfig, MemoryHotplugSizeUpdate, MemoryHotplugStatus};
 pub use net::{parse_mac, validate_interfaces, NetworkInterfaceConfig, NetworkInterfaceUpdate};
 pub use predictor::{
