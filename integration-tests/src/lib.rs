@@ -4,6 +4,8 @@
 //! real `prescient` binary, knows where the build script put the test guest, writes VM specs,
 //! and runs the VMM with a deadline so that a hang fails a test instead of stalling CI.
 
+pub mod bench;
+pub mod console;
 pub mod openapi;
 
 use std::io::Read;
