@@ -2,7 +2,8 @@
 //! (Firecracker's Unix-socket convention, which prescient follows), alternated run by run.
 //!
 //! - host -> guest: the host connects (`CONNECT <port>`), streams `VSOCK_BENCH_MIB` MiB, the
-//!   guest echoes every byte; timed on the host from the first byte sent to the last byte back.
+//!   guest echoes every byte; timed on the host from the first byte sent to the last byte back,
+//!   then the host closes.
 //! - guest -> host: the guest connects to host port P (`<uds_path>_P`), sends as much, the host
 //!   echoes it; timed on the host from the accept to the guest's close.
 //!
@@ -72,18 +73,17 @@ fn host_to_guest(vmm: &Vmm, dir: &Path, bytes: usize) -> f64 {
     let data = pattern(bytes);
     let mut w = s.try_clone().unwrap();
     let start = Instant::now();
-    let writer = std::thread::spawn(move || {
-        w.write_all(&data).unwrap();
-        w.shutdown(std::net::Shutdown::Write).unwrap();
-    });
+    let writer = std::thread::spawn(move || w.write_all(&data).unwrap());
     let mut back = vec![0u8; bytes];
     let mut r = s;
     r.read_exact(&mut back).unwrap();
     let secs = start.elapsed().as_secs_f64();
     writer.join().unwrap();
     assert!(back == pattern(bytes), "{}: echo differs", vmm.name());
+    // A whole close once everything is back: Firecracker does not pass a half-close on.
     drop(r);
-    vm.expect_prefix("guest: vsock0 echo port=", DEADLINE);
+    let (_, line) = vm.expect_prefix("guest: vsock0 echo port=", DEADLINE);
+    assert!(line.ends_with(" ok"), "{}: {line}", vmm.name());
     vm.wait_exit(DEADLINE);
     bytes as f64 / secs / (1 << 20) as f64
 }
@@ -119,7 +119,8 @@ fn guest_to_host(vmm: &Vmm, dir: &Path, bytes: usize) -> f64 {
     }
     let secs = start.elapsed().as_secs_f64();
     assert_eq!(echoed, bytes, "{}: bytes the guest sent", vmm.name());
-    vm.expect_prefix("guest: vsock0 connect port=", DEADLINE);
+    let (_, line) = vm.expect_prefix("guest: vsock0 connect port=", DEADLINE);
+    assert!(line.ends_with(" ok"), "{}: {line}", vmm.name());
     vm.wait_exit(DEADLINE);
     let _ = std::fs::remove_file(&port_path);
     bytes as f64 / secs / (1 << 20) as f64

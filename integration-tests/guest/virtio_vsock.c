@@ -5,10 +5,15 @@
  * the 44-byte virtio_vsock_hdr followed by the payload. The guest advertises
  * buf_alloc = 64 KiB and honours the host's credit; it answers
  * CREDIT_REQUEST and sends CREDIT_UPDATE after consuming half its buffer.
+ * Out of the host's credit with data to send, it sends CREDIT_REQUEST (again
+ * every millisecond while no packet from the host brings more): a host need
+ * not announce freed buffer space on its own until it runs low (Firecracker
+ * does not).
  *
  * vsock_echo_listen=P: accept one host-initiated connection on port P (an
  * OP_REQUEST to any other port gets OP_RST), echo every byte back until the
- * host shuts down its sending side, then SHUTDOWN and wait for the host's RST.
+ * host shuts down its sending side, then SHUTDOWN and wait for the host's RST
+ * (or, if the host shut down both sides, answer with RST).
  * vsock_connect=P vsock_send=N: connect to host port P, send N bytes of a
  * pattern, read N bytes back and verify them, then SHUTDOWN and wait for RST.
  * Waits are bounded by virtio_timeout_ms without progress.
@@ -47,6 +52,7 @@ static struct vsst {
 	int rx_head_buf[VQ_MAX_SIZE], tx_head_slot[VQ_MAX_SIZE];
 	int tx_free[TXSLOTS], ntx_free, tx_slots;
 	int state, closing, got_rst, need_response, credit_req, failed;
+	u64 credit_asked_until;   /* TSC deadline of our last CREDIT_REQUEST; 0 = none pending */
 	u32 lport, pport, listen;
 	u32 peer_buf_alloc, peer_fwd_cnt, tx_cnt, fwd_cnt, last_fwd_sent;
 	u32 peer_shut;
@@ -178,6 +184,7 @@ static int rx_packet(const u8 *p, u32 used)
 	}
 	vs.peer_buf_alloc = h->buf_alloc;
 	vs.peer_fwd_cnt = h->fwd_cnt;
+	vs.credit_asked_until = 0;
 	switch (h->op) {
 	case OP_RESPONSE:
 		if (vs.state == ST_CONNECTING)
@@ -256,6 +263,15 @@ static int tx_pump(u64 total)
 			break;
 		u32 chunk = BUFSZ - HDR, credit = peer_credit();
 		u64 avail = vs.listen ? vs.ring_in - vs.ring_out : total - vs.sent;
+		if (!credit && avail) {
+			if (!vs.credit_asked_until || vt_expired(vs.credit_asked_until)) {
+				vs.credit_asked_until = vt_deadline(1);
+				if (!send_pkt(OP_CREDIT_REQUEST, 0, 0, 0))
+					return -1;
+				n++;
+			}
+			break;
+		}
 		if (chunk > credit)
 			chunk = credit;
 		if (chunk > avail)
@@ -319,6 +335,12 @@ int vsock_workload(struct vdev *d)
 					: vs.sent == total && vs.rx_bytes >= total;
 			if (!echo && vs.rx_bytes > total) {
 				gprintf("guest: %s got %lu bytes, sent %lu\n", vs.d->name, vs.rx_bytes, total);
+				break;
+			}
+			if (done && vs.peer_shut == (SHUT_RCV | SHUT_SEND)) {
+				/* The host closed both ways (Firecracker does on a host-side
+				 * close) and everything is echoed: answer with RST, as Linux does. */
+				ok = send_pkt(OP_RST, 0, 0, 0);
 				break;
 			}
 			if (done) {
