@@ -5,10 +5,6 @@
  * the 44-byte virtio_vsock_hdr followed by the payload. The guest advertises
  * buf_alloc = 64 KiB and honours the host's credit; it answers
  * CREDIT_REQUEST and sends CREDIT_UPDATE after consuming half its buffer.
- * Out of the host's credit with data to send, it sends CREDIT_REQUEST (again
- * every millisecond while no packet from the host brings more): a host need
- * not announce freed buffer space on its own until it runs low (Firecracker
- * does not).
  *
  * vsock_echo_listen=P: accept one host-initiated connection on port P (an
  * OP_REQUEST to any other port gets OP_RST), echo every byte back until the
@@ -52,7 +48,6 @@ static struct vsst {
 	int rx_head_buf[VQ_MAX_SIZE], tx_head_slot[VQ_MAX_SIZE];
 	int tx_free[TXSLOTS], ntx_free, tx_slots;
 	int state, closing, got_rst, need_response, credit_req, failed;
-	u64 credit_asked_until;   /* TSC deadline of our last CREDIT_REQUEST; 0 = none pending */
 	u32 lport, pport, listen;
 	u32 peer_buf_alloc, peer_fwd_cnt, tx_cnt, fwd_cnt, last_fwd_sent;
 	u32 peer_shut;
@@ -184,7 +179,6 @@ static int rx_packet(const u8 *p, u32 used)
 	}
 	vs.peer_buf_alloc = h->buf_alloc;
 	vs.peer_fwd_cnt = h->fwd_cnt;
-	vs.credit_asked_until = 0;
 	switch (h->op) {
 	case OP_RESPONSE:
 		if (vs.state == ST_CONNECTING)
@@ -263,15 +257,6 @@ static int tx_pump(u64 total)
 			break;
 		u32 chunk = BUFSZ - HDR, credit = peer_credit();
 		u64 avail = vs.listen ? vs.ring_in - vs.ring_out : total - vs.sent;
-		if (!credit && avail) {
-			if (!vs.credit_asked_until || vt_expired(vs.credit_asked_until)) {
-				vs.credit_asked_until = vt_deadline(1);
-				if (!send_pkt(OP_CREDIT_REQUEST, 0, 0, 0))
-					return -1;
-				n++;
-			}
-			break;
-		}
 		if (chunk > credit)
 			chunk = credit;
 		if (chunk > avail)
