@@ -82,19 +82,19 @@ enum Command {
     Profile(vmm::profile::probe::ProfileArgs),
     /// Render a trace (e.g. one a VM recorded to its predictor trace_path) as used vs allocated
     /// vs forecast per resource over time (SVG).
-    Report(predictor::report::ReportArgs),
+    Report(predictor_tools::report::ReportArgs),
     /// Isolate one microVM (chroot, namespaces, cgroup, uid/gid) and run the VMM with the
     /// arguments after `--` (Firecracker's jailer).
     Jail(jailer::JailArgs),
     /// Train the recurrent forecaster on recorded traces (needs the `torch` build feature).
     #[cfg(feature = "torch")]
-    Train(predictor::train::TrainArgs),
+    Train(predictor_tools::train::TrainArgs),
 }
 
 #[derive(Debug, Subcommand)]
 enum PredictorCommand {
     /// Replay traces through every forecaster and policy, and compare them with baselines.
-    Eval(predictor::eval::EvalArgs),
+    Eval(predictor_tools::eval::EvalArgs),
 }
 
 /// Runs a tool; its errors exit 1 with one line.
@@ -103,7 +103,7 @@ fn run_tool(command: Command) -> ExitCode {
     let result = match command {
         Command::Predictor {
             command: PredictorCommand::Eval(args),
-        } => predictor::eval::run(&args, &mut out)
+        } => predictor_tools::eval::run(&args, &mut out)
             .map(|_| ())
             .map_err(|e| e.to_string()),
         Command::Profile(args) => match vmm::profile::probe::run(&args) {
@@ -121,7 +121,9 @@ fn run_tool(command: Command) -> ExitCode {
             Err(e) if e.is_bad_input() => return fail(e, code::BAD_CONFIG),
             Err(e) => Err(e.to_string()),
         },
-        Command::Report(args) => predictor::report::run(&args, &mut out).map_err(|e| e.to_string()),
+        Command::Report(args) => {
+            predictor_tools::report::run(&args, &mut out).map_err(|e| e.to_string())
+        }
         Command::Jail(args) => {
             let spec = match args.validate() {
                 Ok(s) => s,
@@ -130,7 +132,7 @@ fn run_tool(command: Command) -> ExitCode {
             jailer::jail(&spec).map(|_| ()).map_err(|e| e.to_string())
         }
         #[cfg(feature = "torch")]
-        Command::Train(args) => predictor::train::run(&args, &mut out)
+        Command::Train(args) => predictor_tools::train::run(&args, &mut out)
             .map(|_| ())
             .map_err(|e| e.to_string()),
     };

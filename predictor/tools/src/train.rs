@@ -1,11 +1,11 @@
 //! `prescient train`: fits the GRU forecaster with libtorch (through `tch`) and writes
 //! its weights as safetensors for the plain-Rust inference in
-//! [`crate::forecast::recurrent`]. Only built with the `torch` feature.
+//! [`predictor::forecast::recurrent`]. Only built with the `torch` feature.
 
-use crate::forecast::recurrent::{features, GruWeights, RecurrentError, INPUTS};
-use crate::forecast::Horizon;
-use crate::resource::Resource;
-use crate::trace::{self, Trace, TraceError};
+use predictor::forecast::recurrent::{features, GruWeights, RecurrentError, INPUTS};
+use predictor::forecast::Horizon;
+use predictor::resource::Resource;
+use predictor::trace::{self, Trace, TraceError};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;

@@ -1,7 +1,7 @@
 //! SVG plot of used against allocated, one panel per (method, resource).
 
-use crate::resource::{PerResource, Resource};
 use plotters::prelude::*;
+use predictor::resource::{PerResource, Resource};
 use std::path::Path;
 use thiserror::Error;
 

@@ -1,17 +1,17 @@
 //! `prescient predictor eval`: replays traces through every forecaster + policy and the
 //! two baselines, and reports per-resource provisioning quality.
 
-use crate::forecast::ForecastError;
-use crate::forecast::{
+use crate::plot::{self, PlotError, Series};
+use crate::synthetic::{self, SyntheticError};
+use predictor::forecast::ForecastError;
+use predictor::forecast::{
     DecayingHistogram, Forecaster, GruWeights, Horizon, PercentileConfig, Preset, RecurrentError,
 };
-use crate::plot::{self, PlotError, Series};
-use crate::policy::{Action, Allocation, Budget, Decision, Policy, PolicyConfig, PolicyError};
-use crate::resource::{PerResource, Resource};
-use crate::sample::Sample;
-use crate::spec::SpecError;
-use crate::synthetic::{self, SyntheticError};
-use crate::trace::{self, Trace, TraceError};
+use predictor::policy::{Action, Allocation, Budget, Decision, Policy, PolicyConfig, PolicyError};
+use predictor::resource::{PerResource, Resource};
+use predictor::sample::Sample;
+use predictor::spec::SpecError;
+use predictor::trace::{self, Trace, TraceError};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -582,7 +582,7 @@ mod tests {
 
     #[test]
     fn recorded_policy_replays_to_the_same_decisions() {
-        use crate::spec::{ForecasterKind, PolicySpec};
+        use predictor::spec::{ForecasterKind, PolicySpec};
         let dir = std::env::temp_dir().join(format!("predictor-replay-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut t = synthetic::generate(synthetic::Workload::Bursty, 3, 400);

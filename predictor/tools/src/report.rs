@@ -2,11 +2,11 @@
 //! as the policy that recorded it (or, for traces without one, the default policy) saw it.
 
 use crate::eval::{replay_recorded, EvalError};
-use crate::forecast::Preset;
 use crate::plot::{self, PlotError, Series};
-use crate::policy::{Budget, Decision, Policy, PolicyConfig, PolicyError};
-use crate::resource::{PerResource, Resource};
-use crate::trace::{self, Trace, TraceError};
+use predictor::forecast::Preset;
+use predictor::policy::{Budget, Decision, Policy, PolicyConfig, PolicyError};
+use predictor::resource::{PerResource, Resource};
+use predictor::trace::{self, Trace, TraceError};
 use std::io::Write;
 use std::path::PathBuf;
 use thiserror::Error;
@@ -20,7 +20,7 @@ pub enum ReportError {
     #[error("building the default policy: {0}")]
     Policy(#[from] PolicyError),
     #[error("building the default forecasters: {0}")]
-    Forecaster(#[from] crate::forecast::RecurrentError),
+    Forecaster(#[from] predictor::forecast::RecurrentError),
     #[error(transparent)]
     Plot(#[from] PlotError),
     #[error("writing the summary: {0}")]
@@ -126,8 +126,8 @@ mod tests {
         let svg = std::fs::read_to_string(dir.join("r.svg")).unwrap();
         assert!(svg.contains("allocated mem (MiB)"));
 
-        t.header.policy = Some(crate::spec::PolicySpec {
-            forecaster: crate::spec::ForecasterKind::Last,
+        t.header.policy = Some(predictor::spec::PolicySpec {
+            forecaster: predictor::spec::ForecasterKind::Last,
             model_path: None,
             budget: Budget::from_capacity(&t.header.capacity),
             config: PolicyConfig::default(),

@@ -20,9 +20,9 @@
 //!
 //! Everything is derived from the seed, so a seed reproduces a trace bit for bit.
 
-use crate::resource::Usage;
-use crate::sample::{Sample, Signals};
-use crate::trace::{self, Header, Trace, TraceError};
+use predictor::resource::Usage;
+use predictor::sample::{Sample, Signals};
+use predictor::trace::{self, Header, Trace, TraceError};
 use std::f64::consts::TAU;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
@@ -219,7 +219,7 @@ pub fn write_set(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::resource::Resource;
+    use predictor::resource::Resource;
 
     fn mean(t: &Trace, r: Resource, range: std::ops::Range<usize>) -> f64 {
         let n = range.len() as f64;
