@@ -189,7 +189,10 @@ impl Vcpu {
         let (response_tx, response_rx) = channel();
         let (tid_tx, tid_rx) = channel();
         let counters = METRICS.register_vcpu();
-        let kvm_stats = KvmStatsReader::open(self.fd.as_raw_fd());
+        // Only the predictor reads KVM's stats: a VM without one opens no stats fd.
+        let kvm_stats = telemetry
+            .is_some()
+            .then(|| KvmStatsReader::open(self.fd.as_raw_fd()));
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
@@ -212,7 +215,7 @@ impl Vcpu {
         Ok(VcpuHandle {
             index,
             tid,
-            kvm_stats: Some(kvm_stats),
+            kvm_stats,
             thread: Some(thread),
             events: event_tx,
             responses: response_rx,
@@ -449,7 +452,7 @@ impl VcpuHandle {
         self.thread.as_ref().map(|t| t.as_pthread_t())
     }
 
-    /// The vCPU's KVM stats reader, opened at start; taken once.
+    /// The vCPU's KVM stats reader, opened at start when the VM has a predictor; taken once.
     pub fn take_kvm_stats(&mut self) -> Option<Result<KvmStatsReader, KvmStatsError>> {
         self.kvm_stats.take()
     }
