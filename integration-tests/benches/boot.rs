@@ -18,7 +18,7 @@
 use std::time::Duration;
 
 use integration_tests::bench::{
-    alternate, resident_outside_guest_ram, Footprint, Kind, Table, VmSpec, Vmm,
+    alternate, resident_outside_guest_ram, Footprint, Kind, Stat, Table, VmSpec, Vmm,
 };
 use integration_tests::console::Console;
 use integration_tests::Scratch;
@@ -200,65 +200,68 @@ fn main() {
     huge_page_choices(&scratch, mem_runs);
 }
 
-/// prescient with each `huge_pages` value: first-touch speed against host memory.
+/// prescient with each `huge_pages` value, and Firecracker with its default (`None`),
+/// alternated: first-touch speed against host memory.
 fn huge_page_choices(scratch: &Scratch, runs: usize) {
-    let prescient = [Vmm::prescient()];
-    let mut choices = vec!["None", "Transparent"];
-    let pool_note = if free_hugetlb_pages() * 2 >= 2 * MEM_MIB {
-        choices.push("2M");
-        String::new()
+    let mut variants: Vec<(String, Vmm, Option<&str>)> = ["None", "Transparent"]
+        .into_iter()
+        .map(|c| (format!("prescient {c}"), Vmm::prescient(), Some(c)))
+        .collect();
+    let free = free_hugetlb_pages();
+    let pool_note = if free * 2 >= 2 * MEM_MIB {
+        variants.push(("prescient 2M".into(), Vmm::prescient(), Some("2M")));
+        None
     } else {
-        format!(
-            "2M: not run: the host's 2 MiB hugetlbfs pool has {} free pages, {} needed \
-             (vm.nr_hugepages)",
-            free_hugetlb_pages(),
-            2 * MEM_MIB / 2
-        )
+        Some(format!(
+            "prescient 2M: not run: the host's 2 MiB hugetlbfs pool has {free} free pages, {} \
+             needed (vm.nr_hugepages)",
+            MEM_MIB / 2
+        ))
     };
-    println!(
-        "prescient machine-config.huge_pages ({VCPUS} vCPUs, {MEM_MIB} MiB), medians of {runs}"
-    );
-    println!(
-        "{:<12} {:>20} {:>22} {:>22} {:>22}",
-        "huge_pages", "exit after 64 MiB", "idle RSS: last line", "settled", "64 MiB: settled"
-    );
-    for choice in choices {
-        let with = |args: &str| {
-            let mut s = VmSpec::test_guest(VCPUS, MEM_MIB, args);
-            s.huge_pages = Some(choice.to_string());
-            s
-        };
-        let timed_spec = with(TIMED_ARGS);
-        let exits: Vec<f64> = alternate(&prescient, runs, |v| timed(v, scratch, &timed_spec))[0]
-            .iter()
-            .map(|t| t.1)
-            .collect();
-        let mut idle = Vec::new();
-        let mut touched = Vec::new();
-        for _ in 0..runs {
+    if let Ok(fc) = Vmm::firecracker() {
+        variants.push(("firecracker None".into(), fc, None));
+    }
+    let with = |pages: Option<&str>, args: &str| {
+        let mut s = VmSpec::test_guest(VCPUS, MEM_MIB, args);
+        s.huge_pages = pages.map(str::to_string);
+        s
+    };
+    // Per variant: exit times, idle RSS at the last line, settled idle RSS, settled 64 MiB RSS.
+    let mut results: Vec<[Vec<f64>; 4]> = variants.iter().map(|_| Default::default()).collect();
+    for _ in 0..runs {
+        for ((_, vmm, pages), out) in variants.iter().zip(&mut results) {
+            out[0].push(timed(vmm, scratch, &with(*pages, TIMED_ARGS)).1);
             let m = memory(
                 &[
-                    (&prescient[0], with("cpu_ms=1 mem_mib=1 exit=halt")),
-                    (&prescient[0], with("cpu_ms=1 mem_mib=64 exit=halt")),
+                    (vmm, with(*pages, "cpu_ms=1 mem_mib=1 exit=halt")),
+                    (vmm, with(*pages, "cpu_ms=1 mem_mib=64 exit=halt")),
                 ],
                 scratch,
             );
-            idle.push(m[0].at_done.host_kib());
-            touched.push((m[0].settled.host_kib(), m[1].settled.host_kib()));
+            out[1].push(mib(m[0].at_done.host_kib()));
+            out[2].push(mib(m[0].settled.host_kib()));
+            out[3].push(mib(m[1].settled.host_kib()));
         }
-        let med = |mut v: Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
+    }
+    println!(
+        "machine-config.huge_pages ({VCPUS} vCPUs, {MEM_MIB} MiB), medians of {runs} alternated runs; \
+         RSS includes hugetlbfs pages"
+    );
+    println!(
+        "{:<22} {:>20} {:>22} {:>18} {:>18}",
+        "", "exit after 64 MiB", "idle RSS: last line", "settled", "64 MiB: settled"
+    );
+    for ((label, _, _), r) in variants.iter().zip(&results) {
+        let med = |v: &[f64]| Stat::of(v).median;
         println!(
-            "{choice:<12} {:>17.0} ms {:>18.1} MiB {:>18.1} MiB {:>18.1} MiB",
-            med(exits),
-            med(idle.iter().map(|k| mib(*k)).collect()),
-            med(touched.iter().map(|k| mib(k.0)).collect()),
-            med(touched.iter().map(|k| mib(k.1)).collect()),
+            "{label:<22} {:>17.0} ms {:>18.1} MiB {:>14.1} MiB {:>14.1} MiB",
+            med(&r[0]),
+            med(&r[1]),
+            med(&r[2]),
+            med(&r[3]),
         );
     }
-    if !pool_note.is_empty() {
-        println!("{pool_note}");
+    if let Some(note) = pool_note {
+        println!("{note}");
     }
 }

@@ -414,7 +414,10 @@ pub fn resident_outside_guest_ram(pid: u32, guest_mib: u64) -> u64 {
             if let (Ok(start), Ok(end)) =
                 (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
             {
-                maps.push((start, end, words.nth(4).is_none(), 0));
+                // Anonymous: no name, or hugetlbfs's name for anonymous huge pages.
+                let name = words.nth(4);
+                let anon = name.is_none_or(|n| n == "/anon_hugepage");
+                maps.push((start, end, anon, 0));
                 continue;
             }
         }

@@ -14,7 +14,7 @@ use devices::virtio::net::{Net, NetError};
 
 use devices::virtio::DeviceCounters;
 use predictor::telemetry::DeviceKind;
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::autopilot::kvm_stats::{KvmStatsError, KvmStatsReader};
 use crate::autopilot::Limited;
@@ -267,16 +267,21 @@ impl MicroVm {
     }
 
     /// Gives the host back the zero pages of mostly unused huge pages of guest memory
-    /// ([`trim_zero_pages`]), with the vCPUs paused meanwhile; a VM the user paused stays paused.
-    /// Runs on the VMM thread, which is also the one that runs the devices.
-    pub fn trim_memory(&mut self) -> Result<TrimReport, VcpuError> {
+    /// ([`trim_zero_pages`], from `from`, at most `max_scanned` resident pieces), with the vCPUs
+    /// paused meanwhile; a VM the user paused stays paused. Runs on the VMM thread, which is also
+    /// the one that runs the devices.
+    pub fn trim_memory(
+        &mut self,
+        from: GuestAddress,
+        max_scanned: u64,
+    ) -> Result<(TrimReport, Option<GuestAddress>), VcpuError> {
         if self.state == RunState::Paused {
-            return Ok(trim_zero_pages(&self.mem));
+            return Ok(trim_zero_pages(&self.mem, from, max_scanned));
         }
         self.pause()?;
-        let report = trim_zero_pages(&self.mem);
+        let result = trim_zero_pages(&self.mem, from, max_scanned);
         self.resume()?;
-        Ok(report)
+        Ok(result)
     }
 
     /// Makes every vCPU leave KVM_RUN once, to look at what changed (a seccomp stage).

@@ -165,24 +165,40 @@ pub struct TrimReport {
     pub freed_bytes: u64,
 }
 
-/// Gives the host back the zero 4 KiB pages of every fully resident, mostly unused 2 MiB piece
-/// of `mem`: what transparent huge pages brought in around the pages the guest really wrote.
+/// Gives the host back the zero 4 KiB pages of fully resident, mostly unused 2 MiB pieces of
+/// `mem`: what transparent huge pages brought in around the pages the guest really wrote.
 ///
 /// A page that reads zero is given back with MADV_DONTNEED (the guest reads zeroes there again, so
 /// nothing it sees changes), its piece is marked MADV_NOHUGEPAGE (so khugepaged does not fill it
 /// back up) and MADV_COLD (which makes the kernel split the huge page now and free the pages, not
 /// only under memory pressure).
 ///
+/// One call looks at the pieces from guest address `from` on and stops after `max_scanned` fully
+/// resident ones (a bounded pause for a large guest), returning where to go on, or None at the
+/// end of guest memory.
+///
 /// Nothing may write guest memory meanwhile, or a write between the check and the discard would
 /// be lost: call it with every vCPU paused, from the thread that runs the devices.
-pub fn trim_zero_pages(mem: &GuestMemoryMmap) -> TrimReport {
+pub fn trim_zero_pages(
+    mem: &GuestMemoryMmap,
+    from: GuestAddress,
+    max_scanned: u64,
+) -> (TrimReport, Option<GuestAddress>) {
     let mut report = TrimReport::default();
     let mut map = [0u8; PAGES_PER_HUGE_PAGE];
-    for_each_mapping(mem, |host, len| {
+    for region in mem.iter() {
+        let Ok(host) = region.get_host_address(MemoryRegionAddress(0)) else {
+            continue;
+        };
+        let len = region.len() as usize;
         let first = (host as usize).next_multiple_of(HUGE_PAGE) - host as usize;
         for offset in (first..len).step_by(HUGE_PAGE) {
-            if len - offset < HUGE_PAGE {
-                break;
+            let guest = region.start_addr().0 + offset as u64;
+            if len - offset < HUGE_PAGE || guest < from.0 {
+                continue;
+            }
+            if report.huge_pages_scanned == max_scanned {
+                return (report, Some(GuestAddress(guest)));
             }
             // SAFETY: `offset + HUGE_PAGE <= len`: the piece lies inside the mapping.
             let piece = unsafe { host.add(offset) };
@@ -196,8 +212,8 @@ pub fn trim_zero_pages(mem: &GuestMemoryMmap) -> TrimReport {
                 report.freed_bytes += freed;
             }
         }
-    });
-    report
+    }
+    (report, None)
 }
 
 /// Trims one resident 2 MiB piece at `piece` (2 MiB aligned, inside guest memory) if it has
@@ -322,7 +338,8 @@ mod tests {
         }
         let sparse_was_huge = fully_resident(&mem, 0);
         let before = resident_bytes(&mem);
-        let report = trim_zero_pages(&mem);
+        let (report, next) = trim_zero_pages(&mem, GuestAddress(0), u64::MAX);
+        assert_eq!(next, None);
         let after = resident_bytes(&mem);
 
         assert_eq!(mem.read_obj::<u64>(GuestAddress(0x1000)).unwrap(), 0x1111);
@@ -349,6 +366,22 @@ mod tests {
             assert_eq!(report.freed_bytes, 511 * 4096, "{report:?}");
             assert!(!fully_resident(&mem, 0));
             assert!(fully_resident(&mem, 2 * MIB) && fully_resident(&mem, 4 * MIB));
+            // In steps of one resident piece: the same result, a piece at a time.
+            let mem = create_guest_memory(16 * MIB, HugePages::Transparent).unwrap();
+            mem.write_obj(1u8, GuestAddress(0x1000)).unwrap();
+            mem.write_obj(1u8, GuestAddress(8 * MIB)).unwrap();
+            let (first, next) = trim_zero_pages(&mem, GuestAddress(0), 1);
+            assert_eq!(
+                (first.huge_pages_trimmed, next),
+                (1, Some(GuestAddress(2 * MIB)))
+            );
+            let (second, next) = trim_zero_pages(&mem, next.unwrap(), 1);
+            assert_eq!(
+                (second.huge_pages_trimmed, next),
+                (1, Some(GuestAddress(10 * MIB)))
+            );
+            let (rest, next) = trim_zero_pages(&mem, next.unwrap(), 1);
+            assert_eq!((rest.huge_pages_scanned, next), (0, None));
         } else {
             // Without transparent huge pages (host THP off) nothing was brought in around the
             // written pages, so there is nothing to give back.
