@@ -17,9 +17,10 @@ use std::time::{Duration, Instant};
 use event_manager::{EventManager, SubscriberOps};
 use vm_memory::GuestAddress;
 
+use crate::autopilot::host::thread_cpu_ns;
 use crate::autopilot::window::WindowTimer;
+use crate::event_loop::Subscriber;
 use crate::microvm::MicroVm;
-use crate::runtime::Subscriber;
 use crate::vstate::memory::resident_bytes;
 
 /// How often the guest's activity is looked at.
@@ -62,7 +63,11 @@ impl IdleTrim {
         if !self.due.swap(false, Ordering::AcqRel) {
             return;
         }
-        let cpu = vm.vcpu_cpu_ns();
+        let cpu: u64 = vm
+            .vcpu_threads()
+            .into_iter()
+            .map(|t| thread_cpu_ns(t).unwrap_or(0))
+            .sum();
         let busy = cpu.saturating_sub(self.last_cpu_ns);
         self.last_cpu_ns = cpu;
         if busy >= IDLE_CPU_NS {
