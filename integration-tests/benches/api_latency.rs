@@ -13,7 +13,7 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use integration_tests::bench::{Kind, Stat, Table, Vmm};
+use integration_tests::bench::{env_or, Kind, Stat, Table, Vmm};
 use integration_tests::console::Console;
 use integration_tests::{ApiClient, Scratch};
 
@@ -113,14 +113,8 @@ fn percentiles(socket: &Path, per_client: usize) -> Percentiles {
 }
 
 fn main() {
-    let per_client: usize = std::env::var("API_BENCH_REQUESTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2000);
-    let rounds: usize = std::env::var("API_BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4);
+    let per_client: usize = env_or("API_BENCH_REQUESTS", 2000);
+    let rounds: usize = env_or("API_BENCH_ROUNDS", 4);
     let scratch = Scratch::new("api-bench");
     let reference = scratch.path().join("reference.sock");
     reference_server(&reference);

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use integration_tests::bench::{alternate, Table, VmSpec, Vmm};
+use integration_tests::bench::{alternate, env_or, Table, VmSpec, Vmm};
 use integration_tests::{line_field, Scratch};
 
 /// (label, guest parameters, result field, unit divisor)
@@ -33,10 +33,7 @@ const DISK_MIB: u64 = 256;
 const DEADLINE: Duration = Duration::from_secs(120);
 
 fn main() {
-    let runs: usize = std::env::var("BLOCK_BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    let runs: usize = env_or("BLOCK_BENCH_RUNS", 3);
     let scratch = Scratch::new("block-bench");
     // Allocated, cached blocks rather than holes, so every VMM reads the same kind of data.
     let disk = scratch.zeroed_file("disk.img", (DISK_MIB << 20) as usize);

@@ -18,7 +18,7 @@
 use std::time::Duration;
 
 use integration_tests::bench::{
-    alternate, resident_outside_guest_ram, Footprint, Kind, Stat, Table, VmSpec, Vmm,
+    alternate, env_or, resident_outside_guest_ram, Footprint, Kind, Stat, Table, VmSpec, Vmm,
 };
 use integration_tests::console::Console;
 use integration_tests::Scratch;
@@ -31,13 +31,6 @@ const TOUCH_MIB: u64 = 64;
 const SETTLE: Duration = Duration::from_secs(3);
 const DEADLINE: Duration = Duration::from_secs(60);
 const DONE: &str = "prescient-test-guest: done";
-
-fn env_runs(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -104,8 +97,8 @@ fn free_hugetlb_pages() -> u64 {
 }
 
 fn main() {
-    let runs = env_runs("BOOT_BENCH_RUNS", 15);
-    let mem_runs = env_runs("BOOT_BENCH_MEM_RUNS", 3);
+    let runs = env_or("BOOT_BENCH_RUNS", 15);
+    let mem_runs = env_or("BOOT_BENCH_MEM_RUNS", 3);
     let scratch = Scratch::new("boot-bench");
     let vmms = Vmm::all();
 

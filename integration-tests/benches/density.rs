@@ -16,20 +16,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use integration_tests::bench::{Footprint, Stat, Table, VmSpec, Vmm};
+use integration_tests::bench::{env_or, Footprint, Stat, Table, VmSpec, Vmm};
 use integration_tests::Scratch;
 use jailer::cgroup::{Cgroup, Mounts, Version};
 
 const SETTLE: Duration = Duration::from_secs(3);
 const BOOT_DEADLINE: Duration = Duration::from_secs(60);
 const DONE: &str = "prescient-test-guest: done";
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// A memory cgroup for one VMM's VMs, removed (with the VMs killed) when dropped.
 struct Pen {
@@ -195,9 +188,9 @@ fn fill(vmm: &Vmm, spec: &VmSpec, dir: &Path, limit: u64, max_vms: u64) -> Resul
 }
 
 fn main() {
-    let limit_mib = env_u64("DENSITY_LIMIT_MIB", 4096);
-    let touch = env_u64("DENSITY_TOUCH_MIB", 1);
-    let max_vms = env_u64("DENSITY_MAX_VMS", 4000);
+    let limit_mib = env_or("DENSITY_LIMIT_MIB", 4096);
+    let touch = env_or("DENSITY_TOUCH_MIB", 1);
+    let max_vms = env_or("DENSITY_MAX_VMS", 4000);
     let scratch = Scratch::new("density-bench");
     let vmms = Vmm::all();
     let spec = VmSpec::test_guest(1, 128, &format!("cpu_ms=1 mem_mib={touch} exit=halt"));

@@ -12,7 +12,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use integration_tests::bench::{alternate, Cell, Kind, Stat, Table, VmSpec, Vmm};
+use integration_tests::bench::{alternate, env_or, Cell, Kind, Stat, Table, VmSpec, Vmm};
 use integration_tests::console::Console;
 use integration_tests::{ApiClient, Scratch};
 
@@ -155,10 +155,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn main() {
-    let runs: usize = std::env::var("ELASTIC_BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    let runs: usize = env_or("ELASTIC_BENCH_RUNS", 3);
     let scratch = Scratch::new("elastic-bench");
     let vmms = Vmm::all();
     let mut t = Table::new(

@@ -21,7 +21,7 @@ mod support;
 use std::process::Command;
 use std::time::Duration;
 
-use integration_tests::bench::{alternate, Table, VmSpec, Vmm};
+use integration_tests::bench::{alternate, env_or, Table, VmSpec, Vmm};
 use integration_tests::Scratch;
 use support::{cmdline, images, Console, HostKvm};
 
@@ -54,11 +54,7 @@ fn ms(d: Duration) -> f64 {
 type Run = (f64, f64, Option<f64>);
 
 fn main() {
-    let runs: usize = std::env::var("LINUX_BOOT_BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(5);
+    let runs: usize = env_or("LINUX_BOOT_BENCH_RUNS", 5).max(1);
     let host = HostKvm::detect();
     let full = host.why_no_full_boot().is_none();
     let img = images();

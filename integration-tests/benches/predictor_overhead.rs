@@ -15,7 +15,7 @@
 
 use std::time::Duration;
 
-use integration_tests::bench::{alternate, Kind, Table, VmSpec, Vmm};
+use integration_tests::bench::{alternate, env_or, Kind, Table, VmSpec, Vmm};
 use integration_tests::{guest_spec, line_field, median, run_spec, Scratch, TEST_GUEST_PVH};
 use predictor_tools::eval::replay_recorded;
 use serde_json::Value;
@@ -60,10 +60,7 @@ fn slack(used: &[f64], allocated: &[f64]) -> (f64, usize) {
 }
 
 fn main() {
-    let runs: usize = std::env::var("PREDICTOR_BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+    let runs: usize = env_or("PREDICTOR_BENCH_RUNS", 5);
     let scratch = Scratch::new("predictor-bench");
     let scratch_on = Scratch::new("predictor-bench-on");
     let (mut off, mut on, mut ratios) = (Vec::new(), Vec::new(), Vec::new());

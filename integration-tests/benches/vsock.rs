@@ -16,45 +16,20 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use integration_tests::bench::{alternate, VmSpec, Vmm};
-use integration_tests::bench::{Kind, Table};
-use integration_tests::Scratch;
+use integration_tests::bench::{alternate, env_or, Kind, Table, VmSpec, Vmm};
+use integration_tests::{vsock_connect, Scratch};
 
 const PORT: u32 = 1234;
 const DEADLINE: Duration = Duration::from_secs(120);
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn pattern(n: usize) -> Vec<u8> {
     (0..n).map(|i| (i * 7 + i / 251) as u8).collect()
 }
 
-/// Connects to the VMM's socket (waiting for it to appear) and opens guest port `PORT`.
+/// Opens guest port `PORT` through the VMM's socket.
 fn connect(uds: &Path) -> UnixStream {
-    let start = Instant::now();
-    let mut s = loop {
-        match UnixStream::connect(uds) {
-            Ok(s) => break s,
-            Err(e) => {
-                assert!(start.elapsed() < Duration::from_secs(30), "{uds:?}: {e}");
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
-    };
-    s.set_read_timeout(Some(DEADLINE)).unwrap();
-    s.write_all(format!("CONNECT {PORT}\n").as_bytes()).unwrap();
-    let mut reply = Vec::new();
-    let mut b = [0u8; 1];
-    while !reply.ends_with(b"\n") {
-        assert_eq!(s.read(&mut b).unwrap(), 1, "the VMM closed on CONNECT");
-        reply.push(b[0]);
-    }
-    assert!(reply.starts_with(b"OK "), "reply {reply:?}");
+    let (s, reply) = vsock_connect(uds, PORT);
+    assert!(reply.starts_with("OK "), "reply {reply:?}");
     s
 }
 
@@ -127,8 +102,8 @@ fn guest_to_host(vmm: &Vmm, dir: &Path, bytes: usize) -> f64 {
 }
 
 fn main() {
-    let runs = env_usize("VSOCK_BENCH_RUNS", 5);
-    let mib = env_usize("VSOCK_BENCH_MIB", 16);
+    let runs = env_or("VSOCK_BENCH_RUNS", 5);
+    let mib = env_or("VSOCK_BENCH_MIB", 16);
     let scratch = Scratch::new("vsock-bench");
     let vmms = Vmm::with(&[Kind::Firecracker]);
     let bytes = mib << 20;

@@ -187,6 +187,14 @@ impl Vmm {
     }
 }
 
+/// A benchmark setting from the environment (`name`), or `default` when unset or unparsable.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Runs `measure` on each VMM in turn, `rounds` times, so that host noise falls on all of them
 /// alike; returns each VMM's results in `vmms` order.
 pub fn alternate<T>(
