@@ -78,11 +78,44 @@ impl Budget {
     }
 }
 
+fn default_target_under() -> f64 {
+    0.01
+}
+
+fn default_shortfall_cost() -> PerResource<f64> {
+    // A CPU or bandwidth shortfall throttles the guest for a window and is over; a memory
+    // shortfall makes it reclaim or swap (or, unplugged, fail an allocation), so it costs more.
+    PerResource {
+        cpu: 1.0,
+        mem: 2.0,
+        blk: 1.0,
+        net: 1.0,
+    }
+}
+
+fn default_calibration_step() -> f64 {
+    // Gibbs & Candes' step for adaptive conformal inference: after a miss the band's level
+    // moves by half a point, and it takes ~100 windows without one to move back.
+    0.005
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PolicyConfig {
     /// Allocation covers the upper forecasts of the next `horizon` windows, so grows lead
     /// demand by as long as a resize takes to land.
     pub horizon: Horizon,
+    /// Share of windows allowed to be under-provisioned on a resource whose shortfall costs
+    /// 1; the band is calibrated online so the realised share holds it on any workload.
+    #[serde(default = "default_target_under")]
+    pub target_under: f64,
+    /// Cost of a unit of shortfall relative to a unit of slack, per resource, on the scale
+    /// where `target_under` is the right miss rate for cost 1 (newsvendor: a resource with
+    /// cost `c` aims at `t / (t + c (1 - t))`).
+    #[serde(default = "default_shortfall_cost")]
+    pub shortfall_cost: PerResource<f64>,
+    /// Step of the calibration (adaptive conformal inference's gamma).
+    #[serde(default = "default_calibration_step")]
+    pub calibration_step: f64,
     /// A shrink is considered only when the target is this fraction below the allocation.
     pub shrink_hysteresis: f64,
     /// ... for this many consecutive windows.
@@ -101,6 +134,9 @@ impl Default for PolicyConfig {
     fn default() -> Self {
         PolicyConfig {
             horizon: Horizon::ONE,
+            target_under: default_target_under(),
+            shortfall_cost: default_shortfall_cost(),
+            calibration_step: default_calibration_step(),
             shrink_hysteresis: 0.03,
             shrink_after: 3,
             max_grow: 0.5,
@@ -115,8 +151,38 @@ impl Default for PolicyConfig {
 }
 
 impl PolicyConfig {
+    /// The under-provisioning rate resource `r` aims at.
+    pub fn target(&self, r: Resource) -> f64 {
+        let t = self.target_under;
+        t / (t + self.shortfall_cost[r] * (1.0 - t))
+    }
+
     fn validate(&self) -> Result<(), PolicyError> {
+        // The cost furthest from 1, so one check covers all four.
+        let cost = Resource::ALL
+            .into_iter()
+            .map(|r| self.shortfall_cost[r])
+            .max_by(|a, b| (a.ln().abs()).total_cmp(&b.ln().abs()))
+            .unwrap_or(1.0);
         let fields = [
+            (
+                "target under-provisioning",
+                self.target_under,
+                self.target_under > 0.0 && self.target_under < 0.5,
+                "(0, 0.5)",
+            ),
+            (
+                "shortfall cost",
+                cost,
+                (1e-3..=1e3).contains(&cost),
+                "[0.001, 1000]",
+            ),
+            (
+                "calibration step",
+                self.calibration_step,
+                self.calibration_step > 0.0 && self.calibration_step <= 0.1,
+                "(0, 0.1]",
+            ),
             (
                 "shrink hysteresis",
                 self.shrink_hysteresis,
@@ -169,6 +235,57 @@ pub enum Action {
     Kill,
 }
 
+/// Adaptive conformal calibration of one resource's band (Gibbs & Candes, "Adaptive
+/// conformal inference under distribution shift", 2021): the band is set at the
+/// `1 - alpha` quantile, and `alpha` moves by `step x (target - missed)` after every window,
+/// where `missed` means demand exceeded the allocation actually in force (after alignment,
+/// hysteresis and change limits), not just the forecast. At `alpha <= 0` no band is wide
+/// enough and the policy allocates the budget maximum, which nothing below capacity
+/// exceeds. Whatever the workload, then, the share of missed windows over `T` windows is at
+/// most `target + (target + step) / (step T)`: the guarantee needs no assumption about the
+/// demand series, and where the forecasters are good the band narrows on its own.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Calibration {
+    target: f64,
+    step: f64,
+    alpha: f64,
+}
+
+impl Calibration {
+    pub fn new(target: f64, step: f64) -> Self {
+        Calibration {
+            target,
+            step,
+            alpha: target,
+        }
+    }
+
+    /// One window's outcome.
+    pub fn update(&mut self, missed: bool) {
+        let miss = if missed { 1.0 } else { 0.0 };
+        // Capped at the median: past it a band stops being an upper bound. The cap only
+        // drops increments that would have lowered the miss rate, so the bound still holds.
+        self.alpha = (self.alpha + self.step * (self.target - miss)).min(0.5);
+    }
+
+    /// The band's quantile now; None when saturated (allocate the maximum).
+    pub fn quantile(&self) -> Option<f64> {
+        (self.alpha > 0.0).then_some(1.0 - self.alpha)
+    }
+
+    pub fn target(&self) -> f64 {
+        self.target
+    }
+}
+
+/// How one resource's allocation was reached: the expert leading the forecast and the
+/// calibrated quantile of its band (1 when saturated at the maximum).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Band {
+    pub expert: String,
+    pub quantile: f64,
+}
+
 /// One window's record: what came in, what was predicted, what was decided and why.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Decision {
@@ -179,6 +296,9 @@ pub struct Decision {
     /// Allocation for the next window.
     pub allocation: Allocation,
     pub resized: PerResource<bool>,
+    /// The expert and calibrated band behind each resource's allocation.
+    #[serde(default)]
+    pub band: PerResource<Band>,
     pub behaviour: f64,
     pub anomaly: AnomalyReport,
     pub action: Action,
@@ -191,11 +311,18 @@ pub struct Policy {
     cfg: PolicyConfig,
     forecasters: PerResource<Box<dyn Forecaster>>,
     allocation: Allocation,
+    calibration: PerResource<Calibration>,
+    /// Whether the allocation in force was set by a warm forecaster (and so is scored).
+    calibrating: PerResource<bool>,
     shrink_streak: PerResource<u32>,
     /// What was forecast for the window now being decided on.
     expected: Option<PerResource<Forecast>>,
     behaviour: BehaviourScore,
     anomaly: AnomalyDetector,
+}
+
+fn round2(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
 }
 
 fn align_up(v: f64, step: f64) -> f64 {
@@ -211,8 +338,16 @@ impl Policy {
     ) -> Result<Self, PolicyError> {
         budget.validate()?;
         cfg.validate()?;
+        let calibration =
+            PerResource::from_fn(|r| Calibration::new(cfg.target(r), cfg.calibration_step));
+        let mut forecasters = forecasters;
+        for (r, c) in calibration.iter() {
+            forecasters[r].set_quantile(c.quantile().unwrap_or(1.0));
+        }
         Ok(Policy {
             allocation: budget.0.map(|_, l| l.initial),
+            calibration,
+            calibrating: PerResource::default(),
             budget,
             behaviour: BehaviourScore::new(cfg.behaviour)?,
             anomaly: AnomalyDetector::new(cfg.anomaly)?,
@@ -230,6 +365,16 @@ impl Policy {
 
     pub fn budget(&self) -> &Budget {
         &self.budget
+    }
+
+    /// Each resource's experts and their weights (empty for a single forecaster).
+    pub fn expert_weights(&self) -> PerResource<Vec<crate::forecast::ExpertWeight>> {
+        self.forecasters.map(|_, f| f.weights())
+    }
+
+    /// Each resource's calibration state.
+    pub fn calibration(&self) -> &PerResource<Calibration> {
+        &self.calibration
     }
 
     /// A new budget and anomaly ladder while running (the VMM's `PATCH /predictor`): the
@@ -269,32 +414,56 @@ impl Policy {
         let mut reason = String::new();
         let mut resized = PerResource::default();
         let mut forecast = PerResource::default();
+        let mut band = PerResource::<Band>::default();
         for r in Resource::ALL {
+            let used = sample.usage[r];
+            let lim = self.budget.0[r];
+            let cal = &mut self.calibration[r];
+            if self.calibrating[r] {
+                // Demand above the maximum is missed by any allocation: not the band's fault.
+                let held = self.allocation[r];
+                cal.update(used > held * (1.0 + 1e-9) && held < lim.max);
+            }
+            let quantile = cal.quantile();
             let f = &mut self.forecasters[r];
-            f.observe(sample.usage[r]);
+            f.set_quantile(quantile.unwrap_or(1.0));
+            f.observe_window(used, &sample.signals);
             forecast[r] = f.forecast(Horizon::ONE);
+            band[r] = Band {
+                expert: f.leader().to_string(),
+                quantile: quantile.unwrap_or(1.0),
+            };
             if !f.warm() {
                 continue;
             }
-            let upper = self
-                .cfg
-                .horizon
-                .up_to()
-                .map(|h| f.forecast(h).upper)
-                .fold(0.0, f64::max);
+            let first = !std::mem::replace(&mut self.calibrating[r], true);
+            let upper = match quantile {
+                Some(_) => self
+                    .cfg
+                    .horizon
+                    .up_to()
+                    .skip(1)
+                    .map(|h| f.forecast(h).upper)
+                    .fold(forecast[r].upper, f64::max),
+                None => lim.max,
+            };
             let before = self.allocation[r];
-            let after = self.resize(r, upper * headroom);
+            let after = self.resize(r, upper * headroom, first);
             if after != before {
                 resized[r] = true;
+                // Shortest float formatting ({}) after rounding: fixed-precision formatting
+                // was a tenth of the window's cost.
                 let _ = write!(
                     reason,
-                    "{} {} {:.2} -> {:.2} {} (upper forecast {:.2}); ",
+                    "{} {} {} -> {} {} ({} leads, upper {} at q {}); ",
                     r.name(),
                     if after > before { "grow" } else { "shrink" },
-                    before,
-                    after,
+                    round2(before),
+                    round2(after),
                     r.unit(),
-                    upper,
+                    band[r].expert,
+                    round2(upper),
+                    (band[r].quantile * 1e4).round() / 1e4,
                 );
             }
         }
@@ -322,6 +491,7 @@ impl Policy {
             forecast,
             allocation: self.allocation,
             resized,
+            band,
             behaviour,
             anomaly,
             action,
@@ -331,15 +501,20 @@ impl Policy {
 
     /// Moves one resource's allocation towards `target`: clamped to the budget, aligned to
     /// the step, grown at once, shrunk only after `shrink_after` windows of a target
-    /// clearly below, and by at most the rate limits.
-    fn resize(&mut self, r: Resource, target: f64) -> f64 {
+    /// clearly below, and by at most the rate limits. The `first` forecast-based allocation
+    /// replaces the configured initial one outright: that was a placeholder, not a measured
+    /// need, and walking down from it at the shrink limit would keep a short-lived VM at its
+    /// initial size for most of its life.
+    fn resize(&mut self, r: Resource, target: f64, first: bool) -> f64 {
         let lim = self.budget.0[r];
         let cur = self.allocation[r];
         let bounded =
             |v: f64| align_up(v.clamp(lim.min, lim.max), lim.step).clamp(lim.min, lim.max);
         let target = bounded(target);
         let streak = &mut self.shrink_streak[r];
-        let next = if target > cur {
+        let next = if first {
+            target
+        } else if target > cur {
             *streak = 0;
             target.min(cur + self.cfg.max_grow * lim.max)
         } else if target < cur * (1.0 - self.cfg.shrink_hysteresis) {
@@ -385,6 +560,7 @@ mod tests {
         fn warm(&self) -> bool {
             self.warm
         }
+        fn set_quantile(&mut self, _: f64) {}
     }
 
     fn scripted() -> PerResource<Box<dyn Forecaster>> {
@@ -480,7 +656,8 @@ mod tests {
         assert_eq!(d.allocation.mem, 576.0, "aligned up to a 64 MiB block");
         assert!(d.resized.mem && d.action == Action::Resize, "{d:?}");
         assert!(
-            d.reason.contains("mem grow 512.00 -> 576.00 MiB"),
+            d.reason
+                .contains("mem grow 512 -> 576 MiB (scripted leads, upper 530 at q 0.995)"),
             "{}",
             d.reason
         );
@@ -533,15 +710,16 @@ mod tests {
             ..cfg()
         };
         let mut p = Policy::new(budget(), c, scripted()).unwrap();
-        p.decide(&mem(0, 256.0));
+        // The first forecast replaces the initial 512 MiB outright.
+        assert_eq!(p.decide(&mem(0, 256.0)).allocation.mem, 256.0);
         // Usage over the forecast band (256): the score rises and so does the target.
         let d = p.decide(&mem(1, 300.0));
         assert!(d.behaviour > 0.0);
         assert_eq!(
             d.allocation.mem,
-            align_up(300.0 * (1.0 + d.behaviour), 64.0).max(512.0)
+            align_up(300.0 * (1.0 + d.behaviour), 64.0)
         );
-        assert!(d.allocation.mem > 512.0 || 300.0 * (1.0 + d.behaviour) <= 512.0);
+        assert!(d.allocation.mem > 320.0);
     }
 
     #[test]
@@ -565,6 +743,125 @@ mod tests {
         );
         let back: Decision = serde_json::from_str(&json).unwrap();
         assert_eq!(back, d);
+    }
+
+    fn cpu(t_ms: u64, cpu: f64) -> Sample {
+        Sample {
+            t_ms,
+            usage: Usage {
+                cpu,
+                mem: 100.0,
+                blk: 1.0,
+                net: 1.0,
+            },
+            signals: Signals {
+                io_ops: 1,
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn calibrated_miss_rate_holds_its_target_on_stationary_noise() {
+        use crate::forecast::Preset;
+        let capacity = Usage {
+            cpu: 8.0,
+            mem: 1024.0,
+            blk: 100.0,
+            net: 100.0,
+        };
+        for (preset, seed) in [(Preset::ensemble(None), 1), (Preset::Ewma, 2)] {
+            let cfg = PolicyConfig::default();
+            let f = preset.build_all(cfg.horizon, &capacity).unwrap();
+            let mut p = Policy::new(Budget::from_capacity(&capacity), cfg, f).unwrap();
+            let mut rng = crate::rng::Rng::new(seed);
+            let (mut scored, mut missed) = (0u32, 0u32);
+            for t in 0..40_000u64 {
+                let used = (2.0 + 0.3 * rng.normal()).max(0.0);
+                let held = p.allocation().cpu;
+                p.decide(&cpu(t * 100, used));
+                // Windows before the first forecast-based allocation are not the band's.
+                if t > 100 {
+                    scored += 1;
+                    missed += u32::from(used > held);
+                }
+            }
+            let rate = f64::from(missed) / f64::from(scored);
+            let target = cfg.target(Resource::Cpu);
+            assert!(
+                (rate - target).abs() <= 0.005,
+                "{}: miss rate {rate}, target {target}",
+                preset.name()
+            );
+        }
+    }
+
+    /// Always forecasts `level` (point and upper); used to script experts.
+    struct Level(&'static str, f64);
+    impl Forecaster for Level {
+        fn name(&self) -> &str {
+            self.0
+        }
+        fn observe(&mut self, _: f64) {}
+        fn forecast(&self, _: Horizon) -> Forecast {
+            Forecast {
+                point: self.1,
+                upper: self.1,
+            }
+        }
+        fn warm(&self) -> bool {
+            true
+        }
+        fn set_quantile(&mut self, _: f64) {}
+    }
+
+    #[test]
+    fn switching_experts_never_moves_an_allocation_beyond_the_change_limit() {
+        use crate::forecast::{Ensemble, EnsembleConfig};
+        let experts = || {
+            Box::new(
+                Ensemble::new(
+                    vec![Box::new(Level("low", 0.6)), Box::new(Level("high", 3.8))],
+                    EnsembleConfig::default(),
+                )
+                .unwrap(),
+            ) as Box<dyn Forecaster>
+        };
+        let f = PerResource::from_fn(|_| experts());
+        let b = Budget::from_capacity(&Usage {
+            cpu: 4.0,
+            mem: 1024.0,
+            blk: 100.0,
+            net: 100.0,
+        });
+        let c = PolicyConfig {
+            max_grow: 0.2,
+            max_shrink: 0.05,
+            ..PolicyConfig::default()
+        };
+        let mut p = Policy::new(b, c, f).unwrap();
+        let mut leaders = std::collections::BTreeSet::new();
+        let mut previous = p.allocation().cpu;
+        // Demand that "low" covers, then demand only "high" covers, in turn: the ensemble
+        // hands the allocation from one to the other and back.
+        for t in 0..2000u64 {
+            let used = if (t / 400) % 2 == 0 { 0.5 } else { 3.0 };
+            let d = p.decide(&cpu(t * 100, used));
+            leaders.insert(d.band.cpu.expert.clone());
+            let now = d.allocation.cpu;
+            if t > 0 {
+                assert!(
+                    now - previous <= c.max_grow * 4.0 + 1e-9
+                        && previous - now <= c.max_shrink * 4.0 + 1e-9,
+                    "window {t}: {previous} -> {now}"
+                );
+            }
+            previous = now;
+        }
+        assert!(
+            leaders.contains("low") && leaders.contains("high"),
+            "{leaders:?}"
+        );
     }
 
     #[test]

@@ -24,10 +24,14 @@ pub enum SpecError {
 pub enum ForecasterKind {
     Last,
     Ewma,
-    #[default]
     Holt,
     Histogram,
+    Indicator,
     Gru,
+    /// Every forecaster side by side, following the ones with the lowest recent quantile
+    /// loss (with `model_path`, the recurrent model joins them).
+    #[default]
+    Ensemble,
 }
 
 /// A policy's recipe: forecaster, budget and configuration.
@@ -49,10 +53,15 @@ impl PolicySpec {
             ForecasterKind::Ewma => Preset::Ewma,
             ForecasterKind::Holt => Preset::Holt,
             ForecasterKind::Histogram => Preset::Histogram,
+            ForecasterKind::Indicator => Preset::Indicator,
             ForecasterKind::Gru => {
                 let path = self.model_path.as_ref().ok_or(SpecError::MissingModel)?;
                 Preset::Recurrent(Arc::new(GruWeights::load(path)?))
             }
+            ForecasterKind::Ensemble => Preset::ensemble(match &self.model_path {
+                Some(path) => Some(Arc::new(GruWeights::load(path)?)),
+                None => None,
+            }),
         };
         let forecasters = preset.build_all(self.config.horizon, &self.budget.max())?;
         Ok(Policy::new(self.budget, self.config, forecasters)?)
@@ -85,6 +94,8 @@ mod tests {
             ForecasterKind::Ewma,
             ForecasterKind::Holt,
             ForecasterKind::Histogram,
+            ForecasterKind::Indicator,
+            ForecasterKind::Ensemble,
         ] {
             let s = spec(k);
             assert_eq!(s.build().unwrap().allocation().mem, 512.0);

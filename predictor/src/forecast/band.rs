@@ -6,11 +6,16 @@
 //! distribution.
 
 use super::{check_param, DecayHistogram, Forecast, ForecastError, Forecaster, Horizon};
+use crate::sample::Signals;
 
 /// A model that only predicts the expected value.
 pub trait PointModel: Send {
     fn name(&self) -> &str;
     fn update(&mut self, value: f64);
+    /// An update with the window's other signals (leading indicators), for models that use them.
+    fn update_window(&mut self, value: f64, _signals: &Signals) {
+        self.update(value);
+    }
     /// Expected value `h` windows after the latest update.
     fn point(&self, h: Horizon) -> f64;
 }
@@ -113,6 +118,10 @@ impl<M: PointModel> Forecaster for Banded<M> {
     }
 
     fn observe(&mut self, value: f64) {
+        self.observe_window(value, &Signals::default());
+    }
+
+    fn observe_window(&mut self, value: f64, signals: &Signals) {
         let h = self.cfg.horizon.get();
         if self.filled == h {
             // Only under-forecasts matter for an upper bound; over-forecasts count as zero
@@ -125,9 +134,9 @@ impl<M: PointModel> Forecaster for Banded<M> {
                 error
             });
             self.seen_errors = self.seen_errors.saturating_add(1);
-            self.spread = self.errors.quantile(self.cfg.quantile);
         }
-        self.model.update(value);
+        self.spread = self.errors.quantile(self.cfg.quantile);
+        self.model.update_window(value, signals);
         self.pending[self.head] = self.model.point(self.cfg.horizon);
         self.head = (self.head + 1) % h;
         self.filled = (self.filled + 1).min(h);
@@ -151,6 +160,11 @@ impl<M: PointModel> Forecaster for Banded<M> {
 
     fn warm(&self) -> bool {
         self.seen_errors >= self.cfg.min_errors
+    }
+
+    /// Takes effect from the next observation (which recomputes the band anyway).
+    fn set_quantile(&mut self, quantile: f64) {
+        self.cfg.quantile = quantile.clamp(0.5, 1.0);
     }
 }
 

@@ -97,9 +97,10 @@ impl Window {
             exits.add(&v.exits);
         }
         let mut signals = Signals {
-            io_ops: 0,
             unknown_exits: exits.unknown(),
-            devices: 0,
+            faults: self.vcpus.iter().map(|v| v.kvm.page_faults).sum(),
+            exits: self.vcpus.iter().map(|v| v.kvm.exits).sum(),
+            ..Signals::default()
         };
         for d in &self.devices {
             let rate = (d.read_bytes + d.written_bytes) as f64 / MIB / secs;
