@@ -94,9 +94,9 @@ fn default_shortfall_cost() -> PerResource<f64> {
 }
 
 fn default_calibration_step() -> f64 {
-    // Gibbs & Candes' step for adaptive conformal inference: after a miss the band's level
-    // moves by half a point, and it takes ~100 windows without one to move back.
-    0.005
+    // A miss widens the band by a tenth of its width; a hundred windows without one (at a 1 %
+    // target) narrow it back.
+    0.1
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -113,7 +113,7 @@ pub struct PolicyConfig {
     /// cost `c` aims at `t / (t + c (1 - t))`).
     #[serde(default = "default_shortfall_cost")]
     pub shortfall_cost: PerResource<f64>,
-    /// Step of the calibration (adaptive conformal inference's gamma).
+    /// Step of the calibration: how much one miss widens the band, as a share of its width.
     #[serde(default = "default_calibration_step")]
     pub calibration_step: f64,
     /// A shrink is considered only when the target is this fraction below the allocation.
@@ -180,8 +180,8 @@ impl PolicyConfig {
             (
                 "calibration step",
                 self.calibration_step,
-                self.calibration_step > 0.0 && self.calibration_step <= 0.1,
-                "(0, 0.1]",
+                self.calibration_step > 0.0 && self.calibration_step <= 1.0,
+                "(0, 1]",
             ),
             (
                 "shrink hysteresis",
@@ -235,20 +235,22 @@ pub enum Action {
     Kill,
 }
 
-/// Adaptive conformal calibration of one resource's band (Gibbs & Candes, "Adaptive
-/// conformal inference under distribution shift", 2021): the band is set at the
-/// `1 - alpha` quantile, and `alpha` moves by `step x (target - missed)` after every window,
-/// where `missed` means demand exceeded the allocation actually in force (after alignment,
-/// hysteresis and change limits), not just the forecast. At `alpha <= 0` no band is wide
-/// enough and the policy allocates the budget maximum, which nothing below capacity
-/// exceeds. Whatever the workload, then, the share of missed windows over `T` windows is at
-/// most `target + (target + step) / (step T)`: the guarantee needs no assumption about the
-/// demand series, and where the forecasters are good the band narrows on its own.
+/// Online calibration of one resource's band: quantile tracking, the "P" part of conformal
+/// PID control (Angelopoulos, Candes & Tibshirani, "Conformal PID control for time series
+/// prediction", 2023). The forecasters give a band at the target quantile; the policy scales
+/// its width by `1 + scale`, and `scale` moves by `step x (missed - target)` after every
+/// window, where `missed` means demand exceeded the allocation actually in force (after
+/// alignment, hysteresis and change limits), not just the forecast. A widened band is at
+/// least one block wide, so at `capacity / block` it reaches the maximum, which demand never exceeds, so
+/// `scale` stays below `B = capacity / block + step`, and over any `T` windows of any
+/// workload the share missed is at most `target + (B - scale_0) / (step T)`: the guarantee
+/// needs no assumption about the demand series, and where the forecasters are good the band
+/// narrows on its own (down to the point forecast at `scale = -1`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Calibration {
     target: f64,
     step: f64,
-    alpha: f64,
+    scale: f64,
 }
 
 impl Calibration {
@@ -256,34 +258,47 @@ impl Calibration {
         Calibration {
             target,
             step,
-            alpha: target,
+            scale: 0.0,
         }
     }
 
     /// One window's outcome.
     pub fn update(&mut self, missed: bool) {
         let miss = if missed { 1.0 } else { 0.0 };
-        // Capped at the median: past it a band stops being an upper bound. The cap only
-        // drops increments that would have lowered the miss rate, so the bound still holds.
-        self.alpha = (self.alpha + self.step * (self.target - miss)).min(0.5);
+        // Floored where the band vanishes: the floor only drops decrements, which can only
+        // make misses rarer, so the bound still holds.
+        self.scale = (self.scale + self.step * (miss - self.target)).max(-1.0);
     }
 
-    /// The band's quantile now; None when saturated (allocate the maximum).
-    pub fn quantile(&self) -> Option<f64> {
-        (self.alpha > 0.0).then_some(1.0 - self.alpha)
+    /// The calibrated upper bound of `f`. Once misses have widened it, the band is at least
+    /// `min_width` wide: a band of width zero could not be widened at all.
+    pub fn upper(&self, f: Forecast, min_width: f64) -> f64 {
+        let width = f.upper - f.point;
+        let width = if self.scale > 0.0 {
+            width.max(min_width)
+        } else {
+            width
+        };
+        f.point + width * (1.0 + self.scale)
     }
 
     pub fn target(&self) -> f64 {
         self.target
     }
+
+    /// The factor the forecasters' band width is multiplied by.
+    pub fn width(&self) -> f64 {
+        1.0 + self.scale
+    }
 }
 
-/// How one resource's allocation was reached: the expert leading the forecast and the
-/// calibrated quantile of its band (1 when saturated at the maximum).
+/// How one resource's allocation was reached: the expert leading the forecast, the quantile
+/// its band aims at and the factor calibration scales the band by.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Band {
     pub expert: String,
     pub quantile: f64,
+    pub width: f64,
 }
 
 /// One window's record: what came in, what was predicted, what was decided and why.
@@ -342,7 +357,7 @@ impl Policy {
             PerResource::from_fn(|r| Calibration::new(cfg.target(r), cfg.calibration_step));
         let mut forecasters = forecasters;
         for (r, c) in calibration.iter() {
-            forecasters[r].set_quantile(c.quantile().unwrap_or(1.0));
+            forecasters[r].set_quantile(1.0 - c.target());
         }
         Ok(Policy {
             allocation: budget.0.map(|_, l| l.initial),
@@ -424,29 +439,30 @@ impl Policy {
                 let held = self.allocation[r];
                 cal.update(used > held * (1.0 + 1e-9) && held < lim.max);
             }
-            let quantile = cal.quantile();
+            let cal = *cal;
             let f = &mut self.forecasters[r];
-            f.set_quantile(quantile.unwrap_or(1.0));
             f.observe_window(used, &sample.signals);
-            forecast[r] = f.forecast(Horizon::ONE);
+            let one = f.forecast(Horizon::ONE);
+            forecast[r] = Forecast {
+                point: one.point,
+                upper: cal.upper(one, lim.step),
+            };
             band[r] = Band {
                 expert: f.leader().to_string(),
-                quantile: quantile.unwrap_or(1.0),
+                quantile: 1.0 - cal.target(),
+                width: cal.width(),
             };
             if !f.warm() {
                 continue;
             }
             let first = !std::mem::replace(&mut self.calibrating[r], true);
-            let upper = match quantile {
-                Some(_) => self
-                    .cfg
-                    .horizon
-                    .up_to()
-                    .skip(1)
-                    .map(|h| f.forecast(h).upper)
-                    .fold(forecast[r].upper, f64::max),
-                None => lim.max,
-            };
+            let upper = self
+                .cfg
+                .horizon
+                .up_to()
+                .skip(1)
+                .map(|h| cal.upper(f.forecast(h), lim.step))
+                .fold(forecast[r].upper, f64::max);
             let before = self.allocation[r];
             let after = self.resize(r, upper * headroom, first);
             if after != before {
@@ -455,7 +471,7 @@ impl Policy {
                 // was a tenth of the window's cost.
                 let _ = write!(
                     reason,
-                    "{} {} {} -> {} {} ({} leads, upper {} at q {}); ",
+                    "{} {} {} -> {} {} ({} leads, upper {}: q {} band x{}); ",
                     r.name(),
                     if after > before { "grow" } else { "shrink" },
                     round2(before),
@@ -464,6 +480,7 @@ impl Policy {
                     band[r].expert,
                     round2(upper),
                     (band[r].quantile * 1e4).round() / 1e4,
+                    round2(band[r].width),
                 );
             }
         }
@@ -657,7 +674,7 @@ mod tests {
         assert!(d.resized.mem && d.action == Action::Resize, "{d:?}");
         assert!(
             d.reason
-                .contains("mem grow 512 -> 576 MiB (scripted leads, upper 530 at q 0.995)"),
+                .contains("mem grow 512 -> 576 MiB (scripted leads, upper 530: q 0.995 band x1)"),
             "{}",
             d.reason
         );
@@ -717,9 +734,11 @@ mod tests {
         assert!(d.behaviour > 0.0);
         assert_eq!(
             d.allocation.mem,
-            align_up(300.0 * (1.0 + d.behaviour), 64.0)
+            align_up(d.forecast.mem.upper * (1.0 + d.behaviour), 64.0)
         );
-        assert!(d.allocation.mem > 320.0);
+        // The miss also widened the band (to at least a block, times the calibration).
+        assert!(d.forecast.mem.upper > 300.0 + 64.0 && d.band.mem.width > 1.0);
+        assert!(d.allocation.mem > 384.0);
     }
 
     #[test]

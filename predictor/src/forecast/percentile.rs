@@ -40,7 +40,7 @@ impl Default for PercentileConfig {
             percentile: 0.99,
             margin: 0.0,
             bucket_ratio: 1.01,
-            min_samples: 20,
+            min_samples: 10,
         }
     }
 }

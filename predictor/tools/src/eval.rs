@@ -628,8 +628,9 @@ fn used(trace: &Trace) -> PerResource<Vec<f64>> {
 pub type Method = (String, Preset);
 
 /// The policy methods evaluated besides the baselines and the oracle: every forecaster
-/// alone, the ensemble without its leading-indicator expert (what the indicators earn), and
-/// the default ensemble; with `gru`, the recurrent model alone and an ensemble with it.
+/// alone, the ensemble without any leading-indicator expert and with one on every resource
+/// (what the indicators earn), and the default ensemble; with `gru`, the recurrent model
+/// alone and an ensemble with it.
 pub fn methods(gru: Option<Arc<GruWeights>>) -> Vec<Method> {
     let mut m: Vec<Method> = Preset::CLASSICAL
         .into_iter()
@@ -638,11 +639,16 @@ pub fn methods(gru: Option<Arc<GruWeights>>) -> Vec<Method> {
     let Preset::Ensemble(experts) = Preset::ensemble(None) else {
         unreachable!("Preset::ensemble builds an ensemble")
     };
+    // What the leading indicators earn: the ensemble with the indicator expert on every
+    // resource, and with none.
     let without: Vec<Preset> = experts
         .into_iter()
-        .filter(|p| !matches!(p, Preset::Indicator))
+        .filter(|p| !matches!(p, Preset::OnlyFor(..)))
         .collect();
+    let mut all = without.clone();
+    all.push(Preset::Indicator);
     m.push(("ens-no-indicator".into(), Preset::Ensemble(without)));
+    m.push(("ens-indicators".into(), Preset::Ensemble(all)));
     if let Some(w) = gru {
         m.push(("gru".into(), Preset::Recurrent(Arc::clone(&w))));
         m.push(("ensemble+gru".into(), Preset::ensemble(Some(w))));
@@ -896,6 +902,7 @@ mod tests {
                 "histogram",
                 "indicator",
                 "ens-no-indicator",
+                "ens-indicators",
                 DEFAULT
             ]
         );
