@@ -418,6 +418,10 @@ fn the_predictor_plugs_memory_ahead_of_a_ramp_and_takes_it_back_after() {
          vmem_ramp_ms=4000 exit=halt",
         serde_json::json!({
             "window_ms": 100,
+            // The guest reports its memory every 100 ms, so what the VMM sees is up to a
+            // window old: provisioning covers the next two windows (and, for memory, the
+            // window its plugging takes), not one.
+            "horizon": 2,
             // 64 MiB above RAM stays plugged: the headroom for the first windows of a ramp.
             "budget": {"memory_mib": {"min": 192, "max": 1152}},
         }),
@@ -453,13 +457,15 @@ fn the_predictor_plugs_memory_ahead_of_a_ramp_and_takes_it_back_after() {
     );
     assert_eq!(field("max_demand_mib"), 384, "{done}");
     assert!(field("peak_plugged_mib") >= 384, "{done}");
-    assert_eq!(
-        field("final_plugged_mib"),
-        64,
+    // Back to (within a few blocks of) the budget's minimum: 4 s after the ramp the band
+    // still holds a few MiB of the ramp's volatility.
+    let last = field("final_plugged_mib");
+    assert!(
+        (64..=80).contains(&last),
         "back to the budget's minimum: {done}"
     );
     let hotplug = api.request("GET", "/hotplug/memory", None).json();
-    assert_eq!(hotplug["plugged_size_mib"], 64, "{hotplug}");
+    assert_eq!(hotplug["plugged_size_mib"], last, "{hotplug}");
     // The guest wrote up to 384 MiB of plugged memory; unplugging gave it back to the host.
     let rss = integration_tests::rss_bytes(vmm.id()) as f64 / MIB;
     assert!(rss < 200.0, "VMM RSS {rss:.0} MiB after the ramp");

@@ -99,6 +99,10 @@ fn default_calibration_step() -> f64 {
     0.1
 }
 
+fn default_memory_lead() -> u8 {
+    1
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PolicyConfig {
     /// Allocation covers the upper forecasts of the next `horizon` windows, so grows lead
@@ -116,6 +120,11 @@ pub struct PolicyConfig {
     /// Step of the calibration: how much one miss widens the band, as a share of its width.
     #[serde(default = "default_calibration_step")]
     pub calibration_step: f64,
+    /// Windows beyond `horizon` that memory's allocation also covers: a CPU quota or a
+    /// bandwidth bucket takes effect at once, but the guest's virtio-mem driver plugs memory
+    /// during the next window, so demand must be covered until the allocation after lands.
+    #[serde(default = "default_memory_lead")]
+    pub memory_lead: u8,
     /// A shrink is considered only when the target is this fraction below the allocation.
     pub shrink_hysteresis: f64,
     /// ... for this many consecutive windows.
@@ -137,6 +146,7 @@ impl Default for PolicyConfig {
             target_under: default_target_under(),
             shortfall_cost: default_shortfall_cost(),
             calibration_step: default_calibration_step(),
+            memory_lead: default_memory_lead(),
             shrink_hysteresis: 0.03,
             shrink_after: 3,
             max_grow: 0.5,
@@ -151,6 +161,16 @@ impl Default for PolicyConfig {
 }
 
 impl PolicyConfig {
+    /// How many windows ahead resource `r`'s allocation must cover.
+    pub fn horizon_for(&self, r: Resource) -> Horizon {
+        let lead = if r == Resource::Mem {
+            self.memory_lead as usize
+        } else {
+            0
+        };
+        Horizon::new((self.horizon.get() + lead).min(Horizon::MAX)).unwrap_or(self.horizon)
+    }
+
     /// The under-provisioning rate resource `r` aims at.
     pub fn target(&self, r: Resource) -> f64 {
         let t = self.target_under;
@@ -458,7 +478,7 @@ impl Policy {
             let first = !std::mem::replace(&mut self.calibrating[r], true);
             let upper = self
                 .cfg
-                .horizon
+                .horizon_for(r)
                 .up_to()
                 .skip(1)
                 .map(|h| cal.upper(f.forecast(h), lim.step))

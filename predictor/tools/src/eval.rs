@@ -232,8 +232,8 @@ impl Allocator for Oracle {
     }
     fn observe(&mut self, _: &Sample) {
         self.next += 1;
-        let h = self.cfg.horizon.get();
         for r in Resource::ALL {
+            let h = self.cfg.horizon_for(r).get();
             let series = &self.used[r];
             if self.next >= series.len() {
                 continue;

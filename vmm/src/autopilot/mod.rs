@@ -20,7 +20,9 @@ use std::time::Duration;
 use devices::rate_limiter::RateLimiterConfig;
 use devices::virtio::DeviceCounters;
 use event_manager::{EventManager, SubscriberOps};
+use predictor::forecast::ExpertWeight;
 use predictor::policy::{Action, Allocation, Decision, Policy};
+use predictor::resource::PerResource;
 use predictor::telemetry::{
     Collector, DeviceId, DeviceRecorder, KvmVcpuStats, MemorySample, WindowInputs,
 };
@@ -99,6 +101,9 @@ pub struct PredictorStatus {
     /// The latest window's decision: inputs, forecast, scores, action.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last: Option<Decision>,
+    /// Per resource, the ensemble's experts and their weights.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub experts: Option<PerResource<Vec<ExpertWeight>>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub actuators: Option<Actuators>,
 }
@@ -112,6 +117,7 @@ impl PredictorStatus {
             windows: 0,
             allocation: None,
             last: None,
+            experts: None,
             actuators: None,
         }
     }
@@ -532,6 +538,7 @@ impl Autopilot {
             windows: self.windows,
             allocation: Some(*self.policy.allocation()),
             last: self.last.clone(),
+            experts: Some(self.policy.expert_weights()),
             actuators: Some(self.status.clone()),
         }
     }
