@@ -89,8 +89,8 @@ fn the_vmm_follows_the_phases_pauses_on_an_unknown_port_and_its_trace_replays() 
 
     // 4 s of CPU (the forecasters warm up in 2 s, then the idle drive's bandwidth shrinks),
     // 32 MiB touched, 12 MiB read from the drive, then 100000 writes to a port with no device
-    // (about 1.5 s). Forecast misses alone add at most 0.3 a window to the anomaly score, the
-    // unknown port 0.6: the threshold is set where only the port gets the score.
+    // (about 1.5 s). The unknown port adds 0.6 a window to the anomaly score, a forecast miss
+    // beside it at most 0.3 (alone nothing): only the port gets the score to the threshold.
     let (vmm, mut api) = spawn(
         &scratch,
         &id,

@@ -1,7 +1,7 @@
 //! Resource predictor: telemetry windows, forecasters, allocation policy, scores and traces.
 //!
-//! Data flows one way: the vCPU and device threads bump counters through
-//! [`telemetry`] recorders; the VMM thread closes a [`telemetry::Window`] every
+//! Data flows one way: the vCPU threads count their exits through [`telemetry`] recorders and
+//! the devices keep their own totals; the VMM thread closes a [`telemetry::Window`] every
 //! window period and turns it into a [`sample::Sample`]; a [`policy::Policy`] feeds the
 //! sample to its [`forecast`]ers and [`score`]s and returns a serialisable
 //! [`policy::Decision`]. The same `Sample` is what [`trace`] files hold, so a recorded

@@ -61,6 +61,11 @@ struct Cli {
     /// makes a syscall outside it, which must kill the process with SIGSYS.
     #[arg(long, value_name = "KIND", hide = true)]
     seccomp_test_violation: Option<vmm::seccomp::ThreadKind>,
+
+    /// Test hook: the first thread of this kind (vmm, api, vcpu) to reach a safe point under its
+    /// seccomp filter panics there (the terminal must still be restored).
+    #[arg(long, value_name = "KIND", hide = true)]
+    test_panic: Option<vmm::seccomp::ThreadKind>,
 }
 
 /// Prints the one line that explains a failed run and gives its exit code.
@@ -172,6 +177,9 @@ fn main() -> ExitCode {
     if let Some(kind) = cli.seccomp_test_violation {
         vmm::seccomp::set_test_violation(kind);
     }
+    if let Some(kind) = cli.test_panic {
+        vmm::seccomp::set_test_panic(kind);
+    }
     if cli.config_file.is_none() && cli.api_sock.is_none() {
         return fail(
             "nothing to boot: pass --config-file PATH and/or --api-sock PATH (see --help)",
@@ -198,8 +206,9 @@ fn main() -> ExitCode {
         }
         None => vmm::profile::launch::Launch::default(),
     };
-    // Removes the API socket and the cgroup on every return from here.
-    let _cleanup = vmm::cleanup::Guard;
+    // Restores the terminal and removes the API socket and the cgroup on every return from
+    // here, and from the panic hook.
+    let _cleanup = vmm::cleanup::Guard::new();
     let vm_cgroup = if cli.cgroup_dirs.is_empty() {
         None
     } else {

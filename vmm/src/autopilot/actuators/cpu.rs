@@ -1,4 +1,4 @@
-//! The CPU quota the predictor gives the VM, through the project's cgroup API
+//! The CPU actuator: the quota the predictor gives the VM, through the project's cgroup API
 //! (`jailer::cgroup`). The group is the VM's cgroup the jailer handed over (`--cgroup-dir`; the
 //! whole VMM runs in it), or, without a jailer, one the VMM makes at `prescient/<id>`: on
 //! cgroup v1 for the vCPU threads alone, on v2 for the process (v2 splits a process's threads
@@ -10,6 +10,9 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use jailer::cgroup::{Cgroup, CgroupError, Mounts, Version};
+use predictor::resource::Resource;
+
+use super::{Actuator, ActuatorError, Context, Knob, Target};
 
 /// CFS period the quota is a share of.
 pub const PERIOD_US: u64 = 100_000;
@@ -137,6 +140,29 @@ impl CpuQuota {
             .write_at(text.as_bytes(), 0)
             .map_err(QuotaError::Write)?;
         Ok(quota)
+    }
+}
+
+impl Actuator for CpuQuota {
+    fn knob(&self) -> Knob {
+        Knob::Resource(Resource::Cpu)
+    }
+
+    fn describe(&self) -> String {
+        CpuQuota::describe(self)
+    }
+
+    fn apply(&mut self, target: Target, _ctx: &mut Context) -> Result<String, ActuatorError> {
+        let Target::Allocation(Resource::Cpu, cores) = target else {
+            return Err(ActuatorError::WrongTarget {
+                knob: "cpu",
+                target,
+            });
+        };
+        let us = self
+            .set_cores(cores)
+            .map_err(|e| ActuatorError::Refused(e.to_string()))?;
+        Ok(format!("cpu quota {us} us per 100 ms ({cores:.2} cores)"))
     }
 }
 

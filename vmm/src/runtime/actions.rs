@@ -1,88 +1,17 @@
-//! The VMM thread: one event loop that exists before the VM does, owns the VM's configuration and,
-//! once started, the VM; it serves API requests between events and returns why the VM ended.
+//! What the VMM thread does for each API request: the configuration before boot, the running VM
+//! after it. Changes to a running VM's devices go through [`live::apply`], as the autopilot's do.
 
-use std::os::fd::AsRawFd;
-use std::sync::mpsc::Receiver;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
-use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::timerfd::TimerFd;
-
-use crate::autopilot::elastic::ElasticMemory;
-use crate::autopilot::exits::now_ns;
-use crate::autopilot::{Autopilot, PredictorStatus};
-use crate::builder::build_microvm;
-use crate::exit::{ExitReason, ExitSignal};
+use super::{start_metrics_timer, Runtime};
+use crate::autopilot::PredictorStatus;
+use crate::live::{self, LiveChange};
 use crate::metrics::METRICS;
 use crate::microvm::{MicroVm, RunState};
-use crate::rpc::{ActionError, ActionRequest, InstanceInfo, InstanceState, VmmAction, VmmData};
-use crate::seccomp::{self, ThreadKind};
+use crate::rpc::{ActionError, InstanceInfo, InstanceState, VmmAction, VmmData};
+use crate::seccomp;
 use crate::vmm_config::{
     validate_drives, validate_interfaces, BalloonStatsUpdate, BalloonUpdate, DriveUpdate,
     MemoryHotplugSizeUpdate, MemoryHotplugStatus, NetworkInterfaceUpdate, PredictorUpdate,
-    VmConfig,
 };
-
-/// Every fd the VMM thread serves is a subscriber of one event manager.
-pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
-
-/// Errors of setting up the VMM thread.
-#[derive(Debug, thiserror::Error)]
-pub enum RuntimeError {
-    #[error("cannot create the event loop: {0}")]
-    EventManager(event_manager::Error),
-    #[error("cannot create the exit event: {0}")]
-    ExitEvent(std::io::Error),
-    #[error("cannot catch termination signals: {0}")]
-    Signals(std::io::Error),
-}
-
-fn start_metrics_timer(event_manager: &mut EventManager<Subscriber>) -> std::io::Result<()> {
-    let mut timer = TimerFd::new()?;
-    timer.reset(METRICS_FLUSH_PERIOD, Some(METRICS_FLUSH_PERIOD))?;
-    event_manager.add_subscriber(Arc::new(Mutex::new(MetricsTimer(timer))));
-    Ok(())
-}
-
-/// Drains an eventfd whose only job is to wake the loop; the loop then looks at the queue or
-/// signal behind it.
-struct Wakeup(EventFd);
-
-impl MutEventSubscriber for Wakeup {
-    fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.0, EventSet::IN)) {
-            tracing::error!("cannot watch wakeup eventfd {}: {e}", self.0.as_raw_fd());
-        }
-    }
-
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        let _ = self.0.read();
-    }
-}
-
-/// Writes the metrics every [`METRICS_FLUSH_PERIOD`], as Firecracker does, once a sink exists.
-struct MetricsTimer(TimerFd);
-
-/// How often configured metrics are flushed without being asked.
-pub const METRICS_FLUSH_PERIOD: Duration = Duration::from_secs(60);
-
-impl MutEventSubscriber for MetricsTimer {
-    fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.0, EventSet::IN)) {
-            tracing::error!("cannot watch the metrics timer: {e}");
-        }
-    }
-
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        let _ = self.0.wait();
-        if let Err(e) = METRICS.flush() {
-            tracing::warn!("periodic metrics flush: {e}");
-        }
-    }
-}
 
 /// `list` with `item` in place of the entry with the same id, or added at the end (a PUT of a
 /// device section), for validation before it replaces the configuration.
@@ -95,163 +24,7 @@ fn upsert_by_id<T: Clone>(list: &[T], item: T, id: fn(&T) -> &String) -> Vec<T> 
     list
 }
 
-/// The VMM thread's state.
-pub struct Runtime {
-    event_manager: EventManager<Subscriber>,
-    exit: Arc<ExitSignal>,
-    config: VmConfig,
-    vm: Option<MicroVm>,
-    autopilot: Option<Autopilot>,
-    /// The VM's cgroup the jailer made (`--cgroup-dir`), where the predictor sets the CPU quota.
-    vm_cgroup: Option<jailer::cgroup::Cgroup>,
-    api: Option<Receiver<ActionRequest>>,
-    id: String,
-    /// The model store entry the predictor starts from (a profiled launch).
-    warm: Option<crate::profile::store::WarmStart>,
-}
-
 impl Runtime {
-    /// A VMM thread for the VM `config` describes (possibly still incomplete, for the API to fill).
-    pub fn new(id: String, config: VmConfig) -> Result<Self, RuntimeError> {
-        let mut event_manager =
-            EventManager::<Subscriber>::new().map_err(RuntimeError::EventManager)?;
-        let exit = Arc::new(ExitSignal::new().map_err(RuntimeError::ExitEvent)?);
-        exit.catch_termination_signals()
-            .map_err(RuntimeError::Signals)?;
-        let wake = exit
-            .event_fd()
-            .try_clone()
-            .map_err(RuntimeError::ExitEvent)?;
-        event_manager.add_subscriber(Arc::new(Mutex::new(Wakeup(wake))));
-        Ok(Self {
-            event_manager,
-            exit,
-            config,
-            vm: None,
-            autopilot: None,
-            vm_cgroup: None,
-            api: None,
-            id,
-            warm: None,
-        })
-    }
-
-    /// The VM's cgroup, handed over by the jailer.
-    pub fn set_vm_cgroup(&mut self, cgroup: jailer::cgroup::Cgroup) {
-        self.vm_cgroup = Some(cgroup);
-    }
-
-    /// Starts the predictor from a model store entry instead of cold.
-    pub fn set_warm_start(&mut self, warm: crate::profile::store::WarmStart) {
-        self.warm = Some(warm);
-    }
-
-    /// Serves `requests`; `wake` is written by whoever queues one.
-    pub fn attach_api(&mut self, requests: Receiver<ActionRequest>, wake: EventFd) {
-        self.event_manager
-            .add_subscriber(Arc::new(Mutex::new(Wakeup(wake))));
-        self.api = Some(requests);
-    }
-
-    /// Boots the configured VM, then filters this thread's syscalls (after the vCPU threads
-    /// started, so that they do not inherit the VMM thread's filter on top of their own).
-    pub fn start(&mut self) -> Result<(), ActionError> {
-        if self.vm.is_some() {
-            return Err(ActionError::NotAllowedAfterBoot);
-        }
-        let mut autopilot = match &self.config.predictor {
-            Some(p) if p.enabled => Some(Autopilot::new(
-                p,
-                &self.config.machine_config,
-                &self.id,
-                now_ns(),
-            )?),
-            _ => None,
-        };
-        if let (Some(a), Some(w)) = (&mut autopilot, self.warm.take()) {
-            a.warm_start(&w);
-        }
-        let mut vm = build_microvm(
-            &self.config,
-            self.exit.clone(),
-            &mut self.event_manager,
-            autopilot.as_mut().map(Autopilot::collector),
-        )?;
-        if let Some(a) = &mut autopilot {
-            if let Err(e) = a.attach(
-                &self.id,
-                &mut vm,
-                &self.config.drives,
-                &self.config.network_interfaces,
-                self.vm_cgroup.clone(),
-                &mut self.event_manager,
-            ) {
-                vm.stop();
-                return Err(ActionError::Predictor(e.to_string()));
-            }
-            let virtio = vm.virtio();
-            if let Some(memory) = ElasticMemory::new(
-                self.config.machine_config.mem_size_mib,
-                virtio.memory.clone(),
-                virtio.balloon.clone(),
-            ) {
-                a.set_memory_actuator(Box::new(memory));
-            }
-        }
-        self.vm = Some(vm);
-        self.autopilot = autopilot;
-        if let Err(e) = seccomp::install(ThreadKind::Vmm) {
-            // An unfiltered VMM thread must not serve a running guest.
-            self.exit.request(ExitReason::VmmError(e.to_string()));
-            return Err(e.into());
-        }
-        Ok(())
-    }
-
-    /// The VMM thread's safe point: installs any seccomp stage requested since, and kicks the
-    /// vCPUs so that they reach theirs.
-    fn catch_up_seccomp(&mut self) -> Result<(), seccomp::SeccompError> {
-        let before = seccomp::installed();
-        seccomp::catch_up(ThreadKind::Vmm)?;
-        if seccomp::installed() != before {
-            if let Some(vm) = &self.vm {
-                vm.kick_vcpus();
-            }
-        }
-        Ok(())
-    }
-
-    /// Closes a predictor window if its clock ticked.
-    fn close_window(&mut self) {
-        let (Some(autopilot), Some(vm)) = (&mut self.autopilot, &mut self.vm) else {
-            return;
-        };
-        if !autopilot.take_due() {
-            return;
-        }
-        match autopilot.close_window(now_ns(), vm, &self.exit) {
-            Ok(changes) => {
-                for (id, limiter) in changes.drives {
-                    if let Some(d) = self.config.drives.iter_mut().find(|d| d.drive_id == id) {
-                        d.rate_limiter = Some(limiter);
-                    }
-                }
-                for (id, limiter) in changes.nets {
-                    let iface = self
-                        .config
-                        .network_interfaces
-                        .iter_mut()
-                        .find(|n| n.iface_id == id);
-                    if let Some(n) = iface {
-                        n.rx_rate_limiter = Some(limiter);
-                        n.tx_rate_limiter = Some(limiter);
-                    }
-                }
-            }
-            Err(e) => tracing::error!("predictor window: {e}"),
-        }
-    }
-
     /// `PATCH /predictor`: before boot the section, after boot the live policy too.
     fn patch_predictor(&mut self, update: PredictorUpdate) -> Result<VmmData, ActionError> {
         let current = self
@@ -261,55 +34,15 @@ impl Runtime {
             .ok_or(ActionError::NoPredictor)?;
         let next = update.apply(current);
         next.validate(&self.config.machine_config)?;
-        if self.vm.is_some() {
+        if let Some(vm) = self.vm.as_mut() {
             let autopilot = self
                 .autopilot
                 .as_mut()
                 .ok_or(ActionError::PredictorNotStarted)?;
-            autopilot.reconfigure(&next, &self.config.machine_config)?;
+            autopilot.reconfigure(&next, vm, &mut self.config, &self.exit)?;
         }
         self.config.predictor = Some(next);
         Ok(VmmData::Empty)
-    }
-
-    /// The VM's end signal (tests and embedders end the VM through it).
-    pub fn exit_signal(&self) -> Arc<ExitSignal> {
-        self.exit.clone()
-    }
-
-    /// Serves events and requests until the VM ends, then stops it and says why it ended.
-    pub fn run(mut self) -> ExitReason {
-        let reason = loop {
-            if let Some(reason) = self.exit.reason() {
-                break reason;
-            }
-            if let Err(e) = self.catch_up_seccomp() {
-                break ExitReason::VmmError(e.to_string());
-            }
-            if let Err(e) = self.event_manager.run() {
-                break ExitReason::VmmError(format!("event loop failed: {e}"));
-            }
-            self.close_window();
-            self.serve_requests();
-        };
-        if let Some(vm) = self.vm.take() {
-            vm.stop();
-        }
-        // After the vCPU threads are gone, so their cgroup can go too.
-        self.autopilot = None;
-        reason
-    }
-
-    fn serve_requests(&mut self) {
-        let Some(requests) = self.api.take() else {
-            return;
-        };
-        while let Ok(request) = requests.try_recv() {
-            let result = self.handle(request.action);
-            // A client that hung up no longer wants the answer.
-            let _ = request.reply.send(result);
-        }
-        self.api = Some(requests);
     }
 
     fn before_boot(&self) -> Result<(), ActionError> {
@@ -342,11 +75,15 @@ impl Runtime {
             drives[index].rate_limiter = update.rate_limiter;
         }
         validate_drives(&drives)?;
-        if let (Some(vm), Some(limiter)) = (&self.vm, update.rate_limiter) {
-            vm.update_drive_rate_limiter(&update.drive_id, limiter)
-                .ok_or_else(|| ActionError::NoSuchDrive(update.drive_id.clone()))??;
+        if let Some(limiter) = update.rate_limiter {
+            let change = LiveChange::DriveRateLimiter {
+                drive_id: update.drive_id,
+                limiter,
+            };
+            live::apply(self.vm.as_mut(), &mut self.config, &change)?;
         }
-        self.config.drives = drives;
+        // The path changes only before boot, where it is configuration alone.
+        self.config.drives[index].path_on_host = drives.swap_remove(index).path_on_host;
         Ok(VmmData::Empty)
     }
 
@@ -365,15 +102,12 @@ impl Runtime {
             iface.tx_rate_limiter = update.tx_rate_limiter;
         }
         validate_interfaces(&ifaces)?;
-        if let Some(vm) = &self.vm {
-            vm.update_net_rate_limiters(
-                &update.iface_id,
-                update.rx_rate_limiter,
-                update.tx_rate_limiter,
-            )
-            .ok_or_else(missing)??;
-        }
-        self.config.network_interfaces = ifaces;
+        let change = LiveChange::NetRateLimiters {
+            iface_id: update.iface_id,
+            rx: update.rx_rate_limiter,
+            tx: update.tx_rate_limiter,
+        };
+        live::apply(self.vm.as_mut(), &mut self.config, &change)?;
         Ok(VmmData::Empty)
     }
 
@@ -382,24 +116,18 @@ impl Runtime {
         let mut balloon = self.config.balloon.clone().ok_or(ActionError::NoBalloon)?;
         balloon.amount_mib = update.amount_mib;
         balloon.validate(self.config.machine_config.mem_size_mib)?;
-        if let Some(vm) = &self.vm {
-            let mut device = vm.balloon().ok_or(ActionError::NoBalloon)?;
-            device.set_target_pages(balloon.options().target_pages);
-        }
-        self.config.balloon = Some(balloon);
+        let change = LiveChange::BalloonTarget {
+            amount_mib: update.amount_mib,
+        };
+        live::apply(self.vm.as_mut(), &mut self.config, &change)?;
         Ok(VmmData::Empty)
     }
 
     /// `PATCH /balloon/statistics`: how often the guest is asked for statistics.
     fn patch_balloon_stats(&mut self, update: BalloonStatsUpdate) -> Result<VmmData, ActionError> {
-        let mut balloon = self.config.balloon.clone().ok_or(ActionError::NoBalloon)?;
-        balloon.stats_polling_interval_s = update.stats_polling_interval_s;
-        balloon.stats_polling_interval_ms = update.stats_polling_interval_ms;
-        if let Some(vm) = &self.vm {
-            let mut device = vm.balloon().ok_or(ActionError::NoBalloon)?;
-            device.set_stats_interval(update.interval())?;
-        }
-        self.config.balloon = Some(balloon);
+        self.config.balloon.as_ref().ok_or(ActionError::NoBalloon)?;
+        let change = LiveChange::BalloonStats(update);
+        live::apply(self.vm.as_mut(), &mut self.config, &change)?;
         Ok(VmmData::Empty)
     }
 
@@ -423,9 +151,11 @@ impl Runtime {
             .as_ref()
             .ok_or(ActionError::NoMemoryHotplug)?;
         config.validate_request(update.requested_size_mib)?;
-        let vm = self.vm.as_ref().ok_or(ActionError::NotAllowedBeforeBoot)?;
-        let mut device = vm.hotplug_memory().ok_or(ActionError::NoMemoryHotplug)?;
-        device.set_requested_bytes(update.requested_size_mib << 20)?;
+        let vm = self.vm.as_mut().ok_or(ActionError::NotAllowedBeforeBoot)?;
+        let change = LiveChange::HotplugRequested {
+            size_mib: update.requested_size_mib,
+        };
+        live::apply(Some(vm), &mut self.config, &change)?;
         Ok(VmmData::Empty)
     }
 
@@ -623,7 +353,7 @@ mod tests {
 
     #[test]
     fn the_predictor_section_is_read_and_patched_before_boot() {
-        use crate::vmm_config::{PredictorConfig, Range};
+        use crate::vmm_config::{PredictorConfig, Range, VmConfig};
         let mut rt = Runtime::new("t".into(), VmConfig::default()).unwrap();
         assert!(matches!(
             rt.handle(VmmAction::GetPredictor),

@@ -1,20 +1,22 @@
 //! vCPUs: each runs KVM_RUN on its own named thread and dispatches PIO/MMIO exits to the buses.
+//! Every exit is then told, with the device the bus resolved, to the [`ExitObserver`] the
+//! thread was handed; the loop itself knows nothing of who counts exits or why.
 //!
 //! The VMM thread controls a vCPU through a channel of [`VcpuEvent`]s plus a "kick": a real-time
 //! signal whose handler sets `kvm_run.immediate_exit`, so a vCPU inside KVM_RUN returns at once
 //! and one about to enter it does not block (the signal may land just before the ioctl).
 
 use std::cell::Cell;
+use std::fs::File;
+use std::os::fd::FromRawFd;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use devices::Bus;
-use kvm_bindings::{kvm_run, CpuId, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
-use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
-use predictor::telemetry::ExitKind;
+use kvm_bindings::{kvm_run, CpuId};
+use kvm_ioctls::{VcpuFd, VmFd};
 use std::os::fd::AsRawFd;
 use std::os::unix::thread::JoinHandleExt;
 use vm_memory::GuestMemoryMmap;
@@ -23,11 +25,15 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use crate::arch::x86_64::cpuid::{filter_cpuid, Topology};
 use crate::arch::x86_64::regs::{setup_boot_vcpu, setup_fpu, BootEntry, RegsError};
 use crate::arch::x86_64::{lapic, msr};
-use crate::autopilot::exits::ExitTelemetry;
-use crate::autopilot::kvm_stats::{KvmStatsError, KvmStatsReader};
 use crate::exit::{ExitReason, ExitSignal};
-use crate::metrics::{VcpuCounters, METRICS};
 use crate::seccomp::{self, ThreadKind};
+use exits::{handle_exit, Next};
+pub use exits::{ExitObserver, IoBuses};
+
+mod exits;
+
+/// `_IO(KVMIO, 0xce)`: a vCPU's binary statistics file (Linux 5.14+).
+const KVM_GET_STATS_FD: libc::c_ulong = 0xaece;
 
 /// Errors of creating, configuring and controlling vCPUs.
 #[derive(Debug, thiserror::Error)]
@@ -77,25 +83,10 @@ pub enum VcpuResponse {
     Resumed,
 }
 
-/// The devices a vCPU's exits reach.
-#[derive(Default)]
-pub struct IoBuses {
-    pub pio: Bus,
-    pub mmio: Bus,
-}
-
 /// A configured vCPU, before its thread starts.
 pub struct Vcpu {
     index: u8,
     fd: VcpuFd,
-}
-
-/// What the run loop does after an exit.
-#[derive(Debug, PartialEq, Eq)]
-enum Next {
-    Continue,
-    /// The VM ends for this reason.
-    End(ExitReason),
 }
 
 thread_local! {
@@ -176,20 +167,31 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Starts the vCPU on a thread named `vcpu<N>`; with `telemetry`, every exit is recorded
-    /// for the predictor.
+    /// Opens the vCPU's KVM binary statistics file. Only before the thread starts: KVM takes a
+    /// vCPU's ioctls one at a time, and its own thread holds it inside KVM_RUN.
+    pub fn stats_file(&self) -> std::io::Result<File> {
+        // SAFETY: KVM_GET_STATS_FD takes no argument and returns a new fd or -1; the vCPU fd is
+        // open for the call.
+        let fd = unsafe { libc::ioctl(self.fd.as_raw_fd(), KVM_GET_STATS_FD, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: the kernel just handed us this fd and nothing else owns it.
+        Ok(unsafe { File::from_raw_fd(fd) })
+    }
+
+    /// Starts the vCPU on a thread named `vcpu<N>`, telling `observer` of every exit.
     pub fn start(
         self,
         buses: Arc<IoBuses>,
         exit: Arc<ExitSignal>,
-        telemetry: Option<ExitTelemetry>,
+        observer: Box<dyn ExitObserver>,
     ) -> Result<VcpuHandle, VcpuError> {
         let index = self.index;
         let (event_tx, event_rx) = channel();
         let (response_tx, response_rx) = channel();
         let (tid_tx, tid_rx) = channel();
-        let counters = METRICS.register_vcpu();
-        let kvm_stats = KvmStatsReader::open(self.fd.as_raw_fd());
+        let stats = self.stats_file();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
@@ -198,8 +200,7 @@ impl Vcpu {
                 let mut runner = VcpuRunner {
                     index,
                     fd: self.fd,
-                    counters,
-                    telemetry,
+                    observer,
                     buses,
                     exit,
                     events: event_rx,
@@ -212,7 +213,7 @@ impl Vcpu {
         Ok(VcpuHandle {
             index,
             tid,
-            kvm_stats: Some(kvm_stats),
+            stats: Some(stats),
             thread: Some(thread),
             events: event_tx,
             responses: response_rx,
@@ -224,8 +225,7 @@ impl Vcpu {
 struct VcpuRunner {
     index: u8,
     fd: VcpuFd,
-    counters: Arc<VcpuCounters>,
-    telemetry: Option<ExitTelemetry>,
+    observer: Box<dyn ExitObserver>,
     buses: Arc<IoBuses>,
     exit: Arc<ExitSignal>,
     events: Receiver<VcpuEvent>,
@@ -251,13 +251,7 @@ impl VcpuRunner {
                 break;
             }
             let next = match self.fd.run() {
-                Ok(exit) => handle_exit(
-                    self.index,
-                    exit,
-                    &self.buses,
-                    &self.counters,
-                    self.telemetry.as_mut(),
-                ),
+                Ok(exit) => handle_exit(self.index, exit, &self.buses, self.observer.as_mut()),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     // Kicked: clear the flag so the next KVM_RUN runs, then look at events.
                     self.fd.set_kvm_immediate_exit(0);
@@ -322,113 +316,11 @@ impl VcpuRunner {
     }
 }
 
-/// Acts on one KVM exit of vCPU `index`. Unclaimed port and MMIO reads see all-ones, as on a bus
-/// with nothing attached; unclaimed writes are dropped.
-fn handle_exit(
-    index: u8,
-    exit: VcpuExit<'_>,
-    buses: &IoBuses,
-    counters: &VcpuCounters,
-    mut telemetry: Option<&mut ExitTelemetry>,
-) -> Next {
-    let vcpu = index;
-    let count = |c: &std::sync::atomic::AtomicU64| c.fetch_add(1, Ordering::Relaxed);
-    let reason = match exit {
-        VcpuExit::IoIn(port, data) => {
-            count(&counters.exit_io_in);
-            let claimed = buses.pio.read(u64::from(port), data);
-            if !claimed {
-                count(&counters.unclaimed_access);
-                tracing::trace!("vCPU {index}: unclaimed PIO read of port {port:#x}");
-                data.fill(0xff);
-            }
-            if let Some(t) = telemetry {
-                t.pio(claimed);
-            }
-            return Next::Continue;
-        }
-        VcpuExit::IoOut(port, data) => {
-            count(&counters.exit_io_out);
-            let claimed = buses.pio.write(u64::from(port), data);
-            if !claimed {
-                count(&counters.unclaimed_access);
-                tracing::trace!("vCPU {index}: unclaimed PIO write of port {port:#x}");
-            }
-            if let Some(t) = telemetry {
-                t.pio(claimed);
-            }
-            return Next::Continue;
-        }
-        VcpuExit::MmioRead(addr, data) => {
-            count(&counters.exit_mmio_read);
-            let claimed = buses.mmio.read(addr, data);
-            if !claimed {
-                count(&counters.unclaimed_access);
-                tracing::trace!("vCPU {index}: unclaimed MMIO read at {addr:#x}");
-                data.fill(0xff);
-            }
-            if let Some(t) = telemetry {
-                t.mmio(addr, claimed);
-            }
-            return Next::Continue;
-        }
-        VcpuExit::MmioWrite(addr, data) => {
-            count(&counters.exit_mmio_write);
-            let claimed = buses.mmio.write(addr, data);
-            if !claimed {
-                count(&counters.unclaimed_access);
-                tracing::trace!("vCPU {index}: unclaimed MMIO write at {addr:#x}");
-            }
-            if let Some(t) = telemetry {
-                t.mmio(addr, claimed);
-            }
-            return Next::Continue;
-        }
-        VcpuExit::Intr => {
-            if let Some(t) = telemetry.as_deref_mut() {
-                t.other(ExitKind::Other);
-            }
-            return Next::Continue;
-        }
-        VcpuExit::Hlt => ExitReason::GuestHalted { vcpu },
-        VcpuExit::Shutdown => ExitReason::TripleFault { vcpu, rip: None },
-        VcpuExit::SystemEvent(kind, _)
-            if kind == KVM_SYSTEM_EVENT_SHUTDOWN || kind == KVM_SYSTEM_EVENT_RESET =>
-        {
-            ExitReason::GuestSystemEvent { vcpu, kind }
-        }
-        VcpuExit::FailEntry(reason, cpu) => ExitReason::GuestCrashed {
-            vcpu,
-            detail: format!(
-                "KVM could not enter the guest (hardware reason {reason:#x}, host CPU {cpu})"
-            ),
-        },
-        VcpuExit::InternalError => ExitReason::GuestCrashed {
-            vcpu,
-            detail: "KVM internal error (the guest ran an instruction KVM cannot emulate)"
-                .to_string(),
-        },
-        other => ExitReason::GuestCrashed {
-            vcpu,
-            detail: format!("unexpected KVM exit {other:?}"),
-        },
-    };
-    if let Some(t) = telemetry {
-        t.other(match &reason {
-            ExitReason::GuestHalted { .. } => ExitKind::Hlt,
-            ExitReason::TripleFault { .. } => ExitKind::Shutdown,
-            ExitReason::GuestSystemEvent { .. } => ExitKind::SystemEvent,
-            _ => ExitKind::InternalError,
-        });
-    }
-    Next::End(reason)
-}
-
 /// The VMM thread's side of a running vCPU.
 pub struct VcpuHandle {
     index: u8,
     tid: libc::pid_t,
-    kvm_stats: Option<Result<KvmStatsReader, KvmStatsError>>,
+    stats: Option<std::io::Result<File>>,
     thread: Option<JoinHandle<()>>,
     events: Sender<VcpuEvent>,
     responses: Receiver<VcpuResponse>,
@@ -449,9 +341,9 @@ impl VcpuHandle {
         self.thread.as_ref().map(|t| t.as_pthread_t())
     }
 
-    /// The vCPU's KVM stats reader, opened at start; taken once.
-    pub fn take_kvm_stats(&mut self) -> Option<Result<KvmStatsReader, KvmStatsError>> {
-        self.kvm_stats.take()
+    /// The vCPU's KVM binary statistics file, opened at start (or why not); taken once.
+    pub fn take_stats_file(&mut self) -> Option<std::io::Result<File>> {
+        self.stats.take()
     }
 
     /// Queues `event` and kicks the vCPU out of KVM_RUN so it sees it.
@@ -496,74 +388,5 @@ impl VcpuHandle {
                 tracing::error!("vCPU {} thread panicked", self.index);
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::Mutex;
-
-    /// A port device that counts writes, to see exits reach the bus.
-    struct Count(Arc<Mutex<Vec<u8>>>);
-    impl devices::BusDevice for Count {
-        fn read(&mut self, _offset: u64, data: &mut [u8]) {
-            data.fill(0x42);
-        }
-        fn write(&mut self, _offset: u64, data: &[u8]) {
-            self.0.lock().unwrap().extend_from_slice(data);
-        }
-    }
-
-    #[test]
-    fn unclaimed_reads_see_all_ones_and_claimed_ones_reach_the_device() {
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let mut buses = IoBuses::default();
-        buses
-            .pio
-            .insert(Arc::new(Mutex::new(Count(seen.clone()))), 0x80, 1)
-            .unwrap();
-
-        let counters = VcpuCounters::default();
-        let mut data = [0u8; 2];
-        let next = handle_exit(0, VcpuExit::IoIn(0x81, &mut data), &buses, &counters, None);
-        assert_eq!(next, Next::Continue);
-        assert_eq!(data, [0xff, 0xff]);
-        handle_exit(0, VcpuExit::IoIn(0x80, &mut data), &buses, &counters, None);
-        assert_eq!(data, [0x42, 0x42]);
-        handle_exit(0, VcpuExit::IoOut(0x80, &[7]), &buses, &counters, None);
-        assert_eq!(*seen.lock().unwrap(), vec![7]);
-        let mut mmio = [0u8; 4];
-        handle_exit(
-            0,
-            VcpuExit::MmioRead(0xd000_0000, &mut mmio),
-            &buses,
-            &counters,
-            None,
-        );
-        assert_eq!(mmio, [0xff; 4]);
-        let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-        assert_eq!(get(&counters.exit_io_in), 2);
-        assert_eq!(get(&counters.exit_io_out), 1);
-        assert_eq!(get(&counters.exit_mmio_read), 1);
-        assert_eq!(get(&counters.unclaimed_access), 2);
-    }
-
-    #[test]
-    fn fatal_exits_end_the_vm_with_their_reason() {
-        let buses = IoBuses::default();
-        let c = VcpuCounters::default();
-        assert_eq!(
-            handle_exit(2, VcpuExit::Shutdown, &buses, &c, None),
-            Next::End(ExitReason::TripleFault { vcpu: 2, rip: None })
-        );
-        assert!(matches!(
-            handle_exit(1, VcpuExit::InternalError, &buses, &c, None),
-            Next::End(ExitReason::GuestCrashed { vcpu: 1, .. })
-        ));
-        assert_eq!(
-            handle_exit(0, VcpuExit::Hlt, &buses, &c, None),
-            Next::End(ExitReason::GuestHalted { vcpu: 0 })
-        );
     }
 }
