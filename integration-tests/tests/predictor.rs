@@ -452,9 +452,11 @@ fn the_predictor_plugs_memory_ahead_of_a_ramp_and_takes_it_back_after() {
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("{key} in {done:?}"))
     };
-    assert_eq!(
-        field("failures"),
-        0,
+    // The guest counts the milliseconds its demand was above the plugged memory. The default
+    // policy is calibrated to under-provision memory in at most 0.5 % of windows, not never:
+    // over the 8 s ramp that is 40 ms (runs here: 0-9 ms, on a host running tests beside it).
+    assert!(
+        field("failures") <= 40,
         "the demand outran the plugged memory: {done}"
     );
     // (The guest samples its demand curve once a loop; on a loaded host a loop can step over
@@ -488,5 +490,33 @@ fn the_predictor_plugs_memory_ahead_of_a_ramp_and_takes_it_back_after() {
         applied(d, "mem").is_some() && d["allocation"]["mem"].as_f64().unwrap_or(f64::MAX) <= 192.0
     });
     assert!(grew && shrank, "memory decisions both ways: {mem:#?}");
+    // The default policy is the ensemble: every memory decision names the expert it followed
+    // and its calibrated band, and GET /predictor shows each resource's expert weights.
+    let experts = ["last", "ewma", "holt", "histogram", "faults", "gru"];
+    for d in all.iter().filter(|d| applied(d, "mem").is_some()) {
+        let band = &d["band"]["mem"];
+        assert!(
+            experts.contains(&band["expert"].as_str().unwrap_or("")) && band["width"].is_number(),
+            "{d}"
+        );
+        assert!(
+            d["reason"].as_str().unwrap().contains(" leads, upper "),
+            "{d}"
+        );
+    }
+    let status = api.request("GET", "/predictor", None).json();
+    let weights = status["experts"]["mem"].as_array().expect("mem experts");
+    let names: Vec<&str> = weights
+        .iter()
+        .filter_map(|w| w["expert"].as_str())
+        .collect();
+    assert_eq!(names, experts, "{status}");
+    let total: f64 = weights.iter().filter_map(|w| w["weight"].as_f64()).sum();
+    assert!((total - 1.0).abs() < 1e-9, "{status}");
+    assert_eq!(
+        status["experts"]["cpu"].as_array().map(Vec::len),
+        Some(4),
+        "{status}"
+    );
     drop(vmm);
 }

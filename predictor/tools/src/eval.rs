@@ -85,8 +85,8 @@ pub struct EvalArgs {
     /// Windows ahead the policy provisions for (1..=50): its actuation delay.
     #[arg(long, default_value_t = 1)]
     pub horizon: usize,
-    /// GRU weights (safetensors from `prescient train`); adds the recurrent forecaster alone
-    /// and an ensemble with it.
+    /// GRU weights (safetensors from `prescient train`) for the recurrent rows (the shipped
+    /// model, predictor/models/gru-real.safetensors, by default).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Only the pooled tables, not one row per trace.
@@ -627,34 +627,45 @@ fn used(trace: &Trace) -> PerResource<Vec<f64>> {
 /// A policy method: a name and the preset its forecasters come from.
 pub type Method = (String, Preset);
 
-/// The policy methods evaluated besides the baselines and the oracle: every forecaster
-/// alone, the ensemble without any leading-indicator expert and with one on every resource
-/// (what the indicators earn), and the default ensemble; with `gru`, the recurrent model
-/// alone and an ensemble with it.
-pub fn methods(gru: Option<Arc<GruWeights>>) -> Vec<Method> {
+/// The policy methods evaluated besides the baselines and the oracle: every forecaster alone
+/// (the recurrent one with `gru`'s weights, or the shipped ones), the default ensemble without
+/// its leading-indicator expert, with one on every resource, without its recurrent expert
+/// and with one on every resource (what each earns), and the default ensemble.
+pub fn methods(gru: Option<Arc<GruWeights>>) -> Result<Vec<Method>, RecurrentError> {
+    let gru = match gru {
+        Some(w) => w,
+        None => Arc::new(GruWeights::shipped()?),
+    };
     let mut m: Vec<Method> = Preset::CLASSICAL
         .into_iter()
+        .chain([Preset::Recurrent(Arc::clone(&gru))])
         .map(|p| (p.name().to_string(), p))
         .collect();
-    let Preset::Ensemble(experts) = Preset::ensemble(None) else {
-        unreachable!("Preset::ensemble builds an ensemble")
+    let default = Preset::default_ensemble()?;
+    let Preset::Ensemble(experts) = &default else {
+        unreachable!("Preset::default_ensemble builds an ensemble")
     };
-    // What the leading indicators earn: the ensemble with the indicator expert on every
-    // resource, and with none.
-    let without: Vec<Preset> = experts
-        .into_iter()
-        .filter(|p| !matches!(p, Preset::OnlyFor(..)))
-        .collect();
-    let mut all = without.clone();
-    all.push(Preset::Indicator);
-    m.push(("ens-no-indicator".into(), Preset::Ensemble(without)));
-    m.push(("ens-indicators".into(), Preset::Ensemble(all)));
-    if let Some(w) = gru {
-        m.push(("gru".into(), Preset::Recurrent(Arc::clone(&w))));
-        m.push(("ensemble+gru".into(), Preset::ensemble(Some(w))));
-    }
-    m.push((DEFAULT.into(), Preset::ensemble(None)));
-    m
+    let is = |p: &Preset, indicator: bool| match p {
+        Preset::OnlyFor(_, p) => matches!(**p, Preset::Indicator) == indicator,
+        _ => false,
+    };
+    let without = |indicator: bool| -> Vec<Preset> {
+        experts
+            .iter()
+            .filter(|p| !is(p, indicator))
+            .cloned()
+            .collect()
+    };
+    let mut all_indicators = without(true);
+    all_indicators.push(Preset::Indicator);
+    let mut all_gru = without(false);
+    all_gru.push(Preset::Recurrent(gru));
+    m.push(("ens-no-indicator".into(), Preset::Ensemble(without(true))));
+    m.push(("ens-indicators".into(), Preset::Ensemble(all_indicators)));
+    m.push(("ens-no-gru".into(), Preset::Ensemble(without(false))));
+    m.push(("ens-gru-all".into(), Preset::Ensemble(all_gru)));
+    m.push((DEFAULT.into(), default));
+    Ok(m)
 }
 
 /// What to evaluate besides the traces themselves.
@@ -773,7 +784,7 @@ pub fn run(args: &EvalArgs, out: &mut dyn Write) -> Result<EvalReport, EvalError
     };
     let opts = EvalOptions {
         horizon: Horizon::new(args.horizon)?,
-        methods: methods(gru),
+        methods: methods(gru)?,
         keep: args.svg_out.as_ref().and(args.plot_trace.clone()),
     };
     let (report, kept) = evaluate(&traces, &opts)?;
@@ -881,7 +892,7 @@ mod tests {
             .collect();
         let opts = EvalOptions {
             horizon: Horizon::ONE,
-            methods: methods(None),
+            methods: methods(None).unwrap(),
             keep: Some("periodic-1".into()),
         };
         evaluate(&traces, &opts).unwrap()
@@ -901,8 +912,11 @@ mod tests {
                 "holt",
                 "histogram",
                 "indicator",
+                "gru",
                 "ens-no-indicator",
                 "ens-indicators",
+                "ens-no-gru",
+                "ens-gru-all",
                 DEFAULT
             ]
         );

@@ -732,7 +732,9 @@ mod tests {
         // Windows are at least as long as asked, but the one the command exited in.
         let starts: Vec<u64> = trace.samples.iter().map(|s| s.t_ms).collect();
         assert!(
-            starts[..starts.len() - 1].windows(2).all(|w| w[1] >= w[0] + 45),
+            starts[..starts.len() - 1]
+                .windows(2)
+                .all(|w| w[1] >= w[0] + 45),
             "{starts:?}"
         );
         assert!(trace
