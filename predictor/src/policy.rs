@@ -8,6 +8,7 @@ use crate::score::{
     AnomalyConfig, AnomalyDetector, AnomalyReport, BehaviourConfig, BehaviourScore, ScoreError,
 };
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use thiserror::Error;
 
@@ -316,7 +317,8 @@ impl Calibration {
 /// its band aims at and the factor calibration scales the band by.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Band {
-    pub expert: String,
+    /// A forecaster's name: borrowed, so a decision allocates nothing for it.
+    pub expert: Cow<'static, str>,
     pub quantile: f64,
     pub width: f64,
 }
@@ -468,7 +470,7 @@ impl Policy {
                 upper: cal.upper(one, lim.step),
             };
             band[r] = Band {
-                expert: f.leader().to_string(),
+                expert: Cow::Borrowed(f.leader()),
                 quantile: 1.0 - cal.target(),
                 width: cal.width(),
             };
@@ -582,7 +584,7 @@ mod tests {
         warm: bool,
     }
     impl Forecaster for Scripted {
-        fn name(&self) -> &str {
+        fn name(&self) -> &'static str {
             "scripted"
         }
         fn observe(&mut self, v: f64) {
@@ -838,7 +840,7 @@ mod tests {
     /// Always forecasts `level` (point and upper); used to script experts.
     struct Level(&'static str, f64);
     impl Forecaster for Level {
-        fn name(&self) -> &str {
+        fn name(&self) -> &'static str {
             self.0
         }
         fn observe(&mut self, _: f64) {}

@@ -14,7 +14,7 @@ use crate::sample::Signals;
 
 /// A model that only predicts the expected value.
 pub trait PointModel: Send {
-    fn name(&self) -> &str;
+    fn name(&self) -> &'static str;
     fn update(&mut self, value: f64);
     /// An update with the window's other signals (leading indicators), for models that use them.
     fn update_window(&mut self, value: f64, _signals: &Signals) {
@@ -171,7 +171,7 @@ impl<M: PointModel> Banded<M> {
 }
 
 impl<M: PointModel> Forecaster for Banded<M> {
-    fn name(&self) -> &str {
+    fn name(&self) -> &'static str {
         self.model.name()
     }
 
@@ -232,7 +232,7 @@ mod tests {
     /// Always predicts a fixed value, so the band is pure error statistics.
     struct Constant(f64);
     impl PointModel for Constant {
-        fn name(&self) -> &str {
+        fn name(&self) -> &'static str {
             "constant"
         }
         fn update(&mut self, _: f64) {}
@@ -289,7 +289,7 @@ mod tests {
     struct Last(f64);
 
     impl PointModel for Last {
-        fn name(&self) -> &str {
+        fn name(&self) -> &'static str {
             "last"
         }
         fn update(&mut self, v: f64) {

@@ -133,7 +133,7 @@ impl Ensemble {
 }
 
 impl Forecaster for Ensemble {
-    fn name(&self) -> &str {
+    fn name(&self) -> &'static str {
         "ensemble"
     }
 
@@ -190,7 +190,7 @@ impl Forecaster for Ensemble {
         }
     }
 
-    fn leader(&self) -> &str {
+    fn leader(&self) -> &'static str {
         self.experts[self.leader_index()].name()
     }
 
@@ -213,7 +213,7 @@ mod tests {
     /// Forecasts a fixed upper bound, warm from the start.
     struct Fixed(&'static str, f64);
     impl Forecaster for Fixed {
-        fn name(&self) -> &str {
+        fn name(&self) -> &'static str {
             self.0
         }
         fn observe(&mut self, _: f64) {}

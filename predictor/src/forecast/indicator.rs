@@ -96,7 +96,7 @@ impl IndicatorModel {
 }
 
 impl PointModel for IndicatorModel {
-    fn name(&self) -> &str {
+    fn name(&self) -> &'static str {
         match self.indicator {
             LeadingIndicator::Faults => "faults",
             LeadingIndicator::IoOps => "io-ops",

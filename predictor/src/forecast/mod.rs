@@ -103,7 +103,7 @@ pub struct Forecast {
 
 /// A per-resource demand predictor fed one observation per window.
 pub trait Forecaster: Send {
-    fn name(&self) -> &str;
+    fn name(&self) -> &'static str;
     fn observe(&mut self, value: f64);
     /// One window's value with the window's other signals, for forecasters that use leading
     /// indicators; the others see only the value.
@@ -119,7 +119,7 @@ pub trait Forecaster: Send {
     fn set_quantile(&mut self, quantile: f64);
     /// The forecaster whose view counts most right now: itself, or an ensemble's leading
     /// expert.
-    fn leader(&self) -> &str {
+    fn leader(&self) -> &'static str {
         self.name()
     }
     /// Weights of an ensemble's experts (empty for a single forecaster).

@@ -70,7 +70,7 @@ impl DecayingHistogram {
 }
 
 impl Forecaster for DecayingHistogram {
-    fn name(&self) -> &str {
+    fn name(&self) -> &'static str {
         "histogram"
     }
 

@@ -245,7 +245,7 @@ impl RecurrentModel {
 }
 
 impl PointModel for RecurrentModel {
-    fn name(&self) -> &str {
+    fn name(&self) -> &'static str {
         "gru"
     }
 

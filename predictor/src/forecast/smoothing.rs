@@ -7,7 +7,7 @@ use super::{check_param, BandConfig, Banded, ForecastError, Horizon, PointModel}
 pub struct LastValueModel(f64);
 
 impl PointModel for LastValueModel {
-    fn name(&self) -> &str {
+    fn name(&self) -> &'static str {
         "last"
     }
     fn update(&mut self, value: f64) {
@@ -34,7 +34,7 @@ impl EwmaLevel {
 }
 
 impl PointModel for EwmaLevel {
-    fn name(&self) -> &str {
+    fn name(&self) -> &'static str {
         "ewma"
     }
     fn update(&mut self, value: f64) {
@@ -90,7 +90,7 @@ impl HoltTrend {
 }
 
 impl PointModel for HoltTrend {
-    fn name(&self) -> &str {
+    fn name(&self) -> &'static str {
         "holt"
     }
     fn update(&mut self, value: f64) {
