@@ -638,11 +638,11 @@ mod tests {
         }
     }
 
-    fn mem(t_ms: u64, mem: f64) -> Sample {
+    fn sample(t_ms: u64, cpu: f64, mem: f64) -> Sample {
         Sample {
             t_ms,
             usage: Usage {
-                cpu: 1.0,
+                cpu,
                 mem,
                 blk: 1.0,
                 net: 1.0,
@@ -652,6 +652,10 @@ mod tests {
                 ..Default::default()
             },
         }
+    }
+
+    fn mem(t_ms: u64, mem: f64) -> Sample {
+        sample(t_ms, 1.0, mem)
     }
 
     #[test]
@@ -787,19 +791,7 @@ mod tests {
     }
 
     fn cpu(t_ms: u64, cpu: f64) -> Sample {
-        Sample {
-            t_ms,
-            usage: Usage {
-                cpu,
-                mem: 100.0,
-                blk: 1.0,
-                net: 1.0,
-            },
-            signals: Signals {
-                io_ops: 1,
-                ..Default::default()
-            },
-        }
+        sample(t_ms, cpu, 100.0)
     }
 
     #[test]
@@ -837,27 +829,9 @@ mod tests {
         }
     }
 
-    /// Always forecasts `level` (point and upper); used to script experts.
-    struct Level(&'static str, f64);
-    impl Forecaster for Level {
-        fn name(&self) -> &'static str {
-            self.0
-        }
-        fn observe(&mut self, _: f64) {}
-        fn forecast(&self, _: Horizon) -> Forecast {
-            Forecast {
-                point: self.1,
-                upper: self.1,
-            }
-        }
-        fn warm(&self) -> bool {
-            true
-        }
-        fn set_quantile(&mut self, _: f64) {}
-    }
-
     #[test]
     fn switching_experts_never_moves_an_allocation_beyond_the_change_limit() {
+        use crate::forecast::testing::Level;
         use crate::forecast::{Ensemble, EnsembleConfig};
         let experts = || {
             Box::new(

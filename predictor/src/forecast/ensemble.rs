@@ -209,25 +209,7 @@ impl Forecaster for Ensemble {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Forecasts a fixed upper bound, warm from the start.
-    struct Fixed(&'static str, f64);
-    impl Forecaster for Fixed {
-        fn name(&self) -> &'static str {
-            self.0
-        }
-        fn observe(&mut self, _: f64) {}
-        fn forecast(&self, _: Horizon) -> Forecast {
-            Forecast {
-                point: self.1,
-                upper: self.1,
-            }
-        }
-        fn warm(&self) -> bool {
-            true
-        }
-        fn set_quantile(&mut self, _: f64) {}
-    }
+    use crate::forecast::testing::Level as Fixed;
 
     fn two(a: f64, b: f64) -> Ensemble {
         Ensemble::new(

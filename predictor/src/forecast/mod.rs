@@ -128,6 +128,32 @@ pub trait Forecaster: Send {
     }
 }
 
+/// Forecasters the tests script.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::{Forecast, Forecaster, Horizon};
+
+    /// Always forecasts `level` (point and upper), warm from the start.
+    pub struct Level(pub &'static str, pub f64);
+
+    impl Forecaster for Level {
+        fn name(&self) -> &'static str {
+            self.0
+        }
+        fn observe(&mut self, _: f64) {}
+        fn forecast(&self, _: Horizon) -> Forecast {
+            Forecast {
+                point: self.1,
+                upper: self.1,
+            }
+        }
+        fn warm(&self) -> bool {
+            true
+        }
+        fn set_quantile(&mut self, _: f64) {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
