@@ -77,10 +77,13 @@ pub struct RecordArgs {
     /// gets the next power of two above the peak. Defaults: this host's CPUs, 4096, 1024, 1024.
     #[arg(long)]
     pub cpu: Option<f64>,
+    /// Memory of the VM the trace stands for, MiB (see --cpu).
     #[arg(long)]
     pub mem: Option<f64>,
+    /// Block bandwidth of the VM the trace stands for, MiB/s (see --cpu).
     #[arg(long)]
     pub blk: Option<f64>,
+    /// Network bandwidth of the VM the trace stands for, MiB/s (see --cpu).
     #[arg(long)]
     pub net: Option<f64>,
     /// Write the command's pid here once it runs (e.g. to `nsenter` a load generator into
