@@ -612,7 +612,14 @@ pub fn run(args: &RecordArgs, out: &mut dyn Write) -> Result<Trace, RecordError>
     }
     let status = reap(root).map_err(RecordError::Wait)?;
     if let Some(g) = &sampler.cgroup {
-        let _ = g.0.remove();
+        // The kernel refuses (EBUSY) while an exiting child is still being torn down in it.
+        for _ in 0..50 {
+            if g.0.remove().is_ok() {
+                break;
+            }
+            reap_orphans(root);
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     let defaults = default_capacity();
