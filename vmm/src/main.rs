@@ -85,6 +85,11 @@ enum Command {
     /// Profile a workload: static analysis of its files and a short dry run in a locked-down
     /// probe VM; writes the behaviour profile `--profile` sizes a VM from.
     Profile(vmm::profile::probe::ProfileArgs),
+    /// Traces: record a real program's resource use.
+    Trace {
+        #[command(subcommand)]
+        command: TraceCommand,
+    },
     /// Render a trace (e.g. one a VM recorded to its predictor trace_path) as used vs allocated
     /// vs forecast per resource over time (SVG).
     Report(predictor_tools::report::ReportArgs),
@@ -100,6 +105,13 @@ enum Command {
 enum PredictorCommand {
     /// Replay traces through every forecaster and policy, and compare them with baselines.
     Eval(predictor_tools::eval::EvalArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum TraceCommand {
+    /// Run a command and sample its process tree every window (CPU, memory, block I/O, and
+    /// network where it can be attributed) into a trace file: `record --out t.jsonl -- CMD ARGS`.
+    Record(predictor_tools::record::RecordArgs),
 }
 
 /// Runs a tool; its errors exit 1 with one line.
@@ -126,6 +138,11 @@ fn run_tool(command: Command) -> ExitCode {
             Err(e) if e.is_bad_input() => return fail(e, code::BAD_CONFIG),
             Err(e) => Err(e.to_string()),
         },
+        Command::Trace {
+            command: TraceCommand::Record(args),
+        } => predictor_tools::record::run(&args, &mut out)
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
         Command::Report(args) => {
             predictor_tools::report::run(&args, &mut out).map_err(|e| e.to_string())
         }
