@@ -12,6 +12,7 @@ pub mod forecast;
 pub mod persist;
 pub mod policy;
 pub mod resource;
+pub mod rng;
 pub mod sample;
 pub mod score;
 pub mod spec;

@@ -80,6 +80,33 @@ pub mod array {
     }
 }
 
+/// One forecaster's state in a list of forecasters (a policy's, an ensemble's), under its name.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SavedForecaster {
+    pub name: String,
+    pub state: Vec<u8>,
+}
+
+impl SavedForecaster {
+    pub fn save(name: &str, forecaster: &dyn SavedState) -> Result<Self, PersistError> {
+        Ok(SavedForecaster {
+            name: name.to_string(),
+            state: forecaster.save_state()?,
+        })
+    }
+
+    /// Restores into `forecaster`, named `name`, which must be the one saved.
+    pub fn restore(&self, name: &str, forecaster: &mut dyn SavedState) -> Result<(), PersistError> {
+        if self.name != name {
+            return Err(PersistError::Mismatch(format!(
+                "saved {:?}, this predictor builds {name:?}",
+                self.name
+            )));
+        }
+        forecaster.restore_state(&self.state)
+    }
+}
+
 /// Checks one restored length against the fresh value's.
 pub fn same_len(what: &str, saved: usize, fresh: usize) -> Result<(), String> {
     if saved == fresh {

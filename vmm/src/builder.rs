@@ -143,7 +143,7 @@ fn guest_memory(
         ..
     } = source
     else {
-        let mem = create_guest_memory(machine.mem_bytes())
+        let mem = create_guest_memory(machine.mem_bytes(), machine.huge_pages)
             .map_err(|e| ConfigError::new(MachineConfig::mem_path(), e.to_string()))?;
         return Ok((mem, None));
     };
@@ -299,7 +299,9 @@ pub fn assemble(
     };
     let (buses, devices) = registry.finish();
     let buses = Arc::new(buses);
-    // Each vCPU counts its exits once; the metrics and the predictor read the same counts.
+    // Each vCPU counts its exits once; the metrics and the predictor read the same counts. KVM's
+    // stats files are opened only for the predictor, their one reader.
+    let stats = config.predictor.as_ref().is_some_and(|p| p.enabled);
     let handles = vcpus
         .into_iter()
         .map(|vcpu| {
@@ -312,6 +314,7 @@ pub fn assemble(
                     Box::new(recorder),
                     paused,
                     saved_msrs.clone(),
+                    stats,
                 )?,
                 exits,
             ))
@@ -397,7 +400,8 @@ fn hotplug_memory(
     }
     let region = match saved {
         Some(r) => r,
-        None => create_hotplug_region(start, size).map_err(|e| err(e.to_string()))?,
+        None => create_hotplug_region(start, size, machine.huge_pages)
+            .map_err(|e| err(e.to_string()))?,
     };
     Ok(HotplugMemory {
         region: Arc::new(region),

@@ -69,6 +69,7 @@ pub struct MachineConfigUpdate {
     pub mem_size_mib: Option<u64>,
     pub smt: Option<bool>,
     pub track_dirty_pages: Option<bool>,
+    pub huge_pages: Option<crate::vmm_config::HugePages>,
 }
 
 impl MachineConfigUpdate {
@@ -78,6 +79,7 @@ impl MachineConfigUpdate {
             mem_size_mib: self.mem_size_mib.unwrap_or(to.mem_size_mib),
             smt: self.smt.unwrap_or(to.smt),
             track_dirty_pages: self.track_dirty_pages.unwrap_or(to.track_dirty_pages),
+            huge_pages: self.huge_pages.unwrap_or(to.huge_pages),
         }
     }
 }

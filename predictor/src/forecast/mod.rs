@@ -2,20 +2,25 @@
 //! `h` windows ahead.
 
 mod band;
+mod ensemble;
 mod histogram;
+mod indicator;
 mod percentile;
 mod preset;
 pub mod recurrent;
 mod smoothing;
 
 pub use band::{BandConfig, Banded, PointModel};
+pub use ensemble::{Ensemble, EnsembleConfig, ExpertWeight};
 pub use histogram::DecayHistogram;
+pub use indicator::{Indicator, IndicatorModel, LeadingIndicator};
 pub use percentile::{DecayingHistogram, PercentileConfig};
 pub use preset::Preset;
 pub use recurrent::{GruWeights, Recurrent, RecurrentError, RecurrentModel};
 pub use smoothing::{Ewma, EwmaLevel, Holt, HoltTrend, LastValue, LastValueModel};
 
 use crate::persist::SavedState;
+use crate::sample::Signals;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -100,12 +105,66 @@ pub struct Forecast {
 /// A per-resource demand predictor fed one observation per window. Its state goes into VM
 /// snapshots through [`SavedState`] (derive serde and implement [`crate::persist::Persist`]).
 pub trait Forecaster: Send + SavedState {
-    fn name(&self) -> &str;
+    fn name(&self) -> &'static str;
     fn observe(&mut self, value: f64);
+    /// One window's value with the window's other signals, for forecasters that use leading
+    /// indicators; the others see only the value.
+    fn observe_window(&mut self, value: f64, _signals: &Signals) {
+        self.observe(value);
+    }
     fn forecast(&self, h: Horizon) -> Forecast;
     /// False until the forecaster has seen enough to be trusted; the policy holds its
     /// initial allocation until then.
     fn warm(&self) -> bool;
+    /// The probability that demand stays under `upper` from now on (0.5..=1). The policy's
+    /// calibration moves it every window so the realised miss rate holds its target.
+    fn set_quantile(&mut self, quantile: f64);
+    /// The forecaster whose view counts most right now: itself, or an ensemble's leading
+    /// expert.
+    fn leader(&self) -> &'static str {
+        self.name()
+    }
+    /// Weights of an ensemble's experts (empty for a single forecaster).
+    fn weights(&self) -> Vec<ExpertWeight> {
+        Vec::new()
+    }
+}
+
+/// Forecasters the tests script.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::{Forecast, Forecaster, Horizon};
+
+    /// Always forecasts `level` (point and upper), warm from the start.
+    pub struct Level(pub &'static str, pub f64);
+
+    /// Its level is its state (its name is `'static`, so it cannot derive serde).
+    impl crate::persist::SavedState for Level {
+        fn save_state(&self) -> Result<Vec<u8>, crate::persist::PersistError> {
+            crate::persist::encode(&self.1)
+        }
+        fn restore_state(&mut self, bytes: &[u8]) -> Result<(), crate::persist::PersistError> {
+            self.1 = crate::persist::decode(bytes)?;
+            Ok(())
+        }
+    }
+
+    impl Forecaster for Level {
+        fn name(&self) -> &'static str {
+            self.0
+        }
+        fn observe(&mut self, _: f64) {}
+        fn forecast(&self, _: Horizon) -> Forecast {
+            Forecast {
+                point: self.1,
+                upper: self.1,
+            }
+        }
+        fn warm(&self) -> bool {
+            true
+        }
+        fn set_quantile(&mut self, _: f64) {}
+    }
 }
 
 #[cfg(test)]

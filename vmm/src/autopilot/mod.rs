@@ -285,6 +285,7 @@ impl Autopilot {
             windows: self.windows,
             allocation: Some(*self.policy.allocation()),
             last: self.last.clone(),
+            experts: Some(self.policy.expert_weights()),
             actuators: Some(ActuatorStatus {
                 cpu_quota: describe(Resource::Cpu),
                 memory: describe(Resource::Mem),
@@ -346,7 +347,7 @@ mod tests {
             vcpu_count: 1,
             mem_size_mib: 1024,
             smt: false,
-            track_dirty_pages: false,
+            ..MachineConfig::default()
         };
         let config = PredictorConfig::default();
         let cold = Autopilot::new(&config, &machine, "t", 0).unwrap();

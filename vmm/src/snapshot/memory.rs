@@ -292,15 +292,35 @@ mod tests {
     use super::*;
     use vm_memory::Bytes;
 
-    fn temp(name: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("prescient-memfile-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir.join(name)
+    /// A test's own directory, removed when the test ends (memory files are megabytes).
+    struct TempDir(std::path::PathBuf);
+
+    impl TempDir {
+        fn new(test: &str) -> Self {
+            let dir = std::env::temp_dir()
+                .join(format!("prescient-memfile-{}-{test}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+
+        fn path(&self, name: &str) -> std::path::PathBuf {
+            self.0.join(name)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 
     #[test]
     fn written_pages_come_back_through_a_private_lazy_mapping() {
-        let mem = crate::vstate::memory::create_guest_memory(64 << 20).unwrap();
+        let mem = crate::vstate::memory::create_guest_memory(
+            64 << 20,
+            crate::vmm_config::HugePages::None,
+        )
+        .unwrap();
         mem.write_obj(0x1122_3344_u32, GuestAddress(0x5000))
             .unwrap();
         mem.write_obj(0xabcd_u16, GuestAddress((40 << 20) + 12))
@@ -309,7 +329,8 @@ mod tests {
             .iter()
             .map(|r| populated_pages(r, false).unwrap())
             .collect();
-        let path = temp("full.mem");
+        let dir = TempDir::new("full");
+        let path = dir.path("full.mem");
         let file = File::create(&path).unwrap();
         let written = write_pages(&mem, &bitmaps, &file, "full.mem").unwrap();
         assert!((2 * PAGE..16 << 20).contains(&written), "{written}");
@@ -341,7 +362,8 @@ mod tests {
 
     #[test]
     fn a_diff_rebased_onto_its_base_has_both_layers() {
-        let (base_path, diff_path) = (temp("base.mem"), temp("diff.mem"));
+        let dir = TempDir::new("rebase");
+        let (base_path, diff_path) = (dir.path("base.mem"), dir.path("diff.mem"));
         let base = File::options()
             .create(true)
             .truncate(true)
@@ -373,8 +395,37 @@ mod tests {
     }
 
     #[test]
+    fn the_idle_trim_leaves_memory_restored_from_a_file_alone() {
+        // The file holds data everywhere; the guest then zeroes all but the first page. Given
+        // back, the zeroed pages would read the file's data again.
+        const LEN: u64 = 4 << 20;
+        let dir = TempDir::new("trim");
+        let path = dir.path("trim.mem");
+        std::fs::write(&path, vec![0xa5u8; LEN as usize]).unwrap();
+        let file = File::open(&path).unwrap();
+        let l = [RegionLayout {
+            guest_addr: 0,
+            len: LEN,
+            file_offset: 0,
+        }];
+        let mem = GuestMemoryMmap::from_regions(map_file(&file, "trim.mem", &l).unwrap()).unwrap();
+        for page in 1..LEN / PAGE {
+            mem.write_slice(&[0u8; PAGE as usize], GuestAddress(page * PAGE))
+                .unwrap();
+        }
+        let (report, _) = crate::vstate::memory::trim_zero_pages(&mem, GuestAddress(0), u64::MAX);
+        assert_eq!(report.freed_bytes, 0, "{report:?}");
+        for page in 1..LEN / PAGE {
+            let v: u64 = mem.read_obj(GuestAddress(page * PAGE)).unwrap();
+            assert_eq!(v, 0, "page {page}");
+        }
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0)).unwrap(), 0xa5);
+    }
+
+    #[test]
     fn a_short_memory_file_is_refused_before_it_is_mapped() {
-        let path = temp("short.mem");
+        let dir = TempDir::new("short");
+        let path = dir.path("short.mem");
         let file = File::create(&path).unwrap();
         file.set_len(1 << 20).unwrap();
         let l = [RegionLayout {

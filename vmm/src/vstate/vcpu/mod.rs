@@ -203,8 +203,9 @@ impl Vcpu {
     }
 
     /// Starts the vCPU on a thread named `vcpu<N>`, telling `observer` of every exit; with
-    /// `paused` it waits for [`VcpuEvent::Resume`] before it first runs. A snapshot saves the
-    /// MSRs `saved_msrs` lists ([`saved_msr_indices`]).
+    /// `paused` it waits for [`VcpuEvent::Resume`] before it first runs; with `stats`, its KVM
+    /// binary statistics file is opened first for a reader to take. A snapshot saves the MSRs
+    /// `saved_msrs` lists ([`saved_msr_indices`]).
     pub fn start(
         self,
         buses: Arc<IoBuses>,
@@ -212,12 +213,13 @@ impl Vcpu {
         observer: Box<dyn ExitObserver>,
         paused: bool,
         saved_msrs: Arc<[u32]>,
+        stats: bool,
     ) -> Result<VcpuHandle, VcpuError> {
         let index = self.index;
         let (event_tx, event_rx) = channel();
         let (response_tx, response_rx) = channel();
         let (tid_tx, tid_rx) = channel();
-        let stats = self.stats_file();
+        let stats = stats.then(|| self.stats_file());
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
@@ -242,7 +244,7 @@ impl Vcpu {
             index,
             tid: OnceLock::new(),
             tid_rx,
-            stats: Some(stats),
+            stats,
             thread: Some(thread),
             events: event_tx,
             responses: response_rx,
@@ -401,7 +403,8 @@ impl VcpuHandle {
         self.thread.as_ref().map(|t| t.as_pthread_t())
     }
 
-    /// The vCPU's KVM binary statistics file, opened at start (or why not); taken once.
+    /// The vCPU's KVM binary statistics file, opened at start if asked for (or why not); taken
+    /// once.
     pub fn take_stats_file(&mut self) -> Option<std::io::Result<File>> {
         self.stats.take()
     }
