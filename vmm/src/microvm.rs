@@ -12,7 +12,7 @@ use devices::virtio::discard::PAGE_SIZE;
 use devices::virtio::mem::VirtioMem;
 use devices::virtio::net::Net;
 use predictor::telemetry::ExitTotals;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::console::RawTerminal;
 use crate::device_manager::legacy::ResetToExit;
@@ -93,6 +93,10 @@ pub struct MicroVm {
     vm: Vm,
     /// Guest RAM and the hotplug region.
     mem: GuestMemoryMmap,
+    /// The pages the idle trim gave back since the last snapshot, one bitmap per region (empty
+    /// until the first): a Diff snapshot found by residency must write them (as zeroes), or a
+    /// restore would read the older snapshot's content there.
+    trimmed: Vec<Vec<u64>>,
 }
 
 impl MicroVm {
@@ -116,6 +120,7 @@ impl MicroVm {
             _terminal: terminal,
             vm,
             mem,
+            trimmed: Vec::new(),
         }
     }
 
@@ -219,7 +224,6 @@ impl MicroVm {
     /// [`MicroVm::guest_memory`] (RAM regions are KVM slots 0.., the hotplug region's slots
     /// follow).
     pub fn dirty_pages(&self) -> Result<Vec<Vec<u64>>, VmError> {
-        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
         let hotplug = self.hotplug_memory().map(|m| m.layout());
         let ram = self.mem.num_regions() - usize::from(hotplug.is_some());
         let mut out = Vec::with_capacity(self.mem.num_regions());
@@ -296,13 +300,47 @@ impl MicroVm {
         from: GuestAddress,
         max_scanned: u64,
     ) -> Result<(TrimReport, Option<GuestAddress>), VcpuError> {
-        if self.state == RunState::Paused {
-            return Ok(trim_zero_pages(&self.mem, from, max_scanned));
+        let paused = self.state == RunState::Paused;
+        if !paused {
+            self.pause()?;
         }
-        self.pause()?;
-        let result = trim_zero_pages(&self.mem, from, max_scanned);
-        self.resume()?;
+        if self.trimmed.is_empty() {
+            self.trimmed = self
+                .mem
+                .iter()
+                .map(|r| vec![0; (r.len() / PAGE_SIZE).div_ceil(64) as usize])
+                .collect();
+        }
+        let (mem, trimmed) = (&self.mem, &mut self.trimmed);
+        let result = trim_zero_pages(mem, from, max_scanned, &mut |addr, len| {
+            let Some((index, region)) = mem
+                .iter()
+                .enumerate()
+                .find(|(_, r)| r.to_region_addr(addr).is_some())
+            else {
+                return;
+            };
+            let first = (addr.0 - region.start_addr().0) / PAGE_SIZE;
+            for page in first..first + len / PAGE_SIZE {
+                trimmed[index][(page / 64) as usize] |= 1 << (page % 64);
+            }
+        });
+        if !paused {
+            self.resume()?;
+        }
         Ok(result)
+    }
+
+    /// The pages the idle trim gave back since [`MicroVm::forget_trimmed`], one bitmap per region
+    /// of [`MicroVm::guest_memory`]; empty if none was.
+    pub fn trimmed_pages(&self) -> &[Vec<u64>] {
+        &self.trimmed
+    }
+
+    /// A snapshot holds guest memory as it is now: later Diffs need only what the trim gives back
+    /// after it.
+    pub fn forget_trimmed(&mut self) {
+        self.trimmed.clear();
     }
 
     /// Makes every vCPU leave KVM_RUN once, to look at what changed (a seccomp stage).

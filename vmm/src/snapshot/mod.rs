@@ -26,7 +26,7 @@ use crate::vstate::vcpu::{VcpuError, VcpuState};
 use crate::vstate::vm::{VmError, VmState};
 use cpu::{CpuMismatch, HostCpu};
 use file::FileError;
-use memory::{MemoryFileError, PageBitmap, RegionLayout};
+use memory::{MemoryFileError, PageBitmap, RegionLayout, ZeroPages};
 
 /// Errors of creating or loading a snapshot; each says what was wrong.
 #[derive(Debug, thiserror::Error)]
@@ -379,18 +379,30 @@ pub fn create(
                 })?
         }
         (SnapshotType::Diff, Some(dirty)) => dirty,
-        // Without dirty page tracking, as Firecracker: the pages in host memory (mincore).
-        (SnapshotType::Diff, None) => mem
-            .iter()
-            .map(|r| memory::populated_pages(r, false))
-            .collect::<std::io::Result<_>>()
-            .map_err(|source| MemoryFileError::Read {
-                path: "guest memory (mincore)".into(),
-                source,
-            })?,
+        // Without dirty page tracking, as Firecracker: the pages in host memory (mincore), and
+        // those the idle trim gave back since the last snapshot (zero now, not in host memory,
+        // perhaps data in the base).
+        (SnapshotType::Diff, None) => {
+            let mut bitmaps: Vec<PageBitmap> = mem
+                .iter()
+                .map(|r| memory::populated_pages(r, false))
+                .collect::<std::io::Result<_>>()
+                .map_err(|source| MemoryFileError::Read {
+                    path: "guest memory (mincore)".into(),
+                    source,
+                })?;
+            for (bitmap, trimmed) in bitmaps.iter_mut().zip(vm.trimmed_pages()) {
+                bitmap.iter_mut().zip(trimmed).for_each(|(b, t)| *b |= t);
+            }
+            bitmaps
+        }
     };
     let mem_file = AtomicFile::create(&params.mem_file_path)?;
-    let written = memory::write_pages(mem, &bitmaps, &mem_file.file, &mem_path)?;
+    let zero = match params.snapshot_type {
+        SnapshotType::Full => ZeroPages::Skip,
+        SnapshotType::Diff => ZeroPages::Write,
+    };
+    let written = memory::write_pages(mem, &bitmaps, zero, &mem_file.file, &mem_path)?;
 
     let state = SnapshotState {
         prescient_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -419,6 +431,7 @@ pub fn create(
         })?;
     mem_file.commit()?;
     state_file.commit()?;
+    vm.forget_trimmed();
     let report = CreateReport {
         memory_bytes_written: written,
         elapsed: start.elapsed(),
