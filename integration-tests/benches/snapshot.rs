@@ -7,116 +7,19 @@
 //! copied on write); the round after it is the same work warm.
 //!
 //! `cargo bench -p integration-tests --bench snapshot` (`SNAPSHOT_BENCH_ROUNDS` runs per VMM and
-//! size, default 5; `SNAPSHOT_BENCH_SIZES`, MiB, default `256,2048`). Firecracker is
-//! `$FIRECRACKER_BIN` or the shared anchor; without it only prescient's column is printed.
-//! Medians, with min-max.
+//! size, default 5; `SNAPSHOT_BENCH_SIZES`, MiB, default `256,2048`; `SNAPSHOT_BENCH_HUGE_PAGES`,
+//! `machine-config.huge_pages` for both, default each VMM's own). Firecracker is
+//! `$FIRECRACKER_BIN` or the shared anchor (the shared bench harness finds it); without it only
+//! prescient's column is printed. Medians, with min-max.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use integration_tests::{
-    file_data_bytes, guest_spec, prescient_bin, ApiClient, Scratch, TEST_GUEST_PVH,
-};
+use integration_tests::bench::{alternate, env_or, Table, VmSpec, Vmm};
+use integration_tests::console::Console;
+use integration_tests::{file_data_bytes, ApiClient, Scratch};
 
 const DEADLINE: Duration = Duration::from_secs(180);
-
-/// A VMM the benchmark runs.
-struct Vmm {
-    name: &'static str,
-    bin: PathBuf,
-    firecracker: bool,
-}
-
-impl Vmm {
-    fn prescient() -> Vmm {
-        Vmm {
-            name: "prescient",
-            bin: prescient_bin().to_path_buf(),
-            firecracker: false,
-        }
-    }
-
-    /// `$FIRECRACKER_BIN`, else the shared anchor beside the checkout.
-    fn firecracker() -> Option<Vmm> {
-        let candidates = [
-            std::env::var_os("FIRECRACKER_BIN").map(PathBuf::from),
-            Some(
-                Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join("../../shared/anchors/firecracker/firecracker"),
-            ),
-            Some(PathBuf::from(
-                "/work/shared/anchors/firecracker/firecracker",
-            )),
-        ];
-        let bin = candidates.into_iter().flatten().find(|p| p.is_file())?;
-        Some(Vmm {
-            name: "firecracker",
-            bin,
-            firecracker: true,
-        })
-    }
-
-    /// Starts the VMM on the API socket `sock`, booting `config` if given; its stdout (the
-    /// guest's console) is read line by line as it comes.
-    fn spawn(&self, sock: &Path, config: Option<&Path>) -> Running {
-        let _ = std::fs::remove_file(sock);
-        let mut cmd = Command::new(&self.bin);
-        cmd.arg("--api-sock").arg(sock);
-        if let Some(config) = config {
-            cmd.arg("--config-file").arg(config);
-        }
-        if self.firecracker {
-            cmd.args(["--level", "Error"]);
-        }
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", self.bin.display()));
-        let out = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { return };
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Running { child, lines }
-    }
-}
-
-struct Running {
-    child: Child,
-    lines: Receiver<String>,
-}
-
-impl Running {
-    /// The first console line from now on that starts with `prefix`.
-    fn line(&self, prefix: &str) -> String {
-        let end = Instant::now() + DEADLINE;
-        loop {
-            let left = end.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) if l.starts_with(prefix) => return l,
-                Ok(_) => {}
-                Err(e) => panic!("no line {prefix:?} ({e})"),
-            }
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Connects as soon as the VMM listens (polled every 0.2 ms: the test harness's 10 ms polling
 /// would dwarf what is measured).
@@ -169,27 +72,27 @@ struct Run {
     memory_written_mib: f64,
 }
 
-fn run(vmm: &Vmm, dir: &Path, mem_mib: u64) -> Run {
+fn run(vmm: &Vmm, dir: &Path, mem_mib: u64, huge_pages: Option<&str>) -> Run {
     let touched = mem_mib / 2;
-    let mut spec: serde_json::Value = serde_json::from_str(&guest_spec(
-        TEST_GUEST_PVH,
+    let mut spec = VmSpec::test_guest(
         2,
         mem_mib,
         &format!("cpu_ms=1 mem_mib={touched} mem_rounds=3 mem_hold_ms=2000"),
-    ))
-    .unwrap();
-    // Firecracker requires the list, empty or not.
-    spec["drives"] = serde_json::json!([]);
-    let config = dir.join(format!("{}.json", vmm.name));
-    std::fs::write(&config, spec.to_string()).unwrap();
+    );
+    spec.huge_pages = huge_pages.map(str::to_string);
     let (state, mem) = (dir.join("vm.state"), dir.join("vm.mem"));
     let mut out = Run::default();
+    let spawn = |spec: Option<&VmSpec>, sock: &Path| -> Console {
+        vmm.spawn(spec, dir, Some(sock))
+            .unwrap_or_else(|e| panic!("{}: {e}", vmm.name()))
+    };
+    let line = |console: &Console, prefix: &str| console.expect_prefix(prefix, DEADLINE).1;
 
-    let sock = dir.join(format!("{}-boot.sock", vmm.name));
-    let first = vmm.spawn(&sock, Some(&config));
-    let mut api = ApiClient::connect(&sock);
-    out.populate = field(&first.line("guest: mem_round n=0 "), "us") / 1e3;
-    first.line("guest: mem hold");
+    let sock = dir.join("boot.sock");
+    let first = spawn(Some(&spec), &sock);
+    let mut api = connect(&sock);
+    out.populate = field(&line(&first, "guest: mem_round n=0 "), "us") / 1e3;
+    line(&first, "guest: mem hold");
     call(&mut api, "PATCH", "/vm", r#"{"state": "Paused"}"#);
     let body = serde_json::json!({
         "snapshot_type": "Full",
@@ -201,9 +104,9 @@ fn run(vmm: &Vmm, dir: &Path, mem_mib: u64) -> Run {
     out.state_kib = std::fs::metadata(&state).unwrap().len() as f64 / 1024.0;
     out.memory_written_mib = file_data_bytes(&mem) as f64 / (1 << 20) as f64;
 
-    let sock = dir.join(format!("{}-load.sock", vmm.name));
+    let sock = dir.join("load.sock");
     let spawned = Instant::now();
-    let second = vmm.spawn(&sock, None);
+    let second = spawn(None, &sock);
     let mut api = connect(&sock);
     let body = serde_json::json!({
         "snapshot_path": state,
@@ -212,67 +115,37 @@ fn run(vmm: &Vmm, dir: &Path, mem_mib: u64) -> Run {
     });
     out.load = call(&mut api, "PUT", "/snapshot/load", &body.to_string()).as_secs_f64() * 1e3;
     out.spawn_to_resumed = spawned.elapsed().as_secs_f64() * 1e3;
-    out.first_touch = field(&second.line("guest: mem_round n=1 "), "us") / 1e3;
-    out.warm_round = field(&second.line("guest: mem_round n=2 "), "us") / 1e3;
+    out.first_touch = field(&line(&second, "guest: mem_round n=1 "), "us") / 1e3;
+    out.warm_round = field(&line(&second, "guest: mem_round n=2 "), "us") / 1e3;
     drop(second);
     let _ = std::fs::remove_file(&state);
     let _ = std::fs::remove_file(&mem);
     out
 }
 
-/// Median and range of `v`.
-fn stat(v: &mut [f64]) -> (f64, f64, f64) {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    let median = if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    };
-    (median, v[0], v[n - 1])
-}
-
 fn main() {
-    let rounds: usize = std::env::var("SNAPSHOT_BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
-    let sizes: Vec<u64> = std::env::var("SNAPSHOT_BENCH_SIZES")
-        .unwrap_or_else(|_| "256,2048".into())
+    let rounds: usize = env_or("SNAPSHOT_BENCH_ROUNDS", 5);
+    let sizes: Vec<u64> = env_or("SNAPSHOT_BENCH_SIZES", "256,2048".to_string())
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
-    let mut vmms = vec![Vmm::prescient()];
-    match Vmm::firecracker() {
-        Some(fc) => vmms.push(fc),
-        None => println!("firecracker: not run (set FIRECRACKER_BIN)"),
-    }
+    // Unset: each VMM's default (prescient Transparent, Firecracker None).
+    let huge_pages = std::env::var("SNAPSHOT_BENCH_HUGE_PAGES").ok();
+    let vmms = Vmm::with(&[integration_tests::bench::Kind::Firecracker]);
     let scratch = Scratch::new("snapshot-bench");
-    println!(
-        "snapshot bench: {rounds} runs per VMM and size, alternated; 2 vCPUs, the guest writes \
-         half its memory before the snapshot; medians (min-max), ms"
-    );
     for &mem_mib in &sizes {
-        let mut results: Vec<Vec<Run>> = vmms.iter().map(|_| Vec::new()).collect();
-        for round in 0..rounds {
-            // Alternate who goes first, so a slow moment of the host falls on both.
-            for k in 0..vmms.len() {
-                let i = (k + round) % vmms.len();
-                results[i].push(run(&vmms[i], scratch.path(), mem_mib));
-            }
-        }
-        println!();
-        let mut head = format!("| {mem_mib} MiB guest |");
-        let mut rule = "|---|".to_string();
-        for v in &vmms {
-            head.push_str(&format!(" {} |", v.name));
-            rule.push_str("---|");
-        }
-        if vmms.len() == 2 {
-            head.push_str(" prescient / firecracker |");
-            rule.push_str("---|");
-        }
-        println!("{head}\n{rule}");
+        let runs = alternate(&vmms, rounds, |vmm| {
+            run(vmm, scratch.path(), mem_mib, huge_pages.as_deref())
+        });
+        let mut t = Table::new(
+            format!(
+                "snapshots of the test guest (2 vCPUs, {mem_mib} MiB, huge_pages {}), the guest \
+                 writing half its memory before the Full snapshot: {rounds} alternated runs, \
+                 ms unless named (host shared)",
+                huge_pages.as_deref().unwrap_or("each VMM's default")
+            ),
+            &vmms,
+        );
         type Metric = (&'static str, fn(&Run) -> f64);
         let metrics: [Metric; 8] = [
             ("create (PUT /snapshot/create)", |r| r.create),
@@ -281,36 +154,26 @@ fn main() {
             }),
             ("process start to resumed", |r| r.spawn_to_resumed),
             (
-                "the guest writing half its memory at boot (first touch)",
+                "first touch at boot: the guest writing half its memory",
                 |r| r.populate,
             ),
             (
-                "the same after restore (faulted in from the memory file)",
+                "first touch after restore: the same, from the memory file",
                 |r| r.first_touch,
             ),
             ("the same once more, warm", |r| r.warm_round),
-            ("state file, KiB", |r| r.state_kib),
-            ("memory file data, MiB", |r| r.memory_written_mib),
+            ("state file (KiB)", |r| r.state_kib),
+            ("memory file data (MiB)", |r| r.memory_written_mib),
         ];
         for (name, get) in metrics {
-            let mut line = format!("| {name} |");
-            let mut medians = Vec::new();
-            for r in &results {
-                let mut v: Vec<f64> = r.iter().map(get).collect();
-                let (median, lo, hi) = stat(&mut v);
-                medians.push(median);
-                line.push_str(&format!(" {median:.2} ({lo:.2}-{hi:.2}) |"));
-            }
-            if medians.len() == 2 {
-                line.push_str(&format!(" {:.2}x |", medians[0] / medians[1]));
-            }
-            println!("{line}");
+            let per_vmm: Vec<Vec<f64>> = runs.iter().map(|r| r.iter().map(get).collect()).collect();
+            t.row_of(name, &per_vmm);
         }
+        t.note(
+            "prescient's create syncs both files before renaming them into place (Firecracker's \
+             does not sync) and writes only the pages holding data (Firecracker all of guest \
+             memory); both memory files are in the page cache when loaded (just written).",
+        );
+        t.print();
     }
-    println!(
-        "\nprescient's create syncs both files to disk before renaming them into place \
-         (Firecracker's does not sync) and writes only the pages the guest ever populated \
-         (Firecracker writes all of guest memory). The memory file is in the page cache when \
-         it is loaded (just written), for both."
-    );
 }

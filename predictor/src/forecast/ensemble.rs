@@ -276,6 +276,39 @@ mod tests {
     }
 
     #[test]
+    fn a_saved_ensemble_comes_back_whole_and_only_into_the_same_experts() {
+        let mut e = two(11.0, 20.0);
+        e.set_quantile(0.99);
+        for _ in 0..50 {
+            e.observe(15.0);
+        }
+        let saved = e.save_state().unwrap();
+        let mut back = two(0.0, 0.0);
+        back.restore_state(&saved).unwrap();
+        assert_eq!(back.weights(), e.weights());
+        assert_eq!(back.leader(), e.leader());
+        // The experts' own state (their levels) came back too.
+        assert_eq!(back.forecast(Horizon::ONE), e.forecast(Horizon::ONE));
+        for _ in 0..20 {
+            e.observe(12.0);
+            back.observe(12.0);
+        }
+        assert_eq!(back.weights(), e.weights());
+
+        let mut renamed = Ensemble::new(
+            vec![Box::new(Fixed("a", 0.0)), Box::new(Fixed("c", 0.0))],
+            EnsembleConfig::default(),
+        )
+        .unwrap();
+        let err = renamed.restore_state(&saved).unwrap_err().to_string();
+        assert!(err.contains(r#"saved "b""#), "{err}");
+        let mut fewer =
+            Ensemble::new(vec![Box::new(Fixed("a", 0.0))], EnsembleConfig::default()).unwrap();
+        let err = fewer.restore_state(&saved).unwrap_err().to_string();
+        assert!(err.contains("ensemble experts"), "{err}");
+    }
+
+    #[test]
     fn pinball_is_asymmetric() {
         assert!((pinball(12.0, 10.0, 0.99) - 1.98).abs() < 1e-12);
         assert!((pinball(8.0, 10.0, 0.99) - 0.02).abs() < 1e-12);
