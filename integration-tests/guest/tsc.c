@@ -81,9 +81,13 @@ static u64 cal_pit_ch0(void)
 
 u64 tsc_calibrate(void)
 {
-	u64 khz = cal_pit_ch2();
-	if (!khz_plausible(khz))
-		khz = cal_pit_ch0();
+	u64 khz = 0;
+	/* A host busy with other work can stretch one try past its give-up bound: try again. */
+	for (int attempt = 0; attempt < 3 && !khz_plausible(khz); attempt++) {
+		khz = cal_pit_ch2();
+		if (!khz_plausible(khz))
+			khz = cal_pit_ch0();
+	}
 	if (!khz_plausible(khz)) {
 		gprintf("guest: tsc calibration failed\n");
 		khz = 0;
