@@ -215,6 +215,9 @@ impl Runtime {
                 }
             }
         }
+        // A restored VM's memory is its snapshot's file, mapped privately in 4 KiB pages: no
+        // huge pages to trim, and a page given back there would read the file again.
+        let anonymous_memory = matches!(source, Source::Boot);
         let mut vm = assemble(
             &self.config,
             self.exit.clone(),
@@ -234,7 +237,7 @@ impl Runtime {
                 return Err(ActionError::Predictor(e.to_string()));
             }
         }
-        if self.config.machine_config.huge_pages == HugePages::Transparent {
+        if anonymous_memory && self.config.machine_config.huge_pages == HugePages::Transparent {
             match IdleTrim::start(&mut self.event_manager) {
                 Ok(t) => self.idle_trim = Some(t),
                 Err(e) => tracing::warn!("no idle trim of guest memory: {e}"),
