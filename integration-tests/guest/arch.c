@@ -277,6 +277,11 @@ static void syscall_trap(struct trap_frame *f)
 		}
 		f->rax = 0;
 		break;
+	case SYS_START_AP:
+		if (f->rdi > 0 && f->rdi < MAX_CPUS)
+			smp_start_ap((u32)f->rdi);
+		f->rax = 0;
+		break;
 	case SYS_CLI_SPIN:
 		__asm__ volatile("cli");
 		for (;;)

@@ -225,6 +225,7 @@ impl Autopilot {
         let Some(inputs) = self.inputs.as_mut() else {
             return Ok(());
         };
+        inputs.sync(vm, &mut self.collector)?;
         let inputs = inputs.read(vm);
         let used_mib = inputs.memory.used();
         let sample = self.collector.close(now_ns, &inputs)?.sample();
@@ -341,7 +342,7 @@ mod tests {
         let machine = MachineConfig {
             vcpu_count: 1,
             mem_size_mib: 1024,
-            smt: false,
+            ..MachineConfig::default()
         };
         let config = PredictorConfig::default();
         let cold = Autopilot::new(&config, &machine, "t", 0).unwrap();

@@ -158,10 +158,10 @@ fn field(keys: &[&'static str]) -> JsonPath {
 
 impl PredictorConfig {
     /// The VM's size per resource: what a static allocation gives, and the budget's default
-    /// maximum.
+    /// maximum (for CPU, the vCPUs it can have plugged: `max_vcpus`).
     pub fn capacity(machine: &MachineConfig) -> Usage {
         Usage {
-            cpu: f64::from(machine.vcpu_count),
+            cpu: f64::from(machine.max_vcpus()),
             mem: machine.mem_size_mib as f64,
             blk: DEFAULT_IO_MAX_MIBPS,
             net: DEFAULT_IO_MAX_MIBPS,
@@ -169,9 +169,12 @@ impl PredictorConfig {
     }
 
     /// The budget the policy enforces: the spec's ranges, the rest from the VM's size; every
-    /// resource starts at its maximum.
+    /// resource starts at its maximum, except CPU on a VM that can plug vCPUs, which starts
+    /// with the vCPUs it booted with.
     pub fn budget(&self, machine: &MachineConfig) -> Budget {
         let mut budget = Budget::from_capacity(&Self::capacity(machine));
+        let cpu = &mut budget.0.cpu;
+        cpu.initial = cpu.initial.min(f64::from(machine.vcpu_count));
         let given = PerResource {
             cpu: self.budget.cpu_cores,
             mem: self.budget.memory_mib,
@@ -181,10 +184,14 @@ impl PredictorConfig {
         for r in Resource::ALL {
             if let Some(range) = given[r] {
                 let step = budget.0[r].step;
+                let initial = match r {
+                    Resource::Cpu => range.max.min(f64::from(machine.vcpu_count)).max(range.min),
+                    _ => range.max,
+                };
                 budget.0[r] = Limits {
                     min: range.min,
                     max: range.max,
-                    initial: range.max,
+                    initial,
                     step,
                 };
             }
@@ -230,7 +237,7 @@ impl PredictorConfig {
             (
                 "cpu_cores",
                 self.budget.cpu_cores,
-                f64::from(machine.vcpu_count),
+                f64::from(machine.max_vcpus()),
             ),
             ("blk_mibps", self.budget.blk_mibps, f64::INFINITY),
             ("net_mibps", self.budget.net_mibps, f64::INFINITY),
@@ -241,7 +248,7 @@ impl PredictorConfig {
             };
             if !(min > 0.0 && min <= max && max <= cap && max.is_finite()) {
                 let bound = if cap.is_finite() {
-                    format!(" <= {cap} (the vCPU count)")
+                    format!(" <= {cap} (max_vcpus, else the vCPU count)")
                 } else {
                     String::new()
                 };
@@ -286,7 +293,7 @@ mod tests {
         MachineConfig {
             vcpu_count: 2,
             mem_size_mib: 256,
-            smt: false,
+            ..MachineConfig::default()
         }
     }
 
