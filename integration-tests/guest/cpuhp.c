@@ -1,12 +1,14 @@
 /*
  * CPU hot-plug, as a guest OS does it through ACPI (all at CPL3 but the
- * INIT/SIPI): the BSP follows the GED's event register (acpi.c found it in
- * the DSDT) and, on a CPU event, scans the hot-plug controller like the
- * DSDT's CSCN method: select each CPU, read its status, clear an insert or
- * remove event it shows. An inserted CPU is started (INIT, SIPI) and runs CPL3
- * work; a CPU to remove is parked (it leaves its work and halts) and then
- * ejected (the eject bit: the guest's consent, after which the VMM ends the
- * vCPU's thread).
+ * INIT/SIPI and the idling): the GED's interrupt (acpi.c found its GSI and
+ * its event register in the DSDT) is routed through the IOAPIC to the BSP,
+ * which idles (sti; hlt, woken by it or by the LAPIC timer after at most
+ * 10 ms) unless it has work. On a CPU event it scans the hot-plug controller
+ * like the DSDT's CSCN method: select each CPU, read its status, clear an
+ * insert or remove event it shows. An inserted CPU is started (INIT, SIPI)
+ * and runs CPL3 work; a CPU to remove is parked (it leaves its work and
+ * halts) and then ejected (the eject bit: the guest's consent, after which
+ * the VMM ends the vCPU's thread).
  *
  * Controller registers (the VMM's CPU hot-plug controller): +0 selector
  * (32-bit), +4 status (8-bit; read: 1 present, 2 insert event, 4 remove event;
@@ -17,12 +19,13 @@
  *   cpuhp_ops=N    ... until N inserts and ejects are done (then the line
  *                  below and the usual final line); fewer in T ms: failed
  *   cpu_load=W:MS,W:MS,...  while following, a CPU demand: W CPUs busy (the
- *                  BSP, which follows, is one of them) for MS ms, step after
- *                  step, then 1. APs beyond the demand are parked (halted:
- *                  no host CPU), and started again when it rises; a plugged
- *                  CPU waits parked until the demand wants it. Each ms in
- *                  which the demand exceeded the CPUs present counts as
- *                  short.
+ *                  BSP first, then APs) for MS ms, step after step, then 0.
+ *                  An idle BSP halts between events; APs beyond the demand
+ *                  are parked (halted: no host CPU) and started again when
+ *                  it rises; a plugged CPU waits parked until the demand
+ *                  wants it. Each ms in which the demand exceeded the CPUs
+ *                  present counts as short. Without cpu_load a plugged CPU
+ *                  works until it is unplugged.
  *
  * Output:
  *   guest: cpuhp following ms=<T> ops=<N>
@@ -66,7 +69,7 @@ static int parse_load(const char *v, size_t n)
 		size_t b = ++i;
 		while (i < n && v[i] != ',')
 			i++;
-		if (!parse_u64(v + b, i - b, &load[steps].ms) || !load[steps].workers)
+		if (!parse_u64(v + b, i - b, &load[steps].ms))
 			return 2;
 		steps++;
 		i += i < n;
@@ -191,7 +194,7 @@ static u64 scan(void)
 	return ops;
 }
 
-/* Workers the demand wants `ms` into the schedule (1 once it is over). */
+/* Workers the demand wants `ms` into the schedule (0 once it is over). */
 static u64 load_at(u64 ms, u32 *step)
 {
 	u64 t = 0;
@@ -203,23 +206,23 @@ static u64 load_at(u64 ms, u32 *step)
 		}
 	}
 	*step = load_steps;
-	return 1;
+	return 0;
 }
 
-/* Moves the number of running CPUs (the BSP and running APs) towards `want`,
- * one AP per call. */
+/* Moves the number of running APs towards what `want` workers need besides
+ * the BSP, one AP per call. */
 static void follow_load(u64 want)
 {
-	u64 have = 1;
+	u64 aps_wanted = want > 1 ? want - 1 : 0, aps = 0;
 	for (u32 c = 1; c < MAX_CPUS; c++)
-		have += running[c];
-	if (want > have) {
+		aps += running[c];
+	if (aps_wanted > aps) {
 		for (u32 c = 1; c < MAX_CPUS; c++)
 			if (present[c] && !running[c]) {
 				start(c);
 				return;
 			}
-	} else if (want < have) {
+	} else if (aps_wanted < aps) {
 		for (u32 c = MAX_CPUS - 1; c > 0; c--)
 			if (running[c]) {
 				park(c);
@@ -239,6 +242,7 @@ u64 cpuhp_follow_user(u64 unused)
 	}
 	for (u32 m = 0; m < g_acpi.ncpu; m++)
 		present[g_acpi.cpu[m].cpu] = g_acpi.cpu[m].enabled;
+	syscall3(SYS_ROUTE_IRQ, g_acpi.ged_irq, 0, 0);
 	gprintf("guest: cpuhp following ms=%lu ops=%lu\n", follow_ms, want_ops);
 	u64 t0 = rdtsc(), ops = 0, short_ms = 0, last_ms = 0;
 	u32 step = ~0u;
@@ -249,6 +253,7 @@ u64 cpuhp_follow_user(u64 unused)
 		int load_over = at == load_steps;
 		if (ms >= follow_ms || (want_ops && ops >= want_ops && load_over))
 			break;
+		/* Reading the register takes the pending events (the interrupt only wakes us). */
 		if (r32(g_acpi.ged_base) & 1)
 			ops += scan();
 		if (load_steps) {
@@ -265,7 +270,10 @@ u64 cpuhp_follow_user(u64 unused)
 			follow_load(want);
 		}
 		last_ms = ms;
-		delay_us(1000);
+		if (load_steps && want)
+			delay_us(1000);                 /* the BSP is a worker: busy */
+		else
+			syscall3(SYS_IDLE, 10000, 0, 0);   /* the GED interrupt wakes it earlier */
 	}
 	u64 cpus = 0;
 	for (u32 c = 0; c < MAX_CPUS; c++)

@@ -38,6 +38,8 @@
 #define SYS_PIO_STORM   3       /* rdi accesses (in/out alternating) to port rsi, at CPL0 */
 #define SYS_CLI_SPIN    4       /* cli; spin forever at CPL0 (never returns) */
 #define SYS_START_AP    5       /* INIT + SIPI to CPU rdi (g_cpus index); returns at once */
+#define SYS_IDLE        6       /* sti; hlt for at most rdi us (LAPIC timer) or until a routed IRQ */
+#define SYS_ROUTE_IRQ   7       /* IOAPIC pin rdi wakes this CPU from SYS_IDLE */
 
 /* IOPL=3, IF=0, reserved bit 1. IOPL=3 lets CPL3 do port I/O natively where
  * the hypervisor honours it (QEMU TCG, hardware KVM); PVM-style software KVM

@@ -35,6 +35,7 @@ use actuators::bandwidth::Bandwidth;
 use actuators::cpu::CpuQuota;
 use actuators::memory::ElasticMemory;
 use actuators::seccomp::SeccompStage;
+use actuators::vcpus::VcpuCores;
 use actuators::{Actuators, Context, Knob, Target};
 use decisions::{Applied, DecisionLog, DecisionPage};
 use inputs::Inputs;
@@ -160,10 +161,15 @@ impl Autopilot {
             Some(given) => CpuQuota::given(given),
             None => CpuQuota::create(id, &vm.vcpu_tids()),
         };
+        if let Err(e) = &quota {
+            tracing::warn!("predictor cannot set CPU quotas: {e}");
+        }
         match quota {
+            quota if vm.can_hotplug_vcpus() && self.config.vcpus.enabled => self
+                .actuators
+                .add(Box::new(VcpuCores::new(quota.ok(), self.config.vcpus))),
             Ok(q) => self.actuators.add(Box::new(q)),
             Err(e) => {
-                tracing::warn!("predictor cannot set CPU quotas: {e}");
                 let knob = Knob::Resource(Resource::Cpu);
                 self.actuators
                     .unavailable(knob, format!("unavailable: {e}"));
@@ -238,15 +244,23 @@ impl Autopilot {
         }
         let decision = self.policy.decide(&sample);
         self.windows += 1;
-        if decision.action != Action::Hold && self.config.enabled {
+        if self.config.enabled {
             let mut ctx = Context {
                 vm,
                 config,
                 exit,
                 used_mib,
             };
-            let applied = self.apply(&decision, &mut ctx);
-            self.log.push(decision.clone(), applied);
+            let mut applied = if decision.action != Action::Hold {
+                self.apply(&decision, &mut ctx)
+            } else {
+                Vec::new()
+            };
+            // What actuators do on their own time is logged with the window it happened in.
+            applied.extend(self.actuators.follow_up(&mut ctx));
+            if decision.action != Action::Hold || !applied.is_empty() {
+                self.log.push(decision.clone(), applied);
+            }
         }
         self.last = Some(decision);
         Ok(())
@@ -323,8 +337,15 @@ impl Autopilot {
                 exit,
                 used_mib: 0.0,
             };
-            self.actuators
+            let applied = self
+                .actuators
                 .apply(Target::Allocation(Resource::Cpu, cores), &mut ctx);
+            // Logged with the latest decision (if a window has closed yet), restated: what the
+            // new budget made of it.
+            let mut d = self.last.clone().unwrap_or_default();
+            d.allocation = *self.policy.allocation();
+            d.reason = "PATCH /predictor: the allocation moved into the new budget".into();
+            self.log.push(d, vec![applied]);
         }
         Ok(())
     }

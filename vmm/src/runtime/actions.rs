@@ -142,8 +142,9 @@ impl Runtime {
         Ok(VmmData::BalloonStats(Box::new(device.stats())))
     }
 
-    /// `PATCH /machine-config`: any field before boot; on a running VM only `vcpu_count`, which
-    /// plugs vCPUs or asks the guest to give some up (refused while a removal is pending).
+    /// `PATCH /machine-config`: any field before boot; on a running VM that can plug vCPUs only
+    /// `vcpu_count`, which plugs vCPUs or asks the guest to give some up (refused while a
+    /// removal is pending). A VM that cannot answers as Firecracker does: nothing after boot.
     fn patch_machine_config(
         &mut self,
         update: MachineConfigUpdate,
@@ -154,6 +155,9 @@ impl Runtime {
             self.config.machine_config = machine;
             return Ok(VmmData::Empty);
         };
+        if !vm.can_hotplug_vcpus() {
+            return Err(ActionError::NotAllowedAfterBoot);
+        }
         let Some(vcpu_count) = update.only_vcpu_count() else {
             let given = serde_json::to_value(&update).unwrap_or_default();
             let fixed: Vec<String> = given

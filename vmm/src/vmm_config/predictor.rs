@@ -63,6 +63,40 @@ impl Default for AnomalyResponse {
     }
 }
 
+/// How the predictor plugs and unplugs whole vCPUs on a VM that can (`max_vcpus` above
+/// `vcpu_count`): a vCPU is plugged as soon as the allocation (the forecast's upper band for the
+/// next window) needs more than the vCPUs online, and one is unplugged once the allocation has
+/// stayed at least `hysteresis` cores below one vCPU fewer for `unplug_after_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VcpuPolicy {
+    /// `false`: the CPU quota alone, the vCPUs stay as they are.
+    #[serde(default = "enabled")]
+    pub enabled: bool,
+    #[serde(default = "unplug_after_ms")]
+    pub unplug_after_ms: u64,
+    /// Cores between the allocation that plugs the n-th vCPU and the one that unplugs it.
+    #[serde(default = "hysteresis")]
+    pub hysteresis: f64,
+}
+
+fn unplug_after_ms() -> u64 {
+    3000
+}
+fn hysteresis() -> f64 {
+    0.2
+}
+
+impl Default for VcpuPolicy {
+    fn default() -> Self {
+        Self {
+            enabled: enabled(),
+            unplug_after_ms: unplug_after_ms(),
+            hysteresis: hysteresis(),
+        }
+    }
+}
+
 /// The `predictor` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -86,6 +120,9 @@ pub struct PredictorConfig {
     /// Record every window here, in the trace format `prescient predictor eval` replays.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_path: Option<PathBuf>,
+    /// vCPU hot-plug by the CPU actuator (prescient; used on VMs that can plug vCPUs).
+    #[serde(default)]
+    pub vcpus: VcpuPolicy,
 }
 
 fn enabled() -> bool {
@@ -111,6 +148,7 @@ impl Default for PredictorConfig {
             budget: BudgetConfig::default(),
             anomaly: AnomalyResponse::default(),
             trace_path: None,
+            vcpus: VcpuPolicy::default(),
         }
     }
 }
@@ -257,6 +295,16 @@ impl PredictorConfig {
                     format!("needs 0 < min <= max{bound}, got min {min} max {max}"),
                 ));
             }
+        }
+        let v = &self.vcpus;
+        if !(0.0..1.0).contains(&v.hysteresis) || v.unplug_after_ms > 3_600_000 {
+            return Err(ConfigError::new(
+                field(&["vcpus"]),
+                format!(
+                    "needs 0 <= hysteresis < 1 core and unplug_after_ms <= 1 hour, got {} and {}",
+                    v.hysteresis, v.unplug_after_ms
+                ),
+            ));
         }
         if self.forecaster == ForecasterKind::Gru && self.model_path.is_none() {
             return Err(ConfigError::new(
