@@ -309,7 +309,9 @@ mod tests {
         assert!(build(Cpus { boot: 1, max: 255 }, &[]).is_err());
         let e = build(Cpus { boot: 1, max: 1 }, &vec![0u8; 200 << 10]).unwrap_err();
         assert!(e.to_string().contains("do not fit below 1 MiB"), "{e}");
-        let mem = crate::vstate::memory::create_guest_memory(2 << 20).unwrap();
+        let mem =
+            crate::vstate::memory::create_guest_memory(2 << 20, crate::vmm_config::HugePages::None)
+                .unwrap();
         let rsdp = create_acpi_tables(&mem, Cpus { boot: 1, max: 2 }, &[]).unwrap();
         let mut sig = [0u8; 8];
         mem.read_slice(&mut sig, rsdp).unwrap();

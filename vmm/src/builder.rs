@@ -117,7 +117,7 @@ pub fn build_microvm(
         .map_err(BuildError::SupportedCpuid)?;
 
     let vm = Vm::new(&kvm)?;
-    let mem = create_guest_memory(machine.mem_bytes())
+    let mem = create_guest_memory(machine.mem_bytes(), machine.huge_pages)
         .map_err(|e| ConfigError::new(MachineConfig::mem_path(), e.to_string()))?;
     vm.register_memory(&mem)
         .map_err(|e| ConfigError::new(MachineConfig::mem_path(), e.to_string()))?;
@@ -267,7 +267,8 @@ fn hotplug_memory(
             config.slot_size_mib
         )));
     }
-    let region = create_hotplug_region(start, size).map_err(|e| err(e.to_string()))?;
+    let region =
+        create_hotplug_region(start, size, machine.huge_pages).map_err(|e| err(e.to_string()))?;
     Ok(HotplugMemory {
         region: Arc::new(region),
         layout,

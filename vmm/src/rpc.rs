@@ -69,6 +69,7 @@ pub struct MachineConfigUpdate {
     pub smt: Option<bool>,
     pub max_vcpus: Option<u8>,
     pub acpi: Option<bool>,
+    pub huge_pages: Option<crate::vmm_config::HugePages>,
 }
 
 impl MachineConfigUpdate {
@@ -79,6 +80,7 @@ impl MachineConfigUpdate {
             smt: self.smt.unwrap_or(to.smt),
             max_vcpus: self.max_vcpus.or(to.max_vcpus),
             acpi: self.acpi.unwrap_or(to.acpi),
+            huge_pages: self.huge_pages.unwrap_or(to.huge_pages),
         }
     }
 
@@ -92,6 +94,7 @@ impl MachineConfigUpdate {
                 smt: None,
                 max_vcpus: None,
                 acpi: None,
+                huge_pages: None,
             } => Some(*n),
             _ => None,
         }
