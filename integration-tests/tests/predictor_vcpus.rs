@@ -10,7 +10,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use integration_tests::TEST_GUEST_PVH;
-use integration_tests::{guest_spec, wait_for_console_line, ApiClient, RunningVmm, Scratch};
+use integration_tests::{
+    guest_spec, start_with_console_args, wait_for_console_line, ApiClient, RunningVmm, Scratch,
+};
 use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(90);
@@ -24,27 +26,14 @@ fn spawn(
     args: &str,
     unplug_after_ms: u64,
 ) -> (RunningVmm, ApiClient, std::path::PathBuf) {
-    let socket = scratch.path().join("api.sock");
-    let console = scratch.path().join("console.txt");
     let mut spec: Value = serde_json::from_str(&guest_spec(TEST_GUEST_PVH, 1, 128, args)).unwrap();
     spec["machine-config"]["max_vcpus"] = max.into();
-    spec["serial"] = serde_json::json!({ "serial_out_path": console });
     // An anomaly alarm is not what this is about: only logged, and only far out.
     spec["predictor"] = serde_json::json!({
         "vcpus": {"unplug_after_ms": unplug_after_ms},
         "anomaly": {"threshold": 2.5, "action": "log"},
     });
-    let spec_path = scratch.write("vm.json", &spec.to_string());
-    let vmm = RunningVmm::spawn([
-        "--api-sock",
-        socket.to_str().unwrap(),
-        "--config-file",
-        spec_path.to_str().unwrap(),
-        "--id",
-        id,
-    ]);
-    let api = ApiClient::connect(&socket);
-    (vmm, api, console)
+    start_with_console_args(scratch, spec, &["--id", id])
 }
 
 /// Every vCPU change the actuator logged: (seq, t_ms, applied, detail).
