@@ -278,6 +278,80 @@ mod tests {
         assert_eq!(h.plan(0.05, &status(1, 4, None), ms(20000)), Move::Hold);
     }
 
+    /// The default predictor of a VM booted with 1 of at most 4 vCPUs and these thresholds,
+    /// fed a CPU demand (with a little noise) that idles, ramps up to 3.6 cores, holds, and falls
+    /// back: every window's demand finds the vCPUs it needs already online (plugged after an
+    /// earlier window, from the calibrated upper band), each vCPU is plugged once and unplugged
+    /// once, and only after the demand has stayed low for the delay.
+    #[test]
+    fn the_default_predictor_plugs_each_vcpu_before_a_ramping_demand_needs_it() {
+        use crate::vmm_config::{MachineConfig, PredictorConfig};
+        use predictor::sample::Sample;
+
+        let machine = MachineConfig {
+            vcpu_count: 1,
+            max_vcpus: Some(4),
+            ..MachineConfig::default()
+        };
+        let mut policy = PredictorConfig::default()
+            .policy_spec(&machine)
+            .unwrap()
+            .build()
+            .unwrap();
+        let mut h = hysteresis(3000);
+        let start = Instant::now();
+        let mut online = 1u8;
+        let (mut plugs, mut unplugs) = (Vec::new(), Vec::new());
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        for w in 0..260u64 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let noise = (seed % 1000) as f64 / 1000.0 * 0.06 - 0.03;
+            let demand = match w {
+                0..40 => 0.4,
+                40..104 => 0.4 + 0.05 * (w - 40) as f64,
+                104..140 => 3.6,
+                _ => 0.4,
+            } + noise;
+            if w < 140 {
+                assert!(
+                    demand <= f64::from(online),
+                    "window {w}: demand {demand:.2} cores with {online} vCPUs online"
+                );
+            }
+            let d = policy.decide(&Sample {
+                t_ms: w * 100,
+                usage: predictor::resource::Usage {
+                    cpu: demand.min(f64::from(online)),
+                    mem: 64.0,
+                    blk: 0.0,
+                    net: 0.0,
+                },
+                signals: Default::default(),
+            });
+            let now = start + Duration::from_millis(w * 100);
+            match h.plan(d.allocation.cpu, &status(online, 4, None), now) {
+                Move::Plug { to } => {
+                    plugs.push((w, to));
+                    online = to;
+                }
+                Move::Unplug { to } => {
+                    unplugs.push((w, to));
+                    online = to;
+                }
+                Move::Hold | Move::Pending(_) => {}
+            }
+        }
+        assert_eq!(online, 1, "plugs {plugs:?}, unplugs {unplugs:?}");
+        let steps = |v: &[(u64, u8)]| v.iter().map(|&(_, to)| to).collect::<Vec<_>>();
+        // Whole steps of one: never more than one at a time in either direction, no flapping.
+        assert_eq!(steps(&plugs), [2, 3, 4], "{plugs:?}");
+        assert_eq!(steps(&unplugs), [3, 2, 1], "{unplugs:?}");
+        // The first unplug waits for the delay (30 windows) after the demand fell.
+        assert!(unplugs[0].0 >= 140 + 30, "{unplugs:?}");
+    }
+
     #[test]
     fn an_allocation_back_up_restarts_the_delay_and_never_flaps() {
         let mut h = hysteresis(1000);
