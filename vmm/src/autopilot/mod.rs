@@ -22,7 +22,7 @@ use std::time::Duration;
 use event_manager::{EventManager, SubscriberOps};
 use jailer::cgroup::Cgroup;
 use predictor::policy::{Action, Decision, Policy};
-use predictor::resource::Resource;
+use predictor::resource::{PerResource, Resource};
 use predictor::telemetry::Collector;
 use predictor::trace::{Header, TraceWriter};
 
@@ -340,10 +340,15 @@ impl Autopilot {
             let applied = self
                 .actuators
                 .apply(Target::Allocation(Resource::Cpu, cores), &mut ctx);
-            // Logged with the latest decision (if a window has closed yet), restated: what the
-            // new budget made of it.
+            // Logged with the latest decision's inputs and forecast (if a window has closed
+            // yet), restated: what the new budget made of the CPU allocation.
             let mut d = self.last.clone().unwrap_or_default();
             d.allocation = *self.policy.allocation();
+            d.resized = PerResource {
+                cpu: true,
+                ..PerResource::default()
+            };
+            d.action = Action::Resize;
             d.reason = "PATCH /predictor: the allocation moved into the new budget".into();
             self.log.push(d, vec![applied]);
         }
