@@ -399,6 +399,24 @@ mod tests {
                 .contains("unknown field `window`")
         );
         assert!(serde_json::from_str::<PredictorConfig>(r#"{"forecaster": "arima"}"#).is_err());
+        let e = err(r#"{"vcpus": {"hysteresis": 1.5}}"#);
+        assert!(
+            e.starts_with("predictor.vcpus: needs 0 <= hysteresis < 1"),
+            "{e}"
+        );
+        let e = err(r#"{"vcpus": {"unplug_after_ms": 3600001}}"#);
+        assert!(e.contains("unplug_after_ms <= 1 hour"), "{e}");
+        assert!(
+            serde_json::from_str::<PredictorConfig>(r#"{"vcpus": {"delay_ms": 1}}"#)
+                .unwrap_err()
+                .to_string()
+                .contains("unknown field `delay_ms`")
+        );
+        let v = parse(r#"{"vcpus": {"enabled": false}}"#).vcpus;
+        assert_eq!(
+            (v.enabled, v.unplug_after_ms, v.hysteresis),
+            (false, 3000, 0.2)
+        );
     }
 
     #[test]
