@@ -33,25 +33,19 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// prescient booting `spec` with `machine` merged into its machine-config, its API on `api`.
-fn spawn_prescient(
-    spec: &VmSpec,
-    machine: serde_json::Value,
-    dir: &Path,
-    api: Option<&Path>,
-) -> Console {
+/// prescient booting `spec` with `max_vcpus` (a machine-config field only prescient has), its
+/// API on `api`.
+fn spawn_hotplug_vm(spec: &VmSpec, max_vcpus: u8, dir: &Path, api: &Path) -> Console {
     let mut json = spec.config_json();
-    for (k, v) in machine.as_object().unwrap() {
-        json["machine-config"][k] = v.clone();
-    }
+    json["machine-config"]["max_vcpus"] = max_vcpus.into();
     let file = dir.join("p.json");
     std::fs::write(&file, json.to_string()).unwrap();
+    let _ = std::fs::remove_file(api);
     let mut cmd = Command::new(prescient_bin());
-    cmd.arg("--config-file").arg(&file);
-    if let Some(sock) = api {
-        let _ = std::fs::remove_file(sock);
-        cmd.arg("--api-sock").arg(sock);
-    }
+    cmd.arg("--config-file")
+        .arg(&file)
+        .arg("--api-sock")
+        .arg(api);
     Console::spawn("prescient", &mut cmd)
 }
 
@@ -75,12 +69,7 @@ fn until(since: Instant, what: &str, mut gone: impl FnMut() -> bool) -> Duration
 fn plug_rounds(scratch: &Scratch, rounds: usize) -> Vec<[f64; 4]> {
     let spec = VmSpec::test_guest(1, 128, "cpu_ms=1 mem_mib=1 cpuhp_ms=3600000");
     let sock = scratch.path().join("hp.sock");
-    let vm = spawn_prescient(
-        &spec,
-        serde_json::json!({"max_vcpus": 2}),
-        scratch.path(),
-        Some(&sock),
-    );
+    let vm = spawn_hotplug_vm(&spec, 2, scratch.path(), &sock);
     vm.expect_prefix("guest: cpuhp following", DEADLINE);
     let mut api = ApiClient::connect(&sock);
     let task = |tid: u64| Path::new(&format!("/proc/{}/task/{tid}", vm.pid())).exists();
@@ -210,18 +199,12 @@ fn main() {
         if vmm.kind != Kind::Prescient {
             return first_byte(vmm.spawn(Some(&spec), &dir, None).unwrap());
         }
-        with_acpi.push(first_byte(spawn_prescient(
-            &spec,
-            serde_json::json!({}),
-            &dir,
-            None,
-        )));
-        without_acpi.push(first_byte(spawn_prescient(
-            &spec,
-            serde_json::json!({"acpi": false}),
-            &dir,
-            None,
-        )));
+        with_acpi.push(first_byte(vmm.spawn(Some(&spec), &dir, None).unwrap()));
+        let off = VmSpec {
+            acpi: Some(false),
+            ..spec.clone()
+        };
+        without_acpi.push(first_byte(vmm.spawn(Some(&off), &dir, None).unwrap()));
         0.0
     });
 
