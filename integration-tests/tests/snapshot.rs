@@ -278,7 +278,7 @@ fn the_predictor_keeps_what_it_learned_across_a_restore() {
     let mut spec = spec(1, 256, "cpu_ms=60000 mem_mib=1");
     spec["predictor"] = serde_json::json!({"window_ms": 50});
     let (first, mut api, console) = start_with_console(&scratch, spec);
-    wait_for_console_line(&console, "guest: cpus online=1", DEADLINE);
+    wait_for_console_line(&console, "guest: cpus online=", DEADLINE);
     // Warm, and memory shrunk below the budget maximum a cold predictor holds.
     let start = std::time::Instant::now();
     let learned = loop {
@@ -339,7 +339,7 @@ fn a_diff_snapshot_on_top_of_a_full_one_restores_the_latest_state() {
     );
     spec["machine-config"]["track_dirty_pages"] = true.into();
     let (first, mut api, console) = start_with_console(&scratch, spec);
-    wait_for_console_line(&console, "guest: cpus online=1", DEADLINE);
+    wait_for_console_line(&console, "guest: cpus online=", DEADLINE);
     // The base: before the memory phase has touched its 96 MiB.
     let base = snapshot(&mut api, &scratch, "base", "Full");
     ok(
@@ -420,7 +420,7 @@ fn every_kind_of_bad_snapshot_file_is_refused_with_its_own_error_and_the_vmm_sta
     let scratch = Scratch::new("snapshot-bad");
     let spec = spec(1, 128, "cpu_ms=60000 mem_mib=1");
     let (first, mut api, console) = start_with_console(&scratch, spec);
-    wait_for_console_line(&console, "guest: cpus online=1", DEADLINE);
+    wait_for_console_line(&console, "guest: cpus online=", DEADLINE);
     let good = snapshot(&mut api, &scratch, "good", "Full");
     // Existing files are replaced only by a complete snapshot: a create that fails (its memory
     // file cannot be written) leaves the earlier state file as it was.
@@ -541,4 +541,32 @@ fn load_is_refused_after_configuration_and_create_before_boot() {
         r.body
     );
     vmm.terminate(DEADLINE);
+}
+
+#[test]
+fn a_vm_that_can_plug_vcpus_is_refused_by_name_and_keeps_running() {
+    let scratch = Scratch::new("snapshot-hotplug");
+    let mut spec = spec(1, 64, "cpu_ms=300 mem_mib=2 exit=kbd");
+    spec["machine-config"]["max_vcpus"] = 2.into();
+    let (vmm, mut api, console) = start_with_console(&scratch, spec);
+    wait_for_console_line(&console, "guest: cpus online=", DEADLINE);
+    ok(
+        api.request("PATCH", "/vm", Some(r#"{"state": "Paused"}"#)),
+        "pause",
+    );
+    let (state, mem) = (scratch.path().join("h.state"), scratch.path().join("h.mem"));
+    let body = serde_json::json!({"snapshot_path": state, "mem_file_path": mem}).to_string();
+    let r = api.request("PUT", "/snapshot/create", Some(&body));
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(
+        r.body.contains("max_vcpus 2 is above vcpu_count 1") && r.body.contains("hot-plug"),
+        "{}",
+        r.body
+    );
+    assert!(!state.exists() && !mem.exists(), "nothing written");
+    ok(
+        api.request("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#)),
+        "resume",
+    );
+    finish_on_ctrl_alt_del(&console, &mut api, vmm);
 }

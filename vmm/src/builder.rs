@@ -13,29 +13,30 @@ use devices::virtio::vsock::Vsock;
 use event_manager::{EventManager, SubscriberOps};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, Kvm};
-use predictor::telemetry::ExitRecorder;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap};
 
+use crate::acpi::{self, AcpiError};
 use crate::arch::x86_64::cpuid::Topology;
-use crate::arch::x86_64::layout::hotplug_region_start;
-use crate::arch::x86_64::layout::ram_ranges;
+use crate::arch::x86_64::layout::{hotplug_region_start, ram_ranges, RSDP_START};
 use crate::arch::x86_64::mptable::{self, MptableError};
 use crate::boot::load_boot_source;
 use crate::console::{ConsoleInput, RawTerminal};
+use crate::device_manager::acpi::{self as acpi_devices, AcpiDeviceError};
 use crate::device_manager::legacy::{self, LegacyError};
 use crate::device_manager::mmio::{MmioDeviceManager, MmioError};
 use crate::device_manager::registry::DeviceRegistry;
 use crate::device_manager::registry::RegisteredDevice;
-use crate::event_loop::Subscriber;
+use crate::event_loop::{Subscriber, Wakeup};
 use crate::exit::ExitSignal;
-use crate::metrics::METRICS;
 use crate::microvm::{MicroVm, VirtioHandles};
 use crate::snapshot::{DeviceState, SnapshotState};
+use crate::vcpus::Vcpus;
 use crate::vmm_config::{
     parse_mac, ConfigError, JsonPath, MachineConfig, MemoryHotplugConfig, Segment, VmConfig,
     VsockConfig,
 };
 use crate::vstate::memory::{create_guest_memory, create_hotplug_region};
+use crate::vstate::vcpu::spawner::Spawner;
 use crate::vstate::vcpu::{register_kick_handler, saved_msr_indices, Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
 
@@ -60,6 +61,10 @@ pub enum BuildError {
     Legacy(#[from] LegacyError),
     #[error(transparent)]
     Mmio(#[from] MmioError),
+    #[error(transparent)]
+    AcpiDevice(#[from] AcpiDeviceError),
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
     #[error(transparent)]
     MemoryFile(#[from] crate::snapshot::memory::MemoryFileError),
     #[error("the snapshot does not match its own configuration: {0}")]
@@ -210,22 +215,50 @@ pub fn assemble(
     };
 
     let mut registry = DeviceRegistry::default();
-    let (virtio, extra_args) = attach_virtio_devices(
+    let mut mmio = MmioDeviceManager::default();
+    let (virtio, mut extra_args) = attach_virtio_devices(
         config,
         &vm,
         &device_mem,
         hotplug,
+        &mut mmio,
         &mut registry,
         event_manager,
     )?;
+    // A kernel with ACPI finds the virtio devices in the DSDT and its CPUs in the MADT; one
+    // without finds them on the command line and in the MP table. Both are always given, as
+    // Firecracker does, so a kernel built without ACPI boots under the default too (a kernel
+    // with ACPI prefers the MADT; its second probe of a device's window fails harmlessly).
+    let (boot_vcpus, max_vcpus) = (machine.vcpu_count, machine.max_vcpus());
+    if matches!(source, Source::Snapshot { .. }) && max_vcpus > boot_vcpus {
+        // `PUT /snapshot/create` refuses such a VM; only an edited file gets here.
+        return Err(BuildError::SnapshotMismatch(format!(
+            "max_vcpus {max_vcpus} above vcpu_count {boot_vcpus}: a VM with vCPU hot-plug is not \
+             restored"
+        )));
+    }
+    extra_args.extend(mmio.cmdline_entries());
+    let acpi_devices = if machine.acpi {
+        let irq = mmio.take_irq()?;
+        let devices = acpi_devices::attach(vm.fd(), &mut registry, irq, boot_vcpus, max_vcpus)?;
+        let ejected = devices
+            .ejected
+            .try_clone()
+            .map_err(|e| AcpiDeviceError::EventFd("vCPU eject event", e))?;
+        event_manager.add_subscriber(Arc::new(Mutex::new(Wakeup(ejected))));
+        Some(devices)
+    } else {
+        None
+    };
 
-    // A snapshot's memory holds the kernel and its boot tables already, and its vCPUs their
-    // CPUID.
+    // A snapshot's memory holds the kernel and its boot tables (MP, ACPI) already, and its
+    // vCPUs their CPUID.
     let boot = match &source {
         Source::Boot => {
-            let entry = load_boot_source(&mem, config.boot_source()?, &extra_args)
+            mptable::setup_mptable(&mem, boot_vcpus)?;
+            let rsdp = machine.acpi.then_some(RSDP_START);
+            let entry = load_boot_source(&mem, config.boot_source()?, &extra_args, rsdp)
                 .map_err(|e| ConfigError::new(e.spec_field(), e.to_string()))?;
-            mptable::setup_mptable(&mem, machine.vcpu_count)?;
             let supported_cpuid = kvm
                 .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
                 .map_err(BuildError::SupportedCpuid)?;
@@ -235,8 +268,16 @@ pub fn assemble(
     };
 
     let legacy = legacy::attach(vm.fd(), &mut registry, serial_output(config)?, exit.clone())?;
-    if let Source::Snapshot { state, .. } = &source {
-        restore_devices(registry.devices(), &state.devices)?;
+    match &source {
+        Source::Boot if machine.acpi => {
+            let cpus = acpi::Cpus {
+                boot: boot_vcpus,
+                max: max_vcpus,
+            };
+            acpi::create_acpi_tables(&mem, cpus, &registry.aml())?;
+        }
+        Source::Boot => {}
+        Source::Snapshot { state, .. } => restore_devices(registry.devices(), &state.devices)?,
     }
 
     let console_is_stdout = config
@@ -257,8 +298,9 @@ pub fn assemble(
     }
 
     register_kick_handler()?;
-    let topology = Topology::new(machine.vcpu_count, machine.smt);
-    let vcpus = (0..machine.vcpu_count)
+    // The topology is the largest the VM can have, so a vCPU plugged later fits it.
+    let topology = Topology::new(max_vcpus, machine.smt);
+    let mut vcpus = (0..max_vcpus)
         .map(|index| {
             let vcpu = Vcpu::new(vm.fd(), index)?;
             match (&source, &boot) {
@@ -282,7 +324,7 @@ pub fn assemble(
                 return Err(BuildError::SnapshotMismatch(format!(
                     "{} saved vCPUs, vcpu_count {}",
                     state.vcpus.len(),
-                    vcpus.len()
+                    boot_vcpus
                 )));
             }
             !resume
@@ -297,38 +339,35 @@ pub fn assemble(
             .map_err(|source| VcpuError::State { index: 0, source })?
             .into(),
     };
+    for vcpu in &mut vcpus {
+        vcpu.set_saved_msrs(saved_msrs.clone());
+    }
+    let hotplug = match acpi_devices {
+        Some(devices) if max_vcpus > boot_vcpus => Ok((devices, Spawner::start()?)),
+        Some(_) => Err("it was booted with max_vcpus equal to vcpu_count"),
+        None => Err("it was booted without ACPI (machine-config.acpi is false)"),
+    };
     let (buses, devices) = registry.finish();
-    let buses = Arc::new(buses);
-    // Each vCPU counts its exits once; the metrics and the predictor read the same counts. KVM's
-    // stats files are opened only for the predictor, their one reader.
+    // KVM's stats files are opened only for the predictor, their one reader.
     let stats = config.predictor.as_ref().is_some_and(|p| p.enabled);
-    let handles = vcpus
-        .into_iter()
-        .map(|vcpu| {
-            let (recorder, exits) = ExitRecorder::new();
-            METRICS.register_vcpu(exits.clone());
-            Ok((
-                vcpu.start(
-                    buses.clone(),
-                    exit.clone(),
-                    Box::new(recorder),
-                    paused,
-                    saved_msrs.clone(),
-                    stats,
-                )?,
-                exits,
-            ))
-        })
-        .collect::<Result<Vec<_>, VcpuError>>()?;
+    let vcpus = Vcpus::start(
+        vcpus,
+        boot_vcpus,
+        Arc::new(buses),
+        exit.clone(),
+        stats,
+        hotplug,
+        paused,
+    )?;
     tracing::info!(
-        "microVM started: {} vCPUs, {} MiB",
-        machine.vcpu_count,
-        machine.mem_size_mib
+        "microVM started: {boot_vcpus} of at most {max_vcpus} vCPUs, {} MiB, ACPI {}",
+        machine.mem_size_mib,
+        if machine.acpi { "on" } else { "off" }
     );
     let vm = MicroVm::new(
         vm,
         device_mem,
-        handles,
+        vcpus,
         terminal,
         legacy.i8042,
         virtio,
@@ -421,16 +460,17 @@ fn drive_field(index: usize, name: &'static str) -> JsonPath {
 
 /// Creates the virtio devices the spec names (the root drive first, so it is /dev/vda), each
 /// registered by its attach under its metrics name, and returns the devices that can be changed
-/// live, by id, and the kernel parameters that announce them.
+/// live, by id, and the kernel parameters they need (the root disk; not the devices themselves,
+/// whose announcement depends on ACPI).
 fn attach_virtio_devices(
     config: &VmConfig,
     vm: &Vm,
     mem: &GuestMemoryMmap,
     hotplug: Option<HotplugMemory>,
+    manager: &mut MmioDeviceManager,
     registry: &mut DeviceRegistry,
     event_manager: &mut EventManager<Subscriber>,
 ) -> Result<(VirtioHandles, Vec<String>), BuildError> {
-    let mut manager = MmioDeviceManager::default();
     let mut extra = Vec::new();
     let mut order: Vec<usize> = (0..config.drives.len()).collect();
     order.sort_by_key(|&i| !config.drives[i].is_root_device);
@@ -519,7 +559,6 @@ fn attach_virtio_devices(
         }
         None => None,
     };
-    extra.extend(manager.cmdline_entries());
     Ok((
         VirtioHandles {
             blocks,

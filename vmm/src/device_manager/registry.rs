@@ -64,6 +64,9 @@ pub struct RegisteredDevice {
     pub counters: Option<Arc<DeviceCounters>>,
     /// Its snapshot state, saved and restored under its name.
     pub persist: Arc<Mutex<dyn Snapshottable>>,
+    /// What it adds to the DSDT's `\_SB_` scope (AML), empty if the guest does not find it
+    /// through ACPI.
+    pub aml: Vec<u8>,
 }
 
 fn id_index<S: serde::Serializer>(id: &DeviceId, s: S) -> Result<S::Ok, S::Error> {
@@ -87,6 +90,8 @@ pub struct Attachment {
     pub kind: DeviceKind,
     pub counters: Option<Arc<DeviceCounters>>,
     pub persist: Arc<Mutex<dyn Snapshottable>>,
+    /// Its DSDT entry, written by whoever places it (it knows the range and the interrupt).
+    pub aml: Vec<u8>,
 }
 
 impl DeviceRegistry {
@@ -121,8 +126,17 @@ impl DeviceRegistry {
             },
             counters: a.counters,
             persist: a.persist,
+            aml: a.aml,
         });
         Ok(id)
+    }
+
+    /// Every device's DSDT entry, in attach order: the body of the DSDT's `\_SB_` scope.
+    pub fn aml(&self) -> Vec<u8> {
+        self.devices
+            .iter()
+            .flat_map(|d| d.aml.iter().copied())
+            .collect()
     }
 
     pub fn devices(&self) -> &[RegisteredDevice] {
@@ -166,6 +180,7 @@ mod tests {
             name: name.into(),
             kind: DeviceKind::Other,
             counters: None,
+            aml: name.as_bytes().to_vec(),
         }
     }
 
@@ -185,6 +200,7 @@ mod tests {
             "{e}"
         );
         assert_eq!(r.devices().len(), 3);
+        assert_eq!(r.aml(), b"abc", "the DSDT's devices, in attach order");
         let (buses, devices) = r.finish();
         let mut data = [0u8; 4];
         assert_eq!(buses.pio.read(0x6f, &mut data), Some(a));

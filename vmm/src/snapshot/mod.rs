@@ -60,6 +60,12 @@ pub enum SnapshotError {
     },
     #[error(transparent)]
     Memory(#[from] MemoryFileError),
+    #[error(
+        "this microVM can plug vCPUs (machine-config.max_vcpus {max} is above vcpu_count {boot}): \
+         snapshots of a VM with vCPU hot-plug are not supported; boot it without max_vcpus to \
+         snapshot it"
+    )]
+    Hotplug { boot: u8, max: u8 },
     #[error("cannot save the vCPUs: {0}")]
     Vcpu(#[from] VcpuError),
     #[error("cannot save the VM: {0}")]
@@ -344,6 +350,15 @@ pub fn create(
     params: &CreateParams,
 ) -> Result<CreateReport, SnapshotError> {
     let start = Instant::now();
+    // The hot-plug side (the spawner, vCPUs without threads, the controller's pending events)
+    // is not saved; refused before anything is written.
+    let machine = &config.machine_config;
+    if machine.max_vcpus() > machine.vcpu_count {
+        return Err(SnapshotError::Hotplug {
+            boot: machine.vcpu_count,
+            max: machine.max_vcpus(),
+        });
+    }
     if vm.state() != RunState::Paused {
         return Err(SnapshotError::NotPaused);
     }

@@ -31,6 +31,7 @@ use exits::{handle_exit, Next};
 pub use exits::{ExitObserver, IoBuses};
 
 mod exits;
+pub mod spawner;
 mod state;
 pub use state::{saved_msr_indices, StateError, VcpuState};
 
@@ -71,6 +72,12 @@ pub enum VcpuError {
     State { index: u8, source: StateError },
     #[error("vCPU {index} can only be saved while the VM is paused")]
     NotPaused { index: u8 },
+    #[error("vCPU {index} was not started: its thread could not be filtered: {why}")]
+    Unfiltered { index: u8, why: String },
+    #[error("cannot start the vCPU spawner thread: {0}")]
+    Spawner(std::io::Error),
+    #[error("the vCPU spawner thread has stopped")]
+    SpawnerGone,
 }
 
 /// Requests from the VMM thread to a vCPU thread.
@@ -96,6 +103,8 @@ pub enum VcpuResponse {
 pub struct Vcpu {
     index: u8,
     fd: VcpuFd,
+    /// The MSRs a snapshot saves ([`saved_msr_indices`]).
+    saved_msrs: Arc<[u32]>,
 }
 
 thread_local! {
@@ -131,7 +140,16 @@ impl Vcpu {
         let fd = vm
             .create_vcpu(u64::from(index))
             .map_err(|source| VcpuError::Create { index, source })?;
-        Ok(Self { index, fd })
+        Ok(Self {
+            index,
+            fd,
+            saved_msrs: Arc::from([]),
+        })
+    }
+
+    /// Sets the MSRs a snapshot of this vCPU saves (none until set).
+    pub fn set_saved_msrs(&mut self, msrs: Arc<[u32]>) {
+        self.saved_msrs = msrs;
     }
 
     /// CPUID, MSRs, FPU and LAPIC for every vCPU; the entry state too for the boot vCPU (the
@@ -202,24 +220,26 @@ impl Vcpu {
         &self.fd
     }
 
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
     /// Starts the vCPU on a thread named `vcpu<N>`, telling `observer` of every exit; with
-    /// `paused` it waits for [`VcpuEvent::Resume`] before it first runs; with `stats`, its KVM
-    /// binary statistics file is opened first for a reader to take. A snapshot saves the MSRs
-    /// `saved_msrs` lists ([`saved_msr_indices`]).
+    /// `paused` it waits for [`VcpuEvent::Resume`] before it first runs. The thread is a child
+    /// of the calling thread (and so starts under its seccomp filters); when it is finished
+    /// ([`VcpuHandle::finish`]) the vCPU and the observer come back, to be started again later
+    /// (a vCPU plugged back in).
     pub fn start(
         self,
         buses: Arc<IoBuses>,
         exit: Arc<ExitSignal>,
         observer: Box<dyn ExitObserver>,
         paused: bool,
-        saved_msrs: Arc<[u32]>,
-        stats: bool,
     ) -> Result<VcpuHandle, VcpuError> {
         let index = self.index;
         let (event_tx, event_rx) = channel();
         let (response_tx, response_rx) = channel();
         let (tid_tx, tid_rx) = channel();
-        let stats = stats.then(|| self.stats_file());
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
@@ -233,9 +253,23 @@ impl Vcpu {
                     exit,
                     events: event_rx,
                     responses: response_tx,
-                    saved_msrs,
+                    saved_msrs: self.saved_msrs,
                 };
                 runner.run(paused);
+                let VcpuRunner {
+                    fd,
+                    observer,
+                    saved_msrs,
+                    ..
+                } = runner;
+                (
+                    Vcpu {
+                        index,
+                        fd,
+                        saved_msrs,
+                    },
+                    observer,
+                )
             })
             .map_err(|source| VcpuError::Spawn { index, source })?;
         // Not waited for here: on a busy host the new thread may take milliseconds to be
@@ -244,7 +278,6 @@ impl Vcpu {
             index,
             tid: OnceLock::new(),
             tid_rx,
-            stats,
             thread: Some(thread),
             events: event_tx,
             responses: response_rx,
@@ -376,13 +409,15 @@ impl VcpuRunner {
     }
 }
 
+/// What a vCPU thread hands back when it ends: the vCPU and its exit observer.
+pub type Stopped = (Vcpu, Box<dyn ExitObserver>);
+
 /// The VMM thread's side of a running vCPU.
 pub struct VcpuHandle {
     index: u8,
     tid: OnceLock<Option<libc::pid_t>>,
     tid_rx: Receiver<libc::pid_t>,
-    stats: Option<std::io::Result<File>>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Stopped>>,
     events: Sender<VcpuEvent>,
     responses: Receiver<VcpuResponse>,
 }
@@ -401,12 +436,6 @@ impl VcpuHandle {
     /// The thread (for its CPU clock); None once joined.
     pub fn pthread(&self) -> Option<libc::pthread_t> {
         self.thread.as_ref().map(|t| t.as_pthread_t())
-    }
-
-    /// The vCPU's KVM binary statistics file, opened at start if asked for (or why not); taken
-    /// once.
-    pub fn take_stats_file(&mut self) -> Option<std::io::Result<File>> {
-        self.stats.take()
     }
 
     /// Queues `event` and kicks the vCPU out of KVM_RUN so it sees it.
@@ -468,12 +497,16 @@ impl VcpuHandle {
         }
     }
 
-    /// Stops the vCPU for good and joins its thread.
-    pub fn finish(mut self) {
+    /// Ends the vCPU's thread and joins it; returns the vCPU to start again, or None if the
+    /// thread panicked.
+    pub fn finish(mut self) -> Option<Stopped> {
         let _ = self.send(VcpuEvent::Finish);
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
+        let thread = self.thread.take()?;
+        match thread.join() {
+            Ok(stopped) => Some(stopped),
+            Err(_) => {
                 tracing::error!("vCPU {} thread panicked", self.index);
+                None
             }
         }
     }
