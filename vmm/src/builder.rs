@@ -57,6 +57,54 @@ pub enum BuildError {
     Legacy(#[from] LegacyError),
     #[error(transparent)]
     Mmio(#[from] MmioError),
+    #[error(transparent)]
+    BootTimer(#[from] crate::device_manager::registry::RegistryError),
+}
+
+/// `machine-config.cpu_template` (checked against the host's vendor) and `cpu-config` (the
+/// capabilities it asks for must be there; its CPUID modifiers change what every vCPU is given).
+/// Hosts whose KVM does not intercept CPUID (software KVMs such as kvm_pvm) show the guest the
+/// host's CPUID whatever is set here.
+fn apply_cpu_templates(
+    config: &VmConfig,
+    kvm: &Kvm,
+    cpuid: &mut kvm_bindings::CpuId,
+) -> Result<(), ConfigError> {
+    use crate::vmm_config::cpu_config::CpuidRegister;
+    if let Some(template) = config.machine_config.cpu_template {
+        let mut vendor = [0u8; 12];
+        if let Some(e) = cpuid.as_slice().iter().find(|e| e.function == 0) {
+            vendor[..4].copy_from_slice(&e.ebx.to_le_bytes());
+            vendor[4..8].copy_from_slice(&e.edx.to_le_bytes());
+            vendor[8..].copy_from_slice(&e.ecx.to_le_bytes());
+        }
+        template.check_vendor(&vendor)?;
+    }
+    let Some(cpu) = &config.cpu_config else {
+        return Ok(());
+    };
+    for cap in cpu.required_capabilities() {
+        if kvm.check_extension_raw(cap.into()) <= 0 {
+            return Err(ConfigError::new(
+                JsonPath::keys(&["cpu-config", "kvm_capabilities"]),
+                format!("this host's KVM lacks capability {cap}"),
+            ));
+        }
+    }
+    for (leaf, subleaf, register, filter) in cpu.cpuid_filters() {
+        for e in cpuid.as_mut_slice().iter_mut() {
+            if e.function == leaf && e.index == subleaf {
+                let r = match register {
+                    CpuidRegister::Eax => &mut e.eax,
+                    CpuidRegister::Ebx => &mut e.ebx,
+                    CpuidRegister::Ecx => &mut e.ecx,
+                    CpuidRegister::Edx => &mut e.edx,
+                };
+                *r = filter.apply(u64::from(*r)) as u32;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// KVM features the VMM relies on; checked up front for a clear message on odd hosts.
@@ -71,7 +119,40 @@ const REQUIRED_CAPS: [Cap; 8] = [
     Cap::ImmediateExit,
 ];
 
+/// The console's writer behind `serial.rate_limiter`: bytes over the rate are refused (the
+/// UART counts them as lost) instead of delaying the guest, as Firecracker drops them.
+struct LimitedWriter {
+    inner: Box<dyn Write + Send>,
+    bucket: devices::rate_limiter::DropBucket,
+}
+
+impl Write for LimitedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if !self.bucket.take(buf.len() as u64) {
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        self.inner.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 fn serial_output(config: &VmConfig) -> Result<Box<dyn Write + Send>, ConfigError> {
+    let out = serial_sink(config)?;
+    match config.serial.as_ref().and_then(|s| s.rate_limiter.as_ref()) {
+        None => Ok(out),
+        Some(bucket) => Ok(Box::new(LimitedWriter {
+            inner: out,
+            bucket: devices::rate_limiter::DropBucket::new(bucket).map_err(|e| {
+                ConfigError::new(JsonPath::keys(&["serial", "rate_limiter"]), e.to_string())
+            })?,
+        })),
+    }
+}
+
+fn serial_sink(config: &VmConfig) -> Result<Box<dyn Write + Send>, ConfigError> {
     match config
         .serial
         .as_ref()
@@ -106,9 +187,10 @@ pub fn build_microvm(
     if let Some(cap) = REQUIRED_CAPS.into_iter().find(|c| !kvm.check_extension(*c)) {
         return Err(BuildError::MissingCap(cap));
     }
-    let supported_cpuid = kvm
+    let mut supported_cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(BuildError::SupportedCpuid)?;
+    apply_cpu_templates(config, &kvm, &mut supported_cpuid)?;
 
     let vm = Vm::new(&kvm)?;
     let mem = create_guest_memory(machine.mem_bytes())
@@ -143,6 +225,7 @@ pub fn build_microvm(
     mptable::setup_mptable(&mem, machine.vcpu_count)?;
 
     let legacy = legacy::attach(vm.fd(), &mut registry, serial_output(config)?, exit.clone())?;
+    crate::device_manager::boot_timer::attach(&mut registry)?;
 
     let console_is_stdout = config
         .serial
@@ -275,6 +358,8 @@ fn attach_virtio_devices(
             d.rate_limiter.unwrap_or_default(),
         )
         .map_err(|e| ConfigError::new(drive_field(i, "path_on_host"), e.to_string()))?;
+        let mut block = block;
+        block.set_cache_writeback(d.writeback());
         let block = Arc::new(Mutex::new(block));
         let name = format!("block_{}", d.drive_id);
         manager.attach(vm.fd(), mem, registry, event_manager, name, block.clone())?;
@@ -305,6 +390,10 @@ fn attach_virtio_devices(
                 e.to_string(),
             )
         })?;
+        let mut net = net;
+        if let Some(mtu) = n.mtu {
+            net.set_mtu(mtu);
+        }
         let net = Arc::new(Mutex::new(net));
         let name = format!("net_{}", n.iface_id);
         manager.attach(vm.fd(), mem, registry, event_manager, name, net.clone())?;

@@ -18,6 +18,11 @@ pub enum LiveChange {
         drive_id: String,
         limiter: RateLimiterConfig,
     },
+    /// The drive is served from another host file (Firecracker's PATCH `path_on_host`).
+    DriveBacking {
+        drive_id: String,
+        path_on_host: std::path::PathBuf,
+    },
     /// Either limiter may stay as it is (`None`).
     NetRateLimiters {
         iface_id: String,
@@ -70,6 +75,13 @@ fn apply_to_device(vm: &MicroVm, change: &LiveChange) -> Result<(), LiveError> {
             .drive(drive_id)
             .ok_or_else(|| missing(format!("drive {drive_id:?}")))?
             .update_rate_limiter(*limiter)?,
+        LiveChange::DriveBacking {
+            drive_id,
+            path_on_host,
+        } => vm
+            .drive(drive_id)
+            .ok_or_else(|| missing(format!("drive {drive_id:?}")))?
+            .swap_backing(path_on_host)?,
         LiveChange::NetRateLimiters { iface_id, rx, tx } => vm
             .net(iface_id)
             .ok_or_else(|| missing(format!("network interface {iface_id:?}")))?
@@ -97,6 +109,14 @@ fn mirror(config: &mut VmConfig, change: &LiveChange) {
         LiveChange::DriveRateLimiter { drive_id, limiter } => {
             if let Some(d) = config.drives.iter_mut().find(|d| &d.drive_id == drive_id) {
                 d.rate_limiter = Some(*limiter);
+            }
+        }
+        LiveChange::DriveBacking {
+            drive_id,
+            path_on_host,
+        } => {
+            if let Some(d) = config.drives.iter_mut().find(|d| &d.drive_id == drive_id) {
+                d.path_on_host = path_on_host.clone();
             }
         }
         LiveChange::NetRateLimiters { iface_id, rx, tx } => {

@@ -56,6 +56,17 @@ pub enum VmmAction {
     PatchPredictor(PredictorUpdate),
     /// Tighten every thread's seccomp filter to this stage.
     SetSeccompStage(crate::seccomp::Stage),
+    /// `PUT /mmds`: replace the metadata document.
+    PutMmds(serde_json::Value),
+    /// `PATCH /mmds`: merge into it.
+    PatchMmds(serde_json::Value),
+    GetMmds,
+    PutMmdsConfig(crate::vmm_config::MmdsConfig),
+    PutCpuConfig(crate::vmm_config::CpuConfig),
+    /// `/balloon/hinting/start|status|stop`: free page hinting, which prescient's balloon does
+    /// not offer (it is refused in the balloon section), answered as Firecracker answers a
+    /// balloon without it.
+    BalloonHinting,
 }
 
 /// A partial `machine-config` (PATCH): only the fields given change.
@@ -65,6 +76,7 @@ pub struct MachineConfigUpdate {
     pub vcpu_count: Option<u8>,
     pub mem_size_mib: Option<u64>,
     pub smt: Option<bool>,
+    pub cpu_template: Option<crate::vmm_config::CpuTemplate>,
 }
 
 impl MachineConfigUpdate {
@@ -73,6 +85,7 @@ impl MachineConfigUpdate {
             vcpu_count: self.vcpu_count.unwrap_or(to.vcpu_count),
             mem_size_mib: self.mem_size_mib.unwrap_or(to.mem_size_mib),
             smt: self.smt.unwrap_or(to.smt),
+            cpu_template: self.cpu_template.or(to.cpu_template),
         }
     }
 }
@@ -107,6 +120,7 @@ pub enum VmmData {
     MemoryHotplug(MemoryHotplugStatus),
     Predictor(Box<PredictorStatus>),
     PredictorDecisions(DecisionPage),
+    Mmds(serde_json::Value),
 }
 
 /// Why an action was refused; the API answers 400 with this text as `fault_message`.
@@ -131,10 +145,10 @@ pub enum ActionError {
     /// A running VM's device refused a change.
     #[error("{0}")]
     Live(#[from] LiveError),
-    #[error("a running drive's {0} cannot change; only its rate_limiter can")]
-    DriveFieldFixedAfterBoot(&'static str),
     #[error("No balloon device configured.")]
     NoBalloon,
+    #[error("Free page hinting was not enabled when the balloon was configured (prescient's balloon offers free page reporting instead).")]
+    HintingDisabled,
     #[error("Balloon statistics are not enabled (stats_polling_interval_s was 0 at start).")]
     BalloonStatsDisabled,
     #[error("No memory hotplug device configured.")]
@@ -151,6 +165,11 @@ pub enum ActionError {
     Predictor(String),
     #[error("{0}")]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    #[error("MMDS: {0}")]
+    Mmds(String),
+    /// Firecracker's words for a data store request it refuses.
+    #[error("{0}")]
+    MmdsStore(#[from] mmds::StoreError),
 }
 
 impl From<BuildError> for ActionError {

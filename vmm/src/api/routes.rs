@@ -10,7 +10,7 @@ use crate::rpc::{ActionError, VmmAction, VmmData};
 use crate::vmm_config::{DriveConfig, DriveUpdate, NetworkInterfaceConfig, NetworkInterfaceUpdate};
 
 /// The Firecracker API version whose request and response shapes prescient follows.
-pub const FIRECRACKER_API_VERSION: &str = "1.12.0";
+pub const FIRECRACKER_API_VERSION: &str = crate::FIRECRACKER_VERSION;
 
 /// What a request turns into.
 #[derive(Debug)]
@@ -66,6 +66,11 @@ fn parse_body<T: DeserializeOwned>(req: &Request) -> Result<T, Response> {
             format!("invalid body for {} {}: {at}{inner}", req.method, req.path),
         )
     })
+}
+
+/// Any JSON document (the MMDS data store's bodies).
+fn parse_json(req: &Request) -> Result<serde_json::Value, Response> {
+    parse_body(req)
 }
 
 /// A body whose id field must equal the id in the path (`/drives/{id}`).
@@ -190,8 +195,20 @@ pub fn route(req: &Request) -> Routed {
         ("/logger", _) => method_not_allowed(req, "PUT"),
         ("/entropy", "PUT") => action(parse_body(req).map(VmmAction::PutEntropy)),
         ("/entropy", _) => method_not_allowed(req, "PUT"),
-        ("/vsock", "PUT") => action(parse_body(req).map(VmmAction::PutVsock)),
-        ("/vsock", _) => method_not_allowed(req, "PUT"),
+        // Firecracker reads only the first segment here: `/vsock/vsock0` (the old
+        // vsock_id form) is the same resource.
+        (p, "PUT") if p == "/vsock" || p.starts_with("/vsock/") => {
+            action(parse_body(req).map(VmmAction::PutVsock))
+        }
+        (p, _) if p == "/vsock" || p.starts_with("/vsock/") => method_not_allowed(req, "PUT"),
+        ("/mmds", "GET") => Routed::Action(VmmAction::GetMmds),
+        ("/mmds", "PUT") => action(parse_json(req).map(VmmAction::PutMmds)),
+        ("/mmds", "PATCH") => action(parse_json(req).map(VmmAction::PatchMmds)),
+        ("/mmds", _) => method_not_allowed(req, "GET, PUT, PATCH"),
+        ("/mmds/config", "PUT") => action(parse_body(req).map(VmmAction::PutMmdsConfig)),
+        ("/mmds/config", _) => method_not_allowed(req, "PUT"),
+        ("/cpu-config", "PUT") => action(parse_body(req).map(VmmAction::PutCpuConfig)),
+        ("/cpu-config", _) => method_not_allowed(req, "PUT"),
         ("/balloon", "GET") => Routed::Action(VmmAction::GetBalloon),
         ("/balloon", "PUT") => action(parse_body(req).map(VmmAction::PutBalloon)),
         ("/balloon", "PATCH") => action(parse_body(req).map(VmmAction::PatchBalloon)),
@@ -201,6 +218,13 @@ pub fn route(req: &Request) -> Routed {
             action(parse_body(req).map(VmmAction::PatchBalloonStats))
         }
         ("/balloon/statistics", _) => method_not_allowed(req, "GET, PATCH"),
+        ("/balloon/hinting/start", "PATCH")
+        | ("/balloon/hinting/status", "GET")
+        | ("/balloon/hinting/stop", "PATCH") => Routed::Action(VmmAction::BalloonHinting),
+        ("/balloon/hinting/start" | "/balloon/hinting/stop", _) => {
+            method_not_allowed(req, "PATCH")
+        }
+        ("/balloon/hinting/status", _) => method_not_allowed(req, "GET"),
         ("/hotplug/memory", "GET") => Routed::Action(VmmAction::GetMemoryHotplug),
         ("/hotplug/memory", "PUT") => action(parse_body(req).map(VmmAction::PutMemoryHotplug)),
         ("/hotplug/memory", "PATCH") => action(parse_body(req).map(VmmAction::PatchMemoryHotplug)),
@@ -268,6 +292,7 @@ pub fn respond(result: Result<VmmData, ActionError>) -> Response {
         Ok(VmmData::MemoryHotplug(m)) => json(serde_json::to_string(&m)),
         Ok(VmmData::Predictor(p)) => json(serde_json::to_string(&p)),
         Ok(VmmData::PredictorDecisions(d)) => json(serde_json::to_string(&d)),
+        Ok(VmmData::Mmds(v)) => json(serde_json::to_string(&v)),
         Err(e) => Response::fault(400, e),
     }
 }

@@ -56,7 +56,8 @@ impl Runtime {
         self.vm.as_mut().ok_or(ActionError::NotAllowedBeforeBoot)
     }
 
-    /// `PATCH /drives/{id}`: any field before boot, the rate limiter live after.
+    /// `PATCH /drives/{id}`: the backing file and the rate limiter, before boot in the
+    /// configuration, after boot live (a new file is opened and the guest told its new size).
     fn patch_drive(&mut self, update: DriveUpdate) -> Result<VmmData, ActionError> {
         let index = self
             .config
@@ -66,15 +67,19 @@ impl Runtime {
             .ok_or_else(|| ActionError::NoSuchDrive(update.drive_id.clone()))?;
         let mut drives = self.config.drives.clone();
         if let Some(path) = &update.path_on_host {
-            if self.vm.is_some() {
-                return Err(ActionError::DriveFieldFixedAfterBoot("path_on_host"));
-            }
             drives[index].path_on_host = path.clone();
         }
         if update.rate_limiter.is_some() {
             drives[index].rate_limiter = update.rate_limiter;
         }
         validate_drives(&drives)?;
+        if let Some(path_on_host) = update.path_on_host {
+            let change = LiveChange::DriveBacking {
+                drive_id: update.drive_id.clone(),
+                path_on_host,
+            };
+            live::apply(self.vm.as_mut(), &mut self.config, &change)?;
+        }
         if let Some(limiter) = update.rate_limiter {
             let change = LiveChange::DriveRateLimiter {
                 drive_id: update.drive_id,
@@ -82,8 +87,6 @@ impl Runtime {
             };
             live::apply(self.vm.as_mut(), &mut self.config, &change)?;
         }
-        // The path changes only before boot, where it is configuration alone.
-        self.config.drives[index].path_on_host = drives.swap_remove(index).path_on_host;
         Ok(VmmData::Empty)
     }
 
@@ -330,6 +333,33 @@ impl Runtime {
                 None => Err(ActionError::NoPredictor),
             },
             VmmAction::PatchPredictor(update) => self.patch_predictor(update),
+            VmmAction::PutMmds(value) => {
+                self.mmds().put(value)?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PatchMmds(value) => {
+                self.mmds().patch(&value)?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutCpuConfig(cpu) => {
+                self.before_boot()?;
+                cpu.validate()?;
+                self.config.cpu_config = Some(cpu);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::BalloonHinting => {
+                match self.running_vm()?.balloon() {
+                    Some(_) => Err(ActionError::HintingDisabled),
+                    None => Err(ActionError::NoBalloon),
+                }
+            }
+            VmmAction::GetMmds => Ok(VmmData::Mmds(self.mmds().document())),
+            VmmAction::PutMmdsConfig(config) => {
+                self.before_boot()?;
+                config.validate(&self.config.network_interfaces)?;
+                self.config.mmds_config = Some(config);
+                Ok(VmmData::Empty)
+            }
         }
     }
 }

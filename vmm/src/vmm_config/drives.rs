@@ -22,9 +22,34 @@ pub struct DriveConfig {
     pub partuuid: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limiter: Option<RateLimiterConfig>,
+    /// Firecracker's `cache_type`; left out, prescient flushes to the disk (`Writeback`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_type: Option<CacheType>,
+    /// Firecracker's `io_engine`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_engine: Option<IoEngine>,
+    /// Firecracker's vhost-user-block socket: refused (prescient has no vhost-user).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<String>,
 }
 
-/// `PATCH /drives/{id}`: what may change.
+/// How the guest's FLUSH is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CacheType {
+    /// FLUSH is not offered; written data reaches the disk when the host's page cache writes it.
+    Unsafe,
+    /// FLUSH is offered and reaches the disk (fdatasync) before it is acknowledged.
+    Writeback,
+}
+
+/// How requests reach the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum IoEngine {
+    /// On the VMM thread, one request at a time.
+    Sync,
+    /// io_uring (Firecracker's engine for host kernels from 5.10.51).
+    Async,
+}
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DriveUpdate {
@@ -101,7 +126,24 @@ impl DriveConfig {
                 "only the root device can name a partition",
             ));
         }
+        if self.socket.is_some() {
+            return Err(ConfigError::new(
+                field(index, "socket"),
+                "vhost-user-block drives are not supported by prescient; give path_on_host",
+            ));
+        }
+        if self.io_engine == Some(IoEngine::Async) {
+            return Err(ConfigError::new(
+                field(index, "io_engine"),
+                "the Async (io_uring) engine is not in this prescient build; use Sync",
+            ));
+        }
         validate_rate_limiter(field(index, "rate_limiter"), &self.rate_limiter)
+    }
+
+    /// Whether FLUSH is offered and synced.
+    pub fn writeback(&self) -> bool {
+        self.cache_type != Some(CacheType::Unsafe)
     }
 }
 
@@ -160,6 +202,9 @@ mod tests {
             is_read_only: false,
             partuuid: None,
             rate_limiter: None,
+            cache_type: None,
+            io_engine: None,
+            socket: None,
         }
     }
 

@@ -15,6 +15,10 @@ pub struct MachineConfig {
     pub mem_size_mib: u64,
     #[serde(default)]
     pub smt: bool,
+    /// Firecracker's static CPU template (deprecated there); checked against the host's CPU
+    /// vendor at start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_template: Option<super::CpuTemplate>,
 }
 
 impl Default for MachineConfig {
@@ -23,6 +27,7 @@ impl Default for MachineConfig {
             vcpu_count: 1,
             mem_size_mib: 128,
             smt: false,
+            cpu_template: None,
         }
     }
 }
@@ -81,6 +86,7 @@ mod tests {
             vcpu_count,
             mem_size_mib,
             smt,
+            cpu_template: None,
         }
     }
 

@@ -3,11 +3,13 @@
 
 mod balloon;
 mod boot_source;
+pub mod cpu_config;
 mod drives;
 mod entropy;
 pub mod json_path;
 mod machine_config;
 mod memory_hotplug;
+mod mmds;
 mod net;
 mod predictor;
 mod serial;
@@ -19,10 +21,14 @@ use serde::{Deserialize, Serialize};
 
 pub use balloon::{BalloonConfig, BalloonStatsUpdate, BalloonUpdate};
 pub use boot_source::{BootSourceConfig, KernelFormat, DEFAULT_BOOT_ARGS};
-pub use drives::{bandwidth_limiter, validate_drives, validate_id, DriveConfig, DriveUpdate};
+pub use drives::{
+    bandwidth_limiter, validate_drives, validate_id, CacheType, DriveConfig, DriveUpdate, IoEngine,
+};
+pub use cpu_config::{CpuConfig, CpuTemplate};
 pub use entropy::EntropyConfig;
 pub use json_path::{JsonPath, Segment};
 pub use machine_config::{MachineConfig, MAX_VCPUS};
+pub use mmds::MmdsConfig;
 pub use memory_hotplug::{MemoryHotplugConfig, MemoryHotplugSizeUpdate, MemoryHotplugStatus};
 pub use net::{parse_mac, validate_interfaces, NetworkInterfaceConfig, NetworkInterfaceUpdate};
 pub use predictor::{
@@ -44,6 +50,12 @@ pub struct VmConfig {
     pub boot_source: Option<BootSourceConfig>,
     #[serde(rename = "machine-config", default)]
     pub machine_config: MachineConfig,
+    #[serde(
+        rename = "cpu-config",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cpu_config: Option<CpuConfig>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub drives: Vec<DriveConfig>,
     #[serde(
@@ -66,6 +78,12 @@ pub struct VmConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub memory_hotplug: Option<MemoryHotplugConfig>,
+    #[serde(
+        rename = "mmds-config",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub mmds_config: Option<MmdsConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub predictor: Option<PredictorConfig>,
 }
@@ -173,6 +191,12 @@ impl VmConfig {
         }
         if let Some(hotplug) = &self.memory_hotplug {
             hotplug.validate()?;
+        }
+        if let Some(cpu) = &self.cpu_config {
+            cpu.validate()?;
+        }
+        if let Some(mmds) = &self.mmds_config {
+            mmds.validate(&self.network_interfaces)?;
         }
         if let Some(predictor) = &self.predictor {
             predictor.validate(&self.machine_config)?;

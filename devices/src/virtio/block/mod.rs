@@ -1,8 +1,14 @@
 //! virtio-blk: a disk backed by a host file.
 //!
 //! Requests are served synchronously on the VMM thread. WRITE data is on the host file when its
-//! status is returned; FLUSH reaches the disk (fdatasync) before it is acknowledged, so a guest
-//! that flushed loses nothing when the host dies.
+//! status is returned. With the writeback cache (prescient's default) the device offers FLUSH
+//! and a FLUSH reaches the disk (fdatasync) before it is acknowledged, so a guest that flushed
+//! loses nothing when the host dies; with Firecracker's `Unsafe` cache type FLUSH is not
+//! offered and a FLUSH sent anyway is acknowledged without a sync, as in Firecracker.
+//!
+//! The backing file can be replaced while the guest runs ([`Block::swap_backing`], Firecracker's
+//! `PATCH /drives/{id}` with a new `path_on_host`): the new file's size becomes the capacity and
+//! the guest is told its configuration changed.
 
 mod request;
 
@@ -64,6 +70,39 @@ pub struct Block {
     active: Option<ActiveQueues<1>>,
     /// Reused bounce buffer between guest memory and the file.
     buf: Vec<u8>,
+    /// FLUSH offered and synced (Writeback); neither (Unsafe).
+    writeback: bool,
+    config_generation: u32,
+}
+
+/// The configuration space: capacity (le64), size_max (le32, unused), seg_max (le32).
+fn config_space(capacity_sectors: u64) -> Vec<u8> {
+    let mut config = Vec::with_capacity(16);
+    config.extend_from_slice(&capacity_sectors.to_le_bytes());
+    config.extend_from_slice(&0u32.to_le_bytes());
+    config.extend_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
+    config
+}
+
+/// Opens a disk image; its file and its size in whole sectors.
+fn open_disk(id: &str, path: &Path, read_only: bool) -> Result<(File, u64), BlockError> {
+    let open_error = |source| BlockError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let disk = OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(open_error)?;
+    let len = disk.metadata().map_err(open_error)?.len();
+    if len % SECTOR_SIZE != 0 {
+        tracing::warn!(
+            "disk {id}: {} is {len} bytes, not a multiple of {SECTOR_SIZE}; the tail is not visible",
+            path.display()
+        );
+    }
+    Ok((disk, len >> SECTOR_SHIFT))
 }
 
 impl Block {
@@ -74,31 +113,11 @@ impl Block {
         read_only: bool,
         limiter: RateLimiterConfig,
     ) -> Result<Self, BlockError> {
-        let open_error = |source| BlockError::Open {
-            path: path.to_path_buf(),
-            source,
-        };
-        let disk = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(open_error)?;
-        let len = disk.metadata().map_err(open_error)?.len();
-        if len % SECTOR_SIZE != 0 {
-            tracing::warn!(
-                "disk {id}: {} is {len} bytes, not a multiple of {SECTOR_SIZE}; the tail is not visible",
-                path.display()
-            );
-        }
-        let capacity_sectors = len >> SECTOR_SHIFT;
+        let (disk, capacity_sectors) = open_disk(id, path, read_only)?;
         let mut disk_id = [0u8; DISK_ID_LEN];
         let n = id.len().min(DISK_ID_LEN);
         disk_id[..n].copy_from_slice(&id.as_bytes()[..n]);
-        // capacity (le64), size_max (le32, unused), seg_max (le32).
-        let mut config = Vec::with_capacity(16);
-        config.extend_from_slice(&capacity_sectors.to_le_bytes());
-        config.extend_from_slice(&0u32.to_le_bytes());
-        config.extend_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
+        let config = config_space(capacity_sectors);
         Ok(Self {
             id: id.to_string(),
             path: path.to_path_buf(),
@@ -112,7 +131,31 @@ impl Block {
             counters: Arc::default(),
             active: None,
             buf: Vec::new(),
+            writeback: true,
+            config_generation: 0,
         })
+    }
+
+    /// Firecracker's `cache_type`: `true` for Writeback, `false` for Unsafe. Set before the
+    /// guest negotiates features.
+    pub fn set_cache_writeback(&mut self, writeback: bool) {
+        self.writeback = writeback;
+    }
+
+    /// Serves the disk from `path` from now on. Requests already answered were served by the
+    /// old file (written data is in it: each write reached it before its status); the guest
+    /// sees the new capacity through a configuration change.
+    pub fn swap_backing(&mut self, path: &Path) -> Result<(), BlockError> {
+        let (disk, capacity_sectors) = open_disk(&self.id, path, self.read_only)?;
+        self.disk = disk;
+        self.path = path.to_path_buf();
+        self.capacity_sectors = capacity_sectors;
+        self.config = config_space(capacity_sectors);
+        self.config_generation = self.config_generation.wrapping_add(1);
+        if let Some(active) = &self.active {
+            active.interrupt.signal_config_change();
+        }
+        Ok(())
     }
 
     pub fn id(&self) -> &str {
@@ -164,6 +207,7 @@ impl Block {
                     let outcome = request.execute(
                         &self.disk,
                         self.read_only,
+                        self.writeback,
                         self.capacity_sectors,
                         &self.disk_id,
                         &mut self.buf,
@@ -217,8 +261,10 @@ impl VirtioDevice for Block {
     }
 
     fn avail_features(&self) -> u64 {
-        let mut f =
-            (1u64 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_BLK_F_FLUSH) | (1 << VIRTIO_BLK_F_SEG_MAX);
+        let mut f = (1u64 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_BLK_F_SEG_MAX);
+        if self.writeback {
+            f |= 1 << VIRTIO_BLK_F_FLUSH;
+        }
         if self.read_only {
             f |= 1 << VIRTIO_BLK_F_RO;
         }
@@ -227,6 +273,10 @@ impl VirtioDevice for Block {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config, offset, data);
+    }
+
+    fn config_generation(&self) -> u32 {
+        self.config_generation
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
