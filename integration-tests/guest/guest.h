@@ -239,6 +239,7 @@ struct virtio_params {
 	u64 blk_crash;                  /* blk_crash=N: N acked write+FLUSH rounds (crash tests) */
 	u32 hostile;                    /* hostile=<mode>: HOSTILE_* */
 	u64 hostile_n;                  /* hostile_n=N: accesses/requests of the storm modes */
+	u64 boot_timer;                 /* boot_timer=1: write 123 to Firecracker's boot timer */
 };
 enum {
 	HOSTILE_NONE, HOSTILE_DESC_LOOP, HOSTILE_OOB_ADDR, HOSTILE_BAD_QUEUE, HOSTILE_CFG_OVERRUN,

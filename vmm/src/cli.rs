@@ -112,7 +112,10 @@ impl ProcessTimes {
         let (now, cpu) = now_us();
         if let Some(start) = self.start_time_us {
             let us = now.saturating_sub(start);
-            METRICS.api.process_startup_time_us.store(us, std::sync::atomic::Ordering::Relaxed);
+            METRICS
+                .api
+                .process_startup_time_us
+                .store(us, std::sync::atomic::Ordering::Relaxed);
             tracing::info!("Process startup time is {us} us.");
         }
         if let Some(start) = self.start_time_cpu_us {

@@ -220,7 +220,10 @@ fn main() -> ExitCode {
     }
     if let Some(path) = &cli.seccomp_filter {
         if let Err(e) = vmm::seccomp::load_custom_filters(path) {
-            return fail(format!("--seccomp-filter {}: {e}", path.display()), code::BAD_CONFIG);
+            return fail(
+                format!("--seccomp-filter {}: {e}", path.display()),
+                code::BAD_CONFIG,
+            );
         }
     }
     if let Some(kind) = cli.seccomp_test_violation {
@@ -273,9 +276,7 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => return fail(e, code::VMM_ERROR),
     };
-    let mmds_limit = cli
-        .mmds_size_limit
-        .unwrap_or(cli.http_api_max_payload_size);
+    let mmds_limit = cli.mmds_size_limit.unwrap_or(cli.http_api_max_payload_size);
     if let Err(e) = runtime.set_mmds(mmds_limit, cli.metadata.as_deref()) {
         return fail(e, code::BAD_CONFIG);
     }

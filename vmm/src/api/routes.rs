@@ -113,16 +113,16 @@ fn since(query: &str) -> Result<u64, Response> {
     Ok(since)
 }
 
+/// Firecracker answers a method a path does not take as it answers a path it does not know:
+/// 400, naming both.
 fn method_not_allowed(req: &Request, allowed: &str) -> Routed {
-    let mut r = Response::fault(
-        405,
+    Routed::Reply(Response::fault(
+        400,
         format!(
-            "{} is not allowed on {}; use {allowed}",
+            "Invalid request method and/or path: {} {} (it takes {allowed}).",
             req.method, req.path
         ),
-    );
-    r.headers.push(format!("Allow: {allowed}"));
-    Routed::Reply(r)
+    ))
 }
 
 /// Turns `req` into an action, or answers it.
@@ -221,9 +221,7 @@ pub fn route(req: &Request) -> Routed {
         ("/balloon/hinting/start", "PATCH")
         | ("/balloon/hinting/status", "GET")
         | ("/balloon/hinting/stop", "PATCH") => Routed::Action(VmmAction::BalloonHinting),
-        ("/balloon/hinting/start" | "/balloon/hinting/stop", _) => {
-            method_not_allowed(req, "PATCH")
-        }
+        ("/balloon/hinting/start" | "/balloon/hinting/stop", _) => method_not_allowed(req, "PATCH"),
         ("/balloon/hinting/status", _) => method_not_allowed(req, "GET"),
         ("/hotplug/memory", "GET") => Routed::Action(VmmAction::GetMemoryHotplug),
         ("/hotplug/memory", "PUT") => action(parse_body(req).map(VmmAction::PutMemoryHotplug)),
@@ -269,8 +267,8 @@ pub fn route(req: &Request) -> Routed {
                 format!("{what} are not supported by this prescient build yet"),
             )),
             None => Routed::Reply(Response::fault(
-                404,
-                format!("no such API resource: {} {path}", req.method),
+                400,
+                format!("Invalid request method and/or path: {} {path}.", req.method),
             )),
         },
     }
@@ -293,6 +291,8 @@ pub fn respond(result: Result<VmmData, ActionError>) -> Response {
         Ok(VmmData::Predictor(p)) => json(serde_json::to_string(&p)),
         Ok(VmmData::PredictorDecisions(d)) => json(serde_json::to_string(&d)),
         Ok(VmmData::Mmds(v)) => json(serde_json::to_string(&v)),
+        // Firecracker's status for a data store over its limit.
+        Err(e @ ActionError::MmdsStore(mmds::StoreError::TooLarge)) => Response::fault(413, e),
         Err(e) => Response::fault(400, e),
     }
 }
@@ -347,11 +347,17 @@ mod tests {
 
     #[test]
     fn bad_requests_get_their_status_and_a_fault_message() {
+        // Firecracker's 400 for unknown paths and for methods a path does not take.
         let r = reply(route(&req("GET", "/nope", "")));
-        assert_eq!(r.status, 404);
+        assert_eq!(r.status, 400);
+        assert!(
+            r.body.contains("Invalid request method and/or path"),
+            "{}",
+            r.body
+        );
         let r = reply(route(&req("DELETE", "/machine-config", "")));
-        assert_eq!(r.status, 405);
-        assert_eq!(r.headers, vec!["Allow: GET, PUT, PATCH".to_string()]);
+        assert_eq!(r.status, 400);
+        assert!(r.body.contains("GET, PUT, PATCH"), "{}", r.body);
         let r = reply(route(&req(
             "PUT",
             "/machine-config",
@@ -375,7 +381,7 @@ mod tests {
         let r = reply(route(&req("PUT", "/snapshot/create", "{}")));
         assert!(r.body.contains("snapshots are not supported"), "{}", r.body);
         let r = reply(route(&req("DELETE", "/hotplug/memory", "")));
-        assert_eq!(r.status, 405);
+        assert_eq!(r.status, 400);
         let r = reply(route(&req(
             "PATCH",
             "/hotplug/memory",
@@ -386,7 +392,7 @@ mod tests {
         assert_eq!(r.status, 400);
         assert!(r.body.contains("missing field `uds_path`"), "{}", r.body);
         let r = reply(route(&req("GET", "/vsock", "")));
-        assert_eq!(r.status, 405);
+        assert_eq!(r.status, 400);
         let body = r#"{"drive_id": "other", "path_on_host": "/x", "is_root_device": false}"#;
         let r = reply(route(&req("PUT", "/drives/rootfs", body)));
         assert!(r.body.contains("differ"), "{}", r.body);
@@ -422,7 +428,7 @@ mod tests {
         ));
         let e = reply(route(&req("PATCH", "/predictor", r#"{"horizon": 3}"#)));
         assert!(e.body.contains("unknown field `horizon`"), "{}", e.body);
-        assert_eq!(reply(route(&req("PUT", "/predictor", "{}"))).status, 405);
+        assert_eq!(reply(route(&req("PUT", "/predictor", "{}"))).status, 400);
     }
 
     #[test]

@@ -52,6 +52,15 @@ impl Runtime {
         }
     }
 
+    /// A VM that started without `mmds-config` has no metadata service: its store can no longer
+    /// be read or written (Firecracker's rule).
+    fn mmds_in_use(&self) -> Result<(), ActionError> {
+        if self.vm.is_some() && self.config.mmds_config.is_none() {
+            return Err(mmds::StoreError::NotInitialized.into());
+        }
+        Ok(())
+    }
+
     fn running_vm(&mut self) -> Result<&mut MicroVm, ActionError> {
         self.vm.as_mut().ok_or(ActionError::NotAllowedBeforeBoot)
     }
@@ -230,7 +239,11 @@ impl Runtime {
                 self.config.drives = drives;
                 Ok(VmmData::Empty)
             }
-            VmmAction::PatchDrive(update) => self.patch_drive(update),
+            // Post-boot only, as in Firecracker (the spec or a PUT sets them before boot).
+            VmmAction::PatchDrive(update) => {
+                self.running_vm()?;
+                self.patch_drive(update)
+            }
             VmmAction::PutNetworkInterface(iface) => {
                 self.before_boot()?;
                 let ifaces = upsert_by_id(&self.config.network_interfaces, iface, |n| &n.iface_id);
@@ -238,7 +251,10 @@ impl Runtime {
                 self.config.network_interfaces = ifaces;
                 Ok(VmmData::Empty)
             }
-            VmmAction::PatchNetworkInterface(update) => self.patch_interface(update),
+            VmmAction::PatchNetworkInterface(update) => {
+                self.running_vm()?;
+                self.patch_interface(update)
+            }
             VmmAction::PutVsock(vsock) => {
                 self.before_boot()?;
                 vsock.validate()?;
@@ -257,7 +273,10 @@ impl Runtime {
                 self.config.balloon = Some(balloon);
                 Ok(VmmData::Empty)
             }
-            VmmAction::PatchBalloon(update) => self.patch_balloon(update),
+            VmmAction::PatchBalloon(update) => {
+                self.running_vm()?;
+                self.patch_balloon(update)
+            }
             VmmAction::GetBalloon => self
                 .config
                 .balloon
@@ -265,7 +284,10 @@ impl Runtime {
                 .map(VmmData::Balloon)
                 .ok_or(ActionError::NoBalloon),
             VmmAction::GetBalloonStats => self.balloon_stats(),
-            VmmAction::PatchBalloonStats(update) => self.patch_balloon_stats(update),
+            VmmAction::PatchBalloonStats(update) => {
+                self.running_vm()?;
+                self.patch_balloon_stats(update)
+            }
             VmmAction::PutMemoryHotplug(hotplug) => {
                 self.before_boot()?;
                 hotplug.validate()?;
@@ -273,7 +295,10 @@ impl Runtime {
                 Ok(VmmData::Empty)
             }
             VmmAction::PatchMemoryHotplug(update) => self.patch_memory_hotplug(update),
-            VmmAction::GetMemoryHotplug => self.memory_hotplug_status(),
+            VmmAction::GetMemoryHotplug => {
+                self.running_vm()?;
+                self.memory_hotplug_status()
+            }
             VmmAction::StartInstance => {
                 self.start()?;
                 Ok(VmmData::Empty)
@@ -306,6 +331,7 @@ impl Runtime {
                 Ok(VmmData::Empty)
             }
             VmmAction::FlushMetrics => {
+                self.running_vm()?;
                 METRICS.flush()?;
                 Ok(VmmData::Empty)
             }
@@ -315,6 +341,8 @@ impl Runtime {
                 self.catch_up_seccomp()?;
                 Ok(VmmData::Empty)
             }
+            // Unlike Firecracker, the logger can be re-pointed while the VM runs (a new log
+            // file; the seccomp tests use it to try opens from the VMM thread).
             VmmAction::PutLogger(config) => {
                 crate::logger::configure(&config)?;
                 Ok(VmmData::Empty)
@@ -334,10 +362,12 @@ impl Runtime {
             },
             VmmAction::PatchPredictor(update) => self.patch_predictor(update),
             VmmAction::PutMmds(value) => {
+                self.mmds_in_use()?;
                 self.mmds().put(value)?;
                 Ok(VmmData::Empty)
             }
             VmmAction::PatchMmds(value) => {
+                self.mmds_in_use()?;
                 self.mmds().patch(&value)?;
                 Ok(VmmData::Empty)
             }
@@ -347,16 +377,19 @@ impl Runtime {
                 self.config.cpu_config = Some(cpu);
                 Ok(VmmData::Empty)
             }
-            VmmAction::BalloonHinting => {
-                match self.running_vm()?.balloon() {
-                    Some(_) => Err(ActionError::HintingDisabled),
-                    None => Err(ActionError::NoBalloon),
-                }
+            VmmAction::BalloonHinting => match self.running_vm()?.balloon() {
+                Some(_) => Err(ActionError::HintingDisabled),
+                None => Err(ActionError::NoBalloon),
+            },
+            VmmAction::GetMmds => {
+                self.mmds_in_use()?;
+                Ok(VmmData::Mmds(self.mmds().document()))
             }
-            VmmAction::GetMmds => Ok(VmmData::Mmds(self.mmds().document())),
-            VmmAction::PutMmdsConfig(config) => {
+            VmmAction::PutMmdsConfig(mut config) => {
                 self.before_boot()?;
                 config.validate(&self.config.network_interfaces)?;
+                // Shown with its address, default or not, as Firecracker shows it.
+                config.ipv4_address = Some(config.address());
                 self.config.mmds_config = Some(config);
                 Ok(VmmData::Empty)
             }

@@ -271,6 +271,11 @@ impl Runtime {
         if let Some(vm) = self.vm.take() {
             vm.stop();
         }
+        // The last counts, as Firecracker writes them on its way out.
+        match METRICS.flush() {
+            Ok(()) | Err(crate::metrics::MetricsError::NotConfigured) => {}
+            Err(e) => tracing::warn!("final metrics flush: {e}"),
+        }
         // After the vCPU threads are gone, so their cgroup can go too.
         self.autopilot = None;
         reason

@@ -24,7 +24,7 @@ pub struct BalloonConfig {
     pub stats_polling_interval_ms: Option<u32>,
     /// Firecracker's free page hinting; not supported (reporting does the job without a
     /// host-driven round trip), so only `false` is accepted.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default)]
     pub free_page_hinting: bool,
     /// The guest reports pages it freed, and the host discards them.
     #[serde(default)]

@@ -121,7 +121,11 @@ pub fn parse_number(text: &str) -> Option<u64> {
 
 /// `0b` followed by `width` of `0`, `1` and `x` (don't care), underscores ignored.
 pub fn parse_bitmap(text: &str, width: usize) -> Option<BitFilter> {
-    let body: String = text.strip_prefix("0b")?.chars().filter(|c| *c != '_').collect();
+    let body: String = text
+        .strip_prefix("0b")?
+        .chars()
+        .filter(|c| *c != '_')
+        .collect();
     if body.len() != width {
         return None;
     }
@@ -245,9 +249,12 @@ mod tests {
         assert_eq!(c.required_capabilities().collect::<Vec<_>>(), vec![121]);
         assert_eq!(c.cpuid_filters()[0].0, 1);
         assert_eq!(c.msr_filters()[0].0, 0x10a);
-        let bad: CpuConfig = serde_json::from_value(serde_json::json!({"kvm_capabilities": ["abc"]})).unwrap();
+        let bad: CpuConfig =
+            serde_json::from_value(serde_json::json!({"kvm_capabilities": ["abc"]})).unwrap();
         assert!(bad.validate().is_err());
-        assert!(serde_json::from_value::<CpuConfig>(serde_json::json!({"reg_modifiers": []})).is_err());
+        assert!(
+            serde_json::from_value::<CpuConfig>(serde_json::json!({"reg_modifiers": []})).is_err()
+        );
         assert!(CpuTemplate::T2A.check_vendor(b"AuthenticAMD").is_ok());
         assert!(CpuTemplate::T2.check_vendor(b"AuthenticAMD").is_err());
         assert!(CpuTemplate::V1N1.check_vendor(b"GenuineIntel").is_err());

@@ -17,8 +17,13 @@ pub struct MachineConfig {
     pub smt: bool,
     /// Firecracker's static CPU template (deprecated there); checked against the host's CPU
     /// vendor at start.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "no_template")]
     pub cpu_template: Option<super::CpuTemplate>,
+}
+
+/// `None` and `"None"` both mean no template; neither is shown (as in Firecracker).
+fn no_template(t: &Option<super::CpuTemplate>) -> bool {
+    matches!(t, None | Some(super::CpuTemplate::None))
 }
 
 impl Default for MachineConfig {

@@ -101,8 +101,17 @@ mod tests {
         parse(serde_json::json!({"network_interfaces": ["eth0"], "ipv4_address": "169.254.170.2", "imds_compat": true}))
             .validate(&[iface("eth0")])
             .unwrap();
-        assert!(serde_json::from_value::<MmdsConfig>(serde_json::json!({"network_interfaces": ["a"], "version": "V3"})).is_err());
-        assert!(serde_json::from_value::<MmdsConfig>(serde_json::json!({"network_interfaces": ["a"], "ipv4_address": "300.1.1.1"})).is_err());
-        assert!(serde_json::from_value::<MmdsConfig>(serde_json::json!({"network_interfaces": ["a"], "port": 80})).is_err());
+        assert!(serde_json::from_value::<MmdsConfig>(
+            serde_json::json!({"network_interfaces": ["a"], "version": "V3"})
+        )
+        .is_err());
+        assert!(serde_json::from_value::<MmdsConfig>(
+            serde_json::json!({"network_interfaces": ["a"], "ipv4_address": "300.1.1.1"})
+        )
+        .is_err());
+        assert!(serde_json::from_value::<MmdsConfig>(
+            serde_json::json!({"network_interfaces": ["a"], "port": 80})
+        )
+        .is_err());
     }
 }

@@ -21,15 +21,15 @@ use serde::{Deserialize, Serialize};
 
 pub use balloon::{BalloonConfig, BalloonStatsUpdate, BalloonUpdate};
 pub use boot_source::{BootSourceConfig, KernelFormat, DEFAULT_BOOT_ARGS};
+pub use cpu_config::{CpuConfig, CpuTemplate};
 pub use drives::{
     bandwidth_limiter, validate_drives, validate_id, CacheType, DriveConfig, DriveUpdate, IoEngine,
 };
-pub use cpu_config::{CpuConfig, CpuTemplate};
 pub use entropy::EntropyConfig;
 pub use json_path::{JsonPath, Segment};
 pub use machine_config::{MachineConfig, MAX_VCPUS};
-pub use mmds::MmdsConfig;
 pub use memory_hotplug::{MemoryHotplugConfig, MemoryHotplugSizeUpdate, MemoryHotplugStatus};
+pub use mmds::MmdsConfig;
 pub use net::{parse_mac, validate_interfaces, NetworkInterfaceConfig, NetworkInterfaceUpdate};
 pub use predictor::{
     AnomalyResponse, BudgetConfig, PredictorConfig, PredictorUpdate, Range, DEFAULT_IO_MAX_MIBPS,

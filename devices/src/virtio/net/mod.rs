@@ -143,7 +143,6 @@ impl Net {
         self.mmds.as_ref().map(|m| m.stack.counters())
     }
 
-
     /// Watches the service's timer (once) and sets it for the stack's next deadline.
     fn arm_mmds_timer(&mut self, ops: &mut EventOps) {
         let Some(m) = self.mmds.as_mut() else {
