@@ -137,6 +137,8 @@ int virtio_param(const char *k, size_t kn, const char *v, size_t vn)
 		{ "blk_crash", &g_vparams.blk_crash },
 		{ "hostile_n", &g_vparams.hostile_n },
 		{ "boot_timer", &g_vparams.boot_timer },
+		{ "mmds", &g_vparams.mmds },
+		{ "mmds_flood", &g_vparams.mmds_flood },
 	};
 	if (keq(k, kn, "virtio_mmio.device"))
 		return parse_device(v, vn);
@@ -393,7 +395,7 @@ int vq_wait(struct vq *q, u32 *len)
 static int workload_wanted(void)
 {
 	const struct virtio_params *p = &g_vparams;
-	return p->blk_rw || p->blk_read || p->blk_ops || p->rng_bytes || p->net_tx || p->net_rx ||
+	return p->blk_rw || p->blk_read || p->blk_ops || p->rng_bytes || p->net_tx || p->net_rx || p->mmds ||
 	       p->vsock_echo_listen || p->vsock_connect || p->vmem_steps || p->vmem_follow_ms ||
 	       p->balloon_steps || p->balloon_report_mib || p->blk_crash || p->hostile;
 }
@@ -510,7 +512,7 @@ u64 virtio_run_user(u64 unused)
 	if (p->hostile)
 		ok &= hostile_run(nblk ? blks[0] : 0, vmem);
 	ok &= need("rng", nrng, p->rng_bytes != 0);
-	ok &= need("net", nnet, p->net_tx || p->net_rx);
+	ok &= need("net", nnet, p->net_tx || p->net_rx || p->mmds);
 	ok &= need("vsock", vsock != 0, p->vsock_echo_listen || p->vsock_connect);
 	ok &= need("balloon", balloon != 0, p->balloon_steps || p->balloon_report_mib);
 	ok &= need("virtio-mem", vmem != 0, p->vmem_steps || p->vmem_follow_ms);
@@ -518,6 +520,8 @@ u64 virtio_run_user(u64 unused)
 		ok &= blk_workload(blks[i]);
 	for (u32 i = 0; i < nrng; i++)
 		ok &= rng_workload(rngs[i]);
+	if (nnet && p->mmds)
+		ok &= mmds_workload();
 	if (nnet)
 		ok &= net_workload(nets, nnet);
 	if (vsock && (p->vsock_echo_listen || p->vsock_connect))

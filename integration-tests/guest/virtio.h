@@ -138,6 +138,11 @@ int rng_init(struct vdev *d);
 int rng_workload(struct vdev *d);
 int net_init(struct vdev *d);           /* at most NET_MAX devices */
 int net_workload(struct vdev **nets, u32 n);  /* all net devices together */
+int net_mac(u32 dev, u8 mac[6]);
+int net_post_rx(u32 dev);                /* post every receive buffer */
+int net_send(u32 dev, const u8 *frame, u32 len);          /* one Ethernet frame */
+int net_recv(u32 dev, u8 *out, u32 cap, u64 timeout_ms);  /* its length, -1: none in time */
+int mmds_workload(void);                 /* net_mmds.c: mmds=1 on net device 0 */
 int vsock_init(struct vdev *d);         /* the first vsock device is driven */
 int vsock_workload(struct vdev *d);     /* 1 = ok */
 int balloon_init(struct vdev *d);       /* the first balloon is driven */

@@ -298,6 +298,9 @@ impl MmdsStack {
                 }
                 self.counters.rx_frames += 1;
                 self.link.learn(ip.src_addr(), eth.src_addr().0);
+                if is_syn(&ip) {
+                    self.make_room();
+                }
                 // Bounded like the frames out: a guest that sends faster than the VMM polls
                 // loses segments, and TCP sends them again.
                 if self.link.rx.len() < MAX_PENDING_FRAMES {
@@ -307,6 +310,40 @@ impl MmdsStack {
                 true
             }
             _ => false,
+        }
+    }
+
+    /// Before a new connection's SYN is taken: if no slot listens, the oldest half-open
+    /// connection (a SYN never completed, as in a flood), else the longest idle one, gives its
+    /// slot up, so a flood delays real clients by at most one SYN-ACK round.
+    fn make_room(&mut self) {
+        let now = StdInstant::now();
+        let mut victim: Option<(bool, StdInstant, usize)> = None;
+        for (i, conn) in self.conns.iter().enumerate() {
+            let state = self.sockets.get::<tcp::Socket>(conn.handle).state();
+            if state == tcp::State::Listen {
+                return;
+            }
+            let half_open = state == tcp::State::SynReceived;
+            let idle = conn.reply.is_empty() && now.duration_since(conn.active) >= IDLE_EVICT;
+            if !(half_open || idle) {
+                continue;
+            }
+            // Half-open first, then the oldest.
+            let key = (!half_open, conn.active, i);
+            if victim.is_none_or(|v| key < v) {
+                victim = Some(key);
+            }
+        }
+        if let Some((_, _, i)) = victim {
+            let conn = &mut self.conns[i];
+            *self.sockets.get_mut::<tcp::Socket>(conn.handle) = listening_socket();
+            conn.request.clear();
+            conn.reply.clear();
+            conn.sent = 0;
+            conn.close_after = false;
+            conn.counted = false;
+            conn.active = now;
         }
     }
 
@@ -352,7 +389,6 @@ impl MmdsStack {
     fn serve(&mut self) -> bool {
         let mut progress = false;
         let now = StdInstant::now();
-        let mut listening = 0;
         for conn in &mut self.conns {
             let socket = self.sockets.get_mut::<tcp::Socket>(conn.handle);
             match socket.state() {
@@ -365,13 +401,9 @@ impl MmdsStack {
                     conn.sent = 0;
                     conn.close_after = false;
                     conn.counted = false;
-                    listening += 1;
                     continue;
                 }
-                tcp::State::Listen => {
-                    listening += 1;
-                    continue;
-                }
+                tcp::State::Listen => continue,
                 _ => {}
             }
             if !conn.counted && socket.is_active() {
@@ -431,20 +463,15 @@ impl MmdsStack {
                 progress = true;
             }
         }
-        // No slot left for a new connection: the longest idle one gives its place.
-        if listening == 0 {
-            if let Some(conn) = self
-                .conns
-                .iter_mut()
-                .filter(|c| c.reply.is_empty() && now.duration_since(c.active) >= IDLE_EVICT)
-                .min_by_key(|c| c.active)
-            {
-                self.sockets.get_mut::<tcp::Socket>(conn.handle).abort();
-                progress = true;
-            }
-        }
         progress
     }
+}
+
+/// A TCP segment opening a connection (SYN without ACK).
+fn is_syn(ip: &Ipv4Packet<&[u8]>) -> bool {
+    let tcp = ip.payload();
+    let header_ok = tcp.len() >= 14 && usize::from(ip.header_len()) >= 20;
+    header_ok && tcp[13] & 0x12 == 0x02
 }
 
 fn arp_reply(ip: Ipv4Addr, to_mac: EthernetAddress, to_ip: Ipv4Addr) -> Vec<u8> {

@@ -286,7 +286,7 @@ mod tests {
         MachineConfig {
             vcpu_count: 2,
             mem_size_mib: 256,
-            smt: false,
+            ..MachineConfig::default()
         }
     }
 
