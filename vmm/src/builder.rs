@@ -360,6 +360,11 @@ fn attach_virtio_devices(
         .map_err(|e| ConfigError::new(drive_field(i, "path_on_host"), e.to_string()))?;
         let mut block = block;
         block.set_cache_writeback(d.writeback());
+        if d.io_engine == Some(crate::vmm_config::IoEngine::Async) {
+            block
+                .use_io_uring()
+                .map_err(|e| ConfigError::new(drive_field(i, "io_engine"), e.to_string()))?;
+        }
         let block = Arc::new(Mutex::new(block));
         let name = format!("block_{}", d.drive_id);
         manager.attach(vm.fd(), mem, registry, event_manager, name, block.clone())?;

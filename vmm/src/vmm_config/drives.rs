@@ -25,7 +25,7 @@ pub struct DriveConfig {
     /// Firecracker's `cache_type`; left out, prescient flushes to the disk (`Writeback`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_type: Option<CacheType>,
-    /// Firecracker's `io_engine`.
+    /// Firecracker's `io_engine`: `Async` serves the drive through io_uring.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub io_engine: Option<IoEngine>,
     /// Firecracker's vhost-user-block socket: refused (prescient has no vhost-user).
@@ -47,7 +47,8 @@ pub enum CacheType {
 pub enum IoEngine {
     /// On the VMM thread, one request at a time.
     Sync,
-    /// io_uring (Firecracker's engine for host kernels from 5.10.51).
+    /// io_uring (Firecracker's engine for host kernels from 5.10.51): requests complete
+    /// later, straight between the file and guest memory.
     Async,
 }
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,12 +131,6 @@ impl DriveConfig {
             return Err(ConfigError::new(
                 field(index, "socket"),
                 "vhost-user-block drives are not supported by prescient; give path_on_host",
-            ));
-        }
-        if self.io_engine == Some(IoEngine::Async) {
-            return Err(ConfigError::new(
-                field(index, "io_engine"),
-                "the Async (io_uring) engine is not in this prescient build; use Sync",
             ));
         }
         validate_rate_limiter(field(index, "rate_limiter"), &self.rate_limiter)

@@ -10,7 +10,10 @@
 //! `PATCH /drives/{id}` with a new `path_on_host`): the new file's size becomes the capacity and
 //! the guest is told its configuration changed.
 
+mod io_uring;
 mod request;
+
+pub use self::io_uring::AsyncIoError;
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -21,7 +24,8 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use self::request::{Outcome, Request};
+use self::io_uring::{AsyncIo, Completed};
+use self::request::{IoKind, Outcome, Request};
 use super::{
     pop_chain, read_config_bytes, watch_fds, ActivateContext, ActivateError, ActiveQueues,
     DeviceCounters, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
@@ -53,6 +57,8 @@ pub enum BlockError {
     EventFd(std::io::Error),
     #[error(transparent)]
     RateLimiter(#[from] RateLimiterError),
+    #[error(transparent)]
+    AsyncIo(#[from] AsyncIoError),
 }
 
 /// A virtio-blk device.
@@ -73,6 +79,10 @@ pub struct Block {
     /// FLUSH offered and synced (Writeback); neither (Unsafe).
     writeback: bool,
     config_generation: u32,
+    /// The Async engine; None: requests are served in place (Sync).
+    io: Option<AsyncIo>,
+    /// Files replaced by [`Block::swap_backing`] while requests on them were in flight.
+    retired: Vec<File>,
 }
 
 /// The configuration space: capacity (le64), size_max (le32, unused), seg_max (le32).
@@ -133,7 +143,56 @@ impl Block {
             buf: Vec::new(),
             writeback: true,
             config_generation: 0,
+            io: None,
+            retired: Vec::new(),
         })
+    }
+
+    /// Serves requests through io_uring from now on (Firecracker's `Async` engine). Set before
+    /// the device joins the event loop.
+    pub fn use_io_uring(&mut self) -> Result<(), BlockError> {
+        self.io = Some(AsyncIo::new()?);
+        Ok(())
+    }
+
+    /// Returns completed asynchronous requests to the guest.
+    fn finish(&mut self, done: Vec<Completed>) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        if done.is_empty() {
+            return;
+        }
+        for c in &done {
+            let moved = if c.ok { c.plan.len } else { 0 };
+            let mut outcome = if c.ok {
+                Outcome::ok(0, 0)
+            } else {
+                Outcome::io_error()
+            };
+            match c.plan.kind {
+                IoKind::Read => outcome.bytes_to_guest = moved,
+                IoKind::Write => outcome.bytes_from_guest = moved,
+                IoKind::Flush => {}
+            }
+            count(&self.counters, &outcome);
+            if let Err(e) = active.queues[0].add_used(&active.mem, c.head, c.used) {
+                tracing::warn!("block {}: cannot return a used buffer: {e}", self.id);
+                DeviceCounters::inc(&self.counters.invalid_requests, 1);
+            }
+        }
+        active.notify(0);
+        if self.io.as_ref().is_some_and(|io| io.in_flight() == 0) {
+            self.retired.clear();
+        }
+    }
+
+    fn complete_async(&mut self) {
+        let done = match (self.io.as_mut(), self.active.as_ref()) {
+            (Some(io), Some(active)) => io.complete(&active.mem),
+            _ => return,
+        };
+        self.finish(done);
     }
 
     /// Firecracker's `cache_type`: `true` for Writeback, `false` for Unsafe. Set before the
@@ -147,7 +206,11 @@ impl Block {
     /// sees the new capacity through a configuration change.
     pub fn swap_backing(&mut self, path: &Path) -> Result<(), BlockError> {
         let (disk, capacity_sectors) = open_disk(&self.id, path, self.read_only)?;
-        self.disk = disk;
+        let old = std::mem::replace(&mut self.disk, disk);
+        if self.io.as_ref().is_some_and(|io| io.in_flight() > 0) {
+            // The kernel still reads or writes it for requests queued before the swap.
+            self.retired.push(old);
+        }
         self.path = path.to_path_buf();
         self.capacity_sectors = capacity_sectors;
         self.config = config_space(capacity_sectors);
@@ -181,18 +244,19 @@ impl Block {
         Ok(())
     }
 
-    /// Serves available requests until the queue is empty or the rate limiter says wait.
+    /// Serves available requests until the queue is empty or the rate limiter says wait (or,
+    /// with the Async engine, the ring is full: completions free room and resume it).
     pub fn process_queue(&mut self) {
         let Some(active) = self.active.as_mut() else {
             return;
         };
         let mut completed = false;
-        while !self.limiter.is_blocked() {
+        while !self.limiter.is_blocked() && self.io.as_ref().is_none_or(AsyncIo::has_room) {
             let Some(chain) = pop_chain(&mut active.queues[0], &active.mem, &self.counters) else {
                 break;
             };
             let head = chain.head_index();
-            let used = match Request::parse(&active.mem, chain) {
+            let used = match Request::parse(&active.mem, chain.clone()) {
                 Ok(mut request) => {
                     let cost = Cost {
                         bytes: request.data_len() as u64,
@@ -203,6 +267,14 @@ impl Block {
                         active.queues[0].go_to_previous_position();
                         DeviceCounters::inc(&self.counters.throttled, 1);
                         break;
+                    }
+                    let plan = request.plan(self.read_only, self.writeback, self.capacity_sectors);
+                    let queued = match (self.io.as_mut(), plan) {
+                        (Some(io), Ok(plan)) => io.queue(&active.mem, &chain, plan, &self.disk),
+                        _ => false,
+                    };
+                    if queued {
+                        continue;
                     }
                     let outcome = request.execute(
                         &self.disk,
@@ -227,6 +299,9 @@ impl Block {
                 DeviceCounters::inc(&self.counters.invalid_requests, 1);
             }
             completed = true;
+        }
+        if let Some(io) = self.io.as_mut() {
+            io.submit();
         }
         if completed {
             active.notify(0);
@@ -285,6 +360,11 @@ impl VirtioDevice for Block {
     }
 
     fn reset(&mut self) {
+        if let (Some(io), Some(active)) = (self.io.as_mut(), self.active.as_ref()) {
+            // Nothing may write into memory the driver has taken back.
+            io.drain(&active.mem);
+        }
+        self.retired.clear();
         self.active = None;
     }
 
@@ -296,12 +376,16 @@ impl VirtioDevice for Block {
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
         let fds = [self.queue_events[0].as_raw_fd(), self.limiter.as_raw_fd()];
-        watch_fds(ops, &format!("block {}", self.id), fds);
+        let io = self.io.as_ref().map(AsyncIo::event_fd);
+        watch_fds(ops, &format!("block {}", self.id), fds.into_iter().chain(io));
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if events.fd() == self.queue_events[0].as_raw_fd() {
+        let fd = events.fd();
+        if fd == self.queue_events[0].as_raw_fd() {
             let _ = self.queue_events[0].read();
+        } else if Some(fd) == self.io.as_ref().map(AsyncIo::event_fd) {
+            self.complete_async();
         } else {
             self.limiter.on_timer();
         }
