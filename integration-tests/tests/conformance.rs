@@ -392,6 +392,16 @@ fn disk(scratch: &Scratch, name: &str) -> String {
         .to_string()
 }
 
+/// The test guest, told to halt once it is up (so the API can be asked about a running VM).
+fn halting_boot_source() -> Step {
+    step(
+        "PUT",
+        "/boot-source",
+        Some(json!({"kernel_image_path": TEST_GUEST_PVH,
+                    "boot_args": "console=ttyS0 cpu_ms=1 mem_mib=1 exit=halt"})),
+    )
+}
+
 fn pre_boot_steps(disk_a: &str, disk_b: &str) -> Vec<Step> {
     let kernel = TEST_GUEST_PVH;
     let x31 = "x".repeat(31);
@@ -408,13 +418,7 @@ fn pre_boot_steps(disk_a: &str, disk_b: &str) -> Vec<Step> {
         step("PATCH", "/balloon/hinting/stop", Some(json!({}))),
         step("GET", "/hotplug/memory", None),
         // boot-source
-        step(
-            "PUT",
-            "/boot-source",
-            Some(
-                json!({"kernel_image_path": kernel, "boot_args": "console=ttyS0 cpu_ms=1 mem_mib=1 exit=halt"}),
-            ),
-        ),
+        halting_boot_source(),
         step(
             "PUT",
             "/boot-source",
@@ -587,6 +591,25 @@ fn pre_boot_steps(disk_a: &str, disk_b: &str) -> Vec<Step> {
             "/drives/nope",
             Some(json!({"drive_id": "nope", "path_on_host": disk_a})),
         ),
+        // pmem, hot-unplug
+        step(
+            "PUT",
+            "/pmem/pmem0",
+            Some(json!({"id": "pmem0", "path_on_host": disk_b})),
+        ),
+        step(
+            "PUT",
+            "/pmem/pmem0",
+            Some(json!({"id": "pmem0", "path_on_host": disk_b, "bogus": 1})),
+        ),
+        step(
+            "PATCH",
+            "/pmem/pmem0",
+            Some(json!({"id": "pmem0", "rate_limiter": {"ops": {"size": 10, "refill_time": 100}}})),
+        ),
+        step("DELETE", "/drives/rootfs", None),
+        step("DELETE", "/network-interfaces/eth0", None),
+        step("DELETE", "/pmem/pmem0", None),
         // network interfaces (a TAP is opened at boot only)
         step(
             "PUT",
@@ -844,13 +867,7 @@ fn api_after_boot_answers_as_firecracker_does() {
     let (fc, pr) = pair(&scratch, &[]);
     let kernel = TEST_GUEST_PVH;
     let setup = vec![
-        step(
-            "PUT",
-            "/boot-source",
-            Some(
-                json!({"kernel_image_path": kernel, "boot_args": "console=ttyS0 cpu_ms=1 mem_mib=1 exit=halt"}),
-            ),
-        ),
+        halting_boot_source(),
         step(
             "PUT",
             "/machine-config",
@@ -1020,13 +1037,7 @@ fn without_mmds_config_the_store_closes_at_boot() {
     let scratch = Scratch::new("conformance-nommds");
     let (fc, pr) = pair(&scratch, &[]);
     let steps = vec![
-        step(
-            "PUT",
-            "/boot-source",
-            Some(
-                json!({"kernel_image_path": TEST_GUEST_PVH, "boot_args": "console=ttyS0 cpu_ms=1 mem_mib=1 exit=halt"}),
-            ),
-        ),
+        halting_boot_source(),
         step("PUT", "/mmds", Some(json!({"a": "b"}))),
         step("GET", "/mmds", None),
         step(

@@ -136,8 +136,10 @@ fn help_and_version() {
     out.assert_code(0);
     assert!(out.stdout.starts_with("prescient "), "{}", out.stdout);
     assert!(
-        out.stdout
-            .contains(&format!("Firecracker v{} compatible", vmm::FIRECRACKER_VERSION)),
+        out.stdout.contains(&format!(
+            "Firecracker v{} compatible",
+            vmm::FIRECRACKER_VERSION
+        )),
         "{}",
         out.stdout
     );

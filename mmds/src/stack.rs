@@ -467,6 +467,60 @@ impl MmdsStack {
     }
 }
 
+/// A TCP segment as a guest at `guest` (MAC, IPv4) sends it to the service at `service` port 80,
+/// checksums right: for tests and fuzzing of the stack from the guest's side.
+#[allow(clippy::too_many_arguments)]
+pub fn guest_tcp_segment(
+    guest: ([u8; 6], Ipv4Addr),
+    service: Ipv4Addr,
+    port: u16,
+    control: smoltcp::wire::TcpControl,
+    seq: u32,
+    ack: Option<u32>,
+    window: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    use smoltcp::wire::{IpAddress, Ipv4Repr, TcpPacket, TcpRepr, TcpSeqNumber};
+    let tcp = TcpRepr {
+        src_port: port,
+        dst_port: HTTP_PORT,
+        control,
+        seq_number: TcpSeqNumber(seq as i32),
+        ack_number: ack.map(|a| TcpSeqNumber(a as i32)),
+        window_len: window,
+        window_scale: None,
+        max_seg_size: None,
+        sack_permitted: false,
+        sack_ranges: [None; 3],
+        timestamp: None,
+        payload,
+    };
+    let ip = Ipv4Repr {
+        src_addr: guest.1,
+        dst_addr: service,
+        next_header: IpProtocol::Tcp,
+        payload_len: tcp.buffer_len(),
+        hop_limit: 64,
+    };
+    let mut f = vec![0u8; ETH_HDR + ip.buffer_len() + tcp.buffer_len()];
+    let mut eth = EthernetFrame::new_unchecked(&mut f[..]);
+    EthernetRepr {
+        src_addr: EthernetAddress(guest.0),
+        dst_addr: EthernetAddress(MMDS_MAC),
+        ethertype: EthernetProtocol::Ipv4,
+    }
+    .emit(&mut eth);
+    let mut packet = Ipv4Packet::new_unchecked(eth.payload_mut());
+    ip.emit(&mut packet, &ChecksumCapabilities::default());
+    tcp.emit(
+        &mut TcpPacket::new_unchecked(packet.payload_mut()),
+        &IpAddress::Ipv4(guest.1),
+        &IpAddress::Ipv4(service),
+        &ChecksumCapabilities::default(),
+    );
+    f
+}
+
 /// A TCP segment opening a connection (SYN without ACK).
 fn is_syn(ip: &Ipv4Packet<&[u8]>) -> bool {
     let tcp = ip.payload();

@@ -231,45 +231,17 @@ fn other_traffic_is_left_for_the_tap() {
 
 /// A bare SYN from the guest's address and `port`, as a flooding guest sends it.
 fn syn_frame(port: u16) -> Vec<u8> {
-    use smoltcp::wire::{Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber};
-    let tcp = TcpRepr {
-        src_port: port,
-        dst_port: 80,
-        control: TcpControl::Syn,
-        seq_number: TcpSeqNumber(7),
-        ack_number: None,
-        window_len: 1024,
-        window_scale: None,
-        max_seg_size: None,
-        sack_permitted: false,
-        sack_ranges: [None; 3],
-        timestamp: None,
-        payload: &[],
-    };
-    let ip = Ipv4Repr {
-        src_addr: GUEST_IP,
-        dst_addr: DEFAULT_IPV4,
-        next_header: IpProtocol::Tcp,
-        payload_len: tcp.buffer_len(),
-        hop_limit: 64,
-    };
-    let mut f = vec![0u8; 14 + ip.buffer_len() + tcp.buffer_len()];
-    let mut eth = EthernetFrame::new_unchecked(&mut f[..]);
-    EthernetRepr {
-        src_addr: EthernetAddress(GUEST_MAC),
-        dst_addr: EthernetAddress(MMDS_MAC),
-        ethertype: EthernetProtocol::Ipv4,
-    }
-    .emit(&mut eth);
-    let mut packet = Ipv4Packet::new_unchecked(eth.payload_mut());
-    ip.emit(&mut packet, &ChecksumCapabilities::default());
-    tcp.emit(
-        &mut TcpPacket::new_unchecked(packet.payload_mut()),
-        &IpAddress::Ipv4(GUEST_IP),
-        &IpAddress::Ipv4(DEFAULT_IPV4),
-        &ChecksumCapabilities::default(),
-    );
-    f
+    use smoltcp::wire::TcpControl;
+    guest_tcp_segment(
+        (GUEST_MAC, GUEST_IP),
+        DEFAULT_IPV4,
+        port,
+        TcpControl::Syn,
+        7,
+        None,
+        1024,
+        &[],
+    )
 }
 
 #[test]

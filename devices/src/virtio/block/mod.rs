@@ -377,7 +377,11 @@ impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
         let fds = [self.queue_events[0].as_raw_fd(), self.limiter.as_raw_fd()];
         let io = self.io.as_ref().map(AsyncIo::event_fd);
-        watch_fds(ops, &format!("block {}", self.id), fds.into_iter().chain(io));
+        watch_fds(
+            ops,
+            &format!("block {}", self.id),
+            fds.into_iter().chain(io),
+        );
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {

@@ -155,7 +155,9 @@ impl<'a> Request<'a> {
         let offset = header.sector << SECTOR_SHIFT;
         let (kind, len) = match header.kind {
             VIRTIO_BLK_T_IN => (IoKind::Read, self.data.available_bytes()),
-            VIRTIO_BLK_T_OUT if read_only => return Err(Some(Outcome::invalid(VIRTIO_BLK_S_IOERR))),
+            VIRTIO_BLK_T_OUT if read_only => {
+                return Err(Some(Outcome::invalid(VIRTIO_BLK_S_IOERR)))
+            }
             VIRTIO_BLK_T_OUT => (IoKind::Write, self.reader.available_bytes()),
             VIRTIO_BLK_T_FLUSH if !sync_on_flush => return Err(Some(Outcome::ok(0, 0))),
             VIRTIO_BLK_T_FLUSH => (IoKind::Flush, 0),

@@ -154,7 +154,8 @@ fn the_async_engine_moves_data_straight_between_guest_memory_and_the_file() {
     assert_eq!(rig.used(0).1, 1);
     // Header and data in one descriptor: the data starts 16 bytes in.
     rig.header(VIRTIO_BLK_T_OUT, 0);
-    mem.write_slice(&[0x11; 512], GuestAddress(HDR + 16)).unwrap();
+    mem.write_slice(&[0x11; 512], GuestAddress(HDR + 16))
+        .unwrap();
     rig.submit(&[desc(HDR, 16 + 512, 0), desc(STATUS, 1, WRITE)]);
     rig.blk.process_queue();
     rig.settle();
@@ -219,7 +220,10 @@ fn the_async_engine_keeps_many_requests_in_flight() {
     rig.settle();
     assert_eq!(rig.used_count(), 5);
     for i in 0..5u64 {
-        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS + i)).unwrap(), VIRTIO_BLK_S_OK);
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(STATUS + i)).unwrap(),
+            VIRTIO_BLK_S_OK
+        );
     }
 }
 
@@ -250,20 +254,32 @@ fn a_swapped_backing_file_serves_the_next_requests_with_its_size() {
         u64::from_le_bytes(c)
     };
     assert_eq!(capacity(&rig.blk), 8);
-    assert_eq!(rig.request(VIRTIO_BLK_T_IN, 0, Some((512, true))), VIRTIO_BLK_S_OK);
+    assert_eq!(
+        rig.request(VIRTIO_BLK_T_IN, 0, Some((512, true))),
+        VIRTIO_BLK_S_OK
+    );
     let generation = rig.blk.config_generation();
     let _ = rig.irq.read();
     rig.blk.swap_backing(&b).unwrap();
     assert_eq!(capacity(&rig.blk), 16);
     assert_ne!(rig.blk.config_generation(), generation);
-    assert!(rig.irq.read().unwrap() >= 1, "the guest is told its configuration changed");
+    assert!(
+        rig.irq.read().unwrap() >= 1,
+        "the guest is told its configuration changed"
+    );
     assert_eq!(rig.blk.path(), b.as_path());
-    assert_eq!(rig.request(VIRTIO_BLK_T_IN, 12, Some((512, true))), VIRTIO_BLK_S_OK);
+    assert_eq!(
+        rig.request(VIRTIO_BLK_T_IN, 12, Some((512, true))),
+        VIRTIO_BLK_S_OK
+    );
     let mut back = [0u8; 512];
     mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
     assert_eq!(back, [0x77; 512]);
     // A file that cannot be opened leaves the old one in place.
-    assert!(rig.blk.swap_backing(Path::new("/nonexistent/disk.img")).is_err());
+    assert!(rig
+        .blk
+        .swap_backing(Path::new("/nonexistent/disk.img"))
+        .is_err());
     assert_eq!(rig.blk.path(), b.as_path());
 }
 
