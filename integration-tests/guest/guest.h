@@ -241,6 +241,7 @@ struct virtio_params {
 	u64 hostile_n;                  /* hostile_n=N: accesses/requests of the storm modes */
 	u64 boot_timer;                 /* boot_timer=1: write 123 to Firecracker's boot timer */
 	u64 mmds, mmds_flood;           /* mmds=1: MMDS exchanges on net0 (net_mmds.c) */
+	u64 pmem_check, pmem_write;     /* virtio_pmem.c */
 };
 enum {
 	HOSTILE_NONE, HOSTILE_DESC_LOOP, HOSTILE_OOB_ADDR, HOSTILE_BAD_QUEUE, HOSTILE_CFG_OVERRUN,

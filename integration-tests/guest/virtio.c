@@ -139,6 +139,8 @@ int virtio_param(const char *k, size_t kn, const char *v, size_t vn)
 		{ "boot_timer", &g_vparams.boot_timer },
 		{ "mmds", &g_vparams.mmds },
 		{ "mmds_flood", &g_vparams.mmds_flood },
+		{ "pmem_check", &g_vparams.pmem_check },
+		{ "pmem_write", &g_vparams.pmem_write },
 	};
 	if (keq(k, kn, "virtio_mmio.device"))
 		return parse_device(v, vn);
@@ -395,7 +397,7 @@ int vq_wait(struct vq *q, u32 *len)
 static int workload_wanted(void)
 {
 	const struct virtio_params *p = &g_vparams;
-	return p->blk_rw || p->blk_read || p->blk_ops || p->rng_bytes || p->net_tx || p->net_rx || p->mmds ||
+	return p->blk_rw || p->blk_read || p->blk_ops || p->rng_bytes || p->net_tx || p->net_rx || p->mmds || p->pmem_check || p->pmem_write ||
 	       p->vsock_echo_listen || p->vsock_connect || p->vmem_steps || p->vmem_follow_ms ||
 	       p->balloon_steps || p->balloon_report_mib || p->blk_crash || p->hostile;
 }
@@ -423,7 +425,8 @@ u64 virtio_run_user(u64 unused)
 	int ok = 1;
 	u32 nblk = 0, nnet = 0, nrng = 0, nvsock = 0;
 	struct vdev *blks[VIRTIO_MAX_DEV], *nets[NET_MAX], *rngs[VIRTIO_MAX_DEV], *vsock = 0;
-	struct vdev *balloon = 0, *vmem = 0;
+	struct vdev *balloon = 0, *vmem = 0, *pmem = 0;
+	u32 npmem = 0;
 
 	for (u32 i = 0; i < p->nr_dev; i++) {
 		struct vdev *d = &devs[i];
@@ -503,11 +506,21 @@ u64 virtio_run_user(u64 unused)
 			else
 				ok = 0;
 			break;
+		case VIRTIO_ID_PMEM:
+			fmt(d->name, sizeof(d->name), "pmem%u", npmem++);
+			if (pmem)
+				break;
+			if (pmem_init(d))
+				pmem = d;
+			else
+				ok = 0;
+			break;
 		default:
 			break;
 		}
 	}
 
+	ok &= need("pmem", pmem != 0, p->pmem_check || p->pmem_write);
 	ok &= need("blk", nblk, p->blk_rw || p->blk_read || p->blk_ops || p->blk_crash);
 	if (p->hostile)
 		ok &= hostile_run(nblk ? blks[0] : 0, vmem);
@@ -520,6 +533,8 @@ u64 virtio_run_user(u64 unused)
 		ok &= blk_workload(blks[i]);
 	for (u32 i = 0; i < nrng; i++)
 		ok &= rng_workload(rngs[i]);
+	if (pmem)
+		ok &= pmem_workload(pmem);
 	if (nnet && p->mmds)
 		ok &= mmds_workload();
 	if (nnet)

@@ -58,6 +58,7 @@
 #define VIRTIO_ID_BALLOON   5
 #define VIRTIO_ID_VSOCK     19
 #define VIRTIO_ID_MEM       24
+#define VIRTIO_ID_PMEM      27
 
 /* ---- split virtqueue ------------------------------------------------- */
 #define VQ_MAX_SIZE         64          /* QueueNum = largest power of 2 <= min(QueueNumMax, 64) */
@@ -134,6 +135,8 @@ u64 vt_ms_since(u64 start);
 /* drivers: *_init prints the device line(s), returns 1 if usable */
 int blk_init(struct vdev *d);
 int blk_workload(struct vdev *d);       /* 1 = ok */
+int pmem_init(struct vdev *d);
+int pmem_workload(struct vdev *d);       /* pmem_check=, pmem_write= */
 int rng_init(struct vdev *d);
 int rng_workload(struct vdev *d);
 int net_init(struct vdev *d);           /* at most NET_MAX devices */

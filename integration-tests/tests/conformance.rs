@@ -59,6 +59,12 @@ const ALLOWED_FIELDS: &[(&str, &str, &str)] = &[
     ),
     (
         "GET /vm/config",
+        "/pmem/*/rate_limiter",
+        "a live PATCH of a pmem rate limiter shows in the configuration, as every live change \
+         does in prescient (Firecracker keeps showing the boot one for pmem, not for drives)",
+    ),
+    (
+        "GET /vm/config",
         "/serial",
         "prescient's document boots the same VM again through --config-file, console included",
     ),
@@ -863,6 +869,7 @@ fn api_before_boot_answers_as_firecracker_does() {
 fn api_after_boot_answers_as_firecracker_does() {
     let scratch = Scratch::new("conformance-post");
     let a = disk(&scratch, "a.img");
+    let pmem_file = disk(&scratch, "pmem.img");
     let swap = disk(&scratch, "swap.img");
     let (fc, pr) = pair(&scratch, &[]);
     let kernel = TEST_GUEST_PVH;
@@ -906,6 +913,11 @@ fn api_after_boot_answers_as_firecracker_does() {
             "PUT",
             "/mmds",
             Some(json!({"latest": {"meta-data": {"ami-id": "ami-1"}}})),
+        ),
+        step(
+            "PUT",
+            "/pmem/p0",
+            Some(json!({"id": "p0", "path_on_host": pmem_file, "read_only": true})),
         ),
         step(
             "PUT",
@@ -966,6 +978,23 @@ fn api_after_boot_answers_as_firecracker_does() {
             "PATCH",
             "/drives/nope",
             Some(json!({"drive_id": "nope", "path_on_host": swap})),
+        ),
+        step("DELETE", "/drives/data", None),
+        step("DELETE", "/network-interfaces/eth0", None),
+        step(
+            "PUT",
+            "/pmem/p1",
+            Some(json!({"id": "p1", "path_on_host": swap})),
+        ),
+        step(
+            "PATCH",
+            "/pmem/p0",
+            Some(json!({"id": "p0", "rate_limiter": {"ops": {"size": 10, "refill_time": 100}}})),
+        ),
+        step(
+            "PATCH",
+            "/pmem/nope",
+            Some(json!({"id": "nope", "rate_limiter": {"ops": {"size": 10, "refill_time": 100}}})),
         ),
         step(
             "PUT",

@@ -8,13 +8,14 @@ use devices::virtio::balloon::Balloon;
 use devices::virtio::block::Block;
 use devices::virtio::mem::{MemLayout, VirtioMem};
 use devices::virtio::net::Net;
+use devices::virtio::pmem::Pmem;
 use devices::virtio::rng::Rng;
 use devices::virtio::vsock::Vsock;
 use event_manager::{EventManager, SubscriberOps};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, Kvm};
 use predictor::telemetry::ExitRecorder;
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
 
 use crate::arch::x86_64::cpuid::Topology;
 use crate::arch::x86_64::layout::hotplug_region_start;
@@ -323,6 +324,72 @@ fn hotplug_memory(
     })
 }
 
+/// A device of a running VM by its spec id.
+type Handle<T> = (String, Arc<Mutex<T>>);
+
+/// The pmem devices: each file's mapping becomes a KVM slot above everything else in guest
+/// physical memory (RAM, the 4 GiB line, the hotplug region), 2 MiB aligned, in the order of
+/// the spec with the root device first (so it is /dev/pmem0).
+#[allow(clippy::too_many_arguments)]
+fn attach_pmem(
+    config: &VmConfig,
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    hotplug: Option<&HotplugMemory>,
+    registry: &mut DeviceRegistry,
+    event_manager: &mut EventManager<Subscriber>,
+    manager: &mut MmioDeviceManager,
+    extra: &mut Vec<String>,
+) -> Result<Vec<Handle<Pmem>>, BuildError> {
+    const GIB: u64 = 1 << 30;
+    let first_slot = match hotplug {
+        Some(h) => h.first_slot + h.layout.slots() as u32,
+        None => mem.num_regions() as u32,
+    };
+    let top = mem
+        .iter()
+        .map(|r| r.last_addr().raw_value() + 1)
+        .max()
+        .unwrap_or(0)
+        .max(4 * GIB);
+    let mut addr = top.next_multiple_of(GIB);
+    let field = |i: usize, name: &'static str| {
+        JsonPath(vec![
+            Segment::Key("pmem"),
+            Segment::Index(i),
+            Segment::Key(name),
+        ])
+    };
+    let mut order: Vec<usize> = (0..config.pmem.len()).collect();
+    order.sort_by_key(|&i| !config.pmem[i].root_device);
+    let mut pmems = Vec::new();
+    for (slot, i) in (first_slot..).zip(order) {
+        let p = &config.pmem[i];
+        let mut device = Pmem::new(
+            &p.id,
+            &p.path_on_host,
+            p.read_only,
+            p.rate_limiter.unwrap_or_default(),
+        )
+        .map_err(|e| ConfigError::new(field(i, "path_on_host"), e.to_string()))?;
+        let (host, size) = device.host_region();
+        device.set_guest_address(addr);
+        // SAFETY: the mapping belongs to the device, which lives as long as the VM.
+        unsafe { vm.map_device_memory(slot, addr, size, host, p.read_only) }
+            .map_err(|e| ConfigError::new(field(i, "path_on_host"), e.to_string()))?;
+        addr += size;
+        if p.root_device {
+            extra.push("root=/dev/pmem0".to_string());
+            extra.push(if p.read_only { "ro" } else { "rw" }.to_string());
+        }
+        let device = Arc::new(Mutex::new(device));
+        let name = format!("pmem_{}", p.id);
+        manager.attach(vm.fd(), mem, registry, event_manager, name, device.clone())?;
+        pmems.push((p.id.clone(), device));
+    }
+    Ok(pmems)
+}
+
 /// A drive's spec field, for errors about it.
 fn drive_field(index: usize, name: &'static str) -> JsonPath {
     JsonPath(vec![
@@ -429,6 +496,16 @@ fn attach_virtio_devices(
         }
         None => None,
     };
+    let pmems = attach_pmem(
+        config,
+        vm,
+        mem,
+        hotplug.as_ref(),
+        registry,
+        event_manager,
+        &mut manager,
+        &mut extra,
+    )?;
     let memory = match hotplug {
         Some(h) => {
             let slots = vm.hotplug_slots(h.region, h.layout, h.first_slot);
@@ -448,6 +525,7 @@ fn attach_virtio_devices(
         VirtioHandles {
             blocks,
             nets,
+            pmems,
             balloon,
             memory,
         },

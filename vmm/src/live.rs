@@ -23,6 +23,10 @@ pub enum LiveChange {
         drive_id: String,
         path_on_host: std::path::PathBuf,
     },
+    PmemRateLimiter {
+        id: String,
+        limiter: RateLimiterConfig,
+    },
     /// Either limiter may stay as it is (`None`).
     NetRateLimiters {
         iface_id: String,
@@ -49,6 +53,8 @@ pub enum LiveError {
     Drive(#[from] BlockError),
     #[error("{0}")]
     Net(#[from] NetError),
+    #[error("{0}")]
+    Pmem(#[from] devices::virtio::pmem::PmemError),
     #[error("{0}")]
     Balloon(#[from] BalloonError),
     #[error("{0}")]
@@ -82,6 +88,10 @@ fn apply_to_device(vm: &MicroVm, change: &LiveChange) -> Result<(), LiveError> {
             .drive(drive_id)
             .ok_or_else(|| missing(format!("drive {drive_id:?}")))?
             .swap_backing(path_on_host)?,
+        LiveChange::PmemRateLimiter { id, limiter } => vm
+            .pmem(id)
+            .ok_or_else(|| missing(format!("pmem device {id:?}")))?
+            .update_rate_limiter(*limiter)?,
         LiveChange::NetRateLimiters { iface_id, rx, tx } => vm
             .net(iface_id)
             .ok_or_else(|| missing(format!("network interface {iface_id:?}")))?
@@ -117,6 +127,11 @@ fn mirror(config: &mut VmConfig, change: &LiveChange) {
         } => {
             if let Some(d) = config.drives.iter_mut().find(|d| &d.drive_id == drive_id) {
                 d.path_on_host = path_on_host.clone();
+            }
+        }
+        LiveChange::PmemRateLimiter { id, limiter } => {
+            if let Some(p) = config.pmem.iter_mut().find(|p| &p.id == id) {
+                p.rate_limiter = Some(*limiter);
             }
         }
         LiveChange::NetRateLimiters { iface_id, rx, tx } => {

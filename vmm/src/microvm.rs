@@ -11,6 +11,7 @@ use devices::virtio::block::Block;
 use devices::virtio::discard::PAGE_SIZE;
 use devices::virtio::mem::VirtioMem;
 use devices::virtio::net::Net;
+use devices::virtio::pmem::Pmem;
 use predictor::telemetry::ExitTotals;
 use vm_memory::GuestMemoryMmap;
 
@@ -29,6 +30,7 @@ const VCPU_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct VirtioHandles {
     pub blocks: Vec<(String, Arc<Mutex<Block>>)>,
     pub nets: Vec<(String, Arc<Mutex<Net>>)>,
+    pub pmems: Vec<(String, Arc<Mutex<Pmem>>)>,
     pub balloon: Option<Arc<Mutex<Balloon>>>,
     pub memory: Option<Arc<Mutex<VirtioMem>>>,
 }
@@ -198,6 +200,10 @@ impl MicroVm {
     /// The network interface with this spec id.
     pub fn net(&self, iface_id: &str) -> Option<MutexGuard<'_, Net>> {
         find(&self.virtio.nets, iface_id)
+    }
+
+    pub fn pmem(&self, id: &str) -> Option<MutexGuard<'_, Pmem>> {
+        find(&self.virtio.pmems, id)
     }
 
     /// The balloon, if the VM has one.

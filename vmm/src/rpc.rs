@@ -63,6 +63,8 @@ pub enum VmmAction {
     GetMmds,
     PutMmdsConfig(crate::vmm_config::MmdsConfig),
     PutCpuConfig(crate::vmm_config::CpuConfig),
+    PutPmem(crate::vmm_config::PmemConfig),
+    PatchPmem(crate::vmm_config::PmemUpdate),
     /// `/balloon/hinting/start|status|stop`: free page hinting, which prescient's balloon does
     /// not offer (it is refused in the balloon section), answered as Firecracker answers a
     /// balloon without it.
@@ -142,6 +144,8 @@ pub enum ActionError {
     NoSuchDrive(String),
     #[error("no network interface {0:?}")]
     NoSuchInterface(String),
+    #[error("no pmem device {0:?}")]
+    NoSuchPmem(String),
     /// A running VM's device refused a change.
     #[error("{0}")]
     Live(#[from] LiveError),

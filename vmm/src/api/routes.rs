@@ -7,7 +7,10 @@ use serde::Deserialize;
 use super::http::{Request, Response};
 use crate::metrics::METRICS;
 use crate::rpc::{ActionError, VmmAction, VmmData};
-use crate::vmm_config::{DriveConfig, DriveUpdate, NetworkInterfaceConfig, NetworkInterfaceUpdate};
+use crate::vmm_config::{
+    DriveConfig, DriveUpdate, NetworkInterfaceConfig, NetworkInterfaceUpdate, PmemConfig,
+    PmemUpdate,
+};
 
 /// The Firecracker API version whose request and response shapes prescient follows.
 pub const FIRECRACKER_API_VERSION: &str = crate::FIRECRACKER_VERSION;
@@ -245,6 +248,18 @@ pub fn route(req: &Request) -> Routed {
                     parse_with_id(req, id, |n: &NetworkInterfaceUpdate| &n.iface_id)
                         .map(VmmAction::PatchNetworkInterface),
                 ),
+                _ => method_not_allowed(req, "PUT, PATCH"),
+            }
+        }
+        (path, method) if path.starts_with("/pmem/") => {
+            let id = &path["/pmem/".len()..];
+            match method {
+                "PUT" => {
+                    action(parse_with_id(req, id, |p: &PmemConfig| &p.id).map(VmmAction::PutPmem))
+                }
+                "PATCH" => {
+                    action(parse_with_id(req, id, |p: &PmemUpdate| &p.id).map(VmmAction::PatchPmem))
+                }
                 _ => method_not_allowed(req, "PUT, PATCH"),
             }
         }

@@ -371,6 +371,31 @@ impl Runtime {
                 self.mmds().patch(&value)?;
                 Ok(VmmData::Empty)
             }
+            VmmAction::PutPmem(pmem) => {
+                self.before_boot()?;
+                let list = upsert_by_id(&self.config.pmem, pmem, |p| &p.id);
+                crate::vmm_config::validate_pmem(&list, &self.config.drives)?;
+                self.config.pmem = list;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PatchPmem(update) => {
+                self.running_vm()?;
+                if !self.config.pmem.iter().any(|p| p.id == update.id) {
+                    return Err(ActionError::NoSuchPmem(update.id));
+                }
+                if let Some(limiter) = update.rate_limiter {
+                    crate::vmm_config::validate_rate_limiter(
+                        crate::vmm_config::JsonPath::keys(&["pmem", "rate_limiter"]),
+                        &Some(limiter),
+                    )?;
+                    let change = LiveChange::PmemRateLimiter {
+                        id: update.id,
+                        limiter,
+                    };
+                    live::apply(self.vm.as_mut(), &mut self.config, &change)?;
+                }
+                Ok(VmmData::Empty)
+            }
             VmmAction::PutCpuConfig(cpu) => {
                 self.before_boot()?;
                 cpu.validate()?;

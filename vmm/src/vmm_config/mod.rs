@@ -11,6 +11,7 @@ mod machine_config;
 mod memory_hotplug;
 mod mmds;
 mod net;
+mod pmem;
 mod predictor;
 mod serial;
 mod vsock;
@@ -23,7 +24,8 @@ pub use balloon::{BalloonConfig, BalloonStatsUpdate, BalloonUpdate};
 pub use boot_source::{BootSourceConfig, KernelFormat, DEFAULT_BOOT_ARGS};
 pub use cpu_config::{CpuConfig, CpuTemplate};
 pub use drives::{
-    bandwidth_limiter, validate_drives, validate_id, CacheType, DriveConfig, DriveUpdate, IoEngine,
+    bandwidth_limiter, validate_drives, validate_id, validate_rate_limiter, CacheType, DriveConfig,
+    DriveUpdate, IoEngine,
 };
 pub use entropy::EntropyConfig;
 pub use json_path::{JsonPath, Segment};
@@ -31,6 +33,7 @@ pub use machine_config::{MachineConfig, MAX_VCPUS};
 pub use memory_hotplug::{MemoryHotplugConfig, MemoryHotplugSizeUpdate, MemoryHotplugStatus};
 pub use mmds::MmdsConfig;
 pub use net::{parse_mac, validate_interfaces, NetworkInterfaceConfig, NetworkInterfaceUpdate};
+pub use pmem::{validate_pmem, PmemConfig, PmemUpdate};
 pub use predictor::{
     AnomalyResponse, BudgetConfig, PredictorConfig, PredictorUpdate, Range, DEFAULT_IO_MAX_MIBPS,
 };
@@ -64,6 +67,8 @@ pub struct VmConfig {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub network_interfaces: Vec<NetworkInterfaceConfig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pmem: Vec<PmemConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entropy: Option<EntropyConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -177,6 +182,7 @@ impl VmConfig {
         }
         validate_drives(&self.drives)?;
         validate_interfaces(&self.network_interfaces)?;
+        validate_pmem(&self.pmem, &self.drives)?;
         if let Some(entropy) = &self.entropy {
             entropy.validate()?;
         }
