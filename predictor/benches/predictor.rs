@@ -118,17 +118,35 @@ fn main() {
     println!("| measurement | value | target |");
     println!("| --- | --- | --- |");
     println!("| recorder, per exit | {:.2} ns | < 20 ns |", per_exit_ns());
-    let gru = GruWeights::from_safetensors(include_bytes!("../models/gru-synthetic.safetensors"))
-        .expect("shipped model");
-    let mut presets = Preset::CLASSICAL.to_vec();
-    presets.push(Preset::Recurrent(std::sync::Arc::new(gru)));
-    for preset in presets {
-        for vcpus in [1, 32] {
+    let gru = std::sync::Arc::new(GruWeights::shipped().expect("shipped model"));
+    let mut presets: Vec<(String, Preset)> = Preset::CLASSICAL
+        .into_iter()
+        .map(|p| (p.name().to_string(), p))
+        .collect();
+    presets.push(("gru".into(), Preset::Recurrent(gru.clone())));
+    presets.push((
+        "ensemble (default)".into(),
+        Preset::default_ensemble().expect("shipped model"),
+    ));
+    presets.push((
+        "ensemble, gru everywhere".into(),
+        Preset::ensemble(Some(gru)),
+    ));
+    // The single-forecaster holt policy (the previous default) is the reference every row is
+    // compared with, measured in the same process.
+    let mut reference = [0.0; 2];
+    for (name, preset) in presets {
+        for (i, vcpus) in [1, 32].into_iter().enumerate() {
             let us = per_window_us(vcpus, &preset);
-            println!(
-                "| window, {vcpus} vCPU, {} policy | {us:.2} us | < 10 us |",
-                preset.name()
-            );
+            if name == "holt" {
+                reference[i] = us;
+            }
+            let ratio = if reference[i] > 0.0 {
+                format!(" ({:.2} x holt)", us / reference[i])
+            } else {
+                String::new()
+            };
+            println!("| window, {vcpus} vCPU, {name} policy | {us:.2} us{ratio} | < 10 us |");
         }
     }
 }

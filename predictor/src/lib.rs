@@ -11,6 +11,7 @@
 pub mod forecast;
 pub mod policy;
 pub mod resource;
+pub mod rng;
 pub mod sample;
 pub mod score;
 pub mod spec;

@@ -493,8 +493,8 @@ mod tests {
     fn quiet() -> Signals {
         Signals {
             io_ops: 10,
-            unknown_exits: 0,
             devices: 0b1,
+            ..Signals::default()
         }
     }
 

@@ -79,6 +79,7 @@ pub struct MachineConfigUpdate {
     pub mem_size_mib: Option<u64>,
     pub smt: Option<bool>,
     pub cpu_template: Option<crate::vmm_config::CpuTemplate>,
+    pub huge_pages: Option<crate::vmm_config::HugePages>,
 }
 
 impl MachineConfigUpdate {
@@ -88,6 +89,7 @@ impl MachineConfigUpdate {
             mem_size_mib: self.mem_size_mib.unwrap_or(to.mem_size_mib),
             smt: self.smt.unwrap_or(to.smt),
             cpu_template: self.cpu_template.or(to.cpu_template),
+            huge_pages: self.huge_pages.unwrap_or(to.huge_pages),
         }
     }
 }

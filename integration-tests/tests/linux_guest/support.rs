@@ -2,10 +2,10 @@
 //! (`benches/linux_early_boot.rs`): the guest images from resources/guest, what kind of KVM this
 //! host has, the command lines, and a console that can be waited on line by line.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// The repository root (this crate lives in `<root>/integration-tests`).
@@ -244,166 +244,7 @@ pub fn qemu_available() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-#[derive(Default)]
-struct Lines {
-    /// Each console line with the time it arrived, measured from the spawn.
-    lines: Vec<(Duration, String)>,
-    closed: bool,
-}
-
-/// A running VMM whose console (stdout) is read line by line as it arrives.
-pub struct Console {
-    child: Child,
-    what: String,
-    start: Instant,
-    lines: Arc<(Mutex<Lines>, Condvar)>,
-    stderr: Option<std::thread::JoinHandle<String>>,
-}
-
-impl Console {
-    /// Starts `cmd`; `what` names it in failure messages.
-    pub fn spawn(what: &str, cmd: &mut Command) -> Console {
-        let start = Instant::now();
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {what} ({cmd:?}): {e}"));
-        let lines: Arc<(Mutex<Lines>, Condvar)> = Arc::default();
-        let stdout = child.stdout.take().expect("piped stdout");
-        let shared = lines.clone();
-        std::thread::spawn(move || {
-            let mut r = BufReader::new(stdout);
-            let mut buf = Vec::new();
-            loop {
-                buf.clear();
-                let n = r.read_until(b'\n', &mut buf).unwrap_or(0);
-                let (lock, cv) = &*shared;
-                let mut l = lock.lock().unwrap();
-                if n == 0 {
-                    l.closed = true;
-                    cv.notify_all();
-                    return;
-                }
-                let text = String::from_utf8_lossy(&buf);
-                l.lines.push((
-                    start.elapsed(),
-                    text.trim_end_matches(['\r', '\n']).to_string(),
-                ));
-                cv.notify_all();
-            }
-        });
-        let mut stderr = child.stderr.take().expect("piped stderr");
-        let stderr = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = stderr.read_to_string(&mut s);
-            s
-        });
-        Console {
-            child,
-            what: what.to_string(),
-            start,
-            lines,
-            stderr: Some(stderr),
-        }
-    }
-
-    /// Waits until a console line satisfies `pred`, at most `timeout` from now: the line and
-    /// when it arrived (from the start). Fails with the console so far and what was awaited.
-    pub fn wait_for(
-        &self,
-        awaited: &str,
-        timeout: Duration,
-        pred: impl Fn(&str) -> bool,
-    ) -> Result<(Duration, String), String> {
-        let deadline = Instant::now() + timeout;
-        let (lock, cv) = &*self.lines;
-        let mut l = lock.lock().unwrap();
-        loop {
-            if let Some((t, line)) = l.lines.iter().find(|(_, line)| pred(line)) {
-                return Ok((*t, line.clone()));
-            }
-            let now = Instant::now();
-            if l.closed || now >= deadline {
-                let why = if l.closed {
-                    "the console closed (the VMM exited)".to_string()
-                } else {
-                    format!("not within {timeout:?}")
-                };
-                let tail: Vec<&str> = l.lines.iter().map(|(_, s)| s.as_str()).collect();
-                return Err(format!(
-                    "{}: waited for {awaited}: {why} ({:.1}s after start)\n--- console ({} lines, last 80) ---\n{}",
-                    self.what,
-                    self.start.elapsed().as_secs_f64(),
-                    tail.len(),
-                    tail[tail.len().saturating_sub(80)..].join("\n")
-                ));
-            }
-            l = cv.wait_timeout(l, deadline - now).unwrap().0;
-        }
-    }
-
-    /// Like `wait_for`, panicking with its message.
-    pub fn expect(&self, awaited: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
-        self.wait_for(awaited, timeout, pred)
-            .unwrap_or_else(|e| panic!("{e}"))
-            .1
-    }
-
-    /// Every console line so far.
-    pub fn lines(&self) -> Vec<String> {
-        let l = self.lines.0.lock().unwrap();
-        l.lines.iter().map(|(_, s)| s.clone()).collect()
-    }
-
-    /// Waits for the VMM to exit by itself within `timeout`: its status and stderr.
-    pub fn wait_exit(mut self, timeout: Duration) -> (ExitStatus, String) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait for the VMM") {
-                return (status, self.take_stderr());
-            }
-            if Instant::now() >= deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                let console = self.lines();
-                let stderr = self.take_stderr();
-                panic!(
-                    "{} did not exit within {timeout:?} (killed)\n--- console (last 40) ---\n{}\n--- stderr ---\n{stderr}",
-                    self.what,
-                    console[console.len().saturating_sub(40)..].join("\n"),
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Stops the VMM with SIGTERM (as an orchestrator would) and waits for it.
-    pub fn terminate(self, timeout: Duration) -> (ExitStatus, String) {
-        // SAFETY: kill(2) on our own child, which has not been reaped yet (we own the Child).
-        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        assert_eq!(rc, 0, "SIGTERM: {}", std::io::Error::last_os_error());
-        self.wait_exit(timeout)
-    }
-
-    fn take_stderr(&mut self) -> String {
-        self.stderr
-            .take()
-            .map(|h| h.join().unwrap_or_default())
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for Console {
-    fn drop(&mut self) {
-        // A failed assertion must not leave a VM running.
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
+pub use integration_tests::console::Console;
 
 /// The JSON of the agent's report lines (`agent: report {...}`), in order.
 pub fn agent_reports(lines: &[String]) -> Vec<serde_json::Value> {

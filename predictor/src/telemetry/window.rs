@@ -95,9 +95,10 @@ impl Window {
         };
         // Only the slots the signals need are summed over the vCPUs, not every exit counter.
         let mut signals = Signals {
-            io_ops: 0,
             unknown_exits: self.vcpus.iter().map(|v| v.exits.unknown()).sum(),
-            devices: 0,
+            faults: self.vcpus.iter().map(|v| v.kvm.page_faults).sum(),
+            exits: self.vcpus.iter().map(|v| v.kvm.exits).sum(),
+            ..Signals::default()
         };
         for d in &self.devices {
             let rate = (d.read_bytes + d.written_bytes) as f64 / MIB / secs;

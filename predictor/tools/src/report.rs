@@ -3,9 +3,9 @@
 
 use crate::eval::{replay_recorded, EvalError};
 use crate::plot::{self, PlotError, Series};
-use predictor::forecast::Preset;
-use predictor::policy::{Budget, Decision, Policy, PolicyConfig, PolicyError};
+use predictor::policy::{Budget, Decision, PolicyConfig};
 use predictor::resource::{PerResource, Resource};
+use predictor::spec::{ForecasterKind, PolicySpec, SpecError};
 use predictor::trace::{self, Trace, TraceError};
 use std::io::Write;
 use std::path::PathBuf;
@@ -18,9 +18,7 @@ pub enum ReportError {
     #[error(transparent)]
     Replay(#[from] EvalError),
     #[error("building the default policy: {0}")]
-    Policy(#[from] PolicyError),
-    #[error("building the default forecasters: {0}")]
-    Forecaster(#[from] predictor::forecast::RecurrentError),
+    Policy(#[from] SpecError),
     #[error(transparent)]
     Plot(#[from] PlotError),
     #[error("writing the summary: {0}")]
@@ -37,17 +35,20 @@ pub struct ReportArgs {
     pub out: PathBuf,
 }
 
-/// Every window's decision: the recorded policy's, or the default holt policy's.
+/// Every window's decision: the recorded policy's, or the default policy's.
 fn decisions(t: &Trace) -> Result<(String, Vec<Decision>), ReportError> {
     if let Some(d) = replay_recorded(t)? {
         return Ok(("recorded policy".to_string(), d));
     }
-    let budget = Budget::from_capacity(&t.header.capacity);
-    let cfg = PolicyConfig::default();
-    let f = Preset::Holt.build_all(cfg.horizon, &t.header.capacity)?;
-    let mut p = Policy::new(budget, cfg, f)?;
+    let spec = PolicySpec {
+        forecaster: ForecasterKind::default(),
+        model_path: None,
+        budget: Budget::from_capacity(&t.header.capacity),
+        config: PolicyConfig::default(),
+    };
+    let mut p = spec.build()?;
     let d = t.samples.iter().map(|s| p.decide(s)).collect();
-    Ok(("default holt policy (the trace names none)".to_string(), d))
+    Ok(("the default policy (the trace names none)".to_string(), d))
 }
 
 pub fn run(args: &ReportArgs, out: &mut dyn Write) -> Result<(), ReportError> {
@@ -119,7 +120,7 @@ mod tests {
         run(&args, &mut out).unwrap();
         let text = String::from_utf8(out).unwrap();
         assert!(
-            text.contains("200 windows of 100 ms, default holt"),
+            text.contains("200 windows of 100 ms, the default policy"),
             "{text}"
         );
         assert!(text.contains("mem  used"), "{text}");

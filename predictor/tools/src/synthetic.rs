@@ -18,9 +18,22 @@
 //! | phase-change | levels drawn from [0.15, 0.85], each held 300-900 windows, 5-window transitions |
 //! | bursty | 0.2 base; bursts start with probability 1/250 per window, add 0.4-0.7, last 20-80 windows, ramp up and down over 8 windows |
 //!
+//! A second set, [`Workload::UNSEEN`], has shapes unlike those: nothing in the predictor was
+//! chosen or tuned on it, and `prescient predictor eval --generate-synthetic --shapes unseen`
+//! reports it beside the real-program test split.
+//!
+//! | workload | `L(t)` |
+//! | --- | --- |
+//! | sawtooth | climbs linearly from 0.1 to 0.9 over 100-400 windows, then drops to 0.1 at once (a heap filling up and collected, a batch accumulating and flushed) |
+//! | random-walk | steps of N(0, 0.02) per window, pulled weakly (0.2 % per window) towards 0.5, kept in [0.05, 0.95] |
+//! | heavy-tail | 0.1 base; spikes start with probability 1/50 per window, Pareto (shape 1.5) heights from 0.1 clipped to 0.85, 1-15 windows long, no ramp |
+//! | square | 0.15 and 0.75 in turn, each held 50-150 windows, no transition |
+//! | diurnal-spikes | `0.4 + 0.3 sin(2 pi t / 1500)` plus 1-3 window spikes of +0.3-0.5 with probability 1/100 per window |
+//!
 //! Everything is derived from the seed, so a seed reproduces a trace bit for bit.
 
 use predictor::resource::Usage;
+use predictor::rng::Rng;
 use predictor::sample::{Sample, Signals};
 use predictor::trace::{self, Header, Trace, TraceError};
 use std::f64::consts::TAU;
@@ -56,6 +69,30 @@ pub enum Workload {
     Periodic,
     Ramp,
     PhaseChange,
+    Sawtooth,
+    RandomWalk,
+    HeavyTail,
+    Square,
+    DiurnalSpikes,
+}
+
+/// Which synthetic set to write.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Shapes {
+    /// The generator's standard shapes (the set the classical presets were chosen on).
+    #[default]
+    Standard,
+    /// Shapes nothing was tuned on.
+    Unseen,
+}
+
+impl Shapes {
+    pub fn workloads(self) -> &'static [Workload] {
+        match self {
+            Shapes::Standard => &Workload::ALL,
+            Shapes::Unseen => &Workload::UNSEEN,
+        }
+    }
 }
 
 impl Workload {
@@ -67,6 +104,14 @@ impl Workload {
         Workload::PhaseChange,
     ];
 
+    pub const UNSEEN: [Workload; 5] = [
+        Workload::Sawtooth,
+        Workload::RandomWalk,
+        Workload::HeavyTail,
+        Workload::Square,
+        Workload::DiurnalSpikes,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Workload::Bursty => "bursty",
@@ -74,40 +119,12 @@ impl Workload {
             Workload::Periodic => "periodic",
             Workload::Ramp => "ramp",
             Workload::PhaseChange => "phase-change",
+            Workload::Sawtooth => "unseen-sawtooth",
+            Workload::RandomWalk => "unseen-random-walk",
+            Workload::HeavyTail => "unseen-heavy-tail",
+            Workload::Square => "unseen-square",
+            Workload::DiurnalSpikes => "unseen-diurnal-spikes",
         }
-    }
-}
-
-/// SplitMix64: tiny, fast, and good enough for noise; avoids a dependency for test data (the
-/// crash-consistency test draws its kill points from it too).
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    fn range(&mut self, lo: f64, hi: f64) -> f64 {
-        lo + (hi - lo) * self.unit()
-    }
-
-    /// Standard normal (Box-Muller).
-    fn normal(&mut self) -> f64 {
-        let u = self.unit().max(f64::MIN_POSITIVE);
-        (-2.0 * u.ln()).sqrt() * (TAU * self.unit()).cos()
     }
 }
 
@@ -152,6 +169,65 @@ fn load(workload: Workload, windows: usize, rng: &mut Rng) -> Vec<f64> {
             }
             extra.into_iter().map(|e| (0.2 + e).min(1.0)).collect()
         }
+        Workload::Sawtooth => {
+            let mut out = Vec::with_capacity(windows);
+            while out.len() < windows {
+                let len = rng.range(100.0, 400.0) as usize;
+                out.extend((0..len).map(|i| 0.1 + 0.8 * i as f64 / len as f64));
+            }
+            out.truncate(windows);
+            out
+        }
+        Workload::RandomWalk => {
+            let mut l = 0.5;
+            (0..windows)
+                .map(|_| {
+                    l = (l + 0.02 * rng.normal() + 0.002 * (0.5 - l)).clamp(0.05, 0.95);
+                    l
+                })
+                .collect()
+        }
+        Workload::HeavyTail => {
+            let mut extra = vec![0.0; windows];
+            for t in 0..windows {
+                if rng.unit() >= 1.0 / 50.0 {
+                    continue;
+                }
+                let height = (0.1 * rng.unit().max(1e-12).powf(-1.0 / 1.5)).min(0.85);
+                let len = rng.range(1.0, 16.0) as usize;
+                for e in extra.iter_mut().skip(t).take(len) {
+                    *e = f64::max(*e, height);
+                }
+            }
+            extra.into_iter().map(|e| (0.1 + e).min(1.0)).collect()
+        }
+        Workload::Square => {
+            let mut out = Vec::with_capacity(windows);
+            let mut high = false;
+            while out.len() < windows {
+                let hold = rng.range(50.0, 150.0) as usize;
+                out.extend(std::iter::repeat_n(if high { 0.75 } else { 0.15 }, hold));
+                high = !high;
+            }
+            out.truncate(windows);
+            out
+        }
+        Workload::DiurnalSpikes => {
+            let mut out: Vec<f64> = (0..windows)
+                .map(|t| 0.4 + 0.3 * (TAU * t as f64 / 1500.0).sin())
+                .collect();
+            for t in 0..windows {
+                if rng.unit() >= 1.0 / 100.0 {
+                    continue;
+                }
+                let height = rng.range(0.3, 0.5);
+                let len = rng.range(1.0, 4.0) as usize;
+                for v in out.iter_mut().skip(t).take(len) {
+                    *v = (*v + height).min(1.0);
+                }
+            }
+            out
+        }
     }
 }
 
@@ -182,6 +258,7 @@ pub fn generate(workload: Workload, seed: u64, windows: usize) -> Trace {
                     io_ops: ((usage.blk + usage.net) * 10.0) as u64,
                     unknown_exits: 0,
                     devices: 0b11,
+                    ..Signals::default()
                 },
             }
         })
@@ -196,6 +273,7 @@ pub fn generate(workload: Workload, seed: u64, windows: usize) -> Trace {
 /// as `<workload>-<seed>.jsonl` (different seeds give a held-out set, e.g. for training).
 pub fn write_set(
     dir: &Path,
+    shapes: Shapes,
     first_seed: u64,
     seeds: u64,
     windows: usize,
@@ -206,7 +284,7 @@ pub fn write_set(
     })?;
     let mut paths = Vec::new();
     for seed in first_seed..first_seed + seeds {
-        for w in Workload::ALL {
+        for &w in shapes.workloads() {
             let t = generate(w, seed, windows);
             let path = dir.join(format!("{}.{}", t.header.name, trace::EXTENSION));
             trace::write(&path, &t)?;
@@ -228,7 +306,7 @@ mod tests {
 
     #[test]
     fn seeds_reproduce_and_differ() {
-        for w in Workload::ALL {
+        for w in Workload::ALL.into_iter().chain(Workload::UNSEEN) {
             assert_eq!(generate(w, 3, 500), generate(w, 3, 500), "{w:?}");
             assert_ne!(generate(w, 3, 500), generate(w, 4, 500), "{w:?}");
         }
@@ -236,7 +314,7 @@ mod tests {
 
     #[test]
     fn values_stay_within_capacity() {
-        for w in Workload::ALL {
+        for w in Workload::ALL.into_iter().chain(Workload::UNSEEN) {
             let t = generate(w, 1, 2000);
             assert_eq!(t.samples.len(), 2000);
             for s in &t.samples {
@@ -286,7 +364,7 @@ mod tests {
     #[test]
     fn write_set_names_files_by_workload_and_seed() {
         let dir = std::env::temp_dir().join(format!("predictor-synth-{}", std::process::id()));
-        let paths = write_set(&dir, 1, 1, 50).unwrap();
+        let paths = write_set(&dir, Shapes::Standard, 1, 1, 50).unwrap();
         assert_eq!(paths.len(), Workload::ALL.len());
         assert!(paths[0].ends_with("bursty-1.jsonl"));
         assert_eq!(

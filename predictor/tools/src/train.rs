@@ -229,7 +229,7 @@ mod tests {
     #[test]
     fn training_lowers_loss_and_writes_loadable_weights() {
         let dir = std::env::temp_dir().join(format!("predictor-train-{}", std::process::id()));
-        synthetic::write_set(&dir, 1, 1, 300).unwrap();
+        synthetic::write_set(&dir, synthetic::Shapes::Standard, 1, 1, 300).unwrap();
         let model = dir.join("model.safetensors");
         let args = TrainArgs {
             traces: dir.clone(),

@@ -280,6 +280,7 @@ impl Autopilot {
             windows: self.windows,
             allocation: Some(*self.policy.allocation()),
             last: self.last.clone(),
+            experts: Some(self.policy.expert_weights()),
             actuators: Some(ActuatorStatus {
                 cpu_quota: describe(Resource::Cpu),
                 memory: describe(Resource::Mem),

@@ -1,7 +1,9 @@
 //! `GET /predictor`: the configuration, where the allocation stands, the latest decision, what
 //! each actuator acts on, and the devices the exits are counted by.
 
+use predictor::forecast::ExpertWeight;
 use predictor::policy::{Allocation, Decision};
+use predictor::resource::PerResource;
 use serde::Serialize;
 
 use crate::device_manager::registry::DeviceInfo;
@@ -35,6 +37,9 @@ pub struct PredictorStatus {
     /// The latest window's decision: inputs, forecast, scores, action.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last: Option<Decision>,
+    /// Per resource, the ensemble's experts and their weights (empty for one forecaster).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub experts: Option<PerResource<Vec<ExpertWeight>>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub actuators: Option<ActuatorStatus>,
     /// Every device on the VM's buses, by the id its exits and requests are counted under.
@@ -51,6 +56,7 @@ impl PredictorStatus {
             windows: 0,
             allocation: None,
             last: None,
+            experts: None,
             actuators: None,
             devices: Vec::new(),
         }
