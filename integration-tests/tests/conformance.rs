@@ -5,29 +5,21 @@
 //! allow-list below (the README's "Firecracker conformance" table) names it with its reason.
 //!
 //! The reference is `../shared/anchors/firecracker/firecracker` beside the checkout (CI has it
-//! there), or `$PRESCIENT_FIRECRACKER`. Without it the tests fail loudly: a conformance suite
-//! that quietly passes without its reference would prove nothing.
+//! there), or `$FIRECRACKER_BIN` (the benchmarks' harness finds it). Without it the tests fail
+//! loudly: a conformance suite that quietly passes without its reference would prove nothing.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use integration_tests::bench::firecracker_path;
 use integration_tests::{prescient_bin, wait_with_deadline, ApiClient, Scratch, TEST_GUEST_PVH};
 use serde_json::{json, Value};
 
 fn firecracker_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("PRESCIENT_FIRECRACKER") {
-        return PathBuf::from(p);
-    }
-    let p =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/anchors/firecracker/firecracker");
-    assert!(
-        p.exists(),
-        "the Firecracker reference binary is missing at {} (CI has it beside the checkout; \
-         elsewhere set PRESCIENT_FIRECRACKER): the conformance suite cannot run without it",
-        p.display()
-    );
-    p
+    firecracker_path().unwrap_or_else(|why| {
+        panic!("the conformance suite cannot run without the Firecracker reference binary: {why}")
+    })
 }
 
 /// Fields prescient adds or answers differently on purpose, by the request that shows them.
