@@ -430,7 +430,7 @@ fn attach_virtio_devices(
         .map_err(|e| ConfigError::new(drive_field(i, "path_on_host"), e.to_string()))?;
         let mut block = block;
         block.set_cache_writeback(d.writeback());
-        if d.io_engine == Some(crate::vmm_config::IoEngine::Async) {
+        if d.io_engine == crate::vmm_config::IoEngine::Async {
             block
                 .use_io_uring()
                 .map_err(|e| ConfigError::new(drive_field(i, "io_engine"), e.to_string()))?;
