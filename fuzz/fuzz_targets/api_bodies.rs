@@ -1,5 +1,5 @@
 //! The API bodies Firecracker 1.17 brought (MMDS data and config, CPU templates, the new drive,
-//! interface, serial and metrics fields) through the real router, then what the VMM thread does
+//! interface, serial and metrics fields, the balloon's hinting) through the real router, then what the VMM thread does
 //! with them: the data store (put, merge patch, reads in both renderings, size limit), the MMDS
 //! config's checks, the CPU template's modifiers. Asserts the store never holds more than its
 //! limit and that a config that validated has a link-local address.
@@ -13,7 +13,7 @@ use vmm::api::routes::{route, Routed};
 use vmm::rpc::VmmAction;
 use vmm::vmm_config::NetworkInterfaceConfig;
 
-const PATHS: [(&str, &str); 10] = [
+const PATHS: [(&str, &str); 12] = [
     ("PUT", "/mmds"),
     ("PATCH", "/mmds"),
     ("PUT", "/mmds/config"),
@@ -24,6 +24,8 @@ const PATHS: [(&str, &str); 10] = [
     ("PUT", "/serial"),
     ("PUT", "/metrics"),
     ("PUT", "/vsock/vsock0"),
+    ("PUT", "/balloon"),
+    ("PATCH", "/balloon/hinting/start"),
 ];
 
 #[derive(Debug, Arbitrary)]
@@ -76,6 +78,11 @@ fuzz_target!(|input: Input| {
             }
             Routed::Action(VmmAction::PutSerial(s)) => {
                 let _ = s.validate();
+            }
+            Routed::Action(VmmAction::PutBalloon(b)) => {
+                if b.validate(128).is_ok() {
+                    let _ = b.options();
+                }
             }
             _ => {}
         }

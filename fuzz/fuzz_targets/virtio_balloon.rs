@@ -1,5 +1,5 @@
 //! virtio-balloon over fuzzed descriptor chains, under any subset of the features it offers (which
-//! decide what its four queues are), with a statistics timer fast enough to fire between kicks.
+//! decide what its five queues are), with a statistics timer fast enough to fire between kicks.
 #![no_main]
 
 use std::time::Duration;
@@ -14,7 +14,7 @@ use prescient_fuzz::{drive_acking, DriverInput};
 #[derive(Arbitrary, Debug)]
 struct Input {
     /// The driver acks these of the offered feature bits 0 to 7 (STATS_VQ 1, DEFLATE_ON_OOM 2,
-    /// REPORTING 5).
+    /// FREE_PAGE_HINT 3, REPORTING 5; no hinting run is started, so hints are only parsed).
     features: u8,
     /// Statistics interval in microseconds; zero offers no statistics queue.
     stats_us: u8,
@@ -27,6 +27,7 @@ fuzz_target!(|input: Input| {
         target_pages: input.target_pages,
         deflate_on_oom: true,
         stats_interval: Duration::from_micros(u64::from(input.stats_us)),
+        free_page_hinting: true,
         free_page_reporting: true,
     })
     .expect("virtio-balloon");

@@ -235,7 +235,7 @@ struct virtio_params {
 	u64 vsock_echo_listen, vsock_connect, vsock_send;
 	u64 vmem_steps, elastic_wait_ms;
 	u64 vmem_follow_ms, vmem_ramp_mib, vmem_ramp_ms, vmem_ramp_start_ms;
-	u64 balloon_steps, balloon_report_mib, balloon_report_delay_ms;
+	u64 balloon_steps, balloon_report_mib, balloon_report_delay_ms, balloon_hint_mib;
 	u64 blk_crash;                  /* blk_crash=N: N acked write+FLUSH rounds (crash tests) */
 	u32 hostile;                    /* hostile=<mode>: HOSTILE_* */
 	u64 hostile_n;                  /* hostile_n=N: accesses/requests of the storm modes */

@@ -134,6 +134,7 @@ int virtio_param(const char *k, size_t kn, const char *v, size_t vn)
 		{ "balloon_steps", &g_vparams.balloon_steps },
 		{ "balloon_report_mib", &g_vparams.balloon_report_mib },
 		{ "balloon_report_delay_ms", &g_vparams.balloon_report_delay_ms },
+		{ "balloon_hint_mib", &g_vparams.balloon_hint_mib },
 		{ "blk_crash", &g_vparams.blk_crash },
 		{ "hostile_n", &g_vparams.hostile_n },
 		{ "boot_timer", &g_vparams.boot_timer },
@@ -399,7 +400,8 @@ static int workload_wanted(void)
 	const struct virtio_params *p = &g_vparams;
 	return p->blk_rw || p->blk_read || p->blk_ops || p->rng_bytes || p->net_tx || p->net_rx || p->mmds || p->pmem_check || p->pmem_write ||
 	       p->vsock_echo_listen || p->vsock_connect || p->vmem_steps || p->vmem_follow_ms ||
-	       p->balloon_steps || p->balloon_report_mib || p->blk_crash || p->hostile;
+	       p->balloon_steps || p->balloon_report_mib || p->balloon_hint_mib || p->blk_crash ||
+	       p->hostile;
 }
 
 static int need(const char *what, u32 have, int wanted)
@@ -527,7 +529,8 @@ u64 virtio_run_user(u64 unused)
 	ok &= need("rng", nrng, p->rng_bytes != 0);
 	ok &= need("net", nnet, p->net_tx || p->net_rx || p->mmds);
 	ok &= need("vsock", vsock != 0, p->vsock_echo_listen || p->vsock_connect);
-	ok &= need("balloon", balloon != 0, p->balloon_steps || p->balloon_report_mib);
+	ok &= need("balloon", balloon != 0,
+		   p->balloon_steps || p->balloon_report_mib || p->balloon_hint_mib);
 	ok &= need("virtio-mem", vmem != 0, p->vmem_steps || p->vmem_follow_ms);
 	for (u32 i = 0; i < nblk; i++)
 		ok &= blk_workload(blks[i]);

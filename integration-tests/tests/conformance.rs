@@ -909,7 +909,9 @@ fn api_after_boot_answers_as_firecracker_does() {
         step(
             "PUT",
             "/balloon",
-            Some(json!({"amount_mib": 0, "deflate_on_oom": false, "stats_polling_interval_s": 1})),
+            Some(
+                json!({"amount_mib": 0, "deflate_on_oom": false, "stats_polling_interval_s": 1, "free_page_hinting": true}),
+            ),
         ),
         step(
             "PUT",
@@ -945,11 +947,13 @@ fn api_after_boot_answers_as_firecracker_does() {
         ),
     ];
     let mut diffs = run_sequence(&fc, &pr, &setup);
-    // Both guests print their first lines within a second or two here.
+    // Both guests have set up their balloon driver (the hinting paths need it) within a second
+    // or two here.
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(20) {
         let ready = |s: &Side| {
-            std::fs::read_to_string(s.dir.join("console.log")).is_ok_and(|c| c.contains("guest:"))
+            std::fs::read_to_string(s.dir.join("console.log"))
+                .is_ok_and(|c| c.contains("guest: balloon0 "))
         };
         if ready(&fc) && ready(&pr) {
             break;
@@ -1056,13 +1060,27 @@ fn api_after_boot_answers_as_firecracker_does() {
         ),
         step("PATCH", "/balloon", Some(json!({"amount_mib": 0}))),
         step("GET", "/balloon", None),
+        step("GET", "/balloon/hinting/status", None),
         step(
             "PATCH",
             "/balloon/hinting/start",
             Some(json!({"acknowledge_on_stop": true})),
         ),
+        step("PATCH", "/balloon/hinting/start", None),
+        step(
+            "PATCH",
+            "/balloon/hinting/start",
+            Some(json!({"acknowledge_on_stop": "yes"})),
+        ),
+        step(
+            "PATCH",
+            "/balloon/hinting/start",
+            Some(json!({"acknowledge_on_stop": false, "unknown": 1})),
+        ),
         step("GET", "/balloon/hinting/status", None),
         step("PATCH", "/balloon/hinting/stop", Some(json!({}))),
+        step("PATCH", "/balloon/hinting/stop", None),
+        step("GET", "/balloon/hinting/status", None),
         step("PUT", "/logger", Some(json!({"level": "Warning"}))),
         step(
             "PUT",
@@ -1088,11 +1106,20 @@ fn without_mmds_config_the_store_closes_at_boot() {
         halting_boot_source(),
         step("PUT", "/mmds", Some(json!({"a": "b"}))),
         step("GET", "/mmds", None),
+        // A balloon without hinting: its hinting paths are refused after boot too.
+        step(
+            "PUT",
+            "/balloon",
+            Some(json!({"amount_mib": 0, "deflate_on_oom": false})),
+        ),
         step(
             "PUT",
             "/actions",
             Some(json!({"action_type": "InstanceStart"})),
         ),
+        step("GET", "/balloon/hinting/status", None),
+        step("PATCH", "/balloon/hinting/start", None),
+        step("PATCH", "/balloon/hinting/stop", None),
         step("GET", "/mmds", None),
         step("PUT", "/mmds", Some(json!({"a": "c"}))),
         step("PATCH", "/mmds", Some(json!({"a": "d"}))),

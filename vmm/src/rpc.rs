@@ -10,12 +10,12 @@ use crate::logger::{LoggerConfig, LoggerError};
 use crate::metrics::{MetricsConfig, MetricsError};
 use crate::vmm_config::{
     BalloonConfig, BalloonStatsUpdate, BalloonUpdate, BootSourceConfig, ConfigError, DriveConfig,
-    DriveUpdate, EntropyConfig, MachineConfig, MemoryHotplugConfig, MemoryHotplugSizeUpdate,
-    MemoryHotplugStatus, NetworkInterfaceConfig, NetworkInterfaceUpdate, PredictorUpdate,
-    SerialConfig, VmConfig, VsockConfig,
+    DriveUpdate, EntropyConfig, HintingStart, MachineConfig, MemoryHotplugConfig,
+    MemoryHotplugSizeUpdate, MemoryHotplugStatus, NetworkInterfaceConfig, NetworkInterfaceUpdate,
+    PredictorUpdate, SerialConfig, VmConfig, VsockConfig,
 };
 use crate::vstate::vcpu::VcpuError;
-use devices::virtio::balloon::BalloonStats;
+use devices::virtio::balloon::{BalloonError, BalloonStats, HintingStatus};
 
 /// One request to the VMM thread.
 #[derive(Debug, Clone, PartialEq)]
@@ -65,10 +65,10 @@ pub enum VmmAction {
     PutCpuConfig(crate::vmm_config::CpuConfig),
     PutPmem(crate::vmm_config::PmemConfig),
     PatchPmem(crate::vmm_config::PmemUpdate),
-    /// `/balloon/hinting/start|status|stop`: free page hinting, which prescient's balloon does
-    /// not offer (it is refused in the balloon section), answered as Firecracker answers a
-    /// balloon without it.
-    BalloonHinting,
+    /// `PATCH /balloon/hinting/start`: a free page hinting run.
+    StartBalloonHinting(HintingStart),
+    GetBalloonHinting,
+    StopBalloonHinting,
 }
 
 /// A partial `machine-config` (PATCH): only the fields given change.
@@ -125,6 +125,7 @@ pub enum VmmData {
     Predictor(Box<PredictorStatus>),
     PredictorDecisions(DecisionPage),
     Mmds(serde_json::Value),
+    BalloonHinting(HintingStatus),
 }
 
 /// Why an action was refused; the API answers 400 with this text as `fault_message`.
@@ -153,8 +154,8 @@ pub enum ActionError {
     Live(#[from] LiveError),
     #[error("No balloon device configured.")]
     NoBalloon,
-    #[error("Free page hinting was not enabled when the balloon was configured (prescient's balloon offers free page reporting instead).")]
-    HintingDisabled,
+    #[error("{0}")]
+    Balloon(#[from] BalloonError),
     #[error("Balloon statistics are not enabled (stats_polling_interval_s was 0 at start).")]
     BalloonStatsDisabled,
     #[error("No memory hotplug device configured.")]

@@ -221,9 +221,14 @@ pub fn route(req: &Request) -> Routed {
             action(parse_body(req).map(VmmAction::PatchBalloonStats))
         }
         ("/balloon/statistics", _) => method_not_allowed(req, "GET, PATCH"),
-        ("/balloon/hinting/start", "PATCH")
-        | ("/balloon/hinting/status", "GET")
-        | ("/balloon/hinting/stop", "PATCH") => Routed::Action(VmmAction::BalloonHinting),
+        ("/balloon/hinting/start", "PATCH") if req.body.is_empty() => Routed::Action(
+            VmmAction::StartBalloonHinting(crate::vmm_config::HintingStart::default()),
+        ),
+        ("/balloon/hinting/start", "PATCH") => {
+            action(parse_body(req).map(VmmAction::StartBalloonHinting))
+        }
+        ("/balloon/hinting/status", "GET") => Routed::Action(VmmAction::GetBalloonHinting),
+        ("/balloon/hinting/stop", "PATCH") => Routed::Action(VmmAction::StopBalloonHinting),
         ("/balloon/hinting/start" | "/balloon/hinting/stop", _) => method_not_allowed(req, "PATCH"),
         ("/balloon/hinting/status", _) => method_not_allowed(req, "GET"),
         ("/hotplug/memory", "GET") => Routed::Action(VmmAction::GetMemoryHotplug),
@@ -306,6 +311,7 @@ pub fn respond(result: Result<VmmData, ActionError>) -> Response {
         Ok(VmmData::Predictor(p)) => json(serde_json::to_string(&p)),
         Ok(VmmData::PredictorDecisions(d)) => json(serde_json::to_string(&d)),
         Ok(VmmData::Mmds(v)) => json(serde_json::to_string(&v)),
+        Ok(VmmData::BalloonHinting(h)) => json(serde_json::to_string(&h)),
         // Firecracker's status for a data store over its limit.
         Err(e @ ActionError::MmdsStore(mmds::StoreError::TooLarge)) => Response::fault(413, e),
         Err(e) => Response::fault(400, e),

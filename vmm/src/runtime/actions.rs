@@ -1,6 +1,8 @@
 //! What the VMM thread does for each API request: the configuration before boot, the running VM
 //! after it. Changes to a running VM's devices go through [`live::apply`], as the autopilot's do.
 
+use devices::virtio::balloon::Balloon;
+
 use super::{start_metrics_timer, Runtime};
 use crate::autopilot::PredictorStatus;
 use crate::live::{self, LiveChange};
@@ -141,6 +143,11 @@ impl Runtime {
         let change = LiveChange::BalloonStats(update);
         live::apply(self.vm.as_mut(), &mut self.config, &change)?;
         Ok(VmmData::Empty)
+    }
+
+    /// The running VM's balloon, for the hinting paths (after boot only, as in Firecracker).
+    fn hinting_balloon(&mut self) -> Result<std::sync::MutexGuard<'_, Balloon>, ActionError> {
+        self.running_vm()?.balloon().ok_or(ActionError::NoBalloon)
     }
 
     fn balloon_stats(&self) -> Result<VmmData, ActionError> {
@@ -402,10 +409,18 @@ impl Runtime {
                 self.config.cpu_config = Some(cpu);
                 Ok(VmmData::Empty)
             }
-            VmmAction::BalloonHinting => match self.running_vm()?.balloon() {
-                Some(_) => Err(ActionError::HintingDisabled),
-                None => Err(ActionError::NoBalloon),
-            },
+            VmmAction::StartBalloonHinting(start) => {
+                self.hinting_balloon()?
+                    .start_hinting(start.acknowledge_on_stop)?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::GetBalloonHinting => Ok(VmmData::BalloonHinting(
+                self.hinting_balloon()?.hinting_status()?,
+            )),
+            VmmAction::StopBalloonHinting => {
+                self.hinting_balloon()?.stop_hinting()?;
+                Ok(VmmData::Empty)
+            }
             VmmAction::GetMmds => {
                 self.mmds_in_use()?;
                 Ok(VmmData::Mmds(self.mmds().document()))

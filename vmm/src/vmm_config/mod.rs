@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use balloon::{BalloonConfig, BalloonStatsUpdate, BalloonUpdate};
+pub use balloon::{BalloonConfig, BalloonStatsUpdate, BalloonUpdate, HintingStart};
 pub use boot_source::{BootSourceConfig, KernelFormat, DEFAULT_BOOT_ARGS};
 pub use cpu_config::{CpuConfig, CpuTemplate};
 pub use drives::{
