@@ -247,10 +247,16 @@ pub fn build_microvm(
 
     register_kick_handler()?;
     let topology = Topology::new(machine.vcpu_count, machine.smt);
+    let msr_modifiers = config
+        .cpu_config
+        .as_ref()
+        .map(|c| c.msr_filters())
+        .unwrap_or_default();
     let vcpus = (0..machine.vcpu_count)
         .map(|index| {
             let vcpu = Vcpu::new(vm.fd(), index)?;
             vcpu.configure(&supported_cpuid, topology, &mem, entry)?;
+            vcpu.modify_msrs(&msr_modifiers)?;
             Ok(vcpu)
         })
         .collect::<Result<Vec<_>, VcpuError>>()?;
