@@ -5,7 +5,9 @@
  * holding the 12-byte virtio_net_hdr (VERSION_1 layout, all zero on TX)
  * followed by the Ethernet frame (no FCS).
  *
- * net_rx=N: post up to 8 receive buffers (2 KiB each) on every net device;
+ * net_rx=N: post up to 40 receive buffers (2 KiB each) on every net device
+ * (Firecracker receives nothing until at least 65562 bytes of receive
+ * buffers are posted; mmds=1 posts them too);
  * net_tx=N: every net device sends N broadcast frames (ethertype 0x88b5,
  * 60 bytes, payload "PTG", device number, 32-bit big-endian counter);
  * then wait (virtio_timeout_ms since the last frame) until every device has
@@ -17,7 +19,7 @@
 
 #define VIRTIO_NET_F_MAC        5
 #define NET_HDR                 12
-#define NET_RXBUFS              8
+#define NET_RXBUFS              40
 #define NET_RXBUF_SIZE          2048
 #define NET_TXSLOTS             8
 #define NET_FRAME               60

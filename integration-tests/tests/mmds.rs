@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use integration_tests::bench::firecracker_path;
 use integration_tests::{
     prescient_bin, wait_with_deadline, Netns, RunningVmm, Scratch, TEST_GUEST_PVH,
 };
@@ -12,8 +13,13 @@ use integration_tests::{
 const AMI: &str = "ami-12345678";
 
 /// Boots the guest with `mmds=1 net_tx=3 {extra}` on a TAP watched from the host, with the
-/// given MMDS version; returns the guest's console and the watcher's verdict.
+/// given MMDS version, on prescient; returns the guest's console and the watcher's verdict.
 fn run(name: &str, version: &str, extra: &str) -> (String, String) {
+    run_on(prescient_bin(), name, version, extra)
+}
+
+/// [`run`] on the VMM binary `vmm` (prescient or Firecracker: the same flags and spec).
+fn run_on(vmm: &Path, name: &str, version: &str, extra: &str) -> (String, String) {
     let scratch = Scratch::new(name);
     let tap = format!("pmm{}", std::process::id() % 100_000);
     let ns = Netns::with_tap(format!("prescient-it-{name}-{}", std::process::id()), &tap);
@@ -48,11 +54,13 @@ fn run(name: &str, version: &str, extra: &str) -> (String, String) {
         "boot-source": {"kernel_image_path": TEST_GUEST_PVH,
                         "boot_args": format!("cpu_ms=1 mem_mib=1 mmds=1 net_tx=3 {extra}")},
         "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
+        // Firecracker requires the list, even empty.
+        "drives": [],
         "network-interfaces": [{"iface_id": "eth0", "host_dev_name": tap, "guest_mac": "06:00:ac:10:00:02"}],
         "mmds-config": {"network_interfaces": ["eth0"], "version": version},
     });
     let spec = scratch.write("vm.json", &spec.to_string());
-    let vm = RunningVmm::from_command(ns.exec(prescient_bin()).args([
+    let vm = RunningVmm::from_command(ns.exec(vmm).args([
         "--no-api",
         "--config-file",
         spec.to_str().unwrap(),
@@ -115,4 +123,28 @@ fn a_v1_guest_reads_without_a_token_even_after_a_syn_flood() {
     assert_eq!(exchange(&console, 5), (200, AMI.to_string()));
     assert_eq!(exchange(&console, 4).0, 400);
     assert!(watch.contains("peer: test=3 leaks=0"), "{watch}");
+}
+
+/// The guest side against Firecracker itself: the same guest, spec and metadata on both VMMs,
+/// each exchange's status and body compared (the session token only by status: its contents
+/// are each VMM's own).
+#[test]
+fn the_guest_gets_the_answers_firecracker_gives() {
+    let fc = firecracker_path().unwrap_or_else(|why| panic!("no reference to compare with: {why}"));
+    for version in ["V2", "V1"] {
+        let (ours, _) = run(&format!("mmds-cmp-p{version}"), version, "");
+        let (theirs, watch) = run_on(&fc, &format!("mmds-cmp-f{version}"), version, "");
+        assert!(watch.contains("peer: test=3 leaks=0"), "{watch}");
+        for n in 0..6 {
+            let (a, b) = (exchange(&ours, n), exchange(&theirs, n));
+            if n == 1 {
+                assert_eq!(
+                    a.0, b.0,
+                    "{version} token request: prescient {a:?}, firecracker {b:?}"
+                );
+            } else {
+                assert_eq!(a, b, "{version} exchange {n}: prescient, then firecracker");
+            }
+        }
+    }
 }
