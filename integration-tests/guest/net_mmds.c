@@ -14,6 +14,14 @@
  *   3 GET /latest/meta-data/, token          (IMDS listing)
  *   4 garbage request line                   (400)
  *   5 GET /latest/meta-data/ami-id, forged token
+ *   6 GET /latest/meta-data/nonexistent, token         (404)
+ *   7 GET /latest/meta-data/placement, token, JSON     (an object as JSON)
+ *   8 GET /latest/meta-data/placement, token           (an object as a listing)
+ *   9 PUT /latest/api/token, TTL 0                     (400)
+ *  10 PUT /latest/api/token, TTL 60, X-Forwarded-For   (400)
+ *  11 PUT /latest/api/token without a TTL              (400)
+ *  12 POST /latest/meta-data/, token                   (405)
+ *  13 PUT /latest/meta-data/ami-id, TTL 60             (405 or 400)
  */
 #include "virtio.h"
 
@@ -199,7 +207,7 @@ static int exchange(u32 sport, const char *req)
 static u32 report(u32 n)
 {
 	u32 status = 0;
-	if (!memcmp(resp, "HTTP/1.1 ", 9))
+	if (!memcmp(resp, "HTTP/1.1 ", 9) || !memcmp(resp, "HTTP/1.0 ", 9))
 		for (u32 i = 9; resp[i] >= '0' && resp[i] <= '9'; i++)
 			status = status * 10 + (u32)(resp[i] - '0');
 	char *body = resp;
@@ -215,6 +223,14 @@ static u32 report(u32 n)
 	shown[i] = 0;
 	gprintf("guest: mmds %u status=%u body=\"%s\"\n", n, status, shown);
 	return status;
+}
+
+static int has_token_slot(const char *r)
+{
+	for (; *r; r++)
+		if (r[0] == '%' && r[1] == 's')
+			return 1;
+	return 0;
 }
 
 int mmds_workload(void)
@@ -234,10 +250,18 @@ int mmds_workload(void)
 		"GET /latest/meta-data/ HTTP/1.1\r\nX-aws-ec2-metadata-token: %s\r\n\r\n",
 		"\x01\x02 / HTTP/1.1\r\n\r\n",
 		"GET /latest/meta-data/ami-id HTTP/1.1\r\nX-metadata-token: 0123456789abcdef0123456789abcdef0123456789abcdef\r\n\r\n",
+		"GET /latest/meta-data/nonexistent HTTP/1.1\r\nX-metadata-token: %s\r\n\r\n",
+		"GET /latest/meta-data/placement HTTP/1.1\r\nX-metadata-token: %s\r\nAccept: application/json\r\n\r\n",
+		"GET /latest/meta-data/placement HTTP/1.1\r\nX-metadata-token: %s\r\n\r\n",
+		"PUT /latest/api/token HTTP/1.1\r\nX-metadata-token-ttl-seconds: 0\r\n\r\n",
+		"PUT /latest/api/token HTTP/1.1\r\nX-metadata-token-ttl-seconds: 60\r\nX-Forwarded-For: 10.0.0.1\r\n\r\n",
+		"PUT /latest/api/token HTTP/1.1\r\n\r\n",
+		"POST /latest/meta-data/ HTTP/1.1\r\nX-metadata-token: %s\r\n\r\n",
+		"PUT /latest/meta-data/ami-id HTTP/1.1\r\nX-metadata-token-ttl-seconds: 60\r\n\r\n",
 	};
 	for (u32 n = 0; n < sizeof(reqs) / sizeof(reqs[0]); n++) {
 		const char *r = reqs[n];
-		if (n == 2 || n == 3) {
+		if (has_token_slot(r)) {
 			u32 o = 0;
 			for (const char *p = r; *p && o + 1 < sizeof(req); p++) {
 				if (p[0] == '%' && p[1] == 's') {

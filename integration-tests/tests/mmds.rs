@@ -135,7 +135,7 @@ fn the_guest_gets_the_answers_firecracker_gives() {
         let (ours, _) = run(&format!("mmds-cmp-p{version}"), version, "");
         let (theirs, watch) = run_on(&fc, &format!("mmds-cmp-f{version}"), version, "");
         assert!(watch.contains("peer: test=3 leaks=0"), "{watch}");
-        for n in 0..6 {
+        for n in 0..14 {
             let (a, b) = (exchange(&ours, n), exchange(&theirs, n));
             if n == 1 {
                 assert_eq!(

@@ -167,11 +167,13 @@ fn answer(mmds: &mut Mmds, req: &httparse::Request) -> Reply {
     match req.method.unwrap_or("") {
         "GET" => get(mmds, req, &path),
         "PUT" => put(mmds, req, &path),
-        _ => {
+        // Firecracker's HTTP parser knows GET, PUT and PATCH only: any other method is 501.
+        "PATCH" => {
             let mut r = Reply::text(405, "Not allowed HTTP method.");
             r.headers.push(("Allow".into(), "GET, PUT".into()));
             r
         }
+        _ => Reply::text(501, "Unsupported HTTP method."),
     }
 }
 
@@ -205,7 +207,10 @@ fn get(mmds: &Mmds, req: &httparse::Request, path: &str) -> Reply {
 
 fn put(mmds: &mut Mmds, req: &httparse::Request, path: &str) -> Reply {
     if let Some((name, _)) = header(req, &["X-Forwarded-For"]) {
-        return Reply::text(400, format!("Unsupported header name. Key: {name}"));
+        return Reply::text(
+            400,
+            format!("Invalid header. Reason: Unsupported header name. Key: {name}"),
+        );
     }
     if path != TOKEN_PATH {
         return Reply::text(404, format!("Resource not found: {path}."));
@@ -310,9 +315,10 @@ mod tests {
             ("PUT /latest/api/token HTTP/1.1\r\nX-metadata-token-ttl-seconds: 0\r\n\r\n", 400, "Invalid time to live value provided for token: 0."),
             ("PUT /latest/api/token HTTP/1.1\r\nX-metadata-token-ttl-seconds: 21601\r\n\r\n", 400, "Invalid time to live"),
             ("PUT /latest/api/token HTTP/1.1\r\nX-metadata-token-ttl-seconds: -3\r\n\r\n", 400, "Invalid value. Key:X-metadata-token-ttl-seconds; Value:-3"),
-            ("PUT /latest/api/token HTTP/1.1\r\nX-metadata-token-ttl-seconds: 5\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n", 400, "Unsupported header name"),
+            ("PUT /latest/api/token HTTP/1.1\r\nX-metadata-token-ttl-seconds: 5\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n", 400, "Invalid header. Reason: Unsupported header name"),
             ("PUT /latest/meta-data HTTP/1.1\r\nX-metadata-token-ttl-seconds: 5\r\n\r\n", 404, "Resource not found: /latest/meta-data."),
-            ("DELETE /latest HTTP/1.1\r\n\r\n", 405, "Not allowed HTTP method."),
+            ("PATCH /latest HTTP/1.1\r\n\r\n", 405, "Not allowed HTTP method."),
+            ("DELETE /latest HTTP/1.1\r\n\r\n", 501, "Unsupported HTTP method."),
             ("GET latest HTTP/1.1\r\n\r\n", 400, "Invalid URI."),
         ];
         for (req, status, text) in cases {
