@@ -214,6 +214,23 @@ static int send_hint_cmd(struct vdev *d, u32 cmd)
 	return submit_wait(d, hint_q, &b, 1);
 }
 
+/* Waits (elastic_wait_ms) for the host's hinting command: a run's id (2 and
+ * up) if `run`, else DONE; returns the last one read. */
+static u32 wait_hint_cmd(struct vdev *d, int run)
+{
+	u64 until = vt_deadline(g_vparams.elastic_wait_ms);
+	u32 cmd;
+	for (;;) {
+		cmd = vd_cfg32(d, CFG_HINT_CMD);
+		if ((run ? cmd >= 2 : cmd == HINT_DONE) || vt_expired(until))
+			break;
+		balloon_service();
+		delay_us(1000);
+	}
+	vdev_ack_irq(d);
+	return cmd;
+}
+
 /* One free page hinting run over H MiB below the reported region. */
 static int hint_free(struct vdev *d)
 {
@@ -226,17 +243,11 @@ static int hint_free(struct vdev *d)
 	for (u64 a = lo; a < top; a += PAGE)
 		*(volatile u64 *)a = a;
 	gprintf("guest: %s touched_hint_mib=%lu\n", d->name, g_vparams.balloon_hint_mib);
-	u64 until = vt_deadline(g_vparams.elastic_wait_ms);
-	u32 cmd;
-	while ((cmd = vd_cfg32(d, CFG_HINT_CMD)) < 2) {
-		if (vt_expired(until)) {
-			gprintf("guest: %s no hinting run\n", d->name);
-			return 0;
-		}
-		balloon_service();
-		delay_us(1000);
+	u32 cmd = wait_hint_cmd(d, 1);
+	if (cmd < 2) {
+		gprintf("guest: %s no hinting run (cmd=%u)\n", d->name, cmd);
+		return 0;
 	}
-	vdev_ack_irq(d);
 	if (!send_hint_cmd(d, cmd))
 		return 0;
 	for (u64 a = lo; a < top;) {
@@ -251,16 +262,11 @@ static int hint_free(struct vdev *d)
 		return 0;
 	gprintf("guest: %s hinted_mib=%lu cmd=%u\n", d->name, g_vparams.balloon_hint_mib, cmd);
 	/* The hinted pages stay untouched until the host says DONE. */
-	until = vt_deadline(g_vparams.elastic_wait_ms);
-	while ((cmd = vd_cfg32(d, CFG_HINT_CMD)) != HINT_DONE) {
-		if (vt_expired(until)) {
-			gprintf("guest: %s hinting run not ended (cmd=%u)\n", d->name, cmd);
-			return 0;
-		}
-		balloon_service();
-		delay_us(1000);
+	cmd = wait_hint_cmd(d, 0);
+	if (cmd != HINT_DONE) {
+		gprintf("guest: %s hinting run not ended (cmd=%u)\n", d->name, cmd);
+		return 0;
 	}
-	vdev_ack_irq(d);
 	gprintf("guest: %s hint_done cmd=%u\n", d->name, cmd);
 	return 1;
 }

@@ -266,14 +266,9 @@ int net_workload(struct vdev **nets, u32 n)
 	int ok = 1;
 	(void)nets;                             /* net_init() filled nst[] in the same order */
 	if (p->net_rx)
-		for (u32 i = 0; i < n; i++) {
-			struct netst *s = &nst[i];
-			u32 bufs = s->d->vq[0].size < NET_RXBUFS ? s->d->vq[0].size : NET_RXBUFS;
-			for (u32 b = 0; b < bufs; b++)
-				if (!rx_post(s, (int)b))
-					return 0;
-			vq_kick(&s->d->vq[0]);
-		}
+		for (u32 i = 0; i < n; i++)
+			if (!net_post_rx(i))
+				return 0;
 	if (p->net_tx)
 		for (u32 i = 0; i < n; i++)
 			if (!net_tx(&nst[i], n, p->net_tx))

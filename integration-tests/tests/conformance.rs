@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use integration_tests::bench::firecracker_path;
-use integration_tests::{prescient_bin, wait_with_deadline, ApiClient, Scratch, TEST_GUEST_PVH};
+use integration_tests::{prescient_bin, run_binary, ApiClient, Scratch, TEST_GUEST_PVH};
 use serde_json::{json, Value};
 
 fn firecracker_bin() -> PathBuf {
@@ -1130,15 +1130,8 @@ fn without_mmds_config_the_store_closes_at_boot() {
 
 /// Runs a binary with `args` to its end (or kills it after `deadline`); exit code and output.
 fn run(bin: &Path, args: &[&str], deadline: Duration) -> (Option<i32>, String, String) {
-    let child = Command::new(bin)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let o = wait_with_deadline(child, deadline);
-    (o.status.code(), o.stdout, o.stderr)
+    let o = run_binary(bin, args, deadline);
+    (o.code(), o.stdout, o.stderr)
 }
 
 /// A spec both run with `--no-api`: the guest resets itself at once.
