@@ -573,6 +573,13 @@ fn pre_boot_steps(disk_a: &str, disk_b: &str) -> Vec<Step> {
                 json!({"drive_id": "rootfs", "path_on_host": disk_a, "is_root_device": false, "bogus": 1}),
             ),
         ),
+        // vhost-user-block with no backend on the socket: 400 from both (prescient has no
+        // vhost-user at all; README).
+        step(
+            "PUT",
+            "/drives/vu",
+            Some(json!({"drive_id": "vu", "socket": "{dir}/vu.sock", "is_root_device": false})),
+        ),
         step(
             "PUT",
             "/drives/rootfs",
