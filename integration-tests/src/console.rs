@@ -103,6 +103,16 @@ impl Console {
         self.child.id()
     }
 
+    /// How long ago the VMM was started (line times count from there).
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    /// Whole console lines so far.
+    pub fn line_count(&self) -> usize {
+        self.lines.0.lock().unwrap().lines.len()
+    }
+
     /// When the console's first byte arrived, from the spawn (None if nothing came yet).
     pub fn first_byte(&self) -> Option<Duration> {
         self.lines.0.lock().unwrap().first_byte
@@ -116,11 +126,23 @@ impl Console {
         timeout: Duration,
         pred: impl Fn(&str) -> bool,
     ) -> Result<(Duration, String), String> {
+        self.wait_for_after(0, awaited, timeout, pred)
+    }
+
+    /// Like `wait_for`, among the lines after the first `skip` ([`Console::line_count`] before
+    /// an action: the lines the action brought).
+    pub fn wait_for_after(
+        &self,
+        skip: usize,
+        awaited: &str,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<(Duration, String), String> {
         let deadline = Instant::now() + timeout;
         let (lock, cv) = &*self.lines;
         let mut l = lock.lock().unwrap();
         loop {
-            if let Some((t, line)) = l.lines.iter().find(|(_, line)| pred(line)) {
+            if let Some((t, line)) = l.lines.iter().skip(skip).find(|(_, line)| pred(line)) {
                 return Ok((*t, line.clone()));
             }
             let now = Instant::now();

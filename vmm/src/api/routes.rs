@@ -235,6 +235,8 @@ pub fn route(req: &Request) -> Routed {
         ("/hotplug/memory", "PUT") => action(parse_body(req).map(VmmAction::PutMemoryHotplug)),
         ("/hotplug/memory", "PATCH") => action(parse_body(req).map(VmmAction::PatchMemoryHotplug)),
         ("/hotplug/memory", _) => method_not_allowed(req, "GET, PUT, PATCH"),
+        ("/hotplug/vcpus", "GET") => Routed::Action(VmmAction::GetVcpus),
+        ("/hotplug/vcpus", _) => method_not_allowed(req, "GET"),
         ("/predictor", "GET") => Routed::Action(VmmAction::GetPredictor),
         ("/predictor", "PATCH") => action(parse_body(req).map(VmmAction::PatchPredictor)),
         ("/predictor", _) => method_not_allowed(req, "GET, PATCH"),
@@ -312,8 +314,10 @@ pub fn respond(result: Result<VmmData, ActionError>) -> Response {
         Ok(VmmData::PredictorDecisions(d)) => json(serde_json::to_string(&d)),
         Ok(VmmData::Mmds(v)) => json(serde_json::to_string(&v)),
         Ok(VmmData::BalloonHinting(h)) => json(serde_json::to_string(&h)),
+        Ok(VmmData::Vcpus(v)) => json(serde_json::to_string(&v)),
         // Firecracker's status for a data store over its limit.
         Err(e @ ActionError::MmdsStore(mmds::StoreError::TooLarge)) => Response::fault(413, e),
+        Err(e) if e.is_conflict() => Response::fault(409, e),
         Err(e) => Response::fault(400, e),
     }
 }

@@ -35,7 +35,8 @@ pub use mmds::MmdsConfig;
 pub use net::{parse_mac, validate_interfaces, NetworkInterfaceConfig, NetworkInterfaceUpdate};
 pub use pmem::{validate_pmem, PmemConfig, PmemUpdate};
 pub use predictor::{
-    AnomalyResponse, BudgetConfig, PredictorConfig, PredictorUpdate, Range, DEFAULT_IO_MAX_MIBPS,
+    AnomalyResponse, BudgetConfig, PredictorConfig, PredictorUpdate, Range, VcpuPolicy,
+    DEFAULT_IO_MAX_MIBPS,
 };
 pub use serial::SerialConfig;
 pub use vsock::VsockConfig;
