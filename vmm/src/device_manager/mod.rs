@@ -128,7 +128,7 @@ mod tests {
             "Method (CSCN, 0, Serialized)",
             "Method (_EJ0, 1, NotSerialized)",
             "Memory32Fixed (ReadWrite,",
-            "0xC0000000,         // Address Base",
+            "0xC0001000,         // Address Base",
         ] {
             assert!(dsl.contains(needle), "{needle} missing from:\n{dsl}");
         }
