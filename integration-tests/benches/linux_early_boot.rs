@@ -67,9 +67,6 @@ fn main() {
         let mut s = VmSpec::test_guest(VCPUS, MEM_MIB, args);
         s.kernel = img.vmlinux.clone();
         s.initrd = Some(img.initramfs.clone());
-        // The kernel is built without ACPI: its CPUs from the MP table, its devices from the
-        // command line.
-        s.acpi = Some(false);
         s
     };
     let (console_spec, early_spec) = (spec(&args), spec(&early_args));

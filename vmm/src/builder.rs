@@ -228,9 +228,13 @@ pub fn build_microvm(
         &mut registry,
         event_manager,
     )?;
-    // With ACPI the guest finds the virtio devices in the DSDT and its CPUs in the MADT;
-    // without, on the command line and in the MP table.
+    // A kernel with ACPI finds the virtio devices in the DSDT and its CPUs in the MADT; one
+    // without finds them on the command line and in the MP table. Both are always given, as
+    // Firecracker does, so a kernel built without ACPI boots under the default too (a kernel
+    // with ACPI prefers the MADT; its second probe of a device's window fails harmlessly).
     let (boot_vcpus, max_vcpus) = (machine.vcpu_count, machine.max_vcpus());
+    extra_args.extend(mmio.cmdline_entries());
+    mptable::setup_mptable(&mem, boot_vcpus)?;
     let acpi_devices = if machine.acpi {
         let irq = mmio.take_irq()?;
         let devices = acpi_devices::attach(vm.fd(), &mut registry, irq, boot_vcpus, max_vcpus)?;
@@ -241,8 +245,6 @@ pub fn build_microvm(
         event_manager.add_subscriber(Arc::new(Mutex::new(Wakeup(ejected))));
         Some(devices)
     } else {
-        extra_args.extend(mmio.cmdline_entries());
-        mptable::setup_mptable(&mem, boot_vcpus)?;
         None
     };
 
