@@ -244,7 +244,7 @@ fn without_acpi_the_guest_boots_from_the_mp_table_and_the_command_line() {
         "{text}"
     );
     assert!(
-        text.contains("virtio_mmio.device=4K@0xc0000000:5"),
+        text.contains("virtio_mmio.device=4K@0xc0001000:5"),
         "{text}"
     );
     let (status, body) = patch_count(&mut api, 1);
