@@ -292,6 +292,9 @@ pub struct VmSpec {
     pub hotplug_mib: Option<u64>,
     /// `machine-config.huge_pages` for prescient and Firecracker; None leaves each VMM's default.
     pub huge_pages: Option<String>,
+    /// The drives' `io_engine` for prescient and Firecracker (`Sync`, `Async`); None leaves the
+    /// default (Sync). QEMU's drives keep their own engine.
+    pub io_engine: Option<String>,
     /// prescient's `machine-config.acpi` (None: its default, ACPI tables). Firecracker always
     /// gives ACPI tables and has no such field; QEMU runs with `acpi=off` as the test guest and
     /// the project's Linux kernel (built without ACPI) need.
@@ -312,6 +315,7 @@ impl VmSpec {
             balloon: false,
             hotplug_mib: None,
             huge_pages: None,
+            io_engine: None,
             acpi: None,
         }
     }
@@ -335,12 +339,16 @@ impl VmSpec {
             .iter()
             .enumerate()
             .map(|(i, path)| {
-                serde_json::json!({
+                let mut drive = serde_json::json!({
                     "drive_id": format!("disk{i}"),
                     "path_on_host": path,
                     "is_root_device": false,
                     "is_read_only": false,
-                })
+                });
+                if let Some(engine) = &self.io_engine {
+                    drive["io_engine"] = serde_json::json!(engine);
+                }
+                drive
             })
             .collect();
         let mut spec = serde_json::json!({
