@@ -121,6 +121,7 @@ enum { EXIT_RESET, EXIT_HALT, EXIT_KBD, EXIT_SERIAL };
 struct params {
 	u64 cpu_ms;
 	u64 mem_mib;
+	u64 tsc_khz;    /* given by the host: 0 = calibrate */
 	int mode;
 	int exit;
 };
