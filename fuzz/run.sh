@@ -24,6 +24,8 @@ TARGETS=(
   virtio_mem
   predictor_policy
   snapshot_state
+  mmds_frames
+  api_bodies
 )
 
 secs=60

@@ -366,13 +366,15 @@ pub fn create(
     if stage > crate::seccomp::Stage::Boot {
         return Err(SnapshotError::Seccomp(stage));
     }
-    let vcpus = vm.save_vcpus()?;
+    // Devices first: one finishing its requests (a drive's io_uring) may raise an interrupt,
+    // which must reach the LAPIC before the vCPUs' state is read.
     let devices = vm
         .save_devices()
         .map_err(|(name, message)| SnapshotError::Device { name, message })?
         .into_iter()
         .map(|(name, state)| DeviceState { name, state })
         .collect();
+    let vcpus = vm.save_vcpus()?;
     let vm_state = vm.kvm_vm().save_state()?;
     // Read (and clear) the dirty log for either kind: the next Diff holds what changed since.
     let dirty = if vm.kvm_vm().logs_dirty_pages() {

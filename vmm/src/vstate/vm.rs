@@ -6,6 +6,7 @@ use devices::virtio::mem::{HotplugSlots, MemLayout};
 use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEM_READONLY,
 };
 use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
@@ -213,6 +214,35 @@ impl Vm {
             }?;
         }
         Ok(())
+    }
+
+    /// Makes the host mapping `host..host + size` (a device's memory, e.g. a pmem file) the KVM
+    /// slot `slot` at guest address `start`, read-only for the guest if asked.
+    ///
+    /// # Safety
+    /// The mapping must stay alive until the VM is gone.
+    pub unsafe fn map_device_memory(
+        &self,
+        slot: u32,
+        start: u64,
+        size: u64,
+        host: u64,
+        read_only: bool,
+    ) -> Result<(), VmError> {
+        let desc = kvm_userspace_memory_region {
+            slot,
+            flags: if read_only { KVM_MEM_READONLY } else { 0 },
+            guest_phys_addr: start,
+            memory_size: size,
+            userspace_addr: host,
+        };
+        // SAFETY: the caller vouches for the mapping (see above).
+        unsafe { self.fd.set_user_memory_region(desc) }.map_err(|source| VmError::MemorySlot {
+            slot,
+            start,
+            size,
+            source,
+        })
     }
 
     /// The slots of a virtio-mem region, numbered from `first_slot`, mapped on demand.

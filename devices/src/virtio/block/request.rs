@@ -49,7 +49,7 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    fn ok(bytes_to_guest: usize, bytes_from_guest: usize) -> Self {
+    pub fn ok(bytes_to_guest: usize, bytes_from_guest: usize) -> Self {
         Self {
             status: VIRTIO_BLK_S_OK,
             bytes_to_guest,
@@ -66,13 +66,29 @@ impl Outcome {
         }
     }
 
-    fn io_error() -> Self {
+    pub fn io_error() -> Self {
         Self {
             status: VIRTIO_BLK_S_IOERR,
             io_error: true,
             ..Self::default()
         }
     }
+}
+
+/// What a valid data request asks of the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoKind {
+    Read,
+    Write,
+    Flush,
+}
+
+/// A data request, checked: what, where in the file, how many bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoPlan {
+    pub kind: IoKind,
+    pub offset: u64,
+    pub len: usize,
 }
 
 /// A request whose status byte has been found.
@@ -125,59 +141,80 @@ impl<'a> Request<'a> {
                 .is_some_and(|end| end <= capacity)
     }
 
+    /// The file I/O a READ, WRITE or FLUSH asks for, checked against the disk; `Err` with the
+    /// answer for anything else (GET_ID and unknown types are `Err(None)`: executed in place).
+    pub fn plan(
+        &self,
+        read_only: bool,
+        sync_on_flush: bool,
+        capacity: u64,
+    ) -> Result<IoPlan, Option<Outcome>> {
+        let Some(header) = self.header else {
+            return Err(Some(Outcome::invalid(VIRTIO_BLK_S_IOERR)));
+        };
+        let offset = header.sector << SECTOR_SHIFT;
+        let (kind, len) = match header.kind {
+            VIRTIO_BLK_T_IN => (IoKind::Read, self.data.available_bytes()),
+            VIRTIO_BLK_T_OUT if read_only => {
+                return Err(Some(Outcome::invalid(VIRTIO_BLK_S_IOERR)))
+            }
+            VIRTIO_BLK_T_OUT => (IoKind::Write, self.reader.available_bytes()),
+            VIRTIO_BLK_T_FLUSH if !sync_on_flush => return Err(Some(Outcome::ok(0, 0))),
+            VIRTIO_BLK_T_FLUSH => (IoKind::Flush, 0),
+            _ => return Err(None),
+        };
+        if kind != IoKind::Flush && !Self::range_ok(header.sector, len, capacity) {
+            return Err(Some(Outcome::invalid(VIRTIO_BLK_S_IOERR)));
+        }
+        Ok(IoPlan { kind, offset, len })
+    }
+
     pub fn execute(
         &mut self,
         disk: &File,
         read_only: bool,
+        sync_on_flush: bool,
         capacity: u64,
         disk_id: &[u8; DISK_ID_LEN],
         buf: &mut Vec<u8>,
     ) -> Outcome {
-        let Some(header) = self.header else {
-            return Outcome::invalid(VIRTIO_BLK_S_IOERR);
-        };
-        let offset = header.sector << SECTOR_SHIFT;
-        match header.kind {
-            VIRTIO_BLK_T_IN => {
-                let len = self.data.available_bytes();
-                if !Self::range_ok(header.sector, len, capacity) {
+        let plan = match self.plan(read_only, sync_on_flush, capacity) {
+            Ok(plan) => plan,
+            Err(Some(outcome)) => return outcome,
+            Err(None) if self.header.map(|h| h.kind) == Some(VIRTIO_BLK_T_GET_ID) => {
+                let n = self.data.available_bytes().min(DISK_ID_LEN);
+                if self.data.write_all(&disk_id[..n]).is_err() {
                     return Outcome::invalid(VIRTIO_BLK_S_IOERR);
                 }
-                buf.resize(len, 0);
-                if disk.read_exact_at(buf, offset).is_err() {
+                return Outcome::ok(n, 0);
+            }
+            Err(None) => return Outcome::invalid(VIRTIO_BLK_S_UNSUPP),
+        };
+        match plan.kind {
+            IoKind::Read => {
+                buf.resize(plan.len, 0);
+                if disk.read_exact_at(buf, plan.offset).is_err() {
                     return Outcome::io_error();
                 }
                 if self.data.write_all(buf).is_err() {
                     return Outcome::invalid(VIRTIO_BLK_S_IOERR);
                 }
-                Outcome::ok(len, 0)
+                Outcome::ok(plan.len, 0)
             }
-            VIRTIO_BLK_T_OUT => {
-                let len = self.reader.available_bytes();
-                if read_only || !Self::range_ok(header.sector, len, capacity) {
-                    return Outcome::invalid(VIRTIO_BLK_S_IOERR);
-                }
-                buf.resize(len, 0);
+            IoKind::Write => {
+                buf.resize(plan.len, 0);
                 if self.reader.read_exact(buf).is_err() {
                     return Outcome::invalid(VIRTIO_BLK_S_IOERR);
                 }
-                if disk.write_all_at(buf, offset).is_err() {
+                if disk.write_all_at(buf, plan.offset).is_err() {
                     return Outcome::io_error();
                 }
-                Outcome::ok(0, len)
+                Outcome::ok(0, plan.len)
             }
-            VIRTIO_BLK_T_FLUSH => match disk.sync_data() {
+            IoKind::Flush => match disk.sync_data() {
                 Ok(()) => Outcome::ok(0, 0),
                 Err(_) => Outcome::io_error(),
             },
-            VIRTIO_BLK_T_GET_ID => {
-                let n = self.data.available_bytes().min(DISK_ID_LEN);
-                if self.data.write_all(&disk_id[..n]).is_err() {
-                    return Outcome::invalid(VIRTIO_BLK_S_IOERR);
-                }
-                Outcome::ok(n, 0)
-            }
-            _ => Outcome::invalid(VIRTIO_BLK_S_UNSUPP),
         }
     }
 
