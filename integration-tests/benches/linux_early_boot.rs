@@ -12,16 +12,11 @@
 //! `cargo bench -p integration-tests --bench linux_early_boot`; `LINUX_BOOT_BENCH_RUNS` sets the
 //! runs per VMM (default 5). QEMU comes from Debian's qemu-system-x86.
 
-// Shared with tests/linux_guest.rs; each uses part of it.
-#[allow(dead_code)]
-#[path = "../tests/linux_guest/support.rs"]
-mod support;
-
 use std::process::Command;
 use std::time::Duration;
 
 use integration_tests::{median, prescient_bin, Scratch};
-use support::{cmdline, images, prescient_spec, qemu_available, qemu_microvm, Console, HostKvm};
+use integration_tests::linux::{cmdline, images, prescient_spec, qemu_available, qemu_microvm, Console, HostKvm};
 
 const VCPUS: u8 = 2;
 const MEM_MIB: u64 = 256;

@@ -4,6 +4,9 @@
 //! real `prescient` binary, knows where the build script put the test guest, writes VM specs,
 //! and runs the VMM with a deadline so that a hang fails a test instead of stalling CI.
 
+pub mod agent;
+pub mod linux;
+pub mod nested;
 pub mod openapi;
 
 use std::io::Read;

@@ -1,6 +1,7 @@
-//! Shared by the Linux guest tests (`tests/linux_guest.rs`) and the early-boot benchmark
-//! (`benches/linux_early_boot.rs`): the guest images from resources/guest, what kind of KVM this
-//! host has, the command lines, and a console that can be waited on line by line.
+//! Linux guests: the images resources/guest/build-guest-images.sh makes, what kind of KVM this
+//! host has, kernel command lines, QEMU's microvm as a reference, and a VMM console that can be
+//! waited on line by line. Shared by the Linux guest tests and benchmarks, here and in L1 (see
+//! `nested`).
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -38,7 +39,7 @@ impl HostKvm {
     }
 
     /// The image variant build-guest-images.sh makes for this host.
-    fn variant(self) -> &'static str {
+    pub fn variant(self) -> &'static str {
         match self {
             HostKvm::Software => "software-kvm",
             HostKvm::Hardware(_) | HostKvm::Unknown => "plain",
@@ -77,37 +78,54 @@ pub struct Images {
 /// A first build compiles a kernel: about 8 minutes on 2 idle cores, far more on a busy one.
 const IMAGE_BUILD_DEADLINE: Duration = Duration::from_secs(60 * 60);
 
-/// The guest images for this host, built (once, under the script's lock) if not cached.
+/// Names a manifest file to use instead of building images (L1 hosts carry theirs, see `nested`).
+pub const IMAGES_ENV: &str = "PRESCIENT_GUEST_IMAGES";
+
+/// The guest images for this host: those `PRESCIENT_GUEST_IMAGES` names, else built (once, under
+/// the script's lock) if not cached.
 pub fn images() -> &'static Images {
     static IMAGES: OnceLock<Images> = OnceLock::new();
-    IMAGES.get_or_init(|| {
-        let script = repo_root().join("resources/guest/build-guest-images.sh");
-        let variant = HostKvm::detect().variant();
-        eprintln!(
-            "guest images: {} --variant {variant} --print-paths (instant when cached)",
-            script.display()
-        );
-        let child = Command::new(&script)
-            .args(["--variant", variant, "--print-paths"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            // Progress goes straight to the test's stderr, so a long first build shows.
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-        let out = wait_output(child, IMAGE_BUILD_DEADLINE)
-            .unwrap_or_else(|e| panic!("{}: {e}", script.display()));
-        assert!(
-            out.0.success(),
-            "{} failed ({}); its messages are above",
-            script.display(),
-            out.0
-        );
-        parse_manifest(&out.1)
+    IMAGES.get_or_init(|| match std::env::var_os(IMAGES_ENV) {
+        Some(manifest) => {
+            let text = std::fs::read_to_string(&manifest).unwrap_or_else(|e| {
+                panic!("{IMAGES_ENV}={}: {e}", Path::new(&manifest).display())
+            });
+            parse_manifest(&text)
+        }
+        None => build_images(HostKvm::detect().variant()),
     })
 }
 
-fn parse_manifest(text: &str) -> Images {
+/// Runs build-guest-images.sh for `variant` (instant when cached) and reads its manifest.
+fn build_images(variant: &str) -> Images {
+    let (status, manifest) = images_manifest(variant);
+    assert!(
+        status.success(),
+        "build-guest-images.sh --variant {variant} failed ({status}); its messages are above"
+    );
+    parse_manifest(&manifest)
+}
+
+/// build-guest-images.sh's status and manifest text for `variant`.
+pub fn images_manifest(variant: &str) -> (ExitStatus, String) {
+    let script = repo_root().join("resources/guest/build-guest-images.sh");
+    eprintln!(
+        "guest images: {} --variant {variant} --print-paths (instant when cached)",
+        script.display()
+    );
+    let child = Command::new(&script)
+        .args(["--variant", variant, "--print-paths"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        // Progress goes straight to the test's stderr, so a long first build shows.
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    wait_output(child, IMAGE_BUILD_DEADLINE).unwrap_or_else(|e| panic!("{}: {e}", script.display()))
+}
+
+/// Reads a manifest of build-guest-images.sh; every path it names must be a file.
+pub fn parse_manifest(text: &str) -> Images {
     let get = |key: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
@@ -133,8 +151,8 @@ fn parse_manifest(text: &str) -> Images {
     }
 }
 
-/// Waits for `child` (stdout piped) within `deadline`: its status and stdout.
-fn wait_output(mut child: Child, deadline: Duration) -> Result<(ExitStatus, String), String> {
+/// Waits for `child` (stdout piped) within `deadline`: its status and stdout; kills it after.
+pub fn wait_output(mut child: Child, deadline: Duration) -> Result<(ExitStatus, String), String> {
     let mut stdout = child.stdout.take().expect("piped stdout");
     let reader = std::thread::spawn(move || {
         let mut s = String::new();
@@ -246,40 +264,43 @@ pub fn qemu_available() -> bool {
 
 #[derive(Default)]
 struct Lines {
-    /// Each console line with the time it arrived, measured from the spawn.
+    /// Each line with the time it arrived, measured from the start.
     lines: Vec<(Duration, String)>,
     closed: bool,
 }
 
-/// A running VMM whose console (stdout) is read line by line as it arrives.
-pub struct Console {
-    child: Child,
-    what: String,
+/// Lines read from a byte stream (a VMM's stdout, a socket) as they arrive, by a thread of their
+/// own, with the time each arrived; a test waits on them with a timeout.
+#[derive(Clone)]
+pub struct LineStream {
     start: Instant,
     lines: Arc<(Mutex<Lines>, Condvar)>,
-    stderr: Option<std::thread::JoinHandle<String>>,
 }
 
-impl Console {
-    /// Starts `cmd`; `what` names it in failure messages.
-    pub fn spawn(what: &str, cmd: &mut Command) -> Console {
-        let start = Instant::now();
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {what} ({cmd:?}): {e}"));
-        let lines: Arc<(Mutex<Lines>, Condvar)> = Arc::default();
-        let stdout = child.stdout.take().expect("piped stdout");
-        let shared = lines.clone();
+/// Why a wait for a line ended without one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitEnd {
+    /// The stream closed (the process exited, the peer hung up).
+    Closed,
+    TimedOut,
+}
+
+impl LineStream {
+    /// Reads `from` until it closes; with `tee`, each line also goes to stderr after that prefix.
+    /// Times count from `start`.
+    pub fn read(from: impl Read + Send + 'static, start: Instant, tee: Option<String>) -> Self {
+        let stream = Self {
+            start,
+            lines: Arc::default(),
+        };
+        let shared = stream.clone();
         std::thread::spawn(move || {
-            let mut r = BufReader::new(stdout);
+            let mut r = BufReader::new(from);
             let mut buf = Vec::new();
             loop {
                 buf.clear();
                 let n = r.read_until(b'\n', &mut buf).unwrap_or(0);
-                let (lock, cv) = &*shared;
+                let (lock, cv) = &*shared.lines;
                 let mut l = lock.lock().unwrap();
                 if n == 0 {
                     l.closed = true;
@@ -287,13 +308,98 @@ impl Console {
                     return;
                 }
                 let text = String::from_utf8_lossy(&buf);
-                l.lines.push((
-                    start.elapsed(),
-                    text.trim_end_matches(['\r', '\n']).to_string(),
-                ));
+                let line = text.trim_end_matches(['\r', '\n']).to_string();
+                if let Some(prefix) = &tee {
+                    eprintln!("{prefix}{line}");
+                }
+                l.lines.push((shared.start.elapsed(), line));
                 cv.notify_all();
             }
         });
+        stream
+    }
+
+    /// Waits until a line satisfies `pred`, at most `timeout` from now: the first such line and
+    /// when it arrived (from the start), or why none came.
+    pub fn wait_line(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<(Duration, String), WaitEnd> {
+        self.wait_line_from(0, timeout, pred)
+            .map(|(_, t, line)| (t, line))
+    }
+
+    /// Like `wait_line`, looking only at lines from index `from` on: the line's index too.
+    pub fn wait_line_from(
+        &self,
+        from: usize,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<(usize, Duration, String), WaitEnd> {
+        let deadline = Instant::now() + timeout;
+        let (lock, cv) = &*self.lines;
+        let mut l = lock.lock().unwrap();
+        loop {
+            let found = l.lines.iter().enumerate().skip(from).find(|(_, (_, line))| pred(line));
+            if let Some((i, (t, line))) = found {
+                return Ok((i, *t, line.clone()));
+            }
+            let now = Instant::now();
+            if l.closed {
+                return Err(WaitEnd::Closed);
+            }
+            if now >= deadline {
+                return Err(WaitEnd::TimedOut);
+            }
+            l = cv.wait_timeout(l, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Every line so far.
+    pub fn lines(&self) -> Vec<String> {
+        let l = self.lines.0.lock().unwrap();
+        l.lines.iter().map(|(_, s)| s.clone()).collect()
+    }
+
+    /// Every line so far with the time it arrived (from the start).
+    pub fn timed_lines(&self) -> Vec<(Duration, String)> {
+        self.lines.0.lock().unwrap().lines.clone()
+    }
+
+    /// Time since the stream was opened.
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+}
+
+/// A running VMM whose console (stdout) is read line by line as it arrives.
+pub struct Console {
+    child: Child,
+    what: String,
+    out: LineStream,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Console {
+    /// Starts `cmd`; `what` names it in failure messages. Inside an L1 host every line is also
+    /// copied to stderr after [`crate::nested::L2_PREFIX`], so the harness outside sees the
+    /// guests' consoles (see `nested`).
+    pub fn spawn(what: &str, cmd: &mut Command) -> Console {
+        let tee = crate::nested::in_l1().then(|| crate::nested::L2_PREFIX.to_string());
+        Self::spawn_with_tee(what, cmd, tee)
+    }
+
+    /// Like `spawn`; with `tee`, each line also goes to stderr after that prefix as it arrives.
+    pub fn spawn_with_tee(what: &str, cmd: &mut Command, tee: Option<String>) -> Console {
+        let start = Instant::now();
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what} ({cmd:?}): {e}"));
+        let out = LineStream::read(child.stdout.take().expect("piped stdout"), start, tee);
         let mut stderr = child.stderr.take().expect("piped stderr");
         let stderr = std::thread::spawn(move || {
             let mut s = String::new();
@@ -303,45 +409,46 @@ impl Console {
         Console {
             child,
             what: what.to_string(),
-            start,
-            lines,
+            out,
             stderr: Some(stderr),
         }
     }
 
-    /// Waits until a console line satisfies `pred`, at most `timeout` from now: the line and
-    /// when it arrived (from the start). Fails with the console so far and what was awaited.
+    /// The console's lines.
+    pub fn stream(&self) -> &LineStream {
+        &self.out
+    }
+
+    /// See [`LineStream::wait_line`].
+    pub fn wait_line(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<(Duration, String), WaitEnd> {
+        self.out.wait_line(timeout, pred)
+    }
+
+    /// Like `wait_line`; fails with the console so far and what was awaited.
     pub fn wait_for(
         &self,
         awaited: &str,
         timeout: Duration,
         pred: impl Fn(&str) -> bool,
     ) -> Result<(Duration, String), String> {
-        let deadline = Instant::now() + timeout;
-        let (lock, cv) = &*self.lines;
-        let mut l = lock.lock().unwrap();
-        loop {
-            if let Some((t, line)) = l.lines.iter().find(|(_, line)| pred(line)) {
-                return Ok((*t, line.clone()));
-            }
-            let now = Instant::now();
-            if l.closed || now >= deadline {
-                let why = if l.closed {
-                    "the console closed (the VMM exited)".to_string()
-                } else {
-                    format!("not within {timeout:?}")
-                };
-                let tail: Vec<&str> = l.lines.iter().map(|(_, s)| s.as_str()).collect();
-                return Err(format!(
-                    "{}: waited for {awaited}: {why} ({:.1}s after start)\n--- console ({} lines, last 80) ---\n{}",
-                    self.what,
-                    self.start.elapsed().as_secs_f64(),
-                    tail.len(),
-                    tail[tail.len().saturating_sub(80)..].join("\n")
-                ));
-            }
-            l = cv.wait_timeout(l, deadline - now).unwrap().0;
-        }
+        self.wait_line(timeout, pred).map_err(|end| {
+            let why = match end {
+                WaitEnd::Closed => "the console closed (the VMM exited)".to_string(),
+                WaitEnd::TimedOut => format!("not within {timeout:?}"),
+            };
+            let tail = self.lines();
+            format!(
+                "{}: waited for {awaited}: {why} ({:.1}s after start)\n--- console ({} lines, last 80) ---\n{}",
+                self.what,
+                self.out.elapsed().as_secs_f64(),
+                tail.len(),
+                tail[tail.len().saturating_sub(80)..].join("\n")
+            )
+        })
     }
 
     /// Like `wait_for`, panicking with its message.
@@ -353,30 +460,59 @@ impl Console {
 
     /// Every console line so far.
     pub fn lines(&self) -> Vec<String> {
-        let l = self.lines.0.lock().unwrap();
-        l.lines.iter().map(|(_, s)| s.clone()).collect()
+        self.out.lines()
     }
 
-    /// Waits for the VMM to exit by itself within `timeout`: its status and stderr.
-    pub fn wait_exit(mut self, timeout: Duration) -> (ExitStatus, String) {
+    /// Every console line so far with the time it arrived (from the start).
+    pub fn timed_lines(&self) -> Vec<(Duration, String)> {
+        self.out.timed_lines()
+    }
+
+    /// The process id of the VMM.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Time since the VMM was started.
+    pub fn elapsed(&self) -> Duration {
+        self.out.elapsed()
+    }
+
+    /// Waits up to `timeout` for the VMM to exit by itself: its status and stderr; else kills it
+    /// and gives its stderr.
+    pub fn exit_within(mut self, timeout: Duration) -> Result<(ExitStatus, String), String> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().expect("wait for the VMM") {
-                return (status, self.take_stderr());
+                return Ok((status, self.take_stderr()));
             }
             if Instant::now() >= deadline {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
-                let console = self.lines();
-                let stderr = self.take_stderr();
-                panic!(
-                    "{} did not exit within {timeout:?} (killed)\n--- console (last 40) ---\n{}\n--- stderr ---\n{stderr}",
-                    self.what,
-                    console[console.len().saturating_sub(40)..].join("\n"),
-                );
+                return Err(self.take_stderr());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Kills the VMM now: its stderr.
+    pub fn kill(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.take_stderr()
+    }
+
+    /// Waits for the VMM to exit by itself within `timeout`: its status and stderr.
+    pub fn wait_exit(self, timeout: Duration) -> (ExitStatus, String) {
+        let what = self.what.clone();
+        let out = self.out.clone();
+        self.exit_within(timeout).unwrap_or_else(|stderr| {
+            let console = out.lines();
+            panic!(
+                "{what} did not exit within {timeout:?} (killed)\n--- console (last 40) ---\n{}\n--- stderr ---\n{stderr}",
+                console[console.len().saturating_sub(40)..].join("\n"),
+            )
+        })
     }
 
     /// Stops the VMM with SIGTERM (as an orchestrator would) and waits for it.
@@ -403,15 +539,4 @@ impl Drop for Console {
             let _ = self.child.wait();
         }
     }
-}
-
-/// The JSON of the agent's report lines (`agent: report {...}`), in order.
-pub fn agent_reports(lines: &[String]) -> Vec<serde_json::Value> {
-    lines
-        .iter()
-        .filter_map(|l| {
-            let json = &l[l.find("agent: report ")? + "agent: report ".len()..];
-            serde_json::from_str(json).ok()
-        })
-        .collect()
 }

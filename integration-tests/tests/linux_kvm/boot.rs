@@ -1,0 +1,109 @@
+//! Scenarios 1 and 2: Linux to `agent: ready`, workloads, and a clean poweroff; the initramfs
+//! alone, the rootfs on virtio-blk, and Debian's own bzImage.
+
+use std::time::Duration;
+
+use integration_tests::agent::{
+    assert_output, assert_reports_match_the_vm, assert_stress_mem_seen, num, reports,
+    reports_around,
+};
+use integration_tests::nested::{on_hardware_kvm, L1_KERNEL, L1_KERNEL_RELEASE};
+
+use crate::guest::{GuestSpec, READY};
+
+/// One L1 boot: L1 itself, the guest's boot and its workloads.
+const SCENARIO: Duration = Duration::from_secs(420);
+
+#[test]
+fn initramfs_runs_stress_ng_and_fio_then_powers_off_cleanly() {
+    on_hardware_kvm(SCENARIO, || {
+        let steps = [("stress-cpu:3", 3), ("stress-mem:3:64M", 3), ("fio-randrw:3:16M", 3)];
+        let vm = GuestSpec::new("linux-initramfs", 2, 512)
+            .with_workloads_in_the_initrd()
+            .arg("prescient.agent.interval_ms=500")
+            .steps(&["stress-cpu:3", "stress-mem:3:64M", "fio-randrw:3:16M", "poweroff"])
+            .start();
+        vm.ready();
+        for (step, secs) in steps {
+            vm.done(step, secs);
+        }
+        let lines = vm.console.lines();
+        let (status, stderr) = vm.wait_exit();
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "the guest's reboot -f (i8042 reset) ends prescient cleanly: {status}\n{stderr}"
+        );
+        assert_output(&lines, "stress-cpu", "successful run completed");
+        assert_output(&lines, "fio-randrw", "READ: bw=");
+        assert_output(&lines, "fio-randrw", "WRITE: bw=");
+        assert_reports_match_the_vm(&reports(&lines), 2, 512);
+        assert_stress_mem_seen(&lines, "stress-mem:3:64M", 64);
+        // The guest's own view of stress-ng: user time while it ran (how much depends on the
+        // host; nested under an emulator it is little).
+        let (before, during) = reports_around(&reports(&lines), "stress-cpu:3");
+        let busy = num(during.last().unwrap(), &["cpu", "user_ms"]) - num(&before, &["cpu", "user_ms"]);
+        assert!(busy > 0, "no user time while stress-ng --cpu ran");
+    });
+}
+
+#[test]
+fn rootfs_on_virtio_blk_runs_stress_ng_and_fio_then_powers_off_cleanly() {
+    on_hardware_kvm(SCENARIO, || {
+        let vm = GuestSpec::new("linux-rootfs", 2, 512)
+            .with_rootfs()
+            .arg("prescient.agent.interval_ms=500")
+            .steps(&["stress-cpu:3", "stress-mem:3:64M", "fio-randrw:3:16M", "poweroff"])
+            .start();
+        vm.ready();
+        for (step, secs) in [("stress-cpu:3", 3), ("stress-mem:3:64M", 3), ("fio-randrw:3:16M", 3)] {
+            vm.done(step, secs);
+        }
+        let lines = vm.console.lines();
+        let (status, stderr) = vm.wait_exit();
+        assert_eq!(status.code(), Some(0), "{status}\n{stderr}");
+        assert!(
+            lines.iter().any(|l| l.contains("EXT4-fs (vda): mounted filesystem")),
+            "the rootfs was not mounted from the virtio disk\n{}",
+            lines.join("\n")
+        );
+        assert_output(&lines, "stress-cpu", "successful run completed");
+        assert_output(&lines, "fio-randrw", "READ: bw=");
+        assert_reports_match_the_vm(&reports(&lines), 2, 512);
+        assert_stress_mem_seen(&lines, "stress-mem:3:64M", 64);
+        // fio runs with O_DIRECT on the ext4 root: its writes reach /dev/vda.
+        let (before, during) = reports_around(&reports(&lines), "fio-randrw:3:16M");
+        let written =
+            num(during.last().unwrap(), &["io", "write_kib"]) - num(&before, &["io", "write_kib"]);
+        assert!(written >= 1024, "fio wrote only {written} KiB to /dev/vda");
+    });
+}
+
+#[test]
+fn debian_bzimage_boots_to_its_console_and_init() {
+    on_hardware_kvm(SCENARIO, || {
+        let release = std::fs::read_to_string(L1_KERNEL_RELEASE).expect("L1's kernel release");
+        let release = release.trim();
+        // Debian's stock kernel: a bzImage with its own config (virtio as modules, so no devices
+        // here), booted through the 64-bit entry of its setup header.
+        let vm = GuestSpec::new("linux-bzimage", 1, 512)
+            .kernel(std::path::Path::new(L1_KERNEL))
+            .steps(&["poweroff"])
+            .start();
+        let banner = vm.console.expect("the kernel banner", READY, |l| {
+            l.contains("Linux version ")
+        });
+        assert!(
+            banner.contains(&format!("Linux version {release} ")),
+            "{banner}"
+        );
+        vm.console.expect("the command line", READY, |l| {
+            l.contains("Command line: ") && l.contains("prescient.workload=poweroff")
+        });
+        vm.console
+            .expect("init from the initramfs", READY, |l| l.contains("Run /init as init process"));
+        vm.ready();
+        let (status, stderr) = vm.wait_exit();
+        assert_eq!(status.code(), Some(0), "{status}\n{stderr}");
+    });
+}
