@@ -127,7 +127,7 @@ impl GuestSpec {
     /// `socket`.
     pub fn start_with(self, cmd: &mut Command, socket: &Path) -> Guest {
         let mut vm = self.spawn(cmd);
-        vm.api = Some(ApiClient::connect(socket));
+        vm.connect_api(socket);
         vm
     }
 
@@ -140,7 +140,7 @@ impl GuestSpec {
         let console = Console::spawn("prescient", cmd);
         Guest {
             console,
-            api: None,
+            api_socket: None,
             link,
             _scratch: self.scratch,
         }
@@ -207,16 +207,24 @@ impl AgentLink {
 /// A running guest.
 pub struct Guest {
     pub console: Console,
-    pub api: Option<ApiClient>,
+    /// The API socket, once connected.
+    api_socket: Option<PathBuf>,
     pub link: Option<AgentLink>,
     /// Holds the spec, the disk copy and the sockets until the guest is gone.
     _scratch: Scratch,
 }
 
 impl Guest {
-    /// The API client (connected by `start`, or by the caller after `spawn`).
-    pub fn api(&mut self) -> &mut ApiClient {
-        self.api.as_mut().expect("the API is not connected")
+    /// Waits for the API socket at `socket` (up to 10 s) and uses it from now on.
+    pub fn connect_api(&mut self, socket: &Path) {
+        drop(ApiClient::connect(socket));
+        self.api_socket = Some(socket.to_path_buf());
+    }
+
+    /// A fresh API connection (the server closes idle keep-alive connections after 30 s, and
+    /// scenarios wait longer than that between requests).
+    pub fn api(&mut self) -> ApiClient {
+        ApiClient::connect(self.api_socket.as_ref().expect("the API is not connected"))
     }
 
     /// Waits for `agent: ready` on the console.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use integration_tests::agent::STEP_SLACK;
 use integration_tests::nested::on_hardware_kvm;
-use integration_tests::{prescient_bin, ApiClient};
+use integration_tests::prescient_bin;
 use serde_json::json;
 
 use crate::guest::{GuestSpec, READY};
@@ -91,7 +91,7 @@ fn a_jailed_vmm_runs_linux_with_every_device_in_the_steady_stage_without_sigsys(
             assert!(start.elapsed() < READY, "no API socket at {}", socket.display());
             std::thread::sleep(Duration::from_millis(20));
         }
-        vm.api = Some(ApiClient::connect(&socket));
+        vm.connect_api(&socket);
         vm.console.expect("stress-cpu running", READY, |l| {
             l.contains("agent: workload-start stress-cpu:4")
         });

@@ -88,7 +88,7 @@ fn the_predictor_follows_stress_ng_phases_without_oom_or_false_alarms_and_replay
 
         // CPU: the quota is raised for stress-ng and the cgroup holds the allocation.
         vm.done("stress-cpu:5", 5);
-        let log = decisions(vm.api());
+        let log = decisions(&mut vm.api());
         let cpu_peak = log
             .iter()
             .filter(|d| d["resized"]["cpu"] == true)
@@ -108,7 +108,7 @@ fn the_predictor_follows_stress_ng_phases_without_oom_or_false_alarms_and_replay
         }
         let hotplug = vm.get("/hotplug/memory");
         vm.done("fio-randrw:5:32M", 5);
-        let log = decisions(vm.api());
+        let log = decisions(&mut vm.api());
         let console = vm.console.lines();
         let (status, stderr) = vm.poweroff();
         assert_eq!(status.code(), Some(0), "{status}\n{stderr}");

@@ -11,8 +11,9 @@ use std::net::Ipv4Addr;
 pub enum Kind {
     /// `stress-ng --cpu 0`: every online CPU busy.
     StressCpu,
-    /// `stress-ng --vm 1 --vm-keep`: one worker that maps `size` of memory (default 50% of what
-    /// is available when it starts) once and keeps touching it, so it stays resident.
+    /// `stress-ng --vm 1 --vm-keep --vm-populate`: one worker that maps `size` of memory
+    /// (default 50% of what is available when it starts) once, populated at once (so the whole
+    /// size is resident however slow the machine), and keeps touching it.
     StressMem,
     /// fio random 4k reads and writes to a `size` file (default 64M) under /var/tmp.
     FioRandrw,
@@ -183,6 +184,7 @@ impl Workload {
                         "--vm-bytes",
                         bytes,
                         "--vm-keep",
+                        "--vm-populate",
                         "--timeout",
                         &timeout,
                         "--metrics-brief",
@@ -379,7 +381,7 @@ mod tests {
         let (_, args) = w(Kind::StressMem, Some("64M")).command(true);
         assert_eq!(
             args.join(" "),
-            "--vm 1 --vm-bytes 64M --vm-keep --timeout 7s --metrics-brief"
+            "--vm 1 --vm-bytes 64M --vm-keep --vm-populate --timeout 7s --metrics-brief"
         );
         let (prog, args) = w(Kind::FioRandrw, None).command(false);
         assert_eq!(prog, "fio");
