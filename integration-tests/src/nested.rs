@@ -260,7 +260,6 @@ impl L1Host {
         let live = std::env::var_os(LIVE_ENV).map(|_| format!("L1[{}] ", boot.name));
         let started = Instant::now();
         let vm = Console::spawn_with_tee("L1 (QEMU TCG)", &mut qemu, live);
-        let _ = std::fs::remove_file(&initrd);
 
         let mut failure = None;
         let mut exit = None;

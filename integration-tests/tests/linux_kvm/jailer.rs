@@ -30,14 +30,47 @@ fn seccomp_audit_lines() -> Vec<String> {
         .collect()
 }
 
-/// A TAP owned by the jail's user (a jailed VMM cannot create one).
-fn tap_for(name: &str) {
-    let ok = |c: &mut Command| c.status().is_ok_and(|s| s.success());
-    let uid = UID.to_string();
-    if !ok(Command::new("ip").args(["tuntap", "add", "dev", name, "mode", "tap", "user", &uid]))
-        && !ok(Command::new("tunctl").args(["-t", name, "-u", &uid]))
-    {
-        panic!("cannot make TAP {name} for uid {UID} (ip tuntap or tunctl)");
+/// A persistent TAP owned by the jail's user (a jailed VMM may attach to it but not create
+/// one), made with the tun ioctls so that no `ip tuntap` or `tunctl -u` is needed (busybox's have
+/// neither); removed when dropped.
+struct OwnedTap(std::fs::File);
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
+const TUNSETGROUP: libc::c_ulong = 0x4004_54ce;
+
+impl OwnedTap {
+    fn new(name: &str, uid: u32, gid: u32) -> Self {
+        let tun = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .expect("open /dev/net/tun");
+        // struct ifreq: the name, then the flags (IFF_TAP | IFF_NO_PI), padded to 40 bytes.
+        let mut req = [0u8; 40];
+        req[..name.len()].copy_from_slice(name.as_bytes());
+        req[16..18].copy_from_slice(&(0x0002u16 | 0x1000).to_ne_bytes());
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&tun);
+        let ioctl = |request, arg: libc::c_ulong, what: &str| {
+            // SAFETY: `fd` is our open tun fd; `arg` is a pointer to `req` (alive for the call,
+            // the size TUNSETIFF expects) or an integer the request takes by value.
+            let rc = unsafe { libc::ioctl(fd, request, arg) };
+            assert!(rc >= 0, "{what} on {name}: {}", std::io::Error::last_os_error());
+        };
+        ioctl(TUNSETIFF, req.as_mut_ptr() as libc::c_ulong, "TUNSETIFF");
+        ioctl(TUNSETOWNER, libc::c_ulong::from(uid), "TUNSETOWNER");
+        ioctl(TUNSETGROUP, libc::c_ulong::from(gid), "TUNSETGROUP");
+        ioctl(TUNSETPERSIST, 1, "TUNSETPERSIST");
+        Self(tun)
+    }
+}
+
+impl Drop for OwnedTap {
+    fn drop(&mut self) {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.0);
+        // SAFETY: our open tun fd, still attached to the device; the argument is by value.
+        unsafe { libc::ioctl(fd, TUNSETPERSIST, 0 as libc::c_ulong) };
     }
 }
 
@@ -46,7 +79,7 @@ fn a_jailed_vmm_runs_linux_with_every_device_in_the_steady_stage_without_sigsys(
     on_hardware_kvm(SCENARIO, || {
         let id = format!("linux-jail-{}", std::process::id());
         let tap = "pjail0";
-        tap_for(tap);
+        let _tap = OwnedTap::new(tap, UID, GID);
         let audit_before = seccomp_audit_lines().len();
         let spec = GuestSpec::new("linux-jail", 2, 256)
             .with_rootfs()

@@ -221,13 +221,26 @@ fn balloon_deflates_on_oom_under_a_memory_hog_and_free_page_reporting_returns_me
         );
 
         // Deflate on OOM: with 320 MiB in the balloon, a hog of 300 MiB only fits if the guest
-        // takes pages back from the balloon, which it may, and must not kill anything.
+        // takes pages back from the balloon, which it may, and must not kill anything. The hog
+        // runs long enough to populate all of it however slow the machine.
         vm.send("PATCH", "/balloon", json!({"amount_mib": 320}));
         wait_api(&mut vm, "/balloon/statistics", "actual 320 MiB", |s| {
             s["actual_mib"] == 320
         });
-        vm.run("stress-mem:4:300M");
-        vm.done("stress-mem:4:300M", 4);
+        vm.run("stress-mem:20:300M");
+        vm.done("stress-mem:20:300M", 20);
+        // stress-ng's metrics of this run: bogo ops count only once all of it was populated.
+        let lines = vm.console.lines();
+        let ops = lines
+            .iter()
+            .rev()
+            .find_map(|l| {
+                let rest = &l[l.find("stress-ng: metrc:")?..];
+                let mut f = rest.split_whitespace().skip(3);
+                (f.next()? == "vm").then(|| f.next()?.parse::<u64>().ok())?
+            })
+            .expect("stress-ng's metrics line");
+        assert!(ops > 0, "the hog never had its 300 MiB (0 bogo ops)");
         let s = vm.get("/balloon/statistics");
         assert_eq!(s["target_mib"], 320, "{s}");
         assert!(

@@ -69,7 +69,11 @@ fn the_predictor_follows_stress_ng_phases_without_oom_or_false_alarms_and_replay
                     "window_ms": 100,
                     "budget": {
                         "memory_mib": {"min": BOOT_MIB + 64, "max": BOOT_MIB + 1024},
-                        "cpu_cores": {"min": 0.2, "max": 2},
+                        // At least one core: with less, a booting guest is throttled and the
+                        // predictor, which measures the CPU time the vCPU threads got and not
+                        // what they wanted, never raises the quota again (seen here: 0.2 cores,
+                        // a boot 5x slower, reported as a predictor bug).
+                        "cpu_cores": {"min": 1.0, "max": 2},
                         "blk_mibps": {"min": 8, "max": 400},
                     },
                     "trace_path": trace_dir.join("recorded/run.jsonl"),
@@ -84,7 +88,15 @@ fn the_predictor_follows_stress_ng_phases_without_oom_or_false_alarms_and_replay
             .arg(&spec_path)
             .args(["--id", &id]);
         let mut vm = spec.start_with(&mut cmd, &socket);
-        vm.ready();
+        if let Err(e) = vm
+            .console
+            .wait_for("agent: ready", crate::guest::READY, |l| l.contains("agent: ready"))
+        {
+            let status = vm.get("/predictor");
+            let log = decisions(&mut vm.api());
+            let last: Vec<&Value> = log.iter().rev().take(5).collect();
+            panic!("{e}\n--- GET /predictor ---\n{status:#}\n--- last decisions ---\n{last:#?}");
+        }
 
         // CPU: the quota is raised for stress-ng and the cgroup holds the allocation.
         vm.done("stress-cpu:5", 5);
@@ -94,7 +106,7 @@ fn the_predictor_follows_stress_ng_phases_without_oom_or_false_alarms_and_replay
             .filter(|d| d["resized"]["cpu"] == true)
             .filter_map(|d| d["allocation"]["cpu"].as_f64())
             .fold(0.0, f64::max);
-        assert!(cpu_peak >= 1.0, "the CPU quota never rose for stress-ng: peak {cpu_peak}");
+        assert!(cpu_peak >= 1.5, "the CPU quota never rose for stress-ng: peak {cpu_peak}");
         let alloc = vm.get("/predictor")["allocation"]["cpu"].as_f64().unwrap();
         let cores = cgroup_cores(&id).expect("the VM's cgroup");
         assert!(

@@ -250,7 +250,12 @@ impl Balloon {
 
     /// Serves every request waiting in queue `index`.
     pub fn process_queue(&mut self, index: usize) {
-        let Some(role) = self.active.as_ref().and_then(|a| a.roles[index]) else {
+        let Some(active) = self.active.as_ref() else {
+            // Linux's driver primes the stats queue and notifies before DRIVER_OK; the transport
+            // signals every ready queue again once the device is active.
+            return tracing::debug!("balloon: notification of queue {index} before activation");
+        };
+        let Some(role) = active.roles[index] else {
             return self.invalid(format_args!("notification of unused queue {index}"));
         };
         let mut completed = false;
