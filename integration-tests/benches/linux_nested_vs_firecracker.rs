@@ -94,11 +94,12 @@ impl Run {
     }
 }
 
-/// fio's `IOPS=` of its first `read:` (or `write:`) summary line.
-fn fio_iops(lines: &[String], kind: &str) -> f64 {
+/// The `workload`'s fio `IOPS=` of its first `read:` (or `write:`) summary line.
+fn fio_iops(lines: &[String], workload: &str, kind: &str) -> f64 {
+    let label = format!("agent: [{workload}]");
     lines
         .iter()
-        .filter(|l| l.contains("agent: [fio-"))
+        .filter(|l| l.contains(&label))
         .find_map(|l| {
             let rest = &l[l.find(&format!("{kind}: IOPS="))? + kind.len() + 7..];
             let n = rest.split(',').next()?;
@@ -111,10 +112,12 @@ fn fio_iops(lines: &[String], kind: &str) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-/// fio's `bw=` in MiB/s of its `WRITE:` group line.
-fn fio_write_mibps(lines: &[String]) -> f64 {
+/// The `workload`'s fio `bw=` in MiB/s of its `WRITE:` group line.
+fn fio_write_mibps(lines: &[String], workload: &str) -> f64 {
+    let label = format!("agent: [{workload}]");
     lines
         .iter()
+        .filter(|l| l.contains(&label))
         .find_map(|l| {
             let rest = &l[l.find("WRITE: bw=")? + 10..];
             let n = rest.split_whitespace().next()?;
@@ -183,9 +186,9 @@ fn run_once(vmm: &str, scratch: &Scratch) -> Run {
     Run {
         banner,
         ready,
-        randrw_read_iops: fio_iops(&lines, "read"),
+        randrw_read_iops: fio_iops(&lines, "fio-randrw", "read"),
         randrw_step,
-        seqwrite_mibps: fio_write_mibps(&lines),
+        seqwrite_mibps: fio_write_mibps(&lines, "fio-seqwrite"),
         seqwrite_step,
         exit,
     }

@@ -217,11 +217,11 @@ impl L1Host {
         let program = format!("{L1_BIN_DIR}/{}", file_name(exe));
         let mut args: Vec<&str> = selection.iter().map(String::as_str).collect();
         args.extend(["--nocapture", "--test-threads=1"]);
-        self.boot(
-            &Boot::new(&file_name(exe), BATCH_LIMIT)
-                .file(exe, &program)
-                .command(&program, &args),
-        )
+        let mut boot = Boot::new(&file_name(exe), BATCH_LIMIT)
+            .file(exe, &program)
+            .command(&program, &args);
+        boot.tests = true;
+        self.boot(&boot)
     }
 
     /// Boots L1 once for `boot` and waits for it to power off, stage by stage.
@@ -303,7 +303,8 @@ impl L1Host {
         while failure.is_none() {
             let (what, window) = match &running {
                 Some((name, timeout)) => (format!("test {name} to finish"), *timeout),
-                None => ("the next test or the program's end".to_string(), BETWEEN_TESTS),
+                None if boot.tests => ("the next test or the program's end".to_string(), BETWEEN_TESTS),
+                None => ("the program to finish".to_string(), boot.timeout),
             };
             let window = window.min(program_end.saturating_duration_since(Instant::now()));
             let next = stream.wait_line_from(from, window, |l| {
@@ -446,6 +447,8 @@ pub struct Boot {
     files: Vec<(PathBuf, String)>,
     env: Vec<(String, String)>,
     command: Vec<String>,
+    /// A libtest batch: stages between its tests get their own timeout.
+    tests: bool,
 }
 
 impl Boot {
@@ -458,6 +461,7 @@ impl Boot {
             files: Vec::new(),
             env: Vec::new(),
             command: Vec::new(),
+            tests: false,
         }
     }
 
