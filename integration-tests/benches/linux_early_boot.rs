@@ -15,8 +15,10 @@
 use std::process::Command;
 use std::time::Duration;
 
+use integration_tests::linux::{
+    cmdline, images, prescient_spec, qemu_available, qemu_microvm, Console, HostKvm,
+};
 use integration_tests::{median, prescient_bin, Scratch};
-use integration_tests::linux::{cmdline, images, prescient_spec, qemu_available, qemu_microvm, Console, HostKvm};
 
 const VCPUS: u8 = 2;
 const MEM_MIB: u64 = 256;

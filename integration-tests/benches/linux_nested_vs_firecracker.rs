@@ -171,8 +171,12 @@ fn run_once(vmm: &str, scratch: &Scratch) -> Run {
     let ready = at("agent: ready", &|l| l.contains("agent: ready"));
     let step = |name: &str| {
         let marker = format!("\"step\":\"{name}\"");
-        let start = at(name, &|l| l.contains(&format!("agent: workload-start {name}")));
-        let done = at(name, &|l| l.contains("agent: workload-done ") && l.contains(&marker));
+        let start = at(name, &|l| {
+            l.contains(&format!("agent: workload-start {name}"))
+        });
+        let done = at(name, &|l| {
+            l.contains("agent: workload-done ") && l.contains(&marker)
+        });
         done - start
     };
     let randrw_step = step(STEPS[0]);
@@ -251,7 +255,9 @@ fn main() {
 fn table(output: &[String]) {
     let mut per: [Vec<Vec<f64>>; 2] = [Vec::new(), Vec::new()];
     for l in output {
-        let Some(rest) = l.strip_prefix(RESULT) else { continue };
+        let Some(rest) = l.strip_prefix(RESULT) else {
+            continue;
+        };
         let mut f = rest.split_whitespace();
         let i = match f.next() {
             Some("prescient") => 0,
@@ -276,11 +282,36 @@ fn table(output: &[String]) {
     let rows: [(&str, f64, f64, &str); 7] = [
         ("kernel banner (s)", p.banner, f.banner, "lower is better"),
         ("agent: ready (s)", p.ready, f.ready, "lower is better"),
-        ("fio randrw 4K read IOPS", p.randrw_read_iops, f.randrw_read_iops, "higher is better"),
-        ("fio randrw step incl. 64 MiB layout (s)", p.randrw_step, f.randrw_step, "lower is better"),
-        ("64 MiB sequential write (MiB/s)", p.seqwrite_mibps, f.seqwrite_mibps, "higher is better"),
-        ("64 MiB sequential write step (s)", p.seqwrite_step, f.seqwrite_step, "lower is better"),
-        ("VMM exit after poweroff (s)", p.exit, f.exit, "lower is better"),
+        (
+            "fio randrw 4K read IOPS",
+            p.randrw_read_iops,
+            f.randrw_read_iops,
+            "higher is better",
+        ),
+        (
+            "fio randrw step incl. 64 MiB layout (s)",
+            p.randrw_step,
+            f.randrw_step,
+            "lower is better",
+        ),
+        (
+            "64 MiB sequential write (MiB/s)",
+            p.seqwrite_mibps,
+            f.seqwrite_mibps,
+            "higher is better",
+        ),
+        (
+            "64 MiB sequential write step (s)",
+            p.seqwrite_step,
+            f.seqwrite_step,
+            "lower is better",
+        ),
+        (
+            "VMM exit after poweroff (s)",
+            p.exit,
+            f.exit,
+            "lower is better",
+        ),
     ];
     for (name, a, b, better) in rows {
         println!("| {name} | {a:.2} | {b:.2} | {:.2} ({better}) |", a / b);

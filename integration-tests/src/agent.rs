@@ -108,7 +108,6 @@ pub fn assert_reports_match_the_vm(reports: &[serde_json::Value], vcpus: i64, me
     }
 }
 
-
 /// The initramfs followed by the workloads archive: one initrd with stress-ng and fio, for VMMs
 /// without a virtio-blk disk (Linux unpacks concatenated cpio archives in order).
 pub fn initrd_with_workloads(scratch: &Scratch) -> PathBuf {
@@ -136,7 +135,6 @@ pub fn assert_stress_mem_seen(lines: &[String], step: &str, touch_mib: i64) {
         "MemAvailable fell by only {drop_kib} KiB while stress-ng touched {touch_mib} MiB\n{reports:?}"
     );
 }
-
 
 /// The JSON of the agent's report lines (`agent: report {...}`), in order.
 pub fn reports(lines: &[String]) -> Vec<serde_json::Value> {

@@ -87,9 +87,8 @@ pub fn images() -> &'static Images {
     static IMAGES: OnceLock<Images> = OnceLock::new();
     IMAGES.get_or_init(|| match std::env::var_os(IMAGES_ENV) {
         Some(manifest) => {
-            let text = std::fs::read_to_string(&manifest).unwrap_or_else(|e| {
-                panic!("{IMAGES_ENV}={}: {e}", Path::new(&manifest).display())
-            });
+            let text = std::fs::read_to_string(&manifest)
+                .unwrap_or_else(|e| panic!("{IMAGES_ENV}={}: {e}", Path::new(&manifest).display()));
             parse_manifest(&text)
         }
         None => build_images(HostKvm::detect().variant()),
@@ -341,7 +340,12 @@ impl LineStream {
         let (lock, cv) = &*self.lines;
         let mut l = lock.lock().unwrap();
         loop {
-            let found = l.lines.iter().enumerate().skip(from).find(|(_, (_, line))| pred(line));
+            let found = l
+                .lines
+                .iter()
+                .enumerate()
+                .skip(from)
+                .find(|(_, (_, line))| pred(line));
             if let Some((i, (t, line))) = found {
                 return Ok((i, *t, line.clone()));
             }

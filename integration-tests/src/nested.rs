@@ -246,7 +246,14 @@ impl L1Host {
         let mut qemu = Command::new("qemu-system-x86_64");
         qemu.args(["-accel", "tcg,thread=multi", "-cpu", "EPYC", "-smp", "2"])
             .args(["-m", &boot.mem_mib.to_string()])
-            .args(["-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none"])
+            .args([
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-monitor",
+                "none",
+            ])
             .arg("-no-reboot")
             .arg("-kernel")
             .arg(&self.kernel)
@@ -256,7 +263,12 @@ impl L1Host {
             .args(["-append", "console=ttyS0 panic=-1 rdinit=/init quiet"])
             .arg("-serial")
             .arg(format!("file:{}", console_log.display()))
-            .args(["-chardev", "stdio,id=stream,signal=off", "-serial", "chardev:stream"]);
+            .args([
+                "-chardev",
+                "stdio,id=stream,signal=off",
+                "-serial",
+                "chardev:stream",
+            ]);
         let live = std::env::var_os(LIVE_ENV).map(|_| format!("L1[{}] ", boot.name));
         let started = Instant::now();
         let vm = Console::spawn_with_tee("L1 (QEMU TCG)", &mut qemu, live);
@@ -284,7 +296,8 @@ impl L1Host {
             let marker = format!("{EVENT_PREFIX}{event}");
             match stream.wait_line_from(from, timeout, |l| l.contains(&marker)) {
                 Ok((_, _, line))
-                    if event == "kvm " && !(line.contains("npt=Y") && line.contains("nested=1")) =>
+                    if event == "kvm "
+                        && !(line.contains("npt=Y") && line.contains("nested=1")) =>
                 {
                     failure = Some(format!("kvm_amd loaded without nested paging: {line}"));
                 }
@@ -303,7 +316,10 @@ impl L1Host {
         while failure.is_none() {
             let (what, window) = match &running {
                 Some((name, timeout)) => (format!("test {name} to finish"), *timeout),
-                None if boot.tests => ("the next test or the program's end".to_string(), BETWEEN_TESTS),
+                None if boot.tests => (
+                    "the next test or the program's end".to_string(),
+                    BETWEEN_TESTS,
+                ),
                 None => ("the program to finish".to_string(), boot.timeout),
             };
             let window = window.min(program_end.saturating_duration_since(Instant::now()));
@@ -345,9 +361,22 @@ impl L1Host {
             }
         };
         let l1_console = std::fs::read(&console_log)
-            .map(|b| String::from_utf8_lossy(&b).lines().map(str::to_string).collect())
+            .map(|b| {
+                String::from_utf8_lossy(&b)
+                    .lines()
+                    .map(str::to_string)
+                    .collect()
+            })
             .unwrap_or_default();
-        L1Outcome::new(boot, failure, exit, lines, l1_console, qemu_stderr, started.elapsed())
+        L1Outcome::new(
+            boot,
+            failure,
+            exit,
+            lines,
+            l1_console,
+            qemu_stderr,
+            started.elapsed(),
+        )
     }
 
     /// This boot's initramfs: the cached parts, then its payload (program, files, run script).
@@ -489,16 +518,19 @@ impl Boot {
     /// `/nested/run`: the environment every program in L1 gets, then the program.
     fn script(&self) -> String {
         assert!(!self.command.is_empty(), "boot {}: no command", self.name);
-        let mut s = String::from("#!/bin/sh\n# Written by integration-tests/src/nested.rs for one boot.\n");
+        let mut s =
+            String::from("#!/bin/sh\n# Written by integration-tests/src/nested.rs for one boot.\n");
         let env = [
             (IN_L1_ENV, "l1"),
             (IMAGES_ENV, L1_IMAGES_MANIFEST),
             ("PRESCIENT_BIN", "/nested/bin/prescient"),
             ("RUST_BACKTRACE", "1"),
         ];
-        for (k, v) in env.iter().map(|(k, v)| (*k, *v)).chain(
-            self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-        ) {
+        for (k, v) in env
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .chain(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        {
             let _ = writeln!(s, "export {k}={}", shell_quote(v));
         }
         s.push_str("cd /tmp\nexec");
@@ -588,7 +620,9 @@ impl L1Outcome {
                         t,
                     )),
                     TestMarker::End { name, passed } => {
-                        if let Some((run, began)) = tests.iter_mut().rev().find(|(r, _)| r.name == name) {
+                        if let Some((run, began)) =
+                            tests.iter_mut().rev().find(|(r, _)| r.name == name)
+                        {
                             run.passed = Some(passed);
                             run.duration = t.saturating_sub(*began);
                             run.output.end = output.len();
@@ -697,7 +731,10 @@ impl L1Outcome {
             lines[lines.len().saturating_sub(REPORT_LINES)..].join("\n")
         }
         let (output, l2) = match test {
-            Some(t) => (&self.output[t.output.clone()], &self.l2_console[t.l2.clone()]),
+            Some(t) => (
+                &self.output[t.output.clone()],
+                &self.l2_console[t.l2.clone()],
+            ),
             None => (&self.output[..], &self.l2_console[..]),
         };
         let stderr: Vec<String> = self
@@ -736,7 +773,10 @@ mod tests {
             .command("/nested/bin/p", &["a b", "--exact"])
             .script();
         assert!(script.contains("export X='it'\\''s'\n"), "{script}");
-        assert!(script.contains("export PRESCIENT_NESTED='l1'\n"), "{script}");
+        assert!(
+            script.contains("export PRESCIENT_NESTED='l1'\n"),
+            "{script}"
+        );
         assert!(
             script.ends_with("exec '/nested/bin/p' 'a b' '--exact'\n"),
             "{script}"
@@ -746,8 +786,17 @@ mod tests {
     #[test]
     fn only_the_test_selection_goes_to_l1() {
         let args: Vec<String> = [
-            "memory::", "--nocapture", "--test-threads", "2", "--exact", "--skip", "slow",
-            "--format=terse", "--color", "never", "-q",
+            "memory::",
+            "--nocapture",
+            "--test-threads",
+            "2",
+            "--exact",
+            "--skip",
+            "slow",
+            "--format=terse",
+            "--color",
+            "never",
+            "-q",
         ]
         .iter()
         .map(|s| s.to_string())

@@ -109,7 +109,9 @@ impl<'a> DriverQueue<'a> {
     /// the used ring; meaningful with VIRTIO_RING_F_EVENT_IDX).
     pub fn avail_event(&self) -> u16 {
         let at = self.used.0 + USED_HEADER + USED_ELEMENT * u64::from(self.size);
-        self.mem.read_obj(GuestAddress(at)).expect("avail_event inside memory")
+        self.mem
+            .read_obj(GuestAddress(at))
+            .expect("avail_event inside memory")
     }
 
     /// Sets `used_event` (at the end of the avail ring): the used index after which the driver

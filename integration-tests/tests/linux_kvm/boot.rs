@@ -17,11 +17,20 @@ const SCENARIO: Duration = Duration::from_secs(420);
 #[test]
 fn initramfs_runs_stress_ng_and_fio_then_powers_off_cleanly() {
     on_hardware_kvm(SCENARIO, || {
-        let steps = [("stress-cpu:3", 3), ("stress-mem:3:64M", 3), ("fio-randrw:3:16M", 3)];
+        let steps = [
+            ("stress-cpu:3", 3),
+            ("stress-mem:3:64M", 3),
+            ("fio-randrw:3:16M", 3),
+        ];
         let vm = GuestSpec::new("linux-initramfs", 2, 512)
             .with_workloads_in_the_initrd()
             .arg("prescient.agent.interval_ms=500")
-            .steps(&["stress-cpu:3", "stress-mem:3:64M", "fio-randrw:3:16M", "poweroff"])
+            .steps(&[
+                "stress-cpu:3",
+                "stress-mem:3:64M",
+                "fio-randrw:3:16M",
+                "poweroff",
+            ])
             .start();
         vm.ready();
         for (step, secs) in steps {
@@ -42,7 +51,8 @@ fn initramfs_runs_stress_ng_and_fio_then_powers_off_cleanly() {
         // The guest's own view of stress-ng: user time while it ran (how much depends on the
         // host; nested under an emulator it is little).
         let (before, during) = reports_around(&reports(&lines), "stress-cpu:3");
-        let busy = num(during.last().unwrap(), &["cpu", "user_ms"]) - num(&before, &["cpu", "user_ms"]);
+        let busy =
+            num(during.last().unwrap(), &["cpu", "user_ms"]) - num(&before, &["cpu", "user_ms"]);
         assert!(busy > 0, "no user time while stress-ng --cpu ran");
     });
 }
@@ -53,17 +63,28 @@ fn rootfs_on_virtio_blk_runs_stress_ng_and_fio_then_powers_off_cleanly() {
         let vm = GuestSpec::new("linux-rootfs", 2, 512)
             .with_rootfs()
             .arg("prescient.agent.interval_ms=500")
-            .steps(&["stress-cpu:3", "stress-mem:3:64M", "fio-randrw:3:16M", "poweroff"])
+            .steps(&[
+                "stress-cpu:3",
+                "stress-mem:3:64M",
+                "fio-randrw:3:16M",
+                "poweroff",
+            ])
             .start();
         vm.ready();
-        for (step, secs) in [("stress-cpu:3", 3), ("stress-mem:3:64M", 3), ("fio-randrw:3:16M", 3)] {
+        for (step, secs) in [
+            ("stress-cpu:3", 3),
+            ("stress-mem:3:64M", 3),
+            ("fio-randrw:3:16M", 3),
+        ] {
             vm.done(step, secs);
         }
         let lines = vm.console.lines();
         let (status, stderr) = vm.wait_exit();
         assert_eq!(status.code(), Some(0), "{status}\n{stderr}");
         assert!(
-            lines.iter().any(|l| l.contains("EXT4-fs (vda): mounted filesystem")),
+            lines
+                .iter()
+                .any(|l| l.contains("EXT4-fs (vda): mounted filesystem")),
             "the rootfs was not mounted from the virtio disk\n{}",
             lines.join("\n")
         );
@@ -90,9 +111,9 @@ fn debian_bzimage_boots_to_its_console_and_init() {
             .kernel(std::path::Path::new(L1_KERNEL))
             .steps(&["poweroff"])
             .start();
-        let banner = vm.console.expect("the kernel banner", READY, |l| {
-            l.contains("Linux version ")
-        });
+        let banner = vm
+            .console
+            .expect("the kernel banner", READY, |l| l.contains("Linux version "));
         assert!(
             banner.contains(&format!("Linux version {release} ")),
             "{banner}"
@@ -100,8 +121,9 @@ fn debian_bzimage_boots_to_its_console_and_init() {
         vm.console.expect("the command line", READY, |l| {
             l.contains("Command line: ") && l.contains("prescient.workload=poweroff")
         });
-        vm.console
-            .expect("init from the initramfs", READY, |l| l.contains("Run /init as init process"));
+        vm.console.expect("init from the initramfs", READY, |l| {
+            l.contains("Run /init as init process")
+        });
         vm.ready();
         let (status, stderr) = vm.wait_exit();
         assert_eq!(status.code(), Some(0), "{status}\n{stderr}");

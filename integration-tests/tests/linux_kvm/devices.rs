@@ -75,7 +75,11 @@ fn the_guest_pings_a_tap_peer_and_the_agent_reports_over_vsock() {
             .iter()
             .filter(|l| l.starts_with("agent: report {"))
             .count();
-        assert!(reports >= 4, "{reports} reports over vsock in 3 s at 500 ms:\n{:?}", link.lines());
+        assert!(
+            reports >= 4,
+            "{reports} reports over vsock in 3 s at 500 ms:\n{:?}",
+            link.lines()
+        );
 
         // vsock, host to guest: a step sent on the connection runs; the guest pings the host.
         vm.run(&format!("ping:3:{HOST_IP}"));

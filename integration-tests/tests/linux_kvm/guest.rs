@@ -161,8 +161,8 @@ pub struct AgentLink {
 impl AgentLink {
     /// Listens at `uds` (`<uds_path>_<port>`) and accepts the agent's connections, newest first.
     fn listen(uds: &Path) -> Self {
-        let listener = UnixListener::bind(uds)
-            .unwrap_or_else(|e| panic!("listen on {}: {e}", uds.display()));
+        let listener =
+            UnixListener::bind(uds).unwrap_or_else(|e| panic!("listen on {}: {e}", uds.display()));
         let lines: Arc<Mutex<Option<LineStream>>> = Arc::default();
         let writer: Arc<Mutex<Option<UnixStream>>> = Arc::default();
         let (l, w) = (lines.clone(), writer.clone());
@@ -252,7 +252,12 @@ impl Guest {
     }
 
     /// Waits up to `timeout` for a report (taken after now) that satisfies `pred`.
-    pub fn wait_report(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+    pub fn wait_report(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
         let seen = self.reports().len();
         let deadline = Instant::now() + timeout;
         loop {
@@ -294,8 +299,9 @@ impl Guest {
 
     /// Waits for the VMM to exit (after a poweroff step).
     pub fn wait_exit(self) -> (ExitStatus, String) {
-        self.console
-            .expect("agent: poweroff", STEP_SLACK, |l| l.contains("agent: poweroff"));
+        self.console.expect("agent: poweroff", STEP_SLACK, |l| {
+            l.contains("agent: poweroff")
+        });
         self.console.wait_exit(EXIT)
     }
 }

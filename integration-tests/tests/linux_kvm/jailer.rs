@@ -22,7 +22,10 @@ const GID: u32 = 40124;
 
 /// The kernel's record of seccomp kills (audit type 1326), if it keeps them.
 fn seccomp_audit_lines() -> Vec<String> {
-    let out = Command::new("dmesg").output().map(|o| o.stdout).unwrap_or_default();
+    let out = Command::new("dmesg")
+        .output()
+        .map(|o| o.stdout)
+        .unwrap_or_default();
     String::from_utf8_lossy(&out)
         .lines()
         .filter(|l| l.contains("type=1326") || l.contains("seccomp"))
@@ -56,7 +59,11 @@ impl OwnedTap {
             // SAFETY: `fd` is our open tun fd; `arg` is a pointer to `req` (alive for the call,
             // the size TUNSETIFF expects) or an integer the request takes by value.
             let rc = unsafe { libc::ioctl(fd, request, arg) };
-            assert!(rc >= 0, "{what} on {name}: {}", std::io::Error::last_os_error());
+            assert!(
+                rc >= 0,
+                "{what} on {name}: {}",
+                std::io::Error::last_os_error()
+            );
         };
         ioctl(TUNSETIFF, req.as_mut_ptr() as libc::c_ulong, "TUNSETIFF");
         ioctl(TUNSETOWNER, libc::c_ulong::from(uid), "TUNSETOWNER");
@@ -96,7 +103,12 @@ fn a_jailed_vmm_runs_linux_with_every_device_in_the_steady_stage_without_sigsys(
             .section("memory-hotplug", json!({"total_size_mib": 512}))
             .arg("prescient.agent.interval_ms=500")
             .arg("ip=172.16.1.2::172.16.1.1:255.255.255.0::eth0:off")
-            .steps(&["stress-cpu:4", "fio-randrw:4:16M", "stress-mem:3:96M", "poweroff"]);
+            .steps(&[
+                "stress-cpu:4",
+                "fio-randrw:4:16M",
+                "stress-mem:3:96M",
+                "poweroff",
+            ]);
         let rootfs: PathBuf = spec.scratch().path().join("rootfs.ext4");
         chown(&rootfs, Some(UID), Some(GID)).expect("hand the disk to the jail's user");
         let spec_path = spec.write_spec();
@@ -121,7 +133,11 @@ fn a_jailed_vmm_runs_linux_with_every_device_in_the_steady_stage_without_sigsys(
         // The jail makes its root first; the API socket appears inside it.
         let mut vm = spec.spawn(&mut jail);
         while !socket.exists() {
-            assert!(start.elapsed() < READY, "no API socket at {}", socket.display());
+            assert!(
+                start.elapsed() < READY,
+                "no API socket at {}",
+                socket.display()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         vm.connect_api(&socket);
@@ -131,7 +147,11 @@ fn a_jailed_vmm_runs_linux_with_every_device_in_the_steady_stage_without_sigsys(
 
         // The steady stage for every thread, then every device used under it.
         vm.send("PUT", "/seccomp", json!({"stage": "steady"}));
-        vm.send("PATCH", "/hotplug/memory", json!({"requested_size_mib": 128}));
+        vm.send(
+            "PATCH",
+            "/hotplug/memory",
+            json!({"requested_size_mib": 128}),
+        );
         vm.send("PATCH", "/balloon", json!({"amount_mib": 32}));
         let deadline = Instant::now() + READY;
         loop {
@@ -144,7 +164,11 @@ fn a_jailed_vmm_runs_linux_with_every_device_in_the_steady_stage_without_sigsys(
             std::thread::sleep(Duration::from_millis(100));
         }
         vm.send("PATCH", "/balloon", json!({"amount_mib": 0}));
-        for (step, secs) in [("stress-cpu:4", 4), ("fio-randrw:4:16M", 4), ("stress-mem:3:96M", 3)] {
+        for (step, secs) in [
+            ("stress-cpu:4", 4),
+            ("fio-randrw:4:16M", 4),
+            ("stress-mem:3:96M", 3),
+        ] {
             vm.done(step, secs);
         }
         let lines = vm.console.lines();
@@ -152,15 +176,21 @@ fn a_jailed_vmm_runs_linux_with_every_device_in_the_steady_stage_without_sigsys(
             lines.iter().any(|l| l.contains("rcS: eth0 172.16.1.2")),
             "the guest's network did not come up"
         );
-        vm.console
-            .expect("agent: poweroff", STEP_SLACK, |l| l.contains("agent: poweroff"));
+        vm.console.expect("agent: poweroff", STEP_SLACK, |l| {
+            l.contains("agent: poweroff")
+        });
         let (status, stderr) = vm.console.wait_exit(crate::guest::EXIT);
         assert_eq!(
             status.code(),
             Some(0),
             "the jailed VMM did not end cleanly (159 is SIGSYS): {status}\n{stderr}"
         );
-        for bad in ["SIGSYS", "Bad system call", "Operation not permitted", "EPERM"] {
+        for bad in [
+            "SIGSYS",
+            "Bad system call",
+            "Operation not permitted",
+            "EPERM",
+        ] {
             assert!(!stderr.contains(bad), "{bad} in the VMM's log:\n{stderr}");
         }
         let audit = seccomp_audit_lines();

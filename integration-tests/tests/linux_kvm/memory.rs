@@ -111,7 +111,9 @@ fn balloon_statistics_follow_the_interval_and_inflating_lowers_memtotal_and_rss(
         let (mut fresh, mut last_age) = (0, first["stats_age_ms"].as_u64().unwrap());
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(6) {
-            let age = vm.get("/balloon/statistics")["stats_age_ms"].as_u64().unwrap();
+            let age = vm.get("/balloon/statistics")["stats_age_ms"]
+                .as_u64()
+                .unwrap();
             if age < last_age {
                 fresh += 1;
             }
@@ -132,7 +134,9 @@ fn balloon_statistics_follow_the_interval_and_inflating_lowers_memtotal_and_rss(
             mib(idle),
             mib(touched)
         );
-        let before = vm.wait_report("a report after the workload", READY, |r| r["workload"].is_null());
+        let before = vm.wait_report("a report after the workload", READY, |r| {
+            r["workload"].is_null()
+        });
         let rss = vm.rss();
 
         // Inflate by 128 MiB: without deflate-on-OOM Linux takes the pages out of MemTotal; the
@@ -149,7 +153,8 @@ fn balloon_statistics_follow_the_interval_and_inflating_lowers_memtotal_and_rss(
             128 * 1024,
             "MemTotal {before} -> {inflated}"
         );
-        let available_drop = kib(&before, "mem_available_kib") - kib(&inflated, "mem_available_kib");
+        let available_drop =
+            kib(&before, "mem_available_kib") - kib(&inflated, "mem_available_kib");
         assert!(
             available_drop >= 120 * 1024,
             "MemAvailable fell by {available_drop} KiB"
@@ -164,13 +169,18 @@ fn balloon_statistics_follow_the_interval_and_inflating_lowers_memtotal_and_rss(
 
         // Deflate: MemTotal comes back.
         vm.send("PATCH", "/balloon", json!({"amount_mib": 0}));
-        wait_api(&mut vm, "/balloon/statistics", "actual 0", |s| s["actual_mib"] == 0);
+        wait_api(&mut vm, "/balloon/statistics", "actual 0", |s| {
+            s["actual_mib"] == 0
+        });
         vm.wait_report("MemTotal back", SETTLE, |r| {
             kib(r, "mem_total_kib") == kib(&before, "mem_total_kib")
         });
         let scrape = vm.api().request("GET", "/metrics", None).body;
         assert_eq!(
-            integration_tests::prometheus_value(&scrape, "prescient_balloon_invalid_requests_total"),
+            integration_tests::prometheus_value(
+                &scrape,
+                "prescient_balloon_invalid_requests_total"
+            ),
             0,
             "Linux's driver made requests the device refused"
         );
@@ -250,7 +260,10 @@ fn balloon_deflates_on_oom_under_a_memory_hog_and_free_page_reporting_returns_me
         assert_no_oom(&vm);
         let scrape = vm.api().request("GET", "/metrics", None).body;
         assert_eq!(
-            integration_tests::prometheus_value(&scrape, "prescient_balloon_invalid_requests_total"),
+            integration_tests::prometheus_value(
+                &scrape,
+                "prescient_balloon_invalid_requests_total"
+            ),
             0
         );
         let (status, stderr) = vm.poweroff();
@@ -274,7 +287,11 @@ fn virtio_mem_plugs_512_mib_that_comes_online_and_unplugging_returns_it() {
         let before = vm.wait_report("a first report", READY, |_| true);
 
         // Plug 512 MiB: Linux adds it and onlines it by itself (prescient's command line).
-        vm.send("PATCH", "/hotplug/memory", json!({"requested_size_mib": 512}));
+        vm.send(
+            "PATCH",
+            "/hotplug/memory",
+            json!({"requested_size_mib": 512}),
+        );
         wait_api(&mut vm, "/hotplug/memory", "512 MiB plugged", |s| {
             s["plugged_size_mib"] == 512
         });

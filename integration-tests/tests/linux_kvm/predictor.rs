@@ -6,8 +6,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use integration_tests::{run_prescient, ApiClient, Scratch};
 use integration_tests::nested::on_hardware_kvm;
+use integration_tests::{run_prescient, ApiClient, Scratch};
 use serde_json::{json, Value};
 
 use crate::guest::GuestSpec;
@@ -20,7 +20,9 @@ const BOOT_MIB: u64 = 256;
 const RAMP: [&str; 3] = ["stress-mem:4:96M", "stress-mem:4:192M", "stress-mem:4:320M"];
 
 fn decisions(api: &mut ApiClient) -> Vec<Value> {
-    let page = api.request("GET", "/predictor/decisions?since=0", None).json();
+    let page = api
+        .request("GET", "/predictor/decisions?since=0", None)
+        .json();
     page["decisions"].as_array().expect("decisions").clone()
 }
 
@@ -30,14 +32,18 @@ fn applied<'a>(d: &'a Value, what: &str) -> Option<&'a Value> {
 
 /// The cgroup v2 or v1 quota of the VM's vCPU threads, in cores.
 fn cgroup_cores(id: &str) -> Option<f64> {
-    let v2 = Path::new("/sys/fs/cgroup/prescient").join(id).join("cpu.max");
+    let v2 = Path::new("/sys/fs/cgroup/prescient")
+        .join(id)
+        .join("cpu.max");
     if let Ok(s) = std::fs::read_to_string(v2) {
         let mut f = s.split_whitespace();
         let quota: f64 = f.next()?.parse().ok()?;
         let period: f64 = f.next()?.parse().ok()?;
         return Some(quota / period);
     }
-    let v1 = Path::new("/sys/fs/cgroup/cpu/prescient").join(id).join("cpu.cfs_quota_us");
+    let v1 = Path::new("/sys/fs/cgroup/cpu/prescient")
+        .join(id)
+        .join("cpu.cfs_quota_us");
     let quota: f64 = std::fs::read_to_string(v1).ok()?.trim().parse().ok()?;
     Some(quota / 100_000.0)
 }
@@ -90,7 +96,9 @@ fn the_predictor_follows_stress_ng_phases_without_oom_or_false_alarms_and_replay
         let mut vm = spec.start_with(&mut cmd, &socket);
         if let Err(e) = vm
             .console
-            .wait_for("agent: ready", crate::guest::READY, |l| l.contains("agent: ready"))
+            .wait_for("agent: ready", crate::guest::READY, |l| {
+                l.contains("agent: ready")
+            })
         {
             let status = vm.get("/predictor");
             let log = decisions(&mut vm.api());
@@ -106,7 +114,10 @@ fn the_predictor_follows_stress_ng_phases_without_oom_or_false_alarms_and_replay
             .filter(|d| d["resized"]["cpu"] == true)
             .filter_map(|d| d["allocation"]["cpu"].as_f64())
             .fold(0.0, f64::max);
-        assert!(cpu_peak >= 1.5, "the CPU quota never rose for stress-ng: peak {cpu_peak}");
+        assert!(
+            cpu_peak >= 1.5,
+            "the CPU quota never rose for stress-ng: peak {cpu_peak}"
+        );
         let alloc = vm.get("/predictor")["allocation"]["cpu"].as_f64().unwrap();
         let cores = cgroup_cores(&id).expect("the VM's cgroup");
         assert!(
@@ -125,7 +136,9 @@ fn the_predictor_follows_stress_ng_phases_without_oom_or_false_alarms_and_replay
         let (status, stderr) = vm.poweroff();
         assert_eq!(status.code(), Some(0), "{status}\n{stderr}");
         assert!(
-            !console.iter().any(|l| l.contains("Out of memory") || l.contains("oom-killer")),
+            !console
+                .iter()
+                .any(|l| l.contains("Out of memory") || l.contains("oom-killer")),
             "the guest ran out of memory; plugged {hotplug}"
         );
         let mem_peak = log
@@ -166,7 +179,10 @@ fn the_predictor_follows_stress_ng_phases_without_oom_or_false_alarms_and_replay
                     || !matches!(d["anomaly"]["action"].as_str(), Some("hold" | "log"))
             })
             .collect();
-        assert!(flagged.is_empty(), "a healthy Linux guest was flagged: {flagged:#?}");
+        assert!(
+            flagged.is_empty(),
+            "a healthy Linux guest was flagged: {flagged:#?}"
+        );
 
         // The trace replays to the same decisions.
         let replayed = traces.path().join("replayed.jsonl");
@@ -199,7 +215,12 @@ fn the_predictor_follows_stress_ng_phases_without_oom_or_false_alarms_and_replay
             })
             .collect();
         let common = live.len().min(replayed.len());
-        assert!(common >= 100, "replayed {} of {} decisions", replayed.len(), live.len());
+        assert!(
+            common >= 100,
+            "replayed {} of {} decisions",
+            replayed.len(),
+            live.len()
+        );
         assert_eq!(live[..common], replayed[..common]);
     });
 }

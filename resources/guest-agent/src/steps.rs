@@ -107,12 +107,14 @@ pub fn parse_step(s: &str) -> Result<Step, String> {
     let third = parts.next();
     let (size, target) = match (kind, third) {
         (Kind::Ping, Some(addr)) => {
-            let target = addr.parse::<Ipv4Addr>().map_err(|_| {
-                format!("{name}: the target must be an IPv4 address, got {addr:?}")
-            })?;
+            let target = addr
+                .parse::<Ipv4Addr>()
+                .map_err(|_| format!("{name}: the target must be an IPv4 address, got {addr:?}"))?;
             (None, Some(target))
         }
-        (Kind::Ping, None) => return Err(format!("{name}: missing target, e.g. {name}:3:10.0.0.1")),
+        (Kind::Ping, None) => {
+            return Err(format!("{name}: missing target, e.g. {name}:3:10.0.0.1"))
+        }
         (_, None) => (None, None),
         (_, Some(size)) => {
             let digits = size.trim_end_matches(|c: char| c.is_ascii_alphabetic() || c == '%');
@@ -326,9 +328,7 @@ mod tests {
             .unwrap_err()
             .contains("too many"));
         assert!(parse_step("ping:3").unwrap_err().contains("missing target"));
-        assert!(parse_step("ping:3:10.0.0")
-            .unwrap_err()
-            .contains("IPv4"));
+        assert!(parse_step("ping:3:10.0.0").unwrap_err().contains("IPv4"));
         assert!(parse_step("ping:3:10.0.0.1:2")
             .unwrap_err()
             .contains("too many"));
@@ -336,7 +336,12 @@ mod tests {
 
     #[test]
     fn steps_display_as_they_parse() {
-        for s in ["stress-cpu:10", "stress-mem:3:128M", "ping:2:10.0.0.1", "poweroff"] {
+        for s in [
+            "stress-cpu:10",
+            "stress-mem:3:128M",
+            "ping:2:10.0.0.1",
+            "poweroff",
+        ] {
             assert_eq!(parse_step(s).unwrap().to_string(), s);
         }
     }
@@ -393,7 +398,13 @@ mod tests {
         assert!(args.contains(&"--direct=1".to_string()));
         let (prog, args) = w(Kind::FioSeqwrite, None).command(true);
         assert_eq!(prog, "fio");
-        for a in ["--rw=write", "--bs=1M", "--size=64M", "--end_fsync=1", "--direct=1"] {
+        for a in [
+            "--rw=write",
+            "--bs=1M",
+            "--size=64M",
+            "--end_fsync=1",
+            "--direct=1",
+        ] {
             assert!(args.contains(&a.to_string()), "{a} in {args:?}");
         }
         let ping = Workload {

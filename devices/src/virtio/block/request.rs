@@ -343,7 +343,10 @@ mod tests {
     fn segments_split_at_any_byte() {
         let mut s = seg(&[(0x1000, 10), (0x2000, 20)]);
         let front = s.take_front(16);
-        assert_eq!(front.ranges, [(GuestAddress(0x1000), 10), (GuestAddress(0x2000), 6)]);
+        assert_eq!(
+            front.ranges,
+            [(GuestAddress(0x1000), 10), (GuestAddress(0x2000), 6)]
+        );
         assert_eq!((front.len, s.len), (16, 14));
         assert_eq!(s.ranges, [(GuestAddress(0x2006), 14)]);
         assert_eq!(s.take_last_byte(), Some(GuestAddress(0x2013)));

@@ -175,7 +175,11 @@ fn with_event_idx_the_driver_learns_when_to_notify_and_interrupts_follow_used_ev
         VIRTIO_BLK_S_OK
     );
     assert!(rig.irq.read().is_err(), "no interrupt before used_event");
-    assert_eq!(rig.queue.avail_event(), 1, "notify me when request 1 is there");
+    assert_eq!(
+        rig.queue.avail_event(),
+        1,
+        "notify me when request 1 is there"
+    );
     assert_eq!(
         rig.request(VIRTIO_BLK_T_IN, 1, Some((512, true))),
         VIRTIO_BLK_S_OK
