@@ -11,8 +11,8 @@ use predictor::forecast::{Horizon, Preset};
 use predictor::policy::{Budget, Policy, PolicyConfig};
 use predictor::resource::Usage;
 use predictor::telemetry::{
-    Collector, DeviceId, DeviceKind, ExitKind, KvmVcpuStats, MemorySample, Target, WindowInputs,
-    MAX_DEVICES,
+    Access, Collector, DeviceId, DeviceKind, DeviceTotals, ExitKind, ExitRecorder, KvmVcpuStats,
+    MemorySample, Target, WindowInputs, MAX_DEVICES,
 };
 
 const KINDS: [DeviceKind; 7] = [
@@ -65,9 +65,14 @@ fn exit_kind(kind: u8, device: u8, devices: usize) -> ExitKind {
         }
         _ => Target::Unknown,
     };
+    let access = if kind & 0x80 == 0 {
+        Access::Read
+    } else {
+        Access::Write
+    };
     match kind % 8 {
-        0 => ExitKind::Io(target),
-        1 => ExitKind::Mmio(target),
+        0 => ExitKind::Io(access, target),
+        1 => ExitKind::Mmio(access, target),
         2 => ExitKind::Hlt,
         3 => ExitKind::Shutdown,
         4 => ExitKind::InternalError,
@@ -97,15 +102,20 @@ fuzz_target!(|input: Input| {
     let mut now_ns = 1_000_000_000u64;
     let mut collector =
         Collector::new(std::time::Duration::from_millis(100), now_ns).expect("a 100 ms window");
-    let mut vcpus: Vec<_> = (0..n_vcpus).map(|_| collector.add_vcpu()).collect();
-    let mut devices: Vec<_> = (0..n_devices)
-        .map(|i| {
-            let id = DeviceId::new(i as u8).expect("below MAX_DEVICES");
-            collector
-                .add_device(id, KINDS[i % KINDS.len()])
-                .expect("a new device")
+    let mut vcpus: Vec<_> = (0..n_vcpus)
+        .map(|_| {
+            let (recorder, totals) = ExitRecorder::new();
+            collector.add_vcpu(&totals);
+            recorder
         })
         .collect();
+    for i in 0..n_devices {
+        let id = DeviceId::new(i as u8).expect("below MAX_DEVICES");
+        collector
+            .add_device(id, KINDS[i % KINDS.len()])
+            .expect("a new device");
+    }
+    let mut devices = vec![DeviceTotals::default(); n_devices];
     let mut kvm = vec![KvmVcpuStats::default(); n_vcpus];
     let mut cpu_ns = vec![0u64; n_vcpus];
 
@@ -113,13 +123,16 @@ fuzz_target!(|input: Input| {
         for e in w.exits.iter().take(64) {
             let kind = exit_kind(e.kind, e.device, n_devices);
             for _ in 0..e.count % 16 {
-                vcpus[usize::from(e.vcpu) % n_vcpus].record(kind, now_ns);
+                vcpus[usize::from(e.vcpu) % n_vcpus].record(kind);
             }
         }
         if n_devices > 0 {
             for &(d, ops, read, written) in w.device_io.iter().take(64) {
+                let t = &mut devices[usize::from(d) % n_devices];
                 for _ in 0..=ops % 4 {
-                    devices[usize::from(d) % n_devices].record(u64::from(read), u64::from(written));
+                    t.ops = t.ops.wrapping_add(1);
+                    t.read_bytes = t.read_bytes.wrapping_add(u64::from(read));
+                    t.written_bytes = t.written_bytes.wrapping_add(u64::from(written));
                 }
             }
         }
@@ -146,6 +159,7 @@ fuzz_target!(|input: Input| {
                 &WindowInputs {
                     kvm: &kvm,
                     cpu_ns: &cpu_ns,
+                    devices: &devices,
                     memory,
                 },
             )

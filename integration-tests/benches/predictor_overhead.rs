@@ -15,7 +15,7 @@
 use std::time::Duration;
 
 use integration_tests::{guest_spec, median, run_spec, Scratch, TEST_GUEST_PVH};
-use predictor::eval::replay_recorded;
+use predictor_tools::eval::replay_recorded;
 use serde_json::Value;
 
 const EXITS: u64 = 100_000;

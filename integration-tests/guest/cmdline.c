@@ -59,6 +59,8 @@ static int apply(const char *k, size_t kn, const char *v, size_t vn)
 			g_params.exit = EXIT_HALT;
 		else if (eq(v, vn, "kbd"))
 			g_params.exit = EXIT_KBD;
+		else if (eq(v, vn, "serial"))
+			g_params.exit = EXIT_SERIAL;
 		else
 			return 2;
 		return 0;

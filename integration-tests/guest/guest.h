@@ -113,7 +113,7 @@ void boot_copy(int kind, u64 info_paddr);       /* CPL0, first thing */
 
 /* ---- cmdline.c ------------------------------------------------------ */
 enum { MODE_NORMAL, MODE_TRIPLE, MODE_PANIC };
-enum { EXIT_RESET, EXIT_HALT, EXIT_KBD };
+enum { EXIT_RESET, EXIT_HALT, EXIT_KBD, EXIT_SERIAL };
 struct params {
 	u64 cpu_ms;
 	u64 mem_mib;
@@ -132,6 +132,7 @@ void phases_run(void);                          /* CPL0, after stage_run */
 void serial_init(void);
 void serial_write_line(const char *s, size_t n);  /* whole line, under lock */
 void serial_panic_write(const char *s, size_t n); /* ignores a stuck lock */
+int serial_echo_line(u64 timeout_ms);   /* exit=serial: 1 once a typed line ended */
 int vfmt(char *buf, size_t size, const char *fmt, va_list ap);
 int fmt(char *buf, size_t size, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 void gprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

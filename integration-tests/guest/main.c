@@ -11,7 +11,8 @@
  *   stage_run      "cpus online", release APs, CPU phase, memory phase,
  *                  wait for APs, final line
  *   exit (CPL0)    i8042 reset (fallback: triple fault), or halt, or wait
- *                  for Ctrl-Alt-Del on the i8042 keyboard first
+ *                  for Ctrl-Alt-Del on the i8042 keyboard first, or for a
+ *                  line typed on the serial console
  */
 #include "guest.h"
 
@@ -73,6 +74,8 @@ static NORETURN void guest_exit(u64 ok)
 	if (g_params.exit == EXIT_HALT)
 		halt_forever();
 	if (g_params.exit == EXIT_KBD && !kbd_wait_ctrl_alt_del(60000))
+		triple_fault();
+	if (g_params.exit == EXIT_SERIAL && !serial_echo_line(60000))
 		triple_fault();
 	outb(0x64, 0xfe);                       /* i8042: pulse reset line */
 	delay_us(100000);                       /* VMM may act asynchronously */

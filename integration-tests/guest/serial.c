@@ -1,5 +1,5 @@
 /*
- * COM1 (16550 at 0x3f8), polled, output only.
+ * COM1 (16550 at 0x3f8), polled: output, and input for exit=serial.
  *
  * Bytes go straight to THR without polling LSR: every VMM we target
  * (prescient's vm-superio serial, QEMU) accepts them synchronously, and each
@@ -13,6 +13,7 @@
 #include "guest.h"
 
 #define COM1 0x3f8
+#define LSR_DATA_READY 0x01
 
 static spinlock_t console_lock;
 
@@ -49,4 +50,39 @@ void serial_panic_write(const char *s, size_t n)
 		cpu_relax();
 	put(s, n);
 	spin_unlock(&console_lock);
+}
+
+/*
+ * exit=serial (CPL0, port I/O): prints every byte the console receives as
+ * "guest: serial byte 0x.." until a line ends (CR or LF), then the line
+ * itself; polls the line status once a millisecond while nothing waits.
+ * Returns 0 if no line ended within timeout_ms of the last byte.
+ */
+int serial_echo_line(u64 timeout_ms)
+{
+	char line[128];
+	size_t n = 0;
+	u64 waited_ms = 0;
+
+	gprintf("guest: serial waiting for input\n");
+	for (;;) {
+		if (!(inb(COM1 + 5) & LSR_DATA_READY)) {
+			if (waited_ms++ >= timeout_ms) {
+				gprintf("guest: serial no line within %lu ms\n", timeout_ms);
+				return 0;
+			}
+			delay_us(1000);
+			continue;
+		}
+		waited_ms = 0;
+		u8 b = inb(COM1);
+		gprintf("guest: serial byte 0x%x\n", b);
+		if (b == '\r' || b == '\n')
+			break;
+		if (n < sizeof(line) - 1)
+			line[n++] = (char)b;
+	}
+	line[n] = 0;
+	gprintf("guest: serial line \"%s\"\n", line);
+	return 1;
 }

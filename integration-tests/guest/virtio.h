@@ -159,6 +159,7 @@ extern struct vmem_geometry g_vmem;
 int vmem_request_at(struct vdev *d, u16 type, u64 addr, u16 n, u16 *state);
 /* What virtio-mem adds to the guest's memory, for the balloon's statistics (bytes). */
 extern u64 g_vmem_plugged_bytes, g_vmem_used_bytes;
+extern int g_vmem_following;
 void balloon_service(void);             /* answer a pending statistics request, if any */
 int blk_hostile(struct vdev *d, u32 mode);      /* hostile.c's blk modes, 1 = device survived */
 int blk_crash(struct vdev *d, u64 n);   /* blk_crash=N, 1 = ok */

@@ -57,10 +57,13 @@ static void find_free_ram(void)
 static u64 free_bytes(void) { return ram_hi - ram_lo - (u64)balloon_pages * PAGE; }
 
 /* Plugged virtio-mem memory counts as RAM, free where the workload does not
- * want it; a demand above what is plugged shows as no memory available. */
+ * want it. While the virtio-mem follow run is on, its workload lives only in
+ * plugged blocks, so only the plugged memory it does not use is available to
+ * it (the boot RAM is not): a demand above what is plugged shows as no memory
+ * available, and the used memory the VMM sees is what the workload needs. */
 static void send_stats(void)
 {
-	u64 have = free_bytes() + g_vmem_plugged_bytes;
+	u64 have = g_vmem_following ? g_vmem_plugged_bytes : free_bytes() + g_vmem_plugged_bytes;
 	u64 f = have > g_vmem_used_bytes ? have - g_vmem_used_bytes : 0;
 	struct stat_entry s[5] = {
 		{ S_MEMTOT, ram_total + g_vmem_plugged_bytes }, { S_MEMFREE, f }, { S_AVAIL, f },

@@ -47,6 +47,7 @@ static u64 plugged_bits[VMEM_MAX_BLOCKS / 64];
 static u64 base, block, nblocks, nplugged;
 struct vmem_geometry g_vmem;
 u64 g_vmem_plugged_bytes, g_vmem_used_bytes;
+int g_vmem_following;
 
 static int is_plugged(u64 b) { return (plugged_bits[b / 64] >> (b % 64)) & 1; }
 static void mark(u64 b, int on)
@@ -226,6 +227,7 @@ static u64 demand_blocks(u64 ms)
 static int follow(struct vdev *d)
 {
 	u64 t0 = rdtsc(), touched = 0, failures = 0, peak = 0, max_need = 0, next_line = 0;
+	g_vmem_following = 1;
 	for (;;) {
 		u64 ms = vt_ms_since(t0);
 		if (ms >= g_vparams.vmem_follow_ms)

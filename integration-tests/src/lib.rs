@@ -8,6 +8,7 @@ pub mod agent;
 pub mod linux;
 pub mod nested;
 pub mod openapi;
+pub mod pty;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -503,4 +504,81 @@ impl ApiClient {
         openapi::check_response(method, path, response.status, &response.body);
         response
     }
+}
+
+/// A network namespace with a TAP in it (the host's own interfaces are never touched), deleted
+/// on drop.
+pub struct Netns(String);
+
+impl Netns {
+    pub fn with_tap(name: String, tap: &str) -> Self {
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip")
+                .args(args)
+                .output()
+                .expect("run ip (iproute2)");
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        ip(&["netns", "add", &name]);
+        let ns = Netns(name);
+        ip(&["-n", &ns.0, "tuntap", "add", "dev", tap, "mode", "tap"]);
+        ip(&["-n", &ns.0, "link", "set", tap, "up"]);
+        ns
+    }
+
+    /// `program` run inside the namespace (stdin closed, output captured).
+    pub fn exec(&self, program: &std::path::Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0]).arg(program);
+        c.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// A Unix socket at `path` that accepts one connection (within `deadline`) and echoes what it
+/// reads until the peer shuts down its side; the thread returns the bytes echoed.
+pub fn unix_echo_server(
+    path: &Path,
+    deadline: Duration,
+) -> std::thread::JoinHandle<Result<usize, String>> {
+    use std::io::Write;
+    let listener = std::os::unix::net::UnixListener::bind(path).expect("bind the echo socket");
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        let (mut s, _) = loop {
+            match listener.accept() {
+                Ok(c) => break c,
+                Err(_) if start.elapsed() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        };
+        s.set_nonblocking(false).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let (mut total, mut buf) = (0usize, vec![0u8; 8192]);
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => return Ok(total),
+                Ok(n) => {
+                    s.write_all(&buf[..n]).map_err(|e| e.to_string())?;
+                    total += n;
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    })
 }

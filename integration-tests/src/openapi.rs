@@ -2,7 +2,7 @@
 //! be documented for it (or fall under `default`), and a JSON body must match its schema.
 //!
 //! The validator covers the schema subset the document uses: `$ref`, `type`, `properties`,
-//! `required`, `additionalProperties: false`, `enum`, `minimum` and `maximum`.
+//! `required`, `additionalProperties: false`, `items`, `enum`, `minimum` and `maximum`.
 
 use std::sync::OnceLock;
 
@@ -69,6 +69,11 @@ pub fn violations(schema: &Value, value: &Value, at: &str) -> Vec<String> {
     ) {
         if v > max {
             out.push(format!("{at}: {v} > maximum {max}"));
+        }
+    }
+    if let (Some(items), Some(list)) = (schema.get("items"), value.as_array()) {
+        for (i, v) in list.iter().enumerate() {
+            out.extend(violations(items, v, &format!("{at}/{i}")));
         }
     }
     if let Some(obj) = value.as_object() {
@@ -186,6 +191,17 @@ mod tests {
             "",
         );
         assert_eq!(e.len(), 1, "{e:?}");
+        let devices = json!({"$ref": "#/components/schemas/PredictorStatus"});
+        let device =
+            json!({"id": 0, "name": "serial", "kind": "console", "bus": "pio", "base": 1016});
+        let status =
+            |d: Value| json!({"config": {}, "running": true, "windows": 0, "devices": [d]});
+        let e = violations(&devices, &status(device.clone()), "");
+        assert!(e.iter().all(|e| e.starts_with("/config")), "{e:?}");
+        let mut bad = device;
+        bad["kind"] = json!("toaster");
+        let e = violations(&devices, &status(bad), "");
+        assert!(e.iter().any(|e| e.starts_with("/devices/0/kind")), "{e:?}");
     }
 
     #[test]

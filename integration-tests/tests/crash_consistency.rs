@@ -12,7 +12,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use integration_tests::{drive_json, guest_spec_devices, prescient_bin, Scratch};
-use predictor::synthetic::Rng;
+use predictor::rng::Rng;
 
 /// First sector the guest writes; it cycles over 64 sectors from there.
 const FIRST_SECTOR: u64 = 8;

@@ -1,49 +1,11 @@
 //! virtio-net between the test guest and a host TAP, inside a network namespace the test makes
 //! and removes itself (the host's own interfaces are never touched).
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use integration_tests::{prescient_bin, wait_with_deadline, RunningVmm, Scratch, TEST_GUEST_PVH};
-
-/// A network namespace with a TAP in it, deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn with_tap(name: String, tap: &str) -> Self {
-        let ip = |args: &[&str]| {
-            let out = Command::new("ip")
-                .args(args)
-                .output()
-                .expect("run ip (iproute2)");
-            assert!(
-                out.status.success(),
-                "ip {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        ip(&["netns", "add", &name]);
-        let ns = Netns(name);
-        ip(&["-n", &ns.0, "tuntap", "add", "dev", tap, "mode", "tap"]);
-        ip(&["-n", &ns.0, "link", "set", tap, "up"]);
-        ns
-    }
-
-    fn exec(&self, program: &std::path::Path) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0]).arg(program);
-        c.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        c
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
+use integration_tests::{
+    prescient_bin, wait_with_deadline, Netns, RunningVmm, Scratch, TEST_GUEST_PVH,
+};
 
 #[test]
 fn frames_cross_between_the_guest_and_a_host_tap() {

@@ -89,8 +89,8 @@ fn the_vmm_follows_the_phases_pauses_on_an_unknown_port_and_its_trace_replays() 
 
     // 4 s of CPU (the forecasters warm up in 2 s, then the idle drive's bandwidth shrinks),
     // 32 MiB touched, 12 MiB read from the drive, then 100000 writes to a port with no device
-    // (about 1.5 s). Forecast misses alone add at most 0.3 a window to the anomaly score, the
-    // unknown port 0.6: the threshold is set where only the port gets the score.
+    // (about 1.5 s). The unknown port adds 0.6 a window to the anomaly score, a forecast miss
+    // beside it at most 0.3 (alone nothing): only the port gets the score to the threshold.
     let (vmm, mut api) = spawn(
         &scratch,
         &id,
@@ -418,6 +418,12 @@ fn the_predictor_plugs_memory_ahead_of_a_ramp_and_takes_it_back_after() {
          vmem_ramp_ms=4000 exit=halt",
         serde_json::json!({
             "window_ms": 100,
+            // The guest reports its memory every 100 ms, so what the VMM sees is up to a
+            // window old, and on a loaded host the VMM's window can close late: provisioning
+            // covers the next three windows (and, for memory, the window its plugging takes),
+            // not one. With one, the calibrated band's margin is about one window of a
+            // 96 MiB/s ramp and the guest saw a few ms of shortfall when tests ran in parallel.
+            "horizon": 3,
             // 64 MiB above RAM stays plugged: the headroom for the first windows of a ramp.
             "budget": {"memory_mib": {"min": 192, "max": 1152}},
         }),
@@ -446,20 +452,27 @@ fn the_predictor_plugs_memory_ahead_of_a_ramp_and_takes_it_back_after() {
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("{key} in {done:?}"))
     };
-    assert_eq!(
-        field("failures"),
-        0,
+    // The guest counts the milliseconds its demand was above the plugged memory. The default
+    // policy is calibrated to under-provision memory in at most 0.5 % of windows, not never:
+    // over the 8 s ramp that is 40 ms (runs here: 0-9 ms, on a host running tests beside it).
+    assert!(
+        field("failures") <= 40,
         "the demand outran the plugged memory: {done}"
     );
-    assert_eq!(field("max_demand_mib"), 384, "{done}");
-    assert!(field("peak_plugged_mib") >= 384, "{done}");
-    assert_eq!(
-        field("final_plugged_mib"),
-        64,
+    // (The guest samples its demand curve once a loop; on a loaded host a loop can step over
+    // the top of the ramp, as in healthy_guest.)
+    let demand = field("max_demand_mib");
+    assert!((256..=384).contains(&demand), "{done}");
+    assert!(field("peak_plugged_mib") >= demand, "{done}");
+    // Back to (within a few blocks of) the budget's minimum: 4 s after the ramp the band
+    // still holds a few MiB of the ramp's volatility.
+    let last = field("final_plugged_mib");
+    assert!(
+        (64..=80).contains(&last),
         "back to the budget's minimum: {done}"
     );
     let hotplug = api.request("GET", "/hotplug/memory", None).json();
-    assert_eq!(hotplug["plugged_size_mib"], 64, "{hotplug}");
+    assert_eq!(hotplug["plugged_size_mib"], last, "{hotplug}");
     // The guest wrote up to 384 MiB of plugged memory; unplugging gave it back to the host.
     let rss = integration_tests::rss_bytes(vmm.id()) as f64 / MIB;
     assert!(rss < 200.0, "VMM RSS {rss:.0} MiB after the ramp");
@@ -477,5 +490,33 @@ fn the_predictor_plugs_memory_ahead_of_a_ramp_and_takes_it_back_after() {
         applied(d, "mem").is_some() && d["allocation"]["mem"].as_f64().unwrap_or(f64::MAX) <= 192.0
     });
     assert!(grew && shrank, "memory decisions both ways: {mem:#?}");
+    // The default policy is the ensemble: every memory decision names the expert it followed
+    // and its calibrated band, and GET /predictor shows each resource's expert weights.
+    let experts = ["last", "ewma", "holt", "histogram", "faults", "gru"];
+    for d in all.iter().filter(|d| applied(d, "mem").is_some()) {
+        let band = &d["band"]["mem"];
+        assert!(
+            experts.contains(&band["expert"].as_str().unwrap_or("")) && band["width"].is_number(),
+            "{d}"
+        );
+        assert!(
+            d["reason"].as_str().unwrap().contains(" leads, upper "),
+            "{d}"
+        );
+    }
+    let status = api.request("GET", "/predictor", None).json();
+    let weights = status["experts"]["mem"].as_array().expect("mem experts");
+    let names: Vec<&str> = weights
+        .iter()
+        .filter_map(|w| w["expert"].as_str())
+        .collect();
+    assert_eq!(names, experts, "{status}");
+    let total: f64 = weights.iter().filter_map(|w| w["weight"].as_f64()).sum();
+    assert!((total - 1.0).abs() < 1e-9, "{status}");
+    assert_eq!(
+        status["experts"]["cpu"].as_array().map(Vec::len),
+        Some(4),
+        "{status}"
+    );
     drop(vmm);
 }

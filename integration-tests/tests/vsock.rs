@@ -3,7 +3,7 @@
 //! reach `<uds_path>_<P>`.
 
 use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use std::time::{Duration, Instant};
@@ -99,33 +99,7 @@ fn host_initiated_connections_echo_through_the_guest() {
 #[test]
 fn guest_initiated_connections_reach_the_port_socket() {
     let scratch = Scratch::new("vsock-guest");
-    let listener = UnixListener::bind(scratch.path().join("v.sock_5678")).unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let echo = std::thread::spawn(move || {
-        let start = Instant::now();
-        let (mut s, _) = loop {
-            match listener.accept() {
-                Ok(c) => break c,
-                Err(_) if start.elapsed() < DEADLINE => {
-                    std::thread::sleep(Duration::from_millis(10))
-                }
-                Err(e) => return Err(e.to_string()),
-            }
-        };
-        s.set_nonblocking(false).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        let (mut total, mut buf) = (0usize, vec![0u8; 8192]);
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) => return Ok(total),
-                Ok(n) => {
-                    s.write_all(&buf[..n]).map_err(|e| e.to_string())?;
-                    total += n;
-                }
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-    });
+    let echo = integration_tests::unix_echo_server(&scratch.path().join("v.sock_5678"), DEADLINE);
     let (vm, _) = start_vm(&scratch, "vsock_connect=5678 vsock_send=65536");
     let out = finish(vm);
     out.assert_line("guest: vsock0 connect port=5678 bytes=65536 ok")

@@ -5,6 +5,7 @@ use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use crate::args::ResourceLimit;
 
@@ -28,6 +29,8 @@ pub enum ProcessError {
     PidNs(std::io::Error),
     #[error("cannot fork: {0}")]
     Fork(std::io::Error),
+    #[error("cannot forward signals to the VMM: {0}")]
+    Signals(std::io::Error),
     #[error("cannot detach from the terminal: {0}")]
     Detach(std::io::Error),
     #[error("cannot write the pid file {path}: {source}")]
@@ -106,9 +109,42 @@ pub fn open_dev_null() -> Result<OwnedFd> {
         .map_err(ProcessError::Detach)
 }
 
+/// The child a waiting jailer passes termination signals on to; 0 before the fork and in the
+/// child (which ignores them until the VMM it execs installs its own handlers).
+static CHILD: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn forward_signal(sig: libc::c_int) {
+    let child = CHILD.load(Ordering::Relaxed);
+    if child > 0 {
+        // SAFETY: kill(2) is async-signal-safe; the child has not been reaped while we wait.
+        unsafe { libc::kill(child, sig) };
+    }
+}
+
+/// Makes SIGTERM, SIGINT and SIGHUP reach the child instead of ending this process: the user's
+/// Ctrl-C or `kill` of the jailer they started must end the VMM cleanly (its terminal restored),
+/// not leave it running behind an exited parent. Set before the fork, so that no signal finds
+/// the parent without it; the child's exec resets them.
+fn forward_termination_signals() -> Result<()> {
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: sigaction(2) with a zeroed, then filled, struct alive for the call; the handler
+        // only calls kill(2) and reads an atomic.
+        let rc = unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = forward_signal as extern "C" fn(libc::c_int) as usize;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(sig, &action, std::ptr::null_mut())
+        };
+        check(rc.into(), ProcessError::Signals)?;
+    }
+    Ok(())
+}
+
 /// Forks when the VMM must be a child: to be pid 1 of a new pid namespace, or to leave a
 /// session leader behind for `setsid`. Returns in the child only. A daemon's parent writes the
-/// child's pid to `pid_file` and exits 0; otherwise the parent waits and exits as the child did.
+/// child's pid to `pid_file` and exits 0; otherwise the parent waits, passing termination
+/// signals on to the child, and exits as the child did.
 pub fn split(new_pid_ns: bool, daemon_stdio: Option<OwnedFd>, pid_file: &Path) -> Result<()> {
     if !new_pid_ns && daemon_stdio.is_none() {
         return Ok(());
@@ -118,10 +154,14 @@ pub fn split(new_pid_ns: bool, daemon_stdio: Option<OwnedFd>, pid_file: &Path) -
         let rc = unsafe { libc::unshare(libc::CLONE_NEWPID) };
         check(rc.into(), ProcessError::PidNs)?;
     }
+    if daemon_stdio.is_none() {
+        forward_termination_signals()?;
+    }
     // SAFETY: the jailer is single-threaded here, so the child may run any code after fork.
     let pid = unsafe { libc::fork() };
     check(pid.into(), ProcessError::Fork)?;
     if pid > 0 {
+        CHILD.store(pid, Ordering::Relaxed);
         if daemon_stdio.is_some() {
             std::fs::write(pid_file, format!("{pid}\n")).map_err(|source| {
                 ProcessError::PidFile {

@@ -8,6 +8,7 @@ use crate::score::{
     AnomalyConfig, AnomalyDetector, AnomalyReport, BehaviourConfig, BehaviourScore, ScoreError,
 };
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use thiserror::Error;
 
@@ -78,11 +79,53 @@ impl Budget {
     }
 }
 
+fn default_target_under() -> f64 {
+    0.01
+}
+
+fn default_shortfall_cost() -> PerResource<f64> {
+    // A CPU or bandwidth shortfall throttles the guest for a window and is over; a memory
+    // shortfall makes it reclaim or swap (or, unplugged, fail an allocation), so it costs more.
+    PerResource {
+        cpu: 1.0,
+        mem: 2.0,
+        blk: 1.0,
+        net: 1.0,
+    }
+}
+
+fn default_calibration_step() -> f64 {
+    // A miss widens the band by a tenth of its width; a hundred windows without one (at a 1 %
+    // target) narrow it back.
+    0.1
+}
+
+fn default_memory_lead() -> u8 {
+    1
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PolicyConfig {
     /// Allocation covers the upper forecasts of the next `horizon` windows, so grows lead
     /// demand by as long as a resize takes to land.
     pub horizon: Horizon,
+    /// Share of windows allowed to be under-provisioned on a resource whose shortfall costs
+    /// 1; the band is calibrated online so the realised share holds it on any workload.
+    #[serde(default = "default_target_under")]
+    pub target_under: f64,
+    /// Cost of a unit of shortfall relative to a unit of slack, per resource, on the scale
+    /// where `target_under` is the right miss rate for cost 1 (newsvendor: a resource with
+    /// cost `c` aims at `t / (t + c (1 - t))`).
+    #[serde(default = "default_shortfall_cost")]
+    pub shortfall_cost: PerResource<f64>,
+    /// Step of the calibration: how much one miss widens the band, as a share of its width.
+    #[serde(default = "default_calibration_step")]
+    pub calibration_step: f64,
+    /// Windows beyond `horizon` that memory's allocation also covers: a CPU quota or a
+    /// bandwidth bucket takes effect at once, but the guest's virtio-mem driver plugs memory
+    /// during the next window, so demand must be covered until the allocation after lands.
+    #[serde(default = "default_memory_lead")]
+    pub memory_lead: u8,
     /// A shrink is considered only when the target is this fraction below the allocation.
     pub shrink_hysteresis: f64,
     /// ... for this many consecutive windows.
@@ -101,6 +144,10 @@ impl Default for PolicyConfig {
     fn default() -> Self {
         PolicyConfig {
             horizon: Horizon::ONE,
+            target_under: default_target_under(),
+            shortfall_cost: default_shortfall_cost(),
+            calibration_step: default_calibration_step(),
+            memory_lead: default_memory_lead(),
             shrink_hysteresis: 0.03,
             shrink_after: 3,
             max_grow: 0.5,
@@ -115,8 +162,48 @@ impl Default for PolicyConfig {
 }
 
 impl PolicyConfig {
+    /// How many windows ahead resource `r`'s allocation must cover.
+    pub fn horizon_for(&self, r: Resource) -> Horizon {
+        let lead = if r == Resource::Mem {
+            self.memory_lead as usize
+        } else {
+            0
+        };
+        Horizon::new((self.horizon.get() + lead).min(Horizon::MAX)).unwrap_or(self.horizon)
+    }
+
+    /// The under-provisioning rate resource `r` aims at.
+    pub fn target(&self, r: Resource) -> f64 {
+        let t = self.target_under;
+        t / (t + self.shortfall_cost[r] * (1.0 - t))
+    }
+
     fn validate(&self) -> Result<(), PolicyError> {
+        // The cost furthest from 1, so one check covers all four.
+        let cost = Resource::ALL
+            .into_iter()
+            .map(|r| self.shortfall_cost[r])
+            .max_by(|a, b| (a.ln().abs()).total_cmp(&b.ln().abs()))
+            .unwrap_or(1.0);
         let fields = [
+            (
+                "target under-provisioning",
+                self.target_under,
+                self.target_under > 0.0 && self.target_under < 0.5,
+                "(0, 0.5)",
+            ),
+            (
+                "shortfall cost",
+                cost,
+                (1e-3..=1e3).contains(&cost),
+                "[0.001, 1000]",
+            ),
+            (
+                "calibration step",
+                self.calibration_step,
+                self.calibration_step > 0.0 && self.calibration_step <= 1.0,
+                "(0, 1]",
+            ),
             (
                 "shrink hysteresis",
                 self.shrink_hysteresis,
@@ -169,6 +256,73 @@ pub enum Action {
     Kill,
 }
 
+/// Online calibration of one resource's band: quantile tracking, the "P" part of conformal
+/// PID control (Angelopoulos, Candes & Tibshirani, "Conformal PID control for time series
+/// prediction", 2023). The forecasters give a band at the target quantile; the policy scales
+/// its width by `1 + scale`, and `scale` moves by `step x (missed - target)` after every
+/// window, where `missed` means demand exceeded the allocation actually in force (after
+/// alignment, hysteresis and change limits), not just the forecast. A widened band is at
+/// least one block wide, so at `capacity / block` it reaches the maximum, which demand never exceeds, so
+/// `scale` stays below `B = capacity / block + step`, and over any `T` windows of any
+/// workload the share missed is at most `target + (B - scale_0) / (step T)`: the guarantee
+/// needs no assumption about the demand series, and where the forecasters are good the band
+/// narrows on its own (down to the point forecast at `scale = -1`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Calibration {
+    target: f64,
+    step: f64,
+    scale: f64,
+}
+
+impl Calibration {
+    pub fn new(target: f64, step: f64) -> Self {
+        Calibration {
+            target,
+            step,
+            scale: 0.0,
+        }
+    }
+
+    /// One window's outcome.
+    pub fn update(&mut self, missed: bool) {
+        let miss = if missed { 1.0 } else { 0.0 };
+        // Floored where the band vanishes: the floor only drops decrements, which can only
+        // make misses rarer, so the bound still holds.
+        self.scale = (self.scale + self.step * (miss - self.target)).max(-1.0);
+    }
+
+    /// The calibrated upper bound of `f`. Once misses have widened it, the band is at least
+    /// `min_width` wide: a band of width zero could not be widened at all.
+    pub fn upper(&self, f: Forecast, min_width: f64) -> f64 {
+        let width = f.upper - f.point;
+        let width = if self.scale > 0.0 {
+            width.max(min_width)
+        } else {
+            width
+        };
+        f.point + width * (1.0 + self.scale)
+    }
+
+    pub fn target(&self) -> f64 {
+        self.target
+    }
+
+    /// The factor the forecasters' band width is multiplied by.
+    pub fn width(&self) -> f64 {
+        1.0 + self.scale
+    }
+}
+
+/// How one resource's allocation was reached: the expert leading the forecast, the quantile
+/// its band aims at and the factor calibration scales the band by.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Band {
+    /// A forecaster's name: borrowed, so a decision allocates nothing for it.
+    pub expert: Cow<'static, str>,
+    pub quantile: f64,
+    pub width: f64,
+}
+
 /// One window's record: what came in, what was predicted, what was decided and why.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Decision {
@@ -179,6 +333,9 @@ pub struct Decision {
     /// Allocation for the next window.
     pub allocation: Allocation,
     pub resized: PerResource<bool>,
+    /// The expert and calibrated band behind each resource's allocation.
+    #[serde(default)]
+    pub band: PerResource<Band>,
     pub behaviour: f64,
     pub anomaly: AnomalyReport,
     pub action: Action,
@@ -191,11 +348,18 @@ pub struct Policy {
     cfg: PolicyConfig,
     forecasters: PerResource<Box<dyn Forecaster>>,
     allocation: Allocation,
+    calibration: PerResource<Calibration>,
+    /// Whether the allocation in force was set by a warm forecaster (and so is scored).
+    calibrating: PerResource<bool>,
     shrink_streak: PerResource<u32>,
     /// What was forecast for the window now being decided on.
     expected: Option<PerResource<Forecast>>,
     behaviour: BehaviourScore,
     anomaly: AnomalyDetector,
+}
+
+fn round2(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
 }
 
 fn align_up(v: f64, step: f64) -> f64 {
@@ -211,8 +375,16 @@ impl Policy {
     ) -> Result<Self, PolicyError> {
         budget.validate()?;
         cfg.validate()?;
+        let calibration =
+            PerResource::from_fn(|r| Calibration::new(cfg.target(r), cfg.calibration_step));
+        let mut forecasters = forecasters;
+        for (r, c) in calibration.iter() {
+            forecasters[r].set_quantile(1.0 - c.target());
+        }
         Ok(Policy {
             allocation: budget.0.map(|_, l| l.initial),
+            calibration,
+            calibrating: PerResource::default(),
             budget,
             behaviour: BehaviourScore::new(cfg.behaviour)?,
             anomaly: AnomalyDetector::new(cfg.anomaly)?,
@@ -230,6 +402,16 @@ impl Policy {
 
     pub fn budget(&self) -> &Budget {
         &self.budget
+    }
+
+    /// Each resource's experts and their weights (empty for a single forecaster).
+    pub fn expert_weights(&self) -> PerResource<Vec<crate::forecast::ExpertWeight>> {
+        self.forecasters.map(|_, f| f.weights())
+    }
+
+    /// Each resource's calibration state.
+    pub fn calibration(&self) -> &PerResource<Calibration> {
+        &self.calibration
     }
 
     /// A new budget and anomaly ladder while running (the VMM's `PATCH /predictor`): the
@@ -269,32 +451,58 @@ impl Policy {
         let mut reason = String::new();
         let mut resized = PerResource::default();
         let mut forecast = PerResource::default();
+        let mut band = PerResource::<Band>::default();
         for r in Resource::ALL {
+            let used = sample.usage[r];
+            let lim = self.budget.0[r];
+            let cal = &mut self.calibration[r];
+            if self.calibrating[r] {
+                // Demand above the maximum is missed by any allocation: not the band's fault.
+                let held = self.allocation[r];
+                cal.update(used > held * (1.0 + 1e-9) && held < lim.max);
+            }
+            let cal = *cal;
             let f = &mut self.forecasters[r];
-            f.observe(sample.usage[r]);
-            forecast[r] = f.forecast(Horizon::ONE);
+            f.observe_window(used, &sample.signals);
+            let one = f.forecast(Horizon::ONE);
+            forecast[r] = Forecast {
+                point: one.point,
+                upper: cal.upper(one, lim.step),
+            };
+            band[r] = Band {
+                expert: Cow::Borrowed(f.leader()),
+                quantile: 1.0 - cal.target(),
+                width: cal.width(),
+            };
             if !f.warm() {
                 continue;
             }
+            let first = !std::mem::replace(&mut self.calibrating[r], true);
             let upper = self
                 .cfg
-                .horizon
+                .horizon_for(r)
                 .up_to()
-                .map(|h| f.forecast(h).upper)
-                .fold(0.0, f64::max);
+                .skip(1)
+                .map(|h| cal.upper(f.forecast(h), lim.step))
+                .fold(forecast[r].upper, f64::max);
             let before = self.allocation[r];
-            let after = self.resize(r, upper * headroom);
+            let after = self.resize(r, upper * headroom, first);
             if after != before {
                 resized[r] = true;
+                // Shortest float formatting ({}) after rounding: fixed-precision formatting
+                // was a tenth of the window's cost.
                 let _ = write!(
                     reason,
-                    "{} {} {:.2} -> {:.2} {} (upper forecast {:.2}); ",
+                    "{} {} {} -> {} {} ({} leads, upper {}: q {} band x{}); ",
                     r.name(),
                     if after > before { "grow" } else { "shrink" },
-                    before,
-                    after,
+                    round2(before),
+                    round2(after),
                     r.unit(),
-                    upper,
+                    band[r].expert,
+                    round2(upper),
+                    (band[r].quantile * 1e4).round() / 1e4,
+                    round2(band[r].width),
                 );
             }
         }
@@ -322,6 +530,7 @@ impl Policy {
             forecast,
             allocation: self.allocation,
             resized,
+            band,
             behaviour,
             anomaly,
             action,
@@ -331,15 +540,20 @@ impl Policy {
 
     /// Moves one resource's allocation towards `target`: clamped to the budget, aligned to
     /// the step, grown at once, shrunk only after `shrink_after` windows of a target
-    /// clearly below, and by at most the rate limits.
-    fn resize(&mut self, r: Resource, target: f64) -> f64 {
+    /// clearly below, and by at most the rate limits. The `first` forecast-based allocation
+    /// replaces the configured initial one outright: that was a placeholder, not a measured
+    /// need, and walking down from it at the shrink limit would keep a short-lived VM at its
+    /// initial size for most of its life.
+    fn resize(&mut self, r: Resource, target: f64, first: bool) -> f64 {
         let lim = self.budget.0[r];
         let cur = self.allocation[r];
         let bounded =
             |v: f64| align_up(v.clamp(lim.min, lim.max), lim.step).clamp(lim.min, lim.max);
         let target = bounded(target);
         let streak = &mut self.shrink_streak[r];
-        let next = if target > cur {
+        let next = if first {
+            target
+        } else if target > cur {
             *streak = 0;
             target.min(cur + self.cfg.max_grow * lim.max)
         } else if target < cur * (1.0 - self.cfg.shrink_hysteresis) {
@@ -370,7 +584,7 @@ mod tests {
         warm: bool,
     }
     impl Forecaster for Scripted {
-        fn name(&self) -> &str {
+        fn name(&self) -> &'static str {
             "scripted"
         }
         fn observe(&mut self, v: f64) {
@@ -385,6 +599,7 @@ mod tests {
         fn warm(&self) -> bool {
             self.warm
         }
+        fn set_quantile(&mut self, _: f64) {}
     }
 
     fn scripted() -> PerResource<Box<dyn Forecaster>> {
@@ -423,11 +638,11 @@ mod tests {
         }
     }
 
-    fn mem(t_ms: u64, mem: f64) -> Sample {
+    fn sample(t_ms: u64, cpu: f64, mem: f64) -> Sample {
         Sample {
             t_ms,
             usage: Usage {
-                cpu: 1.0,
+                cpu,
                 mem,
                 blk: 1.0,
                 net: 1.0,
@@ -437,6 +652,10 @@ mod tests {
                 ..Default::default()
             },
         }
+    }
+
+    fn mem(t_ms: u64, mem: f64) -> Sample {
+        sample(t_ms, 1.0, mem)
     }
 
     #[test]
@@ -480,7 +699,8 @@ mod tests {
         assert_eq!(d.allocation.mem, 576.0, "aligned up to a 64 MiB block");
         assert!(d.resized.mem && d.action == Action::Resize, "{d:?}");
         assert!(
-            d.reason.contains("mem grow 512.00 -> 576.00 MiB"),
+            d.reason
+                .contains("mem grow 512 -> 576 MiB (scripted leads, upper 530: q 0.995 band x1)"),
             "{}",
             d.reason
         );
@@ -533,15 +753,18 @@ mod tests {
             ..cfg()
         };
         let mut p = Policy::new(budget(), c, scripted()).unwrap();
-        p.decide(&mem(0, 256.0));
+        // The first forecast replaces the initial 512 MiB outright.
+        assert_eq!(p.decide(&mem(0, 256.0)).allocation.mem, 256.0);
         // Usage over the forecast band (256): the score rises and so does the target.
         let d = p.decide(&mem(1, 300.0));
         assert!(d.behaviour > 0.0);
         assert_eq!(
             d.allocation.mem,
-            align_up(300.0 * (1.0 + d.behaviour), 64.0).max(512.0)
+            align_up(d.forecast.mem.upper * (1.0 + d.behaviour), 64.0)
         );
-        assert!(d.allocation.mem > 512.0 || 300.0 * (1.0 + d.behaviour) <= 512.0);
+        // The miss also widened the band (to at least a block, times the calibration).
+        assert!(d.forecast.mem.upper > 300.0 + 64.0 && d.band.mem.width > 1.0);
+        assert!(d.allocation.mem > 384.0);
     }
 
     #[test]
@@ -565,6 +788,95 @@ mod tests {
         );
         let back: Decision = serde_json::from_str(&json).unwrap();
         assert_eq!(back, d);
+    }
+
+    fn cpu(t_ms: u64, cpu: f64) -> Sample {
+        sample(t_ms, cpu, 100.0)
+    }
+
+    #[test]
+    fn calibrated_miss_rate_holds_its_target_on_stationary_noise() {
+        use crate::forecast::Preset;
+        let capacity = Usage {
+            cpu: 8.0,
+            mem: 1024.0,
+            blk: 100.0,
+            net: 100.0,
+        };
+        for (preset, seed) in [(Preset::default_ensemble().unwrap(), 1), (Preset::Ewma, 2)] {
+            let cfg = PolicyConfig::default();
+            let f = preset.build_all(cfg.horizon, &capacity).unwrap();
+            let mut p = Policy::new(Budget::from_capacity(&capacity), cfg, f).unwrap();
+            let mut rng = crate::rng::Rng::new(seed);
+            let (mut scored, mut missed) = (0u32, 0u32);
+            for t in 0..40_000u64 {
+                let used = (2.0 + 0.3 * rng.normal()).max(0.0);
+                let held = p.allocation().cpu;
+                p.decide(&cpu(t * 100, used));
+                // Windows before the first forecast-based allocation are not the band's.
+                if t > 100 {
+                    scored += 1;
+                    missed += u32::from(used > held);
+                }
+            }
+            let rate = f64::from(missed) / f64::from(scored);
+            let target = cfg.target(Resource::Cpu);
+            assert!(
+                (rate - target).abs() <= 0.005,
+                "{}: miss rate {rate}, target {target}",
+                preset.name()
+            );
+        }
+    }
+
+    #[test]
+    fn switching_experts_never_moves_an_allocation_beyond_the_change_limit() {
+        use crate::forecast::testing::Level;
+        use crate::forecast::{Ensemble, EnsembleConfig};
+        let experts = || {
+            Box::new(
+                Ensemble::new(
+                    vec![Box::new(Level("low", 0.6)), Box::new(Level("high", 3.8))],
+                    EnsembleConfig::default(),
+                )
+                .unwrap(),
+            ) as Box<dyn Forecaster>
+        };
+        let f = PerResource::from_fn(|_| experts());
+        let b = Budget::from_capacity(&Usage {
+            cpu: 4.0,
+            mem: 1024.0,
+            blk: 100.0,
+            net: 100.0,
+        });
+        let c = PolicyConfig {
+            max_grow: 0.2,
+            max_shrink: 0.05,
+            ..PolicyConfig::default()
+        };
+        let mut p = Policy::new(b, c, f).unwrap();
+        let mut leaders = std::collections::BTreeSet::new();
+        let mut previous = p.allocation().cpu;
+        // Demand that "low" covers, then demand only "high" covers, in turn: the ensemble
+        // hands the allocation from one to the other and back.
+        for t in 0..2000u64 {
+            let used = if (t / 400) % 2 == 0 { 0.5 } else { 3.0 };
+            let d = p.decide(&cpu(t * 100, used));
+            leaders.insert(d.band.cpu.expert.clone());
+            let now = d.allocation.cpu;
+            if t > 0 {
+                assert!(
+                    now - previous <= c.max_grow * 4.0 + 1e-9
+                        && previous - now <= c.max_shrink * 4.0 + 1e-9,
+                    "window {t}: {previous} -> {now}"
+                );
+            }
+            previous = now;
+        }
+        assert!(
+            leaders.contains("low") && leaders.contains("high"),
+            "{leaders:?}"
+        );
     }
 
     #[test]

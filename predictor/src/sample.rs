@@ -3,9 +3,13 @@
 use crate::resource::Usage;
 use serde::{Deserialize, Serialize};
 
-/// Inputs of the anomaly rules that are not resource use. Every field defaults to zero so
-/// traces that only carry usage (synthetic ones, or ones recorded without exit telemetry)
-/// still parse.
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+/// What a window saw besides resource use: the anomaly rules' inputs and the leading
+/// indicators forecasters may use. Every field defaults to zero so traces that only carry
+/// usage (synthetic ones, or ones recorded without exit telemetry) still parse.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Signals {
     /// Completed virtio requests plus port and MMIO exits that reached a known device.
@@ -17,6 +21,14 @@ pub struct Signals {
     /// Bit `i` set when device `i` saw any I/O during the window.
     #[serde(default)]
     pub devices: u32,
+    /// Leading indicator: page faults during the window (the guest's, as KVM counted them, or
+    /// a recorded process tree's minor + major faults); a burst comes with memory growth.
+    /// Written only when non-zero.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub faults: u64,
+    /// Leading indicator: vCPU exits during the window (VM traces only).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub exits: u64,
 }
 
 /// One window: when it started, how much of each resource was used, and the rule signals.
@@ -57,10 +69,16 @@ mod tests {
                 io_ops: 4,
                 unknown_exits: 1,
                 devices: 0b101,
+                faults: 12,
+                exits: 0,
             },
         };
         let json = serde_json::to_string(&s).unwrap();
         assert!(json.contains(r#""unknown_exits":1"#), "{json}");
+        assert!(
+            json.contains(r#""faults":12"#) && !json.contains(r#""exits""#),
+            "{json}"
+        );
         assert_eq!(serde_json::from_str::<Sample>(&json).unwrap(), s);
     }
 }

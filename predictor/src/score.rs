@@ -195,8 +195,8 @@ impl ActionLadder {
 pub struct AnomalyConfig {
     /// Residual z-score (against the VM's own residual history) where residuals start to count.
     pub z_threshold: f64,
-    /// Most a residual can add per window; kept under `alert` so that demand the forecast
-    /// missed is never by itself a reason to act against the VM.
+    /// Most a residual adds to a window in which a behaviour rule fired (alone it adds
+    /// nothing): demand the forecast missed is never by itself a reason to act against the VM.
     pub residual_weight: f64,
     /// Half-life of the residual statistics, in windows.
     pub history_half_life: f64,
@@ -280,7 +280,10 @@ impl Moments {
     }
 
     fn add(&mut self, r: f64, alpha: f64) {
-        let a = if self.n == 0 { 1.0 } else { alpha };
+        // Equal weights until the exponential window has filled (1 / alpha samples): an
+        // exponential variance started from zero stays a small fraction of the true one for that
+        // long, and the z-scores it gives early in a run are several times too large.
+        let a = alpha.max(1.0 / (f64::from(self.n) + 1.0));
         let d = r - self.mean;
         self.mean += a * d;
         self.var = (1.0 - a) * (self.var + a * d * d);
@@ -335,22 +338,18 @@ impl AnomalyDetector {
         let mut f = Findings::default();
         let mut window_score = 0.0;
 
+        let mut missed: Option<(Resource, f64)> = None;
         for r in Resource::ALL {
             let residual = sample.usage[r] - expected[r];
             let m = &mut self.residuals[r];
             // Twenty residuals before a z-score means anything.
             if m.n >= 20 {
                 let z = m.z(residual, expected[r]);
-                if z > cfg.z_threshold && z > f.residual_z {
-                    f.residual = Some(r);
-                    f.residual_z = z;
+                if z > cfg.z_threshold && missed.is_none_or(|(_, best)| z > best) {
+                    missed = Some((r, z));
                 }
             }
             m.add(residual, self.alpha);
-        }
-        if f.residual.is_some() {
-            let excess = (f.residual_z - cfg.z_threshold) / cfg.z_threshold;
-            window_score += cfg.residual_weight * excess.min(1.0);
         }
 
         let pegged = sample.usage.cpu >= cfg.busy_fraction * cores;
@@ -376,6 +375,16 @@ impl AnomalyDetector {
         }
         self.seen_devices |= sample.signals.devices;
         self.windows = self.windows.saturating_add(1);
+
+        // Demand the forecast missed only weighs beside a behaviour rule: alone it is as often a
+        // healthy workload's new phase (a ramp's first windows, a host that gave the vCPUs more
+        // time) as anything else, so it neither counts as a finding nor adds to the score.
+        if let Some((r, z)) = missed.filter(|_| f.any()) {
+            f.residual = Some(r);
+            f.residual_z = z;
+            let excess = (z - cfg.z_threshold) / cfg.z_threshold;
+            window_score += cfg.residual_weight * excess.min(1.0);
+        }
 
         self.score = self.score * cfg.decay + window_score;
         AnomalyReport {
@@ -484,8 +493,8 @@ mod tests {
     fn quiet() -> Signals {
         Signals {
             io_ops: 10,
-            unknown_exits: 0,
             devices: 0b1,
+            ..Signals::default()
         }
     }
 
@@ -586,6 +595,28 @@ mod tests {
     }
 
     #[test]
+    fn early_noise_is_measured_against_its_own_spread() {
+        let mut d = AnomalyDetector::new(AnomalyConfig::default()).unwrap();
+        let exp = usage(100.0);
+        // 20 windows of noise with a spread of 1, then a residual of 3: three deviations out,
+        // nowhere near the threshold of 6.
+        for i in 0..20 {
+            let mut s = sample(1.0, quiet());
+            s.usage.mem = 100.0 + if i % 2 == 0 { 1.0 } else { -1.0 };
+            d.update(&s, &Usage { cpu: 1.0, ..exp }, 4.0);
+        }
+        let mut s = sample(1.0, quiet());
+        s.usage.mem = 103.0;
+        let r = d.update(&s, &Usage { cpu: 1.0, ..exp }, 4.0);
+        assert!(r.findings.residual.is_none(), "{r:?}");
+        let mut m = Moments::default();
+        for r in [1.0, -1.0, 1.0, -1.0] {
+            m.add(r, 1e-3);
+        }
+        assert!((m.var - 1.0).abs() < 1e-12, "{m:?}");
+    }
+
+    #[test]
     fn residual_outlier_against_own_history() {
         let mut d = AnomalyDetector::new(AnomalyConfig::default()).unwrap();
         let exp = usage(100.0);
@@ -596,13 +627,26 @@ mod tests {
             let r = d.update(&s, &Usage { cpu: 1.0, ..exp }, 4.0);
             assert!(r.findings.residual.is_none(), "window {i}: {r:?}");
         }
+        // Alone, a forecast miss is no finding: a healthy workload changes phase too.
         let mut s = sample(1.0, quiet());
         s.usage.mem = 130.0;
         let r = d.update(&s, &Usage { cpu: 1.0, ..exp }, 4.0);
+        assert!(!r.findings.any(), "{r:?}");
+        assert_eq!(r.window_score, 0.0);
+        // Beside a behaviour rule it adds its weight, at most 0.3.
+        let mut s = sample(
+            1.0,
+            Signals {
+                unknown_exits: 1,
+                ..quiet()
+            },
+        );
+        s.usage.mem = 160.0;
+        let r = d.update(&s, &Usage { cpu: 1.0, ..exp }, 4.0);
         assert_eq!(r.findings.residual, Some(Resource::Mem));
-        assert!(r.findings.residual_z > 20.0, "{r:?}");
-        // A residual alone stays below alert.
-        assert!(r.window_score <= 0.3 + 1e-12);
-        assert_eq!(r.action, Action::Log);
+        let cfg = AnomalyConfig::default();
+        assert!(r.findings.residual_z > 2.0 * cfg.z_threshold, "{r:?}");
+        let full = cfg.unknown_exit_weight + cfg.residual_weight;
+        assert!((r.window_score - full).abs() < 1e-12, "{r:?}");
     }
 }

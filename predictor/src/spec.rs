@@ -24,10 +24,15 @@ pub enum SpecError {
 pub enum ForecasterKind {
     Last,
     Ewma,
-    #[default]
     Holt,
     Histogram,
+    Indicator,
     Gru,
+    /// Every forecaster side by side, following the ones with the lowest recent quantile
+    /// loss; the shipped recurrent model joins them for memory, or the one at `model_path`
+    /// for every resource.
+    #[default]
+    Ensemble,
 }
 
 /// A policy's recipe: forecaster, budget and configuration.
@@ -49,10 +54,15 @@ impl PolicySpec {
             ForecasterKind::Ewma => Preset::Ewma,
             ForecasterKind::Holt => Preset::Holt,
             ForecasterKind::Histogram => Preset::Histogram,
+            ForecasterKind::Indicator => Preset::Indicator,
             ForecasterKind::Gru => {
                 let path = self.model_path.as_ref().ok_or(SpecError::MissingModel)?;
                 Preset::Recurrent(Arc::new(GruWeights::load(path)?))
             }
+            ForecasterKind::Ensemble => match &self.model_path {
+                Some(path) => Preset::ensemble(Some(Arc::new(GruWeights::load(path)?))),
+                None => Preset::default_ensemble()?,
+            },
         };
         let forecasters = preset.build_all(self.config.horizon, &self.budget.max())?;
         Ok(Policy::new(self.budget, self.config, forecasters)?)
@@ -85,6 +95,8 @@ mod tests {
             ForecasterKind::Ewma,
             ForecasterKind::Holt,
             ForecasterKind::Histogram,
+            ForecasterKind::Indicator,
+            ForecasterKind::Ensemble,
         ] {
             let s = spec(k);
             assert_eq!(s.build().unwrap().allocation().mem, 512.0);
@@ -100,8 +112,7 @@ mod tests {
         s.model_path = Some("/nonexistent/model.safetensors".into());
         assert!(matches!(s.build(), Err(SpecError::Model(_))));
         s.model_path = Some(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("models/gru-synthetic.safetensors"),
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/gru-real.safetensors"),
         );
         assert!(s.build().is_ok());
     }

@@ -26,22 +26,35 @@ pub const EXTENSION: &str = "jsonl";
 
 #[derive(Debug, Error)]
 pub enum TraceError {
-    #[error("{path}: {source}")]
+    #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("line {line}: {source}")]
+    /// Anything wrong inside a file, with the file's name.
+    #[error("{}: {source}", path.display())]
+    InFile {
+        path: PathBuf,
+        #[source]
+        source: Box<TraceError>,
+    },
+    #[error("line {line}, column {column}: {reason}")]
     Json {
         line: usize,
-        #[source]
-        source: serde_json::Error,
+        column: usize,
+        reason: String,
     },
-    #[error("trace has no header line")]
+    #[error("line {line}: cannot read: {source}")]
+    Read {
+        line: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("line 1: empty file, no header")]
     Empty,
     #[error(
-        "header says format {format:?} version {version}; expected {FORMAT:?} version {VERSION}"
+        "line 1: header says format {format:?} version {version}; expected {FORMAT:?} version {VERSION}"
     )]
     Format { format: String, version: u32 },
     #[error("line {line}: t_ms {t_ms} does not follow {previous}")]
@@ -65,6 +78,10 @@ pub struct Header {
     /// the same decisions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<PolicySpec>,
+    /// Where the trace came from (e.g. the command `prescient trace record` ran and the host
+    /// load), for people reading the corpus.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 impl Header {
@@ -76,6 +93,7 @@ impl Header {
             window_ms,
             capacity,
             policy: None,
+            source: None,
         }
     }
 }
@@ -107,6 +125,21 @@ impl<W: Write> TraceWriter<W> {
     }
 }
 
+/// serde_json's message for line `line` of the file, without its own position in the line
+/// (which it counts from the line's start, as line 1).
+fn json_error(line: usize, e: serde_json::Error) -> TraceError {
+    let text = e.to_string();
+    let reason = match text.rfind(" at line ") {
+        Some(at) => text[..at].to_string(),
+        None => text,
+    };
+    TraceError::Json {
+        line,
+        column: e.column(),
+        reason,
+    }
+}
+
 fn write_line<T: Serialize>(out: &mut impl Write, value: &T) -> Result<(), TraceError> {
     serde_json::to_writer(&mut *out, value).map_err(|e| TraceError::Write(e.into()))?;
     out.write_all(b"\n").map_err(TraceError::Write)
@@ -126,9 +159,8 @@ impl<R: BufRead> TraceReader<R> {
         let first = lines
             .next()
             .ok_or(TraceError::Empty)?
-            .map_err(TraceError::Write)?;
-        let header: Header =
-            serde_json::from_str(&first).map_err(|source| TraceError::Json { line: 1, source })?;
+            .map_err(|source| TraceError::Read { line: 1, source })?;
+        let header: Header = serde_json::from_str(&first).map_err(|e| json_error(1, e))?;
         if header.format != FORMAT || header.version != VERSION {
             return Err(TraceError::Format {
                 format: header.format,
@@ -153,18 +185,23 @@ impl<R: BufRead> Iterator for TraceReader<R> {
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
+            self.line += 1;
             let text = match self.lines.next()? {
                 Ok(t) => t,
-                Err(e) => return Some(Err(TraceError::Write(e))),
+                Err(source) => {
+                    return Some(Err(TraceError::Read {
+                        line: self.line,
+                        source,
+                    }))
+                }
             };
-            self.line += 1;
             if text.trim().is_empty() {
                 continue;
             }
             let line = self.line;
             let sample: Sample = match serde_json::from_str(&text) {
                 Ok(s) => s,
-                Err(source) => return Some(Err(TraceError::Json { line, source })),
+                Err(e) => return Some(Err(json_error(line, e))),
             };
             if let Some(previous) = self.previous.filter(|&p| sample.t_ms <= p) {
                 return Some(Err(TraceError::Order {
@@ -186,11 +223,16 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> TraceError + '_ {
     }
 }
 
+/// Reads a whole trace file; any error names the file (and the line, where there is one).
 pub fn read(path: &Path) -> Result<Trace, TraceError> {
     let file = File::open(path).map_err(io_error(path))?;
-    let reader = TraceReader::new(BufReader::new(file))?;
+    let in_file = |source| TraceError::InFile {
+        path: path.to_path_buf(),
+        source: Box::new(source),
+    };
+    let reader = TraceReader::new(BufReader::new(file)).map_err(in_file)?;
     let header = reader.header().clone();
-    let samples = reader.collect::<Result<Vec<_>, _>>()?;
+    let samples = reader.collect::<Result<Vec<_>, _>>().map_err(in_file)?;
     Ok(Trace { header, samples })
 }
 
@@ -244,8 +286,9 @@ mod tests {
             },
             signals: Signals {
                 io_ops: 3,
-                unknown_exits: 0,
                 devices: 1,
+                faults: 40,
+                ..Signals::default()
             },
         }
     }
@@ -304,6 +347,47 @@ mod tests {
             })
         ));
         assert!(matches!(results[2], Err(TraceError::Json { line: 4, .. })));
+    }
+
+    #[test]
+    fn a_broken_file_is_an_error_naming_file_and_line() {
+        let dir = std::env::temp_dir().join(format!("predictor-broken-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = Trace {
+            header: header(),
+            samples: vec![sample(0), sample(100), sample(200)],
+        };
+        let path = dir.join("t.jsonl");
+        write(&path, &good).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let message = |bytes: &[u8]| {
+            std::fs::write(&path, bytes).unwrap();
+            read(&path).unwrap_err().to_string()
+        };
+        // Cut in the middle of the last sample, as a crash mid-write leaves it.
+        let cut = message(&bytes[..bytes.len() - 20]);
+        assert!(
+            cut.contains("t.jsonl") && cut.contains("line 4") && cut.contains("EOF"),
+            "{cut}"
+        );
+        // Every possible truncation is an error or a shorter trace, never a panic.
+        for end in 0..bytes.len() {
+            std::fs::write(&path, &bytes[..end]).unwrap();
+            if let Ok(t) = read(&path) {
+                assert!(t.samples.len() <= 3);
+            }
+        }
+        assert!(message(b"").contains("line 1: empty file"));
+        let binary = message(&[0xff, 0xfe, 0x00, 0x80, b'\n']);
+        assert!(binary.contains("t.jsonl: line 1"), "{binary}");
+        let mut mixed = bytes.clone();
+        mixed.extend_from_slice(b"{\"t_ms\":300,\"cpu\":\"lots\"}\n");
+        let bad = message(&mixed);
+        assert!(
+            bad.ends_with("line 5, column 25: invalid type: string \"lots\", expected f64"),
+            "{bad}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

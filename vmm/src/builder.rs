@@ -10,32 +10,30 @@ use devices::virtio::mem::{MemLayout, VirtioMem};
 use devices::virtio::net::Net;
 use devices::virtio::rng::Rng;
 use devices::virtio::vsock::Vsock;
-use devices::virtio::VirtioDevice;
 use event_manager::{EventManager, SubscriberOps};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, Kvm};
-use predictor::telemetry::{Collector, DeviceKind};
+use predictor::telemetry::ExitRecorder;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap};
 
 use crate::arch::x86_64::cpuid::Topology;
 use crate::arch::x86_64::layout::hotplug_region_start;
 use crate::arch::x86_64::mptable::{self, MptableError};
-use crate::autopilot::exits::ExitTelemetry;
 use crate::boot::load_boot_source;
 use crate::console::{ConsoleInput, RawTerminal};
 use crate::device_manager::legacy::{self, LegacyError};
 use crate::device_manager::mmio::{MmioDeviceManager, MmioError};
+use crate::device_manager::registry::DeviceRegistry;
+use crate::event_loop::Subscriber;
 use crate::exit::ExitSignal;
 use crate::metrics::METRICS;
-use crate::microvm::MicroVm;
-use crate::microvm::VirtioHandles;
-use crate::runtime::Subscriber;
+use crate::microvm::{MicroVm, VirtioHandles};
 use crate::vmm_config::{
     parse_mac, ConfigError, JsonPath, MachineConfig, MemoryHotplugConfig, Segment, VmConfig,
     VsockConfig,
 };
 use crate::vstate::memory::{create_guest_memory, create_hotplug_region};
-use crate::vstate::vcpu::{register_kick_handler, IoBuses, Vcpu, VcpuError};
+use crate::vstate::vcpu::{register_kick_handler, Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
 
 /// Errors of building a microVM. [`BuildError::Config`] points at the spec field at fault.
@@ -100,7 +98,6 @@ pub fn build_microvm(
     config: &VmConfig,
     exit: Arc<ExitSignal>,
     event_manager: &mut EventManager<Subscriber>,
-    mut predictor: Option<&mut Collector>,
 ) -> Result<MicroVm, BuildError> {
     config.validate()?;
     let machine = &config.machine_config;
@@ -131,20 +128,21 @@ pub fn build_microvm(
         None => mem.clone(),
     };
 
-    let mut buses = IoBuses::default();
-    let (virtio, extra_args) =
-        attach_virtio_devices(config, &vm, &device_mem, hotplug, &mut buses, event_manager)?;
+    let mut registry = DeviceRegistry::default();
+    let (virtio, extra_args) = attach_virtio_devices(
+        config,
+        &vm,
+        &device_mem,
+        hotplug,
+        &mut registry,
+        event_manager,
+    )?;
 
     let entry = load_boot_source(&mem, config.boot_source()?, &extra_args)
         .map_err(|e| ConfigError::new(e.spec_field(), e.to_string()))?;
     mptable::setup_mptable(&mem, machine.vcpu_count)?;
 
-    let legacy = legacy::attach(
-        vm.fd(),
-        &mut buses.pio,
-        serial_output(config)?,
-        exit.clone(),
-    )?;
+    let legacy = legacy::attach(vm.fd(), &mut registry, serial_output(config)?, exit.clone())?;
 
     let console_is_stdout = config
         .serial
@@ -172,15 +170,18 @@ pub fn build_microvm(
             Ok(vcpu)
         })
         .collect::<Result<Vec<_>, VcpuError>>()?;
+    let (buses, devices) = registry.finish();
     let buses = Arc::new(buses);
-    let virtio_slots = virtio.telemetry.len();
+    // Each vCPU counts its exits once; the metrics and the predictor read the same counts.
     let handles = vcpus
         .into_iter()
         .map(|vcpu| {
-            let telemetry = predictor
-                .as_deref_mut()
-                .map(|c| ExitTelemetry::new(c.add_vcpu(), virtio_slots));
-            vcpu.start(buses.clone(), exit.clone(), telemetry)
+            let (recorder, exits) = ExitRecorder::new();
+            METRICS.register_vcpu(exits.clone());
+            Ok((
+                vcpu.start(buses.clone(), exit.clone(), Box::new(recorder))?,
+                exits,
+            ))
         })
         .collect::<Result<Vec<_>, VcpuError>>()?;
     tracing::info!(
@@ -195,6 +196,7 @@ pub fn build_microvm(
         terminal,
         legacy.i8042,
         virtio,
+        devices,
     ))
 }
 
@@ -247,15 +249,15 @@ fn drive_field(index: usize, name: &'static str) -> JsonPath {
     ])
 }
 
-/// Creates the virtio devices the spec names (the root drive first, so it is /dev/vda) and
-/// returns the devices that can be changed live, by id, and the kernel parameters that announce
-/// them.
+/// Creates the virtio devices the spec names (the root drive first, so it is /dev/vda), each
+/// registered by its attach under its metrics name, and returns the devices that can be changed
+/// live, by id, and the kernel parameters that announce them.
 fn attach_virtio_devices(
     config: &VmConfig,
     vm: &Vm,
     mem: &GuestMemoryMmap,
     hotplug: Option<HotplugMemory>,
-    buses: &mut IoBuses,
+    registry: &mut DeviceRegistry,
     event_manager: &mut EventManager<Subscriber>,
 ) -> Result<(VirtioHandles, Vec<String>), BuildError> {
     let mut manager = MmioDeviceManager::default();
@@ -264,7 +266,6 @@ fn attach_virtio_devices(
     order.sort_by_key(|&i| !config.drives[i].is_root_device);
     let mut blocks = Vec::new();
     let mut nets = Vec::new();
-    let mut telemetry = Vec::new();
     for i in order {
         let d = &config.drives[i];
         let block = Block::new(
@@ -274,10 +275,9 @@ fn attach_virtio_devices(
             d.rate_limiter.unwrap_or_default(),
         )
         .map_err(|e| ConfigError::new(drive_field(i, "path_on_host"), e.to_string()))?;
-        METRICS.register_device(format!("block_{}", d.drive_id), block.counters());
-        telemetry.push((DeviceKind::Block, block.counters()));
         let block = Arc::new(Mutex::new(block));
-        manager.attach(vm.fd(), mem, &mut buses.mmio, event_manager, block.clone())?;
+        let name = format!("block_{}", d.drive_id);
+        manager.attach(vm.fd(), mem, registry, event_manager, name, block.clone())?;
         if d.is_root_device {
             extra.push(match &d.partuuid {
                 Some(uuid) => format!("root=PARTUUID={uuid}"),
@@ -305,53 +305,32 @@ fn attach_virtio_devices(
                 e.to_string(),
             )
         })?;
-        METRICS.register_device(format!("net_{}", n.iface_id), net.counters());
-        telemetry.push((DeviceKind::Net, net.counters()));
         let net = Arc::new(Mutex::new(net));
-        manager.attach(vm.fd(), mem, &mut buses.mmio, event_manager, net.clone())?;
+        let name = format!("net_{}", n.iface_id);
+        manager.attach(vm.fd(), mem, registry, event_manager, name, net.clone())?;
         nets.push((n.iface_id.clone(), net));
     }
     if let Some(entropy) = &config.entropy {
         let rng = Rng::new(entropy.rate_limiter.unwrap_or_default()).map_err(|e| {
             ConfigError::new(JsonPath::keys(&["entropy", "rate_limiter"]), e.to_string())
         })?;
-        METRICS.register_device("entropy".to_string(), rng.counters());
-        telemetry.push((DeviceKind::Other, rng.counters()));
-        manager.attach(
-            vm.fd(),
-            mem,
-            &mut buses.mmio,
-            event_manager,
-            Arc::new(Mutex::new(rng)),
-        )?;
+        let rng = Arc::new(Mutex::new(rng));
+        manager.attach(vm.fd(), mem, registry, event_manager, "entropy".into(), rng)?;
     }
     if let Some(v) = &config.vsock {
         let vsock = Vsock::new(v.guest_cid, &v.uds_path)
             .map_err(|e| ConfigError::new(VsockConfig::uds_path_field(), e.to_string()))?;
-        METRICS.register_device("vsock".to_string(), vsock.counters());
-        telemetry.push((DeviceKind::Vsock, vsock.counters()));
-        manager.attach(
-            vm.fd(),
-            mem,
-            &mut buses.mmio,
-            event_manager,
-            Arc::new(Mutex::new(vsock)),
-        )?;
+        let vsock = Arc::new(Mutex::new(vsock));
+        manager.attach(vm.fd(), mem, registry, event_manager, "vsock".into(), vsock)?;
     }
     let balloon = match &config.balloon {
         Some(b) => {
             let balloon = Balloon::new(b.options()).map_err(|e| {
                 ConfigError::new(JsonPath::keys(&["balloon", "amount_mib"]), e.to_string())
             })?;
-            METRICS.register_device("balloon".to_string(), balloon.counters());
             let balloon = Arc::new(Mutex::new(balloon));
-            manager.attach(
-                vm.fd(),
-                mem,
-                &mut buses.mmio,
-                event_manager,
-                balloon.clone(),
-            )?;
+            let name = "balloon".to_string();
+            manager.attach(vm.fd(), mem, registry, event_manager, name, balloon.clone())?;
             Some(balloon)
         }
         None => None,
@@ -361,9 +340,9 @@ fn attach_virtio_devices(
             let slots = vm.hotplug_slots(h.region, h.layout, h.first_slot);
             let device = VirtioMem::new(h.layout, Box::new(slots))
                 .map_err(|e| ConfigError::new(MemoryHotplugConfig::total_path(), e.to_string()))?;
-            METRICS.register_device("memory_hotplug".to_string(), device.counters());
             let device = Arc::new(Mutex::new(device));
-            manager.attach(vm.fd(), mem, &mut buses.mmio, event_manager, device.clone())?;
+            let name = "memory_hotplug".to_string();
+            manager.attach(vm.fd(), mem, registry, event_manager, name, device.clone())?;
             // Linux leaves added memory offline unless told otherwise. Online to ZONE_MOVABLE
             // where the zone ratio allows (auto-movable, Linux 5.15+), so that what was plugged
             // can be unplugged again: a block in ZONE_NORMAL can hold kernel memory for good
@@ -381,7 +360,6 @@ fn attach_virtio_devices(
             nets,
             balloon,
             memory,
-            telemetry,
         },
         extra,
     ))

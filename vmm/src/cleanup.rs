@@ -1,14 +1,19 @@
-//! What the VMM removes from the host when it exits: its API socket and the VM's cgroup.
+//! What the VMM removes from the host when it exits: its API socket and the VM's cgroup; and the
+//! terminal mode it puts back ([`crate::console`]).
 //!
-//! [`register_api_sock`] and [`register_cgroup`] name them; [`run`] removes them, and runs from the guard that `main`
-//! holds (normal ends, errors, and termination signals, which end the VMM loop) and from the
-//! panic hook (a panic aborts in release builds, skipping every destructor). A process killed
-//! by SIGKILL, or by its seccomp filter (SIGSYS), runs neither: its socket and cgroup stay.
+//! [`register_api_sock`] and [`register_cgroup`] name them; [`run`] removes them, and runs from
+//! the guard that `main` holds (normal ends, errors, and termination signals, which end the VMM
+//! loop) and from the panic hook (a panic aborts in release builds, skipping every destructor).
+//! A process killed by SIGKILL, or by its seccomp filter (SIGSYS), runs neither: its socket and
+//! cgroup stay, and its terminal stays in raw mode (`stty sane` recovers it).
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
 use jailer::cgroup::Cgroup;
+
+use crate::seccomp::ThreadKind;
 
 /// Host state to remove at exit.
 #[derive(Debug)]
@@ -26,14 +31,39 @@ fn leftovers() -> std::sync::MutexGuard<'static, Leftovers> {
     LEFTOVERS.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The panic hook that runs [`run`], set once.
+/// The panic hook, set once. It runs on the panicking thread, under that thread's seccomp
+/// filter, before a release build aborts, so it only does what that filter allows: every
+/// thread restores the terminal (`ioctl(0, TCSETS)` is in every filter), but only the VMM thread
+/// (or an unfiltered one) may unlink the API socket and remove the cgroup; a vCPU or API
+/// thread's panic leaves them, as a SIGKILL does. A filtered thread reports the panic itself,
+/// as Firecracker does: the default hook's backtrace (`RUST_BACKTRACE`) reads the binary
+/// (getcwd, open, mmap), which no filter allows, and the filter would kill the process with
+/// SIGSYS in the middle of the report (`--no-seccomp` gives the backtrace); then it aborts, in
+/// every build.
 fn hook_panics() {
     static HOOK: std::sync::Once = std::sync::Once::new();
     HOOK.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            previous(info);
-            run();
+            match crate::seccomp::filtered_as() {
+                None | Some(ThreadKind::Vmm) => run(),
+                Some(ThreadKind::Vcpu | ThreadKind::Api) => crate::console::restore_terminal(),
+            }
+            if crate::seccomp::filtered_as().is_none() {
+                previous(info);
+                return;
+            }
+            let thread = std::thread::current();
+            let name = thread.name().unwrap_or("<unnamed>");
+            // Nothing more to do if stderr is gone; a failing eprintln! would panic again.
+            let _ = writeln!(
+                std::io::stderr(),
+                "\nthread '{name}' {info}\nnote: no backtrace under seccomp (--no-seccomp gives one)"
+            );
+            // A filtered VMM never half-survives a panic (a vCPU gone, the API deaf): a debug
+            // build aborts here as a release build (panic = "abort") does right after the hook,
+            // so both, and the tests, take the one path users get.
+            std::process::abort();
         }));
     });
 }
@@ -50,9 +80,10 @@ pub fn register_cgroup(cgroup: Cgroup) {
     leftovers().cgroup = Some(cgroup);
 }
 
-/// Removes what was registered, once. A cgroup that still holds this process (the jailer
+/// Restores the terminal and removes what was registered, once. A cgroup that still holds this process (the jailer
 /// put the VMM in it) cannot be removed while it runs; that is logged, not an error.
 pub fn run() {
+    crate::console::restore_terminal();
     let (api_sock, cgroup) = {
         let mut l = leftovers();
         (l.api_sock.take(), l.cgroup.take())
@@ -72,7 +103,22 @@ pub fn run() {
 }
 
 /// Runs [`run`] when dropped: `main` holds one for its whole body.
-pub struct Guard;
+pub struct Guard(());
+
+impl Guard {
+    /// Also sets the panic hook, so that every panic is reported, and cleaned up after, under
+    /// the filters.
+    pub fn new() -> Self {
+        hook_panics();
+        Guard(())
+    }
+}
+
+impl Default for Guard {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl Drop for Guard {
     fn drop(&mut self) {
@@ -92,7 +138,7 @@ mod tests {
         std::fs::write(&sock, b"").unwrap();
         register_api_sock(sock.clone());
         register_cgroup(Cgroup::open(vec![dir.join("cg")]).unwrap());
-        drop(Guard);
+        drop(Guard::new());
         assert!(!sock.exists());
         assert!(!dir.join("cg").exists());
         std::fs::write(&sock, b"").unwrap();

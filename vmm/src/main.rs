@@ -61,6 +61,11 @@ struct Cli {
     /// makes a syscall outside it, which must kill the process with SIGSYS.
     #[arg(long, value_name = "KIND", hide = true)]
     seccomp_test_violation: Option<vmm::seccomp::ThreadKind>,
+
+    /// Test hook: the first thread of this kind (vmm, api, vcpu) to reach a safe point under its
+    /// seccomp filter panics there (the terminal must still be restored).
+    #[arg(long, value_name = "KIND", hide = true)]
+    test_panic: Option<vmm::seccomp::ThreadKind>,
 }
 
 /// Prints the one line that explains a failed run and gives its exit code.
@@ -80,21 +85,33 @@ enum Command {
     /// Profile a workload: static analysis of its files and a short dry run in a locked-down
     /// probe VM; writes the behaviour profile `--profile` sizes a VM from.
     Profile(vmm::profile::probe::ProfileArgs),
+    /// Traces: record a real program's resource use.
+    Trace {
+        #[command(subcommand)]
+        command: TraceCommand,
+    },
     /// Render a trace (e.g. one a VM recorded to its predictor trace_path) as used vs allocated
     /// vs forecast per resource over time (SVG).
-    Report(predictor::report::ReportArgs),
+    Report(predictor_tools::report::ReportArgs),
     /// Isolate one microVM (chroot, namespaces, cgroup, uid/gid) and run the VMM with the
     /// arguments after `--` (Firecracker's jailer).
     Jail(jailer::JailArgs),
     /// Train the recurrent forecaster on recorded traces (needs the `torch` build feature).
     #[cfg(feature = "torch")]
-    Train(predictor::train::TrainArgs),
+    Train(predictor_tools::train::TrainArgs),
 }
 
 #[derive(Debug, Subcommand)]
 enum PredictorCommand {
     /// Replay traces through every forecaster and policy, and compare them with baselines.
-    Eval(predictor::eval::EvalArgs),
+    Eval(predictor_tools::eval::EvalArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum TraceCommand {
+    /// Run a command and sample its process tree every window (CPU, memory, block I/O, and
+    /// network where it can be attributed) into a trace file: `record --out t.jsonl -- CMD ARGS`.
+    Record(predictor_tools::record::RecordArgs),
 }
 
 /// Runs a tool; its errors exit 1 with one line.
@@ -103,7 +120,7 @@ fn run_tool(command: Command) -> ExitCode {
     let result = match command {
         Command::Predictor {
             command: PredictorCommand::Eval(args),
-        } => predictor::eval::run(&args, &mut out)
+        } => predictor_tools::eval::run(&args, &mut out)
             .map(|_| ())
             .map_err(|e| e.to_string()),
         Command::Profile(args) => match vmm::profile::probe::run(&args) {
@@ -121,7 +138,14 @@ fn run_tool(command: Command) -> ExitCode {
             Err(e) if e.is_bad_input() => return fail(e, code::BAD_CONFIG),
             Err(e) => Err(e.to_string()),
         },
-        Command::Report(args) => predictor::report::run(&args, &mut out).map_err(|e| e.to_string()),
+        Command::Trace {
+            command: TraceCommand::Record(args),
+        } => predictor_tools::record::run(&args, &mut out)
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        Command::Report(args) => {
+            predictor_tools::report::run(&args, &mut out).map_err(|e| e.to_string())
+        }
         Command::Jail(args) => {
             let spec = match args.validate() {
                 Ok(s) => s,
@@ -130,7 +154,7 @@ fn run_tool(command: Command) -> ExitCode {
             jailer::jail(&spec).map(|_| ()).map_err(|e| e.to_string())
         }
         #[cfg(feature = "torch")]
-        Command::Train(args) => predictor::train::run(&args, &mut out)
+        Command::Train(args) => predictor_tools::train::run(&args, &mut out)
             .map(|_| ())
             .map_err(|e| e.to_string()),
     };
@@ -152,6 +176,9 @@ fn main() -> ExitCode {
     }
     if let Some(kind) = cli.seccomp_test_violation {
         vmm::seccomp::set_test_violation(kind);
+    }
+    if let Some(kind) = cli.test_panic {
+        vmm::seccomp::set_test_panic(kind);
     }
     if cli.config_file.is_none() && cli.api_sock.is_none() {
         return fail(
@@ -179,8 +206,9 @@ fn main() -> ExitCode {
         }
         None => vmm::profile::launch::Launch::default(),
     };
-    // Removes the API socket and the cgroup on every return from here.
-    let _cleanup = vmm::cleanup::Guard;
+    // Restores the terminal and removes the API socket and the cgroup on every return from
+    // here, and from the panic hook.
+    let _cleanup = vmm::cleanup::Guard::new();
     let vm_cgroup = if cli.cgroup_dirs.is_empty() {
         None
     } else {

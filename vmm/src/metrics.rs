@@ -1,8 +1,9 @@
 //! The VMM's counters: kept cumulative, written as Firecracker-style JSON (deltas since the last
 //! flush) to the metrics file or FIFO, and served in Prometheus text format on `GET /metrics`.
 //!
-//! Counters a vCPU bumps on every exit live in that vCPU's own cache line ([`VcpuCounters`]), so
-//! the exit path never writes memory another vCPU writes; readers sum them.
+//! A vCPU's exits are counted once, by the [`ExitRecorder`] its thread is handed as its exit
+//! observer, in cache lines only that thread writes; the metrics sum every vCPU's totals, and the
+//! predictor reads the same counters per window.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -13,18 +14,17 @@ use std::sync::{Arc, LazyLock, Mutex};
 
 use devices::legacy::SerialCounters;
 use devices::virtio::DeviceCounters;
+use predictor::telemetry::{Access, ExitCounts, ExitKind, ExitRecorder, ExitTotals};
 use serde::{Deserialize, Serialize};
 
-/// Exit counters of one vCPU, padded to a cache line of its own.
-#[derive(Debug, Default)]
-#[repr(align(64))]
-pub struct VcpuCounters {
-    pub exit_io_in: AtomicU64,
-    pub exit_io_out: AtomicU64,
-    pub exit_mmio_read: AtomicU64,
-    pub exit_mmio_write: AtomicU64,
-    /// Accesses to ports or MMIO addresses no device owns.
-    pub unclaimed_access: AtomicU64,
+use crate::vstate::vcpu::ExitObserver;
+
+/// A vCPU's exit counter is its exit observer: one relaxed load and store per exit.
+impl ExitObserver for ExitRecorder {
+    #[inline]
+    fn observe(&mut self, exit: ExitKind) {
+        self.record(exit);
+    }
 }
 
 /// Counters of the API server.
@@ -50,7 +50,7 @@ pub struct VmmCounters {
 pub struct Metrics {
     pub api: ApiCounters,
     pub vmm: VmmCounters,
-    vcpus: Mutex<Vec<Arc<VcpuCounters>>>,
+    vcpus: Mutex<Vec<ExitTotals>>,
     serial: Mutex<Option<Arc<SerialCounters>>>,
     devices: Mutex<Vec<(String, Arc<DeviceCounters>)>>,
     sink: Mutex<Option<Sink>>,
@@ -112,16 +112,10 @@ pub fn open_nonblocking(path: &Path) -> std::io::Result<File> {
         .open(path)
 }
 
-fn sum(vcpus: &[Arc<VcpuCounters>], f: fn(&VcpuCounters) -> &AtomicU64) -> u64 {
-    vcpus.iter().map(|v| f(v).load(Ordering::Relaxed)).sum()
-}
-
 impl Metrics {
-    /// Counters for a new vCPU, read from now on.
-    pub fn register_vcpu(&self) -> Arc<VcpuCounters> {
-        let counters = Arc::new(VcpuCounters::default());
-        lock(&self.vcpus).push(counters.clone());
-        counters
+    /// A new vCPU's exit counter, reported from now on.
+    pub fn register_vcpu(&self, exits: ExitTotals) {
+        lock(&self.vcpus).push(exits);
     }
 
     pub fn register_serial(&self, counters: Arc<SerialCounters>) {
@@ -135,7 +129,10 @@ impl Metrics {
 
     /// The current cumulative values.
     pub fn samples(&self) -> Vec<Sample> {
-        let vcpus = lock(&self.vcpus).clone();
+        let mut exits = ExitCounts::default();
+        for v in lock(&self.vcpus).iter() {
+            exits.add(&v.counts());
+        }
         let serial = lock(&self.serial).clone().unwrap_or_default();
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let s = |group: &str, name, help, value| Sample {
@@ -167,31 +164,31 @@ impl Metrics {
                 "vcpu",
                 "exit_io_in",
                 "vCPU exits for port reads",
-                sum(&vcpus, |v| &v.exit_io_in),
+                exits.accesses(true, Access::Read),
             ),
             s(
                 "vcpu",
                 "exit_io_out",
                 "vCPU exits for port writes",
-                sum(&vcpus, |v| &v.exit_io_out),
+                exits.accesses(true, Access::Write),
             ),
             s(
                 "vcpu",
                 "exit_mmio_read",
                 "vCPU exits for MMIO reads",
-                sum(&vcpus, |v| &v.exit_mmio_read),
+                exits.accesses(false, Access::Read),
             ),
             s(
                 "vcpu",
                 "exit_mmio_write",
                 "vCPU exits for MMIO writes",
-                sum(&vcpus, |v| &v.exit_mmio_write),
+                exits.accesses(false, Access::Write),
             ),
             s(
                 "vcpu",
                 "unclaimed_access",
                 "port or MMIO accesses no device owns",
-                sum(&vcpus, |v| &v.unclaimed_access),
+                exits.unknown(),
             ),
             s(
                 "uart",
@@ -345,19 +342,30 @@ mod tests {
 
     #[test]
     fn vcpu_counters_are_summed_and_flushes_are_deltas() {
+        use predictor::telemetry::Target;
         let m = Metrics::default();
-        let a = m.register_vcpu();
-        let b = m.register_vcpu();
-        a.exit_io_out.fetch_add(3, Ordering::Relaxed);
-        b.exit_io_out.fetch_add(4, Ordering::Relaxed);
-        let io_out = |m: &Metrics| {
+        let (mut a, totals) = ExitRecorder::new();
+        m.register_vcpu(totals);
+        let (mut b, totals) = ExitRecorder::new();
+        m.register_vcpu(totals);
+        let out = ExitKind::Io(Access::Write, Target::Unknown);
+        for _ in 0..3 {
+            a.observe(out);
+        }
+        for _ in 0..4 {
+            b.observe(out);
+        }
+        b.observe(ExitKind::Mmio(Access::Read, Target::Unknown));
+        let value = |m: &Metrics, name: &str| {
             m.samples()
                 .into_iter()
-                .find(|s| s.name == "exit_io_out")
+                .find(|s| s.name == name)
                 .unwrap()
                 .value
         };
-        assert_eq!(io_out(&m), 7);
+        assert_eq!(value(&m, "exit_mmio_read"), 1);
+        assert_eq!(value(&m, "unclaimed_access"), 8);
+        assert_eq!(value(&m, "exit_io_out"), 7);
 
         assert!(matches!(m.flush(), Err(MetricsError::NotConfigured)));
         let dir = std::env::temp_dir().join(format!("prescient-metrics-{}", std::process::id()));
@@ -374,7 +382,7 @@ mod tests {
             })
             .is_err());
         m.flush().unwrap();
-        a.exit_io_out.fetch_add(1, Ordering::Relaxed);
+        a.observe(out);
         m.flush().unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<serde_json::Value> = text

@@ -1,27 +1,22 @@
 //! A booted microVM: its vCPU threads and the host resources they run on.
 
-use std::sync::{Arc, Mutex};
+use std::fs::File;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use devices::legacy::{I8042Error, I8042};
-use devices::rate_limiter::RateLimiterConfig;
 use devices::virtio::balloon::stats::StatsReport;
 use devices::virtio::balloon::Balloon;
-use devices::virtio::block::{Block, BlockError};
+use devices::virtio::block::Block;
 use devices::virtio::discard::PAGE_SIZE;
 use devices::virtio::mem::VirtioMem;
-use devices::virtio::net::{Net, NetError};
-
-use devices::virtio::DeviceCounters;
-use predictor::telemetry::DeviceKind;
+use devices::virtio::net::Net;
+use predictor::telemetry::ExitTotals;
 use vm_memory::GuestMemoryMmap;
-
-use crate::autopilot::kvm_stats::{KvmStatsError, KvmStatsReader};
-use crate::autopilot::Limited;
-use crate::vmm_config::{DriveConfig, NetworkInterfaceConfig};
 
 use crate::console::RawTerminal;
 use crate::device_manager::legacy::ResetToExit;
+use crate::device_manager::registry::RegisteredDevice;
 use crate::vstate::memory::resident_bytes;
 use crate::vstate::vcpu::{VcpuError, VcpuEvent, VcpuHandle, VcpuResponse};
 use crate::vstate::vm::Vm;
@@ -29,54 +24,27 @@ use crate::vstate::vm::Vm;
 /// How long a vCPU gets to acknowledge a pause or resume.
 const VCPU_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The virtio devices that can change while the guest runs, by their spec ids, and every
-/// device's counters in MMIO slot order (for the predictor).
+/// The virtio devices that can change while the guest runs, by their spec ids.
 #[derive(Default)]
 pub struct VirtioHandles {
     pub blocks: Vec<(String, Arc<Mutex<Block>>)>,
     pub nets: Vec<(String, Arc<Mutex<Net>>)>,
     pub balloon: Option<Arc<Mutex<Balloon>>>,
     pub memory: Option<Arc<Mutex<VirtioMem>>>,
-    pub telemetry: Vec<(DeviceKind, Arc<DeviceCounters>)>,
 }
 
-fn limited<T>(
-    devices: &[(String, Arc<Mutex<T>>)],
-    base: impl Fn(&str) -> Option<RateLimiterConfig>,
-) -> Vec<Limited<T>> {
-    devices
-        .iter()
-        .map(|(id, device)| Limited {
-            id: id.clone(),
-            device: device.clone(),
-            base: base(id),
-        })
-        .collect()
+/// One running vCPU as telemetry reads it.
+pub struct VcpuTelemetry {
+    pub index: u8,
+    /// Its thread, for the thread's CPU clock.
+    pub thread: libc::pthread_t,
+    /// Its KVM binary statistics file, or why there is none.
+    pub stats: std::io::Result<File>,
+    /// Its exit counts.
+    pub exits: ExitTotals,
 }
 
-impl VirtioHandles {
-    /// The drives with the limiters `drives` configured for them.
-    pub fn limited_blocks(&self, drives: &[DriveConfig]) -> Vec<Limited<Block>> {
-        limited(&self.blocks, |id| {
-            drives
-                .iter()
-                .find(|d| d.drive_id == id)
-                .and_then(|d| d.rate_limiter)
-        })
-    }
-
-    /// The interfaces with their configured transmit limiters (rx and tx get the same size).
-    pub fn limited_nets(&self, ifaces: &[NetworkInterfaceConfig]) -> Vec<Limited<Net>> {
-        limited(&self.nets, |id| {
-            ifaces
-                .iter()
-                .find(|n| n.iface_id == id)
-                .and_then(|n| n.tx_rate_limiter)
-        })
-    }
-}
-
-fn lock<T>(device: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+fn lock<T>(device: &Mutex<T>) -> MutexGuard<'_, T> {
     device.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -95,10 +63,7 @@ pub struct MemoryAccounting {
     pub guest_report: Option<StatsReport>,
 }
 
-fn find<'a, T>(
-    devices: &'a [(String, Arc<Mutex<T>>)],
-    id: &str,
-) -> Option<std::sync::MutexGuard<'a, T>> {
+fn find<'a, T>(devices: &'a [(String, Arc<Mutex<T>>)], id: &str) -> Option<MutexGuard<'a, T>> {
     let (_, dev) = devices.iter().find(|(i, _)| i == id)?;
     Some(lock(dev))
 }
@@ -115,8 +80,12 @@ pub struct MicroVm {
     // Field order is drop order: vCPU threads are joined in `stop` before memory and the VM go.
     vcpus: Vec<VcpuHandle>,
     state: RunState,
+    /// Each vCPU's exit counts, in vCPU order.
+    exits: Vec<ExitTotals>,
     i8042: Arc<Mutex<I8042<ResetToExit>>>,
     virtio: VirtioHandles,
+    /// Every device on the VM's buses.
+    devices: Vec<RegisteredDevice>,
     _terminal: Option<RawTerminal>,
     _vm: Vm,
     /// Guest RAM and the hotplug region.
@@ -129,16 +98,20 @@ impl MicroVm {
     pub(crate) fn new(
         vm: Vm,
         mem: GuestMemoryMmap,
-        vcpus: Vec<VcpuHandle>,
+        vcpus: Vec<(VcpuHandle, ExitTotals)>,
         terminal: Option<RawTerminal>,
         i8042: Arc<Mutex<I8042<ResetToExit>>>,
         virtio: VirtioHandles,
+        devices: Vec<RegisteredDevice>,
     ) -> Self {
+        let (vcpus, exits) = vcpus.into_iter().unzip();
         Self {
             vcpus,
             state: RunState::Running,
+            exits,
             i8042,
             virtio,
+            devices,
             _terminal: terminal,
             _vm: vm,
             mem,
@@ -158,22 +131,28 @@ impl MicroVm {
         &self.virtio
     }
 
+    /// Every device on the VM's buses, in attach order (their ids).
+    pub fn devices(&self) -> &[RegisteredDevice] {
+        &self.devices
+    }
+
     /// Kernel thread ids of the vCPU threads.
     pub fn vcpu_tids(&self) -> Vec<libc::pid_t> {
         self.vcpus.iter().map(VcpuHandle::tid).collect()
     }
 
-    /// Per running vCPU: index, thread, and its KVM stats reader (taken; once).
-    #[allow(clippy::type_complexity)]
-    pub fn vcpu_telemetry(
-        &mut self,
-    ) -> Vec<(u8, libc::pthread_t, Result<KvmStatsReader, KvmStatsError>)> {
+    /// What telemetry reads of each running vCPU (the stats files are handed over once).
+    pub fn vcpu_telemetry(&mut self) -> Vec<VcpuTelemetry> {
         self.vcpus
             .iter_mut()
-            .filter_map(|v| {
-                let thread = v.pthread()?;
-                let stats = v.take_kvm_stats()?;
-                Some((v.index(), thread, stats))
+            .zip(&self.exits)
+            .filter_map(|(v, exits)| {
+                Some(VcpuTelemetry {
+                    index: v.index(),
+                    thread: v.pthread()?,
+                    stats: v.take_stats_file()?,
+                    exits: exits.clone(),
+                })
             })
             .collect()
     }
@@ -211,33 +190,23 @@ impl MicroVm {
             .send_ctrl_alt_del()
     }
 
-    /// Replaces a drive's rate limiter while the guest runs; None if there is no such drive.
-    pub fn update_drive_rate_limiter(
-        &self,
-        drive_id: &str,
-        limiter: RateLimiterConfig,
-    ) -> Option<Result<(), BlockError>> {
-        Some(find(&self.virtio.blocks, drive_id)?.update_rate_limiter(limiter))
+    /// The drive with this spec id.
+    pub fn drive(&self, drive_id: &str) -> Option<MutexGuard<'_, Block>> {
+        find(&self.virtio.blocks, drive_id)
     }
 
-    /// Replaces an interface's rate limiters while the guest runs; None if there is no such
-    /// interface.
-    pub fn update_net_rate_limiters(
-        &self,
-        iface_id: &str,
-        rx: Option<RateLimiterConfig>,
-        tx: Option<RateLimiterConfig>,
-    ) -> Option<Result<(), NetError>> {
-        Some(find(&self.virtio.nets, iface_id)?.update_rate_limiters(rx, tx))
+    /// The network interface with this spec id.
+    pub fn net(&self, iface_id: &str) -> Option<MutexGuard<'_, Net>> {
+        find(&self.virtio.nets, iface_id)
     }
 
     /// The balloon, if the VM has one.
-    pub fn balloon(&self) -> Option<std::sync::MutexGuard<'_, Balloon>> {
+    pub fn balloon(&self) -> Option<MutexGuard<'_, Balloon>> {
         self.virtio.balloon.as_deref().map(lock)
     }
 
     /// The virtio-mem device, if the VM has a hotplug region.
-    pub fn hotplug_memory(&self) -> Option<std::sync::MutexGuard<'_, VirtioMem>> {
+    pub fn hotplug_memory(&self) -> Option<MutexGuard<'_, VirtioMem>> {
         self.virtio.memory.as_deref().map(lock)
     }
 

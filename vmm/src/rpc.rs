@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::autopilot::decisions::DecisionPage;
 use crate::autopilot::PredictorStatus;
 use crate::builder::BuildError;
+use crate::live::LiveError;
 use crate::logger::{LoggerConfig, LoggerError};
 use crate::metrics::{MetricsConfig, MetricsError};
 use crate::vmm_config::{
@@ -125,24 +126,19 @@ pub enum ActionError {
     Keyboard(#[from] devices::legacy::I8042Error),
     #[error("no drive {0:?}")]
     NoSuchDrive(String),
-    #[error("{0}")]
-    Drive(#[from] devices::virtio::block::BlockError),
     #[error("no network interface {0:?}")]
     NoSuchInterface(String),
+    /// A running VM's device refused a change.
     #[error("{0}")]
-    Net(#[from] devices::virtio::net::NetError),
+    Live(#[from] LiveError),
     #[error("a running drive's {0} cannot change; only its rate_limiter can")]
     DriveFieldFixedAfterBoot(&'static str),
     #[error("No balloon device configured.")]
     NoBalloon,
     #[error("Balloon statistics are not enabled (stats_polling_interval_s was 0 at start).")]
     BalloonStatsDisabled,
-    #[error("{0}")]
-    Balloon(#[from] devices::virtio::balloon::BalloonError),
     #[error("No memory hotplug device configured.")]
     NoMemoryHotplug,
-    #[error("{0}")]
-    MemoryHotplug(#[from] devices::virtio::mem::MemError),
     #[error("{0}")]
     Metrics(#[from] MetricsError),
     #[error("{0}")]

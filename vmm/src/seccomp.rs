@@ -164,11 +164,16 @@ static REQUESTED: AtomicU8 = AtomicU8::new(Stage::Boot as u8);
 /// The thread kind whose first filter is followed by a forbidden syscall (test hook), or
 /// [`NO_VIOLATION`].
 static VIOLATION: AtomicU8 = AtomicU8::new(NO_VIOLATION);
+/// The thread kind that panics at its first safe point under its filter (test hook), or
+/// [`NO_VIOLATION`].
+static PANIC: AtomicU8 = AtomicU8::new(NO_VIOLATION);
 const NO_VIOLATION: u8 = u8::MAX;
 
 thread_local! {
     /// The last stage this thread installed; None before its first filter.
     static INSTALLED: Cell<Option<Stage>> = const { Cell::new(None) };
+    /// Whose filters this thread runs under; None while unfiltered.
+    static KIND: Cell<Option<ThreadKind>> = const { Cell::new(None) };
 }
 
 /// Turns filtering on for threads that start (or reach [`install`]) from now on. Off by
@@ -186,6 +191,14 @@ pub fn is_enabled() -> bool {
 /// not change any filter.
 pub fn set_test_violation(kind: ThreadKind) {
     VIOLATION.store(kind as u8, Ordering::Release);
+}
+
+/// Test hook (`--test-panic KIND`): the first thread of `kind` to reach a safe point with its
+/// filter installed panics there, to show that the panic path (the terminal's restore, the
+/// clean-up) runs under that thread's filter. The VMM thread's first safe point is its first
+/// loop iteration, a vCPU's is before its first KVM_RUN, the API's is its first connection.
+pub fn set_test_panic(kind: ThreadKind) {
+    PANIC.store(kind as u8, Ordering::Release);
 }
 
 /// The stage threads are moving to.
@@ -222,13 +235,20 @@ pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
         // it, so the process dies here with SIGSYS.
         unsafe { libc::syscall(libc::SYS_personality, 0xffff_ffffu64) };
     }
-    catch_up(kind)
+    install_up_to(kind, requested_stage())
 }
 
-/// Records that this thread runs under the filters its parent installed up to `stage` (a
-/// thread inherits its creator's filters).
-pub fn inherited(stage: Option<Stage>) {
+/// Records that this thread runs under the filters of `kind` its parent installed up to
+/// `stage` (a thread inherits its creator's filters).
+pub fn inherited(kind: ThreadKind, stage: Option<Stage>) {
     INSTALLED.set(stage);
+    KIND.set(stage.map(|_| kind));
+}
+
+/// The kind of thread whose filters this thread runs under; None while unfiltered. What a
+/// thread may do on its way out (the panic hook) depends on it.
+pub fn filtered_as() -> Option<ThreadKind> {
+    KIND.get()
 }
 
 /// The last stage this thread installed, for the threads it starts ([`inherited`]).
@@ -241,6 +261,18 @@ pub fn installed() -> Option<Stage> {
 pub fn catch_up(kind: ThreadKind) -> Result<(), SeccompError> {
     if INSTALLED.get().is_none() {
         return Ok(());
+    }
+    if PANIC.load(Ordering::Relaxed) == kind as u8
+        && PANIC
+            .compare_exchange(
+                kind as u8,
+                NO_VIOLATION,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            )
+            .is_ok()
+    {
+        panic!("test hook: the {kind} thread panics under its seccomp filter (--test-panic)");
     }
     install_up_to(kind, requested_stage())
 }
@@ -262,6 +294,7 @@ fn apply(kind: ThreadKind, stage: Stage) -> Result<(), SeccompError> {
         source,
     })?;
     INSTALLED.set(Some(stage));
+    KIND.set(Some(kind));
     tracing::debug!("{kind} thread: {stage} seccomp filter installed");
     Ok(())
 }

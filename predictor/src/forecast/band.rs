@@ -3,14 +3,23 @@
 //! The upper bound is the point forecast plus a decayed quantile of the model's past
 //! errors at the configured horizon (split-conformal style), so every point model gets a
 //! band calibrated on the series it is actually forecasting instead of an assumed noise
-//! distribution.
+//! distribution. Errors are normalised by the series' recent volatility (locally weighted
+//! conformal): the band is a quantile of past errors in units of the mean absolute error
+//! around them, times the mean absolute error now, so it widens within a few windows of a
+//! noisy phase and narrows after it, at any level, and an idle series (forecast near zero)
+//! does not turn small absolute errors into huge relative ones.
 
 use super::{check_param, DecayHistogram, Forecast, ForecastError, Forecaster, Horizon};
+use crate::sample::Signals;
 
 /// A model that only predicts the expected value.
 pub trait PointModel: Send {
-    fn name(&self) -> &str;
+    fn name(&self) -> &'static str;
     fn update(&mut self, value: f64);
+    /// An update with the window's other signals (leading indicators), for models that use them.
+    fn update_window(&mut self, value: f64, _signals: &Signals) {
+        self.update(value);
+    }
     /// Expected value `h` windows after the latest update.
     fn point(&self, h: Horizon) -> f64;
 }
@@ -25,10 +34,13 @@ pub struct BandConfig {
     pub half_life: f64,
     /// Errors to collect before the forecaster reports itself warm.
     pub min_errors: u32,
-    /// Measure errors relative to the forecast instead of in the series' unit. Demand
-    /// noise usually grows with the level (twice the requests, twice the jitter), and an
-    /// absolute band learned at one level is then too wide below it and too narrow above.
-    pub relative: bool,
+    /// Half-life, in windows, of the mean absolute error that normalises errors; `None`
+    /// measures them in the series' own unit.
+    pub volatility_half_life: Option<f64>,
+    /// The smallest error unit, in the series' unit: below it errors do not matter (the
+    /// preset uses a thousandth of the VM's capacity), and an idle series' first change is
+    /// not an infinite surprise.
+    pub min_unit: f64,
 }
 
 impl Default for BandConfig {
@@ -37,8 +49,13 @@ impl Default for BandConfig {
             horizon: Horizon::ONE,
             quantile: 0.985,
             half_life: 600.0,
-            min_errors: 20,
-            relative: true,
+            // One second at 100 ms windows; the policy's calibration covers what ten errors
+            // cannot tell yet (on the training traces, 20 cost 2-6 points of slack for
+            // nothing: both hold the initial allocation meanwhile).
+            min_errors: 10,
+            // Three seconds at 100 ms windows: a phase's noise is learnt within it.
+            volatility_half_life: Some(30.0),
+            min_unit: 1e-9,
         }
     }
 }
@@ -61,8 +78,48 @@ impl BandConfig {
             false,
             "(0, inf]",
         )?;
+        if let Some(h) = self.volatility_half_life {
+            check_param(
+                "volatility half-life",
+                h,
+                0.0,
+                f64::INFINITY,
+                false,
+                "(0, inf]",
+            )?;
+        }
         Ok(())
     }
+}
+
+/// A running mean that forgets with a half-life.
+#[derive(Clone, Copy, Debug)]
+struct Decayed {
+    keep: f64,
+    mean: f64,
+    weight: f64,
+}
+
+impl Decayed {
+    fn new(half_life: f64) -> Self {
+        Decayed {
+            keep: (-1.0 / half_life).exp2(),
+            mean: 0.0,
+            weight: 0.0,
+        }
+    }
+
+    fn add(&mut self, v: f64) {
+        // Weighted by what has been seen, so the first values are not pulled towards 0.
+        self.weight = self.keep * self.weight + 1.0;
+        self.mean += (v - self.mean) / self.weight;
+    }
+}
+
+/// The volatility scale errors are measured in: their mean absolute size.
+#[derive(Clone, Copy, Debug)]
+struct Volatility {
+    abs_error: Decayed,
 }
 
 /// A [`PointModel`] with an error band. The forecasters exported as type aliases
@@ -75,7 +132,9 @@ pub struct Banded<M> {
     head: usize,
     filled: usize,
     errors: DecayHistogram,
+    volatility: Option<Volatility>,
     seen_errors: u32,
+    /// The quantile of past errors, in their unit (see `unit`).
     spread: f64,
 }
 
@@ -88,9 +147,12 @@ impl<M: PointModel> Banded<M> {
             pending: [0.0; Horizon::MAX],
             head: 0,
             filled: 0,
-            // Errors are in the series' own unit; 1e-4 to 1e7 covers cores through MiB
-            // with 10 % resolution on the error (not on the demand), which is plenty.
+            // 1e-4 to 1e7 covers normalised errors and cores through MiB with 10 %
+            // resolution on the error (not on the demand), which is plenty.
             errors: DecayHistogram::new(1e-4, 1.1, 1e7, cfg.half_life)?,
+            volatility: cfg.volatility_half_life.map(|h| Volatility {
+                abs_error: Decayed::new(h),
+            }),
             seen_errors: 0,
             spread: 0.0,
         })
@@ -100,34 +162,43 @@ impl<M: PointModel> Banded<M> {
         &self.model
     }
 
-    /// What one relative error unit is worth at `point`; floored so an idle series (zero
-    /// forecast) does not divide by zero.
-    fn unit(point: f64) -> f64 {
-        point.abs().max(1e-6)
+    /// What one unit of error is worth now.
+    fn unit(&self) -> f64 {
+        self.volatility
+            .as_ref()
+            .map_or(1.0, |v| v.abs_error.mean.max(self.cfg.min_unit))
     }
 }
 
 impl<M: PointModel> Forecaster for Banded<M> {
-    fn name(&self) -> &str {
+    fn name(&self) -> &'static str {
         self.model.name()
     }
 
     fn observe(&mut self, value: f64) {
+        self.observe_window(value, &Signals::default());
+    }
+
+    fn observe_window(&mut self, value: f64, signals: &Signals) {
         let h = self.cfg.horizon.get();
         if self.filled == h {
             // Only under-forecasts matter for an upper bound; over-forecasts count as zero
             // error so that they still hold their share of the quantile.
             let predicted = self.pending[self.head];
-            let error = (value - predicted).max(0.0);
-            self.errors.add(if self.cfg.relative {
-                error / Self::unit(predicted)
-            } else {
-                error
-            });
+            let error = value - predicted;
+            // The scale includes this error, so a score is at most the scale's effective
+            // sample size: the first surprise after a calm start (a process starting, a
+            // burst from idle) is a large error, not an unbounded one that would hold the
+            // quantile up for its whole half-life.
+            if let Some(v) = &mut self.volatility {
+                v.abs_error.add(error.abs());
+            }
+            self.errors.add(error.max(0.0) / self.unit());
             self.seen_errors = self.seen_errors.saturating_add(1);
-            self.spread = self.errors.quantile(self.cfg.quantile);
         }
-        self.model.update(value);
+
+        self.spread = self.errors.quantile(self.cfg.quantile);
+        self.model.update_window(value, signals);
         self.pending[self.head] = self.model.point(self.cfg.horizon);
         self.head = (self.head + 1) % h;
         self.filled = (self.filled + 1).min(h);
@@ -138,19 +209,19 @@ impl<M: PointModel> Forecaster for Banded<M> {
         // Errors were measured at the configured horizon only; other horizons scale them
         // as a random walk would (sqrt of the step count).
         let scale = (h.get() as f64 / self.cfg.horizon.get() as f64).sqrt();
-        let spread = if self.cfg.relative {
-            self.spread * Self::unit(point)
-        } else {
-            self.spread
-        };
         Forecast {
             point,
-            upper: point + spread * scale,
+            upper: point + self.spread * self.unit() * scale,
         }
     }
 
     fn warm(&self) -> bool {
         self.seen_errors >= self.cfg.min_errors
+    }
+
+    /// Takes effect from the next observation (which recomputes the band anyway).
+    fn set_quantile(&mut self, quantile: f64) {
+        self.cfg.quantile = quantile.clamp(0.5, 1.0);
     }
 }
 
@@ -161,7 +232,7 @@ mod tests {
     /// Always predicts a fixed value, so the band is pure error statistics.
     struct Constant(f64);
     impl PointModel for Constant {
-        fn name(&self) -> &str {
+        fn name(&self) -> &'static str {
             "constant"
         }
         fn update(&mut self, _: f64) {}
@@ -176,7 +247,8 @@ mod tests {
             quantile: 0.9,
             half_life: f64::INFINITY,
             min_errors,
-            relative: false,
+            volatility_half_life: None,
+            min_unit: 1e-9,
         }
     }
 
@@ -217,7 +289,7 @@ mod tests {
     struct Last(f64);
 
     impl PointModel for Last {
-        fn name(&self) -> &str {
+        fn name(&self) -> &'static str {
             "last"
         }
         fn update(&mut self, v: f64) {
@@ -229,32 +301,42 @@ mod tests {
     }
 
     #[test]
-    fn relative_band_scales_with_the_forecast() {
-        // Last predicts the last value, so a series alternating x and 1.1x has a 10 % error.
+    fn band_follows_the_recent_volatility_at_any_level() {
         let mut f = Banded::new(
             Last(0.0),
             BandConfig {
-                relative: true,
+                volatility_half_life: Some(10.0),
+                min_unit: 1e-3,
                 ..cfg(1, 1)
             },
         )
         .unwrap();
-        for i in 0..100 {
-            let base = if i < 50 { 10.0 } else { 1000.0 };
-            f.observe(if i % 2 == 0 { base } else { base * 1.1 });
-        }
-        // The last value was 1100 (odd step); the band is ~10 % of it, not an absolute
-        // mixture of the 1-unit and 100-unit errors seen.
-        let fc = f.forecast(Horizon::ONE);
-        assert_eq!(fc.point, 1100.0);
-        let rel = (fc.upper - fc.point) / fc.point;
-        assert!((0.1 - 1e-9..0.111).contains(&rel), "{fc:?}");
+        let mut rng = crate::rng::Rng::new(7);
+        let mut width = |f: &mut Banded<Last>, level: f64, noise: f64| {
+            for _ in 0..300 {
+                f.observe(level + noise * rng.normal());
+            }
+            let fc = f.forecast(Horizon::ONE);
+            fc.upper - fc.point
+        };
+        // Idle at zero, then calm at 1000, then noisy at 1000, then calm at 1: the band
+        // tracks the noise (Last's one-step error is sqrt(2) x the noise), not the level, and
+        // the idle start does not blow it up.
+        let idle = width(&mut f, 0.0, 0.0);
+        let calm = width(&mut f, 1000.0, 1.0);
+        let noisy = width(&mut f, 1000.0, 50.0);
+        let calm_low = width(&mut f, 1.0, 1.0);
+        assert!(idle < 1e-2, "{idle}");
+        assert!((0.5..8.0).contains(&calm), "{calm}");
+        assert!((25.0..400.0).contains(&noisy), "{noisy}");
+        assert!((0.5..8.0).contains(&calm_low), "{calm_low}");
     }
 
     #[test]
     fn errors_are_measured_at_the_configured_horizon() {
         // Last predicts the last value; on a ramp of +1 per step its h-step error is exactly h.
         let mut f = Banded::new(Last(0.0), cfg(3, 1)).unwrap();
+        // (in the series' unit: cfg() turns the volatility scale off)
         for i in 0..50 {
             f.observe(i as f64);
         }

@@ -12,11 +12,17 @@ pub struct DecayHistogram {
     ln_ratio: f64,
     weights: Vec<f64>,
     total: f64,
-    half_life: f64,
-    steps_since_rescale: f64,
+    /// The weight of the next insert, and its growth per step (`2^(1/half_life)`).
+    weight: f64,
+    growth: f64,
+    /// The occupied range; buckets whose weight has decayed below `NEGLIGIBLE` of the total
+    /// drop out of it, so quantile scans do not walk over long-gone outliers.
     lowest: usize,
     highest: usize,
 }
+
+/// Weight, relative to the total, below which a bucket no longer counts.
+const NEGLIGIBLE: f64 = 1e-12;
 
 const RESCALE_AT: f64 = 1e100;
 
@@ -50,8 +56,8 @@ impl DecayHistogram {
             ln_ratio,
             weights: vec![0.0; buckets],
             total: 0.0,
-            half_life,
-            steps_since_rescale: 0.0,
+            weight: 1.0,
+            growth: (1.0 / half_life).exp2(),
             lowest: usize::MAX,
             highest: 0,
         })
@@ -72,19 +78,27 @@ impl DecayHistogram {
 
     /// Adds one sample as the newest step.
     pub fn add(&mut self, value: f64) {
-        let w = (self.steps_since_rescale / self.half_life).exp2();
-        if w > RESCALE_AT {
+        if self.weight > RESCALE_AT {
+            let w = self.weight;
             self.weights.iter_mut().for_each(|x| *x /= w);
             self.total /= w;
-            self.steps_since_rescale = 0.0;
+            self.weight = 1.0;
         }
-        let w = (self.steps_since_rescale / self.half_life).exp2();
         let b = self.bucket(value.max(0.0));
-        self.weights[b] += w;
-        self.total += w;
+        self.weights[b] += self.weight;
+        self.total += self.weight;
+        self.weight *= self.growth;
         self.lowest = self.lowest.min(b);
         self.highest = self.highest.max(b);
-        self.steps_since_rescale += 1.0;
+        let floor = self.total * NEGLIGIBLE;
+        while self.highest > self.lowest && self.weights[self.highest] < floor {
+            self.weights[self.highest] = 0.0;
+            self.highest -= 1;
+        }
+        while self.lowest < self.highest && self.weights[self.lowest] < floor {
+            self.weights[self.lowest] = 0.0;
+            self.lowest += 1;
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -179,6 +193,18 @@ mod tests {
         assert!(h.total.is_finite());
         assert_eq!(h.quantile(0.25), 4.0);
         assert_eq!(h.quantile(0.9), 8.0);
+    }
+
+    #[test]
+    fn long_gone_outliers_leave_the_scanned_range() {
+        let mut h = hist(1.0);
+        h.add(1000.0);
+        for _ in 0..100 {
+            h.add(3.0);
+        }
+        // 2^-100 of the total: dropped, so the range is the one bucket still in use.
+        assert_eq!((h.lowest, h.highest), (h.bucket(3.0), h.bucket(3.0)));
+        assert_eq!(h.quantile(1.0), 4.0);
     }
 
     #[test]

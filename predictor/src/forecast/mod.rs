@@ -2,19 +2,24 @@
 //! `h` windows ahead.
 
 mod band;
+mod ensemble;
 mod histogram;
+mod indicator;
 mod percentile;
 mod preset;
 pub mod recurrent;
 mod smoothing;
 
 pub use band::{BandConfig, Banded, PointModel};
+pub use ensemble::{Ensemble, EnsembleConfig, ExpertWeight};
 pub use histogram::DecayHistogram;
+pub use indicator::{Indicator, IndicatorModel, LeadingIndicator};
 pub use percentile::{DecayingHistogram, PercentileConfig};
 pub use preset::Preset;
 pub use recurrent::{GruWeights, Recurrent, RecurrentError, RecurrentModel};
 pub use smoothing::{Ewma, EwmaLevel, Holt, HoltTrend, LastValue, LastValueModel};
 
+use crate::sample::Signals;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -98,12 +103,55 @@ pub struct Forecast {
 
 /// A per-resource demand predictor fed one observation per window.
 pub trait Forecaster: Send {
-    fn name(&self) -> &str;
+    fn name(&self) -> &'static str;
     fn observe(&mut self, value: f64);
+    /// One window's value with the window's other signals, for forecasters that use leading
+    /// indicators; the others see only the value.
+    fn observe_window(&mut self, value: f64, _signals: &Signals) {
+        self.observe(value);
+    }
     fn forecast(&self, h: Horizon) -> Forecast;
     /// False until the forecaster has seen enough to be trusted; the policy holds its
     /// initial allocation until then.
     fn warm(&self) -> bool;
+    /// The probability that demand stays under `upper` from now on (0.5..=1). The policy's
+    /// calibration moves it every window so the realised miss rate holds its target.
+    fn set_quantile(&mut self, quantile: f64);
+    /// The forecaster whose view counts most right now: itself, or an ensemble's leading
+    /// expert.
+    fn leader(&self) -> &'static str {
+        self.name()
+    }
+    /// Weights of an ensemble's experts (empty for a single forecaster).
+    fn weights(&self) -> Vec<ExpertWeight> {
+        Vec::new()
+    }
+}
+
+/// Forecasters the tests script.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::{Forecast, Forecaster, Horizon};
+
+    /// Always forecasts `level` (point and upper), warm from the start.
+    pub struct Level(pub &'static str, pub f64);
+
+    impl Forecaster for Level {
+        fn name(&self) -> &'static str {
+            self.0
+        }
+        fn observe(&mut self, _: f64) {}
+        fn forecast(&self, _: Horizon) -> Forecast {
+            Forecast {
+                point: self.1,
+                upper: self.1,
+            }
+        }
+        fn warm(&self) -> bool {
+            true
+        }
+        fn set_quantile(&mut self, _: f64) {}
+    }
 }
 
 #[cfg(test)]

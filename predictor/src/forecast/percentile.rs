@@ -31,15 +31,16 @@ impl PercentileConfig {
 }
 
 impl Default for PercentileConfig {
-    /// Tuned for 100 ms windows: a one-minute half-life follows phase changes within
-    /// seconds, and finer buckets cost less slack than VPA's.
+    /// For 100 ms windows: a one-minute half-life follows phase changes within seconds, and
+    /// finer buckets cost less slack than VPA's. No margin: the policy's calibration moves the
+    /// percentile until the miss rate holds its target.
     fn default() -> Self {
         PercentileConfig {
             half_life: 600.0,
             percentile: 0.99,
-            margin: 0.05,
+            margin: 0.0,
             bucket_ratio: 1.01,
-            min_samples: 20,
+            min_samples: 10,
         }
     }
 }
@@ -69,7 +70,7 @@ impl DecayingHistogram {
 }
 
 impl Forecaster for DecayingHistogram {
-    fn name(&self) -> &str {
+    fn name(&self) -> &'static str {
         "histogram"
     }
 
@@ -89,6 +90,11 @@ impl Forecaster for DecayingHistogram {
 
     fn warm(&self) -> bool {
         self.samples >= self.cfg.min_samples
+    }
+
+    /// Takes effect from the next observation (which recomputes the percentile anyway).
+    fn set_quantile(&mut self, quantile: f64) {
+        self.cfg.percentile = quantile.clamp(0.5, 1.0);
     }
 }
 

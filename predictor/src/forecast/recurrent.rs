@@ -174,6 +174,12 @@ impl GruWeights {
         Ok(w)
     }
 
+    /// The model shipped in the binary (`models/gru-real.safetensors`, 4.7 KB): trained with
+    /// `prescient train` on the real corpus's training split and synthetic seeds 101-104.
+    pub fn shipped() -> Result<Self, RecurrentError> {
+        Self::from_safetensors(include_bytes!("../../models/gru-real.safetensors"))
+    }
+
     pub fn load(path: &Path) -> Result<Self, RecurrentError> {
         let bytes = std::fs::read(path).map_err(|source| RecurrentError::Io {
             path: path.display().to_string(),
@@ -239,7 +245,7 @@ impl RecurrentModel {
 }
 
 impl PointModel for RecurrentModel {
-    fn name(&self) -> &str {
+    fn name(&self) -> &'static str {
         "gru"
     }
 
@@ -347,11 +353,13 @@ mod tests {
         assert!(matches!(err, RecurrentError::Features { .. }), "{err}");
     }
 
-    /// The model trained on held-out synthetic seeds and shipped for `eval --model`.
+    /// The model trained on the real corpus's training split and synthetic seeds, shipped in
+    /// the binary for the default ensemble's memory expert.
     #[test]
     fn shipped_model_loads_and_follows_a_level() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/gru-synthetic.safetensors");
-        let w = Arc::new(GruWeights::load(&path).unwrap());
+        let w = Arc::new(GruWeights::shipped().unwrap());
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/gru-real.safetensors");
+        assert_eq!(*w, GruWeights::load(&path).unwrap());
         assert_eq!((w.hidden, w.outputs), (16, 5));
         let mut f = Recurrent::with_weights(w, 4.0, BandConfig::default()).unwrap();
         for _ in 0..200 {

@@ -7,7 +7,7 @@ use super::{check_param, BandConfig, Banded, ForecastError, Horizon, PointModel}
 pub struct LastValueModel(f64);
 
 impl PointModel for LastValueModel {
-    fn name(&self) -> &str {
+    fn name(&self) -> &'static str {
         "last"
     }
     fn update(&mut self, value: f64) {
@@ -34,7 +34,7 @@ impl EwmaLevel {
 }
 
 impl PointModel for EwmaLevel {
-    fn name(&self) -> &str {
+    fn name(&self) -> &'static str {
         "ewma"
     }
     fn update(&mut self, value: f64) {
@@ -55,6 +55,9 @@ pub struct HoltTrend {
     beta: f64,
     phi: f64,
     state: Option<(f64, f64)>,
+    /// `phi + phi^2 + ... + phi^h` for h = 1..=50 (h itself when undamped), computed once:
+    /// the policy asks for several horizons every window.
+    damp: [f64; Horizon::MAX],
 }
 
 impl HoltTrend {
@@ -64,11 +67,20 @@ impl HoltTrend {
         check_param("holt alpha", alpha, 0.0, 1.0, false, "(0, 1]")?;
         check_param("holt beta", beta, 0.0, 1.0, false, "(0, 1]")?;
         check_param("holt phi", phi, 0.0, 1.0, false, "(0, 1]")?;
+        let mut damp = [0.0; Horizon::MAX];
+        let mut power = 1.0;
+        let mut sum = 0.0;
+        for d in &mut damp {
+            power *= phi;
+            sum += power;
+            *d = sum;
+        }
         Ok(HoltTrend {
             alpha,
             beta,
             phi,
             state: None,
+            damp,
         })
     }
 
@@ -78,7 +90,7 @@ impl HoltTrend {
 }
 
 impl PointModel for HoltTrend {
-    fn name(&self) -> &str {
+    fn name(&self) -> &'static str {
         "holt"
     }
     fn update(&mut self, value: f64) {
@@ -93,13 +105,7 @@ impl PointModel for HoltTrend {
     }
     fn point(&self, h: Horizon) -> f64 {
         let Some((l, b)) = self.state else { return 0.0 };
-        // phi + phi^2 + ... + phi^h, which is h when undamped.
-        let damp: f64 = if self.phi == 1.0 {
-            h.get() as f64
-        } else {
-            self.phi * (1.0 - self.phi.powi(h.get() as i32)) / (1.0 - self.phi)
-        };
-        l + damp * b
+        l + self.damp[h.get() - 1] * b
     }
 }
 

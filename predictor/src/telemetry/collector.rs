@@ -1,9 +1,6 @@
 //! The window closer: owns the reader side of every recorder and builds [`Window`]s.
 
-use super::recorder::{
-    device_recorder, exit_recorder, DeviceId, DeviceKind, DeviceReader, DeviceRecorder, ExitReader,
-    ExitRecorder,
-};
+use super::recorder::{DeviceId, DeviceKind, DeviceTotals, ExitReader, ExitTotals};
 use super::window::{DeviceWindow, KvmVcpuStats, MemorySample, VcpuWindow, Window};
 use std::time::Duration;
 use thiserror::Error;
@@ -22,14 +19,18 @@ pub enum CollectorError {
         got: usize,
         expected: usize,
     },
+    #[error("device totals have {got} entries but {expected} devices are registered")]
+    DeviceCountMismatch { got: usize, expected: usize },
     #[error("window closed at {now_ns} ns, before it started at {start_ns} ns")]
     ClockWentBack { start_ns: u64, now_ns: u64 },
 }
 
-/// Cumulative per-vCPU values the VMM reads at window close (KVM stats fd, thread clock).
+/// Cumulative values the VMM reads at window close: per vCPU (KVM stats fd, thread clock) and
+/// per device (its request counters, in registration order).
 pub struct WindowInputs<'a> {
     pub kvm: &'a [KvmVcpuStats],
     pub cpu_ns: &'a [u64],
+    pub devices: &'a [DeviceTotals],
     pub memory: MemorySample,
 }
 
@@ -37,16 +38,18 @@ struct VcpuSource {
     exits: ExitReader,
     prev_kvm: KvmVcpuStats,
     prev_cpu_ns: u64,
+    /// When the latest window in which the vCPU exited at all ended.
+    last_exit_ns: u64,
 }
 
 struct DeviceSource {
     id: DeviceId,
     kind: DeviceKind,
-    reader: DeviceReader,
+    prev: Option<DeviceTotals>,
 }
 
-/// Builds one [`Window`] per period. Lives on the VMM thread; the recorders it hands out
-/// go to the vCPU and device threads.
+/// Builds one [`Window`] per period. Lives on the VMM thread; it reads the vCPU threads' exit
+/// counters through their [`ExitTotals`].
 pub struct Collector {
     period_ns: u64,
     start_ns: u64,
@@ -73,28 +76,28 @@ impl Collector {
         Duration::from_nanos(self.period_ns)
     }
 
-    /// Registers the next vCPU (index = call order) and returns its recorder.
-    pub fn add_vcpu(&mut self) -> ExitRecorder {
-        let (rec, exits) = exit_recorder();
+    /// Registers the next vCPU (index = call order): its exits count from now on.
+    pub fn add_vcpu(&mut self, exits: &ExitTotals) {
         self.vcpus.push(VcpuSource {
-            exits,
+            exits: exits.reader(),
             prev_kvm: KvmVcpuStats::default(),
             prev_cpu_ns: 0,
+            last_exit_ns: 0,
         });
         self.window.vcpus.push(VcpuWindow::default());
-        rec
     }
 
-    pub fn add_device(
-        &mut self,
-        id: DeviceId,
-        kind: DeviceKind,
-    ) -> Result<DeviceRecorder, CollectorError> {
+    /// Registers a device; its totals come in [`WindowInputs::devices`] at this position, and
+    /// its first window counts from the first totals seen.
+    pub fn add_device(&mut self, id: DeviceId, kind: DeviceKind) -> Result<(), CollectorError> {
         if self.devices.iter().any(|d| d.id == id) {
             return Err(CollectorError::DuplicateDevice(id));
         }
-        let (rec, reader) = device_recorder();
-        self.devices.push(DeviceSource { id, kind, reader });
+        self.devices.push(DeviceSource {
+            id,
+            kind,
+            prev: None,
+        });
         self.window.devices.push(DeviceWindow {
             id,
             kind,
@@ -102,7 +105,7 @@ impl Collector {
             read_bytes: 0,
             written_bytes: 0,
         });
-        Ok(rec)
+        Ok(())
     }
 
     /// Whether the current window has run its full period.
@@ -126,6 +129,12 @@ impl Collector {
                 });
             }
         }
+        if inputs.devices.len() != self.devices.len() {
+            return Err(CollectorError::DeviceCountMismatch {
+                got: inputs.devices.len(),
+                expected: self.devices.len(),
+            });
+        }
         if now_ns < self.start_ns {
             return Err(CollectorError::ClockWentBack {
                 start_ns: self.start_ns,
@@ -134,24 +143,26 @@ impl Collector {
         }
         let sources = self.vcpus.iter_mut().zip(inputs.kvm).zip(inputs.cpu_ns);
         for (out, ((src, kvm), &cpu)) in self.window.vcpus.iter_mut().zip(sources) {
-            let (exits, last_exit_ns) = src.exits.take();
-            *out = VcpuWindow {
-                exits,
-                kvm: kvm.since(&src.prev_kvm),
-                cpu_ns: cpu.saturating_sub(src.prev_cpu_ns),
-                last_exit_ns,
-            };
+            src.exits.take_into(&mut out.exits);
+            if out.exits.any() {
+                src.last_exit_ns = now_ns;
+            }
+            out.kvm = kvm.since(&src.prev_kvm);
+            out.cpu_ns = cpu.saturating_sub(src.prev_cpu_ns);
+            out.last_exit_ns = src.last_exit_ns;
             src.prev_kvm = *kvm;
             src.prev_cpu_ns = cpu;
         }
-        for (out, src) in self.window.devices.iter_mut().zip(self.devices.iter_mut()) {
-            let (ops, read_bytes, written_bytes) = src.reader.take();
+        let sources = self.devices.iter_mut().zip(inputs.devices);
+        for (out, (src, totals)) in self.window.devices.iter_mut().zip(sources) {
+            let d = totals.since(src.prev.as_ref().unwrap_or(totals));
+            src.prev = Some(*totals);
             *out = DeviceWindow {
                 id: src.id,
                 kind: src.kind,
-                ops,
-                read_bytes,
-                written_bytes,
+                ops: d.ops,
+                read_bytes: d.read_bytes,
+                written_bytes: d.written_bytes,
             };
         }
         self.window.start_ns = self.start_ns;
@@ -165,7 +176,7 @@ impl Collector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::telemetry::{ExitKind, Target};
+    use crate::telemetry::{Access, ExitKind, ExitRecorder, Target};
 
     fn dev(i: u8) -> DeviceId {
         DeviceId::new(i).unwrap()
@@ -182,42 +193,60 @@ mod tests {
     #[test]
     fn window_turns_into_usage_and_signals() {
         let mut c = Collector::new(DEFAULT_WINDOW, 1_000_000_000).unwrap();
-        let mut v0 = c.add_vcpu();
-        let mut v1 = c.add_vcpu();
-        let mut blk = c.add_device(dev(0), DeviceKind::Block).unwrap();
-        let _net = c.add_device(dev(1), DeviceKind::Net).unwrap();
-        let _rng = c.add_device(dev(2), DeviceKind::Other).unwrap();
+        let (mut v0, t0) = ExitRecorder::new();
+        let (mut v1, t1) = ExitRecorder::new();
+        // Exits before the collector took the vCPU on are not its windows'.
+        v0.record(ExitKind::Hlt);
+        c.add_vcpu(&t0);
+        c.add_vcpu(&t1);
+        c.add_device(dev(0), DeviceKind::Block).unwrap();
+        c.add_device(dev(1), DeviceKind::Net).unwrap();
+        c.add_device(dev(2), DeviceKind::Other).unwrap();
         assert_eq!(
             c.add_device(dev(0), DeviceKind::Net).err(),
             Some(CollectorError::DuplicateDevice(dev(0)))
         );
-        v0.record(ExitKind::Mmio(Target::Device(dev(0))), 1);
-        v1.record(ExitKind::Io(Target::Unknown), 2);
-        v1.record(ExitKind::Mmio(Target::Device(dev(2))), 3);
-        blk.record(1024 * 1024, 0);
+        // Cumulative device totals; the first ones seen are the baseline.
+        let mut devices = [DeviceTotals::default(); 3];
+        devices[0].ops = 7;
+        let kvm = [KvmVcpuStats::default(); 2];
+        fn inputs<'a>(
+            devices: &'a [DeviceTotals],
+            kvm: &'a [KvmVcpuStats],
+            cpu_ns: &'a [u64],
+        ) -> WindowInputs<'a> {
+            let memory = MemorySample {
+                host_rss: 256.0,
+                plugged: 512.0,
+                ..Default::default()
+            };
+            WindowInputs {
+                kvm,
+                cpu_ns,
+                devices,
+                memory,
+            }
+        }
+        c.close(1_000_000_000, &inputs(&devices, &kvm, &[0, 0]))
+            .unwrap();
+        v0.record(ExitKind::Mmio(Access::Write, Target::Device(dev(0))));
+        v1.record(ExitKind::Io(Access::Write, Target::Unknown));
+        v1.record(ExitKind::Mmio(Access::Read, Target::Device(dev(2))));
+        devices[0].ops += 1;
+        devices[0].read_bytes += 1024 * 1024;
         let now = 1_100_000_000;
         assert!(c.due(now));
         let kvm = [KvmVcpuStats {
             exits: 4,
             ..Default::default()
         }; 2];
-        let memory = MemorySample {
-            host_rss: 256.0,
-            plugged: 512.0,
-            ..Default::default()
-        };
         let w = c
-            .close(
-                now,
-                &WindowInputs {
-                    kvm: &kvm,
-                    cpu_ns: &[50_000_000, 100_000_000],
-                    memory,
-                },
-            )
+            .close(now, &inputs(&devices, &kvm, &[50_000_000, 100_000_000]))
             .unwrap();
         assert_eq!(w.duration_ns, 100_000_000);
-        assert_eq!(w.vcpus[1].last_exit_ns, 3);
+        assert_eq!(w.vcpus[0].exits.total(), 1);
+        assert_eq!(w.vcpus[1].last_exit_ns, now);
+        assert_eq!(w.devices[0].ops, 1);
         let s = w.sample();
         assert_eq!(s.t_ms, 1000);
         assert!((s.usage.cpu - 1.5).abs() < 1e-9, "{}", s.usage.cpu);
@@ -235,29 +264,36 @@ mod tests {
         let w = c
             .close(
                 now + 100_000_000,
-                &WindowInputs {
-                    kvm: &kvm2,
-                    cpu_ns: &[50_000_000, 150_000_000],
-                    memory,
-                },
+                &inputs(&devices, &kvm2, &[50_000_000, 150_000_000]),
             )
             .unwrap();
         assert_eq!(w.vcpus[0].kvm.exits, 2);
         assert_eq!(w.vcpus[0].cpu_ns, 0);
         assert_eq!(w.vcpus[1].cpu_ns, 50_000_000);
         assert_eq!(w.vcpus[0].exits.total(), 0);
+        // A vCPU that stopped exiting keeps the end of its last window with exits.
+        assert_eq!(w.vcpus[1].last_exit_ns, now);
+        assert_eq!(w.devices[0].ops, 0);
+        assert!(matches!(
+            c.close(now + 200_000_000, &inputs(&devices[..2], &kvm2, &[0, 0])),
+            Err(CollectorError::DeviceCountMismatch {
+                got: 2,
+                expected: 3
+            })
+        ));
     }
 
     #[test]
     fn input_length_must_match_vcpus() {
         let mut c = Collector::new(DEFAULT_WINDOW, 0).unwrap();
-        let _v = c.add_vcpu();
+        c.add_vcpu(&ExitRecorder::new().1);
         let err = c
             .close(
                 1,
                 &WindowInputs {
                     kvm: &[],
                     cpu_ns: &[0],
+                    devices: &[],
                     memory: MemorySample::default(),
                 },
             )

@@ -1,4 +1,5 @@
-//! Per-VM telemetry: lock-free per-thread counters and the window built from them.
+//! Per-VM telemetry: lock-free per-vCPU exit counters, the devices' own totals, and the window
+//! built from them.
 
 mod cells;
 pub mod collector;
@@ -7,7 +8,7 @@ pub mod window;
 
 pub use collector::{Collector, CollectorError, WindowInputs, DEFAULT_WINDOW};
 pub use recorder::{
-    DeviceId, DeviceKind, DeviceRecorder, ExitCounts, ExitKind, ExitRecorder, Target, EXIT_SLOTS,
-    MAX_DEVICES,
+    Access, DeviceId, DeviceKind, DeviceTotals, ExitCounts, ExitKind, ExitRecorder, ExitTotals,
+    Target, EXIT_SLOTS, MAX_DEVICES,
 };
 pub use window::{DeviceWindow, KvmVcpuStats, MemorySample, VcpuWindow, Window};

@@ -1,13 +1,15 @@
-//! Hot-path recorders: one per vCPU thread for exits, one per device thread for virtio I/O.
+//! The hot-path exit counter: one per vCPU thread, written by that thread alone, read by the
+//! window closer and by whoever else wants the totals (the VMM's metrics). Devices need no
+//! recorder: their own cumulative counters go straight into the window inputs.
 
-use super::cells::{cells, CellReader, CellWriter};
+use super::cells::{cells, CellReader, CellTotals, CellWriter};
 use serde::{Deserialize, Serialize};
 
-/// Devices a VM can have that the counters tell apart; more would not fit the
-/// `Signals::devices` bit mask.
-pub const MAX_DEVICES: usize = 16;
+/// Devices a VM can have that the counters tell apart: as many as the `Signals::devices` bit
+/// mask holds.
+pub const MAX_DEVICES: usize = 32;
 
-/// Index of a device the VMM registered (its virtio-mmio slot, or a legacy device number).
+/// Index of a device the VMM attached (in attach order, over every bus).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct DeviceId(u8);
 
@@ -33,11 +35,18 @@ pub enum Target {
     Unknown,
 }
 
-/// Why KVM_RUN returned. Kept `Copy` and two bytes so the vCPU loop can build it for free.
+/// The direction of a port or MMIO access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+}
+
+/// Why KVM_RUN returned. Kept `Copy` and small so the vCPU loop can build it for free.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExitKind {
-    Io(Target),
-    Mmio(Target),
+    Io(Access, Target),
+    Mmio(Access, Target),
     Hlt,
     Shutdown,
     InternalError,
@@ -47,27 +56,25 @@ pub enum ExitKind {
 }
 
 const TARGET_SLOTS: usize = MAX_DEVICES + 1;
-const IO_BASE: usize = 0;
-const MMIO_BASE: usize = TARGET_SLOTS;
-const SIMPLE_BASE: usize = 2 * TARGET_SLOTS;
+/// First slot of each (bus, direction): port reads, port writes, MMIO reads, MMIO writes.
+const ACCESS_BASES: usize = 4;
+const SIMPLE_BASE: usize = ACCESS_BASES * TARGET_SLOTS;
 /// Number of distinct exit counters per vCPU.
 pub const EXIT_SLOTS: usize = SIMPLE_BASE + 6;
-/// Cell after the exit counters that holds the time of the last exit (a gauge).
-const LAST_EXIT_CELL: usize = EXIT_SLOTS;
-const VCPU_CELLS: usize = EXIT_SLOTS + 1;
 
 impl ExitKind {
     #[inline(always)]
     const fn slot(self) -> usize {
-        const fn target(base: usize, t: Target) -> usize {
+        const fn target(bus: usize, access: Access, t: Target) -> usize {
+            let base = (2 * bus + access as usize) * TARGET_SLOTS;
             match t {
                 Target::Device(d) => base + d.index(),
                 Target::Unknown => base + MAX_DEVICES,
             }
         }
         match self {
-            ExitKind::Io(t) => target(IO_BASE, t),
-            ExitKind::Mmio(t) => target(MMIO_BASE, t),
+            ExitKind::Io(a, t) => target(0, a, t),
+            ExitKind::Mmio(a, t) => target(1, a, t),
             ExitKind::Hlt => SIMPLE_BASE,
             ExitKind::Shutdown => SIMPLE_BASE + 1,
             ExitKind::InternalError => SIMPLE_BASE + 2,
@@ -78,7 +85,7 @@ impl ExitKind {
     }
 }
 
-/// Exit counts of one vCPU over one window.
+/// Exit counts of one vCPU, over one window or since it started.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ExitCounts([u64; EXIT_SLOTS]);
 
@@ -97,14 +104,32 @@ impl ExitCounts {
         self.0.iter().sum()
     }
 
-    /// Port plus MMIO exits that reached `device`.
-    pub fn device(&self, device: DeviceId) -> u64 {
-        self.get(ExitKind::Io(Target::Device(device)))
-            + self.get(ExitKind::Mmio(Target::Device(device)))
+    /// Whether anything was counted.
+    pub fn any(&self) -> bool {
+        self.0.iter().any(|&n| n != 0)
     }
 
+    /// Port (`io`) or MMIO accesses in one direction, to any device or none.
+    pub fn accesses(&self, io: bool, access: Access) -> u64 {
+        let base = (2 * usize::from(!io) + access as usize) * TARGET_SLOTS;
+        self.0[base..base + TARGET_SLOTS].iter().sum()
+    }
+
+    fn targets(&self, t: Target) -> u64 {
+        [Access::Read, Access::Write]
+            .into_iter()
+            .map(|a| self.get(ExitKind::Io(a, t)) + self.get(ExitKind::Mmio(a, t)))
+            .sum()
+    }
+
+    /// Port plus MMIO exits that reached `device`.
+    pub fn device(&self, device: DeviceId) -> u64 {
+        self.targets(Target::Device(device))
+    }
+
+    /// Port plus MMIO exits no device answered.
     pub fn unknown(&self) -> u64 {
-        self.get(ExitKind::Io(Target::Unknown)) + self.get(ExitKind::Mmio(Target::Unknown))
+        self.targets(Target::Unknown)
     }
 
     pub fn add(&mut self, other: &ExitCounts) {
@@ -115,33 +140,46 @@ impl ExitCounts {
 }
 
 /// Owned by one vCPU thread; called once per exit.
-pub struct ExitRecorder(CellWriter<VCPU_CELLS>);
+pub struct ExitRecorder(CellWriter<EXIT_SLOTS>);
 
 impl ExitRecorder {
-    /// Counts one exit. Two relaxed stores to a cache line only this thread writes; see
-    /// `cells` for why that is safe against the concurrent reader.
+    /// A counter for one vCPU and the handle its totals are read through.
+    pub fn new() -> (ExitRecorder, ExitTotals) {
+        let (w, totals) = cells();
+        (ExitRecorder(w), ExitTotals(totals))
+    }
+
+    /// Counts one exit: a relaxed load and store to a cache line only this thread writes; see
+    /// `cells` for why that is safe against concurrent readers.
     #[inline(always)]
-    pub fn record(&mut self, kind: ExitKind, now_ns: u64) {
+    pub fn record(&mut self, kind: ExitKind) {
         self.0.add(kind.slot(), 1);
-        self.0.set(LAST_EXIT_CELL, now_ns);
     }
 }
 
-/// The window closer's side of an [`ExitRecorder`].
-pub(crate) struct ExitReader(CellReader<VCPU_CELLS>);
+/// Read access to one vCPU's exit counts, for any number of readers.
+#[derive(Clone)]
+pub struct ExitTotals(CellTotals<EXIT_SLOTS>);
+
+impl ExitTotals {
+    /// Every exit counted since the vCPU started.
+    pub fn counts(&self) -> ExitCounts {
+        ExitCounts(self.0.current())
+    }
+
+    pub(crate) fn reader(&self) -> ExitReader {
+        ExitReader(self.0.reader())
+    }
+}
+
+/// The window closer's side of an [`ExitRecorder`]: counts since the previous window.
+pub(crate) struct ExitReader(CellReader<EXIT_SLOTS>);
 
 impl ExitReader {
-    pub(crate) fn take(&mut self) -> (ExitCounts, u64) {
-        let d = self.0.delta();
-        let mut counts = [0; EXIT_SLOTS];
-        counts.copy_from_slice(&d[..EXIT_SLOTS]);
-        (ExitCounts(counts), self.0.current(LAST_EXIT_CELL))
+    /// Writes the counts since the previous call into `out`.
+    pub(crate) fn take_into(&mut self, out: &mut ExitCounts) {
+        self.0.delta_into(&mut out.0);
     }
-}
-
-pub(crate) fn exit_recorder() -> (ExitRecorder, ExitReader) {
-    let (w, r) = cells();
-    (ExitRecorder(w), ExitReader(r))
 }
 
 /// What a device is, which decides the resource its bytes count against.
@@ -157,47 +195,24 @@ pub enum DeviceKind {
     Other,
 }
 
-const OPS: usize = 0;
-const READ: usize = 1;
-const WRITTEN: usize = 2;
-const DEVICE_CELLS: usize = 3;
-
-/// Owned by the thread that completes a device's virtio requests.
-pub struct DeviceRecorder(CellWriter<DEVICE_CELLS>);
-
-impl DeviceRecorder {
-    /// Counts one completed request moving `read` bytes from and `written` bytes to the
-    /// guest's point of view of the device (a block read is `read`, a net TX is `written`).
-    #[inline(always)]
-    pub fn record(&mut self, read: u64, written: u64) {
-        self.0.add(OPS, 1);
-        self.0.add(READ, read);
-        self.0.add(WRITTEN, written);
-    }
-
-    /// Adds `ops` requests at once: for a writer that samples a device's own cumulative
-    /// counters (the VMM thread, once a window) instead of sitting on its request path.
-    #[inline(always)]
-    pub fn record_many(&mut self, ops: u64, read: u64, written: u64) {
-        self.0.add(OPS, ops);
-        self.0.add(READ, read);
-        self.0.add(WRITTEN, written);
-    }
+/// A device's cumulative request counters, as the VMM reads them at window close (requests
+/// completed, and bytes moved from and to the guest's point of view of the device: a block read
+/// is `read_bytes`, a net TX is `written_bytes`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceTotals {
+    pub ops: u64,
+    pub read_bytes: u64,
+    pub written_bytes: u64,
 }
 
-pub(crate) struct DeviceReader(CellReader<DEVICE_CELLS>);
-
-impl DeviceReader {
-    /// (ops, bytes read, bytes written) since the previous call.
-    pub(crate) fn take(&mut self) -> (u64, u64, u64) {
-        let d = self.0.delta();
-        (d[OPS], d[READ], d[WRITTEN])
+impl DeviceTotals {
+    pub(crate) fn since(&self, earlier: &DeviceTotals) -> DeviceTotals {
+        DeviceTotals {
+            ops: self.ops.wrapping_sub(earlier.ops),
+            read_bytes: self.read_bytes.wrapping_sub(earlier.read_bytes),
+            written_bytes: self.written_bytes.wrapping_sub(earlier.written_bytes),
+        }
     }
-}
-
-pub(crate) fn device_recorder() -> (DeviceRecorder, DeviceReader) {
-    let (w, r) = cells();
-    (DeviceRecorder(w), DeviceReader(r))
 }
 
 #[cfg(test)]
@@ -211,7 +226,7 @@ mod tests {
     #[test]
     fn device_id_rejects_out_of_range() {
         assert!(DeviceId::new(MAX_DEVICES as u8).is_none());
-        assert_eq!(dev(15).index(), 15);
+        assert_eq!(dev(31).index(), 31);
     }
 
     #[test]
@@ -223,12 +238,14 @@ mod tests {
             ExitKind::FailEntry,
             ExitKind::SystemEvent,
             ExitKind::Other,
-            ExitKind::Io(Target::Unknown),
-            ExitKind::Mmio(Target::Unknown),
         ];
-        for i in 0..MAX_DEVICES as u8 {
-            kinds.push(ExitKind::Io(Target::Device(dev(i))));
-            kinds.push(ExitKind::Mmio(Target::Device(dev(i))));
+        for a in [Access::Read, Access::Write] {
+            kinds.push(ExitKind::Io(a, Target::Unknown));
+            kinds.push(ExitKind::Mmio(a, Target::Unknown));
+            for i in 0..MAX_DEVICES as u8 {
+                kinds.push(ExitKind::Io(a, Target::Device(dev(i))));
+                kinds.push(ExitKind::Mmio(a, Target::Device(dev(i))));
+            }
         }
         let mut slots: Vec<usize> = kinds.iter().map(|k| k.slot()).collect();
         slots.sort_unstable();
@@ -238,31 +255,52 @@ mod tests {
     }
 
     #[test]
-    fn recorder_counts_by_reason() {
-        let (mut rec, mut reader) = exit_recorder();
-        rec.record(ExitKind::Io(Target::Device(dev(2))), 10);
-        rec.record(ExitKind::Mmio(Target::Device(dev(2))), 11);
-        rec.record(ExitKind::Mmio(Target::Unknown), 12);
-        rec.record(ExitKind::Hlt, 13);
-        let (c, last) = reader.take();
-        assert_eq!(last, 13);
-        assert_eq!(c.total(), 4);
+    fn recorder_counts_by_reason_for_every_reader() {
+        let (mut rec, totals) = ExitRecorder::new();
+        rec.record(ExitKind::Hlt);
+        let mut reader = totals.reader();
+        rec.record(ExitKind::Io(Access::Write, Target::Device(dev(2))));
+        rec.record(ExitKind::Mmio(Access::Read, Target::Device(dev(2))));
+        rec.record(ExitKind::Mmio(Access::Write, Target::Unknown));
+        rec.record(ExitKind::Io(Access::Read, Target::Unknown));
+        rec.record(ExitKind::Hlt);
+        let mut c = ExitCounts::default();
+        reader.take_into(&mut c);
+        assert_eq!(c.total(), 5);
         assert_eq!(c.device(dev(2)), 2);
         assert_eq!(c.device(dev(3)), 0);
-        assert_eq!(c.unknown(), 1);
+        assert_eq!(c.unknown(), 2);
         assert_eq!(c.get(ExitKind::Hlt), 1);
-        let (c, _) = reader.take();
+        assert_eq!(c.accesses(true, Access::Write), 1);
+        assert_eq!(c.accesses(true, Access::Read), 1);
+        assert_eq!(c.accesses(false, Access::Read), 1);
+        assert_eq!(c.accesses(false, Access::Write), 1);
+        reader.take_into(&mut c);
         assert_eq!(c.total(), 0);
+        // The totals count from the start, whatever the window reader took.
+        assert_eq!(totals.counts().total(), 6);
+        assert_eq!(totals.counts().get(ExitKind::Hlt), 2);
     }
 
     #[test]
-    fn device_recorder_sums_bytes() {
-        let (mut rec, mut reader) = device_recorder();
-        rec.record(4096, 0);
-        rec.record(0, 512);
-        assert_eq!(reader.take(), (2, 4096, 512));
-        assert_eq!(reader.take(), (0, 0, 0));
-        rec.record_many(5, 100, 7);
-        assert_eq!(reader.take(), (5, 100, 7));
+    fn device_totals_subtract_fieldwise_and_wrap() {
+        let a = DeviceTotals {
+            ops: u64::MAX,
+            read_bytes: 10,
+            written_bytes: 5,
+        };
+        let b = DeviceTotals {
+            ops: 1,
+            read_bytes: 4106,
+            written_bytes: 5,
+        };
+        assert_eq!(
+            b.since(&a),
+            DeviceTotals {
+                ops: 2,
+                read_bytes: 4096,
+                written_bytes: 0
+            }
+        );
     }
 }

@@ -59,7 +59,8 @@ pub struct VcpuWindow {
     pub kvm: KvmVcpuStats,
     /// CPU time the vCPU thread consumed during the window.
     pub cpu_ns: u64,
-    /// Timestamp of the vCPU's latest exit, to spot a vCPU that stopped exiting.
+    /// End of the latest window in which the vCPU exited at all, to spot a vCPU that stopped
+    /// exiting (no clock is read per exit).
     pub last_exit_ns: u64,
 }
 
@@ -92,14 +93,12 @@ impl Window {
             blk: 0.0,
             net: 0.0,
         };
-        let mut exits = ExitCounts::default();
-        for v in &self.vcpus {
-            exits.add(&v.exits);
-        }
+        // Only the slots the signals need are summed over the vCPUs, not every exit counter.
         let mut signals = Signals {
-            io_ops: 0,
-            unknown_exits: exits.unknown(),
-            devices: 0,
+            unknown_exits: self.vcpus.iter().map(|v| v.exits.unknown()).sum(),
+            faults: self.vcpus.iter().map(|v| v.kvm.page_faults).sum(),
+            exits: self.vcpus.iter().map(|v| v.kvm.exits).sum(),
+            ..Signals::default()
         };
         for d in &self.devices {
             let rate = (d.read_bytes + d.written_bytes) as f64 / MIB / secs;
@@ -108,7 +107,8 @@ impl Window {
                 DeviceKind::Net => usage.net += rate,
                 _ => {}
             }
-            let touched = d.ops + exits.device(d.id);
+            let exits: u64 = self.vcpus.iter().map(|v| v.exits.device(d.id)).sum();
+            let touched = d.ops + exits;
             signals.io_ops += touched;
             if touched > 0 {
                 signals.devices |= 1 << d.id.index();

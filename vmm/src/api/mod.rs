@@ -148,7 +148,7 @@ fn accept_loop(listener: UnixListener, link: VmmLink) {
         let spawned = std::thread::Builder::new()
             .name("api-client".into())
             .spawn(move || {
-                seccomp::inherited(filters);
+                seccomp::inherited(ThreadKind::Api, filters);
                 serve_client(stream, &link);
                 clients.fetch_sub(1, Ordering::AcqRel);
             });

@@ -98,6 +98,7 @@ mod tests {
             forecast: Default::default(),
             allocation: Default::default(),
             resized: Default::default(),
+            band: Default::default(),
             behaviour: 0.0,
             anomaly: Default::default(),
             action: predictor::policy::Action::Resize,

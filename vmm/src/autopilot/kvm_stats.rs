@@ -1,14 +1,12 @@
-//! A vCPU's KVM binary statistics (`KVM_GET_STATS_FD`, Linux 5.14+): the header and descriptors
-//! are parsed once, then every window is one `pread` of the data block.
+//! A vCPU's KVM binary statistics (`KVM_GET_STATS_FD`, Linux 5.14+; the vCPU layer opens the
+//! file): the header and descriptors are parsed once, then every window is one `pread` of the
+//! data block.
 
 use std::fs::File;
-use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 
 use predictor::telemetry::KvmVcpuStats;
 
-/// `_IO(KVMIO, 0xce)`.
-const KVM_GET_STATS_FD: libc::c_ulong = 0xaece;
 /// `struct kvm_stats_header`: six u32.
 const HEADER_BYTES: usize = 24;
 /// `struct kvm_stats_desc` before its name: flags u32, exponent i16, size u16, offset u32,
@@ -114,16 +112,8 @@ pub struct KvmStatsReader {
 }
 
 impl KvmStatsReader {
-    /// Opens the stats of the vCPU behind `vcpu_fd`.
-    pub fn open(vcpu_fd: RawFd) -> Result<Self, KvmStatsError> {
-        // SAFETY: KVM_GET_STATS_FD takes no argument and returns a new fd or -1; `vcpu_fd` is a
-        // vCPU fd the caller keeps open for the call.
-        let fd = unsafe { libc::ioctl(vcpu_fd, KVM_GET_STATS_FD, 0) };
-        if fd < 0 {
-            return Err(KvmStatsError::Ioctl(std::io::Error::last_os_error()));
-        }
-        // SAFETY: the kernel just handed us this fd and nothing else owns it.
-        let file = unsafe { File::from_raw_fd(fd) };
+    /// Reads the layout of a vCPU's stats `file`.
+    pub fn new(file: File) -> Result<Self, KvmStatsError> {
         let mut header = [0u8; HEADER_BYTES];
         file.read_exact_at(&mut header, 0)
             .map_err(KvmStatsError::Read)?;
@@ -157,7 +147,6 @@ impl KvmStatsReader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsRawFd;
 
     fn desc(name: &str, size: u16, offset: u32, name_size: usize) -> Vec<u8> {
         let mut d = vec![0u8; DESC_FIXED_BYTES + name_size];
@@ -198,15 +187,19 @@ mod tests {
     fn reads_a_real_vcpus_stats() {
         let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
         let vm = kvm.create_vm().unwrap();
-        let vcpu = vm.create_vcpu(0).unwrap();
-        let mut r =
-            KvmStatsReader::open(vcpu.as_raw_fd()).expect("KVM_GET_STATS_FD on this host's kernel");
+        let vcpu = crate::vstate::vcpu::Vcpu::new(&vm, 0).unwrap();
+        let file = vcpu
+            .stats_file()
+            .expect("KVM_GET_STATS_FD on this host's kernel");
+        let mut r = KvmStatsReader::new(file).unwrap();
         assert!(r.layout.fields.exits.is_some(), "{:?}", r.layout);
         let s = r.read().unwrap();
         assert_eq!(s.io_exits, 0);
+        // A file that is not a stats file has no layout.
+        let not_stats = File::open("/dev/null").unwrap();
         assert!(matches!(
-            KvmStatsReader::open(kvm.as_raw_fd()),
-            Err(KvmStatsError::Ioctl(_))
+            KvmStatsReader::new(not_stats),
+            Err(KvmStatsError::Read(_))
         ));
     }
 }

@@ -4,10 +4,11 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use devices::legacy::{IrqTrigger, SerialCounters, SerialDevice, SerialHooks, I8042};
-use devices::{Bus, BusError};
 use kvm_ioctls::VmFd;
+use predictor::telemetry::DeviceKind;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::registry::{Attachment, Bus, DeviceRegistry, RegistryError};
 use crate::arch::x86_64::layout::{KEYBOARD_IRQ, SERIAL_IRQ};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::metrics::METRICS;
@@ -17,6 +18,8 @@ const COM1_BASE: u64 = 0x3f8;
 const COM1_LEN: u64 = 8;
 const I8042_BASE: u64 = 0x60;
 const I8042_LEN: u64 = 5;
+/// How many devices [`attach`] places.
+pub const DEVICES: usize = 2;
 
 /// Errors of creating the legacy devices.
 #[derive(Debug, thiserror::Error)]
@@ -25,8 +28,8 @@ pub enum LegacyError {
     EventFd(&'static str, std::io::Error),
     #[error("cannot route the {0} interrupt (IRQ {1}) through KVM: {2}")]
     Irqfd(&'static str, u32, kvm_ioctls::Error),
-    #[error("cannot place the {0} on the PIO bus: {1}")]
-    Bus(&'static str, BusError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
 }
 
 /// Turns the guest's i8042 reset command into the VM's end.
@@ -53,10 +56,10 @@ pub struct LegacyDevices {
     pub serial_input_drained: EventFd,
 }
 
-/// Creates COM1 (writing the guest's console to `serial_out`) and the i8042 on `pio`.
+/// Creates COM1 (writing the guest's console to `serial_out`) and the i8042 on the PIO bus.
 pub fn attach(
     vm: &VmFd,
-    pio: &mut Bus,
+    registry: &mut DeviceRegistry,
     serial_out: Box<dyn Write + Send>,
     exit: Arc<ExitSignal>,
 ) -> Result<LegacyDevices, LegacyError> {
@@ -79,8 +82,15 @@ pub fn attach(
         hooks,
         serial_out,
     )));
-    pio.insert(serial.clone(), COM1_BASE, COM1_LEN)
-        .map_err(|e| LegacyError::Bus("serial port", e))?;
+    registry.attach(Attachment {
+        device: serial.clone(),
+        bus: Bus::Pio,
+        base: COM1_BASE,
+        len: COM1_LEN,
+        name: "serial".into(),
+        kind: DeviceKind::Console,
+        counters: None,
+    })?;
 
     let kbd_irq = evt("keyboard interrupt")?;
     vm.register_irqfd(&kbd_irq, KEYBOARD_IRQ)
@@ -89,8 +99,15 @@ pub fn attach(
         ResetToExit(exit),
         IrqTrigger(kbd_irq),
     )));
-    pio.insert(i8042.clone(), I8042_BASE, I8042_LEN)
-        .map_err(|e| LegacyError::Bus("i8042", e))?;
+    registry.attach(Attachment {
+        device: i8042.clone(),
+        bus: Bus::Pio,
+        base: I8042_BASE,
+        len: I8042_LEN,
+        name: "i8042".into(),
+        kind: DeviceKind::Other,
+        counters: None,
+    })?;
     Ok(LegacyDevices {
         serial,
         i8042,

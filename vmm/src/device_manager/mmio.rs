@@ -1,20 +1,24 @@
 //! Places virtio devices on the MMIO bus: one 4 KiB window each from the start of the 32-bit gap,
 //! one IOAPIC pin each, KVM ioeventfds for their queue notifications and irqfds for their
-//! interrupts, the device's fds in the VMM's event loop, and a `virtio_mmio.device=` entry on the
-//! kernel command line so Linux (and the test guest) find them without ACPI or a device tree.
+//! interrupts, the device's fds in the VMM's event loop, a `virtio_mmio.device=` entry on the
+//! kernel command line so Linux (and the test guest) find them without ACPI or a device tree, and
+//! the device's entry in the registry, whatever kind it is.
 
 use std::sync::{Arc, Mutex};
 
 use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
-use devices::virtio::{DeviceCounters, VirtioDevice, VirtioInterrupt};
-use devices::{Bus, BusError};
+use devices::virtio::{
+    VirtioDevice, VirtioInterrupt, TYPE_BALLOON, TYPE_BLOCK, TYPE_MEM, TYPE_NET, TYPE_VSOCK,
+};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::{IoEventAddress, VmFd};
+use predictor::telemetry::DeviceKind;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::registry::{Attachment, Bus, DeviceRegistry, RegistryError};
 use crate::arch::x86_64::layout::{IOAPIC_PINS, MMIO32_START};
-use crate::runtime::Subscriber;
+use crate::event_loop::Subscriber;
 
 /// First IOAPIC pin for virtio devices: 0-4 belong to the timer, keyboard, cascade and serial.
 const FIRST_IRQ: u32 = 5;
@@ -34,8 +38,20 @@ pub enum MmioError {
         addr: u64,
         source: kvm_ioctls::Error,
     },
-    #[error("cannot place a virtio device on the MMIO bus: {0}")]
-    Bus(#[from] BusError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+}
+
+/// What a virtio device's traffic counts as, from its virtio device type.
+fn kind_of(device_type: u32) -> DeviceKind {
+    match device_type {
+        TYPE_BLOCK => DeviceKind::Block,
+        TYPE_NET => DeviceKind::Net,
+        TYPE_VSOCK => DeviceKind::Vsock,
+        TYPE_BALLOON => DeviceKind::Balloon,
+        TYPE_MEM => DeviceKind::Mem,
+        _ => DeviceKind::Other,
+    }
 }
 
 /// Where one device landed.
@@ -75,13 +91,15 @@ impl Default for MmioDeviceManager {
 }
 
 impl MmioDeviceManager {
-    /// Attaches `device` and returns its slot. `device` is served by the VMM's event loop.
+    /// Attaches `device`, registered as `name` (its metrics group), and returns its slot.
+    /// `device` is served by the VMM's event loop.
     pub fn attach<D>(
         &mut self,
         vm: &VmFd,
         mem: &GuestMemoryMmap,
-        mmio: &mut Bus,
+        registry: &mut DeviceRegistry,
         event_manager: &mut EventManager<Subscriber>,
+        name: String,
         device: Arc<Mutex<D>>,
     ) -> Result<MmioSlot, MmioError>
     where
@@ -100,7 +118,7 @@ impl MmioDeviceManager {
                 irq: slot.irq,
                 source,
             })?;
-        {
+        let (kind, counters) = {
             let d = device.lock().unwrap_or_else(|p| p.into_inner());
             let notify = slot.base + QUEUE_NOTIFY_OFFSET;
             for (queue, evt) in d.queue_events().iter().enumerate() {
@@ -111,12 +129,21 @@ impl MmioDeviceManager {
                         source,
                     })?;
             }
-        }
+            (kind_of(d.device_type()), d.counters())
+        };
         let interrupt = Arc::new(VirtioInterrupt::new(irq_evt));
         let as_virtio: Arc<Mutex<dyn VirtioDevice>> = device.clone();
         let transport =
             MmioTransport::new(as_virtio, mem.clone(), interrupt).map_err(MmioError::EventFd)?;
-        mmio.insert(Arc::new(Mutex::new(transport)), slot.base, MMIO_WINDOW_SIZE)?;
+        registry.attach(Attachment {
+            device: Arc::new(Mutex::new(transport)),
+            bus: Bus::Mmio,
+            base: slot.base,
+            len: MMIO_WINDOW_SIZE,
+            name,
+            kind,
+            counters: Some(counters),
+        })?;
         let as_subscriber: Subscriber = device;
         event_manager.add_subscriber(as_subscriber);
         self.next_base += MMIO_WINDOW_SIZE;
@@ -131,12 +158,29 @@ impl MmioDeviceManager {
     }
 }
 
-/// A device's counters under the name metrics report it by.
-pub type NamedCounters = (String, Arc<DeviceCounters>);
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_virtio_type_has_the_kind_its_traffic_counts_as() {
+        assert_eq!(kind_of(TYPE_BLOCK), DeviceKind::Block);
+        assert_eq!(kind_of(TYPE_NET), DeviceKind::Net);
+        assert_eq!(kind_of(TYPE_VSOCK), DeviceKind::Vsock);
+        assert_eq!(kind_of(TYPE_BALLOON), DeviceKind::Balloon);
+        assert_eq!(kind_of(TYPE_MEM), DeviceKind::Mem);
+        assert_eq!(kind_of(devices::virtio::TYPE_RNG), DeviceKind::Other);
+    }
+
+    /// Every device the MMIO manager can place (one per IOAPIC pin left) and the legacy ones
+    /// get a telemetry id.
+    #[test]
+    fn the_irq_lines_run_out_before_the_device_ids() {
+        let virtio = u32::from(IOAPIC_PINS) - FIRST_IRQ;
+        assert!(
+            virtio as usize + super::super::legacy::DEVICES <= predictor::telemetry::MAX_DEVICES
+        );
+    }
 
     #[test]
     fn command_line_entries_use_linux_syntax() {

@@ -514,7 +514,7 @@ mod tests {
             signals: Signals {
                 io_ops: 10,
                 unknown_exits: unknown,
-                devices: 0,
+                ..Signals::default()
             },
         }
     }

@@ -3,9 +3,8 @@
 //! I/O, and a stricter start (seccomp stage, anomaly threshold) for a flagged workload.
 
 use super::Profile;
-use crate::autopilot::actuators::bandwidth_limiter;
 use crate::seccomp::Stage;
-use crate::vmm_config::{VmConfig, MAX_VCPUS};
+use crate::vmm_config::{bandwidth_limiter, VmConfig, MAX_VCPUS};
 
 /// Memory above the probe's peak: the probe saw a few seconds, the VM runs longer.
 const MEM_HEADROOM: f64 = 1.25;

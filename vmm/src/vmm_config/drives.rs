@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 
-use devices::rate_limiter::{RateLimiter, RateLimiterConfig};
+use devices::rate_limiter::{RateLimiter, RateLimiterConfig, TokenBucketConfig};
 use serde::{Deserialize, Serialize};
 
 use super::{check_file, ConfigError, JsonPath, Segment};
@@ -65,6 +65,23 @@ pub fn validate_rate_limiter(
     }
 }
 
+/// Refill period of the bandwidth buckets the predictor and profiles size: short, so that a
+/// resize shows within a predictor window.
+const BANDWIDTH_REFILL_MS: u64 = 100;
+
+/// A limiter with a bandwidth bucket of `mibps` MiB/s and the `ops` bucket of `base` kept.
+pub fn bandwidth_limiter(mibps: f64, base: Option<RateLimiterConfig>) -> RateLimiterConfig {
+    let bytes = mibps * (1u64 << 20) as f64 * BANDWIDTH_REFILL_MS as f64 / 1000.0;
+    RateLimiterConfig {
+        bandwidth: Some(TokenBucketConfig {
+            size: bytes.round().max(1.0) as u64,
+            one_time_burst: None,
+            refill_time: BANDWIDTH_REFILL_MS,
+        }),
+        ops: base.and_then(|b| b.ops),
+    }
+}
+
 fn field(index: usize, name: &'static str) -> JsonPath {
     JsonPath(vec![
         Segment::Key("drives"),
@@ -116,6 +133,24 @@ pub fn validate_drives(drives: &[DriveConfig]) -> Result<(), ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bandwidth_buckets_keep_the_ops_bucket() {
+        let ops = TokenBucketConfig {
+            size: 100,
+            one_time_burst: None,
+            refill_time: 1000,
+        };
+        let base = RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(ops),
+        };
+        let l = bandwidth_limiter(10.0, Some(base));
+        assert_eq!(l.bandwidth.unwrap().size, 1024 * 1024);
+        assert_eq!(l.bandwidth.unwrap().refill_time, 100);
+        assert_eq!(l.ops, Some(ops));
+        assert_eq!(bandwidth_limiter(0.0, None).bandwidth.unwrap().size, 1);
+    }
 
     fn drive(id: &str, root: bool) -> DriveConfig {
         DriveConfig {

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 pub use balloon::{BalloonConfig, BalloonStatsUpdate, BalloonUpdate};
 pub use boot_source::{BootSourceConfig, KernelFormat, DEFAULT_BOOT_ARGS};
-pub use drives::{validate_drives, validate_id, DriveConfig, DriveUpdate};
+pub use drives::{bandwidth_limiter, validate_drives, validate_id, DriveConfig, DriveUpdate};
 pub use entropy::EntropyConfig;
 pub use json_path::{JsonPath, Segment};
 pub use machine_config::{MachineConfig, MAX_VCPUS};

@@ -1,0 +1,1056 @@
+//! `prescient predictor eval`: replays traces through every policy, the baselines and an
+//! oracle, and reports per-resource provisioning quality, pooled and per trace.
+//!
+//! The yardstick, per resource, over the windows of the traces where that resource's demand
+//! ever exceeds the budget minimum (elsewhere every method allocates the minimum and there
+//! is nothing to forecast):
+//!
+//! * slack: mean over windows of `max(0, allocated - used) / allocated`, never negative;
+//! * shortfall: mean over under-provisioned windows of `(used - allocated) / used`, in [0, 1],
+//!   so one window where demand is 700x the allocation counts as one bad window, not as
+//!   hundreds of good ones undone;
+//! * under: share of windows with `used > allocated`;
+//! * lead: mean windows (shown in ms) between a grow and the first demand above the old
+//!   allocation it served (negative: the grow came after the shortfall);
+//! * resizes per minute of trace.
+//!
+//! Methods: `static` (the capacity), `vpa-p90+15%` (VPA's recommender every window),
+//! `oracle` (knows the next windows' demand exactly, under the same block sizes, change
+//! limits and actuation delay as the policies: the limit any forecaster could reach), each
+//! forecaster alone behind the calibrated policy, and the ensembles; `ensemble` is the
+//! policy that ships as the default.
+
+use crate::plot::{self, PlotError, Series};
+use crate::synthetic::{self, Shapes, SyntheticError};
+use predictor::forecast::ForecastError;
+use predictor::forecast::{
+    DecayingHistogram, Forecaster, GruWeights, Horizon, PercentileConfig, Preset, RecurrentError,
+};
+use predictor::policy::{Action, Allocation, Budget, Decision, Policy, PolicyConfig, PolicyError};
+use predictor::resource::{PerResource, Resource};
+use predictor::sample::Sample;
+use predictor::spec::SpecError;
+use predictor::trace::{self, Trace, TraceError};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum EvalError {
+    #[error("no *.jsonl traces in {0}")]
+    NoTraces(PathBuf),
+    #[error(transparent)]
+    Trace(#[from] TraceError),
+    #[error(transparent)]
+    Synthetic(#[from] SyntheticError),
+    #[error("loading the recurrent model: {0}")]
+    Model(#[from] RecurrentError),
+    #[error(transparent)]
+    Forecast(#[from] ForecastError),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error(transparent)]
+    Plot(#[from] PlotError),
+    #[error("writing the report: {0}")]
+    Output(#[from] std::io::Error),
+    #[error("rebuilding a trace's recorded policy: {0}")]
+    Spec(#[from] SpecError),
+    #[error("--decisions-out: no trace in {0} names the policy that recorded it")]
+    NoRecordedPolicy(PathBuf),
+}
+
+/// Arguments of `prescient predictor eval`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct EvalArgs {
+    /// Directory of `*.jsonl` traces (the format of `predictor::trace`), e.g.
+    /// predictor/traces/test.
+    #[arg(long)]
+    pub traces: PathBuf,
+    /// First write a synthetic set (--shapes, --seeds seeds from --first-seed) into --traces.
+    #[arg(long)]
+    pub generate_synthetic: bool,
+    /// Which synthetic shapes --generate-synthetic writes.
+    #[arg(long, value_enum, default_value_t = Shapes::Standard)]
+    pub shapes: Shapes,
+    /// Seeds per workload for --generate-synthetic.
+    #[arg(long, default_value_t = 2)]
+    pub seeds: u64,
+    /// First seed for --generate-synthetic (the published table uses 1).
+    #[arg(long, default_value_t = 1)]
+    pub first_seed: u64,
+    /// Windows per generated trace.
+    #[arg(long, default_value_t = synthetic::DEFAULT_WINDOWS)]
+    pub windows: usize,
+    /// Windows ahead the policy provisions for (1..=50): its actuation delay.
+    #[arg(long, default_value_t = 1)]
+    pub horizon: usize,
+    /// GRU weights (safetensors from `prescient train`) for the recurrent rows (the shipped
+    /// model, predictor/models/gru-real.safetensors, by default).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Only the pooled tables, not one row per trace.
+    #[arg(long)]
+    pub totals_only: bool,
+    /// Write an SVG of used vs allocated per method for one trace.
+    #[arg(long)]
+    pub svg_out: Option<PathBuf>,
+    /// Trace to plot (its header name); the first trace by default.
+    #[arg(long)]
+    pub plot_trace: Option<String>,
+    /// For traces the VMM recorded (their header holds the live policy): write the decisions
+    /// that policy makes on them, one JSON line per window whose action is not `hold`, as
+    /// `GET /predictor/decisions` lists them.
+    #[arg(long)]
+    pub decisions_out: Option<PathBuf>,
+}
+
+/// The decisions, window by window, of the policy a trace's header recorded; None for a
+/// trace without one.
+pub fn replay_recorded(trace: &Trace) -> Result<Option<Vec<Decision>>, EvalError> {
+    let Some(spec) = &trace.header.policy else {
+        return Ok(None);
+    };
+    let mut policy = spec.build()?;
+    Ok(Some(
+        trace.samples.iter().map(|s| policy.decide(s)).collect(),
+    ))
+}
+
+fn write_recorded_decisions(
+    traces: &[Trace],
+    dir: &std::path::Path,
+    path: &std::path::Path,
+    out: &mut dyn Write,
+) -> Result<(), EvalError> {
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut replayed = 0;
+    for t in traces {
+        let Some(decisions) = replay_recorded(t)? else {
+            continue;
+        };
+        replayed += 1;
+        let acted: Vec<&Decision> = decisions
+            .iter()
+            .filter(|d| d.action != Action::Hold)
+            .collect();
+        for d in &acted {
+            serde_json::to_writer(&mut file, d).map_err(std::io::Error::from)?;
+            file.write_all(b"\n")?;
+        }
+        writeln!(
+            out,
+            "{}: {} windows replayed through its recorded policy, {} decisions acted",
+            t.header.name,
+            decisions.len(),
+            acted.len()
+        )?;
+    }
+    file.flush()?;
+    if replayed == 0 {
+        return Err(EvalError::NoRecordedPolicy(dir.to_path_buf()));
+    }
+    Ok(())
+}
+
+/// How a method allocates, window by window.
+trait Allocator {
+    fn allocation(&self) -> Allocation;
+    fn observe(&mut self, sample: &Sample);
+}
+
+/// Provision the whole capacity, always.
+struct Static(Allocation);
+
+impl Allocator for Static {
+    fn allocation(&self) -> Allocation {
+        self.0
+    }
+    fn observe(&mut self, _: &Sample) {}
+}
+
+/// Rounds `v` up to the step and into the budget, as the policy does.
+fn bounded(l: &predictor::policy::Limits, v: f64) -> f64 {
+    let aligned = ((v.clamp(l.min, l.max) / l.step) - 1e-9).ceil() * l.step;
+    aligned.clamp(l.min, l.max)
+}
+
+/// VPA's recommender applied every window: P90 of a 24 h half-life histogram + 15 %,
+/// clamped and aligned like the policy, without hysteresis.
+struct Vpa {
+    budget: Budget,
+    hist: PerResource<DecayingHistogram>,
+    allocation: Allocation,
+}
+
+impl Vpa {
+    fn new(budget: Budget) -> Result<Self, ForecastError> {
+        let h = || DecayingHistogram::new(PercentileConfig::vpa());
+        Ok(Vpa {
+            hist: PerResource {
+                cpu: h()?,
+                mem: h()?,
+                blk: h()?,
+                net: h()?,
+            },
+            allocation: budget.0.map(|_, l| l.initial),
+            budget,
+        })
+    }
+}
+
+impl Allocator for Vpa {
+    fn allocation(&self) -> Allocation {
+        self.allocation
+    }
+    fn observe(&mut self, s: &Sample) {
+        for r in Resource::ALL {
+            let h = &mut self.hist[r];
+            h.observe(s.usage[r]);
+            if h.warm() {
+                let rec = h.forecast(Horizon::ONE).upper;
+                self.allocation[r] = bounded(&self.budget.0[r], rec);
+            }
+        }
+    }
+}
+
+/// Knows the demand of the windows its allocation will be in force for (the next
+/// `horizon`), and allocates exactly that, under the policy's budget, block sizes and change
+/// limits (no hysteresis: it never needs to guard against noise).
+struct Oracle {
+    budget: Budget,
+    cfg: PolicyConfig,
+    used: PerResource<Vec<f64>>,
+    next: usize,
+    allocation: Allocation,
+}
+
+impl Allocator for Oracle {
+    fn allocation(&self) -> Allocation {
+        self.allocation
+    }
+    fn observe(&mut self, _: &Sample) {
+        self.next += 1;
+        for r in Resource::ALL {
+            let h = self.cfg.horizon_for(r).get();
+            let series = &self.used[r];
+            if self.next >= series.len() {
+                continue;
+            }
+            let end = (self.next + h).min(series.len());
+            let need = series[self.next..end].iter().copied().fold(0.0, f64::max);
+            let l = self.budget.0[r];
+            let cur = self.allocation[r];
+            let target = bounded(&l, need);
+            // Its first move, like the policy's, replaces the initial allocation outright.
+            let next = if self.next == 1 {
+                target
+            } else if target > cur {
+                target.min(cur + self.cfg.max_grow * l.max)
+            } else {
+                target.max(cur - self.cfg.max_shrink * l.max)
+            };
+            self.allocation[r] = bounded(&l, next);
+        }
+    }
+}
+
+impl Allocator for Policy {
+    fn allocation(&self) -> Allocation {
+        *Policy::allocation(self)
+    }
+    fn observe(&mut self, s: &Sample) {
+        self.decide(s);
+    }
+}
+
+/// Quality of one method on one resource, pooled over windows.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Metrics {
+    pub windows: u64,
+    slack_sum: f64,
+    pub under: u64,
+    shortfall_sum: f64,
+    pub resizes: u64,
+    lead_sum: f64,
+    pub leads: u64,
+    minutes: f64,
+}
+
+/// Grows more than this many windows before the demand they served are not counted as
+/// leading it: by then they were for something else.
+const LEAD_LOOKAHEAD: usize = 50;
+
+impl Metrics {
+    /// Adds one trace's series; `allocated[t]` is what was in force during window `t`.
+    pub fn add(&mut self, used: &[f64], allocated: &[f64], window_ms: u64) {
+        for (&u, &a) in used.iter().zip(allocated) {
+            self.windows += 1;
+            let a = a.max(f64::MIN_POSITIVE);
+            self.slack_sum += (a - u).max(0.0) / a;
+            if u > a * (1.0 + 1e-9) {
+                self.under += 1;
+                self.shortfall_sum += (u - a) / u;
+            }
+        }
+        self.minutes += used.len() as f64 * window_ms as f64 / 60_000.0;
+        for g in 1..allocated.len() {
+            let before = allocated[g - 1];
+            if allocated[g] <= before {
+                continue;
+            }
+            self.resizes += 1;
+            let lead = if used[g - 1] > before {
+                // Reactive: the grow came after demand had already exceeded the allocation.
+                let late = used[..g]
+                    .iter()
+                    .zip(&allocated[..g])
+                    .rev()
+                    .take_while(|(u, a)| u > a);
+                Some(-(late.count() as f64))
+            } else {
+                used[g..]
+                    .iter()
+                    .take(LEAD_LOOKAHEAD)
+                    .position(|&u| u > before)
+                    .map(|d| d as f64)
+            };
+            if let Some(l) = lead {
+                self.lead_sum += l;
+                self.leads += 1;
+            }
+        }
+        self.resizes += allocated.windows(2).filter(|w| w[1] < w[0]).count() as u64;
+    }
+
+    pub fn merge(&mut self, o: &Metrics) {
+        self.windows += o.windows;
+        self.slack_sum += o.slack_sum;
+        self.under += o.under;
+        self.shortfall_sum += o.shortfall_sum;
+        self.resizes += o.resizes;
+        self.lead_sum += o.lead_sum;
+        self.leads += o.leads;
+        self.minutes += o.minutes;
+    }
+
+    /// Mean of `max(0, allocated - used) / allocated`.
+    pub fn slack(&self) -> f64 {
+        self.slack_sum / self.windows.max(1) as f64
+    }
+
+    /// Mean of `(used - allocated) / used` over under-provisioned windows (0 if none).
+    pub fn shortfall(&self) -> f64 {
+        self.shortfall_sum / self.under.max(1) as f64
+    }
+
+    pub fn under_fraction(&self) -> f64 {
+        self.under as f64 / self.windows.max(1) as f64
+    }
+
+    /// Mean windows by which grows preceded the demand they served (negative: late).
+    pub fn mean_lead(&self) -> Option<f64> {
+        (self.leads > 0).then(|| self.lead_sum / self.leads as f64)
+    }
+
+    pub fn resizes_per_minute(&self) -> f64 {
+        if self.minutes > 0.0 {
+            self.resizes as f64 / self.minutes
+        } else {
+            0.0
+        }
+    }
+}
+
+pub const STATIC: &str = "static";
+pub const VPA: &str = "vpa-p90+15%";
+pub const ORACLE: &str = "oracle";
+/// The policy `prescient` runs unless a VM spec names another.
+pub const DEFAULT: &str = "ensemble";
+
+/// The targets the default policy is held to, per resource, against VPA.
+fn slack_target(r: Resource) -> f64 {
+    match r {
+        Resource::Cpu | Resource::Mem => 0.6,
+        Resource::Blk | Resource::Net => 0.7,
+    }
+}
+
+/// One trace's metrics: per method, per resource, and which resources were scored.
+#[derive(Clone, Debug)]
+pub struct TraceReport {
+    pub name: String,
+    pub scored: PerResource<bool>,
+    pub methods: Vec<PerResource<Metrics>>,
+}
+
+/// Result of one evaluation.
+#[derive(Clone, Debug)]
+pub struct EvalReport {
+    pub window_ms: u64,
+    pub methods: Vec<String>,
+    pub traces: Vec<TraceReport>,
+}
+
+impl EvalReport {
+    fn index(&self, name: &str) -> Option<usize> {
+        self.methods.iter().position(|n| n == name)
+    }
+
+    /// Method `name`'s metrics on `r`, pooled over the traces where `r` is scored.
+    pub fn total(&self, name: &str, r: Resource) -> Option<Metrics> {
+        let i = self.index(name)?;
+        let mut m = Metrics::default();
+        for t in self.traces.iter().filter(|t| t.scored[r]) {
+            m.merge(&t.methods[i][r]);
+        }
+        Some(m)
+    }
+
+    fn scored(&self, r: Resource) -> usize {
+        self.traces.iter().filter(|t| t.scored[r]).count()
+    }
+
+    /// The policy (not a baseline or the oracle) with the least slack among those
+    /// under-provisioning fewer than 1 % of windows on `r`.
+    pub fn best(&self, r: Resource) -> Option<(&str, Metrics)> {
+        self.methods
+            .iter()
+            .filter(|n| ![STATIC, VPA, ORACLE].contains(&n.as_str()))
+            .filter_map(|n| Some((n.as_str(), self.total(n, r)?)))
+            .filter(|(_, m)| m.under_fraction() < 0.01)
+            .min_by(|a, b| a.1.slack().total_cmp(&b.1.slack()))
+    }
+
+    pub fn write_totals(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        let windows: usize = self
+            .traces
+            .iter()
+            .map(|t| t.methods.first().map_or(0, |m| m.cpu.windows as usize))
+            .sum();
+        writeln!(
+            out,
+            "{} traces, {} windows of {} ms. A resource is scored on the traces where its demand \
+             ever exceeds the budget minimum.\nslack = mean max(0, alloc - used) / alloc; \
+             shortfall = mean (used - alloc) / used over under-provisioned windows",
+            self.traces.len(),
+            windows,
+            self.window_ms
+        )?;
+        for r in Resource::ALL {
+            let m0 = self.total(STATIC, r).unwrap_or_default();
+            writeln!(
+                out,
+                "\n{} ({}): {} traces, {} windows",
+                r.name(),
+                r.unit(),
+                self.scored(r),
+                m0.windows
+            )?;
+            writeln!(
+                out,
+                "| {:<16} | {:>7} | {:>11} | {:>7} | {:>8} | {:>11} |",
+                "method", "slack %", "shortfall %", "under %", "lead ms", "resizes/min"
+            )?;
+            writeln!(
+                out,
+                "|{:-<18}|{:->9}|{:->13}|{:->9}|{:->10}|{:->13}|",
+                "", "", "", "", "", ""
+            )?;
+            for name in &self.methods {
+                let m = self.total(name, r).unwrap_or_default();
+                let lead = m.mean_lead().map_or("-".to_string(), |l| {
+                    format!("{:.0}", l * self.window_ms as f64)
+                });
+                writeln!(
+                    out,
+                    "| {:<16} | {:>7.1} | {:>11.1} | {:>7.2} | {:>8} | {:>11.1} |",
+                    name,
+                    100.0 * m.slack(),
+                    100.0 * m.shortfall(),
+                    100.0 * m.under_fraction(),
+                    lead,
+                    m.resizes_per_minute()
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Per resource, one row per scored trace: the default policy, VPA and the oracle.
+    pub fn write_per_trace(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        let (Some(d), Some(v), Some(o)) =
+            (self.index(DEFAULT), self.index(VPA), self.index(ORACLE))
+        else {
+            return Ok(());
+        };
+        let width = self
+            .traces
+            .iter()
+            .map(|t| t.name.len())
+            .max()
+            .unwrap_or(5)
+            .max(5);
+        for r in Resource::ALL {
+            writeln!(
+                out,
+                "\nper trace, {}: slack % / under % / shortfall %",
+                r.name()
+            )?;
+            writeln!(
+                out,
+                "| {:<width$} | {:>22} | {:>22} | {:>6} |",
+                "trace", DEFAULT, VPA, ORACLE
+            )?;
+            writeln!(
+                out,
+                "|{:-<w2$}|{:->24}|{:->24}|{:->8}|",
+                "",
+                "",
+                "",
+                "",
+                w2 = width + 2
+            )?;
+            for t in self.traces.iter().filter(|t| t.scored[r]) {
+                let cell = |m: &Metrics| {
+                    format!(
+                        "{:5.1} / {:5.2} / {:5.1}",
+                        100.0 * m.slack(),
+                        100.0 * m.under_fraction(),
+                        100.0 * m.shortfall()
+                    )
+                };
+                writeln!(
+                    out,
+                    "| {:<width$} | {:>22} | {:>22} | {:>6.1} |",
+                    t.name,
+                    cell(&t.methods[d][r]),
+                    cell(&t.methods[v][r]),
+                    100.0 * t.methods[o][r].slack()
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The default policy against VPA and the oracle, with the targets it is held to.
+    pub fn write_summary(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        writeln!(
+            out,
+            "\n{DEFAULT} (the default policy) vs {VPA} and the {ORACLE}; target: under < 1 %, \
+             slack <= 0.6 x VPA's (cpu, mem) or 0.7 x (blk, net), shortfall <= VPA's"
+        )?;
+        writeln!(
+            out,
+            "| res  | {:>24} | {:>24} | {:>12} | {:>9} | {:<6} |",
+            "default slack/under/short",
+            "vpa slack/under/short",
+            "oracle slack",
+            "slack/vpa",
+            "target"
+        )?;
+        for r in Resource::ALL {
+            let (Some(d), Some(v), Some(o)) = (
+                self.total(DEFAULT, r),
+                self.total(VPA, r),
+                self.total(ORACLE, r),
+            ) else {
+                continue;
+            };
+            if d.windows == 0 {
+                writeln!(out, "| {:<4} | no trace uses it", r.name())?;
+                continue;
+            }
+            let cell = |m: &Metrics| {
+                format!(
+                    "{:5.1} / {:4.2} / {:5.1}",
+                    100.0 * m.slack(),
+                    100.0 * m.under_fraction(),
+                    100.0 * m.shortfall()
+                )
+            };
+            let ratio = d.slack() / v.slack().max(f64::MIN_POSITIVE);
+            let met = d.under_fraction() < 0.01
+                && ratio <= slack_target(r)
+                && d.shortfall() <= v.shortfall() + 1e-12;
+            writeln!(
+                out,
+                "| {:<4} | {:>24} | {:>24} | {:>12.1} | {:>9.2} | {:<6} |",
+                r.name(),
+                cell(&d),
+                cell(&v),
+                100.0 * o.slack(),
+                ratio,
+                if met { "met" } else { "missed" }
+            )?;
+        }
+        writeln!(
+            out,
+            "\nbest policy per resource (least slack with < 1 % under-provisioned)"
+        )?;
+        for r in Resource::ALL {
+            match self.best(r) {
+                Some((name, m)) => writeln!(
+                    out,
+                    "{:<4} {:<16} slack {:>5.1} % under {:>5.2} % shortfall {:>5.1} %",
+                    r.name(),
+                    name,
+                    100.0 * m.slack(),
+                    100.0 * m.under_fraction(),
+                    100.0 * m.shortfall()
+                )?,
+                None => writeln!(out, "{:<4} no policy stayed under 1 %", r.name())?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Allocation series of every resource for one method over one trace.
+fn replay(alloc: &mut dyn Allocator, trace: &Trace) -> PerResource<Vec<f64>> {
+    let mut out = PerResource::from_fn(|_| Vec::with_capacity(trace.samples.len()));
+    for s in &trace.samples {
+        let a = alloc.allocation();
+        for r in Resource::ALL {
+            out[r].push(a[r]);
+        }
+        alloc.observe(s);
+    }
+    out
+}
+
+fn used(trace: &Trace) -> PerResource<Vec<f64>> {
+    PerResource::from_fn(|r| trace.samples.iter().map(|s| s.usage[r]).collect())
+}
+
+/// A policy method: a name and the preset its forecasters come from.
+pub type Method = (String, Preset);
+
+/// The policy methods evaluated besides the baselines and the oracle: every forecaster alone
+/// (the recurrent one with `gru`'s weights, or the shipped ones), the default ensemble without
+/// its leading-indicator expert, with one on every resource, without its recurrent expert
+/// and with one on every resource (what each earns), and the default ensemble.
+pub fn methods(gru: Option<Arc<GruWeights>>) -> Result<Vec<Method>, RecurrentError> {
+    let gru = match gru {
+        Some(w) => w,
+        None => Arc::new(GruWeights::shipped()?),
+    };
+    let mut m: Vec<Method> = Preset::CLASSICAL
+        .into_iter()
+        .chain([Preset::Recurrent(Arc::clone(&gru))])
+        .map(|p| (p.name().to_string(), p))
+        .collect();
+    let default = Preset::default_ensemble()?;
+    let Preset::Ensemble(experts) = &default else {
+        unreachable!("Preset::default_ensemble builds an ensemble")
+    };
+    let is = |p: &Preset, indicator: bool| match p {
+        Preset::OnlyFor(_, p) => matches!(**p, Preset::Indicator) == indicator,
+        _ => false,
+    };
+    let without = |indicator: bool| -> Vec<Preset> {
+        experts
+            .iter()
+            .filter(|p| !is(p, indicator))
+            .cloned()
+            .collect()
+    };
+    let mut all_indicators = without(true);
+    all_indicators.push(Preset::Indicator);
+    let mut all_gru = without(false);
+    all_gru.push(Preset::Recurrent(gru));
+    m.push(("ens-no-indicator".into(), Preset::Ensemble(without(true))));
+    m.push(("ens-indicators".into(), Preset::Ensemble(all_indicators)));
+    m.push(("ens-no-gru".into(), Preset::Ensemble(without(false))));
+    m.push(("ens-gru-all".into(), Preset::Ensemble(all_gru)));
+    m.push((DEFAULT.into(), default));
+    Ok(m)
+}
+
+/// What to evaluate besides the traces themselves.
+pub struct EvalOptions {
+    pub horizon: Horizon,
+    pub methods: Vec<Method>,
+    /// Trace whose series `evaluate` hands back (for plotting).
+    pub keep: Option<String>,
+}
+
+/// Series of the kept trace: used, then each method's allocation.
+pub type KeptSeries = (
+    String,
+    PerResource<Vec<f64>>,
+    Vec<(String, PerResource<Vec<f64>>)>,
+);
+
+pub fn evaluate(
+    traces: &[Trace],
+    opts: &EvalOptions,
+) -> Result<(EvalReport, Option<KeptSeries>), EvalError> {
+    let mut names = vec![STATIC.to_string(), VPA.to_string(), ORACLE.to_string()];
+    names.extend(opts.methods.iter().map(|(n, _)| n.clone()));
+    let mut kept = None;
+    let cfg = PolicyConfig {
+        horizon: opts.horizon,
+        ..PolicyConfig::default()
+    };
+    let mut reports = Vec::with_capacity(traces.len());
+    for t in traces {
+        let budget = Budget::from_capacity(&t.header.capacity);
+        let used = used(t);
+        let mut allocators: Vec<Box<dyn Allocator>> = vec![
+            Box::new(Static(budget.max())),
+            Box::new(Vpa::new(budget)?),
+            Box::new(Oracle {
+                budget,
+                cfg,
+                used: used.clone(),
+                next: 0,
+                allocation: budget.0.map(|_, l| l.initial),
+            }),
+        ];
+        for (_, p) in &opts.methods {
+            let f = p.build_all(opts.horizon, &t.header.capacity)?;
+            allocators.push(Box::new(Policy::new(budget, cfg, f)?));
+        }
+        let series: Vec<_> = allocators
+            .iter_mut()
+            .map(|a| replay(a.as_mut(), t))
+            .collect();
+        let methods = series
+            .iter()
+            .map(|s| {
+                PerResource::from_fn(|r| {
+                    let mut m = Metrics::default();
+                    m.add(&used[r], &s[r], t.header.window_ms);
+                    m
+                })
+            })
+            .collect();
+        let scored =
+            PerResource::from_fn(|r| used[r].iter().copied().fold(0.0, f64::max) > budget.0[r].min);
+        reports.push(TraceReport {
+            name: t.header.name.clone(),
+            scored,
+            methods,
+        });
+        if kept.is_none() && opts.keep.as_ref().is_none_or(|k| *k == t.header.name) {
+            kept = Some((
+                t.header.name.clone(),
+                used,
+                names.iter().cloned().zip(series).collect(),
+            ));
+        }
+    }
+    let report = EvalReport {
+        window_ms: traces.first().map_or(0, |t| t.header.window_ms),
+        methods: names,
+        traces: reports,
+    };
+    Ok((report, kept))
+}
+
+/// Entry point for the `prescient predictor eval` subcommand.
+pub fn run(args: &EvalArgs, out: &mut dyn Write) -> Result<EvalReport, EvalError> {
+    if args.generate_synthetic {
+        let written = synthetic::write_set(
+            &args.traces,
+            args.shapes,
+            args.first_seed,
+            args.seeds,
+            args.windows,
+        )?;
+        writeln!(
+            out,
+            "wrote {} synthetic traces to {}",
+            written.len(),
+            args.traces.display()
+        )?;
+    }
+    let paths = trace::list(&args.traces)?;
+    if paths.is_empty() {
+        return Err(EvalError::NoTraces(args.traces.clone()));
+    }
+    let traces = paths
+        .iter()
+        .map(|p| trace::read(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(path) = &args.decisions_out {
+        write_recorded_decisions(&traces, &args.traces, path, out)?;
+    }
+    let gru = match &args.model {
+        Some(m) => Some(Arc::new(GruWeights::load(m)?)),
+        None => None,
+    };
+    let opts = EvalOptions {
+        horizon: Horizon::new(args.horizon)?,
+        methods: methods(gru)?,
+        keep: args.svg_out.as_ref().and(args.plot_trace.clone()),
+    };
+    let (report, kept) = evaluate(&traces, &opts)?;
+    report.write_totals(out)?;
+    if !args.totals_only {
+        report.write_per_trace(out)?;
+    }
+    report.write_summary(out)?;
+    if let (Some(path), Some((name, used, series))) = (&args.svg_out, kept) {
+        let methods: Vec<Series> = series
+            .iter()
+            .map(|(m, a)| Series {
+                method: m,
+                allocated: a,
+                forecast: None,
+            })
+            .collect();
+        plot::plot(path, &name, report.window_ms, &used, &methods)?;
+        writeln!(out, "\nplot of {name} written to {}", path.display())?;
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synthetic::Workload;
+
+    #[test]
+    fn metrics_of_a_known_series_are_clamped() {
+        let mut m = Metrics::default();
+        //             t:   0     1     2     3      4     5
+        let used = [5.0, 5.0, 9.0, 12.0, 12.0, 6.0];
+        let alloc = [10.0, 10.0, 10.0, 10.0, 15.0, 10.0];
+        m.add(&used, &alloc, 100);
+        assert_eq!(m.windows, 6);
+        assert_eq!(m.under, 1);
+        // The under-provisioned window adds no negative slack.
+        let slack = (0.5 + 0.5 + 0.1 + 0.0 + 0.2 + 0.4) / 6.0;
+        assert!((m.slack() - slack).abs() < 1e-12);
+        // Shortfall is relative to demand: 2 of 12.
+        assert!((m.shortfall() - 2.0 / 12.0).abs() < 1e-12);
+        // One grow (t=4, one window late) and one shrink in 0.6 s.
+        assert_eq!(m.resizes, 2);
+        assert!((m.resizes_per_minute() - 200.0).abs() < 1e-9);
+        assert_eq!(m.mean_lead(), Some(-1.0));
+    }
+
+    #[test]
+    fn one_huge_miss_is_one_bad_window_not_negative_slack() {
+        // The trace that made the old yardstick go negative: one window at 700x the allocation.
+        let mut used = vec![1.0; 100];
+        used[50] = 700.0;
+        let alloc = vec![2.0; 100];
+        let mut m = Metrics::default();
+        m.add(&used, &alloc, 100);
+        assert!((m.slack() - 0.5 * 99.0 / 100.0).abs() < 1e-12);
+        assert!((m.shortfall() - 698.0 / 700.0).abs() < 1e-12);
+        assert_eq!(m.under, 1);
+        let mut pooled = Metrics::default();
+        pooled.merge(&m);
+        pooled.merge(&m);
+        assert_eq!(pooled.windows, 200);
+        assert_eq!(pooled.slack(), m.slack());
+        assert_eq!(pooled.shortfall(), m.shortfall());
+    }
+
+    #[test]
+    fn lead_counts_windows_before_demand() {
+        let mut m = Metrics::default();
+        let used = [5.0, 5.0, 5.0, 5.0, 11.0];
+        let alloc = [10.0, 10.0, 12.0, 12.0, 12.0];
+        m.add(&used, &alloc, 100);
+        assert_eq!(m.under, 0);
+        assert_eq!(m.shortfall(), 0.0);
+        assert_eq!(m.mean_lead(), Some(2.0));
+    }
+
+    #[test]
+    fn oracle_meets_demand_under_the_same_limits() {
+        let mut t = synthetic::generate(Workload::Sustained, 1, 600);
+        // A jump larger than the grow limit (half the capacity) even the oracle misses once.
+        for s in &mut t.samples[300..350] {
+            s.usage.cpu = 0.05;
+        }
+        t.samples[350].usage.cpu = 3.9;
+        let opts = EvalOptions {
+            horizon: Horizon::ONE,
+            methods: Vec::new(),
+            keep: None,
+        };
+        let (report, _) = evaluate(&[t], &opts).unwrap();
+        let o = report.total(ORACLE, Resource::Cpu).unwrap();
+        assert_eq!(o.under, 1, "only the jump beyond the change limit");
+        // Its slack is what the 0.01-core quota step leaves (and the first window's capacity).
+        assert!(o.slack() < 0.02, "{}", o.slack());
+        let mem = report.total(ORACLE, Resource::Mem).unwrap();
+        assert_eq!(mem.under, 0);
+    }
+
+    fn quick(workloads: &[Workload]) -> (EvalReport, Option<KeptSeries>) {
+        let traces: Vec<Trace> = workloads
+            .iter()
+            .map(|&w| synthetic::generate(w, 1, 600))
+            .collect();
+        let opts = EvalOptions {
+            horizon: Horizon::ONE,
+            methods: methods(None).unwrap(),
+            keep: Some("periodic-1".into()),
+        };
+        evaluate(&traces, &opts).unwrap()
+    }
+
+    #[test]
+    fn baselines_oracle_and_policies_behave() {
+        let (report, kept) = quick(&[Workload::Sustained, Workload::Periodic]);
+        assert_eq!(
+            report.methods,
+            [
+                STATIC,
+                VPA,
+                ORACLE,
+                "last",
+                "ewma",
+                "holt",
+                "histogram",
+                "indicator",
+                "gru",
+                "ens-no-indicator",
+                "ens-indicators",
+                "ens-no-gru",
+                "ens-gru-all",
+                DEFAULT
+            ]
+        );
+        let stat = report.total(STATIC, Resource::Cpu).unwrap();
+        assert_eq!(stat.under, 0);
+        assert_eq!(stat.resizes, 0);
+        for r in Resource::ALL {
+            let oracle = report.total(ORACLE, r).unwrap();
+            let default = report.total(DEFAULT, r).unwrap();
+            let stat = report.total(STATIC, r).unwrap();
+            assert!(oracle.slack() <= default.slack(), "{r:?}");
+            assert!(default.slack() < stat.slack(), "{r:?}");
+        }
+        assert_eq!(report.total(STATIC, Resource::Mem).unwrap().windows, 1200);
+        let (name, used, series) = kept.unwrap();
+        assert_eq!(name, "periodic-1");
+        assert_eq!(used.cpu.len(), 600);
+        assert_eq!(series.len(), report.methods.len());
+        let mut text = Vec::new();
+        report.write_totals(&mut text).unwrap();
+        report.write_per_trace(&mut text).unwrap();
+        report.write_summary(&mut text).unwrap();
+        let text = String::from_utf8(text).unwrap();
+        assert!(
+            text.contains("| vpa-p90+15%      |")
+                && text.contains("mem (MiB)")
+                && text.contains("| periodic-1 ")
+                && text.contains("slack/vpa"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn idle_resources_are_not_scored() {
+        let mut t = synthetic::generate(Workload::Sustained, 1, 200);
+        for s in &mut t.samples {
+            s.usage.net = 0.5; // below the 1 MiB/s minimum bucket: nothing to forecast
+        }
+        let opts = EvalOptions {
+            horizon: Horizon::ONE,
+            methods: Vec::new(),
+            keep: None,
+        };
+        let (report, _) = evaluate(&[t], &opts).unwrap();
+        assert!(report.traces[0].scored.cpu && !report.traces[0].scored.net);
+        assert_eq!(report.total(VPA, Resource::Net).unwrap().windows, 0);
+    }
+
+    #[test]
+    fn run_generates_and_plots() {
+        let dir = std::env::temp_dir().join(format!("predictor-eval-{}", std::process::id()));
+        let svg = dir.join("plot.svg");
+        let args = EvalArgs {
+            traces: dir.clone(),
+            generate_synthetic: true,
+            shapes: Shapes::Unseen,
+            seeds: 1,
+            first_seed: 1,
+            windows: 300,
+            horizon: 2,
+            model: None,
+            totals_only: false,
+            svg_out: Some(svg.clone()),
+            plot_trace: Some("unseen-square-1".into()),
+            decisions_out: None,
+        };
+        let mut out = Vec::new();
+        let report = run(&args, &mut out).unwrap();
+        assert_eq!(report.traces.len(), 5);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("plot of unseen-square-1 written"), "{text}");
+        assert!(std::fs::read_to_string(&svg)
+            .unwrap()
+            .contains("ensemble mem"));
+        std::fs::remove_dir_all(&dir).unwrap();
+        let missing = EvalArgs {
+            generate_synthetic: false,
+            ..args
+        };
+        assert!(matches!(
+            run(&missing, &mut Vec::new()),
+            Err(EvalError::Trace(_))
+        ));
+    }
+
+    #[test]
+    fn recorded_policy_replays_to_the_same_decisions() {
+        use predictor::spec::{ForecasterKind, PolicySpec};
+        let dir = std::env::temp_dir().join(format!("predictor-replay-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut t = synthetic::generate(synthetic::Workload::Bursty, 3, 400);
+        let spec = PolicySpec {
+            forecaster: ForecasterKind::Ensemble,
+            model_path: None,
+            budget: Budget::from_capacity(&t.header.capacity),
+            config: PolicyConfig::default(),
+        };
+        let mut live = spec.build().unwrap();
+        let expected: Vec<String> = t
+            .samples
+            .iter()
+            .map(|s| live.decide(s))
+            .filter(|d| d.action != Action::Hold)
+            .map(|d| serde_json::to_string(&d).unwrap())
+            .collect();
+        assert!(!expected.is_empty());
+        let args = EvalArgs {
+            traces: dir.clone(),
+            generate_synthetic: false,
+            shapes: Shapes::Standard,
+            seeds: 1,
+            first_seed: 1,
+            windows: 300,
+            horizon: 1,
+            model: None,
+            totals_only: true,
+            svg_out: None,
+            plot_trace: None,
+            decisions_out: Some(dir.join("decisions.json")),
+        };
+        trace::write(&dir.join("plain.jsonl"), &t).unwrap();
+        assert!(matches!(
+            run(&args, &mut Vec::new()),
+            Err(EvalError::NoRecordedPolicy(_))
+        ));
+        t.header.policy = Some(spec);
+        trace::write(&dir.join("plain.jsonl"), &t).unwrap();
+        let mut out = Vec::new();
+        run(&args, &mut out).unwrap();
+        let written = std::fs::read_to_string(dir.join("decisions.json")).unwrap();
+        assert_eq!(written.lines().collect::<Vec<_>>(), expected);
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .contains("400 windows replayed"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,388 @@
+//! What the VMM thread does for each API request: the configuration before boot, the running VM
+//! after it. Changes to a running VM's devices go through [`live::apply`], as the autopilot's do.
+
+use super::{start_metrics_timer, Runtime};
+use crate::autopilot::PredictorStatus;
+use crate::live::{self, LiveChange};
+use crate::metrics::METRICS;
+use crate::microvm::{MicroVm, RunState};
+use crate::rpc::{ActionError, InstanceInfo, InstanceState, VmmAction, VmmData};
+use crate::seccomp;
+use crate::vmm_config::{
+    validate_drives, validate_interfaces, BalloonStatsUpdate, BalloonUpdate, DriveUpdate,
+    MemoryHotplugSizeUpdate, MemoryHotplugStatus, NetworkInterfaceUpdate, PredictorUpdate,
+};
+
+/// `list` with `item` in place of the entry with the same id, or added at the end (a PUT of a
+/// device section), for validation before it replaces the configuration.
+fn upsert_by_id<T: Clone>(list: &[T], item: T, id: fn(&T) -> &String) -> Vec<T> {
+    let mut list = list.to_vec();
+    match list.iter_mut().find(|existing| id(existing) == id(&item)) {
+        Some(existing) => *existing = item,
+        None => list.push(item),
+    }
+    list
+}
+
+impl Runtime {
+    /// `PATCH /predictor`: before boot the section, after boot the live policy too.
+    fn patch_predictor(&mut self, update: PredictorUpdate) -> Result<VmmData, ActionError> {
+        let current = self
+            .config
+            .predictor
+            .as_ref()
+            .ok_or(ActionError::NoPredictor)?;
+        let next = update.apply(current);
+        next.validate(&self.config.machine_config)?;
+        if let Some(vm) = self.vm.as_mut() {
+            let autopilot = self
+                .autopilot
+                .as_mut()
+                .ok_or(ActionError::PredictorNotStarted)?;
+            autopilot.reconfigure(&next, vm, &mut self.config, &self.exit)?;
+        }
+        self.config.predictor = Some(next);
+        Ok(VmmData::Empty)
+    }
+
+    fn before_boot(&self) -> Result<(), ActionError> {
+        match self.vm {
+            Some(_) => Err(ActionError::NotAllowedAfterBoot),
+            None => Ok(()),
+        }
+    }
+
+    fn running_vm(&mut self) -> Result<&mut MicroVm, ActionError> {
+        self.vm.as_mut().ok_or(ActionError::NotAllowedBeforeBoot)
+    }
+
+    /// `PATCH /drives/{id}`: any field before boot, the rate limiter live after.
+    fn patch_drive(&mut self, update: DriveUpdate) -> Result<VmmData, ActionError> {
+        let index = self
+            .config
+            .drives
+            .iter()
+            .position(|d| d.drive_id == update.drive_id)
+            .ok_or_else(|| ActionError::NoSuchDrive(update.drive_id.clone()))?;
+        let mut drives = self.config.drives.clone();
+        if let Some(path) = &update.path_on_host {
+            if self.vm.is_some() {
+                return Err(ActionError::DriveFieldFixedAfterBoot("path_on_host"));
+            }
+            drives[index].path_on_host = path.clone();
+        }
+        if update.rate_limiter.is_some() {
+            drives[index].rate_limiter = update.rate_limiter;
+        }
+        validate_drives(&drives)?;
+        if let Some(limiter) = update.rate_limiter {
+            let change = LiveChange::DriveRateLimiter {
+                drive_id: update.drive_id,
+                limiter,
+            };
+            live::apply(self.vm.as_mut(), &mut self.config, &change)?;
+        }
+        // The path changes only before boot, where it is configuration alone.
+        self.config.drives[index].path_on_host = drives.swap_remove(index).path_on_host;
+        Ok(VmmData::Empty)
+    }
+
+    /// `PATCH /network-interfaces/{id}`: the rate limiters, live after boot.
+    fn patch_interface(&mut self, update: NetworkInterfaceUpdate) -> Result<VmmData, ActionError> {
+        let missing = || ActionError::NoSuchInterface(update.iface_id.clone());
+        let mut ifaces = self.config.network_interfaces.clone();
+        let iface = ifaces
+            .iter_mut()
+            .find(|n| n.iface_id == update.iface_id)
+            .ok_or_else(missing)?;
+        if update.rx_rate_limiter.is_some() {
+            iface.rx_rate_limiter = update.rx_rate_limiter;
+        }
+        if update.tx_rate_limiter.is_some() {
+            iface.tx_rate_limiter = update.tx_rate_limiter;
+        }
+        validate_interfaces(&ifaces)?;
+        let change = LiveChange::NetRateLimiters {
+            iface_id: update.iface_id,
+            rx: update.rx_rate_limiter,
+            tx: update.tx_rate_limiter,
+        };
+        live::apply(self.vm.as_mut(), &mut self.config, &change)?;
+        Ok(VmmData::Empty)
+    }
+
+    /// `PATCH /balloon`: a new target, live after boot.
+    fn patch_balloon(&mut self, update: BalloonUpdate) -> Result<VmmData, ActionError> {
+        let mut balloon = self.config.balloon.clone().ok_or(ActionError::NoBalloon)?;
+        balloon.amount_mib = update.amount_mib;
+        balloon.validate(self.config.machine_config.mem_size_mib)?;
+        let change = LiveChange::BalloonTarget {
+            amount_mib: update.amount_mib,
+        };
+        live::apply(self.vm.as_mut(), &mut self.config, &change)?;
+        Ok(VmmData::Empty)
+    }
+
+    /// `PATCH /balloon/statistics`: how often the guest is asked for statistics.
+    fn patch_balloon_stats(&mut self, update: BalloonStatsUpdate) -> Result<VmmData, ActionError> {
+        self.config.balloon.as_ref().ok_or(ActionError::NoBalloon)?;
+        let change = LiveChange::BalloonStats(update);
+        live::apply(self.vm.as_mut(), &mut self.config, &change)?;
+        Ok(VmmData::Empty)
+    }
+
+    fn balloon_stats(&self) -> Result<VmmData, ActionError> {
+        let vm = self.vm.as_ref().ok_or(ActionError::NotAllowedBeforeBoot)?;
+        let device = vm.balloon().ok_or(ActionError::NoBalloon)?;
+        if device.options().stats_interval.is_zero() {
+            return Err(ActionError::BalloonStatsDisabled);
+        }
+        Ok(VmmData::BalloonStats(Box::new(device.stats())))
+    }
+
+    /// `PATCH /hotplug/memory`: the size the guest should plug, after boot.
+    fn patch_memory_hotplug(
+        &mut self,
+        update: MemoryHotplugSizeUpdate,
+    ) -> Result<VmmData, ActionError> {
+        let config = self
+            .config
+            .memory_hotplug
+            .as_ref()
+            .ok_or(ActionError::NoMemoryHotplug)?;
+        config.validate_request(update.requested_size_mib)?;
+        let vm = self.vm.as_mut().ok_or(ActionError::NotAllowedBeforeBoot)?;
+        let change = LiveChange::HotplugRequested {
+            size_mib: update.requested_size_mib,
+        };
+        live::apply(Some(vm), &mut self.config, &change)?;
+        Ok(VmmData::Empty)
+    }
+
+    fn memory_hotplug_status(&self) -> Result<VmmData, ActionError> {
+        let config = self
+            .config
+            .memory_hotplug
+            .as_ref()
+            .ok_or(ActionError::NoMemoryHotplug)?;
+        let (plugged, requested) = match self.vm.as_ref().and_then(MicroVm::hotplug_memory) {
+            Some(device) => (device.plugged_bytes(), device.requested_bytes()),
+            None => (0, 0),
+        };
+        Ok(VmmData::MemoryHotplug(MemoryHotplugStatus {
+            total_size_mib: config.total_size_mib,
+            block_size_mib: config.block_size_mib,
+            slot_size_mib: config.slot_size_mib,
+            plugged_size_mib: plugged >> 20,
+            requested_size_mib: requested >> 20,
+        }))
+    }
+
+    /// Carries out one action.
+    pub fn handle(&mut self, action: VmmAction) -> Result<VmmData, ActionError> {
+        match action {
+            VmmAction::GetInstanceInfo => Ok(VmmData::InstanceInfo(InstanceInfo {
+                id: self.id.clone(),
+                state: match self.vm.as_ref().map(MicroVm::state) {
+                    None => InstanceState::NotStarted,
+                    Some(RunState::Running) => InstanceState::Running,
+                    Some(RunState::Paused) => InstanceState::Paused,
+                },
+                vmm_version: env!("CARGO_PKG_VERSION").to_string(),
+                app_name: "prescient".to_string(),
+            })),
+            VmmAction::GetVmConfig => Ok(VmmData::VmConfig(Box::new(self.config.clone()))),
+            VmmAction::GetMachineConfig => {
+                Ok(VmmData::MachineConfig(self.config.machine_config.clone()))
+            }
+            VmmAction::PutBootSource(boot) => {
+                self.before_boot()?;
+                boot.validate()?;
+                self.config.boot_source = Some(boot);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutMachineConfig(machine) => {
+                self.before_boot()?;
+                machine.validate()?;
+                self.config.machine_config = machine;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PatchMachineConfig(update) => {
+                self.before_boot()?;
+                let machine = update.apply(&self.config.machine_config);
+                machine.validate()?;
+                self.config.machine_config = machine;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutSerial(serial) => {
+                self.before_boot()?;
+                serial.validate()?;
+                self.config.serial = Some(serial);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutDrive(drive) => {
+                self.before_boot()?;
+                let drives = upsert_by_id(&self.config.drives, drive, |d| &d.drive_id);
+                validate_drives(&drives)?;
+                self.config.drives = drives;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PatchDrive(update) => self.patch_drive(update),
+            VmmAction::PutNetworkInterface(iface) => {
+                self.before_boot()?;
+                let ifaces = upsert_by_id(&self.config.network_interfaces, iface, |n| &n.iface_id);
+                validate_interfaces(&ifaces)?;
+                self.config.network_interfaces = ifaces;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PatchNetworkInterface(update) => self.patch_interface(update),
+            VmmAction::PutVsock(vsock) => {
+                self.before_boot()?;
+                vsock.validate()?;
+                self.config.vsock = Some(vsock);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutEntropy(entropy) => {
+                self.before_boot()?;
+                entropy.validate()?;
+                self.config.entropy = Some(entropy);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutBalloon(balloon) => {
+                self.before_boot()?;
+                balloon.validate(self.config.machine_config.mem_size_mib)?;
+                self.config.balloon = Some(balloon);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PatchBalloon(update) => self.patch_balloon(update),
+            VmmAction::GetBalloon => self
+                .config
+                .balloon
+                .clone()
+                .map(VmmData::Balloon)
+                .ok_or(ActionError::NoBalloon),
+            VmmAction::GetBalloonStats => self.balloon_stats(),
+            VmmAction::PatchBalloonStats(update) => self.patch_balloon_stats(update),
+            VmmAction::PutMemoryHotplug(hotplug) => {
+                self.before_boot()?;
+                hotplug.validate()?;
+                self.config.memory_hotplug = Some(hotplug);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PatchMemoryHotplug(update) => self.patch_memory_hotplug(update),
+            VmmAction::GetMemoryHotplug => self.memory_hotplug_status(),
+            VmmAction::StartInstance => {
+                self.start()?;
+                Ok(VmmData::Empty)
+            }
+            // Pausing a paused VM (or resuming a running one) is not an error: the state asked
+            // for is the state it is in.
+            VmmAction::Pause => {
+                let vm = self.running_vm()?;
+                if vm.state() == RunState::Running {
+                    vm.pause()?;
+                }
+                Ok(VmmData::Empty)
+            }
+            VmmAction::Resume => {
+                let vm = self.running_vm()?;
+                if vm.state() == RunState::Paused {
+                    vm.resume()?;
+                }
+                Ok(VmmData::Empty)
+            }
+            VmmAction::SendCtrlAltDel => {
+                self.running_vm()?.send_ctrl_alt_del()?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutMetrics(config) => {
+                METRICS.configure(&config)?;
+                if let Err(e) = start_metrics_timer(&mut self.event_manager) {
+                    tracing::warn!("metrics will only be written on FlushMetrics: {e}");
+                }
+                Ok(VmmData::Empty)
+            }
+            VmmAction::FlushMetrics => {
+                METRICS.flush()?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::SetSeccompStage(stage) => {
+                seccomp::request_stage(stage)?;
+                // In force for this thread before the answer goes out.
+                self.catch_up_seccomp()?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutLogger(config) => {
+                crate::logger::configure(&config)?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::GetPredictor => {
+                let status = match (&self.autopilot, &self.config.predictor) {
+                    (Some(a), _) => a.status(),
+                    (None, Some(p)) => PredictorStatus::idle(p.clone()),
+                    (None, None) => return Err(ActionError::NoPredictor),
+                };
+                Ok(VmmData::Predictor(Box::new(status)))
+            }
+            VmmAction::GetPredictorDecisions { since } => match &self.autopilot {
+                Some(a) => Ok(VmmData::PredictorDecisions(a.decisions(since))),
+                None if self.config.predictor.is_some() => Err(ActionError::PredictorNotStarted),
+                None => Err(ActionError::NoPredictor),
+            },
+            VmmAction::PatchPredictor(update) => self.patch_predictor(update),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upsert_replaces_by_id_and_appends_new_ids() {
+        let list = vec![("a".to_string(), 1), ("b".to_string(), 2)];
+        fn id(e: &(String, i32)) -> &String {
+            &e.0
+        }
+        let replaced = upsert_by_id(&list, ("a".to_string(), 9), id);
+        assert_eq!(replaced, vec![("a".to_string(), 9), ("b".to_string(), 2)]);
+        let appended = upsert_by_id(&list, ("c".to_string(), 3), id);
+        assert_eq!(appended.len(), 3);
+        assert_eq!(appended[2], ("c".to_string(), 3));
+    }
+
+    #[test]
+    fn the_predictor_section_is_read_and_patched_before_boot() {
+        use crate::vmm_config::{PredictorConfig, Range, VmConfig};
+        let mut rt = Runtime::new("t".into(), VmConfig::default()).unwrap();
+        assert!(matches!(
+            rt.handle(VmmAction::GetPredictor),
+            Err(ActionError::NoPredictor)
+        ));
+        rt.config.predictor = Some(PredictorConfig::default());
+        let update: PredictorUpdate =
+            serde_json::from_str(r#"{"budget": {"memory_mib": {"min": 16, "max": 64}}}"#).unwrap();
+        rt.handle(VmmAction::PatchPredictor(update)).unwrap();
+        match rt.handle(VmmAction::GetPredictor).unwrap() {
+            VmmData::Predictor(s) => {
+                assert!(!s.running);
+                assert_eq!(
+                    s.config.budget.memory_mib,
+                    Some(Range {
+                        min: 16.0,
+                        max: 64.0
+                    })
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let bad: PredictorUpdate =
+            serde_json::from_str(r#"{"budget": {"cpu_cores": {"min": 1, "max": 4}}}"#).unwrap();
+        let e = rt.handle(VmmAction::PatchPredictor(bad)).unwrap_err();
+        assert!(e.to_string().contains("predictor.budget.cpu_cores"), "{e}");
+        assert!(matches!(
+            rt.handle(VmmAction::GetPredictorDecisions { since: 0 }),
+            Err(ActionError::PredictorNotStarted)
+        ));
+    }
+}

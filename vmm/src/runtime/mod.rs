@@ -1,0 +1,230 @@
+//! The VMM thread: one event loop that exists before the VM does, owns the VM's configuration and,
+//! once started, the VM; it serves API requests between events (`actions`), closes the
+//! predictor's windows, and returns why the VM ended.
+
+mod actions;
+
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::autopilot::{now_ns, Autopilot};
+use crate::builder::build_microvm;
+use crate::event_loop::{Subscriber, Wakeup};
+use crate::exit::{ExitReason, ExitSignal};
+use crate::metrics::METRICS;
+use crate::microvm::MicroVm;
+use crate::rpc::{ActionError, ActionRequest};
+use crate::seccomp::{self, ThreadKind};
+use crate::vmm_config::VmConfig;
+
+/// Errors of setting up the VMM thread.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("cannot create the event loop: {0}")]
+    EventManager(event_manager::Error),
+    #[error("cannot create the exit event: {0}")]
+    ExitEvent(std::io::Error),
+    #[error("cannot catch termination signals: {0}")]
+    Signals(std::io::Error),
+}
+
+fn start_metrics_timer(event_manager: &mut EventManager<Subscriber>) -> std::io::Result<()> {
+    let mut timer = TimerFd::new()?;
+    timer.reset(METRICS_FLUSH_PERIOD, Some(METRICS_FLUSH_PERIOD))?;
+    event_manager.add_subscriber(Arc::new(Mutex::new(MetricsTimer(timer))));
+    Ok(())
+}
+
+/// Writes the metrics every [`METRICS_FLUSH_PERIOD`], as Firecracker does, once a sink exists.
+struct MetricsTimer(TimerFd);
+
+/// How often configured metrics are flushed without being asked.
+pub const METRICS_FLUSH_PERIOD: Duration = Duration::from_secs(60);
+
+impl MutEventSubscriber for MetricsTimer {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.0, EventSet::IN)) {
+            tracing::error!("cannot watch the metrics timer: {e}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.0.wait();
+        if let Err(e) = METRICS.flush() {
+            tracing::warn!("periodic metrics flush: {e}");
+        }
+    }
+}
+
+/// The VMM thread's state.
+pub struct Runtime {
+    event_manager: EventManager<Subscriber>,
+    exit: Arc<ExitSignal>,
+    config: VmConfig,
+    vm: Option<MicroVm>,
+    autopilot: Option<Autopilot>,
+    /// The VM's cgroup the jailer made (`--cgroup-dir`), where the predictor sets the CPU quota.
+    vm_cgroup: Option<jailer::cgroup::Cgroup>,
+    api: Option<Receiver<ActionRequest>>,
+    id: String,
+    /// The model store entry the predictor starts from (a profiled launch).
+    warm: Option<crate::profile::store::WarmStart>,
+}
+
+impl Runtime {
+    /// A VMM thread for the VM `config` describes (possibly still incomplete, for the API to fill).
+    pub fn new(id: String, config: VmConfig) -> Result<Self, RuntimeError> {
+        let mut event_manager =
+            EventManager::<Subscriber>::new().map_err(RuntimeError::EventManager)?;
+        let exit = Arc::new(ExitSignal::new().map_err(RuntimeError::ExitEvent)?);
+        exit.catch_termination_signals()
+            .map_err(RuntimeError::Signals)?;
+        let wake = exit
+            .event_fd()
+            .try_clone()
+            .map_err(RuntimeError::ExitEvent)?;
+        event_manager.add_subscriber(Arc::new(Mutex::new(Wakeup(wake))));
+        Ok(Self {
+            event_manager,
+            exit,
+            config,
+            vm: None,
+            autopilot: None,
+            vm_cgroup: None,
+            api: None,
+            id,
+            warm: None,
+        })
+    }
+
+    /// The VM's cgroup, handed over by the jailer.
+    pub fn set_vm_cgroup(&mut self, cgroup: jailer::cgroup::Cgroup) {
+        self.vm_cgroup = Some(cgroup);
+    }
+
+    /// Starts the predictor from a model store entry instead of cold.
+    pub fn set_warm_start(&mut self, warm: crate::profile::store::WarmStart) {
+        self.warm = Some(warm);
+    }
+
+    /// Serves `requests`; `wake` is written by whoever queues one.
+    pub fn attach_api(&mut self, requests: Receiver<ActionRequest>, wake: EventFd) {
+        self.event_manager
+            .add_subscriber(Arc::new(Mutex::new(Wakeup(wake))));
+        self.api = Some(requests);
+    }
+
+    /// Boots the configured VM, then filters this thread's syscalls (after the vCPU threads
+    /// started, so that they do not inherit the VMM thread's filter on top of their own).
+    pub fn start(&mut self) -> Result<(), ActionError> {
+        if self.vm.is_some() {
+            return Err(ActionError::NotAllowedAfterBoot);
+        }
+        let mut autopilot = match &self.config.predictor {
+            Some(p) if p.enabled => Some(Autopilot::new(
+                p,
+                &self.config.machine_config,
+                &self.id,
+                now_ns(),
+            )?),
+            _ => None,
+        };
+        if let (Some(a), Some(w)) = (&mut autopilot, self.warm.take()) {
+            a.warm_start(&w);
+        }
+        let mut vm = build_microvm(&self.config, self.exit.clone(), &mut self.event_manager)?;
+        if let Some(a) = &mut autopilot {
+            if let Err(e) = a.attach(
+                &self.id,
+                &mut vm,
+                &mut self.config,
+                &self.exit,
+                self.vm_cgroup.clone(),
+                &mut self.event_manager,
+            ) {
+                vm.stop();
+                return Err(ActionError::Predictor(e.to_string()));
+            }
+        }
+        self.vm = Some(vm);
+        self.autopilot = autopilot;
+        if let Err(e) = seccomp::install(ThreadKind::Vmm) {
+            // An unfiltered VMM thread must not serve a running guest.
+            self.exit.request(ExitReason::VmmError(e.to_string()));
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// The VMM thread's safe point: installs any seccomp stage requested since, and kicks the
+    /// vCPUs so that they reach theirs.
+    fn catch_up_seccomp(&mut self) -> Result<(), seccomp::SeccompError> {
+        let before = seccomp::installed();
+        seccomp::catch_up(ThreadKind::Vmm)?;
+        if seccomp::installed() != before {
+            if let Some(vm) = &self.vm {
+                vm.kick_vcpus();
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes a predictor window if its clock ticked.
+    fn close_window(&mut self) {
+        let (Some(autopilot), Some(vm)) = (&mut self.autopilot, &mut self.vm) else {
+            return;
+        };
+        if !autopilot.take_due() {
+            return;
+        }
+        if let Err(e) = autopilot.close_window(now_ns(), vm, &mut self.config, &self.exit) {
+            tracing::error!("predictor window: {e}");
+        }
+    }
+
+    /// The VM's end signal (tests and embedders end the VM through it).
+    pub fn exit_signal(&self) -> Arc<ExitSignal> {
+        self.exit.clone()
+    }
+
+    /// Serves events and requests until the VM ends, then stops it and says why it ended.
+    pub fn run(mut self) -> ExitReason {
+        let reason = loop {
+            if let Some(reason) = self.exit.reason() {
+                break reason;
+            }
+            if let Err(e) = self.catch_up_seccomp() {
+                break ExitReason::VmmError(e.to_string());
+            }
+            if let Err(e) = self.event_manager.run() {
+                break ExitReason::VmmError(format!("event loop failed: {e}"));
+            }
+            self.close_window();
+            self.serve_requests();
+        };
+        if let Some(vm) = self.vm.take() {
+            vm.stop();
+        }
+        // After the vCPU threads are gone, so their cgroup can go too.
+        self.autopilot = None;
+        reason
+    }
+
+    fn serve_requests(&mut self) {
+        let Some(requests) = self.api.take() else {
+            return;
+        };
+        while let Ok(request) = requests.try_recv() {
+            let result = self.handle(request.action);
+            // A client that hung up no longer wants the answer.
+            let _ = request.reply.send(result);
+        }
+        self.api = Some(requests);
+    }
+}

@@ -1,0 +1,392 @@
+//! vCPUs: each runs KVM_RUN on its own named thread and dispatches PIO/MMIO exits to the buses.
+//! Every exit is then told, with the device the bus resolved, to the [`ExitObserver`] the
+//! thread was handed; the loop itself knows nothing of who counts exits or why.
+//!
+//! The VMM thread controls a vCPU through a channel of [`VcpuEvent`]s plus a "kick": a real-time
+//! signal whose handler sets `kvm_run.immediate_exit`, so a vCPU inside KVM_RUN returns at once
+//! and one about to enter it does not block (the signal may land just before the ioctl).
+
+use std::cell::Cell;
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::sync::atomic::{fence, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::{kvm_run, CpuId};
+use kvm_ioctls::{VcpuFd, VmFd};
+use std::os::fd::AsRawFd;
+use std::os::unix::thread::JoinHandleExt;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::arch::x86_64::cpuid::{filter_cpuid, Topology};
+use crate::arch::x86_64::regs::{setup_boot_vcpu, setup_fpu, BootEntry, RegsError};
+use crate::arch::x86_64::{lapic, msr};
+use crate::exit::{ExitReason, ExitSignal};
+use crate::seccomp::{self, ThreadKind};
+use exits::{handle_exit, Next};
+pub use exits::{ExitObserver, IoBuses};
+
+mod exits;
+
+/// `_IO(KVMIO, 0xce)`: a vCPU's binary statistics file (Linux 5.14+).
+const KVM_GET_STATS_FD: libc::c_ulong = 0xaece;
+
+/// Errors of creating, configuring and controlling vCPUs.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("cannot create vCPU {index}: {source}")]
+    Create {
+        index: u8,
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {index}: cannot set {what}: {source}")]
+    Configure {
+        index: u8,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {index}: KVM accepted {set} of {total} boot MSRs")]
+    PartialMsrs { index: u8, set: usize, total: usize },
+    #[error("vCPU {index}: {source}")]
+    Regs { index: u8, source: RegsError },
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    KickHandler(vmm_sys_util::errno::Error),
+    #[error("cannot start the thread of vCPU {index}: {source}")]
+    Spawn { index: u8, source: std::io::Error },
+    #[error("vCPU {index} did not answer {event:?} within {timeout:?}")]
+    NoResponse {
+        index: u8,
+        event: VcpuEvent,
+        timeout: Duration,
+    },
+    #[error("vCPU {index} has stopped")]
+    Gone { index: u8 },
+}
+
+/// Requests from the VMM thread to a vCPU thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuEvent {
+    Pause,
+    Resume,
+    /// Leave the run loop for good.
+    Finish,
+}
+
+/// A vCPU thread's acknowledgement of an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuResponse {
+    Paused,
+    Resumed,
+}
+
+/// A configured vCPU, before its thread starts.
+pub struct Vcpu {
+    index: u8,
+    fd: VcpuFd,
+}
+
+thread_local! {
+    /// This thread's kvm_run page, for the kick handler (null outside vCPU threads).
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn on_kick(_num: libc::c_int, _info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    KVM_RUN.with(|run| {
+        let run = run.get();
+        if !run.is_null() {
+            // SAFETY: the pointer is this thread's own mmap'ed kvm_run, set by the vCPU thread
+            // before it enables kicks and valid until the thread ends; a byte store is
+            // async-signal-safe.
+            unsafe { (*run).immediate_exit = 1 };
+        }
+    });
+    fence(Ordering::Release);
+}
+
+/// The kick signal: the first real-time signal.
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+/// Installs the kick handler; once per process, before any vCPU thread starts.
+pub fn register_kick_handler() -> Result<(), VcpuError> {
+    register_signal_handler(kick_signal(), on_kick).map_err(VcpuError::KickHandler)
+}
+
+impl Vcpu {
+    pub fn new(vm: &VmFd, index: u8) -> Result<Self, VcpuError> {
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(|source| VcpuError::Create { index, source })?;
+        Ok(Self { index, fd })
+    }
+
+    /// CPUID, MSRs, FPU and LAPIC for every vCPU; the entry state too for the boot vCPU (the
+    /// others wait in KVM for the guest's INIT/SIPI).
+    pub fn configure(
+        &self,
+        supported_cpuid: &CpuId,
+        topology: Topology,
+        mem: &GuestMemoryMmap,
+        entry: BootEntry,
+    ) -> Result<(), VcpuError> {
+        let index = self.index;
+        let configure = |what, source| VcpuError::Configure {
+            index,
+            what,
+            source,
+        };
+        let mut cpuid = supported_cpuid.clone();
+        filter_cpuid(&mut cpuid, index, topology);
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(|e| configure("CPUID", e))?;
+
+        let msrs = msr::boot_msrs();
+        let set = self.fd.set_msrs(&msrs).map_err(|e| configure("MSRs", e))?;
+        let total = msrs.as_slice().len();
+        if set != total {
+            return Err(VcpuError::PartialMsrs { index, set, total });
+        }
+
+        setup_fpu(&self.fd).map_err(|source| VcpuError::Regs { index, source })?;
+        let mut lapic_state = self.fd.get_lapic().map_err(|e| configure("LAPIC", e))?;
+        lapic::set_lint(&mut lapic_state);
+        self.fd
+            .set_lapic(&lapic_state)
+            .map_err(|e| configure("LAPIC", e))?;
+
+        if index == 0 {
+            setup_boot_vcpu(&self.fd, mem, entry)
+                .map_err(|source| VcpuError::Regs { index, source })?;
+        }
+        Ok(())
+    }
+
+    /// Opens the vCPU's KVM binary statistics file. Only before the thread starts: KVM takes a
+    /// vCPU's ioctls one at a time, and its own thread holds it inside KVM_RUN.
+    pub fn stats_file(&self) -> std::io::Result<File> {
+        // SAFETY: KVM_GET_STATS_FD takes no argument and returns a new fd or -1; the vCPU fd is
+        // open for the call.
+        let fd = unsafe { libc::ioctl(self.fd.as_raw_fd(), KVM_GET_STATS_FD, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: the kernel just handed us this fd and nothing else owns it.
+        Ok(unsafe { File::from_raw_fd(fd) })
+    }
+
+    /// Starts the vCPU on a thread named `vcpu<N>`, telling `observer` of every exit.
+    pub fn start(
+        self,
+        buses: Arc<IoBuses>,
+        exit: Arc<ExitSignal>,
+        observer: Box<dyn ExitObserver>,
+    ) -> Result<VcpuHandle, VcpuError> {
+        let index = self.index;
+        let (event_tx, event_rx) = channel();
+        let (response_tx, response_rx) = channel();
+        let (tid_tx, tid_rx) = channel();
+        let stats = self.stats_file();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || {
+                // SAFETY: gettid has no arguments and cannot fail.
+                let _ = tid_tx.send(unsafe { libc::gettid() });
+                let mut runner = VcpuRunner {
+                    index,
+                    fd: self.fd,
+                    observer,
+                    buses,
+                    exit,
+                    events: event_rx,
+                    responses: response_tx,
+                };
+                runner.run();
+            })
+            .map_err(|source| VcpuError::Spawn { index, source })?;
+        let tid = tid_rx.recv().map_err(|_| VcpuError::Gone { index })?;
+        Ok(VcpuHandle {
+            index,
+            tid,
+            stats: Some(stats),
+            thread: Some(thread),
+            events: event_tx,
+            responses: response_rx,
+        })
+    }
+}
+
+/// The state a vCPU thread owns.
+struct VcpuRunner {
+    index: u8,
+    fd: VcpuFd,
+    observer: Box<dyn ExitObserver>,
+    buses: Arc<IoBuses>,
+    exit: Arc<ExitSignal>,
+    events: Receiver<VcpuEvent>,
+    responses: Sender<VcpuResponse>,
+}
+
+impl VcpuRunner {
+    fn run(&mut self) {
+        KVM_RUN.with(|run| run.set(self.fd.get_kvm_run() as *mut kvm_run));
+        // A vCPU whose filter is missing must not run the guest: it ends the VM instead.
+        let index = self.index;
+        let unfiltered = move |e| ExitReason::VmmError(format!("vCPU {index}: {e}"));
+        if let Err(e) = seccomp::install(ThreadKind::Vcpu) {
+            self.exit.request(unfiltered(e));
+        }
+        loop {
+            if self.exit.is_requested() || !self.handle_events() {
+                break;
+            }
+            // The safe point: between two KVM_RUNs, with no exit half-handled.
+            if let Err(e) = seccomp::catch_up(ThreadKind::Vcpu) {
+                self.exit.request(unfiltered(e));
+                break;
+            }
+            let next = match self.fd.run() {
+                Ok(exit) => handle_exit(self.index, exit, &self.buses, self.observer.as_mut()),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    // Kicked: clear the flag so the next KVM_RUN runs, then look at events.
+                    self.fd.set_kvm_immediate_exit(0);
+                    Next::Continue
+                }
+                Err(e) => Next::End(ExitReason::VmmError(format!(
+                    "vCPU {}: KVM_RUN failed: {e}",
+                    self.index
+                ))),
+            };
+            if let Next::End(reason) = next {
+                self.exit.request(self.with_rip(reason));
+                break;
+            }
+        }
+        KVM_RUN.with(|run| run.set(std::ptr::null_mut()));
+    }
+
+    /// A triple fault is easier to debug knowing where the guest was.
+    fn with_rip(&self, reason: ExitReason) -> ExitReason {
+        match reason {
+            ExitReason::TripleFault { vcpu, rip: None } => ExitReason::TripleFault {
+                vcpu,
+                rip: self.fd.get_regs().ok().map(|r| r.rip),
+            },
+            other => other,
+        }
+    }
+
+    /// Serves queued events; while paused, blocks until resumed or finished. Returns false when
+    /// the vCPU must stop.
+    fn handle_events(&mut self) -> bool {
+        let mut paused = false;
+        loop {
+            let event = if paused {
+                match self.events.recv() {
+                    Ok(e) => e,
+                    Err(_) => return false,
+                }
+            } else {
+                match self.events.try_recv() {
+                    Ok(e) => e,
+                    Err(std::sync::mpsc::TryRecvError::Empty) => return true,
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => return false,
+                }
+            };
+            // A closed response channel means the VMM is going away; Finish follows.
+            match event {
+                VcpuEvent::Pause => {
+                    paused = true;
+                    let _ = self.responses.send(VcpuResponse::Paused);
+                }
+                VcpuEvent::Resume => {
+                    let _ = self.responses.send(VcpuResponse::Resumed);
+                    if paused {
+                        return true;
+                    }
+                }
+                VcpuEvent::Finish => return false,
+            }
+        }
+    }
+}
+
+/// The VMM thread's side of a running vCPU.
+pub struct VcpuHandle {
+    index: u8,
+    tid: libc::pid_t,
+    stats: Option<std::io::Result<File>>,
+    thread: Option<JoinHandle<()>>,
+    events: Sender<VcpuEvent>,
+    responses: Receiver<VcpuResponse>,
+}
+
+impl VcpuHandle {
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
+    /// The thread's kernel id (for cgroups).
+    pub fn tid(&self) -> libc::pid_t {
+        self.tid
+    }
+
+    /// The thread (for its CPU clock); None once joined.
+    pub fn pthread(&self) -> Option<libc::pthread_t> {
+        self.thread.as_ref().map(|t| t.as_pthread_t())
+    }
+
+    /// The vCPU's KVM binary statistics file, opened at start (or why not); taken once.
+    pub fn take_stats_file(&mut self) -> Option<std::io::Result<File>> {
+        self.stats.take()
+    }
+
+    /// Queues `event` and kicks the vCPU out of KVM_RUN so it sees it.
+    pub fn send(&self, event: VcpuEvent) -> Result<(), VcpuError> {
+        let gone = VcpuError::Gone { index: self.index };
+        self.events.send(event).map_err(|_| gone)?;
+        self.kick();
+        Ok(())
+    }
+
+    /// Interrupts KVM_RUN; harmless if the vCPU is not in it.
+    pub fn kick(&self) {
+        if let Some(thread) = &self.thread {
+            // A thread that already ended cannot be interrupted and needs not be.
+            let _ = thread.kill(kick_signal());
+        }
+    }
+
+    /// Waits for the vCPU to acknowledge `event` (sent earlier) with `expect`.
+    pub fn await_response(
+        &self,
+        expect: VcpuResponse,
+        timeout: Duration,
+        event: VcpuEvent,
+    ) -> Result<(), VcpuError> {
+        match self.responses.recv_timeout(timeout) {
+            Ok(r) if r == expect => Ok(()),
+            Ok(_) | Err(RecvTimeoutError::Timeout) => Err(VcpuError::NoResponse {
+                index: self.index,
+                event,
+                timeout,
+            }),
+            Err(RecvTimeoutError::Disconnected) => Err(VcpuError::Gone { index: self.index }),
+        }
+    }
+
+    /// Stops the vCPU for good and joins its thread.
+    pub fn finish(mut self) {
+        let _ = self.send(VcpuEvent::Finish);
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("vCPU {} thread panicked", self.index);
+            }
+        }
+    }
+}
