@@ -1,19 +1,21 @@
 //! API latency under load: 8 clients, each on its own keep-alive connection, alternating
 //! `GET /` and `PATCH /machine-config`; p50 and p99 per request kind.
 //!
-//! Reference, in the same run: a trivial HTTP responder on a Unix socket (one thread per client,
-//! answers every request with 204 at once): the floor that socket I/O and scheduling set on this
-//! host. The ratio shows what prescient's path adds (parsing, routing, the round trip through the
-//! VMM thread's event loop). `cargo bench -p integration-tests --bench api_latency`
-//! (`API_BENCH_REQUESTS` requests per client, default 2000).
+//! References, alternated round by round in the same run: Firecracker's API on the same kind of
+//! socket (both before any VM is configured), and a trivial HTTP responder on a Unix socket (one
+//! thread per client, answers every request with 204 at once): the floor that socket I/O and
+//! scheduling set on this host. `cargo bench -p integration-tests --bench api_latency`
+//! (`API_BENCH_REQUESTS` requests per client, default 2000, over `API_BENCH_ROUNDS` rounds,
+//! default 4).
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use integration_tests::{prescient_bin, ApiClient, Scratch};
+use integration_tests::bench::{env_or, Kind, Stat, Table, Vmm};
+use integration_tests::console::Console;
+use integration_tests::{ApiClient, Scratch};
 
 const CLIENTS: usize = 8;
 
@@ -97,62 +99,85 @@ fn pct(samples: &mut [Duration], p: f64) -> f64 {
     samples[i].as_secs_f64() * 1e6
 }
 
+/// Per round: (GET p50, GET p99, PATCH p50, PATCH p99) in microseconds.
+type Percentiles = [f64; 4];
+
+fn percentiles(socket: &Path, per_client: usize) -> Percentiles {
+    let (mut get, mut patch) = load(socket, per_client);
+    [
+        pct(&mut get, 0.5),
+        pct(&mut get, 0.99),
+        pct(&mut patch, 0.5),
+        pct(&mut patch, 0.99),
+    ]
+}
+
 fn main() {
-    let per_client: usize = std::env::var("API_BENCH_REQUESTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2000);
+    let per_client: usize = env_or("API_BENCH_REQUESTS", 2000);
+    let rounds: usize = env_or("API_BENCH_ROUNDS", 4);
     let scratch = Scratch::new("api-bench");
     let reference = scratch.path().join("reference.sock");
     reference_server(&reference);
-    let socket = scratch.path().join("api.sock");
-    let mut vmm = Command::new(prescient_bin())
-        .arg("--api-sock")
-        .arg(&socket)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    ApiClient::connect(&socket);
     ApiClient::connect(&reference);
+    let vmms = Vmm::with(&[Kind::Firecracker]);
+    // Each VMM serves its API before any VM is configured, as an orchestrator finds it.
+    let servers: Vec<(Console, PathBuf)> = vmms
+        .iter()
+        .map(|vmm| {
+            let socket = scratch.path().join(format!("{}.sock", vmm.name()));
+            let console = vmm.spawn(None, scratch.path(), Some(&socket)).unwrap();
+            ApiClient::connect(&socket);
+            (console, socket)
+        })
+        .collect();
 
-    // Warm both up, then measure them alternately twice to even out host noise.
-    load(&socket, 100);
+    // Warm every server up, then measure them in turn, round after round.
+    for (_, socket) in &servers {
+        load(socket, 100);
+    }
     load(&reference, 100);
-    let (mut pg, mut pp, mut rg, mut rp) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..2 {
-        let (g, p) = load(&socket, per_client / 2);
-        pg.extend(g);
-        pp.extend(p);
-        let (g, p) = load(&reference, per_client / 2);
-        rg.extend(g);
-        rp.extend(p);
+    let mut ours: Vec<Vec<Percentiles>> = vmms.iter().map(|_| Vec::new()).collect();
+    let mut floor = Vec::new();
+    for _ in 0..rounds {
+        for ((_, socket), out) in servers.iter().zip(&mut ours) {
+            out.push(percentiles(socket, per_client / rounds));
+        }
+        floor.push(percentiles(&reference, per_client / rounds));
     }
-    let _ = vmm.kill();
-    let _ = vmm.wait();
-    std::thread::sleep(Duration::from_millis(10));
+    drop(servers);
 
-    println!("API latency, {CLIENTS} concurrent clients, {per_client} requests each (half GET, half PATCH), microseconds");
-    println!(
-        "{:<40} {:>10} {:>10} {:>14} {:>14}",
-        "request", "p50", "p99", "p50 / ref", "p99 / ref"
+    let mut t = Table::new(
+        format!(
+            "API latency, {CLIENTS} concurrent keep-alive clients, {per_client} requests each \
+             (half GET, half PATCH) in {rounds} alternated rounds, microseconds (host shared)"
+        ),
+        &vmms,
     );
-    let rows = [
-        ("GET / (prescient)", &mut pg, &mut rg),
-        ("PATCH /machine-config (prescient)", &mut pp, &mut rp),
+    let names = [
+        "GET / p50",
+        "GET / p99",
+        "PATCH /machine-config p50",
+        "PATCH /machine-config p99",
     ];
-    for (name, ours, reference) in rows {
-        let (p50, p99) = (pct(ours, 0.5), pct(ours, 0.99));
-        let (r50, r99) = (pct(reference, 0.5), pct(reference, 0.99));
-        println!(
-            "{name:<40} {p50:>10.1} {p99:>10.1} {:>14.2} {:>14.2}",
-            p50 / r50,
-            p99 / r99
-        );
-        println!(
-            "{:<40} {r50:>10.1} {r99:>10.1}",
-            "  reference (trivial responder)"
-        );
+    for (i, name) in names.iter().enumerate() {
+        let per_vmm: Vec<Vec<f64>> = ours
+            .iter()
+            .map(|rounds| rounds.iter().map(|r| r[i]).collect())
+            .collect();
+        t.row_of(*name, &per_vmm);
     }
+    let floor_of = |i: usize| Stat::of(&floor.iter().map(|r| r[i]).collect::<Vec<_>>()).median;
+    t.note(format!(
+        "floor in the same rounds, a trivial responder (one thread per client, 204 at once): \
+         GET p50 {:.0} p99 {:.0}, PATCH p50 {:.0} p99 {:.0}",
+        floor_of(0),
+        floor_of(1),
+        floor_of(2),
+        floor_of(3)
+    ));
+    t.note(
+        "qemu: not run: its control plane is QMP (JSON lines, one client per monitor socket), \
+         no like-for-like HTTP request",
+    );
+    t.print();
 }

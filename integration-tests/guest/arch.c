@@ -84,7 +84,6 @@ void arch_init_cpu(u32 index)
 
 /* ---- paging ---------------------------------------------------------- */
 extern u64 boot_pml4[512], boot_pdpt[512], boot_pd0[512];
-static u64 pd_hi[MAX_PD_GIB][512] ALIGNED(4096);   /* pd_hi[g] maps GiB g (g >= 1) */
 
 #define PTE_P   0x1ULL
 #define PTE_RW  0x2ULL
@@ -95,43 +94,73 @@ static u64 pd_hi[MAX_PD_GIB][512] ALIGNED(4096);   /* pd_hi[g] maps GiB g (g >= 
 #define GIB     (1ULL << 30)
 #define MIB2    (1ULL << 21)
 
+/* Page directories (one per GiB mapped above the first) and page-directory
+ * pointer tables (one per 512 GiB above the first) come from static pools:
+ * RAM up to MAX_PD_GIB GiB plus 16 GiB elsewhere (a virtio-mem region, which
+ * Firecracker puts at 512 GiB). */
+#define PD_POOL   (MAX_PD_GIB + 16)
+#define PDPT_POOL 4
+static u64 pd_pool[PD_POOL][512] ALIGNED(4096);
+static u64 pdpt_pool[PDPT_POOL][512] ALIGNED(4096);
+static u32 pd_used, pdpt_used;
+
+/* The table an entry points to, taking a fresh one from `pool` (and making
+ * the entry present, U/S=1) if there is none yet; 0 if the pool is empty. */
+static u64 *next_level(u64 *entry, u64 (*pool)[512], u32 *used, u32 size)
+{
+	if (!(*entry & PTE_P)) {
+		if (*used == size)
+			return 0;
+		*entry = (u64)pool[(*used)++] | PTE_P | PTE_RW | PTE_US;
+	}
+	return (u64 *)(*entry & ~0xfffULL);
+}
+
+/* The page directory of GiB `gib` (below 256 TiB); 0 if the pools are empty. */
 static u64 *pd_for(u64 gib)
 {
-	if (!(boot_pdpt[gib] & PTE_P))
-		boot_pdpt[gib] = (u64)pd_hi[gib] | PTE_P | PTE_RW | PTE_US;
-	return pd_hi[gib];
+	u64 *pdpt = next_level(&boot_pml4[(gib >> 9) & 511], pdpt_pool, &pdpt_used, PDPT_POOL);
+	return pdpt ? next_level(&pdpt[gib & 511], pd_pool, &pd_used, PD_POOL) : 0;
 }
 
 /* CPL3: identity-map [addr, addr + size) with 2 MiB pages, U/S=1, above
- * 1 GiB and below MAX_PD_GIB GiB. Only not-present entries become present,
- * so no TLB flush is needed. Returns 0 if part of the range lies above. */
+ * 1 GiB. Only not-present entries become present, so no TLB flush is
+ * needed. Returns 0 if part of the range could not be mapped (above 256 TiB
+ * or out of page tables). */
 int paging_map_ram_user(u64 addr, u64 size)
 {
 	u64 lo = addr & ~(MIB2 - 1), hi = addr + size;
 	if (lo < GIB)
 		lo = GIB;
-	int whole = hi <= MAX_PD_GIB * GIB;
-	if (!whole)
-		hi = MAX_PD_GIB * GIB;
-	for (u64 a = lo; a < hi; a += MIB2)
-		pd_for(a >> 30)[(a >> 21) & 511] = a | PTE_P | PTE_RW | PTE_US | PTE_PS;
-	return whole;
+	if (hi > (1ULL << 48))
+		return 0;
+	for (u64 a = lo; a < hi; a += MIB2) {
+		u64 *pd = pd_for(a >> 30);
+		if (!pd)
+			return 0;
+		pd[(a >> 21) & 511] = a | PTE_P | PTE_RW | PTE_US | PTE_PS;
+	}
+	return 1;
 }
 
 /* CPL3: map every RAM range of the memory map. (The LAPIC page, CPL0 only
  * and uncached, is mapped by paging_map_lapic() at boot.) */
 void paging_extend_user(void)
 {
-	for (u32 i = 0; i < g_boot.nr_mem; i++)
-		if (g_boot.mem[i].type == MEM_RAM)
-			paging_map_ram_user(g_boot.mem[i].addr, g_boot.mem[i].size);
+	for (u32 i = 0; i < g_boot.nr_mem; i++) {
+		u64 lo = g_boot.mem[i].addr, hi = lo + g_boot.mem[i].size;
+		if (hi > MAX_PD_GIB * GIB)
+			hi = MAX_PD_GIB * GIB;
+		if (g_boot.mem[i].type == MEM_RAM && hi > lo)
+			paging_map_ram_user(lo, hi - lo);
+	}
 }
 
 /* CPL3 (before the next paging_reload()): identity-map an MMIO window with
  * 4 KiB pages, uncached (PCD|PWT), U/S=1, so user-mode drivers can use it.
  * Page tables come from a small static pool (one per 2 MiB region); a
  * 2 MiB page already there (RAM) is split, keeping its flags. Returns 0 if
- * the window lies above MAX_PD_GIB or the pool is exhausted. */
+ * the window lies above MAX_PD_GIB or a pool is exhausted. */
 #define MMIO_PTS 8
 static u64 mmio_pt[MMIO_PTS][512] ALIGNED(4096);
 static u32 mmio_pt_used;
@@ -142,7 +171,10 @@ int paging_map_mmio_user(u64 base, u64 size)
 	if (hi > MAX_PD_GIB * GIB || hi <= lo)
 		return 0;
 	for (u64 a = lo; a < hi; a += 4096) {
-		u64 *pd = (a >> 30) ? pd_for(a >> 30) : boot_pd0, *pde = &pd[(a >> 21) & 511];
+		u64 *pd = pd_for(a >> 30);
+		if (!pd)
+			return 0;
+		u64 *pde = &pd[(a >> 21) & 511];
 		if (!(*pde & PTE_P) || (*pde & PTE_PS)) {
 			if (mmio_pt_used == MMIO_PTS)
 				return 0;

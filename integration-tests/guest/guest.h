@@ -164,7 +164,7 @@ extern u8 g_ustacks[MAX_CPUS][USTACK_SIZE];
 void arch_init_bsp(void);               /* IDT + this CPU's TSS */
 void arch_init_cpu(u32 index);          /* TSS/GDT slot, ltr, lidt */
 void paging_extend_user(void);          /* CPL3: map RAM above 1 GiB + LAPIC */
-int paging_map_ram_user(u64 addr, u64 size); /* CPL3: 2 MiB pages; 0 if above MAX_PD_GIB */
+int paging_map_ram_user(u64 addr, u64 size); /* CPL3: 2 MiB pages; 0 if it cannot all be mapped */
 void paging_reload(void);               /* CPL0: reload CR3 */
 NORETURN void triple_fault(void);
 NORETURN void halt_forever(void);       /* CPL0 */

@@ -148,6 +148,7 @@ int vmem_workload(struct vdev *d);      /* 1 = ok */
 enum { VMEM_PLUG, VMEM_UNPLUG, VMEM_UNPLUG_ALL, VMEM_STATE };
 enum { VMEM_ACK, VMEM_NACK, VMEM_BUSY, VMEM_ERROR };
 enum { VMEM_PLUGGED, VMEM_UNPLUGGED, VMEM_MIXED };
+#define VMEM_CFG_USABLE    32
 #define VMEM_CFG_PLUGGED   40
 #define VMEM_CFG_REQUESTED 48
 #define VMEM_MAX_BLOCKS (64 * 1024)

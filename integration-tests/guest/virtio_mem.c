@@ -11,7 +11,7 @@
  *   requested size: wait (elastic_wait_ms) until requested != plugged,
  *   plug the lowest free blocks or unplug the highest plugged ones, write a
  *   pattern to each page it plugs and check it before unplugging, then ask
- *   STATE for every run of blocks and compare with its own bitmap and the
+ *   STATE for every run of blocks of the usable region and compare with its own bitmap and the
  *   device's plugged_size. One line per step:
  *   "guest: vmem0 step=K requested_mib=R plugged_mib=P device_plugged_mib=D state=ok ms=T"
  * vmem_follow_ms=F, vmem_ramp_mib=R, vmem_ramp_ms=T, vmem_ramp_start_ms=S:
@@ -191,13 +191,18 @@ static int unplug_to(struct vdev *d, u64 want, int check)
 	return 1;
 }
 
-/* STATE of every run of equal blocks must match our bitmap. */
+/* STATE of every run of equal blocks of the usable region (the part the
+ * device serves requests for; Firecracker's is smaller than the region) must
+ * match our bitmap. */
 static int states_agree(struct vdev *d)
 {
-	for (u64 b = 0; b < nblocks;) {
+	u64 usable = vd_cfg64(d, VMEM_CFG_USABLE) / block;
+	if (usable > nblocks)
+		usable = nblocks;
+	for (u64 b = 0; b < usable;) {
 		int on = is_plugged(b);
 		u64 n = 1;
-		while (b + n < nblocks && is_plugged(b + n) == on && n < 0xffff)
+		while (b + n < usable && is_plugged(b + n) == on && n < 0xffff)
 			n++;
 		u16 st;
 		if (request(d, VMEM_STATE, b, n, &st) != VMEM_ACK ||

@@ -8,7 +8,8 @@
  *
  * vsock_echo_listen=P: accept one host-initiated connection on port P (an
  * OP_REQUEST to any other port gets OP_RST), echo every byte back until the
- * host shuts down its sending side, then SHUTDOWN and wait for the host's RST.
+ * host shuts down its sending side, then SHUTDOWN and wait for the host's RST
+ * (or, if the host shut down both sides, answer with RST).
  * vsock_connect=P vsock_send=N: connect to host port P, send N bytes of a
  * pattern, read N bytes back and verify them, then SHUTDOWN and wait for RST.
  * Waits are bounded by virtio_timeout_ms without progress.
@@ -319,6 +320,12 @@ int vsock_workload(struct vdev *d)
 					: vs.sent == total && vs.rx_bytes >= total;
 			if (!echo && vs.rx_bytes > total) {
 				gprintf("guest: %s got %lu bytes, sent %lu\n", vs.d->name, vs.rx_bytes, total);
+				break;
+			}
+			if (done && vs.peer_shut == (SHUT_RCV | SHUT_SEND)) {
+				/* The host closed both ways (Firecracker does on a host-side
+				 * close) and everything is echoed: answer with RST, as Linux does. */
+				ok = send_pkt(OP_RST, 0, 0, 0);
 				break;
 			}
 			if (done) {

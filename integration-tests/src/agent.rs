@@ -5,7 +5,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::linux::{images, Console};
+use crate::console::Console;
+use crate::linux::images;
 use crate::Scratch;
 
 /// Time for one short workload step beyond its own duration (starting stress-ng or fio).
@@ -145,4 +146,47 @@ pub fn reports(lines: &[String]) -> Vec<serde_json::Value> {
             serde_json::from_str(json).ok()
         })
         .collect()
+}
+
+/// The `workload`'s fio figure after `key` (e.g. `read: IOPS=`, `WRITE: bw=`) in its output,
+/// scaled by its unit suffix (k, KiB/s, MiB/s, GiB/s) to ones or MiB/s.
+pub fn fio_figure(lines: &[String], workload: &str, key: &str) -> f64 {
+    let label = format!("agent: [{workload}]");
+    lines
+        .iter()
+        .filter(|l| l.contains(&label))
+        .find_map(|l| {
+            let v = l[l.find(key)? + key.len()..].split([',', ' ']).next()?;
+            let split = v.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(v.len());
+            let (n, unit) = v.split_at(split);
+            let scale = match unit {
+                "" | "MiB/s" => 1.0,
+                "k" => 1000.0,
+                "KiB/s" => 1.0 / 1024.0,
+                "GiB/s" => 1024.0,
+                _ => return None,
+            };
+            Some(n.parse::<f64>().ok()? * scale)
+        })
+        .unwrap_or(f64::NAN)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fio_figures_are_read_with_their_units() {
+        let lines: Vec<String> = [
+            "agent: [fio-randrw]   read: IOPS=1.2k, BW=4800KiB/s",
+            "agent: [fio-seqwrite]   WRITE: bw=50.3MiB/s (52.7MB/s), 50.3MiB/s-50.3MiB/s",
+            "agent: [fio-randrw]   WRITE: bw=512KiB/s (524kB/s)",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(fio_figure(&lines, "fio-randrw", "read: IOPS="), 1200.0);
+        assert_eq!(fio_figure(&lines, "fio-seqwrite", "WRITE: bw="), 50.3);
+        assert_eq!(fio_figure(&lines, "fio-randrw", "WRITE: bw="), 0.5);
+        assert!(fio_figure(&lines, "fio-seqwrite", "read: IOPS=").is_nan());
+    }
 }

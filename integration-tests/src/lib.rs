@@ -5,12 +5,15 @@
 //! and runs the VMM with a deadline so that a hang fails a test instead of stalling CI.
 
 pub mod agent;
+pub mod bench;
+pub mod console;
 pub mod linux;
 pub mod nested;
 pub mod openapi;
 pub mod pty;
 
-use std::io::Read;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
@@ -581,4 +584,32 @@ pub fn unix_echo_server(
             }
         }
     })
+}
+
+/// Connects to a VMM's vsock socket `uds` (waiting for it to appear) and asks for guest `port`
+/// (Firecracker's `CONNECT <port>`); returns the stream and the reply line ("" if the VMM closed
+/// the connection instead).
+pub fn vsock_connect(uds: &Path, port: u32) -> (UnixStream, String) {
+    let start = Instant::now();
+    let mut s = loop {
+        match UnixStream::connect(uds) {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(start.elapsed() < Duration::from_secs(30), "{uds:?}: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while !line.ends_with(b"\n") {
+        match s.read(&mut b) {
+            Ok(0) => break,
+            Ok(_) => line.push(b[0]),
+            Err(e) => panic!("reading the CONNECT reply: {e}"),
+        }
+    }
+    (s, String::from_utf8(line).unwrap())
 }

@@ -11,7 +11,7 @@
 //! `/nested/run` script, with `prescient`, the plain guest images and the program in L1's
 //! initramfs. L1's second serial port streams back what the program prints, `@@nested` events
 //! from L1's init (kernel up, kvm_amd loaded, run, exit code), `@@nested-test` markers around
-//! each test, and the guests' consoles, which the program's [`crate::linux::Console`]s copy there
+//! each test, and the guests' consoles, which the program's [`crate::console::Console`]s copy there
 //! after [`L2_PREFIX`]. Every stage has its own timeout (L1's kernel, kvm_amd, each test, the time
 //! between tests, poweroff); a failure reports the last 40 lines of L1's console, of the guests'
 //! consoles and of the program's output.
@@ -28,9 +28,9 @@ use std::process::{Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::console::{Console, WaitEnd};
 use crate::linux::{
-    images_manifest, parse_manifest, qemu_available, repo_root, wait_output, Console, HostKvm,
-    WaitEnd, IMAGES_ENV,
+    images_manifest, parse_manifest, qemu_available, repo_root, wait_output, HostKvm, IMAGES_ENV,
 };
 use crate::prescient_bin;
 
@@ -348,12 +348,16 @@ impl L1Host {
         }
         let lines = vm.timed_lines();
         let qemu_stderr = match (failure.is_some(), vm.exit_within(POWEROFF)) {
-            (true, Ok((_, stderr))) | (true, Err(stderr)) => stderr,
-            (false, Ok((status, stderr))) => {
-                if !status.success() {
-                    failure = Some(format!("QEMU ended with {status} after L1 powered off"));
+            (true, Ok(exit)) => exit.stderr,
+            (true, Err(stderr)) => stderr,
+            (false, Ok(exit)) => {
+                if !exit.status.success() {
+                    failure = Some(format!(
+                        "QEMU ended with {} after L1 powered off",
+                        exit.status
+                    ));
                 }
-                stderr
+                exit.stderr
             }
             (false, Err(stderr)) => {
                 failure = Some(format!("L1 did not power off within {POWEROFF:?} (killed)"));

@@ -67,6 +67,22 @@ fn a_vm_is_configured_started_paused_and_resumed_entirely_by_api() {
         (m["vcpu_count"].as_u64(), m["mem_size_mib"].as_u64()),
         (Some(2), Some(96))
     );
+    assert_eq!(m["huge_pages"], "Transparent", "the default: {m}");
+    let r = api.request(
+        "PATCH",
+        "/machine-config",
+        Some(r#"{"huge_pages": "None"}"#),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    let r = api.request("PATCH", "/machine-config", Some(r#"{"huge_pages": "1G"}"#));
+    assert_eq!(r.status, 400);
+    assert!(
+        r.body.contains("huge_pages") && r.body.contains("1G"),
+        "{}",
+        r.body
+    );
+    let m = api.request("GET", "/machine-config", None).json();
+    assert_eq!(m["huge_pages"], "None");
 
     let r = api.request(
         "PUT",

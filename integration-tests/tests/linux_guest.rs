@@ -17,8 +17,9 @@ use integration_tests::agent::{
     assert_output, assert_reports_match_the_vm, assert_stress_mem_seen, initrd_with_workloads, num,
     reports as agent_reports, reports_around, run_steps_to_poweroff, workload_arg,
 };
+use integration_tests::console::Console;
 use integration_tests::linux::{
-    cmdline, images, prescient_spec, qemu_available, qemu_disk, qemu_microvm, Console, BASE_CMDLINE,
+    cmdline, images, prescient_spec, qemu_available, qemu_disk, qemu_microvm, BASE_CMDLINE,
 };
 use integration_tests::{prescient_bin, Scratch};
 

@@ -4,11 +4,11 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use integration_tests::{Outcome, RunningVmm, Scratch, TEST_GUEST_PVH};
+use integration_tests::{vsock_connect, Outcome, RunningVmm, Scratch, TEST_GUEST_PVH};
 
 const DEADLINE: Duration = Duration::from_secs(120);
 
@@ -28,33 +28,6 @@ fn start_vm(scratch: &Scratch, boot_args: &str) -> (RunningVmm, PathBuf) {
 
 fn pattern(n: usize) -> Vec<u8> {
     (0..n).map(|i| (i * 7 + i / 251) as u8).collect()
-}
-
-/// Connects to the VMM's socket (waiting for it to appear) and asks for guest `port`; returns
-/// the stream and the reply line ("" if the VMM closed the connection instead).
-fn connect_guest(uds: &Path, port: u32) -> (UnixStream, String) {
-    let start = Instant::now();
-    let mut s = loop {
-        match UnixStream::connect(uds) {
-            Ok(s) => break s,
-            Err(e) => {
-                assert!(start.elapsed() < Duration::from_secs(30), "{uds:?}: {e}");
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-    };
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    while !line.ends_with(b"\n") {
-        match s.read(&mut b) {
-            Ok(0) => break,
-            Ok(_) => line.push(b[0]),
-            Err(e) => panic!("reading the CONNECT reply: {e}"),
-        }
-    }
-    (s, String::from_utf8(line).unwrap())
 }
 
 /// Sends `data` (from another thread, then half-closes) and reads until the VMM closes.
@@ -81,7 +54,7 @@ fn finish(vm: RunningVmm) -> Outcome {
 fn host_initiated_connections_echo_through_the_guest() {
     let scratch = Scratch::new("vsock-host");
     let (vm, uds) = start_vm(&scratch, "vsock_echo_listen=1234");
-    let (s, reply) = connect_guest(&uds, 1234);
+    let (s, reply) = vsock_connect(&uds, 1234);
     let port: u32 = reply
         .strip_prefix("OK ")
         .and_then(|p| p.trim_end().parse().ok())
@@ -111,7 +84,7 @@ fn guest_initiated_connections_reach_the_port_socket() {
 fn a_guest_port_nobody_listens_on_closes_the_client_and_the_vm_goes_on() {
     let scratch = Scratch::new("vsock-rst");
     let (vm, uds) = start_vm(&scratch, "vsock_echo_listen=1234");
-    let (mut s, reply) = connect_guest(&uds, 4321);
+    let (mut s, reply) = vsock_connect(&uds, 4321);
     assert_eq!(reply, "", "the guest answered RST: no OK line");
     let mut rest = Vec::new();
     assert_eq!(s.read_to_end(&mut rest).unwrap(), 0, "closed");
@@ -121,7 +94,7 @@ fn a_guest_port_nobody_listens_on_closes_the_client_and_the_vm_goes_on() {
     bad.write_all(b"CONNECT nope\n").unwrap();
     rest.clear();
     assert_eq!(bad.read_to_end(&mut rest).unwrap(), 0, "closed: {rest:?}");
-    let (s, reply) = connect_guest(&uds, 1234);
+    let (s, reply) = vsock_connect(&uds, 1234);
     assert!(reply.starts_with("OK "), "{reply:?}");
     let data = pattern(1000);
     assert_eq!(echo_through(s, data.clone()), data);

@@ -376,7 +376,7 @@ mod tests {
     }
 
     fn guest_mem(mib: u64) -> GuestMemoryMmap {
-        crate::vstate::memory::create_guest_memory(mib * MIB).unwrap()
+        crate::vstate::memory::create_guest_memory(mib * MIB, Default::default()).unwrap()
     }
 
     #[test]

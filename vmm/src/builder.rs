@@ -111,7 +111,7 @@ pub fn build_microvm(
         .map_err(BuildError::SupportedCpuid)?;
 
     let vm = Vm::new(&kvm)?;
-    let mem = create_guest_memory(machine.mem_bytes())
+    let mem = create_guest_memory(machine.mem_bytes(), machine.huge_pages)
         .map_err(|e| ConfigError::new(MachineConfig::mem_path(), e.to_string()))?;
     vm.register_memory(&mem)
         .map_err(|e| ConfigError::new(MachineConfig::mem_path(), e.to_string()))?;
@@ -172,14 +172,16 @@ pub fn build_microvm(
         .collect::<Result<Vec<_>, VcpuError>>()?;
     let (buses, devices) = registry.finish();
     let buses = Arc::new(buses);
-    // Each vCPU counts its exits once; the metrics and the predictor read the same counts.
+    // Each vCPU counts its exits once; the metrics and the predictor read the same counts. KVM's
+    // stats files are opened only for the predictor, their one reader.
+    let stats = config.predictor.as_ref().is_some_and(|p| p.enabled);
     let handles = vcpus
         .into_iter()
         .map(|vcpu| {
             let (recorder, exits) = ExitRecorder::new();
             METRICS.register_vcpu(exits.clone());
             Ok((
-                vcpu.start(buses.clone(), exit.clone(), Box::new(recorder))?,
+                vcpu.start(buses.clone(), exit.clone(), Box::new(recorder), stats)?,
                 exits,
             ))
         })
@@ -232,7 +234,8 @@ fn hotplug_memory(
             config.slot_size_mib
         )));
     }
-    let region = create_hotplug_region(start, size).map_err(|e| err(e.to_string()))?;
+    let region =
+        create_hotplug_region(start, size, machine.huge_pages).map_err(|e| err(e.to_string()))?;
     Ok(HotplugMemory {
         region: Arc::new(region),
         layout,

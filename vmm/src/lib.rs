@@ -16,6 +16,7 @@ pub mod console;
 pub mod device_manager;
 pub mod event_loop;
 pub mod exit;
+pub mod idle_trim;
 pub mod live;
 pub mod logger;
 pub mod metrics;

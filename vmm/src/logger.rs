@@ -5,19 +5,21 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use serde::{Deserialize, Serialize};
-use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::Layered;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{reload, EnvFilter, Layer, Registry};
+use tracing_subscriber::{reload, Layer, Registry};
 
 /// The filter and the output are reloaded separately: tracing-subscriber cannot reload a layer
-/// that carries its own filter.
-type FilteredRegistry = Layered<reload::Layer<EnvFilter, Registry>, Registry>;
+/// that carries its own filter. `Targets` rather than `EnvFilter`: a level and one module is all
+/// the API sets, and `EnvFilter` compiles regular expressions at start-up (code and heap every
+/// VMM would carry for nothing).
+type FilteredRegistry = Layered<reload::Layer<Targets, Registry>, Registry>;
 type OutputLayer = Box<dyn Layer<FilteredRegistry> + Send + Sync>;
 
 struct Handles {
-    filter: reload::Handle<EnvFilter, Registry>,
+    filter: reload::Handle<Targets, Registry>,
     output: reload::Handle<OutputLayer, FilteredRegistry>,
 }
 
@@ -81,9 +83,10 @@ pub enum LoggerError {
     Reload(reload::Error),
 }
 
-/// Logs to stderr at `level` (error, warn, info, debug, trace).
+/// Logs to stderr at `level` (error, warn, info, debug, trace; anything else: warn).
 pub fn init(level: &str) {
-    let (filter, filter_handle) = reload::Layer::new(EnvFilter::new(level));
+    let level: LevelFilter = level.parse().unwrap_or(LevelFilter::WARN);
+    let (filter, filter_handle) = reload::Layer::new(Targets::new().with_default(level));
     let stderr: OutputLayer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false)
@@ -106,16 +109,16 @@ pub fn init(level: &str) {
 pub fn configure(config: &LoggerConfig) -> Result<(), LoggerError> {
     let handles = HANDLES.get().ok_or(LoggerError::NotInitialised)?;
     let level = config.level.unwrap_or(LogLevel::Warning).filter();
-    let mut filter = EnvFilter::default().add_directive(level.into());
-    if let Some(module) = &config.module {
-        let directive = format!("{module}={level}")
-            .parse()
-            .map_err(|_| LoggerError::Module(module.clone()))?;
-        // Only the named module logs: everything else is off.
-        filter = EnvFilter::default()
-            .add_directive(LevelFilter::OFF.into())
-            .add_directive(directive);
-    }
+    let filter = match &config.module {
+        None => Targets::new().with_default(level),
+        Some(module) if is_module_path(module) => {
+            // Only the named module logs: everything else is off.
+            Targets::new()
+                .with_default(LevelFilter::OFF)
+                .with_target(module.clone(), level)
+        }
+        Some(module) => return Err(LoggerError::Module(module.clone())),
+    };
     let origin = config.show_log_origin.unwrap_or(false);
     let fmt = tracing_subscriber::fmt::layer()
         .with_target(false)
@@ -137,9 +140,31 @@ pub fn configure(config: &LoggerConfig) -> Result<(), LoggerError> {
     handles.filter.reload(filter).map_err(LoggerError::Reload)
 }
 
+/// A Rust module path: `::`-separated identifiers.
+fn is_module_path(module: &str) -> bool {
+    module.split("::").all(|segment| {
+        segment
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && segment
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn module_filters_are_module_paths() {
+        assert!(is_module_path("vmm"));
+        assert!(is_module_path("vmm::api::http"));
+        for bad in ["", "vmm::", "::vmm", "vmm=debug", "a b", "9vmm", "vmm:api"] {
+            assert!(!is_module_path(bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn firecracker_level_names_parse() {

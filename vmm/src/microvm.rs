@@ -12,12 +12,12 @@ use devices::virtio::discard::PAGE_SIZE;
 use devices::virtio::mem::VirtioMem;
 use devices::virtio::net::Net;
 use predictor::telemetry::ExitTotals;
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::console::RawTerminal;
 use crate::device_manager::legacy::ResetToExit;
 use crate::device_manager::registry::RegisteredDevice;
-use crate::vstate::memory::resident_bytes;
+use crate::vstate::memory::{resident_bytes, trim_zero_pages, TrimReport};
 use crate::vstate::vcpu::{VcpuError, VcpuEvent, VcpuHandle, VcpuResponse};
 use crate::vstate::vm::Vm;
 
@@ -90,8 +90,6 @@ pub struct MicroVm {
     _vm: Vm,
     /// Guest RAM and the hotplug region.
     mem: GuestMemoryMmap,
-    /// mincore's page map, kept between accounting calls.
-    residency: Vec<u8>,
 }
 
 impl MicroVm {
@@ -115,7 +113,6 @@ impl MicroVm {
             _terminal: terminal,
             _vm: vm,
             mem,
-            residency: Vec::new(),
         }
     }
 
@@ -213,7 +210,7 @@ impl MicroVm {
     /// The host's and the guest's view of the guest's memory.
     pub fn memory_accounting(&mut self) -> MemoryAccounting {
         let mut a = MemoryAccounting {
-            guest_rss_bytes: resident_bytes(&self.mem, &mut self.residency),
+            guest_rss_bytes: resident_bytes(&self.mem),
             ..MemoryAccounting::default()
         };
         if let Some(mem) = self.hotplug_memory() {
@@ -226,6 +223,29 @@ impl MicroVm {
             a.guest_report = balloon.latest_report();
         }
         a
+    }
+
+    /// The running vCPUs' threads (for their CPU clocks).
+    pub fn vcpu_threads(&self) -> Vec<libc::pthread_t> {
+        self.vcpus.iter().filter_map(VcpuHandle::pthread).collect()
+    }
+
+    /// Gives the host back the zero pages of mostly unused huge pages of guest memory
+    /// ([`trim_zero_pages`], from `from`, at most `max_scanned` resident pieces), with the vCPUs
+    /// paused meanwhile; a VM the user paused stays paused. Runs on the VMM thread, which is also
+    /// the one that runs the devices.
+    pub fn trim_memory(
+        &mut self,
+        from: GuestAddress,
+        max_scanned: u64,
+    ) -> Result<(TrimReport, Option<GuestAddress>), VcpuError> {
+        if self.state == RunState::Paused {
+            return Ok(trim_zero_pages(&self.mem, from, max_scanned));
+        }
+        self.pause()?;
+        let result = trim_zero_pages(&self.mem, from, max_scanned);
+        self.resume()?;
+        Ok(result)
     }
 
     /// Makes every vCPU leave KVM_RUN once, to look at what changed (a seccomp stage).

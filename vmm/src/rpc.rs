@@ -65,6 +65,7 @@ pub struct MachineConfigUpdate {
     pub vcpu_count: Option<u8>,
     pub mem_size_mib: Option<u64>,
     pub smt: Option<bool>,
+    pub huge_pages: Option<crate::vmm_config::HugePages>,
 }
 
 impl MachineConfigUpdate {
@@ -73,6 +74,7 @@ impl MachineConfigUpdate {
             vcpu_count: self.vcpu_count.unwrap_or(to.vcpu_count),
             mem_size_mib: self.mem_size_mib.unwrap_or(to.mem_size_mib),
             smt: self.smt.unwrap_or(to.smt),
+            huge_pages: self.huge_pages.unwrap_or(to.huge_pages),
         }
     }
 }

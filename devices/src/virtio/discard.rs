@@ -1,6 +1,7 @@
 //! Gives guest pages back to the host: the balloon's inflated and reported pages, and virtio-mem's
 //! unplugged blocks. Guest RAM is private anonymous memory, so MADV_DONTNEED frees the pages at
-//! once and a later guest access finds zeroes.
+//! once and a later guest access finds zeroes. Memory backed by 2 MiB hugetlbfs pages can only
+//! give back whole huge pages: the part of a range that covers one.
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -22,9 +23,12 @@ pub enum DiscardError {
     },
 }
 
-/// The host pieces of `[addr, addr + len)`, one per memory region it crosses, or None if any byte
-/// of it is not guest memory.
-fn host_pieces(mem: &GuestMemoryMmap, addr: u64, len: u64) -> Option<Vec<(*mut u8, usize)>> {
+/// hugetlbfs pages (2 MiB) can only be given back whole.
+const HUGETLB_PAGE: usize = 2 << 20;
+
+/// The host pieces of `[addr, addr + len)`, one per memory region it crosses (and whether that
+/// region is hugetlbfs-backed), or None if any byte of it is not guest memory.
+fn host_pieces(mem: &GuestMemoryMmap, addr: u64, len: u64) -> Option<Vec<(*mut u8, usize, bool)>> {
     let mut pieces = Vec::new();
     let mut cur = addr;
     let end = addr.checked_add(len)?;
@@ -33,10 +37,18 @@ fn host_pieces(mem: &GuestMemoryMmap, addr: u64, len: u64) -> Option<Vec<(*mut u
         let offset = region.to_region_addr(GuestAddress(cur))?;
         let n = (region.len() - offset.0).min(end - cur);
         let host = region.get_host_address(offset).ok()?;
-        pieces.push((host, usize::try_from(n).ok()?));
+        let hugetlb = region.is_hugetlbfs() == Some(true);
+        pieces.push((host, usize::try_from(n).ok()?, hugetlb));
         cur += n;
     }
     Some(pieces)
+}
+
+/// The whole 2 MiB pages inside `[host, host + n)`, as (start, length); None if there are none.
+fn whole_huge_pages(host: *mut u8, n: usize) -> Option<(*mut u8, usize)> {
+    let start = (host as usize).next_multiple_of(HUGETLB_PAGE);
+    let end = (host as usize + n) / HUGETLB_PAGE * HUGETLB_PAGE;
+    (end > start).then(|| (host.wrapping_add(start - host as usize), end - start))
 }
 
 /// Frees the host pages behind `[addr, addr + len)` of guest memory. The whole range is checked
@@ -47,7 +59,16 @@ pub fn discard(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> Result<()
         return Err(DiscardError::Misaligned { addr, len });
     }
     let pieces = host_pieces(mem, addr, len).ok_or(DiscardError::OutsideMemory { addr, len })?;
-    for (host, n) in pieces {
+    for (host, n, hugetlb) in pieces {
+        let (host, n) = if hugetlb {
+            match whole_huge_pages(host, n) {
+                Some(whole) => whole,
+                // Nothing the host could take back; the guest still gave the range up.
+                None => continue,
+            }
+        } else {
+            (host, n)
+        };
         // SAFETY: `host..host + n` lies inside one live guest memory mapping (checked above).
         // MADV_DONTNEED only drops its pages; the mapping stays valid and reads as zeroes, which
         // is what the guest agreed to when it gave the pages up.
@@ -93,5 +114,18 @@ mod tests {
             mem.read_obj::<u64>(GuestAddress(0x20_0000)).unwrap(),
             0xabcd
         );
+    }
+
+    #[test]
+    fn hugetlbfs_memory_gives_back_only_the_whole_huge_pages_of_a_range() {
+        let base = 0x4000_0000usize as *mut u8;
+        let at = |off: usize| base.wrapping_add(off);
+        assert_eq!(whole_huge_pages(at(4096), 4096), None);
+        assert_eq!(whole_huge_pages(at(4096), 2 << 20), None);
+        assert_eq!(
+            whole_huge_pages(at(4096), 4 << 20),
+            Some((at(2 << 20), 2 << 20))
+        );
+        assert_eq!(whole_huge_pages(base, 4 << 20), Some((base, 4 << 20)));
     }
 }

@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use integration_tests::agent::{self, STEP_SLACK};
-use integration_tests::linux::{cmdline, images, Console, LineStream};
+use integration_tests::console::{Console, LineStream};
+use integration_tests::linux::{cmdline, images};
 use integration_tests::{prescient_bin, rss_bytes, ApiClient, Scratch};
 use serde_json::{json, Value};
 

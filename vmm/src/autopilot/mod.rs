@@ -342,6 +342,7 @@ mod tests {
             vcpu_count: 1,
             mem_size_mib: 1024,
             smt: false,
+            ..MachineConfig::default()
         };
         let config = PredictorConfig::default();
         let cold = Autopilot::new(&config, &machine, "t", 0).unwrap();

@@ -17,11 +17,12 @@ use crate::autopilot::{now_ns, Autopilot};
 use crate::builder::build_microvm;
 use crate::event_loop::{Subscriber, Wakeup};
 use crate::exit::{ExitReason, ExitSignal};
+use crate::idle_trim::IdleTrim;
 use crate::metrics::METRICS;
 use crate::microvm::MicroVm;
 use crate::rpc::{ActionError, ActionRequest};
 use crate::seccomp::{self, ThreadKind};
-use crate::vmm_config::VmConfig;
+use crate::vmm_config::{HugePages, VmConfig};
 
 /// Errors of setting up the VMM thread.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +70,8 @@ pub struct Runtime {
     config: VmConfig,
     vm: Option<MicroVm>,
     autopilot: Option<Autopilot>,
+    /// Gives back unused parts of transparent huge pages once the guest idles.
+    idle_trim: Option<IdleTrim>,
     /// The VM's cgroup the jailer made (`--cgroup-dir`), where the predictor sets the CPU quota.
     vm_cgroup: Option<jailer::cgroup::Cgroup>,
     api: Option<Receiver<ActionRequest>>,
@@ -96,6 +99,7 @@ impl Runtime {
             config,
             vm: None,
             autopilot: None,
+            idle_trim: None,
             vm_cgroup: None,
             api: None,
             id,
@@ -152,6 +156,12 @@ impl Runtime {
                 return Err(ActionError::Predictor(e.to_string()));
             }
         }
+        if self.config.machine_config.huge_pages == HugePages::Transparent {
+            match IdleTrim::start(&mut self.event_manager) {
+                Ok(t) => self.idle_trim = Some(t),
+                Err(e) => tracing::warn!("no idle trim of guest memory: {e}"),
+            }
+        }
         self.vm = Some(vm);
         self.autopilot = autopilot;
         if let Err(e) = seccomp::install(ThreadKind::Vmm) {
@@ -206,6 +216,9 @@ impl Runtime {
                 break ExitReason::VmmError(format!("event loop failed: {e}"));
             }
             self.close_window();
+            if let (Some(trim), Some(vm)) = (&mut self.idle_trim, &mut self.vm) {
+                trim.run_if_due(vm);
+            }
             self.serve_requests();
         };
         if let Some(vm) = self.vm.take() {

@@ -1,4 +1,4 @@
-//! `machine-config`: vCPUs and memory.
+//! `machine-config`: vCPUs, memory and the pages behind it.
 
 use serde::{Deserialize, Serialize};
 
@@ -7,7 +7,47 @@ use super::{ConfigError, JsonPath};
 /// Bounded by the MP table, which must fit in the EBDA.
 pub const MAX_VCPUS: u8 = crate::arch::x86_64::mptable::MAX_CPUS;
 
-/// vCPU count, memory size and SMT, with Firecracker's field names and defaults.
+/// The host pages behind guest memory: Firecracker's `huge_pages` field, with its values.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HugePages {
+    /// The host's default pages (4 KiB unless the host's THP setting is `always`): the host pays
+    /// for exactly the pages the guest touched, at one fault per 4 KiB page.
+    None,
+    /// Transparent huge pages (`madvise(MADV_HUGEPAGE)`): a guest's first touch of memory costs
+    /// one fault per 2 MiB instead of per 4 KiB. Once the guest idles, prescient gives back the
+    /// zero pages of the huge pages it hardly uses ([`crate::idle_trim`]). The default (unlike
+    /// Firecracker's `None`): first-touch speed of huge pages, idle footprint of 4 KiB pages;
+    /// the measurements behind the choice are in docs/memory.md.
+    #[default]
+    Transparent,
+    /// 2 MiB pages from the host's hugetlbfs pool (`MAP_HUGETLB`), reserved by the host admin
+    /// beforehand (`vm.nr_hugepages`); taken from the pool as the guest touches memory.
+    #[serde(rename = "2M")]
+    Hugetlbfs2M,
+}
+
+impl std::fmt::Display for HugePages {
+    /// The spec's spelling.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::None => "None",
+            Self::Transparent => "Transparent",
+            Self::Hugetlbfs2M => "2M",
+        })
+    }
+}
+
+impl HugePages {
+    /// Bytes of one host page of guest memory.
+    pub fn page_bytes(self) -> u64 {
+        match self {
+            Self::None => 4 << 10,
+            Self::Transparent | Self::Hugetlbfs2M => 2 << 20,
+        }
+    }
+}
+
+/// vCPU count, memory size, SMT and huge pages, with Firecracker's field names and defaults.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MachineConfig {
@@ -15,6 +55,8 @@ pub struct MachineConfig {
     pub mem_size_mib: u64,
     #[serde(default)]
     pub smt: bool,
+    #[serde(default)]
+    pub huge_pages: HugePages,
 }
 
 impl Default for MachineConfig {
@@ -23,6 +65,7 @@ impl Default for MachineConfig {
             vcpu_count: 1,
             mem_size_mib: 128,
             smt: false,
+            huge_pages: HugePages::default(),
         }
     }
 }
@@ -47,6 +90,18 @@ impl MachineConfig {
                 format!(
                     "{} MiB does not fit in a 64-bit address space",
                     self.mem_size_mib
+                ),
+            ));
+        }
+        // A partial hugetlbfs page at the end could not be mapped. (Firecracker asks the same of
+        // `Transparent`; here the last partial 2 MiB simply gets 4 KiB pages, so a Firecracker
+        // spec with an odd size still boots under the default.)
+        if self.huge_pages == HugePages::Hugetlbfs2M && !self.mem_size_mib.is_multiple_of(2) {
+            return Err(ConfigError::new(
+                Self::mem_path(),
+                format!(
+                    "with huge_pages {} the memory size must be a multiple of 2 MiB, got {}",
+                    self.huge_pages, self.mem_size_mib
                 ),
             ));
         }
@@ -81,6 +136,7 @@ mod tests {
             vcpu_count,
             mem_size_mib,
             smt,
+            huge_pages: HugePages::None,
         }
     }
 
@@ -105,5 +161,37 @@ mod tests {
             .contains("64-bit"));
         assert!(mc(3, 128, true).validate().is_err());
         assert!(mc(4, 128, true).validate().is_ok());
+    }
+
+    #[test]
+    fn huge_pages_take_firecrackers_values_and_need_whole_2_mib_pages() {
+        let parse = |v: &str| {
+            serde_json::from_str::<MachineConfig>(&format!(
+                r#"{{"vcpu_count": 1, "mem_size_mib": 129, "huge_pages": {v}}}"#
+            ))
+        };
+        assert_eq!(parse(r#""None""#).unwrap().huge_pages, HugePages::None);
+        let thp = parse(r#""Transparent""#).unwrap();
+        assert_eq!(thp.huge_pages, HugePages::Transparent);
+        assert!(
+            thp.validate().is_ok(),
+            "the last partial 2 MiB gets small pages"
+        );
+        let hugetlb = parse(r#""2M""#).unwrap();
+        assert_eq!(hugetlb.huge_pages, HugePages::Hugetlbfs2M);
+        let e = hugetlb.validate().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "machine-config.mem_size_mib: with huge_pages 2M the memory size must be a multiple of 2 MiB, got 129"
+        );
+        assert!(parse(r#""1G""#).is_err());
+        let default: MachineConfig =
+            serde_json::from_str(r#"{"vcpu_count": 1, "mem_size_mib": 129}"#).unwrap();
+        assert_eq!(default.huge_pages, HugePages::Transparent);
+        assert!(default.validate().is_ok());
+        assert_eq!(
+            serde_json::to_value(&hugetlb).unwrap()["huge_pages"],
+            serde_json::json!("2M")
+        );
     }
 }

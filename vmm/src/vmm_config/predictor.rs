@@ -287,6 +287,7 @@ mod tests {
             vcpu_count: 2,
             mem_size_mib: 256,
             smt: false,
+            ..MachineConfig::default()
         }
     }
 

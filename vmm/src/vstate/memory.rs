@@ -1,11 +1,13 @@
 //! Guest RAM: anonymous host mappings laid out around the 32-bit MMIO gap.
 
+use vm_memory::mmap::{MmapRegionBuilder, MmapRegionError};
 use vm_memory::{
     GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
     MemoryRegionAddress,
 };
 
 use crate::arch::x86_64::layout::ram_ranges;
+use crate::vmm_config::HugePages;
 
 /// Errors of creating guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -13,66 +15,250 @@ pub enum MemoryError {
     #[error("{mib} MiB does not fit in this host's address space")]
     TooLarge { mib: u64 },
     #[error("cannot map {mib} MiB of guest memory: {source}")]
-    Map {
+    Map { mib: u64, source: MmapRegionError },
+    #[error(
+        "cannot reserve {mib} MiB of 2 MiB pages (huge_pages \"2M\"): the host's pool has {free_mib} MiB free \
+         (vm.nr_hugepages, /sys/kernel/mm/hugepages/hugepages-2048kB): {source}"
+    )]
+    HugetlbPool {
         mib: u64,
-        source: vm_memory::mmap::FromRangesError,
+        free_mib: u64,
+        source: MmapRegionError,
     },
+    #[error("guest memory layout: {0}")]
+    Layout(vm_memory::GuestRegionCollectionError),
 }
 
-/// Maps `mem_bytes` of guest RAM. Pages are reserved lazily (MAP_NORESERVE), so the host only
-/// pays for what the guest touches.
-pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemoryMmap, MemoryError> {
+/// Maps `mem_bytes` of guest RAM, backed as `pages` says.
+pub fn create_guest_memory(
+    mem_bytes: u64,
+    pages: HugePages,
+) -> Result<GuestMemoryMmap, MemoryError> {
     let mib = mem_bytes >> 20;
-    let ranges = ram_ranges(mem_bytes)
+    let regions = ram_ranges(mem_bytes)
         .into_iter()
-        .map(|(start, len)| Ok((GuestAddress(start), usize::try_from(len)?)))
-        .collect::<Result<Vec<_>, std::num::TryFromIntError>>()
-        .map_err(|_| MemoryError::TooLarge { mib })?;
-    let mem =
-        GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Map { mib, source })?;
-    for region in mem.iter() {
-        advise_huge_pages(region);
-    }
-    Ok(mem)
+        .map(|(start, len)| map_region(start, len, pages, mib))
+        .collect::<Result<Vec<_>, _>>()?;
+    GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Layout)
 }
 
-/// Maps the virtio-mem region: reserved lazily like RAM, and shown to the guest only slot by slot
-/// as it plugs blocks.
-pub fn create_hotplug_region(start: u64, size: u64) -> Result<GuestRegionMmap, MemoryError> {
-    let mib = size >> 20;
-    let len = usize::try_from(size).map_err(|_| MemoryError::TooLarge { mib })?;
-    let region = GuestRegionMmap::from_range(GuestAddress(start), len, None)
-        .map_err(|source| MemoryError::Map { mib, source })?;
-    advise_huge_pages(&region);
+/// Maps the virtio-mem region: backed like RAM, and shown to the guest only slot by slot as it
+/// plugs blocks.
+pub fn create_hotplug_region(
+    start: u64,
+    size: u64,
+    pages: HugePages,
+) -> Result<GuestRegionMmap, MemoryError> {
+    map_region(start, size, pages, size >> 20)
+}
+
+/// One anonymous mapping for guest-physical `[start, start + len)`, part of `mib` MiB of guest
+/// memory (which errors name).
+///
+/// 4 KiB and transparent pages are reserved lazily (MAP_NORESERVE): the host only pays for what
+/// the guest touches. 2 MiB hugetlbfs pages are reserved from the host's pool at once, so a pool
+/// too small is an error here, not a SIGBUS when the guest first touches the memory.
+fn map_region(
+    start: u64,
+    len: u64,
+    pages: HugePages,
+    mib: u64,
+) -> Result<GuestRegionMmap, MemoryError> {
+    let size = usize::try_from(len).map_err(|_| MemoryError::TooLarge { mib })?;
+    let mut flags = libc::MAP_ANONYMOUS | libc::MAP_PRIVATE;
+    flags |= match pages {
+        HugePages::None | HugePages::Transparent => libc::MAP_NORESERVE,
+        HugePages::Hugetlbfs2M => libc::MAP_HUGETLB | libc::MAP_HUGE_2MB,
+    };
+    let mapping = MmapRegionBuilder::new(size)
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(flags)
+        .with_hugetlbfs(pages == HugePages::Hugetlbfs2M)
+        .build()
+        .map_err(|source| match pages {
+            HugePages::Hugetlbfs2M => MemoryError::HugetlbPool {
+                mib,
+                free_mib: free_hugetlb_2m_mib(),
+                source,
+            },
+            _ => MemoryError::Map { mib, source },
+        })?;
+    let region =
+        GuestRegionMmap::new(mapping, GuestAddress(start)).ok_or(MemoryError::TooLarge { mib })?;
+    if pages == HugePages::Transparent {
+        advise_huge_pages(&region);
+    }
     Ok(region)
 }
 
+/// MiB free in the host's 2 MiB hugetlbfs pool (0 if it cannot be read), for the error message.
+fn free_hugetlb_2m_mib() -> u64 {
+    std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .map_or(0, |pages| pages * 2)
+}
+
+const PAGE: usize = 4096;
+/// A transparent huge page: the unit the host backs `Transparent` guest memory with.
+const HUGE_PAGE: usize = 2 << 20;
+const PAGES_PER_HUGE_PAGE: usize = HUGE_PAGE / PAGE;
+
+/// Calls `f(host address, length)` for each mapped piece of guest memory.
+fn for_each_mapping(mem: &GuestMemoryMmap, mut f: impl FnMut(*mut u8, usize)) {
+    for region in mem.iter() {
+        if let Ok(host) = region.get_host_address(MemoryRegionAddress(0)) {
+            f(host, region.len() as usize);
+        }
+    }
+}
+
+/// Residency of the pages of `[host, host + len)` (one byte per 4 KiB page, bit 0 = resident),
+/// into `map`, which holds at least `len / PAGE` bytes.
+fn residency(host: *mut u8, len: usize, map: &mut [u8]) -> std::io::Result<()> {
+    debug_assert!(map.len() >= len.div_ceil(PAGE));
+    // SAFETY: mincore only reads the page tables of `[host, host + len)`, which lies inside a live
+    // guest mapping (callers pass pieces of one), and writes one byte per page into `map`, which
+    // is large enough (checked above).
+    if unsafe { libc::mincore(host.cast(), len, map.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Bytes of `mem` backed by host pages now (mincore), for the predictor's view of what the guest
-/// really costs the host. `buf` is reused between calls.
-pub fn resident_bytes(mem: &GuestMemoryMmap, buf: &mut Vec<u8>) -> u64 {
-    const PAGE: usize = 4096;
+/// really costs the host and for the idle trim's "did the guest take more" check. Works through
+/// the memory 16 MiB at a time with a buffer on the stack, so a large guest costs no heap.
+pub fn resident_bytes(mem: &GuestMemoryMmap) -> u64 {
+    const STEP_PAGES: usize = 4096;
+    let mut map = [0u8; STEP_PAGES];
     let mut resident = 0;
+    for_each_mapping(mem, |host, len| {
+        for offset in (0..len).step_by(STEP_PAGES * PAGE) {
+            let n = (len - offset).min(STEP_PAGES * PAGE);
+            // SAFETY: `offset < len`, so the pointer stays inside the mapping.
+            let piece = unsafe { host.add(offset) };
+            match residency(piece, n, &mut map) {
+                Ok(()) => {
+                    let pages = n.div_ceil(PAGE);
+                    resident += map[..pages].iter().filter(|b| *b & 1 != 0).count() as u64;
+                }
+                Err(e) => tracing::debug!("mincore: {e}"),
+            }
+        }
+    });
+    resident * PAGE as u64
+}
+
+/// A huge page is split and its zero pages given back only when at least this many of its
+/// 512 pages read zero (1/8 of it, 256 KiB): less is not worth losing the huge page's TLB reach.
+pub const TRIM_MIN_ZERO_PAGES: usize = 64;
+
+/// What one [`trim_zero_pages`] pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TrimReport {
+    /// Fully resident 2 MiB pieces looked at.
+    pub huge_pages_scanned: u64,
+    /// Of those, the ones split and partly given back.
+    pub huge_pages_trimmed: u64,
+    /// Bytes of zero pages given back to the host.
+    pub freed_bytes: u64,
+}
+
+/// Gives the host back the zero 4 KiB pages of fully resident, mostly unused 2 MiB pieces of
+/// `mem`: what transparent huge pages brought in around the pages the guest really wrote.
+///
+/// A page that reads zero is given back with MADV_DONTNEED (the guest reads zeroes there again, so
+/// nothing it sees changes), its piece is marked MADV_NOHUGEPAGE (so khugepaged does not fill it
+/// back up) and MADV_COLD (which makes the kernel split the huge page now and free the pages, not
+/// only under memory pressure).
+///
+/// One call looks at the pieces from guest address `from` on and stops after `max_scanned` fully
+/// resident ones (a bounded pause for a large guest), returning where to go on, or None at the
+/// end of guest memory.
+///
+/// Nothing may write guest memory meanwhile, or a write between the check and the discard would
+/// be lost: call it with every vCPU paused, from the thread that runs the devices.
+pub fn trim_zero_pages(
+    mem: &GuestMemoryMmap,
+    from: GuestAddress,
+    max_scanned: u64,
+) -> (TrimReport, Option<GuestAddress>) {
+    let mut report = TrimReport::default();
+    let mut map = [0u8; PAGES_PER_HUGE_PAGE];
     for region in mem.iter() {
         let Ok(host) = region.get_host_address(MemoryRegionAddress(0)) else {
             continue;
         };
         let len = region.len() as usize;
-        buf.resize(len.div_ceil(PAGE), 0);
-        // SAFETY: mincore only reads the page tables of this live mapping, which `region` owns,
-        // and writes one byte per page into `buf`, sized for it above.
-        if unsafe { libc::mincore(host.cast(), len, buf.as_mut_ptr()) } != 0 {
-            tracing::debug!("mincore: {}", std::io::Error::last_os_error());
-            continue;
+        let first = (host as usize).next_multiple_of(HUGE_PAGE) - host as usize;
+        for offset in (first..len).step_by(HUGE_PAGE) {
+            let guest = region.start_addr().0 + offset as u64;
+            if len - offset < HUGE_PAGE || guest < from.0 {
+                continue;
+            }
+            if report.huge_pages_scanned == max_scanned {
+                return (report, Some(GuestAddress(guest)));
+            }
+            // SAFETY: `offset + HUGE_PAGE <= len`: the piece lies inside the mapping.
+            let piece = unsafe { host.add(offset) };
+            if residency(piece, HUGE_PAGE, &mut map).is_err() || map.iter().any(|b| *b & 1 == 0) {
+                continue;
+            }
+            report.huge_pages_scanned += 1;
+            let freed = trim_huge_page(piece);
+            if freed > 0 {
+                report.huge_pages_trimmed += 1;
+                report.freed_bytes += freed;
+            }
         }
-        resident += buf.iter().filter(|b| *b & 1 != 0).count() as u64 * PAGE as u64;
     }
-    resident
+    (report, None)
 }
 
-/// Asks for transparent huge pages behind guest RAM: a guest's first touch of memory then costs
-/// one fault per 2 MiB instead of per 4 KiB (measured: 64 MiB touched in 14 ms instead of 230 ms
-/// on a shadow-paging KVM), and the host's page tables shrink. Advisory: hosts with THP off
-/// keep 4 KiB pages.
+/// Trims one resident 2 MiB piece at `piece` (2 MiB aligned, inside guest memory) if it has
+/// enough zero pages; returns the bytes given back.
+fn trim_huge_page(piece: *mut u8) -> u64 {
+    let mut zero = [false; PAGES_PER_HUGE_PAGE];
+    for (i, z) in zero.iter_mut().enumerate() {
+        // SAFETY: the page lies inside the piece, which is resident guest memory that nothing
+        // writes while the trim runs (the caller's contract), so it can be read as words.
+        let words =
+            unsafe { std::slice::from_raw_parts(piece.add(i * PAGE).cast::<u64>(), PAGE / 8) };
+        *z = words.iter().all(|w| *w == 0);
+    }
+    let zeroes = zero.iter().filter(|z| **z).count();
+    if zeroes < TRIM_MIN_ZERO_PAGES {
+        return 0;
+    }
+    let advise = |offset: usize, len: usize, advice: libc::c_int| {
+        // SAFETY: `[piece + offset, + len)` lies inside the piece; these advices change paging
+        // only, and the data they drop is zero pages, which read back as zero.
+        if unsafe { libc::madvise(piece.add(offset).cast(), len, advice) } != 0 {
+            tracing::debug!(
+                "madvise({advice}) while trimming guest memory: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    };
+    advise(0, HUGE_PAGE, libc::MADV_NOHUGEPAGE);
+    let mut i = 0;
+    while i < PAGES_PER_HUGE_PAGE {
+        if !zero[i] {
+            i += 1;
+            continue;
+        }
+        let run = zero[i..].iter().take_while(|z| **z).count();
+        advise(i * PAGE, run * PAGE, libc::MADV_DONTNEED);
+        i += run;
+    }
+    advise(0, HUGE_PAGE, libc::MADV_COLD);
+    (zeroes * PAGE) as u64
+}
+
+/// Asks for transparent huge pages behind guest memory: a guest's first touch of memory then
+/// costs one fault per 2 MiB instead of per 4 KiB, and the host's page tables shrink. Advisory:
+/// hosts with THP off keep 4 KiB pages.
 fn advise_huge_pages(region: &GuestRegionMmap) {
     let Ok(host) = region.get_host_address(MemoryRegionAddress(0)) else {
         return;
@@ -95,7 +281,7 @@ mod tests {
 
     #[test]
     fn memory_is_split_around_the_gap_and_usable() {
-        let mem = create_guest_memory(4 << 30).unwrap();
+        let mem = create_guest_memory(4 << 30, HugePages::None).unwrap();
         assert_eq!(mem.num_regions(), 2);
         mem.write_obj(0xdead_beef_u32, GuestAddress(0x1_0000_0000))
             .unwrap();
@@ -111,27 +297,120 @@ mod tests {
 
     #[test]
     fn resident_bytes_follow_touched_pages_and_hotplug_regions_map_lazily() {
-        let mem = create_guest_memory(64 << 20).unwrap();
-        let mut buf = Vec::new();
-        let before = resident_bytes(&mem, &mut buf);
+        let mem = create_guest_memory(64 << 20, HugePages::None).unwrap();
+        let before = resident_bytes(&mem);
         for page in 0..256u64 {
             mem.write_obj(1u8, GuestAddress(page * 4096)).unwrap();
         }
-        let after = resident_bytes(&mem, &mut buf);
+        let after = resident_bytes(&mem);
         assert!(after >= before + (1 << 20), "{before} -> {after}");
 
-        let region = create_hotplug_region(4 << 30, 256 << 20).unwrap();
+        let region = create_hotplug_region(4 << 30, 256 << 20, HugePages::None).unwrap();
         let with_region = mem.insert_region(std::sync::Arc::new(region)).unwrap();
-        let resident = resident_bytes(&with_region, &mut buf);
+        let resident = resident_bytes(&with_region);
         assert!(
             resident < after + (8 << 20),
             "untouched hotplug memory costs nothing: {resident}"
         );
     }
 
+    /// Whether all of the 2 MiB piece of `mem` at guest address `addr` is resident.
+    fn fully_resident(mem: &GuestMemoryMmap, addr: u64) -> bool {
+        let host = mem.get_host_address(GuestAddress(addr)).unwrap();
+        let mut map = [0u8; PAGES_PER_HUGE_PAGE];
+        residency(host, HUGE_PAGE, &mut map).unwrap();
+        map.iter().all(|b| b & 1 != 0)
+    }
+
+    #[test]
+    fn trim_gives_back_the_zero_pages_of_sparse_huge_pages_and_keeps_every_byte() {
+        const MIB: u64 = 1 << 20;
+        let mem = create_guest_memory(16 * MIB, HugePages::Transparent).unwrap();
+        // Piece 0: one page written. Piece 1: every page written. Piece 2: 500 pages written.
+        mem.write_obj(0x1111_u64, GuestAddress(0x1000)).unwrap();
+        for page in 0..512u64 {
+            mem.write_obj(page + 1, GuestAddress(2 * MIB + page * 4096))
+                .unwrap();
+        }
+        for page in 0..500u64 {
+            mem.write_obj(7u8, GuestAddress(4 * MIB + page * 4096 + 100))
+                .unwrap();
+        }
+        let sparse_was_huge = fully_resident(&mem, 0);
+        let before = resident_bytes(&mem);
+        let (report, next) = trim_zero_pages(&mem, GuestAddress(0), u64::MAX);
+        assert_eq!(next, None);
+        let after = resident_bytes(&mem);
+
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(0x1000)).unwrap(), 0x1111);
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(0x2000)).unwrap(), 0);
+        for page in 0..512u64 {
+            let v: u64 = mem.read_obj(GuestAddress(2 * MIB + page * 4096)).unwrap();
+            assert_eq!(v, page + 1);
+        }
+        for page in 0..500u64 {
+            let v: u8 = mem
+                .read_obj(GuestAddress(4 * MIB + page * 4096 + 100))
+                .unwrap();
+            assert_eq!(v, 7);
+        }
+        assert_eq!(
+            before - after,
+            report.freed_bytes,
+            "what was given back is no longer resident"
+        );
+        if sparse_was_huge {
+            // The one-page piece gives back 511 pages; the full one nothing; the one with 12
+            // zero pages is not worth splitting.
+            assert_eq!(report.huge_pages_trimmed, 1, "{report:?}");
+            assert_eq!(report.freed_bytes, 511 * 4096, "{report:?}");
+            assert!(!fully_resident(&mem, 0));
+            assert!(fully_resident(&mem, 2 * MIB) && fully_resident(&mem, 4 * MIB));
+            // In steps of one resident piece: the same result, a piece at a time.
+            let mem = create_guest_memory(16 * MIB, HugePages::Transparent).unwrap();
+            mem.write_obj(1u8, GuestAddress(0x1000)).unwrap();
+            mem.write_obj(1u8, GuestAddress(8 * MIB)).unwrap();
+            let (first, next) = trim_zero_pages(&mem, GuestAddress(0), 1);
+            assert_eq!(
+                (first.huge_pages_trimmed, next),
+                (1, Some(GuestAddress(2 * MIB)))
+            );
+            let (second, next) = trim_zero_pages(&mem, next.unwrap(), 1);
+            assert_eq!(
+                (second.huge_pages_trimmed, next),
+                (1, Some(GuestAddress(10 * MIB)))
+            );
+            let (rest, next) = trim_zero_pages(&mem, next.unwrap(), 1);
+            assert_eq!((rest.huge_pages_scanned, next), (0, None));
+        } else {
+            // Without transparent huge pages (host THP off) nothing was brought in around the
+            // written pages, so there is nothing to give back.
+            assert_eq!(report.freed_bytes, 0, "{report:?}");
+        }
+    }
+
+    #[test]
+    fn a_short_hugetlbfs_pool_is_an_error_at_start_not_a_fault_later() {
+        match create_guest_memory(4 << 20, HugePages::Hugetlbfs2M) {
+            Ok(mem) => {
+                // This host has 2 MiB pages to spare: they back the memory.
+                mem.write_obj(5u64, GuestAddress(0x20_0000)).unwrap();
+                assert_eq!(mem.read_obj::<u64>(GuestAddress(0x20_0000)).unwrap(), 5);
+            }
+            Err(e) => {
+                let text = e.to_string();
+                assert!(
+                    text.starts_with("cannot reserve 4 MiB of 2 MiB pages (huge_pages \"2M\")"),
+                    "{text}"
+                );
+                assert!(text.contains("vm.nr_hugepages"), "{text}");
+            }
+        }
+    }
+
     #[test]
     fn unmappable_sizes_are_errors_not_panics() {
-        let e = create_guest_memory(1 << 62).unwrap_err();
+        let e = create_guest_memory(1 << 62, HugePages::None).unwrap_err();
         assert!(
             e.to_string()
                 .starts_with("cannot map 4398046511104 MiB of guest memory"),

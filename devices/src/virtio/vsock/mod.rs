@@ -17,6 +17,15 @@
 
 mod conn;
 pub mod packet;
+/// The packet buffer grows to the largest packet seen (at most [`MAX_PKT_PAYLOAD`]), not to the
+/// largest possible: a guest with 4 KiB buffers keeps a 4 KiB one (the buffer stays resident for
+/// the VM's life).
+fn grow(buf: &mut Vec<u8>, len: usize) {
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+}
+
 #[cfg(test)]
 mod tests;
 
@@ -217,7 +226,6 @@ impl Vsock {
             return;
         };
         let mut buf = std::mem::take(&mut self.buf);
-        buf.resize(MAX_PKT_PAYLOAD, 0);
         let mut completed = false;
         let mut last = None;
         loop {
@@ -278,6 +286,7 @@ impl Vsock {
                         completed = true;
                         continue;
                     }
+                    grow(&mut buf, cap);
                     match conn.stream.read(&mut buf[..cap]) {
                         Ok(0) => {
                             conn.host_eof = true;
@@ -353,7 +362,6 @@ impl Vsock {
             return;
         };
         let mut buf = std::mem::take(&mut self.buf);
-        buf.resize(MAX_PKT_PAYLOAD, 0);
         let mut completed = false;
         self.tx_stalled = false;
         loop {
@@ -386,6 +394,7 @@ impl Vsock {
                                 }
                                 Verdict::Accept => {
                                     let len = hdr.len as usize;
+                                    grow(&mut buf, len);
                                     match r.read_exact(&mut buf[..len]) {
                                         Ok(()) => self.handle(&hdr, &buf[..len]),
                                         Err(_) => {

@@ -180,18 +180,20 @@ impl Vcpu {
         Ok(unsafe { File::from_raw_fd(fd) })
     }
 
-    /// Starts the vCPU on a thread named `vcpu<N>`, telling `observer` of every exit.
+    /// Starts the vCPU on a thread named `vcpu<N>`, telling `observer` of every exit; with
+    /// `stats`, its KVM binary statistics file is opened first for a reader to take.
     pub fn start(
         self,
         buses: Arc<IoBuses>,
         exit: Arc<ExitSignal>,
         observer: Box<dyn ExitObserver>,
+        stats: bool,
     ) -> Result<VcpuHandle, VcpuError> {
         let index = self.index;
         let (event_tx, event_rx) = channel();
         let (response_tx, response_rx) = channel();
         let (tid_tx, tid_rx) = channel();
-        let stats = self.stats_file();
+        let stats = stats.then(|| self.stats_file());
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
@@ -213,7 +215,7 @@ impl Vcpu {
         Ok(VcpuHandle {
             index,
             tid,
-            stats: Some(stats),
+            stats,
             thread: Some(thread),
             events: event_tx,
             responses: response_rx,
@@ -341,7 +343,8 @@ impl VcpuHandle {
         self.thread.as_ref().map(|t| t.as_pthread_t())
     }
 
-    /// The vCPU's KVM binary statistics file, opened at start (or why not); taken once.
+    /// The vCPU's KVM binary statistics file, opened at start if asked for (or why not); taken
+    /// once.
     pub fn take_stats_file(&mut self) -> Option<std::io::Result<File>> {
         self.stats.take()
     }

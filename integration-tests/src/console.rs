@@ -1,0 +1,362 @@
+//! A running VMM (prescient, Firecracker or QEMU) whose console (stdout) is read as it arrives:
+//! when its first byte came, each line with the time it arrived, and the process's exit with its
+//! time and peak memory. Shared by the tests that boot Linux guests, every benchmark and the
+//! nested KVM host (whose L1 is such a process too). [`LineStream`] is the reading part, for any
+//! byte stream (a guest agent's vsock connection as well).
+
+use std::io::Read;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Default)]
+struct Lines {
+    /// When the first byte arrived, from the start.
+    first_byte: Option<Duration>,
+    /// Each whole line with the time it ended, from the start.
+    lines: Vec<(Duration, String)>,
+    /// The bytes after the last newline.
+    partial: Vec<u8>,
+    closed: bool,
+}
+
+/// Lines read from a byte stream (a VMM's stdout, a socket) as they arrive, by a thread of their
+/// own, with the time each arrived; a test waits on them with a timeout.
+#[derive(Clone)]
+pub struct LineStream {
+    start: Instant,
+    lines: Arc<(Mutex<Lines>, Condvar)>,
+}
+
+/// Why a wait for a line ended without one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitEnd {
+    /// The stream closed (the process exited, the peer hung up).
+    Closed,
+    TimedOut,
+}
+
+impl LineStream {
+    /// Reads `from` until it closes, times counting from `start`; with `tee`, each line also goes
+    /// to stderr after that prefix as it arrives.
+    pub fn read(mut from: impl Read + Send + 'static, start: Instant, tee: Option<String>) -> Self {
+        let stream = Self {
+            start,
+            lines: Arc::default(),
+        };
+        let shared = stream.lines.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = from.read(&mut buf).unwrap_or(0);
+                let at = start.elapsed();
+                let (lock, cv) = &*shared;
+                let mut l = lock.lock().unwrap();
+                if n == 0 {
+                    l.closed = true;
+                    cv.notify_all();
+                    return;
+                }
+                l.first_byte.get_or_insert(at);
+                for &b in &buf[..n] {
+                    if b == b'\n' {
+                        let text = String::from_utf8_lossy(&l.partial)
+                            .trim_end_matches('\r')
+                            .to_string();
+                        l.partial.clear();
+                        if let Some(prefix) = &tee {
+                            eprintln!("{prefix}{text}");
+                        }
+                        l.lines.push((at, text));
+                    } else {
+                        l.partial.push(b);
+                    }
+                }
+                cv.notify_all();
+            }
+        });
+        stream
+    }
+
+    /// When the first byte arrived, from the start (None if nothing came yet).
+    pub fn first_byte(&self) -> Option<Duration> {
+        self.lines.0.lock().unwrap().first_byte
+    }
+
+    /// Waits until a line satisfies `pred`, at most `timeout` from now: the first such line and
+    /// when it arrived (from the start), or why none came.
+    pub fn wait_line(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<(Duration, String), WaitEnd> {
+        self.wait_line_from(0, timeout, pred)
+            .map(|(_, t, line)| (t, line))
+    }
+
+    /// Like `wait_line`, looking only at lines from index `from` on: the line's index too.
+    pub fn wait_line_from(
+        &self,
+        from: usize,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<(usize, Duration, String), WaitEnd> {
+        let deadline = Instant::now() + timeout;
+        let (lock, cv) = &*self.lines;
+        let mut l = lock.lock().unwrap();
+        loop {
+            let found = l
+                .lines
+                .iter()
+                .enumerate()
+                .skip(from)
+                .find(|(_, (_, line))| pred(line));
+            if let Some((i, (t, line))) = found {
+                return Ok((i, *t, line.clone()));
+            }
+            let now = Instant::now();
+            if l.closed {
+                return Err(WaitEnd::Closed);
+            }
+            if now >= deadline {
+                return Err(WaitEnd::TimedOut);
+            }
+            l = cv.wait_timeout(l, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Every line so far.
+    pub fn lines(&self) -> Vec<String> {
+        let l = self.lines.0.lock().unwrap();
+        l.lines.iter().map(|(_, s)| s.clone()).collect()
+    }
+
+    /// Every line so far with the time it arrived (from the start).
+    pub fn timed_lines(&self) -> Vec<(Duration, String)> {
+        self.lines.0.lock().unwrap().lines.clone()
+    }
+
+    /// Time since the start.
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+}
+
+/// How a VMM ended.
+#[derive(Debug)]
+pub struct Exit {
+    pub status: ExitStatus,
+    /// From the spawn to the exit.
+    pub at: Duration,
+    /// The process's peak resident memory (ru_maxrss), KiB.
+    pub max_rss_kib: u64,
+    pub stderr: String,
+}
+
+/// A running VMM whose console (stdout) is read as it arrives; killed when dropped, so a failed
+/// assertion never leaves a VM running.
+pub struct Console {
+    child: Child,
+    what: String,
+    out: LineStream,
+    stderr: Option<std::thread::JoinHandle<String>>,
+    reaped: bool,
+}
+
+impl Console {
+    /// Starts `cmd` (stdin closed, stdout and stderr captured); `what` names it in messages.
+    /// Inside an L1 host every line is also copied to stderr after [`crate::nested::L2_PREFIX`],
+    /// so that the harness outside sees the guests' consoles (see `nested`).
+    pub fn spawn(what: &str, cmd: &mut Command) -> Console {
+        let tee = crate::nested::in_l1().then(|| crate::nested::L2_PREFIX.to_string());
+        Self::spawn_with_tee(what, cmd, tee)
+    }
+
+    /// Like `spawn`; with `tee`, each line also goes to stderr after that prefix as it arrives.
+    pub fn spawn_with_tee(what: &str, cmd: &mut Command, tee: Option<String>) -> Console {
+        let start = Instant::now();
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what} ({cmd:?}): {e}"));
+        let out = LineStream::read(child.stdout.take().expect("piped stdout"), start, tee);
+        let mut stderr = child.stderr.take().expect("piped stderr");
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stderr.read_to_string(&mut s);
+            s
+        });
+        Console {
+            child,
+            what: what.to_string(),
+            out,
+            stderr: Some(stderr),
+            reaped: false,
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The console's lines as they arrive.
+    pub fn stream(&self) -> &LineStream {
+        &self.out
+    }
+
+    /// When the console's first byte arrived, from the spawn (None if nothing came yet).
+    pub fn first_byte(&self) -> Option<Duration> {
+        self.out.first_byte()
+    }
+
+    /// See [`LineStream::wait_line`].
+    pub fn wait_line(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<(Duration, String), WaitEnd> {
+        self.out.wait_line(timeout, pred)
+    }
+
+    /// Waits until a console line satisfies `pred`, at most `timeout` from now: the line and
+    /// when it arrived (from the start). Fails with the console so far and what was awaited.
+    pub fn wait_for(
+        &self,
+        awaited: &str,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<(Duration, String), String> {
+        self.out.wait_line(timeout, pred).map_err(|end| {
+            let why = match end {
+                WaitEnd::Closed => "the console closed (the VMM exited)".to_string(),
+                WaitEnd::TimedOut => format!("not within {timeout:?}"),
+            };
+            let tail = self.lines();
+            format!(
+                "{}: waited for {awaited}: {why} ({:.1}s after start)\n--- console ({} lines, last 80) ---\n{}",
+                self.what,
+                self.out.elapsed().as_secs_f64(),
+                tail.len(),
+                tail[tail.len().saturating_sub(80)..].join("\n")
+            )
+        })
+    }
+
+    /// Like `wait_for`, panicking with its message.
+    pub fn expect(&self, awaited: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+        self.wait_for(awaited, timeout, pred)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .1
+    }
+
+    /// Waits for a line starting with `prefix`; panics (with the console) if none comes in time.
+    pub fn expect_prefix(&self, prefix: &str, timeout: Duration) -> (Duration, String) {
+        self.wait_for(prefix, timeout, |l| l.starts_with(prefix))
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Every console line so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.out.lines()
+    }
+
+    /// Every console line so far with the time it arrived (from the start).
+    pub fn timed_lines(&self) -> Vec<(Duration, String)> {
+        self.out.timed_lines()
+    }
+
+    /// Waits for the VMM to exit by itself within `timeout`: its status and stderr.
+    pub fn wait_exit(self, timeout: Duration) -> (ExitStatus, String) {
+        let exit = self.wait_exit_measured(timeout);
+        (exit.status, exit.stderr)
+    }
+
+    /// Waits for the VMM to exit by itself within `timeout` (panics, having killed it, if it
+    /// does not): when it exited, to the millisecond, and its peak memory.
+    pub fn wait_exit_measured(self, timeout: Duration) -> Exit {
+        let what = self.what.clone();
+        let out = self.out.clone();
+        self.exit_within(timeout).unwrap_or_else(|stderr| {
+            let console = out.lines();
+            panic!(
+                "{what} did not exit within {timeout:?} (killed)\n--- console (last 40) ---\n{}\n--- stderr ---\n{stderr}",
+                console[console.len().saturating_sub(40)..].join("\n"),
+            )
+        })
+    }
+
+    /// Waits up to `timeout` for the VMM to exit by itself: how it ended; else kills it and
+    /// gives its stderr.
+    pub fn exit_within(mut self, timeout: Duration) -> Result<Exit, String> {
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: pidfd_open of our own child, which has not been reaped (we own the Child).
+        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        assert!(raw >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
+        // SAFETY: the syscall returned a new fd that nothing else owns.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+        let mut poll = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&pidfd),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: polls one live fd described by a live pollfd.
+        let ready = unsafe { libc::poll(&mut poll, 1, ms) };
+        let at = self.out.elapsed();
+        if ready != 1 {
+            return Err(self.kill());
+        }
+        let mut status = 0;
+        // SAFETY: an all-zero rusage is a valid value for wait4 to overwrite.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: reaps our own child, which has exited (its pidfd is readable); both out-pointers
+        // are live locals. wait4 alone reports the child's rusage.
+        let ret = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        assert_eq!(ret, pid, "wait4: {}", std::io::Error::last_os_error());
+        self.reaped = true;
+        Ok(Exit {
+            status: ExitStatus::from_raw(status),
+            at,
+            max_rss_kib: usage.ru_maxrss as u64,
+            stderr: self.take_stderr(),
+        })
+    }
+
+    /// Kills the VMM now: its stderr.
+    pub fn kill(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.reaped = true;
+        self.take_stderr()
+    }
+
+    /// Stops the VMM with SIGTERM (as an orchestrator would) and waits for it.
+    pub fn terminate(self, timeout: Duration) -> (ExitStatus, String) {
+        // SAFETY: kill(2) on our own child, which has not been reaped yet (we own the Child).
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(rc, 0, "SIGTERM: {}", std::io::Error::last_os_error());
+        self.wait_exit(timeout)
+    }
+
+    fn take_stderr(&mut self) -> String {
+        self.stderr
+            .take()
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        // A failed assertion must not leave a VM running.
+        if !self.reaped && matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
