@@ -12,6 +12,24 @@ use crate::Scratch;
 /// Time for one short workload step beyond its own duration (starting stress-ng or fio).
 pub const STEP_SLACK: Duration = Duration::from_secs(120);
 
+/// Panics unless the console shows the ext4 root mounted from the virtio disk.
+pub fn assert_root_on_vda(lines: &[String]) {
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("EXT4-fs (vda): mounted filesystem")),
+        "the rootfs was not mounted from the virtio disk\n{}",
+        lines.join("\n")
+    );
+}
+
+/// How much report field `path` grew while `step` ran (from the last report before it to the
+/// last one during it).
+pub fn growth_during(reports: &[serde_json::Value], step: &str, path: &[&str]) -> i64 {
+    let (before, during) = reports_around(reports, step);
+    num(during.last().expect("reports during the step"), path) - num(&before, path)
+}
+
 /// The parsed `agent: workload-done` line of `step`, required to have succeeded.
 pub fn expect_workload_done(vm: &Console, step: &str, secs: u64) -> serde_json::Value {
     let marker = format!("\"step\":\"{step}\"");

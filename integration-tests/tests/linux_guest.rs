@@ -14,8 +14,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use integration_tests::agent::{
-    assert_output, assert_reports_match_the_vm, assert_stress_mem_seen, initrd_with_workloads, num,
-    reports as agent_reports, reports_around, run_steps_to_poweroff, workload_arg,
+    assert_output, assert_reports_match_the_vm, assert_root_on_vda, assert_stress_mem_seen,
+    growth_during, initrd_with_workloads, reports as agent_reports, run_steps_to_poweroff,
+    workload_arg,
 };
 use integration_tests::console::Console;
 use integration_tests::linux::{
@@ -56,13 +57,7 @@ fn tcg_images_boot_to_agent_ready_and_run_stress_ng_and_fio_from_the_rootfs() {
     let (status, stderr) = vm.wait_exit(EXIT);
     assert_eq!(status.code(), Some(0), "QEMU: {status}\n{stderr}");
 
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.contains("EXT4-fs (vda): mounted filesystem")),
-        "the rootfs was not mounted from the virtio disk\n{}",
-        lines.join("\n")
-    );
+    assert_root_on_vda(&lines);
     assert_output(&lines, "stress-cpu", "successful run completed");
     assert_output(&lines, "fio-randrw", "READ: bw=");
     assert_output(&lines, "fio-randrw", "WRITE: bw=");
@@ -71,15 +66,12 @@ fn tcg_images_boot_to_agent_ready_and_run_stress_ng_and_fio_from_the_rootfs() {
     assert_reports_match_the_vm(&reports, 2, 512);
     // The guest's own view of the workloads: CPU time while stress-ng ran, disk writes (fio
     // uses O_DIRECT on the ext4 root) while fio ran.
-    let (before, during) = reports_around(&reports, "stress-cpu:3");
-    let busy = num(during.last().unwrap(), &["cpu", "user_ms"]) - num(&before, &["cpu", "user_ms"]);
+    let busy = growth_during(&reports, "stress-cpu:3", &["cpu", "user_ms"]);
     assert!(
         busy >= 1000,
         "stress-ng --cpu added only {busy} ms of user time\n{reports:?}"
     );
-    let (before, during) = reports_around(&reports, "fio-randrw:3:16M");
-    let written =
-        num(during.last().unwrap(), &["io", "write_kib"]) - num(&before, &["io", "write_kib"]);
+    let written = growth_during(&reports, "fio-randrw:3:16M", &["io", "write_kib"]);
     assert!(written > 0, "fio wrote nothing to /dev/vda\n{reports:?}");
 }
 

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use integration_tests::agent::{
-    assert_output, assert_reports_match_the_vm, assert_stress_mem_seen, num, reports,
-    reports_around,
+    assert_output, assert_reports_match_the_vm, assert_root_on_vda, assert_stress_mem_seen,
+    growth_during, reports,
 };
 use integration_tests::nested::{on_hardware_kvm, L1_KERNEL, L1_KERNEL_RELEASE};
 
@@ -14,88 +14,60 @@ use crate::guest::{GuestSpec, READY};
 /// One L1 boot: L1 itself, the guest's boot and its workloads.
 const SCENARIO: Duration = Duration::from_secs(420);
 
+/// stress-ng's CPU and memory workers and fio, then the agent's poweroff.
+const WORKLOADS: [(&str, u64); 3] = [
+    ("stress-cpu:3", 3),
+    ("stress-mem:3:64M", 3),
+    ("fio-randrw:3:16M", 3),
+];
+
+/// Boots `spec` (2 vCPUs, 512 MiB) with `WORKLOADS` on its command line, requires each to succeed
+/// and the VMM to end cleanly on the guest's poweroff, and checks what every such run shows: the
+/// workloads' own output and the agent's reports. The console.
+fn run_workloads(spec: GuestSpec) -> Vec<String> {
+    let mut steps: Vec<&str> = WORKLOADS.iter().map(|(s, _)| *s).collect();
+    steps.push("poweroff");
+    let vm = spec
+        .arg("prescient.agent.interval_ms=500")
+        .steps(&steps)
+        .start();
+    vm.ready();
+    for (step, secs) in WORKLOADS {
+        vm.done(step, secs);
+    }
+    let lines = vm.console.lines();
+    let (status, stderr) = vm.wait_exit();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "the guest's reboot -f (i8042 reset) ends prescient cleanly: {status}\n{stderr}"
+    );
+    assert_output(&lines, "stress-cpu", "successful run completed");
+    assert_output(&lines, "fio-randrw", "READ: bw=");
+    assert_output(&lines, "fio-randrw", "WRITE: bw=");
+    assert_reports_match_the_vm(&reports(&lines), 2, 512);
+    assert_stress_mem_seen(&lines, "stress-mem:3:64M", 64);
+    // The guest's own view of stress-ng: user time while it ran (how much depends on the host;
+    // nested under an emulator it is little).
+    let busy = growth_during(&reports(&lines), "stress-cpu:3", &["cpu", "user_ms"]);
+    assert!(busy > 0, "no user time while stress-ng --cpu ran");
+    lines
+}
+
 #[test]
 fn initramfs_runs_stress_ng_and_fio_then_powers_off_cleanly() {
     on_hardware_kvm(SCENARIO, || {
-        let steps = [
-            ("stress-cpu:3", 3),
-            ("stress-mem:3:64M", 3),
-            ("fio-randrw:3:16M", 3),
-        ];
-        let vm = GuestSpec::new("linux-initramfs", 2, 512)
-            .with_workloads_in_the_initrd()
-            .arg("prescient.agent.interval_ms=500")
-            .steps(&[
-                "stress-cpu:3",
-                "stress-mem:3:64M",
-                "fio-randrw:3:16M",
-                "poweroff",
-            ])
-            .start();
-        vm.ready();
-        for (step, secs) in steps {
-            vm.done(step, secs);
-        }
-        let lines = vm.console.lines();
-        let (status, stderr) = vm.wait_exit();
-        assert_eq!(
-            status.code(),
-            Some(0),
-            "the guest's reboot -f (i8042 reset) ends prescient cleanly: {status}\n{stderr}"
-        );
-        assert_output(&lines, "stress-cpu", "successful run completed");
-        assert_output(&lines, "fio-randrw", "READ: bw=");
-        assert_output(&lines, "fio-randrw", "WRITE: bw=");
-        assert_reports_match_the_vm(&reports(&lines), 2, 512);
-        assert_stress_mem_seen(&lines, "stress-mem:3:64M", 64);
-        // The guest's own view of stress-ng: user time while it ran (how much depends on the
-        // host; nested under an emulator it is little).
-        let (before, during) = reports_around(&reports(&lines), "stress-cpu:3");
-        let busy =
-            num(during.last().unwrap(), &["cpu", "user_ms"]) - num(&before, &["cpu", "user_ms"]);
-        assert!(busy > 0, "no user time while stress-ng --cpu ran");
+        run_workloads(GuestSpec::new("linux-initramfs", 2, 512).with_workloads_in_the_initrd());
     });
 }
 
 #[test]
 fn rootfs_on_virtio_blk_runs_stress_ng_and_fio_then_powers_off_cleanly() {
     on_hardware_kvm(SCENARIO, || {
-        let vm = GuestSpec::new("linux-rootfs", 2, 512)
-            .with_rootfs()
-            .arg("prescient.agent.interval_ms=500")
-            .steps(&[
-                "stress-cpu:3",
-                "stress-mem:3:64M",
-                "fio-randrw:3:16M",
-                "poweroff",
-            ])
-            .start();
-        vm.ready();
-        for (step, secs) in [
-            ("stress-cpu:3", 3),
-            ("stress-mem:3:64M", 3),
-            ("fio-randrw:3:16M", 3),
-        ] {
-            vm.done(step, secs);
-        }
-        let lines = vm.console.lines();
-        let (status, stderr) = vm.wait_exit();
-        assert_eq!(status.code(), Some(0), "{status}\n{stderr}");
-        assert!(
-            lines
-                .iter()
-                .any(|l| l.contains("EXT4-fs (vda): mounted filesystem")),
-            "the rootfs was not mounted from the virtio disk\n{}",
-            lines.join("\n")
-        );
-        assert_output(&lines, "stress-cpu", "successful run completed");
-        assert_output(&lines, "fio-randrw", "READ: bw=");
-        assert_reports_match_the_vm(&reports(&lines), 2, 512);
-        assert_stress_mem_seen(&lines, "stress-mem:3:64M", 64);
+        let lines = run_workloads(GuestSpec::new("linux-rootfs", 2, 512).with_rootfs());
+        assert_root_on_vda(&lines);
         // fio runs with O_DIRECT on the ext4 root: its writes reach /dev/vda.
-        let (before, during) = reports_around(&reports(&lines), "fio-randrw:3:16M");
-        let written =
-            num(during.last().unwrap(), &["io", "write_kib"]) - num(&before, &["io", "write_kib"]);
+        let written = growth_during(&reports(&lines), "fio-randrw:3:16M", &["io", "write_kib"]);
         assert!(written >= 1024, "fio wrote only {written} KiB to /dev/vda");
     });
 }
