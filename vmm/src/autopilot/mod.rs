@@ -32,7 +32,7 @@ use crate::exit::ExitSignal;
 use crate::microvm::MicroVm;
 use crate::vmm_config::{ConfigError, JsonPath, MachineConfig, PredictorConfig, VmConfig};
 use actuators::bandwidth::Bandwidth;
-use actuators::cpu::CpuQuota;
+use actuators::cpu::{CpuQuota, Throttling};
 use actuators::memory::ElasticMemory;
 use actuators::seccomp::SeccompStage;
 use actuators::{Actuators, Context, Knob, Target};
@@ -66,6 +66,8 @@ pub struct Autopilot {
     /// entries are filled in when asked.
     notes: ActuatorStatus,
     devices: Vec<DeviceInfo>,
+    /// How often the VM's CPU quota ran out: the windows in which CPU use was censored.
+    throttling: Option<Throttling>,
 }
 
 fn field(name: &'static str) -> JsonPath {
@@ -121,6 +123,7 @@ impl Autopilot {
                 ..ActuatorStatus::default()
             },
             devices: Vec::new(),
+            throttling: None,
         })
     }
 
@@ -161,7 +164,10 @@ impl Autopilot {
             None => CpuQuota::create(id, &vm.vcpu_tids()),
         };
         match quota {
-            Ok(q) => self.actuators.add(Box::new(q)),
+            Ok(q) => {
+                self.throttling = q.throttling();
+                self.actuators.add(Box::new(q));
+            }
             Err(e) => {
                 tracing::warn!("predictor cannot set CPU quotas: {e}");
                 let knob = Knob::Resource(Resource::Cpu);
@@ -227,7 +233,10 @@ impl Autopilot {
         };
         let inputs = inputs.read(vm);
         let used_mib = inputs.memory.used();
-        let sample = self.collector.close(now_ns, &inputs)?.sample();
+        let mut sample = self.collector.close(now_ns, &inputs)?.sample();
+        if let Some(t) = &mut self.throttling {
+            sample.signals.cpu_throttled = t.since_last();
+        }
         if let Some(trace) = &mut self.trace {
             if let Err(e) = trace.write(&sample) {
                 tracing::warn!("predictor: trace recording stopped: {e}");
