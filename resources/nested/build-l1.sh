@@ -119,7 +119,17 @@ else
     work=$(mktemp -d "${TMPDIR:-/tmp}/prescient-l1-kernel.XXXXXX")
     trap 'rm -rf "$work"' EXIT
     # apt's download sandbox user may not write to the caller's temporary directory.
-    (cd "$work" && apt-get download -q -o APT::Sandbox::User=root "$pkg=$version" >&2)
+    download() { (cd "$work" && apt-get download -q -o APT::Sandbox::User=root "$pkg=$version" >&2); }
+    if ! download; then
+        # Lists older than the mirror name a version it no longer has: refresh and take the
+        # newest again.
+        say "kernel: download failed; apt-get update and again"
+        apt-get update -qq >&2
+        pkg=$(newest_kernel_package)
+        version=$(apt-cache policy "$pkg" | awk '/Candidate:/ { print $2 }')
+        kernel=$cache/kernel/${pkg}_$version
+        download || die "cannot download $pkg=$version"
+    fi
     dpkg-deb -x "$work"/*.deb "$work/root"
     kver=${pkg#linux-image-}
     moddir=$work/root/lib/modules/$kver
