@@ -358,5 +358,24 @@ impl Drop for Console {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+        // ... and says what the VMM itself said (its console is the test's to show), unless
+        // something it started still holds the pipe.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while std::thread::panicking()
+            && self.stderr.as_ref().is_some_and(|h| !h.is_finished())
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if std::thread::panicking() && self.stderr.as_ref().is_some_and(|h| h.is_finished()) {
+            let stderr = self.take_stderr();
+            let lines: Vec<&str> = stderr.lines().collect();
+            eprintln!(
+                "--- {}'s stderr (last 40 of {} lines) ---\n{}",
+                self.what,
+                lines.len(),
+                lines[lines.len().saturating_sub(40)..].join("\n")
+            );
+        }
     }
 }

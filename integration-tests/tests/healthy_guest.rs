@@ -145,9 +145,7 @@ fn every_device_at_once_under_the_pause_action_raises_no_finding() {
     kinds.sort_unstable();
     assert_eq!(
         kinds,
-        [
-            "absent", "balloon", "block", "console", "mem", "net", "other", "other", "vsock"
-        ],
+        ["absent", "balloon", "block", "console", "mem", "net", "other", "other", "vsock"],
         "{devices:#?}"
     );
     let log = api

@@ -29,6 +29,10 @@ pub struct GuestSpec {
     spec: Value,
     args: Vec<String>,
     agent_link: bool,
+    /// The VMM's own arguments beyond the spec and the API socket.
+    vmm_args: Vec<String>,
+    /// `PUT /logger` as soon as the API answers.
+    logger: Option<Value>,
 }
 
 impl GuestSpec {
@@ -46,6 +50,8 @@ impl GuestSpec {
             }),
             args: vec![cmdline("")],
             agent_link: false,
+            vmm_args: Vec::new(),
+            logger: None,
         }
     }
 
@@ -89,6 +95,19 @@ impl GuestSpec {
         self.arg(&arg)
     }
 
+    /// Adds `arg` to the VMM's command line (`start`).
+    pub fn vmm_arg(mut self, arg: &str) -> Self {
+        self.vmm_args.push(arg.to_string());
+        self
+    }
+
+    /// Configures the VMM's logger (`PUT /logger`) once its API answers: what it logs shows
+    /// when the test fails.
+    pub fn logger(mut self, config: Value) -> Self {
+        self.logger = Some(config);
+        self
+    }
+
     /// Sets the spec's `key` section.
     pub fn section(mut self, key: &str, value: Value) -> Self {
         self.spec[key] = value;
@@ -114,12 +133,14 @@ impl GuestSpec {
     pub fn start(self) -> Guest {
         let spec_path = self.scratch.write("vm.json", &self.spec().to_string());
         let socket = self.scratch.path().join("api.sock");
+        let args = self.vmm_args.clone();
         self.start_with(
             Command::new(prescient_bin())
                 .arg("--api-sock")
                 .arg(&socket)
                 .arg("--config-file")
-                .arg(&spec_path),
+                .arg(&spec_path)
+                .args(args),
             &socket,
         )
     }
@@ -127,8 +148,12 @@ impl GuestSpec {
     /// Starts the VMM with `cmd` (which must use this spec) and connects to the API at
     /// `socket`.
     pub fn start_with(self, cmd: &mut Command, socket: &Path) -> Guest {
+        let logger = self.logger.clone();
         let mut vm = self.spawn(cmd);
         vm.connect_api(socket);
+        if let Some(config) = logger {
+            vm.send("PUT", "/logger", config);
+        }
         vm
     }
 

@@ -36,7 +36,7 @@ fn seccomp_audit_lines() -> Vec<String> {
 /// A persistent TAP owned by the jail's user (a jailed VMM may attach to it but not create
 /// one), made with the tun ioctls so that no `ip tuntap` or `tunctl -u` is needed (busybox's have
 /// neither); removed when dropped.
-struct OwnedTap(std::fs::File);
+struct OwnedTap(String);
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
@@ -45,39 +45,66 @@ const TUNSETGROUP: libc::c_ulong = 0x4004_54ce;
 
 impl OwnedTap {
     fn new(name: &str, uid: u32, gid: u32) -> Self {
+        let tun = Self::attach(name).unwrap_or_else(|e| panic!("TUNSETIFF {name}: {e}"));
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&tun);
+        Self::ioctl(
+            fd,
+            name,
+            TUNSETOWNER,
+            libc::c_ulong::from(uid),
+            "TUNSETOWNER",
+        );
+        Self::ioctl(
+            fd,
+            name,
+            TUNSETGROUP,
+            libc::c_ulong::from(gid),
+            "TUNSETGROUP",
+        );
+        Self::ioctl(fd, name, TUNSETPERSIST, 1, "TUNSETPERSIST");
+        // Closed now: a single-queue TAP takes one attached file at a time, the VMM's.
+        Self(name.to_string())
+    }
+
+    /// A tun file attached to TAP `name` (made if missing).
+    fn attach(name: &str) -> std::io::Result<std::fs::File> {
         let tun = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .open("/dev/net/tun")
-            .expect("open /dev/net/tun");
+            .open("/dev/net/tun")?;
         // struct ifreq: the name, then the flags (IFF_TAP | IFF_NO_PI), padded to 40 bytes.
         let mut req = [0u8; 40];
         req[..name.len()].copy_from_slice(name.as_bytes());
         req[16..18].copy_from_slice(&(0x0002u16 | 0x1000).to_ne_bytes());
         let fd = std::os::fd::AsRawFd::as_raw_fd(&tun);
-        let ioctl = |request, arg: libc::c_ulong, what: &str| {
-            // SAFETY: `fd` is our open tun fd; `arg` is a pointer to `req` (alive for the call,
-            // the size TUNSETIFF expects) or an integer the request takes by value.
-            let rc = unsafe { libc::ioctl(fd, request, arg) };
-            assert!(
-                rc >= 0,
-                "{what} on {name}: {}",
-                std::io::Error::last_os_error()
-            );
-        };
-        ioctl(TUNSETIFF, req.as_mut_ptr() as libc::c_ulong, "TUNSETIFF");
-        ioctl(TUNSETOWNER, libc::c_ulong::from(uid), "TUNSETOWNER");
-        ioctl(TUNSETGROUP, libc::c_ulong::from(gid), "TUNSETGROUP");
-        ioctl(TUNSETPERSIST, 1, "TUNSETPERSIST");
-        Self(tun)
+        // SAFETY: `fd` is our open tun fd; the argument points to `req`, alive for the call and
+        // the size TUNSETIFF expects.
+        let rc = unsafe { libc::ioctl(fd, TUNSETIFF, req.as_mut_ptr()) };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(tun)
+    }
+
+    fn ioctl(fd: i32, name: &str, request: libc::c_ulong, arg: libc::c_ulong, what: &str) {
+        // SAFETY: `fd` is an open tun fd; `arg` is an integer the request takes by value.
+        let rc = unsafe { libc::ioctl(fd, request, arg) };
+        assert!(
+            rc >= 0,
+            "{what} on {name}: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
 impl Drop for OwnedTap {
     fn drop(&mut self) {
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.0);
-        // SAFETY: our open tun fd, still attached to the device; the argument is by value.
-        unsafe { libc::ioctl(fd, TUNSETPERSIST, 0 as libc::c_ulong) };
+        // The VMM is gone: attach again and let the device go with the file.
+        if let Ok(tun) = Self::attach(&self.0) {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&tun);
+            // SAFETY: our open tun fd, attached to the device; the argument is by value.
+            unsafe { libc::ioctl(fd, TUNSETPERSIST, 0 as libc::c_ulong) };
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use integration_tests::agent::{num, STEP_SLACK};
+use integration_tests::agent::{self, num, STEP_SLACK};
 use integration_tests::nested::on_hardware_kvm;
 use serde_json::{json, Value};
 
@@ -50,7 +50,9 @@ fn wait_rss(vm: &Guest, what: &str, ok: impl Fn(u64) -> bool) -> u64 {
     }
 }
 
-/// Runs `step` (over vsock) to its end while sampling the VMM's RSS: the highest sample.
+/// Runs `step` (over vsock) to its end while sampling the VMM's RSS: the highest sample. The
+/// memory steps run for long enough to populate all their memory however slow the host: under
+/// a nested KVM on a loaded machine that took up to 10 s for 300 MiB.
 fn run_sampling_rss(vm: &Guest, step: &str, secs: u64) -> u64 {
     vm.run(step);
     let mut peak = vm.rss();
@@ -95,6 +97,7 @@ fn balloon_statistics_follow_the_interval_and_inflating_lowers_memtotal_and_rss(
                 json!({"amount_mib": 0, "deflate_on_oom": false,
                        "stats_polling_interval_s": 1, "free_page_reporting": false}),
             )
+            .logger(json!({"level": "Debug", "module": "vmm::idle_trim"}))
             .start();
         vm.ready();
 
@@ -127,7 +130,7 @@ fn balloon_statistics_follow_the_interval_and_inflating_lowers_memtotal_and_rss(
 
         // The guest touches most of its memory, then frees it: the host backs it all.
         let idle = vm.rss();
-        let touched = run_sampling_rss(&vm, "stress-mem:4:360M", 4);
+        let touched = run_sampling_rss(&vm, "stress-mem:15:360M", 15);
         assert!(
             touched >= idle + 200 * MIB,
             "RSS {} -> {} MiB while 360 MiB were touched",
@@ -202,13 +205,14 @@ fn balloon_deflates_on_oom_under_a_memory_hog_and_free_page_reporting_returns_me
                 json!({"amount_mib": 0, "deflate_on_oom": true,
                        "stats_polling_interval_s": 1, "free_page_reporting": true}),
             )
+            .logger(json!({"level": "Debug", "module": "vmm::idle_trim"}))
             .start();
         vm.ready();
 
         // Free page reporting: what the workload made resident and then freed goes back to the
         // host (Linux reports free 2 MiB blocks a few seconds after they are freed).
         let idle = vm.rss();
-        let peak = run_sampling_rss(&vm, "stress-mem:4:300M", 4);
+        let peak = run_sampling_rss(&vm, "stress-mem:15:300M", 15);
         let grew = peak.saturating_sub(idle);
         assert!(
             grew >= 150 * MIB,
@@ -239,18 +243,18 @@ fn balloon_deflates_on_oom_under_a_memory_hog_and_free_page_reporting_returns_me
         });
         vm.run("stress-mem:20:300M");
         vm.done("stress-mem:20:300M", 20);
-        // stress-ng's metrics of this run: bogo ops count only once all of it was populated.
-        let lines = vm.console.lines();
-        let ops = lines
-            .iter()
-            .rev()
-            .find_map(|l| {
-                let rest = &l[l.find("stress-ng: metrc:")?..];
-                let mut f = rest.split_whitespace().skip(3);
-                (f.next()? == "vm").then(|| f.next()?.parse::<u64>().ok())?
-            })
-            .expect("stress-ng's metrics line");
-        assert!(ops > 0, "the hog never had its 300 MiB (0 bogo ops)");
+        // The hog had its 300 MiB: the guest's used memory (MemTotal less MemAvailable; MemTotal
+        // grows as the balloon gives pages back) rose by about that much. (stress-ng's bogo ops
+        // say nothing here: under a nested KVM one pass over 300 MiB outlasts the run.)
+        let reports = vm.reports();
+        let (before, during) = agent::reports_around(&reports, "stress-mem:20:300M");
+        let used = |r: &Value| kib(r, "mem_total_kib") - kib(r, "mem_available_kib");
+        let rose = during.iter().map(used).max().unwrap_or(0) - used(&before);
+        assert!(
+            rose >= 270 * 1024,
+            "the guest's used memory rose by only {} MiB under the 300 MiB hog",
+            rose / 1024
+        );
         let s = vm.get("/balloon/statistics");
         assert_eq!(s["target_mib"], 320, "{s}");
         assert!(
@@ -274,7 +278,7 @@ fn balloon_deflates_on_oom_under_a_memory_hog_and_free_page_reporting_returns_me
 #[test]
 fn virtio_mem_plugs_512_mib_that_comes_online_and_unplugging_returns_it() {
     on_hardware_kvm(SCENARIO, || {
-        let mut vm = GuestSpec::new("linux-virtio-mem", 1, 512)
+        let mut vm = GuestSpec::new("linux-virtio-mem", 1, 256)
             .with_workloads_in_the_initrd()
             .with_agent_link()
             .arg("prescient.agent.interval_ms=500")
@@ -282,6 +286,7 @@ fn virtio_mem_plugs_512_mib_that_comes_online_and_unplugging_returns_it() {
                 "memory-hotplug",
                 json!({"total_size_mib": 1024, "block_size_mib": 2, "slot_size_mib": 128}),
             )
+            .logger(json!({"level": "Debug", "module": "vmm::idle_trim"}))
             .start();
         vm.ready();
         let before = vm.wait_report("a first report", READY, |_| true);
@@ -304,12 +309,13 @@ fn virtio_mem_plugs_512_mib_that_comes_online_and_unplugging_returns_it() {
             "MemTotal grew by {growth} KiB for 512 MiB plugged"
         );
 
-        // A workload larger than the boot memory runs in the plugged memory without OOM.
+        // A workload larger than the boot memory runs in the plugged memory without OOM. (Under
+        // a nested KVM a Linux guest populates ~15 MiB/s: the step is long and the hog small.)
         let rss_before = vm.rss();
-        let peak = run_sampling_rss(&vm, "stress-mem:4:700M", 4);
+        let peak = run_sampling_rss(&vm, "stress-mem:40:400M", 40);
         assert!(
-            peak >= rss_before + 500 * MIB,
-            "RSS {} -> {} MiB while 700 MiB were touched",
+            peak >= rss_before + 300 * MIB,
+            "RSS {} -> {} MiB while 400 MiB were touched",
             mib(rss_before),
             mib(peak)
         );
@@ -323,8 +329,9 @@ fn virtio_mem_plugs_512_mib_that_comes_online_and_unplugging_returns_it() {
         vm.wait_report("MemTotal back", SETTLE, |r| {
             kib(r, "mem_total_kib") == kib(&before, "mem_total_kib")
         });
-        let what = format!("RSS 400 MiB below its peak of {} MiB", mib(peak));
-        let after = wait_rss(&vm, &what, |r| r + 400 * MIB <= peak);
+        // At least what the hog had beyond the boot memory was in plugged memory.
+        let what = format!("RSS 150 MiB below its peak of {} MiB", mib(peak));
+        let after = wait_rss(&vm, &what, |r| r + 150 * MIB <= peak);
         eprintln!(
             "virtio-mem: unplugging 512 MiB: RSS {} -> {} MiB",
             mib(peak),
