@@ -896,7 +896,11 @@ mod tests {
         );
         let short = seen[150..300].iter().filter(|&&(_, t)| t).count();
         assert!(short <= 15, "throttled in {short} of 150 windows: {seen:?}");
-        assert!(seen[399].0 < 1.5, "back down after the demand: {:?}", seen[399]);
+        assert!(
+            seen[399].0 < 1.5,
+            "back down after the demand: {:?}",
+            seen[399]
+        );
     }
 
     #[test]
