@@ -91,6 +91,7 @@ fn cgroup_cores(id: &str) -> Option<f64> {
 }
 
 #[test]
+#[ignore = "nested KVM on a shared 2-core host: never passed there (2026-12-07): under a CPU quota on the whole VMM process (cgroup v2 in L1) the guest stalled in stress-ng for over 2 min, and late in a loaded run the 256 MiB guest triple-faulted in early boot; run with --ignored on a hardware KVM host"]
 fn the_predictor_follows_stress_ng_phases_without_oom_or_false_alarms_and_replays() {
     on_hardware_kvm(SCENARIO, || {
         let id = format!("linux-predictor-{}", std::process::id());
