@@ -8,6 +8,7 @@ use integration_tests::agent::{
     growth_during, reports,
 };
 use integration_tests::nested::{on_hardware_kvm, L1_KERNEL, L1_KERNEL_RELEASE};
+use integration_tests::Scratch;
 use serde_json::json;
 
 use crate::guest::{GuestSpec, READY};
@@ -87,9 +88,9 @@ fn debian_bzimage_boots_to_init_runs_stress_ng_and_is_never_flagged() {
             .kernel(std::path::Path::new(L1_KERNEL))
             .with_workloads_in_the_initrd()
             .steps(&["stress-cpu:3", "poweroff"]);
-        let trace_dir = spec.scratch().path().join("traces");
-        std::fs::create_dir_all(&trace_dir).unwrap();
-        let trace = trace_dir.join("run.jsonl");
+        // Outlives the VM (its scratch directory goes with it): read after the exit.
+        let traces = Scratch::new("linux-bzimage-traces");
+        let trace = traces.path().join("run.jsonl");
         let vm = spec
             .section(
                 "predictor",
