@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::guest::{GuestSpec, READY};
 
 /// One L1 boot: L1 itself, the guest's boot and its workloads.
-const SCENARIO: Duration = Duration::from_secs(420);
+const SCENARIO: Duration = Duration::from_secs(600);
 
 /// stress-ng's CPU and memory workers and fio, then the agent's poweroff.
 const WORKLOADS: [(&str, u64); 3] = [

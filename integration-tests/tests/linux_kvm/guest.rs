@@ -15,8 +15,8 @@ use integration_tests::{prescient_bin, rss_bytes, ApiClient, Scratch};
 use serde_json::{json, Value};
 
 /// Boot to `agent: ready` under a real KVM, with room for a loaded L1 (everything in L1 runs
-/// in an emulator).
-pub const READY: Duration = Duration::from_secs(120);
+/// in an emulator; on the shared development machine Debian's kernel took 160 s to its init).
+pub const READY: Duration = Duration::from_secs(240);
 /// From the agent's poweroff (or a reset) to the VMM's exit.
 pub const EXIT: Duration = Duration::from_secs(60);
 /// The port the agent connects to on the host side.
