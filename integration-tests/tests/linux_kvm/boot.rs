@@ -95,9 +95,13 @@ fn debian_bzimage_boots_to_init_runs_stress_ng_and_is_never_flagged() {
             .section(
                 "predictor",
                 // The quota stays at both vCPUs (here that is all of L1's CPUs): this
-                // scenario is about what the predictor sees, not what it sizes.
+                // scenario is about what the predictor sees, not what it sizes. One-second
+                // windows: the devices a guest uses are learned over its first 300 windows,
+                // and under a nested KVM Debian's kernel probes the i8042 44 s into its boot
+                // (a second into it on hardware); with 100 ms windows that first use came after
+                // the learning and was flagged as a new device.
                 json!({
-                    "window_ms": 100,
+                    "window_ms": 1000,
                     "trace_path": trace,
                     "budget": {"cpu_cores": {"min": 2, "max": 2}},
                 }),
@@ -130,7 +134,7 @@ fn debian_bzimage_boots_to_init_runs_stress_ng_and_is_never_flagged() {
 
         // Every window, not only those that acted.
         let t = predictor::trace::read(&trace).expect("the recorded trace");
-        assert!(t.samples.len() >= 20, "{} windows", t.samples.len());
+        assert!(t.samples.len() >= 30, "{} windows", t.samples.len());
         for s in &t.samples {
             assert_eq!(s.signals.unknown_exits, 0, "window at {} ms", s.t_ms);
         }
