@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 /// Every filter the VMM installs: `<thread kind>_<stage>`.
-const FILTERS: [&str; 9] = [
+const FILTERS: [&str; 12] = [
     "vmm_boot",
     "vmm_steady",
     "vmm_quarantine",
@@ -14,6 +14,9 @@ const FILTERS: [&str; 9] = [
     "vcpu_boot",
     "vcpu_steady",
     "vcpu_quarantine",
+    "vcpu_spawner_boot",
+    "vcpu_spawner_steady",
+    "vcpu_spawner_quarantine",
 ];
 
 fn main() {

@@ -1,6 +1,7 @@
-//! Emulated devices of a prescient microVM: the I/O buses and the legacy PIO devices (virtio-mmio
-//! devices join them in later work).
+//! Emulated devices of a prescient microVM: the I/O buses, the legacy PIO devices, the virtio
+//! devices and the ACPI platform devices (the event device and the CPU hot-plug controller).
 
+pub mod acpi;
 pub mod bus;
 pub mod legacy;
 pub mod rate_limiter;

@@ -201,6 +201,66 @@ void paging_reload(void)
 	__asm__ volatile("mov %0, %%cr3" : : "r"((u64)boot_pml4) : "memory");
 }
 
+/* ---- idling: sti; hlt until the LAPIC timer or a routed IRQ ------------- */
+#define VEC_WAKE        0x40
+#define LAPIC_EOI       0xb0
+#define LAPIC_LVT_TIMER 0x320
+#define LAPIC_TIMER_INIT 0x380
+#define LAPIC_TIMER_CUR 0x390
+#define LAPIC_TIMER_DIV 0x3e0
+#define LAPIC_LVT_LINT0 0x350
+#define LVT_MASKED      (1u << 16)
+#define IOAPIC_BASE     0xFEC00000UL
+
+extern void wake_isr(void);
+static u64 timer_per_ms;
+
+/* CPL0, once: the wake-up vector, the IOAPIC page and the LAPIC timer's rate
+ * against the TSC (divide by 1, counted down for 2 ms). */
+static void idle_init(void)
+{
+	if (timer_per_ms)
+		return;
+	set_gate(VEC_WAKE, (u64)wake_isr, 0x8e);
+	pd_for(IOAPIC_BASE >> 30)[(IOAPIC_BASE >> 21) & 511] =
+		IOAPIC_BASE | PTE_P | PTE_RW | PTE_PWT | PTE_PCD | PTE_PS;
+	paging_reload();
+	lapic_write(0xf0, lapic_read(0xf0) | 0x100);    /* software-enable the LAPIC */
+	/* LINT0 is the 8259's ExtINT line: with IF=1 its (uninitialised, base 0) vectors
+	 * would arrive as exceptions; the PIT the TSC calibration left running ticks it. */
+	lapic_write(LAPIC_LVT_LINT0, lapic_read(LAPIC_LVT_LINT0) | LVT_MASKED);
+	lapic_write(LAPIC_TIMER_DIV, 0xb);
+	lapic_write(LAPIC_LVT_TIMER, LVT_MASKED | VEC_WAKE);
+	lapic_write(LAPIC_TIMER_INIT, 0xffffffffu);
+	delay_us(2000);
+	u64 counted = 0xffffffffu - lapic_read(LAPIC_TIMER_CUR);
+	lapic_write(LAPIC_TIMER_INIT, 0);
+	timer_per_ms = counted / 2 ? counted / 2 : 1000000;
+}
+
+/* CPL0: IOAPIC pin `gsi` delivers VEC_WAKE to this CPU (edge, active high). */
+static void route_irq(u32 gsi)
+{
+	volatile u32 *sel = (volatile u32 *)IOAPIC_BASE, *win = (volatile u32 *)(IOAPIC_BASE + 0x10);
+	*sel = 0x11 + 2 * gsi;
+	*win = lapic_id() << 24;
+	*sel = 0x10 + 2 * gsi;
+	*win = VEC_WAKE;
+}
+
+/* CPL0: halts until `us` have passed or a routed IRQ arrives (no host CPU
+ * meanwhile), then returns with interrupts off again. */
+static void idle(u64 us)
+{
+	idle_init();
+	u64 count = timer_per_ms * us / 1000;
+	lapic_write(LAPIC_LVT_TIMER, VEC_WAKE);         /* one-shot, unmasked */
+	lapic_write(LAPIC_TIMER_INIT, (u32)(count ? (count < 0xffffffffu ? count : 0xffffffffu) : 1));
+	__asm__ volatile("sti; hlt; cli" ::: "memory");
+	lapic_write(LAPIC_TIMER_INIT, 0);
+	lapic_write(LAPIC_LVT_TIMER, LVT_MASKED | VEC_WAKE);
+}
+
 /* ---- LAPIC ----------------------------------------------------------- */
 u32 lapic_read(u32 reg) { return *(volatile u32 *)(LAPIC_BASE + reg); }
 void lapic_write(u32 reg, u32 v) { *(volatile u32 *)(LAPIC_BASE + reg) = v; }
@@ -307,6 +367,20 @@ static void syscall_trap(struct trap_frame *f)
 			else
 				(void)inb((u16)f->rsi);
 		}
+		f->rax = 0;
+		break;
+	case SYS_IDLE:
+		idle(f->rdi);
+		f->rax = 0;
+		break;
+	case SYS_ROUTE_IRQ:
+		idle_init();
+		route_irq((u32)f->rdi);
+		f->rax = 0;
+		break;
+	case SYS_START_AP:
+		if (f->rdi > 0 && f->rdi < MAX_CPUS)
+			smp_start_ap((u32)f->rdi);
 		f->rax = 0;
 		break;
 	case SYS_CLI_SPIN:

@@ -18,6 +18,7 @@ struct hvm_start_info {
 struct hvm_memmap_entry { u64 addr, size; u32 type, reserved; };
 
 /* Linux boot_params ("zero page") offsets */
+#define BP_ACPI_RSDP_ADDR   0x070
 #define BP_EXT_CMD_LINE_PTR 0x0c8
 #define BP_E820_ENTRIES     0x1e8
 #define BP_CMD_LINE_PTR     0x228
@@ -55,6 +56,7 @@ void boot_copy(int kind, u64 info)
 			return;
 		}
 		copy_cmdline(si->cmdline_paddr);
+		g_boot.rsdp = si->rsdp_paddr;
 		if (si->version >= 1 && si->memmap_paddr) {
 			const struct hvm_memmap_entry *e = (const void *)si->memmap_paddr;
 			for (u32 i = 0; i < si->memmap_entries; i++)
@@ -65,6 +67,7 @@ void boot_copy(int kind, u64 info)
 		u64 cmd = *(const u32 *)(bp + BP_CMD_LINE_PTR) |
 			  ((u64)*(const u32 *)(bp + BP_EXT_CMD_LINE_PTR) << 32);
 		copy_cmdline(cmd);
+		g_boot.rsdp = *(const u64 *)(bp + BP_ACPI_RSDP_ADDR);
 		u32 n = bp[BP_E820_ENTRIES];
 		const struct e820_entry *e = (const void *)(bp + BP_E820_TABLE);
 		for (u32 i = 0; i < n && i < 128; i++)

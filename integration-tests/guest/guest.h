@@ -37,6 +37,9 @@
 #define SYS_WRITE       2       /* serial_write_line(rdi = buf, rsi = len) */
 #define SYS_PIO_STORM   3       /* rdi accesses (in/out alternating) to port rsi, at CPL0 */
 #define SYS_CLI_SPIN    4       /* cli; spin forever at CPL0 (never returns) */
+#define SYS_START_AP    5       /* INIT + SIPI to CPU rdi (g_cpus index); returns at once */
+#define SYS_IDLE        6       /* sti; hlt for at most rdi us (LAPIC timer) or until a routed IRQ */
+#define SYS_ROUTE_IRQ   7       /* IOAPIC pin rdi wakes this CPU from SYS_IDLE */
 
 /* IOPL=3, IF=0, reserved bit 1. IOPL=3 lets CPL3 do port I/O natively where
  * the hypervisor honours it (QEMU TCG, hardware KVM); PVM-style software KVM
@@ -107,6 +110,7 @@ struct boot_info {
 	u32 nr_mem;
 	struct mem_region mem[MAX_MEMMAP];
 	char cmdline[CMDLINE_MAX];
+	u64 rsdp;                       /* ACPI root pointer the boot protocol passed, or 0 */
 };
 extern struct boot_info g_boot;
 void boot_copy(int kind, u64 info_paddr);       /* CPL0, first thing */
@@ -155,6 +159,9 @@ struct percpu {
 	volatile u32 arrived;           /* AP printed its "up" line */
 	volatile u32 done;              /* CPU phase finished */
 	volatile u64 ms;
+	volatile u32 hot;               /* started by a hot-plug: runs cpuhp_ap_user */
+	volatile u32 park;              /* asked to stop (hot-unplug) */
+	volatile u32 parked;            /* stopped: about to halt at CPL0 */
 } ALIGNED(64);
 
 extern struct percpu g_cpus[MAX_CPUS];
@@ -204,8 +211,9 @@ extern u32 g_ncpus;                     /* CPUs we will try to run (<= MAX_CPUS)
 extern u32 g_ncpus_expected;            /* enabled processors in the MP table */
 extern volatile u32 g_ncpus_online;
 extern volatile u32 g_go;               /* BSP releases APs into the CPU phase */
-u64 smp_parse_user(u64 unused);         /* CPL3: MP table -> g_cpus[].apic_id */
+u64 smp_parse_user(u64 unused);         /* CPL3: MADT or MP table -> g_cpus[].apic_id */
 void smp_boot(void);                    /* CPL0: INIT-SIPI-SIPI each AP */
+void smp_start_ap(u32 cpu);             /* CPL0: INIT, SIPI (and a second if need be) */
 void delay_us(u64 us);                  /* any CPL, TSC based */
 
 /* ---- kbd.c (CPL0) --------------------------------------------------- */
@@ -251,6 +259,28 @@ int virtio_param(const char *k, size_t kn, const char *v, size_t vn); /* cmdline
 void virtio_map_user(void);             /* CPL3, before paging_reload(): map the MMIO windows */
 u64 virtio_run_user(u64 unused);        /* CPL3: probe + workloads; 1 = ok */
 int paging_map_mmio_user(u64 base, u64 size); /* arch.c, CPL3: 4 KiB pages, UC, U/S=1 */
+
+/* ---- acpi.c: RSDP, MADT, DSDT (CPL3) ---------------------------------- */
+struct acpi_info {
+	int found;                      /* an RSDP with a good checksum */
+	u64 rsdp;
+	u32 ncpu, nenabled;             /* MADT Local APIC entries, enabled ones */
+	struct { u8 uid, apic, enabled, cpu; } cpu[MAX_CPUS];   /* cpu: g_cpus index */
+	u32 ndevices;                   /* Device objects in the DSDT */
+	u32 nvirtio;                    /* LNRO0005 devices */
+	struct { u64 base, size; u32 irq; } virtio[VIRTIO_MAX_DEV];
+	u64 ged_base;                   /* GED event register (0: none) */
+	u32 ged_irq;
+	u64 cpuhp_base;                 /* CPU hot-plug controller (0: none) */
+};
+extern struct acpi_info g_acpi;
+u64 acpi_parse_user(u64 unused);        /* CPL3, in stage_setup before MMIO mapping */
+
+/* ---- cpuhp.c: following the CPU hot-plug controller (CPL3) ------------- */
+int cpuhp_param(const char *k, size_t kn, const char *v, size_t vn); /* 0 ok, 1 unknown, 2 bad */
+void cpuhp_map_user(void);              /* CPL3, before paging_reload() */
+u64 cpuhp_follow_user(u64 unused);      /* CPL3, in stage_run: 1 = ok (or not asked for) */
+u64 cpuhp_ap_user(u64 cpu);             /* CPL3 life of a hot-plugged AP */
 
 /* ---- main.c --------------------------------------------------------- */
 extern u8 __image_start[], __image_end[];

@@ -4,12 +4,13 @@
  *
  *   kmain (CPL0)   boot_copy, arch_init_bsp, serial_init
  *   stage_hello    hello line; returns 1 for mode=triple
- *   stage_setup    cmdline/memory lines, page tables above 1 GiB, mode=panic
+ *   stage_setup    cmdline/memory lines, page tables above 1 GiB, ACPI tables
+ *                  (acpi.c), MMIO mappings, mode=panic
  *   tsc_calibrate (CPL0, port I/O)
- *   stage_mp       MP table, "cpu 0 ... up"
+ *   stage_mp       CPUs from the MADT or the MP table, "cpu 0 ... up"
  *   smp_boot (CPL0) INIT-SIPI-SIPI, waiting at CPL3
  *   stage_run      "cpus online", release APs, CPU phase, memory phase,
- *                  wait for APs, final line
+ *                  wait for APs, CPU hot-plug (cpuhp.c), final line
  *   exit (CPL0)    i8042 reset (fallback: triple fault), or halt, or wait
  *                  for Ctrl-Alt-Del on the i8042 keyboard first, or for a
  *                  line typed on the serial console
@@ -38,7 +39,17 @@ static u64 stage_setup(u64 unused)
 			total += g_boot.mem[i].size;
 	gprintf("guest: memory total_mib=%lu entries=%u\n", total >> 20, g_boot.nr_mem);
 	paging_extend_user();
+	acpi_parse_user(0);
+	/* Devices on the command line win (a VMM without ACPI, or one that gives both). */
+	if (!g_vparams.nr_dev)
+		for (u32 i = 0; i < g_acpi.nvirtio; i++) {
+			g_vparams.dev[i].base = g_acpi.virtio[i].base;
+			g_vparams.dev[i].size = g_acpi.virtio[i].size;
+			g_vparams.dev[i].irq = g_acpi.virtio[i].irq;
+			g_vparams.nr_dev++;
+		}
 	virtio_map_user();
+	cpuhp_map_user();
 
 	if (g_params.mode == MODE_PANIC)
 		__asm__ volatile("ud2");
@@ -62,6 +73,8 @@ static u64 stage_run(u64 unused)
 	if (!virtio_run_user(0))
 		ok = 0;
 	if (wait_aps_done_user(0))
+		ok = 0;
+	if (ok && !cpuhp_follow_user(0))
 		ok = 0;
 	gprintf(ok ? "prescient-test-guest: done\n" : "prescient-test-guest: failed\n");
 	return ok;
@@ -105,6 +118,6 @@ void ap_main(void)
 {
 	u32 cpu = ap_boot_index;
 	arch_init_cpu(cpu);
-	run_user_on(cpu, ap_user_main, cpu);
+	run_user_on(cpu, g_cpus[cpu].hot ? cpuhp_ap_user : ap_user_main, cpu);
 	halt_forever();
 }

@@ -1,6 +1,9 @@
 /*
- * SMP: Intel MP table parsing (CPL3) and AP start-up with INIT-SIPI-SIPI
- * through the xAPIC ICR (CPL0; the waiting is done at CPL3).
+ * SMP: the CPUs from the ACPI MADT (acpi.c), else from the Intel MP table
+ * (CPL3), and AP start-up with INIT-SIPI-SIPI through the xAPIC ICR (CPL0;
+ * the waiting is done at CPL3). With the MADT, g_cpus[i] is the MADT's
+ * i-th Local APIC (the BSP's stays 0): enabled ones are started at boot,
+ * disabled ones only if the VMM plugs them (cpuhp.c).
  *
  * AP start, per AP, in MP-table order (so "cpu <i>" indexes are stable):
  *   BSP: ap_boot_index = i, ap_boot_rsp = top of kernel stack i, SIPI
@@ -49,10 +52,37 @@ static const u8 *mp_scan(u64 lo, u64 hi)
 	return 0;
 }
 
+/* CPUs from the MADT: the enabled ones (started at boot) take g_cpus 1.., the
+ * disabled ones (plugged later, if ever) the indices after them. */
+static void from_madt(u32 bsp)
+{
+	u32 expected = 0, n = 1;
+	for (u32 pass = 0; pass < 2; pass++) {
+		for (u32 i = 0; i < g_acpi.ncpu; i++) {
+			if (g_acpi.cpu[i].enabled != !pass)
+				continue;
+			expected += !pass;
+			if (g_acpi.cpu[i].apic == bsp) {
+				g_acpi.cpu[i].cpu = 0;
+			} else if (n < MAX_CPUS) {
+				g_acpi.cpu[i].cpu = (u8)n;
+				g_cpus[n++].apic_id = g_acpi.cpu[i].apic;
+			}
+		}
+		if (!pass)
+			g_ncpus = n;
+	}
+	g_ncpus_expected = expected ? expected : 1;
+}
+
 u64 smp_parse_user(u64 unused)
 {
 	(void)unused;
 	u32 bsp = g_cpus[0].apic_id;            /* read from the LAPIC at boot */
+	if (g_acpi.ncpu) {
+		from_madt(bsp);
+		return 0;
+	}
 
 	/* EBDA (segment at 0x40e) first KiB, last KiB of base memory, BIOS ROM */
 	u64 bda = 0x40e;
@@ -114,26 +144,51 @@ static void send_ipi(u32 apic_id, u32 lo)
 		cpu_relax();
 }
 
+/* SIPI to AP `cpu` (which has had its INIT), and a second one if it has not
+ * arrived after 200 us. */
+static void sipi(u32 cpu)
+{
+	ap_boot_index = cpu;
+	ap_boot_rsp = (u64)&g_kstacks[cpu][KSTACK_SIZE];
+	barrier();
+	send_ipi(g_cpus[cpu].apic_id, ICR_STARTUP | (TRAMP_BASE >> 12));
+	delay_us(200);
+	if (!g_cpus[cpu].arrived)
+		send_ipi(g_cpus[cpu].apic_id, ICR_STARTUP | (TRAMP_BASE >> 12));
+}
+
+/* The trampoline in place and this LAPIC software-enabled, once. */
+static void tramp_ready(void)
+{
+	static int ready;
+	if (ready)
+		return;
+	memcpy((void *)TRAMP_BASE, ap_tramp_start, (size_t)(ap_tramp_end - ap_tramp_start));
+	lapic_write(LAPIC_SVR, lapic_read(LAPIC_SVR) | 0x100);
+	ready = 1;
+}
+
+/* A plugged (or re-plugged) AP: a virtual CPU needs no 10 ms INIT settle. */
+void smp_start_ap(u32 cpu)
+{
+	tramp_ready();
+	send_ipi(g_cpus[cpu].apic_id, ICR_INIT);
+	sipi(cpu);
+}
+
 void smp_boot(void)
 {
 	if (g_ncpus <= 1)
 		return;
 
-	memcpy((void *)TRAMP_BASE, ap_tramp_start, (size_t)(ap_tramp_end - ap_tramp_start));
-	lapic_write(LAPIC_SVR, lapic_read(LAPIC_SVR) | 0x100);
+	tramp_ready();
 
 	for (u32 i = 1; i < g_ncpus; i++)
 		send_ipi(g_cpus[i].apic_id, ICR_INIT);
 	delay_us(10000);
 
 	for (u32 i = 1; i < g_ncpus; i++) {
-		ap_boot_index = i;
-		ap_boot_rsp = (u64)&g_kstacks[i][KSTACK_SIZE];
-		barrier();
-		send_ipi(g_cpus[i].apic_id, ICR_STARTUP | (TRAMP_BASE >> 12));
-		delay_us(200);
-		if (!g_cpus[i].arrived)
-			send_ipi(g_cpus[i].apic_id, ICR_STARTUP | (TRAMP_BASE >> 12));
+		sipi(i);
 		if (!run_user_on(0, wait_ap_up_user, i)) {
 			/* Park it again so a late start cannot reuse the next AP's slot. */
 			send_ipi(g_cpus[i].apic_id, ICR_INIT);

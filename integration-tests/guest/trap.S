@@ -80,6 +80,17 @@ exc_common:
 	add $16, %rsp                   /* vector, error code */
 	iretq
 
+/* The wake-up interrupt (LAPIC timer, the GED through the IOAPIC): it only
+ * ends a `sti; hlt`. Acknowledge it at the LAPIC and return. */
+	.balign 16
+	.globl wake_isr
+wake_isr:
+	push %rax
+	movabs $0xfee000b0, %rax        /* LAPIC EOI */
+	movl $0, (%rax)
+	pop %rax
+	iretq
+
 	.section .rodata
 	.balign 8
 	.globl exc_stub_table

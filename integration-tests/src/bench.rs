@@ -144,7 +144,11 @@ impl Vmm {
             Kind::Prescient | Kind::Firecracker => {
                 if let Some(spec) = spec {
                     let file = dir.join(format!("{}.json", self.kind.short()));
-                    std::fs::write(&file, spec.config_json().to_string())
+                    let mut json = spec.config_json();
+                    if let (Kind::Prescient, Some(acpi)) = (self.kind, spec.acpi) {
+                        json["machine-config"]["acpi"] = acpi.into();
+                    }
+                    std::fs::write(&file, json.to_string())
                         .map_err(|e| format!("write {}: {e}", file.display()))?;
                     c.arg("--config-file").arg(file);
                 }
@@ -229,6 +233,10 @@ pub struct VmSpec {
     pub hotplug_mib: Option<u64>,
     /// `machine-config.huge_pages` for prescient and Firecracker; None leaves each VMM's default.
     pub huge_pages: Option<String>,
+    /// prescient's `machine-config.acpi` (None: its default, ACPI tables). Firecracker always
+    /// gives ACPI tables and has no such field; QEMU runs with `acpi=off` as the test guest and
+    /// the project's Linux kernel (built without ACPI) need.
+    pub acpi: Option<bool>,
 }
 
 impl VmSpec {
@@ -245,6 +253,7 @@ impl VmSpec {
             balloon: false,
             hotplug_mib: None,
             huge_pages: None,
+            acpi: None,
         }
     }
 

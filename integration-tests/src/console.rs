@@ -127,6 +127,11 @@ impl LineStream {
         }
     }
 
+    /// How many whole lines so far.
+    pub fn line_count(&self) -> usize {
+        self.lines.0.lock().unwrap().lines.len()
+    }
+
     /// Every line so far.
     pub fn lines(&self) -> Vec<String> {
         let l = self.lines.0.lock().unwrap();
@@ -209,6 +214,16 @@ impl Console {
         &self.out
     }
 
+    /// How long ago the VMM was started (line times count from there).
+    pub fn elapsed(&self) -> Duration {
+        self.out.elapsed()
+    }
+
+    /// Whole console lines so far.
+    pub fn line_count(&self) -> usize {
+        self.out.line_count()
+    }
+
     /// When the console's first byte arrived, from the spawn (None if nothing came yet).
     pub fn first_byte(&self) -> Option<Duration> {
         self.out.first_byte()
@@ -231,20 +246,35 @@ impl Console {
         timeout: Duration,
         pred: impl Fn(&str) -> bool,
     ) -> Result<(Duration, String), String> {
-        self.out.wait_line(timeout, pred).map_err(|end| {
-            let why = match end {
-                WaitEnd::Closed => "the console closed (the VMM exited)".to_string(),
-                WaitEnd::TimedOut => format!("not within {timeout:?}"),
-            };
-            let tail = self.lines();
-            format!(
-                "{}: waited for {awaited}: {why} ({:.1}s after start)\n--- console ({} lines, last 80) ---\n{}",
-                self.what,
-                self.out.elapsed().as_secs_f64(),
-                tail.len(),
-                tail[tail.len().saturating_sub(80)..].join("\n")
-            )
-        })
+        self.wait_for_after(0, awaited, timeout, pred)
+    }
+
+    /// Like `wait_for`, among the lines after the first `skip` ([`Console::line_count`] before
+    /// an action: the lines the action brought).
+    pub fn wait_for_after(
+        &self,
+        skip: usize,
+        awaited: &str,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<(Duration, String), String> {
+        self.out
+            .wait_line_from(skip, timeout, pred)
+            .map(|(_, t, line)| (t, line))
+            .map_err(|end| {
+                let why = match end {
+                    WaitEnd::Closed => "the console closed (the VMM exited)".to_string(),
+                    WaitEnd::TimedOut => format!("not within {timeout:?}"),
+                };
+                let tail = self.lines();
+                format!(
+                    "{}: waited for {awaited}: {why} ({:.1}s after start)\n--- console ({} lines, last 80) ---\n{}",
+                    self.what,
+                    self.out.elapsed().as_secs_f64(),
+                    tail.len(),
+                    tail[tail.len().saturating_sub(80)..].join("\n")
+                )
+            })
     }
 
     /// Like `wait_for`, panicking with its message.

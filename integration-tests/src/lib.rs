@@ -231,7 +231,16 @@ pub fn median<T: PartialOrd + Copy>(mut v: Vec<T>) -> T {
 /// `<scratch>/api.sock` (both replaced if a previous run left them).
 pub fn start_with_console(
     scratch: &Scratch,
+    spec: serde_json::Value,
+) -> (RunningVmm, ApiClient, PathBuf) {
+    start_with_console_args(scratch, spec, &[])
+}
+
+/// [`start_with_console`] with more command-line arguments (`--id ...`).
+pub fn start_with_console_args(
+    scratch: &Scratch,
     mut spec: serde_json::Value,
+    args: &[&str],
 ) -> (RunningVmm, ApiClient, PathBuf) {
     let console = scratch.path().join("console.txt");
     let socket = scratch.path().join("api.sock");
@@ -239,12 +248,14 @@ pub fn start_with_console(
     let _ = std::fs::remove_file(&socket);
     spec["serial"] = serde_json::json!({ "serial_out_path": console });
     let spec_path = scratch.write("vm.json", &spec.to_string());
-    let vmm = RunningVmm::spawn([
+    let mut all = vec![
         std::ffi::OsStr::new("--api-sock"),
         socket.as_os_str(),
         std::ffi::OsStr::new("--config-file"),
         spec_path.as_os_str(),
-    ]);
+    ];
+    all.extend(args.iter().map(std::ffi::OsStr::new));
+    let vmm = RunningVmm::spawn(all);
     let api = ApiClient::connect(&socket);
     (vmm, api, console)
 }

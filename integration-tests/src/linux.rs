@@ -207,6 +207,9 @@ pub fn prescient_spec(
     if let Some(initrd) = initrd {
         boot["initrd_path"] = serde_json::json!(initrd);
     }
+    // The project's kernel is built without ACPI (resources/guest/kernel.config): under the
+    // default (ACPI on) it finds its CPUs in the MP table and its devices on the command line,
+    // which prescient gives beside the ACPI tables as Firecracker does.
     serde_json::json!({
         "boot-source": boot,
         "machine-config": {"vcpu_count": vcpus, "mem_size_mib": mem_mib},

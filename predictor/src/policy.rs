@@ -324,7 +324,7 @@ pub struct Band {
 }
 
 /// One window's record: what came in, what was predicted, what was decided and why.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Decision {
     pub t_ms: u64,
     pub inputs: Sample,

@@ -112,11 +112,13 @@ pub fn kernel_cmdline(args: &str, extra: &[String]) -> String {
 }
 
 /// Loads everything `boot` names into `mem` and returns how to enter the kernel; `extra` kernel
-/// parameters are added to the command line.
+/// parameters are added to the command line, and the boot parameters point at the ACPI root
+/// pointer `rsdp` if the VM has ACPI tables.
 pub fn load_boot_source(
     mem: &GuestMemoryMmap,
     boot: &BootSourceConfig,
     extra: &[String],
+    rsdp: Option<u64>,
 ) -> Result<BootEntry, BootError> {
     let path = &boot.kernel_image_path;
     let open_error = |source| BootError::OpenKernel {
@@ -155,14 +157,14 @@ pub fn load_boot_source(
 
     match (format, loaded.pvh_boot_cap) {
         (KernelFormat::Elf64, PvhBootCapability::PvhEntryPresent(entry)) => {
-            write_pvh_start_info(mem, initrd)?;
+            write_pvh_start_info(mem, initrd, rsdp)?;
             Ok(BootEntry::Pvh {
                 entry,
                 start_info: GuestAddress(PVH_INFO_START),
             })
         }
         (KernelFormat::Elf64, _) => {
-            write_boot_params(mem, None, cmdline_len, initrd)?;
+            write_boot_params(mem, None, cmdline_len, initrd, rsdp)?;
             Ok(BootEntry::Linux64 {
                 entry: loaded.kernel_load,
                 boot_params: GuestAddress(ZERO_PAGE_START),
@@ -173,7 +175,7 @@ pub fn load_boot_source(
                 .setup_header
                 .filter(|h| h.xloadflags & XLF_KERNEL_64 != 0)
                 .ok_or_else(|| BootError::No64BitEntry(path.clone()))?;
-            write_boot_params(mem, Some(hdr), cmdline_len, initrd)?;
+            write_boot_params(mem, Some(hdr), cmdline_len, initrd, rsdp)?;
             Ok(BootEntry::Linux64 {
                 entry: loaded.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET),
                 boot_params: GuestAddress(ZERO_PAGE_START),
@@ -223,7 +225,11 @@ fn read_into<F: ReadVolatile>(
     mem.read_exact_volatile_from(addr, src, len)
 }
 
-fn write_pvh_start_info(mem: &GuestMemoryMmap, initrd: Option<Initrd>) -> Result<(), BootError> {
+fn write_pvh_start_info(
+    mem: &GuestMemoryMmap,
+    initrd: Option<Initrd>,
+    rsdp: Option<u64>,
+) -> Result<(), BootError> {
     let memmap: Vec<hvm_memmap_table_entry> = e820_entries(mem_size(mem))
         .into_iter()
         .map(|(addr, size, type_)| hvm_memmap_table_entry {
@@ -239,6 +245,7 @@ fn write_pvh_start_info(mem: &GuestMemoryMmap, initrd: Option<Initrd>) -> Result
         cmdline_paddr: CMDLINE_START,
         memmap_paddr: PVH_MEMMAP_START,
         memmap_entries: memmap.len() as u32,
+        rsdp_paddr: rsdp.unwrap_or(0),
         ..Default::default()
     };
     let modules: Vec<hvm_modlist_entry> = initrd
@@ -266,8 +273,13 @@ fn write_boot_params(
     setup_header: Option<linux_loader::loader::bootparam::setup_header>,
     cmdline_len: u32,
     initrd: Option<Initrd>,
+    rsdp: Option<u64>,
 ) -> Result<(), BootError> {
-    let mut params = boot_params::default();
+    let mut params = boot_params {
+        // Read by kernels of boot protocol 2.14 and later; older ones scan the BIOS area.
+        acpi_rsdp_addr: rsdp.unwrap_or(0),
+        ..Default::default()
+    };
     if let Some(hdr) = setup_header {
         params.hdr = hdr;
     } else {
@@ -384,7 +396,8 @@ mod tests {
         let k = temp_file("pvh.elf", &tiny_elf(Some(0x10_0008)));
         let initrd = temp_file("initrd", &[0xab; 5000]);
         let mem = guest_mem(64);
-        let entry = load_boot_source(&mem, &boot_source(k, Some(initrd)), &[]).unwrap();
+        let entry =
+            load_boot_source(&mem, &boot_source(k, Some(initrd)), &[], Some(0xe_0000)).unwrap();
         assert_eq!(
             entry,
             BootEntry::Pvh {
@@ -396,6 +409,7 @@ mod tests {
         assert_eq!(info.magic, XEN_HVM_START_MAGIC_VALUE);
         assert_eq!(info.memmap_entries, 2);
         assert_eq!(info.nr_modules, 1);
+        assert_eq!(info.rsdp_paddr, 0xe_0000);
         let module: hvm_modlist_entry = mem.read_obj(GuestAddress(info.modlist_paddr)).unwrap();
         assert_eq!(module.size, 5000);
         assert_eq!(module.paddr % PAGE_SIZE, 0);
@@ -418,7 +432,7 @@ mod tests {
     fn elf_without_note_uses_the_linux_64bit_protocol() {
         let k = temp_file("plain.elf", &tiny_elf(None));
         let mem = guest_mem(32);
-        let entry = load_boot_source(&mem, &boot_source(k, None), &[]).unwrap();
+        let entry = load_boot_source(&mem, &boot_source(k, None), &[], None).unwrap();
         assert_eq!(
             entry,
             BootEntry::Linux64 {
@@ -431,6 +445,7 @@ mod tests {
         assert_eq!({ params.hdr.cmd_line_ptr }, CMDLINE_START as u32);
         assert_eq!(params.e820_entries, 2);
         assert_eq!({ params.hdr.ramdisk_size }, 0);
+        assert_eq!({ params.acpi_rsdp_addr }, 0, "no ACPI, no root pointer");
     }
 
     /// A minimal bzImage: a setup header (boot protocol 2.12, loaded high, with the 64-bit entry
@@ -455,7 +470,7 @@ mod tests {
     fn a_bzimage_is_entered_at_its_64bit_entry_with_boot_params() {
         let k = temp_file("bzImage", &tiny_bzimage(false));
         let mem = guest_mem(32);
-        let entry = load_boot_source(&mem, &boot_source(k, None), &[]).unwrap();
+        let entry = load_boot_source(&mem, &boot_source(k, None), &[], Some(0xe_0000)).unwrap();
         assert_eq!(
             entry,
             BootEntry::Linux64 {
@@ -479,12 +494,13 @@ mod tests {
         );
         assert_eq!({ params.hdr.type_of_loader }, KERNEL_LOADER_OTHER);
         assert_eq!({ params.hdr.cmd_line_ptr }, CMDLINE_START as u32);
+        assert_eq!({ params.acpi_rsdp_addr }, 0xe_0000);
     }
 
     #[test]
     fn a_bzimage_without_a_64bit_entry_is_refused() {
         let k = temp_file("bzImage32", &tiny_bzimage(true));
-        let e = load_boot_source(&guest_mem(32), &boot_source(k, None), &[]).unwrap_err();
+        let e = load_boot_source(&guest_mem(32), &boot_source(k, None), &[], None).unwrap_err();
         assert!(matches!(e, BootError::No64BitEntry(_)), "{e}");
         assert_eq!(e.spec_field().to_string(), "boot-source.kernel_image_path");
     }
@@ -509,7 +525,7 @@ mod tests {
         let k = temp_file("small.elf", &tiny_elf(None));
         let initrd = temp_file("big-initrd", &vec![0u8; 3 * MIB as usize]);
         let mem = guest_mem(2);
-        let e = load_boot_source(&mem, &boot_source(k, Some(initrd)), &[]).unwrap_err();
+        let e = load_boot_source(&mem, &boot_source(k, Some(initrd)), &[], None).unwrap_err();
         assert!(matches!(e, BootError::InitrdTooLarge { .. }), "{e}");
         assert_eq!(e.spec_field().to_string(), "boot-source.initrd_path");
     }
@@ -518,7 +534,7 @@ mod tests {
     fn a_kernel_that_does_not_fit_is_a_load_error() {
         let k = temp_file("noroom.elf", &tiny_elf(None));
         let mem = guest_mem(1); // RAM ends exactly where the kernel would load
-        let e = load_boot_source(&mem, &boot_source(k, None), &[]).unwrap_err();
+        let e = load_boot_source(&mem, &boot_source(k, None), &[], None).unwrap_err();
         assert!(e.to_string().starts_with("cannot load kernel"), "{e}");
     }
 }

@@ -13,26 +13,28 @@ use devices::virtio::vsock::Vsock;
 use event_manager::{EventManager, SubscriberOps};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, Kvm};
-use predictor::telemetry::ExitRecorder;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap};
 
+use crate::acpi::{self, AcpiError};
 use crate::arch::x86_64::cpuid::Topology;
-use crate::arch::x86_64::layout::hotplug_region_start;
+use crate::arch::x86_64::layout::{hotplug_region_start, RSDP_START};
 use crate::arch::x86_64::mptable::{self, MptableError};
 use crate::boot::load_boot_source;
 use crate::console::{ConsoleInput, RawTerminal};
+use crate::device_manager::acpi::{self as acpi_devices, AcpiDeviceError};
 use crate::device_manager::legacy::{self, LegacyError};
 use crate::device_manager::mmio::{MmioDeviceManager, MmioError};
 use crate::device_manager::registry::DeviceRegistry;
-use crate::event_loop::Subscriber;
+use crate::event_loop::{Subscriber, Wakeup};
 use crate::exit::ExitSignal;
-use crate::metrics::METRICS;
 use crate::microvm::{MicroVm, VirtioHandles};
+use crate::vcpus::Vcpus;
 use crate::vmm_config::{
     parse_mac, ConfigError, JsonPath, MachineConfig, MemoryHotplugConfig, Segment, VmConfig,
     VsockConfig,
 };
 use crate::vstate::memory::{create_guest_memory, create_hotplug_region};
+use crate::vstate::vcpu::spawner::Spawner;
 use crate::vstate::vcpu::{register_kick_handler, Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
 
@@ -57,6 +59,10 @@ pub enum BuildError {
     Legacy(#[from] LegacyError),
     #[error(transparent)]
     Mmio(#[from] MmioError),
+    #[error(transparent)]
+    AcpiDevice(#[from] AcpiDeviceError),
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
 }
 
 /// KVM features the VMM relies on; checked up front for a clear message on odd hosts.
@@ -129,20 +135,48 @@ pub fn build_microvm(
     };
 
     let mut registry = DeviceRegistry::default();
-    let (virtio, extra_args) = attach_virtio_devices(
+    let mut mmio = MmioDeviceManager::default();
+    let (virtio, mut extra_args) = attach_virtio_devices(
         config,
         &vm,
         &device_mem,
         hotplug,
+        &mut mmio,
         &mut registry,
         event_manager,
     )?;
+    // A kernel with ACPI finds the virtio devices in the DSDT and its CPUs in the MADT; one
+    // without finds them on the command line and in the MP table. Both are always given, as
+    // Firecracker does, so a kernel built without ACPI boots under the default too (a kernel
+    // with ACPI prefers the MADT; its second probe of a device's window fails harmlessly).
+    let (boot_vcpus, max_vcpus) = (machine.vcpu_count, machine.max_vcpus());
+    extra_args.extend(mmio.cmdline_entries());
+    mptable::setup_mptable(&mem, boot_vcpus)?;
+    let acpi_devices = if machine.acpi {
+        let irq = mmio.take_irq()?;
+        let devices = acpi_devices::attach(vm.fd(), &mut registry, irq, boot_vcpus, max_vcpus)?;
+        let ejected = devices
+            .ejected
+            .try_clone()
+            .map_err(|e| AcpiDeviceError::EventFd("vCPU eject event", e))?;
+        event_manager.add_subscriber(Arc::new(Mutex::new(Wakeup(ejected))));
+        Some(devices)
+    } else {
+        None
+    };
 
-    let entry = load_boot_source(&mem, config.boot_source()?, &extra_args)
+    let rsdp = machine.acpi.then_some(RSDP_START);
+    let entry = load_boot_source(&mem, config.boot_source()?, &extra_args, rsdp)
         .map_err(|e| ConfigError::new(e.spec_field(), e.to_string()))?;
-    mptable::setup_mptable(&mem, machine.vcpu_count)?;
 
     let legacy = legacy::attach(vm.fd(), &mut registry, serial_output(config)?, exit.clone())?;
+    if machine.acpi {
+        let cpus = acpi::Cpus {
+            boot: boot_vcpus,
+            max: max_vcpus,
+        };
+        acpi::create_acpi_tables(&mem, cpus, &registry.aml())?;
+    }
 
     let console_is_stdout = config
         .serial
@@ -162,39 +196,40 @@ pub fn build_microvm(
     }
 
     register_kick_handler()?;
-    let topology = Topology::new(machine.vcpu_count, machine.smt);
-    let vcpus = (0..machine.vcpu_count)
+    // The topology is the largest the VM can have, so a vCPU plugged later fits it.
+    let topology = Topology::new(max_vcpus, machine.smt);
+    let vcpus = (0..max_vcpus)
         .map(|index| {
             let vcpu = Vcpu::new(vm.fd(), index)?;
             vcpu.configure(&supported_cpuid, topology, &mem, entry)?;
             Ok(vcpu)
         })
         .collect::<Result<Vec<_>, VcpuError>>()?;
+    let hotplug = match acpi_devices {
+        Some(devices) if max_vcpus > boot_vcpus => Ok((devices, Spawner::start()?)),
+        Some(_) => Err("it was booted with max_vcpus equal to vcpu_count"),
+        None => Err("it was booted without ACPI (machine-config.acpi is false)"),
+    };
     let (buses, devices) = registry.finish();
-    let buses = Arc::new(buses);
-    // Each vCPU counts its exits once; the metrics and the predictor read the same counts. KVM's
-    // stats files are opened only for the predictor, their one reader.
+    // KVM's stats files are opened only for the predictor, their one reader.
     let stats = config.predictor.as_ref().is_some_and(|p| p.enabled);
-    let handles = vcpus
-        .into_iter()
-        .map(|vcpu| {
-            let (recorder, exits) = ExitRecorder::new();
-            METRICS.register_vcpu(exits.clone());
-            Ok((
-                vcpu.start(buses.clone(), exit.clone(), Box::new(recorder), stats)?,
-                exits,
-            ))
-        })
-        .collect::<Result<Vec<_>, VcpuError>>()?;
+    let vcpus = Vcpus::start(
+        vcpus,
+        boot_vcpus,
+        Arc::new(buses),
+        exit.clone(),
+        stats,
+        hotplug,
+    )?;
     tracing::info!(
-        "microVM started: {} vCPUs, {} MiB",
-        machine.vcpu_count,
-        machine.mem_size_mib
+        "microVM started: {boot_vcpus} of at most {max_vcpus} vCPUs, {} MiB, ACPI {}",
+        machine.mem_size_mib,
+        if machine.acpi { "on" } else { "off" }
     );
     Ok(MicroVm::new(
         vm,
         device_mem,
-        handles,
+        vcpus,
         terminal,
         legacy.i8042,
         virtio,
@@ -254,16 +289,17 @@ fn drive_field(index: usize, name: &'static str) -> JsonPath {
 
 /// Creates the virtio devices the spec names (the root drive first, so it is /dev/vda), each
 /// registered by its attach under its metrics name, and returns the devices that can be changed
-/// live, by id, and the kernel parameters that announce them.
+/// live, by id, and the kernel parameters they need (the root disk; not the devices themselves,
+/// whose announcement depends on ACPI).
 fn attach_virtio_devices(
     config: &VmConfig,
     vm: &Vm,
     mem: &GuestMemoryMmap,
     hotplug: Option<HotplugMemory>,
+    manager: &mut MmioDeviceManager,
     registry: &mut DeviceRegistry,
     event_manager: &mut EventManager<Subscriber>,
 ) -> Result<(VirtioHandles, Vec<String>), BuildError> {
-    let mut manager = MmioDeviceManager::default();
     let mut extra = Vec::new();
     let mut order: Vec<usize> = (0..config.drives.len()).collect();
     order.sort_by_key(|&i| !config.drives[i].is_root_device);
@@ -356,7 +392,6 @@ fn attach_virtio_devices(
         }
         None => None,
     };
-    extra.extend(manager.cmdline_entries());
     Ok((
         VirtioHandles {
             blocks,

@@ -47,7 +47,9 @@ fn hook_panics() {
         std::panic::set_hook(Box::new(move |info| {
             match crate::seccomp::filtered_as() {
                 None | Some(ThreadKind::Vmm) => run(),
-                Some(ThreadKind::Vcpu | ThreadKind::Api) => crate::console::restore_terminal(),
+                Some(ThreadKind::Vcpu | ThreadKind::VcpuSpawner | ThreadKind::Api) => {
+                    crate::console::restore_terminal()
+                }
             }
             if crate::seccomp::filtered_as().is_none() {
                 previous(info);

@@ -6,6 +6,7 @@
 //! layers, each using only those below it; `docs/architecture.md` draws them and follows one
 //! exit and one predictor window through the code.
 
+pub mod acpi;
 pub mod api;
 pub mod arch;
 pub mod autopilot;
@@ -25,6 +26,7 @@ pub mod profile;
 pub mod rpc;
 pub mod runtime;
 pub mod seccomp;
+pub mod vcpus;
 pub mod vmm_config;
 pub mod vstate;
 

@@ -9,6 +9,7 @@ use devices::virtio::mem::MemError;
 use devices::virtio::net::NetError;
 
 use crate::microvm::MicroVm;
+use crate::vcpus::HotplugError;
 use crate::vmm_config::{BalloonStatsUpdate, VmConfig};
 
 /// One change to a device of a running VM, by the device's spec id.
@@ -33,6 +34,10 @@ pub enum LiveChange {
     HotplugRequested {
         size_mib: u64,
     },
+    /// vCPUs the VM should have: plugged now, or removed once the guest ejects them.
+    VcpuCount {
+        vcpu_count: u8,
+    },
 }
 
 /// Why a device refused a change.
@@ -48,6 +53,16 @@ pub enum LiveError {
     Balloon(#[from] BalloonError),
     #[error("{0}")]
     MemoryHotplug(#[from] MemError),
+    #[error("{0}")]
+    Vcpus(#[from] HotplugError),
+}
+
+impl LiveError {
+    /// A change that conflicts with what the VM is doing (it may be asked again later), rather
+    /// than a bad one.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, LiveError::Vcpus(e) if e.is_conflict())
+    }
 }
 
 /// Applies `change` to the running `vm` (before boot there is none) and records it in `config`.
@@ -63,7 +78,7 @@ pub fn apply(
     Ok(())
 }
 
-fn apply_to_device(vm: &MicroVm, change: &LiveChange) -> Result<(), LiveError> {
+fn apply_to_device(vm: &mut MicroVm, change: &LiveChange) -> Result<(), LiveError> {
     let missing = |what: String| LiveError::NoDevice(what);
     match change {
         LiveChange::DriveRateLimiter { drive_id, limiter } => vm
@@ -86,6 +101,16 @@ fn apply_to_device(vm: &MicroVm, change: &LiveChange) -> Result<(), LiveError> {
             .hotplug_memory()
             .ok_or_else(|| missing("virtio-mem device".into()))?
             .set_requested_bytes(size_mib << 20)?,
+        LiveChange::VcpuCount { vcpu_count } => {
+            let change = vm.set_vcpu_count(*vcpu_count)?;
+            if !change.plugged.is_empty() || !change.removal_requested.is_empty() {
+                tracing::info!(
+                    "vCPUs: plugged {:?}, removal asked of {:?}",
+                    change.plugged,
+                    change.removal_requested
+                );
+            }
+        }
     }
     Ok(())
 }
@@ -118,6 +143,7 @@ fn mirror(config: &mut VmConfig, change: &LiveChange) {
             }
         }
         LiveChange::HotplugRequested { .. } => {}
+        LiveChange::VcpuCount { vcpu_count } => config.machine_config.vcpu_count = *vcpu_count,
     }
 }
 
@@ -165,6 +191,7 @@ mod tests {
                 stats_polling_interval_ms: Some(100),
             }),
             LiveChange::HotplugRequested { size_mib: 128 },
+            LiveChange::VcpuCount { vcpu_count: 3 },
             // An id the VM does not have changes nothing.
             LiveChange::DriveRateLimiter {
                 drive_id: "nope".into(),
@@ -187,5 +214,6 @@ mod tests {
         assert_eq!(b.amount_mib, 64);
         assert_eq!(b.stats_polling_interval_ms, Some(100));
         assert_eq!(config.memory_hotplug, before.memory_hotplug);
+        assert_eq!(config.machine_config.vcpu_count, 3);
     }
 }

@@ -1,8 +1,6 @@
 //! A booted microVM: its vCPU threads and the host resources they run on.
 
-use std::fs::File;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use devices::legacy::{I8042Error, I8042};
 use devices::virtio::balloon::stats::StatsReport;
@@ -11,18 +9,15 @@ use devices::virtio::block::Block;
 use devices::virtio::discard::PAGE_SIZE;
 use devices::virtio::mem::VirtioMem;
 use devices::virtio::net::Net;
-use predictor::telemetry::ExitTotals;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::console::RawTerminal;
 use crate::device_manager::legacy::ResetToExit;
 use crate::device_manager::registry::RegisteredDevice;
+use crate::vcpus::{CountChange, HotplugError, VcpuStatus, VcpuTelemetry, Vcpus};
 use crate::vstate::memory::{resident_bytes, trim_zero_pages, TrimReport};
-use crate::vstate::vcpu::{VcpuError, VcpuEvent, VcpuHandle, VcpuResponse};
+use crate::vstate::vcpu::VcpuError;
 use crate::vstate::vm::Vm;
-
-/// How long a vCPU gets to acknowledge a pause or resume.
-const VCPU_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The virtio devices that can change while the guest runs, by their spec ids.
 #[derive(Default)]
@@ -31,17 +26,6 @@ pub struct VirtioHandles {
     pub nets: Vec<(String, Arc<Mutex<Net>>)>,
     pub balloon: Option<Arc<Mutex<Balloon>>>,
     pub memory: Option<Arc<Mutex<VirtioMem>>>,
-}
-
-/// One running vCPU as telemetry reads it.
-pub struct VcpuTelemetry {
-    pub index: u8,
-    /// Its thread, for the thread's CPU clock.
-    pub thread: libc::pthread_t,
-    /// Its KVM binary statistics file, or why there is none.
-    pub stats: std::io::Result<File>,
-    /// Its exit counts.
-    pub exits: ExitTotals,
 }
 
 fn lock<T>(device: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -78,10 +62,8 @@ pub enum RunState {
 /// A booted microVM. Dropping it without [`MicroVm::stop`] leaves threads to die with the process.
 pub struct MicroVm {
     // Field order is drop order: vCPU threads are joined in `stop` before memory and the VM go.
-    vcpus: Vec<VcpuHandle>,
+    vcpus: Vcpus,
     state: RunState,
-    /// Each vCPU's exit counts, in vCPU order.
-    exits: Vec<ExitTotals>,
     i8042: Arc<Mutex<I8042<ResetToExit>>>,
     virtio: VirtioHandles,
     /// Every device on the VM's buses.
@@ -96,17 +78,15 @@ impl MicroVm {
     pub(crate) fn new(
         vm: Vm,
         mem: GuestMemoryMmap,
-        vcpus: Vec<(VcpuHandle, ExitTotals)>,
+        vcpus: Vcpus,
         terminal: Option<RawTerminal>,
         i8042: Arc<Mutex<I8042<ResetToExit>>>,
         virtio: VirtioHandles,
         devices: Vec<RegisteredDevice>,
     ) -> Self {
-        let (vcpus, exits) = vcpus.into_iter().unzip();
         Self {
             vcpus,
             state: RunState::Running,
-            exits,
             i8042,
             virtio,
             devices,
@@ -133,56 +113,57 @@ impl MicroVm {
         &self.devices
     }
 
-    /// Kernel thread ids of the vCPU threads.
+    /// Kernel thread ids of the vCPU threads (and of the thread that starts plugged vCPUs, so
+    /// that cgroups holding these hold them too).
     pub fn vcpu_tids(&self) -> Vec<libc::pid_t> {
-        self.vcpus.iter().map(VcpuHandle::tid).collect()
+        self.vcpus.tids()
     }
 
-    /// What telemetry reads of each running vCPU (the stats files are handed over once).
+    /// What telemetry reads of each running vCPU (each stats file is handed over once).
     pub fn vcpu_telemetry(&mut self) -> Vec<VcpuTelemetry> {
-        self.vcpus
-            .iter_mut()
-            .zip(&self.exits)
-            .filter_map(|(v, exits)| {
-                Some(VcpuTelemetry {
-                    index: v.index(),
-                    thread: v.pthread()?,
-                    stats: v.take_stats_file()?,
-                    exits: exits.clone(),
-                })
-            })
-            .collect()
+        self.vcpus.telemetry()
+    }
+
+    /// Changes whenever a vCPU thread starts or ends.
+    pub fn vcpu_generation(&self) -> u64 {
+        self.vcpus.generation()
+    }
+
+    /// vCPUs with a running thread.
+    pub fn vcpus_online(&self) -> u8 {
+        self.vcpus.online()
+    }
+
+    /// Whether vCPUs can be plugged and unplugged while the VM runs.
+    pub fn can_hotplug_vcpus(&self) -> bool {
+        self.vcpus.can_hotplug()
+    }
+
+    /// Plugs vCPUs or asks the guest to give some up (see [`Vcpus::set_count`]).
+    pub fn set_vcpu_count(&mut self, count: u8) -> Result<CountChange, HotplugError> {
+        self.vcpus.set_count(count)
+    }
+
+    /// Ends the threads of the vCPUs the guest has ejected; returns them.
+    pub fn reap_ejected_vcpus(&mut self) -> Vec<u8> {
+        self.vcpus.reap_ejected()
+    }
+
+    pub fn vcpu_status(&self) -> VcpuStatus {
+        self.vcpus.status()
     }
 
     /// Stops every vCPU at its next exit; they keep their state.
     pub fn pause(&mut self) -> Result<(), VcpuError> {
-        if let Err(e) = self.for_each_vcpu(VcpuEvent::Pause, VcpuResponse::Paused) {
-            // Some vCPUs may have stopped (or stop later, on the event already sent): the VM
-            // stays running, so let them all go again rather than leave the guest half stopped.
-            if let Err(r) = self.for_each_vcpu(VcpuEvent::Resume, VcpuResponse::Resumed) {
-                tracing::warn!("after a failed pause ({e}), resuming failed too: {r}");
-            }
-            return Err(e);
-        }
+        self.vcpus.pause()?;
         self.state = RunState::Paused;
         Ok(())
     }
 
     /// Lets paused vCPUs run again.
     pub fn resume(&mut self) -> Result<(), VcpuError> {
-        self.for_each_vcpu(VcpuEvent::Resume, VcpuResponse::Resumed)?;
+        self.vcpus.resume()?;
         self.state = RunState::Running;
-        Ok(())
-    }
-
-    fn for_each_vcpu(&self, event: VcpuEvent, expect: VcpuResponse) -> Result<(), VcpuError> {
-        // Send to all first so they stop together, then collect the answers.
-        for vcpu in &self.vcpus {
-            vcpu.send(event)?;
-        }
-        for vcpu in &self.vcpus {
-            vcpu.await_response(expect, VCPU_RESPONSE_TIMEOUT, event)?;
-        }
         Ok(())
     }
 
@@ -234,7 +215,7 @@ impl MicroVm {
 
     /// The running vCPUs' threads (for their CPU clocks).
     pub fn vcpu_threads(&self) -> Vec<libc::pthread_t> {
-        self.vcpus.iter().filter_map(VcpuHandle::pthread).collect()
+        self.vcpus.threads()
     }
 
     /// Gives the host back the zero pages of mostly unused huge pages of guest memory
@@ -257,15 +238,11 @@ impl MicroVm {
 
     /// Makes every vCPU leave KVM_RUN once, to look at what changed (a seccomp stage).
     pub fn kick_vcpus(&self) {
-        for vcpu in &self.vcpus {
-            vcpu.kick();
-        }
+        self.vcpus.kick();
     }
 
     /// Stops and joins every vCPU thread, then releases the VM.
     pub fn stop(mut self) {
-        for vcpu in self.vcpus.drain(..) {
-            vcpu.finish();
-        }
+        self.vcpus.stop();
     }
 }

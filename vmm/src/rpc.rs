@@ -41,6 +41,8 @@ pub enum VmmAction {
     PutMemoryHotplug(MemoryHotplugConfig),
     PatchMemoryHotplug(MemoryHotplugSizeUpdate),
     GetMemoryHotplug,
+    /// `GET /hotplug/vcpus`: each vCPU's state.
+    GetVcpus,
     StartInstance,
     Pause,
     Resume,
@@ -65,6 +67,8 @@ pub struct MachineConfigUpdate {
     pub vcpu_count: Option<u8>,
     pub mem_size_mib: Option<u64>,
     pub smt: Option<bool>,
+    pub max_vcpus: Option<u8>,
+    pub acpi: Option<bool>,
     pub huge_pages: Option<crate::vmm_config::HugePages>,
 }
 
@@ -74,7 +78,25 @@ impl MachineConfigUpdate {
             vcpu_count: self.vcpu_count.unwrap_or(to.vcpu_count),
             mem_size_mib: self.mem_size_mib.unwrap_or(to.mem_size_mib),
             smt: self.smt.unwrap_or(to.smt),
+            max_vcpus: self.max_vcpus.or(to.max_vcpus),
+            acpi: self.acpi.unwrap_or(to.acpi),
             huge_pages: self.huge_pages.unwrap_or(to.huge_pages),
+        }
+    }
+
+    /// Whether it asks for nothing but a vCPU count: the one change a running VM takes
+    /// (vCPU hot-plug).
+    pub fn only_vcpu_count(&self) -> Option<u8> {
+        match self {
+            Self {
+                vcpu_count: Some(n),
+                mem_size_mib: None,
+                smt: None,
+                max_vcpus: None,
+                acpi: None,
+                huge_pages: None,
+            } => Some(*n),
+            _ => None,
         }
     }
 }
@@ -109,6 +131,7 @@ pub enum VmmData {
     MemoryHotplug(MemoryHotplugStatus),
     Predictor(Box<PredictorStatus>),
     PredictorDecisions(DecisionPage),
+    Vcpus(crate::vcpus::VcpuStatus),
 }
 
 /// Why an action was refused; the API answers 400 with this text as `fault_message`.
@@ -153,6 +176,17 @@ pub enum ActionError {
     Predictor(String),
     #[error("{0}")]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    #[error(
+        "a running VM's machine-config takes only vcpu_count (vCPU hot-plug); {0} is fixed at boot"
+    )]
+    MachineFieldFixedAfterBoot(String),
+}
+
+impl ActionError {
+    /// Refused because of what the VM is doing now (HTTP 409), not because the request is bad.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, ActionError::Live(e) if e.is_conflict())
+    }
 }
 
 impl From<BuildError> for ActionError {

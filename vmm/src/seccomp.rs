@@ -42,6 +42,8 @@ pub enum ThreadKind {
     Api,
     /// A thread running KVM_RUN.
     Vcpu,
+    /// The thread that starts vCPUs plugged in later: a vCPU's filter plus thread creation.
+    VcpuSpawner,
 }
 
 impl ThreadKind {
@@ -50,6 +52,7 @@ impl ThreadKind {
             ThreadKind::Vmm => "vmm",
             ThreadKind::Api => "api",
             ThreadKind::Vcpu => "vcpu",
+            ThreadKind::VcpuSpawner => "vcpu_spawner",
         }
     }
 }
@@ -62,7 +65,7 @@ impl ThreadKind {
     fn first_stage(self) -> Stage {
         match self {
             ThreadKind::Vmm => Stage::Boot,
-            ThreadKind::Api | ThreadKind::Vcpu => Stage::Steady,
+            ThreadKind::Api | ThreadKind::Vcpu | ThreadKind::VcpuSpawner => Stage::Steady,
         }
     }
 }
@@ -76,10 +79,15 @@ impl fmt::Display for ThreadKind {
 impl FromStr for ThreadKind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        [ThreadKind::Vmm, ThreadKind::Api, ThreadKind::Vcpu]
-            .into_iter()
-            .find(|k| k.name() == s)
-            .ok_or_else(|| format!("{s:?} is not one of vmm, api, vcpu"))
+        [
+            ThreadKind::Vmm,
+            ThreadKind::Api,
+            ThreadKind::Vcpu,
+            ThreadKind::VcpuSpawner,
+        ]
+        .into_iter()
+        .find(|k| k.name() == s)
+        .ok_or_else(|| format!("{s:?} is not one of vmm, api, vcpu, vcpu_spawner"))
     }
 }
 
@@ -114,7 +122,7 @@ impl fmt::Display for Stage {
 }
 
 /// The compiled filters, by thread kind then stage (the order of [`Stage::ALL`]).
-const FILTERS: [(ThreadKind, [&[u8]; 3]); 3] = [
+const FILTERS: [(ThreadKind, [&[u8]; 3]); 4] = [
     (
         ThreadKind::Vmm,
         [
@@ -137,6 +145,17 @@ const FILTERS: [(ThreadKind, [&[u8]; 3]); 3] = [
             include_bytes!(concat!(env!("OUT_DIR"), "/seccomp/vcpu_boot.bpf")),
             include_bytes!(concat!(env!("OUT_DIR"), "/seccomp/vcpu_steady.bpf")),
             include_bytes!(concat!(env!("OUT_DIR"), "/seccomp/vcpu_quarantine.bpf")),
+        ],
+    ),
+    (
+        ThreadKind::VcpuSpawner,
+        [
+            include_bytes!(concat!(env!("OUT_DIR"), "/seccomp/vcpu_spawner_boot.bpf")),
+            include_bytes!(concat!(env!("OUT_DIR"), "/seccomp/vcpu_spawner_steady.bpf")),
+            include_bytes!(concat!(
+                env!("OUT_DIR"),
+                "/seccomp/vcpu_spawner_quarantine.bpf"
+            )),
         ],
     ),
 ];

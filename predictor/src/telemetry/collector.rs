@@ -21,6 +21,8 @@ pub enum CollectorError {
     },
     #[error("device totals have {got} entries but {expected} devices are registered")]
     DeviceCountMismatch { got: usize, expected: usize },
+    #[error("no vCPU at position {position}: {registered} are registered")]
+    NoSuchVcpu { position: usize, registered: usize },
     #[error("window closed at {now_ns} ns, before it started at {start_ns} ns")]
     ClockWentBack { start_ns: u64, now_ns: u64 },
 }
@@ -76,15 +78,36 @@ impl Collector {
         Duration::from_nanos(self.period_ns)
     }
 
-    /// Registers the next vCPU (index = call order): its exits count from now on.
+    /// Registers the next vCPU (index = call order): its exits count from now on, its KVM
+    /// statistics and thread CPU time from zero.
     pub fn add_vcpu(&mut self, exits: &ExitTotals) {
+        self.add_vcpu_from(exits, KvmVcpuStats::default());
+    }
+
+    /// Registers the next vCPU whose KVM statistics were `kvm` when its new thread started (a
+    /// vCPU plugged back in keeps its counts from before); its thread CPU time counts from zero.
+    pub fn add_vcpu_from(&mut self, exits: &ExitTotals, kvm: KvmVcpuStats) {
         self.vcpus.push(VcpuSource {
             exits: exits.reader(),
-            prev_kvm: KvmVcpuStats::default(),
+            prev_kvm: kvm,
             prev_cpu_ns: 0,
             last_exit_ns: 0,
         });
         self.window.vcpus.push(VcpuWindow::default());
+    }
+
+    /// Drops the vCPU at `position` (registration order, shifted by earlier removals): an
+    /// unplugged vCPU's thread has ended. Whatever it did since the last close is not counted.
+    pub fn remove_vcpu(&mut self, position: usize) -> Result<(), CollectorError> {
+        if position >= self.vcpus.len() {
+            return Err(CollectorError::NoSuchVcpu {
+                position,
+                registered: self.vcpus.len(),
+            });
+        }
+        self.vcpus.remove(position);
+        self.window.vcpus.remove(position);
+        Ok(())
     }
 
     /// Registers a device; its totals come in [`WindowInputs::devices`] at this position, and
@@ -285,6 +308,56 @@ mod tests {
                 expected: 4
             })
         ));
+    }
+
+    #[test]
+    fn vcpus_come_and_go_between_windows() {
+        let mut c = Collector::new(DEFAULT_WINDOW, 0).unwrap();
+        let (mut boot, boot_totals) = ExitRecorder::new();
+        let (mut plugged, plugged_totals) = ExitRecorder::new();
+        c.add_vcpu(&boot_totals);
+        let close = |c: &mut Collector, now, kvm: &[KvmVcpuStats], cpu: &[u64]| {
+            c.close(
+                now,
+                &WindowInputs {
+                    kvm,
+                    cpu_ns: cpu,
+                    devices: &[],
+                    memory: MemorySample::default(),
+                },
+            )
+            .map(|w| {
+                w.vcpus
+                    .iter()
+                    .map(|v| (v.cpu_ns, v.kvm.exits, v.exits.total()))
+                    .collect::<Vec<_>>()
+            })
+        };
+        let kvm = |exits| KvmVcpuStats {
+            exits,
+            ..Default::default()
+        };
+        // Exits recorded before the vCPU was taken on are not counted; its KVM statistics
+        // count from the baseline it came with (it ran before it was unplugged).
+        plugged.record(ExitKind::Hlt);
+        c.add_vcpu_from(&plugged_totals, kvm(40));
+        boot.record(ExitKind::Hlt);
+        plugged.record(ExitKind::Hlt);
+        plugged.record(ExitKind::Hlt);
+        let w = close(&mut c, 100, &[kvm(5), kvm(47)], &[10, 20]).unwrap();
+        assert_eq!(w, vec![(10, 5, 1), (20, 7, 2)]);
+        // The boot vCPU stays; the plugged one goes.
+        c.remove_vcpu(1).unwrap();
+        assert_eq!(
+            c.remove_vcpu(1),
+            Err(CollectorError::NoSuchVcpu {
+                position: 1,
+                registered: 1
+            })
+        );
+        let w = close(&mut c, 200, &[kvm(6)], &[30]).unwrap();
+        assert_eq!(w, vec![(20, 1, 0)]);
+        assert!(close(&mut c, 300, &[kvm(6), kvm(47)], &[30, 20]).is_err());
     }
 
     #[test]

@@ -205,6 +205,8 @@ pub fn route(req: &Request) -> Routed {
         ("/hotplug/memory", "PUT") => action(parse_body(req).map(VmmAction::PutMemoryHotplug)),
         ("/hotplug/memory", "PATCH") => action(parse_body(req).map(VmmAction::PatchMemoryHotplug)),
         ("/hotplug/memory", _) => method_not_allowed(req, "GET, PUT, PATCH"),
+        ("/hotplug/vcpus", "GET") => Routed::Action(VmmAction::GetVcpus),
+        ("/hotplug/vcpus", _) => method_not_allowed(req, "GET"),
         ("/predictor", "GET") => Routed::Action(VmmAction::GetPredictor),
         ("/predictor", "PATCH") => action(parse_body(req).map(VmmAction::PatchPredictor)),
         ("/predictor", _) => method_not_allowed(req, "GET, PATCH"),
@@ -268,6 +270,8 @@ pub fn respond(result: Result<VmmData, ActionError>) -> Response {
         Ok(VmmData::MemoryHotplug(m)) => json(serde_json::to_string(&m)),
         Ok(VmmData::Predictor(p)) => json(serde_json::to_string(&p)),
         Ok(VmmData::PredictorDecisions(d)) => json(serde_json::to_string(&d)),
+        Ok(VmmData::Vcpus(v)) => json(serde_json::to_string(&v)),
+        Err(e) if e.is_conflict() => Response::fault(409, e),
         Err(e) => Response::fault(400, e),
     }
 }

@@ -14,18 +14,27 @@ use predictor::telemetry::{
 use super::host::thread_cpu_ns;
 use super::kvm_stats::KvmStatsReader;
 use crate::microvm::{MemoryAccounting, MicroVm};
+use crate::vcpus::VcpuTelemetry;
 
 const MIB: f64 = 1024.0 * 1024.0;
 
+/// A running vCPU thread the collector counts (collector order).
 struct VcpuSource {
+    index: u8,
+    /// Which start of the vCPU's thread: a vCPU unplugged and plugged again is a new source.
+    start: u64,
     thread: libc::pthread_t,
-    kvm: Option<KvmStatsReader>,
 }
 
 /// The sources of one VM's window inputs.
 pub struct Inputs {
     boot_mib: u64,
     vcpus: Vec<VcpuSource>,
+    /// KVM's statistics of each vCPU that ever ran, by index (kept across unplugs).
+    readers: Vec<Option<KvmStatsReader>>,
+    kvm_errors: Vec<String>,
+    /// The VM's vCPU generation the sources were last matched against.
+    generation: u64,
     devices: Vec<Option<Arc<DeviceCounters>>>,
     kvm: Vec<KvmVcpuStats>,
     cpu_ns: Vec<u64>,
@@ -40,52 +49,98 @@ impl Inputs {
         boot_mib: u64,
         collector: &mut Collector,
     ) -> Result<(Self, String), CollectorError> {
-        let mut vcpus = Vec::new();
-        let mut kvm_errors = Vec::new();
-        for v in vm.vcpu_telemetry() {
-            collector.add_vcpu(&v.exits);
-            let kvm = v
-                .stats
-                .map_err(super::kvm_stats::KvmStatsError::Ioctl)
-                .and_then(KvmStatsReader::new)
-                .map_err(|e| kvm_errors.push(format!("vCPU {}: {e}", v.index)))
-                .ok();
-            vcpus.push(VcpuSource {
-                thread: v.thread,
-                kvm,
-            });
-        }
-        let kvm_status = if kvm_errors.is_empty() {
-            format!("reading KVM binary stats of {} vCPUs", vcpus.len())
-        } else {
-            tracing::warn!(
-                "predictor runs without KVM stats: {}",
-                kvm_errors.join("; ")
-            );
-            format!("unavailable, windows go without: {}", kvm_errors.join("; "))
-        };
         let mut devices = Vec::new();
         for d in vm.devices() {
             collector.add_device(d.info.id, d.info.kind)?;
             devices.push(d.counters.clone());
         }
-        let inputs = Self {
+        let mut inputs = Self {
             boot_mib,
-            kvm: Vec::with_capacity(vcpus.len()),
-            cpu_ns: Vec::with_capacity(vcpus.len()),
+            vcpus: Vec::new(),
+            readers: Vec::new(),
+            kvm_errors: Vec::new(),
+            generation: vm.vcpu_generation(),
+            kvm: Vec::new(),
+            cpu_ns: Vec::new(),
             totals: Vec::with_capacity(devices.len()),
-            vcpus,
             devices,
         };
+        for v in vm.vcpu_telemetry() {
+            // The boot vCPUs count from their first instruction.
+            inputs.take_on(v, collector, false);
+        }
+        let kvm_status = if inputs.kvm_errors.is_empty() {
+            format!("reading KVM binary stats of {} vCPUs", inputs.vcpus.len())
+        } else {
+            let errors = inputs.kvm_errors.join("; ");
+            tracing::warn!("predictor runs without KVM stats: {errors}");
+            format!("unavailable, windows go without: {errors}")
+        };
         Ok((inputs, kvm_status))
+    }
+
+    /// Starts counting a running vCPU; `from_now`: its KVM statistics count from their present
+    /// values (a vCPU plugged back in), else from zero.
+    fn take_on(&mut self, v: VcpuTelemetry, collector: &mut Collector, from_now: bool) {
+        let slot = usize::from(v.index);
+        if self.readers.len() <= slot {
+            self.readers.resize_with(slot + 1, || None);
+        }
+        if let Some(file) = v.stats {
+            self.readers[slot] = file
+                .map_err(super::kvm_stats::KvmStatsError::Ioctl)
+                .and_then(KvmStatsReader::new)
+                .map_err(|e| self.kvm_errors.push(format!("vCPU {}: {e}", v.index)))
+                .ok();
+        }
+        let baseline = match (&mut self.readers[slot], from_now) {
+            (Some(r), true) => r.read().unwrap_or_default(),
+            _ => KvmVcpuStats::default(),
+        };
+        collector.add_vcpu_from(&v.exits, baseline);
+        self.vcpus.push(VcpuSource {
+            index: v.index,
+            start: v.start,
+            thread: v.thread,
+        });
+    }
+
+    /// Follows vCPUs plugged and unplugged since the last window: an ended thread's source goes
+    /// (its clock can no longer be read), a new one's joins.
+    pub fn sync(
+        &mut self,
+        vm: &mut MicroVm,
+        collector: &mut Collector,
+    ) -> Result<(), CollectorError> {
+        if vm.vcpu_generation() == self.generation {
+            return Ok(());
+        }
+        self.generation = vm.vcpu_generation();
+        let running = vm.vcpu_telemetry();
+        let same = |a: &VcpuSource, b: &VcpuTelemetry| a.index == b.index && a.start == b.start;
+        let mut position = 0;
+        while position < self.vcpus.len() {
+            if running.iter().any(|r| same(&self.vcpus[position], r)) {
+                position += 1;
+            } else {
+                collector.remove_vcpu(position)?;
+                self.vcpus.remove(position);
+            }
+        }
+        for r in running {
+            if !self.vcpus.iter().any(|v| same(v, &r)) {
+                self.take_on(r, collector, true);
+            }
+        }
+        Ok(())
     }
 
     /// Reads everything now.
     pub fn read(&mut self, vm: &mut MicroVm) -> WindowInputs<'_> {
         self.kvm.clear();
         self.cpu_ns.clear();
-        for v in &mut self.vcpus {
-            let kvm = match &mut v.kvm {
+        for v in &self.vcpus {
+            let kvm = match &mut self.readers[usize::from(v.index)] {
                 Some(r) => r.read().unwrap_or_default(),
                 None => KvmVcpuStats::default(),
             };

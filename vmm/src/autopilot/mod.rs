@@ -22,7 +22,7 @@ use std::time::Duration;
 use event_manager::{EventManager, SubscriberOps};
 use jailer::cgroup::Cgroup;
 use predictor::policy::{Action, Decision, Policy};
-use predictor::resource::Resource;
+use predictor::resource::{PerResource, Resource};
 use predictor::telemetry::Collector;
 use predictor::trace::{Header, TraceWriter};
 
@@ -35,6 +35,7 @@ use actuators::bandwidth::Bandwidth;
 use actuators::cpu::{CpuQuota, Throttling};
 use actuators::memory::ElasticMemory;
 use actuators::seccomp::SeccompStage;
+use actuators::vcpus::VcpuCores;
 use actuators::{Actuators, Context, Knob, Target};
 use decisions::{Applied, DecisionLog, DecisionPage};
 use inputs::Inputs;
@@ -163,13 +164,20 @@ impl Autopilot {
             Some(given) => CpuQuota::given(given),
             None => CpuQuota::create(id, &vm.vcpu_tids()),
         };
+        if let Err(e) = &quota {
+            tracing::warn!("predictor cannot set CPU quotas: {e}");
+        }
         match quota {
+            quota if vm.can_hotplug_vcpus() && self.config.vcpus.enabled => {
+                self.throttling = quota.as_ref().ok().and_then(CpuQuota::throttling);
+                self.actuators
+                    .add(Box::new(VcpuCores::new(quota.ok(), self.config.vcpus)));
+            }
             Ok(q) => {
                 self.throttling = q.throttling();
                 self.actuators.add(Box::new(q));
             }
             Err(e) => {
-                tracing::warn!("predictor cannot set CPU quotas: {e}");
                 let knob = Knob::Resource(Resource::Cpu);
                 self.actuators
                     .unavailable(knob, format!("unavailable: {e}"));
@@ -231,6 +239,7 @@ impl Autopilot {
         let Some(inputs) = self.inputs.as_mut() else {
             return Ok(());
         };
+        inputs.sync(vm, &mut self.collector)?;
         let inputs = inputs.read(vm);
         let used_mib = inputs.memory.used();
         let mut sample = self.collector.close(now_ns, &inputs)?.sample();
@@ -246,15 +255,23 @@ impl Autopilot {
         }
         let decision = self.policy.decide(&sample);
         self.windows += 1;
-        if decision.action != Action::Hold && self.config.enabled {
+        if self.config.enabled {
             let mut ctx = Context {
                 vm,
                 config,
                 exit,
                 used_mib,
             };
-            let applied = self.apply(&decision, &mut ctx);
-            self.log.push(decision.clone(), applied);
+            let mut applied = if decision.action != Action::Hold {
+                self.apply(&decision, &mut ctx)
+            } else {
+                Vec::new()
+            };
+            // What actuators do on their own time is logged with the window it happened in.
+            applied.extend(self.actuators.follow_up(&mut ctx));
+            if decision.action != Action::Hold || !applied.is_empty() {
+                self.log.push(decision.clone(), applied);
+            }
         }
         self.last = Some(decision);
         Ok(())
@@ -331,8 +348,20 @@ impl Autopilot {
                 exit,
                 used_mib: 0.0,
             };
-            self.actuators
+            let applied = self
+                .actuators
                 .apply(Target::Allocation(Resource::Cpu, cores), &mut ctx);
+            // Logged with the latest decision's inputs and forecast (if a window has closed
+            // yet), restated: what the new budget made of the CPU allocation.
+            let mut d = self.last.clone().unwrap_or_default();
+            d.allocation = *self.policy.allocation();
+            d.resized = PerResource {
+                cpu: true,
+                ..PerResource::default()
+            };
+            d.action = Action::Resize;
+            d.reason = "PATCH /predictor: the allocation moved into the new budget".into();
+            self.log.push(d, vec![applied]);
         }
         Ok(())
     }
@@ -350,7 +379,6 @@ mod tests {
         let machine = MachineConfig {
             vcpu_count: 1,
             mem_size_mib: 1024,
-            smt: false,
             ..MachineConfig::default()
         };
         let config = PredictorConfig::default();

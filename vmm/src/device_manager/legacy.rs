@@ -4,6 +4,7 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
+use acpi_tables::{aml, Aml};
 use devices::legacy::{
     Absent, IrqTrigger, SerialCounters, SerialDevice, SerialHooks, ABSENT_PORTS, I8042,
 };
@@ -21,6 +22,52 @@ const COM1_BASE: u64 = 0x3f8;
 const COM1_LEN: u64 = 8;
 const I8042_BASE: u64 = 0x60;
 const I8042_LEN: u64 = 5;
+/// The serial port's DSDT entry: Linux's 8250 driver finds COM1 through it.
+fn serial_aml() -> Vec<u8> {
+    let mut out = Vec::new();
+    let port = COM1_BASE as u16;
+    aml::Device::new(
+        "COM1".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_DDN".into(), &"COM1"),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    &aml::IO::new(port, port, 1, COM1_LEN as u8),
+                    &aml::Interrupt::new(true, true, false, false, SERIAL_IRQ),
+                ]),
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut out);
+    out
+}
+
+/// The i8042's DSDT entry (data port 0x60, command port 0x64): Linux's i8042 driver finds the
+/// keyboard controller through it, as the FADT says there is one.
+fn i8042_aml() -> Vec<u8> {
+    let mut out = Vec::new();
+    let (data, command) = (I8042_BASE as u16, (I8042_BASE + I8042_LEN - 1) as u16);
+    aml::Device::new(
+        "PS2_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0303")),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    &aml::IO::new(data, data, 1, 1),
+                    &aml::IO::new(command, command, 1, 1),
+                    &aml::Interrupt::new(true, true, false, false, KEYBOARD_IRQ),
+                ]),
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut out);
+    out
+}
+
 /// How many devices [`attach`] places.
 pub const DEVICES: usize = 3;
 
@@ -94,6 +141,7 @@ pub fn attach(
         name: "serial".into(),
         kind: DeviceKind::Console,
         counters: None,
+        aml: serial_aml(),
     })?;
 
     let kbd_irq = evt("keyboard interrupt")?;
@@ -111,6 +159,7 @@ pub fn attach(
         name: "i8042".into(),
         kind: DeviceKind::Other,
         counters: None,
+        aml: i8042_aml(),
     })?;
 
     let [(base, len), more @ ..] = ABSENT_PORTS;
@@ -123,6 +172,8 @@ pub fn attach(
             name: "absent_legacy".into(),
             kind: DeviceKind::Absent,
             counters: None,
+            // Hardware that is not there has no DSDT entry.
+            aml: Vec::new(),
         },
         &more,
     )?;

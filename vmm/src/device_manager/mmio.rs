@@ -6,6 +6,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use acpi_tables::{aml, Aml};
 use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 use devices::virtio::{
     VirtioDevice, VirtioInterrupt, TYPE_BALLOON, TYPE_BLOCK, TYPE_MEM, TYPE_NET, TYPE_VSOCK,
@@ -26,7 +27,7 @@ const FIRST_IRQ: u32 = 5;
 /// Errors of attaching a virtio device.
 #[derive(Debug, thiserror::Error)]
 pub enum MmioError {
-    #[error("no IOAPIC pin left for another virtio device (at most {} devices)", u32::from(IOAPIC_PINS) - FIRST_IRQ)]
+    #[error("no IOAPIC pin left: the virtio devices and the ACPI event device share {} pins", u32::from(IOAPIC_PINS) - FIRST_IRQ)]
     OutOfIrqs,
     #[error("cannot create an eventfd for a virtio device: {0}")]
     EventFd(std::io::Error),
@@ -62,6 +63,29 @@ pub struct MmioSlot {
 }
 
 impl MmioSlot {
+    /// The device's DSDT entry (`VRnn`, nn = its place among the virtio devices): what Linux's
+    /// virtio-mmio driver probes when the guest has ACPI, in place of the command-line entry.
+    pub fn aml(&self, index: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        aml::Device::new(
+            format!("VR{index:02X}").as_str().into(),
+            vec![
+                &aml::Name::new("_HID".into(), &"LNRO0005"),
+                &aml::Name::new("_UID".into(), &(index as u32)),
+                &aml::Name::new("_CCA".into(), &aml::ONE),
+                &aml::Name::new(
+                    "_CRS".into(),
+                    &aml::ResourceTemplate::new(vec![
+                        &aml::Memory32Fixed::new(true, self.base as u32, MMIO_WINDOW_SIZE as u32),
+                        &aml::Interrupt::new(true, true, false, false, self.irq),
+                    ]),
+                ),
+            ],
+        )
+        .to_aml_bytes(&mut out);
+        out
+    }
+
     /// The kernel command-line entry announcing the device (Linux's `virtio_mmio.device=`).
     pub fn cmdline_entry(&self) -> String {
         format!(
@@ -143,6 +167,7 @@ impl MmioDeviceManager {
             name,
             kind,
             counters: Some(counters),
+            aml: slot.aml(self.slots.len()),
         })?;
         let as_subscriber: Subscriber = device;
         event_manager.add_subscriber(as_subscriber);
@@ -150,6 +175,15 @@ impl MmioDeviceManager {
         self.next_irq += 1;
         self.slots.push(slot);
         Ok(slot)
+    }
+
+    /// The next free IOAPIC pin, for a platform device that is not virtio (the GED).
+    pub fn take_irq(&mut self) -> Result<u32, MmioError> {
+        if self.next_irq >= u32::from(IOAPIC_PINS) {
+            return Err(MmioError::OutOfIrqs);
+        }
+        self.next_irq += 1;
+        Ok(self.next_irq - 1)
     }
 
     /// The command-line entries of every attached device, in attach order.
@@ -172,14 +206,24 @@ mod tests {
         assert_eq!(kind_of(devices::virtio::TYPE_RNG), DeviceKind::Other);
     }
 
-    /// Every device the MMIO manager can place (one per IOAPIC pin left) and the legacy ones
-    /// get a telemetry id.
+    /// Every device the MMIO manager can place (one per IOAPIC pin left), the legacy ones and
+    /// the ACPI platform devices get a telemetry id.
     #[test]
     fn the_irq_lines_run_out_before_the_device_ids() {
         let virtio = u32::from(IOAPIC_PINS) - FIRST_IRQ;
-        assert!(
-            virtio as usize + super::super::legacy::DEVICES <= predictor::telemetry::MAX_DEVICES
-        );
+        let fixed = super::super::legacy::DEVICES + super::super::acpi::DEVICES;
+        assert!(virtio as usize + fixed <= predictor::telemetry::MAX_DEVICES);
+    }
+
+    #[test]
+    fn the_pins_left_after_the_virtio_devices_go_to_platform_devices() {
+        let mut m = MmioDeviceManager::default();
+        assert_eq!(m.take_irq().unwrap(), FIRST_IRQ);
+        assert_eq!(m.take_irq().unwrap(), FIRST_IRQ + 1);
+        while m.take_irq().is_ok() {}
+        assert_eq!(m.next_irq, u32::from(IOAPIC_PINS));
+        let e = m.take_irq().unwrap_err().to_string();
+        assert!(e.starts_with("no IOAPIC pin left"), "{e}");
     }
 
     #[test]

@@ -61,6 +61,9 @@ pub struct RegisteredDevice {
     pub info: DeviceInfo,
     /// Requests it served, for devices that serve requests (virtio).
     pub counters: Option<Arc<DeviceCounters>>,
+    /// What it adds to the DSDT's `\_SB_` scope (AML), empty if the guest does not find it
+    /// through ACPI.
+    pub aml: Vec<u8>,
 }
 
 fn id_index<S: serde::Serializer>(id: &DeviceId, s: S) -> Result<S::Ok, S::Error> {
@@ -83,6 +86,8 @@ pub struct Attachment {
     pub name: String,
     pub kind: DeviceKind,
     pub counters: Option<Arc<DeviceCounters>>,
+    /// Its DSDT entry, written by whoever places it (it knows the range and the interrupt).
+    pub aml: Vec<u8>,
 }
 
 impl DeviceRegistry {
@@ -132,8 +137,17 @@ impl DeviceRegistry {
                 base: a.base,
             },
             counters: a.counters,
+            aml: a.aml,
         });
         Ok(id)
+    }
+
+    /// Every device's DSDT entry, in attach order: the body of the DSDT's `\_SB_` scope.
+    pub fn aml(&self) -> Vec<u8> {
+        self.devices
+            .iter()
+            .flat_map(|d| d.aml.iter().copied())
+            .collect()
     }
 
     pub fn devices(&self) -> &[RegisteredDevice] {
@@ -167,6 +181,7 @@ mod tests {
             name: name.into(),
             kind: DeviceKind::Other,
             counters: None,
+            aml: name.as_bytes().to_vec(),
         }
     }
 
@@ -186,6 +201,7 @@ mod tests {
             "{e}"
         );
         assert_eq!(r.devices().len(), 3);
+        assert_eq!(r.aml(), b"abc", "the DSDT's devices, in attach order");
         let (buses, devices) = r.finish();
         let mut data = [0u8; 4];
         assert_eq!(buses.pio.read(0x6f, &mut data), Some(a));

@@ -57,6 +57,16 @@ pub fn apply(profile: &Profile, config: &mut VmConfig) -> Sized {
     if m.smt && vcpus > 1 && !vcpus.is_multiple_of(2) {
         m.vcpu_count = (vcpus + 1).min(MAX_VCPUS);
     }
+    // A spec that can plug vCPUs keeps room to plug beyond the profiled boot count.
+    if let Some(max) = m.max_vcpus.filter(|&max| max < m.vcpu_count) {
+        change(
+            "machine-config.max_vcpus",
+            max.to_string(),
+            m.vcpu_count.to_string(),
+            "at least the profiled vcpu_count".into(),
+        );
+        m.max_vcpus = Some(m.vcpu_count);
+    }
 
     let peak = profile.memory_footprint.peak_mib;
     let boot = round_up(
@@ -221,6 +231,25 @@ mod tests {
         apply(&profile(2.05, 10.0, 0.0), &mut c);
         assert_eq!(c.machine_config.vcpu_count, 2);
         assert!(c.drives[0].rate_limiter.is_none());
+    }
+
+    #[test]
+    fn max_vcpus_stays_at_least_the_profiled_vcpu_count() {
+        let mut c = spec();
+        c.machine_config.max_vcpus = Some(2);
+        let s = apply(&profile(2.9, 10.0, 0.0), &mut c);
+        assert_eq!(c.machine_config.vcpu_count, 3);
+        assert_eq!(c.machine_config.max_vcpus, Some(3));
+        c.machine_config.validate().unwrap();
+        assert!(
+            s.changes[1].starts_with("machine-config.max_vcpus: 2 -> 3"),
+            "{:#?}",
+            s.changes
+        );
+        let mut c = spec();
+        c.machine_config.max_vcpus = Some(4);
+        apply(&profile(1.5, 10.0, 0.0), &mut c);
+        assert_eq!(c.machine_config.max_vcpus, Some(4));
     }
 
     #[test]

@@ -6,7 +6,9 @@ use crate::autopilot::PredictorStatus;
 use crate::live::{self, LiveChange};
 use crate::metrics::METRICS;
 use crate::microvm::{MicroVm, RunState};
-use crate::rpc::{ActionError, InstanceInfo, InstanceState, VmmAction, VmmData};
+use crate::rpc::{
+    ActionError, InstanceInfo, InstanceState, MachineConfigUpdate, VmmAction, VmmData,
+};
 use crate::seccomp;
 use crate::vmm_config::{
     validate_drives, validate_interfaces, BalloonStatsUpdate, BalloonUpdate, DriveUpdate,
@@ -140,6 +142,45 @@ impl Runtime {
         Ok(VmmData::BalloonStats(Box::new(device.stats())))
     }
 
+    /// `PATCH /machine-config`: any field before boot; on a running VM that can plug vCPUs only
+    /// `vcpu_count`, which plugs vCPUs or asks the guest to give some up (refused while a
+    /// removal is pending). A VM that cannot answers as Firecracker does: nothing after boot.
+    fn patch_machine_config(
+        &mut self,
+        update: MachineConfigUpdate,
+    ) -> Result<VmmData, ActionError> {
+        let Some(vm) = self.vm.as_mut() else {
+            let machine = update.apply(&self.config.machine_config);
+            machine.validate()?;
+            self.config.machine_config = machine;
+            return Ok(VmmData::Empty);
+        };
+        if !vm.can_hotplug_vcpus() {
+            return Err(ActionError::NotAllowedAfterBoot);
+        }
+        let Some(vcpu_count) = update.only_vcpu_count() else {
+            let given = serde_json::to_value(&update).unwrap_or_default();
+            let fixed: Vec<String> = given
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, v)| *k != "vcpu_count" && !v.is_null())
+                .map(|(k, _)| k.clone())
+                .collect();
+            return Err(if fixed.is_empty() {
+                ActionError::InvalidConfig(crate::vmm_config::ConfigError::new(
+                    crate::vmm_config::MachineConfig::vcpu_count_path(),
+                    "missing: a running VM's machine-config takes vcpu_count only",
+                ))
+            } else {
+                ActionError::MachineFieldFixedAfterBoot(fixed.join(", "))
+            });
+        };
+        let change = LiveChange::VcpuCount { vcpu_count };
+        live::apply(Some(vm), &mut self.config, &change)?;
+        Ok(VmmData::Empty)
+    }
+
     /// `PATCH /hotplug/memory`: the size the guest should plug, after boot.
     fn patch_memory_hotplug(
         &mut self,
@@ -207,13 +248,7 @@ impl Runtime {
                 self.config.machine_config = machine;
                 Ok(VmmData::Empty)
             }
-            VmmAction::PatchMachineConfig(update) => {
-                self.before_boot()?;
-                let machine = update.apply(&self.config.machine_config);
-                machine.validate()?;
-                self.config.machine_config = machine;
-                Ok(VmmData::Empty)
-            }
+            VmmAction::PatchMachineConfig(update) => self.patch_machine_config(update),
             VmmAction::PutSerial(serial) => {
                 self.before_boot()?;
                 serial.validate()?;
@@ -271,6 +306,12 @@ impl Runtime {
             }
             VmmAction::PatchMemoryHotplug(update) => self.patch_memory_hotplug(update),
             VmmAction::GetMemoryHotplug => self.memory_hotplug_status(),
+            VmmAction::GetVcpus => Ok(VmmData::Vcpus(
+                self.vm
+                    .as_ref()
+                    .ok_or(ActionError::NotAllowedBeforeBoot)?
+                    .vcpu_status(),
+            )),
             VmmAction::StartInstance => {
                 self.start()?;
                 Ok(VmmData::Empty)

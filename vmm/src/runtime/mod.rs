@@ -215,6 +215,10 @@ impl Runtime {
             if let Err(e) = self.event_manager.run() {
                 break ExitReason::VmmError(format!("event loop failed: {e}"));
             }
+            if let Some(vm) = &mut self.vm {
+                // A vCPU the guest ejected: its thread ends here, on the VMM thread.
+                vm.reap_ejected_vcpus();
+            }
             self.close_window();
             if let (Some(trim), Some(vm)) = (&mut self.idle_trim, &mut self.vm) {
                 trim.run_if_due(vm);

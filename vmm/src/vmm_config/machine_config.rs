@@ -47,7 +47,10 @@ impl HugePages {
     }
 }
 
-/// vCPU count, memory size, SMT and huge pages, with Firecracker's field names and defaults.
+/// vCPU count, memory size, SMT and huge pages, with Firecracker's field names and defaults, and
+/// two prescient extensions: `max_vcpus` (how many vCPUs the VM can be given while it runs;
+/// `vcpu_count` stays the boot count, as in Firecracker) and `acpi` (whether the guest is
+/// described by ACPI tables, or by an MP table and `virtio_mmio.device=` command-line entries).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MachineConfig {
@@ -57,6 +60,20 @@ pub struct MachineConfig {
     pub smt: bool,
     #[serde(default)]
     pub huge_pages: HugePages,
+    /// The most vCPUs the VM can have plugged at once (default: `vcpu_count`, no hot-plug).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_vcpus: Option<u8>,
+    /// ACPI tables (default); `false` boots guests built without ACPI (or with `acpi=off`).
+    #[serde(default = "acpi_default", skip_serializing_if = "is_default_acpi")]
+    pub acpi: bool,
+}
+
+fn acpi_default() -> bool {
+    true
+}
+
+fn is_default_acpi(acpi: &bool) -> bool {
+    *acpi
 }
 
 impl Default for MachineConfig {
@@ -65,6 +82,8 @@ impl Default for MachineConfig {
             vcpu_count: 1,
             mem_size_mib: 128,
             smt: false,
+            max_vcpus: None,
+            acpi: acpi_default(),
             huge_pages: HugePages::default(),
         }
     }
@@ -74,9 +93,33 @@ impl MachineConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !(1..=MAX_VCPUS).contains(&self.vcpu_count) {
             return Err(ConfigError::new(
-                JsonPath::keys(&["machine-config", "vcpu_count"]),
+                Self::vcpu_count_path(),
                 format!("must be between 1 and {MAX_VCPUS}, got {}", self.vcpu_count),
             ));
+        }
+        if let Some(max) = self.max_vcpus {
+            let at = JsonPath::keys(&["machine-config", "max_vcpus"]);
+            if !(self.vcpu_count..=MAX_VCPUS).contains(&max) {
+                return Err(ConfigError::new(
+                    at,
+                    format!(
+                        "must be between vcpu_count ({}) and {MAX_VCPUS}, got {max}",
+                        self.vcpu_count
+                    ),
+                ));
+            }
+            if max > self.vcpu_count && !self.acpi {
+                return Err(ConfigError::new(
+                    at,
+                    "plugging vCPUs needs ACPI (the guest learns of them through it); acpi is false",
+                ));
+            }
+            if max > self.vcpu_count && self.smt {
+                return Err(ConfigError::new(
+                    at,
+                    "vCPUs are plugged one at a time, not as SMT sibling pairs; smt must be false",
+                ));
+            }
         }
         if self.mem_size_mib == 0 {
             return Err(ConfigError::new(
@@ -107,7 +150,7 @@ impl MachineConfig {
         }
         if self.smt && self.vcpu_count > 1 && !self.vcpu_count.is_multiple_of(2) {
             return Err(ConfigError::new(
-                JsonPath::keys(&["machine-config", "vcpu_count"]),
+                Self::vcpu_count_path(),
                 format!(
                     "with smt enabled the vCPU count must be 1 or even, got {}",
                     self.vcpu_count
@@ -115,6 +158,17 @@ impl MachineConfig {
             ));
         }
         Ok(())
+    }
+
+    /// The most vCPUs the VM may have plugged at once.
+    pub fn max_vcpus(&self) -> u8 {
+        self.max_vcpus
+            .unwrap_or(self.vcpu_count)
+            .max(self.vcpu_count)
+    }
+
+    pub fn vcpu_count_path() -> JsonPath {
+        JsonPath::keys(&["machine-config", "vcpu_count"])
     }
 
     /// Where memory errors found while building the VM point.
@@ -136,7 +190,7 @@ mod tests {
             vcpu_count,
             mem_size_mib,
             smt,
-            huge_pages: HugePages::None,
+            ..MachineConfig::default()
         }
     }
 
@@ -161,6 +215,50 @@ mod tests {
             .contains("64-bit"));
         assert!(mc(3, 128, true).validate().is_err());
         assert!(mc(4, 128, true).validate().is_ok());
+    }
+
+    #[test]
+    fn max_vcpus_bounds_hot_plug_and_needs_acpi() {
+        let with_max = |count, max, acpi, smt| MachineConfig {
+            max_vcpus: Some(max),
+            acpi,
+            ..mc(count, 128, smt)
+        };
+        assert_eq!(mc(2, 128, false).max_vcpus(), 2);
+        let ok = with_max(1, 4, true, false);
+        ok.validate().unwrap();
+        assert_eq!(ok.max_vcpus(), 4);
+        let e = with_max(3, 2, true, false).validate().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "machine-config.max_vcpus: must be between vcpu_count (3) and 32, got 2"
+        );
+        assert!(with_max(1, 33, true, false).validate().is_err());
+        let e = with_max(1, 2, false, false).validate().unwrap_err();
+        assert!(e.message.contains("needs ACPI"), "{e}");
+        assert!(with_max(2, 4, true, true)
+            .validate()
+            .unwrap_err()
+            .message
+            .contains("smt"));
+        // No hot-plug asked for: fine without ACPI.
+        with_max(2, 2, false, false).validate().unwrap();
+        // Firecracker's field set reads and writes as before; the extensions only when set.
+        let fc: MachineConfig =
+            serde_json::from_str(r#"{"vcpu_count": 2, "mem_size_mib": 256}"#).unwrap();
+        assert!(fc.acpi && fc.max_vcpus.is_none());
+        assert_eq!(
+            serde_json::to_value(&fc).unwrap(),
+            serde_json::json!({"vcpu_count": 2, "mem_size_mib": 256, "smt": false, "huge_pages": "Transparent"})
+        );
+        let ext = serde_json::to_value(with_max(1, 4, true, false)).unwrap();
+        assert_eq!(ext["max_vcpus"], 4);
+        let off = serde_json::to_value(MachineConfig {
+            acpi: false,
+            ..mc(1, 128, false)
+        })
+        .unwrap();
+        assert_eq!(off["acpi"], false);
     }
 
     #[test]

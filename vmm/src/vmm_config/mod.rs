@@ -26,7 +26,8 @@ pub use machine_config::{HugePages, MachineConfig, MAX_VCPUS};
 pub use memory_hotplug::{MemoryHotplugConfig, MemoryHotplugSizeUpdate, MemoryHotplugStatus};
 pub use net::{parse_mac, validate_interfaces, NetworkInterfaceConfig, NetworkInterfaceUpdate};
 pub use predictor::{
-    AnomalyResponse, BudgetConfig, PredictorConfig, PredictorUpdate, Range, DEFAULT_IO_MAX_MIBPS,
+    AnomalyResponse, BudgetConfig, PredictorConfig, PredictorUpdate, Range, VcpuPolicy,
+    DEFAULT_IO_MAX_MIBPS,
 };
 pub use serial::SerialConfig;
 pub use vsock::VsockConfig;

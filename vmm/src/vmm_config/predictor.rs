@@ -63,6 +63,40 @@ impl Default for AnomalyResponse {
     }
 }
 
+/// How the predictor plugs and unplugs whole vCPUs on a VM that can (`max_vcpus` above
+/// `vcpu_count`): a vCPU is plugged as soon as the allocation (the forecast's upper band for the
+/// next window) needs more than the vCPUs online, and one is unplugged once the allocation has
+/// stayed at least `hysteresis` cores below one vCPU fewer for `unplug_after_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VcpuPolicy {
+    /// `false`: the CPU quota alone, the vCPUs stay as they are.
+    #[serde(default = "enabled")]
+    pub enabled: bool,
+    #[serde(default = "unplug_after_ms")]
+    pub unplug_after_ms: u64,
+    /// Cores between the allocation that plugs the n-th vCPU and the one that unplugs it.
+    #[serde(default = "hysteresis")]
+    pub hysteresis: f64,
+}
+
+fn unplug_after_ms() -> u64 {
+    3000
+}
+fn hysteresis() -> f64 {
+    0.2
+}
+
+impl Default for VcpuPolicy {
+    fn default() -> Self {
+        Self {
+            enabled: enabled(),
+            unplug_after_ms: unplug_after_ms(),
+            hysteresis: hysteresis(),
+        }
+    }
+}
+
 /// The `predictor` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -86,6 +120,9 @@ pub struct PredictorConfig {
     /// Record every window here, in the trace format `prescient predictor eval` replays.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_path: Option<PathBuf>,
+    /// vCPU hot-plug by the CPU actuator (prescient; used on VMs that can plug vCPUs).
+    #[serde(default)]
+    pub vcpus: VcpuPolicy,
 }
 
 fn enabled() -> bool {
@@ -111,6 +148,7 @@ impl Default for PredictorConfig {
             budget: BudgetConfig::default(),
             anomaly: AnomalyResponse::default(),
             trace_path: None,
+            vcpus: VcpuPolicy::default(),
         }
     }
 }
@@ -158,10 +196,10 @@ fn field(keys: &[&'static str]) -> JsonPath {
 
 impl PredictorConfig {
     /// The VM's size per resource: what a static allocation gives, and the budget's default
-    /// maximum.
+    /// maximum (for CPU, the vCPUs it can have plugged: `max_vcpus`).
     pub fn capacity(machine: &MachineConfig) -> Usage {
         Usage {
-            cpu: f64::from(machine.vcpu_count),
+            cpu: f64::from(machine.max_vcpus()),
             mem: machine.mem_size_mib as f64,
             blk: DEFAULT_IO_MAX_MIBPS,
             net: DEFAULT_IO_MAX_MIBPS,
@@ -169,9 +207,12 @@ impl PredictorConfig {
     }
 
     /// The budget the policy enforces: the spec's ranges, the rest from the VM's size; every
-    /// resource starts at its maximum.
+    /// resource starts at its maximum, except CPU on a VM that can plug vCPUs, which starts
+    /// with the vCPUs it booted with.
     pub fn budget(&self, machine: &MachineConfig) -> Budget {
         let mut budget = Budget::from_capacity(&Self::capacity(machine));
+        let cpu = &mut budget.0.cpu;
+        cpu.initial = cpu.initial.min(f64::from(machine.vcpu_count));
         let given = PerResource {
             cpu: self.budget.cpu_cores,
             mem: self.budget.memory_mib,
@@ -181,10 +222,14 @@ impl PredictorConfig {
         for r in Resource::ALL {
             if let Some(range) = given[r] {
                 let step = budget.0[r].step;
+                let initial = match r {
+                    Resource::Cpu => range.max.min(f64::from(machine.vcpu_count)).max(range.min),
+                    _ => range.max,
+                };
                 budget.0[r] = Limits {
                     min: range.min,
                     max: range.max,
-                    initial: range.max,
+                    initial,
                     step,
                 };
             }
@@ -230,7 +275,7 @@ impl PredictorConfig {
             (
                 "cpu_cores",
                 self.budget.cpu_cores,
-                f64::from(machine.vcpu_count),
+                f64::from(machine.max_vcpus()),
             ),
             ("blk_mibps", self.budget.blk_mibps, f64::INFINITY),
             ("net_mibps", self.budget.net_mibps, f64::INFINITY),
@@ -241,7 +286,7 @@ impl PredictorConfig {
             };
             if !(min > 0.0 && min <= max && max <= cap && max.is_finite()) {
                 let bound = if cap.is_finite() {
-                    format!(" <= {cap} (the vCPU count)")
+                    format!(" <= {cap} (max_vcpus, else the vCPU count)")
                 } else {
                     String::new()
                 };
@@ -250,6 +295,16 @@ impl PredictorConfig {
                     format!("needs 0 < min <= max{bound}, got min {min} max {max}"),
                 ));
             }
+        }
+        let v = &self.vcpus;
+        if !(0.0..1.0).contains(&v.hysteresis) || v.unplug_after_ms > 3_600_000 {
+            return Err(ConfigError::new(
+                field(&["vcpus"]),
+                format!(
+                    "needs 0 <= hysteresis < 1 core and unplug_after_ms <= 1 hour, got {} and {}",
+                    v.hysteresis, v.unplug_after_ms
+                ),
+            ));
         }
         if self.forecaster == ForecasterKind::Gru && self.model_path.is_none() {
             return Err(ConfigError::new(
@@ -286,7 +341,6 @@ mod tests {
         MachineConfig {
             vcpu_count: 2,
             mem_size_mib: 256,
-            smt: false,
             ..MachineConfig::default()
         }
     }
@@ -345,6 +399,24 @@ mod tests {
                 .contains("unknown field `window`")
         );
         assert!(serde_json::from_str::<PredictorConfig>(r#"{"forecaster": "arima"}"#).is_err());
+        let e = err(r#"{"vcpus": {"hysteresis": 1.5}}"#);
+        assert!(
+            e.starts_with("predictor.vcpus: needs 0 <= hysteresis < 1"),
+            "{e}"
+        );
+        let e = err(r#"{"vcpus": {"unplug_after_ms": 3600001}}"#);
+        assert!(e.contains("unplug_after_ms <= 1 hour"), "{e}");
+        assert!(
+            serde_json::from_str::<PredictorConfig>(r#"{"vcpus": {"delay_ms": 1}}"#)
+                .unwrap_err()
+                .to_string()
+                .contains("unknown field `delay_ms`")
+        );
+        let v = parse(r#"{"vcpus": {"enabled": false}}"#).vcpus;
+        assert_eq!(
+            (v.enabled, v.unplug_after_ms, v.hysteresis),
+            (false, 3000, 0.2)
+        );
     }
 
     #[test]

@@ -39,6 +39,14 @@ pub const KVM_IDENTITY_MAP_ADDRESS: u64 = KVM_TSS_ADDRESS - 0x1000;
 /// IOAPIC and LAPIC MMIO bases.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const LAPIC_START: u64 = 0xfee0_0000;
+/// The ACPI root pointer, at the start of the BIOS area Linux scans for it (boot protocols also
+/// pass its address); the other tables follow it, below [`HIMEM_START`]. None of it is RAM in
+/// the memory map.
+pub const RSDP_START: u64 = 0xe_0000;
+/// Register blocks of the ACPI platform devices, a page each, below the IOAPIC: the Generic
+/// Event Device and the CPU hot-plug controller.
+pub const ACPI_GED_START: u64 = 0xfeb0_0000;
+pub const CPU_HOTPLUG_START: u64 = 0xfeb0_1000;
 /// IRQ lines of the in-kernel IOAPIC.
 pub const IOAPIC_PINS: u8 = 24;
 /// IRQ of the COM1 serial port.

@@ -5,6 +5,7 @@
 //! | knob | actuator | acts through |
 //! |---|---|---|
 //! | cpu | [`cpu::CpuQuota`] | the VM's cgroup CPU quota |
+//! | cpu (a VM that can plug vCPUs) | [`vcpus::VcpuCores`] | whole vCPUs by hot-plug, the quota for the fraction |
 //! | mem | [`memory::ElasticMemory`] | virtio-mem plug/unplug, balloon inflate/deflate |
 //! | blk, net | [`bandwidth::Bandwidth`] | the drives' / interfaces' bandwidth buckets |
 //! | seccomp | [`seccomp::SeccompStage`] | every thread's seccomp stage |
@@ -16,6 +17,7 @@ pub mod bandwidth;
 pub mod cpu;
 pub mod memory;
 pub mod seccomp;
+pub mod vcpus;
 
 use predictor::resource::Resource;
 
@@ -88,6 +90,12 @@ pub trait Actuator: Send {
     fn describe(&self) -> String;
     /// Moves the VM to `target`; says what took effect.
     fn apply(&mut self, target: Target, ctx: &mut Context) -> Result<String, ActuatorError>;
+    /// Called every window, whether its decision acted or not: what the actuator does when time
+    /// alone calls for it (a vCPU unplugged once demand has stayed low). Says what it did, if
+    /// anything.
+    fn follow_up(&mut self, _ctx: &mut Context) -> Option<Result<String, ActuatorError>> {
+        None
+    }
 }
 
 /// The actuators the autopilot has, and why the knobs without one have none.
@@ -120,6 +128,24 @@ impl Actuators {
             || format!("no {} actuator", knob.name()),
             |(_, why)| why.clone(),
         )
+    }
+
+    /// Every actuator's follow-up of this window: what they did on their own.
+    pub fn follow_up(&mut self, ctx: &mut Context) -> Vec<Applied> {
+        self.list
+            .iter_mut()
+            .filter_map(|a| {
+                let (applied, detail) = match a.follow_up(ctx)? {
+                    Ok(detail) => (true, detail),
+                    Err(e) => (false, e.to_string()),
+                };
+                Some(Applied {
+                    what: a.knob().name().into(),
+                    applied,
+                    detail,
+                })
+            })
+            .collect()
     }
 
     /// Asks the actuator of the target's knob to reach it.

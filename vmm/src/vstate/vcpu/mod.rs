@@ -31,6 +31,7 @@ use exits::{handle_exit, Next};
 pub use exits::{ExitObserver, IoBuses};
 
 mod exits;
+pub mod spawner;
 
 /// `_IO(KVMIO, 0xce)`: a vCPU's binary statistics file (Linux 5.14+).
 const KVM_GET_STATS_FD: libc::c_ulong = 0xaece;
@@ -65,6 +66,12 @@ pub enum VcpuError {
     },
     #[error("vCPU {index} has stopped")]
     Gone { index: u8 },
+    #[error("vCPU {index} was not started: its thread could not be filtered: {why}")]
+    Unfiltered { index: u8, why: String },
+    #[error("cannot start the vCPU spawner thread: {0}")]
+    Spawner(std::io::Error),
+    #[error("the vCPU spawner thread has stopped")]
+    SpawnerGone,
 }
 
 /// Requests from the VMM thread to a vCPU thread.
@@ -180,20 +187,24 @@ impl Vcpu {
         Ok(unsafe { File::from_raw_fd(fd) })
     }
 
-    /// Starts the vCPU on a thread named `vcpu<N>`, telling `observer` of every exit; with
-    /// `stats`, its KVM binary statistics file is opened first for a reader to take.
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
+    /// Starts the vCPU on a thread named `vcpu<N>`, telling `observer` of every exit. The thread
+    /// is a child of the calling thread (and so starts under its seccomp filters); when it is
+    /// finished ([`VcpuHandle::finish`]) the vCPU and the observer come back, to be started
+    /// again later (a vCPU plugged back in).
     pub fn start(
         self,
         buses: Arc<IoBuses>,
         exit: Arc<ExitSignal>,
         observer: Box<dyn ExitObserver>,
-        stats: bool,
     ) -> Result<VcpuHandle, VcpuError> {
         let index = self.index;
         let (event_tx, event_rx) = channel();
         let (response_tx, response_rx) = channel();
         let (tid_tx, tid_rx) = channel();
-        let stats = stats.then(|| self.stats_file());
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
@@ -209,13 +220,14 @@ impl Vcpu {
                     responses: response_tx,
                 };
                 runner.run();
+                let VcpuRunner { fd, observer, .. } = runner;
+                (Vcpu { index, fd }, observer)
             })
             .map_err(|source| VcpuError::Spawn { index, source })?;
         let tid = tid_rx.recv().map_err(|_| VcpuError::Gone { index })?;
         Ok(VcpuHandle {
             index,
             tid,
-            stats,
             thread: Some(thread),
             events: event_tx,
             responses: response_rx,
@@ -318,12 +330,14 @@ impl VcpuRunner {
     }
 }
 
+/// What a vCPU thread hands back when it ends: the vCPU and its exit observer.
+pub type Stopped = (Vcpu, Box<dyn ExitObserver>);
+
 /// The VMM thread's side of a running vCPU.
 pub struct VcpuHandle {
     index: u8,
     tid: libc::pid_t,
-    stats: Option<std::io::Result<File>>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Stopped>>,
     events: Sender<VcpuEvent>,
     responses: Receiver<VcpuResponse>,
 }
@@ -341,12 +355,6 @@ impl VcpuHandle {
     /// The thread (for its CPU clock); None once joined.
     pub fn pthread(&self) -> Option<libc::pthread_t> {
         self.thread.as_ref().map(|t| t.as_pthread_t())
-    }
-
-    /// The vCPU's KVM binary statistics file, opened at start if asked for (or why not); taken
-    /// once.
-    pub fn take_stats_file(&mut self) -> Option<std::io::Result<File>> {
-        self.stats.take()
     }
 
     /// Queues `event` and kicks the vCPU out of KVM_RUN so it sees it.
@@ -393,12 +401,16 @@ impl VcpuHandle {
         }
     }
 
-    /// Stops the vCPU for good and joins its thread.
-    pub fn finish(mut self) {
+    /// Ends the vCPU's thread and joins it; returns the vCPU to start again, or None if the
+    /// thread panicked.
+    pub fn finish(mut self) -> Option<Stopped> {
         let _ = self.send(VcpuEvent::Finish);
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
+        let thread = self.thread.take()?;
+        match thread.join() {
+            Ok(stopped) => Some(stopped),
+            Err(_) => {
                 tracing::error!("vCPU {} thread panicked", self.index);
+                None
             }
         }
     }
