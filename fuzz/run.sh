@@ -23,6 +23,8 @@ TARGETS=(
   virtio_balloon
   virtio_mem
   predictor_policy
+  mmds_frames
+  api_bodies
 )
 
 secs=60

@@ -105,6 +105,22 @@ impl TokenBucket {
     }
 }
 
+/// One token bucket on its own, for output that is dropped rather than delayed when over its
+/// rate (the serial console's).
+#[derive(Debug, Clone)]
+pub struct DropBucket(TokenBucket);
+
+impl DropBucket {
+    pub fn new(config: &TokenBucketConfig) -> Result<Self, RateLimiterError> {
+        TokenBucket::new(config, "bandwidth").map(Self)
+    }
+
+    /// Takes `tokens` if the bucket holds them.
+    pub fn take(&mut self, tokens: u64) -> bool {
+        self.0.try_take(tokens, Instant::now())
+    }
+}
+
 /// What a request costs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cost {

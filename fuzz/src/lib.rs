@@ -100,7 +100,21 @@ where
 
 /// [`drive`] for a driver that acked `acked_features` (which decide, for some devices, which
 /// queues exist and what they do). Returns the device, for the target to check what it holds.
-pub fn drive_acking<D>(mut dev: D, acked_features: u64, input: &DriverInput) -> D
+pub fn drive_acking<D>(dev: D, acked_features: u64, input: &DriverInput) -> D
+where
+    D: VirtioDevice + MutEventSubscriber + 'static,
+{
+    drive_activated(dev, acked_features, input, |_| {})
+}
+
+/// [`drive_acking`], with `activated` run on the device once the driver has set it up (what the
+/// host does to a running device: a balloon's hinting run, say) before the kicks.
+pub fn drive_activated<D>(
+    mut dev: D,
+    acked_features: u64,
+    input: &DriverInput,
+    activated: impl FnOnce(&mut D),
+) -> D
 where
     D: VirtioDevice + MutEventSubscriber + 'static,
 {
@@ -138,6 +152,7 @@ where
     if activate_with(&mut dev, &mem, &queues, interrupt(), acked_features).is_err() {
         return dev;
     }
+    activated(&mut dev);
     let kicks: Vec<_> = dev
         .queue_events()
         .iter()

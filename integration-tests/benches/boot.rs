@@ -88,6 +88,14 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
+/// Each VMM from a fresh copy of its binary, so that all start from the same page-cache state
+/// (`Vmm::fresh_copy`); one folder per memory run.
+fn fresh_copies(vmms: &[Vmm], scratch: &Scratch, run: usize) -> Vec<Vmm> {
+    let dir = scratch.path().join(format!("bin{run}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    vmms.iter().map(|v| v.fresh_copy(&dir).unwrap()).collect()
+}
+
 /// Free pages in the host's 2 MiB hugetlbfs pool.
 fn free_hugetlb_pages() -> u64 {
     std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
@@ -113,9 +121,10 @@ fn main() {
     );
     let mut idle: Vec<Vec<Memory>> = vmms.iter().map(|_| Vec::new()).collect();
     let mut touched: Vec<Vec<Memory>> = vmms.iter().map(|_| Vec::new()).collect();
-    for _ in 0..mem_runs {
+    for run in 0..mem_runs {
+        let copies = fresh_copies(&vmms, &scratch, run);
         let mut batch = Vec::new();
-        for vmm in &vmms {
+        for vmm in &copies {
             batch.push((vmm, idle_spec.clone()));
             batch.push((vmm, touch_spec.clone()));
         }
@@ -169,7 +178,8 @@ fn main() {
     );
     t.note(format!(
         "settled = {} s after the guest's last line; RSS includes hugetlbfs pages; each VMM with its \
-         default huge pages (prescient: Transparent with idle trim, Firecracker: None)",
+         default huge pages (prescient: Transparent with idle trim, Firecracker: None), run from a \
+         fresh copy of its binary for the memory rows (Vmm::fresh_copy)",
         SETTLE.as_secs()
     ));
     t.print();
@@ -221,9 +231,10 @@ fn huge_page_choices(scratch: &Scratch, runs: usize) {
     };
     // Per variant: exit times, idle RSS at the last line, settled idle RSS, settled 64 MiB RSS.
     let mut results: Vec<[Vec<f64>; 4]> = variants.iter().map(|_| Default::default()).collect();
-    for _ in 0..runs {
+    for run in 0..runs {
         for ((_, vmm, pages), out) in variants.iter().zip(&mut results) {
             out[0].push(timed(vmm, scratch, &with(*pages, TIMED_ARGS)).1);
+            let vmm = &fresh_copies(std::slice::from_ref(vmm), scratch, run)[0];
             let m = memory(
                 &[
                     (vmm, with(*pages, "cpu_ms=1 mem_mib=1 exit=halt")),
@@ -238,7 +249,7 @@ fn huge_page_choices(scratch: &Scratch, runs: usize) {
     }
     println!(
         "machine-config.huge_pages ({VCPUS} vCPUs, {MEM_MIB} MiB), medians of {runs} alternated runs; \
-         RSS includes hugetlbfs pages"
+         RSS includes hugetlbfs pages; memory from fresh copies of the binaries"
     );
     println!(
         "{:<22} {:>20} {:>22} {:>18} {:>18}",

@@ -63,6 +63,8 @@ fn main() {
         let mut s = VmSpec::test_guest(VCPUS, MEM_MIB, args);
         s.kernel = img.vmlinux.clone();
         s.initrd = Some(img.initramfs.clone());
+        // Linux's own command line, without the test guest's clock parameter.
+        s.args = args.to_string();
         s
     };
     let (console_spec, early_spec) = (spec(&args), spec(&early_args));

@@ -15,7 +15,7 @@
 
 use std::time::Duration;
 
-use integration_tests::bench::{alternate, env_or, Kind, Table, VmSpec, Vmm};
+use integration_tests::bench::{alternate, env_or, guest_clock_arg, Kind, Table, VmSpec, Vmm};
 use integration_tests::{guest_spec, line_field, median, run_spec, Scratch, TEST_GUEST_PVH};
 use predictor_tools::eval::replay_recorded;
 use serde_json::Value;
@@ -34,7 +34,10 @@ fn spec(args: &str, mem_mib: u64, predictor: Option<Value>) -> String {
 
 /// Guest-timed ns per exit of one run.
 fn exit_ns(scratch: &Scratch, predictor: bool) -> f64 {
-    let args = format!("cpu_ms=1 mem_mib=1 port_hammer={EXITS}");
+    let args = format!(
+        "cpu_ms=1 mem_mib=1 port_hammer={EXITS} {}",
+        guest_clock_arg()
+    );
     // The unknown port is an anomaly; alerts are only logged.
     let p = predictor.then(|| serde_json::json!({"window_ms": 100}));
     let out = run_spec(scratch, &spec(&args, 128, p), DEADLINE);

@@ -41,6 +41,8 @@ static int apply(const char *k, size_t kn, const char *v, size_t vn)
 		return parse_u64(v, vn, &g_params.cpu_ms) ? 0 : 2;
 	if (eq(k, kn, "mem_mib"))
 		return parse_u64(v, vn, &g_params.mem_mib) ? 0 : 2;
+	if (eq(k, kn, "tsc_khz"))
+		return parse_u64(v, vn, &g_params.tsc_khz) ? 0 : 2;
 	if (eq(k, kn, "mode")) {
 		if (eq(v, vn, "normal"))
 			g_params.mode = MODE_NORMAL;

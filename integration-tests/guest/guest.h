@@ -121,6 +121,7 @@ enum { EXIT_RESET, EXIT_HALT, EXIT_KBD, EXIT_SERIAL };
 struct params {
 	u64 cpu_ms;
 	u64 mem_mib;
+	u64 tsc_khz;    /* given by the host: 0 = calibrate */
 	int mode;
 	int exit;
 };
@@ -243,10 +244,13 @@ struct virtio_params {
 	u64 vsock_echo_listen, vsock_connect, vsock_send;
 	u64 vmem_steps, elastic_wait_ms;
 	u64 vmem_follow_ms, vmem_ramp_mib, vmem_ramp_ms, vmem_ramp_start_ms;
-	u64 balloon_steps, balloon_report_mib, balloon_report_delay_ms;
+	u64 balloon_steps, balloon_report_mib, balloon_report_delay_ms, balloon_hint_mib;
 	u64 blk_crash;                  /* blk_crash=N: N acked write+FLUSH rounds (crash tests) */
 	u32 hostile;                    /* hostile=<mode>: HOSTILE_* */
 	u64 hostile_n;                  /* hostile_n=N: accesses/requests of the storm modes */
+	u64 boot_timer;                 /* boot_timer=1: write 123 to Firecracker's boot timer */
+	u64 mmds, mmds_flood;           /* mmds=1: MMDS exchanges on net0 (net_mmds.c) */
+	u64 pmem_check, pmem_write;     /* virtio_pmem.c */
 };
 enum {
 	HOSTILE_NONE, HOSTILE_DESC_LOOP, HOSTILE_OOB_ADDR, HOSTILE_BAD_QUEUE, HOSTILE_CFG_OVERRUN,

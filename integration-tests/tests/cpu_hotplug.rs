@@ -206,13 +206,13 @@ fn without_acpi_the_guest_boots_from_the_mp_table_and_the_command_line() {
     for line in [
         "guest: no acpi",
         "guest: cpus online=2 expected=2",
-        "guest: virtio 0 id=4 base=0xc0000000 irq=5 version=2",
+        "guest: virtio 0 id=4 base=0xc0001000 irq=5 version=2",
         "guest: rng0 bytes=64 ok",
     ] {
         assert!(text.contains(line), "{line} missing:\n{text}");
     }
     assert!(
-        text.contains("virtio_mmio.device=4K@0xc0000000:5"),
+        text.contains("virtio_mmio.device=4K@0xc0001000:5"),
         "{text}"
     );
     // No hot-plug: Firecracker's answer to a machine-config change after boot.
@@ -233,7 +233,7 @@ fn without_acpi_the_guest_boots_from_the_mp_table_and_the_command_line() {
         "guest: acpi madt lapics=2 enabled=2",
         "guest: acpi dsdt devices=",
         "guest: cpus online=2 expected=2",
-        "guest: virtio 0 id=4 base=0xc0000000 irq=5 version=2",
+        "guest: virtio 0 id=4 base=0xc0001000 irq=5 version=2",
         "guest: rng0 bytes=64 ok",
     ] {
         assert!(text.contains(line), "{line} missing:\n{text}");
@@ -244,7 +244,7 @@ fn without_acpi_the_guest_boots_from_the_mp_table_and_the_command_line() {
         "{text}"
     );
     assert!(
-        text.contains("virtio_mmio.device=4K@0xc0000000:5"),
+        text.contains("virtio_mmio.device=4K@0xc0001000:5"),
         "{text}"
     );
     let (status, body) = patch_count(&mut api, 1);

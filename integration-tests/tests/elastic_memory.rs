@@ -145,7 +145,10 @@ fn balloon_inflates_deflates_reports_free_pages_and_keeps_guest_stats() {
     let (vmm, mut api, console) = start_with_console(&scratch, spec);
 
     let init = wait_for_console_line(&console, "guest: balloon0 stats=1", DEADLINE);
-    assert!(init.contains("deflate_on_oom=1 reporting=1"), "{init}");
+    assert!(
+        init.contains("deflate_on_oom=1 hinting=0 reporting=1"),
+        "{init}"
+    );
     let free_mib = field(&init, "free_mib");
     let stats = |api: &mut ApiClient| api.request("GET", "/balloon/statistics", None).json();
     let wait_stats = |api: &mut ApiClient, what: &str, ok: &dyn Fn(&serde_json::Value) -> bool| {
@@ -232,6 +235,62 @@ fn balloon_inflates_deflates_reports_free_pages_and_keeps_guest_stats() {
 }
 
 #[test]
+fn a_hinting_run_gives_back_what_the_guest_lists_as_free() {
+    let scratch = Scratch::new("elastic-hinting");
+    let mut spec: serde_json::Value = serde_json::from_str(&guest_spec(
+        TEST_GUEST_PVH,
+        1,
+        256,
+        "cpu_ms=1 mem_mib=1 balloon_hint_mib=64 exit=kbd",
+    ))
+    .unwrap();
+    spec["balloon"] =
+        serde_json::json!({"amount_mib": 0, "deflate_on_oom": false, "free_page_hinting": true});
+    let (vmm, mut api, console) = start_with_console(&scratch, spec);
+
+    let init = wait_for_console_line(&console, "guest: balloon0 stats=", DEADLINE);
+    assert!(init.contains("hinting=1"), "{init}");
+    let status = |api: &mut ApiClient| {
+        let r = api.request("GET", "/balloon/hinting/status", None);
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()
+    };
+    assert_eq!(status(&mut api)["host_cmd"], 0, "no run yet");
+
+    // The guest wrote 64 MiB and lists them as free in the run the host starts.
+    wait_for_console_line(&console, "guest: balloon0 touched_hint_mib=64", DEADLINE);
+    let touched = rss_bytes(vmm.id());
+    patch(
+        &mut api,
+        "/balloon/hinting/start",
+        serde_json::json!({"acknowledge_on_stop": true}),
+    );
+    let hinted = wait_for_console_line(&console, "guest: balloon0 hinted_mib=64", DEADLINE);
+    assert_eq!(field(&hinted, "cmd"), 2, "the first run's id: {hinted}");
+    // Its STOP ended the run at once (acknowledge_on_stop): DONE lets it use the pages again.
+    wait_for_console_line(&console, "guest: balloon0 hint_done cmd=1", DEADLINE);
+    let after = rss_bytes(vmm.id());
+    assert!(
+        after + 56 * MIB <= touched,
+        "hinting 64 MiB: RSS {:.0} -> {:.0} MiB",
+        mib(touched),
+        mib(after)
+    );
+    let s = status(&mut api);
+    assert_eq!(
+        (s["host_cmd"].clone(), s["guest_cmd"].clone()),
+        (1.into(), 0.into()),
+        "{s}"
+    );
+    let scrape = api.request("GET", "/metrics", None).body;
+    assert_eq!(
+        prometheus_value(&scrape, "prescient_balloon_invalid_requests_total"),
+        0
+    );
+    finish(vmm, api, &console);
+}
+
+#[test]
 fn elastic_memory_api_refuses_what_the_vm_state_does_not_allow() {
     let scratch = Scratch::new("elastic-api");
     let socket = scratch.path().join("api.sock");
@@ -244,8 +303,9 @@ fn elastic_memory_api_refuses_what_the_vm_state_does_not_allow() {
         "{}",
         r.body
     );
+    // Firecracker answers the hotplug status after boot only.
     let r = api.request("GET", "/hotplug/memory", None);
-    assert!(r.body.contains("No memory hotplug device"), "{}", r.body);
+    assert!(r.body.contains("before starting"), "{}", r.body);
     let r = api.request(
         "PUT",
         "/balloon",
@@ -270,9 +330,9 @@ fn elastic_memory_api_refuses_what_the_vm_state_does_not_allow() {
         Some(r#"{"requested_size_mib": 128}"#),
     );
     assert!(r.body.contains("before starting"), "{}", r.body);
-    let status = api.request("GET", "/hotplug/memory", None).json();
-    assert_eq!(status["total_size_mib"], 256);
-    assert_eq!(status["slot_size_mib"], 128);
+    let config = api.request("GET", "/vm/config", None).json();
+    assert_eq!(config["memory-hotplug"]["total_size_mib"], 256);
+    assert_eq!(config["memory-hotplug"]["slot_size_mib"], 128);
     let r = api.request("GET", "/balloon/statistics", None);
     assert!(r.body.contains("before starting"), "{}", r.body);
 }

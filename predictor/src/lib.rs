@@ -9,6 +9,7 @@
 //! training) are the `predictor-tools` crate, so the VMM links none of them.
 
 pub mod forecast;
+pub mod math;
 pub mod policy;
 pub mod resource;
 pub mod rng;

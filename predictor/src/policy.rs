@@ -2,6 +2,7 @@
 //! [`Decision`] record.
 
 use crate::forecast::{Forecast, Forecaster, Horizon};
+use crate::math;
 use crate::resource::{PerResource, Resource, Usage};
 use crate::sample::Sample;
 use crate::score::{
@@ -183,7 +184,7 @@ impl PolicyConfig {
         let cost = Resource::ALL
             .into_iter()
             .map(|r| self.shortfall_cost[r])
-            .max_by(|a, b| (a.ln().abs()).total_cmp(&b.ln().abs()))
+            .max_by(|a, b| math::ln(*a).abs().total_cmp(&math::ln(*b).abs()))
             .unwrap_or(1.0);
         let fields = [
             (

@@ -1,5 +1,6 @@
 //! A seeded random number generator for test data and synthetic traces.
 
+use crate::math;
 use std::f64::consts::TAU;
 
 /// SplitMix64: tiny, fast, and good enough for noise; avoids a dependency for test data (the
@@ -31,6 +32,6 @@ impl Rng {
     /// Standard normal (Box-Muller).
     pub fn normal(&mut self) -> f64 {
         let u = self.unit().max(f64::MIN_POSITIVE);
-        (-2.0 * u.ln()).sqrt() * (TAU * self.unit()).cos()
+        (-2.0 * math::ln(u)).sqrt() * math::cos(TAU * self.unit())
     }
 }

@@ -1,6 +1,7 @@
 //! How well a VM keeps to its forecast (behaviour score) and how unusual its latest
 //! window looks (anomaly score with rules), mapped to policy actions.
 
+use crate::math;
 use crate::policy::Action;
 use crate::resource::{PerResource, Resource, Usage};
 use crate::sample::Sample;
@@ -314,7 +315,7 @@ impl AnomalyDetector {
             });
         }
         Ok(AnomalyDetector {
-            alpha: 1.0 - 0.5f64.powf(1.0 / cfg.history_half_life),
+            alpha: 1.0 - math::powf(0.5, 1.0 / cfg.history_half_life),
             cfg,
             residuals: PerResource::default(),
             busy_streak: 0,

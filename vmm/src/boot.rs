@@ -507,14 +507,14 @@ mod tests {
 
     #[test]
     fn device_parameters_go_before_init_arguments() {
-        let extra = vec!["virtio_mmio.device=4K@0xc0000000:5".to_string()];
+        let extra = vec!["virtio_mmio.device=4K@0xc0001000:5".to_string()];
         assert_eq!(
             kernel_cmdline("console=ttyS0 -- init-arg", &extra),
-            "console=ttyS0 virtio_mmio.device=4K@0xc0000000:5 -- init-arg"
+            "console=ttyS0 virtio_mmio.device=4K@0xc0001000:5 -- init-arg"
         );
         assert_eq!(
             kernel_cmdline("a", &extra),
-            "a virtio_mmio.device=4K@0xc0000000:5"
+            "a virtio_mmio.device=4K@0xc0001000:5"
         );
         assert_eq!(kernel_cmdline("", &extra), extra[0]);
         assert_eq!(kernel_cmdline("a b", &[]), "a b");

@@ -8,12 +8,13 @@ use devices::virtio::balloon::Balloon;
 use devices::virtio::block::Block;
 use devices::virtio::mem::{MemLayout, VirtioMem};
 use devices::virtio::net::Net;
+use devices::virtio::pmem::Pmem;
 use devices::virtio::rng::Rng;
 use devices::virtio::vsock::Vsock;
 use event_manager::{EventManager, SubscriberOps};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, Kvm};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
 
 use crate::acpi::{self, AcpiError};
 use crate::arch::x86_64::cpuid::Topology;
@@ -60,9 +61,57 @@ pub enum BuildError {
     #[error(transparent)]
     Mmio(#[from] MmioError),
     #[error(transparent)]
+    BootTimer(#[from] crate::device_manager::registry::RegistryError),
+    #[error(transparent)]
     AcpiDevice(#[from] AcpiDeviceError),
     #[error(transparent)]
     Acpi(#[from] AcpiError),
+}
+
+/// `machine-config.cpu_template` (checked against the host's vendor) and `cpu-config` (the
+/// capabilities it asks for must be there; its CPUID modifiers change what every vCPU is given).
+/// Hosts whose KVM does not intercept CPUID (software KVMs such as kvm_pvm) show the guest the
+/// host's CPUID whatever is set here.
+fn apply_cpu_templates(
+    config: &VmConfig,
+    kvm: &Kvm,
+    cpuid: &mut kvm_bindings::CpuId,
+) -> Result<(), ConfigError> {
+    use crate::vmm_config::cpu_config::CpuidRegister;
+    if let Some(template) = config.machine_config.cpu_template {
+        let mut vendor = [0u8; 12];
+        if let Some(e) = cpuid.as_slice().iter().find(|e| e.function == 0) {
+            vendor[..4].copy_from_slice(&e.ebx.to_le_bytes());
+            vendor[4..8].copy_from_slice(&e.edx.to_le_bytes());
+            vendor[8..].copy_from_slice(&e.ecx.to_le_bytes());
+        }
+        template.check_vendor(&vendor)?;
+    }
+    let Some(cpu) = &config.cpu_config else {
+        return Ok(());
+    };
+    for cap in cpu.required_capabilities() {
+        if kvm.check_extension_raw(cap.into()) <= 0 {
+            return Err(ConfigError::new(
+                JsonPath::keys(&["cpu-config", "kvm_capabilities"]),
+                format!("this host's KVM lacks capability {cap}"),
+            ));
+        }
+    }
+    for (leaf, subleaf, register, filter) in cpu.cpuid_filters() {
+        for e in cpuid.as_mut_slice().iter_mut() {
+            if e.function == leaf && e.index == subleaf {
+                let r = match register {
+                    CpuidRegister::Eax => &mut e.eax,
+                    CpuidRegister::Ebx => &mut e.ebx,
+                    CpuidRegister::Ecx => &mut e.ecx,
+                    CpuidRegister::Edx => &mut e.edx,
+                };
+                *r = filter.apply(u64::from(*r)) as u32;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// KVM features the VMM relies on; checked up front for a clear message on odd hosts.
@@ -77,7 +126,40 @@ const REQUIRED_CAPS: [Cap; 8] = [
     Cap::ImmediateExit,
 ];
 
+/// The console's writer behind `serial.rate_limiter`: bytes over the rate are refused (the
+/// UART counts them as lost) instead of delaying the guest, as Firecracker drops them.
+struct LimitedWriter {
+    inner: Box<dyn Write + Send>,
+    bucket: devices::rate_limiter::DropBucket,
+}
+
+impl Write for LimitedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if !self.bucket.take(buf.len() as u64) {
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        self.inner.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 fn serial_output(config: &VmConfig) -> Result<Box<dyn Write + Send>, ConfigError> {
+    let out = serial_sink(config)?;
+    match config.serial.as_ref().and_then(|s| s.rate_limiter.as_ref()) {
+        None => Ok(out),
+        Some(bucket) => Ok(Box::new(LimitedWriter {
+            inner: out,
+            bucket: devices::rate_limiter::DropBucket::new(bucket).map_err(|e| {
+                ConfigError::new(JsonPath::keys(&["serial", "rate_limiter"]), e.to_string())
+            })?,
+        })),
+    }
+}
+
+fn serial_sink(config: &VmConfig) -> Result<Box<dyn Write + Send>, ConfigError> {
     match config
         .serial
         .as_ref()
@@ -112,9 +194,10 @@ pub fn build_microvm(
     if let Some(cap) = REQUIRED_CAPS.into_iter().find(|c| !kvm.check_extension(*c)) {
         return Err(BuildError::MissingCap(cap));
     }
-    let supported_cpuid = kvm
+    let mut supported_cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(BuildError::SupportedCpuid)?;
+    apply_cpu_templates(config, &kvm, &mut supported_cpuid)?;
 
     let vm = Vm::new(&kvm)?;
     let mem = create_guest_memory(machine.mem_bytes(), machine.huge_pages)
@@ -170,6 +253,7 @@ pub fn build_microvm(
         .map_err(|e| ConfigError::new(e.spec_field(), e.to_string()))?;
 
     let legacy = legacy::attach(vm.fd(), &mut registry, serial_output(config)?, exit.clone())?;
+    crate::device_manager::boot_timer::attach(&mut registry)?;
     if machine.acpi {
         let cpus = acpi::Cpus {
             boot: boot_vcpus,
@@ -198,10 +282,16 @@ pub fn build_microvm(
     register_kick_handler()?;
     // The topology is the largest the VM can have, so a vCPU plugged later fits it.
     let topology = Topology::new(max_vcpus, machine.smt);
+    let msr_modifiers = config
+        .cpu_config
+        .as_ref()
+        .map(|c| c.msr_filters())
+        .unwrap_or_default();
     let vcpus = (0..max_vcpus)
         .map(|index| {
             let vcpu = Vcpu::new(vm.fd(), index)?;
             vcpu.configure(&supported_cpuid, topology, &mem, entry)?;
+            vcpu.modify_msrs(&msr_modifiers)?;
             Ok(vcpu)
         })
         .collect::<Result<Vec<_>, VcpuError>>()?;
@@ -278,6 +368,72 @@ fn hotplug_memory(
     })
 }
 
+/// A device of a running VM by its spec id.
+type Handle<T> = (String, Arc<Mutex<T>>);
+
+/// The pmem devices: each file's mapping becomes a KVM slot above everything else in guest
+/// physical memory (RAM, the 4 GiB line, the hotplug region), 2 MiB aligned, in the order of
+/// the spec with the root device first (so it is /dev/pmem0).
+#[allow(clippy::too_many_arguments)]
+fn attach_pmem(
+    config: &VmConfig,
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    hotplug: Option<&HotplugMemory>,
+    registry: &mut DeviceRegistry,
+    event_manager: &mut EventManager<Subscriber>,
+    manager: &mut MmioDeviceManager,
+    extra: &mut Vec<String>,
+) -> Result<Vec<Handle<Pmem>>, BuildError> {
+    const GIB: u64 = 1 << 30;
+    let first_slot = match hotplug {
+        Some(h) => h.first_slot + h.layout.slots() as u32,
+        None => mem.num_regions() as u32,
+    };
+    let top = mem
+        .iter()
+        .map(|r| r.last_addr().raw_value() + 1)
+        .max()
+        .unwrap_or(0)
+        .max(4 * GIB);
+    let mut addr = top.next_multiple_of(GIB);
+    let field = |i: usize, name: &'static str| {
+        JsonPath(vec![
+            Segment::Key("pmem"),
+            Segment::Index(i),
+            Segment::Key(name),
+        ])
+    };
+    let mut order: Vec<usize> = (0..config.pmem.len()).collect();
+    order.sort_by_key(|&i| !config.pmem[i].root_device);
+    let mut pmems = Vec::new();
+    for (slot, i) in (first_slot..).zip(order) {
+        let p = &config.pmem[i];
+        let mut device = Pmem::new(
+            &p.id,
+            &p.path_on_host,
+            p.read_only,
+            p.rate_limiter.unwrap_or_default(),
+        )
+        .map_err(|e| ConfigError::new(field(i, "path_on_host"), e.to_string()))?;
+        let (host, size) = device.host_region();
+        device.set_guest_address(addr);
+        // SAFETY: the mapping belongs to the device, which lives as long as the VM.
+        unsafe { vm.map_device_memory(slot, addr, size, host, p.read_only) }
+            .map_err(|e| ConfigError::new(field(i, "path_on_host"), e.to_string()))?;
+        addr += size;
+        if p.root_device {
+            extra.push("root=/dev/pmem0".to_string());
+            extra.push(if p.read_only { "ro" } else { "rw" }.to_string());
+        }
+        let device = Arc::new(Mutex::new(device));
+        let name = format!("pmem_{}", p.id);
+        manager.attach(vm.fd(), mem, registry, event_manager, name, device.clone())?;
+        pmems.push((p.id.clone(), device));
+    }
+    Ok(pmems)
+}
+
 /// A drive's spec field, for errors about it.
 fn drive_field(index: usize, name: &'static str) -> JsonPath {
     JsonPath(vec![
@@ -314,6 +470,13 @@ fn attach_virtio_devices(
             d.rate_limiter.unwrap_or_default(),
         )
         .map_err(|e| ConfigError::new(drive_field(i, "path_on_host"), e.to_string()))?;
+        let mut block = block;
+        block.set_cache_writeback(d.writeback());
+        if d.io_engine == crate::vmm_config::IoEngine::Async {
+            block
+                .use_io_uring()
+                .map_err(|e| ConfigError::new(drive_field(i, "io_engine"), e.to_string()))?;
+        }
         let block = Arc::new(Mutex::new(block));
         let name = format!("block_{}", d.drive_id);
         manager.attach(vm.fd(), mem, registry, event_manager, name, block.clone())?;
@@ -344,6 +507,10 @@ fn attach_virtio_devices(
                 e.to_string(),
             )
         })?;
+        let mut net = net;
+        if let Some(mtu) = n.mtu {
+            net.set_mtu(mtu);
+        }
         let net = Arc::new(Mutex::new(net));
         let name = format!("net_{}", n.iface_id);
         manager.attach(vm.fd(), mem, registry, event_manager, name, net.clone())?;
@@ -374,6 +541,16 @@ fn attach_virtio_devices(
         }
         None => None,
     };
+    let pmems = attach_pmem(
+        config,
+        vm,
+        mem,
+        hotplug.as_ref(),
+        registry,
+        event_manager,
+        manager,
+        &mut extra,
+    )?;
     let memory = match hotplug {
         Some(h) => {
             let slots = vm.hotplug_slots(h.region, h.layout, h.first_slot);
@@ -396,6 +573,7 @@ fn attach_virtio_devices(
         VirtioHandles {
             blocks,
             nets,
+            pmems,
             balloon,
             memory,
         },

@@ -10,7 +10,6 @@
 //! cannot take yet is held back and stdin is not polled until the guest drains the FIFO, so
 //! pasted text is delivered whole.
 
-use std::io::IsTerminal;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
@@ -74,7 +73,10 @@ pub struct RawTerminal;
 impl RawTerminal {
     /// Switches stdin to raw mode if it is a terminal.
     pub fn enable() -> Option<Self> {
-        if !std::io::stdin().is_terminal() {
+        // isatty(3), not `std::io::stdin().is_terminal()`: touching std's `Stdin` allocates
+        // its 8 KiB read-ahead buffer for the life of the process, which `read_fd0` never uses.
+        // SAFETY: isatty only queries the descriptor.
+        if unsafe { libc::isatty(STDIN_FD) } != 1 {
             return None;
         }
         let found = match get_mode() {

@@ -13,6 +13,7 @@ pub mod autopilot;
 pub mod boot;
 pub mod builder;
 pub mod cleanup;
+pub mod cli;
 pub mod console;
 pub mod device_manager;
 pub mod event_loop;
@@ -29,6 +30,10 @@ pub mod seccomp;
 pub mod vcpus;
 pub mod vmm_config;
 pub mod vstate;
+
+/// The Firecracker release whose API, flags and files prescient takes (checked against that
+/// release's binary by `integration-tests/tests/conformance.rs`).
+pub const FIRECRACKER_VERSION: &str = "1.17.0-dev";
 
 #[cfg(test)]
 mod tests {

@@ -19,6 +19,15 @@ pub enum LiveChange {
         drive_id: String,
         limiter: RateLimiterConfig,
     },
+    /// The drive is served from another host file (Firecracker's PATCH `path_on_host`).
+    DriveBacking {
+        drive_id: String,
+        path_on_host: std::path::PathBuf,
+    },
+    PmemRateLimiter {
+        id: String,
+        limiter: RateLimiterConfig,
+    },
     /// Either limiter may stay as it is (`None`).
     NetRateLimiters {
         iface_id: String,
@@ -49,6 +58,8 @@ pub enum LiveError {
     Drive(#[from] BlockError),
     #[error("{0}")]
     Net(#[from] NetError),
+    #[error("{0}")]
+    Pmem(#[from] devices::virtio::pmem::PmemError),
     #[error("{0}")]
     Balloon(#[from] BalloonError),
     #[error("{0}")]
@@ -84,6 +95,17 @@ fn apply_to_device(vm: &mut MicroVm, change: &LiveChange) -> Result<(), LiveErro
         LiveChange::DriveRateLimiter { drive_id, limiter } => vm
             .drive(drive_id)
             .ok_or_else(|| missing(format!("drive {drive_id:?}")))?
+            .update_rate_limiter(*limiter)?,
+        LiveChange::DriveBacking {
+            drive_id,
+            path_on_host,
+        } => vm
+            .drive(drive_id)
+            .ok_or_else(|| missing(format!("drive {drive_id:?}")))?
+            .swap_backing(path_on_host)?,
+        LiveChange::PmemRateLimiter { id, limiter } => vm
+            .pmem(id)
+            .ok_or_else(|| missing(format!("pmem device {id:?}")))?
             .update_rate_limiter(*limiter)?,
         LiveChange::NetRateLimiters { iface_id, rx, tx } => vm
             .net(iface_id)
@@ -122,6 +144,19 @@ fn mirror(config: &mut VmConfig, change: &LiveChange) {
         LiveChange::DriveRateLimiter { drive_id, limiter } => {
             if let Some(d) = config.drives.iter_mut().find(|d| &d.drive_id == drive_id) {
                 d.rate_limiter = Some(*limiter);
+            }
+        }
+        LiveChange::DriveBacking {
+            drive_id,
+            path_on_host,
+        } => {
+            if let Some(d) = config.drives.iter_mut().find(|d| &d.drive_id == drive_id) {
+                d.path_on_host = path_on_host.clone();
+            }
+        }
+        LiveChange::PmemRateLimiter { id, limiter } => {
+            if let Some(p) = config.pmem.iter_mut().find(|p| &p.id == id) {
+                p.rate_limiter = Some(*limiter);
             }
         }
         LiveChange::NetRateLimiters { iface_id, rx, tx } => {

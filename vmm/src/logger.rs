@@ -1,29 +1,23 @@
 //! Logging: stderr from the start, re-pointed at run time by `PUT /logger` (Firecracker's
 //! LoggerConfig) to a file or FIFO, with its level, level names and source locations.
+//!
+//! A small `tracing` subscriber of its own rather than tracing-subscriber's: the VMM logs
+//! events, never spans, and tracing-subscriber's registry keeps span storage whose shard table
+//! alone is 32 KiB written at start-up (4096 slots of 8 bytes), resident in every VMM process
+//! whether a span is ever made or not (docs/memory.md).
 
+use std::fmt::Write as _;
+use std::io::Write;
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Mutex, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use tracing_subscriber::filter::{LevelFilter, Targets};
-use tracing_subscriber::layer::Layered;
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{reload, Layer, Registry};
-
-/// The filter and the output are reloaded separately: tracing-subscriber cannot reload a layer
-/// that carries its own filter. `Targets` rather than `EnvFilter`: a level and one module is all
-/// the API sets, and `EnvFilter` compiles regular expressions at start-up (code and heap every
-/// VMM would carry for nothing).
-type FilteredRegistry = Layered<reload::Layer<Targets, Registry>, Registry>;
-type OutputLayer = Box<dyn Layer<FilteredRegistry> + Send + Sync>;
-
-struct Handles {
-    filter: reload::Handle<Targets, Registry>,
-    output: reload::Handle<OutputLayer, FilteredRegistry>,
-}
-
-static HANDLES: OnceLock<Handles> = OnceLock::new();
+use tracing::field::{Field, Visit};
+use tracing::level_filters::LevelFilter;
+use tracing::span::{Attributes, Id, Record};
+use tracing::subscriber::Interest;
+use tracing::{Dispatch, Event, Metadata, Subscriber};
 
 /// Firecracker's log levels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,65 +73,193 @@ pub enum LoggerError {
     Module(String),
     #[error("the logger was not initialised")]
     NotInitialised,
-    #[error("cannot replace the logger: {0}")]
-    Reload(reload::Error),
+}
+
+/// What the logger writes and where: one value, replaced whole by `PUT /logger`.
+struct Settings {
+    level: LevelFilter,
+    /// Only events of this module path and those below it.
+    module: Option<String>,
+    show_level: bool,
+    show_origin: bool,
+    out: Box<dyn Write + Send>,
+}
+
+impl Settings {
+    fn stderr(level: LevelFilter) -> Self {
+        Settings {
+            level,
+            module: None,
+            show_level: true,
+            show_origin: false,
+            out: Box::new(std::io::stderr()),
+        }
+    }
+
+    fn enabled(&self, meta: &Metadata<'_>) -> bool {
+        *meta.level() <= self.level
+            && self.module.as_deref().is_none_or(|m| {
+                meta.target()
+                    .strip_prefix(m)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+            })
+    }
+
+    /// One event as one line: `<UTC time> <LEVEL> <file>:<line>: <message> <field>=<value>...`.
+    fn line(&self, now: SystemTime, event: &Event<'_>) -> String {
+        let meta = event.metadata();
+        let mut line = utc_timestamp(now);
+        if self.show_level {
+            let _ = write!(line, " {:>5}", meta.level());
+        }
+        if self.show_origin {
+            if let (Some(file), Some(n)) = (meta.file(), meta.line()) {
+                let _ = write!(line, " {file}:{n}:");
+            }
+        }
+        event.record(&mut Fields(&mut line));
+        line.push('\n');
+        line
+    }
+}
+
+/// Appends an event's message, then its other fields as `name=value`.
+struct Fields<'a>(&'a mut String);
+
+impl Visit for Fields<'_> {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        let _ = match field.name() {
+            "message" => write!(self.0, " {value:?}"),
+            name => write!(self.0, " {name}={value:?}"),
+        };
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        let _ = match field.name() {
+            "message" => write!(self.0, " {value}"),
+            name => write!(self.0, " {name}={value:?}"),
+        };
+    }
+}
+
+/// The process's subscriber, over [`SETTINGS`]. Callsites are told once whether they log at
+/// all (and again after each `PUT /logger`), so a disabled `trace!` on the vCPU exit path costs
+/// a load and a branch.
+struct Logger(&'static Mutex<Settings>);
+
+static SETTINGS: OnceLock<Mutex<Settings>> = OnceLock::new();
+
+fn lock(settings: &Mutex<Settings>) -> std::sync::MutexGuard<'_, Settings> {
+    // Settings are replaced whole; a panic while writing a line leaves them usable.
+    settings.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Subscriber for Logger {
+    fn register_callsite(&self, meta: &'static Metadata<'static>) -> Interest {
+        if self.enabled(meta) {
+            Interest::always()
+        } else {
+            Interest::never()
+        }
+    }
+
+    fn enabled(&self, meta: &Metadata<'_>) -> bool {
+        lock(self.0).enabled(meta)
+    }
+
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        Some(lock(self.0).level)
+    }
+
+    /// Spans are not recorded: every span is the same one, and entering it changes nothing.
+    fn new_span(&self, _span: &Attributes<'_>) -> Id {
+        Id::from_u64(1)
+    }
+
+    fn record(&self, _span: &Id, _values: &Record<'_>) {}
+
+    fn record_follows_from(&self, _span: &Id, _follows: &Id) {}
+
+    fn event(&self, event: &Event<'_>) {
+        let mut settings = lock(self.0);
+        if !settings.enabled(event.metadata()) {
+            return;
+        }
+        let line = settings.line(SystemTime::now(), event);
+        // A full FIFO or a closed file drops the line: the VMM does not stop for its log.
+        let _ = settings.out.write_all(line.as_bytes());
+    }
+
+    fn enter(&self, _span: &Id) {}
+
+    fn exit(&self, _span: &Id) {}
 }
 
 /// Logs to stderr at `level` (error, warn, info, debug, trace; anything else: warn).
 pub fn init(level: &str) {
     let level: LevelFilter = level.parse().unwrap_or(LevelFilter::WARN);
-    let (filter, filter_handle) = reload::Layer::new(Targets::new().with_default(level));
-    let stderr: OutputLayer = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .boxed();
-    let (output, output_handle) = reload::Layer::new(stderr);
-    let installed = tracing_subscriber::registry()
-        .with(filter)
-        .with(output)
-        .try_init();
-    if installed.is_ok() {
-        let _ = HANDLES.set(Handles {
-            filter: filter_handle,
-            output: output_handle,
-        });
+    if SETTINGS.set(Mutex::new(Settings::stderr(level))).is_ok() {
+        if let Some(settings) = SETTINGS.get() {
+            let _ = tracing::dispatcher::set_global_default(Dispatch::new(Logger(settings)));
+        }
     }
 }
 
 /// Applies `config`: fields left out keep their defaults (stderr, warning level, level names
 /// shown, no source locations).
 pub fn configure(config: &LoggerConfig) -> Result<(), LoggerError> {
-    let handles = HANDLES.get().ok_or(LoggerError::NotInitialised)?;
-    let level = config.level.unwrap_or(LogLevel::Warning).filter();
-    let filter = match &config.module {
-        None => Targets::new().with_default(level),
-        Some(module) if is_module_path(module) => {
-            // Only the named module logs: everything else is off.
-            Targets::new()
-                .with_default(LevelFilter::OFF)
-                .with_target(module.clone(), level)
-        }
-        Some(module) => return Err(LoggerError::Module(module.clone())),
+    let new = settings_of(config)?;
+    *lock(SETTINGS.get().ok_or(LoggerError::NotInitialised)?) = new;
+    tracing::callsite::rebuild_interest_cache();
+    Ok(())
+}
+
+fn settings_of(config: &LoggerConfig) -> Result<Settings, LoggerError> {
+    let module = match &config.module {
+        Some(m) if !is_module_path(m) => return Err(LoggerError::Module(m.clone())),
+        m => m.clone(),
     };
-    let origin = config.show_log_origin.unwrap_or(false);
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_target(false)
-        .with_level(config.show_level.unwrap_or(true))
-        .with_file(origin)
-        .with_line_number(origin);
-    let output: OutputLayer = match &config.log_path {
-        None => fmt.with_writer(std::io::stderr).boxed(),
-        Some(path) => {
-            let file =
-                crate::metrics::open_nonblocking(path).map_err(|source| LoggerError::Open {
-                    path: path.clone(),
-                    source,
-                })?;
-            fmt.with_ansi(false).with_writer(Arc::new(file)).boxed()
-        }
+    let out: Box<dyn Write + Send> = match &config.log_path {
+        None => Box::new(std::io::stderr()),
+        Some(path) => Box::new(crate::metrics::open_nonblocking(path).map_err(|source| {
+            LoggerError::Open {
+                path: path.clone(),
+                source,
+            }
+        })?),
     };
-    handles.output.reload(output).map_err(LoggerError::Reload)?;
-    handles.filter.reload(filter).map_err(LoggerError::Reload)
+    Ok(Settings {
+        level: config.level.unwrap_or(LogLevel::Warning).filter(),
+        module,
+        show_level: config.show_level.unwrap_or(true),
+        show_origin: config.show_log_origin.unwrap_or(false),
+        out,
+    })
+}
+
+/// `now` as RFC 3339 UTC with microseconds: `2026-12-07T06:03:54.248087Z`.
+fn utc_timestamp(now: SystemTime) -> String {
+    let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (the proleptic Gregorian calendar; H. Hinnant's
+    // days_from_civil inverted), in eras of 400 years that start on March 1st.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        since.subsec_micros()
+    )
 }
 
 /// A Rust module path: `::`-separated identifiers.
@@ -156,6 +278,7 @@ fn is_module_path(module: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[test]
     fn module_filters_are_module_paths() {
@@ -163,6 +286,102 @@ mod tests {
         assert!(is_module_path("vmm::api::http"));
         for bad in ["", "vmm::", "::vmm", "vmm=debug", "a b", "9vmm", "vmm:api"] {
             assert!(!is_module_path(bad), "{bad:?}");
+        }
+    }
+
+    /// A log output the test reads back.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        fn lines(&self) -> Vec<String> {
+            String::from_utf8(self.0.lock().unwrap().clone())
+                .unwrap()
+                .lines()
+                .map(str::to_string)
+                .collect()
+        }
+    }
+
+    fn logger(config: &LoggerConfig) -> (Logger, Captured) {
+        let out = Captured::default();
+        let mut settings = settings_of(config).unwrap();
+        settings.out = Box::new(out.clone());
+        (Logger(Box::leak(Box::new(Mutex::new(settings)))), out)
+    }
+
+    #[test]
+    fn events_are_lines_at_the_level_asked() {
+        let (log, out) = logger(&LoggerConfig {
+            level: Some(LogLevel::Info),
+            ..LoggerConfig::default()
+        });
+        tracing::subscriber::with_default(log, || {
+            tracing::warn!(vcpu = 3, port = "0x80", "unclaimed write");
+            tracing::info!("plain");
+            tracing::debug!("too detailed");
+        });
+        let lines = out.lines();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        // 2026-12-07T06:03:54.248087Z
+        let (time, rest) = lines[0].split_at(27);
+        assert!(time.ends_with('Z') && time.as_bytes()[10] == b'T', "{time}");
+        assert_eq!(rest, "  WARN unclaimed write vcpu=3 port=\"0x80\"");
+        assert_eq!(&lines[1][27..], "  INFO plain");
+    }
+
+    #[test]
+    fn level_names_origin_and_module_are_as_configured() {
+        let (log, out) = logger(&LoggerConfig {
+            level: Some(LogLevel::Debug),
+            show_level: Some(false),
+            show_log_origin: Some(true),
+            module: Some("vmm::logger".into()),
+            ..LoggerConfig::default()
+        });
+        tracing::subscriber::with_default(log, || {
+            tracing::debug!("here");
+            tracing::error!(target: "vmm::api", "elsewhere");
+            tracing::error!(target: "vmm::loggers", "a sibling, not below");
+            tracing::error!(target: "vmm::logger::sub", "below");
+        });
+        let lines = out.lines();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(
+            lines[0][27..].starts_with(" vmm/src/logger.rs:") && lines[0].ends_with(": here"),
+            "{}",
+            lines[0]
+        );
+        assert!(lines[1].ends_with(": below"), "{}", lines[1]);
+        assert!(settings_of(&LoggerConfig {
+            module: Some("vmm=debug".into()),
+            ..LoggerConfig::default()
+        })
+        .is_err());
+    }
+
+    #[test]
+    fn timestamps_are_utc_calendar_dates() {
+        use std::time::Duration;
+        for (secs, micros, want) in [
+            (0, 0, "1970-01-01T00:00:00.000000Z"),
+            (951_782_400, 5, "2000-02-29T00:00:00.000005Z"),
+            (1_234_567_890, 123_456, "2009-02-13T23:31:30.123456Z"),
+            (1_796_601_599, 999_999, "2026-12-06T23:59:59.999999Z"),
+            (4_102_531_199, 0, "2100-01-01T23:59:59.000000Z"),
+        ] {
+            let t = UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_micros(micros);
+            assert_eq!(utc_timestamp(t), want);
         }
     }
 

@@ -14,7 +14,7 @@ use vmm::vmm_config::{SpecFileError, VmConfig};
 #[derive(Debug, Parser)]
 #[command(
     name = "prescient",
-    version,
+    version = vmm::cli::VERSION_LINE,
     about,
     args_conflicts_with_subcommands = true
 )]
@@ -26,11 +26,17 @@ struct Cli {
     #[arg(long, value_name = "PATH")]
     config_file: Option<PathBuf>,
 
-    /// Serve Firecracker's REST API on this Unix socket (with or without --config-file).
-    #[arg(long, value_name = "PATH")]
+    /// Serve Firecracker's REST API on this Unix socket. Without it, --config-file runs
+    /// without an API and no arguments at all serve Firecracker's default socket
+    /// (/run/firecracker.socket).
+    #[arg(long, value_name = "PATH", conflicts_with = "no_api")]
     api_sock: Option<PathBuf>,
 
-    /// The microVM's id, reported by `GET /`.
+    /// Run from the --config-file alone, without an API socket.
+    #[arg(long, requires = "config_file")]
+    no_api: bool,
+
+    /// The microVM's id, reported by `GET /` (letters, digits and '-', at most 64).
     #[arg(long, default_value = "anonymous-instance")]
     id: String,
 
@@ -39,9 +45,47 @@ struct Cli {
           value_parser = ["error", "warn", "info", "debug", "trace"])]
     log_level: String,
 
+    #[command(flatten)]
+    logger: vmm::cli::LoggerArgs,
+
+    /// Write Firecracker's metrics JSON lines to this file or FIFO from the start.
+    #[arg(long, value_name = "PATH")]
+    metrics_path: Option<PathBuf>,
+
     /// Run without seccomp filters (debugging only: the VMM is then not contained).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "seccomp_filter")]
     no_seccomp: bool,
+
+    /// A compiled seccomp filter file in Firecracker's format (its seccompiler-bin output:
+    /// one BPF program each for the vmm, api and vcpu threads), used instead of prescient's
+    /// built-in boot filters.
+    #[arg(long, value_name = "PATH")]
+    seccomp_filter: Option<PathBuf>,
+
+    /// Log the time from start to the guest's write of 123 to the boot timer device
+    /// (Firecracker's: MMIO 0xc0000000, offset 0).
+    #[arg(long)]
+    boot_timer: bool,
+
+    /// Largest API request body, in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = vmm::api::http::DEFAULT_MAX_BODY_BYTES)]
+    http_api_max_payload_size: usize,
+
+    /// Largest MMDS data store, in bytes (default: the API payload limit).
+    #[arg(long, value_name = "BYTES")]
+    mmds_size_limit: Option<usize>,
+
+    /// A JSON file put into the MMDS data store at start.
+    #[arg(long, value_name = "PATH")]
+    metadata: Option<PathBuf>,
+
+    #[command(flatten)]
+    times: vmm::cli::ProcessTimes,
+
+    /// Accepted for Firecracker compatibility: prescient has no PCI transport; its devices are
+    /// virtio-mmio, announced on the kernel command line (a warning says so).
+    #[arg(long)]
+    enable_pci: bool,
 
     /// The VM's cgroup directories (the jailer passes the ones it made): the predictor sets the
     /// CPU quota there, and the VMM tries to remove them when it exits.
@@ -188,9 +232,34 @@ fn main() -> ExitCode {
     if let Some(command) = cli.command {
         return run_tool(command);
     }
+    if let Err(e) = vmm::cli::validate_instance_id(&cli.id) {
+        return fail(e, code::BAD_CONFIG);
+    }
+    vmm::metrics::METRICS.set_instance_id(&cli.id);
+    if let Err(e) = cli.logger.apply() {
+        return fail(e, code::BAD_CONFIG);
+    }
+    if let Some(path) = &cli.metrics_path {
+        let config = vmm::metrics::MetricsConfig::at(path.clone());
+        if let Err(e) = vmm::metrics::METRICS.configure(&config) {
+            return fail(format!("--metrics-path: {e}"), code::BAD_CONFIG);
+        }
+    }
+    if cli.enable_pci {
+        tracing::warn!("{}", vmm::cli::NO_PCI);
+    }
+    vmm::api::http::set_max_body_bytes(cli.http_api_max_payload_size);
 
     if !cli.no_seccomp {
         vmm::seccomp::enable();
+    }
+    if let Some(path) = &cli.seccomp_filter {
+        if let Err(e) = vmm::seccomp::load_custom_filters(path) {
+            return fail(
+                format!("--seccomp-filter {}: {e}", path.display()),
+                code::BAD_CONFIG,
+            );
+        }
     }
     if let Some(kind) = cli.seccomp_test_violation {
         vmm::seccomp::set_test_violation(kind);
@@ -198,12 +267,12 @@ fn main() -> ExitCode {
     if let Some(kind) = cli.test_panic {
         vmm::seccomp::set_test_panic(kind);
     }
-    if cli.config_file.is_none() && cli.api_sock.is_none() {
-        return fail(
-            "nothing to boot: pass --config-file PATH and/or --api-sock PATH (see --help)",
-            code::BAD_CONFIG,
-        );
-    }
+    // Firecracker's default socket when nothing else says what to run.
+    let api_sock = match (&cli.api_sock, &cli.config_file) {
+        (Some(p), _) => Some(p.clone()),
+        (None, None) => Some(PathBuf::from(vmm::cli::DEFAULT_API_SOCK)),
+        (None, Some(_)) => None,
+    };
     let mut config = match &cli.config_file {
         Some(path) => match VmConfig::from_file(path) {
             Ok(c) => c,
@@ -242,6 +311,13 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => return fail(e, code::VMM_ERROR),
     };
+    let mmds_limit = cli.mmds_size_limit.unwrap_or(cli.http_api_max_payload_size);
+    if let Err(e) = runtime.set_mmds(mmds_limit, cli.metadata.as_deref()) {
+        return fail(e, code::BAD_CONFIG);
+    }
+    if cli.boot_timer {
+        vmm::device_manager::boot_timer::enable();
+    }
     if let Some(c) = vm_cgroup {
         runtime.set_vm_cgroup(c);
     }
@@ -249,11 +325,12 @@ fn main() -> ExitCode {
         runtime.set_warm_start(w);
     }
     // Held until the end: dropping the server removes the socket file.
-    let _api = match &cli.api_sock {
+    let _api = match &api_sock {
         Some(path) => match vmm::api::start(path) {
             Ok((server, requests, wake)) => {
                 vmm::cleanup::register_api_sock(path.clone());
                 runtime.attach_api(requests, wake);
+                cli.times.report();
                 Some(server)
             }
             Err(e) => return fail(e, code::VMM_ERROR),

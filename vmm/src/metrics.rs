@@ -35,6 +35,10 @@ pub struct ApiCounters {
     pub client_errors: AtomicU64,
     /// Requests answered 5xx.
     pub server_errors: AtomicU64,
+    /// From `--start-time-us` to a serving API (Firecracker's metric).
+    pub process_startup_time_us: AtomicU64,
+    /// CPU time from `--start-time-cpu-us` (plus `--parent-cpu-time-us`) to a serving API.
+    pub process_startup_time_cpu_us: AtomicU64,
 }
 
 /// Counters of VM lifecycle events.
@@ -54,6 +58,8 @@ pub struct Metrics {
     serial: Mutex<Option<Arc<SerialCounters>>>,
     devices: Mutex<Vec<(String, Arc<DeviceCounters>)>>,
     sink: Mutex<Option<Sink>>,
+    /// The microVM's id, for lines with `emit_id`.
+    instance_id: std::sync::OnceLock<String>,
 }
 
 /// The process-wide metrics.
@@ -73,6 +79,23 @@ pub struct Sample {
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     pub metrics_path: PathBuf,
+    /// Each line carries the instance id as `id` (Firecracker 1.17).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub emit_id: bool,
+    /// Operator-defined pairs each line carries under `properties`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub properties: Option<BTreeMap<String, String>>,
+}
+
+impl MetricsConfig {
+    /// Metrics to `path` with nothing added to the lines.
+    pub fn at(path: PathBuf) -> Self {
+        Self {
+            metrics_path: path,
+            emit_id: false,
+            properties: None,
+        }
+    }
 }
 
 /// Errors of the metrics sink.
@@ -99,6 +122,8 @@ struct Sink {
     path: PathBuf,
     file: File,
     last: BTreeMap<(String, &'static str), u64>,
+    /// Added to every line: `id` and `properties`.
+    header: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Opens a file or FIFO for writing without blocking on a FIFO that has no reader yet.
@@ -113,6 +138,11 @@ pub fn open_nonblocking(path: &Path) -> std::io::Result<File> {
 }
 
 impl Metrics {
+    /// The microVM's id (`--id`), set once at start.
+    pub fn set_instance_id(&self, id: &str) {
+        let _ = self.instance_id.set(id.to_string());
+    }
+
     /// A new vCPU's exit counter, reported from now on.
     pub fn register_vcpu(&self, exits: ExitTotals) {
         lock(&self.vcpus).push(exits);
@@ -159,6 +189,18 @@ impl Metrics {
                 "server_errors",
                 "API requests answered 5xx",
                 load(&self.api.server_errors),
+            ),
+            s(
+                "api_server",
+                "process_startup_time_us",
+                "microseconds from --start-time-us to a serving API",
+                load(&self.api.process_startup_time_us),
+            ),
+            s(
+                "api_server",
+                "process_startup_time_cpu_us",
+                "CPU microseconds from --start-time-cpu-us to a serving API",
+                load(&self.api.process_startup_time_cpu_us),
             ),
             s(
                 "vcpu",
@@ -285,10 +327,20 @@ impl Metrics {
             path: config.metrics_path.clone(),
             source,
         })?;
+        let mut header = serde_json::Map::new();
+        if config.emit_id {
+            let id = self.instance_id.get().cloned().unwrap_or_default();
+            header.insert("id".into(), id.into());
+        }
+        if let Some(p) = &config.properties {
+            let p = p.iter().map(|(k, v)| (k.clone(), v.clone().into()));
+            header.insert("properties".into(), serde_json::Map::from_iter(p).into());
+        }
         *sink = Some(Sink {
             path: config.metrics_path.clone(),
             file,
             last: BTreeMap::new(),
+            header,
         });
         Ok(())
     }
@@ -312,7 +364,7 @@ impl Metrics {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let mut doc = serde_json::Map::new();
+        let mut doc = sink.header.clone();
         doc.insert("utc_timestamp_ms".into(), now_ms.into());
         for (group, values) in groups {
             doc.insert(group, values.into());
@@ -372,15 +424,14 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("metrics.json");
         let _ = std::fs::remove_file(&path);
-        m.configure(&MetricsConfig {
-            metrics_path: path.clone(),
-        })
+        m.set_instance_id("vm-7");
+        let mut config: MetricsConfig = serde_json::from_value(serde_json::json!({
+            "metrics_path": path, "emit_id": true, "properties": {"zone": "a"}
+        }))
         .unwrap();
-        assert!(m
-            .configure(&MetricsConfig {
-                metrics_path: path.clone()
-            })
-            .is_err());
+        m.configure(&config).unwrap();
+        config.emit_id = false;
+        assert!(m.configure(&config).is_err());
         m.flush().unwrap();
         a.observe(out);
         m.flush().unwrap();
@@ -391,6 +442,8 @@ mod tests {
             .collect();
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[0]["vcpu"]["exit_io_out"], 7);
+        assert_eq!(lines[1]["id"], "vm-7");
+        assert_eq!(lines[1]["properties"]["zone"], "a");
         assert_eq!(
             lines[1]["vcpu"]["exit_io_out"], 1,
             "the second flush holds the delta"

@@ -9,6 +9,7 @@ use devices::virtio::block::Block;
 use devices::virtio::discard::PAGE_SIZE;
 use devices::virtio::mem::VirtioMem;
 use devices::virtio::net::Net;
+use devices::virtio::pmem::Pmem;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::console::RawTerminal;
@@ -24,6 +25,7 @@ use crate::vstate::vm::Vm;
 pub struct VirtioHandles {
     pub blocks: Vec<(String, Arc<Mutex<Block>>)>,
     pub nets: Vec<(String, Arc<Mutex<Net>>)>,
+    pub pmems: Vec<(String, Arc<Mutex<Pmem>>)>,
     pub balloon: Option<Arc<Mutex<Balloon>>>,
     pub memory: Option<Arc<Mutex<VirtioMem>>>,
 }
@@ -183,6 +185,10 @@ impl MicroVm {
     /// The network interface with this spec id.
     pub fn net(&self, iface_id: &str) -> Option<MutexGuard<'_, Net>> {
         find(&self.virtio.nets, iface_id)
+    }
+
+    pub fn pmem(&self, id: &str) -> Option<MutexGuard<'_, Pmem>> {
+        find(&self.virtio.pmems, id)
     }
 
     /// The balloon, if the VM has one.

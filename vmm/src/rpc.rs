@@ -10,12 +10,12 @@ use crate::logger::{LoggerConfig, LoggerError};
 use crate::metrics::{MetricsConfig, MetricsError};
 use crate::vmm_config::{
     BalloonConfig, BalloonStatsUpdate, BalloonUpdate, BootSourceConfig, ConfigError, DriveConfig,
-    DriveUpdate, EntropyConfig, MachineConfig, MemoryHotplugConfig, MemoryHotplugSizeUpdate,
-    MemoryHotplugStatus, NetworkInterfaceConfig, NetworkInterfaceUpdate, PredictorUpdate,
-    SerialConfig, VmConfig, VsockConfig,
+    DriveUpdate, EntropyConfig, HintingStart, MachineConfig, MemoryHotplugConfig,
+    MemoryHotplugSizeUpdate, MemoryHotplugStatus, NetworkInterfaceConfig, NetworkInterfaceUpdate,
+    PredictorUpdate, SerialConfig, VmConfig, VsockConfig,
 };
 use crate::vstate::vcpu::VcpuError;
-use devices::virtio::balloon::BalloonStats;
+use devices::virtio::balloon::{BalloonError, BalloonStats, HintingStatus};
 
 /// One request to the VMM thread.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,6 +58,19 @@ pub enum VmmAction {
     PatchPredictor(PredictorUpdate),
     /// Tighten every thread's seccomp filter to this stage.
     SetSeccompStage(crate::seccomp::Stage),
+    /// `PUT /mmds`: replace the metadata document.
+    PutMmds(serde_json::Value),
+    /// `PATCH /mmds`: merge into it.
+    PatchMmds(serde_json::Value),
+    GetMmds,
+    PutMmdsConfig(crate::vmm_config::MmdsConfig),
+    PutCpuConfig(crate::vmm_config::CpuConfig),
+    PutPmem(crate::vmm_config::PmemConfig),
+    PatchPmem(crate::vmm_config::PmemUpdate),
+    /// `PATCH /balloon/hinting/start`: a free page hinting run.
+    StartBalloonHinting(HintingStart),
+    GetBalloonHinting,
+    StopBalloonHinting,
 }
 
 /// A partial `machine-config` (PATCH): only the fields given change.
@@ -67,6 +80,7 @@ pub struct MachineConfigUpdate {
     pub vcpu_count: Option<u8>,
     pub mem_size_mib: Option<u64>,
     pub smt: Option<bool>,
+    pub cpu_template: Option<crate::vmm_config::CpuTemplate>,
     pub max_vcpus: Option<u8>,
     pub acpi: Option<bool>,
     pub huge_pages: Option<crate::vmm_config::HugePages>,
@@ -78,6 +92,7 @@ impl MachineConfigUpdate {
             vcpu_count: self.vcpu_count.unwrap_or(to.vcpu_count),
             mem_size_mib: self.mem_size_mib.unwrap_or(to.mem_size_mib),
             smt: self.smt.unwrap_or(to.smt),
+            cpu_template: self.cpu_template.or(to.cpu_template),
             max_vcpus: self.max_vcpus.or(to.max_vcpus),
             acpi: self.acpi.unwrap_or(to.acpi),
             huge_pages: self.huge_pages.unwrap_or(to.huge_pages),
@@ -95,6 +110,7 @@ impl MachineConfigUpdate {
                 max_vcpus: None,
                 acpi: None,
                 huge_pages: None,
+                cpu_template: None,
             } => Some(*n),
             _ => None,
         }
@@ -131,6 +147,8 @@ pub enum VmmData {
     MemoryHotplug(MemoryHotplugStatus),
     Predictor(Box<PredictorStatus>),
     PredictorDecisions(DecisionPage),
+    Mmds(serde_json::Value),
+    BalloonHinting(HintingStatus),
     Vcpus(crate::vcpus::VcpuStatus),
 }
 
@@ -153,13 +171,15 @@ pub enum ActionError {
     NoSuchDrive(String),
     #[error("no network interface {0:?}")]
     NoSuchInterface(String),
+    #[error("no pmem device {0:?}")]
+    NoSuchPmem(String),
     /// A running VM's device refused a change.
     #[error("{0}")]
     Live(#[from] LiveError),
-    #[error("a running drive's {0} cannot change; only its rate_limiter can")]
-    DriveFieldFixedAfterBoot(&'static str),
     #[error("No balloon device configured.")]
     NoBalloon,
+    #[error("{0}")]
+    Balloon(#[from] BalloonError),
     #[error("Balloon statistics are not enabled (stats_polling_interval_s was 0 at start).")]
     BalloonStatsDisabled,
     #[error("No memory hotplug device configured.")]
@@ -176,6 +196,11 @@ pub enum ActionError {
     Predictor(String),
     #[error("{0}")]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    #[error("MMDS: {0}")]
+    Mmds(String),
+    /// Firecracker's words for a data store request it refuses.
+    #[error("{0}")]
+    MmdsStore(#[from] mmds::StoreError),
     #[error(
         "a running VM's machine-config takes only vcpu_count (vCPU hot-plug); {0} is fixed at boot"
     )]

@@ -29,6 +29,16 @@ pub enum SeccompError {
     },
     #[error("seccomp is off (--no-seccomp)")]
     Disabled,
+    #[error("cannot read the filter file: {0}")]
+    CustomRead(std::io::Error),
+    #[error("the filter file is larger than {CUSTOM_FILE_LIMIT} bytes")]
+    CustomTooLarge,
+    #[error("not a compiled filter file (Firecracker's seccompiler-bin format): {0}")]
+    CustomFormat(String),
+    #[error("the filter file has no filter for the {0} threads")]
+    CustomMissing(&'static str),
+    #[error("the {0} filter has {1} instructions; the kernel takes at most {BPF_MAX_LEN}")]
+    CustomTooLong(&'static str, usize),
     #[error("the seccomp stage is already {current}; it can only get stricter, not go back to {requested}")]
     Looser { current: Stage, requested: Stage },
 }
@@ -159,6 +169,59 @@ const FILTERS: [(ThreadKind, [&[u8]; 3]); 4] = [
         ],
     ),
 ];
+
+/// A user's filter file (`--seccomp-filter`) is read up to this size, as Firecracker does.
+const CUSTOM_FILE_LIMIT: usize = 100_000;
+const BPF_MAX_LEN: usize = 4096;
+
+/// The user's filters (`--seccomp-filter`), by thread kind, in place of the boot filters.
+static CUSTOM: std::sync::OnceLock<Vec<(ThreadKind, BpfProgram)>> = std::sync::OnceLock::new();
+
+/// Loads a filter file in Firecracker's format: a `bitcode`-serialised map from thread
+/// category (`vmm`, `api`, `vcpu`) to its BPF program, each instruction a `sock_filter` read
+/// as a little-endian u64. Each thread kind then installs its program instead of prescient's
+/// boot filter (an empty program: no filter for that kind); the later stages still stack on top.
+pub fn load_custom_filters(path: &std::path::Path) -> Result<(), SeccompError> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(CUSTOM_FILE_LIMIT as u64 + 1).read_to_end(&mut bytes))
+        .map_err(SeccompError::CustomRead)?;
+    if bytes.len() > CUSTOM_FILE_LIMIT {
+        return Err(SeccompError::CustomTooLarge);
+    }
+    let map: std::collections::HashMap<String, Vec<u64>> =
+        bitcode::deserialize(&bytes).map_err(|e| SeccompError::CustomFormat(e.to_string()))?;
+    let map: std::collections::HashMap<String, Vec<u64>> = map
+        .into_iter()
+        .map(|(k, v)| (k.to_lowercase(), v))
+        .collect();
+    let mut filters = Vec::new();
+    for kind in [ThreadKind::Vmm, ThreadKind::Api, ThreadKind::Vcpu] {
+        let program = map
+            .get(kind.name())
+            .ok_or(SeccompError::CustomMissing(kind.name()))?;
+        if program.len() > BPF_MAX_LEN {
+            return Err(SeccompError::CustomTooLong(kind.name(), program.len()));
+        }
+        let program = program
+            .iter()
+            .map(|i| {
+                let b = i.to_le_bytes();
+                sock_filter {
+                    code: u16::from_le_bytes([b[0], b[1]]),
+                    jt: b[2],
+                    jf: b[3],
+                    k: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+                }
+            })
+            .collect();
+        filters.push((kind, program));
+    }
+    // Set once, before any thread installs a filter.
+    let _ = CUSTOM.set(filters);
+    Ok(())
+}
 
 /// The BPF program of `kind` at `stage`, from build.rs's bytes (8 per instruction, as the
 /// kernel's `struct sock_filter`, little-endian).
@@ -307,11 +370,19 @@ fn install_up_to(kind: ThreadKind, wanted: Stage) -> Result<(), SeccompError> {
 }
 
 fn apply(kind: ThreadKind, stage: Stage) -> Result<(), SeccompError> {
-    apply_filter(&program(kind, stage)).map_err(|source| SeccompError::Install {
-        kind,
-        stage,
-        source,
-    })?;
+    let custom = CUSTOM
+        .get()
+        .filter(|_| stage == Stage::Boot)
+        .and_then(|c| c.iter().find(|(k, _)| *k == kind))
+        .map(|(_, p)| p.clone());
+    let program = custom.unwrap_or_else(|| program(kind, stage));
+    if !program.is_empty() {
+        apply_filter(&program).map_err(|source| SeccompError::Install {
+            kind,
+            stage,
+            source,
+        })?;
+    }
     INSTALLED.set(Some(stage));
     KIND.set(Some(kind));
     tracing::debug!("{kind} thread: {stage} seccomp filter installed");

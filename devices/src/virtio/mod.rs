@@ -11,6 +11,7 @@ pub mod discard;
 pub mod mem;
 pub mod mmio;
 pub mod net;
+pub mod pmem;
 pub mod rng;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
@@ -36,6 +37,7 @@ pub const TYPE_RNG: u32 = 4;
 pub const TYPE_BALLOON: u32 = 5;
 pub const TYPE_VSOCK: u32 = 19;
 pub const TYPE_MEM: u32 = 24;
+pub const TYPE_PMEM: u32 = 27;
 
 /// InterruptStatus bits.
 pub const INTERRUPT_USED_RING: u32 = 1;

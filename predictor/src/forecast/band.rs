@@ -10,6 +10,7 @@
 //! does not turn small absolute errors into huge relative ones.
 
 use super::{check_param, DecayHistogram, Forecast, ForecastError, Forecaster, Horizon};
+use crate::math;
 use crate::sample::Signals;
 
 /// A model that only predicts the expected value.
@@ -103,7 +104,7 @@ struct Decayed {
 impl Decayed {
     fn new(half_life: f64) -> Self {
         Decayed {
-            keep: (-1.0 / half_life).exp2(),
+            keep: math::exp2(-1.0 / half_life),
             mean: 0.0,
             weight: 0.0,
         }

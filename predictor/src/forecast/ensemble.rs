@@ -13,6 +13,7 @@
 //! so a change of leader moves the allocation gradually instead of jumping to another model.
 
 use super::{Forecast, ForecastError, Forecaster, Horizon};
+use crate::math;
 use crate::sample::Signals;
 use serde::{Deserialize, Serialize};
 
@@ -81,7 +82,7 @@ impl Ensemble {
             });
         }
         let n = experts.len();
-        let decay = (-1.0 / cfg.half_life).exp2();
+        let decay = math::exp2(-1.0 / cfg.half_life);
         let horizon = 1.0 / (1.0 - decay);
         Ok(Ensemble {
             loss: vec![0.0; n],
@@ -90,7 +91,7 @@ impl Ensemble {
             has_pending: false,
             quantile: 0.99,
             decay,
-            eta: (8.0 * (n as f64).ln().max(f64::MIN_POSITIVE) / horizon).sqrt(),
+            eta: (8.0 * math::ln(n as f64).max(f64::MIN_POSITIVE) / horizon).sqrt(),
             experts,
         })
     }
@@ -117,7 +118,7 @@ impl Ensemble {
         let best = self.loss.iter().copied().fold(f64::INFINITY, f64::min);
         let mut total = 0.0;
         for (w, l) in self.weights.iter_mut().zip(&self.loss) {
-            *w = (-self.eta * (l - best)).exp();
+            *w = math::exp(-self.eta * (l - best));
             total += *w;
         }
         self.weights.iter_mut().for_each(|w| *w /= total);

@@ -2,6 +2,7 @@
 //! behind Kubernetes VPA's recommender).
 
 use super::{check_param, ForecastError};
+use crate::math;
 
 /// Weights grow as `2^(age/half_life)` instead of old buckets being multiplied down each
 /// step, so an insert is O(1); everything is rescaled once the weights near overflow.
@@ -48,8 +49,8 @@ impl DecayHistogram {
             false,
             "(first bucket, inf)",
         )?;
-        let ln_ratio = ratio.ln();
-        let buckets = 2 + ((max / first).ln() / ln_ratio).ceil() as usize;
+        let ln_ratio = math::ln(ratio);
+        let buckets = 2 + (math::ln(max / first) / ln_ratio).ceil() as usize;
         Ok(DecayHistogram {
             first,
             ratio,
@@ -57,7 +58,7 @@ impl DecayHistogram {
             weights: vec![0.0; buckets],
             total: 0.0,
             weight: 1.0,
-            growth: (1.0 / half_life).exp2(),
+            growth: math::exp2(1.0 / half_life),
             lowest: usize::MAX,
             highest: 0,
         })
@@ -67,7 +68,7 @@ impl DecayHistogram {
         if value <= self.first {
             0
         } else {
-            let i = ((value / self.first).ln() / self.ln_ratio).ceil() as usize;
+            let i = (math::ln(value / self.first) / self.ln_ratio).ceil() as usize;
             i.clamp(1, self.weights.len() - 1)
         }
     }

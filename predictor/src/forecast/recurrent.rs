@@ -5,6 +5,7 @@
 //! head, so weights exported from tch load unchanged.
 
 use super::{BandConfig, Banded, ForecastError, Horizon, PointModel};
+use crate::math;
 use safetensors::tensor::{Dtype, SafeTensorError, SafeTensors, TensorView};
 use std::collections::HashMap;
 use std::path::Path;
@@ -87,7 +88,7 @@ pub struct GruWeights {
 }
 
 fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + math::expf(-x))
 }
 
 /// `out = m * v + b` for a row-major `m` of `out.len()` rows.
@@ -209,7 +210,7 @@ impl GruWeights {
         for j in 0..n {
             let r = sigmoid(gi[j] + gh[j]);
             let z = sigmoid(gi[n + j] + gh[n + j]);
-            let c = (gi[2 * n + j] + r * gh[2 * n + j]).tanh();
+            let c = math::tanhf(gi[2 * n + j] + r * gh[2 * n + j]);
             h[j] = (1.0 - z) * c + z * h[j];
         }
     }

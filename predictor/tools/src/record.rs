@@ -20,6 +20,7 @@
 //! a live parent.
 
 use jailer::cgroup::{Cgroup, Mounts, Version};
+use predictor::math;
 use predictor::resource::Usage;
 use predictor::sample::{Sample, Signals};
 use predictor::trace::{self, Header, Trace, TraceError};
@@ -509,7 +510,7 @@ fn fit_capacity(default: f64, peak: f64) -> f64 {
     if peak <= default {
         default
     } else {
-        2f64.powi(peak.log2().ceil() as i32)
+        2f64.powi(math::log2(peak).ceil() as i32)
     }
 }
 

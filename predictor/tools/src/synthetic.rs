@@ -32,6 +32,7 @@
 //!
 //! Everything is derived from the seed, so a seed reproduces a trace bit for bit.
 
+use predictor::math;
 use predictor::resource::Usage;
 use predictor::rng::Rng;
 use predictor::sample::{Sample, Signals};
@@ -133,7 +134,7 @@ fn load(workload: Workload, windows: usize, rng: &mut Rng) -> Vec<f64> {
     match workload {
         Workload::Sustained => vec![0.6; windows],
         Workload::Periodic => (0..windows)
-            .map(|t| 0.45 + 0.3 * (TAU * t as f64 / 600.0).sin())
+            .map(|t| 0.45 + 0.3 * math::sin(TAU * t as f64 / 600.0))
             .collect(),
         Workload::Ramp => {
             let end = (windows as f64 * 0.7).max(1.0);
@@ -193,7 +194,7 @@ fn load(workload: Workload, windows: usize, rng: &mut Rng) -> Vec<f64> {
                 if rng.unit() >= 1.0 / 50.0 {
                     continue;
                 }
-                let height = (0.1 * rng.unit().max(1e-12).powf(-1.0 / 1.5)).min(0.85);
+                let height = (0.1 * math::powf(rng.unit().max(1e-12), -1.0 / 1.5)).min(0.85);
                 let len = rng.range(1.0, 16.0) as usize;
                 for e in extra.iter_mut().skip(t).take(len) {
                     *e = f64::max(*e, height);
@@ -214,7 +215,7 @@ fn load(workload: Workload, windows: usize, rng: &mut Rng) -> Vec<f64> {
         }
         Workload::DiurnalSpikes => {
             let mut out: Vec<f64> = (0..windows)
-                .map(|t| 0.4 + 0.3 * (TAU * t as f64 / 1500.0).sin())
+                .map(|t| 0.4 + 0.3 * math::sin(TAU * t as f64 / 1500.0))
                 .collect();
             for t in 0..windows {
                 if rng.unit() >= 1.0 / 100.0 {
@@ -249,7 +250,7 @@ pub fn generate(workload: Workload, seed: u64, windows: usize) -> Trace {
                 cpu: noisy(CAPACITY.cpu * l, 0.03, CAPACITY.cpu),
                 mem: noisy(mem, 0.005, CAPACITY.mem),
                 blk: noisy(150.0 * l, 0.05, CAPACITY.blk),
-                net: noisy(300.0 * l.powf(1.2), 0.05, CAPACITY.net),
+                net: noisy(300.0 * math::powf(l, 1.2), 0.05, CAPACITY.net),
             };
             Sample {
                 t_ms: t as u64 * WINDOW_MS,

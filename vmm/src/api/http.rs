@@ -7,7 +7,19 @@ use std::io::{ErrorKind, Read, Write};
 pub const MAX_HEADER_BYTES: usize = 8 * 1024;
 const MAX_HEADERS: usize = 32;
 /// Firecracker's default API payload limit.
-pub const MAX_BODY_BYTES: usize = 51_200;
+pub const DEFAULT_MAX_BODY_BYTES: usize = 51_200;
+/// The payload limit in force (`--http-api-max-payload-size`), set before the API starts.
+static MAX_BODY_BYTES: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(DEFAULT_MAX_BODY_BYTES);
+
+/// Sets the largest request body the API accepts.
+pub fn set_max_body_bytes(limit: usize) {
+    MAX_BODY_BYTES.store(limit, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn max_body_bytes() -> usize {
+    MAX_BODY_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 /// Method, path and query of a request.
 type RequestLine = (String, String, String);
@@ -38,8 +50,8 @@ pub enum ReadError {
     Malformed(String),
     #[error("request headers exceed {MAX_HEADER_BYTES} bytes")]
     HeadersTooLarge,
-    #[error("request body of {0} bytes exceeds the {MAX_BODY_BYTES} byte limit")]
-    BodyTooLarge(usize),
+    #[error("request body of {0} bytes exceeds the {1} byte limit")]
+    BodyTooLarge(usize, usize),
     #[error("{0}")]
     Unsupported(String),
 }
@@ -51,7 +63,8 @@ impl ReadError {
             ReadError::Closed | ReadError::TimedOut | ReadError::Io(_) => None,
             ReadError::Malformed(_) => Some(400),
             ReadError::HeadersTooLarge => Some(431),
-            ReadError::BodyTooLarge(_) => Some(413),
+            // Firecracker's HTTP layer answers 400 here.
+            ReadError::BodyTooLarge(..) => Some(400),
             ReadError::Unsupported(_) => Some(501),
         }
     }
@@ -170,8 +183,8 @@ impl<S: Read + Write> Connection<S> {
         if head_len > MAX_HEADER_BYTES {
             return Err(ReadError::HeadersTooLarge);
         }
-        if content_length > MAX_BODY_BYTES {
-            return Err(ReadError::BodyTooLarge(content_length));
+        if content_length > max_body_bytes() {
+            return Err(ReadError::BodyTooLarge(content_length, max_body_bytes()));
         }
         if expect_continue && self.buf.len() < head_len + content_length {
             self.write_raw(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -336,7 +349,7 @@ mod tests {
             (b"GET / HTTP/1.1\r\nContent-Length: abc\r\n\r\n", Some(400)),
             (
                 b"PUT / HTTP/1.1\r\nContent-Length: 999999\r\n\r\n",
-                Some(413),
+                Some(400),
             ),
             (
                 b"PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",

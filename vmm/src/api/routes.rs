@@ -7,10 +7,13 @@ use serde::Deserialize;
 use super::http::{Request, Response};
 use crate::metrics::METRICS;
 use crate::rpc::{ActionError, VmmAction, VmmData};
-use crate::vmm_config::{DriveConfig, DriveUpdate, NetworkInterfaceConfig, NetworkInterfaceUpdate};
+use crate::vmm_config::{
+    DriveConfig, DriveUpdate, NetworkInterfaceConfig, NetworkInterfaceUpdate, PmemConfig,
+    PmemUpdate,
+};
 
 /// The Firecracker API version whose request and response shapes prescient follows.
-pub const FIRECRACKER_API_VERSION: &str = "1.12.0";
+pub const FIRECRACKER_API_VERSION: &str = crate::FIRECRACKER_VERSION;
 
 /// What a request turns into.
 #[derive(Debug)]
@@ -68,6 +71,11 @@ fn parse_body<T: DeserializeOwned>(req: &Request) -> Result<T, Response> {
     })
 }
 
+/// Any JSON document (the MMDS data store's bodies).
+fn parse_json(req: &Request) -> Result<serde_json::Value, Response> {
+    parse_body(req)
+}
+
 /// A body whose id field must equal the id in the path (`/drives/{id}`).
 fn parse_with_id<T: DeserializeOwned>(
     req: &Request,
@@ -108,16 +116,16 @@ fn since(query: &str) -> Result<u64, Response> {
     Ok(since)
 }
 
+/// Firecracker answers a method a path does not take as it answers a path it does not know:
+/// 400, naming both.
 fn method_not_allowed(req: &Request, allowed: &str) -> Routed {
-    let mut r = Response::fault(
-        405,
+    Routed::Reply(Response::fault(
+        400,
         format!(
-            "{} is not allowed on {}; use {allowed}",
+            "Invalid request method and/or path: {} {} (it takes {allowed}).",
             req.method, req.path
         ),
-    );
-    r.headers.push(format!("Allow: {allowed}"));
-    Routed::Reply(r)
+    ))
 }
 
 /// Turns `req` into an action, or answers it.
@@ -190,8 +198,20 @@ pub fn route(req: &Request) -> Routed {
         ("/logger", _) => method_not_allowed(req, "PUT"),
         ("/entropy", "PUT") => action(parse_body(req).map(VmmAction::PutEntropy)),
         ("/entropy", _) => method_not_allowed(req, "PUT"),
-        ("/vsock", "PUT") => action(parse_body(req).map(VmmAction::PutVsock)),
-        ("/vsock", _) => method_not_allowed(req, "PUT"),
+        // Firecracker reads only the first segment here: `/vsock/vsock0` (the old
+        // vsock_id form) is the same resource.
+        (p, "PUT") if p == "/vsock" || p.starts_with("/vsock/") => {
+            action(parse_body(req).map(VmmAction::PutVsock))
+        }
+        (p, _) if p == "/vsock" || p.starts_with("/vsock/") => method_not_allowed(req, "PUT"),
+        ("/mmds", "GET") => Routed::Action(VmmAction::GetMmds),
+        ("/mmds", "PUT") => action(parse_json(req).map(VmmAction::PutMmds)),
+        ("/mmds", "PATCH") => action(parse_json(req).map(VmmAction::PatchMmds)),
+        ("/mmds", _) => method_not_allowed(req, "GET, PUT, PATCH"),
+        ("/mmds/config", "PUT") => action(parse_body(req).map(VmmAction::PutMmdsConfig)),
+        ("/mmds/config", _) => method_not_allowed(req, "PUT"),
+        ("/cpu-config", "PUT") => action(parse_body(req).map(VmmAction::PutCpuConfig)),
+        ("/cpu-config", _) => method_not_allowed(req, "PUT"),
         ("/balloon", "GET") => Routed::Action(VmmAction::GetBalloon),
         ("/balloon", "PUT") => action(parse_body(req).map(VmmAction::PutBalloon)),
         ("/balloon", "PATCH") => action(parse_body(req).map(VmmAction::PatchBalloon)),
@@ -201,6 +221,16 @@ pub fn route(req: &Request) -> Routed {
             action(parse_body(req).map(VmmAction::PatchBalloonStats))
         }
         ("/balloon/statistics", _) => method_not_allowed(req, "GET, PATCH"),
+        ("/balloon/hinting/start", "PATCH") if req.body.is_empty() => Routed::Action(
+            VmmAction::StartBalloonHinting(crate::vmm_config::HintingStart::default()),
+        ),
+        ("/balloon/hinting/start", "PATCH") => {
+            action(parse_body(req).map(VmmAction::StartBalloonHinting))
+        }
+        ("/balloon/hinting/status", "GET") => Routed::Action(VmmAction::GetBalloonHinting),
+        ("/balloon/hinting/stop", "PATCH") => Routed::Action(VmmAction::StopBalloonHinting),
+        ("/balloon/hinting/start" | "/balloon/hinting/stop", _) => method_not_allowed(req, "PATCH"),
+        ("/balloon/hinting/status", _) => method_not_allowed(req, "GET"),
         ("/hotplug/memory", "GET") => Routed::Action(VmmAction::GetMemoryHotplug),
         ("/hotplug/memory", "PUT") => action(parse_body(req).map(VmmAction::PutMemoryHotplug)),
         ("/hotplug/memory", "PATCH") => action(parse_body(req).map(VmmAction::PatchMemoryHotplug)),
@@ -228,6 +258,18 @@ pub fn route(req: &Request) -> Routed {
                 _ => method_not_allowed(req, "PUT, PATCH"),
             }
         }
+        (path, method) if path.starts_with("/pmem/") => {
+            let id = &path["/pmem/".len()..];
+            match method {
+                "PUT" => {
+                    action(parse_with_id(req, id, |p: &PmemConfig| &p.id).map(VmmAction::PutPmem))
+                }
+                "PATCH" => {
+                    action(parse_with_id(req, id, |p: &PmemUpdate| &p.id).map(VmmAction::PatchPmem))
+                }
+                _ => method_not_allowed(req, "PUT, PATCH"),
+            }
+        }
         (path, method) if path.starts_with("/drives/") => {
             let id = &path["/drives/".len()..];
             match method {
@@ -247,8 +289,8 @@ pub fn route(req: &Request) -> Routed {
                 format!("{what} are not supported by this prescient build yet"),
             )),
             None => Routed::Reply(Response::fault(
-                404,
-                format!("no such API resource: {} {path}", req.method),
+                400,
+                format!("Invalid request method and/or path: {} {path}.", req.method),
             )),
         },
     }
@@ -270,7 +312,11 @@ pub fn respond(result: Result<VmmData, ActionError>) -> Response {
         Ok(VmmData::MemoryHotplug(m)) => json(serde_json::to_string(&m)),
         Ok(VmmData::Predictor(p)) => json(serde_json::to_string(&p)),
         Ok(VmmData::PredictorDecisions(d)) => json(serde_json::to_string(&d)),
+        Ok(VmmData::Mmds(v)) => json(serde_json::to_string(&v)),
+        Ok(VmmData::BalloonHinting(h)) => json(serde_json::to_string(&h)),
         Ok(VmmData::Vcpus(v)) => json(serde_json::to_string(&v)),
+        // Firecracker's status for a data store over its limit.
+        Err(e @ ActionError::MmdsStore(mmds::StoreError::TooLarge)) => Response::fault(413, e),
         Err(e) if e.is_conflict() => Response::fault(409, e),
         Err(e) => Response::fault(400, e),
     }
@@ -326,11 +372,17 @@ mod tests {
 
     #[test]
     fn bad_requests_get_their_status_and_a_fault_message() {
+        // Firecracker's 400 for unknown paths and for methods a path does not take.
         let r = reply(route(&req("GET", "/nope", "")));
-        assert_eq!(r.status, 404);
+        assert_eq!(r.status, 400);
+        assert!(
+            r.body.contains("Invalid request method and/or path"),
+            "{}",
+            r.body
+        );
         let r = reply(route(&req("DELETE", "/machine-config", "")));
-        assert_eq!(r.status, 405);
-        assert_eq!(r.headers, vec!["Allow: GET, PUT, PATCH".to_string()]);
+        assert_eq!(r.status, 400);
+        assert!(r.body.contains("GET, PUT, PATCH"), "{}", r.body);
         let r = reply(route(&req(
             "PUT",
             "/machine-config",
@@ -354,7 +406,7 @@ mod tests {
         let r = reply(route(&req("PUT", "/snapshot/create", "{}")));
         assert!(r.body.contains("snapshots are not supported"), "{}", r.body);
         let r = reply(route(&req("DELETE", "/hotplug/memory", "")));
-        assert_eq!(r.status, 405);
+        assert_eq!(r.status, 400);
         let r = reply(route(&req(
             "PATCH",
             "/hotplug/memory",
@@ -365,7 +417,7 @@ mod tests {
         assert_eq!(r.status, 400);
         assert!(r.body.contains("missing field `uds_path`"), "{}", r.body);
         let r = reply(route(&req("GET", "/vsock", "")));
-        assert_eq!(r.status, 405);
+        assert_eq!(r.status, 400);
         let body = r#"{"drive_id": "other", "path_on_host": "/x", "is_root_device": false}"#;
         let r = reply(route(&req("PUT", "/drives/rootfs", body)));
         assert!(r.body.contains("differ"), "{}", r.body);
@@ -401,7 +453,7 @@ mod tests {
         ));
         let e = reply(route(&req("PATCH", "/predictor", r#"{"horizon": 3}"#)));
         assert!(e.body.contains("unknown field `horizon`"), "{}", e.body);
-        assert_eq!(reply(route(&req("PUT", "/predictor", "{}"))).status, 405);
+        assert_eq!(reply(route(&req("PUT", "/predictor", "{}"))).status, 400);
     }
 
     #[test]

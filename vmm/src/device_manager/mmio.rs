@@ -107,7 +107,8 @@ pub struct MmioDeviceManager {
 impl Default for MmioDeviceManager {
     fn default() -> Self {
         Self {
-            next_base: MMIO32_START,
+            // The first page is the boot timer's, as in Firecracker's layout.
+            next_base: MMIO32_START + super::boot_timer::BOOT_TIMER_LEN,
             next_irq: FIRST_IRQ,
             slots: Vec::new(),
         }

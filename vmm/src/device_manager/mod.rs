@@ -2,6 +2,7 @@
 //! one as it goes (`registry`).
 
 pub mod acpi;
+pub mod boot_timer;
 pub mod legacy;
 pub mod mmio;
 pub mod registry;
@@ -43,6 +44,7 @@ mod tests {
             target_pages: 0,
             deflate_on_oom: false,
             stats_interval: std::time::Duration::ZERO,
+            free_page_hinting: false,
             free_page_reporting: false,
         };
         let balloon = Arc::new(Mutex::new(Balloon::new(opts).unwrap()));
@@ -126,7 +128,7 @@ mod tests {
             "Method (CSCN, 0, Serialized)",
             "Method (_EJ0, 1, NotSerialized)",
             "Memory32Fixed (ReadWrite,",
-            "0xC0000000,         // Address Base",
+            "0xC0001000,         // Address Base",
         ] {
             assert!(dsl.contains(needle), "{needle} missing from:\n{dsl}");
         }

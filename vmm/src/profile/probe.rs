@@ -116,6 +116,7 @@ fn derive_spec(config: &VmConfig, dir: &Path) -> Result<VmConfig, ProbeError> {
     probe.vsock = None;
     probe.serial = Some(SerialConfig {
         serial_out_path: Some(dir.join("console.log")),
+        rate_limiter: None,
     });
     for d in &mut probe.drives {
         let size = std::fs::metadata(&d.path_on_host).map_or(u64::MAX, |m| m.len());

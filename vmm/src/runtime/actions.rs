@@ -1,6 +1,8 @@
 //! What the VMM thread does for each API request: the configuration before boot, the running VM
 //! after it. Changes to a running VM's devices go through [`live::apply`], as the autopilot's do.
 
+use devices::virtio::balloon::Balloon;
+
 use super::{start_metrics_timer, Runtime};
 use crate::autopilot::PredictorStatus;
 use crate::live::{self, LiveChange};
@@ -54,11 +56,21 @@ impl Runtime {
         }
     }
 
+    /// A VM that started without `mmds-config` has no metadata service: its store can no longer
+    /// be read or written (Firecracker's rule).
+    fn mmds_in_use(&self) -> Result<(), ActionError> {
+        if self.vm.is_some() && self.config.mmds_config.is_none() {
+            return Err(mmds::StoreError::NotInitialized.into());
+        }
+        Ok(())
+    }
+
     fn running_vm(&mut self) -> Result<&mut MicroVm, ActionError> {
         self.vm.as_mut().ok_or(ActionError::NotAllowedBeforeBoot)
     }
 
-    /// `PATCH /drives/{id}`: any field before boot, the rate limiter live after.
+    /// `PATCH /drives/{id}`: the backing file and the rate limiter, before boot in the
+    /// configuration, after boot live (a new file is opened and the guest told its new size).
     fn patch_drive(&mut self, update: DriveUpdate) -> Result<VmmData, ActionError> {
         let index = self
             .config
@@ -68,15 +80,19 @@ impl Runtime {
             .ok_or_else(|| ActionError::NoSuchDrive(update.drive_id.clone()))?;
         let mut drives = self.config.drives.clone();
         if let Some(path) = &update.path_on_host {
-            if self.vm.is_some() {
-                return Err(ActionError::DriveFieldFixedAfterBoot("path_on_host"));
-            }
             drives[index].path_on_host = path.clone();
         }
         if update.rate_limiter.is_some() {
             drives[index].rate_limiter = update.rate_limiter;
         }
         validate_drives(&drives)?;
+        if let Some(path_on_host) = update.path_on_host {
+            let change = LiveChange::DriveBacking {
+                drive_id: update.drive_id.clone(),
+                path_on_host,
+            };
+            live::apply(self.vm.as_mut(), &mut self.config, &change)?;
+        }
         if let Some(limiter) = update.rate_limiter {
             let change = LiveChange::DriveRateLimiter {
                 drive_id: update.drive_id,
@@ -84,8 +100,6 @@ impl Runtime {
             };
             live::apply(self.vm.as_mut(), &mut self.config, &change)?;
         }
-        // The path changes only before boot, where it is configuration alone.
-        self.config.drives[index].path_on_host = drives.swap_remove(index).path_on_host;
         Ok(VmmData::Empty)
     }
 
@@ -131,6 +145,11 @@ impl Runtime {
         let change = LiveChange::BalloonStats(update);
         live::apply(self.vm.as_mut(), &mut self.config, &change)?;
         Ok(VmmData::Empty)
+    }
+
+    /// The running VM's balloon, for the hinting paths (after boot only, as in Firecracker).
+    fn hinting_balloon(&mut self) -> Result<std::sync::MutexGuard<'_, Balloon>, ActionError> {
+        self.running_vm()?.balloon().ok_or(ActionError::NoBalloon)
     }
 
     fn balloon_stats(&self) -> Result<VmmData, ActionError> {
@@ -262,7 +281,11 @@ impl Runtime {
                 self.config.drives = drives;
                 Ok(VmmData::Empty)
             }
-            VmmAction::PatchDrive(update) => self.patch_drive(update),
+            // Post-boot only, as in Firecracker (the spec or a PUT sets them before boot).
+            VmmAction::PatchDrive(update) => {
+                self.running_vm()?;
+                self.patch_drive(update)
+            }
             VmmAction::PutNetworkInterface(iface) => {
                 self.before_boot()?;
                 let ifaces = upsert_by_id(&self.config.network_interfaces, iface, |n| &n.iface_id);
@@ -270,7 +293,10 @@ impl Runtime {
                 self.config.network_interfaces = ifaces;
                 Ok(VmmData::Empty)
             }
-            VmmAction::PatchNetworkInterface(update) => self.patch_interface(update),
+            VmmAction::PatchNetworkInterface(update) => {
+                self.running_vm()?;
+                self.patch_interface(update)
+            }
             VmmAction::PutVsock(vsock) => {
                 self.before_boot()?;
                 vsock.validate()?;
@@ -289,7 +315,10 @@ impl Runtime {
                 self.config.balloon = Some(balloon);
                 Ok(VmmData::Empty)
             }
-            VmmAction::PatchBalloon(update) => self.patch_balloon(update),
+            VmmAction::PatchBalloon(update) => {
+                self.running_vm()?;
+                self.patch_balloon(update)
+            }
             VmmAction::GetBalloon => self
                 .config
                 .balloon
@@ -297,7 +326,10 @@ impl Runtime {
                 .map(VmmData::Balloon)
                 .ok_or(ActionError::NoBalloon),
             VmmAction::GetBalloonStats => self.balloon_stats(),
-            VmmAction::PatchBalloonStats(update) => self.patch_balloon_stats(update),
+            VmmAction::PatchBalloonStats(update) => {
+                self.running_vm()?;
+                self.patch_balloon_stats(update)
+            }
             VmmAction::PutMemoryHotplug(hotplug) => {
                 self.before_boot()?;
                 hotplug.validate()?;
@@ -305,7 +337,10 @@ impl Runtime {
                 Ok(VmmData::Empty)
             }
             VmmAction::PatchMemoryHotplug(update) => self.patch_memory_hotplug(update),
-            VmmAction::GetMemoryHotplug => self.memory_hotplug_status(),
+            VmmAction::GetMemoryHotplug => {
+                self.running_vm()?;
+                self.memory_hotplug_status()
+            }
             VmmAction::GetVcpus => Ok(VmmData::Vcpus(
                 self.vm
                     .as_ref()
@@ -344,6 +379,7 @@ impl Runtime {
                 Ok(VmmData::Empty)
             }
             VmmAction::FlushMetrics => {
+                self.running_vm()?;
                 METRICS.flush()?;
                 Ok(VmmData::Empty)
             }
@@ -353,6 +389,8 @@ impl Runtime {
                 self.catch_up_seccomp()?;
                 Ok(VmmData::Empty)
             }
+            // Unlike Firecracker, the logger can be re-pointed while the VM runs (a new log
+            // file; the seccomp tests use it to try opens from the VMM thread).
             VmmAction::PutLogger(config) => {
                 crate::logger::configure(&config)?;
                 Ok(VmmData::Empty)
@@ -371,6 +409,71 @@ impl Runtime {
                 None => Err(ActionError::NoPredictor),
             },
             VmmAction::PatchPredictor(update) => self.patch_predictor(update),
+            VmmAction::PutMmds(value) => {
+                self.mmds_in_use()?;
+                self.mmds().put(value)?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PatchMmds(value) => {
+                self.mmds_in_use()?;
+                self.mmds().patch(&value)?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutPmem(pmem) => {
+                self.before_boot()?;
+                let list = upsert_by_id(&self.config.pmem, pmem, |p| &p.id);
+                crate::vmm_config::validate_pmem(&list, &self.config.drives)?;
+                self.config.pmem = list;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PatchPmem(update) => {
+                self.running_vm()?;
+                if !self.config.pmem.iter().any(|p| p.id == update.id) {
+                    return Err(ActionError::NoSuchPmem(update.id));
+                }
+                if let Some(limiter) = update.rate_limiter {
+                    crate::vmm_config::validate_rate_limiter(
+                        crate::vmm_config::JsonPath::keys(&["pmem", "rate_limiter"]),
+                        &Some(limiter),
+                    )?;
+                    let change = LiveChange::PmemRateLimiter {
+                        id: update.id,
+                        limiter,
+                    };
+                    live::apply(self.vm.as_mut(), &mut self.config, &change)?;
+                }
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutCpuConfig(cpu) => {
+                self.before_boot()?;
+                cpu.validate()?;
+                self.config.cpu_config = Some(cpu);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::StartBalloonHinting(start) => {
+                self.hinting_balloon()?
+                    .start_hinting(start.acknowledge_on_stop)?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::GetBalloonHinting => Ok(VmmData::BalloonHinting(
+                self.hinting_balloon()?.hinting_status()?,
+            )),
+            VmmAction::StopBalloonHinting => {
+                self.hinting_balloon()?.stop_hinting()?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::GetMmds => {
+                self.mmds_in_use()?;
+                Ok(VmmData::Mmds(self.mmds().document()))
+            }
+            VmmAction::PutMmdsConfig(mut config) => {
+                self.before_boot()?;
+                config.validate(&self.config.network_interfaces)?;
+                // Shown with its address, default or not, as Firecracker shows it.
+                config.ipv4_address = Some(config.address());
+                self.config.mmds_config = Some(config);
+                Ok(VmmData::Empty)
+            }
         }
     }
 }

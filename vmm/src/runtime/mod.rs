@@ -35,6 +35,13 @@ pub enum RuntimeError {
     Signals(std::io::Error),
 }
 
+/// An empty data store bound to this VM's id.
+fn new_mmds(id: &str, limit: usize) -> mmds::Mmds {
+    let mut store = mmds::Mmds::new(limit);
+    store.set_instance_id(id);
+    store
+}
+
 fn start_metrics_timer(event_manager: &mut EventManager<Subscriber>) -> std::io::Result<()> {
     let mut timer = TimerFd::new()?;
     timer.reset(METRICS_FLUSH_PERIOD, Some(METRICS_FLUSH_PERIOD))?;
@@ -78,6 +85,9 @@ pub struct Runtime {
     id: String,
     /// The model store entry the predictor starts from (a profiled launch).
     warm: Option<crate::profile::store::WarmStart>,
+    /// The metadata service's data store: the API writes it, the guest reads it through the
+    /// interfaces `mmds-config` names.
+    mmds: Arc<Mutex<mmds::Mmds>>,
 }
 
 impl Runtime {
@@ -102,9 +112,55 @@ impl Runtime {
             idle_trim: None,
             vm_cgroup: None,
             api: None,
+            mmds: Arc::new(Mutex::new(new_mmds(&id, mmds::DEFAULT_SIZE_LIMIT))),
             id,
             warm: None,
         })
+    }
+
+    /// The metadata store's size limit (`--mmds-size-limit`) and the document it starts with
+    /// (`--metadata`).
+    pub fn set_mmds(
+        &mut self,
+        limit: usize,
+        metadata: Option<&std::path::Path>,
+    ) -> Result<(), String> {
+        let mut store = new_mmds(&self.id, limit);
+        if let Some(path) = metadata {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("--metadata {}: {e}", path.display()))?;
+            let value: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| format!("--metadata {}: {e}", path.display()))?;
+            store
+                .put(value)
+                .map_err(|e| format!("--metadata {}: {e}", path.display()))?;
+        }
+        self.mmds = Arc::new(Mutex::new(store));
+        Ok(())
+    }
+
+    fn mmds(&self) -> std::sync::MutexGuard<'_, mmds::Mmds> {
+        self.mmds.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts the metadata service on the interfaces `mmds-config` names.
+    fn attach_mmds(&self, vm: &MicroVm) -> Result<(), ActionError> {
+        let Some(config) = &self.config.mmds_config else {
+            return Ok(());
+        };
+        {
+            let mut store = self.mmds();
+            store.set_version(config.version);
+            store.set_imds_compat(config.imds_compat);
+        }
+        for id in &config.network_interfaces {
+            let mut net = vm
+                .net(id)
+                .ok_or_else(|| ActionError::NoSuchInterface(id.clone()))?;
+            net.attach_mmds(mmds::MmdsStack::new(config.address(), self.mmds.clone()))
+                .map_err(|e| ActionError::Mmds(e.to_string()))?;
+        }
+        Ok(())
     }
 
     /// The VM's cgroup, handed over by the jailer.
@@ -143,6 +199,10 @@ impl Runtime {
             a.warm_start(&w);
         }
         let mut vm = build_microvm(&self.config, self.exit.clone(), &mut self.event_manager)?;
+        if let Err(e) = self.attach_mmds(&vm) {
+            vm.stop();
+            return Err(e);
+        }
         if let Some(a) = &mut autopilot {
             if let Err(e) = a.attach(
                 &self.id,
@@ -227,6 +287,11 @@ impl Runtime {
         };
         if let Some(vm) = self.vm.take() {
             vm.stop();
+        }
+        // The last counts, as Firecracker writes them on its way out.
+        match METRICS.flush() {
+            Ok(()) | Err(crate::metrics::MetricsError::NotConfigured) => {}
+            Err(e) => tracing::warn!("final metrics flush: {e}"),
         }
         // After the vCPU threads are gone, so their cgroup can go too.
         self.autopilot = None;

@@ -22,9 +22,9 @@ pub struct BalloonConfig {
     /// takes precedence over `stats_polling_interval_s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stats_polling_interval_ms: Option<u32>,
-    /// Firecracker's free page hinting; not supported (reporting does the job without a
-    /// host-driven round trip), so only `false` is accepted.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    /// Free page hinting: the guest lists its free memory when the host starts a run
+    /// (`PATCH /balloon/hinting/start`), and the host discards it.
+    #[serde(default)]
     pub free_page_hinting: bool,
     /// The guest reports pages it freed, and the host discards them.
     #[serde(default)]
@@ -36,6 +36,28 @@ pub struct BalloonConfig {
 #[serde(deny_unknown_fields)]
 pub struct BalloonUpdate {
     pub amount_mib: u32,
+}
+
+/// `PATCH /balloon/hinting/start` body (may be empty). Like Firecracker, unknown fields are
+/// ignored here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HintingStart {
+    /// The run ends as soon as the guest has listed its free memory; otherwise at
+    /// `PATCH /balloon/hinting/stop`.
+    #[serde(default = "yes")]
+    pub acknowledge_on_stop: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for HintingStart {
+    fn default() -> Self {
+        Self {
+            acknowledge_on_stop: true,
+        }
+    }
 }
 
 /// `PATCH /balloon/statistics` body.
@@ -80,12 +102,6 @@ impl BalloonConfig {
                 ),
             ));
         }
-        if self.free_page_hinting {
-            return Err(ConfigError::new(
-                field("free_page_hinting"),
-                "free page hinting is not supported; use free_page_reporting",
-            ));
-        }
         Ok(())
     }
 
@@ -102,6 +118,7 @@ impl BalloonConfig {
             target_pages: self.amount_mib * PAGES_PER_MIB,
             deflate_on_oom: self.deflate_on_oom,
             stats_interval: self.stats_interval(),
+            free_page_hinting: self.free_page_hinting,
             free_page_reporting: self.free_page_reporting,
         }
     }
@@ -133,11 +150,8 @@ mod tests {
             r#"{"amount_mib": 0, "deflate_on_oom": false, "free_page_hinting": true}"#,
         )
         .unwrap();
-        assert!(hint
-            .validate(128)
-            .unwrap_err()
-            .message
-            .contains("not supported"));
+        hint.validate(128).unwrap();
+        assert!(hint.options().free_page_hinting);
         assert!(serde_json::from_str::<BalloonConfig>(r#"{"amount_mib": 1}"#).is_err());
         assert!(serde_json::from_str::<BalloonUpdate>(r#"{"amount_mib": 1, "x": 2}"#).is_err());
     }

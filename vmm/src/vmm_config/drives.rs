@@ -22,9 +22,40 @@ pub struct DriveConfig {
     pub partuuid: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limiter: Option<RateLimiterConfig>,
+    /// Firecracker's `cache_type`; left out, prescient flushes to the disk (`Writeback`, where
+    /// Firecracker's default is `Unsafe`).
+    #[serde(default)]
+    pub cache_type: CacheType,
+    /// Firecracker's `io_engine`: `Async` serves the drive through io_uring.
+    #[serde(default)]
+    pub io_engine: IoEngine,
+    /// Firecracker's vhost-user-block socket: refused (prescient has no vhost-user).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<String>,
 }
 
-/// `PATCH /drives/{id}`: what may change.
+/// How the guest's FLUSH is served.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CacheType {
+    /// FLUSH is not offered; written data reaches the disk when the host's page cache writes it.
+    Unsafe,
+    /// FLUSH is offered and reaches the disk (fdatasync) before it is acknowledged.
+    #[default]
+    Writeback,
+}
+
+/// How requests reach the file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum IoEngine {
+    /// On the VMM thread, one request at a time.
+    #[default]
+    Sync,
+    /// io_uring (Firecracker's engine for host kernels from 5.10.51): requests complete
+    /// later, straight between the file and guest memory.
+    Async,
+}
+
+/// `PATCH /drives/{id}`: a new backing file or rate limiter for a running VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DriveUpdate {
@@ -101,7 +132,18 @@ impl DriveConfig {
                 "only the root device can name a partition",
             ));
         }
+        if self.socket.is_some() {
+            return Err(ConfigError::new(
+                field(index, "socket"),
+                "vhost-user-block drives are not supported by prescient; give path_on_host",
+            ));
+        }
         validate_rate_limiter(field(index, "rate_limiter"), &self.rate_limiter)
+    }
+
+    /// Whether FLUSH is offered and synced.
+    pub fn writeback(&self) -> bool {
+        self.cache_type == CacheType::Writeback
     }
 }
 
@@ -160,6 +202,9 @@ mod tests {
             is_read_only: false,
             partuuid: None,
             rate_limiter: None,
+            cache_type: CacheType::default(),
+            io_engine: IoEngine::default(),
+            socket: None,
         }
     }
 

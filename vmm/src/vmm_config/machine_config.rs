@@ -66,6 +66,15 @@ pub struct MachineConfig {
     /// ACPI tables (default); `false` boots guests built without ACPI (or with `acpi=off`).
     #[serde(default = "acpi_default", skip_serializing_if = "is_default_acpi")]
     pub acpi: bool,
+    /// Firecracker's static CPU template (deprecated there); checked against the host's CPU
+    /// vendor at start.
+    #[serde(default, skip_serializing_if = "no_template")]
+    pub cpu_template: Option<super::CpuTemplate>,
+}
+
+/// `None` and `"None"` both mean no template; neither is shown (as in Firecracker).
+fn no_template(t: &Option<super::CpuTemplate>) -> bool {
+    matches!(t, None | Some(super::CpuTemplate::None))
 }
 
 fn acpi_default() -> bool {
@@ -82,6 +91,7 @@ impl Default for MachineConfig {
             vcpu_count: 1,
             mem_size_mib: 128,
             smt: false,
+            cpu_template: None,
             max_vcpus: None,
             acpi: acpi_default(),
             huge_pages: HugePages::default(),
@@ -190,6 +200,7 @@ mod tests {
             vcpu_count,
             mem_size_mib,
             smt,
+            huge_pages: HugePages::None,
             ..MachineConfig::default()
         }
     }

@@ -3,12 +3,15 @@
 
 mod balloon;
 mod boot_source;
+pub mod cpu_config;
 mod drives;
 mod entropy;
 pub mod json_path;
 mod machine_config;
 mod memory_hotplug;
+mod mmds;
 mod net;
+mod pmem;
 mod predictor;
 mod serial;
 mod vsock;
@@ -17,14 +20,20 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use balloon::{BalloonConfig, BalloonStatsUpdate, BalloonUpdate};
+pub use balloon::{BalloonConfig, BalloonStatsUpdate, BalloonUpdate, HintingStart};
 pub use boot_source::{BootSourceConfig, KernelFormat, DEFAULT_BOOT_ARGS};
-pub use drives::{bandwidth_limiter, validate_drives, validate_id, DriveConfig, DriveUpdate};
+pub use cpu_config::{CpuConfig, CpuTemplate};
+pub use drives::{
+    bandwidth_limiter, validate_drives, validate_id, validate_rate_limiter, CacheType, DriveConfig,
+    DriveUpdate, IoEngine,
+};
 pub use entropy::EntropyConfig;
 pub use json_path::{JsonPath, Segment};
 pub use machine_config::{HugePages, MachineConfig, MAX_VCPUS};
 pub use memory_hotplug::{MemoryHotplugConfig, MemoryHotplugSizeUpdate, MemoryHotplugStatus};
+pub use mmds::MmdsConfig;
 pub use net::{parse_mac, validate_interfaces, NetworkInterfaceConfig, NetworkInterfaceUpdate};
+pub use pmem::{validate_pmem, PmemConfig, PmemUpdate};
 pub use predictor::{
     AnomalyResponse, BudgetConfig, PredictorConfig, PredictorUpdate, Range, VcpuPolicy,
     DEFAULT_IO_MAX_MIBPS,
@@ -45,6 +54,12 @@ pub struct VmConfig {
     pub boot_source: Option<BootSourceConfig>,
     #[serde(rename = "machine-config", default)]
     pub machine_config: MachineConfig,
+    #[serde(
+        rename = "cpu-config",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cpu_config: Option<CpuConfig>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub drives: Vec<DriveConfig>,
     #[serde(
@@ -53,6 +68,8 @@ pub struct VmConfig {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub network_interfaces: Vec<NetworkInterfaceConfig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pmem: Vec<PmemConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entropy: Option<EntropyConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -67,6 +84,12 @@ pub struct VmConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub memory_hotplug: Option<MemoryHotplugConfig>,
+    #[serde(
+        rename = "mmds-config",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub mmds_config: Option<MmdsConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub predictor: Option<PredictorConfig>,
 }
@@ -164,6 +187,7 @@ impl VmConfig {
         }
         validate_drives(&self.drives)?;
         validate_interfaces(&self.network_interfaces)?;
+        validate_pmem(&self.pmem, &self.drives)?;
         if let Some(entropy) = &self.entropy {
             entropy.validate()?;
         }
@@ -178,6 +202,12 @@ impl VmConfig {
         }
         if let Some(hotplug) = &self.memory_hotplug {
             hotplug.validate()?;
+        }
+        if let Some(cpu) = &self.cpu_config {
+            cpu.validate()?;
+        }
+        if let Some(mmds) = &self.mmds_config {
+            mmds.validate(&self.network_interfaces)?;
         }
         if let Some(predictor) = &self.predictor {
             predictor.validate(&self.machine_config)?;

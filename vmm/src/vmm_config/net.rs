@@ -21,6 +21,9 @@ pub struct NetworkInterfaceConfig {
     pub rx_rate_limiter: Option<RateLimiterConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tx_rate_limiter: Option<RateLimiterConfig>,
+    /// Advertised to the guest (VIRTIO_NET_F_MTU); 68 to 65535.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
 }
 
 /// `PATCH /network-interfaces/{id}`: the rate limiters, live.
@@ -76,6 +79,14 @@ impl NetworkInterfaceConfig {
                 ));
             }
         }
+        if let Some(mtu) = self.mtu {
+            if mtu < 68 {
+                return Err(ConfigError::new(
+                    field(index, "mtu"),
+                    format!("must be between 68 and 65535, got {mtu}"),
+                ));
+            }
+        }
         validate_rate_limiter(field(index, "rx_rate_limiter"), &self.rx_rate_limiter)?;
         validate_rate_limiter(field(index, "tx_rate_limiter"), &self.tx_rate_limiter)
     }
@@ -113,6 +124,7 @@ mod tests {
             guest_mac: mac.map(str::to_string),
             rx_rate_limiter: None,
             tx_rate_limiter: None,
+            mtu: None,
         }
     }
 

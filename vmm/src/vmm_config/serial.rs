@@ -12,10 +12,18 @@ use super::{ConfigError, JsonPath};
 pub struct SerialConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial_out_path: Option<PathBuf>,
+    /// Console bytes past this bucket's rate are dropped (and counted), as in Firecracker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<devices::rate_limiter::TokenBucketConfig>,
 }
 
 impl SerialConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(bucket) = &self.rate_limiter {
+            devices::rate_limiter::DropBucket::new(bucket).map_err(|e| {
+                ConfigError::new(JsonPath::keys(&["serial", "rate_limiter"]), e.to_string())
+            })?;
+        }
         let Some(path) = &self.serial_out_path else {
             return Ok(());
         };
@@ -38,9 +46,11 @@ mod tests {
     fn output_directory_must_exist() {
         let ok = SerialConfig {
             serial_out_path: Some(std::env::temp_dir().join("console.log")),
+            rate_limiter: None,
         };
         assert!(ok.validate().is_ok());
         let bad = SerialConfig {
+            rate_limiter: None,
             serial_out_path: Some(PathBuf::from("/nonexistent-dir/console.log")),
         };
         assert!(bad

@@ -14,8 +14,9 @@ const MAX_UDS_PATH: usize = 107;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VsockConfig {
-    /// Firecracker's (deprecated) device id; accepted and checked, not otherwise used.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Firecracker's (deprecated) device id; accepted and checked, not otherwise used (nor
+    /// shown, as in Firecracker).
+    #[serde(default, skip_serializing)]
     pub vsock_id: Option<String>,
     /// The guest's context id (3 or more).
     pub guest_cid: u64,

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use devices::virtio::mem::{HotplugSlots, MemLayout};
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_READONLY};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{
     Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
@@ -112,6 +112,35 @@ impl Vm {
             }?;
         }
         Ok(())
+    }
+
+    /// Makes the host mapping `host..host + size` (a device's memory, e.g. a pmem file) the KVM
+    /// slot `slot` at guest address `start`, read-only for the guest if asked.
+    ///
+    /// # Safety
+    /// The mapping must stay alive until the VM is gone.
+    pub unsafe fn map_device_memory(
+        &self,
+        slot: u32,
+        start: u64,
+        size: u64,
+        host: u64,
+        read_only: bool,
+    ) -> Result<(), VmError> {
+        let desc = kvm_userspace_memory_region {
+            slot,
+            flags: if read_only { KVM_MEM_READONLY } else { 0 },
+            guest_phys_addr: start,
+            memory_size: size,
+            userspace_addr: host,
+        };
+        // SAFETY: the caller vouches for the mapping (see above).
+        unsafe { self.fd.set_user_memory_region(desc) }.map_err(|source| VmError::MemorySlot {
+            slot,
+            start,
+            size,
+            source,
+        })
     }
 
     /// The slots of a virtio-mem region, numbered from `first_slot`, mapped on demand.

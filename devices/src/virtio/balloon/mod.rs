@@ -1,10 +1,10 @@
 //! virtio-balloon: the guest gives pages back (inflate) and takes them again (deflate) to meet a
-//! target the host sets; it reports its memory statistics on request, and with free page
-//! reporting hands over memory it freed on its own. Inflated and reported pages are discarded on
-//! the host at once.
+//! target the host sets; it reports its memory statistics on request, with free page reporting
+//! hands over memory it freed on its own, and with free page hinting lists its free memory when
+//! the host starts a run. Inflated, reported and hinted pages are discarded on the host at once.
 //!
 //! Queues, in the order the driver finds them: inflate, deflate, then stats if STATS_VQ was
-//! negotiated, then reporting if REPORTING was. Every PFN and range is checked against guest
+//! negotiated, hinting if FREE_PAGE_HINT was, then reporting if REPORTING was. Every PFN and range is checked against guest
 //! memory; bad entries are counted and skipped, the rest of the request still counts.
 
 pub mod stats;
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use serde::Serialize;
 use virtio_queue::{DescriptorChain, QueueT, Reader};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
@@ -33,14 +33,20 @@ pub const PAGES_PER_MIB: u32 = (1 << 20) / PAGE_SIZE as u32;
 
 const F_STATS_VQ: u32 = 1;
 const F_DEFLATE_ON_OOM: u32 = 2;
+const F_FREE_PAGE_HINT: u32 = 3;
 const F_REPORTING: u32 = 5;
-const QUEUES: usize = 4;
+const QUEUES: usize = 5;
 /// The longest page list served: Linux sends at most 256 PFNs a request. Longer ones are refused
 /// whole, so one request cannot hold the VMM thread for a chain of RAM-sized descriptors' worth
 /// of PFNs (billions, read one by one).
 const MAX_PFNS: usize = 4096;
-/// Config space: `le32 num_pages` (device), `le32 actual` (driver).
+/// Config space: `le32 num_pages` (device), `le32 actual` (driver), `le32
+/// free_page_hint_cmd_id` (device).
 const CONFIG_ACTUAL: u64 = 4;
+/// Hinting command ids: STOP (no run; the guest ends its list with it), DONE (the guest may
+/// reuse the pages it hinted); runs are numbered from 2.
+pub const HINT_CMD_STOP: u32 = 0;
+pub const HINT_CMD_DONE: u32 = 1;
 
 /// Errors of creating the balloon.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +57,10 @@ pub enum BalloonError {
     Timer(std::io::Error),
     #[error("statistics were disabled when the VM started; they cannot be turned on or off now")]
     StatsToggle,
+    #[error("free page hinting was not enabled when the balloon was configured")]
+    HintingDisabled,
+    #[error("the guest has not set up the balloon device yet")]
+    NotActive,
 }
 
 /// What the balloon is asked to do.
@@ -60,7 +70,25 @@ pub struct BalloonOptions {
     pub deflate_on_oom: bool,
     /// How often the guest is asked for statistics; zero: no statistics queue.
     pub stats_interval: Duration,
+    pub free_page_hinting: bool,
     pub free_page_reporting: bool,
+}
+
+/// `GET /balloon/hinting/status`: the command the host last gave and the last the guest sent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct HintingStatus {
+    pub host_cmd: u32,
+    pub guest_cmd: Option<u32>,
+}
+
+/// The current free page hinting run.
+#[derive(Debug, Clone, Copy, Default)]
+struct Hinting {
+    status: HintingStatus,
+    /// The id of the latest run started (the next one takes the following id).
+    last_run: u32,
+    /// Whether the guest's STOP at the end of its list makes the host answer DONE at once.
+    acknowledge_on_stop: bool,
 }
 
 /// `GET /balloon/statistics`: Firecracker's shape, plus how old the guest's report is.
@@ -83,6 +111,7 @@ pub struct BalloonActivity {
     pub inflated_pages: u64,
     pub deflated_pages: u64,
     pub reported_bytes: u64,
+    pub hinted_bytes: u64,
     pub stats_reports: u64,
 }
 
@@ -91,14 +120,19 @@ enum Role {
     Inflate,
     Deflate,
     Stats,
+    Hinting,
     Reporting,
 }
 
 /// Which queue does what under the negotiated features (absent queues take no index).
 fn roles(acked: u64) -> [Option<Role>; QUEUES] {
-    let mut roles = [Some(Role::Inflate), Some(Role::Deflate), None, None];
+    let mut roles = [Some(Role::Inflate), Some(Role::Deflate), None, None, None];
     let mut next = 2;
-    for (bit, role) in [(F_STATS_VQ, Role::Stats), (F_REPORTING, Role::Reporting)] {
+    for (bit, role) in [
+        (F_STATS_VQ, Role::Stats),
+        (F_FREE_PAGE_HINT, Role::Hinting),
+        (F_REPORTING, Role::Reporting),
+    ] {
         if acked & (1 << bit) != 0 {
             roles[next] = Some(role);
             next += 1;
@@ -125,6 +159,7 @@ pub struct Balloon {
     stats: Option<StatsReport>,
     /// The stats buffer the guest lent us: given back to ask for a new report.
     stats_head: Option<u16>,
+    hinting: Hinting,
     activity: BalloonActivity,
     counters: Arc<DeviceCounters>,
     config_generation: u32,
@@ -160,11 +195,12 @@ impl Balloon {
         Ok(Self {
             options,
             actual_pages: 0,
-            queue_events: [evt()?, evt()?, evt()?, evt()?],
+            queue_events: [evt()?, evt()?, evt()?, evt()?, evt()?],
             stats_timer: TimerFd::new().map_err(|e| BalloonError::Timer(e.into()))?,
             stats_timer_armed: false,
             stats: None,
             stats_head: None,
+            hinting: Hinting::default(),
             activity: BalloonActivity::default(),
             counters: Arc::default(),
             config_generation: 0,
@@ -200,6 +236,50 @@ impl Balloon {
             self.set_stats_timer(true);
         }
         Ok(())
+    }
+
+    /// Starts a free page hinting run: the guest is asked to list its free memory under a new
+    /// command id; with `acknowledge_on_stop` the run ends (DONE) as soon as the guest's list
+    /// does, otherwise at [`Self::stop_hinting`].
+    pub fn start_hinting(&mut self, acknowledge_on_stop: bool) -> Result<(), BalloonError> {
+        self.hinting_active()?;
+        let id = self.hinting.last_run.wrapping_add(1).max(2);
+        self.hinting.last_run = id;
+        self.hinting.acknowledge_on_stop = acknowledge_on_stop;
+        self.set_hint_cmd(id);
+        Ok(())
+    }
+
+    /// Ends the run: the guest may use the pages it hinted again.
+    pub fn stop_hinting(&mut self) -> Result<(), BalloonError> {
+        self.hinting_active()?;
+        self.set_hint_cmd(HINT_CMD_DONE);
+        Ok(())
+    }
+
+    pub fn hinting_status(&self) -> Result<HintingStatus, BalloonError> {
+        if !self.options.free_page_hinting {
+            return Err(BalloonError::HintingDisabled);
+        }
+        Ok(self.hinting.status)
+    }
+
+    fn hinting_active(&self) -> Result<(), BalloonError> {
+        if !self.options.free_page_hinting {
+            return Err(BalloonError::HintingDisabled);
+        }
+        if self.active.is_none() {
+            return Err(BalloonError::NotActive);
+        }
+        Ok(())
+    }
+
+    fn set_hint_cmd(&mut self, cmd: u32) {
+        self.hinting.status.host_cmd = cmd;
+        self.config_generation = self.config_generation.wrapping_add(1);
+        if let Some(active) = &self.active {
+            active.queues.interrupt.signal_config_change();
+        }
     }
 
     /// Pages the guest says it holds in the balloon.
@@ -276,6 +356,7 @@ impl Balloon {
             match role {
                 Role::Inflate | Role::Deflate => self.page_list(&mem, chain, role),
                 Role::Reporting => self.report_free(&mem, chain),
+                Role::Hinting => self.hint_free(&mem, chain),
                 Role::Stats => {
                     // Held until the next poll: returning it is how we ask for the next report.
                     self.take_stats(&mem, chain);
@@ -360,6 +441,41 @@ impl Balloon {
             if self.discard_range(mem, range) {
                 self.activity.reported_bytes += range.1;
             }
+        }
+    }
+
+    /// A hinting chain: 4-byte buffers carry the guest's command id (the run's id at its start,
+    /// STOP at its end), every other buffer is free memory, discarded while the run it was
+    /// listed under is the host's current one (hints of an older or ended run are stale: the
+    /// guest may already be using those pages again).
+    fn hint_free(&mut self, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) {
+        let mut ended = false;
+        for desc in chain {
+            if desc.len() == 4 {
+                match mem.read_obj::<u32>(desc.addr()) {
+                    Ok(cmd) => {
+                        self.hinting.status.guest_cmd = Some(cmd);
+                        ended = cmd == HINT_CMD_STOP || cmd == HINT_CMD_DONE;
+                    }
+                    Err(e) => self.invalid(format_args!("unreadable hinting command: {e}")),
+                }
+                continue;
+            }
+            let run = self.hinting.status.host_cmd;
+            if run == HINT_CMD_STOP || run == HINT_CMD_DONE {
+                continue;
+            }
+            if self.hinting.status.guest_cmd != Some(run) {
+                tracing::debug!("balloon: a free page hint outside the current run, ignored");
+                continue;
+            }
+            let range = (desc.addr().0, u64::from(desc.len()));
+            if self.discard_range(mem, range) {
+                self.activity.hinted_bytes += range.1;
+            }
+        }
+        if ended && self.hinting.acknowledge_on_stop {
+            self.set_hint_cmd(HINT_CMD_DONE);
         }
     }
 
@@ -449,6 +565,9 @@ impl VirtioDevice for Balloon {
         if self.options.deflate_on_oom {
             f |= 1 << F_DEFLATE_ON_OOM;
         }
+        if self.options.free_page_hinting {
+            f |= 1 << F_FREE_PAGE_HINT;
+        }
         if self.options.free_page_reporting {
             f |= 1 << F_REPORTING;
         }
@@ -456,9 +575,10 @@ impl VirtioDevice for Balloon {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let mut config = [0u8; 8];
+        let mut config = [0u8; 12];
         config[..4].copy_from_slice(&self.options.target_pages.to_le_bytes());
-        config[4..].copy_from_slice(&self.actual_pages.to_le_bytes());
+        config[4..8].copy_from_slice(&self.actual_pages.to_le_bytes());
+        config[8..].copy_from_slice(&self.hinting.status.host_cmd.to_le_bytes());
         read_config_bytes(&config, offset, data);
     }
 
@@ -496,6 +616,7 @@ impl VirtioDevice for Balloon {
     fn reset(&mut self) {
         self.active = None;
         self.stats_head = None;
+        self.hinting = Hinting::default();
     }
 
     fn counters(&self) -> Arc<DeviceCounters> {

@@ -25,6 +25,7 @@ fn options() -> BalloonOptions {
         target_pages: 0,
         deflate_on_oom: true,
         stats_interval: Duration::from_millis(100),
+        free_page_hinting: true,
         free_page_reporting: true,
     }
 }
@@ -98,14 +99,30 @@ const FIRST_PFN: u32 = (PAGES / PAGE_SIZE) as u32;
 fn queue_roles_follow_the_negotiated_features() {
     use Role::*;
     let v1 = 1 << VIRTIO_F_VERSION_1;
-    assert_eq!(roles(v1), [Some(Inflate), Some(Deflate), None, None]);
+    assert_eq!(roles(v1), [Some(Inflate), Some(Deflate), None, None, None]);
     assert_eq!(
         roles(v1 | 1 << F_REPORTING),
-        [Some(Inflate), Some(Deflate), Some(Reporting), None]
+        [Some(Inflate), Some(Deflate), Some(Reporting), None, None]
     );
     assert_eq!(
         roles(ALL),
-        [Some(Inflate), Some(Deflate), Some(Stats), Some(Reporting)]
+        [
+            Some(Inflate),
+            Some(Deflate),
+            Some(Stats),
+            Some(Reporting),
+            None
+        ]
+    );
+    assert_eq!(
+        roles(ALL | 1 << F_FREE_PAGE_HINT),
+        [
+            Some(Inflate),
+            Some(Deflate),
+            Some(Stats),
+            Some(Hinting),
+            Some(Reporting)
+        ]
     );
 }
 
@@ -376,7 +393,7 @@ fn a_negotiated_queue_that_was_not_set_up_refuses_activation() {
     let mut dev = Balloon::new(options()).unwrap();
     let mock = MockSplitQueue::new(&mem, 16);
     let mut queues: Vec<Queue> = vec![mock.create_queue().unwrap()];
-    queues.extend((0..3).map(|_| Queue::new(16).unwrap()));
+    queues.extend((1..QUEUES).map(|_| Queue::new(16).unwrap()));
     let e = dev
         .activate(ActivateContext {
             mem: mem.clone(),
@@ -390,4 +407,122 @@ fn a_negotiated_queue_that_was_not_set_up_refuses_activation() {
     let mut rig = Rig::new(&mem, ALL & !(1 << F_REPORTING));
     rig.dev.process_queue(3);
     assert_eq!(rig.dev.counters.invalid_requests.load(Ordering::Relaxed), 1);
+}
+
+const HINT: u64 = ALL | (1 << F_FREE_PAGE_HINT);
+/// With HINT: inflate, deflate, stats, hinting, reporting.
+const HINT_Q: usize = 3;
+
+impl Rig<'_> {
+    /// One hinting chain: the command ids and free ranges in order (`Ok(cmd)`, `Err((addr, len))`).
+    fn hint(&mut self, nth: u16, items: &[Result<u32, (u64, u32)>]) {
+        let mut chain = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let next = if i + 1 < items.len() { 1 } else { 0 };
+            // Links are descriptor table indices; chain `nth` starts at index nth * 4.
+            let link = nth * 4 + (i + 1) as u16;
+            chain.push(match *item {
+                Ok(cmd) => {
+                    let at = LIST + u64::from(nth) * 0x1000 + i as u64 * 4;
+                    self.mem.write_obj(cmd, GuestAddress(at)).unwrap();
+                    RawDescriptor::from(SplitDescriptor::new(at, 4, next, link))
+                }
+                Err((addr, len)) => {
+                    RawDescriptor::from(SplitDescriptor::new(addr, len, WRITE | next, link))
+                }
+            });
+        }
+        self.mocks[HINT_Q].add_desc_chains(&chain, nth * 4).unwrap();
+        self.dev.process_queue(HINT_Q);
+    }
+
+    fn hint_cmd_in_config(&self) -> u32 {
+        let mut data = [0u8; 4];
+        self.dev.read_config(8, &mut data);
+        u32::from_le_bytes(data)
+    }
+}
+
+#[test]
+fn hints_of_the_current_run_are_discarded_and_stop_is_acknowledged() {
+    let mem = mem();
+    let mut rig = Rig::new(&mem, HINT);
+    rig.fill_pages(0..4);
+    assert_eq!(rig.dev.hinting_status().unwrap(), HintingStatus::default());
+    // Hints before any run are stale.
+    rig.hint(0, &[Ok(7), Err((PAGES, 0x1000))]);
+    assert_eq!(rig.page(0), 0x77);
+
+    rig.dev.start_hinting(true).unwrap();
+    assert_eq!(rig.hint_cmd_in_config(), 2);
+    assert_eq!(
+        rig.dev.active.as_ref().unwrap().queues.interrupt.status() & INTERRUPT_CONFIG_CHANGE,
+        INTERRUPT_CONFIG_CHANGE
+    );
+    // A hint listed under the old id is ignored, the run's own discarded.
+    rig.hint(
+        1,
+        &[Err((PAGES + 0x1000, 0x1000)), Ok(2), Err((PAGES, 0x2000))],
+    );
+    assert_eq!((rig.page(0), rig.page(1), rig.page(2)), (0, 0, 0x77));
+    assert_eq!(rig.dev.activity().hinted_bytes, 0x2000);
+    assert_eq!(
+        rig.dev.hinting_status().unwrap(),
+        HintingStatus {
+            host_cmd: 2,
+            guest_cmd: Some(2)
+        }
+    );
+    // The guest's STOP ends the run: DONE at once, and later hints are not used.
+    rig.hint(2, &[Ok(HINT_CMD_STOP), Err((PAGES + 0x2000, 0x1000))]);
+    assert_eq!(rig.hint_cmd_in_config(), HINT_CMD_DONE);
+    assert_eq!(rig.page(2), 0x77);
+    assert_eq!(rig.used(HINT_Q), 3);
+
+    // Without acknowledge_on_stop the run waits for the host's stop; ids keep counting.
+    rig.dev.start_hinting(false).unwrap();
+    assert_eq!(rig.hint_cmd_in_config(), 3);
+    rig.hint(
+        3,
+        &[Ok(3), Err((PAGES + 0x2000, 0x1000)), Ok(HINT_CMD_STOP)],
+    );
+    assert_eq!(rig.page(2), 0);
+    assert_eq!(rig.hint_cmd_in_config(), 3);
+    rig.dev.stop_hinting().unwrap();
+    assert_eq!(
+        rig.dev.hinting_status().unwrap(),
+        HintingStatus {
+            host_cmd: HINT_CMD_DONE,
+            guest_cmd: Some(HINT_CMD_STOP)
+        }
+    );
+    // A reset forgets the run.
+    rig.dev.reset();
+    assert_eq!(rig.hint_cmd_in_config(), HINT_CMD_STOP);
+    assert!(matches!(
+        rig.dev.start_hinting(true),
+        Err(BalloonError::NotActive)
+    ));
+}
+
+#[test]
+fn hinting_needs_the_option() {
+    let mut dev = Balloon::new(BalloonOptions {
+        free_page_hinting: false,
+        ..options()
+    })
+    .unwrap();
+    assert_eq!(dev.avail_features() & (1 << F_FREE_PAGE_HINT), 0);
+    assert!(matches!(
+        dev.start_hinting(true),
+        Err(BalloonError::HintingDisabled)
+    ));
+    assert!(matches!(
+        dev.hinting_status(),
+        Err(BalloonError::HintingDisabled)
+    ));
+    assert!(matches!(
+        dev.stop_hinting(),
+        Err(BalloonError::HintingDisabled)
+    ));
 }

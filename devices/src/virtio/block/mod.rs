@@ -1,12 +1,19 @@
 //! virtio-blk: a disk backed by a host file.
 //!
-//! Requests are served synchronously on the VMM thread, their data moved straight between guest
-//! memory and the file. WRITE data is on the host file when its status is returned; FLUSH reaches
-//! the disk (fdatasync) before it is acknowledged, so a guest that flushed loses nothing when the
-//! host dies. With VIRTIO_RING_F_EVENT_IDX the driver is told exactly when to notify and when it
-//! wants an interrupt, which saves exits when requests queue up.
+//! Requests are served synchronously on the VMM thread. WRITE data is on the host file when its
+//! status is returned. With the writeback cache (prescient's default) the device offers FLUSH
+//! and a FLUSH reaches the disk (fdatasync) before it is acknowledged, so a guest that flushed
+//! loses nothing when the host dies; with Firecracker's `Unsafe` cache type FLUSH is not
+//! offered and a FLUSH sent anyway is acknowledged without a sync, as in Firecracker.
+//!
+//! The backing file can be replaced while the guest runs ([`Block::swap_backing`], Firecracker's
+//! `PATCH /drives/{id}` with a new `path_on_host`): the new file's size becomes the capacity and
+//! the guest is told its configuration changed.
 
+mod io_uring;
 mod request;
+
+pub use self::io_uring::AsyncIoError;
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -17,7 +24,8 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use self::request::{Outcome, Request};
+use self::io_uring::{AsyncIo, Completed};
+use self::request::{IoKind, Outcome, Request};
 use super::{
     pop_chain, read_config_bytes, watch_fds, ActivateContext, ActivateError, ActiveQueues,
     DeviceCounters, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
@@ -36,7 +44,6 @@ pub const DISK_ID_LEN: usize = 20;
 const VIRTIO_BLK_F_SEG_MAX: u32 = 2;
 const VIRTIO_BLK_F_RO: u32 = 5;
 const VIRTIO_BLK_F_FLUSH: u32 = 9;
-const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
 
 /// Errors of creating a block device.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +57,8 @@ pub enum BlockError {
     EventFd(std::io::Error),
     #[error(transparent)]
     RateLimiter(#[from] RateLimiterError),
+    #[error(transparent)]
+    AsyncIo(#[from] AsyncIoError),
 }
 
 /// A virtio-blk device.
@@ -65,6 +74,45 @@ pub struct Block {
     limiter: RateLimiter,
     counters: Arc<DeviceCounters>,
     active: Option<ActiveQueues<1>>,
+    /// Reused bounce buffer between guest memory and the file.
+    buf: Vec<u8>,
+    /// FLUSH offered and synced (Writeback); neither (Unsafe).
+    writeback: bool,
+    config_generation: u32,
+    /// The Async engine; None: requests are served in place (Sync).
+    io: Option<AsyncIo>,
+    /// Files replaced by [`Block::swap_backing`] while requests on them were in flight.
+    retired: Vec<File>,
+}
+
+/// The configuration space: capacity (le64), size_max (le32, unused), seg_max (le32).
+fn config_space(capacity_sectors: u64) -> Vec<u8> {
+    let mut config = Vec::with_capacity(16);
+    config.extend_from_slice(&capacity_sectors.to_le_bytes());
+    config.extend_from_slice(&0u32.to_le_bytes());
+    config.extend_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
+    config
+}
+
+/// Opens a disk image; its file and its size in whole sectors.
+fn open_disk(id: &str, path: &Path, read_only: bool) -> Result<(File, u64), BlockError> {
+    let open_error = |source| BlockError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let disk = OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(open_error)?;
+    let len = disk.metadata().map_err(open_error)?.len();
+    if len % SECTOR_SIZE != 0 {
+        tracing::warn!(
+            "disk {id}: {} is {len} bytes, not a multiple of {SECTOR_SIZE}; the tail is not visible",
+            path.display()
+        );
+    }
+    Ok((disk, len >> SECTOR_SHIFT))
 }
 
 impl Block {
@@ -75,31 +123,11 @@ impl Block {
         read_only: bool,
         limiter: RateLimiterConfig,
     ) -> Result<Self, BlockError> {
-        let open_error = |source| BlockError::Open {
-            path: path.to_path_buf(),
-            source,
-        };
-        let disk = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(open_error)?;
-        let len = disk.metadata().map_err(open_error)?.len();
-        if len % SECTOR_SIZE != 0 {
-            tracing::warn!(
-                "disk {id}: {} is {len} bytes, not a multiple of {SECTOR_SIZE}; the tail is not visible",
-                path.display()
-            );
-        }
-        let capacity_sectors = len >> SECTOR_SHIFT;
+        let (disk, capacity_sectors) = open_disk(id, path, read_only)?;
         let mut disk_id = [0u8; DISK_ID_LEN];
         let n = id.len().min(DISK_ID_LEN);
         disk_id[..n].copy_from_slice(&id.as_bytes()[..n]);
-        // capacity (le64), size_max (le32, unused), seg_max (le32).
-        let mut config = Vec::with_capacity(16);
-        config.extend_from_slice(&capacity_sectors.to_le_bytes());
-        config.extend_from_slice(&0u32.to_le_bytes());
-        config.extend_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
+        let config = config_space(capacity_sectors);
         Ok(Self {
             id: id.to_string(),
             path: path.to_path_buf(),
@@ -112,7 +140,85 @@ impl Block {
             limiter: RateLimiter::new(limiter)?,
             counters: Arc::default(),
             active: None,
+            buf: Vec::new(),
+            writeback: true,
+            config_generation: 0,
+            io: None,
+            retired: Vec::new(),
         })
+    }
+
+    /// Serves requests through io_uring from now on (Firecracker's `Async` engine). Set before
+    /// the device joins the event loop.
+    pub fn use_io_uring(&mut self) -> Result<(), BlockError> {
+        self.io = Some(AsyncIo::new()?);
+        Ok(())
+    }
+
+    /// Returns completed asynchronous requests to the guest.
+    fn finish(&mut self, done: Vec<Completed>) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        if done.is_empty() {
+            return;
+        }
+        for c in &done {
+            let moved = if c.ok { c.plan.len } else { 0 };
+            let mut outcome = if c.ok {
+                Outcome::ok(0, 0)
+            } else {
+                Outcome::io_error()
+            };
+            match c.plan.kind {
+                IoKind::Read => outcome.bytes_to_guest = moved,
+                IoKind::Write => outcome.bytes_from_guest = moved,
+                IoKind::Flush => {}
+            }
+            count(&self.counters, &outcome);
+            if let Err(e) = active.queues[0].add_used(&active.mem, c.head, c.used) {
+                tracing::warn!("block {}: cannot return a used buffer: {e}", self.id);
+                DeviceCounters::inc(&self.counters.invalid_requests, 1);
+            }
+        }
+        active.notify(0);
+        if self.io.as_ref().is_some_and(|io| io.in_flight() == 0) {
+            self.retired.clear();
+        }
+    }
+
+    fn complete_async(&mut self) {
+        let done = match (self.io.as_mut(), self.active.as_ref()) {
+            (Some(io), Some(active)) => io.complete(&active.mem),
+            _ => return,
+        };
+        self.finish(done);
+    }
+
+    /// Firecracker's `cache_type`: `true` for Writeback, `false` for Unsafe. Set before the
+    /// guest negotiates features.
+    pub fn set_cache_writeback(&mut self, writeback: bool) {
+        self.writeback = writeback;
+    }
+
+    /// Serves the disk from `path` from now on. Requests already answered were served by the
+    /// old file (written data is in it: each write reached it before its status); the guest
+    /// sees the new capacity through a configuration change.
+    pub fn swap_backing(&mut self, path: &Path) -> Result<(), BlockError> {
+        let (disk, capacity_sectors) = open_disk(&self.id, path, self.read_only)?;
+        let old = std::mem::replace(&mut self.disk, disk);
+        if self.io.as_ref().is_some_and(|io| io.in_flight() > 0) {
+            // The kernel still reads or writes it for requests queued before the swap.
+            self.retired.push(old);
+        }
+        self.path = path.to_path_buf();
+        self.capacity_sectors = capacity_sectors;
+        self.config = config_space(capacity_sectors);
+        self.config_generation = self.config_generation.wrapping_add(1);
+        if let Some(active) = &self.active {
+            active.interrupt.signal_config_change();
+        }
+        Ok(())
     }
 
     pub fn id(&self) -> &str {
@@ -138,80 +244,64 @@ impl Block {
         Ok(())
     }
 
-    /// Serves available requests until the queue is empty or the rate limiter says wait.
+    /// Serves available requests until the queue is empty or the rate limiter says wait (or,
+    /// with the Async engine, the ring is full: completions free room and resume it).
     pub fn process_queue(&mut self) {
         let Some(active) = self.active.as_mut() else {
             return;
         };
         let mut completed = false;
-        // Passes in a row that took nothing: a second one means the ring is broken (an index
-        // far ahead), not that a request slipped in, so the loop stops.
-        let mut idle_passes = 0;
-        'serve: loop {
-            let mut took = false;
-            // No notifications while the queue is being drained: the driver need not exit to
-            // tell a device that is already looking.
-            if let Err(e) = active.queues[0].disable_notification(&active.mem) {
-                tracing::debug!("block {}: cannot suppress notifications: {e}", self.id);
-            }
-            while !self.limiter.is_blocked() {
-                let Some(chain) = pop_chain(&mut active.queues[0], &active.mem, &self.counters)
-                else {
-                    break;
-                };
-                took = true;
-                let head = chain.head_index();
-                let used = match Request::parse(&active.mem, chain) {
-                    Ok(request) => {
-                        let cost = Cost {
-                            bytes: request.data_len() as u64,
-                            ops: 1,
-                        };
-                        if !self.limiter.consume(cost) {
-                            // Leave the chain in the ring; it is served when the timer fires
-                            // (notifications stay off until then: the timer is what wakes us).
-                            active.queues[0].go_to_previous_position();
-                            DeviceCounters::inc(&self.counters.throttled, 1);
-                            break 'serve;
-                        }
-                        let outcome = request.execute(
-                            &active.mem,
-                            &self.disk,
-                            self.read_only,
-                            self.capacity_sectors,
-                            &self.disk_id,
-                        );
-                        count(&self.counters, &outcome);
-                        request.complete(&active.mem, outcome)
-                    }
-                    Err(e) => {
-                        // No status byte to answer through: hand the buffers back unused.
-                        tracing::debug!("block {}: dropped a malformed chain: {e}", self.id);
-                        DeviceCounters::inc(&self.counters.invalid_requests, 1);
-                        0
-                    }
-                };
-                if let Err(e) = active.queues[0].add_used(&active.mem, head, used) {
-                    tracing::warn!("block {}: cannot return a used buffer: {e}", self.id);
-                    DeviceCounters::inc(&self.counters.invalid_requests, 1);
-                }
-                completed = true;
-            }
-            if self.limiter.is_blocked() {
+        while !self.limiter.is_blocked() && self.io.as_ref().is_none_or(AsyncIo::has_room) {
+            let Some(chain) = pop_chain(&mut active.queues[0], &active.mem, &self.counters) else {
                 break;
-            }
-            idle_passes = if took { 0 } else { idle_passes + 1 };
-            // Notifications back on; a request that came in meanwhile is served now, since its
-            // notification may have been skipped.
-            match active.queues[0].enable_notification(&active.mem) {
-                Ok(true) if idle_passes < 2 => continue,
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::debug!("block {}: cannot re-enable notifications: {e}", self.id);
-                    DeviceCounters::inc(&self.counters.invalid_requests, 1);
-                    break;
+            };
+            let head = chain.head_index();
+            let used = match Request::parse(&active.mem, chain.clone()) {
+                Ok(mut request) => {
+                    let cost = Cost {
+                        bytes: request.data_len() as u64,
+                        ops: 1,
+                    };
+                    if !self.limiter.consume(cost) {
+                        // Leave the chain in the ring; it is served when the timer fires.
+                        active.queues[0].go_to_previous_position();
+                        DeviceCounters::inc(&self.counters.throttled, 1);
+                        break;
+                    }
+                    let plan = request.plan(self.read_only, self.writeback, self.capacity_sectors);
+                    let queued = match (self.io.as_mut(), plan) {
+                        (Some(io), Ok(plan)) => io.queue(&active.mem, &chain, plan, &self.disk),
+                        _ => false,
+                    };
+                    if queued {
+                        continue;
+                    }
+                    let outcome = request.execute(
+                        &self.disk,
+                        self.read_only,
+                        self.writeback,
+                        self.capacity_sectors,
+                        &self.disk_id,
+                        &mut self.buf,
+                    );
+                    count(&self.counters, &outcome);
+                    request.complete(outcome)
                 }
+                Err(e) => {
+                    // No status byte to answer through: hand the buffers back unused.
+                    tracing::debug!("block {}: dropped a malformed chain: {e}", self.id);
+                    DeviceCounters::inc(&self.counters.invalid_requests, 1);
+                    0
+                }
+            };
+            if let Err(e) = active.queues[0].add_used(&active.mem, head, used) {
+                tracing::warn!("block {}: cannot return a used buffer: {e}", self.id);
+                DeviceCounters::inc(&self.counters.invalid_requests, 1);
             }
+            completed = true;
+        }
+        if let Some(io) = self.io.as_mut() {
+            io.submit();
         }
         if completed {
             active.notify(0);
@@ -246,10 +336,10 @@ impl VirtioDevice for Block {
     }
 
     fn avail_features(&self) -> u64 {
-        let mut f = (1u64 << VIRTIO_F_VERSION_1)
-            | (1 << VIRTIO_BLK_F_FLUSH)
-            | (1 << VIRTIO_BLK_F_SEG_MAX)
-            | (1 << VIRTIO_RING_F_EVENT_IDX);
+        let mut f = (1u64 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_BLK_F_SEG_MAX);
+        if self.writeback {
+            f |= 1 << VIRTIO_BLK_F_FLUSH;
+        }
         if self.read_only {
             f |= 1 << VIRTIO_BLK_F_RO;
         }
@@ -260,15 +350,21 @@ impl VirtioDevice for Block {
         read_config_bytes(&self.config, offset, data);
     }
 
+    fn config_generation(&self) -> u32 {
+        self.config_generation
+    }
+
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let event_idx = ctx.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
-        let mut active = ActiveQueues::new(ctx)?;
-        active.queues[0].set_event_idx(event_idx);
-        self.active = Some(active);
+        self.active = Some(ActiveQueues::new(ctx)?);
         Ok(())
     }
 
     fn reset(&mut self) {
+        if let (Some(io), Some(active)) = (self.io.as_mut(), self.active.as_ref()) {
+            // Nothing may write into memory the driver has taken back.
+            io.drain(&active.mem);
+        }
+        self.retired.clear();
         self.active = None;
     }
 
@@ -280,12 +376,20 @@ impl VirtioDevice for Block {
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
         let fds = [self.queue_events[0].as_raw_fd(), self.limiter.as_raw_fd()];
-        watch_fds(ops, &format!("block {}", self.id), fds);
+        let io = self.io.as_ref().map(AsyncIo::event_fd);
+        watch_fds(
+            ops,
+            &format!("block {}", self.id),
+            fds.into_iter().chain(io),
+        );
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if events.fd() == self.queue_events[0].as_raw_fd() {
+        let fd = events.fd();
+        if fd == self.queue_events[0].as_raw_fd() {
             let _ = self.queue_events[0].read();
+        } else if Some(fd) == self.io.as_ref().map(AsyncIo::event_fd) {
+            self.complete_async();
         } else {
             self.limiter.on_timer();
         }

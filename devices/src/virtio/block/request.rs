@@ -1,14 +1,11 @@
 //! One virtio-blk request: parsed from a guest descriptor chain, validated, executed.
-//!
-//! Data moves straight between guest memory and the disk file (`preadv`/`pwritev` on the
-//! guest's buffers): no copy through a buffer of the VMM's, which costs as much again as the
-//! file I/O for large requests.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
 
-use virtio_queue::DescriptorChain;
-use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use virtio_queue::{DescriptorChain, Reader, Writer};
+use vm_memory::{ByteValued, GuestMemoryMmap};
 
 use super::{DISK_ID_LEN, MAX_REQUEST_BYTES, SECTOR_SHIFT, SECTOR_SIZE};
 
@@ -32,15 +29,11 @@ pub struct RequestHeader {
 // SAFETY: plain integers, any bit pattern is valid.
 unsafe impl ByteValued for RequestHeader {}
 
-const HEADER_LEN: usize = std::mem::size_of::<RequestHeader>();
-
 /// A chain that cannot be answered at all.
 #[derive(Debug, thiserror::Error)]
 pub enum ChainError {
-    #[error("descriptor of {len} bytes at {addr:#x} is not inside one guest memory region")]
-    Buffers { addr: u64, len: u32 },
-    #[error("the chain's buffers add up to more than the address space")]
-    TooLong,
+    #[error("descriptors outside guest memory or too long: {0}")]
+    Buffers(virtio_queue::Error),
     #[error("no device-writable byte for the status")]
     NoStatus,
 }
@@ -56,7 +49,7 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    fn ok(bytes_to_guest: usize, bytes_from_guest: usize) -> Self {
+    pub fn ok(bytes_to_guest: usize, bytes_from_guest: usize) -> Self {
         Self {
             status: VIRTIO_BLK_S_OK,
             bytes_to_guest,
@@ -73,7 +66,7 @@ impl Outcome {
         }
     }
 
-    fn io_error() -> Self {
+    pub fn io_error() -> Self {
         Self {
             status: VIRTIO_BLK_S_IOERR,
             io_error: true,
@@ -82,99 +75,50 @@ impl Outcome {
     }
 }
 
-/// Guest memory ranges in chain order, each inside one region (checked when parsed).
-#[derive(Debug, Default)]
-struct Segments {
-    ranges: Vec<(GuestAddress, usize)>,
-    len: usize,
+/// What a valid data request asks of the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoKind {
+    Read,
+    Write,
+    Flush,
 }
 
-impl Segments {
-    fn push(&mut self, addr: GuestAddress, len: usize) {
-        if len > 0 {
-            self.ranges.push((addr, len));
-            self.len += len;
-        }
-    }
-
-    /// Splits off the first `n` bytes (fewer if there are not that many).
-    fn take_front(&mut self, n: usize) -> Segments {
-        let mut front = Segments::default();
-        while front.len < n {
-            let Some(&(addr, len)) = self.ranges.first() else {
-                break;
-            };
-            let take = len.min(n - front.len);
-            front.push(addr, take);
-            if take == len {
-                self.ranges.remove(0);
-            } else {
-                self.ranges[0] = (addr.unchecked_add(take as u64), len - take);
-            }
-            self.len -= take;
-        }
-        front
-    }
-
-    /// Splits off the last byte's address.
-    fn take_last_byte(&mut self) -> Option<GuestAddress> {
-        let (addr, len) = self.ranges.pop()?;
-        self.len -= 1;
-        if len > 1 {
-            self.ranges.push((addr, len - 1));
-        }
-        Some(addr.unchecked_add(len as u64 - 1))
-    }
+/// A data request, checked: what, where in the file, how many bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoPlan {
+    pub kind: IoKind,
+    pub offset: u64,
+    pub len: usize,
 }
 
 /// A request whose status byte has been found.
-pub struct Request {
+pub struct Request<'a> {
     header: Option<RequestHeader>,
     /// Device-readable bytes after the header (OUT data).
-    readable: Segments,
+    reader: Reader<'a>,
     /// Device-writable bytes before the status byte (IN data, GET_ID answer).
-    writable: Segments,
-    status: GuestAddress,
+    data: Writer<'a>,
+    status: Writer<'a>,
 }
 
-impl Request {
+impl<'a> Request<'a> {
     pub fn parse(
-        mem: &GuestMemoryMmap,
-        chain: DescriptorChain<&GuestMemoryMmap>,
+        mem: &'a GuestMemoryMmap,
+        chain: DescriptorChain<&'a GuestMemoryMmap>,
     ) -> Result<Self, ChainError> {
-        let (mut readable, mut writable) = (Segments::default(), Segments::default());
-        for desc in chain {
-            let (addr, len) = (desc.addr(), desc.len());
-            if len > 0 && mem.get_slice(addr, len as usize).is_err() {
-                return Err(ChainError::Buffers { addr: addr.0, len });
-            }
-            let side = if desc.is_write_only() {
-                &mut writable
-            } else {
-                &mut readable
-            };
-            side.len
-                .checked_add(len as usize)
-                .ok_or(ChainError::TooLong)?;
-            side.push(addr, len as usize);
+        let mut reader = Reader::new(mem, chain.clone()).map_err(ChainError::Buffers)?;
+        let mut data = Writer::new(mem, chain).map_err(ChainError::Buffers)?;
+        let writable = data.available_bytes();
+        if writable == 0 {
+            return Err(ChainError::NoStatus);
         }
-        let status = writable.take_last_byte().ok_or(ChainError::NoStatus)?;
+        let status = data.split_at(writable - 1).map_err(ChainError::Buffers)?;
         // A header that is not there is answered with IOERR, since a status byte exists.
-        let header_bytes = readable.take_front(HEADER_LEN);
-        let header = (header_bytes.len == HEADER_LEN).then(|| {
-            let mut h = RequestHeader::default();
-            let mut at = 0;
-            for &(addr, len) in &header_bytes.ranges {
-                // The ranges were checked above.
-                let _ = mem.read_slice(&mut h.as_mut_slice()[at..at + len], addr);
-                at += len;
-            }
-            h
-        });
+        let header = reader.read_obj::<RequestHeader>().ok();
         Ok(Self {
             header,
-            readable,
-            writable,
+            reader,
+            data,
             status,
         })
     }
@@ -182,8 +126,8 @@ impl Request {
     /// Bytes the request moves, for the rate limiter.
     pub fn data_len(&self) -> usize {
         match self.header.map(|h| h.kind) {
-            Some(VIRTIO_BLK_T_IN) => self.writable.len,
-            Some(VIRTIO_BLK_T_OUT) => self.readable.len,
+            Some(VIRTIO_BLK_T_IN) => self.data.available_bytes(),
+            Some(VIRTIO_BLK_T_OUT) => self.reader.available_bytes(),
             _ => 0,
         }
     }
@@ -197,164 +141,88 @@ impl Request {
                 .is_some_and(|end| end <= capacity)
     }
 
-    pub fn execute(
+    /// The file I/O a READ, WRITE or FLUSH asks for, checked against the disk; `Err` with the
+    /// answer for anything else (GET_ID and unknown types are `Err(None)`: executed in place).
+    pub fn plan(
         &self,
-        mem: &GuestMemoryMmap,
-        disk: &File,
         read_only: bool,
+        sync_on_flush: bool,
         capacity: u64,
-        disk_id: &[u8; DISK_ID_LEN],
-    ) -> Outcome {
+    ) -> Result<IoPlan, Option<Outcome>> {
         let Some(header) = self.header else {
-            return Outcome::invalid(VIRTIO_BLK_S_IOERR);
+            return Err(Some(Outcome::invalid(VIRTIO_BLK_S_IOERR)));
         };
         let offset = header.sector << SECTOR_SHIFT;
-        match header.kind {
-            VIRTIO_BLK_T_IN => {
-                let len = self.writable.len;
-                if !Self::range_ok(header.sector, len, capacity) {
+        let (kind, len) = match header.kind {
+            VIRTIO_BLK_T_IN => (IoKind::Read, self.data.available_bytes()),
+            VIRTIO_BLK_T_OUT if read_only => {
+                return Err(Some(Outcome::invalid(VIRTIO_BLK_S_IOERR)))
+            }
+            VIRTIO_BLK_T_OUT => (IoKind::Write, self.reader.available_bytes()),
+            VIRTIO_BLK_T_FLUSH if !sync_on_flush => return Err(Some(Outcome::ok(0, 0))),
+            VIRTIO_BLK_T_FLUSH => (IoKind::Flush, 0),
+            _ => return Err(None),
+        };
+        if kind != IoKind::Flush && !Self::range_ok(header.sector, len, capacity) {
+            return Err(Some(Outcome::invalid(VIRTIO_BLK_S_IOERR)));
+        }
+        Ok(IoPlan { kind, offset, len })
+    }
+
+    pub fn execute(
+        &mut self,
+        disk: &File,
+        read_only: bool,
+        sync_on_flush: bool,
+        capacity: u64,
+        disk_id: &[u8; DISK_ID_LEN],
+        buf: &mut Vec<u8>,
+    ) -> Outcome {
+        let plan = match self.plan(read_only, sync_on_flush, capacity) {
+            Ok(plan) => plan,
+            Err(Some(outcome)) => return outcome,
+            Err(None) if self.header.map(|h| h.kind) == Some(VIRTIO_BLK_T_GET_ID) => {
+                let n = self.data.available_bytes().min(DISK_ID_LEN);
+                if self.data.write_all(&disk_id[..n]).is_err() {
                     return Outcome::invalid(VIRTIO_BLK_S_IOERR);
                 }
-                match file_io(disk, mem, &self.writable, offset, Direction::FileToGuest) {
-                    Ok(()) => Outcome::ok(len, 0),
-                    Err(_) => Outcome::io_error(),
-                }
+                return Outcome::ok(n, 0);
             }
-            VIRTIO_BLK_T_OUT => {
-                let len = self.readable.len;
-                if read_only || !Self::range_ok(header.sector, len, capacity) {
+            Err(None) => return Outcome::invalid(VIRTIO_BLK_S_UNSUPP),
+        };
+        match plan.kind {
+            IoKind::Read => {
+                buf.resize(plan.len, 0);
+                if disk.read_exact_at(buf, plan.offset).is_err() {
+                    return Outcome::io_error();
+                }
+                if self.data.write_all(buf).is_err() {
                     return Outcome::invalid(VIRTIO_BLK_S_IOERR);
                 }
-                match file_io(disk, mem, &self.readable, offset, Direction::GuestToFile) {
-                    Ok(()) => Outcome::ok(0, len),
-                    Err(_) => Outcome::io_error(),
-                }
+                Outcome::ok(plan.len, 0)
             }
-            VIRTIO_BLK_T_FLUSH => match disk.sync_data() {
+            IoKind::Write => {
+                buf.resize(plan.len, 0);
+                if self.reader.read_exact(buf).is_err() {
+                    return Outcome::invalid(VIRTIO_BLK_S_IOERR);
+                }
+                if disk.write_all_at(buf, plan.offset).is_err() {
+                    return Outcome::io_error();
+                }
+                Outcome::ok(0, plan.len)
+            }
+            IoKind::Flush => match disk.sync_data() {
                 Ok(()) => Outcome::ok(0, 0),
                 Err(_) => Outcome::io_error(),
             },
-            VIRTIO_BLK_T_GET_ID => {
-                let mut id: &[u8] = disk_id;
-                let mut written = 0;
-                for &(addr, len) in &self.writable.ranges {
-                    let n = len.min(id.len());
-                    // The ranges were checked when parsed.
-                    let _ = mem.write_slice(&id[..n], addr);
-                    id = &id[n..];
-                    written += n;
-                }
-                Outcome::ok(written, 0)
-            }
-            _ => Outcome::invalid(VIRTIO_BLK_S_UNSUPP),
         }
     }
 
     /// Writes the status byte; returns the used length (bytes written to the guest).
-    pub fn complete(self, mem: &GuestMemoryMmap, outcome: Outcome) -> u32 {
-        if mem.write_obj(outcome.status, self.status).is_err() {
+    pub fn complete(mut self, outcome: Outcome) -> u32 {
+        if self.status.write_all(&[outcome.status]).is_err() {
             return outcome.bytes_to_guest as u32;
         }
         outcome.bytes_to_guest as u32 + 1
-    }
-}
-
-#[derive(Clone, Copy)]
-enum Direction {
-    FileToGuest,
-    GuestToFile,
-}
-
-/// Moves `data.len` bytes between the file at `offset` and the guest's `data` ranges, in as
-/// few `preadv`/`pwritev` calls as the kernel allows; a short read (the file ended) is an error.
-fn file_io(
-    disk: &File,
-    mem: &GuestMemoryMmap,
-    data: &Segments,
-    mut offset: u64,
-    dir: Direction,
-) -> std::io::Result<()> {
-    let mut slices = Vec::with_capacity(data.ranges.len());
-    for &(addr, len) in &data.ranges {
-        slices.push(mem.get_slice(addr, len).map_err(std::io::Error::other)?);
-    }
-    let guards: Vec<_> = slices.iter().map(|s| s.ptr_guard_mut()).collect();
-    let mut iovecs: Vec<libc::iovec> = guards
-        .iter()
-        .zip(&slices)
-        .map(|(g, s)| libc::iovec {
-            iov_base: g.as_ptr().cast(),
-            iov_len: s.len(),
-        })
-        .collect();
-    let mut iov: &mut [libc::iovec] = &mut iovecs;
-    while !iov.is_empty() {
-        let count = iov.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
-        let off = libc::off_t::try_from(offset).map_err(std::io::Error::other)?;
-        // SAFETY: every iovec points into a guest memory mapping that `mem` keeps alive for the
-        // call (the guards hold the slices), with the length of that slice, checked against
-        // the regions when the request was parsed. The guest may touch the same memory at the
-        // same time; that is its own race, as with any device doing DMA.
-        let n = unsafe {
-            match dir {
-                Direction::FileToGuest => libc::preadv(disk.as_raw_fd(), iov.as_ptr(), count, off),
-                Direction::GuestToFile => libc::pwritev(disk.as_raw_fd(), iov.as_ptr(), count, off),
-            }
-        };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        let mut n = n as usize;
-        offset += n as u64;
-        while let Some(first) = iov.first_mut() {
-            if n < first.iov_len {
-                // SAFETY: advancing inside the same iovec's buffer, by less than its length.
-                first.iov_base = unsafe { first.iov_base.cast::<u8>().add(n).cast() };
-                first.iov_len -= n;
-                break;
-            }
-            n -= first.iov_len;
-            iov = &mut iov[1..];
-        }
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn seg(ranges: &[(u64, usize)]) -> Segments {
-        let mut s = Segments::default();
-        for &(a, l) in ranges {
-            s.push(GuestAddress(a), l);
-        }
-        s
-    }
-
-    #[test]
-    fn segments_split_at_any_byte() {
-        let mut s = seg(&[(0x1000, 10), (0x2000, 20)]);
-        let front = s.take_front(16);
-        assert_eq!(
-            front.ranges,
-            [(GuestAddress(0x1000), 10), (GuestAddress(0x2000), 6)]
-        );
-        assert_eq!((front.len, s.len), (16, 14));
-        assert_eq!(s.ranges, [(GuestAddress(0x2006), 14)]);
-        assert_eq!(s.take_last_byte(), Some(GuestAddress(0x2013)));
-        assert_eq!(s.ranges, [(GuestAddress(0x2006), 13)]);
-        let mut one = seg(&[(0x3000, 1)]);
-        assert_eq!(one.take_last_byte(), Some(GuestAddress(0x3000)));
-        assert!(one.ranges.is_empty());
-        assert_eq!(one.take_last_byte(), None);
-        assert_eq!(seg(&[(0x1000, 4)]).take_front(16).len, 4);
     }
 }

@@ -4,6 +4,10 @@
 //! buffers the guest posted. A frame read while the guest has no buffer (or while the RX rate
 //! limiter says wait) is held, and the TAP is not polled until buffers or tokens return, so no
 //! frame is lost to a full ring and the loop never spins.
+//!
+//! With the metadata service on this interface ([`Net::attach_mmds`]), TX frames for its address
+//! (ARP and TCP) go to the service's stack in the VMM instead of the TAP, and its answers reach
+//! the guest's RX buffers ahead of TAP frames, as in Firecracker.
 
 mod tap;
 
@@ -14,9 +18,11 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
+use mmds::MmdsStack;
 use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::{
     pop_chain, read_config_bytes, watch_fds, ActivateContext, ActivateError, ActiveQueues,
@@ -30,6 +36,9 @@ const TX: usize = 1;
 /// A header plus the largest frame a TAP without offloads delivers.
 pub const MAX_FRAME_WITH_HDR: usize = VNET_HDR_LEN + 65_550;
 const VIRTIO_NET_F_MAC: u32 = 5;
+const VIRTIO_NET_F_MTU: u32 = 3;
+/// Offset of `mtu` in the configuration space (after mac, status, max_virtqueue_pairs).
+const CONFIG_MTU_OFFSET: usize = 10;
 
 /// Errors of creating a network device.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +49,27 @@ pub enum NetError {
     EventFd(std::io::Error),
     #[error(transparent)]
     RateLimiter(#[from] RateLimiterError),
+    #[error("cannot create the metadata service's timer: {0}")]
+    MmdsTimer(vmm_sys_util::errno::Error),
+}
+
+/// The metadata service on this interface: its stack and the timer for its retransmissions.
+struct MmdsPort {
+    stack: MmdsStack,
+    timer: TimerFd,
+    timer_watched: bool,
+}
+
+/// Puts the next frame the metadata service has for the guest, after a virtio-net header, in
+/// `buf`; its length.
+fn next_mmds_frame(mmds: &mut Option<MmdsPort>, buf: &mut [u8]) -> Option<usize> {
+    let frame = mmds.as_mut()?.stack.pop_frame()?;
+    let len = VNET_HDR_LEN + frame.len();
+    buf[..VNET_HDR_LEN].fill(0);
+    // num_buffers: 1, as the spec asks without VIRTIO_NET_F_MRG_RXBUF.
+    buf[VNET_HDR_LEN - 2] = 1;
+    buf[VNET_HDR_LEN..len].copy_from_slice(&frame);
+    Some(len)
 }
 
 /// A virtio-net device.
@@ -48,6 +78,7 @@ pub struct Net {
     tap: Tap,
     config: Vec<u8>,
     has_mac: bool,
+    has_mtu: bool,
     queue_events: [EventFd; 2],
     rx_limiter: RateLimiter,
     tx_limiter: RateLimiter,
@@ -58,6 +89,7 @@ pub struct Net {
     rx_len: usize,
     tap_polled: bool,
     tx_frame: Vec<u8>,
+    mmds: Option<MmdsPort>,
 }
 
 impl Net {
@@ -74,6 +106,7 @@ impl Net {
             tap: Tap::open(tap_name)?,
             config: mac.map(|m| m.to_vec()).unwrap_or_default(),
             has_mac: mac.is_some(),
+            has_mtu: false,
             queue_events: [evt()?, evt()?],
             rx_limiter: RateLimiter::new(rx)?,
             tx_limiter: RateLimiter::new(tx)?,
@@ -84,7 +117,54 @@ impl Net {
             // Polled from the guest's first RX kick: before that there is nowhere to put frames.
             tap_polled: false,
             tx_frame: Vec::with_capacity(MAX_FRAME_WITH_HDR),
+            mmds: None,
         })
+    }
+
+    /// Advertises `mtu` to the guest (VIRTIO_NET_F_MTU), before it negotiates features.
+    pub fn set_mtu(&mut self, mtu: u16) {
+        self.config.resize(CONFIG_MTU_OFFSET + 2, 0);
+        self.config[CONFIG_MTU_OFFSET..].copy_from_slice(&mtu.to_le_bytes());
+        self.has_mtu = true;
+    }
+
+    /// Serves the metadata service on this interface from now on.
+    pub fn attach_mmds(&mut self, stack: MmdsStack) -> Result<(), NetError> {
+        self.mmds = Some(MmdsPort {
+            stack,
+            timer: TimerFd::new().map_err(NetError::MmdsTimer)?,
+            timer_watched: false,
+        });
+        Ok(())
+    }
+
+    /// The metadata service's counters, if it runs here.
+    pub fn mmds_counters(&self) -> Option<mmds::StackCounters> {
+        self.mmds.as_ref().map(|m| m.stack.counters())
+    }
+
+    /// Watches the service's timer (once) and sets it for the stack's next deadline.
+    fn arm_mmds_timer(&mut self, ops: &mut EventOps) {
+        let Some(m) = self.mmds.as_mut() else {
+            return;
+        };
+        if !m.timer_watched {
+            match ops.add(Events::new(&m.timer, EventSet::IN)) {
+                Ok(()) => m.timer_watched = true,
+                Err(e) => tracing::error!("net {}: cannot watch the MMDS timer: {e}", self.id),
+            }
+        }
+        let delay = m.stack.poll_delay();
+        let result = match delay {
+            // A zero delay would disarm the timer: poll again in a millisecond instead.
+            Some(d) => m
+                .timer
+                .reset(d.max(std::time::Duration::from_millis(1)), None),
+            None => m.timer.clear(),
+        };
+        if let Err(e) = result {
+            tracing::warn!("net {}: MMDS timer: {e}", self.id);
+        }
     }
 
     pub fn id(&self) -> &str {
@@ -116,6 +196,11 @@ impl Net {
         let q = &mut active.queues[RX];
         let mut completed = false;
         let poll_tap = loop {
+            if self.rx_len == 0 {
+                if let Some(n) = next_mmds_frame(&mut self.mmds, &mut self.rx_frame) {
+                    self.rx_len = n;
+                }
+            }
             if self.rx_len == 0 {
                 match self.tap.read_frame(&mut self.rx_frame) {
                     Ok(n) => self.rx_len = n,
@@ -191,9 +276,17 @@ impl Net {
                         break;
                     }
                     self.tx_frame.resize(len, 0);
-                    let sent = r
-                        .read_exact(&mut self.tx_frame)
-                        .and_then(|()| self.tap.write_frame(&self.tx_frame));
+                    let mmds = &mut self.mmds;
+                    let tap = &mut self.tap;
+                    let frame = &mut self.tx_frame;
+                    let sent = r.read_exact(frame).and_then(|()| {
+                        if let Some(m) = mmds.as_mut() {
+                            if m.stack.detour(&frame[VNET_HDR_LEN..]) {
+                                return Ok(());
+                            }
+                        }
+                        tap.write_frame(frame)
+                    });
                     match sent {
                         Ok(()) => {
                             DeviceCounters::inc(&self.counters.requests, 1);
@@ -256,6 +349,9 @@ impl VirtioDevice for Net {
         if self.has_mac {
             f |= 1 << VIRTIO_NET_F_MAC;
         }
+        if self.has_mtu {
+            f |= 1 << VIRTIO_NET_F_MTU;
+        }
         f
     }
 
@@ -292,21 +388,31 @@ impl MutEventSubscriber for Net {
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
-        if fd == self.queue_events[TX].as_raw_fd() {
-            let _ = self.queue_events[TX].read();
-            return self.process_tx();
-        }
-        if fd == self.tx_limiter.as_raw_fd() {
-            self.tx_limiter.on_timer();
-            return self.process_tx();
-        }
-        if fd == self.queue_events[RX].as_raw_fd() {
+        let mmds_fd = self.mmds.as_ref().map(|m| m.timer.as_raw_fd());
+        if fd == self.queue_events[TX].as_raw_fd() || fd == self.tx_limiter.as_raw_fd() {
+            if fd == self.tx_limiter.as_raw_fd() {
+                self.tx_limiter.on_timer();
+            } else {
+                let _ = self.queue_events[TX].read();
+            }
+            self.process_tx();
+            if self.mmds.is_none() {
+                return;
+            }
+            // The service may have answered: its frames go out now.
+        } else if Some(fd) == mmds_fd {
+            if let Some(m) = self.mmds.as_mut() {
+                let _ = m.timer.wait();
+                m.stack.poll();
+            }
+        } else if fd == self.queue_events[RX].as_raw_fd() {
             let _ = self.queue_events[RX].read();
         } else if fd == self.rx_limiter.as_raw_fd() {
             self.rx_limiter.on_timer();
         }
         let poll = self.process_rx();
         self.set_tap_polling(poll, ops);
+        self.arm_mmds_timer(ops);
     }
 }
 
@@ -357,6 +463,11 @@ mod tests {
         let mut mac = [0u8; 6];
         net.read_config(0, &mut mac);
         assert_eq!(mac, [6, 0, 0, 0, 0, 1]);
+        net.set_mtu(9000);
+        assert_ne!(net.avail_features() & (1 << VIRTIO_NET_F_MTU), 0);
+        let mut mtu = [0u8; 2];
+        net.read_config(10, &mut mtu);
+        assert_eq!(u16::from_le_bytes(mtu), 9000);
 
         let queues = [
             DriverQueue::new(&mem, GuestAddress(0), 16),

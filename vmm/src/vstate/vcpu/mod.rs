@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kvm_bindings::{kvm_run, CpuId};
+use kvm_bindings::{kvm_msr_entry, kvm_run, CpuId, Msrs, KVM_MAX_MSR_ENTRIES};
 use kvm_ioctls::{VcpuFd, VmFd};
 use std::os::fd::AsRawFd;
 use std::os::unix::thread::JoinHandleExt;
@@ -27,6 +27,7 @@ use crate::arch::x86_64::regs::{setup_boot_vcpu, setup_fpu, BootEntry, RegsError
 use crate::arch::x86_64::{lapic, msr};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::seccomp::{self, ThreadKind};
+use crate::vmm_config::cpu_config::BitFilter;
 use exits::{handle_exit, Next};
 pub use exits::{ExitObserver, IoBuses};
 
@@ -52,6 +53,16 @@ pub enum VcpuError {
     },
     #[error("vCPU {index}: KVM accepted {set} of {total} boot MSRs")]
     PartialMsrs { index: u8, set: usize, total: usize },
+    #[error(
+        "vCPU {index}: cannot {action} MSR {msr:#x} of the CPU template (cpu-config.msr_modifiers)"
+    )]
+    TemplateMsr {
+        index: u8,
+        msr: u32,
+        action: &'static str,
+    },
+    #[error("vCPU {index}: the CPU template changes {count} MSRs; at most {max} are taken")]
+    TooManyTemplateMsrs { index: u8, count: usize, max: usize },
     #[error("vCPU {index}: {source}")]
     Regs { index: u8, source: RegsError },
     #[error("cannot install the vCPU kick signal handler: {0}")]
@@ -170,6 +181,46 @@ impl Vcpu {
         if index == 0 {
             setup_boot_vcpu(&self.fd, mem, entry)
                 .map_err(|source| VcpuError::Regs { index, source })?;
+        }
+        Ok(())
+    }
+
+    /// The custom CPU template's MSR modifiers, as Firecracker applies them: each MSR's value
+    /// (the boot one, or KVM's default) is read, changed under the modifier's mask and written
+    /// back. An MSR KVM does not take fails the boot, naming it.
+    pub fn modify_msrs(&self, modifiers: &[(u32, BitFilter)]) -> Result<(), VcpuError> {
+        if modifiers.is_empty() {
+            return Ok(());
+        }
+        let index = self.index;
+        let entries: Vec<kvm_msr_entry> = modifiers
+            .iter()
+            .map(|&(msr, _)| kvm_msr_entry {
+                index: msr,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs =
+            Msrs::from_entries(&entries).map_err(|_| VcpuError::TooManyTemplateMsrs {
+                index,
+                count: entries.len(),
+                max: KVM_MAX_MSR_ENTRIES,
+            })?;
+        let failed = |done: usize, action| VcpuError::TemplateMsr {
+            index,
+            msr: entries[done.min(entries.len() - 1)].index,
+            action,
+        };
+        let read = self.fd.get_msrs(&mut msrs).map_err(|_| failed(0, "read"))?;
+        if read != entries.len() {
+            return Err(failed(read, "read"));
+        }
+        for (entry, (_, filter)) in msrs.as_mut_slice().iter_mut().zip(modifiers) {
+            entry.data = filter.apply(entry.data);
+        }
+        let set = self.fd.set_msrs(&msrs).map_err(|_| failed(0, "write"))?;
+        if set != entries.len() {
+            return Err(failed(set, "write"));
         }
         Ok(())
     }
@@ -413,5 +464,54 @@ impl VcpuHandle {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_ioctls::Kvm;
+
+    const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+
+    fn read_msr(vcpu: &Vcpu, msr: u32) -> u64 {
+        let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index: msr,
+            ..Default::default()
+        }])
+        .unwrap();
+        assert_eq!(vcpu.fd.get_msrs(&mut msrs).unwrap(), 1);
+        msrs.as_slice()[0].data
+    }
+
+    #[test]
+    fn template_msr_modifiers_change_only_their_bits_and_unknown_msrs_are_named() {
+        let kvm = Kvm::new().expect("these tests need /dev/kvm");
+        let vm = kvm.create_vm().unwrap();
+        let vcpu = Vcpu::new(&vm, 0).unwrap();
+        let boot = Msrs::from_entries(&[kvm_msr_entry {
+            index: MSR_KERNEL_GS_BASE,
+            data: 0x1234_0000,
+            ..Default::default()
+        }])
+        .unwrap();
+        assert_eq!(vcpu.fd.set_msrs(&boot).unwrap(), 1);
+        // The low 16 bits become 0xbeef; the rest keep the boot value.
+        let filter = BitFilter {
+            mask: 0xffff,
+            bits: 0xbeef,
+        };
+        vcpu.modify_msrs(&[(MSR_KERNEL_GS_BASE, filter)]).unwrap();
+        assert_eq!(read_msr(&vcpu, MSR_KERNEL_GS_BASE), 0x1234_beef);
+
+        let e = vcpu
+            .modify_msrs(&[(MSR_KERNEL_GS_BASE, filter), (0x2fff_0000, filter)])
+            .unwrap_err();
+        assert!(e.to_string().contains("0x2fff0000"), "{e}");
+        let many = vec![(MSR_KERNEL_GS_BASE, filter); KVM_MAX_MSR_ENTRIES + 1];
+        assert!(matches!(
+            vcpu.modify_msrs(&many),
+            Err(VcpuError::TooManyTemplateMsrs { .. })
+        ));
     }
 }
