@@ -134,7 +134,9 @@ fn debian_bzimage_boots_to_init_runs_stress_ng_and_is_never_flagged() {
 
         // Every window, not only those that acted.
         let t = predictor::trace::read(&trace).expect("the recorded trace");
-        assert!(t.samples.len() >= 30, "{} windows", t.samples.len());
+        // Boot, init and 3 s of stress-ng take well over 10 one-second windows (about 20 with
+        // ACPI, where the kernel finds the i8042 in the DSDT instead of probing for it).
+        assert!(t.samples.len() >= 10, "{} windows", t.samples.len());
         for s in &t.samples {
             assert_eq!(s.signals.unknown_exits, 0, "window at {} ms", s.t_ms);
         }
