@@ -29,6 +29,11 @@ pub struct Signals {
     /// Leading indicator: vCPU exits during the window (VM traces only).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub exits: u64,
+    /// CFS periods of the window in which the VM's CPU quota ran out: its vCPUs wanted more
+    /// than they got, so the window's CPU use is a lower bound of its demand, not the demand.
+    /// Written only when non-zero.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cpu_throttled: u64,
 }
 
 /// One window: when it started, how much of each resource was used, and the rule signals.
@@ -71,10 +76,12 @@ mod tests {
                 devices: 0b101,
                 faults: 12,
                 exits: 0,
+                cpu_throttled: 3,
             },
         };
         let json = serde_json::to_string(&s).unwrap();
         assert!(json.contains(r#""unknown_exits":1"#), "{json}");
+        assert!(json.contains(r#""cpu_throttled":3"#), "{json}");
         assert!(
             json.contains(r#""faults":12"#) && !json.contains(r#""exits""#),
             "{json}"

@@ -193,6 +193,9 @@ pub enum DeviceKind {
     Mem,
     Console,
     Other,
+    /// Ports of hardware the VM does not have, which guests probe (the CMOS, the POST port,
+    /// PCI configuration): its exits are known, but they are no I/O and no device in use.
+    Absent,
 }
 
 /// A device's cumulative request counters, as the VMM reads them at window close (requests

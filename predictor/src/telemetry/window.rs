@@ -101,6 +101,9 @@ impl Window {
             ..Signals::default()
         };
         for d in &self.devices {
+            if d.kind == DeviceKind::Absent {
+                continue;
+            }
             let rate = (d.read_bytes + d.written_bytes) as f64 / MIB / secs;
             match d.kind {
                 DeviceKind::Block => usage.blk += rate,

@@ -431,14 +431,24 @@ impl VcpuHandle {
         timeout: Duration,
         event: VcpuEvent,
     ) -> Result<(), VcpuError> {
-        match self.responses.recv_timeout(timeout) {
-            Ok(r) if r == expect => Ok(()),
-            Ok(_) | Err(RecvTimeoutError::Timeout) => Err(VcpuError::NoResponse {
-                index: self.index,
-                event,
-                timeout,
-            }),
-            Err(RecvTimeoutError::Disconnected) => Err(VcpuError::Gone { index: self.index }),
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.responses.recv_timeout(left) {
+                Ok(r) if r == expect => return Ok(()),
+                // The late answer to an earlier request that timed out: not this one's.
+                Ok(_) => continue,
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(VcpuError::NoResponse {
+                        index: self.index,
+                        event,
+                        timeout,
+                    })
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(VcpuError::Gone { index: self.index })
+                }
+            }
         }
     }
 
