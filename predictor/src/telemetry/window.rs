@@ -114,7 +114,12 @@ impl Window {
             let touched = d.ops + exits;
             signals.io_ops += touched;
             if touched > 0 {
-                signals.devices |= 1 << d.id.index();
+                match d.kind {
+                    DeviceKind::Console | DeviceKind::Platform => {
+                        signals.platform_devices |= 1 << d.id.index()
+                    }
+                    _ => signals.devices |= 1 << d.id.index(),
+                }
             }
         }
         Sample {

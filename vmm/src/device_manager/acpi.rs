@@ -55,7 +55,7 @@ pub fn attach(
         base: ACPI_GED_START,
         len: ged::REGISTERS_LEN,
         name: "acpi_ged".into(),
-        kind: DeviceKind::Other,
+        kind: DeviceKind::Platform,
         counters: None,
         aml: Ged::aml(ACPI_GED_START as u32, irq),
     })?;
@@ -71,7 +71,7 @@ pub fn attach(
         base: CPU_HOTPLUG_START,
         len: cpu_hotplug::REGISTERS_LEN,
         name: "cpu_hotplug".into(),
-        kind: DeviceKind::Other,
+        kind: DeviceKind::Platform,
         counters: None,
         aml: CpuHotplug::aml(CPU_HOTPLUG_START as u32, max),
     })?;

@@ -157,7 +157,7 @@ pub fn attach(
         base: I8042_BASE,
         len: I8042_LEN,
         name: "i8042".into(),
-        kind: DeviceKind::Other,
+        kind: DeviceKind::Platform,
         counters: None,
         aml: i8042_aml(),
     })?;
