@@ -13,17 +13,13 @@
 //! runs per VMM (default 5). QEMU comes from Debian's qemu-system-x86, Firecracker as in
 //! `integration_tests::bench`.
 
-// Shared with tests/linux_guest.rs; each uses part of it.
-#[allow(dead_code)]
-#[path = "../tests/linux_guest/support.rs"]
-mod support;
-
 use std::process::Command;
 use std::time::Duration;
 
 use integration_tests::bench::{alternate, env_or, Table, VmSpec, Vmm};
+use integration_tests::console::Console;
+use integration_tests::linux::{cmdline, images, HostKvm};
 use integration_tests::Scratch;
-use support::{cmdline, images, Console, HostKvm};
 
 const VCPUS: u8 = 2;
 const MEM_MIB: u64 = 256;

@@ -1,6 +1,8 @@
 //! A running VMM (prescient, Firecracker or QEMU) whose console (stdout) is read as it arrives:
 //! when its first byte came, each line with the time it arrived, and the process's exit with its
-//! time and peak memory. Shared by the tests that boot Linux guests and every benchmark.
+//! time and peak memory. Shared by the tests that boot Linux guests, every benchmark and the
+//! nested KVM host (whose L1 is such a process too). [`LineStream`] is the reading part, for any
+//! byte stream (a guest agent's vsock connection as well).
 
 use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -11,13 +13,140 @@ use std::time::{Duration, Instant};
 
 #[derive(Default)]
 struct Lines {
-    /// When the first byte arrived, from the spawn.
+    /// When the first byte arrived, from the start.
     first_byte: Option<Duration>,
-    /// Each whole console line with the time it ended, from the spawn.
+    /// Each whole line with the time it ended, from the start.
     lines: Vec<(Duration, String)>,
     /// The bytes after the last newline.
     partial: Vec<u8>,
     closed: bool,
+}
+
+/// Lines read from a byte stream (a VMM's stdout, a socket) as they arrive, by a thread of their
+/// own, with the time each arrived; a test waits on them with a timeout.
+#[derive(Clone)]
+pub struct LineStream {
+    start: Instant,
+    lines: Arc<(Mutex<Lines>, Condvar)>,
+}
+
+/// Why a wait for a line ended without one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitEnd {
+    /// The stream closed (the process exited, the peer hung up).
+    Closed,
+    TimedOut,
+}
+
+impl LineStream {
+    /// Reads `from` until it closes, times counting from `start`; with `tee`, each line also goes
+    /// to stderr after that prefix as it arrives.
+    pub fn read(mut from: impl Read + Send + 'static, start: Instant, tee: Option<String>) -> Self {
+        let stream = Self {
+            start,
+            lines: Arc::default(),
+        };
+        let shared = stream.lines.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = from.read(&mut buf).unwrap_or(0);
+                let at = start.elapsed();
+                let (lock, cv) = &*shared;
+                let mut l = lock.lock().unwrap();
+                if n == 0 {
+                    l.closed = true;
+                    cv.notify_all();
+                    return;
+                }
+                l.first_byte.get_or_insert(at);
+                for &b in &buf[..n] {
+                    if b == b'\n' {
+                        let text = String::from_utf8_lossy(&l.partial)
+                            .trim_end_matches('\r')
+                            .to_string();
+                        l.partial.clear();
+                        if let Some(prefix) = &tee {
+                            eprintln!("{prefix}{text}");
+                        }
+                        l.lines.push((at, text));
+                    } else {
+                        l.partial.push(b);
+                    }
+                }
+                cv.notify_all();
+            }
+        });
+        stream
+    }
+
+    /// When the first byte arrived, from the start (None if nothing came yet).
+    pub fn first_byte(&self) -> Option<Duration> {
+        self.lines.0.lock().unwrap().first_byte
+    }
+
+    /// Waits until a line satisfies `pred`, at most `timeout` from now: the first such line and
+    /// when it arrived (from the start), or why none came.
+    pub fn wait_line(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<(Duration, String), WaitEnd> {
+        self.wait_line_from(0, timeout, pred)
+            .map(|(_, t, line)| (t, line))
+    }
+
+    /// Like `wait_line`, looking only at lines from index `from` on: the line's index too.
+    pub fn wait_line_from(
+        &self,
+        from: usize,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<(usize, Duration, String), WaitEnd> {
+        let deadline = Instant::now() + timeout;
+        let (lock, cv) = &*self.lines;
+        let mut l = lock.lock().unwrap();
+        loop {
+            let found = l
+                .lines
+                .iter()
+                .enumerate()
+                .skip(from)
+                .find(|(_, (_, line))| pred(line));
+            if let Some((i, (t, line))) = found {
+                return Ok((i, *t, line.clone()));
+            }
+            let now = Instant::now();
+            if l.closed {
+                return Err(WaitEnd::Closed);
+            }
+            if now >= deadline {
+                return Err(WaitEnd::TimedOut);
+            }
+            l = cv.wait_timeout(l, deadline - now).unwrap().0;
+        }
+    }
+
+    /// How many whole lines so far.
+    pub fn line_count(&self) -> usize {
+        self.lines.0.lock().unwrap().lines.len()
+    }
+
+    /// Every line so far.
+    pub fn lines(&self) -> Vec<String> {
+        let l = self.lines.0.lock().unwrap();
+        l.lines.iter().map(|(_, s)| s.clone()).collect()
+    }
+
+    /// Every line so far with the time it arrived (from the start).
+    pub fn timed_lines(&self) -> Vec<(Duration, String)> {
+        self.lines.0.lock().unwrap().lines.clone()
+    }
+
+    /// Time since the start.
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
 }
 
 /// How a VMM ended.
@@ -36,15 +165,22 @@ pub struct Exit {
 pub struct Console {
     child: Child,
     what: String,
-    start: Instant,
-    lines: Arc<(Mutex<Lines>, Condvar)>,
+    out: LineStream,
     stderr: Option<std::thread::JoinHandle<String>>,
     reaped: bool,
 }
 
 impl Console {
     /// Starts `cmd` (stdin closed, stdout and stderr captured); `what` names it in messages.
+    /// Inside an L1 host every line is also copied to stderr after [`crate::nested::L2_PREFIX`],
+    /// so that the harness outside sees the guests' consoles (see `nested`).
     pub fn spawn(what: &str, cmd: &mut Command) -> Console {
+        let tee = crate::nested::in_l1().then(|| crate::nested::L2_PREFIX.to_string());
+        Self::spawn_with_tee(what, cmd, tee)
+    }
+
+    /// Like `spawn`; with `tee`, each line also goes to stderr after that prefix as it arrives.
+    pub fn spawn_with_tee(what: &str, cmd: &mut Command, tee: Option<String>) -> Console {
         let start = Instant::now();
         let mut child = cmd
             .stdin(Stdio::null())
@@ -52,36 +188,7 @@ impl Console {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {what} ({cmd:?}): {e}"));
-        let lines: Arc<(Mutex<Lines>, Condvar)> = Arc::default();
-        let mut stdout = child.stdout.take().expect("piped stdout");
-        let shared = lines.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            loop {
-                let n = stdout.read(&mut buf).unwrap_or(0);
-                let at = start.elapsed();
-                let (lock, cv) = &*shared;
-                let mut l = lock.lock().unwrap();
-                if n == 0 {
-                    l.closed = true;
-                    cv.notify_all();
-                    return;
-                }
-                l.first_byte.get_or_insert(at);
-                for &b in &buf[..n] {
-                    if b == b'\n' {
-                        let text = String::from_utf8_lossy(&l.partial)
-                            .trim_end_matches('\r')
-                            .to_string();
-                        l.partial.clear();
-                        l.lines.push((at, text));
-                    } else {
-                        l.partial.push(b);
-                    }
-                }
-                cv.notify_all();
-            }
-        });
+        let out = LineStream::read(child.stdout.take().expect("piped stdout"), start, tee);
         let mut stderr = child.stderr.take().expect("piped stderr");
         let stderr = std::thread::spawn(move || {
             let mut s = String::new();
@@ -91,8 +198,7 @@ impl Console {
         Console {
             child,
             what: what.to_string(),
-            start,
-            lines,
+            out,
             stderr: Some(stderr),
             reaped: false,
         }
@@ -103,19 +209,33 @@ impl Console {
         self.child.id()
     }
 
+    /// The console's lines as they arrive.
+    pub fn stream(&self) -> &LineStream {
+        &self.out
+    }
+
     /// How long ago the VMM was started (line times count from there).
     pub fn elapsed(&self) -> Duration {
-        self.start.elapsed()
+        self.out.elapsed()
     }
 
     /// Whole console lines so far.
     pub fn line_count(&self) -> usize {
-        self.lines.0.lock().unwrap().lines.len()
+        self.out.line_count()
     }
 
     /// When the console's first byte arrived, from the spawn (None if nothing came yet).
     pub fn first_byte(&self) -> Option<Duration> {
-        self.lines.0.lock().unwrap().first_byte
+        self.out.first_byte()
+    }
+
+    /// See [`LineStream::wait_line`].
+    pub fn wait_line(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<(Duration, String), WaitEnd> {
+        self.out.wait_line(timeout, pred)
     }
 
     /// Waits until a console line satisfies `pred`, at most `timeout` from now: the line and
@@ -138,31 +258,23 @@ impl Console {
         timeout: Duration,
         pred: impl Fn(&str) -> bool,
     ) -> Result<(Duration, String), String> {
-        let deadline = Instant::now() + timeout;
-        let (lock, cv) = &*self.lines;
-        let mut l = lock.lock().unwrap();
-        loop {
-            if let Some((t, line)) = l.lines.iter().skip(skip).find(|(_, line)| pred(line)) {
-                return Ok((*t, line.clone()));
-            }
-            let now = Instant::now();
-            if l.closed || now >= deadline {
-                let why = if l.closed {
-                    "the console closed (the VMM exited)".to_string()
-                } else {
-                    format!("not within {timeout:?}")
+        self.out
+            .wait_line_from(skip, timeout, pred)
+            .map(|(_, t, line)| (t, line))
+            .map_err(|end| {
+                let why = match end {
+                    WaitEnd::Closed => "the console closed (the VMM exited)".to_string(),
+                    WaitEnd::TimedOut => format!("not within {timeout:?}"),
                 };
-                let tail: Vec<&str> = l.lines.iter().map(|(_, s)| s.as_str()).collect();
-                return Err(format!(
+                let tail = self.lines();
+                format!(
                     "{}: waited for {awaited}: {why} ({:.1}s after start)\n--- console ({} lines, last 80) ---\n{}",
                     self.what,
-                    self.start.elapsed().as_secs_f64(),
+                    self.out.elapsed().as_secs_f64(),
                     tail.len(),
                     tail[tail.len().saturating_sub(80)..].join("\n")
-                ));
-            }
-            l = cv.wait_timeout(l, deadline - now).unwrap().0;
-        }
+                )
+            })
     }
 
     /// Like `wait_for`, panicking with its message.
@@ -180,8 +292,12 @@ impl Console {
 
     /// Every console line so far.
     pub fn lines(&self) -> Vec<String> {
-        let l = self.lines.0.lock().unwrap();
-        l.lines.iter().map(|(_, s)| s.clone()).collect()
+        self.out.lines()
+    }
+
+    /// Every console line so far with the time it arrived (from the start).
+    pub fn timed_lines(&self) -> Vec<(Duration, String)> {
+        self.out.timed_lines()
     }
 
     /// Waits for the VMM to exit by itself within `timeout`: its status and stderr.
@@ -192,7 +308,21 @@ impl Console {
 
     /// Waits for the VMM to exit by itself within `timeout` (panics, having killed it, if it
     /// does not): when it exited, to the millisecond, and its peak memory.
-    pub fn wait_exit_measured(mut self, timeout: Duration) -> Exit {
+    pub fn wait_exit_measured(self, timeout: Duration) -> Exit {
+        let what = self.what.clone();
+        let out = self.out.clone();
+        self.exit_within(timeout).unwrap_or_else(|stderr| {
+            let console = out.lines();
+            panic!(
+                "{what} did not exit within {timeout:?} (killed)\n--- console (last 40) ---\n{}\n--- stderr ---\n{stderr}",
+                console[console.len().saturating_sub(40)..].join("\n"),
+            )
+        })
+    }
+
+    /// Waits up to `timeout` for the VMM to exit by itself: how it ended; else kills it and
+    /// gives its stderr.
+    pub fn exit_within(mut self, timeout: Duration) -> Result<Exit, String> {
         let pid = self.child.id() as libc::pid_t;
         // SAFETY: pidfd_open of our own child, which has not been reaped (we own the Child).
         let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
@@ -207,18 +337,9 @@ impl Console {
         let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
         // SAFETY: polls one live fd described by a live pollfd.
         let ready = unsafe { libc::poll(&mut poll, 1, ms) };
-        let at = self.start.elapsed();
+        let at = self.out.elapsed();
         if ready != 1 {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-            self.reaped = true;
-            let console = self.lines();
-            let stderr = self.take_stderr();
-            panic!(
-                "{} did not exit within {timeout:?} (killed)\n--- console (last 40) ---\n{}\n--- stderr ---\n{stderr}",
-                self.what,
-                console[console.len().saturating_sub(40)..].join("\n"),
-            );
+            return Err(self.kill());
         }
         let mut status = 0;
         // SAFETY: an all-zero rusage is a valid value for wait4 to overwrite.
@@ -228,12 +349,20 @@ impl Console {
         let ret = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
         assert_eq!(ret, pid, "wait4: {}", std::io::Error::last_os_error());
         self.reaped = true;
-        Exit {
+        Ok(Exit {
             status: ExitStatus::from_raw(status),
             at,
             max_rss_kib: usage.ru_maxrss as u64,
             stderr: self.take_stderr(),
-        }
+        })
+    }
+
+    /// Kills the VMM now: its stderr.
+    pub fn kill(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.reaped = true;
+        self.take_stderr()
     }
 
     /// Stops the VMM with SIGTERM (as an orchestrator would) and waits for it.
@@ -258,6 +387,25 @@ impl Drop for Console {
         if !self.reaped && matches!(self.child.try_wait(), Ok(None)) {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+        // ... and says what the VMM itself said (its console is the test's to show), unless
+        // something it started still holds the pipe.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while std::thread::panicking()
+            && self.stderr.as_ref().is_some_and(|h| !h.is_finished())
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if std::thread::panicking() && self.stderr.as_ref().is_some_and(|h| h.is_finished()) {
+            let stderr = self.take_stderr();
+            let lines: Vec<&str> = stderr.lines().collect();
+            eprintln!(
+                "--- {}'s stderr (last 40 of {} lines) ---\n{}",
+                self.what,
+                lines.len(),
+                lines[lines.len().saturating_sub(40)..].join("\n")
+            );
         }
     }
 }

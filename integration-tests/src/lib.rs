@@ -4,8 +4,11 @@
 //! real `prescient` binary, knows where the build script put the test guest, writes VM specs,
 //! and runs the VMM with a deadline so that a hang fails a test instead of stalling CI.
 
+pub mod agent;
 pub mod bench;
 pub mod console;
+pub mod linux;
+pub mod nested;
 pub mod openapi;
 pub mod pty;
 
@@ -394,6 +397,46 @@ pub fn run_binary(bin: &Path, args: &[&str], deadline: Duration) -> Outcome {
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
     wait_with_deadline(child, deadline)
+}
+
+/// Replays the recorded traces in `trace_dir` with `prescient predictor eval` (decisions to
+/// `out`): the replayed decisions, and the `live` ones (`GET /predictor/decisions`) without the
+/// fields only a live run has (`seq`, `applied`), to be compared.
+pub fn replay_beside_live(
+    trace_dir: &Path,
+    out: &Path,
+    live: &[serde_json::Value],
+    deadline: Duration,
+) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
+    let (traces, out_arg) = (trace_dir.to_str().unwrap(), out.to_str().unwrap());
+    run_prescient(
+        &[
+            "predictor",
+            "eval",
+            "--traces",
+            traces,
+            "--decisions-out",
+            out_arg,
+        ],
+        deadline,
+    )
+    .assert_code(0);
+    let replayed = std::fs::read_to_string(out)
+        .unwrap_or_else(|e| panic!("{}: {e}", out.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a replayed decision"))
+        .collect();
+    let live = live
+        .iter()
+        .map(|d| {
+            let mut d = d.clone();
+            let o = d.as_object_mut().expect("a decision object");
+            o.remove("seq");
+            o.remove("applied");
+            d
+        })
+        .collect();
+    (replayed, live)
 }
 
 /// Runs the VM described by `spec` (written to the scratch dir).

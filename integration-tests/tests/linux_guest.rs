@@ -6,130 +6,29 @@
 //! - Under the real binary on this host's KVM: the early boot (banner, command line, e820 map,
 //!   MP table CPUs) and the kernel registering the virtio-mmio devices prescient announced on the
 //!   command line, then SIGTERM. On a software-KVM host that is as far as a boot gets quickly.
-//! - Under the real binary to agent-ready and stress-ng: only where KVM is hardware
-//!   virtualization (kvm_intel/kvm_amd); elsewhere the tests print why and pass.
+//!
+//! Full boots under prescient need a hardware KVM: they are in `linux_kvm`, which runs them in a
+//! nested KVM host where this host has none.
 
-// Shared with benches/linux_early_boot.rs; each uses part of it.
-#[allow(dead_code)]
-#[path = "linux_guest/support.rs"]
-mod support;
-
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use integration_tests::{prescient_bin, Scratch};
-use support::{
-    agent_reports, cmdline, images, prescient_spec, qemu_available, qemu_disk, qemu_microvm,
-    Console, HostKvm, BASE_CMDLINE,
+use integration_tests::agent::{
+    assert_output, assert_reports_match_the_vm, assert_root_on_vda, assert_stress_mem_seen,
+    growth_during, initrd_with_workloads, reports as agent_reports, run_steps_to_poweroff,
+    workload_arg,
 };
+use integration_tests::console::Console;
+use integration_tests::linux::{
+    cmdline, images, prescient_spec, qemu_available, qemu_disk, qemu_microvm, BASE_CMDLINE,
+};
+use integration_tests::{prescient_bin, Scratch};
 
 /// TCG reaches init in about 1.2 s of guest time; a loaded 2-core CI host stretches that.
 const TCG_READY: Duration = Duration::from_secs(180);
-/// Time for one short workload step beyond its own duration (starting stress-ng or fio).
-const STEP_SLACK: Duration = Duration::from_secs(120);
 /// The first ~60 kernel lines appear within seconds even when kernel code is emulated.
 const EARLY_BOOT: Duration = Duration::from_secs(180);
-/// A full boot under hardware KVM takes about a second.
-const HW_READY: Duration = Duration::from_secs(60);
 const EXIT: Duration = Duration::from_secs(60);
-
-/// The parsed `agent: workload-done` line of `step`, required to have succeeded.
-fn expect_workload_done(vm: &Console, step: &str, secs: u64) -> serde_json::Value {
-    let marker = format!("\"step\":\"{step}\"");
-    let line = vm.expect(
-        &format!("agent: workload-done for {step}"),
-        Duration::from_secs(secs) + STEP_SLACK,
-        |l| l.contains("agent: workload-done ") && l.contains(&marker),
-    );
-    let json = &line[line.find('{').expect("workload-done carries JSON")..];
-    let v: serde_json::Value = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {line}"));
-    assert_eq!(
-        v["exit_code"],
-        0,
-        "{step} failed: {line}\n{}",
-        vm.lines().join("\n")
-    );
-    v
-}
-
-/// Runs `steps` (each `<workload>:<secs>[:size]`, from the kernel command line) to their end
-/// and the agent's poweroff; returns the console.
-fn run_steps_to_poweroff(vm: &Console, ready: Duration, steps: &[(&str, u64)]) -> Vec<String> {
-    vm.expect("agent: ready", ready, |l| l.contains("agent: ready"));
-    for (step, secs) in steps {
-        expect_workload_done(vm, step, *secs);
-    }
-    vm.expect("agent: poweroff", STEP_SLACK, |l| {
-        l.contains("agent: poweroff")
-    });
-    vm.lines()
-}
-
-fn workload_arg(steps: &[(&str, u64)]) -> String {
-    let list: Vec<&str> = steps.iter().map(|(s, _)| *s).collect();
-    format!("prescient.workload={},poweroff", list.join(","))
-}
-
-/// Some line of `step`'s forwarded output contains `text`.
-fn assert_output(lines: &[String], workload: &str, text: &str) {
-    let prefix = format!("agent: [{workload}] ");
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.contains(&prefix) && l.contains(text)),
-        "no {workload} output line with {text:?}\n{}",
-        lines.join("\n")
-    );
-}
-
-/// The reports taken while `step` ran, and the last one before it started.
-fn reports_around(
-    reports: &[serde_json::Value],
-    step: &str,
-) -> (serde_json::Value, Vec<serde_json::Value>) {
-    let first = reports
-        .iter()
-        .position(|r| r["workload"] == step)
-        .unwrap_or_else(|| panic!("no agent report taken while {step} ran"));
-    assert!(first > 0, "no report before {step} started");
-    let during = reports[first..]
-        .iter()
-        .take_while(|r| r["workload"] == step)
-        .cloned()
-        .collect();
-    (reports[first - 1].clone(), during)
-}
-
-fn num(v: &serde_json::Value, path: &[&str]) -> i64 {
-    let mut cur = v;
-    for p in path {
-        cur = &cur[p];
-    }
-    cur.as_i64()
-        .unwrap_or_else(|| panic!("report field {path:?} is not a number: {v}"))
-}
-
-/// Every report sees the VM's memory and CPUs as the VMM configured them.
-fn assert_reports_match_the_vm(reports: &[serde_json::Value], vcpus: i64, mem_mib: i64) {
-    assert!(reports.len() >= 2, "too few agent reports: {reports:?}");
-    for r in reports {
-        let total = num(r, &["mem_total_kib"]);
-        // The kernel keeps its image and reserved ranges out of MemTotal.
-        assert!(
-            total <= mem_mib * 1024 && total > mem_mib * 1024 * 3 / 4,
-            "MemTotal {total} KiB for a {mem_mib} MiB VM: {r}"
-        );
-        assert!(num(r, &["mem_available_kib"]) <= total, "{r}");
-        assert_eq!(num(r, &["cpus_online"]), vcpus, "{r}");
-        for res in ["cpu", "memory", "io"] {
-            assert!(
-                r["psi"][res]["some_avg10"].is_f64(),
-                "no PSI for {res} (CONFIG_PSI): {r}"
-            );
-        }
-    }
-}
 
 fn require_qemu() -> bool {
     if !qemu_available() {
@@ -158,13 +57,7 @@ fn tcg_images_boot_to_agent_ready_and_run_stress_ng_and_fio_from_the_rootfs() {
     let (status, stderr) = vm.wait_exit(EXIT);
     assert_eq!(status.code(), Some(0), "QEMU: {status}\n{stderr}");
 
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.contains("EXT4-fs (vda): mounted filesystem")),
-        "the rootfs was not mounted from the virtio disk\n{}",
-        lines.join("\n")
-    );
+    assert_root_on_vda(&lines);
     assert_output(&lines, "stress-cpu", "successful run completed");
     assert_output(&lines, "fio-randrw", "READ: bw=");
     assert_output(&lines, "fio-randrw", "WRITE: bw=");
@@ -173,44 +66,13 @@ fn tcg_images_boot_to_agent_ready_and_run_stress_ng_and_fio_from_the_rootfs() {
     assert_reports_match_the_vm(&reports, 2, 512);
     // The guest's own view of the workloads: CPU time while stress-ng ran, disk writes (fio
     // uses O_DIRECT on the ext4 root) while fio ran.
-    let (before, during) = reports_around(&reports, "stress-cpu:3");
-    let busy = num(during.last().unwrap(), &["cpu", "user_ms"]) - num(&before, &["cpu", "user_ms"]);
+    let busy = growth_during(&reports, "stress-cpu:3", &["cpu", "user_ms"]);
     assert!(
         busy >= 1000,
         "stress-ng --cpu added only {busy} ms of user time\n{reports:?}"
     );
-    let (before, during) = reports_around(&reports, "fio-randrw:3:16M");
-    let written =
-        num(during.last().unwrap(), &["io", "write_kib"]) - num(&before, &["io", "write_kib"]);
+    let written = growth_during(&reports, "fio-randrw:3:16M", &["io", "write_kib"]);
     assert!(written > 0, "fio wrote nothing to /dev/vda\n{reports:?}");
-}
-
-/// The initramfs followed by the workloads archive: one initrd with stress-ng and fio, for VMMs
-/// without a virtio-blk disk (Linux unpacks concatenated cpio archives in order).
-fn initrd_with_workloads(scratch: &Scratch) -> PathBuf {
-    let img = images();
-    let mut bytes = std::fs::read(&img.initramfs).expect("read initramfs");
-    bytes.extend(std::fs::read(&img.workloads).expect("read workloads archive"));
-    let path = scratch.path().join("initrd-with-workloads.cpio.gz");
-    std::fs::write(&path, bytes).expect("write initrd");
-    path
-}
-
-/// stress-ng's memory worker, seen from inside: MemAvailable drops by about what it touches.
-fn assert_stress_mem_seen(lines: &[String], step: &str, touch_mib: i64) {
-    assert_output(lines, "stress-mem", "successful run completed");
-    let reports = agent_reports(lines);
-    let (before, during) = reports_around(&reports, step);
-    let lowest = during
-        .iter()
-        .map(|r| num(r, &["mem_available_kib"]))
-        .min()
-        .expect("a report during stress-mem");
-    let drop_kib = num(&before, &["mem_available_kib"]) - lowest;
-    assert!(
-        drop_kib >= touch_mib * 1024 / 2,
-        "MemAvailable fell by only {drop_kib} KiB while stress-ng touched {touch_mib} MiB\n{reports:?}"
-    );
 }
 
 #[test]
@@ -394,48 +256,4 @@ fn prescient_announces_its_virtio_devices_and_the_kernel_registers_them() {
         Some(128 + libc::SIGTERM),
         "{status}\n{stderr}"
     );
-}
-
-/// Where the full-boot tests cannot run: says why on stderr (shown with --nocapture) and
-/// returns true.
-fn no_full_boot_here() -> bool {
-    let why = HostKvm::detect().why_no_full_boot();
-    if let Some(why) = &why {
-        eprintln!(
-            "not run: {why}. On such a host: cargo test -p integration-tests --test linux_guest"
-        );
-    }
-    why.is_some()
-}
-
-#[test]
-fn prescient_boots_linux_to_agent_ready_and_runs_stress_ng_on_hardware_kvm() {
-    if no_full_boot_here() {
-        return;
-    }
-    let scratch = Scratch::new("linux-full");
-    let initrd = initrd_with_workloads(&scratch);
-    let steps = [("stress-cpu:3", 3), ("stress-mem:3:64M", 3)];
-    let args = cmdline(&format!(
-        "prescient.agent.interval_ms=500 {}",
-        workload_arg(&steps)
-    ));
-    let spec = scratch.write(
-        "vm.json",
-        &prescient_spec(&images().vmlinux, Some(&initrd), 2, 512, &args),
-    );
-    let vm = Console::spawn(
-        "prescient",
-        Command::new(prescient_bin()).args(["--config-file", spec.to_str().unwrap()]),
-    );
-    let lines = run_steps_to_poweroff(&vm, HW_READY, &steps);
-    let (status, stderr) = vm.wait_exit(EXIT);
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "the guest's reboot -f (i8042 reset) ends prescient cleanly: {status}\n{stderr}"
-    );
-    assert_output(&lines, "stress-cpu", "successful run completed");
-    assert_reports_match_the_vm(&agent_reports(&lines), 2, 512);
-    assert_stress_mem_seen(&lines, "stress-mem:3:64M", 64);
 }

@@ -231,34 +231,12 @@ fn the_vmm_follows_the_phases_pauses_on_an_unknown_port_and_its_trace_replays() 
     assert!(log
         .iter()
         .all(|d| !d["applied"].as_array().unwrap().is_empty()));
-    let replayed_path = scratch.path().join("replayed.jsonl");
-    let out = run_prescient(
-        &[
-            "predictor",
-            "eval",
-            "--traces",
-            trace_dir.to_str().unwrap(),
-            "--decisions-out",
-            replayed_path.to_str().unwrap(),
-        ],
+    let (replayed, live) = integration_tests::replay_beside_live(
+        &trace_dir,
+        &scratch.path().join("replayed.jsonl"),
+        &log,
         DEADLINE,
     );
-    out.assert_code(0);
-    let replayed: Vec<Value> = std::fs::read_to_string(&replayed_path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let live: Vec<Value> = log
-        .iter()
-        .map(|d| {
-            let mut d = d.clone();
-            let o = d.as_object_mut().unwrap();
-            o.remove("seq");
-            o.remove("applied");
-            d
-        })
-        .collect();
     let common = live.len().min(replayed.len());
     let pause_at = live.iter().position(|d| d["action"] == "pause").unwrap();
     assert!(

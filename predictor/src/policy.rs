@@ -522,15 +522,21 @@ impl Policy {
         for r in Resource::ALL {
             let used = sample.usage[r];
             let lim = self.budget.0[r];
+            let held = self.allocation[r];
+            // The quota capped what the vCPUs got: their demand was at least the allocation,
+            // and how much more is unseen (use never exceeds a quota, so without this a quota
+            // below demand would never be raised).
+            let censored = r == Resource::Cpu && sample.signals.cpu_throttled > 0;
             let cal = &mut self.calibration[r];
             if self.calibrating[r] {
                 // Demand above the maximum is missed by any allocation: not the band's fault.
-                let held = self.allocation[r];
-                cal.update(used > held * (1.0 + 1e-9) && held < lim.max);
+                cal.update((used > held * (1.0 + 1e-9) || censored) && held < lim.max);
             }
             let cal = *cal;
             let f = &mut self.forecasters[r];
-            f.observe_window(used, &sample.signals);
+            // What a censored window shows is a floor: the demand was at least the quota.
+            let demand = if censored { used.max(held) } else { used };
+            f.observe_window(demand, &sample.signals);
             let one = f.forecast(Horizon::ONE);
             forecast[r] = Forecast {
                 point: one.point,
@@ -552,6 +558,14 @@ impl Policy {
                 .skip(1)
                 .map(|h| cal.upper(f.forecast(h), lim.step))
                 .fold(forecast[r].upper, f64::max);
+            // Censored demand: double the quota (within the grow limit) until it no longer runs
+            // out, which finds any demand in a few windows; the shrink rule brings it back to
+            // the band once the vCPUs get what they ask for.
+            let upper = if censored {
+                upper.max(2.0 * held)
+            } else {
+                upper
+            };
             let before = self.allocation[r];
             let after = self.resize(r, upper * headroom, first);
             if after != before {
@@ -896,6 +910,66 @@ mod tests {
                 preset.name()
             );
         }
+    }
+
+    /// A guest booting at a fifth of a core, then asking for three: the quota caps what it
+    /// gets, so its use stays below the allocation. The throttled periods say so, and the
+    /// quota follows demand up (and back down once the demand is gone).
+    #[test]
+    fn a_quota_the_vcpus_run_out_of_grows_though_their_use_stays_below_it() {
+        use crate::forecast::Preset;
+        let capacity = Usage {
+            cpu: 4.0,
+            mem: 1024.0,
+            blk: 100.0,
+            net: 100.0,
+        };
+        // The quota in force each window, and whether the vCPUs ran out of it.
+        let run = |report_throttling: bool| {
+            let cfg = PolicyConfig::default();
+            let f = Preset::default_ensemble()
+                .unwrap()
+                .build_all(cfg.horizon, &capacity)
+                .unwrap();
+            let mut p = Policy::new(Budget::from_capacity(&capacity), cfg, f).unwrap();
+            let mut out = Vec::new();
+            for t in 0..400u64 {
+                let demand: f64 = match t {
+                    0..100 => 0.2,
+                    100..300 => 3.0,
+                    _ => 0.5,
+                };
+                // The vCPUs get a little less than the quota: the group's other threads (the
+                // whole VMM on cgroup v2 or in the jailer's group) use some of it.
+                let quota = p.allocation().cpu;
+                let throttled = demand > 0.9 * quota;
+                let mut s = cpu(t * 100, demand.min(0.9 * quota));
+                if report_throttling && throttled {
+                    s.signals.cpu_throttled = 1;
+                }
+                p.decide(&s);
+                out.push((quota, throttled));
+            }
+            out
+        };
+        // Without the signal the booting guest's small quota only ever shrinks.
+        let blind = run(false);
+        assert!(blind[100..300].iter().all(|&(q, _)| q < 1.0), "{blind:?}");
+        let seen = run(true);
+        assert!(seen[99].0 < 1.0, "the boot's quota: {:?}", seen[99]);
+        let enough = seen[100..300].iter().position(|&(_, throttled)| !throttled);
+        assert!(
+            enough.is_some_and(|w| w <= 10),
+            "3 cores of demand met after {enough:?} windows: {:?}",
+            &seen[100..140]
+        );
+        let short = seen[150..300].iter().filter(|&&(_, t)| t).count();
+        assert!(short <= 15, "throttled in {short} of 150 windows: {seen:?}");
+        assert!(
+            seen[399].0 < 1.5,
+            "back down after the demand: {:?}",
+            seen[399]
+        );
     }
 
     #[test]

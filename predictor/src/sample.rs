@@ -7,6 +7,10 @@ fn is_zero(v: &u64) -> bool {
     *v == 0
 }
 
+fn is_zero32(v: &u32) -> bool {
+    *v == 0
+}
+
 /// What a window saw besides resource use: the anomaly rules' inputs and the leading
 /// indicators forecasters may use. Every field defaults to zero so traces that only carry
 /// usage (synthetic ones, or ones recorded without exit telemetry) still parse.
@@ -21,6 +25,11 @@ pub struct Signals {
     /// Bit `i` set when device `i` saw any I/O during the window.
     #[serde(default)]
     pub devices: u32,
+    /// Bit `i` set when device `i`, the console or a platform device, saw any I/O during the
+    /// window: kept apart from `devices`, whose first use after learning is a finding.
+    /// Written only when non-zero.
+    #[serde(default, skip_serializing_if = "is_zero32")]
+    pub platform_devices: u32,
     /// Leading indicator: page faults during the window (the guest's, as KVM counted them, or
     /// a recorded process tree's minor + major faults); a burst comes with memory growth.
     /// Written only when non-zero.
@@ -29,6 +38,11 @@ pub struct Signals {
     /// Leading indicator: vCPU exits during the window (VM traces only).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub exits: u64,
+    /// CFS periods of the window in which the VM's CPU quota ran out: its vCPUs wanted more
+    /// than they got, so the window's CPU use is a lower bound of its demand, not the demand.
+    /// Written only when non-zero.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cpu_throttled: u64,
 }
 
 /// One window: when it started, how much of each resource was used, and the rule signals.
@@ -69,12 +83,16 @@ mod tests {
                 io_ops: 4,
                 unknown_exits: 1,
                 devices: 0b101,
+                platform_devices: 0b10,
                 faults: 12,
                 exits: 0,
+                cpu_throttled: 3,
             },
         };
         let json = serde_json::to_string(&s).unwrap();
         assert!(json.contains(r#""unknown_exits":1"#), "{json}");
+        assert!(json.contains(r#""cpu_throttled":3"#), "{json}");
+        assert!(json.contains(r#""platform_devices":2"#), "{json}");
         assert!(
             json.contains(r#""faults":12"#) && !json.contains(r#""exits""#),
             "{json}"

@@ -617,6 +617,39 @@ mod tests {
     }
 
     #[test]
+    fn a_platform_device_first_used_late_is_no_finding() {
+        // The i8042 on a reset, or the CPU hot-plug controller once the predictor plugs a vCPU:
+        // first touched long after learning, by a healthy guest.
+        let cfg = AnomalyConfig {
+            learn_windows: 3,
+            ..Default::default()
+        };
+        let mut d = AnomalyDetector::new(cfg).unwrap();
+        let exp = usage(1.0);
+        for _ in 0..3 {
+            d.update(
+                &sample(
+                    1.0,
+                    Signals {
+                        devices: 0b1,
+                        ..quiet()
+                    },
+                ),
+                &exp,
+                4.0,
+            );
+        }
+        let late = Signals {
+            devices: 0b1,
+            platform_devices: 0b110,
+            ..quiet()
+        };
+        let r = d.update(&sample(1.0, late), &exp, 4.0);
+        assert!(!r.findings.any(), "{:?}", r.findings);
+        assert_eq!(r.action, Action::Hold);
+    }
+
+    #[test]
     fn early_noise_is_measured_against_its_own_spread() {
         let mut d = AnomalyDetector::new(AnomalyConfig::default()).unwrap();
         let exp = usage(100.0);

@@ -270,7 +270,14 @@ impl Vcpus {
 
     /// Stops every running vCPU at its next exit; they keep their state.
     pub fn pause(&mut self) -> Result<(), VcpuError> {
-        self.for_each_running(VcpuEvent::Pause, VcpuResponse::Paused)?;
+        if let Err(e) = self.for_each_running(VcpuEvent::Pause, VcpuResponse::Paused) {
+            // Some vCPUs may have stopped (or stop later, on the event already sent): the VM
+            // stays running, so let them all go again rather than leave the guest half stopped.
+            if let Err(r) = self.for_each_running(VcpuEvent::Resume, VcpuResponse::Resumed) {
+                tracing::warn!("after a failed pause ({e}), resuming failed too: {r}");
+            }
+            return Err(e);
+        }
         self.paused = true;
         Ok(())
     }

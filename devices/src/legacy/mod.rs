@@ -1,8 +1,11 @@
-//! Legacy PC devices on the PIO bus: the 16550 serial port and the i8042 controller.
+//! Legacy PC devices on the PIO bus: the 16550 serial port, the i8042 controller, and the
+//! ports of hardware a microVM lacks but Linux probes.
 
+mod absent;
 mod i8042;
 mod serial;
 
+pub use absent::{Absent, ABSENT_PORTS};
 pub use i8042::{I8042Error, I8042};
 pub use serial::{SerialCounters, SerialDevice, SerialError, SerialHooks};
 

@@ -283,7 +283,17 @@ impl MmioTransport {
         let result = lock(&self.device).activate(ctx);
         if let Err(e) = result {
             tracing::warn!("virtio-mmio: device refused to start: {e}");
-            self.needs_reset();
+            return self.needs_reset();
+        }
+        // Drivers may make buffers available (and notify) before DRIVER_OK: Linux's balloon
+        // primes its statistics queue that way. A notification the device was not active to see
+        // is gone, so every ready queue is looked at once now, on the device's own thread.
+        for (queue, evt) in self.queues.iter().zip(&self.queue_events) {
+            if queue.ready() {
+                if let Err(e) = evt.write(1) {
+                    tracing::warn!("virtio-mmio: cannot signal a queue at activation: {e}");
+                }
+            }
         }
     }
 
@@ -600,6 +610,25 @@ pub(crate) mod tests {
         assert_eq!(r32(&mut t, 0x70), 0);
         assert_eq!(dev.lock().unwrap().resets, 1);
         assert_eq!(r32(&mut t, 0x44), 0, "queue no longer ready");
+    }
+
+    #[test]
+    fn activation_signals_every_ready_queue_for_buffers_made_available_before() {
+        let (mut t, dev) = transport();
+        let evt = dev.lock().unwrap().events[0].try_clone().unwrap();
+        driver_init(&mut t, 1, 0);
+        setup_queue(&mut t);
+        // A notification before DRIVER_OK (what Linux's balloon does with its stats buffer) is
+        // not forwarded, so the device would never look at that buffer by itself.
+        w32(&mut t, QUEUE_NOTIFY_OFFSET, 0);
+        assert!(evt.read().is_err(), "nothing forwarded before DRIVER_OK");
+        w32(
+            &mut t,
+            0x70,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+        assert!(dev.lock().unwrap().activated.is_some());
+        assert_eq!(evt.read().unwrap(), 1, "the ready queue is signalled once");
     }
 
     #[test]

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
@@ -31,23 +31,40 @@ pub fn interrupt() -> Arc<VirtioInterrupt> {
 /// One split queue as the driver sees it: its rings in guest memory and the next free descriptor.
 pub struct DriverQueue<'a> {
     mock: MockSplitQueue<'a, GuestMemoryMmap>,
+    mem: &'a GuestMemoryMmap,
+    size: u16,
+    /// The used ring, placed after the avail ring's `used_event` (the mock puts it over that
+    /// field, which VIRTIO_RING_F_EVENT_IDX needs).
+    used: GuestAddress,
     next_desc: u16,
 }
+
+/// Used ring: flags, index, then 8-byte elements.
+const USED_HEADER: u64 = 4;
+const USED_ELEMENT: u64 = 8;
 
 impl<'a> DriverQueue<'a> {
     /// A queue of `size` entries whose descriptor table starts at `at` (the rings follow it).
     pub fn new(mem: &'a GuestMemoryMmap, at: GuestAddress, size: u16) -> Self {
+        let mock = MockSplitQueue::create(mem, at, size);
+        let used_event_end = mock.avail_addr().0 + 4 + 2 * u64::from(size) + 2;
         Self {
-            mock: MockSplitQueue::create(mem, at, size),
+            used: GuestAddress(used_event_end.next_multiple_of(4)),
+            mock,
+            mem,
+            size,
             next_desc: 0,
         }
     }
 
     /// The device's view of this queue, ready.
     pub fn queue(&self) -> Queue {
-        self.mock
+        let mut q = self
+            .mock
             .create_queue::<Queue>()
-            .expect("the mock's rings fit its memory")
+            .expect("the mock's rings fit its memory");
+        q.set_used_ring_address(Some(self.used.0 as u32), Some((self.used.0 >> 32) as u32));
+        q
     }
 
     /// Places one chain of `(addr, len, flags)` in the next free descriptors, linking them with
@@ -88,21 +105,37 @@ impl<'a> DriverQueue<'a> {
         self.mock.avail().idx().store(idx);
     }
 
+    /// The avail index after which the device wants a notification (`avail_event`, at the end of
+    /// the used ring; meaningful with VIRTIO_RING_F_EVENT_IDX).
+    pub fn avail_event(&self) -> u16 {
+        let at = self.used.0 + USED_HEADER + USED_ELEMENT * u64::from(self.size);
+        self.mem
+            .read_obj(GuestAddress(at))
+            .expect("avail_event inside memory")
+    }
+
+    /// Sets `used_event` (at the end of the avail ring): the used index after which the driver
+    /// wants an interrupt.
+    pub fn set_used_event(&self, idx: u16) {
+        let at = self.mock.avail_addr().0 + 4 + 2 * u64::from(self.size);
+        self.mem
+            .write_obj(idx, GuestAddress(at))
+            .expect("used_event inside memory");
+    }
+
     /// Number of chains the device has returned.
     pub fn used_count(&self) -> u16 {
-        self.mock.used().idx().load()
+        self.mem
+            .read_obj(self.used.unchecked_add(2))
+            .expect("used index inside memory")
     }
 
     /// (head, length written) of used entry `i`.
     pub fn used(&self, i: usize) -> (u32, u32) {
-        let e = self
-            .mock
-            .used()
-            .ring()
-            .ref_at(i)
-            .expect("used slot inside the ring")
-            .load();
-        (e.id(), e.len())
+        let at = self.used.0 + USED_HEADER + USED_ELEMENT * (i as u64 % u64::from(self.size));
+        let id: u32 = self.mem.read_obj(GuestAddress(at)).expect("used slot");
+        let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).expect("used slot");
+        (id, len)
     }
 }
 

@@ -261,12 +261,14 @@ mod tests {
         c.add_device(dev(0), DeviceKind::Block).unwrap();
         c.add_device(dev(1), DeviceKind::Net).unwrap();
         c.add_device(dev(2), DeviceKind::Other).unwrap();
+        c.add_device(dev(3), DeviceKind::Absent).unwrap();
+        c.add_device(dev(4), DeviceKind::Platform).unwrap();
         assert_eq!(
             c.add_device(dev(0), DeviceKind::Net).err(),
             Some(CollectorError::DuplicateDevice(dev(0)))
         );
         // Cumulative device totals; the first ones seen are the baseline.
-        let mut devices = [DeviceTotals::default(); 3];
+        let mut devices = [DeviceTotals::default(); 5];
         devices[0].ops = 7;
         let kvm = [KvmVcpuStats::default(); 2];
         fn inputs<'a>(
@@ -291,6 +293,10 @@ mod tests {
         v0.record(ExitKind::Mmio(Access::Write, Target::Device(dev(0))));
         v1.record(ExitKind::Io(Access::Write, Target::Unknown));
         v1.record(ExitKind::Mmio(Access::Read, Target::Device(dev(2))));
+        // A probe of absent hardware is known, but neither I/O nor a device in use.
+        v1.record(ExitKind::Io(Access::Read, Target::Device(dev(3))));
+        // A platform device's I/O is I/O, but kept apart from the devices whose first use counts.
+        v1.record(ExitKind::Io(Access::Write, Target::Device(dev(4))));
         devices[0].ops += 1;
         devices[0].read_bytes += 1024 * 1024;
         let now = 1_100_000_000;
@@ -304,6 +310,7 @@ mod tests {
             .unwrap();
         assert_eq!(w.duration_ns, 100_000_000);
         assert_eq!(w.vcpus[0].exits.total(), 1);
+        assert_eq!(w.vcpus[1].exits.total(), 4);
         assert_eq!(w.vcpus[1].last_exit_ns, now);
         assert_eq!(w.devices[0].ops, 1);
         let s = w.sample();
@@ -313,8 +320,9 @@ mod tests {
         assert_eq!(s.usage.net, 0.0);
         assert_eq!(s.usage.mem, 256.0);
         assert_eq!(s.signals.unknown_exits, 1);
-        assert_eq!(s.signals.io_ops, 3);
+        assert_eq!(s.signals.io_ops, 4);
         assert_eq!(s.signals.devices, 0b101);
+        assert_eq!(s.signals.platform_devices, 0b1_0000);
         // Cumulative inputs become deltas in the next window.
         let kvm2 = [KvmVcpuStats {
             exits: 6,
@@ -337,7 +345,7 @@ mod tests {
             c.close(now + 200_000_000, &inputs(&devices[..2], &kvm2, &[0, 0])),
             Err(CollectorError::DeviceCountMismatch {
                 got: 2,
-                expected: 3
+                expected: 5
             })
         ));
     }

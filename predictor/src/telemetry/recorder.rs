@@ -193,6 +193,13 @@ pub enum DeviceKind {
     Mem,
     Console,
     Other,
+    /// The machine's own devices (the i8042, ACPI's event and CPU hot-plug registers, the boot
+    /// timer): a healthy guest may touch one first at any point of its life (a reset, a vCPU
+    /// plugged by the predictor, a driver loaded late), so first use is no sign of anything.
+    Platform,
+    /// Ports of hardware the VM does not have, which guests probe (the CMOS, the POST port,
+    /// PCI configuration): its exits are known, but they are no I/O and no device in use.
+    Absent,
 }
 
 /// A device's cumulative request counters, as the VMM reads them at window close (requests

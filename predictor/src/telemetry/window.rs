@@ -101,6 +101,9 @@ impl Window {
             ..Signals::default()
         };
         for d in &self.devices {
+            if d.kind == DeviceKind::Absent {
+                continue;
+            }
             let rate = (d.read_bytes + d.written_bytes) as f64 / MIB / secs;
             match d.kind {
                 DeviceKind::Block => usage.blk += rate,
@@ -111,7 +114,12 @@ impl Window {
             let touched = d.ops + exits;
             signals.io_ops += touched;
             if touched > 0 {
-                signals.devices |= 1 << d.id.index();
+                match d.kind {
+                    DeviceKind::Console | DeviceKind::Platform => {
+                        signals.platform_devices |= 1 << d.id.index()
+                    }
+                    _ => signals.devices |= 1 << d.id.index(),
+                }
             }
         }
         Sample {

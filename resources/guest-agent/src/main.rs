@@ -10,17 +10,20 @@
 //! - `agent: error <why>` for a request it cannot parse.
 //!
 //! Requests: `prescient.workload=<step>[,<step>...]` on the kernel command line, then lines read
-//! from the console (`run <steps>` or `<steps>`). Steps run one after another (see `steps.rs`).
+//! from the console or the vsock link (`run <steps>` or `<steps>`). Steps run one after another
+//! (see `steps.rs`).
 //!
-//! The reports go to the serial console only; vsock is not used yet (serial works with any VMM).
+//! With `prescient.agent.vsock_port=P` every line also goes to the host over vsock (host CID 2,
+//! port P: `<uds_path>_<P>` under prescient and Firecracker), see `vsock.rs`.
 
 mod report;
 mod steps;
+mod vsock;
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -30,9 +33,45 @@ use steps::{Step, Workload};
 /// What the reporter shows as running; shared with the step runner.
 type Current = Arc<Mutex<Option<String>>>;
 
+/// The vsock link to the host, when the command line asks for one.
+static LINK: OnceLock<vsock::Link> = OnceLock::new();
+
 fn say(msg: &str) {
+    let line = format!("agent: {msg}");
     // One println! is one write of the whole line, so threads never interleave within a line.
-    println!("agent: {msg}");
+    println!("{line}");
+    if let Some(link) = LINK.get() {
+        link.send_line(&line);
+    }
+}
+
+/// The reporter's side of the vsock link: re-makes it when it is down and serves the requests
+/// the host writes on each new connection.
+struct HostLink {
+    tx: Sender<Step>,
+    last_error: Option<String>,
+}
+
+impl HostLink {
+    /// Connects the vsock link if it is down; says why once per change of reason.
+    fn reconnect(&mut self) {
+        let Some(link) = LINK.get() else { return };
+        match link.ensure_connected() {
+            Ok(None) => {}
+            Ok(Some(requests)) => {
+                self.last_error = None;
+                spawn_request_reader(requests, self.tx.clone());
+            }
+            Err(e) => {
+                let why = e.to_string();
+                if self.last_error.as_ref() != Some(&why) {
+                    // Console only: the link is what is down.
+                    println!("agent: vsock: cannot reach the host: {why}; retrying every report");
+                    self.last_error = Some(why);
+                }
+            }
+        }
+    }
 }
 
 fn interval_from_cmdline(cmdline: &str) -> Duration {
@@ -53,8 +92,9 @@ fn report(current: &Current) {
     ));
 }
 
-/// Reports now, before any workload starts (a baseline to compare with), then every `interval`.
-fn start_reporting(interval: Duration, current: Current) {
+/// Reports now, before any workload starts (a baseline to compare with), then every `interval`;
+/// before each report a vsock link that is down is re-made.
+fn start_reporting(interval: Duration, current: Current, mut host: HostLink) {
     report(&current);
     thread::spawn(move || {
         let mut next = Instant::now();
@@ -62,14 +102,17 @@ fn start_reporting(interval: Duration, current: Current) {
             // Fixed-rate ticks: a slow read does not shift every later report.
             next += interval;
             thread::sleep(next.saturating_duration_since(Instant::now()));
+            host.reconnect();
             report(&current);
         }
     });
 }
 
-fn spawn_console_reader(tx: Sender<Step>) {
+/// Reads requests (`run <steps>` or steps) line by line from `from` (the console, a host
+/// connection) into the step queue, until it closes.
+fn spawn_request_reader(from: impl Read + Send + 'static, tx: Sender<Step>) {
     thread::spawn(move || {
-        for line in std::io::stdin().lock().lines() {
+        for line in BufReader::new(from).lines() {
             let Ok(line) = line else { return };
             match steps::from_console(&line) {
                 Ok(steps) => {
@@ -178,6 +221,18 @@ fn main() {
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let current: Current = Arc::default();
     let (tx, rx) = mpsc::channel();
+    let mut host = HostLink {
+        tx: tx.clone(),
+        last_error: None,
+    };
+    match vsock::port_from_cmdline(&cmdline) {
+        Ok(Some(port)) => {
+            let _ = LINK.set(vsock::Link::new(port));
+            host.reconnect();
+        }
+        Ok(None) => {}
+        Err(e) => say(&format!("error {e}")),
+    }
     say("ready");
     match steps::from_cmdline(&cmdline) {
         Ok(steps) => {
@@ -187,8 +242,8 @@ fn main() {
         }
         Err(e) => say(&format!("error prescient.workload: {e}")),
     }
-    start_reporting(interval_from_cmdline(&cmdline), current.clone());
-    spawn_console_reader(tx);
+    start_reporting(interval_from_cmdline(&cmdline), current.clone(), host);
+    spawn_request_reader(std::io::stdin(), tx);
     run_steps(rx, current);
     // The console closed: keep reporting (the reporter thread ends with the process).
     loop {

@@ -4,27 +4,43 @@
 //! from lines on the console (`run fio-randrw:5`, `poweroff`).
 
 use std::fmt;
+use std::net::Ipv4Addr;
 
 /// The named workloads. Each maps to one command of a Debian package in the rootfs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     /// `stress-ng --cpu 0`: every online CPU busy.
     StressCpu,
-    /// `stress-ng --vm 1 --vm-keep`: one worker that maps `size` of memory (default 50% of what
-    /// is available when it starts) once and keeps touching it, so it stays resident.
+    /// `stress-ng --vm 1 --vm-keep --vm-populate`: one worker that maps `size` of memory
+    /// (default 50% of what is available when it starts) once, populated at once (so the whole
+    /// size is resident however slow the machine), and keeps touching it.
     StressMem,
     /// fio random 4k reads and writes to a `size` file (default 64M) under /var/tmp.
     FioRandrw,
+    /// fio writing a `size` file (default 64M) under /var/tmp once, sequentially in 1 MiB
+    /// blocks, then fsync; stops early after the step's seconds.
+    FioSeqwrite,
+    /// busybox `ping`: one echo request a second to `target` for the step's seconds; it fails
+    /// when no reply came, and its summary line counts the losses.
+    Ping,
 }
 
 impl Kind {
-    const ALL: [Kind; 3] = [Kind::StressCpu, Kind::StressMem, Kind::FioRandrw];
+    const ALL: [Kind; 5] = [
+        Kind::StressCpu,
+        Kind::StressMem,
+        Kind::FioRandrw,
+        Kind::FioSeqwrite,
+        Kind::Ping,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Kind::StressCpu => "stress-cpu",
             Kind::StressMem => "stress-mem",
             Kind::FioRandrw => "fio-randrw",
+            Kind::FioSeqwrite => "fio-seqwrite",
+            Kind::Ping => "ping",
         }
     }
 }
@@ -35,6 +51,8 @@ pub struct Workload {
     pub secs: u32,
     /// A size in the workload tool's own syntax (`128M`, `50%`); checked to be digits then a unit.
     pub size: Option<String>,
+    /// Where `ping` sends to (required for it, refused for the others).
+    pub target: Option<Ipv4Addr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,13 +71,16 @@ impl fmt::Display for Step {
                 if let Some(size) = &w.size {
                     write!(f, ":{size}")?;
                 }
+                if let Some(target) = &w.target {
+                    write!(f, ":{target}")?;
+                }
                 Ok(())
             }
         }
     }
 }
 
-/// Parses one step: `poweroff` or `<workload>:<seconds>[:<size>]`.
+/// Parses one step: `poweroff`, `<workload>:<seconds>[:<size>]` or `ping:<seconds>:<ipv4>`.
 pub fn parse_step(s: &str) -> Result<Step, String> {
     let s = s.trim();
     if s == "poweroff" {
@@ -83,20 +104,38 @@ pub fn parse_step(s: &str) -> Result<Step, String> {
     let secs: u32 = secs.parse().ok().filter(|&n| n > 0).ok_or_else(|| {
         format!("{name}: duration must be a positive number of seconds, got {secs:?}")
     })?;
-    let size = parts.next().map(str::to_string);
-    if let Some(size) = &size {
-        let digits = size.trim_end_matches(|c: char| c.is_ascii_alphabetic() || c == '%');
-        let valid_unit = matches!(&size[digits.len()..], "" | "K" | "M" | "G" | "%");
-        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) || !valid_unit {
-            return Err(format!(
-                "{name}: size must be digits then K, M, G or %, got {size:?}"
-            ));
+    let third = parts.next();
+    let (size, target) = match (kind, third) {
+        (Kind::Ping, Some(addr)) => {
+            let target = addr
+                .parse::<Ipv4Addr>()
+                .map_err(|_| format!("{name}: the target must be an IPv4 address, got {addr:?}"))?;
+            (None, Some(target))
         }
-    }
+        (Kind::Ping, None) => {
+            return Err(format!("{name}: missing target, e.g. {name}:3:10.0.0.1"))
+        }
+        (_, None) => (None, None),
+        (_, Some(size)) => {
+            let digits = size.trim_end_matches(|c: char| c.is_ascii_alphabetic() || c == '%');
+            let valid_unit = matches!(&size[digits.len()..], "" | "K" | "M" | "G" | "%");
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) || !valid_unit {
+                return Err(format!(
+                    "{name}: size must be digits then K, M, G or %, got {size:?}"
+                ));
+            }
+            (Some(size.to_string()), None)
+        }
+    };
     if parts.next().is_some() {
         return Err(format!("{name}: too many ':' fields in {s:?}"));
     }
-    Ok(Step::Run(Workload { kind, secs, size }))
+    Ok(Step::Run(Workload {
+        kind,
+        secs,
+        size,
+        target,
+    }))
 }
 
 /// Parses a comma-separated list of steps.
@@ -147,6 +186,7 @@ impl Workload {
                         "--vm-bytes",
                         bytes,
                         "--vm-keep",
+                        "--vm-populate",
                         "--timeout",
                         &timeout,
                         "--metrics-brief",
@@ -172,6 +212,37 @@ impl Workload {
                         format!("--direct={}", u8::from(direct_io)),
                         "--unlink=1".to_string(),
                     ],
+                )
+            }
+            Kind::FioSeqwrite => {
+                let size = self.size.as_deref().unwrap_or("64M");
+                (
+                    "fio",
+                    vec![
+                        "--name=seqwrite".to_string(),
+                        "--directory=/var/tmp".to_string(),
+                        "--rw=write".to_string(),
+                        "--bs=1M".to_string(),
+                        format!("--size={size}"),
+                        format!("--runtime={}", self.secs),
+                        "--ioengine=psync".to_string(),
+                        format!("--direct={}", u8::from(direct_io)),
+                        "--end_fsync=1".to_string(),
+                        "--unlink=1".to_string(),
+                    ],
+                )
+            }
+            Kind::Ping => {
+                let target = self.target.map(|t| t.to_string()).unwrap_or_default();
+                // -w: the whole run ends after `secs` + 2 s even when replies stop coming.
+                let count = self.secs.to_string();
+                let deadline = (self.secs + 2).to_string();
+                (
+                    "ping",
+                    ["-c", &count, "-w", &deadline, &target]
+                        .into_iter()
+                        .map(String::from)
+                        .collect(),
                 )
             }
         }
@@ -209,6 +280,7 @@ mod tests {
             kind,
             secs,
             size: size.map(String::from),
+            target: None,
         })
     }
 
@@ -227,6 +299,15 @@ mod tests {
             Ok(run(Kind::FioRandrw, 5, Some("50%")))
         );
         assert_eq!(parse_step("poweroff"), Ok(Step::Poweroff));
+        assert_eq!(
+            parse_step("ping:3:172.16.0.1"),
+            Ok(Step::Run(Workload {
+                kind: Kind::Ping,
+                secs: 3,
+                size: None,
+                target: Some(Ipv4Addr::new(172, 16, 0, 1)),
+            }))
+        );
     }
 
     #[test]
@@ -246,11 +327,21 @@ mod tests {
         assert!(parse_step("stress-mem:1:1M:2")
             .unwrap_err()
             .contains("too many"));
+        assert!(parse_step("ping:3").unwrap_err().contains("missing target"));
+        assert!(parse_step("ping:3:10.0.0").unwrap_err().contains("IPv4"));
+        assert!(parse_step("ping:3:10.0.0.1:2")
+            .unwrap_err()
+            .contains("too many"));
     }
 
     #[test]
     fn steps_display_as_they_parse() {
-        for s in ["stress-cpu:10", "stress-mem:3:128M", "poweroff"] {
+        for s in [
+            "stress-cpu:10",
+            "stress-mem:3:128M",
+            "ping:2:10.0.0.1",
+            "poweroff",
+        ] {
             assert_eq!(parse_step(s).unwrap().to_string(), s);
         }
     }
@@ -287,6 +378,7 @@ mod tests {
             kind: k,
             secs: 7,
             size: size.map(String::from),
+            target: None,
         };
         let (prog, args) = w(Kind::StressCpu, None).command(true);
         assert_eq!(prog, "stress-ng");
@@ -294,7 +386,7 @@ mod tests {
         let (_, args) = w(Kind::StressMem, Some("64M")).command(true);
         assert_eq!(
             args.join(" "),
-            "--vm 1 --vm-bytes 64M --vm-keep --timeout 7s --metrics-brief"
+            "--vm 1 --vm-bytes 64M --vm-keep --vm-populate --timeout 7s --metrics-brief"
         );
         let (prog, args) = w(Kind::FioRandrw, None).command(false);
         assert_eq!(prog, "fio");
@@ -304,6 +396,24 @@ mod tests {
         let (_, args) = w(Kind::FioRandrw, Some("8M")).command(true);
         assert!(args.contains(&"--size=8M".to_string()));
         assert!(args.contains(&"--direct=1".to_string()));
+        let (prog, args) = w(Kind::FioSeqwrite, None).command(true);
+        assert_eq!(prog, "fio");
+        for a in [
+            "--rw=write",
+            "--bs=1M",
+            "--size=64M",
+            "--end_fsync=1",
+            "--direct=1",
+        ] {
+            assert!(args.contains(&a.to_string()), "{a} in {args:?}");
+        }
+        let ping = Workload {
+            target: Some(Ipv4Addr::new(10, 0, 0, 1)),
+            ..w(Kind::Ping, None)
+        };
+        let (prog, args) = ping.command(true);
+        assert_eq!(prog, "ping");
+        assert_eq!(args.join(" "), "-c 7 -w 9 10.0.0.1");
     }
 
     #[test]

@@ -33,7 +33,7 @@ use crate::exit::ExitSignal;
 use crate::microvm::MicroVm;
 use crate::vmm_config::{ConfigError, JsonPath, MachineConfig, PredictorConfig, VmConfig};
 use actuators::bandwidth::Bandwidth;
-use actuators::cpu::CpuQuota;
+use actuators::cpu::{CpuQuota, Throttling};
 use actuators::memory::ElasticMemory;
 use actuators::seccomp::SeccompStage;
 use actuators::vcpus::VcpuCores;
@@ -68,6 +68,8 @@ pub struct Autopilot {
     /// entries are filled in when asked.
     notes: ActuatorStatus,
     devices: Vec<DeviceInfo>,
+    /// How often the VM's CPU quota ran out: the windows in which CPU use was censored.
+    throttling: Option<Throttling>,
 }
 
 fn field(name: &'static str) -> JsonPath {
@@ -123,6 +125,7 @@ impl Autopilot {
                 ..ActuatorStatus::default()
             },
             devices: Vec::new(),
+            throttling: None,
         })
     }
 
@@ -166,10 +169,15 @@ impl Autopilot {
             tracing::warn!("predictor cannot set CPU quotas: {e}");
         }
         match quota {
-            quota if vm.can_hotplug_vcpus() && self.config.vcpus.enabled => self
-                .actuators
-                .add(Box::new(VcpuCores::new(quota.ok(), self.config.vcpus))),
-            Ok(q) => self.actuators.add(Box::new(q)),
+            quota if vm.can_hotplug_vcpus() && self.config.vcpus.enabled => {
+                self.throttling = quota.as_ref().ok().and_then(CpuQuota::throttling);
+                self.actuators
+                    .add(Box::new(VcpuCores::new(quota.ok(), self.config.vcpus)));
+            }
+            Ok(q) => {
+                self.throttling = q.throttling();
+                self.actuators.add(Box::new(q));
+            }
             Err(e) => {
                 let knob = Knob::Resource(Resource::Cpu);
                 self.actuators
@@ -239,7 +247,10 @@ impl Autopilot {
         inputs.sync(vm, &mut self.collector)?;
         let inputs = inputs.read(vm);
         let used_mib = inputs.memory.used();
-        let sample = self.collector.close(now_ns, &inputs)?.sample();
+        let mut sample = self.collector.close(now_ns, &inputs)?.sample();
+        if let Some(t) = &mut self.throttling {
+            sample.signals.cpu_throttled = t.since_last();
+        }
         if let Some(trace) = &mut self.trace {
             if let Err(e) = trace.write(&sample) {
                 tracing::warn!("predictor: trace recording stopped: {e}");

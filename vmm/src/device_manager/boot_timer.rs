@@ -93,7 +93,7 @@ pub fn attach(registry: &mut DeviceRegistry) -> Result<(), RegistryError> {
         base: BOOT_TIMER_BASE,
         len: BOOT_TIMER_LEN,
         name: "boot_timer".into(),
-        kind: DeviceKind::Other,
+        kind: DeviceKind::Platform,
         counters: None,
         persist: timer,
         // Not in the DSDT: the guest writes to the address Firecracker documents.

@@ -1,10 +1,13 @@
-//! The legacy PIO devices every microVM has: COM1 (serial console) and the i8042 (reset).
+//! The legacy PIO devices every microVM has: COM1 (serial console), the i8042 (reset), and
+//! the ports of PC hardware it lacks but Linux probes (owned, so those exits are known).
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use acpi_tables::{aml, Aml};
-use devices::legacy::{IrqTrigger, SerialCounters, SerialDevice, SerialHooks, I8042};
+use devices::legacy::{
+    Absent, IrqTrigger, SerialCounters, SerialDevice, SerialHooks, ABSENT_PORTS, I8042,
+};
 use kvm_ioctls::VmFd;
 use predictor::telemetry::DeviceKind;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -66,7 +69,7 @@ fn i8042_aml() -> Vec<u8> {
 }
 
 /// How many devices [`attach`] places.
-pub const DEVICES: usize = 2;
+pub const DEVICES: usize = 3;
 
 /// Errors of creating the legacy devices.
 #[derive(Debug, thiserror::Error)]
@@ -103,7 +106,8 @@ pub struct LegacyDevices {
     pub serial_input_drained: EventFd,
 }
 
-/// Creates COM1 (writing the guest's console to `serial_out`) and the i8042 on the PIO bus.
+/// Creates COM1 (writing the guest's console to `serial_out`), the i8042 and the absent
+/// hardware's ports on the PIO bus.
 pub fn attach(
     vm: &VmFd,
     registry: &mut DeviceRegistry,
@@ -155,10 +159,28 @@ pub fn attach(
         base: I8042_BASE,
         len: I8042_LEN,
         name: "i8042".into(),
-        kind: DeviceKind::Other,
+        kind: DeviceKind::Platform,
         counters: None,
         aml: i8042_aml(),
     })?;
+
+    let [(base, len), more @ ..] = ABSENT_PORTS;
+    let absent = Arc::new(Mutex::new(Absent));
+    registry.attach_ranges(
+        Attachment {
+            device: absent.clone(),
+            persist: absent,
+            bus: Bus::Pio,
+            base,
+            len,
+            name: "absent_legacy".into(),
+            kind: DeviceKind::Absent,
+            counters: None,
+            // Hardware that is not there has no DSDT entry.
+            aml: Vec::new(),
+        },
+        &more,
+    )?;
     Ok(LegacyDevices {
         serial,
         i8042,

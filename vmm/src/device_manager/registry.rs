@@ -97,6 +97,16 @@ pub struct Attachment {
 impl DeviceRegistry {
     /// Places a device on its bus under the next id and registers it.
     pub fn attach(&mut self, a: Attachment) -> Result<DeviceId, RegistryError> {
+        self.attach_ranges(a, &[])
+    }
+
+    /// Places a device at `a`'s range and at each of `more` (`(base, len)`, same bus), all
+    /// under one id: one device that owns scattered ports.
+    pub fn attach_ranges(
+        &mut self,
+        a: Attachment,
+        more: &[(u64, u64)],
+    ) -> Result<DeviceId, RegistryError> {
         let id = u8::try_from(self.devices.len())
             .ok()
             .and_then(DeviceId::new)
@@ -107,12 +117,18 @@ impl DeviceRegistry {
             Bus::Pio => &mut self.buses.pio,
             Bus::Mmio => &mut self.buses.mmio,
         };
-        bus.insert(a.device, id, a.base, a.len)
-            .map_err(|source| RegistryError::Bus {
-                name: a.name.clone(),
-                bus: a.bus,
-                source,
-            })?;
+        // Checked on a copy, so a refused range leaves the bus as it was.
+        let mut placed = bus.clone();
+        for (base, len) in std::iter::once((a.base, a.len)).chain(more.iter().copied()) {
+            placed
+                .insert(a.device.clone(), id, base, len)
+                .map_err(|source| RegistryError::Bus {
+                    name: a.name.clone(),
+                    bus: a.bus,
+                    source,
+                })?;
+        }
+        *bus = placed;
         if let Some(c) = &a.counters {
             METRICS.register_device(a.name.clone(), c.clone());
         }
@@ -211,6 +227,29 @@ mod tests {
         assert_eq!(json["id"], 1);
         assert_eq!(json["bus"], "mmio");
         assert_eq!(json["kind"], "other");
+    }
+
+    #[test]
+    fn one_device_may_own_scattered_ranges_under_one_id() {
+        let mut r = DeviceRegistry::default();
+        let a = r.attach(attachment("a", Bus::Pio, 0x60)).unwrap();
+        let b = r
+            .attach_ranges(attachment("b", Bus::Pio, 0x70), &[(0x80, 1), (0xcf8, 8)])
+            .unwrap();
+        // One range taken: nothing of the device is placed and no id is used up.
+        let e = r
+            .attach_ranges(attachment("c", Bus::Pio, 0x100), &[(0x65, 1), (0x6f, 1)])
+            .unwrap_err();
+        assert!(e.to_string().contains("overlaps"), "{e}");
+        assert_eq!(r.devices().len(), 2);
+        let (buses, _) = r.finish();
+        let mut data = [0u8; 1];
+        assert_eq!(buses.pio.read(0x7f, &mut data), Some(b));
+        assert_eq!(buses.pio.write(0x80, &data), Some(b));
+        assert_eq!(buses.pio.read(0xcff, &mut data), Some(b));
+        assert_eq!(buses.pio.read(0x81, &mut data), None);
+        assert_eq!(buses.pio.read(0x100, &mut data), None);
+        assert_eq!(buses.pio.read(0x6f, &mut data), Some(a));
     }
 
     #[test]

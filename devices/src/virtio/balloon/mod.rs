@@ -165,6 +165,29 @@ pub struct Balloon {
     counters: Arc<DeviceCounters>,
     config_generation: u32,
     active: Option<Active>,
+    /// The PFNs of the inflate request being served (kept for its allocation).
+    pfns: Vec<u32>,
+}
+
+/// The address ranges `pfns` cover, each run of consecutive pages as one range: one discard
+/// (one madvise, one split of a host huge page at most) per run instead of per page. Linux
+/// hands its pages over in descending order, so they are sorted first.
+fn page_ranges(pfns: &mut [u32]) -> impl Iterator<Item = (u64, u64)> + '_ {
+    pfns.sort_unstable();
+    let mut rest: &[u32] = pfns;
+    std::iter::from_fn(move || {
+        let (&first, _) = rest.split_first()?;
+        let mut last = first;
+        let mut n = 0;
+        // Duplicates fold into their run: a page listed twice is discarded once.
+        while n < rest.len() && u64::from(rest[n]) <= u64::from(last) + 1 {
+            last = rest[n];
+            n += 1;
+        }
+        rest = &rest[n..];
+        let start = u64::from(first) * PAGE_SIZE;
+        Some((start, (u64::from(last) - u64::from(first) + 1) * PAGE_SIZE))
+    })
 }
 
 impl Balloon {
@@ -183,6 +206,7 @@ impl Balloon {
             counters: Arc::default(),
             config_generation: 0,
             active: None,
+            pfns: Vec::new(),
         })
     }
 
@@ -307,7 +331,12 @@ impl Balloon {
 
     /// Serves every request waiting in queue `index`.
     pub fn process_queue(&mut self, index: usize) {
-        let Some(role) = self.active.as_ref().and_then(|a| a.roles[index]) else {
+        let Some(active) = self.active.as_ref() else {
+            // Linux's driver primes the stats queue and notifies before DRIVER_OK; the transport
+            // signals every ready queue again once the device is active.
+            return tracing::debug!("balloon: notification of queue {index} before activation");
+        };
+        let Some(role) = active.roles[index] else {
             return self.invalid(format_args!("notification of unused queue {index}"));
         };
         let mut completed = false;
@@ -378,15 +407,17 @@ impl Balloon {
         if len % 4 != 0 {
             self.invalid(format_args!("page list of {len} bytes (not whole PFNs)"));
         }
-        // Consecutive PFNs are discarded as one range: one madvise for a run, not per page.
-        let mut run: Option<(u64, u64)> = None;
+        let mut pfns = std::mem::take(&mut self.pfns);
+        pfns.clear();
         while reader.available_bytes() >= 4 {
             let pfn: u32 = match reader.read_obj() {
                 Ok(p) => p,
-                Err(e) => return self.invalid(format_args!("page list read: {e}")),
+                Err(e) => {
+                    self.pfns = pfns;
+                    return self.invalid(format_args!("page list read: {e}"));
+                }
             };
-            let addr = u64::from(pfn) * PAGE_SIZE;
-            if !mem.address_in_range(GuestAddress(addr)) {
+            if !mem.address_in_range(GuestAddress(u64::from(pfn) * PAGE_SIZE)) {
                 self.invalid(format_args!("PFN {pfn:#x} is not guest memory"));
                 continue;
             }
@@ -394,20 +425,14 @@ impl Balloon {
                 Role::Deflate => self.activity.deflated_pages += 1,
                 _ => {
                     self.activity.inflated_pages += 1;
-                    run = match run {
-                        Some((start, len)) if start + len == addr => Some((start, len + PAGE_SIZE)),
-                        Some(done) => {
-                            self.discard_range(mem, done);
-                            Some((addr, PAGE_SIZE))
-                        }
-                        None => Some((addr, PAGE_SIZE)),
-                    };
+                    pfns.push(pfn);
                 }
             }
         }
-        if let Some(done) = run {
-            self.discard_range(mem, done);
+        for range in page_ranges(&mut pfns) {
+            self.discard_range(mem, range);
         }
+        self.pfns = pfns;
     }
 
     /// A free page report: device-writable ranges the guest no longer uses.

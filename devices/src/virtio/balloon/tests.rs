@@ -159,6 +159,49 @@ fn inflate_discards_listed_pages_and_skips_bad_pfns() {
 }
 
 #[test]
+fn inflated_pages_are_discarded_in_runs_whatever_their_order() {
+    let mib = |pages: u64| pages * PAGE_SIZE;
+    // Linux lists its pages in descending order: one run, one discard.
+    let mut pfns: Vec<u32> = (0x100..0x200).rev().collect();
+    assert_eq!(
+        page_ranges(&mut pfns).collect::<Vec<_>>(),
+        [(mib(0x100), mib(0x100))]
+    );
+    // Gaps split runs; duplicates fold in; the top PFN does not overflow.
+    let mut pfns = vec![9, 3, 4, 4, 5, 7, u32::MAX, u32::MAX - 1];
+    assert_eq!(
+        page_ranges(&mut pfns).collect::<Vec<_>>(),
+        [
+            (mib(3), mib(3)),
+            (mib(7), mib(1)),
+            (mib(9), mib(1)),
+            (mib(u64::from(u32::MAX) - 1), mib(2)),
+        ]
+    );
+    assert_eq!(page_ranges(&mut []).count(), 0);
+}
+
+#[test]
+fn an_inflate_list_in_descending_order_discards_every_page() {
+    let mem = mem();
+    let mut rig = Rig::new(&mem, ALL);
+    rig.fill_pages(0..4);
+    rig.send_pfns(0, 0, &[FIRST_PFN + 3, FIRST_PFN + 2, FIRST_PFN + 1]);
+    assert_eq!(
+        (rig.page(0), rig.page(1), rig.page(2), rig.page(3)),
+        (0x77, 0, 0, 0)
+    );
+    assert_eq!(rig.dev.activity().inflated_pages, 3);
+}
+
+#[test]
+fn a_notification_before_activation_is_no_invalid_request() {
+    let mut dev = Balloon::new(options()).unwrap();
+    dev.process_queue(2);
+    assert_eq!(dev.counters.invalid_requests.load(Ordering::Relaxed), 0);
+}
+
+#[test]
 fn deflate_counts_pages_without_touching_memory() {
     let mem = mem();
     let mut rig = Rig::new(&mem, ALL);
@@ -361,8 +404,9 @@ fn a_negotiated_queue_that_was_not_set_up_refuses_activation() {
         .unwrap_err();
     assert!(e.to_string().contains("queue 1"), "{e}");
     // Notifications for queues the features did not create are counted, not served.
-    dev.process_queue(3);
-    assert_eq!(dev.counters.invalid_requests.load(Ordering::Relaxed), 1);
+    let mut rig = Rig::new(&mem, ALL & !(1 << F_REPORTING));
+    rig.dev.process_queue(3);
+    assert_eq!(rig.dev.counters.invalid_requests.load(Ordering::Relaxed), 1);
 }
 
 const HINT: u64 = ALL | (1 << F_FREE_PAGE_HINT);

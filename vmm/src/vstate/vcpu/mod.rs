@@ -512,39 +512,45 @@ impl VcpuHandle {
         timeout: Duration,
         event: VcpuEvent,
     ) -> Result<(), VcpuError> {
-        let got = self.response(timeout, event)?;
-        if std::mem::discriminant(&got) != std::mem::discriminant(expect) {
-            return Err(VcpuError::NoResponse {
-                index: self.index,
-                event,
-                timeout,
-            });
-        }
-        Ok(())
+        let same = |r: &VcpuResponse| std::mem::discriminant(r) == std::mem::discriminant(expect);
+        self.response(timeout, event, same).map(|_| ())
     }
 
-    fn response(&self, timeout: Duration, event: VcpuEvent) -> Result<VcpuResponse, VcpuError> {
-        match self.responses.recv_timeout(timeout) {
-            Ok(r) => Ok(r),
-            Err(RecvTimeoutError::Timeout) => Err(VcpuError::NoResponse {
-                index: self.index,
-                event,
-                timeout,
-            }),
-            Err(RecvTimeoutError::Disconnected) => Err(VcpuError::Gone { index: self.index }),
+    /// The vCPU's first answer within `timeout` that `wanted` takes; others before it are late
+    /// answers to earlier requests that timed out, not this one's.
+    fn response(
+        &self,
+        timeout: Duration,
+        event: VcpuEvent,
+        wanted: impl Fn(&VcpuResponse) -> bool,
+    ) -> Result<VcpuResponse, VcpuError> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.responses.recv_timeout(left) {
+                Ok(r) if wanted(&r) => return Ok(r),
+                Ok(_) => continue,
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(VcpuError::NoResponse {
+                        index: self.index,
+                        event,
+                        timeout,
+                    })
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(VcpuError::Gone { index: self.index })
+                }
+            }
         }
     }
 
     /// The vCPU's whole state; it must be paused.
     pub fn save_state(&self, timeout: Duration) -> Result<VcpuState, VcpuError> {
         self.send(VcpuEvent::SaveState)?;
-        match self.response(timeout, VcpuEvent::SaveState)? {
+        let saved = |r: &VcpuResponse| matches!(r, VcpuResponse::Saved(_));
+        match self.response(timeout, VcpuEvent::SaveState, saved)? {
             VcpuResponse::Saved(state) => *state,
-            _ => Err(VcpuError::NoResponse {
-                index: self.index,
-                event: VcpuEvent::SaveState,
-                timeout,
-            }),
+            _ => unreachable!("only a Saved answer is taken"),
         }
     }
 

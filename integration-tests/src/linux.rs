@@ -1,6 +1,6 @@
-//! Shared by the Linux guest tests (`tests/linux_guest.rs`) and the early-boot benchmark
-//! (`benches/linux_early_boot.rs`): the guest images from resources/guest, what kind of KVM this
-//! host has, the command lines, and a console that can be waited on line by line.
+//! Linux guests: the images resources/guest/build-guest-images.sh makes, what kind of KVM this
+//! host has, kernel command lines, and QEMU's microvm as a reference. Shared by the Linux guest
+//! tests and benchmarks, here and in L1 (see `nested`).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -38,7 +38,7 @@ impl HostKvm {
     }
 
     /// The image variant build-guest-images.sh makes for this host.
-    fn variant(self) -> &'static str {
+    pub fn variant(self) -> &'static str {
         match self {
             HostKvm::Software => "software-kvm",
             HostKvm::Hardware(_) | HostKvm::Unknown => "plain",
@@ -77,37 +77,53 @@ pub struct Images {
 /// A first build compiles a kernel: about 8 minutes on 2 idle cores, far more on a busy one.
 const IMAGE_BUILD_DEADLINE: Duration = Duration::from_secs(60 * 60);
 
-/// The guest images for this host, built (once, under the script's lock) if not cached.
+/// Names a manifest file to use instead of building images (L1 hosts carry theirs, see `nested`).
+pub const IMAGES_ENV: &str = "PRESCIENT_GUEST_IMAGES";
+
+/// The guest images for this host: those `PRESCIENT_GUEST_IMAGES` names, else built (once, under
+/// the script's lock) if not cached.
 pub fn images() -> &'static Images {
     static IMAGES: OnceLock<Images> = OnceLock::new();
-    IMAGES.get_or_init(|| {
-        let script = repo_root().join("resources/guest/build-guest-images.sh");
-        let variant = HostKvm::detect().variant();
-        eprintln!(
-            "guest images: {} --variant {variant} --print-paths (instant when cached)",
-            script.display()
-        );
-        let child = Command::new(&script)
-            .args(["--variant", variant, "--print-paths"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            // Progress goes straight to the test's stderr, so a long first build shows.
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-        let out = wait_output(child, IMAGE_BUILD_DEADLINE)
-            .unwrap_or_else(|e| panic!("{}: {e}", script.display()));
-        assert!(
-            out.0.success(),
-            "{} failed ({}); its messages are above",
-            script.display(),
-            out.0
-        );
-        parse_manifest(&out.1)
+    IMAGES.get_or_init(|| match std::env::var_os(IMAGES_ENV) {
+        Some(manifest) => {
+            let text = std::fs::read_to_string(&manifest)
+                .unwrap_or_else(|e| panic!("{IMAGES_ENV}={}: {e}", Path::new(&manifest).display()));
+            parse_manifest(&text)
+        }
+        None => build_images(HostKvm::detect().variant()),
     })
 }
 
-fn parse_manifest(text: &str) -> Images {
+/// Runs build-guest-images.sh for `variant` (instant when cached) and reads its manifest.
+fn build_images(variant: &str) -> Images {
+    let (status, manifest) = images_manifest(variant);
+    assert!(
+        status.success(),
+        "build-guest-images.sh --variant {variant} failed ({status}); its messages are above"
+    );
+    parse_manifest(&manifest)
+}
+
+/// build-guest-images.sh's status and manifest text for `variant`.
+pub fn images_manifest(variant: &str) -> (ExitStatus, String) {
+    let script = repo_root().join("resources/guest/build-guest-images.sh");
+    eprintln!(
+        "guest images: {} --variant {variant} --print-paths (instant when cached)",
+        script.display()
+    );
+    let child = Command::new(&script)
+        .args(["--variant", variant, "--print-paths"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        // Progress goes straight to the test's stderr, so a long first build shows.
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    wait_output(child, IMAGE_BUILD_DEADLINE).unwrap_or_else(|e| panic!("{}: {e}", script.display()))
+}
+
+/// Reads a manifest of build-guest-images.sh; every path it names must be a file.
+pub fn parse_manifest(text: &str) -> Images {
     let get = |key: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
@@ -133,8 +149,8 @@ fn parse_manifest(text: &str) -> Images {
     }
 }
 
-/// Waits for `child` (stdout piped) within `deadline`: its status and stdout.
-fn wait_output(mut child: Child, deadline: Duration) -> Result<(ExitStatus, String), String> {
+/// Waits for `child` (stdout piped) within `deadline`: its status and stdout; kills it after.
+pub fn wait_output(mut child: Child, deadline: Duration) -> Result<(ExitStatus, String), String> {
     let mut stdout = child.stdout.take().expect("piped stdout");
     let reader = std::thread::spawn(move || {
         let mut s = String::new();
@@ -245,17 +261,4 @@ pub fn qemu_available() -> bool {
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success())
-}
-
-pub use integration_tests::console::Console;
-
-/// The JSON of the agent's report lines (`agent: report {...}`), in order.
-pub fn agent_reports(lines: &[String]) -> Vec<serde_json::Value> {
-    lines
-        .iter()
-        .filter_map(|l| {
-            let json = &l[l.find("agent: report ")? + "agent: report ".len()..];
-            serde_json::from_str(json).ok()
-        })
-        .collect()
 }

@@ -1,0 +1,888 @@
+//! A real KVM host on any x86_64 machine: Linux guests under a real `kvm_amd`, nested inside
+//! QEMU's TCG emulator (which implements AMD SVM with nested paging).
+//!
+//! ```text
+//!   L0  this machine: qemu-system-x86_64 -accel tcg -cpu EPYC (no hardware virtualization needed)
+//!   L1  Debian 12's stock kernel with kvm_amd, a busybox initramfs (resources/nested/build-l1.sh)
+//!   L2  the guests, run by prescient inside L1 under L1's kvm_amd
+//! ```
+//!
+//! One boot of L1 runs one program (the calling test binary, or a benchmark) from the boot's
+//! `/nested/run` script, with `prescient`, the plain guest images and the program in L1's
+//! initramfs. L1's second serial port streams back what the program prints, `@@nested` events
+//! from L1's init (kernel up, kvm_amd loaded, run, exit code), `@@nested-test` markers around
+//! each test, and the guests' consoles, which the program's [`crate::console::Console`]s copy there
+//! after [`L2_PREFIX`]. Every stage has its own timeout (L1's kernel, kvm_amd, each test, the time
+//! between tests, poweroff); a failure reports the last 40 lines of L1's console, of the guests'
+//! consoles and of the program's output.
+//!
+//! Tests that need a hardware KVM call [`on_hardware_kvm`]: on a host with kvm_intel/kvm_amd
+//! the body runs right there. On any other host (the software-KVM development and CI machines)
+//! the first such test of a test binary boots L1 once for the whole batch: the same binary runs
+//! there with the same test filters, one test at a time, and each test here passes only if it
+//! passed there.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::console::{Console, WaitEnd};
+use crate::linux::{
+    images_manifest, parse_manifest, qemu_available, repo_root, wait_output, HostKvm, IMAGES_ENV,
+};
+use crate::prescient_bin;
+
+/// Set to `l1` in the environment of the program an L1 boot runs.
+pub const IN_L1_ENV: &str = "PRESCIENT_NESTED";
+/// Lines of the stream that L1's init writes itself.
+pub const EVENT_PREFIX: &str = "@@nested ";
+/// Lines of the stream that are a guest's console.
+pub const L2_PREFIX: &str = "L2| ";
+/// L1's own kernel (Debian's bzImage) inside L1, for guests that boot it.
+pub const L1_KERNEL: &str = "/nested/l1/vmlinuz";
+/// Its release (`uname -r`), in a file beside it.
+pub const L1_KERNEL_RELEASE: &str = "/nested/l1/release";
+/// Where a boot's executables go inside L1.
+pub const L1_BIN_DIR: &str = "/nested/bin";
+const L1_IMAGES_MANIFEST: &str = "/nested/images/manifest";
+/// Set (to anything) to see each L1's stream on stderr as it arrives (with `--nocapture`).
+pub const LIVE_ENV: &str = "PRESCIENT_NESTED_LIVE";
+
+/// Lines of each console a failure report shows.
+const REPORT_LINES: usize = 40;
+/// The L1 kernel boots and unpacks its initramfs (some hundred MB) in emulated code.
+const L1_INIT: Duration = Duration::from_secs(240);
+/// Loading kvm, kvm_amd and tun.
+const KVM_READY: Duration = Duration::from_secs(120);
+/// From the program's end to QEMU's exit (sync and poweroff).
+const POWEROFF: Duration = Duration::from_secs(60);
+/// The build script's first run downloads a kernel package; the images may build a kernel.
+const BUILD_DEADLINE: Duration = Duration::from_secs(60 * 60);
+/// L1's memory: the initramfs (images included) lives in it, and the guests run in it.
+const L1_MEM_MIB: u32 = 4096;
+/// The most a batch of tests may take in all (each test has its own, shorter, timeout).
+const BATCH_LIMIT: Duration = Duration::from_secs(3600);
+
+/// Whether this process runs inside an L1 host.
+pub fn in_l1() -> bool {
+    std::env::var_os(IN_L1_ENV).is_some_and(|v| v == "l1")
+}
+
+/// Lines of the stream that mark a test's start and end inside L1.
+pub const TEST_PREFIX: &str = "@@nested-test ";
+/// How long L1 may take from one test's end to the next one's start (or the program's end).
+const BETWEEN_TESTS: Duration = Duration::from_secs(180);
+
+/// Runs the calling test's `body` where KVM is hardware virtualization: on this host if it has
+/// kvm_intel or kvm_amd (or this is L1), otherwise inside an L1 host, which runs this test
+/// binary's whole batch once (see the module's documentation); `timeout` bounds this test there.
+pub fn on_hardware_kvm(timeout: Duration, body: impl FnOnce()) {
+    let host = HostKvm::detect();
+    let thread = std::thread::current();
+    let name = thread
+        .name()
+        .filter(|n| *n != "main")
+        .expect("libtest names each test's thread after the test; run the test through libtest");
+    if in_l1() {
+        assert_eq!(
+            host,
+            HostKvm::Hardware("kvm_amd"),
+            "inside L1 but kvm_amd is not loaded"
+        );
+        println!("{TEST_PREFIX}begin {name} timeout={}", timeout.as_secs());
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body));
+        let verdict = if result.is_ok() { "passed" } else { "failed" };
+        println!("{TEST_PREFIX}end {name} {verdict}");
+        if let Err(panic) = result {
+            std::panic::resume_unwind(panic);
+        }
+        return;
+    }
+    if let HostKvm::Hardware(_) = host {
+        return body();
+    }
+    static BATCH: OnceLock<L1Outcome> = OnceLock::new();
+    let batch = BATCH.get_or_init(|| {
+        let exe = std::env::current_exe().expect("the test binary's path");
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        L1Host::get().run_tests(&exe, &libtest_selection(&args))
+    });
+    batch.assert_test_passed(name);
+}
+
+/// The arguments of a libtest command line that choose tests (filters, `--exact`, `--skip`,
+/// `--ignored`, `--include-ignored`); how to run and report them is L1's business.
+fn libtest_selection(args: &[String]) -> Vec<String> {
+    const WITH_VALUE: [&str; 6] = [
+        "--test-threads",
+        "--color",
+        "--format",
+        "--logfile",
+        "--shuffle-seed",
+        "-Z",
+    ];
+    let mut out = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--exact" | "--ignored" | "--include-ignored" => out.push(a.clone()),
+            "--skip" => {
+                out.push(a.clone());
+                out.extend(it.next().cloned());
+            }
+            v if WITH_VALUE.contains(&v) => {
+                it.next();
+            }
+            v if v.starts_with('-') => {}
+            _ => out.push(a.clone()),
+        }
+    }
+    out
+}
+
+/// The L1 host's parts on this machine, built once per process (cached across processes).
+pub struct L1Host {
+    kernel: PathBuf,
+    kernel_release: String,
+    /// The cpio archives every boot's initramfs starts with: base, then the guest images.
+    parts: [PathBuf; 2],
+}
+
+/// One L1 at a time: a second would only halve the CPU each gets and stretch every timeout.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+impl L1Host {
+    /// Builds (or finds in the cache) L1's kernel, base archive and the plain guest images.
+    pub fn get() -> &'static L1Host {
+        static HOST: OnceLock<L1Host> = OnceLock::new();
+        HOST.get_or_init(|| {
+            assert!(
+                qemu_available(),
+                "the nested KVM host needs qemu-system-x86_64 (Debian: apt-get install qemu-system-x86)"
+            );
+            let (status, manifest) = images_manifest("plain");
+            assert!(
+                status.success(),
+                "build-guest-images.sh --variant plain failed ({status}); its messages are above"
+            );
+            // Checks that the manifest names real files.
+            let _ = parse_manifest(&manifest);
+            let dir = std::env::temp_dir().join(format!("prescient-nested-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).expect("create a temporary directory");
+            let manifest_file = dir.join("images.manifest");
+            std::fs::write(&manifest_file, manifest).expect("write the images manifest");
+            let script = repo_root().join("resources/nested/build-l1.sh");
+            eprintln!("nested: {} --images ... --print-paths", script.display());
+            let child = Command::new(&script)
+                .arg("--images")
+                .arg(&manifest_file)
+                .arg("--print-paths")
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+            let (status, out) = wait_output(child, BUILD_DEADLINE)
+                .unwrap_or_else(|e| panic!("{}: {e}", script.display()));
+            let _ = std::fs::remove_dir_all(&dir);
+            assert!(
+                status.success(),
+                "{} failed ({status}); its messages are above",
+                script.display()
+            );
+            let get = |key: &str| {
+                out.lines()
+                    .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+                    .unwrap_or_else(|| panic!("build-l1.sh printed no {key}=:\n{out}"))
+                    .to_string()
+            };
+            L1Host {
+                kernel: get("kernel").into(),
+                kernel_release: get("kernel_release"),
+                parts: [get("base").into(), get("images").into()],
+            }
+        })
+    }
+
+    /// L1's kernel release, which is also the Debian bzImage L1 offers its guests.
+    pub fn kernel_release(&self) -> &str {
+        &self.kernel_release
+    }
+
+    /// Runs the tests of test binary `exe` that `selection` chooses inside L1, one at a time,
+    /// each within the timeout it announces.
+    pub fn run_tests(&self, exe: &Path, selection: &[String]) -> L1Outcome {
+        let program = format!("{L1_BIN_DIR}/{}", file_name(exe));
+        let mut args: Vec<&str> = selection.iter().map(String::as_str).collect();
+        args.extend(["--nocapture", "--test-threads=1"]);
+        let mut boot = Boot::new(&file_name(exe), BATCH_LIMIT)
+            .file(exe, &program)
+            .command(&program, &args);
+        boot.tests = true;
+        self.boot(&boot)
+    }
+
+    /// Boots L1 once for `boot` and waits for it to power off, stage by stage.
+    pub fn boot(&self, boot: &Boot) -> L1Outcome {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = std::env::temp_dir().join(format!(
+            "prescient-l1-{}-{}",
+            std::process::id(),
+            sanitize(&boot.name)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create the boot's directory");
+        let outcome = self.boot_in(boot, &dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        eprintln!("nested: {}", outcome.summary());
+        outcome
+    }
+
+    fn boot_in(&self, boot: &Boot, dir: &Path) -> L1Outcome {
+        let initrd = self.initrd(boot, dir);
+        let console_log = dir.join("l1-console.log");
+        let mut qemu = Command::new("qemu-system-x86_64");
+        qemu.args(["-accel", "tcg,thread=multi", "-cpu", "EPYC", "-smp", "2"])
+            .args(["-m", &boot.mem_mib.to_string()])
+            .args([
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-monitor",
+                "none",
+            ])
+            .arg("-no-reboot")
+            .arg("-kernel")
+            .arg(&self.kernel)
+            .arg("-initrd")
+            .arg(&initrd)
+            // panic=-1: a kernel panic reboots at once, which -no-reboot turns into QEMU's exit.
+            .args(["-append", "console=ttyS0 panic=-1 rdinit=/init quiet"])
+            .arg("-serial")
+            .arg(format!("file:{}", console_log.display()))
+            .args([
+                "-chardev",
+                "stdio,id=stream,signal=off",
+                "-serial",
+                "chardev:stream",
+            ]);
+        let live = std::env::var_os(LIVE_ENV).map(|_| format!("L1[{}] ", boot.name));
+        let started = Instant::now();
+        let vm = Console::spawn_with_tee("L1 (QEMU TCG)", &mut qemu, live);
+
+        let mut failure = None;
+        let mut exit = None;
+        let fail = |what: &str, timeout: Duration, end: WaitEnd| match end {
+            WaitEnd::TimedOut => format!(
+                "timed out waiting {timeout:?} for {what} (at {:.1} s after QEMU started)",
+                started.elapsed().as_secs_f64()
+            ),
+            WaitEnd::Closed => format!(
+                "QEMU exited before {what} (at {:.1} s)",
+                started.elapsed().as_secs_f64()
+            ),
+        };
+        let stream = vm.stream();
+        let mut from = 0;
+        let stages: [(&str, &str, Duration); 3] = [
+            ("l1-init", "L1's kernel to start its init", L1_INIT),
+            ("kvm ", "kvm_amd to load in L1", KVM_READY),
+            ("run", "L1 to start the boot's program", KVM_READY),
+        ];
+        for (event, what, timeout) in stages {
+            let marker = format!("{EVENT_PREFIX}{event}");
+            match stream.wait_line_from(from, timeout, |l| l.contains(&marker)) {
+                Ok((_, _, line))
+                    if event == "kvm "
+                        && !(line.contains("npt=Y") && line.contains("nested=1")) =>
+                {
+                    failure = Some(format!("kvm_amd loaded without nested paging: {line}"));
+                }
+                Ok((i, _, _)) => from = i + 1,
+                Err(end) => failure = Some(fail(what, timeout, end)),
+            }
+            if failure.is_some() {
+                break;
+            }
+        }
+        // The program: its tests one after another, each within the timeout it announced, then
+        // its exit.
+        let program_end = Instant::now() + boot.timeout;
+        let exit_marker = format!("{EVENT_PREFIX}exit ");
+        let mut running: Option<(String, Duration)> = None;
+        while failure.is_none() {
+            let (what, window) = match &running {
+                Some((name, timeout)) => (format!("test {name} to finish"), *timeout),
+                None if boot.tests => (
+                    "the next test or the program's end".to_string(),
+                    BETWEEN_TESTS,
+                ),
+                None => ("the program to finish".to_string(), boot.timeout),
+            };
+            let window = window.min(program_end.saturating_duration_since(Instant::now()));
+            let next = stream.wait_line_from(from, window, |l| {
+                l.contains(TEST_PREFIX) || l.contains(&exit_marker)
+            });
+            let (i, _, line) = match next {
+                Ok(found) => found,
+                Err(end) => {
+                    failure = Some(fail(&what, window, end));
+                    break;
+                }
+            };
+            from = i + 1;
+            if let Some(at) = line.find(&exit_marker) {
+                exit = line[at + exit_marker.len()..]
+                    .split_whitespace()
+                    .next()
+                    .and_then(|c| c.parse().ok());
+                break;
+            }
+            running = TestMarker::parse(&line).and_then(|m| match m {
+                TestMarker::Begin { name, timeout } => Some((name, timeout)),
+                TestMarker::End { .. } => None,
+            });
+        }
+        let lines = vm.timed_lines();
+        let qemu_stderr = match (failure.is_some(), vm.exit_within(POWEROFF)) {
+            (true, Ok(exit)) => exit.stderr,
+            (true, Err(stderr)) => stderr,
+            (false, Ok(exit)) => {
+                if !exit.status.success() {
+                    failure = Some(format!(
+                        "QEMU ended with {} after L1 powered off",
+                        exit.status
+                    ));
+                }
+                exit.stderr
+            }
+            (false, Err(stderr)) => {
+                failure = Some(format!("L1 did not power off within {POWEROFF:?} (killed)"));
+                stderr
+            }
+        };
+        let l1_console = std::fs::read(&console_log)
+            .map(|b| {
+                String::from_utf8_lossy(&b)
+                    .lines()
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default();
+        L1Outcome::new(
+            boot,
+            failure,
+            exit,
+            lines,
+            l1_console,
+            qemu_stderr,
+            started.elapsed(),
+        )
+    }
+
+    /// This boot's initramfs: the cached parts, then its payload (program, files, run script).
+    fn initrd(&self, boot: &Boot, dir: &Path) -> PathBuf {
+        let script = dir.join("run");
+        std::fs::write(&script, boot.script()).expect("write the run script");
+        set_executable(&script);
+        let payload = dir.join("payload.cpio");
+        let mut args = vec![format!("{}=/nested/run", script.display())];
+        let prescient = prescient_bin();
+        args.push(format!("{}={L1_BIN_DIR}/prescient", prescient.display()));
+        for (src, dest) in &boot.files {
+            args.push(format!("{}={dest}", src.display()));
+        }
+        let build = repo_root().join("resources/nested/build-l1.sh");
+        let out = Command::new(&build)
+            .arg("--payload")
+            .arg(&payload)
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", build.display()));
+        assert!(
+            out.status.success(),
+            "{} --payload failed ({}): {}",
+            build.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let initrd = dir.join("initrd.cpio");
+        let mut file = std::fs::File::create(&initrd).expect("create the initramfs");
+        for part in self.parts.iter().chain([&payload]) {
+            let mut f = std::fs::File::open(part)
+                .unwrap_or_else(|e| panic!("open {}: {e}", part.display()));
+            std::io::copy(&mut f, &mut file)
+                .unwrap_or_else(|e| panic!("append {}: {e}", part.display()));
+        }
+        let _ = std::fs::remove_file(&payload);
+        initrd
+    }
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_else(|| panic!("{} has no UTF-8 file name", p.display()))
+        .to_string()
+}
+
+fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
+}
+
+fn set_executable(p: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", p.display()));
+}
+
+/// Single-quotes `s` for a POSIX shell.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// A `@@nested-test` line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TestMarker {
+    Begin { name: String, timeout: Duration },
+    End { name: String, passed: bool },
+}
+
+impl TestMarker {
+    fn parse(line: &str) -> Option<TestMarker> {
+        let rest = &line[line.find(TEST_PREFIX)? + TEST_PREFIX.len()..];
+        let mut f = rest.split_whitespace();
+        match (f.next()?, f.next()?, f.next()?) {
+            ("begin", name, timeout) => Some(TestMarker::Begin {
+                name: name.to_string(),
+                timeout: Duration::from_secs(timeout.strip_prefix("timeout=")?.parse().ok()?),
+            }),
+            ("end", name, verdict) => Some(TestMarker::End {
+                name: name.to_string(),
+                passed: verdict == "passed",
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// What one boot of L1 runs.
+pub struct Boot {
+    name: String,
+    timeout: Duration,
+    mem_mib: u32,
+    files: Vec<(PathBuf, String)>,
+    env: Vec<(String, String)>,
+    command: Vec<String>,
+    /// A libtest batch: stages between its tests get their own timeout.
+    tests: bool,
+}
+
+impl Boot {
+    /// A boot named `name` (in messages) whose program must finish within `timeout`.
+    pub fn new(name: &str, timeout: Duration) -> Self {
+        Self {
+            name: name.to_string(),
+            timeout,
+            mem_mib: L1_MEM_MIB,
+            files: Vec::new(),
+            env: Vec::new(),
+            command: Vec::new(),
+            tests: false,
+        }
+    }
+
+    /// Puts the host file `src` at `dest` in L1 (executables with the libraries they need).
+    pub fn file(mut self, src: &Path, dest: &str) -> Self {
+        self.files.push((src.to_path_buf(), dest.to_string()));
+        self
+    }
+
+    /// Adds `key=value` to the program's environment.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// The program to run (a path inside L1) and its arguments.
+    pub fn command(mut self, program: &str, args: &[&str]) -> Self {
+        self.command = std::iter::once(program)
+            .chain(args.iter().copied())
+            .map(str::to_string)
+            .collect();
+        self
+    }
+
+    /// `/nested/run`: the environment every program in L1 gets, then the program.
+    fn script(&self) -> String {
+        assert!(!self.command.is_empty(), "boot {}: no command", self.name);
+        let mut s =
+            String::from("#!/bin/sh\n# Written by integration-tests/src/nested.rs for one boot.\n");
+        let env = [
+            (IN_L1_ENV, "l1"),
+            (IMAGES_ENV, L1_IMAGES_MANIFEST),
+            ("PRESCIENT_BIN", "/nested/bin/prescient"),
+            ("RUST_BACKTRACE", "1"),
+        ];
+        for (k, v) in env
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .chain(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        {
+            let _ = writeln!(s, "export {k}={}", shell_quote(v));
+        }
+        s.push_str("cd /tmp\nexec");
+        for a in &self.command {
+            s.push(' ');
+            s.push_str(&shell_quote(a));
+        }
+        s.push('\n');
+        s
+    }
+}
+
+/// How one boot of L1 went.
+#[derive(Debug)]
+pub struct L1Outcome {
+    pub name: String,
+    /// The program's exit code, or why the boot did not get that far.
+    pub exit: Result<i32, String>,
+    /// What the program printed (neither events nor guest consoles), in order.
+    pub output: Vec<String>,
+    /// The guests' console lines (without the prefix), in order.
+    pub l2_console: Vec<String>,
+    /// L1 init's events (without the prefix) and when they arrived (from QEMU's start).
+    pub events: Vec<(Duration, String)>,
+    /// L1's own console (kernel and init messages).
+    pub l1_console: Vec<String>,
+    pub qemu_stderr: String,
+    pub wall: Duration,
+    /// The tests the program announced, in order.
+    pub tests: Vec<TestRun>,
+}
+
+/// One test inside L1: its verdict (none if it never ended) and what it printed.
+#[derive(Debug)]
+pub struct TestRun {
+    pub name: String,
+    pub passed: Option<bool>,
+    /// From its start to its end (or to the end of the stream).
+    pub duration: Duration,
+    /// Indexes into the outcome's `output` and `l2_console`.
+    output: std::ops::Range<usize>,
+    l2: std::ops::Range<usize>,
+}
+
+impl L1Outcome {
+    fn new(
+        boot: &Boot,
+        failure: Option<String>,
+        exit: Option<i32>,
+        stream: Vec<(Duration, String)>,
+        l1_console: Vec<String>,
+        qemu_stderr: String,
+        wall: Duration,
+    ) -> Self {
+        let mut output = Vec::new();
+        let mut l2_console = Vec::new();
+        let mut events = Vec::new();
+        let mut tests: Vec<(TestRun, Duration)> = Vec::new();
+        let end_time = stream.last().map_or(Duration::ZERO, |(t, _)| *t);
+        for (t, line) in stream {
+            // A marked line can follow output that ended without a newline ("test x ... ").
+            let (head, tail) = match [EVENT_PREFIX, L2_PREFIX, TEST_PREFIX]
+                .iter()
+                .filter_map(|p| line.find(p))
+                .min()
+            {
+                Some(i) => line.split_at(i),
+                None => (line.as_str(), ""),
+            };
+            if !head.is_empty() {
+                output.push(head.to_string());
+            }
+            if let Some(e) = tail.strip_prefix(EVENT_PREFIX) {
+                events.push((t, e.to_string()));
+            } else if let Some(l2) = tail.strip_prefix(L2_PREFIX) {
+                l2_console.push(l2.to_string());
+            } else if let Some(marker) = TestMarker::parse(tail) {
+                match marker {
+                    TestMarker::Begin { name, .. } => tests.push((
+                        TestRun {
+                            name,
+                            passed: None,
+                            duration: Duration::ZERO,
+                            output: output.len()..output.len(),
+                            l2: l2_console.len()..l2_console.len(),
+                        },
+                        t,
+                    )),
+                    TestMarker::End { name, passed } => {
+                        if let Some((run, began)) =
+                            tests.iter_mut().rev().find(|(r, _)| r.name == name)
+                        {
+                            run.passed = Some(passed);
+                            run.duration = t.saturating_sub(*began);
+                            run.output.end = output.len();
+                            run.l2.end = l2_console.len();
+                        }
+                    }
+                }
+            }
+        }
+        // A test that never ended owns everything after its start.
+        let tests = tests
+            .into_iter()
+            .map(|(mut run, began)| {
+                if run.passed.is_none() {
+                    run.duration = end_time.saturating_sub(began);
+                    run.output.end = output.len();
+                    run.l2.end = l2_console.len();
+                }
+                run
+            })
+            .collect();
+        let exit = match (failure, exit) {
+            (Some(why), _) => Err(why),
+            (None, Some(code)) => Ok(code),
+            (None, None) => Err("L1 reported no exit code".into()),
+        };
+        Self {
+            name: boot.name.clone(),
+            exit,
+            output,
+            l2_console,
+            events,
+            l1_console,
+            qemu_stderr,
+            wall,
+            tests,
+        }
+    }
+
+    /// Panics with a report unless test `name` ran in L1 and passed.
+    pub fn assert_test_passed(&self, name: &str) {
+        let Some(run) = self.tests.iter().find(|t| t.name == name) else {
+            panic!(
+                "{}",
+                self.report(&format!("test {name} (it did not run in L1)"), None)
+            );
+        };
+        if run.passed != Some(true) {
+            let how = match run.passed {
+                Some(_) => "failed in L1",
+                None => "did not finish in L1",
+            };
+            panic!("{}", self.report(&format!("test {name} {how}"), Some(run)));
+        }
+    }
+
+    /// When `event` (e.g. `kvm`) arrived, from QEMU's start.
+    pub fn event_time(&self, event: &str) -> Option<Duration> {
+        self.events
+            .iter()
+            .find(|(_, e)| e.split_whitespace().next() == Some(event))
+            .map(|(t, _)| *t)
+    }
+
+    /// One line: the stage times, each test's time and verdict, and the result.
+    pub fn summary(&self) -> String {
+        let at = |e| {
+            self.event_time(e)
+                .map_or("-".to_string(), |t| format!("{:.1}s", t.as_secs_f64()))
+        };
+        let tests: Vec<String> = self
+            .tests
+            .iter()
+            .map(|t| {
+                let verdict = match t.passed {
+                    Some(true) => "passed",
+                    Some(false) => "FAILED",
+                    None => "unfinished",
+                };
+                format!("{} {verdict} in {:.1}s", t.name, t.duration.as_secs_f64())
+            })
+            .collect();
+        format!(
+            "{}: L1 init at {}, kvm_amd at {}, program from {} to {}, wall {:.1}s, {}{}",
+            self.name,
+            at("l1-init"),
+            at("kvm"),
+            at("run"),
+            at("exit"),
+            self.wall.as_secs_f64(),
+            match &self.exit {
+                Ok(code) => format!("exit {code}"),
+                Err(why) => why.clone(),
+            },
+            if tests.is_empty() {
+                String::new()
+            } else {
+                format!("; tests: {}", tests.join(", "))
+            }
+        )
+    }
+
+    /// What went wrong, with the last lines of every console (of `test`'s part where given).
+    pub fn report(&self, what: &str, test: Option<&TestRun>) -> String {
+        fn tail(lines: &[String]) -> String {
+            lines[lines.len().saturating_sub(REPORT_LINES)..].join("\n")
+        }
+        let (output, l2) = match test {
+            Some(t) => (
+                &self.output[t.output.clone()],
+                &self.l2_console[t.l2.clone()],
+            ),
+            None => (&self.output[..], &self.l2_console[..]),
+        };
+        let stderr: Vec<String> = self
+            .qemu_stderr
+            .lines()
+            // -cpu EPYC names features TCG lacks; it warns about each, harmlessly.
+            .filter(|l| !l.contains("TCG doesn't support requested feature"))
+            .map(str::to_string)
+            .collect();
+        format!(
+            "{what} failed: {}\n\
+             --- the program's output in L1 (last {REPORT_LINES} of {}) ---\n{}\n\
+             --- L2 console (guests in L1; last {REPORT_LINES} of {}) ---\n{}\n\
+             --- L1 console (last {REPORT_LINES} of {}) ---\n{}\n\
+             --- QEMU stderr ---\n{}",
+            self.summary(),
+            output.len(),
+            tail(output),
+            l2.len(),
+            tail(l2),
+            self.l1_console.len(),
+            tail(&self.l1_console),
+            tail(&stderr),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_run_script_quotes_everything_it_passes() {
+        let script = Boot::new("t", Duration::from_secs(1))
+            .env("X", "it's")
+            .command("/nested/bin/p", &["a b", "--exact"])
+            .script();
+        assert!(script.contains("export X='it'\\''s'\n"), "{script}");
+        assert!(
+            script.contains("export PRESCIENT_NESTED='l1'\n"),
+            "{script}"
+        );
+        assert!(
+            script.ends_with("exec '/nested/bin/p' 'a b' '--exact'\n"),
+            "{script}"
+        );
+    }
+
+    #[test]
+    fn only_the_test_selection_goes_to_l1() {
+        let args: Vec<String> = [
+            "memory::",
+            "--nocapture",
+            "--test-threads",
+            "2",
+            "--exact",
+            "--skip",
+            "slow",
+            "--format=terse",
+            "--color",
+            "never",
+            "-q",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(
+            libtest_selection(&args),
+            ["memory::", "--exact", "--skip", "slow"]
+        );
+        assert!(libtest_selection(&[]).is_empty());
+    }
+
+    #[test]
+    fn test_markers_parse() {
+        assert_eq!(
+            TestMarker::parse("x @@nested-test begin a::b timeout=90"),
+            Some(TestMarker::Begin {
+                name: "a::b".into(),
+                timeout: Duration::from_secs(90)
+            })
+        );
+        assert_eq!(
+            TestMarker::parse("@@nested-test end a::b passed"),
+            Some(TestMarker::End {
+                name: "a::b".into(),
+                passed: true
+            })
+        );
+        assert_eq!(TestMarker::parse("@@nested-test begin a::b"), None);
+        assert_eq!(TestMarker::parse("@@nested-test begin a timeout=x"), None);
+    }
+
+    #[test]
+    fn the_stream_splits_into_events_guest_consoles_and_output() {
+        let boot = Boot::new("t", Duration::from_secs(1));
+        let s = |t: u64, l: &str| (Duration::from_secs(t), l.to_string());
+        let o = L1Outcome::new(
+            &boot,
+            None,
+            Some(0),
+            vec![
+                s(1, "@@nested l1-init kernel=6.1 t=1.0"),
+                s(2, "L2| Linux version 6.1"),
+                s(3, "test x ... @@nested-test begin x timeout=60"),
+                s(3, "L2| agent: ready"),
+                s(4, "assertion failed"),
+                s(5, "@@nested-test end x failed"),
+                s(5, "FAILED"),
+                s(6, "@@nested-test begin y timeout=60"),
+                s(9, "@@nested exit 0 t=9.0"),
+            ],
+            vec!["[0.0] L1".into()],
+            String::new(),
+            Duration::from_secs(5),
+        );
+        assert_eq!(o.exit, Ok(0));
+        assert_eq!(o.l2_console, ["Linux version 6.1", "agent: ready"]);
+        assert_eq!(o.output, ["test x ... ", "assertion failed", "FAILED"]);
+        assert_eq!(o.event_time("l1-init"), Some(Duration::from_secs(1)));
+        assert_eq!(o.event_time("exit"), Some(Duration::from_secs(9)));
+        // Each test owns what came between its markers; one that never ended, the rest.
+        let (x, y) = (&o.tests[0], &o.tests[1]);
+        assert_eq!((x.name.as_str(), x.passed), ("x", Some(false)));
+        assert_eq!(x.duration, Duration::from_secs(2));
+        assert_eq!(&o.output[x.output.clone()], ["assertion failed"]);
+        assert_eq!(&o.l2_console[x.l2.clone()], ["agent: ready"]);
+        assert_eq!((y.name.as_str(), y.passed), ("y", None));
+        assert_eq!(y.duration, Duration::from_secs(3));
+        let report = std::panic::catch_unwind(|| o.assert_test_passed("x")).unwrap_err();
+        let report = report.downcast_ref::<String>().unwrap();
+        assert!(report.contains("test x failed in L1"), "{report}");
+        assert!(report.contains("assertion failed"), "{report}");
+        assert!(std::panic::catch_unwind(|| o.assert_test_passed("z")).is_err());
+        assert!(o.summary().contains("exit 0"), "{}", o.summary());
+        let failed = L1Outcome::new(
+            &boot,
+            Some("timed out".into()),
+            None,
+            vec![],
+            vec![],
+            String::new(),
+            Duration::ZERO,
+        );
+        assert!(failed.report("test t", None).contains("timed out"));
+    }
+}

@@ -1,0 +1,354 @@
+//! Scenarios 4 and 5: the balloon and virtio-mem with Linux's own drivers, driven over the API,
+//! seen from inside (the agent's MemTotal/MemAvailable) and from the host (the VMM's RSS).
+
+use std::time::{Duration, Instant};
+
+use integration_tests::agent::{self, num, STEP_SLACK};
+use integration_tests::nested::on_hardware_kvm;
+use serde_json::{json, Value};
+
+use crate::guest::{Guest, GuestSpec, MIB, READY};
+
+const SCENARIO: Duration = Duration::from_secs(480);
+/// How long a device change may take to show (the guest driver works in the background).
+const SETTLE: Duration = Duration::from_secs(60);
+
+fn mib(bytes: u64) -> u64 {
+    bytes / MIB
+}
+
+/// Polls `GET path` until `ok`; the last answer.
+fn wait_api(vm: &mut Guest, path: &str, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let start = Instant::now();
+    loop {
+        let v = vm.get(path);
+        if ok(&v) {
+            return v;
+        }
+        assert!(
+            start.elapsed() < SETTLE,
+            "{what}: not within {SETTLE:?}; last GET {path}: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Polls the VMM's RSS until `ok`; the last value.
+fn wait_rss(vm: &Guest, what: &str, ok: impl Fn(u64) -> bool) -> u64 {
+    let start = Instant::now();
+    loop {
+        let rss = vm.rss();
+        if ok(rss) {
+            return rss;
+        }
+        assert!(
+            start.elapsed() < SETTLE,
+            "{what}: not within {SETTLE:?}; RSS {} MiB",
+            mib(rss)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs `step` (over vsock) to its end while sampling the VMM's RSS: the highest sample. The
+/// memory steps run for long enough to populate all their memory however slow the host: under
+/// a nested KVM on a loaded machine that took up to 10 s for 300 MiB.
+fn run_sampling_rss(vm: &Guest, step: &str, secs: u64) -> u64 {
+    vm.run(step);
+    let mut peak = vm.rss();
+    let marker = format!("\"step\":\"{step}\"");
+    let deadline = Instant::now() + Duration::from_secs(secs) + STEP_SLACK;
+    while vm
+        .console
+        .wait_line(Duration::from_millis(100), |l| {
+            l.contains("agent: workload-done ") && l.contains(&marker)
+        })
+        .is_err()
+    {
+        peak = peak.max(vm.rss());
+        assert!(Instant::now() < deadline, "{step} did not finish");
+    }
+    vm.done(step, secs);
+    peak
+}
+
+fn assert_no_oom(vm: &Guest) {
+    let console = vm.console.lines();
+    let oom: Vec<&String> = console
+        .iter()
+        .filter(|l| l.contains("Out of memory") || l.contains("invoked oom-killer"))
+        .collect();
+    assert!(oom.is_empty(), "the guest ran out of memory: {oom:?}");
+}
+
+fn kib(r: &Value, key: &str) -> i64 {
+    num(r, &[key])
+}
+
+#[test]
+#[ignore = "nested KVM on a shared 2-core host: a Linux guest there makes memory resident at 5-15 MiB/s and its hogs did not complete within their steps reliably (runs of 2026-12-07); run with --ignored on a hardware KVM host or a quiet one"]
+fn balloon_statistics_follow_the_interval_and_inflating_lowers_memtotal_and_rss() {
+    on_hardware_kvm(SCENARIO, || {
+        let mut vm = GuestSpec::new("linux-balloon", 1, 512)
+            .with_workloads_in_the_initrd()
+            .with_agent_link()
+            .arg("prescient.agent.interval_ms=500")
+            .section(
+                "balloon",
+                json!({"amount_mib": 0, "deflate_on_oom": false,
+                       "stats_polling_interval_s": 1, "free_page_reporting": false}),
+            )
+            .logger(json!({"level": "Debug", "module": "vmm::idle_trim"}))
+            .start();
+        vm.ready();
+
+        // Statistics from Linux's driver, once a second: count the fresh reports over 6 s.
+        let first = wait_api(&mut vm, "/balloon/statistics", "the first report", |s| {
+            s.get("total_memory").is_some()
+        });
+        let total = first["total_memory"].as_u64().unwrap();
+        assert!(
+            (400 * MIB..=512 * MIB).contains(&total),
+            "total_memory {} MiB of a 512 MiB guest: {first}",
+            mib(total)
+        );
+        let (mut fresh, mut last_age) = (0, first["stats_age_ms"].as_u64().unwrap());
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(6) {
+            let age = vm.get("/balloon/statistics")["stats_age_ms"]
+                .as_u64()
+                .unwrap();
+            if age < last_age {
+                fresh += 1;
+            }
+            last_age = age;
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(
+            (4..=7).contains(&fresh),
+            "{fresh} fresh statistics in 6 s at a 1 s interval"
+        );
+
+        // The guest touches most of its memory, then frees it: the host backs it all.
+        let idle = vm.rss();
+        let touched = run_sampling_rss(&vm, "stress-mem:15:360M", 15);
+        assert!(
+            touched >= idle + 200 * MIB,
+            "RSS {} -> {} MiB while 360 MiB were touched",
+            mib(idle),
+            mib(touched)
+        );
+        let before = vm.wait_report("a report after the workload", READY, |r| {
+            r["workload"].is_null()
+        });
+        let rss = vm.rss();
+
+        // Inflate by 128 MiB: without deflate-on-OOM Linux takes the pages out of MemTotal; the
+        // host discards them.
+        vm.send("PATCH", "/balloon", json!({"amount_mib": 128}));
+        wait_api(&mut vm, "/balloon/statistics", "actual 128 MiB", |s| {
+            s["actual_mib"] == 128
+        });
+        let inflated = vm.wait_report("MemTotal 128 MiB lower", SETTLE, |r| {
+            kib(&before, "mem_total_kib") - kib(r, "mem_total_kib") >= 128 * 1024
+        });
+        assert_eq!(
+            kib(&before, "mem_total_kib") - kib(&inflated, "mem_total_kib"),
+            128 * 1024,
+            "MemTotal {before} -> {inflated}"
+        );
+        let available_drop =
+            kib(&before, "mem_available_kib") - kib(&inflated, "mem_available_kib");
+        assert!(
+            available_drop >= 120 * 1024,
+            "MemAvailable fell by {available_drop} KiB"
+        );
+        let what = format!("RSS 100 MiB below {} MiB", mib(rss));
+        let after = wait_rss(&vm, &what, |r| r + 100 * MIB <= rss);
+        eprintln!(
+            "balloon: inflating 128 MiB: RSS {} -> {} MiB",
+            mib(rss),
+            mib(after)
+        );
+
+        // Deflate: MemTotal comes back.
+        vm.send("PATCH", "/balloon", json!({"amount_mib": 0}));
+        wait_api(&mut vm, "/balloon/statistics", "actual 0", |s| {
+            s["actual_mib"] == 0
+        });
+        vm.wait_report("MemTotal back", SETTLE, |r| {
+            kib(r, "mem_total_kib") == kib(&before, "mem_total_kib")
+        });
+        let scrape = vm.api().request("GET", "/metrics", None).body;
+        assert_eq!(
+            integration_tests::prometheus_value(
+                &scrape,
+                "prescient_balloon_invalid_requests_total"
+            ),
+            0,
+            "Linux's driver made requests the device refused"
+        );
+        assert_no_oom(&vm);
+        let (status, stderr) = vm.poweroff();
+        assert_eq!(status.code(), Some(0), "{status}\n{stderr}");
+    });
+}
+
+#[test]
+#[ignore = "nested KVM on a shared 2-core host: a Linux guest there makes memory resident at 5-15 MiB/s and its hogs did not complete within their steps reliably (runs of 2026-12-07); run with --ignored on a hardware KVM host or a quiet one"]
+fn balloon_deflates_on_oom_under_a_memory_hog_and_free_page_reporting_returns_memory() {
+    on_hardware_kvm(SCENARIO, || {
+        let mut vm = GuestSpec::new("linux-balloon-oom", 1, 512)
+            .with_workloads_in_the_initrd()
+            .with_agent_link()
+            .arg("prescient.agent.interval_ms=500")
+            .section(
+                "balloon",
+                json!({"amount_mib": 0, "deflate_on_oom": true,
+                       "stats_polling_interval_s": 1, "free_page_reporting": true}),
+            )
+            .logger(json!({"level": "Debug", "module": "vmm::idle_trim"}))
+            .start();
+        vm.ready();
+
+        // Free page reporting: what the workload made resident and then freed goes back to the
+        // host (Linux reports free 2 MiB blocks a few seconds after they are freed).
+        let idle = vm.rss();
+        let peak = run_sampling_rss(&vm, "stress-mem:15:300M", 15);
+        let grew = peak.saturating_sub(idle);
+        assert!(
+            grew >= 150 * MIB,
+            "RSS {} -> {} MiB while 300 MiB were touched",
+            mib(idle),
+            mib(peak)
+        );
+        let what = format!(
+            "two thirds of the {} MiB the workload made resident reported back (RSS {} MiB idle, {} MiB at peak)",
+            mib(grew),
+            mib(idle),
+            mib(peak)
+        );
+        let after = wait_rss(&vm, &what, |r| peak.saturating_sub(r) >= grew / 3 * 2);
+        eprintln!(
+            "balloon: free page reporting: RSS {} -> {} -> {} MiB",
+            mib(idle),
+            mib(peak),
+            mib(after)
+        );
+
+        // Deflate on OOM: with 320 MiB in the balloon, a hog of 300 MiB only fits if the guest
+        // takes pages back from the balloon, which it may, and must not kill anything. The hog
+        // runs long enough to populate all of it however slow the machine.
+        vm.send("PATCH", "/balloon", json!({"amount_mib": 320}));
+        wait_api(&mut vm, "/balloon/statistics", "actual 320 MiB", |s| {
+            s["actual_mib"] == 320
+        });
+        vm.run("stress-mem:20:300M");
+        vm.done("stress-mem:20:300M", 20);
+        // The hog had its 300 MiB: the guest's used memory (MemTotal less MemAvailable; MemTotal
+        // grows as the balloon gives pages back) rose by about that much. (stress-ng's bogo ops
+        // say nothing here: under a nested KVM one pass over 300 MiB outlasts the run.)
+        let reports = vm.reports();
+        let (before, during) = agent::reports_around(&reports, "stress-mem:20:300M");
+        let used = |r: &Value| kib(r, "mem_total_kib") - kib(r, "mem_available_kib");
+        let rose = during.iter().map(used).max().unwrap_or(0) - used(&before);
+        assert!(
+            rose >= 270 * 1024,
+            "the guest's used memory rose by only {} MiB under the 300 MiB hog",
+            rose / 1024
+        );
+        let s = vm.get("/balloon/statistics");
+        assert_eq!(s["target_mib"], 320, "{s}");
+        assert!(
+            s["actual_mib"].as_u64().unwrap() < 320,
+            "the guest did not deflate under memory pressure: {s}"
+        );
+        assert_no_oom(&vm);
+        let scrape = vm.api().request("GET", "/metrics", None).body;
+        assert_eq!(
+            integration_tests::prometheus_value(
+                &scrape,
+                "prescient_balloon_invalid_requests_total"
+            ),
+            0
+        );
+        let (status, stderr) = vm.poweroff();
+        assert_eq!(status.code(), Some(0), "{status}\n{stderr}");
+    });
+}
+
+#[test]
+#[ignore = "nested KVM on a shared 2-core host: a Linux guest there makes memory resident at 5-15 MiB/s and its hogs did not complete within their steps reliably (runs of 2026-12-07); run with --ignored on a hardware KVM host or a quiet one"]
+fn virtio_mem_plugs_512_mib_that_comes_online_and_unplugging_returns_it() {
+    on_hardware_kvm(SCENARIO, || {
+        let mut vm = GuestSpec::new("linux-virtio-mem", 1, 512)
+            .with_workloads_in_the_initrd()
+            .with_agent_link()
+            .arg("prescient.agent.interval_ms=500")
+            .section(
+                "memory-hotplug",
+                json!({"total_size_mib": 1024, "block_size_mib": 2, "slot_size_mib": 128}),
+            )
+            .logger(json!({"level": "Debug", "module": "vmm::idle_trim"}))
+            .start();
+        vm.ready();
+        let before = vm.wait_report("a first report", READY, |_| true);
+
+        // Plug 512 MiB: Linux adds it and onlines it by itself (prescient's command line).
+        vm.send(
+            "PATCH",
+            "/hotplug/memory",
+            json!({"requested_size_mib": 512}),
+        );
+        wait_api(&mut vm, "/hotplug/memory", "512 MiB plugged", |s| {
+            s["plugged_size_mib"] == 512
+        });
+        let grown = vm.wait_report("MemTotal 512 MiB higher", SETTLE, |r| {
+            kib(r, "mem_total_kib") - kib(&before, "mem_total_kib") >= 500 * 1024
+        });
+        let growth = kib(&grown, "mem_total_kib") - kib(&before, "mem_total_kib");
+        assert!(
+            growth <= 512 * 1024,
+            "MemTotal grew by {growth} KiB for 512 MiB plugged"
+        );
+
+        // A workload larger than the boot memory runs in the plugged memory without OOM. (Under
+        // a nested KVM a Linux guest populates ~15 MiB/s: the step is long.)
+        let rss_before = vm.rss();
+        let peak = run_sampling_rss(&vm, "stress-mem:40:700M", 40);
+        assert!(
+            peak >= rss_before + 500 * MIB,
+            "RSS {} -> {} MiB while 700 MiB were touched",
+            mib(rss_before),
+            mib(peak)
+        );
+        assert_no_oom(&vm);
+
+        // Unplug everything: the guest gives it back and the host discards it.
+        vm.send("PATCH", "/hotplug/memory", json!({"requested_size_mib": 0}));
+        wait_api(&mut vm, "/hotplug/memory", "all unplugged", |s| {
+            s["plugged_size_mib"] == 0
+        });
+        vm.wait_report("MemTotal back", SETTLE, |r| {
+            kib(r, "mem_total_kib") == kib(&before, "mem_total_kib")
+        });
+        let what = format!("RSS 400 MiB below its peak of {} MiB", mib(peak));
+        let after = wait_rss(&vm, &what, |r| r + 400 * MIB <= peak);
+        eprintln!(
+            "virtio-mem: unplugging 512 MiB: RSS {} -> {} MiB",
+            mib(peak),
+            mib(after)
+        );
+        let scrape = vm.api().request("GET", "/metrics", None).body;
+        assert_eq!(
+            integration_tests::prometheus_value(
+                &scrape,
+                "prescient_memory_hotplug_invalid_requests_total"
+            ),
+            0,
+            "Linux's driver made requests the device refused"
+        );
+        let (status, stderr) = vm.poweroff();
+        assert_eq!(status.code(), Some(0), "{status}\n{stderr}");
+    });
+}
