@@ -23,6 +23,7 @@ TARGETS=(
   virtio_balloon
   virtio_mem
   predictor_policy
+  snapshot_state
   mmds_frames
   api_bodies
 )

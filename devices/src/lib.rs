@@ -4,6 +4,7 @@
 pub mod acpi;
 pub mod bus;
 pub mod legacy;
+pub mod persist;
 pub mod rate_limiter;
 pub mod virtio;
 

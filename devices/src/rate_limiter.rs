@@ -250,6 +250,63 @@ impl RateLimiter {
     }
 }
 
+/// A bucket's fill at save time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BucketState {
+    pub budget: u64,
+    pub one_time_burst: u64,
+}
+
+/// The limiter's buckets and whether a request was waiting (the configuration comes from the
+/// VM's spec).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RateLimiterState {
+    pub bandwidth: Option<BucketState>,
+    pub ops: Option<BucketState>,
+    pub blocked: bool,
+}
+
+impl crate::persist::Persist for RateLimiter {
+    type State = RateLimiterState;
+
+    fn save(&mut self) -> RateLimiterState {
+        let now = Instant::now();
+        let fill = |b: &mut Option<TokenBucket>| {
+            b.as_mut().map(|b| {
+                b.refill(now);
+                BucketState {
+                    budget: b.budget,
+                    one_time_burst: b.one_time_burst,
+                }
+            })
+        };
+        RateLimiterState {
+            bandwidth: fill(&mut self.bandwidth),
+            ops: fill(&mut self.ops),
+            blocked: self.blocked,
+        }
+    }
+
+    /// The buckets go on from their saved fill; time spent saved earns no tokens.
+    fn restore(&mut self, state: RateLimiterState) -> Result<(), crate::persist::PersistError> {
+        let now = Instant::now();
+        let put = |b: &mut Option<TokenBucket>, s: Option<BucketState>| {
+            if let (Some(b), Some(s)) = (b.as_mut(), s) {
+                b.budget = s.budget.min(b.size);
+                b.one_time_burst = s.one_time_burst;
+                b.last_update = now;
+            }
+        };
+        put(&mut self.bandwidth, state.bandwidth);
+        put(&mut self.ops, state.ops);
+        if state.blocked {
+            // A queue that waited looks again once the timer fires.
+            self.block_for(Duration::from_micros(100));
+        }
+        Ok(())
+    }
+}
+
 impl AsRawFd for RateLimiter {
     fn as_raw_fd(&self) -> RawFd {
         self.timer.as_raw_fd()
@@ -259,6 +316,35 @@ impl AsRawFd for RateLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::persist::Persist;
+
+    #[test]
+    fn a_restored_limiter_keeps_its_buckets_fill() {
+        let cfg = RateLimiterConfig {
+            bandwidth: Some(TokenBucketConfig {
+                size: 1000,
+                one_time_burst: Some(50),
+                refill_time: 100_000,
+            }),
+            ops: None,
+        };
+        let mut a = RateLimiter::new(cfg).unwrap();
+        assert!(a.consume(Cost { bytes: 850, ops: 1 }));
+        let saved = a.save();
+        assert_eq!(
+            saved.bandwidth,
+            Some(BucketState {
+                budget: 200,
+                one_time_burst: 0
+            })
+        );
+        let mut b = RateLimiter::new(cfg).unwrap();
+        b.restore(saved).unwrap();
+        assert!(!b.consume(Cost { bytes: 300, ops: 1 }), "only 200 left");
+        let mut c = RateLimiter::new(cfg).unwrap();
+        c.restore(saved).unwrap();
+        assert!(c.consume(Cost { bytes: 200, ops: 1 }));
+    }
 
     fn bucket(size: u64, refill_ms: u64) -> Option<TokenBucketConfig> {
         Some(TokenBucketConfig {

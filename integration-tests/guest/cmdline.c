@@ -10,6 +10,7 @@
 struct params g_params = {
 	.cpu_ms = 50,
 	.mem_mib = 16,
+	.mem_rounds = 1,
 	.mode = MODE_NORMAL,
 	.exit = EXIT_RESET,
 };
@@ -41,6 +42,10 @@ static int apply(const char *k, size_t kn, const char *v, size_t vn)
 		return parse_u64(v, vn, &g_params.cpu_ms) ? 0 : 2;
 	if (eq(k, kn, "mem_mib"))
 		return parse_u64(v, vn, &g_params.mem_mib) ? 0 : 2;
+	if (eq(k, kn, "mem_rounds"))
+		return parse_u64(v, vn, &g_params.mem_rounds) && g_params.mem_rounds ? 0 : 2;
+	if (eq(k, kn, "mem_hold_ms"))
+		return parse_u64(v, vn, &g_params.mem_hold_ms) ? 0 : 2;
 	if (eq(k, kn, "tsc_khz"))
 		return parse_u64(v, vn, &g_params.tsc_khz) ? 0 : 2;
 	if (eq(k, kn, "mode")) {

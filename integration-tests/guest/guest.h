@@ -121,6 +121,8 @@ enum { EXIT_RESET, EXIT_HALT, EXIT_KBD, EXIT_SERIAL };
 struct params {
 	u64 cpu_ms;
 	u64 mem_mib;
+	u64 mem_rounds;
+	u64 mem_hold_ms;
 	u64 tsc_khz;    /* given by the host: 0 = calibrate */
 	int mode;
 	int exit;
@@ -222,6 +224,8 @@ int kbd_wait_ctrl_alt_del(u64 timeout_ms); /* 1 once the i8042 delivered Ctrl-Al
 
 /* ---- tsc.c (CPL0) --------------------------------------------------- */
 extern u64 g_tsc_khz;                   /* 0 if calibration failed */
+extern u64 g_tsc_backwards;                /* rdtsc readings lower than the one before */
+u64 tsc_forward(u64 *prev);              /* rdtsc, counting a step back in g_tsc_backwards */
 u64 tsc_calibrate(void);
 
 /* ---- user.c: CPL3 workloads ----------------------------------------- */
@@ -245,6 +249,7 @@ struct virtio_params {
 	u64 vmem_steps, elastic_wait_ms;
 	u64 vmem_follow_ms, vmem_ramp_mib, vmem_ramp_ms, vmem_ramp_start_ms;
 	u64 balloon_steps, balloon_report_mib, balloon_report_delay_ms, balloon_hint_mib;
+	u64 hold_ms;
 	u64 blk_crash;                  /* blk_crash=N: N acked write+FLUSH rounds (crash tests) */
 	u32 hostile;                    /* hostile=<mode>: HOSTILE_* */
 	u64 hostile_n;                  /* hostile_n=N: accesses/requests of the storm modes */

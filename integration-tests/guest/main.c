@@ -74,6 +74,11 @@ static u64 stage_run(u64 unused)
 		ok = 0;
 	if (wait_aps_done_user(0))
 		ok = 0;
+	u64 back = __atomic_load_n(&g_tsc_backwards, __ATOMIC_RELAXED);
+	if (back) {
+		gprintf("guest: tsc went backwards n=%lu\n", back);
+		ok = 0;
+	}
 	if (ok && !cpuhp_follow_user(0))
 		ok = 0;
 	gprintf(ok ? "prescient-test-guest: done\n" : "prescient-test-guest: failed\n");

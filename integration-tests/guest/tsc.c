@@ -6,6 +6,16 @@
 #include "guest.h"
 
 u64 g_tsc_khz;
+u64 g_tsc_backwards;
+
+u64 tsc_forward(u64 *prev)
+{
+	u64 now = rdtsc();
+	if (now < *prev)
+		__atomic_fetch_add(&g_tsc_backwards, 1, __ATOMIC_RELAXED);
+	*prev = now;
+	return now;
+}
 
 /* ---- TSC calibration -------------------------------------------------
  * 1. The classic method: PIT channel 2 in mode 0, gated through port 0x61,
@@ -81,9 +91,13 @@ u64 tsc_calibrate(void)
 		gprintf("guest: tsc_khz=%lu given\n", g_tsc_khz);
 		return g_tsc_khz;
 	}
-	u64 khz = cal_pit_ch2();
-	if (!khz_plausible(khz))
-		khz = cal_pit_ch0();
+	u64 khz = 0;
+	/* A host busy with other work can stretch one try past its give-up bound: try again. */
+	for (int attempt = 0; attempt < 3 && !khz_plausible(khz); attempt++) {
+		khz = cal_pit_ch2();
+		if (!khz_plausible(khz))
+			khz = cal_pit_ch0();
+	}
 	if (!khz_plausible(khz)) {
 		gprintf("guest: tsc calibration failed\n");
 		khz = 0;

@@ -15,11 +15,11 @@
 u64 cpu_phase_user(u64 cpu)
 {
 	u64 x = 0x9e3779b97f4a7c15ULL ^ cpu, ms;
-	u64 start = rdtsc();
+	u64 start = rdtsc(), prev = start;
 
 	if (g_tsc_khz) {
 		u64 target = g_params.cpu_ms * g_tsc_khz;
-		while (rdtsc() - start < target)
+		while (tsc_forward(&prev) - start < target)
 			for (int i = 0; i < 1000; i++) {
 				x ^= x << 13;
 				x ^= x >> 7;
@@ -48,6 +48,15 @@ u64 cpu_phase_user(u64 cpu)
 
 enum { MEM_COUNT, MEM_WRITE, MEM_CHECK };
 
+/* The pattern of round r: every round's differs, so a page that lost a round's write (or came
+ * back from a snapshot with older content) is found by the next round's check. */
+static u64 pattern(u64 a, u64 round)
+{
+	return a ^ PATTERN ^ (round * 0x9e3779b97f4a7c15ULL);
+}
+
+static u64 mem_round;
+
 /* Walk free RAM (above the image, below the mapped limit) page by page.
  * Returns the number of bytes walked; *bad = first mismatching address. */
 static u64 mem_walk(int op, u64 limit, u64 *bad)
@@ -65,8 +74,13 @@ static u64 mem_walk(int op, u64 limit, u64 *bad)
 		for (u64 a = lo; a < hi && done < limit; a += PAGE, done += PAGE) {
 			volatile u64 *p = (volatile u64 *)a;
 			if (op == MEM_WRITE) {
-				*p = a ^ PATTERN;
-			} else if (op == MEM_CHECK && *p != (a ^ PATTERN)) {
+				/* From the second round on, each page must still hold the last round's. */
+				if (mem_round && *p != pattern(a, mem_round - 1)) {
+					*bad = a;
+					return done;
+				}
+				*p = pattern(a, mem_round);
+			} else if (op == MEM_CHECK && *p != pattern(a, mem_round)) {
 				*bad = a;
 				return done;
 			}
@@ -84,8 +98,30 @@ u64 mem_phase_user(u64 unused)
 		gprintf("guest: mem_mib %lu exceeds free RAM %lu MiB\n", g_params.mem_mib, free >> 20);
 		return 0;
 	}
-	mem_walk(MEM_WRITE, want, &bad);
-	mem_walk(MEM_CHECK, want, &bad);
+	u64 start = rdtsc(), prev = start;
+	u64 khz = g_tsc_khz ? g_tsc_khz : 3000000ULL;
+	for (mem_round = 0; mem_round < g_params.mem_rounds && !bad; mem_round++) {
+		u64 round_start = tsc_forward(&prev);
+		mem_walk(MEM_WRITE, want, &bad);
+		if (!bad)
+			mem_walk(MEM_CHECK, want, &bad);
+		tsc_forward(&prev);
+		/* mem_hold_ms: every round's time, and a quiet point after the first (the host
+		 * snapshots the VM there): the first round after a restore pays for faulting the
+		 * working set back in, as the first of all did for populating it. */
+		if (g_params.mem_hold_ms)
+			gprintf("guest: mem_round n=%lu us=%lu\n", mem_round,
+				(prev - round_start) * 1000 / khz);
+		if (g_params.mem_hold_ms && !mem_round && !bad) {
+			gprintf("guest: mem hold ms=%lu\n", g_params.mem_hold_ms);
+			u64 hold = tsc_forward(&prev);
+			while (tsc_forward(&prev) - hold < g_params.mem_hold_ms * khz)
+				cpu_relax();
+		}
+	}
+	if (g_params.mem_rounds > 1)
+		gprintf("guest: mem_phase rounds=%lu ms=%lu\n", mem_round,
+			(u64)((rdtsc() - start) / khz));
 	if (bad) {
 		gprintf("guest: mem_phase touched_mib=%lu FAILED at 0x%lx\n", g_params.mem_mib, bad);
 		return 0;

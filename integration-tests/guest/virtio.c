@@ -137,6 +137,7 @@ int virtio_param(const char *k, size_t kn, const char *v, size_t vn)
 		{ "balloon_hint_mib", &g_vparams.balloon_hint_mib },
 		{ "blk_crash", &g_vparams.blk_crash },
 		{ "hostile_n", &g_vparams.hostile_n },
+		{ "hold_ms", &g_vparams.hold_ms },
 		{ "boot_timer", &g_vparams.boot_timer },
 		{ "mmds", &g_vparams.mmds },
 		{ "mmds_flood", &g_vparams.mmds_flood },
@@ -413,6 +414,17 @@ static int need(const char *what, u32 have, int wanted)
 	return 1;
 }
 
+/* hold_ms=N: a quiet point (the host snapshots the VM there) announced by a line. */
+void virtio_hold(const char *what)
+{
+	if (!g_vparams.hold_ms)
+		return;
+	gprintf("guest: %s hold ms=%lu\n", what, g_vparams.hold_ms);
+	u64 start = rdtsc(), prev = start;
+	while (tsc_forward(&prev) - start < g_vparams.hold_ms * vt_ticks_per_ms())
+		cpu_relax();
+}
+
 u64 virtio_run_user(u64 unused)
 {
 	(void)unused;
@@ -522,6 +534,7 @@ u64 virtio_run_user(u64 unused)
 		}
 	}
 
+	virtio_hold("virtio");
 	ok &= need("pmem", pmem != 0, p->pmem_check || p->pmem_write);
 	ok &= need("blk", nblk, p->blk_rw || p->blk_read || p->blk_ops || p->blk_crash);
 	if (p->hostile)

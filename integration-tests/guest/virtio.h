@@ -133,6 +133,7 @@ int vt_expired(u64 deadline);
 u64 vt_ms_since(u64 start);
 
 /* drivers: *_init prints the device line(s), returns 1 if usable */
+void virtio_hold(const char *what);    /* hold_ms: announce, then spin that long */
 int blk_init(struct vdev *d);
 int blk_workload(struct vdev *d);       /* 1 = ok */
 int pmem_init(struct vdev *d);

@@ -182,6 +182,7 @@ static int blk_rw(struct vdev *d, u64 n)
 	} else {
 		gprintf("guest: %s flush unsupported\n", d->name);
 	}
+	virtio_hold(d->name);
 	if (!blk_span(d, T_IN, s, n, seed, 1, 0))
 		return 0;
 	gprintf("guest: %s rw sectors=%lu ok\n", d->name, n);

@@ -140,6 +140,17 @@ pub fn guest_spec_devices(
     spec.to_string()
 }
 
+/// Bytes of `path` that hold data (not holes): what a sparse snapshot memory file stores.
+pub fn file_data_bytes(path: &Path) -> u64 {
+    let file = std::fs::File::open(path).expect("open a file to measure");
+    let len = file.metadata().expect("its length").len();
+    vmm::snapshot::memory::data_extents(&file, 0, len)
+        .expect("SEEK_DATA/SEEK_HOLE")
+        .iter()
+        .map(|(start, end)| end - start)
+        .sum()
+}
+
 /// A `drives[]` entry that is not the root device.
 pub fn drive_json(id: &str, path: &Path, read_only: bool) -> serde_json::Value {
     serde_json::json!({"drive_id": id, "path_on_host": path, "is_root_device": false, "is_read_only": read_only})

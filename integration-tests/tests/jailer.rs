@@ -172,6 +172,86 @@ fn a_jailed_vmm_boots_the_guest_as_its_user_in_its_chroot_and_cgroup() {
     std::fs::remove_dir(&cpu_dir.0).expect("an empty VM cgroup can be removed");
 }
 
+/// Snapshot files are named by paths inside the jail, as Firecracker's are: a jailed VMM
+/// creates them inside its chroot as its own user; linked by the operator into another jail's
+/// chroot, they load there, and the guest finishes. That jail holds no kernel: a restore does not
+/// read it.
+#[test]
+fn a_snapshot_made_in_one_jail_loads_in_another() {
+    let scratch = Scratch::new("jail-snapshot");
+    let base = scratch.path().join("jail");
+    let ids = ["sa", "sb"].map(|j| format!("{j}-{}", std::process::id()));
+    let _cgroups: Vec<CgroupDir> = ids
+        .iter()
+        .flat_map(|id| {
+            ["cpu", "cpuacct", "memory", "pids"]
+                .map(|c| CgroupDir(PathBuf::from(format!("/sys/fs/cgroup/{c}/prescient/{id}"))))
+        })
+        .collect();
+    let config = scratch.write(
+        "vm.json",
+        &guest_spec(TEST_GUEST_PVH, 1, 64, "cpu_ms=3000 mem_mib=8"),
+    );
+    let root = |id: &str| base.join("prescient").join(id).join("root");
+    let jail = |id: &str, vmm_args: &[&std::ffi::OsStr]| {
+        RunningVmm::from_command(
+            Command::new(prescient_bin())
+                .args(["jail", "--id", id])
+                .args(["--uid", &UID.to_string(), "--gid", &GID.to_string()])
+                .arg("--chroot-base-dir")
+                .arg(&base)
+                .args(["--", "--api-sock", "/run/api.sock"])
+                .args(vmm_args),
+        )
+    };
+    let connect = |id: &str| {
+        let socket = root(id).join("run/api.sock");
+        wait_for("the jailed API socket", || socket.exists());
+        ApiClient::connect(&socket)
+    };
+
+    let first = jail(&ids[0], &["--config-file".as_ref(), config.as_os_str()]);
+    let mut api = connect(&ids[0]);
+    wait_for("the guest to run", || {
+        api.request("GET", "/", None).json()["state"] == "Running"
+    });
+    let r = api.request("PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(r.status, 204, "{}", r.body);
+    let create = r#"{"snapshot_path": "/run/vm.state", "mem_file_path": "/run/vm.mem"}"#;
+    let r = api.request("PUT", "/snapshot/create", Some(create));
+    assert_eq!(r.status, 204, "{}", r.body);
+    drop(first);
+    let made = root(&ids[0]).join("run");
+    for name in ["vm.state", "vm.mem"] {
+        let meta = std::fs::metadata(made.join(name)).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (UID, GID), "{name}");
+    }
+
+    // The operator's step: the files into the second jail, at the paths the load names.
+    let snap = root(&ids[1]).join("snap");
+    std::fs::create_dir_all(&snap).unwrap();
+    for name in ["vm.state", "vm.mem"] {
+        std::fs::hard_link(made.join(name), snap.join(name)).unwrap();
+    }
+    let second = jail(&ids[1], &[]);
+    let mut api = connect(&ids[1]);
+    let load = r#"{"snapshot_path": "/snap/vm.state",
+        "mem_backend": {"backend_type": "File", "backend_path": "/snap/vm.mem"},
+        "resume_vm": true}"#;
+    let r = api.request("PUT", "/snapshot/load", Some(load));
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert!(!root(&ids[1])
+        .join(TEST_GUEST_PVH.trim_start_matches('/'))
+        .exists());
+    second
+        .wait(DEADLINE)
+        .assert_code(0)
+        .assert_line("prescient-test-guest: done");
+    for dir in &_cgroups {
+        let _ = std::fs::remove_dir(&dir.0);
+    }
+}
+
 /// `prescient jail` with `args` (before `--`), which must fail with exit code 2 and `message`.
 fn assert_refused(args: &[&str], message: &str) {
     let mut all = vec!["jail"];

@@ -3,6 +3,7 @@
 
 use crate::forecast::{Forecast, Forecaster, Horizon};
 use crate::math;
+use crate::persist::{PersistError, SavedForecaster};
 use crate::resource::{PerResource, Resource, Usage};
 use crate::sample::Sample;
 use crate::score::{
@@ -25,6 +26,11 @@ pub enum PolicyError {
     },
     #[error("invalid score configuration: {0}")]
     Score(#[from] ScoreError),
+    #[error("{resource:?} forecaster: {source}")]
+    Forecaster {
+        resource: Resource,
+        source: PersistError,
+    },
 }
 
 /// Bounds on one resource's allocation.
@@ -343,6 +349,23 @@ pub struct Decision {
     pub reason: String,
 }
 
+/// What a policy has learned, for a VM snapshot: its forecasters, the allocation in force and
+/// what the hysteresis counts, each band's calibration, the forecast the next window is scored
+/// against, and both scores. The budget and configuration are not in it: the restored VM's
+/// configuration gives them.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PolicyState {
+    forecasters: PerResource<SavedForecaster>,
+    allocation: Allocation,
+    /// Each calibration's width (its target and step are configuration).
+    calibration_scale: PerResource<f64>,
+    calibrating: PerResource<bool>,
+    shrink_streak: PerResource<u32>,
+    expected: Option<PerResource<Forecast>>,
+    behaviour: BehaviourScore,
+    anomaly: AnomalyDetector,
+}
+
 /// Per-VM policy: owns one forecaster per resource, the scores and the current allocation.
 pub struct Policy {
     budget: Budget,
@@ -430,6 +453,49 @@ impl Policy {
             self.allocation[r] = self.allocation[r].clamp(l.min, l.max);
             self.shrink_streak[r] = 0;
         }
+        Ok(())
+    }
+
+    /// Everything this policy has learned ([`Policy::restore_state`] takes it back).
+    pub fn save_state(&self) -> Result<PolicyState, PolicyError> {
+        let mut forecasters = PerResource::<SavedForecaster>::default();
+        for (resource, f) in self.forecasters.iter() {
+            forecasters[resource] = SavedForecaster::save(f.name(), f.as_ref())
+                .map_err(|source| PolicyError::Forecaster { resource, source })?;
+        }
+        Ok(PolicyState {
+            forecasters,
+            allocation: self.allocation,
+            calibration_scale: self.calibration.map(|_, c| c.scale),
+            calibrating: self.calibrating,
+            shrink_streak: self.shrink_streak,
+            expected: self.expected,
+            behaviour: self.behaviour.clone(),
+            anomaly: self.anomaly.clone(),
+        })
+    }
+
+    /// Takes back a saved state into this policy, built from the same configuration: it then
+    /// decides as the saved one would have. Saved allocations are held to this budget; the
+    /// scores' settings are this configuration's. On error some forecasters may have taken their
+    /// state and others not: restore into a policy built for the purpose, and drop it then.
+    pub fn restore_state(&mut self, state: PolicyState) -> Result<(), PolicyError> {
+        for (resource, saved) in state.forecasters.iter() {
+            let f = &mut self.forecasters[resource];
+            let name = f.name();
+            saved
+                .restore(name, f.as_mut())
+                .map_err(|source| PolicyError::Forecaster { resource, source })?;
+        }
+        for (r, l) in self.budget.0.iter() {
+            self.allocation[r] = state.allocation[r].clamp(l.min, l.max);
+            self.calibration[r].scale = state.calibration_scale[r].max(-1.0);
+        }
+        self.calibrating = state.calibrating;
+        self.shrink_streak = state.shrink_streak;
+        self.expected = state.expected;
+        self.behaviour.restore(state.behaviour);
+        self.anomaly.restore(state.anomaly);
         Ok(())
     }
 
@@ -594,10 +660,12 @@ mod tests {
     use crate::sample::Signals;
 
     /// A forecaster whose upper bound the test sets directly.
+    #[derive(Serialize, Deserialize)]
     struct Scripted {
         upper: f64,
         warm: bool,
     }
+    impl crate::persist::Persist for Scripted {}
     impl Forecaster for Scripted {
         fn name(&self) -> &'static str {
             "scripted"
@@ -964,5 +1032,106 @@ mod tests {
         assert_eq!(d.action, Action::Alert);
         assert!(d.resized.mem);
         assert!(d.reason.contains("unknown_exits: true"), "{}", d.reason);
+    }
+
+    /// A series with a phase change and noise, so that every forecaster's band, level and
+    /// trend, and both scores, hold something.
+    fn series(t: u64) -> Sample {
+        let noise = ((t * 7919) % 13) as f64;
+        let mut s = mem(t, if t < 60 { 300.0 } else { 700.0 } + 10.0 * noise);
+        s.usage.cpu = 0.5 + 0.05 * noise;
+        s
+    }
+
+    #[test]
+    fn a_restored_policy_decides_as_the_saved_one_would_have() {
+        use crate::forecast::{GruWeights, Preset};
+        let capacity = budget().max();
+        let gru = GruWeights {
+            hidden: 2,
+            outputs: 1,
+            w_ih: vec![0.1; 12],
+            w_hh: vec![0.2; 12],
+            b_ih: vec![0.0; 6],
+            b_hh: vec![0.1; 6],
+            head_w: vec![0.3, -0.2],
+            head_b: vec![0.01],
+        };
+        let presets = Preset::CLASSICAL.into_iter().chain([
+            Preset::Recurrent(std::sync::Arc::new(gru)),
+            Preset::default_ensemble().unwrap(),
+        ]);
+        for preset in presets {
+            let build = || {
+                let f = preset.build_all(Horizon::ONE, &capacity).unwrap();
+                Policy::new(budget(), cfg(), f).unwrap()
+            };
+            let mut original = build();
+            for t in 0..90 {
+                original.decide(&series(t));
+            }
+            // Through bytes, as a snapshot file holds it.
+            let saved = crate::persist::encode(&original.save_state().unwrap()).unwrap();
+            let mut restored = build();
+            restored
+                .restore_state(crate::persist::decode(&saved).unwrap())
+                .unwrap();
+            // The calibration and an ensemble's weights are learned state too, and by now they
+            // have moved from where a fresh policy starts.
+            assert_eq!(restored.calibration(), original.calibration());
+            assert_eq!(restored.expert_weights(), original.expert_weights());
+            assert_ne!(
+                build().calibration(),
+                original.calibration(),
+                "{}: the calibration never moved",
+                preset.name()
+            );
+            if let Preset::Ensemble(_) = preset {
+                assert_ne!(build().expert_weights(), original.expert_weights());
+            }
+            let mut cold = build();
+            let mut differs_from_cold = false;
+            for t in 90..150 {
+                let d = original.decide(&series(t));
+                assert_eq!(restored.decide(&series(t)), d, "{} t={t}", preset.name());
+                differs_from_cold |= cold.decide(&series(t)) != d;
+            }
+            assert!(
+                differs_from_cold,
+                "{}: a cold policy decides the same",
+                preset.name()
+            );
+        }
+    }
+
+    #[test]
+    fn a_saved_state_is_refused_by_another_forecaster_or_when_it_does_not_decode() {
+        use crate::forecast::Preset;
+        let capacity = budget().max();
+        let build = |p: Preset| {
+            let f = p.build_all(Horizon::ONE, &capacity).unwrap();
+            Policy::new(budget(), cfg(), f).unwrap()
+        };
+        let mut holt = build(Preset::Holt);
+        holt.decide(&series(0));
+        let state = holt.save_state().unwrap();
+        let e = build(Preset::Ewma)
+            .restore_state(state.clone())
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(r#"saved "holt", this predictor builds "ewma""#),
+            "{e}"
+        );
+        let mut garbled = holt.save_state().unwrap();
+        garbled.forecasters.cpu.state.truncate(3);
+        let e = build(Preset::Holt).restore_state(garbled).unwrap_err();
+        assert!(matches!(
+            e,
+            PolicyError::Forecaster {
+                resource: Resource::Cpu,
+                source: PersistError::Decode(_)
+            }
+        ));
     }
 }

@@ -55,8 +55,10 @@ impl Default for BehaviourConfig {
 
 /// 0 for a VM that always stays inside its predicted band and budget, towards 1 for one
 /// that keeps leaving them.
-#[derive(Clone, Debug)]
+/// A snapshot holds its value, not its configuration ([`BehaviourScore::restore`]).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BehaviourScore {
+    #[serde(skip)]
     cfg: BehaviourConfig,
     value: f64,
 }
@@ -70,6 +72,11 @@ impl BehaviourScore {
 
     pub fn value(&self) -> f64 {
         self.value
+    }
+
+    /// Takes `saved`'s value, keeping this configuration.
+    pub fn restore(&mut self, saved: BehaviourScore) {
+        self.value = saved.value;
     }
 
     /// Leaving the budget counts fully, leaving only the band counts half: the first is a
@@ -265,7 +272,7 @@ pub struct AnomalyReport {
 }
 
 /// Exponentially weighted mean and variance of one resource's residuals.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 struct Moments {
     mean: f64,
     var: f64,
@@ -292,8 +299,13 @@ impl Moments {
     }
 }
 
+/// A snapshot holds its history and score, not its configuration
+/// ([`AnomalyDetector::restore`]).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AnomalyDetector {
+    #[serde(skip)]
     cfg: AnomalyConfig,
+    #[serde(skip)]
     alpha: f64,
     residuals: PerResource<Moments>,
     busy_streak: u32,
@@ -327,6 +339,15 @@ impl AnomalyDetector {
 
     /// Scores one window. `expected` is the point forecast that was made for it; `cores`
     /// is how many cores the VM may use (its vCPU count).
+    /// Takes `saved`'s history and score, keeping this configuration.
+    pub fn restore(&mut self, saved: AnomalyDetector) {
+        *self = AnomalyDetector {
+            cfg: self.cfg,
+            alpha: self.alpha,
+            ..saved
+        };
+    }
+
     /// Replaces the action ladder, keeping the residual history and the score.
     pub fn set_ladder(&mut self, ladder: ActionLadder) -> Result<(), ScoreError> {
         ladder.validate()?;

@@ -18,7 +18,7 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 
 use crate::acpi::{self, AcpiError};
 use crate::arch::x86_64::cpuid::Topology;
-use crate::arch::x86_64::layout::{hotplug_region_start, RSDP_START};
+use crate::arch::x86_64::layout::{hotplug_region_start, ram_ranges, RSDP_START};
 use crate::arch::x86_64::mptable::{self, MptableError};
 use crate::boot::load_boot_source;
 use crate::console::{ConsoleInput, RawTerminal};
@@ -26,9 +26,11 @@ use crate::device_manager::acpi::{self as acpi_devices, AcpiDeviceError};
 use crate::device_manager::legacy::{self, LegacyError};
 use crate::device_manager::mmio::{MmioDeviceManager, MmioError};
 use crate::device_manager::registry::DeviceRegistry;
+use crate::device_manager::registry::RegisteredDevice;
 use crate::event_loop::{Subscriber, Wakeup};
 use crate::exit::ExitSignal;
 use crate::microvm::{MicroVm, VirtioHandles};
+use crate::snapshot::{DeviceState, SnapshotState};
 use crate::vcpus::Vcpus;
 use crate::vmm_config::{
     parse_mac, ConfigError, JsonPath, MachineConfig, MemoryHotplugConfig, Segment, VmConfig,
@@ -36,7 +38,7 @@ use crate::vmm_config::{
 };
 use crate::vstate::memory::{create_guest_memory, create_hotplug_region};
 use crate::vstate::vcpu::spawner::Spawner;
-use crate::vstate::vcpu::{register_kick_handler, Vcpu, VcpuError};
+use crate::vstate::vcpu::{register_kick_handler, saved_msr_indices, Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
 
 /// Errors of building a microVM. [`BuildError::Config`] points at the spec field at fault.
@@ -66,6 +68,29 @@ pub enum BuildError {
     AcpiDevice(#[from] AcpiDeviceError),
     #[error(transparent)]
     Acpi(#[from] AcpiError),
+    #[error(transparent)]
+    MemoryFile(#[from] crate::snapshot::memory::MemoryFileError),
+    #[error("the snapshot does not match its own configuration: {0}")]
+    SnapshotMismatch(String),
+    #[error("cannot restore device {name}: {source}")]
+    RestoreDevice {
+        name: String,
+        source: devices::persist::PersistError,
+    },
+}
+
+/// Where a VM's guest state comes from.
+pub enum Source<'a> {
+    /// A fresh boot: the kernel is loaded and the boot vCPU starts at its entry.
+    Boot,
+    /// A snapshot: guest memory mapped from its file, every vCPU and device given back its
+    /// saved state; the vCPUs start paused unless `resume`.
+    Snapshot {
+        state: &'a SnapshotState,
+        memory: &'a std::fs::File,
+        memory_path: &'a str,
+        resume: bool,
+    },
 }
 
 /// `machine-config.cpu_template` (checked against the host's vendor) and `cpu-config` (the
@@ -187,26 +212,91 @@ pub fn build_microvm(
     exit: Arc<ExitSignal>,
     event_manager: &mut EventManager<Subscriber>,
 ) -> Result<MicroVm, BuildError> {
-    config.validate()?;
+    assemble(config, exit, event_manager, Source::Boot)
+}
+
+/// Guest RAM (and the hotplug region, if any) as `source` has it: fresh anonymous memory, or
+/// mapped from a snapshot's memory file after checking that the file's layout is the one the
+/// configuration gives.
+fn guest_memory(
+    config: &VmConfig,
+    source: &Source<'_>,
+) -> Result<(GuestMemoryMmap, Option<GuestRegionMmap>), BuildError> {
+    let machine = &config.machine_config;
+    let Source::Snapshot {
+        state,
+        memory,
+        memory_path,
+        ..
+    } = source
+    else {
+        let mem = create_guest_memory(machine.mem_bytes(), machine.huge_pages)
+            .map_err(|e| ConfigError::new(MachineConfig::mem_path(), e.to_string()))?;
+        return Ok((mem, None));
+    };
+    let mut expected: Vec<(u64, u64)> = ram_ranges(machine.mem_bytes());
+    if let Some(h) = &config.memory_hotplug {
+        let start = hotplug_region_start(machine.mem_bytes(), h.slot_size_mib << 20)
+            .ok_or_else(|| BuildError::SnapshotMismatch("no room for the hotplug region".into()))?;
+        expected.push((start, h.total_size_mib << 20));
+    }
+    let saved: Vec<(u64, u64)> = state.memory.iter().map(|r| (r.guest_addr, r.len)).collect();
+    if saved != expected {
+        return Err(BuildError::SnapshotMismatch(format!(
+            "memory regions {saved:x?}, the configuration gives {expected:x?}"
+        )));
+    }
+    let mut regions = crate::snapshot::memory::map_file(memory, memory_path, &state.memory)?;
+    let hotplug = config.memory_hotplug.as_ref().and_then(|_| regions.pop());
+    let mem = GuestMemoryMmap::from_regions(regions)
+        .map_err(|e| BuildError::SnapshotMismatch(format!("memory regions: {e}")))?;
+    Ok((mem, hotplug))
+}
+
+/// Builds the VM `config` describes, its guest state from `source`.
+pub fn assemble(
+    config: &VmConfig,
+    exit: Arc<ExitSignal>,
+    event_manager: &mut EventManager<Subscriber>,
+    source: Source<'_>,
+) -> Result<MicroVm, BuildError> {
+    match source {
+        Source::Boot => config.validate()?,
+        Source::Snapshot { .. } => config.validate_for_restore()?,
+    }
     let machine = &config.machine_config;
 
     let kvm = Kvm::new().map_err(BuildError::Kvm)?;
     if let Some(cap) = REQUIRED_CAPS.into_iter().find(|c| !kvm.check_extension(*c)) {
         return Err(BuildError::MissingCap(cap));
     }
-    let mut supported_cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(BuildError::SupportedCpuid)?;
-    apply_cpu_templates(config, &kvm, &mut supported_cpuid)?;
+    // A restored VM's vCPUs take their CPUID (template applied) from the snapshot.
+    let supported_cpuid = match &source {
+        Source::Boot => {
+            let mut cpuid = kvm
+                .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+                .map_err(BuildError::SupportedCpuid)?;
+            apply_cpu_templates(config, &kvm, &mut cpuid)?;
+            Some(cpuid)
+        }
+        Source::Snapshot { .. } => None,
+    };
 
-    let vm = Vm::new(&kvm)?;
-    let mem = create_guest_memory(machine.mem_bytes(), machine.huge_pages)
-        .map_err(|e| ConfigError::new(MachineConfig::mem_path(), e.to_string()))?;
-    vm.register_memory(&mem)
-        .map_err(|e| ConfigError::new(MachineConfig::mem_path(), e.to_string()))?;
+    let (mem, saved_hotplug) = guest_memory(config, &source)?;
+    let vm = Vm::new(&kvm, machine.track_dirty_pages, &mem).map_err(|e| match e {
+        VmError::MemorySlot { .. } => {
+            BuildError::from(ConfigError::new(MachineConfig::mem_path(), e.to_string()))
+        }
+        e => e.into(),
+    })?;
+    if let Source::Snapshot { state, .. } = &source {
+        // Before the devices: an interrupt a restored device raises again must not be lost
+        // under the saved IOAPIC state.
+        vm.restore_state(&state.vm)?;
+    }
 
     let hotplug = match &config.memory_hotplug {
-        Some(h) => Some(hotplug_memory(h, machine, &kvm, &mem)?),
+        Some(h) => Some(hotplug_memory(h, machine, &kvm, &mem, saved_hotplug)?),
         None => None,
     };
     // Devices see plugged memory too (a guest may put buffers there); boot code does not.
@@ -233,8 +323,14 @@ pub fn build_microvm(
     // Firecracker does, so a kernel built without ACPI boots under the default too (a kernel
     // with ACPI prefers the MADT; its second probe of a device's window fails harmlessly).
     let (boot_vcpus, max_vcpus) = (machine.vcpu_count, machine.max_vcpus());
+    if matches!(source, Source::Snapshot { .. }) && max_vcpus > boot_vcpus {
+        // `PUT /snapshot/create` refuses such a VM; only an edited file gets here.
+        return Err(BuildError::SnapshotMismatch(format!(
+            "max_vcpus {max_vcpus} above vcpu_count {boot_vcpus}: a VM with vCPU hot-plug is not \
+             restored"
+        )));
+    }
     extra_args.extend(mmio.cmdline_entries());
-    mptable::setup_mptable(&mem, boot_vcpus)?;
     let acpi_devices = if machine.acpi {
         let irq = mmio.take_irq()?;
         let devices = acpi_devices::attach(vm.fd(), &mut registry, irq, boot_vcpus, max_vcpus)?;
@@ -248,18 +344,31 @@ pub fn build_microvm(
         None
     };
 
-    let rsdp = machine.acpi.then_some(RSDP_START);
-    let entry = load_boot_source(&mem, config.boot_source()?, &extra_args, rsdp)
-        .map_err(|e| ConfigError::new(e.spec_field(), e.to_string()))?;
+    // A snapshot's memory holds the kernel and its boot tables (MP, ACPI) already, and its
+    // vCPUs their CPUID.
+    let boot = match supported_cpuid {
+        Some(supported_cpuid) => {
+            mptable::setup_mptable(&mem, boot_vcpus)?;
+            let rsdp = machine.acpi.then_some(RSDP_START);
+            let entry = load_boot_source(&mem, config.boot_source()?, &extra_args, rsdp)
+                .map_err(|e| ConfigError::new(e.spec_field(), e.to_string()))?;
+            Some((entry, supported_cpuid))
+        }
+        None => None,
+    };
 
     let legacy = legacy::attach(vm.fd(), &mut registry, serial_output(config)?, exit.clone())?;
     crate::device_manager::boot_timer::attach(&mut registry)?;
-    if machine.acpi {
-        let cpus = acpi::Cpus {
-            boot: boot_vcpus,
-            max: max_vcpus,
-        };
-        acpi::create_acpi_tables(&mem, cpus, &registry.aml())?;
+    match &source {
+        Source::Boot if machine.acpi => {
+            let cpus = acpi::Cpus {
+                boot: boot_vcpus,
+                max: max_vcpus,
+            };
+            acpi::create_acpi_tables(&mem, cpus, &registry.aml())?;
+        }
+        Source::Boot => {}
+        Source::Snapshot { state, .. } => restore_devices(registry.devices(), &state.devices)?,
     }
 
     let console_is_stdout = config
@@ -287,14 +396,49 @@ pub fn build_microvm(
         .as_ref()
         .map(|c| c.msr_filters())
         .unwrap_or_default();
-    let vcpus = (0..max_vcpus)
+    let mut vcpus = (0..max_vcpus)
         .map(|index| {
             let vcpu = Vcpu::new(vm.fd(), index)?;
-            vcpu.configure(&supported_cpuid, topology, &mem, entry)?;
-            vcpu.modify_msrs(&msr_modifiers)?;
+            match (&source, &boot) {
+                (Source::Snapshot { state, .. }, _) => {
+                    let saved = state.vcpus.get(usize::from(index)).ok_or_else(|| {
+                        BuildError::SnapshotMismatch(format!("no state for vCPU {index}"))
+                    })?;
+                    vcpu.restore(saved)?;
+                }
+                (Source::Boot, Some((entry, supported_cpuid))) => {
+                    vcpu.configure(supported_cpuid, topology, &mem, *entry)?;
+                    vcpu.modify_msrs(&msr_modifiers)?;
+                }
+                (Source::Boot, None) => unreachable!("a boot always has an entry"),
+            }
             Ok(vcpu)
         })
-        .collect::<Result<Vec<_>, VcpuError>>()?;
+        .collect::<Result<Vec<_>, BuildError>>()?;
+    let paused = match &source {
+        Source::Snapshot { state, resume, .. } => {
+            if state.vcpus.len() != vcpus.len() {
+                return Err(BuildError::SnapshotMismatch(format!(
+                    "{} saved vCPUs, vcpu_count {}",
+                    state.vcpus.len(),
+                    boot_vcpus
+                )));
+            }
+            !resume
+        }
+        Source::Boot => false,
+    };
+    // The MSRs a snapshot saves: a restored VM's are those its snapshot held; a booted one's
+    // are asked of KVM here, where /dev/kvm can still be opened.
+    let saved_msrs: Arc<[u32]> = match &source {
+        Source::Snapshot { state, .. } => state.vcpus[0].msrs.iter().map(|m| m.index).collect(),
+        Source::Boot => saved_msr_indices(&kvm, vcpus[0].fd())
+            .map_err(|source| VcpuError::State { index: 0, source })?
+            .into(),
+    };
+    for vcpu in &mut vcpus {
+        vcpu.set_saved_msrs(saved_msrs.clone());
+    }
     let hotplug = match acpi_devices {
         Some(devices) if max_vcpus > boot_vcpus => Ok((devices, Spawner::start()?)),
         Some(_) => Err("it was booted with max_vcpus equal to vcpu_count"),
@@ -310,13 +454,14 @@ pub fn build_microvm(
         exit.clone(),
         stats,
         hotplug,
+        paused,
     )?;
     tracing::info!(
         "microVM started: {boot_vcpus} of at most {max_vcpus} vCPUs, {} MiB, ACPI {}",
         machine.mem_size_mib,
         if machine.acpi { "on" } else { "off" }
     );
-    Ok(MicroVm::new(
+    let vm = MicroVm::new(
         vm,
         device_mem,
         vcpus,
@@ -324,7 +469,36 @@ pub fn build_microvm(
         legacy.i8042,
         virtio,
         devices,
-    ))
+    );
+    Ok(if paused { vm.started_paused() } else { vm })
+}
+
+/// Gives every registered device its saved state, by name; the two lists must name the same
+/// devices (the configuration they were built from is the snapshot's).
+fn restore_devices(
+    registered: &[RegisteredDevice],
+    saved: &[DeviceState],
+) -> Result<(), BuildError> {
+    let names = |it: &mut dyn Iterator<Item = &String>| it.cloned().collect::<Vec<_>>();
+    let have = names(&mut registered.iter().map(|d| &d.info.name));
+    let want = names(&mut saved.iter().map(|d| &d.name));
+    if have != want {
+        return Err(BuildError::SnapshotMismatch(format!(
+            "saved devices {want:?}, the configuration builds {have:?}"
+        )));
+    }
+    for (device, state) in registered.iter().zip(saved) {
+        device
+            .persist
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .restore_bytes(&state.state)
+            .map_err(|source| BuildError::RestoreDevice {
+                name: state.name.clone(),
+                source,
+            })?;
+    }
+    Ok(())
 }
 
 /// The virtio-mem region: its host mapping, geometry and first KVM slot number.
@@ -339,6 +513,7 @@ fn hotplug_memory(
     machine: &MachineConfig,
     kvm: &Kvm,
     boot_mem: &GuestMemoryMmap,
+    saved: Option<GuestRegionMmap>,
 ) -> Result<HotplugMemory, ConfigError> {
     let err = |m: String| ConfigError::new(MemoryHotplugConfig::total_path(), m);
     const MIB: u64 = 1 << 20;
@@ -359,8 +534,11 @@ fn hotplug_memory(
             config.slot_size_mib
         )));
     }
-    let region =
-        create_hotplug_region(start, size, machine.huge_pages).map_err(|e| err(e.to_string()))?;
+    let region = match saved {
+        Some(r) => r,
+        None => create_hotplug_region(start, size, machine.huge_pages)
+            .map_err(|e| err(e.to_string()))?,
+    };
     Ok(HotplugMemory {
         region: Arc::new(region),
         layout,

@@ -27,6 +27,7 @@ pub mod profile;
 pub mod rpc;
 pub mod runtime;
 pub mod seccomp;
+pub mod snapshot;
 pub mod vcpus;
 pub mod vmm_config;
 pub mod vstate;

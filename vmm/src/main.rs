@@ -140,9 +140,39 @@ enum Command {
     /// Isolate one microVM (chroot, namespaces, cgroup, uid/gid) and run the VMM with the
     /// arguments after `--` (Firecracker's jailer).
     Jail(jailer::JailArgs),
+    /// Snapshot files (Firecracker's snapshot-editor).
+    #[command(name = "snapshot-editor")]
+    SnapshotEditor {
+        #[command(subcommand)]
+        command: SnapshotEditorCommand,
+    },
     /// Train the recurrent forecaster on recorded traces (needs the `torch` build feature).
     #[cfg(feature = "torch")]
     Train(predictor_tools::train::TrainArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotEditorCommand {
+    /// Memory files.
+    #[command(name = "edit-memory")]
+    EditMemory {
+        #[command(subcommand)]
+        command: EditMemoryCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum EditMemoryCommand {
+    /// Merge a Diff snapshot's memory file onto its base memory file, which then holds the
+    /// Diff snapshot's memory (load it with the Diff snapshot's state file).
+    Rebase {
+        /// The base memory file (a Full snapshot's, or one already rebased), changed in place.
+        #[arg(long, value_name = "PATH")]
+        memory_path: PathBuf,
+        /// The Diff snapshot's memory file.
+        #[arg(long, value_name = "PATH")]
+        diff_path: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -190,6 +220,16 @@ fn run_tool(command: Command) -> ExitCode {
         Command::Report(args) => {
             predictor_tools::report::run(&args, &mut out).map_err(|e| e.to_string())
         }
+        Command::SnapshotEditor {
+            command:
+                SnapshotEditorCommand::EditMemory {
+                    command:
+                        EditMemoryCommand::Rebase {
+                            memory_path,
+                            diff_path,
+                        },
+                },
+        } => rebase_memory(&memory_path, &diff_path),
         Command::Jail(args) => {
             let spec = match args.validate() {
                 Ok(s) => s,
@@ -206,6 +246,25 @@ fn run_tool(command: Command) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e, code::VMM_ERROR),
     }
+}
+
+fn rebase_memory(base: &std::path::Path, diff: &std::path::Path) -> Result<(), String> {
+    let open = |p: &std::path::Path, write: bool| {
+        std::fs::File::options()
+            .read(true)
+            .write(write)
+            .open(p)
+            .map_err(|e| format!("cannot open {}: {e}", p.display()))
+    };
+    let copied = vmm::snapshot::memory::rebase(&open(base, true)?, &open(diff, false)?)
+        .map_err(|e| format!("rebase {} onto {}: {e}", diff.display(), base.display()))?;
+    println!(
+        "{} MiB of {} merged into {}",
+        copied >> 20,
+        diff.display(),
+        base.display()
+    );
+    Ok(())
 }
 
 /// glibc's allocator, set for a process that runs one microVM: one arena for every thread (the

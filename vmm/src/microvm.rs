@@ -10,15 +10,15 @@ use devices::virtio::discard::PAGE_SIZE;
 use devices::virtio::mem::VirtioMem;
 use devices::virtio::net::Net;
 use devices::virtio::pmem::Pmem;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::console::RawTerminal;
 use crate::device_manager::legacy::ResetToExit;
 use crate::device_manager::registry::RegisteredDevice;
 use crate::vcpus::{CountChange, HotplugError, VcpuStatus, VcpuTelemetry, Vcpus};
 use crate::vstate::memory::{resident_bytes, trim_zero_pages, TrimReport};
-use crate::vstate::vcpu::VcpuError;
-use crate::vstate::vm::Vm;
+use crate::vstate::vcpu::{VcpuError, VcpuState};
+use crate::vstate::vm::{Vm, VmError};
 
 /// The virtio devices that can change while the guest runs, by their spec ids.
 #[derive(Default)]
@@ -54,6 +54,9 @@ fn find<'a, T>(devices: &'a [(String, Arc<Mutex<T>>)], id: &str) -> Option<Mutex
     Some(lock(dev))
 }
 
+/// A device's name with its saved state (or why it could not be saved).
+pub type SavedDevice<T = Vec<u8>> = (String, T);
+
 /// Whether the vCPUs are running guest code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunState {
@@ -71,9 +74,13 @@ pub struct MicroVm {
     /// Every device on the VM's buses.
     devices: Vec<RegisteredDevice>,
     _terminal: Option<RawTerminal>,
-    _vm: Vm,
+    vm: Vm,
     /// Guest RAM and the hotplug region.
     mem: GuestMemoryMmap,
+    /// The pages the idle trim gave back since the last snapshot, one bitmap per region (empty
+    /// until the first): a Diff snapshot found by residency must write them (as zeroes), or a
+    /// restore would read the older snapshot's content there.
+    trimmed: Vec<Vec<u64>>,
 }
 
 impl MicroVm {
@@ -93,13 +100,20 @@ impl MicroVm {
             virtio,
             devices,
             _terminal: terminal,
-            _vm: vm,
+            vm,
             mem,
+            trimmed: Vec::new(),
         }
     }
 
     pub fn state(&self) -> RunState {
         self.state
+    }
+
+    /// A VM whose vCPUs were started paused (a snapshot loaded without `resume_vm`).
+    pub(crate) fn started_paused(mut self) -> Self {
+        self.state = RunState::Paused;
+        self
     }
 
     pub fn guest_memory(&self) -> &GuestMemoryMmap {
@@ -169,6 +183,50 @@ impl MicroVm {
         Ok(())
     }
 
+    /// The KVM VM (its in-kernel devices' state, its dirty page log).
+    pub fn kvm_vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// Every vCPU's state, in vCPU order; the VM must be paused.
+    pub fn save_vcpus(&self) -> Result<Vec<VcpuState>, VcpuError> {
+        self.vcpus.save_states()
+    }
+
+    /// Every device's snapshot state by its registered name, or the device that failed and why.
+    pub fn save_devices(&self) -> Result<Vec<SavedDevice>, SavedDevice<String>> {
+        self.devices
+            .iter()
+            .map(|d| {
+                let mut device = d.persist.lock().unwrap_or_else(|p| p.into_inner());
+                let bytes = device
+                    .save_bytes()
+                    .map_err(|e| (d.info.name.clone(), e.to_string()))?;
+                Ok((d.info.name.clone(), bytes))
+            })
+            .collect()
+    }
+
+    /// The pages the guest wrote since the last call, one bitmap per region of
+    /// [`MicroVm::guest_memory`] (RAM regions are KVM slots 0.., the hotplug region's slots
+    /// follow).
+    pub fn dirty_pages(&self) -> Result<Vec<Vec<u64>>, VmError> {
+        let hotplug = self.hotplug_memory().map(|m| m.layout());
+        let ram = self.mem.num_regions() - usize::from(hotplug.is_some());
+        let mut out = Vec::with_capacity(self.mem.num_regions());
+        for (slot, region) in self.mem.iter().take(ram).enumerate() {
+            out.push(self.vm.dirty_log(slot as u32, region.len())?);
+        }
+        if let Some(l) = hotplug {
+            let mut bits = Vec::new();
+            for k in 0..l.slots() {
+                bits.extend(self.vm.dirty_log((ram + k) as u32, l.slot_size)?);
+            }
+            out.push(bits);
+        }
+        Ok(out)
+    }
+
     /// Presses Ctrl-Alt-Del on the guest's keyboard.
     pub fn send_ctrl_alt_del(&self) -> Result<(), I8042Error> {
         self.i8042
@@ -233,13 +291,47 @@ impl MicroVm {
         from: GuestAddress,
         max_scanned: u64,
     ) -> Result<(TrimReport, Option<GuestAddress>), VcpuError> {
-        if self.state == RunState::Paused {
-            return Ok(trim_zero_pages(&self.mem, from, max_scanned));
+        let paused = self.state == RunState::Paused;
+        if !paused {
+            self.pause()?;
         }
-        self.pause()?;
-        let result = trim_zero_pages(&self.mem, from, max_scanned);
-        self.resume()?;
+        if self.trimmed.is_empty() {
+            self.trimmed = self
+                .mem
+                .iter()
+                .map(|r| vec![0; (r.len() / PAGE_SIZE).div_ceil(64) as usize])
+                .collect();
+        }
+        let (mem, trimmed) = (&self.mem, &mut self.trimmed);
+        let result = trim_zero_pages(mem, from, max_scanned, &mut |addr, len| {
+            let Some((index, region)) = mem
+                .iter()
+                .enumerate()
+                .find(|(_, r)| r.to_region_addr(addr).is_some())
+            else {
+                return;
+            };
+            let first = (addr.0 - region.start_addr().0) / PAGE_SIZE;
+            for page in first..first + len / PAGE_SIZE {
+                trimmed[index][(page / 64) as usize] |= 1 << (page % 64);
+            }
+        });
+        if !paused {
+            self.resume()?;
+        }
         Ok(result)
+    }
+
+    /// The pages the idle trim gave back since [`MicroVm::forget_trimmed`], one bitmap per region
+    /// of [`MicroVm::guest_memory`]; empty if none was.
+    pub fn trimmed_pages(&self) -> &[Vec<u64>] {
+        &self.trimmed
+    }
+
+    /// A snapshot holds guest memory as it is now: later Diffs need only what the trim gives back
+    /// after it.
+    pub fn forget_trimmed(&mut self) {
+        self.trimmed.clear();
     }
 
     /// Makes every vCPU leave KVM_RUN once, to look at what changed (a seccomp stage).

@@ -8,6 +8,7 @@ use crate::builder::BuildError;
 use crate::live::LiveError;
 use crate::logger::{LoggerConfig, LoggerError};
 use crate::metrics::{MetricsConfig, MetricsError};
+use crate::snapshot::{CreateParams, LoadParams};
 use crate::vmm_config::{
     BalloonConfig, BalloonStatsUpdate, BalloonUpdate, BootSourceConfig, ConfigError, DriveConfig,
     DriveUpdate, EntropyConfig, HintingStart, MachineConfig, MemoryHotplugConfig,
@@ -58,6 +59,8 @@ pub enum VmmAction {
     PatchPredictor(PredictorUpdate),
     /// Tighten every thread's seccomp filter to this stage.
     SetSeccompStage(crate::seccomp::Stage),
+    CreateSnapshot(CreateParams),
+    LoadSnapshot(LoadParams),
     /// `PUT /mmds`: replace the metadata document.
     PutMmds(serde_json::Value),
     /// `PATCH /mmds`: merge into it.
@@ -80,6 +83,7 @@ pub struct MachineConfigUpdate {
     pub vcpu_count: Option<u8>,
     pub mem_size_mib: Option<u64>,
     pub smt: Option<bool>,
+    pub track_dirty_pages: Option<bool>,
     pub cpu_template: Option<crate::vmm_config::CpuTemplate>,
     pub max_vcpus: Option<u8>,
     pub acpi: Option<bool>,
@@ -92,6 +96,7 @@ impl MachineConfigUpdate {
             vcpu_count: self.vcpu_count.unwrap_or(to.vcpu_count),
             mem_size_mib: self.mem_size_mib.unwrap_or(to.mem_size_mib),
             smt: self.smt.unwrap_or(to.smt),
+            track_dirty_pages: self.track_dirty_pages.unwrap_or(to.track_dirty_pages),
             cpu_template: self.cpu_template.or(to.cpu_template),
             max_vcpus: self.max_vcpus.or(to.max_vcpus),
             acpi: self.acpi.unwrap_or(to.acpi),
@@ -107,6 +112,7 @@ impl MachineConfigUpdate {
                 vcpu_count: Some(n),
                 mem_size_mib: None,
                 smt: None,
+                track_dirty_pages: None,
                 max_vcpus: None,
                 acpi: None,
                 huge_pages: None,
@@ -196,6 +202,12 @@ pub enum ActionError {
     Predictor(String),
     #[error("{0}")]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    #[error("Create snapshot error: {0}")]
+    CreateSnapshot(String),
+    #[error("Load snapshot error: {0}")]
+    LoadSnapshot(String),
+    #[error("Loading a microVM snapshot not allowed after configuring boot-specific resources.")]
+    LoadAfterConfiguration,
     #[error("MMDS: {0}")]
     Mmds(String),
     /// Firecracker's words for a data store request it refuses.

@@ -413,6 +413,129 @@ mod tests {
         assert!("io".parse::<ThreadKind>().is_err());
     }
 
+    /// The ioctls each thread kind makes under its boot filter, numbered from kvm-bindings'
+    /// structures rather than read from the JSON: a filter that lost one kills the VMM when it
+    /// makes it (a merge once moved the fd-0 condition of the TCSETS rule onto
+    /// KVM_GET_DIRTY_LOG's, and the first snapshot with dirty page tracking died of SIGSYS).
+    mod requests {
+        use kvm_bindings::*;
+        use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
+
+        // The VMM thread: snapshots, virtio-mem slots, non-blocking sockets.
+        ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
+        ioctl_iow_nr!(
+            KVM_SET_USER_MEMORY_REGION,
+            KVMIO,
+            0x46,
+            kvm_userspace_memory_region
+        );
+        ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
+        ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
+        ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
+        // A vCPU thread: running, and reading its state for a snapshot.
+        ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
+        ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
+        ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
+        ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
+        ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
+        ioctl_iowr_nr!(KVM_GET_CPUID2, KVMIO, 0x91, kvm_cpuid2);
+        ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
+        ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
+        ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
+        ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
+        ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
+        ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
+    }
+
+    /// Whether `kind`'s boot filter lets `ioctl(fd, request)` through (it may then fail: the fd
+    /// is not open) or kills the process. In a child, so that this test binary stays unfiltered.
+    fn ioctl_allowed(kind: ThreadKind, fd: i32, request: libc::c_ulong) -> bool {
+        let boot = program(kind, Stage::Boot);
+        // SAFETY: the child only installs the filter, makes one syscall and exits; it takes no
+        // lock and does not allocate.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let code = if apply_filter(&boot).is_ok() { 0 } else { 1 };
+            // SAFETY: an ioctl with a null argument; the fd is not open or is the test's stdin.
+            unsafe { libc::ioctl(fd, request as _, 0usize) };
+            // The way out each kind's filter allows: the VMM ends the process, the others
+            // their thread (the child's only one).
+            let exit = match kind {
+                ThreadKind::Vmm => libc::SYS_exit_group,
+                ThreadKind::Api | ThreadKind::Vcpu | ThreadKind::VcpuSpawner => libc::SYS_exit,
+            };
+            // SAFETY: ends the forked child.
+            unsafe { libc::syscall(exit, code) };
+            unreachable!("exit returned");
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        if libc::WIFSIGNALED(status) {
+            assert_eq!(libc::WTERMSIG(status), libc::SIGSYS, "status {status:#x}");
+            return false;
+        }
+        assert_eq!(libc::WEXITSTATUS(status), 0, "the filter did not install");
+        true
+    }
+
+    #[test]
+    fn each_thread_may_make_its_ioctls_on_any_fd_and_tcsets_only_on_stdin() {
+        use requests::*;
+        const NOT_OPEN: i32 = 1000;
+        let needs: [(ThreadKind, &[(&str, libc::c_ulong)]); 2] = [
+            (
+                ThreadKind::Vmm,
+                &[
+                    ("KVM_GET_DIRTY_LOG", KVM_GET_DIRTY_LOG()),
+                    ("KVM_SET_USER_MEMORY_REGION", KVM_SET_USER_MEMORY_REGION()),
+                    ("KVM_GET_IRQCHIP", KVM_GET_IRQCHIP()),
+                    ("KVM_GET_CLOCK", KVM_GET_CLOCK()),
+                    ("KVM_GET_PIT2", KVM_GET_PIT2()),
+                    ("FIONBIO", libc::FIONBIO),
+                ],
+            ),
+            (
+                ThreadKind::Vcpu,
+                &[
+                    ("KVM_RUN", KVM_RUN()),
+                    ("KVM_GET_REGS", KVM_GET_REGS()),
+                    ("KVM_GET_SREGS", KVM_GET_SREGS()),
+                    ("KVM_GET_MSRS", KVM_GET_MSRS()),
+                    ("KVM_GET_LAPIC", KVM_GET_LAPIC()),
+                    ("KVM_GET_CPUID2", KVM_GET_CPUID2()),
+                    ("KVM_GET_MP_STATE", KVM_GET_MP_STATE()),
+                    ("KVM_GET_VCPU_EVENTS", KVM_GET_VCPU_EVENTS()),
+                    ("KVM_GET_DEBUGREGS", KVM_GET_DEBUGREGS()),
+                    ("KVM_GET_TSC_KHZ", KVM_GET_TSC_KHZ()),
+                    ("KVM_GET_XSAVE", KVM_GET_XSAVE()),
+                    ("KVM_GET_XCRS", KVM_GET_XCRS()),
+                ],
+            ),
+        ];
+        for (kind, requests) in needs {
+            for &(name, request) in requests {
+                assert!(
+                    ioctl_allowed(kind, NOT_OPEN, request),
+                    "{kind}: {name} ({request:#x}) kills"
+                );
+            }
+        }
+        for kind in [ThreadKind::Vmm, ThreadKind::Api, ThreadKind::Vcpu] {
+            assert!(
+                ioctl_allowed(kind, 0, libc::TCSETS),
+                "{kind}: TCSETS on fd 0"
+            );
+            assert!(
+                !ioctl_allowed(kind, NOT_OPEN, libc::TCSETS),
+                "{kind}: TCSETS on another fd than 0 is allowed"
+            );
+        }
+        // KVM's ioctls belong to the threads above only.
+        assert!(!ioctl_allowed(ThreadKind::Api, NOT_OPEN, KVM_RUN()));
+    }
+
     /// Filters in a child process, so that this test binary stays unfiltered: the boot filter
     /// allows what the thread needs, steady makes `open` fail with EPERM, and a syscall outside
     /// the allow-list kills the process with SIGSYS.

@@ -27,7 +27,9 @@ use crate::device_manager::acpi::AcpiDevices;
 use crate::exit::ExitSignal;
 use crate::metrics::METRICS;
 use crate::vstate::vcpu::spawner::Spawner;
-use crate::vstate::vcpu::{IoBuses, Stopped, Vcpu, VcpuError, VcpuEvent, VcpuHandle, VcpuResponse};
+use crate::vstate::vcpu::{
+    IoBuses, Stopped, Vcpu, VcpuError, VcpuEvent, VcpuHandle, VcpuResponse, VcpuState,
+};
 
 /// How long a vCPU gets to acknowledge a pause or resume.
 const VCPU_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -155,7 +157,8 @@ pub struct Vcpus {
 impl Vcpus {
     /// Takes every configured vCPU (index order) and starts the first `boot`; with the ACPI
     /// devices and a spawner, vCPUs can be plugged and unplugged later (else `Err` says why
-    /// not). `stats`: open each vCPU's KVM statistics file for the predictor.
+    /// not). `stats`: open each vCPU's KVM statistics file for the predictor. `paused`: the
+    /// boot vCPUs wait for [`Vcpus::resume`] before they first run (a restored VM).
     pub fn start(
         vcpus: Vec<Vcpu>,
         boot: u8,
@@ -163,6 +166,7 @@ impl Vcpus {
         exit: Arc<ExitSignal>,
         stats: bool,
         hotplug: Result<(AcpiDevices, Spawner), &'static str>,
+        paused: bool,
     ) -> Result<Self, VcpuError> {
         let slots = vcpus
             .into_iter()
@@ -188,7 +192,7 @@ impl Vcpus {
             hotplug: hotplug
                 .ok()
                 .map(|(devices, spawner)| Hotplug { devices, spawner }),
-            paused: false,
+            paused,
             generation: 0,
         };
         for i in 0..usize::from(boot) {
@@ -198,7 +202,7 @@ impl Vcpus {
             else {
                 continue;
             };
-            let handle = vcpu.start(all.buses.clone(), all.exit.clone(), observer)?;
+            let handle = vcpu.start(all.buses.clone(), all.exit.clone(), observer, paused)?;
             all.slots[i].run = Run::Running(handle);
             all.slots[i].starts += 1;
         }
@@ -235,7 +239,7 @@ impl Vcpus {
     /// Kernel thread ids of the vCPU threads, and of the thread that starts the vCPUs plugged
     /// later (placed with them, a thread it starts is born in their cgroups).
     pub fn tids(&self) -> Vec<libc::pid_t> {
-        let mut tids: Vec<_> = self.running().map(VcpuHandle::tid).collect();
+        let mut tids: Vec<_> = self.running().filter_map(VcpuHandle::tid).collect();
         tids.extend(self.hotplug.as_ref().map(|h| h.spawner.tid()));
         tids
     }
@@ -291,9 +295,21 @@ impl Vcpus {
             vcpu.send(event)?;
         }
         for vcpu in self.running() {
-            vcpu.await_response(expect, VCPU_RESPONSE_TIMEOUT, event)?;
+            vcpu.await_response(&expect, VCPU_RESPONSE_TIMEOUT, event)?;
         }
         Ok(())
+    }
+
+    /// Every vCPU's state, in vCPU order; the VM must be paused. A vCPU without a running
+    /// thread cannot be saved (a VM that can plug vCPUs is refused before this).
+    pub fn save_states(&self) -> Result<Vec<VcpuState>, VcpuError> {
+        self.slots
+            .iter()
+            .map(|s| match &s.run {
+                Run::Running(h) => h.save_state(VCPU_RESPONSE_TIMEOUT),
+                _ => Err(VcpuError::Gone { index: s.index }),
+            })
+            .collect()
     }
 
     /// Makes every running vCPU leave KVM_RUN once, to look at what changed (a seccomp stage).
@@ -466,7 +482,7 @@ impl Vcpus {
                             }) => "plugged",
                             _ => "running",
                         };
-                        (state, Some(h.tid()))
+                        (state, h.tid())
                     }
                     Run::Idle(_) => ("unplugged", None),
                     Run::Lost(_) => ("lost", None),

@@ -22,6 +22,7 @@
 use acpi_tables::{aml, Aml};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::persist::{Persist, PersistError};
 use crate::BusDevice;
 
 /// Bytes of the register block the guest sees (the operation region).
@@ -50,8 +51,8 @@ pub enum CpuHotplugError {
 }
 
 /// One vCPU as the controller knows it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Slot {
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Slot {
     present: bool,
     insert_event: bool,
     remove_event: bool,
@@ -463,6 +464,49 @@ impl BusDevice for CpuHotplug {
     }
 }
 
+/// What the controller holds: each possible vCPU's bits and the guest's selection.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CpuHotplugState {
+    pub slots: Vec<Slot>,
+    pub selected: u32,
+    pub refused: u64,
+}
+
+impl Persist for CpuHotplug {
+    type State = CpuHotplugState;
+
+    fn save(&mut self) -> CpuHotplugState {
+        CpuHotplugState {
+            slots: self.slots.clone(),
+            selected: self.selected,
+            refused: self.refused,
+        }
+    }
+
+    fn restore(&mut self, state: CpuHotplugState) -> Result<(), PersistError> {
+        if state.slots.len() != self.slots.len() {
+            return Err(PersistError::Mismatch(format!(
+                "{} vCPUs saved, the controller has {}",
+                state.slots.len(),
+                self.slots.len()
+            )));
+        }
+        if !state.slots.first().is_some_and(|s| s.present) {
+            return Err(PersistError::Mismatch("vCPU 0 is not present".into()));
+        }
+        self.slots = state.slots;
+        self.selected = state.selected;
+        self.refused = state.refused;
+        // An eject the VMM had not taken note of wakes it again.
+        if self.slots.iter().any(|s| s.ejected) {
+            self.ejected
+                .write(1)
+                .map_err(|e| PersistError::Restore(format!("cannot signal the eject: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -478,6 +522,40 @@ mod tests {
         let mut b = [0u8; 1];
         c.read(STATUS, &mut b);
         b[0]
+    }
+
+    #[test]
+    fn every_vcpus_bits_and_the_selection_survive_a_snapshot() {
+        use crate::persist::Snapshottable;
+        let (mut c, _evt) = controller(1, 4);
+        c.insert(2).unwrap();
+        c.insert(1).unwrap();
+        c.write(SELECT, &1u32.to_le_bytes());
+        c.write(STATUS, &[INSERT_EVENT]);
+        c.request_removal(1).unwrap();
+        c.write(SELECT, &2u32.to_le_bytes());
+        let bytes = c.save_bytes().unwrap();
+
+        let (mut r, evt) = controller(1, 4);
+        r.restore_bytes(&bytes).unwrap();
+        assert!(evt.read().is_err(), "no eject was pending");
+        let mut b = [0u8; 1];
+        r.read(STATUS, &mut b);
+        assert_eq!(
+            b[0],
+            PRESENT | INSERT_EVENT,
+            "vCPU 2 stays selected, its insert unread"
+        );
+        assert_eq!(r.state(0), CpuState::Present { acknowledged: true });
+        assert_eq!(r.state(1), CpuState::Removing);
+        assert_eq!(r.state(3), CpuState::Absent);
+        assert_eq!(r.removal_pending(), Some(1));
+        assert_eq!(r.save(), c.save());
+
+        let (mut other, _) = controller(1, 2);
+        let err = other.restore_bytes(&bytes).unwrap_err();
+        assert!(err.to_string().contains("4 vCPUs saved"), "{err}");
+        assert!(other.restore_bytes(&bytes[..bytes.len() - 1]).is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@
 use acpi_tables::{aml, Aml};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::persist::{Persist, PersistError};
 use crate::BusDevice;
 
 /// Bytes of the register block on the bus: one 32-bit event register.
@@ -105,6 +106,31 @@ impl BusDevice for Ged {
     }
 }
 
+/// What the event device holds: the events the guest has not read, and the count raised. An
+/// interrupt raised and not taken yet is the IOAPIC's, saved with the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GedState {
+    pub pending: u32,
+    pub raised: u64,
+}
+
+impl Persist for Ged {
+    type State = GedState;
+
+    fn save(&mut self) -> GedState {
+        GedState {
+            pending: self.pending,
+            raised: self.raised,
+        }
+    }
+
+    fn restore(&mut self, state: GedState) -> Result<(), PersistError> {
+        self.pending = state.pending;
+        self.raised = state.raised;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,6 +153,31 @@ mod tests {
         ged.read(0, &mut data);
         assert_eq!(data, [0; 4], "read once");
         assert_eq!(ged.raised(), 2);
+    }
+
+    #[test]
+    fn pending_events_survive_a_snapshot_and_are_read_once_after() {
+        let mut ged = Ged::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        ged.notify(EVENT_CPU_HOTPLUG).unwrap();
+        let bytes = crate::persist::Snapshottable::save_bytes(&mut ged).unwrap();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut restored = Ged::new(irq.try_clone().unwrap());
+        crate::persist::Snapshottable::restore_bytes(&mut restored, &bytes).unwrap();
+        assert_eq!(restored.pending(), EVENT_CPU_HOTPLUG);
+        assert_eq!(restored.raised(), 1);
+        assert!(
+            irq.read().is_err(),
+            "the restore raises no second interrupt"
+        );
+        let mut data = [0u8; 4];
+        restored.read(0, &mut data);
+        assert_eq!(u32::from_le_bytes(data), EVENT_CPU_HOTPLUG);
+        restored.read(0, &mut data);
+        assert_eq!(data, [0; 4]);
+        assert!(
+            crate::persist::Snapshottable::restore_bytes(&mut restored, &[0xff]).is_err(),
+            "a truncated state is refused"
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! probing them is told "nothing here" by a device the VMM placed, and the exits are known,
 //! not unknown.
 
+use crate::persist::{Persist, PersistError};
 use crate::BusDevice;
 
 /// The port ranges `(base, len)` a Linux guest is known to probe where a microVM has nothing
@@ -37,6 +38,17 @@ impl BusDevice for Absent {
     }
 
     fn write(&mut self, _offset: u64, _data: &[u8]) {}
+}
+
+/// Nothing to save: it has no state.
+impl Persist for Absent {
+    type State = ();
+
+    fn save(&mut self) {}
+
+    fn restore(&mut self, _state: ()) -> Result<(), PersistError> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]

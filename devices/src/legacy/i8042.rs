@@ -168,6 +168,45 @@ impl<T: Trigger> I8042<T> {
     }
 }
 
+/// The controller's registers and the bytes waiting for the guest.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct I8042State {
+    pub status: u8,
+    pub control: u8,
+    pub out: Vec<u8>,
+    pub pending_command: Option<u8>,
+    pub pending_kbd: Option<u8>,
+}
+
+impl<T: Trigger> crate::persist::Persist for I8042<T> {
+    type State = I8042State;
+
+    fn save(&mut self) -> I8042State {
+        I8042State {
+            status: self.status,
+            control: self.control,
+            out: self.out.iter().copied().collect(),
+            pending_command: self.pending_command,
+            pending_kbd: self.pending_kbd,
+        }
+    }
+
+    fn restore(&mut self, s: I8042State) -> Result<(), crate::persist::PersistError> {
+        if s.out.len() > OUT_CAPACITY {
+            return Err(crate::persist::PersistError::Mismatch(format!(
+                "i8042: {} bytes waiting, it holds {OUT_CAPACITY}",
+                s.out.len()
+            )));
+        }
+        self.status = s.status;
+        self.control = s.control;
+        self.out = s.out.into_iter().collect();
+        self.pending_command = s.pending_command;
+        self.pending_kbd = s.pending_kbd;
+        Ok(())
+    }
+}
+
 impl<T: Trigger + Send> BusDevice for I8042<T> {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);

@@ -85,6 +85,51 @@ impl SerialDevice {
     }
 }
 
+/// The UART's registers and receive FIFO.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialDeviceState(#[serde(with = "SerialStateDef")] pub vm_superio::serial::SerialState);
+
+/// `vm_superio::serial::SerialState` for serde's remote derive (vm-superio has no serde).
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(remote = "vm_superio::serial::SerialState")]
+struct SerialStateDef {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+impl crate::persist::Persist for SerialDevice {
+    type State = SerialDeviceState;
+
+    fn save(&mut self) -> SerialDeviceState {
+        SerialDeviceState(self.uart.state())
+    }
+
+    fn restore(&mut self, s: SerialDeviceState) -> Result<(), crate::persist::PersistError> {
+        use crate::persist::PersistError;
+        let state = s.0;
+        let fd = |e: std::io::Error| PersistError::Restore(format!("serial: {e}"));
+        let irq = IrqTrigger(self.uart.interrupt_evt().0.try_clone().map_err(fd)?);
+        let events = self.uart.events();
+        let hooks = SerialHooks {
+            input_drained: events.input_drained.try_clone().map_err(fd)?,
+            counters: events.counters.clone(),
+        };
+        let out = std::mem::replace(self.uart.writer_mut(), Box::new(std::io::sink()));
+        self.uart = Serial::from_state(&state, irq, hooks, out).map_err(|e| {
+            PersistError::Mismatch(format!("serial: {e:?} (receive FIFO too long)"))
+        })?;
+        Ok(())
+    }
+}
+
 impl BusDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);

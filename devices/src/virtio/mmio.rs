@@ -14,6 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActivateContext, DeviceCounters, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::bus::BusDevice;
+use crate::persist::{Persist, PersistError};
 
 /// Size of one device's MMIO window.
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
@@ -326,6 +327,111 @@ impl MmioTransport {
     }
 }
 
+/// One queue's registers and ring positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueRegisters(#[serde(with = "QueueStateDef")] pub virtio_queue::QueueState);
+
+/// `virtio_queue::QueueState` for serde's remote derive (virtio-queue has no serde).
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(remote = "virtio_queue::QueueState")]
+struct QueueStateDef {
+    pub max_size: u16,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+/// The transport's registers, its queues, the pending interrupt bits and the device's own
+/// state.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransportState {
+    pub device_type: u32,
+    pub device_features_select: u32,
+    pub driver_features_select: u32,
+    pub acked_features: u64,
+    pub queue_select: u32,
+    pub queues: Vec<QueueRegisters>,
+    pub status: u32,
+    pub config_generation: u32,
+    pub interrupt_status: u32,
+    pub device: Vec<u8>,
+}
+
+impl Persist for MmioTransport {
+    type State = TransportState;
+
+    fn save(&mut self) -> TransportState {
+        // The device's rings advanced past the transport's copy: its queues are the truth.
+        let device = lock(&self.device).save_bytes();
+        let device = device.unwrap_or_else(|e| {
+            tracing::error!("virtio-mmio: device state not saved: {e}");
+            Vec::new()
+        });
+        let active = lock(&self.device).queue_states();
+        TransportState {
+            device_type: lock(&self.device).device_type(),
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            acked_features: self.acked_features,
+            queue_select: self.queue_select,
+            queues: self
+                .queues
+                .iter()
+                .enumerate()
+                .map(|(i, q)| QueueRegisters(active.get(i).copied().unwrap_or_else(|| q.state())))
+                .collect(),
+            status: self.status,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            device,
+        }
+    }
+
+    /// Registers first, then the device starts on the saved queues (as at DRIVER_OK), then it
+    /// takes back its own state; a pending interrupt is raised again.
+    fn restore(&mut self, s: TransportState) -> Result<(), PersistError> {
+        let device_type = lock(&self.device).device_type();
+        if s.device_type != device_type || s.queues.len() != self.queues.len() {
+            return Err(PersistError::Mismatch(format!(
+                "saved virtio type {} with {} queues, this device is type {device_type} with {}",
+                s.device_type,
+                s.queues.len(),
+                self.queues.len()
+            )));
+        }
+        self.queues = s
+            .queues
+            .iter()
+            .map(|q| Queue::try_from(q.0))
+            .collect::<Result<_, _>>()
+            .map_err(|e| PersistError::Mismatch(format!("queue: {e}")))?;
+        self.device_features_select = s.device_features_select;
+        self.driver_features_select = s.driver_features_select;
+        self.acked_features = s.acked_features;
+        self.queue_select = s.queue_select;
+        self.status = s.status;
+        self.config_generation = s.config_generation;
+        if self.status & STATUS_DRIVER_OK != 0 && self.status & STATUS_DEVICE_NEEDS_RESET == 0 {
+            self.activate();
+            if self.status & STATUS_DEVICE_NEEDS_RESET != 0 {
+                return Err(PersistError::Restore(format!(
+                    "virtio type {device_type} did not start on its saved queues"
+                )));
+            }
+        }
+        lock(&self.device).restore_bytes(&s.device)?;
+        if s.interrupt_status != 0 {
+            self.interrupt.raise(s.interrupt_status);
+        }
+        Ok(())
+    }
+}
+
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_SPACE {
@@ -401,12 +507,26 @@ pub(crate) mod tests {
             self.activated = Some(ctx.acked_features);
             Ok(())
         }
+        fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+            Vec::new()
+        }
         fn reset(&mut self) {
             self.resets += 1;
             self.activated = None;
         }
         fn counters(&self) -> Arc<DeviceCounters> {
             self.counters.clone()
+        }
+    }
+
+    impl crate::persist::Persist for Dummy {
+        type State = u32;
+        fn save(&mut self) -> u32 {
+            self.resets
+        }
+        fn restore(&mut self, resets: u32) -> Result<(), crate::persist::PersistError> {
+            self.resets = resets;
+            Ok(())
         }
     }
 
@@ -509,6 +629,40 @@ pub(crate) mod tests {
         );
         assert!(dev.lock().unwrap().activated.is_some());
         assert_eq!(evt.read().unwrap(), 1, "the ready queue is signalled once");
+    }
+
+    #[test]
+    fn a_restored_transport_starts_its_device_on_the_saved_queues() {
+        let (mut t, dev) = transport();
+        driver_init(&mut t, 1, 0b100);
+        setup_queue(&mut t);
+        w32(
+            &mut t,
+            0x70,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+        dev.lock().unwrap().resets = 7;
+        t.interrupt.raise(crate::virtio::INTERRUPT_USED_RING);
+        let saved = crate::persist::Snapshottable::save_bytes(&mut t).unwrap();
+
+        let (mut fresh, fresh_dev) = transport();
+        crate::persist::Snapshottable::restore_bytes(&mut fresh, &saved).unwrap();
+        assert_eq!(fresh_dev.lock().unwrap().activated, Some((1 << 32) | 0b100));
+        assert_eq!(
+            fresh_dev.lock().unwrap().resets,
+            7,
+            "the device's own state"
+        );
+        assert_eq!(r32(&mut fresh, 0x70) & STATUS_DRIVER_OK, STATUS_DRIVER_OK);
+        assert_eq!(r32(&mut fresh, 0x44), 1, "queue 0 ready");
+        assert_eq!(r32(&mut fresh, 0x60), crate::virtio::INTERRUPT_USED_RING);
+
+        // A state for a device of another type is refused.
+        let mut state: TransportState = crate::persist::decode(&saved).unwrap();
+        state.device_type = 2;
+        let (mut other, _) = transport();
+        let e = other.restore(state).unwrap_err();
+        assert!(e.to_string().contains("type 2"), "{e}");
     }
 
     #[test]

@@ -22,6 +22,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events};
+
+use crate::persist::Snapshottable;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
@@ -66,6 +68,11 @@ impl VirtioInterrupt {
     /// Tells the driver that the configuration space (or the device state) changed.
     pub fn signal_config_change(&self) {
         self.signal(INTERRUPT_CONFIG_CHANGE);
+    }
+
+    /// Sets `bits` (a restored device's pending interrupt) and raises the line.
+    pub fn raise(&self, bits: u32) {
+        self.signal(bits);
     }
 
     fn signal(&self, bit: u32) {
@@ -130,6 +137,11 @@ pub struct ActiveQueues<const N: usize> {
 }
 
 impl<const N: usize> ActiveQueues<N> {
+    /// Every queue's registers and positions now.
+    pub fn states(&self) -> Vec<virtio_queue::QueueState> {
+        self.queues.iter().map(|q| q.state()).collect()
+    }
+
     /// Takes what a device with exactly `N` queues starts with.
     pub fn new(ctx: ActivateContext) -> Result<Self, ActivateError> {
         let got = ctx.queues.len();
@@ -194,8 +206,9 @@ pub enum ActivateError {
     Other(String),
 }
 
-/// A virtio device behind a transport.
-pub trait VirtioDevice: Send {
+/// A virtio device behind a transport. Its snapshot state ([`Snapshottable`], through
+/// [`crate::persist::Persist`]) is what it holds beyond the transport's registers and queues.
+pub trait VirtioDevice: Snapshottable + Send {
     fn device_type(&self) -> u32;
     /// Maximum size of each queue; the number of entries is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];
@@ -218,6 +231,8 @@ pub trait VirtioDevice: Send {
         0
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
+    /// The device's queues as it has advanced them since activation (none while inactive).
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState>;
     /// Back to the state before activation (the driver wrote 0 to Status).
     fn reset(&mut self);
     fn counters(&self) -> Arc<DeviceCounters>;

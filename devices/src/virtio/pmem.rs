@@ -19,7 +19,10 @@ use super::{
     pop_chain, read_config_bytes, watch_fds, ActivateContext, ActivateError, ActiveQueues,
     DeviceCounters, VirtioDevice, TYPE_PMEM, VIRTIO_F_VERSION_1,
 };
-use crate::rate_limiter::{Cost, RateLimiter, RateLimiterConfig, RateLimiterError};
+use crate::persist::{Persist, PersistError};
+use crate::rate_limiter::{
+    Cost, RateLimiter, RateLimiterConfig, RateLimiterError, RateLimiterState,
+};
 
 pub const QUEUE_SIZE: u16 = 256;
 /// The guest region's alignment and size granule (Linux maps it in 2 MiB sections).
@@ -282,12 +285,39 @@ impl VirtioDevice for Pmem {
         Ok(())
     }
 
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active
+            .as_ref()
+            .map_or_else(Vec::new, ActiveQueues::states)
+    }
+
     fn reset(&mut self) {
         self.active = None;
     }
 
     fn counters(&self) -> Arc<DeviceCounters> {
         self.counters.clone()
+    }
+}
+
+/// What a pmem device holds beyond its configuration: its rate limiter's fill. Its data is the
+/// file's (a shared mapping, like a drive's file), reopened and mapped again by path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PmemState {
+    pub limiter: RateLimiterState,
+}
+
+impl Persist for Pmem {
+    type State = PmemState;
+
+    fn save(&mut self) -> PmemState {
+        PmemState {
+            limiter: self.limiter.save(),
+        }
+    }
+
+    fn restore(&mut self, state: PmemState) -> Result<(), PersistError> {
+        self.limiter.restore(state.limiter)
     }
 }
 

@@ -12,7 +12,30 @@ use super::{
     pop_chain, watch_fds, ActivateContext, ActivateError, ActiveQueues, DeviceCounters,
     VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1,
 };
-use crate::rate_limiter::{Cost, RateLimiter, RateLimiterConfig, RateLimiterError};
+use crate::persist::{Persist, PersistError};
+use crate::rate_limiter::{
+    Cost, RateLimiter, RateLimiterConfig, RateLimiterError, RateLimiterState,
+};
+
+/// What the entropy device holds beyond its configuration: its rate limiter's fill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RngState {
+    pub limiter: RateLimiterState,
+}
+
+impl Persist for Rng {
+    type State = RngState;
+
+    fn save(&mut self) -> RngState {
+        RngState {
+            limiter: self.limiter.save(),
+        }
+    }
+
+    fn restore(&mut self, state: RngState) -> Result<(), PersistError> {
+        self.limiter.restore(state.limiter)
+    }
+}
 
 pub const QUEUE_SIZE: u16 = 256;
 /// Bytes served per request at most: larger buffers get this much (the spec allows short fills).
@@ -147,6 +170,12 @@ impl VirtioDevice for Rng {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         self.active = Some(ActiveQueues::new(ctx)?);
         Ok(())
+    }
+
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active
+            .as_ref()
+            .map_or_else(Vec::new, ActiveQueues::states)
     }
 
     fn reset(&mut self) {

@@ -11,10 +11,12 @@
 
 use super::{check_param, DecayHistogram, Forecast, ForecastError, Forecaster, Horizon};
 use crate::math;
+use crate::persist::Persist;
 use crate::sample::Signals;
+use serde::{Deserialize, Serialize};
 
-/// A model that only predicts the expected value.
-pub trait PointModel: Send {
+/// A model that only predicts the expected value; plain data, so that a snapshot holds it.
+pub trait PointModel: Send + Persist {
     fn name(&self) -> &'static str;
     fn update(&mut self, value: f64);
     /// An update with the window's other signals (leading indicators), for models that use them.
@@ -25,7 +27,7 @@ pub trait PointModel: Send {
     fn point(&self, h: Horizon) -> f64;
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BandConfig {
     /// The horizon whose errors calibrate the band.
     pub horizon: Horizon,
@@ -94,7 +96,7 @@ impl BandConfig {
 }
 
 /// A running mean that forgets with a half-life.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 struct Decayed {
     keep: f64,
     mean: f64,
@@ -118,17 +120,19 @@ impl Decayed {
 }
 
 /// The volatility scale errors are measured in: their mean absolute size.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 struct Volatility {
     abs_error: Decayed,
 }
 
 /// A [`PointModel`] with an error band. The forecasters exported as type aliases
 /// ([`super::Ewma`], [`super::Holt`], ...) are all this wrapper.
+#[derive(Serialize, Deserialize)]
 pub struct Banded<M> {
     model: M,
     cfg: BandConfig,
     /// Forecasts for `cfg.horizon` windows ahead, oldest at `head` once full.
+    #[serde(with = "crate::persist::array")]
     pending: [f64; Horizon::MAX],
     head: usize,
     filled: usize,
@@ -168,6 +172,22 @@ impl<M: PointModel> Banded<M> {
         self.volatility
             .as_ref()
             .map_or(1.0, |v| v.abs_error.mean.max(self.cfg.min_unit))
+    }
+}
+
+impl<M: PointModel> Persist for Banded<M> {
+    fn fits(&self, fresh: &Self) -> Result<(), String> {
+        let h = fresh.cfg.horizon.get();
+        if self.cfg.horizon != fresh.cfg.horizon || self.head >= h || self.filled > h {
+            return Err(format!(
+                "band of horizon {} at {}/{}; this one's horizon is {h}",
+                self.cfg.horizon.get(),
+                self.head,
+                self.filled
+            ));
+        }
+        self.errors.fits(&fresh.errors)?;
+        self.model.fits(&fresh.model)
     }
 }
 
@@ -231,7 +251,9 @@ mod tests {
     use super::*;
 
     /// Always predicts a fixed value, so the band is pure error statistics.
+    #[derive(Serialize, Deserialize)]
     struct Constant(f64);
+    impl Persist for Constant {}
     impl PointModel for Constant {
         fn name(&self) -> &'static str {
             "constant"
@@ -287,7 +309,9 @@ mod tests {
     }
 
     /// A point model that predicts the last value it saw, at every horizon.
+    #[derive(Serialize, Deserialize)]
     struct Last(f64);
+    impl Persist for Last {}
 
     impl PointModel for Last {
         fn name(&self) -> &'static str {

@@ -14,6 +14,7 @@
 
 use super::{Forecast, ForecastError, Forecaster, Horizon};
 use crate::math;
+use crate::persist::{self, same_len, PersistError, SavedForecaster, SavedState};
 use crate::sample::Signals;
 use serde::{Deserialize, Serialize};
 
@@ -133,6 +134,61 @@ impl Ensemble {
     }
 }
 
+/// What an ensemble has learned: each expert's own state and the experts' record (the decay
+/// and learning rate follow from the configuration).
+#[derive(Serialize, Deserialize)]
+struct EnsembleState {
+    experts: Vec<SavedForecaster>,
+    loss: Vec<f64>,
+    weights: Vec<f64>,
+    pending: Vec<Forecast>,
+    has_pending: bool,
+    quantile: f64,
+}
+
+impl SavedState for Ensemble {
+    fn save_state(&self) -> Result<Vec<u8>, PersistError> {
+        let experts = self
+            .experts
+            .iter()
+            .map(|e| SavedForecaster::save(e.name(), e.as_ref()))
+            .collect::<Result<_, _>>()?;
+        persist::encode(&EnsembleState {
+            experts,
+            loss: self.loss.clone(),
+            weights: self.weights.clone(),
+            pending: self.pending.clone(),
+            has_pending: self.has_pending,
+            quantile: self.quantile,
+        })
+    }
+
+    /// The experts are checked by name and restored one by one: on an error part of them may
+    /// have their saved state (see `Policy::restore_state`).
+    fn restore_state(&mut self, bytes: &[u8]) -> Result<(), PersistError> {
+        let s: EnsembleState = persist::decode(bytes)?;
+        let n = self.experts.len();
+        for (what, len) in [
+            ("ensemble experts", s.experts.len()),
+            ("ensemble losses", s.loss.len()),
+            ("ensemble weights", s.weights.len()),
+            ("ensemble forecasts", s.pending.len()),
+        ] {
+            same_len(what, len, n).map_err(PersistError::Mismatch)?;
+        }
+        for (saved, e) in s.experts.iter().zip(&mut self.experts) {
+            let name = e.name();
+            saved.restore(name, e.as_mut())?;
+        }
+        self.loss = s.loss;
+        self.weights = s.weights;
+        self.pending = s.pending;
+        self.has_pending = s.has_pending;
+        self.quantile = s.quantile.clamp(0.5, 1.0);
+        Ok(())
+    }
+}
+
 impl Forecaster for Ensemble {
     fn name(&self) -> &'static str {
         "ensemble"
@@ -218,6 +274,39 @@ mod tests {
             EnsembleConfig::default(),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn a_saved_ensemble_comes_back_whole_and_only_into_the_same_experts() {
+        let mut e = two(11.0, 20.0);
+        e.set_quantile(0.99);
+        for _ in 0..50 {
+            e.observe(15.0);
+        }
+        let saved = e.save_state().unwrap();
+        let mut back = two(0.0, 0.0);
+        back.restore_state(&saved).unwrap();
+        assert_eq!(back.weights(), e.weights());
+        assert_eq!(back.leader(), e.leader());
+        // The experts' own state (their levels) came back too.
+        assert_eq!(back.forecast(Horizon::ONE), e.forecast(Horizon::ONE));
+        for _ in 0..20 {
+            e.observe(12.0);
+            back.observe(12.0);
+        }
+        assert_eq!(back.weights(), e.weights());
+
+        let mut renamed = Ensemble::new(
+            vec![Box::new(Fixed("a", 0.0)), Box::new(Fixed("c", 0.0))],
+            EnsembleConfig::default(),
+        )
+        .unwrap();
+        let err = renamed.restore_state(&saved).unwrap_err().to_string();
+        assert!(err.contains(r#"saved "b""#), "{err}");
+        let mut fewer =
+            Ensemble::new(vec![Box::new(Fixed("a", 0.0))], EnsembleConfig::default()).unwrap();
+        let err = fewer.restore_state(&saved).unwrap_err().to_string();
+        assert!(err.contains("ensemble experts"), "{err}");
     }
 
     #[test]

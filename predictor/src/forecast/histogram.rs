@@ -3,10 +3,12 @@
 
 use super::{check_param, ForecastError};
 use crate::math;
+use crate::persist::{same_len, Persist};
+use serde::{Deserialize, Serialize};
 
 /// Weights grow as `2^(age/half_life)` instead of old buckets being multiplied down each
 /// step, so an insert is O(1); everything is rescaled once the weights near overflow.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DecayHistogram {
     first: f64,
     ratio: f64,
@@ -26,6 +28,23 @@ pub struct DecayHistogram {
 const NEGLIGIBLE: f64 = 1e-12;
 
 const RESCALE_AT: f64 = 1e100;
+
+impl Persist for DecayHistogram {
+    fn fits(&self, fresh: &Self) -> Result<(), String> {
+        same_len("histogram buckets", self.weights.len(), fresh.weights.len())?;
+        let empty = self.lowest == usize::MAX && self.highest == 0;
+        let inside = self.lowest <= self.highest && self.highest < self.weights.len();
+        if !(empty || inside) {
+            return Err(format!(
+                "histogram occupies buckets {}..={} of {}",
+                self.lowest,
+                self.highest,
+                self.weights.len()
+            ));
+        }
+        Ok(())
+    }
+}
 
 impl DecayHistogram {
     /// Buckets are `[0, first]`, then `(first*ratio^(i-1), first*ratio^i]` up to `max`.
@@ -215,5 +234,34 @@ mod tests {
         h.add(-5.0);
         assert_eq!(h.quantile(0.1), 1.0);
         assert!(h.quantile(0.99) >= 1024.0);
+    }
+
+    #[test]
+    fn a_restored_histogram_must_have_the_buckets_it_indexes() {
+        use crate::persist::{encode, PersistError, SavedState};
+        let mut h = hist(8.0);
+        for v in [3.0, 200.0, 9.0] {
+            h.add(v);
+        }
+        let mut fresh = hist(8.0);
+        fresh.restore_state(&encode(&h).unwrap()).unwrap();
+        assert_eq!(fresh.quantile(0.9), h.quantile(0.9));
+        // A crafted state whose occupied range runs past its buckets is refused, not indexed.
+        let mut bad = h.clone();
+        bad.highest = bad.weights.len();
+        let e = fresh.restore_state(&encode(&bad).unwrap()).unwrap_err();
+        assert!(
+            matches!(&e, PersistError::Mismatch(m) if m.contains("occupies")),
+            "{e}"
+        );
+        bad = h.clone();
+        bad.weights.pop();
+        let e = fresh.restore_state(&encode(&bad).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("histogram buckets"), "{e}");
+        assert_eq!(
+            fresh.quantile(0.9),
+            h.quantile(0.9),
+            "a refused state changes nothing"
+        );
     }
 }

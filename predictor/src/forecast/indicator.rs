@@ -10,10 +10,12 @@
 //! then weighs it like any other expert.
 
 use super::{BandConfig, Banded, ForecastError, Horizon, PointModel};
+use crate::persist::Persist;
 use crate::sample::Signals;
+use serde::{Deserialize, Serialize};
 
 /// Which window counter leads a resource.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LeadingIndicator {
     /// Page faults (memory).
     Faults,
@@ -40,6 +42,7 @@ const FORGET: f64 = 0.99;
 /// Damping of the predicted change over further horizons (as the Holt preset's).
 const DAMP: f64 = 0.9;
 
+#[derive(Serialize, Deserialize)]
 pub struct IndicatorModel {
     indicator: LeadingIndicator,
     /// Coefficients and the inverse-covariance estimate of recursive least squares.
@@ -94,6 +97,8 @@ impl IndicatorModel {
         }
     }
 }
+
+impl Persist for IndicatorModel {}
 
 impl PointModel for IndicatorModel {
     fn name(&self) -> &'static str {

@@ -19,6 +19,7 @@ pub use preset::Preset;
 pub use recurrent::{GruWeights, Recurrent, RecurrentError, RecurrentModel};
 pub use smoothing::{Ewma, EwmaLevel, Holt, HoltTrend, LastValue, LastValueModel};
 
+use crate::persist::SavedState;
 use crate::sample::Signals;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -101,8 +102,9 @@ pub struct Forecast {
     pub upper: f64,
 }
 
-/// A per-resource demand predictor fed one observation per window.
-pub trait Forecaster: Send {
+/// A per-resource demand predictor fed one observation per window. Its state goes into VM
+/// snapshots through [`SavedState`] (derive serde and implement [`crate::persist::Persist`]).
+pub trait Forecaster: Send + SavedState {
     fn name(&self) -> &'static str;
     fn observe(&mut self, value: f64);
     /// One window's value with the window's other signals, for forecasters that use leading
@@ -135,6 +137,17 @@ pub(crate) mod testing {
 
     /// Always forecasts `level` (point and upper), warm from the start.
     pub struct Level(pub &'static str, pub f64);
+
+    /// Its level is its state (its name is `'static`, so it cannot derive serde).
+    impl crate::persist::SavedState for Level {
+        fn save_state(&self) -> Result<Vec<u8>, crate::persist::PersistError> {
+            crate::persist::encode(&self.1)
+        }
+        fn restore_state(&mut self, bytes: &[u8]) -> Result<(), crate::persist::PersistError> {
+            self.1 = crate::persist::decode(bytes)?;
+            Ok(())
+        }
+    }
 
     impl Forecaster for Level {
         fn name(&self) -> &'static str {

@@ -2,8 +2,10 @@
 //! Autopilot: recommend a high percentile of recent usage plus a safety margin.
 
 use super::{check_param, DecayHistogram, Forecast, ForecastError, Forecaster, Horizon};
+use crate::persist::Persist;
+use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PercentileConfig {
     /// Half-life of samples, in windows.
     pub half_life: f64,
@@ -47,6 +49,7 @@ impl Default for PercentileConfig {
 
 /// The forecast does not depend on the horizon: a percentile of the recent past is the
 /// prediction for any future window.
+#[derive(Serialize, Deserialize)]
 pub struct DecayingHistogram {
     cfg: PercentileConfig,
     hist: DecayHistogram,
@@ -66,6 +69,12 @@ impl DecayingHistogram {
             median: 0.0,
             high: 0.0,
         })
+    }
+}
+
+impl Persist for DecayingHistogram {
+    fn fits(&self, fresh: &Self) -> Result<(), String> {
+        self.hist.fits(&fresh.hist)
     }
 }
 

@@ -6,7 +6,9 @@
 
 use super::{BandConfig, Banded, ForecastError, Horizon, PointModel};
 use crate::math;
+use crate::persist::{same_len, Persist};
 use safetensors::tensor::{Dtype, SafeTensorError, SafeTensors, TensorView};
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -75,7 +77,7 @@ pub fn write_tensors(tensors: &[(&str, Vec<usize>, &[f32])]) -> Result<Vec<u8>, 
 }
 
 /// GRU cell plus linear head, row-major like PyTorch.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GruWeights {
     pub hidden: usize,
     pub outputs: usize,
@@ -220,7 +222,9 @@ impl GruWeights {
     }
 }
 
-/// The GRU as a [`PointModel`]; the hidden state persists across windows.
+/// The GRU as a [`PointModel`]; the hidden state persists across windows. A snapshot holds
+/// its weights too (a few KiB): the hidden state means something only with them.
+#[derive(Serialize, Deserialize)]
 pub struct RecurrentModel {
     weights: Arc<GruWeights>,
     capacity: f64,
@@ -242,6 +246,30 @@ impl RecurrentModel {
             capacity: capacity.max(f64::MIN_POSITIVE),
             last: None,
         }
+    }
+}
+
+impl Persist for RecurrentModel {
+    fn fits(&self, _fresh: &Self) -> Result<(), String> {
+        let w = &self.weights;
+        let (n, g) = (w.hidden, 3 * w.hidden);
+        for (what, saved, need) in [
+            ("GRU input weights", w.w_ih.len(), g * INPUTS),
+            ("GRU recurrent weights", w.w_hh.len(), g * n),
+            ("GRU input biases", w.b_ih.len(), g),
+            ("GRU recurrent biases", w.b_hh.len(), g),
+            ("GRU head weights", w.head_w.len(), w.outputs * n),
+            ("GRU head biases", w.head_b.len(), w.outputs),
+            ("GRU hidden state", self.h.len(), n),
+            ("GRU scratch", self.scratch.len(), 6 * n),
+            ("GRU outputs", self.out.len(), w.outputs),
+        ] {
+            same_len(what, saved, need)?;
+        }
+        if !(1..=Horizon::MAX).contains(&w.outputs) {
+            return Err(format!("GRU with {} outputs", w.outputs));
+        }
+        Ok(())
     }
 }
 

@@ -1,10 +1,14 @@
 //! Exponential-smoothing point models: last value, EWMA level, Holt level + trend.
 
 use super::{check_param, BandConfig, Banded, ForecastError, Horizon, PointModel};
+use crate::persist::Persist;
+use serde::{Deserialize, Serialize};
 
 /// Tomorrow equals today.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct LastValueModel(f64);
+
+impl Persist for LastValueModel {}
 
 impl PointModel for LastValueModel {
     fn name(&self) -> &'static str {
@@ -19,7 +23,7 @@ impl PointModel for LastValueModel {
 }
 
 /// Exponentially weighted moving average: a level with no trend.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct EwmaLevel {
     alpha: f64,
     level: Option<f64>,
@@ -32,6 +36,8 @@ impl EwmaLevel {
         Ok(EwmaLevel { alpha, level: None })
     }
 }
+
+impl Persist for EwmaLevel {}
 
 impl PointModel for EwmaLevel {
     fn name(&self) -> &'static str {
@@ -49,7 +55,7 @@ impl PointModel for EwmaLevel {
 }
 
 /// Holt's linear method with optional damping of the trend.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct HoltTrend {
     alpha: f64,
     beta: f64,
@@ -57,6 +63,7 @@ pub struct HoltTrend {
     state: Option<(f64, f64)>,
     /// `phi + phi^2 + ... + phi^h` for h = 1..=50 (h itself when undamped), computed once:
     /// the policy asks for several horizons every window.
+    #[serde(with = "crate::persist::array")]
     damp: [f64; Horizon::MAX],
 }
 
@@ -88,6 +95,8 @@ impl HoltTrend {
         self.state
     }
 }
+
+impl Persist for HoltTrend {}
 
 impl PointModel for HoltTrend {
     fn name(&self) -> &'static str {

@@ -55,6 +55,9 @@ struct DeviceSource {
 pub struct Collector {
     period_ns: u64,
     start_ns: u64,
+    /// The window clock less the host's (wrapping): 0 for a VM that booted here, where the
+    /// snapshot's clock stood less the host's time at the restore for a restored one.
+    clock_offset_ns: u64,
     vcpus: Vec<VcpuSource>,
     devices: Vec<DeviceSource>,
     window: Window,
@@ -68,6 +71,7 @@ impl Collector {
         Ok(Collector {
             period_ns: period.as_nanos() as u64,
             start_ns,
+            clock_offset_ns: 0,
             vcpus: Vec::new(),
             devices: Vec::new(),
             window: Window::default(),
@@ -131,6 +135,18 @@ impl Collector {
         Ok(())
     }
 
+    /// The window clock at host time `now_ns`: windows are stamped with it (`t_ms`).
+    pub fn clock_ns(&self, now_ns: u64) -> u64 {
+        now_ns.wrapping_add(self.clock_offset_ns)
+    }
+
+    /// Goes on from a snapshot taken when the window clock read `clock_ns`: the window open
+    /// now starts there, so the time the VM spent saved is in no window.
+    pub fn resume_clock(&mut self, clock_ns: u64, now_ns: u64) {
+        self.clock_offset_ns = clock_ns.wrapping_sub(now_ns);
+        self.start_ns = now_ns;
+    }
+
     /// Whether the current window has run its full period.
     pub fn due(&self, now_ns: u64) -> bool {
         now_ns.saturating_sub(self.start_ns) >= self.period_ns
@@ -188,7 +204,7 @@ impl Collector {
                 written_bytes: d.written_bytes,
             };
         }
-        self.window.start_ns = self.start_ns;
+        self.window.start_ns = self.clock_ns(self.start_ns);
         self.window.duration_ns = now_ns - self.start_ns;
         self.window.memory = inputs.memory;
         self.start_ns = now_ns;
@@ -211,6 +227,26 @@ mod tests {
             Collector::new(Duration::from_micros(10), 0),
             Err(CollectorError::WindowTooShort(_))
         ));
+    }
+
+    #[test]
+    fn a_resumed_clock_goes_on_from_the_snapshot_whatever_the_host_time() {
+        let none = WindowInputs {
+            kvm: &[],
+            cpu_ns: &[],
+            devices: &[],
+            memory: MemorySample::default(),
+        };
+        let mut c = Collector::new(DEFAULT_WINDOW, 5_000_000_000).unwrap();
+        assert_eq!(c.close(5_100_000_000, &none).unwrap().sample().t_ms, 5_000);
+        let saved = c.clock_ns(5_150_000_000);
+        // Restored on a host whose clock is behind: windows go on from 5150 ms.
+        let mut r = Collector::new(DEFAULT_WINDOW, 2_000_000_000).unwrap();
+        r.resume_clock(saved, 2_000_000_000);
+        let w = r.close(2_100_000_000, &none).unwrap();
+        assert_eq!((w.sample().t_ms, w.duration_ns), (5_150, 100_000_000));
+        assert_eq!(r.close(2_200_000_000, &none).unwrap().sample().t_ms, 5_250);
+        assert_eq!(r.clock_ns(2_200_000_000), 5_350_000_000);
     }
 
     #[test]

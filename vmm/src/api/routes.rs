@@ -45,9 +45,6 @@ struct SeccompStage {
     stage: crate::seccomp::Stage,
 }
 
-/// Paths of Firecracker's API that need features prescient does not have yet.
-const NOT_YET: [(&str, &str); 1] = [("/snapshot/", "snapshots")];
-
 fn parse_body<T: DeserializeOwned>(req: &Request) -> Result<T, Response> {
     if req.body.is_empty() {
         return Err(Response::fault(
@@ -244,6 +241,10 @@ pub fn route(req: &Request) -> Routed {
             action(since(&req.query).map(|since| VmmAction::GetPredictorDecisions { since }))
         }
         ("/predictor/decisions", _) => method_not_allowed(req, "GET"),
+        ("/snapshot/create", "PUT") => action(parse_body(req).map(VmmAction::CreateSnapshot)),
+        ("/snapshot/create", _) => method_not_allowed(req, "PUT"),
+        ("/snapshot/load", "PUT") => action(parse_body(req).map(VmmAction::LoadSnapshot)),
+        ("/snapshot/load", _) => method_not_allowed(req, "PUT"),
         (path, method) if path.starts_with("/network-interfaces/") => {
             let id = &path["/network-interfaces/".len()..];
             match method {
@@ -283,16 +284,10 @@ pub fn route(req: &Request) -> Routed {
                 _ => method_not_allowed(req, "PUT, PATCH"),
             }
         }
-        (path, _) => match NOT_YET.iter().find(|(prefix, _)| path.starts_with(prefix)) {
-            Some((_, what)) => Routed::Reply(Response::fault(
-                400,
-                format!("{what} are not supported by this prescient build yet"),
-            )),
-            None => Routed::Reply(Response::fault(
-                400,
-                format!("Invalid request method and/or path: {} {path}.", req.method),
-            )),
-        },
+        (path, _) => Routed::Reply(Response::fault(
+            400,
+            format!("Invalid request method and/or path: {} {path}.", req.method),
+        )),
     }
 }
 
@@ -404,7 +399,17 @@ mod tests {
         assert_eq!(r.status, 400);
         assert!(r.body.contains("missing field `amount_mib`"), "{}", r.body);
         let r = reply(route(&req("PUT", "/snapshot/create", "{}")));
-        assert!(r.body.contains("snapshots are not supported"), "{}", r.body);
+        assert!(
+            r.body.contains("missing field `snapshot_path`"),
+            "{}",
+            r.body
+        );
+        let r = reply(route(&req(
+            "PUT",
+            "/snapshot/load",
+            r#"{"snapshot_path": "s", "mem_backend": {"backend_type": "Disk", "backend_path": "m"}}"#,
+        )));
+        assert!(r.body.contains("mem_backend.backend_type"), "{}", r.body);
         let r = reply(route(&req("DELETE", "/hotplug/memory", "")));
         assert_eq!(r.status, 400);
         let r = reply(route(&req(

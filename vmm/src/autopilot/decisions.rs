@@ -71,6 +71,16 @@ impl DecisionLog {
         seq
     }
 
+    /// The sequence number the next decision gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Numbers the next decision `seq` (a restored VM's log goes on from its snapshot's).
+    pub fn continue_from(&mut self, seq: u64) {
+        self.next_seq = self.next_seq.max(seq);
+    }
+
     /// Decisions with `seq >= since`.
     pub fn since(&self, since: u64) -> DecisionPage {
         let first = self.entries.front().map_or(self.next_seq, |e| e.seq);

@@ -9,6 +9,7 @@ pub mod decisions;
 pub mod host;
 pub mod inputs;
 pub mod kvm_stats;
+pub mod persist;
 pub mod responder;
 pub mod status;
 pub mod window;
@@ -202,8 +203,12 @@ impl Autopilot {
         self.actuators.add(Box::new(SeccompStage));
 
         // The devices start at the policy's initial allocation (the budget's maximum until the
-        // forecasters have warmed up), so the guest is never short while the predictor learns.
-        let initial = *self.policy.allocation();
+        // forecasters have warmed up), so the guest is never short while the predictor learns;
+        // a restored VM at its snapshot's, its CPU at the minimum if a throttle held it.
+        let mut initial = *self.policy.allocation();
+        if self.responder.holds(Resource::Cpu) {
+            initial.cpu = self.policy.budget().0.cpu.min;
+        }
         let mut ctx = Context {
             vm,
             config,

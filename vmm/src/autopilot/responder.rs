@@ -23,6 +23,16 @@ impl Responder {
         self.throttled && resource == Resource::Cpu
     }
 
+    /// Whether a throttle holds the CPU (saved in a snapshot).
+    pub fn throttled(&self) -> bool {
+        self.throttled
+    }
+
+    /// Holds what a snapshot's responder held.
+    pub fn restore(&mut self, throttled: bool) {
+        self.throttled = throttled;
+    }
+
     /// Lets go of what earlier responses hold (a new configuration starts afresh).
     pub fn release(&mut self) {
         self.throttled = false;

@@ -57,6 +57,7 @@ pub fn attach(
         name: "acpi_ged".into(),
         kind: DeviceKind::Platform,
         counters: None,
+        persist: ged.clone(),
         aml: Ged::aml(ACPI_GED_START as u32, irq),
     })?;
 
@@ -73,6 +74,7 @@ pub fn attach(
         name: "cpu_hotplug".into(),
         kind: DeviceKind::Platform,
         counters: None,
+        persist: cpu_hotplug.clone(),
         aml: CpuHotplug::aml(CPU_HOTPLUG_START as u32, max),
     })?;
     Ok(AcpiDevices {

@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use devices::persist::{Persist, PersistError};
 use devices::BusDevice;
 use predictor::telemetry::DeviceKind;
 
@@ -68,19 +69,33 @@ impl BusDevice for BootTimer {
     }
 }
 
+/// Nothing to keep across a snapshot: the guest booted before it, and the time it measures is
+/// from the VM's build in this process.
+impl Persist for BootTimer {
+    type State = ();
+
+    fn save(&mut self) {}
+
+    fn restore(&mut self, _state: ()) -> Result<(), PersistError> {
+        Ok(())
+    }
+}
+
 /// Attaches the device when `--boot-timer` asked for it.
 pub fn attach(registry: &mut DeviceRegistry) -> Result<(), RegistryError> {
     if !enabled() {
         return Ok(());
     }
+    let timer = Arc::new(Mutex::new(BootTimer::now()));
     registry.attach(Attachment {
-        device: Arc::new(Mutex::new(BootTimer::now())),
+        device: timer.clone(),
         bus: Bus::Mmio,
         base: BOOT_TIMER_BASE,
         len: BOOT_TIMER_LEN,
         name: "boot_timer".into(),
         kind: DeviceKind::Platform,
         counters: None,
+        persist: timer,
         // Not in the DSDT: the guest writes to the address Firecracker documents.
         aml: Vec::new(),
     })?;

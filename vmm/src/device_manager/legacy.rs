@@ -135,6 +135,7 @@ pub fn attach(
     )));
     registry.attach(Attachment {
         device: serial.clone(),
+        persist: serial.clone(),
         bus: Bus::Pio,
         base: COM1_BASE,
         len: COM1_LEN,
@@ -153,6 +154,7 @@ pub fn attach(
     )));
     registry.attach(Attachment {
         device: i8042.clone(),
+        persist: i8042.clone(),
         bus: Bus::Pio,
         base: I8042_BASE,
         len: I8042_LEN,
@@ -163,9 +165,11 @@ pub fn attach(
     })?;
 
     let [(base, len), more @ ..] = ABSENT_PORTS;
+    let absent = Arc::new(Mutex::new(Absent));
     registry.attach_ranges(
         Attachment {
-            device: Arc::new(Mutex::new(Absent)),
+            device: absent.clone(),
+            persist: absent,
             bus: Bus::Pio,
             base,
             len,

@@ -160,8 +160,10 @@ impl MmioDeviceManager {
         let as_virtio: Arc<Mutex<dyn VirtioDevice>> = device.clone();
         let transport =
             MmioTransport::new(as_virtio, mem.clone(), interrupt).map_err(MmioError::EventFd)?;
+        let transport = Arc::new(Mutex::new(transport));
         registry.attach(Attachment {
-            device: Arc::new(Mutex::new(transport)),
+            device: transport.clone(),
+            persist: transport,
             bus: Bus::Mmio,
             base: slot.base,
             len: MMIO_WINDOW_SIZE,

@@ -30,12 +30,12 @@ mod tests {
     #[test]
     fn the_dsdt_of_every_attached_device_disassembles_cleanly() {
         let kvm = Kvm::new().unwrap();
-        let vm = Vm::new(&kvm).unwrap();
         let mem = crate::vstate::memory::create_guest_memory(
             64 << 20,
             crate::vmm_config::HugePages::None,
         )
         .unwrap();
+        let vm = Vm::new(&kvm, false, &mem).unwrap();
         let mut registry = DeviceRegistry::default();
         let mut events = EventManager::<Subscriber>::new().unwrap();
         let mut mmio = MmioDeviceManager::default();

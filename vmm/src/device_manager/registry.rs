@@ -5,6 +5,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use devices::persist::Snapshottable;
 use devices::virtio::DeviceCounters;
 use devices::{BusDevice, BusError};
 use predictor::telemetry::{DeviceId, DeviceKind, MAX_DEVICES};
@@ -61,6 +62,8 @@ pub struct RegisteredDevice {
     pub info: DeviceInfo,
     /// Requests it served, for devices that serve requests (virtio).
     pub counters: Option<Arc<DeviceCounters>>,
+    /// Its snapshot state, saved and restored under its name.
+    pub persist: Arc<Mutex<dyn Snapshottable>>,
     /// What it adds to the DSDT's `\_SB_` scope (AML), empty if the guest does not find it
     /// through ACPI.
     pub aml: Vec<u8>,
@@ -86,6 +89,7 @@ pub struct Attachment {
     pub name: String,
     pub kind: DeviceKind,
     pub counters: Option<Arc<DeviceCounters>>,
+    pub persist: Arc<Mutex<dyn Snapshottable>>,
     /// Its DSDT entry, written by whoever places it (it knows the range and the interrupt).
     pub aml: Vec<u8>,
 }
@@ -137,6 +141,7 @@ impl DeviceRegistry {
                 base: a.base,
             },
             counters: a.counters,
+            persist: a.persist,
             aml: a.aml,
         });
         Ok(id)
@@ -172,9 +177,19 @@ mod tests {
         fn write(&mut self, _offset: u64, _data: &[u8]) {}
     }
 
+    impl devices::persist::Persist for Nothing {
+        type State = ();
+        fn save(&mut self) {}
+        fn restore(&mut self, _: ()) -> Result<(), devices::persist::PersistError> {
+            Ok(())
+        }
+    }
+
     fn attachment(name: &str, bus: Bus, base: u64) -> Attachment {
+        let device = Arc::new(Mutex::new(Nothing));
         Attachment {
-            device: Arc::new(Mutex::new(Nothing)),
+            persist: device.clone(),
+            device,
             bus,
             base,
             len: 0x10,

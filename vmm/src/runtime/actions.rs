@@ -409,6 +409,14 @@ impl Runtime {
                 None => Err(ActionError::NoPredictor),
             },
             VmmAction::PatchPredictor(update) => self.patch_predictor(update),
+            VmmAction::CreateSnapshot(params) => {
+                self.create_snapshot(&params)?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::LoadSnapshot(params) => {
+                self.load_snapshot(&params)?;
+                Ok(VmmData::Empty)
+            }
             VmmAction::PutMmds(value) => {
                 self.mmds_in_use()?;
                 self.mmds().put(value)?;

@@ -14,7 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::autopilot::{now_ns, Autopilot};
-use crate::builder::build_microvm;
+use crate::builder::{assemble, Source};
 use crate::event_loop::{Subscriber, Wakeup};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::idle_trim::IdleTrim;
@@ -22,6 +22,7 @@ use crate::metrics::METRICS;
 use crate::microvm::MicroVm;
 use crate::rpc::{ActionError, ActionRequest};
 use crate::seccomp::{self, ThreadKind};
+use crate::snapshot::{self, CreateParams, LoadParams, SnapshotError};
 use crate::vmm_config::{HugePages, VmConfig};
 
 /// Errors of setting up the VMM thread.
@@ -183,6 +184,70 @@ impl Runtime {
     /// Boots the configured VM, then filters this thread's syscalls (after the vCPU threads
     /// started, so that they do not inherit the VMM thread's filter on top of their own).
     pub fn start(&mut self) -> Result<(), ActionError> {
+        self.launch(Source::Boot)
+    }
+
+    /// `PUT /snapshot/load`: a fresh VMM (nothing configured yet) runs the snapshot's VM, paused
+    /// unless `resume_vm`. A refused snapshot leaves this VMM as it was, serving its API.
+    pub fn load_snapshot(&mut self, params: &LoadParams) -> Result<(), ActionError> {
+        if self.vm.is_some() {
+            return Err(ActionError::NotAllowedAfterBoot);
+        }
+        if self.config != VmConfig::default() {
+            return Err(ActionError::LoadAfterConfiguration);
+        }
+        let start = std::time::Instant::now();
+        let load = |e: SnapshotError| ActionError::LoadSnapshot(e.to_string());
+        params.check_supported().map_err(load)?;
+        let state = snapshot::read_state(&params.snapshot_path).map_err(load)?;
+        let mut config = state.config(&params.snapshot_path).map_err(load)?;
+        params.apply_overrides(&mut config).map_err(load)?;
+        // Not part of the snapshot, as in Firecracker: the load request decides.
+        config.machine_config.track_dirty_pages = params.tracks_dirty_pages();
+        let memory_path = params.memory_path().map_err(load)?;
+        let memory = snapshot::open_memory(memory_path).map_err(load)?;
+        let memory_path = memory_path.display().to_string();
+        let before = std::mem::replace(&mut self.config, config);
+        let source = Source::Snapshot {
+            state: &state,
+            memory: &memory,
+            memory_path: &memory_path,
+            resume: params.resume_vm,
+        };
+        let result = self.launch(source);
+        if let Err(e) = result {
+            self.config = before;
+            return Err(ActionError::LoadSnapshot(e.to_string()));
+        }
+        tracing::info!(
+            "snapshot {} loaded ({}) in {:?}",
+            params.snapshot_path.display(),
+            if params.resume_vm {
+                "resumed"
+            } else {
+                "paused"
+            },
+            start.elapsed()
+        );
+        Ok(())
+    }
+
+    /// `PUT /snapshot/create`: the paused VM's state and memory to the files named.
+    pub fn create_snapshot(&mut self, params: &CreateParams) -> Result<(), ActionError> {
+        let vm = self.vm.as_mut().ok_or(ActionError::NotAllowedBeforeBoot)?;
+        let predictor = match &self.autopilot {
+            Some(a) => Some(
+                a.save_state(now_ns())
+                    .map_err(|e| ActionError::CreateSnapshot(e.to_string()))?,
+            ),
+            None => None,
+        };
+        snapshot::create(vm, &self.config, predictor, params)
+            .map(|_| ())
+            .map_err(|e| ActionError::CreateSnapshot(e.to_string()))
+    }
+
+    fn launch(&mut self, source: Source<'_>) -> Result<(), ActionError> {
         if self.vm.is_some() {
             return Err(ActionError::NotAllowedAfterBoot);
         }
@@ -198,7 +263,23 @@ impl Runtime {
         if let (Some(a), Some(w)) = (&mut autopilot, self.warm.take()) {
             a.warm_start(&w);
         }
-        let mut vm = build_microvm(&self.config, self.exit.clone(), &mut self.event_manager)?;
+        if let (Some(a), Source::Snapshot { state, .. }) = (&mut autopilot, &source) {
+            if let Some(saved) = &state.predictor {
+                // The VM runs the same either way; only the predictor would start cold.
+                if let Err(e) = a.restore_state(saved, &self.config.machine_config, now_ns()) {
+                    tracing::warn!("predictor starts cold: {e}");
+                }
+            }
+        }
+        // A restored VM's memory is its snapshot's file, mapped privately in 4 KiB pages: no
+        // huge pages to trim, and a page given back there would read the file again.
+        let anonymous_memory = matches!(source, Source::Boot);
+        let mut vm = assemble(
+            &self.config,
+            self.exit.clone(),
+            &mut self.event_manager,
+            source,
+        )?;
         if let Err(e) = self.attach_mmds(&vm) {
             vm.stop();
             return Err(e);
@@ -216,7 +297,7 @@ impl Runtime {
                 return Err(ActionError::Predictor(e.to_string()));
             }
         }
-        if self.config.machine_config.huge_pages == HugePages::Transparent {
+        if anonymous_memory && self.config.machine_config.huge_pages == HugePages::Transparent {
             match IdleTrim::start(&mut self.event_manager) {
                 Ok(t) => self.idle_trim = Some(t),
                 Err(e) => tracing::warn!("no idle trim of guest memory: {e}"),

@@ -58,6 +58,10 @@ pub struct MachineConfig {
     pub mem_size_mib: u64,
     #[serde(default)]
     pub smt: bool,
+    /// KVM logs the pages the guest writes, so that `Diff` snapshots hold only those
+    /// (Firecracker's field; costs the guest a little on every first write after a snapshot).
+    #[serde(default)]
+    pub track_dirty_pages: bool,
     #[serde(default)]
     pub huge_pages: HugePages,
     /// The most vCPUs the VM can have plugged at once (default: `vcpu_count`, no hot-plug).
@@ -91,6 +95,7 @@ impl Default for MachineConfig {
             vcpu_count: 1,
             mem_size_mib: 128,
             smt: false,
+            track_dirty_pages: false,
             cpu_template: None,
             max_vcpus: None,
             acpi: acpi_default(),
@@ -260,7 +265,7 @@ mod tests {
         assert!(fc.acpi && fc.max_vcpus.is_none());
         assert_eq!(
             serde_json::to_value(&fc).unwrap(),
-            serde_json::json!({"vcpu_count": 2, "mem_size_mib": 256, "smt": false, "huge_pages": "Transparent"})
+            serde_json::json!({"vcpu_count": 2, "mem_size_mib": 256, "smt": false, "track_dirty_pages": false, "huge_pages": "Transparent"})
         );
         let ext = serde_json::to_value(with_max(1, 4, true, false)).unwrap();
         assert_eq!(ext["max_vcpus"], 4);

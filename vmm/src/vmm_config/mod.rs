@@ -181,10 +181,16 @@ impl VmConfig {
 
     /// Checks what serde cannot: value ranges and the files the spec names.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.machine_config.validate()?;
         if let Some(boot) = &self.boot_source {
             boot.validate()?;
         }
+        self.validate_for_restore()
+    }
+
+    /// Everything [`VmConfig::validate`] checks but the boot source: a VM restored from a
+    /// snapshot does not read its kernel, which need not exist any more.
+    pub fn validate_for_restore(&self) -> Result<(), ConfigError> {
+        self.machine_config.validate()?;
         validate_drives(&self.drives)?;
         validate_interfaces(&self.network_interfaces)?;
         validate_pmem(&self.pmem, &self.drives)?;

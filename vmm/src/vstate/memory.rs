@@ -177,16 +177,25 @@ pub struct TrimReport {
 /// resident ones (a bounded pause for a large guest), returning where to go on, or None at the
 /// end of guest memory.
 ///
+/// Every range given back is told to `given_back` (guest address, bytes): a snapshot that finds
+/// its pages by residency must know them.
+///
 /// Nothing may write guest memory meanwhile, or a write between the check and the discard would
 /// be lost: call it with every vCPU paused, from the thread that runs the devices.
 pub fn trim_zero_pages(
     mem: &GuestMemoryMmap,
     from: GuestAddress,
     max_scanned: u64,
+    given_back: &mut dyn FnMut(GuestAddress, u64),
 ) -> (TrimReport, Option<GuestAddress>) {
     let mut report = TrimReport::default();
     let mut map = [0u8; PAGES_PER_HUGE_PAGE];
     for region in mem.iter() {
+        // Memory mapped privately from a snapshot's file: a page given back would read the
+        // file's content again, not zero.
+        if region.file_offset().is_some() {
+            continue;
+        }
         let Ok(host) = region.get_host_address(MemoryRegionAddress(0)) else {
             continue;
         };
@@ -206,7 +215,9 @@ pub fn trim_zero_pages(
                 continue;
             }
             report.huge_pages_scanned += 1;
-            let freed = trim_huge_page(piece);
+            let freed = trim_huge_page(piece, &mut |offset, len| {
+                given_back(GuestAddress(guest + offset as u64), len as u64)
+            });
             if freed > 0 {
                 report.huge_pages_trimmed += 1;
                 report.freed_bytes += freed;
@@ -218,7 +229,7 @@ pub fn trim_zero_pages(
 
 /// Trims one resident 2 MiB piece at `piece` (2 MiB aligned, inside guest memory) if it has
 /// enough zero pages; returns the bytes given back.
-fn trim_huge_page(piece: *mut u8) -> u64 {
+fn trim_huge_page(piece: *mut u8, given_back: &mut dyn FnMut(usize, usize)) -> u64 {
     let mut zero = [false; PAGES_PER_HUGE_PAGE];
     for (i, z) in zero.iter_mut().enumerate() {
         // SAFETY: the page lies inside the piece, which is resident guest memory that nothing
@@ -250,6 +261,7 @@ fn trim_huge_page(piece: *mut u8) -> u64 {
         }
         let run = zero[i..].iter().take_while(|z| **z).count();
         advise(i * PAGE, run * PAGE, libc::MADV_DONTNEED);
+        given_back(i * PAGE, run * PAGE);
         i += run;
     }
     advise(0, HUGE_PAGE, libc::MADV_COLD);
@@ -338,8 +350,19 @@ mod tests {
         }
         let sparse_was_huge = fully_resident(&mem, 0);
         let before = resident_bytes(&mem);
-        let (report, next) = trim_zero_pages(&mem, GuestAddress(0), u64::MAX);
+        let mut ranges = Vec::new();
+        let (report, next) = trim_zero_pages(&mem, GuestAddress(0), u64::MAX, &mut |a, n| {
+            ranges.push((a.0, n))
+        });
         assert_eq!(next, None);
+        // What was told given back is what was freed, and none of it held data.
+        assert_eq!(ranges.iter().map(|r| r.1).sum::<u64>(), report.freed_bytes);
+        assert!(
+            ranges
+                .iter()
+                .all(|&(a, n)| !(a..a + n).contains(&0x1000) && a + n <= 2 * MIB),
+            "{ranges:x?}"
+        );
         let after = resident_bytes(&mem);
 
         assert_eq!(mem.read_obj::<u64>(GuestAddress(0x1000)).unwrap(), 0x1111);
@@ -370,17 +393,17 @@ mod tests {
             let mem = create_guest_memory(16 * MIB, HugePages::Transparent).unwrap();
             mem.write_obj(1u8, GuestAddress(0x1000)).unwrap();
             mem.write_obj(1u8, GuestAddress(8 * MIB)).unwrap();
-            let (first, next) = trim_zero_pages(&mem, GuestAddress(0), 1);
+            let (first, next) = trim_zero_pages(&mem, GuestAddress(0), 1, &mut |_, _| {});
             assert_eq!(
                 (first.huge_pages_trimmed, next),
                 (1, Some(GuestAddress(2 * MIB)))
             );
-            let (second, next) = trim_zero_pages(&mem, next.unwrap(), 1);
+            let (second, next) = trim_zero_pages(&mem, next.unwrap(), 1, &mut |_, _| {});
             assert_eq!(
                 (second.huge_pages_trimmed, next),
                 (1, Some(GuestAddress(10 * MIB)))
             );
-            let (rest, next) = trim_zero_pages(&mem, next.unwrap(), 1);
+            let (rest, next) = trim_zero_pages(&mem, next.unwrap(), 1, &mut |_, _| {});
             assert_eq!((rest.huge_pages_scanned, next), (0, None));
         } else {
             // Without transparent huge pages (host THP off) nothing was brought in around the

@@ -3,8 +3,13 @@
 use std::sync::Arc;
 
 use devices::virtio::mem::{HotplugSlots, MemLayout};
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_READONLY};
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEM_READONLY,
+};
 use kvm_ioctls::{Kvm, VmFd};
+use serde::{Deserialize, Serialize};
 use vm_memory::{
     Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
     MemoryRegionAddress,
@@ -25,6 +30,16 @@ pub enum VmError {
     IrqChip(kvm_ioctls::Error),
     #[error("cannot create the in-kernel PIT: {0}")]
     Pit(kvm_ioctls::Error),
+    #[error("cannot get the VM's {what}: {source}")]
+    GetState {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot restore the VM's {what}: {source}")]
+    SetState {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
     #[error("KVM refused guest memory slot {slot} ({size} bytes at {start:#x}): {source}")]
     MemorySlot {
         slot: u32,
@@ -34,10 +49,29 @@ pub enum VmError {
     },
 }
 
+/// The VM-wide state KVM emulates in the kernel: both PICs, the IOAPIC, the PIT and the KVM clock.
+#[derive(Serialize, Deserialize)]
+pub struct VmState {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
+}
+
+fn irqchip(chip_id: u32) -> kvm_irqchip {
+    kvm_irqchip {
+        chip_id,
+        ..Default::default()
+    }
+}
+
 /// A KVM VM with the platform devices every prescient guest gets.
 pub struct Vm {
     /// Shared with the virtio-mem device, which adds and removes memory slots while the VM runs.
     fd: Arc<VmFd>,
+    /// KVM logs the pages the guest writes (`track_dirty_pages`), for diff snapshots.
+    log_dirty: bool,
 }
 
 /// The host address of a region's first byte.
@@ -59,10 +93,15 @@ unsafe fn set_memory_slot(
     start: u64,
     size: u64,
     host: u64,
+    log_dirty: bool,
 ) -> Result<(), VmError> {
     let desc = kvm_userspace_memory_region {
         slot,
-        flags: 0,
+        flags: if log_dirty {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        },
         guest_phys_addr: start,
         memory_size: size,
         userspace_addr: host,
@@ -77,27 +116,89 @@ unsafe fn set_memory_slot(
 }
 
 impl Vm {
-    pub fn new(kvm: &Kvm) -> Result<Self, VmError> {
+    /// A VM with `mem` as its memory slots; with `log_dirty` every slot logs the guest's
+    /// writes (`track_dirty_pages`).
+    pub fn new(kvm: &Kvm, log_dirty: bool, mem: &GuestMemoryMmap) -> Result<Self, VmError> {
         let fd = Arc::new(kvm.create_vm().map_err(VmError::Create)?);
         // Both addresses must be set before any vCPU exists; they sit in the MMIO gap, never RAM.
         fd.set_tss_address(KVM_TSS_ADDRESS as usize)
             .map_err(VmError::TssAddress)?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
             .map_err(VmError::IdentityMap)?;
+        let vm = Self { fd, log_dirty };
+        // Memory before the in-kernel devices: once they exist, KVM waits out a grace period
+        // (one or two scheduler ticks, ~4-7 ms here) to install each memory slot, which it
+        // installs at once before (0.2 ms). Most of a snapshot load's time went there.
+        vm.register_memory(mem)?;
+        let fd = &vm.fd;
         fd.create_irq_chip().map_err(VmError::IrqChip)?;
         // No KVM_PIT_SPEAKER_DUMMY: guests calibrate their TSC against PIT channel 2 gated by
         // port 0x61, so KVM must emulate that port.
         fd.create_pit2(kvm_pit_config::default())
             .map_err(VmError::Pit)?;
-        Ok(Self { fd })
+        Ok(vm)
+    }
+
+    /// Whether memory slots log the guest's writes.
+    pub fn logs_dirty_pages(&self) -> bool {
+        self.log_dirty
+    }
+
+    /// The pages the guest wrote in KVM slot `slot` (`size` bytes) since the last call, which
+    /// clears the log; all clear for a slot that is not mapped now (an unplugged hotplug slot).
+    pub fn dirty_log(&self, slot: u32, size: u64) -> Result<Vec<u64>, VmError> {
+        match self.fd.get_dirty_log(slot, size as usize) {
+            Ok(bits) => Ok(bits),
+            Err(e) if e.errno() == libc::ENOENT => Ok(vec![0; (size / 4096).div_ceil(64) as usize]),
+            Err(source) => Err(VmError::GetState {
+                what: "dirty page log",
+                source,
+            }),
+        }
     }
 
     pub fn fd(&self) -> &VmFd {
         &self.fd
     }
 
+    /// The in-kernel devices' and clock's state, read while every vCPU is paused.
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        let get = |what| move |source| VmError::GetState { what, source };
+        let chip = |id, what| {
+            let mut c = irqchip(id);
+            self.fd.get_irqchip(&mut c).map_err(get(what)).map(|()| c)
+        };
+        Ok(VmState {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER, "master PIC")?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE, "slave PIC")?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC, "IOAPIC")?,
+            pit: self.fd.get_pit2().map_err(get("PIT"))?,
+            clock: self.fd.get_clock().map_err(get("KVM clock"))?,
+        })
+    }
+
+    /// Puts `state` into this (fresh) VM, before its vCPUs run.
+    pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
+        let set = |what| move |source| VmError::SetState { what, source };
+        self.fd.set_pit2(&state.pit).map_err(set("PIT"))?;
+        // The clock resumes where it stopped: the guest sees no time pass while it was saved.
+        let clock = kvm_clock_data {
+            clock: state.clock.clock,
+            ..Default::default()
+        };
+        self.fd.set_clock(&clock).map_err(set("KVM clock"))?;
+        for (chip, what) in [
+            (&state.pic_master, "master PIC"),
+            (&state.pic_slave, "slave PIC"),
+            (&state.ioapic, "IOAPIC"),
+        ] {
+            self.fd.set_irqchip(chip).map_err(set(what))?;
+        }
+        Ok(())
+    }
+
     /// Makes every region of `mem` a KVM memory slot.
-    pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+    fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
         for (slot, region) in mem.iter().enumerate() {
             // SAFETY: the region is a live mapping of `len()` bytes owned by `mem`, which the
             // microVM keeps alive for as long as the VM exists.
@@ -108,6 +209,7 @@ impl Vm {
                     region.start_addr().raw_value(),
                     region.len(),
                     host_address(region),
+                    self.log_dirty,
                 )
             }?;
         }
@@ -156,6 +258,7 @@ impl Vm {
             region,
             layout,
             first_slot,
+            log_dirty: self.log_dirty,
         }
     }
 }
@@ -168,6 +271,7 @@ pub struct KvmHotplugSlots {
     host_base: u64,
     layout: MemLayout,
     first_slot: u32,
+    log_dirty: bool,
 }
 
 impl HotplugSlots for KvmHotplugSlots {
@@ -190,6 +294,7 @@ impl HotplugSlots for KvmHotplugSlots {
                 range.start,
                 size,
                 self.host_base + offset,
+                self.log_dirty,
             )
         }
         .map_err(std::io::Error::other)

@@ -26,6 +26,7 @@ use super::{
     pop_chain, read_config_bytes, watch_fds, ActivateContext, ActivateError, ActiveQueues,
     DeviceCounters, VirtioDevice, TYPE_BALLOON, VIRTIO_F_VERSION_1,
 };
+use crate::persist::{Persist, PersistError};
 
 pub const QUEUE_SIZE: u16 = 256;
 /// Pages per MiB.
@@ -106,7 +107,7 @@ pub struct BalloonStats {
 }
 
 /// What the host has seen the guest do, for metrics and tests.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct BalloonActivity {
     pub inflated_pages: u64,
     pub deflated_pages: u64,
@@ -613,6 +614,12 @@ impl VirtioDevice for Balloon {
         Ok(())
     }
 
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active
+            .as_ref()
+            .map_or_else(Vec::new, |a| a.queues.states())
+    }
+
     fn reset(&mut self) {
         self.active = None;
         self.stats_head = None;
@@ -621,6 +628,58 @@ impl VirtioDevice for Balloon {
 
     fn counters(&self) -> Arc<DeviceCounters> {
         self.counters.clone()
+    }
+}
+
+/// The guest's page count, the statistics buffer it lent us (by descriptor index) and whether
+/// statistics were being polled. The guest's last report is not kept: the next poll brings one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct BalloonState {
+    pub target_pages: u32,
+    pub actual_pages: u32,
+    pub stats_head: Option<u16>,
+    pub stats_polling: bool,
+    pub activity: BalloonActivity,
+    pub config_generation: u32,
+}
+
+impl Persist for Balloon {
+    type State = BalloonState;
+
+    fn save(&mut self) -> BalloonState {
+        BalloonState {
+            target_pages: self.options.target_pages,
+            actual_pages: self.actual_pages,
+            stats_head: self.stats_head,
+            stats_polling: self.stats_timer_armed,
+            activity: self.activity,
+            config_generation: self.config_generation,
+        }
+    }
+
+    /// Runs on the VMM thread, which may arm the statistics timer.
+    fn restore(&mut self, s: BalloonState) -> Result<(), PersistError> {
+        let queue_size = self
+            .active
+            .as_ref()
+            .and_then(|a| a.roles.iter().position(|r| *r == Some(Role::Stats)))
+            .and_then(|i| self.active.as_ref().map(|a| a.queues.queues[i].size()));
+        if let Some(head) = s.stats_head {
+            if queue_size.is_none_or(|size| head >= size) {
+                return Err(PersistError::Mismatch(format!(
+                    "balloon: held statistics buffer {head} is not in the statistics queue"
+                )));
+            }
+        }
+        self.options.target_pages = s.target_pages;
+        self.actual_pages = s.actual_pages;
+        self.stats_head = s.stats_head;
+        self.activity = s.activity;
+        self.config_generation = s.config_generation;
+        if s.stats_polling {
+            self.set_stats_timer(true);
+        }
+        Ok(())
     }
 }
 

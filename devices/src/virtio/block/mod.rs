@@ -30,7 +30,10 @@ use super::{
     pop_chain, read_config_bytes, watch_fds, ActivateContext, ActivateError, ActiveQueues,
     DeviceCounters, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
 };
-use crate::rate_limiter::{Cost, RateLimiter, RateLimiterConfig, RateLimiterError};
+use crate::persist::{Persist, PersistError};
+use crate::rate_limiter::{
+    Cost, RateLimiter, RateLimiterConfig, RateLimiterError, RateLimiterState,
+};
 
 pub const SECTOR_SHIFT: u32 = 9;
 pub const SECTOR_SIZE: u64 = 1 << SECTOR_SHIFT;
@@ -359,6 +362,12 @@ impl VirtioDevice for Block {
         Ok(())
     }
 
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active
+            .as_ref()
+            .map_or_else(Vec::new, ActiveQueues::states)
+    }
+
     fn reset(&mut self) {
         if let (Some(io), Some(active)) = (self.io.as_mut(), self.active.as_ref()) {
             // Nothing may write into memory the driver has taken back.
@@ -370,6 +379,36 @@ impl VirtioDevice for Block {
 
     fn counters(&self) -> Arc<DeviceCounters> {
         self.counters.clone()
+    }
+}
+
+/// The disk file is reopened by path from the configuration; what the device holds beyond it
+/// is its rate limiter's fill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BlockState {
+    pub limiter: RateLimiterState,
+}
+
+impl Persist for Block {
+    type State = BlockState;
+
+    fn save(&mut self) -> BlockState {
+        // Requests in flight on io_uring complete first, as Firecracker drains them: a restored
+        // guest would wait for them forever.
+        let done = match (self.io.as_mut(), self.active.as_ref()) {
+            (Some(io), Some(active)) => io.drain(&active.mem),
+            _ => Vec::new(),
+        };
+        if !done.is_empty() {
+            self.finish(done);
+        }
+        BlockState {
+            limiter: self.limiter.save(),
+        }
+    }
+
+    fn restore(&mut self, state: BlockState) -> Result<(), PersistError> {
+        self.limiter.restore(state.limiter)
     }
 }
 

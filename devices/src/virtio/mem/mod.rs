@@ -25,6 +25,7 @@ use super::{
     pop_chain, read_config_bytes, watch_fds, ActivateContext, ActivateError, ActiveQueues,
     DeviceCounters, VirtioDevice, TYPE_MEM, VIRTIO_F_VERSION_1,
 };
+use crate::persist::{Persist, PersistError};
 
 pub const QUEUE_SIZE: u16 = 128;
 /// The guest must not touch unplugged memory (it is not mapped).
@@ -115,7 +116,7 @@ pub trait HotplugSlots: Send {
 }
 
 /// What the guest has asked, for metrics and tests.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MemActivity {
     pub plugged_requests: u64,
     pub unplugged_requests: u64,
@@ -180,6 +181,67 @@ impl Blocks {
             }
         }
         runs
+    }
+}
+
+/// The plugged blocks (their KVM slots are shown again on restore) and the requested size.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MemState {
+    pub plugged_bits: Vec<u64>,
+    pub requested: u64,
+    pub activity: MemActivity,
+    pub config_generation: u32,
+}
+
+impl Persist for VirtioMem {
+    type State = MemState;
+
+    fn save(&mut self) -> MemState {
+        MemState {
+            plugged_bits: self.blocks.bits.clone(),
+            requested: self.requested,
+            activity: self.activity,
+            config_generation: self.config_generation,
+        }
+    }
+
+    fn restore(&mut self, s: MemState) -> Result<(), PersistError> {
+        let total = self.layout.blocks();
+        if s.plugged_bits.len() != self.blocks.bits.len() {
+            return Err(PersistError::Mismatch(format!(
+                "virtio-mem: a bitmap of {} words for {total} blocks",
+                s.plugged_bits.len()
+            )));
+        }
+        if s.requested > self.layout.size || !s.requested.is_multiple_of(self.layout.block_size) {
+            return Err(PersistError::Mismatch(format!(
+                "virtio-mem: requested size {} in a region of {}",
+                s.requested, self.layout.size
+            )));
+        }
+        let mut blocks = Blocks::new(&self.layout);
+        for b in 0..(s.plugged_bits.len() as u64 * 64) {
+            if s.plugged_bits[(b / 64) as usize] & (1 << (b % 64)) != 0 {
+                if b >= total {
+                    return Err(PersistError::Mismatch(format!(
+                        "virtio-mem: block {b} plugged in a region of {total}"
+                    )));
+                }
+                blocks.set(&(b..b + 1), true);
+            }
+        }
+        for (slot, n) in blocks.per_slot.iter().enumerate() {
+            if *n > 0 {
+                self.slots.set_present(slot, true).map_err(|e| {
+                    PersistError::Restore(format!("virtio-mem: cannot map slot {slot}: {e}"))
+                })?;
+            }
+        }
+        self.blocks = blocks;
+        self.requested = s.requested;
+        self.activity = s.activity;
+        self.config_generation = s.config_generation;
+        Ok(())
     }
 }
 
@@ -458,6 +520,12 @@ impl VirtioDevice for VirtioMem {
 
     fn config_generation(&self) -> u32 {
         self.config_generation
+    }
+
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active
+            .as_ref()
+            .map_or_else(Vec::new, ActiveQueues::states)
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {

@@ -28,7 +28,37 @@ use super::{
     pop_chain, read_config_bytes, watch_fds, ActivateContext, ActivateError, ActiveQueues,
     DeviceCounters, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
 };
-use crate::rate_limiter::{Cost, RateLimiter, RateLimiterConfig, RateLimiterError};
+use crate::persist::{Persist, PersistError};
+use crate::rate_limiter::{
+    Cost, RateLimiter, RateLimiterConfig, RateLimiterError, RateLimiterState,
+};
+
+/// The TAP is reattached by name from the configuration; a frame read from it and not yet
+/// delivered is dropped, as a network may. What stays is the limiters' fill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NetState {
+    pub rx_limiter: RateLimiterState,
+    pub tx_limiter: RateLimiterState,
+}
+
+impl Persist for Net {
+    type State = NetState;
+
+    fn save(&mut self) -> NetState {
+        NetState {
+            rx_limiter: self.rx_limiter.save(),
+            tx_limiter: self.tx_limiter.save(),
+        }
+    }
+
+    fn restore(&mut self, state: NetState) -> Result<(), PersistError> {
+        self.rx_limiter.restore(state.rx_limiter)?;
+        self.tx_limiter.restore(state.tx_limiter)?;
+        // The restored driver may have posted buffers while nothing read the TAP.
+        self.tap_polled = false;
+        Ok(())
+    }
+}
 
 pub const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
@@ -362,6 +392,12 @@ impl VirtioDevice for Net {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         self.active = Some(ActiveQueues::new(ctx)?);
         Ok(())
+    }
+
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active
+            .as_ref()
+            .map_or_else(Vec::new, ActiveQueues::states)
     }
 
     fn reset(&mut self) {

@@ -48,6 +48,7 @@ use super::{
     pop_chain, read_config_bytes, watch_fds, ActivateContext, ActivateError, ActiveQueues,
     DeviceCounters, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
 };
+use crate::persist::{Persist, PersistError};
 use conn::{connect_nonblocking, Conn, Flush, State};
 use packet::*;
 
@@ -717,6 +718,12 @@ impl VirtioDevice for Vsock {
         Ok(())
     }
 
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active
+            .as_ref()
+            .map_or_else(Vec::new, ActiveQueues::states)
+    }
+
     fn reset(&mut self) {
         // The guest's sockets are gone: connections it knew of close (their sockets leave the
         // event loop at its next event). Host clients still waiting for the guest keep waiting:
@@ -738,6 +745,61 @@ impl VirtioDevice for Vsock {
 
     fn counters(&self) -> Arc<DeviceCounters> {
         self.counters.clone()
+    }
+}
+
+/// Nothing survives a snapshot but the configuration: as in Firecracker, saving closes every
+/// connection and tells the driver with a TRANSPORT_RESET event, which the restored guest (and
+/// the original one, when it resumes) finds in its event queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VsockState {
+    pub transport_reset_sent: bool,
+}
+
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`.
+const EVENT_TRANSPORT_RESET: u32 = 0;
+
+impl Vsock {
+    /// Closes every connection and queues a TRANSPORT_RESET event; false when the driver had
+    /// posted no event buffer (it then finds its connections reset by RSTs as it uses them).
+    fn transport_reset(&mut self) -> bool {
+        let conns = std::mem::take(&mut self.conns);
+        self.closed.extend(conns.into_values());
+        self.control.clear();
+        let Some(active) = self.active.as_mut() else {
+            return false;
+        };
+        let mem = active.mem.clone();
+        let Some(chain) = pop_chain(&mut active.queues[EVT], &mem, &self.counters) else {
+            return false;
+        };
+        let head = chain.head_index();
+        let written = chain
+            .clone()
+            .find(|d| d.is_write_only() && d.len() >= 4)
+            .is_some_and(|d| {
+                vm_memory::Bytes::write_obj(&mem, EVENT_TRANSPORT_RESET.to_le(), d.addr()).is_ok()
+            });
+        if let Err(e) = active.queues[EVT].add_used(&mem, head, if written { 4 } else { 0 }) {
+            tracing::warn!("vsock: event queue: {e}");
+            return false;
+        }
+        active.notify(EVT);
+        written
+    }
+}
+
+impl Persist for Vsock {
+    type State = VsockState;
+
+    fn save(&mut self) -> VsockState {
+        VsockState {
+            transport_reset_sent: self.transport_reset(),
+        }
+    }
+
+    fn restore(&mut self, _state: VsockState) -> Result<(), PersistError> {
+        Ok(())
     }
 }
 

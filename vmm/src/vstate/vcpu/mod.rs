@@ -11,7 +11,7 @@ use std::fs::File;
 use std::os::fd::FromRawFd;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -33,6 +33,8 @@ pub use exits::{ExitObserver, IoBuses};
 
 mod exits;
 pub mod spawner;
+mod state;
+pub use state::{saved_msr_indices, StateError, VcpuState};
 
 /// `_IO(KVMIO, 0xce)`: a vCPU's binary statistics file (Linux 5.14+).
 const KVM_GET_STATS_FD: libc::c_ulong = 0xaece;
@@ -77,6 +79,10 @@ pub enum VcpuError {
     },
     #[error("vCPU {index} has stopped")]
     Gone { index: u8 },
+    #[error("vCPU {index}: {source}")]
+    State { index: u8, source: StateError },
+    #[error("vCPU {index} can only be saved while the VM is paused")]
+    NotPaused { index: u8 },
     #[error("vCPU {index} was not started: its thread could not be filtered: {why}")]
     Unfiltered { index: u8, why: String },
     #[error("cannot start the vCPU spawner thread: {0}")]
@@ -90,21 +96,26 @@ pub enum VcpuError {
 pub enum VcpuEvent {
     Pause,
     Resume,
+    /// Read the whole state (only while paused).
+    SaveState,
     /// Leave the run loop for good.
     Finish,
 }
 
 /// A vCPU thread's acknowledgement of an event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum VcpuResponse {
     Paused,
     Resumed,
+    Saved(Box<Result<VcpuState, VcpuError>>),
 }
 
 /// A configured vCPU, before its thread starts.
 pub struct Vcpu {
     index: u8,
     fd: VcpuFd,
+    /// The MSRs a snapshot saves ([`saved_msr_indices`]).
+    saved_msrs: Arc<[u32]>,
 }
 
 thread_local! {
@@ -140,7 +151,16 @@ impl Vcpu {
         let fd = vm
             .create_vcpu(u64::from(index))
             .map_err(|source| VcpuError::Create { index, source })?;
-        Ok(Self { index, fd })
+        Ok(Self {
+            index,
+            fd,
+            saved_msrs: Arc::from([]),
+        })
+    }
+
+    /// Sets the MSRs a snapshot of this vCPU saves (none until set).
+    pub fn set_saved_msrs(&mut self, msrs: Arc<[u32]>) {
+        self.saved_msrs = msrs;
     }
 
     /// CPUID, MSRs, FPU and LAPIC for every vCPU; the entry state too for the boot vCPU (the
@@ -183,6 +203,14 @@ impl Vcpu {
                 .map_err(|source| VcpuError::Regs { index, source })?;
         }
         Ok(())
+    }
+
+    /// Puts a saved state back instead of [`Vcpu::configure`]: the vCPU goes on where it was.
+    pub fn restore(&self, state: &VcpuState) -> Result<(), VcpuError> {
+        state.restore(&self.fd).map_err(|source| VcpuError::State {
+            index: self.index,
+            source,
+        })
     }
 
     /// The custom CPU template's MSR modifiers, as Firecracker applies them: each MSR's value
@@ -238,19 +266,26 @@ impl Vcpu {
         Ok(unsafe { File::from_raw_fd(fd) })
     }
 
+    /// The vCPU's fd, for what the VMM thread asks KVM about it before the thread starts.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
     pub fn index(&self) -> u8 {
         self.index
     }
 
-    /// Starts the vCPU on a thread named `vcpu<N>`, telling `observer` of every exit. The thread
-    /// is a child of the calling thread (and so starts under its seccomp filters); when it is
-    /// finished ([`VcpuHandle::finish`]) the vCPU and the observer come back, to be started
-    /// again later (a vCPU plugged back in).
+    /// Starts the vCPU on a thread named `vcpu<N>`, telling `observer` of every exit; with
+    /// `paused` it waits for [`VcpuEvent::Resume`] before it first runs. The thread is a child
+    /// of the calling thread (and so starts under its seccomp filters); when it is finished
+    /// ([`VcpuHandle::finish`]) the vCPU and the observer come back, to be started again later
+    /// (a vCPU plugged back in).
     pub fn start(
         self,
         buses: Arc<IoBuses>,
         exit: Arc<ExitSignal>,
         observer: Box<dyn ExitObserver>,
+        paused: bool,
     ) -> Result<VcpuHandle, VcpuError> {
         let index = self.index;
         let (event_tx, event_rx) = channel();
@@ -269,16 +304,31 @@ impl Vcpu {
                     exit,
                     events: event_rx,
                     responses: response_tx,
+                    saved_msrs: self.saved_msrs,
                 };
-                runner.run();
-                let VcpuRunner { fd, observer, .. } = runner;
-                (Vcpu { index, fd }, observer)
+                runner.run(paused);
+                let VcpuRunner {
+                    fd,
+                    observer,
+                    saved_msrs,
+                    ..
+                } = runner;
+                (
+                    Vcpu {
+                        index,
+                        fd,
+                        saved_msrs,
+                    },
+                    observer,
+                )
             })
             .map_err(|source| VcpuError::Spawn { index, source })?;
-        let tid = tid_rx.recv().map_err(|_| VcpuError::Gone { index })?;
+        // Not waited for here: on a busy host the new thread may take milliseconds to be
+        // scheduled, and a restore's resume would wait that long for every vCPU in turn.
         Ok(VcpuHandle {
             index,
-            tid,
+            tid: OnceLock::new(),
+            tid_rx,
             thread: Some(thread),
             events: event_tx,
             responses: response_rx,
@@ -295,10 +345,11 @@ struct VcpuRunner {
     exit: Arc<ExitSignal>,
     events: Receiver<VcpuEvent>,
     responses: Sender<VcpuResponse>,
+    saved_msrs: Arc<[u32]>,
 }
 
 impl VcpuRunner {
-    fn run(&mut self) {
+    fn run(&mut self, paused: bool) {
         KVM_RUN.with(|run| run.set(self.fd.get_kvm_run() as *mut kvm_run));
         // A vCPU whose filter is missing must not run the guest: it ends the VM instead.
         let index = self.index;
@@ -306,8 +357,9 @@ impl VcpuRunner {
         if let Err(e) = seccomp::install(ThreadKind::Vcpu) {
             self.exit.request(unfiltered(e));
         }
+        let mut paused = paused;
         loop {
-            if self.exit.is_requested() || !self.handle_events() {
+            if self.exit.is_requested() || !self.handle_events(paused) {
                 break;
             }
             // The safe point: between two KVM_RUNs, with no exit half-handled.
@@ -331,6 +383,7 @@ impl VcpuRunner {
                 self.exit.request(self.with_rip(reason));
                 break;
             }
+            paused = false;
         }
         KVM_RUN.with(|run| run.set(std::ptr::null_mut()));
     }
@@ -346,10 +399,28 @@ impl VcpuRunner {
         }
     }
 
-    /// Serves queued events; while paused, blocks until resumed or finished. Returns false when
-    /// the vCPU must stop.
-    fn handle_events(&mut self) -> bool {
-        let mut paused = false;
+    /// Finishes an I/O exit KVM has not completed yet (the data of an MMIO or port read goes
+    /// into the guest's register only on the next KVM_RUN), without running guest code: after
+    /// this the registers are what the guest will see.
+    fn complete_pending_io(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        // With immediate_exit set KVM completes the I/O and returns EINTR before guest entry.
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
+    }
+
+    fn save_state(&mut self) -> Result<VcpuState, VcpuError> {
+        self.complete_pending_io();
+        VcpuState::save(&self.fd, &self.saved_msrs).map_err(|source| VcpuError::State {
+            index: self.index,
+            source,
+        })
+    }
+
+    /// Serves queued events; while paused (from the start with `paused`), blocks until resumed or
+    /// finished. Returns false when the vCPU must stop.
+    fn handle_events(&mut self, paused: bool) -> bool {
+        let mut paused = paused;
         loop {
             let event = if paused {
                 match self.events.recv() {
@@ -375,6 +446,14 @@ impl VcpuRunner {
                         return true;
                     }
                 }
+                VcpuEvent::SaveState => {
+                    let saved = if paused {
+                        self.save_state()
+                    } else {
+                        Err(VcpuError::NotPaused { index: self.index })
+                    };
+                    let _ = self.responses.send(VcpuResponse::Saved(Box::new(saved)));
+                }
                 VcpuEvent::Finish => return false,
             }
         }
@@ -387,7 +466,8 @@ pub type Stopped = (Vcpu, Box<dyn ExitObserver>);
 /// The VMM thread's side of a running vCPU.
 pub struct VcpuHandle {
     index: u8,
-    tid: libc::pid_t,
+    tid: OnceLock<Option<libc::pid_t>>,
+    tid_rx: Receiver<libc::pid_t>,
     thread: Option<JoinHandle<Stopped>>,
     events: Sender<VcpuEvent>,
     responses: Receiver<VcpuResponse>,
@@ -398,9 +478,10 @@ impl VcpuHandle {
         self.index
     }
 
-    /// The thread's kernel id (for cgroups).
-    pub fn tid(&self) -> libc::pid_t {
-        self.tid
+    /// The thread's kernel id (for cgroups), once the thread has said it; None if it ended
+    /// before.
+    pub fn tid(&self) -> Option<libc::pid_t> {
+        *self.tid.get_or_init(|| self.tid_rx.recv().ok())
     }
 
     /// The thread (for its CPU clock); None once joined.
@@ -427,16 +508,27 @@ impl VcpuHandle {
     /// Waits for the vCPU to acknowledge `event` (sent earlier) with `expect`.
     pub fn await_response(
         &self,
-        expect: VcpuResponse,
+        expect: &VcpuResponse,
         timeout: Duration,
         event: VcpuEvent,
     ) -> Result<(), VcpuError> {
+        let same = |r: &VcpuResponse| std::mem::discriminant(r) == std::mem::discriminant(expect);
+        self.response(timeout, event, same).map(|_| ())
+    }
+
+    /// The vCPU's first answer within `timeout` that `wanted` takes; others before it are late
+    /// answers to earlier requests that timed out, not this one's.
+    fn response(
+        &self,
+        timeout: Duration,
+        event: VcpuEvent,
+        wanted: impl Fn(&VcpuResponse) -> bool,
+    ) -> Result<VcpuResponse, VcpuError> {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match self.responses.recv_timeout(left) {
-                Ok(r) if r == expect => return Ok(()),
-                // The late answer to an earlier request that timed out: not this one's.
+                Ok(r) if wanted(&r) => return Ok(r),
                 Ok(_) => continue,
                 Err(RecvTimeoutError::Timeout) => {
                     return Err(VcpuError::NoResponse {
@@ -449,6 +541,16 @@ impl VcpuHandle {
                     return Err(VcpuError::Gone { index: self.index })
                 }
             }
+        }
+    }
+
+    /// The vCPU's whole state; it must be paused.
+    pub fn save_state(&self, timeout: Duration) -> Result<VcpuState, VcpuError> {
+        self.send(VcpuEvent::SaveState)?;
+        let saved = |r: &VcpuResponse| matches!(r, VcpuResponse::Saved(_));
+        match self.response(timeout, VcpuEvent::SaveState, saved)? {
+            VcpuResponse::Saved(state) => *state,
+            _ => unreachable!("only a Saved answer is taken"),
         }
     }
 

@@ -58,7 +58,8 @@ impl Spawner {
                                 index,
                                 why: e.to_string(),
                             })
-                            .and_then(|()| r.vcpu.start(r.buses, r.exit, r.observer)),
+                            // A plugged vCPU runs at once: a paused VM plugs none.
+                            .and_then(|()| r.vcpu.start(r.buses, r.exit, r.observer, false)),
                         Err(e) => Err(VcpuError::Unfiltered {
                             index,
                             why: e.to_string(),
