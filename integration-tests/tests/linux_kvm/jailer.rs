@@ -109,6 +109,7 @@ impl Drop for OwnedTap {
 }
 
 #[test]
+#[ignore = "nested KVM under QEMU TCG is not yet reliable enough to gate CI: 2 of the last 6 full runs on 2026-12-07 failed, one with three L2 guests triple-faulting in early boot (KVM_EXIT_SHUTDOWN at rip 0xfff0), one hung for over 7 min; each scenario passed when rerun. .ci/run runs these with --ignored as a reported, non-gating step"]
 fn a_jailed_vmm_runs_linux_with_every_device_in_the_steady_stage_without_sigsys() {
     on_hardware_kvm(SCENARIO, || {
         let id = format!("linux-jail-{}", std::process::id());
