@@ -3,12 +3,8 @@
 use crate::resource::Usage;
 use serde::{Deserialize, Serialize};
 
-fn is_zero(v: &u64) -> bool {
-    *v == 0
-}
-
-fn is_zero32(v: &u32) -> bool {
-    *v == 0
+fn is_zero<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 /// What a window saw besides resource use: the anomaly rules' inputs and the leading
@@ -28,7 +24,7 @@ pub struct Signals {
     /// Bit `i` set when device `i`, the console or a platform device, saw any I/O during the
     /// window: kept apart from `devices`, whose first use after learning is a finding.
     /// Written only when non-zero.
-    #[serde(default, skip_serializing_if = "is_zero32")]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub platform_devices: u32,
     /// Leading indicator: page faults during the window (the guest's, as KVM counted them, or
     /// a recorded process tree's minor + major faults); a burst comes with memory growth.
