@@ -46,7 +46,8 @@ pub struct JailArgs {
     /// The group the VMM runs as.
     #[arg(long)]
     pub gid: u32,
-    /// The chroot is made at <DIR>/prescient/<id>/root.
+    /// The chroot is made at <DIR>/<name of the exec file>/<id>/root (Firecracker's layout;
+    /// `prescient` without --exec-file).
     #[arg(long, value_name = "DIR", default_value = "/srv/jailer")]
     pub chroot_base_dir: PathBuf,
     /// The binary copied into the chroot and run there (default: this one).
@@ -64,7 +65,7 @@ pub struct JailArgs {
     /// Sets a resource limit (fsize, no-file, as, nproc) to VALUE; repeatable.
     #[arg(long = "resource-limit", value_name = "NAME=VALUE")]
     pub resource_limits: Vec<String>,
-    /// Detach from the terminal: new session, stdio on /dev/null, pid in <chroot>/prescient.pid.
+    /// Detach from the terminal: new session, stdio on /dev/null.
     #[arg(long)]
     pub daemonize: bool,
     /// Run the VMM as pid 1 of a new pid namespace.
@@ -200,9 +201,24 @@ impl JailArgs {
 }
 
 impl JailSpec {
-    /// `<base>/prescient/<id>`: the jail's directory; the chroot is its `root`.
+    /// The name of the binary the jail runs (`prescient` when it runs itself): it names the
+    /// jail's directory and its pid file, as Firecracker's jailer names them after its
+    /// `--exec-file`.
+    pub fn exec_name(&self) -> String {
+        self.exec_file
+            .as_deref()
+            .and_then(Path::file_name)
+            .map_or_else(|| "prescient".into(), |n| n.to_string_lossy().into_owned())
+    }
+
+    /// `<base>/<exec name>/<id>`: the jail's directory; the chroot is its `root`.
     pub fn jail_dir(&self) -> PathBuf {
-        self.chroot_base_dir.join("prescient").join(&self.id)
+        self.chroot_base_dir.join(self.exec_name()).join(&self.id)
+    }
+
+    /// Where the VMM's pid is written, inside the chroot: `/<exec name>.pid`.
+    pub fn pid_file(&self) -> PathBuf {
+        Path::new("/").join(format!("{}.pid", self.exec_name()))
     }
 
     pub fn chroot_dir(&self) -> PathBuf {
@@ -252,6 +268,19 @@ mod tests {
             spec.chroot_dir(),
             Path::new("/srv/jailer/prescient/vm-1/root")
         );
+        assert_eq!(spec.pid_file(), Path::new("/prescient.pid"));
+    }
+
+    #[test]
+    fn the_exec_file_names_the_jail_and_the_pid_file() {
+        let mut a = args();
+        a.exec_file = Some("/usr/local/bin/firecracker".into());
+        let spec = a.validate().unwrap();
+        assert_eq!(
+            spec.chroot_dir(),
+            Path::new("/srv/jailer/firecracker/vm-1/root")
+        );
+        assert_eq!(spec.pid_file(), Path::new("/firecracker.pid"));
     }
 
     #[test]

@@ -92,6 +92,14 @@ pub struct VmConfig {
     pub mmds_config: Option<MmdsConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub predictor: Option<PredictorConfig>,
+    /// Firecracker's `logger` section: the process's logger, set up as `PUT /logger` does when
+    /// the file is loaded. Not part of the VM, so never written back (`GET /vm/config`,
+    /// snapshots), as in Firecracker.
+    #[serde(default, skip_serializing)]
+    pub logger: Option<crate::logger::LoggerConfig>,
+    /// Firecracker's `metrics` section, as `PUT /metrics`; likewise never written back.
+    #[serde(default, skip_serializing)]
+    pub metrics: Option<crate::metrics::MetricsConfig>,
 }
 
 /// A spec that parsed but cannot describe a VM, or a VM that cannot be built from it: the place

@@ -1,0 +1,526 @@
+//! Kata Containers' Firecracker driver, replayed against prescient: the command lines, files,
+//! mounts and API requests of Kata's Go runtime, in its order, through the real jailer, the real
+//! binary and the test guest.
+//!
+//! Read from kata-containers/kata-containers `src/runtime/virtcontainers/fc.go` at commit
+//! 7c6ba40c54ea29b459b4997cff948caaba4e658b (2026-08-22; fc.go last changed in 992a7233,
+//! 2026-05-28), with `types/fcConfig.go`, the go-swagger models in
+//! `pkg/firecracker/client/models` (which fields are `omitempty`), `fc_metrics.go` and
+//! `hypervisor.go` (`GetKernelRootParams`). What Kata does, step by step, and what this test does
+//! for each:
+//!
+//! 1. `firecracker --version`: the first line's second word, less its `v`, must be a semver of
+//!    at least 0.21.1 (`checkVersion`). prescient is installed as `firecracker` and `jailer`
+//!    (hard links), as Kata needs: it names the chroot `<base>/<basename of the hypervisor
+//!    path>/<id>/root` and reads the VMM's pid from `firecracker.pid` there.
+//! 2. `fcInitConfiguration`: `mkdir -p <root>/run`; `<root>` bind-mounted on itself, made
+//!    shared, remounted without `noexec`; the kernel and the VM image bind-mounted to
+//!    `<root>/vmlinux` and `<root>/rootfs`; eight empty placeholder files `<root>/drive_0..7`
+//!    (`createDiskPool`); the FIFOs `logs.fifo` and `metrics.fifo` made in the VM's directory,
+//!    opened for reading (`O_RDONLY|O_NONBLOCK`) and bind-mounted into `<root>`; the queued
+//!    devices (a TAP endpoint, the hybrid vsock) added to the config.
+//! 3. `StartVM`: the config written as `fcConfig.json` and bind-mounted to
+//!    `<root>/fcConfig.json`; `jailer --id ID --exec-file PATH --uid 0 --gid 0
+//!    --chroot-base-dir BASE --daemonize --netns NETNS -- --config-file /fcConfig.json`; then
+//!    `GET /` on `<root>/run/firecracker.socket` every 10 ms until `state` is `Running` (10 s,
+//!    `fcTimeout`); the pid from `<root>/firecracker.pid` (5 s); `chmod 0640 <root>/kata.hvsock`.
+//! 4. The agent: `CONNECT 1024` on `kata.hvsock` (here the guest echoes, as an agent answers).
+//! 5. `HotplugAddDevice` of a container's disk, block index 0: the disk bind-mounted over
+//!    `<root>/drive_0`, then `PATCH /drives/drive_0 {"drive_id":"drive_0","path_on_host":
+//!    "/drive_0"}`, answered 204 (`PatchGuestDriveByIDNoContent`). The guest
+//!    (`blk_hotplug_ms`) sees the drive's capacity change and writes to it.
+//! 6. `HotplugRemoveDevice`: `umount -l <root>/drive_0`, the same PATCH again (the placeholder
+//!    again), after which the VMM must hold the disk no longer.
+//! 7. `StopVM`: SIGTERM to that pid, which must end within 15 s (`fcStopSandboxTimeout`);
+//!    `cleanupJail`: every mount undone and the VM's directory removed.
+//!
+//! Kata's metrics reader unmarshals each line of `metrics.fifo` into `FirecrackerMetrics`, whose
+//! sections are objects of u64 counters: the lines must decode so. Deviations from Kata's exact
+//! behaviour: the memory size (128 MiB, Kata's default is 2048), the guest's own parameters in
+//! front of Kata's kernel parameters (Kata's `kernel_params` go there), and the remount of the
+//! jail root done as a bind remount (Kata remounts the file system of `/run` itself, which on
+//! this shared host would be the test's `/tmp`).
+
+use std::ffi::CString;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::FromRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use integration_tests::{prescient_bin, vsock_connect, ApiClient, Netns, Scratch, TEST_GUEST_PVH};
+use serde_json::{json, Value};
+
+/// Kata's `fcTimeout`: seconds it waits for `GET /` to say `Running`.
+const FC_TIMEOUT: Duration = Duration::from_secs(10);
+/// Kata's `fcStopSandboxTimeout`.
+const FC_STOP_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long the guest waits for the hot-plug, and the test for the guest's writes.
+const HOTPLUG_WAIT: Duration = Duration::from_secs(60);
+/// Kata's `vSockPort`: the agent's port.
+const AGENT_PORT: u32 = 1024;
+/// The sections of Kata's `FirecrackerMetrics` (fc_metrics.go); every field in them is a u64.
+const KATA_METRICS_SECTIONS: [&str; 17] = [
+    "api_server",
+    "block",
+    "get_api_requests",
+    "i8042",
+    "latencies_us",
+    "logger",
+    "mmds",
+    "net",
+    "patch_api_requests",
+    "put_api_requests",
+    "rtc",
+    "seccomp",
+    "vcpu",
+    "vmm",
+    "uart",
+    "signals",
+    "vsock",
+];
+
+fn cstr(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
+fn mount(src: Option<&Path>, dst: &Path, flags: libc::c_ulong) {
+    let src = src.map(cstr);
+    let dst_c = cstr(dst);
+    // SAFETY: NUL-terminated strings alive for the call, or null where mount(2) takes null.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
+            dst_c.as_ptr(),
+            std::ptr::null(),
+            flags,
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "mount {src:?} {dst:?} {flags:#x}: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+fn umount_lazy(p: &Path) -> std::io::Result<()> {
+    let c = cstr(p);
+    // SAFETY: a NUL-terminated path alive for the call.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Kata's `bindMount(src, dst, readonly=false, pgtype)`: the destination made (a file for a
+/// file), bound, given its propagation type.
+fn bind_mount(src: &Path, dst: &Path, propagation: libc::c_ulong) {
+    if src.is_dir() {
+        std::fs::create_dir_all(dst).unwrap();
+    } else if !dst.exists() {
+        std::fs::write(dst, b"").unwrap();
+    }
+    mount(Some(src), dst, libc::MS_BIND);
+    mount(None, dst, propagation);
+}
+
+/// The mounts Kata made, undone (lazily, last first) even when the test fails half way.
+struct Mounts(Vec<PathBuf>);
+
+impl Mounts {
+    fn bind(&mut self, src: &Path, dst: &Path, propagation: libc::c_ulong) {
+        bind_mount(src, dst, propagation);
+        self.0.push(dst.to_path_buf());
+    }
+
+    /// Kata's `cleanupJail`: every mount undone; an error is a mount that was not there.
+    fn cleanup(&mut self) -> Vec<String> {
+        let mut errors = Vec::new();
+        while let Some(p) = self.0.pop() {
+            if let Err(e) = umount_lazy(&p) {
+                errors.push(format!("umount {}: {e}", p.display()));
+            }
+        }
+        errors
+    }
+}
+
+impl Drop for Mounts {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+/// Kata's `fcListenToFifo`: the FIFO made and opened for reading before the VMM starts; its
+/// lines go to the returned channel.
+fn listen_to_fifo(path: &Path) -> mpsc::Receiver<String> {
+    let c = cstr(path);
+    // SAFETY: mkfifo(3) and open(2) with a live NUL-terminated path.
+    let fd = unsafe {
+        assert_eq!(libc::mkfifo(c.as_ptr(), 0o600), 0, "mkfifo {path:?}");
+        libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC)
+    };
+    assert!(fd >= 0, "open {path:?}: {}", std::io::Error::last_os_error());
+    // SAFETY: a descriptor we just opened and own from here on.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(file);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                Ok(_) => {
+                    if tx.send(line.trim_end().to_string()).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// Kata's `parseVersion` + `checkVersion`: the first line's second word, without its `v`, a
+/// semver of at least 0.21.1.
+fn kata_accepts_version(output: &str) -> Result<(u64, u64, u64), String> {
+    let first = output.lines().next().unwrap_or_default();
+    let word = first
+        .split(' ')
+        .nth(1)
+        .ok_or_else(|| format!("getting FC version failed, the output is malformed: {first:?}"))?;
+    let version = word.trim().trim_start_matches('v');
+    let core = version.split(['-', '+']).next().unwrap_or_default();
+    let parts: Vec<u64> = core
+        .split('.')
+        .map(|p| p.parse().map_err(|_| format!("Malformed version {version:?}")))
+        .collect::<Result<_, _>>()?;
+    let [major, minor, patch] = parts[..] else {
+        return Err(format!("Malformed version {version:?}"));
+    };
+    if (major, minor, patch) < (0, 21, 1) {
+        return Err(format!("version {version} is not supported"));
+    }
+    Ok((major, minor, patch))
+}
+
+/// Kata's `vmRunning` on a fresh connection: the `state` of `GET /`, if the VMM answers.
+fn instance_state(socket: &Path) -> Option<String> {
+    let stream = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .ok()?;
+    let mut stream = stream;
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n\r\n")
+        .ok()?;
+    let mut text = Vec::new();
+    let mut buf = [0u8; 1024];
+    // One response; its body is small and the VMM keeps the connection open.
+    while !text.ends_with(b"}") {
+        let n = stream.read(&mut buf).ok()?;
+        if n == 0 {
+            break;
+        }
+        text.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&text);
+    let body = text.split("\r\n\r\n").nth(1)?;
+    let info: Value = serde_json::from_str(body).ok()?;
+    info["state"].as_str().map(String::from)
+}
+
+/// The (device, inode) of every file process `pid` has open.
+fn open_inodes(pid: u32) -> Vec<(u64, u64)> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.flatten()
+                .filter_map(|e| std::fs::metadata(e.path()).ok())
+                .map(|m| (m.dev(), m.ino()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether `pid` has ended (gone, or a zombie nobody reaped: the jailer's daemon is not our
+/// child).
+fn ended(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+    }
+}
+
+fn wait_until(what: &str, deadline: Duration, mut done: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < deadline,
+            "{what}: not within {deadline:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    start.elapsed()
+}
+
+/// Installs prescient under Firecracker's names (hard links, or copies across file systems).
+fn install_as(bin_dir: &Path, name: &str) -> PathBuf {
+    let dst = bin_dir.join(name);
+    if std::fs::hard_link(prescient_bin(), &dst).is_err() {
+        std::fs::copy(prescient_bin(), &dst).unwrap();
+        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    dst
+}
+
+#[test]
+fn kata_fc_go_jailed_start_hotplug_and_stop() {
+    let scratch = Scratch::new("kata");
+    let bin = scratch.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let firecracker = install_as(&bin, "firecracker");
+    let jailer = install_as(&bin, "jailer");
+
+    // 1. The version check.
+    let out = Command::new(&firecracker).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    let version = String::from_utf8_lossy(&out.stdout).into_owned();
+    let parsed = kata_accepts_version(&version);
+    assert!(parsed.is_ok(), "Kata refuses {version:?}: {parsed:?}");
+
+    // 2. Kata's paths (setPaths): <base>/<basename of the hypervisor path>/<id>/root.
+    let id = format!("kata{}", std::process::id());
+    let base = scratch.path().join("run").join("kata-containers");
+    let vm_path = base.join("firecracker").join(&id);
+    let root = vm_path.join("root");
+    let socket = root.join("run").join("firecracker.socket");
+    let hvsock = root.join("kata.hvsock");
+    assert!(socket.as_os_str().len() < 108, "{socket:?} is too long");
+    let mut mounts = Mounts(Vec::new());
+
+    // fcInitConfiguration.
+    std::fs::create_dir_all(root.join("run")).unwrap();
+    mounts.bind(&root, &root, libc::MS_SHARED);
+    mount(
+        None,
+        &root,
+        libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID | libc::MS_RELATIME,
+    );
+    mounts.bind(Path::new(TEST_GUEST_PVH), &root.join("vmlinux"), libc::MS_SLAVE);
+    let image = scratch.zeroed_file("kata-containers.img", 1 << 20);
+    mounts.bind(&image, &root.join("rootfs"), libc::MS_SLAVE);
+    let boot_args = format!(
+        "cpu_ms=1 mem_mib=1 exit=halt virtio_timeout_ms=30000 blk_hotplug_ms={} blk_hotplug_dev=1 blk_rw=8 \
+         vsock_echo_listen={AGENT_PORT} \
+         root=/dev/vda1 rootflags=data=ordered,errors=remount-ro ro rootfstype=ext4 \
+         pci=off reboot=k panic=1 iommu=off net.ifnames=0 random.trust_cpu=on acpi=off \
+         8250.nr_uarts=0 agent.log_vport=1025",
+        HOTPLUG_WAIT.as_millis()
+    );
+    let mut drives = vec![json!({
+        "drive_id": "rootfs",
+        "is_read_only": true,
+        "is_root_device": false,
+        "path_on_host": "/rootfs"
+    })];
+    for i in 0..8 {
+        std::fs::write(root.join(format!("drive_{i}")), b"").unwrap();
+        drives.push(json!({
+            "drive_id": format!("drive_{i}"),
+            "is_read_only": false,
+            "is_root_device": false,
+            "path_on_host": format!("/drive_{i}")
+        }));
+    }
+    let logs = listen_to_fifo(&vm_path.join("logs.fifo"));
+    mounts.bind(
+        &vm_path.join("logs.fifo"),
+        &root.join("logs.fifo"),
+        libc::MS_SLAVE,
+    );
+    let metrics = listen_to_fifo(&vm_path.join("metrics.fifo"));
+    mounts.bind(
+        &vm_path.join("metrics.fifo"),
+        &root.join("metrics.fifo"),
+        libc::MS_SLAVE,
+    );
+    // The queued devices: the pod's network endpoint (a TAP in the pod's network namespace;
+    // Kata always sends both rate limiters, empty without limits) and the hybrid vsock.
+    let netns = Netns::with_tap(format!("prescient-kata-{}", std::process::id()), "tap0_kata");
+    let netns_path = format!("/var/run/netns/prescient-kata-{}", std::process::id());
+    let config = json!({
+        "boot-source": {"boot_args": boot_args, "kernel_image_path": "/vmlinux"},
+        "machine-config": {"mem_size_mib": 128, "smt": false, "vcpu_count": 1},
+        "vsock": {"guest_cid": 3, "uds_path": "/kata.hvsock", "vsock_id": "root"},
+        "logger": {"level": "Error", "log_path": "/logs.fifo"},
+        "metrics": {"metrics_path": "/metrics.fifo"},
+        "drives": drives,
+        "network-interfaces": [{
+            "guest_mac": "02:00:ca:fe:00:01",
+            "host_dev_name": "tap0_kata",
+            "iface_id": "eth0",
+            "rx_rate_limiter": {},
+            "tx_rate_limiter": {}
+        }]
+    });
+
+    // 3. StartVM: the config, the jailer, the wait for Running.
+    // Kata writes json.MarshalIndent's output (tab-indented); whitespace aside, the same.
+    let text = serde_json::to_string_pretty(&config).unwrap();
+    std::fs::write(vm_path.join("fcConfig.json"), text).unwrap();
+    mounts.bind(
+        &vm_path.join("fcConfig.json"),
+        &root.join("fcConfig.json"),
+        libc::MS_SLAVE,
+    );
+    let started = Instant::now();
+    let mut jail = Command::new(&jailer)
+        .args(["--id", &id, "--exec-file"])
+        .arg(&firecracker)
+        .args(["--uid", "0", "--gid", "0", "--chroot-base-dir"])
+        .arg(&base)
+        .args(["--daemonize", "--netns", &netns_path])
+        .args(["--", "--config-file", "/fcConfig.json"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let jailer_pid = jail.id();
+    while instance_state(&socket).as_deref() != Some("Running") {
+        assert!(
+            started.elapsed() < FC_TIMEOUT,
+            "Failed to connect to firecrackerinstance (timeout {FC_TIMEOUT:?}); jailer: {:?}",
+            jail.try_wait()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    eprintln!("Running after {:?}", started.elapsed());
+    let _ = jail.wait();
+    let pid_file = root.join("firecracker.pid");
+    wait_until("firecracker.pid", Duration::from_secs(5), || {
+        std::fs::read_to_string(&pid_file).is_ok_and(|t| t.trim().parse::<u32>().is_ok())
+    });
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(pid > 0 && pid != jailer_pid, "pid {pid}, jailer {jailer_pid}");
+    assert!(!ended(pid), "the VMM {pid} is not running");
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    assert_eq!(exe.file_name(), firecracker.file_name(), "{exe:?}");
+    std::fs::set_permissions(&hvsock, std::fs::Permissions::from_mode(0o640))
+        .expect("Could not change socket permissions");
+    let mut api = ApiClient::connect(&socket);
+    let info = api.request("GET", "/", None);
+    assert_eq!(info.status, 200);
+    assert_eq!(info.json()["id"], id.as_str());
+
+    // 5. The container's disk, plugged into drive_0.
+    let disk = scratch.path().join("container.img");
+    std::fs::write(&disk, vec![0xabu8; 2 << 20]).unwrap();
+    let disk_inode = {
+        let m = std::fs::metadata(&disk).unwrap();
+        (m.dev(), m.ino())
+    };
+    mounts.bind(&disk, &root.join("drive_0"), libc::MS_SLAVE);
+    let patch = r#"{"drive_id":"drive_0","path_on_host":"/drive_0"}"#;
+    let answer = api.request("PATCH", "/drives/drive_0", Some(patch));
+    assert_eq!((answer.status, answer.body.as_str()), (204, ""));
+    assert!(
+        open_inodes(pid).contains(&disk_inode),
+        "the VMM does not hold the container's disk after the PATCH"
+    );
+    // The guest saw the capacity (blk1: drive_0 after the rootfs) and wrote its pattern
+    // (blk_rw=8: sectors 0-7).
+    let took = wait_until("the guest's writes to the plugged disk", HOTPLUG_WAIT, || {
+        std::fs::read(&disk).is_ok_and(|d| d[..4096].iter().any(|&b| b != 0xab))
+    });
+    eprintln!("guest wrote to the plugged disk {took:?} after the PATCH");
+    let written = std::fs::read(&disk).unwrap();
+    assert!(
+        written[4096..].iter().all(|&b| b == 0xab),
+        "the guest wrote beyond the 8 sectors it was asked to"
+    );
+
+    // 4. The agent's channel (here after the hot-plug: the guest listens once its disk work is
+    // done): CONNECT on the hybrid vsock, bytes echoed back.
+    let (mut agent, reply) = vsock_connect(&hvsock, AGENT_PORT);
+    assert!(reply.starts_with("OK "), "{reply:?}");
+    agent.write_all(b"kata-agent-hello").unwrap();
+    agent.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut echoed = Vec::new();
+    agent.read_to_end(&mut echoed).unwrap();
+    assert_eq!(echoed, b"kata-agent-hello");
+
+    // 6. The disk unplugged: the bind mount gone, the placeholder pointed at again.
+    let mounted_disk = mounts.0.pop().unwrap();
+    umount_lazy(&mounted_disk).unwrap();
+    let answer = api.request("PATCH", "/drives/drive_0", Some(patch));
+    assert_eq!((answer.status, answer.body.as_str()), (204, ""));
+    let placeholder = std::fs::metadata(root.join("drive_0")).unwrap();
+    let inodes = open_inodes(pid);
+    assert!(
+        !inodes.contains(&disk_inode),
+        "the VMM still holds the container's disk after the unplug"
+    );
+    assert!(inodes.contains(&(placeholder.dev(), placeholder.ino())));
+    drop(api);
+
+    // 7. StopVM.
+    // SAFETY: kill(2) with a pid read from the jail and a plain signal.
+    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) }, 0);
+    wait_until("the VMM to stop on SIGTERM", FC_STOP_TIMEOUT, || ended(pid));
+
+    // Kata's readers: an error-level log line would be a fault of a healthy VM; every metrics
+    // line decodes into FirecrackerMetrics.
+    let log_lines: Vec<String> = logs.try_iter().collect();
+    assert!(log_lines.is_empty(), "errors logged: {log_lines:#?}");
+    let first = metrics.recv_timeout(Duration::from_secs(5));
+    let metric_lines: Vec<String> = first.into_iter().chain(metrics.try_iter()).collect();
+    assert!(!metric_lines.is_empty(), "no metrics line on the FIFO");
+    for line in &metric_lines {
+        let v: Value = serde_json::from_str(line).expect("a metrics line is JSON");
+        for section in KATA_METRICS_SECTIONS {
+            if let Some(s) = v.get(section) {
+                let fields = s.as_object().unwrap_or_else(|| panic!("{section}: {s}"));
+                for (k, n) in fields {
+                    assert!(n.is_u64(), "{section}.{k} = {n}: not a u64 for Kata");
+                }
+            }
+        }
+    }
+    let line: Value = serde_json::from_str(&metric_lines[0]).unwrap();
+    let known: Vec<&str> = KATA_METRICS_SECTIONS
+        .into_iter()
+        .filter(|s| line.get(s).is_some())
+        .collect();
+    eprintln!("Kata's metrics sections filled: {known:?}");
+
+    // cleanupJail.
+    let errors = mounts.cleanup();
+    assert!(errors.is_empty(), "{errors:?}");
+    std::fs::remove_dir_all(&vm_path).expect("removing the VM's directory");
+    drop(netns);
+}
+
+#[test]
+fn kata_version_parsing_refuses_what_kata_refuses() {
+    // The check above must be able to fail: prescient's own version line is too old for Kata.
+    assert!(kata_accepts_version("prescient v0.1.0 (Firecracker v1.17.0-dev compatible)").is_err());
+    assert!(kata_accepts_version("Firecracker").is_err());
+    assert_eq!(
+        kata_accepts_version("Firecracker v1.17.0-dev\n\nmore"),
+        Ok((1, 17, 0))
+    );
+}
