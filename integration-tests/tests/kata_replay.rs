@@ -164,9 +164,16 @@ fn listen_to_fifo(path: &Path) -> mpsc::Receiver<String> {
     // SAFETY: mkfifo(3) and open(2) with a live NUL-terminated path.
     let fd = unsafe {
         assert_eq!(libc::mkfifo(c.as_ptr(), 0o600), 0, "mkfifo {path:?}");
-        libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        libc::open(
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC,
+        )
     };
-    assert!(fd >= 0, "open {path:?}: {}", std::io::Error::last_os_error());
+    assert!(
+        fd >= 0,
+        "open {path:?}: {}",
+        std::io::Error::last_os_error()
+    );
     // SAFETY: a descriptor we just opened and own from here on.
     let file = unsafe { std::fs::File::from_raw_fd(fd) };
     let (tx, rx) = mpsc::channel();
@@ -200,7 +207,10 @@ fn kata_accepts_version(output: &str) -> Result<(u64, u64, u64), String> {
     let core = version.split(['-', '+']).next().unwrap_or_default();
     let parts: Vec<u64> = core
         .split('.')
-        .map(|p| p.parse().map_err(|_| format!("Malformed version {version:?}")))
+        .map(|p| {
+            p.parse()
+                .map_err(|_| format!("Malformed version {version:?}"))
+        })
         .collect::<Result<_, _>>()?;
     let [major, minor, patch] = parts[..] else {
         return Err(format!("Malformed version {version:?}"));
@@ -214,9 +224,7 @@ fn kata_accepts_version(output: &str) -> Result<(u64, u64, u64), String> {
 /// Kata's `vmRunning` on a fresh connection: the `state` of `GET /`, if the VMM answers.
 fn instance_state(socket: &Path) -> Option<String> {
     let stream = std::os::unix::net::UnixStream::connect(socket).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     let mut stream = stream;
     stream
         .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n\r\n")
@@ -291,7 +299,10 @@ fn kata_fc_go_jailed_start_hotplug_and_stop() {
     let jailer = install_as(&bin, "jailer");
 
     // 1. The version check.
-    let out = Command::new(&firecracker).arg("--version").output().unwrap();
+    let out = Command::new(&firecracker)
+        .arg("--version")
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let version = String::from_utf8_lossy(&out.stdout).into_owned();
     let parsed = kata_accepts_version(&version);
@@ -315,7 +326,11 @@ fn kata_fc_go_jailed_start_hotplug_and_stop() {
         &root,
         libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID | libc::MS_RELATIME,
     );
-    mounts.bind(Path::new(TEST_GUEST_PVH), &root.join("vmlinux"), libc::MS_SLAVE);
+    mounts.bind(
+        Path::new(TEST_GUEST_PVH),
+        &root.join("vmlinux"),
+        libc::MS_SLAVE,
+    );
     let image = scratch.zeroed_file("kata-containers.img", 1 << 20);
     mounts.bind(&image, &root.join("rootfs"), libc::MS_SLAVE);
     let boot_args = format!(
@@ -355,7 +370,10 @@ fn kata_fc_go_jailed_start_hotplug_and_stop() {
     );
     // The queued devices: the pod's network endpoint (a TAP in the pod's network namespace;
     // Kata always sends both rate limiters, empty without limits) and the hybrid vsock.
-    let netns = Netns::with_tap(format!("prescient-kata-{}", std::process::id()), "tap0_kata");
+    let netns = Netns::with_tap(
+        format!("prescient-kata-{}", std::process::id()),
+        "tap0_kata",
+    );
     let netns_path = format!("/var/run/netns/prescient-kata-{}", std::process::id());
     let config = json!({
         "boot-source": {"boot_args": boot_args, "kernel_image_path": "/vmlinux"},
@@ -415,7 +433,10 @@ fn kata_fc_go_jailed_start_hotplug_and_stop() {
         .trim()
         .parse()
         .unwrap();
-    assert!(pid > 0 && pid != jailer_pid, "pid {pid}, jailer {jailer_pid}");
+    assert!(
+        pid > 0 && pid != jailer_pid,
+        "pid {pid}, jailer {jailer_pid}"
+    );
     assert!(!ended(pid), "the VMM {pid} is not running");
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
     assert_eq!(exe.file_name(), firecracker.file_name(), "{exe:?}");
@@ -443,9 +464,11 @@ fn kata_fc_go_jailed_start_hotplug_and_stop() {
     );
     // The guest saw the capacity (blk1: drive_0 after the rootfs) and wrote its pattern
     // (blk_rw=8: sectors 0-7).
-    let took = wait_until("the guest's writes to the plugged disk", HOTPLUG_WAIT, || {
-        std::fs::read(&disk).is_ok_and(|d| d[..4096].iter().any(|&b| b != 0xab))
-    });
+    let took = wait_until(
+        "the guest's writes to the plugged disk",
+        HOTPLUG_WAIT,
+        || std::fs::read(&disk).is_ok_and(|d| d[..4096].iter().any(|&b| b != 0xab)),
+    );
     eprintln!("guest wrote to the plugged disk {took:?} after the PATCH");
     let written = std::fs::read(&disk).unwrap();
     assert!(

@@ -308,6 +308,27 @@ mod tests {
     }
 
     #[test]
+    fn the_logger_and_metrics_sections_are_read_and_never_written_back() {
+        // Kata Containers' config file (fc.go) points both at FIFOs in the jail.
+        let c = VmConfig::parse(
+            r#"{"logger": {"level": "Error", "log_path": "/logs.fifo"},
+                "metrics": {"metrics_path": "/metrics.fifo"}}"#,
+        )
+        .unwrap();
+        let logger = c.logger.clone().unwrap();
+        assert_eq!(logger.log_path.as_deref(), Some(Path::new("/logs.fifo")));
+        assert_eq!(logger.level, Some(crate::logger::LogLevel::Error));
+        assert_eq!(
+            c.metrics.as_ref().unwrap().metrics_path,
+            Path::new("/metrics.fifo")
+        );
+        let written = serde_json::to_value(&c).unwrap();
+        assert!(written.get("logger").is_none() && written.get("metrics").is_none());
+        let (path, _) = VmConfig::parse(r#"{"logger": {"level": "Loud"}}"#).unwrap_err();
+        assert_eq!(path, "logger.level");
+    }
+
+    #[test]
     fn a_firecracker_style_spec_parses_with_defaults() {
         let k = elf_kernel();
         let body = format!(
