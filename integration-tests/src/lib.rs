@@ -367,8 +367,13 @@ impl RunningVmm {
 
     /// Sends SIGTERM and waits for the clean stop that follows.
     pub fn terminate(self, deadline: Duration) -> Outcome {
+        self.signal(libc::SIGTERM, deadline)
+    }
+
+    /// Sends `signal` and waits for the VMM to end.
+    pub fn signal(self, signal: libc::c_int, deadline: Duration) -> Outcome {
         // SAFETY: kill(2) of our own child, which has not been reaped (we still own it).
-        unsafe { libc::kill(self.id() as libc::pid_t, libc::SIGTERM) };
+        unsafe { libc::kill(self.id() as libc::pid_t, signal) };
         self.wait(deadline)
     }
 }

@@ -1,6 +1,6 @@
-//! Kata Containers' Firecracker driver, replayed against prescient: the command lines, files,
-//! mounts and API requests of Kata's Go runtime, in its order, through the real jailer, the real
-//! binary and the test guest.
+//! Kata Containers' Firecracker drivers, replayed against prescient: the command lines, files,
+//! mounts and API requests of Kata's Go runtime (and of its Rust runtime), in their order,
+//! through the real jailer, the real binary and the test guest.
 //!
 //! Read from kata-containers/kata-containers `src/runtime/virtcontainers/fc.go` at commit
 //! 7c6ba40c54ea29b459b4997cff948caaba4e658b (2026-08-22; fc.go last changed in 992a7233,
@@ -33,6 +33,16 @@
 //!    again), after which the VMM must hold the disk no longer.
 //! 7. `StopVM`: SIGTERM to that pid, which must end within 15 s (`fcStopSandboxTimeout`);
 //!    `cleanupJail`: every mount undone and the VM's directory removed.
+//!
+//! Kata's Rust runtime (runtime-rs, `src/runtime-rs/crates/hypervisor/src/firecracker/` at the
+//! same commit; last changed in 658dffb0, 2026-08-18) drives the VMM differently, and the second
+//! test replays it: the jailer without `--daemonize` and in the pod's network namespace by
+//! `setns` (no `--netns`), `-- --api-sock /run//fc.sock` (sic), then `PUT /boot-source`,
+//! `PUT /machine-config`, `PUT /drives/rootfs`, `PUT /drives/drive1..5` (placeholders named
+//! `//driveN`), `PUT /vsock` with the relative `uds_path` `kata.hvsock`,
+//! `PUT /network-interfaces/{id}`, `PUT /actions {"action_type":"InstanceStart"}`; a disk
+//! plugged by `PATCH /drives/driveN` with its `rate_limiter` (`null` without limits); SIGKILL to
+//! stop. Every request must succeed at once (Kata retries failures for 5 s, then gives up).
 //!
 //! Kata's metrics reader unmarshals each line of `metrics.fifo` into `FirecrackerMetrics`, whose
 //! sections are objects of u64 counters: the lines must decode so. Deviations from Kata's exact
@@ -268,6 +278,46 @@ fn ended(pid: u32) -> bool {
     }
 }
 
+/// A VMM the jailer started: killed if the test ends before it stopped it, and the cgroups the
+/// jailer made for it (its `--cgroup-dir` arguments) removed once it has ended, which neither
+/// Kata nor the VMM does (see docs/cluster.md).
+struct JailedVmm {
+    pid: u32,
+    cgroups: Vec<PathBuf>,
+}
+
+impl JailedVmm {
+    fn new(pid: u32) -> Self {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let args: Vec<String> = cmdline
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let cgroups = args
+            .windows(2)
+            .filter(|w| w[0] == "--cgroup-dir")
+            .map(|w| PathBuf::from(&w[1]))
+            .collect();
+        Self { pid, cgroups }
+    }
+}
+
+impl Drop for JailedVmm {
+    fn drop(&mut self) {
+        if !ended(self.pid) {
+            // SAFETY: kill(2) with a plain signal; the pid is the VMM's (or already gone).
+            unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGKILL) };
+        }
+        let start = Instant::now();
+        while !ended(self.pid) && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for dir in &self.cgroups {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
 fn wait_until(what: &str, deadline: Duration, mut done: impl FnMut() -> bool) -> Duration {
     let start = Instant::now();
     while !done() {
@@ -438,6 +488,7 @@ fn kata_fc_go_jailed_start_hotplug_and_stop() {
         "pid {pid}, jailer {jailer_pid}"
     );
     assert!(!ended(pid), "the VMM {pid} is not running");
+    let _vmm = JailedVmm::new(pid);
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
     assert_eq!(exe.file_name(), firecracker.file_name(), "{exe:?}");
     std::fs::set_permissions(&hvsock, std::fs::Permissions::from_mode(0o640))
@@ -546,4 +597,170 @@ fn kata_version_parsing_refuses_what_kata_refuses() {
         kata_accepts_version("Firecracker v1.17.0-dev\n\nmore"),
         Ok((1, 17, 0))
     );
+}
+
+/// One request on a fresh connection, as runtime-rs's hyper client sends it.
+fn runtime_rs_request(socket: &Path, method: &str, path: &str, body: &Value) -> (u16, String) {
+    let mut api = ApiClient::connect(socket);
+    let r = api.request(method, path, Some(&body.to_string()));
+    (r.status, r.body)
+}
+
+#[test]
+fn kata_runtime_rs_jailed_start_hotplug_and_kill() {
+    let scratch = Scratch::new("kata-rs");
+    let bin = scratch.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let firecracker = install_as(&bin, "firecracker");
+    let jailer = install_as(&bin, "jailer");
+
+    // prepare_vm: KATA_PATH (/run/kata) here under the scratch directory.
+    let id = format!("katars{}", std::process::id());
+    let base = scratch.path().join("run").join("kata");
+    let vm_path = base.join("firecracker").join(&id);
+    let root = vm_path.join("root");
+    let run_dir = root.join("run");
+    let socket = run_dir.join("fc.sock");
+    let hvsock = root.join("kata.hvsock");
+    let mut mounts = Mounts(Vec::new());
+    std::fs::create_dir_all(&root).unwrap();
+    mounts.bind(&root, &root, libc::MS_SHARED);
+    mount(None, &root, libc::MS_REMOUNT | libc::MS_BIND);
+    std::fs::create_dir_all(&run_dir).unwrap();
+
+    // prepare_vmm: the jailer, in the pod's network namespace (setns before the exec).
+    let netns_name = format!("prescient-katars-{}", std::process::id());
+    let netns = Netns::with_tap(netns_name.clone(), "tap0_kata");
+    let ns_file = std::fs::File::open(format!("/var/run/netns/{netns_name}")).unwrap();
+    let ns_fd = std::os::fd::AsRawFd::as_raw_fd(&ns_file);
+    let mut cmd = Command::new(&jailer);
+    cmd.args(["--id", &id, "--gid", "0", "--uid", "0", "--exec-file"])
+        .arg(&firecracker)
+        .arg("--chroot-base-dir")
+        .arg(&base)
+        .args(["--", "--api-sock", "/run//fc.sock"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: setns(2) on a descriptor the parent keeps open; async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let vmm = integration_tests::RunningVmm::from_command(&mut cmd);
+    drop(ns_file);
+    wait_until("the API socket", FC_TIMEOUT, || socket.exists());
+    // Declared after the child: dropped first, so its cgroups go once the child is killed.
+    let _jailed = JailedVmm::new(vmm.id());
+
+    // prepare_vmm_resources.
+    mounts.bind(
+        Path::new(TEST_GUEST_PVH),
+        &root.join("vmlinux"),
+        libc::MS_SLAVE,
+    );
+    let image = scratch.zeroed_file("kata-containers.img", 1 << 20);
+    mounts.bind(&image, &root.join("rootfs"), libc::MS_SLAVE);
+    let boot_args = format!(
+        "cpu_ms=1 mem_mib=1 exit=halt virtio_timeout_ms=30000 blk_hotplug_ms={} \
+         blk_hotplug_dev=1 blk_rw=8 pci=off iommu=off root=/dev/vda1 \
+         rootflags=data=ordered,errors=remount-ro ro rootfstype=ext4",
+        HOTPLUG_WAIT.as_millis()
+    );
+    let put = |path: &str, body: Value| {
+        let (status, answer) = runtime_rs_request(&socket, "PUT", path, &body);
+        assert_eq!(status, 204, "PUT {path} {body}: {answer}");
+    };
+    put(
+        "/boot-source",
+        json!({"kernel_image_path": "/vmlinux", "boot_args": boot_args}),
+    );
+    put(
+        "/machine-config",
+        json!({"mem_size_mib": 128, "vcpu_count": 1}),
+    );
+    put(
+        "/drives/rootfs",
+        json!({"drive_id": "rootfs", "path_on_host": "/rootfs",
+               "is_root_device": false, "is_read_only": true}),
+    );
+    for i in 1..6 {
+        std::fs::write(root.join(format!("drive{i}")), b"").unwrap();
+        put(
+            &format!("/drives/drive{i}"),
+            json!({"drive_id": format!("drive{i}"), "path_on_host": format!("//drive{i}"),
+                   "is_root_device": false, "is_read_only": false}),
+        );
+    }
+    // prepare_hvsock, then the queued devices: the network endpoint and the hybrid vsock again.
+    let vsock = json!({"guest_cid": 3, "uds_path": "kata.hvsock", "vsock_id": "root"});
+    put("/vsock", vsock.clone());
+    put(
+        "/network-interfaces/eth0",
+        json!({"iface_id": "eth0", "guest_mac": "02:00:ca:fe:00:02", "host_dev_name": "tap0_kata"}),
+    );
+    put("/vsock", vsock);
+    // start_vm.
+    put("/actions", json!({"action_type": "InstanceStart"}));
+    wait_until("the hybrid vsock socket", FC_TIMEOUT, || hvsock.exists());
+
+    // add_device(BlockModern) of a container's disk, index 1 (index 0 is the VM's image):
+    // bound over the placeholder, then patched with the disk's rate limiter.
+    let disk = scratch.path().join("container.img");
+    std::fs::write(&disk, vec![0xabu8; 2 << 20]).unwrap();
+    let disk_inode = {
+        let m = std::fs::metadata(&disk).unwrap();
+        (m.dev(), m.ino())
+    };
+    mounts.bind(&disk, &root.join("drive1"), libc::MS_SLAVE);
+    let limiter = json!({
+        "bandwidth": {"size": 100 << 20, "one_time_burst": null, "refill_time": 1000},
+        "ops": null
+    });
+    let (status, answer) = runtime_rs_request(
+        &socket,
+        "PATCH",
+        "/drives/drive1",
+        &json!({"drive_id": "drive1", "path_on_host": "/drive1", "rate_limiter": limiter}),
+    );
+    assert_eq!(status, 204, "{answer}");
+    assert!(open_inodes(vmm.id()).contains(&disk_inode));
+    wait_until(
+        "the guest's writes to the plugged disk",
+        HOTPLUG_WAIT,
+        || std::fs::read(&disk).is_ok_and(|d| d[..4096].iter().any(|&b| b != 0xab)),
+    );
+    // A second container without disk limits: `rate_limiter` is null.
+    let disk2 = scratch.zeroed_file("container2.img", 1 << 20);
+    mounts.bind(&disk2, &root.join("drive2"), libc::MS_SLAVE);
+    let (status, answer) = runtime_rs_request(
+        &socket,
+        "PATCH",
+        "/drives/drive2",
+        &json!({"drive_id": "drive2", "path_on_host": "/drive2", "rate_limiter": null}),
+    );
+    assert_eq!(status, 204, "{answer}");
+    let m = std::fs::metadata(&disk2).unwrap();
+    assert!(open_inodes(vmm.id()).contains(&(m.dev(), m.ino())));
+
+    // stop_vm: SIGKILL; the jailer exec'ed the VMM, so it is this child.
+    let out = vmm.signal(libc::SIGKILL, FC_STOP_TIMEOUT);
+    assert!(
+        out.stdout.contains("guest: blk1 hotplug capacity=4096"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("guest: blk1 rw sectors=8 ok"),
+        "{}",
+        out.stdout
+    );
+    let errors = mounts.cleanup();
+    assert!(errors.is_empty(), "{errors:?}");
+    std::fs::remove_dir_all(&vm_path).expect("removing the VM's directory");
+    drop(netns);
 }
