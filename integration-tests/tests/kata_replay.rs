@@ -340,13 +340,117 @@ fn install_as(bin_dir: &Path, name: &str) -> PathBuf {
     dst
 }
 
+/// What both Kata runtimes prepare: prescient installed under Firecracker's names, the jail's
+/// root `<base>/firecracker/<id>/root` made, bound on itself, made shared (so that mounts made
+/// into it later reach the jail) and remounted with `remount_flags` (to drop `noexec`).
+struct KataJail {
+    /// Undone before the scratch directory goes.
+    mounts: Mounts,
+    scratch: Scratch,
+    firecracker: PathBuf,
+    jailer: PathBuf,
+    id: String,
+    base: PathBuf,
+    vm_path: PathBuf,
+    root: PathBuf,
+}
+
+impl KataJail {
+    fn new(name: &str, kata_dir: &str, remount_flags: libc::c_ulong) -> Self {
+        let scratch = Scratch::new(name);
+        let bin = scratch.path().join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let firecracker = install_as(&bin, "firecracker");
+        let jailer = install_as(&bin, "jailer");
+        let id = format!("{name}{}", std::process::id()).replace('-', "");
+        let base = scratch.path().join("run").join(kata_dir);
+        let vm_path = base.join("firecracker").join(&id);
+        let root = vm_path.join("root");
+        std::fs::create_dir_all(root.join("run")).unwrap();
+        let mut mounts = Mounts(Vec::new());
+        mounts.bind(&root, &root, libc::MS_SHARED);
+        mount(
+            None,
+            &root,
+            libc::MS_REMOUNT | libc::MS_BIND | remount_flags,
+        );
+        Self {
+            mounts,
+            scratch,
+            firecracker,
+            jailer,
+            id,
+            base,
+            vm_path,
+            root,
+        }
+    }
+
+    /// The kernel and the VM's image jailed as `/vmlinux` and `/rootfs`.
+    fn jail_kernel_and_image(&mut self) {
+        self.mounts.bind(
+            Path::new(TEST_GUEST_PVH),
+            &self.root.join("vmlinux"),
+            libc::MS_SLAVE,
+        );
+        let image = self.scratch.zeroed_file("kata-containers.img", 1 << 20);
+        self.mounts
+            .bind(&image, &self.root.join("rootfs"), libc::MS_SLAVE);
+    }
+
+    /// A container's disk (2 MiB of 0xab) bound over placeholder `drive`; its (device, inode).
+    fn plug_disk(&mut self, name: &str, drive: &str) -> (PathBuf, (u64, u64)) {
+        let disk = self.scratch.path().join(name);
+        std::fs::write(&disk, vec![0xabu8; 2 << 20]).unwrap();
+        let m = std::fs::metadata(&disk).unwrap();
+        self.mounts
+            .bind(&disk, &self.root.join(drive), libc::MS_SLAVE);
+        (disk, (m.dev(), m.ino()))
+    }
+
+    /// Kata's clean-up: every mount undone, the VM's directory removed.
+    fn clean_up(mut self) {
+        let errors = self.mounts.cleanup();
+        assert!(errors.is_empty(), "{errors:?}");
+        std::fs::remove_dir_all(&self.vm_path).expect("removing the VM's directory");
+    }
+}
+
+/// The test guest's part of the kernel command line (Kata's `kernel_params` go first): halt when
+/// done, so that the VM runs until it is stopped, and write 8 sectors to blk1 (drive 0 after the
+/// VM's image) once it is plugged.
+fn guest_args() -> String {
+    format!(
+        "cpu_ms=1 mem_mib=1 exit=halt virtio_timeout_ms=30000 blk_hotplug_ms={} \
+         blk_hotplug_dev=1 blk_rw=8",
+        HOTPLUG_WAIT.as_millis()
+    )
+}
+
+/// Until the guest has written to `disk` (its first 4 KiB no longer all 0xab).
+fn wait_guest_wrote(disk: &Path) -> Duration {
+    wait_until(
+        "the guest's writes to the plugged disk",
+        HOTPLUG_WAIT,
+        || std::fs::read(disk).is_ok_and(|d| d[..4096].iter().any(|&b| b != 0xab)),
+    )
+}
+
 #[test]
 fn kata_fc_go_jailed_start_hotplug_and_stop() {
-    let scratch = Scratch::new("kata");
-    let bin = scratch.path().join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    let firecracker = install_as(&bin, "firecracker");
-    let jailer = install_as(&bin, "jailer");
+    // 2 (setPaths, fcInitConfiguration): <base>/<basename of the hypervisor path>/<id>/root.
+    let mut kata = KataJail::new(
+        "kata",
+        "kata-containers",
+        libc::MS_NOSUID | libc::MS_RELATIME,
+    );
+    let (firecracker, jailer) = (kata.firecracker.clone(), kata.jailer.clone());
+    let (id, base, vm_path, root) = (
+        kata.id.clone(),
+        kata.base.clone(),
+        kata.vm_path.clone(),
+        kata.root.clone(),
+    );
 
     // 1. The version check.
     let out = Command::new(&firecracker)
@@ -358,38 +462,16 @@ fn kata_fc_go_jailed_start_hotplug_and_stop() {
     let parsed = kata_accepts_version(&version);
     assert!(parsed.is_ok(), "Kata refuses {version:?}: {parsed:?}");
 
-    // 2. Kata's paths (setPaths): <base>/<basename of the hypervisor path>/<id>/root.
-    let id = format!("kata{}", std::process::id());
-    let base = scratch.path().join("run").join("kata-containers");
-    let vm_path = base.join("firecracker").join(&id);
-    let root = vm_path.join("root");
     let socket = root.join("run").join("firecracker.socket");
     let hvsock = root.join("kata.hvsock");
     assert!(socket.as_os_str().len() < 108, "{socket:?} is too long");
-    let mut mounts = Mounts(Vec::new());
-
-    // fcInitConfiguration.
-    std::fs::create_dir_all(root.join("run")).unwrap();
-    mounts.bind(&root, &root, libc::MS_SHARED);
-    mount(
-        None,
-        &root,
-        libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID | libc::MS_RELATIME,
-    );
-    mounts.bind(
-        Path::new(TEST_GUEST_PVH),
-        &root.join("vmlinux"),
-        libc::MS_SLAVE,
-    );
-    let image = scratch.zeroed_file("kata-containers.img", 1 << 20);
-    mounts.bind(&image, &root.join("rootfs"), libc::MS_SLAVE);
+    kata.jail_kernel_and_image();
     let boot_args = format!(
-        "cpu_ms=1 mem_mib=1 exit=halt virtio_timeout_ms=30000 blk_hotplug_ms={} blk_hotplug_dev=1 blk_rw=8 \
-         vsock_echo_listen={AGENT_PORT} \
+        "{} vsock_echo_listen={AGENT_PORT} \
          root=/dev/vda1 rootflags=data=ordered,errors=remount-ro ro rootfstype=ext4 \
          pci=off reboot=k panic=1 iommu=off net.ifnames=0 random.trust_cpu=on acpi=off \
          8250.nr_uarts=0 agent.log_vport=1025",
-        HOTPLUG_WAIT.as_millis()
+        guest_args()
     );
     let mut drives = vec![json!({
         "drive_id": "rootfs",
@@ -407,13 +489,13 @@ fn kata_fc_go_jailed_start_hotplug_and_stop() {
         }));
     }
     let logs = listen_to_fifo(&vm_path.join("logs.fifo"));
-    mounts.bind(
+    kata.mounts.bind(
         &vm_path.join("logs.fifo"),
         &root.join("logs.fifo"),
         libc::MS_SLAVE,
     );
     let metrics = listen_to_fifo(&vm_path.join("metrics.fifo"));
-    mounts.bind(
+    kata.mounts.bind(
         &vm_path.join("metrics.fifo"),
         &root.join("metrics.fifo"),
         libc::MS_SLAVE,
@@ -445,7 +527,7 @@ fn kata_fc_go_jailed_start_hotplug_and_stop() {
     // Kata writes json.MarshalIndent's output (tab-indented); whitespace aside, the same.
     let text = serde_json::to_string_pretty(&config).unwrap();
     std::fs::write(vm_path.join("fcConfig.json"), text).unwrap();
-    mounts.bind(
+    kata.mounts.bind(
         &vm_path.join("fcConfig.json"),
         &root.join("fcConfig.json"),
         libc::MS_SLAVE,
@@ -488,7 +570,7 @@ fn kata_fc_go_jailed_start_hotplug_and_stop() {
         "pid {pid}, jailer {jailer_pid}"
     );
     assert!(!ended(pid), "the VMM {pid} is not running");
-    let _vmm = JailedVmm::new(pid);
+    let jailed = JailedVmm::new(pid);
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
     assert_eq!(exe.file_name(), firecracker.file_name(), "{exe:?}");
     std::fs::set_permissions(&hvsock, std::fs::Permissions::from_mode(0o640))
@@ -499,13 +581,7 @@ fn kata_fc_go_jailed_start_hotplug_and_stop() {
     assert_eq!(info.json()["id"], id.as_str());
 
     // 5. The container's disk, plugged into drive_0.
-    let disk = scratch.path().join("container.img");
-    std::fs::write(&disk, vec![0xabu8; 2 << 20]).unwrap();
-    let disk_inode = {
-        let m = std::fs::metadata(&disk).unwrap();
-        (m.dev(), m.ino())
-    };
-    mounts.bind(&disk, &root.join("drive_0"), libc::MS_SLAVE);
+    let (disk, disk_inode) = kata.plug_disk("container.img", "drive_0");
     let patch = r#"{"drive_id":"drive_0","path_on_host":"/drive_0"}"#;
     let answer = api.request("PATCH", "/drives/drive_0", Some(patch));
     assert_eq!((answer.status, answer.body.as_str()), (204, ""));
@@ -515,11 +591,7 @@ fn kata_fc_go_jailed_start_hotplug_and_stop() {
     );
     // The guest saw the capacity (blk1: drive_0 after the rootfs) and wrote its pattern
     // (blk_rw=8: sectors 0-7).
-    let took = wait_until(
-        "the guest's writes to the plugged disk",
-        HOTPLUG_WAIT,
-        || std::fs::read(&disk).is_ok_and(|d| d[..4096].iter().any(|&b| b != 0xab)),
-    );
+    let took = wait_guest_wrote(&disk);
     eprintln!("guest wrote to the plugged disk {took:?} after the PATCH");
     let written = std::fs::read(&disk).unwrap();
     assert!(
@@ -538,7 +610,7 @@ fn kata_fc_go_jailed_start_hotplug_and_stop() {
     assert_eq!(echoed, b"kata-agent-hello");
 
     // 6. The disk unplugged: the bind mount gone, the placeholder pointed at again.
-    let mounted_disk = mounts.0.pop().unwrap();
+    let mounted_disk = kata.mounts.0.pop().unwrap();
     umount_lazy(&mounted_disk).unwrap();
     let answer = api.request("PATCH", "/drives/drive_0", Some(patch));
     assert_eq!((answer.status, answer.body.as_str()), (204, ""));
@@ -582,9 +654,8 @@ fn kata_fc_go_jailed_start_hotplug_and_stop() {
     eprintln!("Kata's metrics sections filled: {known:?}");
 
     // cleanupJail.
-    let errors = mounts.cleanup();
-    assert!(errors.is_empty(), "{errors:?}");
-    std::fs::remove_dir_all(&vm_path).expect("removing the VM's directory");
+    drop(jailed);
+    kata.clean_up();
     drop(netns);
 }
 
@@ -608,25 +679,13 @@ fn runtime_rs_request(socket: &Path, method: &str, path: &str, body: &Value) -> 
 
 #[test]
 fn kata_runtime_rs_jailed_start_hotplug_and_kill() {
-    let scratch = Scratch::new("kata-rs");
-    let bin = scratch.path().join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    let firecracker = install_as(&bin, "firecracker");
-    let jailer = install_as(&bin, "jailer");
-
-    // prepare_vm: KATA_PATH (/run/kata) here under the scratch directory.
-    let id = format!("katars{}", std::process::id());
-    let base = scratch.path().join("run").join("kata");
-    let vm_path = base.join("firecracker").join(&id);
-    let root = vm_path.join("root");
-    let run_dir = root.join("run");
-    let socket = run_dir.join("fc.sock");
+    // prepare_vm: KATA_PATH (/run/kata) under the scratch directory; the jail's root bound on
+    // itself, shared, remounted (bind_remount).
+    let mut kata = KataJail::new("kata-rs", "kata", 0);
+    let (firecracker, jailer) = (kata.firecracker.clone(), kata.jailer.clone());
+    let (id, base, root) = (kata.id.clone(), kata.base.clone(), kata.root.clone());
+    let socket = root.join("run").join("fc.sock");
     let hvsock = root.join("kata.hvsock");
-    let mut mounts = Mounts(Vec::new());
-    std::fs::create_dir_all(&root).unwrap();
-    mounts.bind(&root, &root, libc::MS_SHARED);
-    mount(None, &root, libc::MS_REMOUNT | libc::MS_BIND);
-    std::fs::create_dir_all(&run_dir).unwrap();
 
     // prepare_vmm: the jailer, in the pod's network namespace (setns before the exec).
     let netns_name = format!("prescient-katars-{}", std::process::id());
@@ -655,21 +714,15 @@ fn kata_runtime_rs_jailed_start_hotplug_and_kill() {
     drop(ns_file);
     wait_until("the API socket", FC_TIMEOUT, || socket.exists());
     // Declared after the child: dropped first, so its cgroups go once the child is killed.
-    let _jailed = JailedVmm::new(vmm.id());
+    let jailed = JailedVmm::new(vmm.id());
 
     // prepare_vmm_resources.
-    mounts.bind(
-        Path::new(TEST_GUEST_PVH),
-        &root.join("vmlinux"),
-        libc::MS_SLAVE,
-    );
-    let image = scratch.zeroed_file("kata-containers.img", 1 << 20);
-    mounts.bind(&image, &root.join("rootfs"), libc::MS_SLAVE);
+    // (After the VMM started: the slave jail receives these mounts too.)
+    kata.jail_kernel_and_image();
     let boot_args = format!(
-        "cpu_ms=1 mem_mib=1 exit=halt virtio_timeout_ms=30000 blk_hotplug_ms={} \
-         blk_hotplug_dev=1 blk_rw=8 pci=off iommu=off root=/dev/vda1 \
+        "{} pci=off iommu=off root=/dev/vda1 \
          rootflags=data=ordered,errors=remount-ro ro rootfstype=ext4",
-        HOTPLUG_WAIT.as_millis()
+        guest_args()
     );
     let put = |path: &str, body: Value| {
         let (status, answer) = runtime_rs_request(&socket, "PUT", path, &body);
@@ -710,13 +763,7 @@ fn kata_runtime_rs_jailed_start_hotplug_and_kill() {
 
     // add_device(BlockModern) of a container's disk, index 1 (index 0 is the VM's image):
     // bound over the placeholder, then patched with the disk's rate limiter.
-    let disk = scratch.path().join("container.img");
-    std::fs::write(&disk, vec![0xabu8; 2 << 20]).unwrap();
-    let disk_inode = {
-        let m = std::fs::metadata(&disk).unwrap();
-        (m.dev(), m.ino())
-    };
-    mounts.bind(&disk, &root.join("drive1"), libc::MS_SLAVE);
+    let (disk, disk_inode) = kata.plug_disk("container.img", "drive1");
     let limiter = json!({
         "bandwidth": {"size": 100 << 20, "one_time_burst": null, "refill_time": 1000},
         "ops": null
@@ -729,14 +776,9 @@ fn kata_runtime_rs_jailed_start_hotplug_and_kill() {
     );
     assert_eq!(status, 204, "{answer}");
     assert!(open_inodes(vmm.id()).contains(&disk_inode));
-    wait_until(
-        "the guest's writes to the plugged disk",
-        HOTPLUG_WAIT,
-        || std::fs::read(&disk).is_ok_and(|d| d[..4096].iter().any(|&b| b != 0xab)),
-    );
+    wait_guest_wrote(&disk);
     // A second container without disk limits: `rate_limiter` is null.
-    let disk2 = scratch.zeroed_file("container2.img", 1 << 20);
-    mounts.bind(&disk2, &root.join("drive2"), libc::MS_SLAVE);
+    let (_, disk2_inode) = kata.plug_disk("container2.img", "drive2");
     let (status, answer) = runtime_rs_request(
         &socket,
         "PATCH",
@@ -744,8 +786,7 @@ fn kata_runtime_rs_jailed_start_hotplug_and_kill() {
         &json!({"drive_id": "drive2", "path_on_host": "/drive2", "rate_limiter": null}),
     );
     assert_eq!(status, 204, "{answer}");
-    let m = std::fs::metadata(&disk2).unwrap();
-    assert!(open_inodes(vmm.id()).contains(&(m.dev(), m.ino())));
+    assert!(open_inodes(vmm.id()).contains(&disk2_inode));
 
     // stop_vm: SIGKILL; the jailer exec'ed the VMM, so it is this child.
     let out = vmm.signal(libc::SIGKILL, FC_STOP_TIMEOUT);
@@ -759,8 +800,7 @@ fn kata_runtime_rs_jailed_start_hotplug_and_kill() {
         "{}",
         out.stdout
     );
-    let errors = mounts.cleanup();
-    assert!(errors.is_empty(), "{errors:?}");
-    std::fs::remove_dir_all(&vm_path).expect("removing the VM's directory");
+    drop(jailed);
+    kata.clean_up();
     drop(netns);
 }
