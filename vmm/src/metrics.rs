@@ -8,14 +8,13 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 
 use devices::legacy::SerialCounters;
 use devices::virtio::DeviceCounters;
 use predictor::telemetry::{Access, ExitCounts, ExitKind, ExitRecorder, ExitTotals};
-use serde::{Deserialize, Serialize};
 
 use crate::vstate::vcpu::ExitObserver;
 
@@ -74,29 +73,7 @@ pub struct Sample {
     pub value: u64,
 }
 
-/// `PUT /metrics`: where flushed metrics go.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MetricsConfig {
-    pub metrics_path: PathBuf,
-    /// Each line carries the instance id as `id` (Firecracker 1.17).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub emit_id: bool,
-    /// Operator-defined pairs each line carries under `properties`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub properties: Option<BTreeMap<String, String>>,
-}
-
-impl MetricsConfig {
-    /// Metrics to `path` with nothing added to the lines.
-    pub fn at(path: PathBuf) -> Self {
-        Self {
-            metrics_path: path,
-            emit_id: false,
-            properties: None,
-        }
-    }
-}
+pub use crate::vmm_config::MetricsConfig;
 
 /// Errors of the metrics sink.
 #[derive(Debug, thiserror::Error)]
@@ -124,17 +101,6 @@ struct Sink {
     last: BTreeMap<(String, &'static str), u64>,
     /// Added to every line: `id` and `properties`.
     header: serde_json::Map<String, serde_json::Value>,
-}
-
-/// Opens a file or FIFO for writing without blocking on a FIFO that has no reader yet.
-pub fn open_nonblocking(path: &Path) -> std::io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .append(true)
-        .create(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
 }
 
 impl Metrics {
@@ -323,9 +289,11 @@ impl Metrics {
         if let Some(s) = sink.as_ref() {
             return Err(MetricsError::AlreadyConfigured(s.path.clone()));
         }
-        let file = open_nonblocking(&config.metrics_path).map_err(|source| MetricsError::Open {
-            path: config.metrics_path.clone(),
-            source,
+        let file = crate::logger::open_nonblocking(&config.metrics_path).map_err(|source| {
+            MetricsError::Open {
+                path: config.metrics_path.clone(),
+                source,
+            }
         })?;
         let mut header = serde_json::Map::new();
         if config.emit_id {

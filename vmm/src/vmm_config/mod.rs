@@ -9,6 +9,7 @@ mod entropy;
 pub mod json_path;
 mod machine_config;
 mod memory_hotplug;
+mod metrics;
 mod mmds;
 mod net;
 mod pmem;
@@ -31,6 +32,7 @@ pub use entropy::EntropyConfig;
 pub use json_path::{JsonPath, Segment};
 pub use machine_config::{HugePages, MachineConfig, MAX_VCPUS};
 pub use memory_hotplug::{MemoryHotplugConfig, MemoryHotplugSizeUpdate, MemoryHotplugStatus};
+pub use metrics::MetricsConfig;
 pub use mmds::MmdsConfig;
 pub use net::{parse_mac, validate_interfaces, NetworkInterfaceConfig, NetworkInterfaceUpdate};
 pub use pmem::{validate_pmem, PmemConfig, PmemUpdate};
@@ -99,7 +101,7 @@ pub struct VmConfig {
     pub logger: Option<crate::logger::LoggerConfig>,
     /// Firecracker's `metrics` section, as `PUT /metrics`; likewise never written back.
     #[serde(default, skip_serializing)]
-    pub metrics: Option<crate::metrics::MetricsConfig>,
+    pub metrics: Option<MetricsConfig>,
 }
 
 /// A spec that parsed but cannot describe a VM, or a VM that cannot be built from it: the place
