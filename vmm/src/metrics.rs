@@ -267,7 +267,71 @@ impl Metrics {
             ];
             samples.extend(counters.map(|(name, help, v)| s(group, name, help, load(v))));
         }
+        samples.extend(self.firecracker_aggregates());
         samples
+    }
+
+    /// Firecracker's aggregate device sections under Firecracker's counter names, for the
+    /// counters that count the same thing: the sum over every drive (`block`) and interface
+    /// (`net`), and the vsock's byte counts. Kata Containers' metrics reader decodes only these
+    /// names (its `FirecrackerMetrics`).
+    fn firecracker_aggregates(&self) -> Vec<Sample> {
+        type Pick = fn(&DeviceCounters) -> &AtomicU64;
+        const BLOCK: [(&str, &str, Pick); 5] = [
+            ("read_bytes", "bytes read by the guest, all drives", |c| {
+                &c.bytes_to_guest
+            }),
+            (
+                "write_bytes",
+                "bytes written by the guest, all drives",
+                |c| &c.bytes_from_guest,
+            ),
+            (
+                "invalid_reqs_count",
+                "malformed requests, all drives",
+                |c| &c.invalid_requests,
+            ),
+            ("execute_fails", "host I/O failures, all drives", |c| {
+                &c.io_errors
+            }),
+            (
+                "rate_limiter_throttled_events",
+                "rate limiter waits, all drives",
+                |c| &c.throttled,
+            ),
+        ];
+        const BYTES: [(&str, &str, Pick); 2] = [
+            ("rx_bytes_count", "bytes delivered to the guest", |c| {
+                &c.bytes_to_guest
+            }),
+            ("tx_bytes_count", "bytes sent by the guest", |c| {
+                &c.bytes_from_guest
+            }),
+        ];
+        let devices = lock(&self.devices);
+        let sum = |prefix: &str, pick: Pick| -> u64 {
+            devices
+                .iter()
+                .filter(|(name, _)| name.starts_with(prefix))
+                .map(|(_, c)| pick(c).load(Ordering::Relaxed))
+                .sum()
+        };
+        let mut out = Vec::new();
+        for (group, prefix, names) in [
+            ("block", "block_", &BLOCK[..]),
+            ("net", "net_", &BYTES[..]),
+            ("vsock", "vsock", &BYTES[..]),
+        ] {
+            if devices.iter().any(|(name, _)| name.starts_with(prefix)) {
+                out.extend(names.iter().map(|&(name, help, pick)| Sample {
+                    group: group.to_string(),
+                    name,
+                    help,
+                    value: sum(prefix, pick),
+                }));
+            }
+        }
+        out
     }
 
     /// Prometheus text exposition of every counter.
@@ -359,6 +423,33 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drives_and_interfaces_are_also_summed_under_firecrackers_names() {
+        let m = Metrics::default();
+        let device = |to: u64, from: u64| {
+            let c = Arc::new(DeviceCounters::default());
+            c.bytes_to_guest.store(to, Ordering::Relaxed);
+            c.bytes_from_guest.store(from, Ordering::Relaxed);
+            c
+        };
+        m.register_device("block_rootfs".into(), device(4096, 0));
+        m.register_device("block_drive_0".into(), device(512, 1024));
+        m.register_device("net_eth0".into(), device(60, 42));
+        let value = |group: &str, name: &str| {
+            m.samples()
+                .into_iter()
+                .find(|s| s.group == group && s.name == name)
+                .map(|s| s.value)
+        };
+        assert_eq!(value("block", "read_bytes"), Some(4608));
+        assert_eq!(value("block", "write_bytes"), Some(1024));
+        assert_eq!(value("block_drive_0", "bytes_to_guest"), Some(512));
+        assert_eq!(value("net", "rx_bytes_count"), Some(60));
+        assert_eq!(value("net", "tx_bytes_count"), Some(42));
+        // No vsock device, no vsock section.
+        assert_eq!(value("vsock", "rx_bytes_count"), None);
+    }
 
     #[test]
     fn vcpu_counters_are_summed_and_flushes_are_deltas() {
