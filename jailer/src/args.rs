@@ -56,9 +56,10 @@ pub struct JailArgs {
     /// Network namespace to join (a path such as /var/run/netns/NAME).
     #[arg(long, value_name = "PATH")]
     pub netns: Option<PathBuf>,
-    /// Which cgroup interface to use.
-    #[arg(long, default_value_t = 1)]
-    pub cgroup_version: u8,
+    /// Which cgroup interface to use (default: v1 where the host mounts the v1 cpu hierarchy,
+    /// else v2, so that a caller that names none, as Kata Containers does, works on either).
+    #[arg(long)]
+    pub cgroup_version: Option<u8>,
     /// Writes VALUE to the VM cgroup's FILE (e.g. cpu.cfs_quota_us=50000); repeatable.
     #[arg(long = "cgroup", value_name = "FILE=VALUE")]
     pub cgroups: Vec<String>,
@@ -92,7 +93,8 @@ pub struct JailSpec {
     pub chroot_base_dir: PathBuf,
     pub exec_file: Option<PathBuf>,
     pub netns: Option<PathBuf>,
-    pub cgroup_version: u8,
+    /// `None`: whichever the host has (`cgroup::Mounts::default_version`).
+    pub cgroup_version: Option<u8>,
     pub cgroups: Vec<(String, String)>,
     pub resource_limits: Vec<ResourceLimit>,
     pub daemonize: bool,
@@ -172,8 +174,8 @@ impl JailArgs {
         if let Some(exec) = self.exec_file.as_ref().filter(|p| !is_clean_absolute(p)) {
             return Err(ArgsError::ExecFile(exec.clone()));
         }
-        if !matches!(self.cgroup_version, 1 | 2) {
-            return Err(ArgsError::CgroupVersion(self.cgroup_version));
+        if let Some(v) = self.cgroup_version.filter(|v| !matches!(v, 1 | 2)) {
+            return Err(ArgsError::CgroupVersion(v));
         }
         Ok(JailSpec {
             id: self.id.clone(),
@@ -238,7 +240,7 @@ mod tests {
             chroot_base_dir: "/srv/jailer".into(),
             exec_file: None,
             netns: None,
-            cgroup_version: 1,
+            cgroup_version: None,
             cgroups: vec![],
             resource_limits: vec![],
             daemonize: false,
@@ -322,7 +324,10 @@ mod tests {
             err(|a| a.cgroups = vec!["../../tasks=1".into()]),
             ArgsError::CgroupArg("../../tasks=1".into())
         );
-        assert_eq!(err(|a| a.cgroup_version = 3), ArgsError::CgroupVersion(3));
+        assert_eq!(
+            err(|a| a.cgroup_version = Some(3)),
+            ArgsError::CgroupVersion(3)
+        );
         assert_eq!(
             err(|a| a.resource_limits = vec!["stack=1".into()]),
             ArgsError::ResourceLimit("stack=1".into())

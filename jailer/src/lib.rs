@@ -192,7 +192,11 @@ fn create_cgroup(spec: &JailSpec) -> Result<Cgroup, JailError> {
     }
     let relative = Path::new("prescient").join(&spec.id);
     let mounts = Mounts::current()?;
-    if spec.cgroup_version == 1 {
+    if spec
+        .cgroup_version
+        .unwrap_or_else(|| mounts.default_version())
+        == 1
+    {
         return Ok(Cgroup::create_v1(&mounts, &controllers, &relative)?);
     }
     let (mount_point, _) = mounts.v2.clone().ok_or(CgroupError::NoUnifiedMount)?;
