@@ -34,8 +34,12 @@
 //! 7. `StopVM`: SIGTERM to that pid, which must end within 15 s (`fcStopSandboxTimeout`);
 //!    `cleanupJail`: every mount undone and the VM's directory removed.
 //!
+//! Without `jailer_path` Kata runs `firecracker --api-sock <root>/run/firecracker.socket
+//! --config-file <root>/fcConfig.json` itself, in the pod's network namespace, with host paths
+//! under the same `<root>` and the child's pid: the second test.
+//!
 //! Kata's Rust runtime (runtime-rs, `src/runtime-rs/crates/hypervisor/src/firecracker/` at the
-//! same commit; last changed in 658dffb0, 2026-08-18) drives the VMM differently, and the second
+//! same commit; last changed in 658dffb0, 2026-08-18) drives the VMM differently, and the third
 //! test replays it: the jailer without `--daemonize` and in the pod's network namespace by
 //! `setns` (no `--netns`), `-- --api-sock /run//fc.sock` (sic), then `PUT /boot-source`,
 //! `PUT /machine-config`, `PUT /drives/rootfs`, `PUT /drives/drive1..5` (placeholders named
@@ -341,8 +345,9 @@ fn install_as(bin_dir: &Path, name: &str) -> PathBuf {
 }
 
 /// What both Kata runtimes prepare: prescient installed under Firecracker's names, the jail's
-/// root `<base>/firecracker/<id>/root` made, bound on itself, made shared (so that mounts made
-/// into it later reach the jail) and remounted with `remount_flags` (to drop `noexec`).
+/// root `<base>/firecracker/<id>/root` made and, for a jailer, bound on itself, made shared (so
+/// that mounts made into it later reach the jail) and remounted with `remount` (to drop
+/// `noexec`).
 struct KataJail {
     /// Undone before the scratch directory goes.
     mounts: Mounts,
@@ -356,7 +361,7 @@ struct KataJail {
 }
 
 impl KataJail {
-    fn new(name: &str, kata_dir: &str, remount_flags: libc::c_ulong) -> Self {
+    fn new(name: &str, kata_dir: &str, remount: Option<libc::c_ulong>) -> Self {
         let scratch = Scratch::new(name);
         let bin = scratch.path().join("bin");
         std::fs::create_dir_all(&bin).unwrap();
@@ -368,12 +373,10 @@ impl KataJail {
         let root = vm_path.join("root");
         std::fs::create_dir_all(root.join("run")).unwrap();
         let mut mounts = Mounts(Vec::new());
-        mounts.bind(&root, &root, libc::MS_SHARED);
-        mount(
-            None,
-            &root,
-            libc::MS_REMOUNT | libc::MS_BIND | remount_flags,
-        );
+        if let Some(flags) = remount {
+            mounts.bind(&root, &root, libc::MS_SHARED);
+            mount(None, &root, libc::MS_REMOUNT | libc::MS_BIND | flags);
+        }
         Self {
             mounts,
             scratch,
@@ -427,6 +430,21 @@ fn guest_args() -> String {
     )
 }
 
+/// `cmd` runs in network namespace `ns` (setns before the exec), as Kata starts its VMM in the
+/// pod's namespace; `ns` must stay open until the spawn.
+fn in_netns(cmd: &mut Command, ns: &std::fs::File) {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(ns);
+    // SAFETY: setns(2) on a descriptor the parent keeps open; async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Until the guest has written to `disk` (its first 4 KiB no longer all 0xab).
 fn wait_guest_wrote(disk: &Path) -> Duration {
     wait_until(
@@ -438,11 +456,23 @@ fn wait_guest_wrote(disk: &Path) -> Duration {
 
 #[test]
 fn kata_fc_go_jailed_start_hotplug_and_stop() {
-    // 2 (setPaths, fcInitConfiguration): <base>/<basename of the hypervisor path>/<id>/root.
+    replay_fc_go(true);
+}
+
+/// Kata without `jailer_path`: `firecracker --api-sock PATH --config-file PATH` in the pod's
+/// network namespace, every path a host path under the same `<root>`.
+#[test]
+fn kata_fc_go_unjailed_start_hotplug_and_stop() {
+    replay_fc_go(false);
+}
+
+fn replay_fc_go(jailed: bool) {
+    // 2 (setPaths, fcInitConfiguration): <base>/<basename of the hypervisor path>/<id>/root,
+    // remounted only for the jailer.
     let mut kata = KataJail::new(
-        "kata",
+        if jailed { "kata" } else { "kata-nj" },
         "kata-containers",
-        libc::MS_NOSUID | libc::MS_RELATIME,
+        jailed.then_some(libc::MS_NOSUID | libc::MS_RELATIME),
     );
     let (firecracker, jailer) = (kata.firecracker.clone(), kata.jailer.clone());
     let (id, base, vm_path, root) = (
@@ -466,6 +496,14 @@ fn kata_fc_go_jailed_start_hotplug_and_stop() {
     let hvsock = root.join("kata.hvsock");
     assert!(socket.as_os_str().len() < 108, "{socket:?} is too long");
     kata.jail_kernel_and_image();
+    // fcJailResource: a path inside the jail, or without one the host path under <root>.
+    let at = |name: &str| {
+        if jailed {
+            format!("/{name}")
+        } else {
+            root.join(name).display().to_string()
+        }
+    };
     let boot_args = format!(
         "{} vsock_echo_listen={AGENT_PORT} \
          root=/dev/vda1 rootflags=data=ordered,errors=remount-ro ro rootfstype=ext4 \
@@ -477,7 +515,7 @@ fn kata_fc_go_jailed_start_hotplug_and_stop() {
         "drive_id": "rootfs",
         "is_read_only": true,
         "is_root_device": false,
-        "path_on_host": "/rootfs"
+        "path_on_host": at("rootfs")
     })];
     for i in 0..8 {
         std::fs::write(root.join(format!("drive_{i}")), b"").unwrap();
@@ -485,7 +523,7 @@ fn kata_fc_go_jailed_start_hotplug_and_stop() {
             "drive_id": format!("drive_{i}"),
             "is_read_only": false,
             "is_root_device": false,
-            "path_on_host": format!("/drive_{i}")
+            "path_on_host": at(&format!("drive_{i}"))
         }));
     }
     let logs = listen_to_fifo(&vm_path.join("logs.fifo"));
@@ -502,17 +540,14 @@ fn kata_fc_go_jailed_start_hotplug_and_stop() {
     );
     // The queued devices: the pod's network endpoint (a TAP in the pod's network namespace;
     // Kata always sends both rate limiters, empty without limits) and the hybrid vsock.
-    let netns = Netns::with_tap(
-        format!("prescient-kata-{}", std::process::id()),
-        "tap0_kata",
-    );
-    let netns_path = format!("/var/run/netns/prescient-kata-{}", std::process::id());
+    let netns = Netns::with_tap(format!("prescient-{id}"), "tap0_kata");
+    let netns_path = format!("/var/run/netns/prescient-{id}");
     let config = json!({
-        "boot-source": {"boot_args": boot_args, "kernel_image_path": "/vmlinux"},
+        "boot-source": {"boot_args": boot_args, "kernel_image_path": at("vmlinux")},
         "machine-config": {"mem_size_mib": 128, "smt": false, "vcpu_count": 1},
-        "vsock": {"guest_cid": 3, "uds_path": "/kata.hvsock", "vsock_id": "root"},
-        "logger": {"level": "Error", "log_path": "/logs.fifo"},
-        "metrics": {"metrics_path": "/metrics.fifo"},
+        "vsock": {"guest_cid": 3, "uds_path": at("kata.hvsock"), "vsock_id": "root"},
+        "logger": {"level": "Error", "log_path": at("logs.fifo")},
+        "metrics": {"metrics_path": at("metrics.fifo")},
         "drives": drives,
         "network-interfaces": [{
             "guest_mac": "02:00:ca:fe:00:01",
@@ -532,45 +567,63 @@ fn kata_fc_go_jailed_start_hotplug_and_stop() {
         &root.join("fcConfig.json"),
         libc::MS_SLAVE,
     );
+    let ns_file = std::fs::File::open(&netns_path).unwrap();
     let started = Instant::now();
-    let mut jail = Command::new(&jailer)
-        .args(["--id", &id, "--exec-file"])
-        .arg(&firecracker)
-        .args(["--uid", "0", "--gid", "0", "--chroot-base-dir"])
-        .arg(&base)
-        .args(["--daemonize", "--netns", &netns_path])
-        .args(["--", "--config-file", "/fcConfig.json"])
+    let mut cmd = if jailed {
+        let mut c = Command::new(&jailer);
+        c.args(["--id", &id, "--exec-file"])
+            .arg(&firecracker)
+            .args(["--uid", "0", "--gid", "0", "--chroot-base-dir"])
+            .arg(&base)
+            .args(["--daemonize", "--netns", &netns_path])
+            .args(["--", "--config-file", "/fcConfig.json"]);
+        c
+    } else {
+        let mut c = Command::new(&firecracker);
+        c.arg("--api-sock")
+            .arg(&socket)
+            .arg("--config-file")
+            .arg(root.join("fcConfig.json"));
+        in_netns(&mut c, &ns_file);
+        c
+    };
+    // Kata without debug leaves the VMM's output alone (the jailer's daemon: /dev/null).
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let jailer_pid = jail.id();
+    drop(ns_file);
+    let child_pid = child.id();
     while instance_state(&socket).as_deref() != Some("Running") {
         assert!(
             started.elapsed() < FC_TIMEOUT,
-            "Failed to connect to firecrackerinstance (timeout {FC_TIMEOUT:?}); jailer: {:?}",
-            jail.try_wait()
+            "Failed to connect to firecrackerinstance (timeout {FC_TIMEOUT:?}); child: {:?}",
+            child.try_wait()
         );
         std::thread::sleep(Duration::from_millis(10));
     }
     eprintln!("Running after {:?}", started.elapsed());
-    let _ = jail.wait();
-    let pid_file = root.join("firecracker.pid");
-    wait_until("firecracker.pid", Duration::from_secs(5), || {
-        std::fs::read_to_string(&pid_file).is_ok_and(|t| t.trim().parse::<u32>().is_ok())
-    });
-    let pid: u32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    assert!(
-        pid > 0 && pid != jailer_pid,
-        "pid {pid}, jailer {jailer_pid}"
-    );
+    let pid = if jailed {
+        // The jailer's parent has exited (reaped here); the VMM is its daemon.
+        let _ = child.wait();
+        let pid_file = root.join("firecracker.pid");
+        wait_until("firecracker.pid", Duration::from_secs(5), || {
+            std::fs::read_to_string(&pid_file).is_ok_and(|t| t.trim().parse::<u32>().is_ok())
+        });
+        let pid: u32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(pid > 0 && pid != child_pid, "pid {pid}, jailer {child_pid}");
+        pid
+    } else {
+        child_pid
+    };
     assert!(!ended(pid), "the VMM {pid} is not running");
-    let jailed = JailedVmm::new(pid);
+    let vmm = JailedVmm::new(pid);
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
     assert_eq!(exe.file_name(), firecracker.file_name(), "{exe:?}");
     std::fs::set_permissions(&hvsock, std::fs::Permissions::from_mode(0o640))
@@ -578,11 +631,18 @@ fn kata_fc_go_jailed_start_hotplug_and_stop() {
     let mut api = ApiClient::connect(&socket);
     let info = api.request("GET", "/", None);
     assert_eq!(info.status, 200);
-    assert_eq!(info.json()["id"], id.as_str());
+    // The jailer passes its --id on; alone, Kata names none (Firecracker's default then).
+    let expected_id = if jailed {
+        id.as_str()
+    } else {
+        "anonymous-instance"
+    };
+    assert_eq!(info.json()["id"], expected_id);
 
     // 5. The container's disk, plugged into drive_0.
     let (disk, disk_inode) = kata.plug_disk("container.img", "drive_0");
-    let patch = r#"{"drive_id":"drive_0","path_on_host":"/drive_0"}"#;
+    let patch = json!({"drive_id": "drive_0", "path_on_host": at("drive_0")}).to_string();
+    let patch = patch.as_str();
     let answer = api.request("PATCH", "/drives/drive_0", Some(patch));
     assert_eq!((answer.status, answer.body.as_str()), (204, ""));
     assert!(
@@ -658,7 +718,10 @@ fn kata_fc_go_jailed_start_hotplug_and_stop() {
     );
 
     // cleanupJail.
-    drop(jailed);
+    drop(vmm);
+    if !jailed {
+        let _ = child.wait();
+    }
     kata.clean_up();
     drop(netns);
 }
@@ -685,7 +748,7 @@ fn runtime_rs_request(socket: &Path, method: &str, path: &str, body: &Value) -> 
 fn kata_runtime_rs_jailed_start_hotplug_and_kill() {
     // prepare_vm: KATA_PATH (/run/kata) under the scratch directory; the jail's root bound on
     // itself, shared, remounted (bind_remount).
-    let mut kata = KataJail::new("kata-rs", "kata", 0);
+    let mut kata = KataJail::new("kata-rs", "kata", Some(0));
     let (firecracker, jailer) = (kata.firecracker.clone(), kata.jailer.clone());
     let (id, base, root) = (kata.id.clone(), kata.base.clone(), kata.root.clone());
     let socket = root.join("run").join("fc.sock");
@@ -695,7 +758,6 @@ fn kata_runtime_rs_jailed_start_hotplug_and_kill() {
     let netns_name = format!("prescient-katars-{}", std::process::id());
     let netns = Netns::with_tap(netns_name.clone(), "tap0_kata");
     let ns_file = std::fs::File::open(format!("/var/run/netns/{netns_name}")).unwrap();
-    let ns_fd = std::os::fd::AsRawFd::as_raw_fd(&ns_file);
     let mut cmd = Command::new(&jailer);
     cmd.args(["--id", &id, "--gid", "0", "--uid", "0", "--exec-file"])
         .arg(&firecracker)
@@ -705,15 +767,7 @@ fn kata_runtime_rs_jailed_start_hotplug_and_kill() {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: setns(2) on a descriptor the parent keeps open; async-signal-safe.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-            if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    in_netns(&mut cmd, &ns_file);
     let vmm = integration_tests::RunningVmm::from_command(&mut cmd);
     drop(ns_file);
     wait_until("the API socket", FC_TIMEOUT, || socket.exists());
