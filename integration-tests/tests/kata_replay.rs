@@ -719,9 +719,8 @@ fn replay_fc_go(jailed: bool) {
 
     // cleanupJail.
     drop(vmm);
-    if !jailed {
-        let _ = child.wait();
-    }
+    // The VMM itself without a jailer, the jailer's exited parent with one: reaped.
+    let _ = child.wait();
     kata.clean_up();
     drop(netns);
 }
