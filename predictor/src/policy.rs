@@ -1,6 +1,7 @@
 //! Turns forecasts into per-resource allocations within a budget, and every window into a
 //! [`Decision`] record.
 
+use crate::bucket::Bucket;
 use crate::forecast::{Forecast, Forecaster, Horizon};
 use crate::math;
 use crate::persist::{PersistError, SavedForecaster};
@@ -111,6 +112,17 @@ fn default_memory_lead() -> u8 {
     1
 }
 
+fn default_bucket_windows() -> PerResource<f64> {
+    // The block and network actuators' bandwidth buckets hold one refill period (100 ms, the
+    // default window) of the allocated rate; a CPU quota or plugged memory saves nothing.
+    PerResource {
+        cpu: 0.0,
+        mem: 0.0,
+        blk: 1.0,
+        net: 1.0,
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PolicyConfig {
     /// Allocation covers the upper forecasts of the next `horizon` windows, so grows lead
@@ -133,6 +145,11 @@ pub struct PolicyConfig {
     /// during the next window, so demand must be covered until the allocation after lands.
     #[serde(default = "default_memory_lead")]
     pub memory_lead: u8,
+    /// Windows of the allocated rate the actuator's token bucket holds, per resource (0: none).
+    /// Demand beyond the rate is served from the bucket while it lasts, so a window is
+    /// under-provisioned only once the bucket runs dry (`bucket::Bucket`).
+    #[serde(default = "default_bucket_windows")]
+    pub bucket_windows: PerResource<f64>,
     /// A shrink is considered only when the target is this fraction below the allocation.
     pub shrink_hysteresis: f64,
     /// ... for this many consecutive windows.
@@ -155,6 +172,7 @@ impl Default for PolicyConfig {
             shortfall_cost: default_shortfall_cost(),
             calibration_step: default_calibration_step(),
             memory_lead: default_memory_lead(),
+            bucket_windows: default_bucket_windows(),
             shrink_hysteresis: 0.03,
             shrink_after: 3,
             max_grow: 0.5,
@@ -186,6 +204,13 @@ impl PolicyConfig {
     }
 
     fn validate(&self) -> Result<(), PolicyError> {
+        let burst = Resource::ALL
+            .into_iter()
+            .map(|r| self.bucket_windows[r])
+            .fold(
+                0.0,
+                |a: f64, b| if (0.0..=100.0).contains(&b) { a } else { b },
+            );
         // The cost furthest from 1, so one check covers all four.
         let cost = Resource::ALL
             .into_iter()
@@ -204,6 +229,12 @@ impl PolicyConfig {
                 cost,
                 (1e-3..=1e3).contains(&cost),
                 "[0.001, 1000]",
+            ),
+            (
+                "bucket windows",
+                burst,
+                (0.0..=100.0).contains(&burst),
+                "[0, 100]",
             ),
             (
                 "calibration step",
@@ -361,6 +392,9 @@ pub struct PolicyState {
     calibration_scale: PerResource<f64>,
     calibrating: PerResource<bool>,
     shrink_streak: PerResource<u32>,
+    /// The actuators' token buckets (a state from before they were modelled starts them full).
+    #[serde(default)]
+    buckets: Option<PerResource<Bucket>>,
     expected: Option<PerResource<Forecast>>,
     behaviour: BehaviourScore,
     anomaly: AnomalyDetector,
@@ -376,6 +410,8 @@ pub struct Policy {
     /// Whether the allocation in force was set by a warm forecaster (and so is scored).
     calibrating: PerResource<bool>,
     shrink_streak: PerResource<u32>,
+    /// The actuators' token buckets, as the allocations in force filled and drained them.
+    buckets: PerResource<Bucket>,
     /// What was forecast for the window now being decided on.
     expected: Option<PerResource<Forecast>>,
     behaviour: BehaviourScore,
@@ -415,6 +451,9 @@ impl Policy {
             cfg,
             forecasters,
             shrink_streak: PerResource::default(),
+            buckets: PerResource::from_fn(|r| {
+                Bucket::full(budget.0[r].initial, cfg.bucket_windows[r])
+            }),
             expected: None,
         })
     }
@@ -469,6 +508,7 @@ impl Policy {
             calibration_scale: self.calibration.map(|_, c| c.scale),
             calibrating: self.calibrating,
             shrink_streak: self.shrink_streak,
+            buckets: Some(self.buckets),
             expected: self.expected,
             behaviour: self.behaviour.clone(),
             anomaly: self.anomaly.clone(),
@@ -493,6 +533,9 @@ impl Policy {
         }
         self.calibrating = state.calibrating;
         self.shrink_streak = state.shrink_streak;
+        self.buckets = state.buckets.unwrap_or_else(|| {
+            PerResource::from_fn(|r| Bucket::full(self.allocation[r], self.cfg.bucket_windows[r]))
+        });
         self.expected = state.expected;
         self.behaviour.restore(state.behaviour);
         self.anomaly.restore(state.anomaly);
@@ -523,18 +566,22 @@ impl Policy {
             let used = sample.usage[r];
             let lim = self.budget.0[r];
             let held = self.allocation[r];
-            // The quota capped what the vCPUs got: their demand was at least the allocation,
-            // and how much more is unseen (use never exceeds a quota, so without this a quota
-            // below demand would never be raised).
-            let censored = r == Resource::Cpu && sample.signals.cpu_throttled > 0;
+            // The quota or the bandwidth bucket capped what the guest got: its demand was at
+            // least the allocation, and how much more is unseen (use never exceeds a limit, so
+            // without this a limit below demand would never be raised).
+            let censored = sample.signals.throttled(r);
+            // Demand beyond the rate is served from the bucket while it lasts.
+            let burst = self.cfg.bucket_windows[r];
+            let short = self.buckets[r].short(used, held, burst);
+            self.buckets[r].drain(used, held, burst);
             let cal = &mut self.calibration[r];
             if self.calibrating[r] {
                 // Demand above the maximum is missed by any allocation: not the band's fault.
-                cal.update((used > held * (1.0 + 1e-9) || censored) && held < lim.max);
+                cal.update((short || censored) && held < lim.max);
             }
             let cal = *cal;
             let f = &mut self.forecasters[r];
-            // What a censored window shows is a floor: the demand was at least the quota.
+            // What a censored window shows is a floor: the demand was at least the limit.
             let demand = if censored { used.max(held) } else { used };
             f.observe_window(demand, &sample.signals);
             let one = f.forecast(Horizon::ONE);
@@ -558,9 +605,9 @@ impl Policy {
                 .skip(1)
                 .map(|h| cal.upper(f.forecast(h), lim.step))
                 .fold(forecast[r].upper, f64::max);
-            // Censored demand: double the quota (within the grow limit) until it no longer runs
+            // Censored demand: double the limit (within the grow limit) until it no longer runs
             // out, which finds any demand in a few windows; the shrink rule brings it back to
-            // the band once the vCPUs get what they ask for.
+            // the band once the guest gets what it asks for.
             let upper = if censored {
                 upper.max(2.0 * held)
             } else {
@@ -967,6 +1014,109 @@ mod tests {
         assert!(short <= 15, "throttled in {short} of 150 windows: {seen:?}");
         assert!(
             seen[399].0 < 1.5,
+            "back down after the demand: {:?}",
+            seen[399]
+        );
+    }
+
+    fn blk(t_ms: u64, blk: f64) -> Sample {
+        let mut s = sample(t_ms, 1.0, 100.0);
+        s.usage.blk = blk;
+        s
+    }
+
+    /// Block demand bursting to 1.8 x the allocation after every idle window: the bandwidth
+    /// bucket (one window of the rate) serves each burst, so the calibration counts no miss and
+    /// narrows the band; without a bucket each burst is a miss and the band widens.
+    #[test]
+    fn a_burst_the_bucket_serves_is_no_miss() {
+        use crate::forecast::testing::Level;
+        let width = |bucket: f64| {
+            let f = PerResource::from_fn(|_| Box::new(Level("level", 10.0)) as Box<dyn Forecaster>);
+            let cfg = PolicyConfig {
+                bucket_windows: PerResource {
+                    blk: bucket,
+                    ..PerResource::default()
+                },
+                ..cfg()
+            };
+            let mut p = Policy::new(budget(), cfg, f).unwrap();
+            for t in 0..200u64 {
+                p.decide(&blk(t * 100, if t % 2 == 1 { 18.0 } else { 0.0 }));
+            }
+            (p.calibration().blk.width(), p.allocation().blk)
+        };
+        assert_eq!(width(1.0).1, 10.0);
+        assert!(width(1.0).0 < 1.0, "{:?}", width(1.0));
+        assert!(width(0.0).0 > 5.0, "{:?}", width(0.0));
+    }
+
+    /// The bandwidth twin of the throttled CPU quota: the device's limiter holds block use at
+    /// the allocation (plus the bucket), and the limiter's waits tell the policy that demand was
+    /// above it, so the allocation follows demand up though the use it sees stays below.
+    #[test]
+    fn a_bandwidth_the_limiter_holds_back_grows_though_use_stays_at_it() {
+        use crate::bucket::Bucket;
+        use crate::forecast::Preset;
+        let capacity = Usage {
+            cpu: 4.0,
+            mem: 1024.0,
+            blk: 200.0,
+            net: 100.0,
+        };
+        let run = |report_throttling: bool| {
+            let cfg = PolicyConfig::default();
+            let f = Preset::default_ensemble()
+                .unwrap()
+                .build_all(cfg.horizon, &capacity)
+                .unwrap();
+            let mut p = Policy::new(Budget::from_capacity(&capacity), cfg, f).unwrap();
+            let burst = cfg.bucket_windows.blk;
+            let mut bucket = Bucket::full(p.allocation().blk, burst);
+            let mut out = Vec::new();
+            for t in 0..400u64 {
+                let demand: f64 = match t {
+                    0..100 => 2.0,
+                    100..300 => 120.0,
+                    _ => 5.0,
+                };
+                let rate = p.allocation().blk;
+                let throttled = bucket.short(demand, rate, burst);
+                let mut s = blk(t * 100, demand.min(bucket.capacity(rate, burst)));
+                bucket.drain(demand, rate, burst);
+                if report_throttling && throttled {
+                    s.signals.blk_throttled = 1;
+                }
+                p.decide(&s);
+                out.push((rate, throttled));
+            }
+            out
+        };
+        let blind = run(false);
+        let seen = run(true);
+        assert!(
+            seen[99].0 < 20.0,
+            "the idle start's bandwidth: {:?}",
+            seen[99]
+        );
+        let met = |run: &[(f64, bool)]| run[100..300].iter().position(|&(_, t)| !t);
+        assert!(
+            met(&seen).is_some_and(|w| w <= 6),
+            "120 MiB/s of demand met after {:?} windows: {:?}",
+            met(&seen),
+            &seen[100..140]
+        );
+        // Blind, the policy sees only what the bucket let through and finds the demand later.
+        assert!(
+            met(&seen) < met(&blind),
+            "{:?} vs {:?}",
+            met(&seen),
+            met(&blind)
+        );
+        let short = seen[150..300].iter().filter(|&&(_, t)| t).count();
+        assert!(short <= 15, "throttled in {short} of 150 windows: {seen:?}");
+        assert!(
+            seen[399].0 < 30.0,
             "back down after the demand: {:?}",
             seen[399]
         );

@@ -71,6 +71,7 @@ pub struct DeviceWindow {
     pub ops: u64,
     pub read_bytes: u64,
     pub written_bytes: u64,
+    pub throttled: u64,
 }
 
 /// Everything collected for one VM over one window.
@@ -106,8 +107,14 @@ impl Window {
             }
             let rate = (d.read_bytes + d.written_bytes) as f64 / MIB / secs;
             match d.kind {
-                DeviceKind::Block => usage.blk += rate,
-                DeviceKind::Net => usage.net += rate,
+                DeviceKind::Block => {
+                    usage.blk += rate;
+                    signals.blk_throttled += d.throttled;
+                }
+                DeviceKind::Net => {
+                    usage.net += rate;
+                    signals.net_throttled += d.throttled;
+                }
                 _ => {}
             }
             let exits: u64 = self.vcpus.iter().map(|v| v.exits.device(d.id)).sum();

@@ -253,6 +253,10 @@ impl PredictorConfig {
                     ladder,
                     ..AnomalyConfig::default()
                 },
+                // The bandwidth actuators' buckets hold one refill period of the rate.
+                bucket_windows: PolicyConfig::default().bucket_windows.map(|_, &w| {
+                    w * super::drives::BANDWIDTH_REFILL_MS as f64 / self.window_ms.max(1) as f64
+                }),
                 ..PolicyConfig::default()
             },
         })
