@@ -298,8 +298,9 @@ pub enum Action {
 /// PID control (Angelopoulos, Candes & Tibshirani, "Conformal PID control for time series
 /// prediction", 2023). The forecasters give a band at the target quantile; the policy scales
 /// its width by `1 + scale`, and `scale` moves by `step x (missed - target)` after every
-/// window, where `missed` means demand exceeded the allocation actually in force (after
-/// alignment, hysteresis and change limits), not just the forecast. A widened band is at
+/// window, where `missed` means demand exceeded what the allocation actually in force let
+/// through (after alignment, hysteresis and change limits; for bandwidth, the rate plus the
+/// token bucket's fill), not just the forecast. A widened band is at
 /// least one block wide, so at `capacity / block` it reaches the maximum, which demand never exceeds, so
 /// `scale` stays below `B = capacity / block + step`, and over any `T` windows of any
 /// workload the share missed is at most `target + (B - scale_0) / (step T)`: the guarantee

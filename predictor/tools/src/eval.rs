@@ -259,11 +259,13 @@ impl Allocator for Vpa {
     }
 }
 
+/// One trace's resource as VPA sees it: its limits, the demand and VPA's recommendations.
+type VpaCurve<'a> = (predictor::policy::Limits, &'a [f64], &'a [Option<f64>]);
+
 /// The smallest VPA safety factor (to 0.1 %) whose under-provisioning, pooled over the
-/// traces (limits, demand, VPA's recommendations), is at most `rate`: VPA at the policy's own
-/// under-provisioning rate.
+/// traces, is at most `rate`: VPA at the policy's own under-provisioning rate.
 fn matched_factor(
-    recs: &[(predictor::policy::Limits, &[f64], &[Option<f64>])],
+    recs: &[VpaCurve],
     burst: f64,
     rate: f64,
 ) -> f64 {
