@@ -155,6 +155,32 @@ mod tests {
     }
 
     #[test]
+    fn rate_limiter_waits_are_summed_per_resource() {
+        let device = |i: u8, kind: DeviceKind, throttled: u64| DeviceWindow {
+            id: DeviceId::new(i).unwrap(),
+            kind,
+            ops: 1,
+            read_bytes: 1 << 20,
+            written_bytes: 0,
+            throttled,
+        };
+        let w = Window {
+            duration_ns: 1_000_000_000,
+            devices: vec![
+                device(0, DeviceKind::Block, 3),
+                device(1, DeviceKind::Block, 1),
+                device(2, DeviceKind::Net, 2),
+            ],
+            ..Window::default()
+        };
+        let s = w.sample();
+        assert_eq!((s.signals.blk_throttled, s.signals.net_throttled), (4, 2));
+        assert_eq!((s.usage.blk, s.usage.net), (2.0, 1.0));
+        assert!(s.signals.throttled(crate::resource::Resource::Blk));
+        assert!(!s.signals.throttled(crate::resource::Resource::Cpu));
+    }
+
+    #[test]
     fn kvm_delta_subtracts_fieldwise() {
         let a = KvmVcpuStats {
             exits: 10,

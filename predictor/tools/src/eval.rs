@@ -264,11 +264,7 @@ type VpaCurve<'a> = (predictor::policy::Limits, &'a [f64], &'a [Option<f64>]);
 
 /// The smallest VPA safety factor (to 0.1 %) whose under-provisioning, pooled over the
 /// traces, is at most `rate`: VPA at the policy's own under-provisioning rate.
-fn matched_factor(
-    recs: &[VpaCurve],
-    burst: f64,
-    rate: f64,
-) -> f64 {
+fn matched_factor(recs: &[VpaCurve], burst: f64, rate: f64) -> f64 {
     let under = |k: f64| {
         let mut m = Metrics::default();
         for (l, used, rec) in recs {
