@@ -960,45 +960,65 @@ mod tests {
         }
     }
 
+    /// The default policy for 400 windows on resource `r`, whose limit holds use back:
+    /// `limit(allocation, demand)` says what the guest got and whether it was held back, which
+    /// the window's throttle signal reports when `report` is set. Each window's allocation and
+    /// whether it held the guest back.
+    fn limited(
+        r: Resource,
+        capacity: Usage,
+        demand: impl Fn(u64) -> f64,
+        mut limit: impl FnMut(f64, f64) -> (f64, bool),
+        report: bool,
+    ) -> Vec<(f64, bool)> {
+        use crate::forecast::Preset;
+        let cfg = PolicyConfig::default();
+        let f = Preset::default_ensemble()
+            .unwrap()
+            .build_all(cfg.horizon, &capacity)
+            .unwrap();
+        let mut p = Policy::new(Budget::from_capacity(&capacity), cfg, f).unwrap();
+        (0..400u64)
+            .map(|t| {
+                let held = p.allocation()[r];
+                let (got, throttled) = limit(held, demand(t));
+                let mut s = sample(t * 100, 1.0, 100.0);
+                s.usage[r] = got;
+                if report && throttled {
+                    match r {
+                        Resource::Cpu => s.signals.cpu_throttled = 1,
+                        Resource::Blk => s.signals.blk_throttled = 1,
+                        Resource::Net => s.signals.net_throttled = 1,
+                        Resource::Mem => {}
+                    }
+                }
+                p.decide(&s);
+                (held, throttled)
+            })
+            .collect()
+    }
+
     /// A guest booting at a fifth of a core, then asking for three: the quota caps what it
     /// gets, so its use stays below the allocation. The throttled periods say so, and the
     /// quota follows demand up (and back down once the demand is gone).
     #[test]
     fn a_quota_the_vcpus_run_out_of_grows_though_their_use_stays_below_it() {
-        use crate::forecast::Preset;
         let capacity = Usage {
             cpu: 4.0,
             mem: 1024.0,
             blk: 100.0,
             net: 100.0,
         };
-        // The quota in force each window, and whether the vCPUs ran out of it.
-        let run = |report_throttling: bool| {
-            let cfg = PolicyConfig::default();
-            let f = Preset::default_ensemble()
-                .unwrap()
-                .build_all(cfg.horizon, &capacity)
-                .unwrap();
-            let mut p = Policy::new(Budget::from_capacity(&capacity), cfg, f).unwrap();
-            let mut out = Vec::new();
-            for t in 0..400u64 {
-                let demand: f64 = match t {
-                    0..100 => 0.2,
-                    100..300 => 3.0,
-                    _ => 0.5,
-                };
-                // The vCPUs get a little less than the quota: the group's other threads (the
-                // whole VMM on cgroup v2 or in the jailer's group) use some of it.
-                let quota = p.allocation().cpu;
-                let throttled = demand > 0.9 * quota;
-                let mut s = cpu(t * 100, demand.min(0.9 * quota));
-                if report_throttling && throttled {
-                    s.signals.cpu_throttled = 1;
-                }
-                p.decide(&s);
-                out.push((quota, throttled));
-            }
-            out
+        let run = |report| {
+            let demand = |t| match t {
+                0..100 => 0.2,
+                100..300 => 3.0,
+                _ => 0.5,
+            };
+            // The vCPUs get a little less than the quota: the group's other threads (the
+            // whole VMM on cgroup v2 or in the jailer's group) use some of it.
+            let quota = |quota: f64, demand: f64| (demand.min(0.9 * quota), demand > 0.9 * quota);
+            limited(Resource::Cpu, capacity, demand, quota, report)
         };
         // Without the signal the booting guest's small quota only ever shrinks.
         let blind = run(false);
@@ -1058,40 +1078,28 @@ mod tests {
     #[test]
     fn a_bandwidth_the_limiter_holds_back_grows_though_use_stays_at_it() {
         use crate::bucket::Bucket;
-        use crate::forecast::Preset;
         let capacity = Usage {
             cpu: 4.0,
             mem: 1024.0,
             blk: 200.0,
             net: 100.0,
         };
-        let run = |report_throttling: bool| {
-            let cfg = PolicyConfig::default();
-            let f = Preset::default_ensemble()
-                .unwrap()
-                .build_all(cfg.horizon, &capacity)
-                .unwrap();
-            let mut p = Policy::new(Budget::from_capacity(&capacity), cfg, f).unwrap();
-            let burst = cfg.bucket_windows.blk;
-            let mut bucket = Bucket::full(p.allocation().blk, burst);
-            let mut out = Vec::new();
-            for t in 0..400u64 {
-                let demand: f64 = match t {
-                    0..100 => 2.0,
-                    100..300 => 120.0,
-                    _ => 5.0,
-                };
-                let rate = p.allocation().blk;
-                let throttled = bucket.short(demand, rate, burst);
-                let mut s = blk(t * 100, demand.min(bucket.capacity(rate, burst)));
-                bucket.drain(demand, rate, burst);
-                if report_throttling && throttled {
-                    s.signals.blk_throttled = 1;
-                }
-                p.decide(&s);
-                out.push((rate, throttled));
-            }
-            out
+        let run = |report| {
+            let demand = |t| match t {
+                0..100 => 2.0,
+                100..300 => 120.0,
+                _ => 5.0,
+            };
+            let burst = PolicyConfig::default().bucket_windows.blk;
+            let mut bucket: Option<Bucket> = None;
+            let limiter = move |rate: f64, demand: f64| {
+                let b = bucket.get_or_insert(Bucket::full(rate, burst));
+                let got = demand.min(b.capacity(rate, burst));
+                let throttled = b.short(demand, rate, burst);
+                b.drain(demand, rate, burst);
+                (got, throttled)
+            };
+            limited(Resource::Blk, capacity, demand, limiter, report)
         };
         let blind = run(false);
         let seen = run(true);
