@@ -383,7 +383,7 @@ pub struct Decision {
 
 /// What a policy has learned, for a VM snapshot: its forecasters, the allocation in force and
 /// what the hysteresis counts, each band's calibration, the forecast the next window is scored
-/// against, and both scores. The budget and configuration are not in it: the restored VM's
+/// against, both scores and the fill of the actuators' buckets. The budget and configuration are not in it: the restored VM's
 /// configuration gives them.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PolicyState {
@@ -393,12 +393,13 @@ pub struct PolicyState {
     calibration_scale: PerResource<f64>,
     calibrating: PerResource<bool>,
     shrink_streak: PerResource<u32>,
-    /// The actuators' token buckets (a state from before they were modelled starts them full).
-    #[serde(default)]
-    buckets: Option<PerResource<Bucket>>,
     expected: Option<PerResource<Forecast>>,
     behaviour: BehaviourScore,
     anomaly: AnomalyDetector,
+    /// The actuators' token buckets. Last: the snapshot's encoding is positional, so a state
+    /// saved before the buckets were modelled ends early and fails to decode (the VM restores
+    /// with a cold predictor, which says why) instead of misreading the fields after it.
+    buckets: PerResource<Bucket>,
 }
 
 /// Per-VM policy: owns one forecaster per resource, the scores and the current allocation.
@@ -509,7 +510,7 @@ impl Policy {
             calibration_scale: self.calibration.map(|_, c| c.scale),
             calibrating: self.calibrating,
             shrink_streak: self.shrink_streak,
-            buckets: Some(self.buckets),
+            buckets: self.buckets,
             expected: self.expected,
             behaviour: self.behaviour.clone(),
             anomaly: self.anomaly.clone(),
@@ -534,9 +535,7 @@ impl Policy {
         }
         self.calibrating = state.calibrating;
         self.shrink_streak = state.shrink_streak;
-        self.buckets = state.buckets.unwrap_or_else(|| {
-            PerResource::from_fn(|r| Bucket::full(self.allocation[r], self.cfg.bucket_windows[r]))
-        });
+        self.buckets = state.buckets;
         self.expected = state.expected;
         self.behaviour.restore(state.behaviour);
         self.anomaly.restore(state.anomaly);
@@ -1129,6 +1128,43 @@ mod tests {
             "back down after the demand: {:?}",
             seen[399]
         );
+    }
+
+    /// Snapshots encode the state field by field with no names: one saved before the buckets
+    /// were modelled must fail to decode (the VM then restores with a cold predictor) rather
+    /// than be misread.
+    #[test]
+    fn a_state_saved_before_the_buckets_is_refused_not_misread() {
+        #[derive(Serialize)]
+        struct Before {
+            forecasters: PerResource<SavedForecaster>,
+            allocation: Allocation,
+            calibration_scale: PerResource<f64>,
+            calibrating: PerResource<bool>,
+            shrink_streak: PerResource<u32>,
+            expected: Option<PerResource<Forecast>>,
+            behaviour: BehaviourScore,
+            anomaly: AnomalyDetector,
+        }
+        let mut p = Policy::new(budget(), cfg(), scripted()).unwrap();
+        for t in 0..20 {
+            p.decide(&blk(t * 100, 3.0));
+        }
+        let s = p.save_state().unwrap();
+        let now = crate::persist::encode(&s).unwrap();
+        assert!(crate::persist::decode::<PolicyState>(&now).is_ok());
+        let before = crate::persist::encode(&Before {
+            forecasters: s.forecasters,
+            allocation: s.allocation,
+            calibration_scale: s.calibration_scale,
+            calibrating: s.calibrating,
+            shrink_streak: s.shrink_streak,
+            expected: s.expected,
+            behaviour: s.behaviour,
+            anomaly: s.anomaly,
+        })
+        .unwrap();
+        assert!(crate::persist::decode::<PolicyState>(&before).is_err());
     }
 
     #[test]
