@@ -204,13 +204,12 @@ impl PolicyConfig {
     }
 
     fn validate(&self) -> Result<(), PolicyError> {
+        // The first bucket size out of range, if any, so one check covers all four.
         let burst = Resource::ALL
             .into_iter()
             .map(|r| self.bucket_windows[r])
-            .fold(
-                0.0,
-                |a: f64, b| if (0.0..=100.0).contains(&b) { a } else { b },
-            );
+            .find(|b| !(0.0..=100.0).contains(b))
+            .unwrap_or(0.0);
         // The cost furthest from 1, so one check covers all four.
         let cost = Resource::ALL
             .into_iter()
@@ -300,8 +299,8 @@ pub enum Action {
 /// its width by `1 + scale`, and `scale` moves by `step x (missed - target)` after every
 /// window, where `missed` means demand exceeded what the allocation actually in force let
 /// through (after alignment, hysteresis and change limits; for bandwidth, the rate plus the
-/// token bucket's fill), not just the forecast. A widened band is at
-/// least one block wide, so at `capacity / block` it reaches the maximum, which demand never exceeds, so
+/// token bucket's fill), not just the forecast. A widened band is at least one block wide, so
+/// at `capacity / block` it reaches the maximum, which demand never exceeds, so
 /// `scale` stays below `B = capacity / block + step`, and over any `T` windows of any
 /// workload the share missed is at most `target + (B - scale_0) / (step T)`: the guarantee
 /// needs no assumption about the demand series, and where the forecasters are good the band
@@ -383,8 +382,8 @@ pub struct Decision {
 
 /// What a policy has learned, for a VM snapshot: its forecasters, the allocation in force and
 /// what the hysteresis counts, each band's calibration, the forecast the next window is scored
-/// against, both scores and the fill of the actuators' buckets. The budget and configuration are not in it: the restored VM's
-/// configuration gives them.
+/// against, both scores and the fill of the actuators' buckets. The budget and configuration
+/// are not in it: the restored VM's configuration gives them.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PolicyState {
     forecasters: PerResource<SavedForecaster>,
@@ -819,6 +818,21 @@ mod tests {
             Policy::new(budget(), bad, scripted()),
             Err(PolicyError::Parameter { .. })
         ));
+        for w in [-1.0, 101.0, f64::NAN] {
+            let bad = PolicyConfig {
+                bucket_windows: PerResource {
+                    net: w,
+                    ..PerResource::default()
+                },
+                ..cfg()
+            };
+            let err = Policy::new(budget(), bad, scripted()).err().unwrap();
+            assert!(
+                err.to_string()
+                    .starts_with("bucket windows must be in [0, 100]"),
+                "{err}"
+            );
+        }
     }
 
     #[test]
