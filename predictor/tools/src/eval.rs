@@ -181,45 +181,19 @@ const VPA_FACTOR: f64 = 1.15;
 
 /// VPA's recommender applied every window: P90 of a 24 h half-life histogram times a safety
 /// factor (1.15: VPA's +15 %), clamped and aligned like the policy, without hysteresis.
-struct Vpa {
-    budget: Budget,
-    factor: PerResource<f64>,
-    hist: PerResource<DecayingHistogram>,
-    allocation: Allocation,
-}
+struct Vpa;
 
 impl Vpa {
-    fn new(budget: Budget, factor: PerResource<f64>) -> Result<Self, ForecastError> {
-        let h = || {
-            DecayingHistogram::new(PercentileConfig {
-                margin: 0.0,
-                ..PercentileConfig::vpa()
-            })
-        };
-        Ok(Vpa {
-            hist: PerResource {
-                cpu: h()?,
-                mem: h()?,
-                blk: h()?,
-                net: h()?,
-            },
-            allocation: budget.0.map(|_, l| l.initial),
-            factor,
-            budget,
-        })
-    }
-
     /// VPA's P90 after each window (None while its histogram is not warm): what its
     /// allocation is made of, whatever the factor.
-    fn recommendations(
-        budget: Budget,
-        trace: &Trace,
-    ) -> Result<PerResource<Vec<Option<f64>>>, ForecastError> {
-        let mut v = Vpa::new(budget, PerResource::from_fn(|_| 1.0))?;
+    fn recommendations(trace: &Trace) -> Result<PerResource<Vec<Option<f64>>>, ForecastError> {
         let mut out = PerResource::from_fn(|_| Vec::with_capacity(trace.samples.len()));
-        for s in &trace.samples {
-            for r in Resource::ALL {
-                let h = &mut v.hist[r];
+        for r in Resource::ALL {
+            let mut h = DecayingHistogram::new(PercentileConfig {
+                margin: 0.0,
+                ..PercentileConfig::vpa()
+            })?;
+            for s in &trace.samples {
                 h.observe(s.usage[r]);
                 out[r].push(h.warm().then(|| h.forecast(Horizon::ONE).upper));
             }
@@ -240,22 +214,6 @@ impl Vpa {
                 now
             })
             .collect()
-    }
-}
-
-impl Allocator for Vpa {
-    fn allocation(&self) -> Allocation {
-        self.allocation
-    }
-    fn observe(&mut self, s: &Sample) {
-        for r in Resource::ALL {
-            let h = &mut self.hist[r];
-            h.observe(s.usage[r]);
-            if h.warm() {
-                let rec = h.forecast(Horizon::ONE).upper * self.factor[r];
-                self.allocation[r] = bounded(&self.budget.0[r], rec);
-            }
-        }
     }
 }
 
@@ -812,7 +770,6 @@ pub fn evaluate(
         let used = used(t);
         let mut allocators: Vec<Box<dyn Allocator>> = vec![
             Box::new(Static(budget.max())),
-            Box::new(Vpa::new(budget, PerResource::from_fn(|_| VPA_FACTOR))?),
             // The best size fixed for the whole run, knowing the run: the trace's own P99.
             Box::new(Static(PerResource::from_fn(|r| {
                 let mut u = used[r].clone();
@@ -836,10 +793,15 @@ pub fn evaluate(
             .iter_mut()
             .map(|a| replay(a.as_mut(), t))
             .collect();
+        let rec = Vpa::recommendations(t)?;
+        series.insert(
+            1,
+            PerResource::from_fn(|r| Vpa::series(&budget.0[r], &rec[r], VPA_FACTOR)),
+        );
         if matched {
             // Filled in once the factor is known, from the whole set.
             series.insert(2, PerResource::default());
-            recs.push((budget, Vpa::recommendations(budget, t)?));
+            recs.push((budget, rec));
         }
         let scored =
             PerResource::from_fn(|r| used[r].iter().copied().fold(0.0, f64::max) > budget.0[r].min);
