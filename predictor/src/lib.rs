@@ -8,6 +8,7 @@
 //! run replays exactly as it ran live. The offline tools (evaluation, synthetic traces, plots,
 //! training) are the `predictor-tools` crate, so the VMM links none of them.
 
+pub mod bucket;
 pub mod forecast;
 pub mod math;
 pub mod persist;

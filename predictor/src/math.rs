@@ -69,7 +69,7 @@ mod tests {
     use super::*;
     use crate::forecast::{GruWeights, Horizon, Preset};
     use crate::policy::{Budget, Policy, PolicyConfig};
-    use crate::resource::Usage;
+    use crate::resource::{PerResource, Usage};
     use crate::rng::Rng;
     use crate::sample::{Sample, Signals};
     use std::sync::Arc;
@@ -371,12 +371,13 @@ mod tests {
         let forecasters = Preset::ensemble(Some(gru))
             .build_all(Horizon::new(5).expect("horizon"), &capacity)
             .expect("forecasters");
-        let mut policy = Policy::new(
-            Budget::from_capacity(&capacity),
-            PolicyConfig::default(),
-            forecasters,
-        )
-        .expect("policy");
+        // Recorded before the bandwidth buckets were modelled: without them, as then.
+        let cfg = PolicyConfig {
+            bucket_windows: PerResource::default(),
+            ..PolicyConfig::default()
+        };
+        let mut policy =
+            Policy::new(Budget::from_capacity(&capacity), cfg, forecasters).expect("policy");
         let mut rng = Rng::new(seed);
         let mut sums = [0.0; 8];
         for t in 0..1500u64 {

@@ -1,6 +1,6 @@
 //! One window's observation in the form the policy, the scores and trace files share.
 
-use crate::resource::Usage;
+use crate::resource::{Resource, Usage};
 use serde::{Deserialize, Serialize};
 
 fn is_zero<T: Default + PartialEq>(v: &T) -> bool {
@@ -39,6 +39,28 @@ pub struct Signals {
     /// Written only when non-zero.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub cpu_throttled: u64,
+    /// Times during the window a block device's rate limiter made its queue wait: the
+    /// bandwidth bucket (or an ops bucket) ran dry, so the window's block use is a lower bound
+    /// of its demand. Written only when non-zero.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub blk_throttled: u64,
+    /// The same for the network interfaces' limiters.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub net_throttled: u64,
+}
+
+impl Signals {
+    /// Whether the actuator's limit on `r` held the guest back during the window (the CPU
+    /// quota ran out, a device's rate limiter made a queue wait): its use is then a floor of
+    /// its demand.
+    pub fn throttled(&self, r: Resource) -> bool {
+        match r {
+            Resource::Cpu => self.cpu_throttled > 0,
+            Resource::Mem => false,
+            Resource::Blk => self.blk_throttled > 0,
+            Resource::Net => self.net_throttled > 0,
+        }
+    }
 }
 
 /// One window: when it started, how much of each resource was used, and the rule signals.
@@ -83,11 +105,17 @@ mod tests {
                 faults: 12,
                 exits: 0,
                 cpu_throttled: 3,
+                blk_throttled: 0,
+                net_throttled: 2,
             },
         };
         let json = serde_json::to_string(&s).unwrap();
         assert!(json.contains(r#""unknown_exits":1"#), "{json}");
         assert!(json.contains(r#""cpu_throttled":3"#), "{json}");
+        assert!(
+            json.contains(r#""net_throttled":2"#) && !json.contains("blk_throttled"),
+            "{json}"
+        );
         assert!(json.contains(r#""platform_devices":2"#), "{json}");
         assert!(
             json.contains(r#""faults":12"#) && !json.contains(r#""exits""#),

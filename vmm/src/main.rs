@@ -87,6 +87,14 @@ struct Cli {
     #[arg(long)]
     enable_pci: bool,
 
+    /// Print the snapshot state file format version this build writes and reads, then exit.
+    #[arg(long)]
+    snapshot_version: bool,
+
+    /// Print the format version of this snapshot state file, then exit.
+    #[arg(long, value_name = "PATH")]
+    describe_snapshot: Option<PathBuf>,
+
     /// The VM's cgroup directories (the jailer passes the ones it made): the predictor sets the
     /// CPU quota there, and the VMM tries to remove them when it exits.
     #[arg(long = "cgroup-dir", value_name = "DIR")]
@@ -340,6 +348,23 @@ fn main() -> ExitCode {
     vmm::logger::init(&cli.log_level);
     if let Some(command) = cli.command {
         return run_tool(command);
+    }
+    // Firecracker answers these before anything else and starts no VM.
+    if cli.snapshot_version {
+        println!(
+            "{}",
+            vmm::snapshot::file::version_name(vmm::snapshot::file::FORMAT_VERSION)
+        );
+        return ExitCode::SUCCESS;
+    }
+    if let Some(path) = &cli.describe_snapshot {
+        return match vmm::snapshot::describe(path) {
+            Ok(version) => {
+                println!("{version}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(format!("--describe-snapshot: {e}"), code::BAD_CONFIG),
+        };
     }
     if let Err(e) = vmm::cli::validate_instance_id(&cli.id) {
         return fail(e, code::BAD_CONFIG);

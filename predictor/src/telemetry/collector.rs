@@ -131,6 +131,7 @@ impl Collector {
             ops: 0,
             read_bytes: 0,
             written_bytes: 0,
+            throttled: 0,
         });
         Ok(())
     }
@@ -202,6 +203,7 @@ impl Collector {
                 ops: d.ops,
                 read_bytes: d.read_bytes,
                 written_bytes: d.written_bytes,
+                throttled: d.throttled,
             };
         }
         self.window.start_ns = self.clock_ns(self.start_ns);

@@ -210,6 +210,8 @@ pub struct DeviceTotals {
     pub ops: u64,
     pub read_bytes: u64,
     pub written_bytes: u64,
+    /// Times the device's rate limiter made a queue wait.
+    pub throttled: u64,
 }
 
 impl DeviceTotals {
@@ -218,6 +220,7 @@ impl DeviceTotals {
             ops: self.ops.wrapping_sub(earlier.ops),
             read_bytes: self.read_bytes.wrapping_sub(earlier.read_bytes),
             written_bytes: self.written_bytes.wrapping_sub(earlier.written_bytes),
+            throttled: self.throttled.wrapping_sub(earlier.throttled),
         }
     }
 }
@@ -295,18 +298,21 @@ mod tests {
             ops: u64::MAX,
             read_bytes: 10,
             written_bytes: 5,
+            throttled: 3,
         };
         let b = DeviceTotals {
             ops: 1,
             read_bytes: 4106,
             written_bytes: 5,
+            throttled: 4,
         };
         assert_eq!(
             b.since(&a),
             DeviceTotals {
                 ops: 2,
                 read_bytes: 4096,
-                written_bytes: 0
+                written_bytes: 0,
+                throttled: 1
             }
         );
     }

@@ -71,6 +71,7 @@ pub struct DeviceWindow {
     pub ops: u64,
     pub read_bytes: u64,
     pub written_bytes: u64,
+    pub throttled: u64,
 }
 
 /// Everything collected for one VM over one window.
@@ -106,8 +107,14 @@ impl Window {
             }
             let rate = (d.read_bytes + d.written_bytes) as f64 / MIB / secs;
             match d.kind {
-                DeviceKind::Block => usage.blk += rate,
-                DeviceKind::Net => usage.net += rate,
+                DeviceKind::Block => {
+                    usage.blk += rate;
+                    signals.blk_throttled += d.throttled;
+                }
+                DeviceKind::Net => {
+                    usage.net += rate;
+                    signals.net_throttled += d.throttled;
+                }
                 _ => {}
             }
             let exits: u64 = self.vcpus.iter().map(|v| v.exits.device(d.id)).sum();
@@ -145,6 +152,32 @@ mod tests {
         assert_eq!(m.used(), 724.0);
         m.guest_available = None;
         assert_eq!(m.used(), 1000.0);
+    }
+
+    #[test]
+    fn rate_limiter_waits_are_summed_per_resource() {
+        let device = |i: u8, kind: DeviceKind, throttled: u64| DeviceWindow {
+            id: DeviceId::new(i).unwrap(),
+            kind,
+            ops: 1,
+            read_bytes: 1 << 20,
+            written_bytes: 0,
+            throttled,
+        };
+        let w = Window {
+            duration_ns: 1_000_000_000,
+            devices: vec![
+                device(0, DeviceKind::Block, 3),
+                device(1, DeviceKind::Block, 1),
+                device(2, DeviceKind::Net, 2),
+            ],
+            ..Window::default()
+        };
+        let s = w.sample();
+        assert_eq!((s.signals.blk_throttled, s.signals.net_throttled), (4, 2));
+        assert_eq!((s.usage.blk, s.usage.net), (2.0, 1.0));
+        assert!(s.signals.throttled(crate::resource::Resource::Blk));
+        assert!(!s.signals.throttled(crate::resource::Resource::Cpu));
     }
 
     #[test]

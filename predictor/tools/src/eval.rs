@@ -22,6 +22,7 @@
 
 use crate::plot::{self, PlotError, Series};
 use crate::synthetic::{self, Shapes, SyntheticError};
+use predictor::bucket::Bucket;
 use predictor::forecast::ForecastError;
 use predictor::forecast::{
     DecayingHistogram, Forecaster, GruWeights, Horizon, PercentileConfig, Preset, RecurrentError,
@@ -175,44 +176,74 @@ fn bounded(l: &predictor::policy::Limits, v: f64) -> f64 {
     aligned.clamp(l.min, l.max)
 }
 
-/// VPA's recommender applied every window: P90 of a 24 h half-life histogram + 15 %,
-/// clamped and aligned like the policy, without hysteresis.
-struct Vpa {
-    budget: Budget,
-    hist: PerResource<DecayingHistogram>,
-    allocation: Allocation,
-}
+/// VPA's safety margin: its recommendation is the P90 times this.
+const VPA_FACTOR: f64 = 1.15;
+
+/// VPA's recommender applied every window: P90 of a 24 h half-life histogram times a safety
+/// factor (1.15: VPA's +15 %), clamped and aligned like the policy, without hysteresis.
+struct Vpa;
 
 impl Vpa {
-    fn new(budget: Budget) -> Result<Self, ForecastError> {
-        let h = || DecayingHistogram::new(PercentileConfig::vpa());
-        Ok(Vpa {
-            hist: PerResource {
-                cpu: h()?,
-                mem: h()?,
-                blk: h()?,
-                net: h()?,
-            },
-            allocation: budget.0.map(|_, l| l.initial),
-            budget,
-        })
+    /// VPA's P90 after each window (None while its histogram is not warm): what its
+    /// allocation is made of, whatever the factor.
+    fn recommendations(trace: &Trace) -> Result<PerResource<Vec<Option<f64>>>, ForecastError> {
+        let mut out = PerResource::from_fn(|_| Vec::with_capacity(trace.samples.len()));
+        for r in Resource::ALL {
+            let mut h = DecayingHistogram::new(PercentileConfig {
+                margin: 0.0,
+                ..PercentileConfig::vpa()
+            })?;
+            for s in &trace.samples {
+                h.observe(s.usage[r]);
+                out[r].push(h.warm().then(|| h.forecast(Horizon::ONE).upper));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The allocation series VPA with safety `factor` gives from its `recommendations`
+    /// (what is in force during each window: the initial one until the first).
+    fn series(l: &predictor::policy::Limits, rec: &[Option<f64>], factor: f64) -> Vec<f64> {
+        let mut a = l.initial;
+        rec.iter()
+            .map(|p| {
+                let now = a;
+                if let Some(p) = p {
+                    a = bounded(l, p * factor);
+                }
+                now
+            })
+            .collect()
     }
 }
 
-impl Allocator for Vpa {
-    fn allocation(&self) -> Allocation {
-        self.allocation
+/// One trace's resource as VPA sees it: its limits, the demand and VPA's recommendations.
+type VpaCurve<'a> = (predictor::policy::Limits, &'a [f64], &'a [Option<f64>]);
+
+/// The smallest VPA safety factor (to 0.1 %) whose under-provisioning, pooled over the
+/// traces, is at most `rate`: VPA at the policy's own under-provisioning rate.
+fn matched_factor(recs: &[VpaCurve], burst: f64, rate: f64) -> f64 {
+    let under = |k: f64| {
+        let mut m = Metrics::default();
+        for (l, used, rec) in recs {
+            m.add(used, &Vpa::series(l, rec, k), 0, burst);
+        }
+        m.under_fraction()
+    };
+    // Under-provisioning only falls as the factor grows; bisect on its logarithm.
+    let (mut lo, mut hi) = (0.01_f64, 100.0_f64);
+    if under(lo) <= rate {
+        return lo;
     }
-    fn observe(&mut self, s: &Sample) {
-        for r in Resource::ALL {
-            let h = &mut self.hist[r];
-            h.observe(s.usage[r]);
-            if h.warm() {
-                let rec = h.forecast(Horizon::ONE).upper;
-                self.allocation[r] = bounded(&self.budget.0[r], rec);
-            }
+    while hi / lo > 1.001 {
+        let mid = (lo * hi).sqrt();
+        if under(mid) <= rate {
+            hi = mid;
+        } else {
+            lo = mid;
         }
     }
+    hi
 }
 
 /// Knows the demand of the windows its allocation will be in force for (the next
@@ -283,16 +314,20 @@ pub struct Metrics {
 const LEAD_LOOKAHEAD: usize = 50;
 
 impl Metrics {
-    /// Adds one trace's series; `allocated[t]` is what was in force during window `t`.
-    pub fn add(&mut self, used: &[f64], allocated: &[f64], window_ms: u64) {
+    /// Adds one trace's series; `allocated[t]` is what was in force during window `t`,
+    /// enforced with a token bucket of `burst` windows of it (0: none), so demand above the
+    /// allocation is short only by what the bucket could not give.
+    pub fn add(&mut self, used: &[f64], allocated: &[f64], window_ms: u64, burst: f64) {
+        let mut bucket = Bucket::full(allocated.first().copied().unwrap_or(0.0), burst);
         for (&u, &a) in used.iter().zip(allocated) {
             self.windows += 1;
             let a = a.max(f64::MIN_POSITIVE);
             self.slack_sum += (a - u).max(0.0) / a;
-            if u > a * (1.0 + 1e-9) {
+            if bucket.short(u, a, burst) {
                 self.under += 1;
-                self.shortfall_sum += (u - a) / u;
+                self.shortfall_sum += (u - bucket.capacity(a, burst)) / u;
             }
+            bucket.drain(u, a, burst);
         }
         self.minutes += used.len() as f64 * window_ms as f64 / 60_000.0;
         for g in 1..allocated.len() {
@@ -366,6 +401,13 @@ impl Metrics {
 pub const STATIC: &str = "static";
 pub const VPA: &str = "vpa-p90+15%";
 pub const ORACLE: &str = "oracle";
+/// VPA with the safety factor at which it under-provisions as often as the default policy.
+pub const VPA_MATCHED: &str = "vpa-matched";
+/// Each trace's own P99, fixed for the whole run.
+pub const HINDSIGHT: &str = "hindsight-p99";
+const HINDSIGHT_QUANTILE: f64 = 0.99;
+/// The rows that are no policy: references to measure the policies against.
+const BASELINES: [&str; 5] = [STATIC, VPA, VPA_MATCHED, HINDSIGHT, ORACLE];
 /// The policy `prescient` runs unless a VM spec names another.
 pub const DEFAULT: &str = "ensemble";
 
@@ -383,6 +425,8 @@ pub struct TraceReport {
     pub name: String,
     pub scored: PerResource<bool>,
     pub methods: Vec<PerResource<Metrics>>,
+    /// The safety factor of the `vpa-matched` row (the same for every trace of a set).
+    pub vpa_factor: PerResource<f64>,
 }
 
 /// Result of one evaluation.
@@ -417,7 +461,7 @@ impl EvalReport {
     pub fn best(&self, r: Resource) -> Option<(&str, Metrics)> {
         self.methods
             .iter()
-            .filter(|n| ![STATIC, VPA, ORACLE].contains(&n.as_str()))
+            .filter(|n| !BASELINES.contains(&n.as_str()))
             .filter_map(|n| Some((n.as_str(), self.total(n, r)?)))
             .filter(|(_, m)| m.under_fraction() < 0.01)
             .min_by(|a, b| a.1.slack().total_cmp(&b.1.slack()))
@@ -478,11 +522,15 @@ impl EvalReport {
         Ok(())
     }
 
-    /// Per resource, one row per scored trace: the default policy, VPA and the oracle.
+    /// Per resource, one row per scored trace: the default policy, VPA, the best fixed size
+    /// in hindsight and the oracle.
     pub fn write_per_trace(&self, out: &mut dyn Write) -> std::io::Result<()> {
-        let (Some(d), Some(v), Some(o)) =
-            (self.index(DEFAULT), self.index(VPA), self.index(ORACLE))
-        else {
+        let (Some(d), Some(v), Some(h), Some(o)) = (
+            self.index(DEFAULT),
+            self.index(VPA),
+            self.index(HINDSIGHT),
+            self.index(ORACLE),
+        ) else {
             return Ok(());
         };
         let width = self
@@ -500,12 +548,13 @@ impl EvalReport {
             )?;
             writeln!(
                 out,
-                "| {:<width$} | {:>22} | {:>22} | {:>6} |",
-                "trace", DEFAULT, VPA, ORACLE
+                "| {:<width$} | {:>22} | {:>22} | {:>13} | {:>6} |",
+                "trace", DEFAULT, VPA, HINDSIGHT, ORACLE
             )?;
             writeln!(
                 out,
-                "|{:-<w2$}|{:->24}|{:->24}|{:->8}|",
+                "|{:-<w2$}|{:->24}|{:->24}|{:->15}|{:->8}|",
+                "",
                 "",
                 "",
                 "",
@@ -523,10 +572,11 @@ impl EvalReport {
                 };
                 writeln!(
                     out,
-                    "| {:<width$} | {:>22} | {:>22} | {:>6.1} |",
+                    "| {:<width$} | {:>22} | {:>22} | {:>13.1} | {:>6.1} |",
                     t.name,
                     cell(&t.methods[d][r]),
                     cell(&t.methods[v][r]),
+                    100.0 * t.methods[h][r].slack(),
                     100.0 * t.methods[o][r].slack()
                 )?;
             }
@@ -534,27 +584,35 @@ impl EvalReport {
         Ok(())
     }
 
-    /// The default policy against VPA and the oracle, with the targets it is held to.
+    /// The default policy against VPA (as configured, and at the policy's own
+    /// under-provisioning rate), the best fixed size in hindsight and the oracle, with the
+    /// targets it is held to.
     pub fn write_summary(&self, out: &mut dyn Write) -> std::io::Result<()> {
         writeln!(
             out,
-            "\n{DEFAULT} (the default policy) vs {VPA} and the {ORACLE}; target: under < 1 %, \
-             slack <= 0.6 x VPA's (cpu, mem) or 0.7 x (blk, net), shortfall <= VPA's"
+            "\n{DEFAULT} (the default policy) vs {VPA}, {VPA_MATCHED} ({VPA}'s recommender with \
+             the safety factor at which it under-provisions no more often than {DEFAULT}), \
+             {HINDSIGHT} and the {ORACLE}; target: under < 1 %, slack <= 0.6 x VPA's (cpu, \
+             mem) or 0.7 x (blk, net) at matched under-provisioning, shortfall <= VPA's"
         )?;
         writeln!(
             out,
-            "| res  | {:>24} | {:>24} | {:>12} | {:>9} | {:<6} |",
-            "default slack/under/short",
-            "vpa slack/under/short",
-            "oracle slack",
+            "| res  | {:>22} | {:>22} | {:>28} | {:>9} | {:>6} | {:>9} | {:>9} | {:<6} |",
+            "default slack/under/sh",
+            "vpa slack/under/sh",
+            "vpa-matched slack/under/sh",
+            "hindsight",
+            "oracle",
             "slack/vpa",
+            "/matched",
             "target"
         )?;
         for r in Resource::ALL {
-            let (Some(d), Some(v), Some(o)) = (
+            let (Some(d), Some(v), Some(o), Some(h)) = (
                 self.total(DEFAULT, r),
                 self.total(VPA, r),
                 self.total(ORACLE, r),
+                self.total(HINDSIGHT, r),
             ) else {
                 continue;
             };
@@ -562,26 +620,32 @@ impl EvalReport {
                 writeln!(out, "| {:<4} | no trace uses it", r.name())?;
                 continue;
             }
+            // Without a matched row (no default policy evaluated) VPA as configured stands in.
+            let m = self.total(VPA_MATCHED, r).unwrap_or(v);
+            let factor = self.traces.first().map_or(0.0, |t| t.vpa_factor[r]);
             let cell = |m: &Metrics| {
                 format!(
-                    "{:5.1} / {:4.2} / {:5.1}",
+                    "{:4.1} / {:4.2} / {:4.1}",
                     100.0 * m.slack(),
                     100.0 * m.under_fraction(),
                     100.0 * m.shortfall()
                 )
             };
-            let ratio = d.slack() / v.slack().max(f64::MIN_POSITIVE);
+            let ratio = |v: &Metrics| d.slack() / v.slack().max(f64::MIN_POSITIVE);
             let met = d.under_fraction() < 0.01
-                && ratio <= slack_target(r)
-                && d.shortfall() <= v.shortfall() + 1e-12;
+                && ratio(&m) <= slack_target(r)
+                && d.shortfall() <= m.shortfall() + 1e-12;
             writeln!(
                 out,
-                "| {:<4} | {:>24} | {:>24} | {:>12.1} | {:>9.2} | {:<6} |",
+                "| {:<4} | {:>22} | {:>22} | {:>28} | {:>9.1} | {:>6.1} | {:>9.2} | {:>9.2} | {:<6} |",
                 r.name(),
                 cell(&d),
                 cell(&v),
+                format!("{} (x{:.2})", cell(&m), factor),
+                100.0 * h.slack(),
                 100.0 * o.slack(),
-                ratio,
+                ratio(&v),
+                ratio(&m),
                 if met { "met" } else { "missed" }
             )?;
         }
@@ -687,20 +751,32 @@ pub fn evaluate(
     traces: &[Trace],
     opts: &EvalOptions,
 ) -> Result<(EvalReport, Option<KeptSeries>), EvalError> {
-    let mut names = vec![STATIC.to_string(), VPA.to_string(), ORACLE.to_string()];
+    let matched = opts.methods.iter().any(|(n, _)| n == DEFAULT);
+    let mut names = vec![STATIC.to_string(), VPA.to_string()];
+    if matched {
+        names.push(VPA_MATCHED.to_string());
+    }
+    names.extend([HINDSIGHT.to_string(), ORACLE.to_string()]);
     names.extend(opts.methods.iter().map(|(n, _)| n.clone()));
-    let mut kept = None;
     let cfg = PolicyConfig {
         horizon: opts.horizon,
         ..PolicyConfig::default()
     };
     let mut reports = Vec::with_capacity(traces.len());
+    let mut all_series = Vec::with_capacity(traces.len());
+    let mut recs = Vec::with_capacity(traces.len());
     for t in traces {
         let budget = Budget::from_capacity(&t.header.capacity);
         let used = used(t);
         let mut allocators: Vec<Box<dyn Allocator>> = vec![
             Box::new(Static(budget.max())),
-            Box::new(Vpa::new(budget)?),
+            // The best size fixed for the whole run, knowing the run: the trace's own P99.
+            Box::new(Static(PerResource::from_fn(|r| {
+                let mut u = used[r].clone();
+                u.sort_by(f64::total_cmp);
+                let i = ((HINDSIGHT_QUANTILE * u.len() as f64).ceil() as usize).saturating_sub(1);
+                bounded(&budget.0[r], u.get(i).copied().unwrap_or(0.0))
+            }))),
             Box::new(Oracle {
                 budget,
                 cfg,
@@ -713,27 +789,74 @@ pub fn evaluate(
             let f = p.build_all(opts.horizon, &t.header.capacity)?;
             allocators.push(Box::new(Policy::new(budget, cfg, f)?));
         }
-        let series: Vec<_> = allocators
+        let mut series: Vec<_> = allocators
             .iter_mut()
             .map(|a| replay(a.as_mut(), t))
             .collect();
-        let methods = series
-            .iter()
-            .map(|s| {
-                PerResource::from_fn(|r| {
-                    let mut m = Metrics::default();
-                    m.add(&used[r], &s[r], t.header.window_ms);
-                    m
-                })
-            })
-            .collect();
+        let rec = Vpa::recommendations(t)?;
+        series.insert(
+            1,
+            PerResource::from_fn(|r| Vpa::series(&budget.0[r], &rec[r], VPA_FACTOR)),
+        );
+        if matched {
+            // Filled in once the factor is known, from the whole set.
+            series.insert(2, PerResource::default());
+            recs.push((budget, rec));
+        }
         let scored =
             PerResource::from_fn(|r| used[r].iter().copied().fold(0.0, f64::max) > budget.0[r].min);
         reports.push(TraceReport {
             name: t.header.name.clone(),
             scored,
-            methods,
+            methods: Vec::new(),
+            vpa_factor: PerResource::default(),
         });
+        all_series.push((used, series));
+    }
+    if matched {
+        let d = names.iter().position(|n| n == DEFAULT).unwrap_or_default();
+        for r in Resource::ALL {
+            let scored: Vec<_> = reports
+                .iter()
+                .zip(&all_series)
+                .zip(&recs)
+                .filter(|((t, _), _)| t.scored[r])
+                .map(|((_, (used, series)), (budget, rec))| {
+                    (
+                        budget.0[r],
+                        used[r].as_slice(),
+                        series[d][r].as_slice(),
+                        rec[r].as_slice(),
+                    )
+                })
+                .collect();
+            let burst = cfg.bucket_windows[r];
+            let mut policy = Metrics::default();
+            for (_, used, alloc, _) in &scored {
+                policy.add(used, alloc, 0, burst);
+            }
+            let curves: Vec<_> = scored.iter().map(|(l, u, _, rec)| (*l, *u, *rec)).collect();
+            let k = matched_factor(&curves, burst, policy.under_fraction());
+            for ((report, (_, series)), (budget, rec)) in
+                reports.iter_mut().zip(&mut all_series).zip(&recs)
+            {
+                series[2][r] = Vpa::series(&budget.0[r], &rec[r], k);
+                report.vpa_factor[r] = k;
+            }
+        }
+    }
+    let mut kept = None;
+    for ((report, (used, series)), t) in reports.iter_mut().zip(all_series).zip(traces) {
+        report.methods = series
+            .iter()
+            .map(|s| {
+                PerResource::from_fn(|r| {
+                    let mut m = Metrics::default();
+                    m.add(&used[r], &s[r], t.header.window_ms, cfg.bucket_windows[r]);
+                    m
+                })
+            })
+            .collect();
         if kept.is_none() && opts.keep.as_ref().is_none_or(|k| *k == t.header.name) {
             kept = Some((
                 t.header.name.clone(),
@@ -819,7 +942,7 @@ mod tests {
         //             t:   0     1     2     3      4     5
         let used = [5.0, 5.0, 9.0, 12.0, 12.0, 6.0];
         let alloc = [10.0, 10.0, 10.0, 10.0, 15.0, 10.0];
-        m.add(&used, &alloc, 100);
+        m.add(&used, &alloc, 100, 0.0);
         assert_eq!(m.windows, 6);
         assert_eq!(m.under, 1);
         // The under-provisioned window adds no negative slack.
@@ -840,7 +963,7 @@ mod tests {
         used[50] = 700.0;
         let alloc = vec![2.0; 100];
         let mut m = Metrics::default();
-        m.add(&used, &alloc, 100);
+        m.add(&used, &alloc, 100, 0.0);
         assert!((m.slack() - 0.5 * 99.0 / 100.0).abs() < 1e-12);
         assert!((m.shortfall() - 698.0 / 700.0).abs() < 1e-12);
         assert_eq!(m.under, 1);
@@ -853,11 +976,51 @@ mod tests {
     }
 
     #[test]
+    fn a_bucket_serves_bursts_until_it_runs_dry() {
+        // Rate 10 with one window of bucket: an idle window fills it, a burst to 18 spends 8 of
+        // its 10, the next burst finds 2 and is short by 6; after an idle window a burst to 25
+        // is short by 5.
+        let used = [0.0, 18.0, 18.0, 0.0, 25.0];
+        let alloc = [10.0; 5];
+        let mut m = Metrics::default();
+        m.add(&used, &alloc, 100, 1.0);
+        assert_eq!(m.under, 2);
+        assert!((m.shortfall() - (6.0 / 18.0 + 5.0 / 25.0) / 2.0).abs() < 1e-12);
+        // Without a bucket every window above the rate is short.
+        let mut plain = Metrics::default();
+        plain.add(&used, &alloc, 100, 0.0);
+        assert_eq!(plain.under, 3);
+        assert_eq!(plain.slack(), m.slack());
+    }
+
+    #[test]
+    fn matched_factor_is_the_smallest_with_no_more_misses() {
+        let l = predictor::policy::Limits {
+            min: 0.0,
+            max: 1000.0,
+            initial: 1000.0,
+            step: 0.01,
+        };
+        // VPA recommends 10 throughout; demand is 10.5 once in 100 windows and 12 once.
+        let rec = vec![Some(10.0); 100];
+        let mut used = vec![5.0; 100];
+        used[40] = 10.5;
+        used[60] = 12.0;
+        let recs = [(l, used.as_slice(), rec.as_slice())];
+        // The first window runs at the initial allocation; after it, factor k allocates 10 k
+        // rounded up to the step: 10.5 needs k > 1.049, 12 needs k > 1.199.
+        let k1 = matched_factor(&recs, 0.0, 0.01);
+        assert!((1.049..1.051).contains(&k1), "{k1}");
+        let k0 = matched_factor(&recs, 0.0, 0.0);
+        assert!((1.199..1.201).contains(&k0), "{k0}");
+    }
+
+    #[test]
     fn lead_counts_windows_before_demand() {
         let mut m = Metrics::default();
         let used = [5.0, 5.0, 5.0, 5.0, 11.0];
         let alloc = [10.0, 10.0, 12.0, 12.0, 12.0];
-        m.add(&used, &alloc, 100);
+        m.add(&used, &alloc, 100, 0.0);
         assert_eq!(m.under, 0);
         assert_eq!(m.shortfall(), 0.0);
         assert_eq!(m.mean_lead(), Some(2.0));
@@ -906,6 +1069,8 @@ mod tests {
             [
                 STATIC,
                 VPA,
+                VPA_MATCHED,
+                HINDSIGHT,
                 ORACLE,
                 "last",
                 "ewma",
@@ -929,6 +1094,14 @@ mod tests {
             let stat = report.total(STATIC, r).unwrap();
             assert!(oracle.slack() <= default.slack(), "{r:?}");
             assert!(default.slack() < stat.slack(), "{r:?}");
+            // VPA at the default's under-provisioning rate: no more windows under.
+            let matched = report.total(VPA_MATCHED, r).unwrap();
+            assert!(matched.under <= default.under, "{r:?}");
+            // The best fixed size leaves at most 1 % of each trace's windows short.
+            for t in &report.traces {
+                let h = t.methods[report.index(HINDSIGHT).unwrap()][r];
+                assert!(h.under * 100 <= h.windows, "{r:?} {}", t.name);
+            }
         }
         assert_eq!(report.total(STATIC, Resource::Mem).unwrap().windows, 1200);
         let (name, used, series) = kept.unwrap();
@@ -944,7 +1117,9 @@ mod tests {
             text.contains("| vpa-p90+15%      |")
                 && text.contains("mem (MiB)")
                 && text.contains("| periodic-1 ")
-                && text.contains("slack/vpa"),
+                && text.contains("slack/vpa")
+                && text.contains("hindsight-p99")
+                && text.contains("/matched"),
             "{text}"
         );
     }

@@ -153,6 +153,7 @@ impl Inputs {
                 ops: c.requests.load(Ordering::Relaxed),
                 read_bytes: c.bytes_to_guest.load(Ordering::Relaxed),
                 written_bytes: c.bytes_from_guest.load(Ordering::Relaxed),
+                throttled: c.throttled.load(Ordering::Relaxed),
             },
             None => DeviceTotals::default(),
         }));

@@ -18,7 +18,7 @@ use serde::Serialize;
 pub const MAGIC: [u8; 8] = *b"PRESNAPS";
 /// The format this build writes and reads. Bump it whenever the state's shape changes.
 pub const FORMAT_VERSION: u16 = 1;
-const HEADER_LEN: usize = 24;
+pub(crate) const HEADER_LEN: usize = 24;
 const CRC_LEN: usize = 8;
 const CRC: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
 
@@ -65,10 +65,15 @@ fn u64_at(bytes: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
 }
 
-/// The state in `bytes`, checked in the order that names the most specific fault: foreign
-/// files first, then the version (a newer format may frame differently), then length, checksum
-/// and content.
-pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FileError> {
+/// How a format version is shown (`--snapshot-version`, `--describe-snapshot`): as a semantic
+/// version, the shape Firecracker prints for its own.
+pub fn version_name(version: u16) -> String {
+    format!("v{version}.0.0")
+}
+
+/// The format version a file's header names, whichever it is: enough to describe a file this
+/// build cannot read.
+pub fn header_version(bytes: &[u8]) -> Result<u16, FileError> {
     let len = bytes.len() as u64;
     if bytes.len() < MAGIC.len() || bytes[..MAGIC.len()] != MAGIC {
         if MAGIC.starts_with(bytes) {
@@ -87,7 +92,15 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FileError> {
             need: HEADER_LEN as u64,
         });
     }
-    let version = u16::from_le_bytes([bytes[8], bytes[9]]);
+    Ok(u16::from_le_bytes([bytes[8], bytes[9]]))
+}
+
+/// The state in `bytes`, checked in the order that names the most specific fault: foreign
+/// files first, then the version (a newer format may frame differently), then length, checksum
+/// and content.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FileError> {
+    let len = bytes.len() as u64;
+    let version = header_version(bytes)?;
     if version != FORMAT_VERSION {
         return Err(FileError::Version {
             found: version,
@@ -183,6 +196,8 @@ mod tests {
             }
         );
         assert!(e.to_string().contains("format version 2"), "{e}");
+        assert_eq!(header_version(&newer[..HEADER_LEN]), Ok(2));
+        assert_eq!(version_name(header_version(&bytes).unwrap()), "v1.0.0");
 
         let mut longer = bytes.clone();
         longer.extend_from_slice(&[0; 3]);

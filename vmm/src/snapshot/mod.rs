@@ -269,6 +269,25 @@ impl SnapshotState {
     }
 }
 
+/// The format version of the state file at `path` (`--describe-snapshot`), read from its
+/// header alone so that a file of another version is described rather than refused.
+pub fn describe(path: &Path) -> Result<String, SnapshotError> {
+    use std::io::Read;
+    let read_error = |source| SnapshotError::ReadState {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut header = Vec::with_capacity(file::HEADER_LEN);
+    File::open(path)
+        .and_then(|f| f.take(file::HEADER_LEN as u64).read_to_end(&mut header))
+        .map_err(read_error)?;
+    let version = file::header_version(&header).map_err(|source| SnapshotError::State {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(file::version_name(version))
+}
+
 /// Reads and checks a state file: framing, version, checksum, content, host CPU.
 pub fn read_state(path: &Path) -> Result<SnapshotState, SnapshotError> {
     let bytes = std::fs::read(path).map_err(|source| SnapshotError::ReadState {
@@ -538,5 +557,29 @@ mod tests {
         f.file.write_all(b"new").unwrap();
         f.commit().unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"new");
+    }
+
+    #[test]
+    fn describe_names_the_version_of_any_state_file_and_refuses_others() {
+        let dir = std::env::temp_dir().join(format!("prescient-describe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state");
+        let mut bytes = file::encode(&(1u8, 2u8)).unwrap();
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(describe(&path).unwrap(), "v1.0.0");
+        // A newer format is described, not refused.
+        bytes[8..10].copy_from_slice(&7u16.to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(describe(&path).unwrap(), "v7.0.0");
+        std::fs::write(&path, b"{\"not\": \"a snapshot\"}").unwrap();
+        let e = describe(&path).unwrap_err();
+        assert!(e.to_string().contains("not a prescient snapshot"), "{e}");
+        let e = describe(&dir.join("missing")).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("cannot read the snapshot state file"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -98,7 +98,7 @@ pub fn validate_rate_limiter(
 
 /// Refill period of the bandwidth buckets the predictor and profiles size: short, so that a
 /// resize shows within a predictor window.
-const BANDWIDTH_REFILL_MS: u64 = 100;
+pub const BANDWIDTH_REFILL_MS: u64 = 100;
 
 /// A limiter with a bandwidth bucket of `mibps` MiB/s and the `ops` bucket of `base` kept.
 pub fn bandwidth_limiter(mibps: f64, base: Option<RateLimiterConfig>) -> RateLimiterConfig {

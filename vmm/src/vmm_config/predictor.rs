@@ -253,6 +253,10 @@ impl PredictorConfig {
                     ladder,
                     ..AnomalyConfig::default()
                 },
+                // The bandwidth actuators' buckets hold one refill period of the rate.
+                bucket_windows: PolicyConfig::default().bucket_windows.map(|_, &w| {
+                    w * super::drives::BANDWIDTH_REFILL_MS as f64 / self.window_ms.max(1) as f64
+                }),
                 ..PolicyConfig::default()
             },
         })
@@ -362,6 +366,13 @@ mod tests {
         let spec = c.policy_spec(&machine()).unwrap();
         assert_eq!(spec.config.horizon.get(), 1);
         assert_eq!(spec.config.anomaly.ladder.only, Some(Action::Alert));
+        // The bandwidth buckets hold one 100 ms refill: one default window, two of 50 ms.
+        let w = spec.config.bucket_windows;
+        assert_eq!((w.cpu, w.mem, w.blk, w.net), (0.0, 0.0, 1.0, 1.0));
+        let fast = parse(r#"{"window_ms": 50}"#)
+            .policy_spec(&machine())
+            .unwrap();
+        assert_eq!(fast.config.bucket_windows.blk, 2.0);
     }
 
     #[test]
