@@ -236,7 +236,7 @@ u64 wait_aps_done_user(u64 unused);     /* returns number of APs not done */
 u64 ap_user_main(u64 cpu);
 
 /* ---- virtio*.c: virtio-mmio devices (all driver work at CPL3) --------- */
-#define VIRTIO_MAX_DEV  8
+#define VIRTIO_MAX_DEV  12              /* Kata Containers' Firecracker VM has 11 */
 struct virtio_params {
 	u32 nr_dev;                     /* virtio_mmio.device=<size>@<base>:<irq>[:<id>] */
 	struct { u64 base, size; u32 irq; } dev[VIRTIO_MAX_DEV];
@@ -251,6 +251,7 @@ struct virtio_params {
 	u64 balloon_steps, balloon_report_mib, balloon_report_delay_ms, balloon_hint_mib;
 	u64 hold_ms;
 	u64 blk_crash;                  /* blk_crash=N: N acked write+FLUSH rounds (crash tests) */
+	u64 blk_hotplug_ms, blk_hotplug_dev; /* blk workloads on blk<dev> once it is plugged */
 	u32 hostile;                    /* hostile=<mode>: HOSTILE_* */
 	u64 hostile_n;                  /* hostile_n=N: accesses/requests of the storm modes */
 	u64 boot_timer;                 /* boot_timer=1: write 123 to Firecracker's boot timer */

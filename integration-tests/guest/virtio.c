@@ -136,6 +136,8 @@ int virtio_param(const char *k, size_t kn, const char *v, size_t vn)
 		{ "balloon_report_delay_ms", &g_vparams.balloon_report_delay_ms },
 		{ "balloon_hint_mib", &g_vparams.balloon_hint_mib },
 		{ "blk_crash", &g_vparams.blk_crash },
+		{ "blk_hotplug_ms", &g_vparams.blk_hotplug_ms },
+		{ "blk_hotplug_dev", &g_vparams.blk_hotplug_dev },
 		{ "hostile_n", &g_vparams.hostile_n },
 		{ "hold_ms", &g_vparams.hold_ms },
 		{ "boot_timer", &g_vparams.boot_timer },
@@ -402,7 +404,7 @@ static int workload_wanted(void)
 	return p->blk_rw || p->blk_read || p->blk_ops || p->rng_bytes || p->net_tx || p->net_rx || p->mmds || p->pmem_check || p->pmem_write ||
 	       p->vsock_echo_listen || p->vsock_connect || p->vmem_steps || p->vmem_follow_ms ||
 	       p->balloon_steps || p->balloon_report_mib || p->balloon_hint_mib || p->blk_crash ||
-	       p->hostile;
+	       p->blk_hotplug_ms || p->hostile;
 }
 
 static int need(const char *what, u32 have, int wanted)
@@ -536,7 +538,8 @@ u64 virtio_run_user(u64 unused)
 
 	virtio_hold("virtio");
 	ok &= need("pmem", pmem != 0, p->pmem_check || p->pmem_write);
-	ok &= need("blk", nblk, p->blk_rw || p->blk_read || p->blk_ops || p->blk_crash);
+	ok &= need("blk", nblk,
+		   p->blk_rw || p->blk_read || p->blk_ops || p->blk_crash || p->blk_hotplug_ms);
 	if (p->hostile)
 		ok &= hostile_run(nblk ? blks[0] : 0, vmem);
 	ok &= need("rng", nrng, p->rng_bytes != 0);
@@ -545,8 +548,11 @@ u64 virtio_run_user(u64 unused)
 	ok &= need("balloon", balloon != 0,
 		   p->balloon_steps || p->balloon_report_mib || p->balloon_hint_mib);
 	ok &= need("virtio-mem", vmem != 0, p->vmem_steps || p->vmem_follow_ms);
-	for (u32 i = 0; i < nblk; i++)
-		ok &= blk_workload(blks[i]);
+	if (p->blk_hotplug_ms)
+		ok &= blk_hotplug(blks, nblk);
+	else
+		for (u32 i = 0; i < nblk; i++)
+			ok &= blk_workload(blks[i]);
 	for (u32 i = 0; i < nrng; i++)
 		ok &= rng_workload(rngs[i]);
 	if (pmem)

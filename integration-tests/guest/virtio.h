@@ -136,6 +136,7 @@ u64 vt_ms_since(u64 start);
 void virtio_hold(const char *what);    /* hold_ms: announce, then spin that long */
 int blk_init(struct vdev *d);
 int blk_workload(struct vdev *d);       /* 1 = ok */
+int blk_hotplug(struct vdev **blks, u32 n); /* blk_hotplug_ms; 1 = ok */
 int pmem_init(struct vdev *d);
 int pmem_workload(struct vdev *d);       /* pmem_check=, pmem_write= */
 int rng_init(struct vdev *d);

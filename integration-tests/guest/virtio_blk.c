@@ -8,7 +8,8 @@
  * exceeds SIZE_MAX (or 64 KiB). Sectors are 512 bytes whatever BLK_SIZE says.
  *
  * Workloads (each blk device, in order): blk_rw, blk_read, blk_ops; see
- * README.md for the parameters and output lines.
+ * README.md for the parameters and output lines. With blk_hotplug_ms they
+ * run on one drive, once it is plugged (blk_hotplug).
  */
 #include "virtio.h"
 
@@ -393,4 +394,38 @@ int blk_workload(struct vdev *d)
 	if (p->blk_ops && !blk_ops(d, p->blk_ops))
 		return 0;
 	return 1;
+}
+
+/* ---- blk_hotplug_ms: a drive plugged while the guest runs -------------
+ * Firecracker, and Kata Containers on it, plug a disk into a running VM by
+ * pointing an empty placeholder drive at the disk's file (PATCH /drives/{id}):
+ * the device's capacity changes and it raises a configuration change
+ * interrupt. Drive blk<blk_hotplug_dev> is watched (its capacity read once a
+ * millisecond, up to blk_hotplug_ms; the host may have plugged it before the
+ * driver started); once it has a capacity, the blk workloads run on it alone. */
+int blk_hotplug(struct vdev **blks, u32 n)
+{
+	if (g_vparams.blk_hotplug_dev >= n) {
+		gprintf("guest: blk hotplug no blk%lu\n", g_vparams.blk_hotplug_dev);
+		return 0;
+	}
+	struct vdev *d = blks[g_vparams.blk_hotplug_dev];
+	gprintf("guest: %s hotplug wait ms=%lu\n", d->name, g_vparams.blk_hotplug_ms);
+	u64 start = rdtsc(), end = vt_deadline(g_vparams.blk_hotplug_ms), cap;
+	while (!(cap = vd_cfg64(d, 0))) {
+		if (vt_expired(end)) {
+			gprintf("guest: %s hotplug timeout\n", d->name);
+			return 0;
+		}
+		u64 next = vt_deadline(1);
+		while (!vt_expired(next))
+			cpu_relax();
+	}
+	u32 irq = vd_r(d, VM_INT_STATUS);
+	if (irq)
+		vd_w(d, VM_INT_ACK, irq);
+	binfo[d->index].capacity = cap;
+	gprintf("guest: %s hotplug capacity=%lu config_irq=%d ms=%lu\n", d->name, cap,
+		(irq & 2) != 0, vt_ms_since(start));
+	return blk_workload(d);
 }

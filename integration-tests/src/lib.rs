@@ -210,14 +210,14 @@ impl Outcome {
     }
 }
 
-/// CPU time (utime + stime, in clock ticks) of the threads named `vcpu*` under `tasks`
+/// CPU time (utime + stime, in clock ticks) of the vCPU threads under `tasks`
 /// (`/proc/<pid>/task`, or `/proc/self/task` for a VMM running in the test process).
 pub fn vcpu_ticks(tasks: &Path) -> u64 {
     let mut total = 0;
     for task in std::fs::read_dir(tasks).expect("a task directory") {
         let dir = task.expect("a task").path();
         let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if !comm.starts_with("vcpu") {
+        if !comm.starts_with(vmm::vstate::vcpu::THREAD_NAME_PREFIX) {
             continue;
         }
         let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
@@ -367,8 +367,13 @@ impl RunningVmm {
 
     /// Sends SIGTERM and waits for the clean stop that follows.
     pub fn terminate(self, deadline: Duration) -> Outcome {
+        self.signal(libc::SIGTERM, deadline)
+    }
+
+    /// Sends `signal` and waits for the VMM to end.
+    pub fn signal(self, signal: libc::c_int, deadline: Duration) -> Outcome {
         // SAFETY: kill(2) of our own child, which has not been reaped (we still own it).
-        unsafe { libc::kill(self.id() as libc::pid_t, libc::SIGTERM) };
+        unsafe { libc::kill(self.id() as libc::pid_t, signal) };
         self.wait(deadline)
     }
 }

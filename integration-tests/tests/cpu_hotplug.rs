@@ -11,16 +11,22 @@ use integration_tests::{
     guest_spec, run_spec, seccomp_filters, start_with_console, wait_for_console_line, ApiClient,
     Scratch, TEST_GUEST_LINUX64, TEST_GUEST_PVH,
 };
+use vmm::vstate::vcpu::thread_name;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
-/// The names of `pid`'s threads called `vcpu<N>`, as their indices.
+/// The indices of `pid`'s vCPU threads (named `fc_vcpu <N>`).
 fn vcpu_threads(pid: u32) -> BTreeSet<u8> {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .map(|tasks| {
             tasks
                 .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-                .filter_map(|c| c.trim().strip_prefix("vcpu")?.parse().ok())
+                .filter_map(|c| {
+                    c.trim()
+                        .strip_prefix(vmm::vstate::vcpu::THREAD_NAME_PREFIX)?
+                        .parse()
+                        .ok()
+                })
                 .collect()
         })
         .unwrap_or_default()
@@ -81,7 +87,7 @@ fn vcpus_are_plugged_run_guest_code_and_go_once_the_guest_ejects_them() {
     wait_for_console_line(&console, "guest: acpi madt lapics=4 enabled=1", DEADLINE);
     wait_for_console_line(&console, "guest: cpuhp following", DEADLINE);
     assert_eq!(vcpu_threads(pid), [0].into());
-    let boot_filters = seccomp_filters(pid, "vcpu0");
+    let boot_filters = seccomp_filters(pid, &thread_name(0));
 
     // Bad requests change nothing and say why.
     let (status, body) = patch_count(&mut api, 0);
@@ -121,12 +127,12 @@ fn vcpus_are_plugged_run_guest_code_and_go_once_the_guest_ejects_them() {
     // A plugged vCPU runs under the vCPU filters of the current stage, on top of those of the
     // thread that started it (which moved to the stage too before starting it).
     let (boot_vcpu, spawner) = (
-        seccomp_filters(pid, "vcpu0"),
+        seccomp_filters(pid, &thread_name(0)),
         seccomp_filters(pid, "vcpu_spawner"),
     );
     assert_eq!(boot_vcpu, boot_filters + 1, "vcpu0 installed quarantine");
     assert_eq!(spawner, boot_vcpu, "the spawner's stages follow the vCPUs'");
-    assert_eq!(seccomp_filters(pid, "vcpu1"), spawner + boot_vcpu);
+    assert_eq!(seccomp_filters(pid, &thread_name(1)), spawner + boot_vcpu);
 
     // Unplug two: the guest parks and ejects them, and only then the threads end.
     assert_eq!(patch_count(&mut api, 1).0, 204);

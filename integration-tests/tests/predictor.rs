@@ -295,7 +295,7 @@ fn an_unknown_port_moves_every_thread_to_the_quarantine_seccomp_stage() {
     );
     // Answered by the VMM thread, so only once the VM is built.
     assert_eq!(api.request("GET", "/", None).json()["state"], "Running");
-    let before = seccomp_filters(vmm.id(), "vcpu0");
+    let before = seccomp_filters(vmm.id(), &vmm::vstate::vcpu::thread_name(0));
     let log = wait_for(&mut api, "tighten_seccomp", |d| {
         d.iter().any(|d| d["action"] == "tighten_seccomp")
     });
@@ -309,7 +309,7 @@ fn an_unknown_port_moves_every_thread_to_the_quarantine_seccomp_stage() {
     assert!(a["detail"].as_str().unwrap().contains("quarantine"), "{a}");
     // The vCPU installs the stage at its next safe point, after the VMM thread's kick.
     let start = Instant::now();
-    while seccomp_filters(vmm.id(), "vcpu0") <= before {
+    while seccomp_filters(vmm.id(), &vmm::vstate::vcpu::thread_name(0)) <= before {
         assert!(
             start.elapsed() < DEADLINE,
             "vcpu0 never tightened its filter"

@@ -46,7 +46,8 @@ pub struct JailArgs {
     /// The group the VMM runs as.
     #[arg(long)]
     pub gid: u32,
-    /// The chroot is made at <DIR>/prescient/<id>/root.
+    /// The chroot is made at <DIR>/<name of the exec file>/<id>/root (Firecracker's layout;
+    /// `prescient` without --exec-file).
     #[arg(long, value_name = "DIR", default_value = "/srv/jailer")]
     pub chroot_base_dir: PathBuf,
     /// The binary copied into the chroot and run there (default: this one).
@@ -55,16 +56,17 @@ pub struct JailArgs {
     /// Network namespace to join (a path such as /var/run/netns/NAME).
     #[arg(long, value_name = "PATH")]
     pub netns: Option<PathBuf>,
-    /// Which cgroup interface to use.
-    #[arg(long, default_value_t = 1)]
-    pub cgroup_version: u8,
+    /// Which cgroup interface to use (default: v1 where the host mounts the v1 cpu hierarchy,
+    /// else v2, so that a caller that names none, as Kata Containers does, works on either).
+    #[arg(long)]
+    pub cgroup_version: Option<u8>,
     /// Writes VALUE to the VM cgroup's FILE (e.g. cpu.cfs_quota_us=50000); repeatable.
     #[arg(long = "cgroup", value_name = "FILE=VALUE")]
     pub cgroups: Vec<String>,
     /// Sets a resource limit (fsize, no-file, as, nproc) to VALUE; repeatable.
     #[arg(long = "resource-limit", value_name = "NAME=VALUE")]
     pub resource_limits: Vec<String>,
-    /// Detach from the terminal: new session, stdio on /dev/null, pid in <chroot>/prescient.pid.
+    /// Detach from the terminal: new session, stdio on /dev/null.
     #[arg(long)]
     pub daemonize: bool,
     /// Run the VMM as pid 1 of a new pid namespace.
@@ -91,7 +93,8 @@ pub struct JailSpec {
     pub chroot_base_dir: PathBuf,
     pub exec_file: Option<PathBuf>,
     pub netns: Option<PathBuf>,
-    pub cgroup_version: u8,
+    /// `None`: whichever the host has (`cgroup::Mounts::default_version`).
+    pub cgroup_version: Option<u8>,
     pub cgroups: Vec<(String, String)>,
     pub resource_limits: Vec<ResourceLimit>,
     pub daemonize: bool,
@@ -171,8 +174,8 @@ impl JailArgs {
         if let Some(exec) = self.exec_file.as_ref().filter(|p| !is_clean_absolute(p)) {
             return Err(ArgsError::ExecFile(exec.clone()));
         }
-        if !matches!(self.cgroup_version, 1 | 2) {
-            return Err(ArgsError::CgroupVersion(self.cgroup_version));
+        if let Some(v) = self.cgroup_version.filter(|v| !matches!(v, 1 | 2)) {
+            return Err(ArgsError::CgroupVersion(v));
         }
         Ok(JailSpec {
             id: self.id.clone(),
@@ -200,9 +203,24 @@ impl JailArgs {
 }
 
 impl JailSpec {
-    /// `<base>/prescient/<id>`: the jail's directory; the chroot is its `root`.
+    /// The name of the binary the jail runs (`prescient` when it runs itself): it names the
+    /// jail's directory and its pid file, as Firecracker's jailer names them after its
+    /// `--exec-file`.
+    pub fn exec_name(&self) -> String {
+        self.exec_file
+            .as_deref()
+            .and_then(Path::file_name)
+            .map_or_else(|| "prescient".into(), |n| n.to_string_lossy().into_owned())
+    }
+
+    /// `<base>/<exec name>/<id>`: the jail's directory; the chroot is its `root`.
     pub fn jail_dir(&self) -> PathBuf {
-        self.chroot_base_dir.join("prescient").join(&self.id)
+        self.chroot_base_dir.join(self.exec_name()).join(&self.id)
+    }
+
+    /// Where the VMM's pid is written, inside the chroot: `/<exec name>.pid`.
+    pub fn pid_file(&self) -> PathBuf {
+        Path::new("/").join(format!("{}.pid", self.exec_name()))
     }
 
     pub fn chroot_dir(&self) -> PathBuf {
@@ -222,7 +240,7 @@ mod tests {
             chroot_base_dir: "/srv/jailer".into(),
             exec_file: None,
             netns: None,
-            cgroup_version: 1,
+            cgroup_version: None,
             cgroups: vec![],
             resource_limits: vec![],
             daemonize: false,
@@ -252,6 +270,19 @@ mod tests {
             spec.chroot_dir(),
             Path::new("/srv/jailer/prescient/vm-1/root")
         );
+        assert_eq!(spec.pid_file(), Path::new("/prescient.pid"));
+    }
+
+    #[test]
+    fn the_exec_file_names_the_jail_and_the_pid_file() {
+        let mut a = args();
+        a.exec_file = Some("/usr/local/bin/firecracker".into());
+        let spec = a.validate().unwrap();
+        assert_eq!(
+            spec.chroot_dir(),
+            Path::new("/srv/jailer/firecracker/vm-1/root")
+        );
+        assert_eq!(spec.pid_file(), Path::new("/firecracker.pid"));
     }
 
     #[test]
@@ -293,7 +324,10 @@ mod tests {
             err(|a| a.cgroups = vec!["../../tasks=1".into()]),
             ArgsError::CgroupArg("../../tasks=1".into())
         );
-        assert_eq!(err(|a| a.cgroup_version = 3), ArgsError::CgroupVersion(3));
+        assert_eq!(
+            err(|a| a.cgroup_version = Some(3)),
+            ArgsError::CgroupVersion(3)
+        );
         assert_eq!(
             err(|a| a.resource_limits = vec!["stack=1".into()]),
             ArgsError::ResourceLimit("stack=1".into())

@@ -142,6 +142,16 @@ impl Mounts {
         Ok(Self::parse(&read("/proc/self/mountinfo")?))
     }
 
+    /// The cgroup version a jail uses when it is not told: v1 where the v1 cpu hierarchy is
+    /// mounted (the predictor's CPU quota lives there), else v2 where the unified hierarchy is.
+    pub fn default_version(&self) -> u8 {
+        if self.v1_hierarchy("cpu").is_err() && self.v2.is_some() {
+            2
+        } else {
+            1
+        }
+    }
+
     /// The v1 hierarchy that `controller` is bound to.
     pub fn v1_hierarchy(&self, controller: &str) -> Result<&V1Mount> {
         self.v1
@@ -525,6 +535,15 @@ mod tests {
             m.v2,
             Some((PathBuf::from("/sys/fs/cgroup/unified"), PathBuf::from("/")))
         );
+    }
+
+    #[test]
+    fn a_jail_not_told_uses_v1_beside_it_and_v2_alone() {
+        // A hybrid host (v1 controllers, cgroup2 for systemd) and a cgroup2-only one, as most
+        // hosts are: Kata Containers names no version.
+        assert_eq!(Mounts::parse(MOUNTINFO).default_version(), 1);
+        let v2_only = "31 23 0:28 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(Mounts::parse(v2_only).default_version(), 2);
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! Every host file appears at its own absolute path inside the chroot, so the VMM's spec and
 //! arguments need no rewriting. Files are bind mounts made inside the new mount namespace: they
 //! vanish with it when the VMM exits, leaving only empty mount-point files and directories.
+//! Files the caller put in the chroot itself (Firecracker's way: paths in the spec are then
+//! paths inside the jail) are left as they are.
 
 use std::ffi::CString;
 use std::fs;
@@ -113,20 +115,24 @@ pub struct Chroot {
 
 impl Chroot {
     /// Makes `root` (owned by root, searchable by all) in a new mount namespace whose mounts do
-    /// not propagate back to the host.
+    /// not propagate back to the host. Mounts the host makes later under a shared `root` do
+    /// reach the jail (slave propagation, as in Firecracker's jailer): Kata Containers
+    /// bind-mounts a container's disk over a placeholder file in the chroot while the VM runs,
+    /// then points the drive at it.
     pub fn create(root: &Path, uid: u32, gid: u32) -> Result<Self> {
         mkdir(root)?;
         // SAFETY: unshare(2) with a flag constant; it affects only this process.
         let rc = unsafe { libc::unshare(libc::CLONE_NEWNS) };
         check(rc, ChrootError::Unshare)?;
         mount(
-            "make private",
+            "make slave",
             None,
             Path::new("/"),
-            libc::MS_REC | libc::MS_PRIVATE,
+            libc::MS_REC | libc::MS_SLAVE,
         )?;
-        // pivot_root needs the new root to be a mount point.
-        mount("bind", Some(root), root, libc::MS_BIND)?;
+        // pivot_root needs the new root to be a mount point; recursive, so that files the
+        // caller mounted in the chroot beforehand (Firecracker's way of jailing them) stay.
+        mount("bind", Some(root), root, libc::MS_BIND | libc::MS_REC)?;
         Ok(Self {
             root: root.to_path_buf(),
             uid,
@@ -136,7 +142,7 @@ impl Chroot {
 
     /// Where host path `path` appears on the host side of the chroot.
     pub fn inside(&self, path: &Path) -> PathBuf {
-        self.root.join(path.strip_prefix("/").unwrap_or(path))
+        inside(&self.root, path)
     }
 
     /// Bind-mounts host file `path` at the same path inside (read-only if asked).
@@ -244,6 +250,11 @@ impl Chroot {
         check(rc, pivot)?;
         std::env::set_current_dir("/").map_err(pivot)
     }
+}
+
+/// Where path `path` of a chroot at `root` is on the host.
+pub fn inside(root: &Path, path: &Path) -> PathBuf {
+    root.join(path.strip_prefix("/").unwrap_or(path))
 }
 
 fn mkdir(path: &Path) -> Result<()> {

@@ -1,17 +1,23 @@
 //! `prescient jail`: runs one microVM's VMM isolated, with Firecracker's jailer semantics.
 //!
 //! In order: inherited fds closed; the VM's cgroup made, limited, joined and handed to the
-//! VMM's user; resource limits set; the network namespace joined; a private mount namespace
-//! whose new root `<base>/prescient/<id>/root` holds only the VMM binary and its shared
+//! VMM's user; resource limits set; the network namespace joined; a mount namespace of its own
+//! whose new root `<base>/<exec name>/<id>/root` holds only the VMM binary and its shared
 //! libraries, the files its spec names, `/dev/kvm`, `/dev/net/tun` and the cgroup's directories;
-//! pivot_root into it; optionally a new pid namespace and/or a daemon; then the uid/gid dropped
-//! and the VMM exec'ed with an empty environment.
+//! pivot_root into it; optionally a new pid namespace and/or a daemon; the VMM's pid in
+//! `/<exec name>.pid`; then the uid/gid dropped and the VMM exec'ed with an empty environment.
 //!
-//! What stays in `<base>/prescient/<id>/root` after the VMM exits: the directory tree, empty
+//! Paths the VMM is given may be host paths (bind-mounted at the same path inside) or, as with
+//! Firecracker's jailer, paths inside the chroot of files the caller put there: a path the host
+//! lacks and the chroot has is left to the chroot. A VMM given a `--config-file` and neither
+//! `--api-sock` nor `--no-api` serves Firecracker's default socket `/run/firecracker.socket`
+//! inside the jail, as Firecracker does (Kata Containers relies on it).
+//!
+//! What stays in `<base>/<exec name>/<id>/root` after the VMM exits: the directory tree, empty
 //! files where host files were bind-mounted (the mounts lived in the VMM's mount namespace and
-//! went with it), the device nodes, `prescient.pid` of a daemon, and any file the VMM created
-//! (logs, metrics, vsock sockets; the API socket it removes itself). The VM's cgroup holds the
-//! VMM until it exits, so the VMM cannot remove it: it is left, empty, for the caller to rmdir.
+//! went with it), the device nodes, the pid file, and any file the VMM created (logs, metrics,
+//! vsock sockets; the API socket it removes itself). The VM's cgroup holds the VMM until it
+//! exits, so the VMM cannot remove it: it is left, empty, for the caller to rmdir.
 
 pub mod args;
 pub mod cgroup;
@@ -32,6 +38,9 @@ pub const DEFAULT_CONTROLLERS: [&str; 4] = ["cpu", "cpuacct", "memory", "pids"];
 
 /// The host devices the VMM opens.
 pub const DEVICES: [&str; 2] = ["/dev/kvm", "/dev/net/tun"];
+
+/// Where Firecracker serves its API when no socket is named.
+pub const DEFAULT_API_SOCK: &str = "/run/firecracker.socket";
 
 /// Errors of jailing a VMM.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +68,9 @@ pub enum JailError {
 pub struct VmmFiles {
     /// Files it reads or writes in place, with whether they are read-only to it.
     pub inputs: Vec<(PathBuf, bool)>,
+    /// Files it writes (the spec's log and metrics files or FIFOs): bound when the host has
+    /// them, else created by the VMM in their directory.
+    pub outputs: Vec<PathBuf>,
     /// Directories where it creates files (sockets, logs).
     pub output_dirs: Vec<PathBuf>,
 }
@@ -86,28 +98,53 @@ fn absolute(what: &'static str, path: &Path) -> Result<PathBuf, JailError> {
     }
 }
 
+/// The API socket the VMM serves: the one `args` name, else Firecracker's default unless they
+/// say `--no-api`.
+fn api_sock(args: &[String]) -> Option<&str> {
+    match option_value(args, "--api-sock") {
+        Some(sock) => Some(sock),
+        None if args.iter().any(|a| a == "--no-api") => None,
+        None => Some(DEFAULT_API_SOCK),
+    }
+}
+
+/// Whether the VMM's `path` is a file the caller put in the chroot at `root` (Firecracker's
+/// way) rather than a host file: the host lacks it and the chroot has it.
+fn placed_in_jail(root: &Path, path: &Path) -> bool {
+    !path.exists() && chroot::inside(root, path).exists()
+}
+
 impl VmmFiles {
-    /// The files of VMM arguments `args` and of the spec they name (read from the host).
-    pub fn of(args: &[String]) -> Result<Self, JailError> {
+    /// The files of VMM arguments `args` and of the spec they name, for the chroot at `root`.
+    /// The spec is read from the host, or from the chroot when only the chroot has it; files
+    /// only the chroot has are left out (they are there already).
+    pub fn of(args: &[String], root: &Path) -> Result<Self, JailError> {
         let mut files = VmmFiles::default();
-        if let Some(sock) = option_value(args, "--api-sock") {
+        if let Some(sock) = api_sock(args) {
             let sock = absolute("--api-sock", Path::new(sock))?;
             files
                 .output_dirs
                 .extend(sock.parent().map(Path::to_path_buf));
         }
         if let Some(path) = option_value(args, "--config-file") {
-            absolute("--config-file", Path::new(path))?;
+            let path = absolute("--config-file", Path::new(path))?;
             let spec_err = |detail: String| JailError::Spec {
-                path: path.into(),
+                path: path.clone(),
                 detail,
             };
-            let text = std::fs::read_to_string(path).map_err(|e| spec_err(e.to_string()))?;
+            let source = if placed_in_jail(root, &path) {
+                chroot::inside(root, &path)
+            } else {
+                files.inputs.push((path.clone(), true));
+                path.clone()
+            };
+            let text = std::fs::read_to_string(&source).map_err(|e| spec_err(e.to_string()))?;
             let spec: serde_json::Value =
                 serde_json::from_str(&text).map_err(|e| spec_err(e.to_string()))?;
-            files.inputs.push((path.into(), true));
             files.add_spec(&spec)?;
         }
+        files.inputs.retain(|(p, _)| !placed_in_jail(root, p));
+        files.outputs.retain(|p| !placed_in_jail(root, p));
         Ok(files)
     }
 
@@ -134,6 +171,12 @@ impl VmmFiles {
                 self.output_dirs.push(dir.to_path_buf());
             }
         }
+        for (what, out) in [
+            ("log_path", &spec["logger"]["log_path"]),
+            ("metrics_path", &spec["metrics"]["metrics_path"]),
+        ] {
+            self.outputs.extend(path(what, out)?);
+        }
         Ok(())
     }
 }
@@ -149,7 +192,11 @@ fn create_cgroup(spec: &JailSpec) -> Result<Cgroup, JailError> {
     }
     let relative = Path::new("prescient").join(&spec.id);
     let mounts = Mounts::current()?;
-    if spec.cgroup_version == 1 {
+    if spec
+        .cgroup_version
+        .unwrap_or_else(|| mounts.default_version())
+        == 1
+    {
         return Ok(Cgroup::create_v1(&mounts, &controllers, &relative)?);
     }
     let (mount_point, _) = mounts.v2.clone().ok_or(CgroupError::NoUnifiedMount)?;
@@ -177,7 +224,7 @@ pub fn jail(spec: &JailSpec) -> Result<Infallible, JailError> {
         Some(p) => p.clone(),
         None => std::env::current_exe().map_err(JailError::CurrentExe)?,
     };
-    let files = VmmFiles::of(&spec.vmm_args)?;
+    let files = VmmFiles::of(&spec.vmm_args, &spec.chroot_dir())?;
     let home = Cgroup::current().ok();
     let cgroup = create_cgroup(spec)?;
     let Err(e) = jail_in(spec, &exec, &files, &cgroup);
@@ -216,6 +263,13 @@ fn jail_in(
     for (path, read_only) in &files.inputs {
         chroot.bind_file("VM file", path, *read_only)?;
     }
+    for out in &files.outputs {
+        if out.exists() {
+            chroot.bind_file("VM output file", out, false)?;
+        } else if let Some(dir) = out.parent() {
+            chroot.writable_dir(dir)?;
+        }
+    }
     for dir in &files.output_dirs {
         chroot.writable_dir(dir)?;
     }
@@ -227,11 +281,19 @@ fn jail_in(
     }
     chroot.enter()?;
 
-    process::split(spec.new_pid_ns, daemon_stdio, Path::new("/prescient.pid"))?;
+    process::split(spec.new_pid_ns, daemon_stdio, &spec.pid_file())?;
     process::drop_privileges(spec.uid, spec.gid)?;
     let mut args = spec.vmm_args.clone();
     if option_value(&args, "--id").is_none() {
         args.extend(["--id".to_string(), spec.id.clone()]);
+    }
+    // prescient alone runs a --config-file without an API (README: it must not take one
+    // system-wide path); in a jail that path is the jail's own, and Firecracker serves it.
+    if option_value(&args, "--api-sock").is_none() && option_value(&args, "--config-file").is_some()
+    {
+        if let Some(sock) = api_sock(&args) {
+            args.extend(["--api-sock".to_string(), sock.to_string()]);
+        }
     }
     for dir in cgroup.dirs() {
         args.extend(["--cgroup-dir".to_string(), dir.display().to_string()]);
@@ -262,7 +324,9 @@ mod tests {
                 {"drive_id": "b", "path_on_host": "/d/b.img"}
             ],
             "vsock": {"guest_cid": 3, "uds_path": "/run/vm/v.sock"},
-            "serial": {"serial_out_path": "/logs/serial.out"}
+            "serial": {"serial_out_path": "/logs/serial.out"},
+            "logger": {"log_path": "/logs/vmm.log", "level": "Error"},
+            "metrics": {"metrics_path": "/logs/metrics.fifo"}
         });
         let mut files = VmmFiles::default();
         files.add_spec(&spec).unwrap();
@@ -276,6 +340,42 @@ mod tests {
             ]
         );
         assert_eq!(files.output_dirs, ["/logs", "/run/vm"].map(PathBuf::from));
+        assert_eq!(
+            files.outputs,
+            ["/logs/vmm.log", "/logs/metrics.fifo"].map(PathBuf::from)
+        );
+    }
+
+    #[test]
+    fn files_placed_in_the_chroot_are_read_there_and_left_there() {
+        // Firecracker's way (Kata Containers): the caller puts the spec and the files it names
+        // in the chroot and names them by their paths inside.
+        let root = std::env::temp_dir().join(format!("jailer-placed-{}", std::process::id()));
+        std::fs::create_dir_all(&root).unwrap();
+        let host_kernel = std::env::current_exe().unwrap();
+        let spec = serde_json::json!({
+            "boot-source": {"kernel_image_path": host_kernel},
+            "drives": [{"drive_id": "rootfs", "path_on_host": "/placed-rootfs", "is_read_only": true}],
+            "logger": {"log_path": "/placed-logs.fifo"}
+        });
+        std::fs::write(root.join("placed-vm.json"), spec.to_string()).unwrap();
+        std::fs::write(root.join("placed-rootfs"), b"").unwrap();
+        std::fs::write(root.join("placed-logs.fifo"), b"").unwrap();
+        let args: Vec<String> = ["--config-file", "/placed-vm.json"]
+            .map(String::from)
+            .into();
+        let files = VmmFiles::of(&args, &root);
+        std::fs::remove_dir_all(&root).unwrap();
+        let files = files.unwrap();
+        assert_eq!(files.inputs, [(host_kernel, true)]);
+        assert!(files.outputs.is_empty(), "{:?}", files.outputs);
+        // No --api-sock: the VMM will serve Firecracker's default socket in the jail.
+        assert_eq!(files.output_dirs, [PathBuf::from("/run")]);
+        assert_eq!(api_sock(&args), Some(DEFAULT_API_SOCK));
+        let no_api: Vec<String> = ["--no-api", "--config-file", "/vm.json"]
+            .map(String::from)
+            .into();
+        assert_eq!(api_sock(&no_api), None);
     }
 
     #[test]
@@ -288,7 +388,7 @@ mod tests {
         );
         let args: Vec<String> = ["--api-sock", "api.sock"].map(String::from).into();
         assert!(matches!(
-            VmmFiles::of(&args),
+            VmmFiles::of(&args, Path::new("/nonexistent-root")),
             Err(JailError::RelativePath {
                 what: "--api-sock",
                 ..
@@ -301,7 +401,7 @@ mod tests {
         let args: Vec<String> = ["--config-file", "/nonexistent/vm.json"]
             .map(String::from)
             .into();
-        let err = VmmFiles::of(&args).unwrap_err();
+        let err = VmmFiles::of(&args, Path::new("/nonexistent-root")).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/vm.json"), "{err}");
     }
 }

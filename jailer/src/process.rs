@@ -141,13 +141,23 @@ fn forward_termination_signals() -> Result<()> {
     Ok(())
 }
 
+/// Writes the VMM's pid (as the host sees it) to `pid_file`, as Firecracker's jailer does for
+/// every jail: callers such as Kata Containers find the VMM there.
+fn write_pid(pid_file: &Path, pid: libc::pid_t) -> Result<()> {
+    std::fs::write(pid_file, format!("{pid}\n")).map_err(|source| ProcessError::PidFile {
+        path: pid_file.to_path_buf(),
+        source,
+    })
+}
+
 /// Forks when the VMM must be a child: to be pid 1 of a new pid namespace, or to leave a
-/// session leader behind for `setsid`. Returns in the child only. A daemon's parent writes the
-/// child's pid to `pid_file` and exits 0; otherwise the parent waits, passing termination
+/// session leader behind for `setsid`. Returns in the VMM's process only, once its pid is in
+/// `pid_file`. A daemon's parent exits 0; otherwise the parent waits, passing termination
 /// signals on to the child, and exits as the child did.
 pub fn split(new_pid_ns: bool, daemon_stdio: Option<OwnedFd>, pid_file: &Path) -> Result<()> {
     if !new_pid_ns && daemon_stdio.is_none() {
-        return Ok(());
+        // This process becomes the VMM.
+        return write_pid(pid_file, std::process::id() as libc::pid_t);
     }
     if new_pid_ns {
         // SAFETY: unshare(2) with a flag; only children made after it are in the namespace.
@@ -162,13 +172,12 @@ pub fn split(new_pid_ns: bool, daemon_stdio: Option<OwnedFd>, pid_file: &Path) -
     check(pid.into(), ProcessError::Fork)?;
     if pid > 0 {
         CHILD.store(pid, Ordering::Relaxed);
+        if let Err(e) = write_pid(pid_file, pid) {
+            // SAFETY: kill(2) of our own child, which must not run unaccounted for.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            return Err(e);
+        }
         if daemon_stdio.is_some() {
-            std::fs::write(pid_file, format!("{pid}\n")).map_err(|source| {
-                ProcessError::PidFile {
-                    path: pid_file.to_path_buf(),
-                    source,
-                }
-            })?;
             std::process::exit(0);
         }
         std::process::exit(wait_exit_code(pid));

@@ -11,11 +11,24 @@ use crate::metrics::METRICS;
 pub const VERSION_LINE: &str = concat!(
     "v",
     env!("CARGO_PKG_VERSION"),
-    " (Firecracker v1.17.0-dev compatible)"
+    " (Firecracker v",
+    crate::firecracker_version!(),
+    " compatible)"
+);
+
+/// What `--version` prints after `Firecracker` when the binary is installed as `firecracker`
+/// (as Kata Containers needs it: it names the jailer's pid file `firecracker.pid`): Firecracker's
+/// own line, whose second word Kata parses as the version it checks (at least 0.21.1).
+pub const FIRECRACKER_VERSION_LINE: &str = concat!(
+    "v",
+    crate::firecracker_version!(),
+    " (prescient v",
+    env!("CARGO_PKG_VERSION"),
+    ")"
 );
 
 /// Where Firecracker serves its API when no socket is named.
-pub const DEFAULT_API_SOCK: &str = "/run/firecracker.socket";
+pub const DEFAULT_API_SOCK: &str = jailer::DEFAULT_API_SOCK;
 
 /// What `--enable-pci` gets.
 pub const NO_PCI: &str = "--enable-pci: prescient has no PCI transport; every device is a \

@@ -32,9 +32,18 @@ pub mod vcpus;
 pub mod vmm_config;
 pub mod vstate;
 
+/// The Firecracker release whose API, flags and files prescient takes, as a literal for
+/// `concat!` (the version lines of `--version`).
+#[macro_export]
+macro_rules! firecracker_version {
+    () => {
+        "1.17.0-dev"
+    };
+}
+
 /// The Firecracker release whose API, flags and files prescient takes (checked against that
 /// release's binary by `integration-tests/tests/conformance.rs`).
-pub const FIRECRACKER_VERSION: &str = "1.17.0-dev";
+pub const FIRECRACKER_VERSION: &str = firecracker_version!();
 
 #[cfg(test)]
 mod tests {

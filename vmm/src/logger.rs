@@ -49,6 +49,18 @@ impl LogLevel {
     }
 }
 
+/// Opens a file or FIFO for writing without blocking on a FIFO that has no reader yet (the
+/// log's and the metrics' destinations, Firecracker's way).
+pub fn open_nonblocking(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+}
+
 /// `PUT /logger`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -221,11 +233,9 @@ fn settings_of(config: &LoggerConfig) -> Result<Settings, LoggerError> {
     };
     let out: Box<dyn Write + Send> = match &config.log_path {
         None => Box::new(std::io::stderr()),
-        Some(path) => Box::new(crate::metrics::open_nonblocking(path).map_err(|source| {
-            LoggerError::Open {
-                path: path.clone(),
-                source,
-            }
+        Some(path) => Box::new(open_nonblocking(path).map_err(|source| LoggerError::Open {
+            path: path.clone(),
+            source,
         })?),
     };
     Ok(Settings {

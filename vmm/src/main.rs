@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use vmm::exit::code;
 use vmm::rpc::ActionError;
 use vmm::runtime::Runtime;
@@ -238,13 +238,7 @@ fn run_tool(command: Command) -> ExitCode {
                         },
                 },
         } => rebase_memory(&memory_path, &diff_path),
-        Command::Jail(args) => {
-            let spec = match args.validate() {
-                Ok(s) => s,
-                Err(e) => return fail(e, code::BAD_CONFIG),
-            };
-            jailer::jail(&spec).map(|_| ()).map_err(|e| e.to_string())
-        }
+        Command::Jail(args) => return run_jail(args),
         #[cfg(feature = "torch")]
         Command::Train(args) => predictor_tools::train::run(&args, &mut out)
             .map(|_| ())
@@ -292,9 +286,65 @@ mod allocator {
     }
 }
 
+// Firecracker's jailer as its own program: `prescient jail` with the flags Firecracker's
+// `jailer` takes, run when this binary is installed (or linked) as `jailer`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "jailer",
+    version = vmm::cli::VERSION_LINE,
+    about = "Isolate one microVM (chroot, namespaces, cgroup, uid/gid) and run --exec-file \
+             with the arguments after `--` (Firecracker's jailer; `prescient jail`)"
+)]
+struct JailerCli {
+    #[command(flatten)]
+    jail: jailer::JailArgs,
+}
+
+/// The name this binary was run by (the last component of argv[0]).
+fn program_name() -> String {
+    std::env::args_os()
+        .next()
+        .map(PathBuf::from)
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_default()
+}
+
+/// Jails the VMM as `args` say; returns only on failure.
+fn run_jail(args: jailer::JailArgs) -> ExitCode {
+    let spec = match args.validate() {
+        Ok(s) => s,
+        Err(e) => return fail(e, code::BAD_CONFIG),
+    };
+    match jailer::jail(&spec) {
+        Ok(never) => match never {},
+        Err(e) => fail(e, code::VMM_ERROR),
+    }
+}
+
 fn main() -> ExitCode {
     allocator::one_arena();
-    let cli = Cli::parse();
+    // Installed under Firecracker's names, the binary is a drop-in for each: `jailer` is the
+    // jail, `firecracker` the VMM answering `--version` as Firecracker does.
+    let name = program_name();
+    if name == "jailer" {
+        let cli = JailerCli::parse();
+        vmm::logger::init("warn");
+        if cli.jail.exec_file.is_none() {
+            // Firecracker's jailer needs it too: run as `jailer`, this binary is not the VMM.
+            return fail(
+                "--exec-file is required when run as jailer (the VMM to run, e.g. prescient)",
+                code::BAD_CONFIG,
+            );
+        }
+        return run_jail(cli.jail);
+    }
+    let mut command = Cli::command();
+    if name == "firecracker" {
+        command = command
+            .display_name("Firecracker")
+            .version(vmm::cli::FIRECRACKER_VERSION_LINE);
+    }
+    let cli = Cli::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit());
     vmm::logger::init(&cli.log_level);
     if let Some(command) = cli.command {
         return run_tool(command);
@@ -364,6 +414,18 @@ fn main() -> ExitCode {
         },
         None => VmConfig::default(),
     };
+    // The file's logger and metrics sections, over the flags (Firecracker applies them when
+    // it loads the file; Kata Containers points both at FIFOs it reads).
+    if let Some(logger) = config.logger.take() {
+        if let Err(e) = vmm::logger::configure(&logger) {
+            return fail(format!("logger: {e}"), code::BAD_CONFIG);
+        }
+    }
+    if let Some(metrics) = config.metrics.take() {
+        if let Err(e) = vmm::metrics::METRICS.configure(&metrics) {
+            return fail(format!("metrics: {e}"), code::BAD_CONFIG);
+        }
+    }
     let launch = match &cli.profile {
         Some(path) => {
             let store = cli

@@ -8,14 +8,13 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 
 use devices::legacy::SerialCounters;
 use devices::virtio::DeviceCounters;
 use predictor::telemetry::{Access, ExitCounts, ExitKind, ExitRecorder, ExitTotals};
-use serde::{Deserialize, Serialize};
 
 use crate::vstate::vcpu::ExitObserver;
 
@@ -74,29 +73,7 @@ pub struct Sample {
     pub value: u64,
 }
 
-/// `PUT /metrics`: where flushed metrics go.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MetricsConfig {
-    pub metrics_path: PathBuf,
-    /// Each line carries the instance id as `id` (Firecracker 1.17).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub emit_id: bool,
-    /// Operator-defined pairs each line carries under `properties`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub properties: Option<BTreeMap<String, String>>,
-}
-
-impl MetricsConfig {
-    /// Metrics to `path` with nothing added to the lines.
-    pub fn at(path: PathBuf) -> Self {
-        Self {
-            metrics_path: path,
-            emit_id: false,
-            properties: None,
-        }
-    }
-}
+pub use crate::vmm_config::MetricsConfig;
 
 /// Errors of the metrics sink.
 #[derive(Debug, thiserror::Error)]
@@ -124,17 +101,6 @@ struct Sink {
     last: BTreeMap<(String, &'static str), u64>,
     /// Added to every line: `id` and `properties`.
     header: serde_json::Map<String, serde_json::Value>,
-}
-
-/// Opens a file or FIFO for writing without blocking on a FIFO that has no reader yet.
-pub fn open_nonblocking(path: &Path) -> std::io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .append(true)
-        .create(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
 }
 
 impl Metrics {
@@ -301,7 +267,71 @@ impl Metrics {
             ];
             samples.extend(counters.map(|(name, help, v)| s(group, name, help, load(v))));
         }
+        samples.extend(self.firecracker_aggregates());
         samples
+    }
+
+    /// Firecracker's aggregate device sections under Firecracker's counter names, for the
+    /// counters that count the same thing: the sum over every drive (`block`) and interface
+    /// (`net`), and the vsock's byte counts. Kata Containers' metrics reader decodes only these
+    /// names (its `FirecrackerMetrics`).
+    fn firecracker_aggregates(&self) -> Vec<Sample> {
+        type Pick = fn(&DeviceCounters) -> &AtomicU64;
+        const BLOCK: [(&str, &str, Pick); 5] = [
+            ("read_bytes", "bytes read by the guest, all drives", |c| {
+                &c.bytes_to_guest
+            }),
+            (
+                "write_bytes",
+                "bytes written by the guest, all drives",
+                |c| &c.bytes_from_guest,
+            ),
+            (
+                "invalid_reqs_count",
+                "malformed requests, all drives",
+                |c| &c.invalid_requests,
+            ),
+            ("execute_fails", "host I/O failures, all drives", |c| {
+                &c.io_errors
+            }),
+            (
+                "rate_limiter_throttled_events",
+                "rate limiter waits, all drives",
+                |c| &c.throttled,
+            ),
+        ];
+        const BYTES: [(&str, &str, Pick); 2] = [
+            ("rx_bytes_count", "bytes delivered to the guest", |c| {
+                &c.bytes_to_guest
+            }),
+            ("tx_bytes_count", "bytes sent by the guest", |c| {
+                &c.bytes_from_guest
+            }),
+        ];
+        let devices = lock(&self.devices);
+        let sum = |prefix: &str, pick: Pick| -> u64 {
+            devices
+                .iter()
+                .filter(|(name, _)| name.starts_with(prefix))
+                .map(|(_, c)| pick(c).load(Ordering::Relaxed))
+                .sum()
+        };
+        let mut out = Vec::new();
+        for (group, prefix, names) in [
+            ("block", "block_", &BLOCK[..]),
+            ("net", "net_", &BYTES[..]),
+            ("vsock", "vsock", &BYTES[..]),
+        ] {
+            if devices.iter().any(|(name, _)| name.starts_with(prefix)) {
+                out.extend(names.iter().map(|&(name, help, pick)| Sample {
+                    group: group.to_string(),
+                    name,
+                    help,
+                    value: sum(prefix, pick),
+                }));
+            }
+        }
+        out
     }
 
     /// Prometheus text exposition of every counter.
@@ -323,9 +353,11 @@ impl Metrics {
         if let Some(s) = sink.as_ref() {
             return Err(MetricsError::AlreadyConfigured(s.path.clone()));
         }
-        let file = open_nonblocking(&config.metrics_path).map_err(|source| MetricsError::Open {
-            path: config.metrics_path.clone(),
-            source,
+        let file = crate::logger::open_nonblocking(&config.metrics_path).map_err(|source| {
+            MetricsError::Open {
+                path: config.metrics_path.clone(),
+                source,
+            }
         })?;
         let mut header = serde_json::Map::new();
         if config.emit_id {
@@ -391,6 +423,33 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drives_and_interfaces_are_also_summed_under_firecrackers_names() {
+        let m = Metrics::default();
+        let device = |to: u64, from: u64| {
+            let c = Arc::new(DeviceCounters::default());
+            c.bytes_to_guest.store(to, Ordering::Relaxed);
+            c.bytes_from_guest.store(from, Ordering::Relaxed);
+            c
+        };
+        m.register_device("block_rootfs".into(), device(4096, 0));
+        m.register_device("block_drive_0".into(), device(512, 1024));
+        m.register_device("net_eth0".into(), device(60, 42));
+        let value = |group: &str, name: &str| {
+            m.samples()
+                .into_iter()
+                .find(|s| s.group == group && s.name == name)
+                .map(|s| s.value)
+        };
+        assert_eq!(value("block", "read_bytes"), Some(4608));
+        assert_eq!(value("block", "write_bytes"), Some(1024));
+        assert_eq!(value("block_drive_0", "bytes_to_guest"), Some(512));
+        assert_eq!(value("net", "rx_bytes_count"), Some(60));
+        assert_eq!(value("net", "tx_bytes_count"), Some(42));
+        // No vsock device, no vsock section.
+        assert_eq!(value("vsock", "rx_bytes_count"), None);
+    }
 
     #[test]
     fn vcpu_counters_are_summed_and_flushes_are_deltas() {

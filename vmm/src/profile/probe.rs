@@ -279,7 +279,7 @@ impl DemandSampler {
         for task in tasks.flatten() {
             let dir = task.path();
             let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-            if !comm.starts_with("vcpu") {
+            if !comm.starts_with(crate::vstate::vcpu::THREAD_NAME_PREFIX) {
                 continue;
             }
             let stat = std::fs::read_to_string(dir.join("schedstat")).unwrap_or_default();

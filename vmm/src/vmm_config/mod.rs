@@ -9,6 +9,7 @@ mod entropy;
 pub mod json_path;
 mod machine_config;
 mod memory_hotplug;
+mod metrics;
 mod mmds;
 mod net;
 mod pmem;
@@ -31,6 +32,7 @@ pub use entropy::EntropyConfig;
 pub use json_path::{JsonPath, Segment};
 pub use machine_config::{HugePages, MachineConfig, MAX_VCPUS};
 pub use memory_hotplug::{MemoryHotplugConfig, MemoryHotplugSizeUpdate, MemoryHotplugStatus};
+pub use metrics::MetricsConfig;
 pub use mmds::MmdsConfig;
 pub use net::{parse_mac, validate_interfaces, NetworkInterfaceConfig, NetworkInterfaceUpdate};
 pub use pmem::{validate_pmem, PmemConfig, PmemUpdate};
@@ -92,6 +94,14 @@ pub struct VmConfig {
     pub mmds_config: Option<MmdsConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub predictor: Option<PredictorConfig>,
+    /// Firecracker's `logger` section: the process's logger, set up as `PUT /logger` does when
+    /// the file is loaded. Not part of the VM, so never written back (`GET /vm/config`,
+    /// snapshots), as in Firecracker.
+    #[serde(default, skip_serializing)]
+    pub logger: Option<crate::logger::LoggerConfig>,
+    /// Firecracker's `metrics` section, as `PUT /metrics`; likewise never written back.
+    #[serde(default, skip_serializing)]
+    pub metrics: Option<MetricsConfig>,
 }
 
 /// A spec that parsed but cannot describe a VM, or a VM that cannot be built from it: the place
@@ -297,6 +307,27 @@ mod tests {
 
     fn err_of(body: &str) -> String {
         VmConfig::from_file(&spec(body)).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_logger_and_metrics_sections_are_read_and_never_written_back() {
+        // Kata Containers' config file (fc.go) points both at FIFOs in the jail.
+        let c = VmConfig::parse(
+            r#"{"logger": {"level": "Error", "log_path": "/logs.fifo"},
+                "metrics": {"metrics_path": "/metrics.fifo"}}"#,
+        )
+        .unwrap();
+        let logger = c.logger.clone().unwrap();
+        assert_eq!(logger.log_path.as_deref(), Some(Path::new("/logs.fifo")));
+        assert_eq!(logger.level, Some(crate::logger::LogLevel::Error));
+        assert_eq!(
+            c.metrics.as_ref().unwrap().metrics_path,
+            Path::new("/metrics.fifo")
+        );
+        let written = serde_json::to_value(&c).unwrap();
+        assert!(written.get("logger").is_none() && written.get("metrics").is_none());
+        let (path, _) = VmConfig::parse(r#"{"logger": {"level": "Loud"}}"#).unwrap_err();
+        assert_eq!(path, "logger.level");
     }
 
     #[test]

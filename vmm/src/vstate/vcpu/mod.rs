@@ -110,6 +110,15 @@ pub enum VcpuResponse {
     Saved(Box<Result<VcpuState, VcpuError>>),
 }
 
+/// What a vCPU thread's name starts with: Firecracker's, by which Kata Containers finds the vCPU
+/// threads (to move them into the pod's cgroup and to count the VM's CPUs).
+pub const THREAD_NAME_PREFIX: &str = "fc_vcpu ";
+
+/// The name of vCPU `index`'s thread, Firecracker's `fc_vcpu <index>`.
+pub fn thread_name(index: u8) -> String {
+    format!("{THREAD_NAME_PREFIX}{index}")
+}
+
 /// A configured vCPU, before its thread starts.
 pub struct Vcpu {
     index: u8,
@@ -275,7 +284,7 @@ impl Vcpu {
         self.index
     }
 
-    /// Starts the vCPU on a thread named `vcpu<N>`, telling `observer` of every exit; with
+    /// Starts the vCPU on a thread named [`thread_name`], telling `observer` of every exit; with
     /// `paused` it waits for [`VcpuEvent::Resume`] before it first runs. The thread is a child
     /// of the calling thread (and so starts under its seccomp filters); when it is finished
     /// ([`VcpuHandle::finish`]) the vCPU and the observer come back, to be started again later
@@ -292,7 +301,7 @@ impl Vcpu {
         let (response_tx, response_rx) = channel();
         let (tid_tx, tid_rx) = channel();
         let thread = std::thread::Builder::new()
-            .name(format!("vcpu{index}"))
+            .name(thread_name(index))
             .spawn(move || {
                 // SAFETY: gettid has no arguments and cannot fail.
                 let _ = tid_tx.send(unsafe { libc::gettid() });
