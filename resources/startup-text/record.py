@@ -1,0 +1,218 @@
+#!/usr/bin/env python3
+"""Records which functions of a release `prescient` run while it boots a VM and keeps it idle,
+and writes them as `order.ld`: a linker script fragment that places those functions together at
+the start of the binary's text (vmm/build.rs passes it to the link of `prescient`).
+
+Why: the kernel maps a binary's text in 64 KiB windows around each page a process first
+executes (fault-around), so the VMM's resident text is set by how many 64 KiB windows its
+start-up and idle code is spread over, not by how much of it runs. Laid out as the compiler
+emits it, the few hundred KiB that run touch nearly every window of the 3+ MB text; together,
+they touch a fraction of them (docs/memory.md, "The VMM's own footprint").
+
+How: each scenario runs the binary under valgrind's callgrind (every instruction executed, none
+sampled away) from a fresh copy; the instruction addresses are mapped to the binary's symbols
+(`nm`), and each symbol becomes a section pattern `.text.<symbol>` (rustc emits one section per
+function; `.text.unlikely.<symbol>` for one LLVM knows to be cold) with the parts that change between builds and compilers (the hash of a legacy symbol,
+the crate disambiguators of a v0 one, LLVM's `.llvm.N` suffixes) replaced by `*`, except where the
+hash is what tells apart the instances of a generic function. A function a later build adds or
+renames is then only out of place (resident as before), never an error.
+
+valgrind has no seccomp(2), so the scenarios run with --no-seccomp; the few functions only the
+seccomp path runs are added by name (SECCOMP_ONLY). Check the result with
+`perf record -e page-faults -d` on a real run: a text fault outside the ordered section names a
+function this list misses.
+
+Usage: resources/startup-text/record.py [--bin target/release/prescient] [--guest test-guest.elf]
+(the guest defaults to the one the integration tests built). Needs valgrind, nm.
+"""
+import argparse
+import bisect
+import glob
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+# (name, guest command line, seconds to leave it running; None: until the guest exits, how it
+# is started). In the order their functions are laid out: an idle microVM from a config file
+# (what the boot and density benchmarks' memory rows run); the boot benchmark's timed run, whose
+# reset and exit paths follow; an idle microVM configured and started through the API, as
+# Firecracker's users drive it.
+SCENARIOS = [
+    ("idle", "cpu_ms=1 mem_mib=1 exit=halt", 12, "config"),
+    ("exit", "cpu_ms=50 mem_mib=64", None, "config"),
+    ("api", "cpu_ms=1 mem_mib=1 exit=halt", 12, "api"),
+]
+
+# Run only with seccomp on (demangled names; see the module docs).
+SECCOMP_ONLY = re.compile(r"^vmm::seccomp::(install|install_up_to|apply|catch_up)$|::catch_up_seccomp$")
+
+
+def text_symbols(binary):
+    """(start, size, mangled, demangled) of every function symbol, by address."""
+    out = subprocess.run(["nm", "-S", "--defined-only", binary], check=True,
+                         capture_output=True, text=True).stdout
+    syms = []
+    for line in out.splitlines():
+        p = line.split()
+        if len(p) == 4 and p[2] in "tTwW" and int(p[1], 16) > 0:
+            syms.append((int(p[0], 16), int(p[1], 16), p[3]))
+    syms.sort()
+    names = subprocess.run(["c++filt"], input="\n".join(s[2] for s in syms), check=True,
+                           capture_output=True, text=True).stdout.splitlines()
+    return [s + (re.sub(r"::h[0-9a-f]{16}$", "", d),) for s, d in zip(syms, names)]
+
+
+def executed_addresses(callgrind_out, obj):
+    """Every instruction address callgrind counted in `obj` (--dump-instr=yes format)."""
+    names, cur, last, addrs = {}, None, 0, set()
+    for line in open(callgrind_out):
+        m = re.match(r"^(c?ob)=\((\d+)\)(?: (.*))?$", line.rstrip("\n"))
+        if m:
+            kind, ident, name = m.groups()
+            if name:
+                names[ident] = name
+            if kind == "ob":
+                cur = names[ident]
+            continue
+        if not line[:1] or line[0] not in "0123456789+-*":
+            continue
+        tok = line.split()[0]
+        if tok.startswith("0x"):
+            last = int(tok, 16)
+        elif tok[0] == "+":
+            last += int(tok[1:])
+        elif tok[0] == "-":
+            last -= int(tok[1:])
+        elif tok != "*":
+            last = int(tok)
+        if cur and cur.endswith(obj):
+            addrs.add(last)
+    return addrs
+
+
+def api(sock, method, path, body):
+    """One request on the API socket; its status code."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(sock)
+    data = json.dumps(body).encode() if body is not None else b""
+    conn.sendall(f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+                 f"application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+    reply = conn.recv(65536).decode(errors="replace")
+    conn.close()
+    return int(reply.split()[1])
+
+
+def run_scenario(binary, guest, cmdline, seconds, how, work):
+    copy = os.path.join(work, "prescient")
+    shutil.copy(binary, copy)
+    # The shape the benchmarks write (integration-tests `VmSpec::config_json`).
+    spec = {"boot-source": {"kernel_image_path": guest, "boot_args": cmdline},
+            "machine-config": {"vcpu_count": 2, "mem_size_mib": 256}, "drives": []}
+    config = os.path.join(work, "vm.json")
+    with open(config, "w") as f:
+        json.dump(spec, f)
+    sock = os.path.join(work, "api.sock")
+    start = ["--config-file", config] if how == "config" else ["--api-sock", sock]
+    out = os.path.join(work, "callgrind.out")
+    proc = subprocess.Popen(["valgrind", "--tool=callgrind", "--dump-instr=yes",
+                             f"--callgrind-out-file={out}", copy, "--no-seccomp"] + start,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if how == "api":
+        deadline = time.time() + 60
+        while not os.path.exists(sock):
+            if time.time() > deadline:
+                sys.exit("the API socket never appeared")
+            time.sleep(0.1)
+        for method, path, body in [("GET", "/", None),
+                                   ("PUT", "/boot-source", spec["boot-source"]),
+                                   ("PUT", "/machine-config", spec["machine-config"]),
+                                   ("PUT", "/actions", {"action_type": "InstanceStart"}),
+                                   ("GET", "/vm/config", None)]:
+            status = api(sock, method, path, body)
+            if status >= 300:
+                sys.exit(f"{method} {path}: HTTP {status}")
+    if seconds is None:
+        proc.wait(timeout=600)
+    else:
+        time.sleep(seconds)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    return executed_addresses(out, "prescient")
+
+
+def pattern(mangled):
+    p = re.sub(r"17h[0-9a-f]{16}E", "17h*E", mangled)
+    p = re.sub(r"\.llvm\.\d+", ".llvm.*", p)
+    if p.startswith("_R"):
+        p = re.sub(r"Cs[0-9a-zA-Z]+_", "Cs*_", p)
+    return p
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bin", default=os.path.join(ROOT, "target/release/prescient"))
+    ap.add_argument("--guest", default=None)
+    ap.add_argument("--out", default=os.path.join(HERE, "order.ld"))
+    args = ap.parse_args()
+    guest = args.guest or next(iter(sorted(glob.glob(os.path.join(
+        ROOT, "target/*/build/integration-tests-*/out/test-guest/test-guest.elf")))), None)
+    if not guest:
+        sys.exit("no test guest: build the integration tests, or pass --guest")
+    syms = text_symbols(args.bin)
+    starts = [s[0] for s in syms]
+    ran = []
+    with tempfile.TemporaryDirectory() as work:
+        for name, cmdline, seconds, how in SCENARIOS:
+            addrs = run_scenario(args.bin, guest, cmdline, seconds, how, work)
+            hit = set()
+            for a in addrs:
+                i = bisect.bisect_right(starts, a) - 1
+                if i >= 0 and a < syms[i][0] + syms[i][1]:
+                    hit.add(i)
+            print(f"{name}: {len(addrs)} instructions in {len(hit)} functions", file=sys.stderr)
+            ran.append(hit)
+    ran.append({i for i, s in enumerate(syms) if SECCOMP_ONLY.search(s[3])})
+    # A legacy symbol's hash is all that tells one instance of a generic function from another
+    # (serde's `deserialize` for each config type, say): the instances that ran keep it, the
+    # others stay out of the ordered text. Those names change with the compiler or a dependency's
+    # version, and then only those instances fall back to where the compiler puts them.
+    family = {}
+    for s in syms:
+        family[pattern(s[2])] = family.get(pattern(s[2]), 0) + 1
+    patterns, seen, size = [], set(), 0
+    for hit in ran:
+        for i in sorted(hit):
+            p = pattern(syms[i][2])
+            if family[p] > 1 and ".llvm." not in p:
+                p = syms[i][2]
+            if p not in seen:
+                seen.add(p)
+                patterns.append(p)
+                size += syms[i][1]
+    with open(args.out, "w") as f:
+        f.write("/* Generated by resources/startup-text/record.py: the functions a release prescient\n"
+                f"   runs to boot a VM and keep it idle ({len(patterns)} patterns, {size // 1024} KiB when\n"
+                "   recorded), first in its text. See record.py for why and how. */\n")
+        # The output section is `.text` itself (the linker adds every other function after these),
+        # so that tools which look for code in `.text` alone, valgrind among them, see it all.
+        f.write("SECTIONS {\n  .text : {\n")
+        for p in patterns:
+            # LLVM puts a function it knows to be cold (`#[cold]`, or only reached from one)
+            # in `.text.unlikely.<symbol>`.
+            f.write(f"    *(.text.{p} .text.unlikely.{p})\n")
+        f.write("  }\n} INSERT BEFORE .init;\n")
+    print(f"{args.out}: {len(patterns)} patterns, {size // 1024} KiB", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
