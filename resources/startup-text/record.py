@@ -23,7 +23,9 @@ seccomp path runs are added by name (SECCOMP_ONLY). Check the result with
 function this list misses.
 
 Usage: resources/startup-text/record.py [--bin target/release/prescient] [--guest test-guest.elf]
-(the guest defaults to the one the integration tests built). Needs valgrind, nm.
+(the guest defaults to the one the integration tests built). Needs valgrind, nm. `--check` only
+says how many of order.ld's patterns still name a function of the binary (it fails when over a
+tenth of them name none: record again).
 """
 import argparse
 import bisect
@@ -158,12 +160,32 @@ def pattern(mangled):
     return p
 
 
+def check(binary, order):
+    """How many of `order`'s patterns match a function of `binary`, and how much text they put
+    first: patterns that match nothing are functions renamed or instances rehashed since the
+    recording (a new compiler or dependency), and mean it is time to record again."""
+    import fnmatch
+    patterns = re.findall(r"^\s*\*\(\.text\.(\S+) ", open(order).read(), re.M)
+    matchers = [re.compile(fnmatch.translate(p)) for p in patterns]
+    names = [s[2] for s in text_symbols(binary)]
+    stale = [p for p, m in zip(patterns, matchers) if not any(m.match(n) for n in names)]
+    print(f"{order}: {len(patterns) - len(stale)} of {len(patterns)} patterns match functions "
+          f"of {binary}; {len(stale)} match none", file=sys.stderr)
+    for p in stale:
+        print(f"  {p}", file=sys.stderr)
+    return 1 if len(stale) * 10 > len(patterns) else 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bin", default=os.path.join(ROOT, "target/release/prescient"))
     ap.add_argument("--guest", default=None)
     ap.add_argument("--out", default=os.path.join(HERE, "order.ld"))
+    ap.add_argument("--check", action="store_true",
+                    help="only say how much of --out the binary still matches (no valgrind)")
     args = ap.parse_args()
+    if args.check:
+        return check(args.bin, args.out)
     guest = args.guest or next(iter(sorted(glob.glob(os.path.join(
         ROOT, "target/*/build/integration-tests-*/out/test-guest/test-guest.elf")))), None)
     if not guest:
@@ -215,4 +237,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
