@@ -23,7 +23,8 @@ seccomp path runs are added by name (SECCOMP_ONLY). Check the result with
 function this list misses.
 
 Usage: resources/startup-text/record.py [--bin target/release/prescient] [--guest test-guest.elf]
-(the guest defaults to the one the integration tests built). Needs valgrind, nm. `--check` only
+(the guest defaults to the one the integration tests built). Needs valgrind, nm, and root for
+the TAP of the devices scenario (in a network namespace of its own). `--check` only
 says how many of order.ld's patterns still name a function of the binary (it fails when over a
 tenth of them name none: record again).
 """
@@ -44,15 +45,19 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
-# (name, guest command line, seconds to leave it running; None: until the guest exits, how it
-# is started). In the order their functions are laid out: an idle microVM from a config file
-# (what the boot and density benchmarks' memory rows run); the boot benchmark's timed run, whose
-# reset and exit paths follow; an idle microVM configured and started through the API, as
-# Firecracker's users drive it.
+# (name, guest command line, seconds to leave it running (None: until the guest exits), how it
+# is started, with a drive). In the order their functions are laid out: an idle microVM from a
+# config file (what the boot and density benchmarks' memory rows run); the boot benchmark's
+# timed run, whose reset and exit paths follow; an idle microVM configured and started through
+# the API, as Firecracker's users drive it; one with the devices microVMs usually have (a
+# drive it writes to, a network interface it sends on, vsock, a balloon polling its statistics,
+# an entropy device it reads) that then idles.
 SCENARIOS = [
-    ("idle", "cpu_ms=1 mem_mib=1 exit=halt", 12, "config"),
-    ("exit", "cpu_ms=50 mem_mib=64", None, "config"),
-    ("api", "cpu_ms=1 mem_mib=1 exit=halt", 12, "api"),
+    ("idle", "cpu_ms=1 mem_mib=1 exit=halt", 12, "config", False),
+    ("exit", "cpu_ms=50 mem_mib=64", None, "config", False),
+    ("api", "cpu_ms=1 mem_mib=1 exit=halt", 12, "api", False),
+    ("devices", "cpu_ms=1 mem_mib=1 blk_ops=64 blk_write=1 net_tx=4 rng_bytes=4096 exit=halt",
+     15, "config", True),
 ]
 
 # Run only with seccomp on (demangled names; see the module docs).
@@ -114,20 +119,51 @@ def api(sock, method, path, body):
     return int(reply.split()[1])
 
 
-def run_scenario(binary, guest, cmdline, seconds, how, work):
+def ip(*args):
+    subprocess.run(["ip"] + list(args), check=True)
+
+
+def run_scenario(binary, guest, cmdline, seconds, how, devices, work):
     copy = os.path.join(work, "prescient")
     shutil.copy(binary, copy)
     # The shape the benchmarks write (integration-tests `VmSpec::config_json`).
     spec = {"boot-source": {"kernel_image_path": guest, "boot_args": cmdline},
             "machine-config": {"vcpu_count": 2, "mem_size_mib": 256}, "drives": []}
+    wrap = []
+    if devices:
+        disk = os.path.join(work, "disk.img")
+        with open(disk, "wb") as f:
+            f.truncate(16 << 20)
+        spec["drives"].append({"drive_id": "rootfs", "path_on_host": disk,
+                               "is_root_device": False, "is_read_only": False})
+        # The TAP in a network namespace of its own: the host's interfaces are left alone.
+        netns = f"prescient-record-{os.getpid()}"
+        ip("netns", "add", netns)
+        ip("-n", netns, "tuntap", "add", "dev", "tap0", "mode", "tap")
+        ip("-n", netns, "link", "set", "tap0", "up")
+        wrap = ["ip", "netns", "exec", netns]
+        spec["network-interfaces"] = [{"iface_id": "eth0", "host_dev_name": "tap0",
+                                       "guest_mac": "06:00:AC:10:00:02"}]
+        spec["vsock"] = {"guest_cid": 3, "uds_path": os.path.join(work, "vsock.sock")}
+        spec["balloon"] = {"amount_mib": 0, "deflate_on_oom": True,
+                           "stats_polling_interval_s": 1}
+        spec["entropy"] = {}
+    try:
+        return run_vmm(copy, spec, seconds, how, wrap, work)
+    finally:
+        if devices:
+            ip("netns", "del", netns)
+
+
+def run_vmm(copy, spec, seconds, how, wrap, work):
     config = os.path.join(work, "vm.json")
     with open(config, "w") as f:
         json.dump(spec, f)
     sock = os.path.join(work, "api.sock")
     start = ["--config-file", config] if how == "config" else ["--api-sock", sock]
     out = os.path.join(work, "callgrind.out")
-    proc = subprocess.Popen(["valgrind", "--tool=callgrind", "--dump-instr=yes",
-                             f"--callgrind-out-file={out}", copy, "--no-seccomp"] + start,
+    proc = subprocess.Popen(wrap + ["valgrind", "--tool=callgrind", "--dump-instr=yes",
+                                    f"--callgrind-out-file={out}", copy, "--no-seccomp"] + start,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if how == "api":
         deadline = time.time() + 60
@@ -194,8 +230,8 @@ def main():
     starts = [s[0] for s in syms]
     ran = []
     with tempfile.TemporaryDirectory() as work:
-        for name, cmdline, seconds, how in SCENARIOS:
-            addrs = run_scenario(args.bin, guest, cmdline, seconds, how, work)
+        for name, cmdline, seconds, how, devices in SCENARIOS:
+            addrs = run_scenario(args.bin, guest, cmdline, seconds, how, devices, work)
             hit = set()
             for a in addrs:
                 i = bisect.bisect_right(starts, a) - 1
