@@ -3,33 +3,35 @@
 and writes them as `order.ld`: a linker script fragment that places those functions together at
 the start of the binary's text (vmm/build.rs passes it to the link of `prescient`).
 
-Why: the kernel maps a binary's text in 64 KiB windows around each page a process first
-executes (fault-around), so the VMM's resident text is set by how many 64 KiB windows its
+Why: the kernel maps a binary's text in windows of 64 KiB or more around each page a process
+first executes (fault-around), so the VMM's resident text is set by how many windows its
 start-up and idle code is spread over, not by how much of it runs. Laid out as the compiler
 emits it, the few hundred KiB that run touch nearly every window of the 3+ MB text; together,
-they touch a fraction of them (docs/memory.md, "The VMM's own footprint").
+they touch a fraction of them (docs/memory.md, "Start-up code first in the text").
 
 How: each scenario runs the binary under valgrind's callgrind (every instruction executed, none
 sampled away) from a fresh copy; the instruction addresses are mapped to the binary's symbols
-(`nm`), and each symbol becomes a section pattern `.text.<symbol>` (rustc emits one section per
-function; `.text.unlikely.<symbol>` for one LLVM knows to be cold) with the parts that change between builds and compilers (the hash of a legacy symbol,
-the crate disambiguators of a v0 one, LLVM's `.llvm.N` suffixes) replaced by `*`, except where the
-hash is what tells apart the instances of a generic function. A function a later build adds or
-renames is then only out of place (resident as before), never an error.
+(`nm`), and each symbol becomes a section pattern: rustc emits one section per function,
+`.text.<symbol>` (`.text.unlikely.<symbol>` for one LLVM knows to be cold). The parts of a
+name that change between builds and compilers (the hash of a legacy symbol, the crate
+disambiguators of a v0 one, LLVM's `.llvm.N` suffixes) become `*`, except where the hash is
+what tells apart the instances of a generic function. A function a later build adds or renames
+is then only out of place (resident as before), never an error.
 
 valgrind has no seccomp(2), so the scenarios run with --no-seccomp; the few functions only the
 seccomp path runs are added by name (SECCOMP_ONLY). Check the result with
-`perf record -e page-faults -d` on a real run: a text fault outside the ordered section names a
-function this list misses.
+`perf record -e page-faults -d` on a real run: a text fault after `_start` (which the linker
+places right after the ordered functions) names a function this list misses.
 
 Usage: resources/startup-text/record.py [--bin target/release/prescient] [--guest test-guest.elf]
 (the guest defaults to the one the integration tests built). Needs valgrind, nm, and root for
-the TAP of the devices scenario (in a network namespace of its own). `--check` only
-says how many of order.ld's patterns still name a function of the binary (it fails when over a
-tenth of them name none: record again).
+the TAP of the devices scenario (in a network namespace of its own). `--check` only says how
+many of order.ld's patterns still name a function of the binary (it fails when over a tenth of
+them name none: record again).
 """
 import argparse
 import bisect
+import fnmatch
 import glob
 import json
 import os
@@ -46,7 +48,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 # (name, guest command line, seconds to leave it running (None: until the guest exits), how it
-# is started, with a drive). In the order their functions are laid out: an idle microVM from a
+# is started, with devices). In the order their functions are laid out: an idle microVM from a
 # config file (what the boot and density benchmarks' memory rows run); the boot benchmark's
 # timed run, whose reset and exit paths follow; an idle microVM configured and started through
 # the API, as Firecracker's users drive it; one with the devices microVMs usually have (a
@@ -61,7 +63,8 @@ SCENARIOS = [
 ]
 
 # Run only with seccomp on (demangled names; see the module docs).
-SECCOMP_ONLY = re.compile(r"^vmm::seccomp::(install|install_up_to|apply|catch_up)$|::catch_up_seccomp$")
+SECCOMP_ONLY = re.compile(
+    r"^vmm::seccomp::(install|install_up_to|apply|catch_up)$|::catch_up_seccomp$")
 
 
 def text_symbols(binary):
@@ -197,10 +200,9 @@ def pattern(mangled):
 
 
 def check(binary, order):
-    """How many of `order`'s patterns match a function of `binary`, and how much text they put
-    first: patterns that match nothing are functions renamed or instances rehashed since the
-    recording (a new compiler or dependency), and mean it is time to record again."""
-    import fnmatch
+    """How many of `order`'s patterns match a function of `binary`. Patterns that match
+    nothing are functions renamed or instances rehashed since the recording (a new compiler or
+    dependency): time to record again."""
     patterns = re.findall(r"^\s*\*\(\.text\.(\S+) ", open(order).read(), re.M)
     matchers = [re.compile(fnmatch.translate(p)) for p in patterns]
     names = [s[2] for s in text_symbols(binary)]
@@ -258,9 +260,10 @@ def main():
                 patterns.append(p)
                 size += syms[i][1]
     with open(args.out, "w") as f:
-        f.write("/* Generated by resources/startup-text/record.py: the functions a release prescient\n"
-                f"   runs to boot a VM and keep it idle ({len(patterns)} patterns, {size // 1024} KiB when\n"
-                "   recorded), first in its text. See record.py for why and how. */\n")
+        f.write("/* Generated by resources/startup-text/record.py: the functions a release\n"
+                f"   prescient ran to boot a VM and keep it idle ({len(patterns)} patterns, "
+                f"{size // 1024} KiB\n   of them when recorded), first in its text. See "
+                "record.py for why and how. */\n")
         # The output section is `.text` itself (the linker adds every other function after these),
         # so that tools which look for code in `.text` alone, valgrind among them, see it all.
         f.write("SECTIONS {\n  .text : {\n")
