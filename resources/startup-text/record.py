@@ -54,13 +54,15 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 # timed run, whose reset and exit paths follow; an idle microVM configured and started through
 # the API, as Firecracker's users drive it; one with the devices microVMs usually have (a
 # drive it writes to, a network interface it sends on, vsock, a balloon polling its statistics,
-# an entropy device it reads) that then idles.
+# an entropy device it reads) that then idles, from a config file and through the API.
 SCENARIOS = [
     ("idle", "cpu_ms=1 mem_mib=1 exit=halt", 65, "config", False),
     ("exit", "cpu_ms=50 mem_mib=64", None, "config", False),
     ("api", "cpu_ms=1 mem_mib=1 exit=halt", 12, "api", False),
     ("devices", "cpu_ms=1 mem_mib=1 blk_ops=64 blk_write=1 net_tx=4 rng_bytes=4096 exit=halt",
      15, "config", True),
+    ("devices-api", "cpu_ms=1 mem_mib=1 blk_ops=64 blk_write=1 net_tx=4 rng_bytes=4096 exit=halt",
+     15, "api", True),
 ]
 
 # Run only with seccomp on (demangled names; see the module docs).
@@ -175,11 +177,17 @@ def run_vmm(copy, spec, seconds, how, wrap, work):
             if time.time() > deadline:
                 sys.exit("the API socket never appeared")
             time.sleep(0.1)
-        for method, path, body in [("GET", "/", None),
-                                   ("PUT", "/boot-source", spec["boot-source"]),
-                                   ("PUT", "/machine-config", spec["machine-config"]),
-                                   ("PUT", "/actions", {"action_type": "InstanceStart"}),
-                                   ("GET", "/vm/config", None)]:
+        requests = [("GET", "/", None),
+                    ("PUT", "/boot-source", spec["boot-source"]),
+                    ("PUT", "/machine-config", spec["machine-config"])]
+        requests += [("PUT", f"/drives/{d['drive_id']}", d) for d in spec["drives"]]
+        requests += [("PUT", f"/network-interfaces/{n['iface_id']}", n)
+                     for n in spec.get("network-interfaces", [])]
+        requests += [("PUT", f"/{key}", spec[key]) for key in ("vsock", "balloon", "entropy")
+                     if key in spec]
+        requests += [("PUT", "/actions", {"action_type": "InstanceStart"}),
+                     ("GET", "/vm/config", None)]
+        for method, path, body in requests:
             status = api(sock, method, path, body)
             if status >= 300:
                 sys.exit(f"{method} {path}: HTTP {status}")
