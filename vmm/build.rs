@@ -24,6 +24,15 @@ fn main() {
     // and cargo reuses that binary for a checkout at another path sharing the target dir.
     let manifest_dir =
         std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    let order = PathBuf::from(&manifest_dir).join("../resources/startup-text/order.ld");
+    println!("cargo:rerun-if-changed={}", order.display());
+    // The functions start-up and an idle VM run, first in the text and together: they are then
+    // resident as a few 64 KiB fault-around windows rather than as most of the binary
+    // (resources/startup-text/record.py). An INSERT script only adds to the linker's own layout.
+    println!(
+        "cargo:rustc-link-arg-bin=prescient=-Wl,-T,{}",
+        order.display()
+    );
     let json = PathBuf::from(manifest_dir).join("../resources/seccomp/x86_64.json");
     println!("cargo:rerun-if-changed={}", json.display());
     let file = std::fs::File::open(&json)

@@ -60,3 +60,51 @@ fn the_vmm_neither_links_nor_loads_libm() {
         "libm is loaded: {libs:?}"
     );
 }
+
+/// Addresses of the binary's function symbols, by demangled name.
+fn function_addresses(bin: &std::path::Path) -> Vec<(u64, String)> {
+    let out = Command::new("nm")
+        .args(["-C", "--defined-only"])
+        .arg(bin)
+        .output()
+        .expect("run nm");
+    assert!(out.status.success(), "nm failed: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.splitn(3, ' ');
+            let addr = u64::from_str_radix(f.next()?, 16).ok()?;
+            let kind = f.next()?;
+            let name = f.next()?;
+            matches!(kind, "t" | "T").then(|| (addr, name.to_string()))
+        })
+        .collect()
+}
+
+/// resources/startup-text/order.ld puts the functions start-up and an idle VM run first in the
+/// text, so that they are resident as a few fault-around windows rather than as most of the
+/// binary (docs/memory.md). The linker places the C runtime's `_start` right after them, where
+/// it would otherwise come first.
+#[test]
+fn start_up_code_comes_first_in_the_text() {
+    let syms = function_addresses(prescient_bin());
+    let at = |name: &str| {
+        syms.iter()
+            .find(|(_, n)| n == name)
+            .map(|(a, _)| *a)
+            .unwrap_or_else(|| panic!("prescient has no function {name}"))
+    };
+    let start = at("_start");
+    let launch = at("vmm::runtime::Runtime::launch");
+    let snapshot = at("vmm::snapshot::AtomicFile::create");
+    assert!(
+        launch < start,
+        "start-up code (Runtime::launch at {launch:#x}) is not before the ordered part's end \
+         (_start at {start:#x}): is vmm/build.rs still linking with order.ld?"
+    );
+    assert!(
+        start < snapshot,
+        "code an idle VM never runs (AtomicFile::create at {snapshot:#x}) is among the \
+         start-up code (before _start at {start:#x})"
+    );
+}
