@@ -381,6 +381,16 @@ impl RunningVmm {
 impl Drop for RunningVmm {
     fn drop(&mut self) {
         if let Some(child) = self.0.as_mut() {
+            // A VMM that ended on its own before the test let go of it is usually why the test
+            // failed (a refused request on a closed socket says little): show how it ended.
+            if let Ok(Some(status)) = child.try_wait() {
+                let mut err = String::new();
+                if let Some(mut stderr) = child.stderr.take() {
+                    use std::io::Read;
+                    let _ = stderr.read_to_string(&mut err);
+                }
+                eprintln!("prescient (pid {}) had ended: {status}\n{err}", child.id());
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
