@@ -14,6 +14,7 @@ pub mod boot;
 pub mod builder;
 pub mod cleanup;
 pub mod cli;
+pub mod host;
 pub mod console;
 pub mod device_manager;
 pub mod event_loop;

@@ -1,0 +1,495 @@
+//! `prescient host`: one supervisor for many microVMs on one host, with a shared pool.
+//!
+//! It launches VMs from specs (one `prescient` process each), watches each through its process
+//! and its API socket, and every window reads each VM's forecast (`GET /predictor`), divides
+//! the host's budget ([`pool::divide`]) and grants each VM its share (`PATCH /predictor`).
+//! The host API ([`api`]) creates, lists, inspects and stops VMs and shows the pool; the VMs
+//! are recorded in the state directory, so a restarted supervisor finds them again.
+
+pub mod api;
+pub mod budget;
+pub mod pool;
+pub mod spec;
+pub mod vms;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::{Duration, Instant};
+
+use predictor::resource::{PerResource, Resource};
+
+use crate::api::http::Response;
+use api::{Envelope, HostRequest};
+use budget::HostBudget;
+use pool::{Claim, GrantChange, PoolLog, PoolWindow};
+use spec::{Class, VmRequest};
+use vms::{Files, ManagedVm, VmState};
+
+/// Window bounds of the pool, as for a VM's predictor.
+const WINDOW_MS: std::ops::RangeInclusive<u64> = 10..=10_000;
+
+/// `prescient host` arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HostArgs {
+    /// What the pool may grant in all: cpu (cores), mem (MiB, or with K/M/G), blk and net
+    /// (MiB/s, or with K/M/G), e.g. `mem=24G,cpu=2,blk=800M,net=1G`.
+    #[arg(long, value_name = "RESOURCE=AMOUNT,...")]
+    pub budget: HostBudget,
+    /// Serve the host API on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: PathBuf,
+    /// Where the VMs' records, configs, sockets and logs are kept (default: the API socket's
+    /// path with `.d` added).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// The pool's window: how often forecasts are read and grants set.
+    #[arg(long, value_name = "MS", default_value_t = 100)]
+    pub window_ms: u64,
+}
+
+/// Errors of starting the supervisor.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("--window-ms {0}: must be between 10 and 10000")]
+    Window(u64),
+    #[error("cannot create the state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Vms(#[from] vms::VmError),
+    #[error(transparent)]
+    Api(#[from] api::HostApiError),
+}
+
+/// The supervisor: the VMs, the budget and the pool's log, owned by its loop.
+pub struct Supervisor {
+    budget: HostBudget,
+    files: Files,
+    window: Duration,
+    vms: BTreeMap<String, ManagedVm>,
+    log: PoolLog,
+    seq: u64,
+    started: Instant,
+    /// A grow was held back last window for want of room: shrinks are not deferred now.
+    deferred: bool,
+    next_id: u64,
+}
+
+fn json(status: u16, value: serde_json::Value) -> Response {
+    Response::json(status, value.to_string())
+}
+
+impl Supervisor {
+    /// Opens the state directory and adopts the VMs recorded there.
+    pub fn new(args: &HostArgs) -> Result<Self, HostError> {
+        if !WINDOW_MS.contains(&args.window_ms) {
+            return Err(HostError::Window(args.window_ms));
+        }
+        let dir = args.state_dir.clone().unwrap_or_else(|| {
+            let mut p = args.api_sock.clone().into_os_string();
+            p.push(".d");
+            PathBuf::from(p)
+        });
+        std::fs::create_dir_all(&dir).map_err(|source| HostError::StateDir {
+            path: dir.clone(),
+            source,
+        })?;
+        let window = Duration::from_millis(args.window_ms);
+        let files = Files { dir };
+        let mut vms = BTreeMap::new();
+        for record in files.records()? {
+            let vm = ManagedVm::adopt(record, window * 5);
+            tracing::info!(
+                "host: found VM {} ({})",
+                vm.record.id,
+                match &vm.state {
+                    VmState::Running => "running",
+                    VmState::Exited { reason } => reason,
+                }
+            );
+            vms.insert(vm.record.id.clone(), vm);
+        }
+        Ok(Self {
+            budget: args.budget,
+            files,
+            window,
+            vms,
+            log: PoolLog::default(),
+            seq: 0,
+            started: Instant::now(),
+            deferred: false,
+            next_id: 0,
+        })
+    }
+
+    /// Serves requests between windows until the process is killed; the VMs live on.
+    pub fn run(&mut self, requests: std::sync::mpsc::Receiver<Envelope>) {
+        let mut next = Instant::now() + self.window;
+        loop {
+            let now = Instant::now();
+            if now < next {
+                match requests.recv_timeout(next - now) {
+                    Ok(env) => {
+                        let response = self.handle(env.request);
+                        let _ = env.reply.send(response);
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => std::thread::sleep(next - now),
+                }
+            }
+            self.window_pass();
+            next += self.window;
+            // A window that ran long is not caught up in a burst.
+            let now = Instant::now();
+            if next < now {
+                next = now + self.window;
+            }
+        }
+    }
+
+    fn running(&self) -> impl Iterator<Item = &ManagedVm> {
+        self.vms.values().filter(|v| v.state == VmState::Running)
+    }
+
+    fn granted(&self) -> PerResource<f64> {
+        let mut sum = PerResource::default();
+        for vm in self.running() {
+            for r in Resource::ALL {
+                sum[r] += vm.grant[r];
+            }
+        }
+        sum
+    }
+
+    /// One window: reap the dead, read forecasts, divide, grant.
+    pub fn window_pass(&mut self) {
+        let t0 = Instant::now();
+        self.seq += 1;
+        let mut changes = Vec::new();
+        for vm in self.vms.values_mut() {
+            let before = vm.grant;
+            if vm.check_exit() {
+                self.log.returned += 1;
+                let reason = match &vm.state {
+                    VmState::Exited { reason } => reason.clone(),
+                    VmState::Running => unreachable!("check_exit said it exited"),
+                };
+                tracing::warn!("host: VM {}: {reason}; its grant is returned", vm.record.id);
+                for r in Resource::ALL {
+                    changes.push(GrantChange {
+                        vm: vm.record.id.clone(),
+                        resource: r.name(),
+                        class: vm.record.class,
+                        want: 0.0,
+                        from: before[r],
+                        to: 0.0,
+                        reason: format!("returned: {reason}"),
+                    });
+                }
+            }
+        }
+        for vm in self.vms.values_mut() {
+            if vm.state != VmState::Running {
+                continue;
+            }
+            vm.api_error = vm.observe().err().map(|e| e.to_string());
+        }
+        let ids: Vec<String> = self.running().map(|v| v.record.id.clone()).collect();
+        let mut target: Vec<PerResource<f64>> = ids.iter().map(|id| self.vms[id].grant).collect();
+        let mut wanted = PerResource::default();
+        let mut short = PerResource::default();
+        for r in Resource::ALL {
+            let claims: Vec<Claim> = ids
+                .iter()
+                .map(|id| {
+                    let vm = &self.vms[id];
+                    let span = vm.record.spans[r];
+                    // The forecast's upper band, in whole steps, one step over; a VM with no
+                    // forecast yet keeps what it has.
+                    let want = match vm.want[r] {
+                        Some(upper) => (upper / span.step).ceil() * span.step + span.step,
+                        None => vm.grant[r],
+                    };
+                    Claim {
+                        class: vm.record.class,
+                        span,
+                        want,
+                    }
+                })
+                .collect();
+            let grants = pool::divide(self.budget.0[r], &claims);
+            for (i, (g, c)) in grants.iter().zip(&claims).enumerate() {
+                target[i][r] = *g;
+                let full = c.want.clamp(c.span.floor, c.span.ceiling);
+                wanted[r] += full;
+                if *g + c.span.step <= full {
+                    short[r] += 1;
+                    if c.class == Class::Guaranteed {
+                        self.log.guaranteed_short[r] += 1;
+                    }
+                }
+            }
+        }
+        self.log.decisions += (ids.len() * Resource::ALL.len()) as u64;
+        self.apply(&ids, &target, &mut changes);
+        let window = PoolWindow {
+            seq: self.seq,
+            t_ms: self.started.elapsed().as_millis() as u64,
+            budget: self.budget.0,
+            granted: self.granted(),
+            wanted,
+            vms: ids.len(),
+            short,
+            changes,
+        };
+        self.log.push(window);
+        self.log.busy_us += t0.elapsed().as_micros() as u64;
+    }
+
+    /// Sets the grants towards `target`: every shrink first, then the grows that fit beside
+    /// what is granted, class by class, so that the grants in force never add up to more than
+    /// the budget, even while a VM is slow to take a shrink.
+    fn apply(&mut self, ids: &[String], target: &[PerResource<f64>], changes: &mut Vec<GrantChange>) {
+        let deadband = !self.deferred;
+        let mut record = |vm: &ManagedVm, r: Resource, from: f64, to: f64, reason: &str| {
+            changes.push(GrantChange {
+                vm: vm.record.id.clone(),
+                resource: r.name(),
+                class: vm.record.class,
+                want: vm.want[r].unwrap_or(from),
+                from,
+                to,
+                reason: reason.to_string(),
+            });
+        };
+        for (id, t) in ids.iter().zip(target) {
+            let vm = self.vms.get_mut(id).expect("a running VM");
+            let mut next = vm.grant;
+            for r in Resource::ALL {
+                let span = vm.record.spans[r];
+                // Small shrinks wait while nothing needs the room: fewer resizes.
+                let small = vm.grant[r] - t[r] < (span.ceiling * 0.02).max(span.step * 2.0);
+                if t[r] < vm.grant[r] && !(deadband && small) {
+                    next[r] = t[r];
+                }
+            }
+            if next != vm.grant {
+                let before = vm.grant;
+                match vm.set_grant(next) {
+                    Ok(()) => {
+                        for r in Resource::ALL.into_iter().filter(|&r| next[r] != before[r]) {
+                            record(vm, r, before[r], next[r], "shrink to forecast");
+                        }
+                    }
+                    Err(e) => tracing::warn!("host: {e}"),
+                }
+            }
+        }
+        let mut granted = self.granted();
+        let mut order: Vec<(usize, &String)> = ids.iter().enumerate().collect();
+        order.sort_by_key(|(_, id)| self.vms[*id].record.class);
+        self.deferred = false;
+        for (i, id) in order {
+            let vm = self.vms.get_mut(id).expect("a running VM");
+            let mut next = vm.grant;
+            for r in Resource::ALL {
+                let grow = target[i][r] - vm.grant[r];
+                if grow <= 0.0 {
+                    continue;
+                }
+                if granted[r] + grow <= self.budget.0[r] + 1e-9 {
+                    next[r] = target[i][r];
+                    granted[r] += grow;
+                } else {
+                    self.deferred = true;
+                }
+            }
+            if next != vm.grant {
+                let before = vm.grant;
+                match vm.set_grant(next) {
+                    Ok(()) => {
+                        for r in Resource::ALL.into_iter().filter(|&r| next[r] != before[r]) {
+                            record(vm, r, before[r], next[r], "grow to forecast");
+                        }
+                    }
+                    Err(e) => {
+                        for r in Resource::ALL {
+                            granted[r] -= next[r] - before[r];
+                        }
+                        tracing::warn!("host: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Answers one host API request.
+    pub fn handle(&mut self, request: HostRequest) -> Response {
+        match request {
+            HostRequest::ListVms => json(
+                200,
+                self.vms.values().map(ManagedVm::describe).collect(),
+            ),
+            HostRequest::GetVm(id) => match self.vms.get(&id) {
+                Some(vm) => json(200, vm.describe()),
+                None => Response::fault(404, format!("no VM {id}")),
+            },
+            HostRequest::StopVm(id) => match self.vms.remove(&id) {
+                Some(mut vm) => {
+                    vm.stop();
+                    self.files.remove(&id);
+                    Response::no_content()
+                }
+                None => Response::fault(404, format!("no VM {id}")),
+            },
+            HostRequest::CreateVm(body) => self.create(&body),
+            HostRequest::Pool => json(200, self.pool_state()),
+            HostRequest::Decisions { since } => json(
+                200,
+                serde_json::to_value(self.log.since(since)).expect("windows serialise"),
+            ),
+            HostRequest::Metrics => Response {
+                content_type: "text/plain; version=0.0.4",
+                ..Response::json(200, self.prometheus())
+            },
+        }
+    }
+
+    fn create(&mut self, body: &[u8]) -> Response {
+        let checked = VmRequest::parse(body).and_then(|req| {
+            let config = req.config()?;
+            let id = req.id.clone().unwrap_or_else(|| {
+                self.next_id += 1;
+                format!("vm-{}-{}", std::process::id(), self.next_id)
+            });
+            match (config, &req.from_pool) {
+                (Some(c), _) => spec::check(id, req.class, c).map(Some),
+                (None, _) => Ok(None),
+            }
+        });
+        let spec = match checked {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                return Response::fault(404, "no warm pool of that name on this host");
+            }
+            Err(e) => return Response::fault(400, e),
+        };
+        if self.vms.contains_key(&spec.id) {
+            return Response::fault(
+                409,
+                format!("a VM {} exists already (DELETE /vms/{} first)", spec.id, spec.id),
+            );
+        }
+        let reserved = pool::reserved(self.running().map(|v| &v.record.spans));
+        if let Err(e) = pool::admit(&self.budget, &reserved, &spec.spans) {
+            return Response::fault(409, e);
+        }
+        let floors = spec.spans.map(|_, s| s.floor);
+        match ManagedVm::launch(&self.files, &spec, floors, self.window * 5) {
+            Ok(vm) => {
+                let described = vm.describe();
+                tracing::info!("host: VM {} started ({})", spec.id, spec.class.name());
+                self.vms.insert(spec.id.clone(), vm);
+                json(201, described)
+            }
+            Err(e) => {
+                self.files.remove(&spec.id);
+                Response::fault(500, e)
+            }
+        }
+    }
+
+    fn pool_state(&self) -> serde_json::Value {
+        let granted = self.granted();
+        let reserved = pool::reserved(self.running().map(|v| &v.record.spans));
+        let slack = PerResource::from_fn(|r| self.budget.0[r] - granted[r]);
+        let secs = self.started.elapsed().as_secs_f64().max(1e-9);
+        serde_json::json!({
+            "window": self.seq,
+            "window_ms": self.window.as_millis() as u64,
+            "budget": self.budget.0,
+            "granted": granted,
+            "reserved": reserved,
+            "slack": slack,
+            "running": self.running().count(),
+            "exited": self.vms.len() - self.running().count(),
+            "decisions": self.log.decisions,
+            "decisions_per_s": self.log.decisions as f64 / secs,
+            "changes": self.log.changes,
+            "returned": self.log.returned,
+            "guaranteed_short_windows": self.log.guaranteed_short,
+            "busy_us": self.log.busy_us,
+            "last": self.log.last(),
+        })
+    }
+
+    fn prometheus(&self) -> String {
+        use std::fmt::Write;
+        let granted = self.granted();
+        let reserved = pool::reserved(self.running().map(|v| &v.record.spans));
+        let mut out = String::new();
+        let mut gauge = |name: &str, help: &str, values: &PerResource<f64>| {
+            let _ = writeln!(out, "# HELP prescient_pool_{name} {help}");
+            let _ = writeln!(out, "# TYPE prescient_pool_{name} gauge");
+            for r in Resource::ALL {
+                let _ = writeln!(out, "prescient_pool_{name}{{resource=\"{}\"}} {}", r.name(), values[r]);
+            }
+        };
+        gauge("budget", "The host's budget (cores, MiB, MiB/s).", &self.budget.0);
+        gauge("granted", "Sum of the running VMs' grants.", &granted);
+        gauge("reserved", "Sum of the running VMs' floors.", &reserved);
+        let short = self.log.guaranteed_short.map(|_, &v| v as f64);
+        gauge(
+            "guaranteed_short_windows",
+            "Windows in which a guaranteed VM was granted less than its forecast.",
+            &short,
+        );
+        let counters = [
+            ("windows_total", "Pool windows run.", self.seq),
+            ("decisions_total", "Grants computed (VMs x resources).", self.log.decisions),
+            ("grant_changes_total", "Grants changed.", self.log.changes),
+            ("returned_total", "VMMs found dead and their grants returned.", self.log.returned),
+            ("busy_microseconds_total", "Time spent in pool windows.", self.log.busy_us),
+        ];
+        for (name, help, value) in counters {
+            let _ = writeln!(out, "# HELP prescient_pool_{name} {help}");
+            let _ = writeln!(out, "# TYPE prescient_pool_{name} counter");
+            let _ = writeln!(out, "prescient_pool_{name} {value}");
+        }
+        let _ = writeln!(out, "# HELP prescient_pool_vms VMs by class and state.");
+        let _ = writeln!(out, "# TYPE prescient_pool_vms gauge");
+        for class in Class::ALL {
+            let of = |running: bool| {
+                self.vms
+                    .values()
+                    .filter(|v| v.record.class == class && (v.state == VmState::Running) == running)
+                    .count()
+            };
+            for (state, n) in [("running", of(true)), ("exited", of(false))] {
+                let _ = writeln!(
+                    out,
+                    "prescient_pool_vms{{class=\"{}\",state=\"{state}\"}} {n}",
+                    class.name()
+                );
+            }
+        }
+        out
+    }
+}
+
+/// `prescient host`: binds the API, adopts the recorded VMs and runs the pool.
+pub fn run(args: &HostArgs) -> Result<(), HostError> {
+    let mut supervisor = Supervisor::new(args)?;
+    let (_api, requests) = api::start(&args.api_sock)?;
+    tracing::info!(
+        "host: serving {} with {} VMs found",
+        args.api_sock.display(),
+        supervisor.vms.len()
+    );
+    supervisor.run(requests);
+    Ok(())
+}
