@@ -26,6 +26,10 @@ use pool::{Claim, GrantChange, PoolLog, PoolWindow};
 use spec::{Class, VmRequest};
 use vms::{Files, ManagedVm, VmState};
 
+/// Windows of a rise the pool grants ahead: it reads a forecast up to a window after the VM
+/// made it, and the grant reaches the VM's predictor up to a window later.
+const LEAD_WINDOWS: f64 = 2.0;
+
 /// Window bounds of the pool, as for a VM's predictor.
 const WINDOW_MS: std::ops::RangeInclusive<u64> = 10..=10_000;
 
@@ -208,10 +212,14 @@ impl Supervisor {
                 .map(|id| {
                     let vm = &self.vms[id];
                     let span = vm.record.spans[r];
-                    // The forecast's upper band, in whole steps, one step over; a VM with no
-                    // forecast yet keeps what it has.
+                    // The forecast's upper band and its rise over the windows the grant lags,
+                    // in whole steps, one step over; a VM with no forecast yet keeps what it
+                    // has.
                     let want = match vm.want[r] {
-                        Some(upper) => (upper / span.step).ceil() * span.step + span.step,
+                        Some(upper) => {
+                            let ahead = upper + LEAD_WINDOWS * vm.rise[r];
+                            (ahead / span.step).ceil() * span.step + span.step
+                        }
                         None => vm.grant[r],
                     };
                     Claim {

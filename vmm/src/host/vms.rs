@@ -88,6 +88,8 @@ pub struct ManagedVm {
     pub grant: PerResource<f64>,
     /// What its last forecast asked for (upper band), if it made one.
     pub want: PerResource<Option<f64>>,
+    /// How much that upper band rose since the window before (0 when it fell).
+    pub rise: PerResource<f64>,
     /// The predictor's window count at the last read.
     pub windows: u64,
     /// Why the last read of its API failed, if it did.
@@ -238,6 +240,7 @@ impl ManagedVm {
             state: VmState::Running,
             grant,
             want: PerResource::default(),
+            rise: PerResource::default(),
             windows: 0,
             api_error: None,
             child: Some(child),
@@ -278,6 +281,7 @@ impl ManagedVm {
             record,
             state: VmState::Running,
             want: PerResource::default(),
+            rise: PerResource::default(),
             windows: 0,
             api_error: None,
             child: None,
@@ -394,9 +398,18 @@ impl ManagedVm {
     /// Reads the VM's forecast: per resource, the upper band of its last window's forecast.
     pub fn observe(&mut self) -> Result<(), VmError> {
         let status = self.read_status()?;
-        self.windows = status["windows"].as_u64().unwrap_or(0);
+        let windows = status["windows"].as_u64().unwrap_or(0);
+        if windows == self.windows {
+            return Ok(());
+        }
         let forecast = &status["last"]["forecast"];
-        self.want = PerResource::from_fn(|r| forecast[r.name()]["upper"].as_f64());
+        let want = PerResource::from_fn(|r| forecast[r.name()]["upper"].as_f64());
+        self.rise = PerResource::from_fn(|r| match (want[r], self.want[r]) {
+            (Some(now), Some(before)) => (now - before).max(0.0),
+            _ => 0.0,
+        });
+        self.want = want;
+        self.windows = windows;
         Ok(())
     }
 
