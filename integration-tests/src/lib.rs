@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod bench;
 pub mod console;
+pub mod host;
 pub mod linux;
 pub mod nested;
 pub mod openapi;

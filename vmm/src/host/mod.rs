@@ -77,8 +77,6 @@ pub struct Supervisor {
     log: PoolLog,
     seq: u64,
     started: Instant,
-    /// A grow was held back last window for want of room: shrinks are not deferred now.
-    deferred: bool,
     next_id: u64,
 }
 
@@ -124,7 +122,6 @@ impl Supervisor {
             log: PoolLog::default(),
             seq: 0,
             started: Instant::now(),
-            deferred: false,
             next_id: 0,
         })
     }
@@ -262,7 +259,25 @@ impl Supervisor {
     /// what is granted, class by class, so that the grants in force never add up to more than
     /// the budget, even while a VM is slow to take a shrink.
     fn apply(&mut self, ids: &[String], target: &[PerResource<f64>], changes: &mut Vec<GrantChange>) {
-        let deadband = !self.deferred;
+        // Small shrinks wait while the grows fit without them (fewer resizes); a resource
+        // whose grows need the room takes every shrink now.
+        let small = |vm: &ManagedVm, r: Resource, to: f64| {
+            let span = vm.record.spans[r];
+            vm.grant[r] - to < (span.ceiling * 0.02).max(span.step * 2.0)
+        };
+        let mut after = self.granted();
+        let mut grows: PerResource<f64> = PerResource::default();
+        for (id, t) in ids.iter().zip(target) {
+            let vm = &self.vms[id];
+            for r in Resource::ALL {
+                if t[r] > vm.grant[r] {
+                    grows[r] += t[r] - vm.grant[r];
+                } else if !small(vm, r, t[r]) {
+                    after[r] -= vm.grant[r] - t[r];
+                }
+            }
+        }
+        let deadband = PerResource::from_fn(|r| after[r] + grows[r] <= self.budget.0[r] + 1e-9);
         let mut record = |vm: &ManagedVm, r: Resource, from: f64, to: f64, reason: &str| {
             changes.push(GrantChange {
                 vm: vm.record.id.clone(),
@@ -278,10 +293,7 @@ impl Supervisor {
             let vm = self.vms.get_mut(id).expect("a running VM");
             let mut next = vm.grant;
             for r in Resource::ALL {
-                let span = vm.record.spans[r];
-                // Small shrinks wait while nothing needs the room: fewer resizes.
-                let small = vm.grant[r] - t[r] < (span.ceiling * 0.02).max(span.step * 2.0);
-                if t[r] < vm.grant[r] && !(deadband && small) {
+                if t[r] < vm.grant[r] && !(deadband[r] && small(vm, r, t[r])) {
                     next[r] = t[r];
                 }
             }
@@ -300,7 +312,6 @@ impl Supervisor {
         let mut granted = self.granted();
         let mut order: Vec<(usize, &String)> = ids.iter().enumerate().collect();
         order.sort_by_key(|(_, id)| self.vms[*id].record.class);
-        self.deferred = false;
         for (i, id) in order {
             let vm = self.vms.get_mut(id).expect("a running VM");
             let mut next = vm.grant;
@@ -312,8 +323,6 @@ impl Supervisor {
                 if granted[r] + grow <= self.budget.0[r] + 1e-9 {
                     next[r] = target[i][r];
                     granted[r] += grow;
-                } else {
-                    self.deferred = true;
                 }
             }
             if next != vm.grant {
