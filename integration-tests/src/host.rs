@@ -138,7 +138,7 @@ impl Drop for Host {
 }
 
 /// A test guest VM request: 1 vCPU, `ram_mib` of RAM, a virtio-mem region above it and a
-/// balloon reporting the guest's memory every 100 ms, the predictor's memory budget from
+/// balloon reporting the guest's memory every 100 ms (the region in whole 128 MiB slots), the predictor's memory budget from
 /// `floor_mib` to `ceiling_mib`; `args` are the guest's (e.g. a `vmem_follow_ms` ramp).
 pub fn guest_request(
     id: &str,
@@ -154,7 +154,7 @@ pub fn guest_request(
         "config": {
             "boot-source": {"kernel_image_path": TEST_GUEST_PVH, "boot_args": args},
             "machine-config": {"vcpu_count": 1, "mem_size_mib": ram_mib},
-            "memory-hotplug": {"total_size_mib": ceiling_mib - ram_mib},
+            "memory-hotplug": {"total_size_mib": (ceiling_mib - ram_mib).div_ceil(128) * 128},
             "balloon": {"amount_mib": 0, "deflate_on_oom": true, "stats_polling_interval_ms": 100},
             // Three windows ahead, as the predictor's own ramp test: the guest reports its
             // memory every 100 ms, so what the VMM sees is up to a window old.

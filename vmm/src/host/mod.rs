@@ -209,19 +209,19 @@ impl Supervisor {
                 .map(|id| {
                     let vm = &self.vms[id];
                     let span = vm.record.spans[r];
-                    // The forecast's upper band and its rise over the windows the grant lags,
-                    // in whole steps, one step over; a VM with no forecast yet keeps what it
-                    // has.
-                    let want = match vm.want[r] {
-                        Some(upper) => {
-                            let ahead = upper + LEAD_WINDOWS * vm.rise[r];
-                            (ahead / span.step).ceil() * span.step + span.step
-                        }
+                    // The forecast (expected and upper band) with its rise over the windows
+                    // the grant lags, in whole steps, one step over; a VM with no forecast yet
+                    // keeps what it has.
+                    let lead = LEAD_WINDOWS * vm.rise[r];
+                    let ahead = |v: Option<f64>| match v {
+                        Some(v) => ((v + lead) / span.step).ceil() * span.step + span.step,
                         None => vm.grant[r],
                     };
+                    let (need, want) = (ahead(vm.point[r]), ahead(vm.want[r]));
                     Claim {
                         class: vm.record.class,
                         span,
+                        need,
                         want,
                     }
                 })

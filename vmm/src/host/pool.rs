@@ -2,11 +2,21 @@
 //! a grant so that the grants of each resource never add up to more than the host's budget.
 //!
 //! The contention rule (docs/pool.md): every VM keeps its floor, reserved at admission. What is
-//! left goes class by class, guaranteed first, then burstable, then best-effort; a class whose
-//! wants above their floors all fit gets them in full, and the first class that does not fit
-//! shares what is left in proportion to those wants (each VM of it is short by the same
-//! fraction), so the classes after it get their floors only. A class is thus squeezed only
-//! after every class below it is down to its floors.
+//! left is handed out in tiers, each a class and how much of its forecast it covers:
+//!
+//! 1. guaranteed VMs, up to their forecast's upper band;
+//! 2. burstable VMs, up to their expected demand (the forecast's point);
+//! 3. best-effort VMs, up to their expected demand;
+//! 4. burstable VMs, up to their upper band;
+//! 5. best-effort VMs, up to their upper band.
+//!
+//! A miss below the expected demand is likely (about even odds) and one above it is the band's
+//! rare tail, so every VM's expected demand is covered before any non-guaranteed VM's band:
+//! the largest expected miss costs go first. A tier whose asks all fit gets them in full; the
+//! first tier that does not fit shares what is left in proportion to its asks (each VM of it
+//! short by the same fraction), and the tiers after it get nothing more. Best-effort VMs are
+//! thus squeezed first, and a guaranteed VM is short only when the guaranteed VMs' bands
+//! alone exceed what the floors leave.
 
 use std::collections::VecDeque;
 
@@ -40,9 +50,21 @@ pub enum PoolError {
 pub struct Claim {
     pub class: Class,
     pub span: Span,
-    /// What its forecast asks for (before the span bounds it).
+    /// Its expected demand (before the span bounds it).
+    pub need: f64,
+    /// What its forecast's upper band asks for (before the span bounds it).
     pub want: f64,
 }
+
+/// The tiers, in the order they are served: a class, and whether its upper band (or only its
+/// expected demand) is covered.
+const TIERS: [(Class, bool); 5] = [
+    (Class::Guaranteed, true),
+    (Class::Burstable, false),
+    (Class::BestEffort, false),
+    (Class::Burstable, true),
+    (Class::BestEffort, true),
+];
 
 /// The grants of one resource: `claims` in, one grant each out, in their order. Every grant is
 /// within its span, a floor plus a multiple of its step, and the grants add up to at most
@@ -50,28 +72,41 @@ pub struct Claim {
 pub fn divide(total: f64, claims: &[Claim]) -> Vec<f64> {
     let mut grants: Vec<f64> = claims.iter().map(|c| c.span.floor).collect();
     let mut left = total - grants.iter().sum::<f64>();
-    let extra = |c: &Claim| (c.want.min(c.span.ceiling) - c.span.floor).max(0.0);
-    for class in Class::ALL {
+    let level = |c: &Claim, upper: bool| {
+        let ask = if upper { c.want.max(c.need) } else { c.need };
+        ask.clamp(c.span.floor, c.span.ceiling)
+    };
+    for (class, upper) in TIERS {
         if left <= 0.0 {
             break;
         }
-        let asked: f64 = claims
+        let ask = |(g, c): (&f64, &Claim)| (level(c, upper) - g).max(0.0);
+        let asked: f64 = grants
             .iter()
-            .filter(|c| c.class == class)
-            .map(extra)
+            .zip(claims)
+            .filter(|(_, c)| c.class == class)
+            .map(ask)
             .sum();
         if asked <= 0.0 {
             continue;
         }
         let share = (left / asked).min(1.0);
+        let mut given = 0.0;
         for (g, c) in grants.iter_mut().zip(claims) {
-            if c.class == class {
-                // Whole steps only, rounded down so the sum stays within the total.
-                let steps = (extra(c) * share / c.span.step + 1e-9).floor();
-                *g = c.span.floor + steps * c.span.step;
+            if c.class != class {
+                continue;
             }
+            let more = ask((g, c)) * share;
+            // Whole steps above the floor, rounded down so the sum stays within the total.
+            let steps = ((*g + more - c.span.floor) / c.span.step + 1e-9).floor();
+            let next = (c.span.floor + steps * c.span.step).max(*g);
+            given += next - *g;
+            *g = next;
         }
-        left -= asked * share;
+        left -= given;
+        if share < 1.0 {
+            break;
+        }
     }
     grants
 }
@@ -179,6 +214,7 @@ mod tests {
                 ceiling,
                 step: 2.0,
             },
+            need: want,
             want,
         }
     }
@@ -213,6 +249,26 @@ mod tests {
     }
 
     #[test]
+    fn expected_demand_is_covered_before_any_burstable_band() {
+        let banded = |class, need, want| Claim {
+            need,
+            want,
+            ..claim(class, 100.0, 1000.0, 0.0)
+        };
+        // A burstable VM past its peak (a wide band over a small expected demand), one
+        // ramping (both high), and a best-effort VM: 300 floors, 500 to share.
+        let claims = [
+            banded(Class::Burstable, 150.0, 600.0),
+            banded(Class::Burstable, 400.0, 450.0),
+            banded(Class::BestEffort, 200.0, 300.0),
+        ];
+        let g = divide(800.0, &claims);
+        // Expected demands first (50 + 300 + 100 = 450), then 50 left for the burstable
+        // bands (450 + 50 asked): shared 10 to 1.
+        assert_eq!(g, vec![150.0 + 44.0, 400.0 + 4.0, 200.0]);
+    }
+
+    #[test]
     fn grants_never_exceed_the_total_whatever_the_wants() {
         // A small deterministic generator: many random pools, the invariant each time.
         let mut x: u64 = 0x9e3779b97f4a7c15;
@@ -227,6 +283,7 @@ mod tests {
             let claims: Vec<Claim> = (0..n)
                 .map(|_| {
                     let floor = 1.0 + next(100) as f64;
+                    let need = next(1500) as f64;
                     Claim {
                         class: Class::ALL[next(3) as usize],
                         span: Span {
@@ -234,7 +291,8 @@ mod tests {
                             ceiling: floor + next(1000) as f64,
                             step: [0.01, 1.0, 2.0][next(3) as usize],
                         },
-                        want: next(1500) as f64,
+                        need,
+                        want: need + next(500) as f64,
                     }
                 })
                 .collect();
@@ -245,14 +303,17 @@ mod tests {
             for (g, c) in g.iter().zip(&claims) {
                 assert!(*g >= c.span.floor && *g <= c.span.ceiling + 1e-9);
             }
-            // A class only gets above its floors once every class before it has its wants.
+            // A VM gets more than its expected demand only once every guaranteed VM has its
+            // band and every other VM its expected demand (within a step of rounding).
+            let covered = |d: &Claim, level: f64| level.clamp(d.span.floor, d.span.ceiling);
             for (i, c) in claims.iter().enumerate() {
-                if g[i] > c.span.floor + 1e-9 {
+                if g[i] > covered(c, c.need) + 1e-9 && c.class != Class::Guaranteed {
                     for (j, d) in claims.iter().enumerate() {
-                        if d.class < c.class {
-                            let full = d.want.min(d.span.ceiling).max(d.span.floor);
-                            assert!(g[j] + d.span.step > full - 1e-6, "{claims:?} {g:?}");
-                        }
+                        let due = match d.class {
+                            Class::Guaranteed => covered(d, d.want.max(d.need)),
+                            _ => covered(d, d.need),
+                        };
+                        assert!(g[j] + d.span.step > due - 1e-6, "{claims:?} {g:?}");
                     }
                 }
             }

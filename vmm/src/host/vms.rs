@@ -88,6 +88,8 @@ pub struct ManagedVm {
     pub grant: PerResource<f64>,
     /// What its last forecast asked for (upper band), if it made one.
     pub want: PerResource<Option<f64>>,
+    /// That forecast's expected value.
+    pub point: PerResource<Option<f64>>,
     /// How much that upper band rose since the window before (0 when it fell).
     pub rise: PerResource<f64>,
     /// The predictor's window count at the last read.
@@ -240,6 +242,7 @@ impl ManagedVm {
             state: VmState::Running,
             grant,
             want: PerResource::default(),
+            point: PerResource::default(),
             rise: PerResource::default(),
             windows: 0,
             api_error: None,
@@ -281,6 +284,7 @@ impl ManagedVm {
             record,
             state: VmState::Running,
             want: PerResource::default(),
+            point: PerResource::default(),
             rise: PerResource::default(),
             windows: 0,
             api_error: None,
@@ -343,6 +347,7 @@ impl ManagedVm {
                 self.client = None;
                 self.grant = PerResource::default();
                 self.want = PerResource::default();
+                self.point = PerResource::default();
                 let _ = std::fs::remove_file(&self.record.api_sock);
                 true
             }
@@ -409,6 +414,7 @@ impl ManagedVm {
             _ => 0.0,
         });
         self.want = want;
+        self.point = PerResource::from_fn(|r| forecast[r.name()]["point"].as_f64());
         self.windows = windows;
         Ok(())
     }
@@ -464,6 +470,7 @@ impl ManagedVm {
             "origin": self.record.origin,
             "grant": self.grant,
             "want": self.want,
+            "expected": self.point,
             "spans": self.record.spans,
             "windows": self.windows,
         });
