@@ -36,6 +36,9 @@ pub enum HostRequest {
     Pool,
     Decisions { since: u64 },
     Metrics,
+    ListPools,
+    PutPool(String, Vec<u8>),
+    DeletePool(String),
 }
 
 /// A request and where its answer goes.
@@ -80,21 +83,41 @@ pub fn route(req: &Request) -> Result<HostRequest, Response> {
             }
             _ => Err(not_allowed("GET")),
         },
+        "/pools" => match method {
+            "GET" => Ok(HostRequest::ListPools),
+            _ => Err(not_allowed("GET")),
+        },
         "/metrics" => match method {
             "GET" => Ok(HostRequest::Metrics),
             _ => Err(not_allowed("GET")),
         },
-        path => match path.strip_prefix("/vms/") {
-            Some(id) if !id.is_empty() && !id.contains('/') => match method {
-                "GET" => Ok(HostRequest::GetVm(id.to_string())),
-                "DELETE" => Ok(HostRequest::StopVm(id.to_string())),
-                _ => Err(not_allowed("GET, DELETE")),
-            },
-            _ => Err(Response::fault(
-                404,
-                format!("no such path {path}; the host serves /vms, /vms/ID, /pool, /pool/decisions, /metrics"),
-            )),
-        },
+        path => {
+            let tail = |prefix| {
+                path.strip_prefix(prefix)
+                    .filter(|t: &&str| !t.is_empty() && !t.contains('/'))
+            };
+            if let Some(id) = tail("/vms/") {
+                match method {
+                    "GET" => Ok(HostRequest::GetVm(id.to_string())),
+                    "DELETE" => Ok(HostRequest::StopVm(id.to_string())),
+                    _ => Err(not_allowed("GET, DELETE")),
+                }
+            } else if let Some(name) = tail("/pools/") {
+                match method {
+                    "PUT" => Ok(HostRequest::PutPool(name.to_string(), req.body.clone())),
+                    "DELETE" => Ok(HostRequest::DeletePool(name.to_string())),
+                    _ => Err(not_allowed("PUT, DELETE")),
+                }
+            } else {
+                Err(Response::fault(
+                    404,
+                    format!(
+                        "no such path {path}; the host serves /vms, /vms/ID, /pool, \
+                         /pool/decisions, /pools, /pools/NAME, /metrics"
+                    ),
+                ))
+            }
+        }
     }
 }
 
@@ -211,6 +234,11 @@ mod tests {
             Ok(HostRequest::Decisions { since: 7 })
         );
         assert_eq!(route(&req("GET", "/metrics")), Ok(HostRequest::Metrics));
+        assert_eq!(
+            route(&req("PUT", "/pools/fn")),
+            Ok(HostRequest::PutPool("fn".into(), b"{}".to_vec()))
+        );
+        assert_eq!(route(&req("GET", "/pools")), Ok(HostRequest::ListPools));
         let status = |m, p| route(&req(m, p)).unwrap_err().status;
         assert_eq!(status("PUT", "/vms"), 405);
         assert_eq!(status("POST", "/vms/a"), 405);

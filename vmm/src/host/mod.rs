@@ -11,6 +11,7 @@ pub mod budget;
 pub mod pool;
 pub mod spec;
 pub mod vms;
+pub mod warm;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -23,8 +24,14 @@ use crate::api::http::Response;
 use api::{Envelope, HostRequest};
 use budget::HostBudget;
 use pool::{Claim, GrantChange, PoolLog, PoolWindow};
+use crate::vmm_config::VmConfig;
 use spec::{Class, VmRequest};
 use vms::{Files, ManagedVm, VmState};
+use warm::{PoolSpec, WarmPool};
+
+/// Warm VMs made or let go per pool and window at most: each is a process start and a
+/// snapshot load inside the supervisor's loop.
+const WARM_PER_WINDOW: usize = 2;
 
 /// Windows of a rise the pool grants ahead: it reads a forecast up to a window after the VM
 /// made it, and the grant reaches the VM's predictor up to a window later.
@@ -74,6 +81,7 @@ pub struct Supervisor {
     files: Files,
     window: Duration,
     vms: BTreeMap<String, ManagedVm>,
+    pools: BTreeMap<String, WarmPool>,
     log: PoolLog,
     seq: u64,
     started: Instant,
@@ -103,13 +111,20 @@ impl Supervisor {
         let files = Files { dir };
         let mut vms = BTreeMap::new();
         for record in files.records()? {
-            let vm = ManagedVm::adopt(record, window * 5);
+            let mut vm = ManagedVm::adopt(record, window * 5);
+            // Warm pools are not kept across restarts: their warm VMs are let go.
+            if let VmState::Warm { pool } = &vm.state {
+                tracing::info!("host: letting warm VM {} of pool {pool} go", vm.record.id);
+                vm.stop();
+                files.remove(&vm.record.id);
+                continue;
+            }
             tracing::info!(
                 "host: found VM {} ({})",
                 vm.record.id,
                 match &vm.state {
-                    VmState::Running => "running",
                     VmState::Exited { reason } => reason,
+                    _ => "running",
                 }
             );
             vms.insert(vm.record.id.clone(), vm);
@@ -119,6 +134,7 @@ impl Supervisor {
             files,
             window,
             vms,
+            pools: BTreeMap::new(),
             log: PoolLog::default(),
             seq: 0,
             started: Instant::now(),
@@ -156,9 +172,20 @@ impl Supervisor {
         self.vms.values().filter(|v| v.state == VmState::Running)
     }
 
+    /// The VMs that hold a grant: running and warm ones.
+    fn holding(&self) -> impl Iterator<Item = &ManagedVm> {
+        self.vms
+            .values()
+            .filter(|v| !matches!(v.state, VmState::Exited { .. }))
+    }
+
+    fn reserved(&self) -> PerResource<f64> {
+        pool::reserved(self.holding().map(|v| &v.record.spans))
+    }
+
     fn granted(&self) -> PerResource<f64> {
         let mut sum = PerResource::default();
-        for vm in self.running() {
+        for vm in self.holding() {
             for r in Resource::ALL {
                 sum[r] += vm.grant[r];
             }
@@ -175,10 +202,10 @@ impl Supervisor {
             let before = vm.grant;
             if vm.check_exit() {
                 self.log.returned += 1;
-                let reason = match &vm.state {
-                    VmState::Exited { reason } => reason.clone(),
-                    VmState::Running => unreachable!("check_exit said it exited"),
+                let VmState::Exited { reason } = &vm.state else {
+                    unreachable!("check_exit said it exited")
                 };
+                let reason = reason.clone();
                 tracing::warn!("host: VM {}: {reason}; its grant is returned", vm.record.id);
                 for r in Resource::ALL {
                     changes.push(GrantChange {
@@ -252,7 +279,154 @@ impl Supervisor {
             changes,
         };
         self.log.push(window);
+        self.tend_warm_pools();
         self.log.busy_us += t0.elapsed().as_micros() as u64;
+    }
+
+    /// Each warm pool: the window's arrivals into its forecast, then warm VMs made up to its
+    /// target or let go above it, a few per window.
+    fn tend_warm_pools(&mut self) {
+        let names: Vec<String> = self.pools.keys().cloned().collect();
+        for name in names {
+            let pool = self.pools.get_mut(&name).expect("a pool");
+            // Warm VMs that died are no longer ready.
+            let vms = &self.vms;
+            pool.ready
+                .retain(|id| matches!(vms.get(id).map(|v| &v.state), Some(VmState::Warm { .. })));
+            pool.close_window();
+            let (ready, target) = (pool.ready.len(), pool.target);
+            for _ in 0..(target.saturating_sub(ready)).min(WARM_PER_WINDOW) {
+                if let Err(e) = self.make_warm(&name) {
+                    tracing::warn!("host: warm pool {name}: {e}");
+                    break;
+                }
+            }
+            for _ in 0..(ready.saturating_sub(target)).min(WARM_PER_WINDOW) {
+                let pool = self.pools.get_mut(&name).expect("a pool");
+                let Some(id) = pool.ready.pop_front() else { break };
+                pool.released += 1;
+                if let Some(mut vm) = self.vms.remove(&id) {
+                    vm.kill();
+                }
+                self.files.remove(&id);
+            }
+        }
+    }
+
+    /// One warm VM of pool `name`: a VMM restored from the pool's snapshot, paused.
+    fn make_warm(&mut self, name: &str) -> Result<(), String> {
+        self.next_id += 1;
+        let pool = &self.pools[name];
+        let mut spec = pool.launch.clone();
+        spec.id = format!("{name}-{}-{}", std::process::id(), self.next_id);
+        pool::admit(&self.budget, &self.reserved(), &spec.spans).map_err(|e| e.to_string())?;
+        let floors = spec.spans.map(|_, s| s.floor);
+        let t0 = Instant::now();
+        let snapshot = (pool.snapshot.0.as_path(), pool.snapshot.1.as_path());
+        let vm = ManagedVm::restore(&self.files, &spec, floors, snapshot, name, self.window * 5)
+            .map_err(|e| {
+                self.files.remove(&spec.id);
+                e.to_string()
+            })?;
+        let pool = self.pools.get_mut(name).expect("a pool");
+        pool.made_in(t0.elapsed().as_secs_f64() * 1000.0);
+        pool.ready.push_back(spec.id.clone());
+        self.vms.insert(spec.id, vm);
+        Ok(())
+    }
+
+    /// `PUT /pools/NAME`: boots a template VM from the config, snapshots it after
+    /// `snapshot_after_ms`, and keeps warm VMs restored from that snapshot from the next
+    /// window on.
+    fn put_pool(&mut self, name: String, body: &[u8]) -> Response {
+        if self.pools.contains_key(&name) {
+            return Response::fault(409, format!("a warm pool {name} exists already"));
+        }
+        let spec = match PoolSpec::parse(&name, body) {
+            Ok(s) => s,
+            Err(e) => return Response::fault(400, e),
+        };
+        let checked = VmConfig::parse(&spec.config.to_string())
+            .map_err(|(path, e)| spec::SpecError::ConfigSyntax {
+                path,
+                message: e.to_string(),
+            })
+            .and_then(|c| spec::check(format!("{name}-template"), spec.class, c));
+        let launch = match checked {
+            Ok(l) => l,
+            Err(e) => return Response::fault(400, e),
+        };
+        if let Err(e) = pool::admit(&self.budget, &self.reserved(), &launch.spans) {
+            return Response::fault(409, e);
+        }
+        let floors = launch.spans.map(|_, s| s.floor);
+        let t0 = Instant::now();
+        let mut template = match ManagedVm::launch(&self.files, &launch, floors, self.window * 5) {
+            Ok(vm) => vm,
+            Err(e) => {
+                self.files.remove(&launch.id);
+                return Response::fault(500, e);
+            }
+        };
+        let boot_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        std::thread::sleep(Duration::from_millis(spec.snapshot_after_ms));
+        let snapshot = (
+            self.files.dir.join(format!("{name}.snapshot")),
+            self.files.dir.join(format!("{name}.mem")),
+        );
+        let made = template.snapshot(&snapshot.0, &snapshot.1);
+        template.kill();
+        self.files.remove(&launch.id);
+        if let Err(e) = made {
+            return Response::fault(500, e);
+        }
+        match WarmPool::new(name.clone(), spec, launch, snapshot, boot_ms, self.window) {
+            Ok(pool) => {
+                let described = pool.describe();
+                self.pools.insert(name, pool);
+                json(201, described)
+            }
+            Err(e) => Response::fault(500, e),
+        }
+    }
+
+    /// `POST /vms {"from_pool": NAME}`: a warm VM resumed, or (none ready) one booted cold
+    /// from the pool's config.
+    fn claim(&mut self, name: &str) -> Response {
+        let Some(pool) = self.pools.get_mut(name) else {
+            return Response::fault(404, format!("no warm pool {name} on this host"));
+        };
+        pool.arrival();
+        while let Some(id) = pool.ready.pop_front() {
+            let Some(vm) = self.vms.get_mut(&id) else { continue };
+            if !matches!(vm.state, VmState::Warm { .. }) {
+                continue;
+            }
+            match vm.resume(&self.files) {
+                Ok(()) => {
+                    pool.handed_out += 1;
+                    let mut described = vm.describe();
+                    described["warm"] = true.into();
+                    return json(201, described);
+                }
+                Err(e) => {
+                    tracing::warn!("host: warm VM {id}: {e}; letting it go");
+                    vm.kill();
+                }
+            }
+        }
+        pool.cold += 1;
+        self.next_id += 1;
+        let mut spec = pool.launch.clone();
+        spec.id = format!("{name}-{}-{}", std::process::id(), self.next_id);
+        let mut r = self.launch(spec);
+        if r.status == 201 {
+            if let Ok(mut v) = serde_json::from_str::<serde_json::Value>(&r.body) {
+                v["warm"] = false.into();
+                r.body = v.to_string();
+            }
+        }
+        r
     }
 
     /// Sets the grants towards `target`: every shrink first, then the grows that fit beside
@@ -369,6 +543,25 @@ impl Supervisor {
                 200,
                 serde_json::to_value(self.log.since(since)).expect("windows serialise"),
             ),
+            HostRequest::ListPools => json(
+                200,
+                self.pools.values().map(WarmPool::describe).collect(),
+            ),
+            HostRequest::PutPool(name, body) => self.put_pool(name, &body),
+            HostRequest::DeletePool(name) => match self.pools.remove(&name) {
+                Some(pool) => {
+                    for id in pool.ready {
+                        if let Some(mut vm) = self.vms.remove(&id) {
+                            vm.kill();
+                        }
+                        self.files.remove(&id);
+                    }
+                    let _ = std::fs::remove_file(&pool.snapshot.0);
+                    let _ = std::fs::remove_file(&pool.snapshot.1);
+                    Response::no_content()
+                }
+                None => Response::fault(404, format!("no warm pool {name}")),
+            },
             HostRequest::Metrics => Response {
                 content_type: "text/plain; version=0.0.4",
                 ..Response::json(200, self.prometheus())
@@ -383,26 +576,26 @@ impl Supervisor {
                 self.next_id += 1;
                 format!("vm-{}-{}", std::process::id(), self.next_id)
             });
-            match (config, &req.from_pool) {
-                (Some(c), _) => spec::check(id, req.class, c).map(Some),
-                (None, _) => Ok(None),
-            }
+            Ok(match config {
+                Some(c) => Ok(spec::check(id, req.class, c)?),
+                None => Err(req.from_pool.unwrap_or_default()),
+            })
         });
-        let spec = match checked {
-            Ok(Some(s)) => s,
-            Ok(None) => {
-                return Response::fault(404, "no warm pool of that name on this host");
-            }
-            Err(e) => return Response::fault(400, e),
-        };
+        match checked {
+            Ok(Ok(spec)) => self.launch(spec),
+            Ok(Err(pool)) => self.claim(&pool),
+            Err(e) => Response::fault(400, e),
+        }
+    }
+
+    fn launch(&mut self, spec: spec::LaunchSpec) -> Response {
         if self.vms.contains_key(&spec.id) {
             return Response::fault(
                 409,
                 format!("a VM {} exists already (DELETE /vms/{} first)", spec.id, spec.id),
             );
         }
-        let reserved = pool::reserved(self.running().map(|v| &v.record.spans));
-        if let Err(e) = pool::admit(&self.budget, &reserved, &spec.spans) {
+        if let Err(e) = pool::admit(&self.budget, &self.reserved(), &spec.spans) {
             return Response::fault(409, e);
         }
         let floors = spec.spans.map(|_, s| s.floor);
@@ -422,7 +615,7 @@ impl Supervisor {
 
     fn pool_state(&self) -> serde_json::Value {
         let granted = self.granted();
-        let reserved = pool::reserved(self.running().map(|v| &v.record.spans));
+        let reserved = self.reserved();
         let slack = PerResource::from_fn(|r| self.budget.0[r] - granted[r]);
         let secs = self.started.elapsed().as_secs_f64().max(1e-9);
         serde_json::json!({
@@ -447,7 +640,7 @@ impl Supervisor {
     fn prometheus(&self) -> String {
         use std::fmt::Write;
         let granted = self.granted();
-        let reserved = pool::reserved(self.running().map(|v| &v.record.spans));
+        let reserved = self.reserved();
         let mut out = String::new();
         let mut gauge = |name: &str, help: &str, values: &PerResource<f64>| {
             let _ = writeln!(out, "# HELP prescient_pool_{name} {help}");

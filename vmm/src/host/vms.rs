@@ -76,6 +76,8 @@ pub struct VmRecord {
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum VmState {
     Running,
+    /// Restored from its warm pool's snapshot and paused, waiting to be handed out.
+    Warm { pool: String },
     /// Its process is gone; its grant went back to the pool.
     Exited { reason: String },
 }
@@ -195,11 +197,57 @@ impl ManagedVm {
         grant: PerResource<f64>,
         timeout: Duration,
     ) -> Result<Self, VmError> {
-        let id = spec.id.clone();
-        let config_path = files.config(&id);
+        let config_path = files.config(&spec.id);
         let config = spec.config_with_grant(&grant);
         let text = serde_json::to_vec_pretty(&config).expect("a config serialises");
         write_file(&config_path, &text)?;
+        let vm = Self::spawn(files, spec, grant, Some(&config_path), "config", timeout)?;
+        vm.save(files)?;
+        Ok(vm)
+    }
+
+    /// Starts a VMM for `spec` from the snapshot `snapshot` (state and memory files), paused:
+    /// a warm VM of `pool`.
+    pub fn restore(
+        files: &Files,
+        spec: &LaunchSpec,
+        grant: PerResource<f64>,
+        snapshot: (&Path, &Path),
+        pool: &str,
+        timeout: Duration,
+    ) -> Result<Self, VmError> {
+        let mut vm = Self::spawn(files, spec, grant, None, &format!("warm:{pool}"), timeout)?;
+        let load = serde_json::json!({
+            "snapshot_path": snapshot.0,
+            "mem_backend": {"backend_type": "File", "backend_path": snapshot.1},
+            "resume_vm": false,
+        });
+        if let Err(e) = vm.request("PUT", "/snapshot/load", Some(&load.to_string())) {
+            vm.kill();
+            return Err(e);
+        }
+        vm.state = VmState::Warm { pool: pool.into() };
+        vm.save(files)?;
+        Ok(vm)
+    }
+
+    fn save(&self, files: &Files) -> Result<(), VmError> {
+        write_file(
+            &files.record(&self.record.id),
+            &serde_json::to_vec_pretty(&self.record).expect("a record serialises"),
+        )
+    }
+
+    /// Starts the VMM (with `config`, or empty for a restore) and waits until its API serves.
+    fn spawn(
+        files: &Files,
+        spec: &LaunchSpec,
+        grant: PerResource<f64>,
+        config: Option<&Path>,
+        origin: &str,
+        timeout: Duration,
+    ) -> Result<Self, VmError> {
+        let id = spec.id.clone();
         let sock = files.socket(&id);
         let _ = std::fs::remove_file(&sock);
         let exe = std::env::current_exe().map_err(|source| VmError::Spawn {
@@ -210,11 +258,11 @@ impl ManagedVm {
             std::fs::File::create(&p).map_err(|source| VmError::Write { path: p, source })
         };
         let mut command = Command::new(exe);
+        command.arg("--api-sock").arg(&sock);
+        if let Some(config) = config {
+            command.arg("--config-file").arg(config);
+        }
         command
-            .arg("--api-sock")
-            .arg(&sock)
-            .arg("--config-file")
-            .arg(&config_path)
             .args(["--id", &id])
             .stdin(Stdio::null())
             .stdout(open(files.console(&id))?)
@@ -235,7 +283,7 @@ impl ManagedVm {
             start_ticks,
             api_sock: sock.clone(),
             spans: spec.spans,
-            origin: "config".into(),
+            origin: origin.into(),
         };
         let mut vm = ManagedVm {
             record,
@@ -261,19 +309,34 @@ impl ManagedVm {
             }
             if let Ok(c) = Client::connect(&sock, timeout) {
                 vm.client = Some(c);
-                break;
+                return Ok(vm);
             }
             if started.elapsed() > START_DEADLINE {
                 vm.kill();
                 return Err(VmError::Silent { id });
             }
-            std::thread::sleep(Duration::from_millis(2));
+            std::thread::sleep(Duration::from_millis(1));
         }
-        write_file(
-            &files.record(&id),
-            &serde_json::to_vec_pretty(&vm.record).expect("a record serialises"),
-        )?;
-        Ok(vm)
+    }
+
+    /// Hands a warm VM out: resumed, and from now on a VM like any other.
+    pub fn resume(&mut self, files: &Files) -> Result<(), VmError> {
+        self.request("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#))?;
+        if let VmState::Warm { pool } = &self.state {
+            self.record.origin = format!("from_pool:{pool}");
+        }
+        self.state = VmState::Running;
+        self.save(files)
+    }
+
+    /// Pauses the VM and writes a Full snapshot of it to `state` and `memory`.
+    pub fn snapshot(&mut self, state: &Path, memory: &Path) -> Result<(), VmError> {
+        self.request("PATCH", "/vm", Some(r#"{"state": "Paused"}"#))?;
+        let body = serde_json::json!({
+            "snapshot_type": "Full", "snapshot_path": state, "mem_file_path": memory,
+        });
+        self.request("PUT", "/snapshot/create", Some(&body.to_string()))?;
+        Ok(())
     }
 
     /// A VM of a previous supervisor: running if its process is still the one recorded, its
@@ -297,6 +360,9 @@ impl ManagedVm {
                 reason: "its VMM ended while the supervisor was not running".into(),
             };
             return vm;
+        }
+        if let Some(pool) = vm.record.origin.strip_prefix("warm:") {
+            vm.state = VmState::Warm { pool: pool.into() };
         }
         match vm.read_status() {
             Ok(status) => {
@@ -336,7 +402,7 @@ impl ManagedVm {
     /// Checks the process; a VM found dead becomes `Exited` and its grant is zero. True if it
     /// died now.
     pub fn check_exit(&mut self) -> bool {
-        if self.state != VmState::Running {
+        if matches!(self.state, VmState::Exited { .. }) {
             return false;
         }
         match self.exit_status() {
@@ -431,7 +497,8 @@ impl ManagedVm {
         Ok(())
     }
 
-    fn kill(&mut self) {
+    /// Kills the VMM at once (a warm VM being let go, a template after its snapshot).
+    pub fn kill(&mut self) {
         // SAFETY: kill only sends a signal to the pid we recorded for this VM.
         unsafe { libc::kill(self.record.pid as i32, libc::SIGKILL) };
         if let Some(c) = &mut self.child {
@@ -441,7 +508,7 @@ impl ManagedVm {
 
     /// Stops the VMM: SIGTERM, then SIGKILL after a grace period.
     pub fn stop(&mut self) {
-        if self.state == VmState::Running && self.process_alive() {
+        if !matches!(self.state, VmState::Exited { .. }) && self.process_alive() {
             // SAFETY: kill only sends a signal to the process we checked is this VM's.
             unsafe { libc::kill(self.record.pid as i32, libc::SIGTERM) };
             let start = Instant::now();
