@@ -29,9 +29,17 @@ use spec::{Class, VmRequest};
 use vms::{Files, ManagedVm, VmState};
 use warm::{PoolSpec, WarmPool};
 
-/// Warm VMs made or let go per pool and window at most: each is a process start and a
-/// snapshot load inside the supervisor's loop.
-const WARM_PER_WINDOW: usize = 2;
+/// Warm VMs started or let go per pool and window at most.
+const WARM_PER_WINDOW: usize = 4;
+
+/// A warm VM made on a helper thread (a process start and a snapshot load), for its pool.
+struct Made {
+    pool: String,
+    id: String,
+    spans: PerResource<spec::Span>,
+    vm: Result<ManagedVm, vms::VmError>,
+    ms: f64,
+}
 
 /// Windows of a rise the pool grants ahead: it reads a forecast up to a window after the VM
 /// made it, and the grant reaches the VM's predictor up to a window later.
@@ -82,6 +90,12 @@ pub struct Supervisor {
     window: Duration,
     vms: BTreeMap<String, ManagedVm>,
     pools: BTreeMap<String, WarmPool>,
+    /// Warm VMs being made, and the floors they will hold.
+    made: (
+        std::sync::mpsc::Sender<Made>,
+        std::sync::mpsc::Receiver<Made>,
+    ),
+    making: PerResource<f64>,
     log: PoolLog,
     seq: u64,
     started: Instant,
@@ -135,6 +149,8 @@ impl Supervisor {
             window,
             vms,
             pools: BTreeMap::new(),
+            made: std::sync::mpsc::channel(),
+            making: PerResource::default(),
             log: PoolLog::default(),
             seq: 0,
             started: Instant::now(),
@@ -179,8 +195,10 @@ impl Supervisor {
             .filter(|v| !matches!(v.state, VmState::Exited { .. }))
     }
 
+    /// Floors of the VMs that hold a grant, and of the warm VMs being made.
     fn reserved(&self) -> PerResource<f64> {
-        pool::reserved(self.holding().map(|v| &v.record.spans))
+        let held = pool::reserved(self.holding().map(|v| &v.record.spans));
+        PerResource::from_fn(|r| held[r] + self.making[r])
     }
 
     fn granted(&self) -> PerResource<f64> {
@@ -283,9 +301,10 @@ impl Supervisor {
         self.log.busy_us += t0.elapsed().as_micros() as u64;
     }
 
-    /// Each warm pool: the window's arrivals into its forecast, then warm VMs made up to its
-    /// target or let go above it, a few per window.
+    /// Each warm pool: the window's arrivals into its forecast, then warm VMs started up to
+    /// its target or let go above it, a few per window.
     fn tend_warm_pools(&mut self) {
+        self.collect_made();
         let names: Vec<String> = self.pools.keys().cloned().collect();
         for name in names {
             let pool = self.pools.get_mut(&name).expect("a pool");
@@ -294,15 +313,15 @@ impl Supervisor {
             pool.ready
                 .retain(|id| matches!(vms.get(id).map(|v| &v.state), Some(VmState::Warm { .. })));
             pool.close_window();
-            let (ready, target) = (pool.ready.len(), pool.target);
-            for _ in 0..(target.saturating_sub(ready)).min(WARM_PER_WINDOW) {
+            let (have, target) = (pool.ready.len() + pool.pending, pool.target);
+            for _ in 0..(target.saturating_sub(have)).min(WARM_PER_WINDOW) {
                 if let Err(e) = self.make_warm(&name) {
                     tracing::warn!("host: warm pool {name}: {e}");
                     break;
                 }
             }
-            for _ in 0..(ready.saturating_sub(target)).min(WARM_PER_WINDOW) {
-                let pool = self.pools.get_mut(&name).expect("a pool");
+            let pool = self.pools.get_mut(&name).expect("a pool");
+            for _ in 0..(have.saturating_sub(target)).min(pool.ready.len()).min(WARM_PER_WINDOW) {
                 let Some(id) = pool.ready.pop_front() else { break };
                 pool.released += 1;
                 if let Some(mut vm) = self.vms.remove(&id) {
@@ -313,26 +332,66 @@ impl Supervisor {
         }
     }
 
-    /// One warm VM of pool `name`: a VMM restored from the pool's snapshot, paused.
+    /// Starts making one warm VM of pool `name` on a helper thread: a VMM restored from the
+    /// pool's snapshot, paused. Its floors are reserved from now on.
     fn make_warm(&mut self, name: &str) -> Result<(), String> {
         self.next_id += 1;
         let pool = &self.pools[name];
         let mut spec = pool.launch.clone();
         spec.id = format!("{name}-{}-{}", std::process::id(), self.next_id);
         pool::admit(&self.budget, &self.reserved(), &spec.spans).map_err(|e| e.to_string())?;
+        for r in Resource::ALL {
+            self.making[r] += spec.spans[r].floor;
+        }
         let floors = spec.spans.map(|_, s| s.floor);
-        let t0 = Instant::now();
-        let snapshot = (pool.snapshot.0.as_path(), pool.snapshot.1.as_path());
-        let vm = ManagedVm::restore(&self.files, &spec, floors, snapshot, name, self.window * 5)
-            .map_err(|e| {
-                self.files.remove(&spec.id);
-                e.to_string()
-            })?;
-        let pool = self.pools.get_mut(name).expect("a pool");
-        pool.made_in(t0.elapsed().as_secs_f64() * 1000.0);
-        pool.ready.push_back(spec.id.clone());
-        self.vms.insert(spec.id, vm);
-        Ok(())
+        let (files, snapshot, tx) = (self.files.clone(), pool.snapshot.clone(), self.made.0.clone());
+        let (pool_name, timeout) = (name.to_string(), self.window * 5);
+        self.pools.get_mut(name).expect("a pool").pending += 1;
+        std::thread::Builder::new()
+            .name("host-warm".into())
+            .spawn(move || {
+                let t0 = Instant::now();
+                let snapshot = (snapshot.0.as_path(), snapshot.1.as_path());
+                let vm = ManagedVm::restore(&files, &spec, floors, snapshot, &pool_name, timeout);
+                let _ = tx.send(Made {
+                    pool: pool_name,
+                    id: spec.id,
+                    spans: spec.spans,
+                    vm,
+                    ms: t0.elapsed().as_secs_f64() * 1000.0,
+                });
+            })
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// The warm VMs made since the last look: ready in their pool (or let go if it is gone).
+    fn collect_made(&mut self) {
+        while let Ok(made) = self.made.1.try_recv() {
+            for r in Resource::ALL {
+                self.making[r] -= made.spans[r].floor;
+            }
+            let pool = self.pools.get_mut(&made.pool);
+            match (made.vm, pool) {
+                (Ok(vm), Some(pool)) => {
+                    pool.pending -= 1;
+                    pool.made_in(made.ms);
+                    pool.ready.push_back(made.id.clone());
+                    self.vms.insert(made.id, vm);
+                }
+                (Ok(mut vm), None) => {
+                    vm.kill();
+                    self.files.remove(&made.id);
+                }
+                (Err(e), pool) => {
+                    if let Some(pool) = pool {
+                        pool.pending -= 1;
+                    }
+                    tracing::warn!("host: warm VM {}: {e}", made.id);
+                    self.files.remove(&made.id);
+                }
+            }
+        }
     }
 
     /// `PUT /pools/NAME`: boots a template VM from the config, snapshots it after
@@ -393,6 +452,7 @@ impl Supervisor {
     /// `POST /vms {"from_pool": NAME}`: a warm VM resumed, or (none ready) one booted cold
     /// from the pool's config.
     fn claim(&mut self, name: &str) -> Response {
+        self.collect_made();
         let Some(pool) = self.pools.get_mut(name) else {
             return Response::fault(404, format!("no warm pool {name} on this host"));
         };

@@ -133,6 +133,7 @@ fn log_tail(path: &Path) -> String {
 }
 
 /// Where a VM's files are.
+#[derive(Debug, Clone)]
 pub struct Files {
     pub dir: PathBuf,
 }

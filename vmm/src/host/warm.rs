@@ -89,6 +89,8 @@ pub struct WarmPool {
     pub snapshot: (std::path::PathBuf, std::path::PathBuf),
     /// Warm VMs' ids, oldest first.
     pub ready: VecDeque<String>,
+    /// Warm VMs being made.
+    pub pending: usize,
     /// Requests this window.
     arrivals: u64,
     /// Arrivals in each of the last windows, newest last, as long as making a VM takes.
@@ -130,6 +132,7 @@ impl WarmPool {
             launch,
             snapshot,
             ready: VecDeque::new(),
+            pending: 0,
             arrivals: 0,
             recent: VecDeque::new(),
             forecaster,
@@ -180,6 +183,7 @@ impl WarmPool {
             "target": self.target,
             "ready": self.ready.len(),
             "ready_ids": self.ready,
+            "pending": self.pending,
             "lead_windows": self.horizon.get(),
             "make_ms": self.make_ms,
             "made": self.made,
