@@ -80,7 +80,9 @@ fn config() -> serde_json::Value {
 
 fn post(sock: &Path, body: &serde_json::Value) -> serde_json::Value {
     let mut c = Client::connect(sock, DEADLINE).expect("host API");
-    let r = c.request("POST", "/vms", Some(&body.to_string())).expect("POST /vms");
+    let r = c
+        .request("POST", "/vms", Some(&body.to_string()))
+        .expect("POST /vms");
     assert_eq!(r.status, 201, "{body}: {}", r.body);
     serde_json::from_str(&r.body).expect("JSON")
 }
@@ -91,20 +93,33 @@ fn wait_line(console: &Path, line: &str) {
         if std::fs::read_to_string(console).is_ok_and(|t| t.contains(line)) {
             return;
         }
-        assert!(start.elapsed() < DEADLINE, "no {line:?} in {}", console.display());
+        assert!(
+            start.elapsed() < DEADLINE,
+            "no {line:?} in {}",
+            console.display()
+        );
         std::thread::sleep(Duration::from_micros(300));
     }
 }
 
 fn ctrl_alt_del(sock: &str) {
     if let Ok(mut c) = Client::connect(Path::new(sock), DEADLINE) {
-        let _ = c.request("PUT", "/actions", Some(r#"{"action_type": "SendCtrlAltDel"}"#));
+        let _ = c.request(
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "SendCtrlAltDel"}"#),
+        );
     }
 }
 
 /// Runs the trace; returns each request's time to a running guest (ms), and whether it was
 /// served warm.
-fn run(host: &Host, arrivals: &[f64], warm: bool, samples: Option<&Mutex<Vec<(f64, f64)>>>) -> Vec<(f64, bool)> {
+fn run(
+    host: &Host,
+    arrivals: &[f64],
+    warm: bool,
+    samples: Option<&Mutex<Vec<(f64, f64)>>>,
+) -> Vec<(f64, bool)> {
     let start = Instant::now();
     let results = Arc::new(Mutex::new(Vec::new()));
     let state: PathBuf = host.state.clone();
@@ -143,11 +158,15 @@ fn run(host: &Host, arrivals: &[f64], warm: bool, samples: Option<&Mutex<Vec<(f6
     // Sample the warm pool while the trace runs: (warm VMs ready, their mean RSS in MiB).
     if let Some(samples) = samples {
         let mut c = Client::connect(&host.sock, DEADLINE).expect("host API");
-        let end = start + Duration::from_secs_f64(arrivals.last().copied().unwrap_or(0.0) / 1000.0 + 1.0);
+        let end =
+            start + Duration::from_secs_f64(arrivals.last().copied().unwrap_or(0.0) / 1000.0 + 1.0);
         while Instant::now() < end {
             let r = c.request("GET", "/pools", None).expect("GET /pools");
             let pools: serde_json::Value = serde_json::from_str(&r.body).unwrap();
-            let ids = pools[0]["ready_ids"].as_array().cloned().unwrap_or_default();
+            let ids = pools[0]["ready_ids"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
             let mut rss = Vec::new();
             for id in ids.iter().take(3) {
                 let path = format!("/vms/{}", id.as_str().unwrap());
@@ -159,7 +178,11 @@ fn run(host: &Host, arrivals: &[f64], warm: bool, samples: Option<&Mutex<Vec<(f6
                     }
                 }
             }
-            let mean_rss = if rss.is_empty() { f64::NAN } else { rss.iter().sum::<f64>() / rss.len() as f64 };
+            let mean_rss = if rss.is_empty() {
+                f64::NAN
+            } else {
+                rss.iter().sum::<f64>() / rss.len() as f64
+            };
             samples.lock().unwrap().push((ids.len() as f64, mean_rss));
             std::thread::sleep(Duration::from_millis(WINDOW_MS));
         }
@@ -177,7 +200,10 @@ fn oracle_mean(arrivals: &[f64], make_ms: f64, end_ms: f64) -> f64 {
     let steps = end_ms as usize;
     for t in 0..steps {
         let t = t as f64;
-        total += arrivals.iter().filter(|&&a| a >= t && a < t + make_ms).count() as f64;
+        total += arrivals
+            .iter()
+            .filter(|&&a| a >= t && a < t + make_ms)
+            .count() as f64;
     }
     total / steps.max(1) as f64
 }
@@ -194,7 +220,11 @@ fn main() {
     let seed: u64 = env_or("COLD_START_SEED", 7);
     let arrivals = trace(seconds, seed);
     let scratch = Scratch::new("cold-start");
-    let mut host = Host::start(scratch.path(), "mem=16G,cpu=16,blk=1000,net=1000", WINDOW_MS);
+    let mut host = Host::start(
+        scratch.path(),
+        "mem=16G,cpu=16,blk=1000,net=1000",
+        WINDOW_MS,
+    );
     let pool = serde_json::json!({"class": "burstable", "config": config(),
                                   "snapshot_after_ms": 300, "min": 0, "max": 16});
     let (status, body) = host.request("PUT", "/pools/fn", Some(&pool.to_string()));
@@ -216,7 +246,11 @@ fn main() {
     let (w50, w99) = percentiles(&all_warm);
     let samples = samples.into_inner().unwrap();
     let mean_ready = samples.iter().map(|s| s.0).sum::<f64>() / samples.len().max(1) as f64;
-    let rss: Vec<f64> = samples.iter().map(|s| s.1).filter(|r| r.is_finite()).collect();
+    let rss: Vec<f64> = samples
+        .iter()
+        .map(|s| s.1)
+        .filter(|r| r.is_finite())
+        .collect();
     let rss = Stat::of(&rss).median;
     let end_ms = arrivals.last().copied().unwrap_or(0.0) + 1000.0;
     let oracle = oracle_mean(&arrivals, make_ms, end_ms);
@@ -226,15 +260,36 @@ fn main() {
         arrivals.len()
     );
     let rows = [
-        ("cold boot: request -> running, p50 / p99", format!("{c50:.1} / {c99:.1} ms")),
-        ("warm pool: request -> running, p50 / p99", format!("{w50:.1} / {w99:.1} ms")),
-        ("  requests served warm / booted cold", format!("{} / {fallback}", warm_ms.len())),
+        (
+            "cold boot: request -> running, p50 / p99",
+            format!("{c50:.1} / {c99:.1} ms"),
+        ),
+        (
+            "warm pool: request -> running, p50 / p99",
+            format!("{w50:.1} / {w99:.1} ms"),
+        ),
+        (
+            "  requests served warm / booted cold",
+            format!("{} / {fallback}", warm_ms.len()),
+        ),
         ("p99 cold / p99 warm", format!("{:.1}x", c99 / w99)),
         ("p50 cold / p50 warm", format!("{:.1}x", c50 / w50)),
-        ("warm VMs ready, mean (pool / oracle)", format!("{mean_ready:.2} / {oracle:.2}")),
-        ("warm VM resident memory (paused, restored)", format!("{rss:.1} MiB")),
-        ("warm idle memory, mean (pool / oracle)", format!("{:.1} / {:.1} MiB", mean_ready * rss, oracle * rss)),
-        ("idle memory pool / oracle", format!("{:.2}x", mean_ready / oracle)),
+        (
+            "warm VMs ready, mean (pool / oracle)",
+            format!("{mean_ready:.2} / {oracle:.2}"),
+        ),
+        (
+            "warm VM resident memory (paused, restored)",
+            format!("{rss:.1} MiB"),
+        ),
+        (
+            "warm idle memory, mean (pool / oracle)",
+            format!("{:.1} / {:.1} MiB", mean_ready * rss, oracle * rss),
+        ),
+        (
+            "idle memory pool / oracle",
+            format!("{:.2}x", mean_ready / oracle),
+        ),
     ];
     for (label, value) in rows {
         println!("| {label:<44} | {value:>24} |");

@@ -14,8 +14,9 @@
 //!   forecast, the pool's slack, and the pool's decisions per second.
 //!
 //! `cargo bench -p integration-tests --bench pool_density` (`POOL_BUDGET_MIB`, default 2048;
-//! `POOL_RAMP_MIB`, default 448; `POOL_STAGGER_MS`, default 2000; `POOL_LOG=PATH` writes the
-//! pool's window log there).
+//! `POOL_RAMP_MIB`, default 448; `POOL_RAMP_MS` (up, and as long down), default 4000;
+//! `POOL_STAGGER_MS`, default the ramp time; `POOL_LOG=PATH` writes the pool's window log
+//! there).
 
 use std::time::{Duration, Instant};
 
@@ -25,7 +26,6 @@ use integration_tests::{line_field, wait_for_console_line, Scratch};
 
 const RAM_MIB: u64 = 64;
 const HEADROOM_MIB: u64 = 64;
-const RAMP_MS: u64 = 2000;
 const WINDOW_MS: u64 = 100;
 const DEADLINE: Duration = Duration::from_secs(300);
 
@@ -42,7 +42,14 @@ fn static_fit(dir: &std::path::Path, mem_mib: u64, peak_mib: u64) -> u64 {
     let mut k = 0;
     loop {
         let id = format!("static-{k}");
-        let req = guest_request(&id, "guaranteed", RAM_MIB, peak_mib, peak_mib, "cpu_ms=1 mem_mib=1 exit=halt");
+        let req = guest_request(
+            &id,
+            "guaranteed",
+            RAM_MIB,
+            peak_mib,
+            peak_mib,
+            "cpu_ms=1 mem_mib=1 exit=halt",
+        );
         match host.create(&req) {
             (201, _) => k += 1,
             (409, body) => {
@@ -71,12 +78,17 @@ struct PoolRun {
     wall: Duration,
 }
 
-fn pool(dir: &std::path::Path, mem_mib: u64, vms: u64, ramp_mib: u64, stagger_ms: u64) -> PoolRun {
+fn pool(
+    dir: &std::path::Path,
+    mem_mib: u64,
+    vms: u64,
+    (ramp_mib, ramp_ms, stagger_ms): (u64, u64, u64),
+) -> PoolRun {
     let mut host = Host::start(dir, &budget(mem_mib, vms), WINDOW_MS);
     let floor = RAM_MIB + HEADROOM_MIB;
     let ceiling = RAM_MIB + ramp_mib + HEADROOM_MIB;
     let last_start = 2000 + stagger_ms * vms;
-    let follow_ms = last_start + 2 * RAMP_MS + 2000;
+    let follow_ms = last_start + 2 * ramp_ms + 2000;
     let started = Instant::now();
     let classes = ["burstable", "best-effort"];
     let mut ids = Vec::new();
@@ -84,17 +96,29 @@ fn pool(dir: &std::path::Path, mem_mib: u64, vms: u64, ramp_mib: u64, stagger_ms
         let id = format!("pool-{i}");
         // The i-th guest boots about when the one before it did plus its launch: its ramp
         // starts `stagger_ms` after the one before.
-        let start = 2000 + stagger_ms * i - (started.elapsed().as_millis() as u64).min(stagger_ms * i);
-        let class = if i < 2 { "guaranteed" } else { classes[i as usize % 2] };
-        let args = format!("{} {}", ramp_args(follow_ms, start, ramp_mib, RAMP_MS), guest_clock_arg());
-        let (status, body) = host.create(&guest_request(&id, class, RAM_MIB, floor, ceiling, &args));
+        let start =
+            2000 + stagger_ms * i - (started.elapsed().as_millis() as u64).min(stagger_ms * i);
+        let class = if i < 2 {
+            "guaranteed"
+        } else {
+            classes[i as usize % 2]
+        };
+        let args = format!(
+            "{} {}",
+            ramp_args(follow_ms, start, ramp_mib, ramp_ms),
+            guest_clock_arg()
+        );
+        let (status, body) =
+            host.create(&guest_request(&id, class, RAM_MIB, floor, ceiling, &args));
         assert_eq!(status, 201, "{id}: {body}");
         ids.push((id, class));
     }
     let (mut failures, mut guaranteed_failures) = (0, 0);
     for (id, class) in &ids {
         let done = wait_for_console_line(&host.console(id), "guest: vmem0 follow done", DEADLINE);
-        let f: u64 = line_field(&done, "failures").and_then(|v| v.parse().ok()).expect("failures=");
+        let f: u64 = line_field(&done, "failures")
+            .and_then(|v| v.parse().ok())
+            .expect("failures=");
         eprintln!("{id} ({class}): {done}");
         failures += f;
         if *class == "guaranteed" {
@@ -118,7 +142,10 @@ fn pool(dir: &std::path::Path, mem_mib: u64, vms: u64, ramp_mib: u64, stagger_ms
         .fold(0.0, f64::max);
     for w in windows {
         for r in ["cpu", "mem", "blk", "net"] {
-            assert!(w["granted"][r].as_f64().unwrap() <= w["budget"][r].as_f64().unwrap() + 1e-6, "{w}");
+            assert!(
+                w["granted"][r].as_f64().unwrap() <= w["budget"][r].as_f64().unwrap() + 1e-6,
+                "{w}"
+            );
         }
     }
     let state = host.get("/pool");
@@ -140,7 +167,8 @@ fn pool(dir: &std::path::Path, mem_mib: u64, vms: u64, ramp_mib: u64, stagger_ms
 fn main() {
     let mem_mib: u64 = env_or("POOL_BUDGET_MIB", 2048);
     let ramp_mib: u64 = env_or("POOL_RAMP_MIB", 448);
-    let stagger_ms: u64 = env_or("POOL_STAGGER_MS", 2000);
+    let ramp_ms: u64 = env_or("POOL_RAMP_MS", 4000);
+    let stagger_ms: u64 = env_or("POOL_STAGGER_MS", ramp_ms);
     let peak = RAM_MIB + ramp_mib;
     let scratch = Scratch::new("pool-density");
     let static_dir = scratch.path().join("static");
@@ -148,23 +176,53 @@ fn main() {
     std::fs::create_dir_all(&static_dir).unwrap();
     std::fs::create_dir_all(&pool_dir).unwrap();
     let k = static_fit(&static_dir, mem_mib, peak);
-    let run = pool(&pool_dir, mem_mib, 2 * k, ramp_mib, stagger_ms);
+    let run = pool(&pool_dir, mem_mib, 2 * k, (ramp_mib, ramp_ms, stagger_ms));
     println!(
         "pool density: host memory budget {mem_mib} MiB; test guest {RAM_MIB} MiB RAM + demand \
-         ramp to {ramp_mib} MiB over {RAMP_MS} ms and back, ramps {stagger_ms} ms apart; pool \
+         ramp to {ramp_mib} MiB over {ramp_ms} ms and back, ramps {stagger_ms} ms apart; pool \
          window {WINDOW_MS} ms"
     );
     let rows = [
-        ("static sizing at peak (RAM + ramp) fits K", format!("{k} VMs of {peak} MiB")),
-        ("prescient host ran", format!("{} VMs ({:.1}x K)", run.vms, run.vms as f64 / k as f64)),
-        ("allocation failures, all guests (ms short)", run.failures.to_string()),
-        ("  of which guaranteed VMs", run.guaranteed_failures.to_string()),
-        ("windows a guaranteed VM was granted < forecast", run.guaranteed_short.to_string()),
-        ("peak memory granted", format!("{:.0} MiB of {mem_mib}", run.peak_granted)),
-        ("pool slack, mean / min (all VMs up)", format!("{:.0} / {:.0} MiB", run.mean_slack, run.min_slack)),
-        ("pool decisions per second (VMs x resources)", format!("{:.0}", run.decisions_per_s)),
-        ("supervisor time per window", format!("{:.0} us", run.window_cpu_us)),
-        ("wall time of the pool run", format!("{:.1} s", run.wall.as_secs_f64())),
+        (
+            "static sizing at peak (RAM + ramp) fits K",
+            format!("{k} VMs of {peak} MiB"),
+        ),
+        (
+            "prescient host ran",
+            format!("{} VMs ({:.1}x K)", run.vms, run.vms as f64 / k as f64),
+        ),
+        (
+            "allocation failures, all guests (ms short)",
+            run.failures.to_string(),
+        ),
+        (
+            "  of which guaranteed VMs",
+            run.guaranteed_failures.to_string(),
+        ),
+        (
+            "windows a guaranteed VM was granted < forecast",
+            run.guaranteed_short.to_string(),
+        ),
+        (
+            "peak memory granted",
+            format!("{:.0} MiB of {mem_mib}", run.peak_granted),
+        ),
+        (
+            "pool slack, mean / min (all VMs up)",
+            format!("{:.0} / {:.0} MiB", run.mean_slack, run.min_slack),
+        ),
+        (
+            "pool decisions per second (VMs x resources)",
+            format!("{:.0}", run.decisions_per_s),
+        ),
+        (
+            "supervisor time per window",
+            format!("{:.0} us", run.window_cpu_us),
+        ),
+        (
+            "wall time of the pool run",
+            format!("{:.1} s", run.wall.as_secs_f64()),
+        ),
     ];
     for (label, value) in rows {
         println!("| {label:<48} | {value:>22} |");

@@ -83,14 +83,22 @@ impl Host {
     }
 
     /// One host API request: status and body as JSON (null when empty or not JSON).
-    pub fn request(&mut self, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> (u16, serde_json::Value) {
         let r = self
             .client
             .as_mut()
             .expect("a running supervisor")
             .request(method, path, body)
             .unwrap_or_else(|e| panic!("host API {method} {path}: {e}"));
-        (r.status, serde_json::from_str(&r.body).unwrap_or(serde_json::Value::Null))
+        (
+            r.status,
+            serde_json::from_str(&r.body).unwrap_or(serde_json::Value::Null),
+        )
     }
 
     /// `GET` that must answer 200.

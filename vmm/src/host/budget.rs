@@ -88,9 +88,15 @@ mod tests {
     #[test]
     fn parses_the_issue_example_and_names_each_mistake() {
         let b: HostBudget = parse("mem=24G,cpu=2,blk=800M,net=1G").unwrap();
-        assert_eq!((b.0.cpu, b.0.mem, b.0.blk, b.0.net), (2.0, 24576.0, 800.0, 1024.0));
+        assert_eq!(
+            (b.0.cpu, b.0.mem, b.0.blk, b.0.net),
+            (2.0, 24576.0, 800.0, 1024.0)
+        );
         let b: HostBudget = parse("cpu=0.5, mem=512, blk=100m, net=2048k").unwrap();
-        assert_eq!((b.0.cpu, b.0.mem, b.0.blk, b.0.net), (0.5, 512.0, 100.0, 2.0));
+        assert_eq!(
+            (b.0.cpu, b.0.mem, b.0.blk, b.0.net),
+            (0.5, 512.0, 100.0, 2.0)
+        );
         let err = |t: &str| parse(t).unwrap_err().to_string();
         assert!(err("mem").contains("expected RESOURCE=AMOUNT"));
         assert!(err("gpu=1,mem=1,cpu=1,blk=1,net=1").contains("unknown resource \"gpu\""));

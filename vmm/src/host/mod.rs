@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 use predictor::resource::{PerResource, Resource};
 
 use crate::api::http::Response;
+use crate::vmm_config::VmConfig;
 use api::{Envelope, HostRequest};
 use budget::HostBudget;
 use pool::{Claim, GrantChange, PoolLog, PoolWindow};
-use crate::vmm_config::VmConfig;
 use spec::{Class, VmRequest};
 use vms::{Files, ManagedVm, VmState};
 use warm::{PoolSpec, WarmPool};
@@ -268,6 +268,7 @@ impl Supervisor {
                         span,
                         need,
                         want,
+                        rising: vm.rise[r] > 0.0,
                     }
                 })
                 .collect();
@@ -321,8 +322,13 @@ impl Supervisor {
                 }
             }
             let pool = self.pools.get_mut(&name).expect("a pool");
-            for _ in 0..(have.saturating_sub(target)).min(pool.ready.len()).min(WARM_PER_WINDOW) {
-                let Some(id) = pool.ready.pop_front() else { break };
+            for _ in 0..(have.saturating_sub(target))
+                .min(pool.ready.len())
+                .min(WARM_PER_WINDOW)
+            {
+                let Some(id) = pool.ready.pop_front() else {
+                    break;
+                };
                 pool.released += 1;
                 if let Some(mut vm) = self.vms.remove(&id) {
                     vm.kill();
@@ -344,7 +350,11 @@ impl Supervisor {
             self.making[r] += spec.spans[r].floor;
         }
         let floors = spec.spans.map(|_, s| s.floor);
-        let (files, snapshot, tx) = (self.files.clone(), pool.snapshot.clone(), self.made.0.clone());
+        let (files, snapshot, tx) = (
+            self.files.clone(),
+            pool.snapshot.clone(),
+            self.made.0.clone(),
+        );
         let (pool_name, timeout) = (name.to_string(), self.window * 5);
         self.pools.get_mut(name).expect("a pool").pending += 1;
         std::thread::Builder::new()
@@ -410,7 +420,7 @@ impl Supervisor {
                 path,
                 message: e.to_string(),
             })
-            .and_then(|c| spec::check(format!("{name}-template"), spec.class, c));
+            .and_then(|c| spec::check(format!("{name}-template"), spec.class, c, None));
         let launch = match checked {
             Ok(l) => l,
             Err(e) => return Response::fault(400, e),
@@ -458,7 +468,9 @@ impl Supervisor {
         };
         pool.arrival();
         while let Some(id) = pool.ready.pop_front() {
-            let Some(vm) = self.vms.get_mut(&id) else { continue };
+            let Some(vm) = self.vms.get_mut(&id) else {
+                continue;
+            };
             if !matches!(vm.state, VmState::Warm { .. }) {
                 continue;
             }
@@ -492,7 +504,12 @@ impl Supervisor {
     /// Sets the grants towards `target`: every shrink first, then the grows that fit beside
     /// what is granted, class by class, so that the grants in force never add up to more than
     /// the budget, even while a VM is slow to take a shrink.
-    fn apply(&mut self, ids: &[String], target: &[PerResource<f64>], changes: &mut Vec<GrantChange>) {
+    fn apply(
+        &mut self,
+        ids: &[String],
+        target: &[PerResource<f64>],
+        changes: &mut Vec<GrantChange>,
+    ) {
         // Small shrinks wait while the grows fit without them (fewer resizes); a resource
         // whose grows need the room takes every shrink now.
         let small = |vm: &ManagedVm, r: Resource, to: f64| {
@@ -581,10 +598,7 @@ impl Supervisor {
     /// Answers one host API request.
     pub fn handle(&mut self, request: HostRequest) -> Response {
         match request {
-            HostRequest::ListVms => json(
-                200,
-                self.vms.values().map(ManagedVm::describe).collect(),
-            ),
+            HostRequest::ListVms => json(200, self.vms.values().map(ManagedVm::describe).collect()),
             HostRequest::GetVm(id) => match self.vms.get(&id) {
                 Some(vm) => json(200, vm.describe()),
                 None => Response::fault(404, format!("no VM {id}")),
@@ -603,10 +617,9 @@ impl Supervisor {
                 200,
                 serde_json::to_value(self.log.since(since)).expect("windows serialise"),
             ),
-            HostRequest::ListPools => json(
-                200,
-                self.pools.values().map(WarmPool::describe).collect(),
-            ),
+            HostRequest::ListPools => {
+                json(200, self.pools.values().map(WarmPool::describe).collect())
+            }
             HostRequest::PutPool(name, body) => self.put_pool(name, &body),
             HostRequest::DeletePool(name) => match self.pools.remove(&name) {
                 Some(pool) => {
@@ -637,7 +650,7 @@ impl Supervisor {
                 format!("vm-{}-{}", std::process::id(), self.next_id)
             });
             Ok(match config {
-                Some(c) => Ok(spec::check(id, req.class, c)?),
+                Some(c) => Ok(spec::check(id, req.class, c, req.jailer.clone())?),
                 None => Err(req.from_pool.unwrap_or_default()),
             })
         });
@@ -652,7 +665,10 @@ impl Supervisor {
         if self.vms.contains_key(&spec.id) {
             return Response::fault(
                 409,
-                format!("a VM {} exists already (DELETE /vms/{} first)", spec.id, spec.id),
+                format!(
+                    "a VM {} exists already (DELETE /vms/{} first)",
+                    spec.id, spec.id
+                ),
             );
         }
         if let Err(e) = pool::admit(&self.budget, &self.reserved(), &spec.spans) {
@@ -706,10 +722,19 @@ impl Supervisor {
             let _ = writeln!(out, "# HELP prescient_pool_{name} {help}");
             let _ = writeln!(out, "# TYPE prescient_pool_{name} gauge");
             for r in Resource::ALL {
-                let _ = writeln!(out, "prescient_pool_{name}{{resource=\"{}\"}} {}", r.name(), values[r]);
+                let _ = writeln!(
+                    out,
+                    "prescient_pool_{name}{{resource=\"{}\"}} {}",
+                    r.name(),
+                    values[r]
+                );
             }
         };
-        gauge("budget", "The host's budget (cores, MiB, MiB/s).", &self.budget.0);
+        gauge(
+            "budget",
+            "The host's budget (cores, MiB, MiB/s).",
+            &self.budget.0,
+        );
         gauge("granted", "Sum of the running VMs' grants.", &granted);
         gauge("reserved", "Sum of the running VMs' floors.", &reserved);
         let short = self.log.guaranteed_short.map(|_, &v| v as f64);
@@ -720,10 +745,22 @@ impl Supervisor {
         );
         let counters = [
             ("windows_total", "Pool windows run.", self.seq),
-            ("decisions_total", "Grants computed (VMs x resources).", self.log.decisions),
+            (
+                "decisions_total",
+                "Grants computed (VMs x resources).",
+                self.log.decisions,
+            ),
             ("grant_changes_total", "Grants changed.", self.log.changes),
-            ("returned_total", "VMMs found dead and their grants returned.", self.log.returned),
-            ("busy_microseconds_total", "Time spent in pool windows.", self.log.busy_us),
+            (
+                "returned_total",
+                "VMMs found dead and their grants returned.",
+                self.log.returned,
+            ),
+            (
+                "busy_microseconds_total",
+                "Time spent in pool windows.",
+                self.log.busy_us,
+            ),
         ];
         for (name, help, value) in counters {
             let _ = writeln!(out, "# HELP prescient_pool_{name} {help}");

@@ -7,16 +7,20 @@
 //! 1. guaranteed VMs, up to their forecast's upper band;
 //! 2. burstable VMs, up to their expected demand (the forecast's point);
 //! 3. best-effort VMs, up to their expected demand;
-//! 4. burstable VMs, up to their upper band;
-//! 5. best-effort VMs, up to their upper band.
+//! 4. burstable VMs whose forecast is rising, up to their upper band;
+//! 5. best-effort VMs whose forecast is rising, up to their upper band;
+//! 6. the other burstable VMs, up to their upper band;
+//! 7. the other best-effort VMs, up to their upper band.
 //!
 //! A miss below the expected demand is likely (about even odds) and one above it is the band's
-//! rare tail, so every VM's expected demand is covered before any non-guaranteed VM's band:
-//! the largest expected miss costs go first. A tier whose asks all fit gets them in full; the
-//! first tier that does not fit shares what is left in proportion to its asks (each VM of it
-//! short by the same fraction), and the tiers after it get nothing more. Best-effort VMs are
-//! thus squeezed first, and a guaranteed VM is short only when the guaranteed VMs' bands
-//! alone exceed what the floors leave.
+//! tail; that tail is reached mostly on the way up (a forecaster lags a rise, and a band stays
+//! wide for a while after one), so every VM's expected demand is covered before any
+//! non-guaranteed band, and rising VMs' bands before the others': the largest expected miss
+//! costs go first. A tier whose asks all fit gets them in full; the first tier that does not
+//! fit shares what is left in proportion to its asks (each VM of it short by the same
+//! fraction), and the tiers after it get nothing more. Best-effort VMs are thus squeezed
+//! first, and a guaranteed VM is short only when the guaranteed VMs' bands alone exceed what
+//! the floors leave.
 
 use std::collections::VecDeque;
 
@@ -54,16 +58,28 @@ pub struct Claim {
     pub need: f64,
     /// What its forecast's upper band asks for (before the span bounds it).
     pub want: f64,
+    /// Whether its forecast rose since the window before.
+    pub rising: bool,
 }
 
-/// The tiers, in the order they are served: a class, and whether its upper band (or only its
-/// expected demand) is covered.
-const TIERS: [(Class, bool); 5] = [
-    (Class::Guaranteed, true),
-    (Class::Burstable, false),
-    (Class::BestEffort, false),
-    (Class::Burstable, true),
-    (Class::BestEffort, true),
+/// How much of a VM's forecast a tier covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cover {
+    Expected,
+    /// The upper band of VMs whose forecast rises.
+    RisingBand,
+    Band,
+}
+
+/// The tiers, in the order they are served.
+const TIERS: [(Class, Cover); 7] = [
+    (Class::Guaranteed, Cover::Band),
+    (Class::Burstable, Cover::Expected),
+    (Class::BestEffort, Cover::Expected),
+    (Class::Burstable, Cover::RisingBand),
+    (Class::BestEffort, Cover::RisingBand),
+    (Class::Burstable, Cover::Band),
+    (Class::BestEffort, Cover::Band),
 ];
 
 /// The grants of one resource: `claims` in, one grant each out, in their order. Every grant is
@@ -72,15 +88,19 @@ const TIERS: [(Class, bool); 5] = [
 pub fn divide(total: f64, claims: &[Claim]) -> Vec<f64> {
     let mut grants: Vec<f64> = claims.iter().map(|c| c.span.floor).collect();
     let mut left = total - grants.iter().sum::<f64>();
-    let level = |c: &Claim, upper: bool| {
-        let ask = if upper { c.want.max(c.need) } else { c.need };
+    let level = |c: &Claim, cover: Cover| {
+        let ask = match cover {
+            Cover::Expected => c.need,
+            Cover::RisingBand if !c.rising => c.need,
+            _ => c.want.max(c.need),
+        };
         ask.clamp(c.span.floor, c.span.ceiling)
     };
-    for (class, upper) in TIERS {
+    for (class, cover) in TIERS {
         if left <= 0.0 {
             break;
         }
-        let ask = |(g, c): (&f64, &Claim)| (level(c, upper) - g).max(0.0);
+        let ask = |(g, c): (&f64, &Claim)| (level(c, cover) - g).max(0.0);
         let asked: f64 = grants
             .iter()
             .zip(claims)
@@ -216,6 +236,7 @@ mod tests {
             },
             need: want,
             want,
+            rising: false,
         }
     }
 
@@ -255,6 +276,10 @@ mod tests {
             want,
             ..claim(class, 100.0, 1000.0, 0.0)
         };
+        let rising = |class, need, want| Claim {
+            rising: true,
+            ..banded(class, need, want)
+        };
         // A burstable VM past its peak (a wide band over a small expected demand), one
         // ramping (both high), and a best-effort VM: 300 floors, 500 to share.
         let claims = [
@@ -266,6 +291,16 @@ mod tests {
         // Expected demands first (50 + 300 + 100 = 450), then 50 left for the burstable
         // bands (450 + 50 asked): shared 10 to 1.
         assert_eq!(g, vec![150.0 + 44.0, 400.0 + 4.0, 200.0]);
+        // The same, the second one rising: its band comes before the falling one's, and
+        // then a rising best-effort band before it too.
+        let claims = [claims[0], rising(Class::Burstable, 400.0, 450.0), claims[2]];
+        assert_eq!(divide(800.0, &claims), vec![150.0, 450.0, 200.0]);
+        let claims = [
+            claims[0],
+            claims[1],
+            rising(Class::BestEffort, 200.0, 300.0),
+        ];
+        assert_eq!(divide(850.0, &claims), vec![150.0, 450.0, 250.0]);
     }
 
     #[test]
@@ -293,6 +328,7 @@ mod tests {
                         },
                         need,
                         want: need + next(500) as f64,
+                        rising: next(2) == 1,
                     }
                 })
                 .collect();

@@ -28,6 +28,8 @@ pub enum SpecError {
     Config(#[from] crate::vmm_config::ConfigError),
     #[error("id: {0}")]
     Id(String),
+    #[error("jailer.{0}")]
+    Jailer(String),
 }
 
 /// How a VM's wants are served when the pool is short (docs/pool.md).
@@ -72,6 +74,47 @@ pub struct VmRequest {
     /// Or a warm VM of this class, resumed.
     #[serde(default)]
     pub from_pool: Option<String>,
+    /// Launch the VMM through the jailer (`prescient jail`) with these settings.
+    #[serde(default)]
+    pub jailer: Option<JailerSpec>,
+}
+
+/// How a VM is jailed: Firecracker's jailer's flags that matter to a supervisor; the jailer
+/// checks them (and the supervisor reports its refusal).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JailerSpec {
+    pub uid: u32,
+    pub gid: u32,
+    /// The chroot is `<dir>/prescient/<id>/root` (absolute; the API socket's host path
+    /// inside it must fit a socket address).
+    #[serde(default = "default_chroot_base")]
+    pub chroot_base_dir: PathBuf,
+    /// 1 or 2.
+    #[serde(default = "default_cgroup_version")]
+    pub cgroup_version: u8,
+}
+
+fn default_chroot_base() -> PathBuf {
+    PathBuf::from("/srv/jailer")
+}
+
+fn default_cgroup_version() -> u8 {
+    1
+}
+
+/// Where a jailed VMM serves its API, inside its chroot.
+pub const JAILED_API_SOCK: &str = "/run/api.sock";
+
+impl JailerSpec {
+    /// The API socket's path on the host.
+    pub fn host_socket(&self, id: &str) -> PathBuf {
+        self.chroot_base_dir
+            .join("prescient")
+            .join(id)
+            .join("root")
+            .join(JAILED_API_SOCK.trim_start_matches('/'))
+    }
 }
 
 /// What the pool may grant a VM of one resource: never below `floor` (reserved from admission
@@ -90,6 +133,7 @@ pub struct LaunchSpec {
     pub class: Class,
     pub config: VmConfig,
     pub spans: PerResource<Span>,
+    pub jailer: Option<JailerSpec>,
 }
 
 impl VmRequest {
@@ -122,11 +166,41 @@ impl VmRequest {
 
 /// Checks `config` as the VMM would and works out what the pool may grant it; the predictor
 /// section is added when the config has none (the pool steers VMs through it).
-pub fn check(id: String, class: Class, mut config: VmConfig) -> Result<LaunchSpec, SpecError> {
+pub fn check(
+    id: String,
+    class: Class,
+    mut config: VmConfig,
+    jailer: Option<JailerSpec>,
+) -> Result<LaunchSpec, SpecError> {
     crate::cli::validate_instance_id(&id).map_err(SpecError::Id)?;
+    if let Some(j) = &jailer {
+        if !j.chroot_base_dir.is_absolute() {
+            return Err(SpecError::Jailer(format!(
+                "chroot_base_dir {}: must be absolute",
+                j.chroot_base_dir.display()
+            )));
+        }
+        if !matches!(j.cgroup_version, 1 | 2) {
+            return Err(SpecError::Jailer(format!(
+                "cgroup_version {}: 1 or 2",
+                j.cgroup_version
+            )));
+        }
+        // A Unix socket address holds 107 bytes and a NUL.
+        let sock = j.host_socket(&id);
+        if sock.as_os_str().len() > 107 {
+            return Err(SpecError::Jailer(format!(
+                "chroot_base_dir: the API socket {} would be longer than a socket address \
+                 (107 bytes)",
+                sock.display()
+            )));
+        }
+    }
     config.validate()?;
     config.boot_source()?;
-    let predictor = config.predictor.get_or_insert_with(PredictorConfig::default);
+    let predictor = config
+        .predictor
+        .get_or_insert_with(PredictorConfig::default);
     predictor.validate(&config.machine_config)?;
     let budget = predictor.budget(&config.machine_config);
     let machine = &config.machine_config;
@@ -140,7 +214,11 @@ pub fn check(id: String, class: Class, mut config: VmConfig) -> Result<LaunchSpe
     };
     let spans = PerResource::from_fn(|r| {
         let l = budget.0[r];
-        let floor = if r == Resource::Mem { mem_floor.min(l.max) } else { l.min };
+        let floor = if r == Resource::Mem {
+            mem_floor.min(l.max)
+        } else {
+            l.min
+        };
         Span {
             floor,
             ceiling: l.max,
@@ -152,6 +230,7 @@ pub fn check(id: String, class: Class, mut config: VmConfig) -> Result<LaunchSpe
         class,
         config,
         spans,
+        jailer,
     })
 }
 
@@ -208,7 +287,12 @@ mod tests {
     fn request(json: serde_json::Value) -> Result<LaunchSpec, SpecError> {
         let r = VmRequest::parse(json.to_string().as_bytes())?;
         let config = r.config()?.expect("a config");
-        check(r.id.unwrap_or_else(|| "vm".into()), r.class, config)
+        check(
+            r.id.unwrap_or_else(|| "vm".into()),
+            r.class,
+            config,
+            r.jailer,
+        )
     }
 
     #[test]
@@ -225,14 +309,14 @@ mod tests {
         let mut hot = base.clone();
         hot["memory-hotplug"] = serde_json::json!({"total_size_mib": 512});
         hot["predictor"] = serde_json::json!({"budget": {"memory_mib": {"min": 96, "max": 640}}});
-        let s = request(serde_json::json!({"id": "b", "class": "guaranteed", "config": hot}))
-            .unwrap();
+        let s =
+            request(serde_json::json!({"id": "b", "class": "guaranteed", "config": hot})).unwrap();
         assert_eq!(s.class, Class::Guaranteed);
         // virtio-mem alone: the boot RAM stays.
         assert_eq!((s.spans.mem.floor, s.spans.mem.ceiling), (128.0, 640.0));
         hot["balloon"] = serde_json::json!({"amount_mib": 0, "deflate_on_oom": true});
-        let s = request(serde_json::json!({"id": "c", "class": "best-effort", "config": hot}))
-            .unwrap();
+        let s =
+            request(serde_json::json!({"id": "c", "class": "best-effort", "config": hot})).unwrap();
         assert_eq!((s.spans.mem.floor, s.spans.mem.ceiling), (96.0, 640.0));
         let grant = PerResource {
             cpu: 0.5,
@@ -241,8 +325,20 @@ mod tests {
             net: 10.0,
         };
         let b = s.config_with_grant(&grant).predictor.unwrap().budget;
-        assert_eq!(b.memory_mib, Some(Range { min: 96.0, max: 200.0 }));
-        assert_eq!(b.cpu_cores, Some(Range { min: 0.05, max: 0.5 }));
+        assert_eq!(
+            b.memory_mib,
+            Some(Range {
+                min: 96.0,
+                max: 200.0
+            })
+        );
+        assert_eq!(
+            b.cpu_cores,
+            Some(Range {
+                min: 0.05,
+                max: 0.5
+            })
+        );
     }
 
     #[test]
@@ -252,16 +348,35 @@ mod tests {
         assert!(err(serde_json::json!({"idd": "x"})).contains("unknown field `idd`"));
         assert!(err(serde_json::json!({"class": "vip"})).contains("unknown variant `vip`"));
         assert!(err(serde_json::json!({"id": "x"})).starts_with("give one of config"));
-        assert!(err(serde_json::json!({"config": {}, "from_pool": "p"}))
-            .starts_with("give only one"));
+        assert!(
+            err(serde_json::json!({"config": {}, "from_pool": "p"})).starts_with("give only one")
+        );
         let e = err(serde_json::json!({"config": {"machine-config": {"vcpu_count": "two"}}}));
         assert!(e.starts_with("config.machine-config.vcpu_count:"), "{e}");
-        let e = err(serde_json::json!({"config": {"machine-config": {"vcpu_count": 1, "mem_size_mib": 64}}}));
+        let e = err(
+            serde_json::json!({"config": {"machine-config": {"vcpu_count": 1, "mem_size_mib": 64}}}),
+        );
         assert!(e.contains("boot-source"), "{e}");
         let e = err(serde_json::json!({"id": "a b", "config": {
             "boot-source": {"kernel_image_path": k.0},
         }}));
         assert!(e.starts_with("id: "), "{e}");
+        let boot = serde_json::json!({"boot-source": {"kernel_image_path": k.0}});
+        let e = err(
+            serde_json::json!({"config": boot, "jailer": {"uid": 1, "gid": 1,
+                                       "chroot_base_dir": "jail"}}),
+        );
+        assert!(
+            e.starts_with("jailer.chroot_base_dir jail: must be absolute"),
+            "{e}"
+        );
+        let e = err(
+            serde_json::json!({"config": boot, "jailer": {"uid": 1, "gid": 1,
+                                       "chroot_base_dir": format!("/{}", "d".repeat(90))}}),
+        );
+        assert!(e.contains("longer than a socket address"), "{e}");
+        let e = err(serde_json::json!({"config": boot, "jailer": {"uid": 1}}));
+        assert!(e.contains("missing field `gid`"), "{e}");
         let e = err(serde_json::json!({"config_file": "/nonexistent/vm.json"}));
         assert!(e.starts_with("config_file /nonexistent/vm.json:"), "{e}");
     }

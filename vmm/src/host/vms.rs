@@ -77,9 +77,13 @@ pub struct VmRecord {
 pub enum VmState {
     Running,
     /// Restored from its warm pool's snapshot and paused, waiting to be handed out.
-    Warm { pool: String },
+    Warm {
+        pool: String,
+    },
     /// Its process is gone; its grant went back to the pool.
-    Exited { reason: String },
+    Exited {
+        reason: String,
+    },
 }
 
 /// A VM under the supervisor.
@@ -249,7 +253,10 @@ impl ManagedVm {
         timeout: Duration,
     ) -> Result<Self, VmError> {
         let id = spec.id.clone();
-        let sock = files.socket(&id);
+        let sock = match &spec.jailer {
+            Some(j) => j.host_socket(&id),
+            None => files.socket(&id),
+        };
         let _ = std::fs::remove_file(&sock);
         let exe = std::env::current_exe().map_err(|source| VmError::Spawn {
             id: id.clone(),
@@ -259,12 +266,30 @@ impl ManagedVm {
             std::fs::File::create(&p).map_err(|source| VmError::Write { path: p, source })
         };
         let mut command = Command::new(exe);
-        command.arg("--api-sock").arg(&sock);
+        match &spec.jailer {
+            // The jailer execs the VMM in place: the pid stays the VMM's. It opens the config
+            // and the files it names before the chroot.
+            Some(j) => {
+                command
+                    .args(["jail", "--id", &id])
+                    .args(["--uid", &j.uid.to_string(), "--gid", &j.gid.to_string()])
+                    .arg("--chroot-base-dir")
+                    .arg(&j.chroot_base_dir)
+                    .args(["--cgroup-version", &j.cgroup_version.to_string()])
+                    .args(["--", "--api-sock", super::spec::JAILED_API_SOCK]);
+            }
+            None => {
+                command.arg("--api-sock").arg(&sock);
+            }
+        }
         if let Some(config) = config {
             command.arg("--config-file").arg(config);
         }
+        if spec.jailer.is_none() {
+            // The jailer passes its own --id.
+            command.args(["--id", &id]);
+        }
         command
-            .args(["--id", &id])
             .stdin(Stdio::null())
             .stdout(open(files.console(&id))?)
             .stderr(open(files.log(&id))?);

@@ -202,7 +202,11 @@ mod tests {
 
     #[test]
     fn bad_definitions_are_refused_by_name() {
-        let err = |name: &str, body: &str| PoolSpec::parse(name, body.as_bytes()).unwrap_err().to_string();
+        let err = |name: &str, body: &str| {
+            PoolSpec::parse(name, body.as_bytes())
+                .unwrap_err()
+                .to_string()
+        };
         assert!(err("a", "{}").contains("missing field `config`"));
         assert!(err("a b", r#"{"config": {}}"#).contains("pool name"));
         assert!(err("a", r#"{"config": {}, "min": 3, "max": 2}"#).contains("min 3"));
