@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use integration_tests::bench::{env_or, guest_clock_arg};
 use integration_tests::host::{guest_request, ramp_args, Host};
-use integration_tests::{line_field, wait_for_console_line, Scratch};
+use integration_tests::{line_field, Scratch};
 
 const RAM_MIB: u64 = 64;
 const HEADROOM_MIB: u64 = 64;
@@ -65,8 +65,34 @@ fn static_fit(dir: &std::path::Path, mem_mib: u64, peak_mib: u64) -> u64 {
     k
 }
 
+/// The guest's last line, or None (said why) if its VMM ended first.
+fn wait_done(host: &mut Host, id: &str) -> Option<String> {
+    let start = Instant::now();
+    let console = host.console(id);
+    loop {
+        let text = std::fs::read_to_string(&console).unwrap_or_default();
+        if let Some(line) = text
+            .lines()
+            .find(|l| l.starts_with("guest: vmem0 follow done"))
+        {
+            return Some(line.to_string());
+        }
+        let vm = host.get(&format!("/vms/{id}"));
+        if vm["state"] == "exited" {
+            eprintln!(
+                "{id}: its VMM ended before the guest was done: {}",
+                vm["reason"]
+            );
+            return None;
+        }
+        assert!(start.elapsed() < DEADLINE, "{id}: no last line");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 struct PoolRun {
     vms: u64,
+    died: u64,
     failures: u64,
     guaranteed_failures: u64,
     guaranteed_short: u64,
@@ -152,6 +178,7 @@ fn pool(
     let secs = state["window"].as_f64().unwrap() * WINDOW_MS as f64 / 1000.0;
     PoolRun {
         vms,
+        died,
         failures,
         guaranteed_failures,
         guaranteed_short: state["guaranteed_short_windows"]["mem"].as_u64().unwrap(),

@@ -41,8 +41,9 @@ struct Made {
     ms: f64,
 }
 
-/// Windows of a rise the pool grants ahead: it reads a forecast up to a window after the VM
-/// made it, and the grant reaches the VM's predictor up to a window later.
+/// Windows of a rise the pool grants ahead beyond the VM's own horizon: it reads a forecast up
+/// to a window after the VM made it, and the grant reaches the VM's predictor up to a window
+/// later.
 const LEAD_WINDOWS: f64 = 2.0;
 
 /// Window bounds of the pool, as for a VM's predictor.
@@ -254,10 +255,12 @@ impl Supervisor {
                 .map(|id| {
                     let vm = &self.vms[id];
                     let span = vm.record.spans[r];
-                    // The forecast (expected and upper band) with its rise over the windows
-                    // the grant lags, in whole steps, one step over; a VM with no forecast yet
-                    // keeps what it has.
-                    let lead = LEAD_WINDOWS * vm.rise[r];
+                    // The one-window forecast (expected and upper band) carried on at its rise
+                    // over the rest of the VM's horizon (which its own allocation covers) and
+                    // the windows the grant lags, in whole steps, one step over; a VM with no
+                    // forecast yet keeps what it has.
+                    let ahead_windows = (vm.horizon - 1) as f64 + LEAD_WINDOWS;
+                    let lead = ahead_windows * vm.rise[r];
                     let ahead = |v: Option<f64>| match v {
                         Some(v) => ((v + lead) / span.step).ceil() * span.step + span.step,
                         None => vm.grant[r],

@@ -98,6 +98,8 @@ pub struct ManagedVm {
     pub point: PerResource<Option<f64>>,
     /// How much that upper band rose since the window before (0 when it fell).
     pub rise: PerResource<f64>,
+    /// The windows ahead the VM's predictor provisions for (its `horizon`).
+    pub horizon: u64,
     /// The predictor's window count at the last read.
     pub windows: u64,
     /// Why the last read of its API failed, if it did.
@@ -318,6 +320,7 @@ impl ManagedVm {
             want: PerResource::default(),
             point: PerResource::default(),
             rise: PerResource::default(),
+            horizon: 1,
             windows: 0,
             api_error: None,
             child: Some(child),
@@ -375,6 +378,7 @@ impl ManagedVm {
             want: PerResource::default(),
             point: PerResource::default(),
             rise: PerResource::default(),
+            horizon: 1,
             windows: 0,
             api_error: None,
             child: None,
@@ -507,6 +511,7 @@ impl ManagedVm {
         });
         self.want = want;
         self.point = PerResource::from_fn(|r| forecast[r.name()]["point"].as_f64());
+        self.horizon = status["config"]["horizon"].as_u64().unwrap_or(1).max(1);
         self.windows = windows;
         Ok(())
     }
