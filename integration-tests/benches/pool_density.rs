@@ -139,9 +139,12 @@ fn pool(
         assert_eq!(status, 201, "{id}: {body}");
         ids.push((id, class));
     }
-    let (mut failures, mut guaranteed_failures) = (0, 0);
+    let (mut failures, mut guaranteed_failures, mut died) = (0, 0, 0);
     for (id, class) in &ids {
-        let done = wait_for_console_line(&host.console(id), "guest: vmem0 follow done", DEADLINE);
+        let Some(done) = wait_done(&mut host, id) else {
+            died += 1;
+            continue;
+        };
         let f: u64 = line_field(&done, "failures")
             .and_then(|v| v.parse().ok())
             .expect("failures=");

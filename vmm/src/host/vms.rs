@@ -313,20 +313,7 @@ impl ManagedVm {
             spans: spec.spans,
             origin: origin.into(),
         };
-        let mut vm = ManagedVm {
-            record,
-            state: VmState::Running,
-            grant,
-            want: PerResource::default(),
-            point: PerResource::default(),
-            rise: PerResource::default(),
-            horizon: 1,
-            windows: 0,
-            api_error: None,
-            child: Some(child),
-            client: None,
-            timeout,
-        };
+        let mut vm = ManagedVm::new(record, grant, Some(child), timeout);
         let started = Instant::now();
         loop {
             if let Some(status) = vm.exit_status() {
@@ -368,23 +355,33 @@ impl ManagedVm {
         Ok(())
     }
 
-    /// A VM of a previous supervisor: running if its process is still the one recorded, its
-    /// grant read back from its predictor.
-    pub fn adopt(record: VmRecord, timeout: Duration) -> Self {
-        let mut vm = ManagedVm {
-            grant: PerResource::default(),
+    /// A running VM with no forecast read yet.
+    fn new(
+        record: VmRecord,
+        grant: PerResource<f64>,
+        child: Option<Child>,
+        timeout: Duration,
+    ) -> Self {
+        ManagedVm {
             record,
             state: VmState::Running,
+            grant,
             want: PerResource::default(),
             point: PerResource::default(),
             rise: PerResource::default(),
             horizon: 1,
             windows: 0,
             api_error: None,
-            child: None,
+            child,
             client: None,
             timeout,
-        };
+        }
+    }
+
+    /// A VM of a previous supervisor: running if its process is still the one recorded, its
+    /// grant read back from its predictor.
+    pub fn adopt(record: VmRecord, timeout: Duration) -> Self {
+        let mut vm = ManagedVm::new(record, PerResource::default(), None, timeout);
         if !vm.process_alive() {
             vm.state = VmState::Exited {
                 reason: "its VMM ended while the supervisor was not running".into(),
