@@ -27,6 +27,9 @@ use integration_tests::{line_field, Scratch};
 const RAM_MIB: u64 = 64;
 const HEADROOM_MIB: u64 = 64;
 const WINDOW_MS: u64 = 100;
+/// When the first guest's demand starts to rise: after its predictor's 20-window warm-up (2 s
+/// at 100 ms), as in the predictor's own ramp test.
+const FIRST_RAMP_MS: u64 = 4000;
 const DEADLINE: Duration = Duration::from_secs(300);
 
 /// The host budget: memory is what is measured. The test guest busy-polls while it follows
@@ -113,7 +116,7 @@ fn pool(
     let mut host = Host::start(dir, &budget(mem_mib, vms), WINDOW_MS);
     let floor = RAM_MIB + HEADROOM_MIB;
     let ceiling = RAM_MIB + ramp_mib + HEADROOM_MIB;
-    let last_start = 2000 + stagger_ms * vms;
+    let last_start = FIRST_RAMP_MS + stagger_ms * vms;
     let follow_ms = last_start + 2 * ramp_ms + 2000;
     let started = Instant::now();
     let classes = ["burstable", "best-effort"];
@@ -122,8 +125,8 @@ fn pool(
         let id = format!("pool-{i}");
         // The i-th guest boots about when the one before it did plus its launch: its ramp
         // starts `stagger_ms` after the one before.
-        let start =
-            2000 + stagger_ms * i - (started.elapsed().as_millis() as u64).min(stagger_ms * i);
+        let start = FIRST_RAMP_MS + stagger_ms * i
+            - (started.elapsed().as_millis() as u64).min(stagger_ms * i);
         let class = if i < 2 {
             "guaranteed"
         } else {
@@ -220,6 +223,10 @@ fn main() {
         (
             "prescient host ran",
             format!("{} VMs ({:.1}x K)", run.vms, run.vms as f64 / k as f64),
+        ),
+        (
+            "VMMs that ended before their guest was done",
+            run.died.to_string(),
         ),
         (
             "allocation failures, all guests (ms short)",
