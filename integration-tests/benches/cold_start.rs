@@ -62,7 +62,7 @@ fn trace(seconds: f64, seed: u64) -> Vec<f64> {
     let (mut t, mut out) = (0.0, Vec::new());
     // Thinning: candidate bursts at the highest rate, each kept with rate(t)/max.
     loop {
-        t += -(1.0 - rng.next()).ln() / 1.5;
+        t += -predictor::math::ln(1.0 - rng.next()) / 1.5;
         if t >= seconds {
             return out;
         }
