@@ -532,17 +532,6 @@ impl Supervisor {
             }
         }
         let deadband = PerResource::from_fn(|r| after[r] + grows[r] <= self.budget.0[r] + 1e-9);
-        let mut record = |vm: &ManagedVm, r: Resource, from: f64, to: f64, reason: &str| {
-            changes.push(GrantChange {
-                vm: vm.record.id.clone(),
-                resource: r.name(),
-                class: vm.record.class,
-                want: vm.want[r].unwrap_or(from),
-                from,
-                to,
-                reason: reason.to_string(),
-            });
-        };
         for (id, t) in ids.iter().zip(target) {
             let vm = self.vms.get_mut(id).expect("a running VM");
             let mut next = vm.grant;
@@ -551,17 +540,7 @@ impl Supervisor {
                     next[r] = t[r];
                 }
             }
-            if next != vm.grant {
-                let before = vm.grant;
-                match vm.set_grant(next) {
-                    Ok(()) => {
-                        for r in Resource::ALL.into_iter().filter(|&r| next[r] != before[r]) {
-                            record(vm, r, before[r], next[r], "shrink to forecast");
-                        }
-                    }
-                    Err(e) => tracing::warn!("host: {e}"),
-                }
-            }
+            regrant(vm, next, "shrink to forecast", changes);
         }
         let mut granted = self.granted();
         let mut order: Vec<(usize, &String)> = ids.iter().enumerate().collect();
@@ -579,20 +558,10 @@ impl Supervisor {
                     granted[r] += grow;
                 }
             }
-            if next != vm.grant {
-                let before = vm.grant;
-                match vm.set_grant(next) {
-                    Ok(()) => {
-                        for r in Resource::ALL.into_iter().filter(|&r| next[r] != before[r]) {
-                            record(vm, r, before[r], next[r], "grow to forecast");
-                        }
-                    }
-                    Err(e) => {
-                        for r in Resource::ALL {
-                            granted[r] -= next[r] - before[r];
-                        }
-                        tracing::warn!("host: {e}");
-                    }
+            let before = vm.grant;
+            if !regrant(vm, next, "grow to forecast", changes) {
+                for r in Resource::ALL {
+                    granted[r] -= next[r] - before[r];
                 }
             }
         }
@@ -789,6 +758,36 @@ impl Supervisor {
         }
         out
     }
+}
+
+/// Sets `vm`'s grant to `next` if it differs, logging each resource that changed; false if
+/// the VM refused it (its grant stays as it was).
+fn regrant(
+    vm: &mut ManagedVm,
+    next: PerResource<f64>,
+    reason: &str,
+    changes: &mut Vec<GrantChange>,
+) -> bool {
+    let before = vm.grant;
+    if next == before {
+        return true;
+    }
+    if let Err(e) = vm.set_grant(next) {
+        tracing::warn!("host: {e}");
+        return false;
+    }
+    for r in Resource::ALL.into_iter().filter(|&r| next[r] != before[r]) {
+        changes.push(GrantChange {
+            vm: vm.record.id.clone(),
+            resource: r.name(),
+            class: vm.record.class,
+            want: vm.want[r].unwrap_or(before[r]),
+            from: before[r],
+            to: next[r],
+            reason: reason.to_string(),
+        });
+    }
+    true
 }
 
 /// `prescient host`: binds the API, adopts the recorded VMs and runs the pool.
