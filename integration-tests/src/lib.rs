@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod bench;
 pub mod console;
+pub mod host;
 pub mod linux;
 pub mod nested;
 pub mod openapi;
@@ -499,9 +500,10 @@ pub fn wait_with_deadline(mut child: Child, deadline: Duration) -> Outcome {
     }
 }
 
-/// A minimal HTTP/1.1 client for the API socket, one keep-alive connection.
+/// A client for the API socket (the VMM's own, [`vmm::api::client::Client`]), one keep-alive
+/// connection, whose responses are checked against the OpenAPI document.
 pub struct ApiClient {
-    stream: std::os::unix::net::UnixStream,
+    inner: vmm::api::client::Client,
 }
 
 /// A response from the API: status and body.
@@ -519,73 +521,48 @@ impl ApiResponse {
     }
 }
 
+impl From<vmm::api::client::ClientResponse> for ApiResponse {
+    fn from(r: vmm::api::client::ClientResponse) -> Self {
+        Self {
+            status: r.status,
+            body: r.body,
+        }
+    }
+}
+
 impl ApiClient {
     /// Connects to `socket`, waiting up to 10 s for the server to create it.
     pub fn connect(socket: &Path) -> Self {
         let start = Instant::now();
         loop {
-            match std::os::unix::net::UnixStream::connect(socket) {
-                Ok(stream) => {
-                    stream
-                        .set_read_timeout(Some(Duration::from_secs(30)))
-                        .unwrap();
-                    return Self { stream };
-                }
-                Err(e) if start.elapsed() < Duration::from_secs(10) => {
-                    let _ = e;
+            match vmm::api::client::Client::connect(socket, Duration::from_secs(30)) {
+                Ok(inner) => return Self { inner },
+                Err(_) if start.elapsed() < Duration::from_secs(10) => {
                     std::thread::sleep(Duration::from_millis(10));
                 }
-                Err(e) => panic!("cannot connect to {}: {e}", socket.display()),
+                Err(e) => panic!("{e}"),
             }
         }
     }
 
     /// Sends raw bytes, for malformed-request tests.
     pub fn send_raw(&mut self, bytes: &[u8]) {
-        use std::io::Write;
-        self.stream.write_all(bytes).expect("write to API socket");
+        self.inner.send_raw(bytes).expect("write to API socket");
     }
 
     /// Reads one response; None if the server closed the connection first.
     pub fn read_response(&mut self) -> Option<ApiResponse> {
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            match self.stream.read(&mut byte) {
-                Ok(1) => head.push(byte[0]),
-                _ => return None,
-            }
-        }
-        let head = String::from_utf8(head).expect("UTF-8 response head");
-        let status = head.split_whitespace().nth(1)?.parse().ok()?;
-        let length = head
-            .lines()
-            .find_map(|l| {
-                let (name, value) = l.split_once(':')?;
-                name.eq_ignore_ascii_case("content-length")
-                    .then(|| value.trim().parse::<usize>().ok())?
-            })
-            .unwrap_or(0);
-        let mut body = vec![0u8; length];
-        self.stream.read_exact(&mut body).ok()?;
-        Some(ApiResponse {
-            status,
-            body: String::from_utf8(body).expect("UTF-8 body"),
-        })
+        self.inner.read_response().ok().map(ApiResponse::from)
     }
 
     /// One request on the kept-alive connection; the response is checked against the OpenAPI
     /// document.
     pub fn request(&mut self, method: &str, path: &str, body: Option<&str>) -> ApiResponse {
-        let body = body.unwrap_or("");
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        self.send_raw(req.as_bytes());
-        let response = self
-            .read_response()
-            .unwrap_or_else(|| panic!("no response to {method} {path}"));
+        let response: ApiResponse = self
+            .inner
+            .request(method, path, body)
+            .unwrap_or_else(|e| panic!("no response to {method} {path}: {e}"))
+            .into();
         openapi::check_response(method, path, response.status, &response.body);
         response
     }

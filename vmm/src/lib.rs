@@ -18,6 +18,7 @@ pub mod console;
 pub mod device_manager;
 pub mod event_loop;
 pub mod exit;
+pub mod host;
 pub mod idle_trim;
 pub mod live;
 pub mod logger;

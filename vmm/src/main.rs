@@ -148,6 +148,9 @@ enum Command {
     /// Isolate one microVM (chroot, namespaces, cgroup, uid/gid) and run the VMM with the
     /// arguments after `--` (Firecracker's jailer).
     Jail(jailer::JailArgs),
+    /// Supervise many microVMs on this host with one shared budget: launch them, watch them,
+    /// and grant each its share of CPU, memory and bandwidth ahead of its forecast demand.
+    Host(vmm::host::HostArgs),
     /// Snapshot files (Firecracker's snapshot-editor).
     #[command(name = "snapshot-editor")]
     SnapshotEditor {
@@ -238,6 +241,7 @@ fn run_tool(command: Command) -> ExitCode {
                         },
                 },
         } => rebase_memory(&memory_path, &diff_path),
+        Command::Host(args) => vmm::host::run(&args).map_err(|e| e.to_string()),
         Command::Jail(args) => return run_jail(args),
         #[cfg(feature = "torch")]
         Command::Train(args) => predictor_tools::train::run(&args, &mut out)

@@ -5,6 +5,7 @@
 //! eventfd write to wake its event loop; the client thread blocks on the answer, so the VMM loop
 //! itself never waits on a client.
 
+pub mod client;
 pub mod http;
 pub mod routes;
 

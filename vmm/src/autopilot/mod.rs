@@ -61,6 +61,9 @@ pub struct Autopilot {
     responder: Responder,
     log: DecisionLog,
     last: Option<Decision>,
+    /// The guest's used memory at the last window: what a memory resize between windows (a
+    /// new budget) must not take from it.
+    used_mib: f64,
     windows: u64,
     due: Arc<AtomicBool>,
     trace: Option<TraceWriter<LineWriter<File>>>,
@@ -116,6 +119,7 @@ impl Autopilot {
             responder: Responder::default(),
             log: DecisionLog::default(),
             last: None,
+            used_mib: 0.0,
             windows: 0,
             due: Arc::new(AtomicBool::new(false)),
             trace,
@@ -247,6 +251,7 @@ impl Autopilot {
         inputs.sync(vm, &mut self.collector)?;
         let inputs = inputs.read(vm);
         let used_mib = inputs.memory.used();
+        self.used_mib = used_mib;
         let mut sample = self.collector.close(now_ns, &inputs)?.sample();
         if let Some(t) = &mut self.throttling {
             sample.signals.cpu_throttled = t.since_last();
@@ -329,7 +334,9 @@ impl Autopilot {
     }
 
     /// `PATCH /predictor` while running: a validated new configuration. A throttle is let go,
-    /// and the CPU gets the current allocation again.
+    /// the CPU gets the current allocation again, and every other resource whose allocation
+    /// the new budget moved is resized now, not at its next resize: a host pool that lowers a
+    /// VM's budget gets the memory back at once.
     pub fn reconfigure(
         &mut self,
         next: &PredictorConfig,
@@ -338,6 +345,7 @@ impl Autopilot {
         exit: &ExitSignal,
     ) -> Result<(), ConfigError> {
         let spec = next.policy_spec(&config.machine_config)?;
+        let before = *self.policy.allocation();
         self.policy
             .reconfigure(spec.budget, spec.config.anomaly.ladder)
             .map_err(|e| {
@@ -346,27 +354,30 @@ impl Autopilot {
         self.config = next.clone();
         self.responder.release();
         if self.config.enabled {
-            let cores = self.policy.allocation().cpu;
+            let after = *self.policy.allocation();
             let mut ctx = Context {
                 vm,
                 config,
                 exit,
-                used_mib: 0.0,
+                used_mib: self.used_mib,
             };
-            let applied = self
-                .actuators
-                .apply(Target::Allocation(Resource::Cpu, cores), &mut ctx);
+            let moved = PerResource::from_fn(|r| r == Resource::Cpu || after[r] != before[r]);
+            let applied: Vec<Applied> = Resource::ALL
+                .into_iter()
+                .filter(|&r| moved[r])
+                .map(|r| {
+                    self.actuators
+                        .apply(Target::Allocation(r, after[r]), &mut ctx)
+                })
+                .collect();
             // Logged with the latest decision's inputs and forecast (if a window has closed
-            // yet), restated: what the new budget made of the CPU allocation.
+            // yet), restated: what the new budget made of the allocation.
             let mut d = self.last.clone().unwrap_or_default();
-            d.allocation = *self.policy.allocation();
-            d.resized = PerResource {
-                cpu: true,
-                ..PerResource::default()
-            };
+            d.allocation = after;
+            d.resized = moved;
             d.action = Action::Resize;
             d.reason = "PATCH /predictor: the allocation moved into the new budget".into();
-            self.log.push(d, vec![applied]);
+            self.log.push(d, applied);
         }
         Ok(())
     }

@@ -1,0 +1,346 @@
+//! Cold start under bursty arrivals: request -> guest running, booted cold vs handed out from
+//! a warm pool, and the warm pool's idle memory against an oracle that knew the arrivals.
+//!
+//! The trace: bursts of 1-4 requests (10 ms apart) arriving as a Poisson process whose rate
+//! changes in phases (quiet 0.2 bursts/s, busy 1.5 bursts/s, quiet), seeded, the same for both
+//! runs. Each request runs on its own thread at its arrival time, through one `prescient host`:
+//!
+//! - cold: `POST /vms` with the test guest's config; running = the guest's first console line
+//!   (`prescient-test-guest: hello`), ready = its `guest: kbd waiting for ctrl-alt-del` line
+//!   (booted and polling: the point the warm pool's snapshot was taken at);
+//! - warm: `POST /vms {"from_pool": "fn"}` (a VM restored from a snapshot of that guest, paused);
+//!   running and ready = the answer (the VM resumed: its vCPUs run the guest where the
+//!   snapshot left it); answered = its `guest: ctrl-alt-del` line after a `SendCtrlAltDel`
+//!   (proof from the guest itself, including its 1 ms keyboard poll and console lines, both
+//!   emulated CPL0 code on this host's software KVM).
+//!
+//! Before the measured warm run the pool sees another trace of the same kind, half as long
+//! (another seed): the history a pool in service would have. Times are from the request's
+//! arrival (queueing in a burst included). Idle memory: the mean
+//! number of warm VMs ready (sampled every pool window) times a warm VM's resident memory,
+//! against the oracle's: at each moment the requests that arrive within the time a warm VM
+//! takes to make (they cannot be served by one made later), the fewest any pool could keep.
+//!
+//! `cargo bench -p integration-tests --bench cold_start` (`COLD_START_SECONDS`, default 40;
+//! `COLD_START_SEED`, default 7).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use integration_tests::bench::{env_or, guest_clock_arg, Stat};
+use integration_tests::host::Host;
+use integration_tests::{rss_bytes, Scratch, TEST_GUEST_PVH};
+use vmm::api::client::Client;
+
+const WINDOW_MS: u64 = 100;
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// A small deterministic generator (xorshift64*).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> f64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545f4914f6cdd1d) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Arrival times (ms from the start) of the bursty trace.
+fn trace(seconds: f64, seed: u64) -> Vec<f64> {
+    let mut rng = Rng(seed.max(1));
+    let rate = |t: f64| {
+        let f = t / seconds;
+        if (0.3..0.65).contains(&f) {
+            1.5
+        } else {
+            0.2
+        }
+    };
+    let (mut t, mut out) = (0.0, Vec::new());
+    // Thinning: candidate bursts at the highest rate, each kept with rate(t)/max.
+    loop {
+        t += -predictor::math::ln(1.0 - rng.next()) / 1.5;
+        if t >= seconds {
+            return out;
+        }
+        if rng.next() < rate(t) / 1.5 {
+            let size = 1 + (rng.next() * 4.0) as usize;
+            for i in 0..size {
+                out.push(t * 1000.0 + 10.0 * i as f64);
+            }
+        }
+    }
+}
+
+fn config() -> serde_json::Value {
+    serde_json::json!({
+        "boot-source": {"kernel_image_path": TEST_GUEST_PVH,
+                        "boot_args": format!("cpu_ms=1 mem_mib=1 exit=kbd {}", guest_clock_arg())},
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
+    })
+}
+
+fn post(sock: &Path, body: &serde_json::Value) -> serde_json::Value {
+    let mut c = Client::connect(sock, DEADLINE).expect("host API");
+    let r = c
+        .request("POST", "/vms", Some(&body.to_string()))
+        .expect("POST /vms");
+    assert_eq!(r.status, 201, "{body}: {}", r.body);
+    serde_json::from_str(&r.body).expect("JSON")
+}
+
+fn wait_line(console: &Path, line: &str) {
+    let start = Instant::now();
+    loop {
+        if std::fs::read_to_string(console).is_ok_and(|t| t.contains(line)) {
+            return;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "no {line:?} in {}",
+            console.display()
+        );
+        std::thread::sleep(Duration::from_micros(300));
+    }
+}
+
+fn ctrl_alt_del(sock: &str) {
+    if let Ok(mut c) = Client::connect(Path::new(sock), DEADLINE) {
+        let _ = c.request(
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "SendCtrlAltDel"}"#),
+        );
+    }
+}
+
+/// One request's times from its arrival (ms): running, ready, answered (warm only); and
+/// whether it was served warm.
+#[derive(Debug, Clone, Copy)]
+struct Times {
+    running: f64,
+    ready: f64,
+    answered: f64,
+    warm: bool,
+}
+
+/// Runs the trace; returns each request's times.
+fn run(
+    host: &Host,
+    arrivals: &[f64],
+    warm: bool,
+    samples: Option<&Mutex<Vec<(f64, f64)>>>,
+) -> Vec<Times> {
+    let start = Instant::now();
+    let results = Arc::new(Mutex::new(Vec::new()));
+    let state: PathBuf = host.state.clone();
+    let sock = host.sock.clone();
+    let threads: Vec<_> = arrivals
+        .iter()
+        .map(|&at| {
+            let (results, state, sock) = (results.clone(), state.clone(), sock.clone());
+            std::thread::spawn(move || {
+                let due = start + Duration::from_secs_f64(at / 1000.0);
+                std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                let body = if warm {
+                    serde_json::json!({"from_pool": "fn"})
+                } else {
+                    serde_json::json!({"config": config()})
+                };
+                let vm = post(&sock, &body);
+                let since = |t: Instant| (t - due).as_secs_f64() * 1000.0;
+                let answer = Instant::now();
+                let id = vm["id"].as_str().unwrap().to_string();
+                let api = vm["api_sock"].as_str().unwrap().to_string();
+                let console = state.join(format!("{id}.console"));
+                let was_warm = vm["warm"].as_bool().unwrap_or(false);
+                let times = if was_warm {
+                    ctrl_alt_del(&api);
+                    wait_line(&console, "guest: ctrl-alt-del");
+                    Times {
+                        running: since(answer),
+                        ready: since(answer),
+                        answered: since(Instant::now()),
+                        warm: true,
+                    }
+                } else {
+                    wait_line(&console, "prescient-test-guest: hello");
+                    let running = since(Instant::now());
+                    wait_line(&console, "guest: kbd waiting for ctrl-alt-del");
+                    let ready = since(Instant::now());
+                    ctrl_alt_del(&api);
+                    Times {
+                        running,
+                        ready,
+                        answered: f64::NAN,
+                        warm: false,
+                    }
+                };
+                results.lock().unwrap().push(times);
+            })
+        })
+        .collect();
+    // Sample the warm pool while the trace runs: (warm VMs ready, their mean RSS in MiB).
+    if let Some(samples) = samples {
+        let mut c = Client::connect(&host.sock, DEADLINE).expect("host API");
+        let end =
+            start + Duration::from_secs_f64(arrivals.last().copied().unwrap_or(0.0) / 1000.0 + 1.0);
+        while Instant::now() < end {
+            let r = c.request("GET", "/pools", None).expect("GET /pools");
+            let pools: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+            let ids = pools[0]["ready_ids"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let mut rss = Vec::new();
+            for id in ids.iter().take(3) {
+                let path = format!("/vms/{}", id.as_str().unwrap());
+                let vm: serde_json::Value =
+                    serde_json::from_str(&c.request("GET", &path, None).unwrap().body).unwrap();
+                if let Some(pid) = vm["pid"].as_u64() {
+                    if Path::new(&format!("/proc/{pid}")).exists() {
+                        rss.push(rss_bytes(pid as u32) as f64 / (1 << 20) as f64);
+                    }
+                }
+            }
+            let mean_rss = if rss.is_empty() {
+                f64::NAN
+            } else {
+                rss.iter().sum::<f64>() / rss.len() as f64
+            };
+            samples.lock().unwrap().push((ids.len() as f64, mean_rss));
+            std::thread::sleep(Duration::from_millis(WINDOW_MS));
+        }
+    }
+    for t in threads {
+        t.join().expect("a request thread");
+    }
+    let r = results.lock().unwrap().clone();
+    r
+}
+
+/// The oracle's mean warm count: at each ms, the arrivals in [t, t + make_ms).
+fn oracle_mean(arrivals: &[f64], make_ms: f64, end_ms: f64) -> f64 {
+    let mut total = 0.0;
+    let steps = end_ms as usize;
+    for t in 0..steps {
+        let t = t as f64;
+        total += arrivals
+            .iter()
+            .filter(|&&a| a >= t && a < t + make_ms)
+            .count() as f64;
+    }
+    total / steps.max(1) as f64
+}
+
+fn percentiles(v: &[f64]) -> (f64, f64) {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let at = |q: f64| s[((s.len() - 1) as f64 * q).round() as usize];
+    (at(0.5), at(0.99))
+}
+
+fn main() {
+    let seconds: f64 = env_or("COLD_START_SECONDS", 40.0);
+    let seed: u64 = env_or("COLD_START_SEED", 7);
+    let arrivals = trace(seconds, seed);
+    let scratch = Scratch::new("cold-start");
+    let mut host = Host::start(
+        scratch.path(),
+        "mem=16G,cpu=16,blk=1000,net=1000",
+        WINDOW_MS,
+    );
+    let pool = serde_json::json!({"class": "burstable", "config": config(),
+                                  "snapshot_after_ms": 300, "min": 0, "max": 16});
+    let (status, body) = host.request("PUT", "/pools/fn", Some(&pool.to_string()));
+    assert_eq!(status, 201, "{body}");
+    // The pool's forecaster first sees half as long of another trace of the same kind (its
+    // history of this workload; the measured trace is new to it).
+    let history = trace(seconds / 2.0, seed + 1000);
+    run(&host, &history, true, None);
+    let samples = Mutex::new(Vec::new());
+    let warm = run(&host, &arrivals, true, Some(&samples));
+    let pools = host.get("/pools");
+    let make_ms = pools[0]["make_ms"].as_f64().unwrap();
+    let cold = run(&host, &arrivals, false, None);
+
+    let served_warm = warm.iter().filter(|t| t.warm).count();
+    let fallback = warm.len() - served_warm;
+    let of = |runs: &[Times], f: fn(&Times) -> f64| -> (f64, f64) {
+        let v: Vec<f64> = runs.iter().map(f).filter(|v| v.is_finite()).collect();
+        if v.is_empty() {
+            (f64::NAN, f64::NAN)
+        } else {
+            percentiles(&v)
+        }
+    };
+    let (c50, c99) = of(&cold, |t| t.running);
+    let (cr50, cr99) = of(&cold, |t| t.ready);
+    // A request the pool served cold counts with its cold times.
+    let (w50, w99) = of(&warm, |t| t.running);
+    let (wr50, wr99) = of(&warm, |t| t.ready);
+    let (wa50, wa99) = of(&warm, |t| t.answered);
+    let samples = samples.into_inner().unwrap();
+    let mean_ready = samples.iter().map(|s| s.0).sum::<f64>() / samples.len().max(1) as f64;
+    let rss: Vec<f64> = samples
+        .iter()
+        .map(|s| s.1)
+        .filter(|r| r.is_finite())
+        .collect();
+    let rss = Stat::of(&rss).median;
+    let end_ms = arrivals.last().copied().unwrap_or(0.0) + 1000.0;
+    let oracle = oracle_mean(&arrivals, make_ms, end_ms);
+    println!(
+        "cold start under Poisson bursts: {} requests in {seconds} s (seed {seed}), test guest \
+         1 vCPU 64 MiB; warm pool window {WINDOW_MS} ms, a warm VM made in {make_ms:.1} ms",
+        arrivals.len()
+    );
+    let rows = [
+        (
+            "cold: request -> guest running, p50 / p99",
+            format!("{c50:.1} / {c99:.1} ms"),
+        ),
+        (
+            "cold: request -> guest ready, p50 / p99",
+            format!("{cr50:.1} / {cr99:.1} ms"),
+        ),
+        (
+            "warm: request -> guest running = ready, p50 / p99",
+            format!("{w50:.1} / {w99:.1} ms ({wr50:.1} / {wr99:.1})"),
+        ),
+        (
+            "warm: request -> guest answered Ctrl-Alt-Del",
+            format!("{wa50:.1} / {wa99:.1} ms"),
+        ),
+        (
+            "  requests served warm / booted cold",
+            format!("{served_warm} / {fallback}"),
+        ),
+        ("p99 ready: cold / warm", format!("{:.1}x", cr99 / wr99)),
+        ("p50 ready: cold / warm", format!("{:.1}x", cr50 / wr50)),
+        (
+            "warm VMs ready, mean (pool / oracle)",
+            format!("{mean_ready:.2} / {oracle:.2}"),
+        ),
+        (
+            "warm VM resident memory (paused, restored)",
+            format!("{rss:.1} MiB"),
+        ),
+        (
+            "warm idle memory, mean (pool / oracle)",
+            format!("{:.1} / {:.1} MiB", mean_ready * rss, oracle * rss),
+        ),
+        (
+            "idle memory pool / oracle",
+            format!("{:.2}x", mean_ready / oracle),
+        ),
+    ];
+    for (label, value) in rows {
+        println!("| {label:<44} | {value:>24} |");
+    }
+    // Every VM of the runs has ended (reset on Ctrl-Alt-Del); the warm ones go with the host.
+    let _ = host.request("DELETE", "/pools/fn", None);
+}

@@ -1,0 +1,804 @@
+//! `prescient host`: one supervisor for many microVMs on one host, with a shared pool.
+//!
+//! It launches VMs from specs (one `prescient` process each), watches each through its process
+//! and its API socket, and every window reads each VM's forecast (`GET /predictor`), divides
+//! the host's budget ([`pool::divide`]) and grants each VM its share (`PATCH /predictor`).
+//! The host API ([`api`]) creates, lists, inspects and stops VMs and shows the pool; the VMs
+//! are recorded in the state directory, so a restarted supervisor finds them again.
+
+pub mod api;
+pub mod budget;
+pub mod pool;
+pub mod spec;
+pub mod vms;
+pub mod warm;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::{Duration, Instant};
+
+use predictor::resource::{PerResource, Resource};
+
+use crate::api::http::Response;
+use crate::vmm_config::VmConfig;
+use api::{Envelope, HostRequest};
+use budget::HostBudget;
+use pool::{Claim, GrantChange, PoolLog, PoolWindow};
+use spec::{Class, VmRequest};
+use vms::{Files, ManagedVm, VmState};
+use warm::{PoolSpec, WarmPool};
+
+/// Warm VMs started or let go per pool and window at most.
+const WARM_PER_WINDOW: usize = 4;
+
+/// A warm VM made on a helper thread (a process start and a snapshot load), for its pool.
+struct Made {
+    pool: String,
+    id: String,
+    spans: PerResource<spec::Span>,
+    vm: Result<ManagedVm, vms::VmError>,
+    ms: f64,
+}
+
+/// Windows of a rise the pool grants ahead beyond the VM's own horizon: it reads a forecast up
+/// to a window after the VM made it, and the grant reaches the VM's predictor up to a window
+/// later.
+const LEAD_WINDOWS: f64 = 2.0;
+
+/// Window bounds of the pool, as for a VM's predictor.
+const WINDOW_MS: std::ops::RangeInclusive<u64> = 10..=10_000;
+
+/// `prescient host` arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HostArgs {
+    /// What the pool may grant in all: cpu (cores), mem (MiB, or with K/M/G), blk and net
+    /// (MiB/s, or with K/M/G), e.g. `mem=24G,cpu=2,blk=800M,net=1G`.
+    #[arg(long, value_name = "RESOURCE=AMOUNT,...")]
+    pub budget: HostBudget,
+    /// Serve the host API on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: PathBuf,
+    /// Where the VMs' records, configs, sockets and logs are kept (default: the API socket's
+    /// path with `.d` added).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// The pool's window: how often forecasts are read and grants set.
+    #[arg(long, value_name = "MS", default_value_t = 100)]
+    pub window_ms: u64,
+}
+
+/// Errors of starting the supervisor.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("--window-ms {0}: must be between 10 and 10000")]
+    Window(u64),
+    #[error("cannot create the state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Vms(#[from] vms::VmError),
+    #[error(transparent)]
+    Api(#[from] api::HostApiError),
+}
+
+/// The supervisor: the VMs, the budget and the pool's log, owned by its loop.
+pub struct Supervisor {
+    budget: HostBudget,
+    files: Files,
+    window: Duration,
+    vms: BTreeMap<String, ManagedVm>,
+    pools: BTreeMap<String, WarmPool>,
+    /// Warm VMs being made, and the floors they will hold.
+    made: (
+        std::sync::mpsc::Sender<Made>,
+        std::sync::mpsc::Receiver<Made>,
+    ),
+    making: PerResource<f64>,
+    log: PoolLog,
+    seq: u64,
+    started: Instant,
+    next_id: u64,
+}
+
+fn json(status: u16, value: serde_json::Value) -> Response {
+    Response::json(status, value.to_string())
+}
+
+impl Supervisor {
+    /// Opens the state directory and adopts the VMs recorded there.
+    pub fn new(args: &HostArgs) -> Result<Self, HostError> {
+        if !WINDOW_MS.contains(&args.window_ms) {
+            return Err(HostError::Window(args.window_ms));
+        }
+        let dir = args.state_dir.clone().unwrap_or_else(|| {
+            let mut p = args.api_sock.clone().into_os_string();
+            p.push(".d");
+            PathBuf::from(p)
+        });
+        std::fs::create_dir_all(&dir).map_err(|source| HostError::StateDir {
+            path: dir.clone(),
+            source,
+        })?;
+        let window = Duration::from_millis(args.window_ms);
+        let files = Files { dir };
+        let mut vms = BTreeMap::new();
+        for record in files.records()? {
+            let mut vm = ManagedVm::adopt(record, window * 5);
+            // Warm pools are not kept across restarts: their warm VMs are let go.
+            if let VmState::Warm { pool } = &vm.state {
+                tracing::info!("host: letting warm VM {} of pool {pool} go", vm.record.id);
+                vm.stop();
+                files.remove(&vm.record.id);
+                continue;
+            }
+            tracing::info!(
+                "host: found VM {} ({})",
+                vm.record.id,
+                match &vm.state {
+                    VmState::Exited { reason } => reason,
+                    _ => "running",
+                }
+            );
+            vms.insert(vm.record.id.clone(), vm);
+        }
+        Ok(Self {
+            budget: args.budget,
+            files,
+            window,
+            vms,
+            pools: BTreeMap::new(),
+            made: std::sync::mpsc::channel(),
+            making: PerResource::default(),
+            log: PoolLog::default(),
+            seq: 0,
+            started: Instant::now(),
+            next_id: 0,
+        })
+    }
+
+    /// Serves requests between windows until the process is killed; the VMs live on.
+    pub fn run(&mut self, requests: std::sync::mpsc::Receiver<Envelope>) {
+        let mut next = Instant::now() + self.window;
+        loop {
+            let now = Instant::now();
+            if now < next {
+                match requests.recv_timeout(next - now) {
+                    Ok(env) => {
+                        let response = self.handle(env.request);
+                        let _ = env.reply.send(response);
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => std::thread::sleep(next - now),
+                }
+            }
+            self.window_pass();
+            next += self.window;
+            // A window that ran long is not caught up in a burst.
+            let now = Instant::now();
+            if next < now {
+                next = now + self.window;
+            }
+        }
+    }
+
+    fn running(&self) -> impl Iterator<Item = &ManagedVm> {
+        self.vms.values().filter(|v| v.state == VmState::Running)
+    }
+
+    /// The VMs that hold a grant: running and warm ones.
+    fn holding(&self) -> impl Iterator<Item = &ManagedVm> {
+        self.vms
+            .values()
+            .filter(|v| !matches!(v.state, VmState::Exited { .. }))
+    }
+
+    /// Floors of the VMs that hold a grant, and of the warm VMs being made.
+    fn reserved(&self) -> PerResource<f64> {
+        let held = pool::reserved(self.holding().map(|v| &v.record.spans));
+        PerResource::from_fn(|r| held[r] + self.making[r])
+    }
+
+    fn granted(&self) -> PerResource<f64> {
+        let mut sum = PerResource::default();
+        for vm in self.holding() {
+            for r in Resource::ALL {
+                sum[r] += vm.grant[r];
+            }
+        }
+        sum
+    }
+
+    /// One window: reap the dead, read forecasts, divide, grant.
+    pub fn window_pass(&mut self) {
+        let t0 = Instant::now();
+        self.seq += 1;
+        let mut changes = Vec::new();
+        for vm in self.vms.values_mut() {
+            let before = vm.grant;
+            if vm.check_exit() {
+                self.log.returned += 1;
+                let VmState::Exited { reason } = &vm.state else {
+                    unreachable!("check_exit said it exited")
+                };
+                let reason = reason.clone();
+                tracing::warn!("host: VM {}: {reason}; its grant is returned", vm.record.id);
+                for r in Resource::ALL {
+                    changes.push(GrantChange {
+                        vm: vm.record.id.clone(),
+                        resource: r.name(),
+                        class: vm.record.class,
+                        want: 0.0,
+                        from: before[r],
+                        to: 0.0,
+                        reason: format!("returned: {reason}"),
+                    });
+                }
+            }
+        }
+        for vm in self.vms.values_mut() {
+            if vm.state != VmState::Running {
+                continue;
+            }
+            vm.api_error = vm.observe().err().map(|e| e.to_string());
+        }
+        let ids: Vec<String> = self.running().map(|v| v.record.id.clone()).collect();
+        let mut target: Vec<PerResource<f64>> = ids.iter().map(|id| self.vms[id].grant).collect();
+        let mut wanted = PerResource::default();
+        let mut short = PerResource::default();
+        for r in Resource::ALL {
+            let claims: Vec<Claim> = ids
+                .iter()
+                .map(|id| {
+                    let vm = &self.vms[id];
+                    let span = vm.record.spans[r];
+                    // The one-window forecast (expected and upper band) carried on at its rise
+                    // over the rest of the VM's horizon (which its own allocation covers) and
+                    // the windows the grant lags, in whole steps, one step over; a VM with no
+                    // forecast yet keeps what it has.
+                    let ahead_windows = (vm.horizon - 1) as f64 + LEAD_WINDOWS;
+                    let lead = ahead_windows * vm.rise[r];
+                    let ahead = |v: Option<f64>| match v {
+                        Some(v) => ((v + lead) / span.step).ceil() * span.step + span.step,
+                        None => vm.grant[r],
+                    };
+                    let (need, want) = (ahead(vm.point[r]), ahead(vm.want[r]));
+                    Claim {
+                        class: vm.record.class,
+                        span,
+                        need,
+                        want,
+                        rising: vm.rise[r] > 0.0,
+                    }
+                })
+                .collect();
+            let grants = pool::divide(self.budget.0[r], &claims);
+            for (i, (g, c)) in grants.iter().zip(&claims).enumerate() {
+                target[i][r] = *g;
+                let full = c.want.clamp(c.span.floor, c.span.ceiling);
+                wanted[r] += full;
+                if *g + c.span.step <= full {
+                    short[r] += 1;
+                    if c.class == Class::Guaranteed {
+                        self.log.guaranteed_short[r] += 1;
+                    }
+                }
+            }
+        }
+        self.log.decisions += (ids.len() * Resource::ALL.len()) as u64;
+        self.apply(&ids, &target, &mut changes);
+        let window = PoolWindow {
+            seq: self.seq,
+            t_ms: self.started.elapsed().as_millis() as u64,
+            budget: self.budget.0,
+            granted: self.granted(),
+            wanted,
+            vms: ids.len(),
+            short,
+            changes,
+        };
+        self.log.push(window);
+        self.tend_warm_pools();
+        self.log.busy_us += t0.elapsed().as_micros() as u64;
+    }
+
+    /// Each warm pool: the window's arrivals into its forecast, then warm VMs started up to
+    /// its target or let go above it, a few per window.
+    fn tend_warm_pools(&mut self) {
+        self.collect_made();
+        let names: Vec<String> = self.pools.keys().cloned().collect();
+        for name in names {
+            let pool = self.pools.get_mut(&name).expect("a pool");
+            // Warm VMs that died are no longer ready.
+            let vms = &self.vms;
+            pool.ready
+                .retain(|id| matches!(vms.get(id).map(|v| &v.state), Some(VmState::Warm { .. })));
+            pool.close_window();
+            let (have, target) = (pool.ready.len() + pool.pending, pool.target);
+            for _ in 0..(target.saturating_sub(have)).min(WARM_PER_WINDOW) {
+                if let Err(e) = self.make_warm(&name) {
+                    tracing::warn!("host: warm pool {name}: {e}");
+                    break;
+                }
+            }
+            let pool = self.pools.get_mut(&name).expect("a pool");
+            for _ in 0..(have.saturating_sub(target))
+                .min(pool.ready.len())
+                .min(WARM_PER_WINDOW)
+            {
+                let Some(id) = pool.ready.pop_front() else {
+                    break;
+                };
+                pool.released += 1;
+                if let Some(mut vm) = self.vms.remove(&id) {
+                    vm.kill();
+                }
+                self.files.remove(&id);
+            }
+        }
+    }
+
+    /// Starts making one warm VM of pool `name` on a helper thread: a VMM restored from the
+    /// pool's snapshot, paused. Its floors are reserved from now on.
+    fn make_warm(&mut self, name: &str) -> Result<(), String> {
+        self.next_id += 1;
+        let pool = &self.pools[name];
+        let mut spec = pool.launch.clone();
+        spec.id = format!("{name}-{}-{}", std::process::id(), self.next_id);
+        pool::admit(&self.budget, &self.reserved(), &spec.spans).map_err(|e| e.to_string())?;
+        for r in Resource::ALL {
+            self.making[r] += spec.spans[r].floor;
+        }
+        let floors = spec.spans.map(|_, s| s.floor);
+        let (files, snapshot, tx) = (
+            self.files.clone(),
+            pool.snapshot.clone(),
+            self.made.0.clone(),
+        );
+        let (pool_name, timeout) = (name.to_string(), self.window * 5);
+        self.pools.get_mut(name).expect("a pool").pending += 1;
+        std::thread::Builder::new()
+            .name("host-warm".into())
+            .spawn(move || {
+                let t0 = Instant::now();
+                let snapshot = (snapshot.0.as_path(), snapshot.1.as_path());
+                let vm = ManagedVm::restore(&files, &spec, floors, snapshot, &pool_name, timeout);
+                let _ = tx.send(Made {
+                    pool: pool_name,
+                    id: spec.id,
+                    spans: spec.spans,
+                    vm,
+                    ms: t0.elapsed().as_secs_f64() * 1000.0,
+                });
+            })
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// The warm VMs made since the last look: ready in their pool (or let go if it is gone).
+    fn collect_made(&mut self) {
+        while let Ok(made) = self.made.1.try_recv() {
+            for r in Resource::ALL {
+                self.making[r] -= made.spans[r].floor;
+            }
+            let pool = self.pools.get_mut(&made.pool);
+            match (made.vm, pool) {
+                (Ok(vm), Some(pool)) => {
+                    pool.pending -= 1;
+                    pool.made_in(made.ms);
+                    pool.ready.push_back(made.id.clone());
+                    self.vms.insert(made.id, vm);
+                }
+                (Ok(mut vm), None) => {
+                    vm.kill();
+                    self.files.remove(&made.id);
+                }
+                (Err(e), pool) => {
+                    if let Some(pool) = pool {
+                        pool.pending -= 1;
+                    }
+                    tracing::warn!("host: warm VM {}: {e}", made.id);
+                    self.files.remove(&made.id);
+                }
+            }
+        }
+    }
+
+    /// `PUT /pools/NAME`: boots a template VM from the config, snapshots it after
+    /// `snapshot_after_ms`, and keeps warm VMs restored from that snapshot from the next
+    /// window on.
+    fn put_pool(&mut self, name: String, body: &[u8]) -> Response {
+        if self.pools.contains_key(&name) {
+            return Response::fault(409, format!("a warm pool {name} exists already"));
+        }
+        let spec = match PoolSpec::parse(&name, body) {
+            Ok(s) => s,
+            Err(e) => return Response::fault(400, e),
+        };
+        let checked = VmConfig::parse(&spec.config.to_string())
+            .map_err(|(path, e)| spec::SpecError::ConfigSyntax {
+                path,
+                message: e.to_string(),
+            })
+            .and_then(|c| spec::check(format!("{name}-template"), spec.class, c, None));
+        let launch = match checked {
+            Ok(l) => l,
+            Err(e) => return Response::fault(400, e),
+        };
+        if let Err(e) = pool::admit(&self.budget, &self.reserved(), &launch.spans) {
+            return Response::fault(409, e);
+        }
+        let floors = launch.spans.map(|_, s| s.floor);
+        let t0 = Instant::now();
+        let mut template = match ManagedVm::launch(&self.files, &launch, floors, self.window * 5) {
+            Ok(vm) => vm,
+            Err(e) => {
+                self.files.remove(&launch.id);
+                return Response::fault(500, e);
+            }
+        };
+        let boot_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        std::thread::sleep(Duration::from_millis(spec.snapshot_after_ms));
+        let snapshot = (
+            self.files.dir.join(format!("{name}.snapshot")),
+            self.files.dir.join(format!("{name}.mem")),
+        );
+        let made = template.snapshot(&snapshot.0, &snapshot.1);
+        template.kill();
+        self.files.remove(&launch.id);
+        if let Err(e) = made {
+            return Response::fault(500, e);
+        }
+        match WarmPool::new(name.clone(), spec, launch, snapshot, boot_ms, self.window) {
+            Ok(pool) => {
+                let described = pool.describe();
+                self.pools.insert(name, pool);
+                json(201, described)
+            }
+            Err(e) => Response::fault(500, e),
+        }
+    }
+
+    /// `POST /vms {"from_pool": NAME}`: a warm VM resumed, or (none ready) one booted cold
+    /// from the pool's config.
+    fn claim(&mut self, name: &str) -> Response {
+        self.collect_made();
+        let Some(pool) = self.pools.get_mut(name) else {
+            return Response::fault(404, format!("no warm pool {name} on this host"));
+        };
+        pool.arrival();
+        while let Some(id) = pool.ready.pop_front() {
+            let Some(vm) = self.vms.get_mut(&id) else {
+                continue;
+            };
+            if !matches!(vm.state, VmState::Warm { .. }) {
+                continue;
+            }
+            match vm.resume(&self.files) {
+                Ok(()) => {
+                    pool.handed_out += 1;
+                    let mut described = vm.describe();
+                    described["warm"] = true.into();
+                    return json(201, described);
+                }
+                Err(e) => {
+                    tracing::warn!("host: warm VM {id}: {e}; letting it go");
+                    vm.kill();
+                }
+            }
+        }
+        pool.cold += 1;
+        self.next_id += 1;
+        let mut spec = pool.launch.clone();
+        spec.id = format!("{name}-{}-{}", std::process::id(), self.next_id);
+        let mut r = self.launch(spec);
+        if r.status == 201 {
+            if let Ok(mut v) = serde_json::from_str::<serde_json::Value>(&r.body) {
+                v["warm"] = false.into();
+                r.body = v.to_string();
+            }
+        }
+        r
+    }
+
+    /// Sets the grants towards `target`: every shrink first, then the grows that fit beside
+    /// what is granted, class by class, so that the grants in force never add up to more than
+    /// the budget, even while a VM is slow to take a shrink.
+    fn apply(
+        &mut self,
+        ids: &[String],
+        target: &[PerResource<f64>],
+        changes: &mut Vec<GrantChange>,
+    ) {
+        // Small shrinks wait while the grows fit without them (fewer resizes); a resource
+        // whose grows need the room takes every shrink now.
+        let small = |vm: &ManagedVm, r: Resource, to: f64| {
+            let span = vm.record.spans[r];
+            vm.grant[r] - to < (span.ceiling * 0.02).max(span.step * 2.0)
+        };
+        let mut after = self.granted();
+        let mut grows: PerResource<f64> = PerResource::default();
+        for (id, t) in ids.iter().zip(target) {
+            let vm = &self.vms[id];
+            for r in Resource::ALL {
+                if t[r] > vm.grant[r] {
+                    grows[r] += t[r] - vm.grant[r];
+                } else if !small(vm, r, t[r]) {
+                    after[r] -= vm.grant[r] - t[r];
+                }
+            }
+        }
+        let deadband = PerResource::from_fn(|r| after[r] + grows[r] <= self.budget.0[r] + 1e-9);
+        for (id, t) in ids.iter().zip(target) {
+            let vm = self.vms.get_mut(id).expect("a running VM");
+            let mut next = vm.grant;
+            for r in Resource::ALL {
+                if t[r] < vm.grant[r] && !(deadband[r] && small(vm, r, t[r])) {
+                    next[r] = t[r];
+                }
+            }
+            regrant(vm, next, "shrink to forecast", changes);
+        }
+        let mut granted = self.granted();
+        let mut order: Vec<(usize, &String)> = ids.iter().enumerate().collect();
+        order.sort_by_key(|(_, id)| self.vms[*id].record.class);
+        for (i, id) in order {
+            let vm = self.vms.get_mut(id).expect("a running VM");
+            let mut next = vm.grant;
+            for r in Resource::ALL {
+                let grow = target[i][r] - vm.grant[r];
+                if grow <= 0.0 {
+                    continue;
+                }
+                if granted[r] + grow <= self.budget.0[r] + 1e-9 {
+                    next[r] = target[i][r];
+                    granted[r] += grow;
+                }
+            }
+            let before = vm.grant;
+            if !regrant(vm, next, "grow to forecast", changes) {
+                for r in Resource::ALL {
+                    granted[r] -= next[r] - before[r];
+                }
+            }
+        }
+    }
+
+    /// Answers one host API request.
+    pub fn handle(&mut self, request: HostRequest) -> Response {
+        match request {
+            HostRequest::ListVms => json(200, self.vms.values().map(ManagedVm::describe).collect()),
+            HostRequest::GetVm(id) => match self.vms.get(&id) {
+                Some(vm) => json(200, vm.describe()),
+                None => Response::fault(404, format!("no VM {id}")),
+            },
+            HostRequest::StopVm(id) => match self.vms.remove(&id) {
+                Some(mut vm) => {
+                    vm.stop();
+                    self.files.remove(&id);
+                    Response::no_content()
+                }
+                None => Response::fault(404, format!("no VM {id}")),
+            },
+            HostRequest::CreateVm(body) => self.create(&body),
+            HostRequest::Pool => json(200, self.pool_state()),
+            HostRequest::Decisions { since } => json(
+                200,
+                serde_json::to_value(self.log.since(since)).expect("windows serialise"),
+            ),
+            HostRequest::ListPools => {
+                json(200, self.pools.values().map(WarmPool::describe).collect())
+            }
+            HostRequest::PutPool(name, body) => self.put_pool(name, &body),
+            HostRequest::DeletePool(name) => match self.pools.remove(&name) {
+                Some(pool) => {
+                    for id in pool.ready {
+                        if let Some(mut vm) = self.vms.remove(&id) {
+                            vm.kill();
+                        }
+                        self.files.remove(&id);
+                    }
+                    let _ = std::fs::remove_file(&pool.snapshot.0);
+                    let _ = std::fs::remove_file(&pool.snapshot.1);
+                    Response::no_content()
+                }
+                None => Response::fault(404, format!("no warm pool {name}")),
+            },
+            HostRequest::Metrics => Response {
+                content_type: "text/plain; version=0.0.4",
+                ..Response::json(200, self.prometheus())
+            },
+        }
+    }
+
+    fn create(&mut self, body: &[u8]) -> Response {
+        let checked = VmRequest::parse(body).and_then(|req| {
+            let config = req.config()?;
+            let id = req.id.clone().unwrap_or_else(|| {
+                self.next_id += 1;
+                format!("vm-{}-{}", std::process::id(), self.next_id)
+            });
+            Ok(match config {
+                Some(c) => Ok(spec::check(id, req.class, c, req.jailer.clone())?),
+                None => Err(req.from_pool.unwrap_or_default()),
+            })
+        });
+        match checked {
+            Ok(Ok(spec)) => self.launch(spec),
+            Ok(Err(pool)) => self.claim(&pool),
+            Err(e) => Response::fault(400, e),
+        }
+    }
+
+    fn launch(&mut self, spec: spec::LaunchSpec) -> Response {
+        if self.vms.contains_key(&spec.id) {
+            return Response::fault(
+                409,
+                format!(
+                    "a VM {} exists already (DELETE /vms/{} first)",
+                    spec.id, spec.id
+                ),
+            );
+        }
+        if let Err(e) = pool::admit(&self.budget, &self.reserved(), &spec.spans) {
+            return Response::fault(409, e);
+        }
+        let floors = spec.spans.map(|_, s| s.floor);
+        match ManagedVm::launch(&self.files, &spec, floors, self.window * 5) {
+            Ok(vm) => {
+                let described = vm.describe();
+                tracing::info!("host: VM {} started ({})", spec.id, spec.class.name());
+                self.vms.insert(spec.id.clone(), vm);
+                json(201, described)
+            }
+            Err(e) => {
+                self.files.remove(&spec.id);
+                Response::fault(500, e)
+            }
+        }
+    }
+
+    fn pool_state(&self) -> serde_json::Value {
+        let granted = self.granted();
+        let reserved = self.reserved();
+        let slack = PerResource::from_fn(|r| self.budget.0[r] - granted[r]);
+        let secs = self.started.elapsed().as_secs_f64().max(1e-9);
+        serde_json::json!({
+            "window": self.seq,
+            "window_ms": self.window.as_millis() as u64,
+            "budget": self.budget.0,
+            "granted": granted,
+            "reserved": reserved,
+            "slack": slack,
+            "running": self.running().count(),
+            "exited": self.vms.len() - self.running().count(),
+            "decisions": self.log.decisions,
+            "decisions_per_s": self.log.decisions as f64 / secs,
+            "changes": self.log.changes,
+            "returned": self.log.returned,
+            "guaranteed_short_windows": self.log.guaranteed_short,
+            "busy_us": self.log.busy_us,
+            "last": self.log.last(),
+        })
+    }
+
+    fn prometheus(&self) -> String {
+        use std::fmt::Write;
+        let granted = self.granted();
+        let reserved = self.reserved();
+        let mut out = String::new();
+        let mut gauge = |name: &str, help: &str, values: &PerResource<f64>| {
+            let _ = writeln!(out, "# HELP prescient_pool_{name} {help}");
+            let _ = writeln!(out, "# TYPE prescient_pool_{name} gauge");
+            for r in Resource::ALL {
+                let _ = writeln!(
+                    out,
+                    "prescient_pool_{name}{{resource=\"{}\"}} {}",
+                    r.name(),
+                    values[r]
+                );
+            }
+        };
+        gauge(
+            "budget",
+            "The host's budget (cores, MiB, MiB/s).",
+            &self.budget.0,
+        );
+        gauge("granted", "Sum of the running VMs' grants.", &granted);
+        gauge("reserved", "Sum of the running VMs' floors.", &reserved);
+        let short = self.log.guaranteed_short.map(|_, &v| v as f64);
+        gauge(
+            "guaranteed_short_windows",
+            "Windows in which a guaranteed VM was granted less than its forecast.",
+            &short,
+        );
+        let counters = [
+            ("windows_total", "Pool windows run.", self.seq),
+            (
+                "decisions_total",
+                "Grants computed (VMs x resources).",
+                self.log.decisions,
+            ),
+            ("grant_changes_total", "Grants changed.", self.log.changes),
+            (
+                "returned_total",
+                "VMMs found dead and their grants returned.",
+                self.log.returned,
+            ),
+            (
+                "busy_microseconds_total",
+                "Time spent in pool windows.",
+                self.log.busy_us,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let _ = writeln!(out, "# HELP prescient_pool_{name} {help}");
+            let _ = writeln!(out, "# TYPE prescient_pool_{name} counter");
+            let _ = writeln!(out, "prescient_pool_{name} {value}");
+        }
+        let _ = writeln!(out, "# HELP prescient_pool_vms VMs by class and state.");
+        let _ = writeln!(out, "# TYPE prescient_pool_vms gauge");
+        for class in Class::ALL {
+            let of = |running: bool| {
+                self.vms
+                    .values()
+                    .filter(|v| v.record.class == class && (v.state == VmState::Running) == running)
+                    .count()
+            };
+            for (state, n) in [("running", of(true)), ("exited", of(false))] {
+                let _ = writeln!(
+                    out,
+                    "prescient_pool_vms{{class=\"{}\",state=\"{state}\"}} {n}",
+                    class.name()
+                );
+            }
+        }
+        out
+    }
+}
+
+/// Sets `vm`'s grant to `next` if it differs, logging each resource that changed; false if
+/// the VM refused it (its grant stays as it was).
+fn regrant(
+    vm: &mut ManagedVm,
+    next: PerResource<f64>,
+    reason: &str,
+    changes: &mut Vec<GrantChange>,
+) -> bool {
+    let before = vm.grant;
+    if next == before {
+        return true;
+    }
+    if let Err(e) = vm.set_grant(next) {
+        tracing::warn!("host: {e}");
+        return false;
+    }
+    for r in Resource::ALL.into_iter().filter(|&r| next[r] != before[r]) {
+        changes.push(GrantChange {
+            vm: vm.record.id.clone(),
+            resource: r.name(),
+            class: vm.record.class,
+            want: vm.want[r].unwrap_or(before[r]),
+            from: before[r],
+            to: next[r],
+            reason: reason.to_string(),
+        });
+    }
+    true
+}
+
+/// `prescient host`: binds the API, adopts the recorded VMs and runs the pool.
+pub fn run(args: &HostArgs) -> Result<(), HostError> {
+    let mut supervisor = Supervisor::new(args)?;
+    let (_api, requests) = api::start(&args.api_sock)?;
+    tracing::info!(
+        "host: serving {} with {} VMs found",
+        args.api_sock.display(),
+        supervisor.vms.len()
+    );
+    supervisor.run(requests);
+    Ok(())
+}

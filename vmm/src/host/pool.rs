@@ -1,0 +1,384 @@
+//! The pool: each window, every VM's want (its predictor's forecast, upper band) is turned into
+//! a grant so that the grants of each resource never add up to more than the host's budget.
+//!
+//! The contention rule (docs/pool.md): every VM keeps its floor, reserved at admission. What is
+//! left is handed out in tiers, each a class and how much of its forecast it covers:
+//!
+//! 1. guaranteed VMs, up to their forecast's upper band;
+//! 2. burstable VMs, up to their expected demand (the forecast's point);
+//! 3. best-effort VMs, up to their expected demand;
+//! 4. burstable VMs whose forecast is rising, up to their upper band;
+//! 5. best-effort VMs whose forecast is rising, up to their upper band;
+//! 6. the other burstable VMs, up to their upper band;
+//! 7. the other best-effort VMs, up to their upper band.
+//!
+//! A miss below the expected demand is likely (about even odds) and one above it is the band's
+//! tail; that tail is reached mostly on the way up (a forecaster lags a rise, and a band stays
+//! wide for a while after one), so every VM's expected demand is covered before any
+//! non-guaranteed band, and rising VMs' bands before the others': the largest expected miss
+//! costs go first. A tier whose asks all fit gets them in full; the first tier that does not
+//! fit shares what is left in proportion to its asks (each VM of it short by the same
+//! fraction), and the tiers after it get nothing more. Best-effort VMs are thus squeezed
+//! first, and a guaranteed VM is short only when the guaranteed VMs' bands alone exceed what
+//! the floors leave.
+
+use std::collections::VecDeque;
+
+use predictor::resource::{PerResource, Resource};
+use serde::Serialize;
+
+use super::budget::HostBudget;
+use super::spec::{Class, Span};
+
+/// Windows the log keeps.
+const LOG_WINDOWS: usize = 1200;
+
+/// Errors of the pool's bookkeeping.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PoolError {
+    #[error(
+        "the host budget cannot reserve this VM's {resource} floor of {floor} {unit}: \
+         {reserved} of {budget} {unit} are reserved already"
+    )]
+    NoRoom {
+        resource: &'static str,
+        unit: &'static str,
+        floor: f64,
+        reserved: f64,
+        budget: f64,
+    },
+}
+
+/// One VM as the pool sees it in a window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Claim {
+    pub class: Class,
+    pub span: Span,
+    /// Its expected demand (before the span bounds it).
+    pub need: f64,
+    /// What its forecast's upper band asks for (before the span bounds it).
+    pub want: f64,
+    /// Whether its forecast rose since the window before.
+    pub rising: bool,
+}
+
+/// How much of a VM's forecast a tier covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cover {
+    Expected,
+    /// The upper band of VMs whose forecast rises.
+    RisingBand,
+    Band,
+}
+
+/// The tiers, in the order they are served.
+const TIERS: [(Class, Cover); 7] = [
+    (Class::Guaranteed, Cover::Band),
+    (Class::Burstable, Cover::Expected),
+    (Class::BestEffort, Cover::Expected),
+    (Class::Burstable, Cover::RisingBand),
+    (Class::BestEffort, Cover::RisingBand),
+    (Class::Burstable, Cover::Band),
+    (Class::BestEffort, Cover::Band),
+];
+
+/// The grants of one resource: `claims` in, one grant each out, in their order. Every grant is
+/// within its span, a floor plus a multiple of its step, and the grants add up to at most
+/// `total` whenever the floors do.
+pub fn divide(total: f64, claims: &[Claim]) -> Vec<f64> {
+    let mut grants: Vec<f64> = claims.iter().map(|c| c.span.floor).collect();
+    let mut left = total - grants.iter().sum::<f64>();
+    let level = |c: &Claim, cover: Cover| {
+        let ask = match cover {
+            Cover::Expected => c.need,
+            Cover::RisingBand if !c.rising => c.need,
+            _ => c.want.max(c.need),
+        };
+        ask.clamp(c.span.floor, c.span.ceiling)
+    };
+    for (class, cover) in TIERS {
+        if left <= 0.0 {
+            break;
+        }
+        let ask = |(g, c): (&f64, &Claim)| (level(c, cover) - g).max(0.0);
+        let asked: f64 = grants
+            .iter()
+            .zip(claims)
+            .filter(|(_, c)| c.class == class)
+            .map(ask)
+            .sum();
+        if asked <= 0.0 {
+            continue;
+        }
+        let share = (left / asked).min(1.0);
+        let mut given = 0.0;
+        for (g, c) in grants.iter_mut().zip(claims) {
+            if c.class != class {
+                continue;
+            }
+            let more = ask((g, c)) * share;
+            // Whole steps above the floor, rounded down so the sum stays within the total.
+            let steps = ((*g + more - c.span.floor) / c.span.step + 1e-9).floor();
+            let next = (c.span.floor + steps * c.span.step).max(*g);
+            given += next - *g;
+            *g = next;
+        }
+        left -= given;
+        if share < 1.0 {
+            break;
+        }
+    }
+    grants
+}
+
+/// How a grant changed, and why.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GrantChange {
+    pub vm: String,
+    pub resource: &'static str,
+    pub class: Class,
+    pub want: f64,
+    pub from: f64,
+    pub to: f64,
+    pub reason: String,
+}
+
+/// One window of the pool: the totals after it and what changed in it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PoolWindow {
+    pub seq: u64,
+    /// Milliseconds since the supervisor started.
+    pub t_ms: u64,
+    pub budget: PerResource<f64>,
+    pub granted: PerResource<f64>,
+    /// What the VMs' forecasts asked for, each within its span.
+    pub wanted: PerResource<f64>,
+    pub vms: usize,
+    /// VMs of each class whose memory grant was below their want.
+    pub short: PerResource<u64>,
+    pub changes: Vec<GrantChange>,
+}
+
+/// The windows of the pool, newest last, and the counters its metrics report.
+#[derive(Debug, Default)]
+pub struct PoolLog {
+    windows: VecDeque<PoolWindow>,
+    pub decisions: u64,
+    pub changes: u64,
+    pub returned: u64,
+    /// Windows in which a guaranteed VM's grant was below its want, per resource.
+    pub guaranteed_short: PerResource<u64>,
+    /// Time spent deciding (reading forecasts, dividing, patching), microseconds.
+    pub busy_us: u64,
+}
+
+impl PoolLog {
+    pub fn push(&mut self, window: PoolWindow) {
+        self.changes += window.changes.len() as u64;
+        if self.windows.len() == LOG_WINDOWS {
+            self.windows.pop_front();
+        }
+        self.windows.push_back(window);
+    }
+
+    pub fn last(&self) -> Option<&PoolWindow> {
+        self.windows.back()
+    }
+
+    /// Windows after `seq`.
+    pub fn since(&self, seq: u64) -> Vec<&PoolWindow> {
+        self.windows.iter().filter(|w| w.seq > seq).collect()
+    }
+}
+
+/// Sum of `floor` of each resource over `spans`.
+pub fn reserved<'a>(spans: impl Iterator<Item = &'a PerResource<Span>>) -> PerResource<f64> {
+    let mut sum = PerResource::default();
+    for s in spans {
+        for r in Resource::ALL {
+            sum[r] += s[r].floor;
+        }
+    }
+    sum
+}
+
+/// Admission: a VM is taken only if its floors fit beside those reserved already.
+pub fn admit(
+    budget: &HostBudget,
+    reserved: &PerResource<f64>,
+    spans: &PerResource<Span>,
+) -> Result<(), PoolError> {
+    for r in Resource::ALL {
+        if reserved[r] + spans[r].floor > budget.0[r] + 1e-9 {
+            return Err(PoolError::NoRoom {
+                resource: r.name(),
+                unit: r.unit(),
+                floor: spans[r].floor,
+                reserved: reserved[r],
+                budget: budget.0[r],
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim(class: Class, floor: f64, ceiling: f64, want: f64) -> Claim {
+        Claim {
+            class,
+            span: Span {
+                floor,
+                ceiling,
+                step: 2.0,
+            },
+            need: want,
+            want,
+            rising: false,
+        }
+    }
+
+    #[test]
+    fn wants_that_fit_are_granted_in_whole_steps() {
+        let claims = [
+            claim(Class::Burstable, 64.0, 512.0, 101.0),
+            claim(Class::BestEffort, 64.0, 512.0, 2000.0),
+            claim(Class::Guaranteed, 64.0, 512.0, 10.0),
+        ];
+        // 101 rounds down to the step; 2000 stops at the ceiling; a want under the floor
+        // keeps the floor.
+        assert_eq!(divide(4096.0, &claims), vec![100.0, 512.0, 64.0]);
+    }
+
+    #[test]
+    fn contention_squeezes_best_effort_first_then_shares_by_want() {
+        let claims = [
+            claim(Class::BestEffort, 64.0, 1024.0, 512.0),
+            claim(Class::Guaranteed, 64.0, 1024.0, 512.0),
+            claim(Class::Burstable, 64.0, 1024.0, 264.0),
+            claim(Class::Burstable, 64.0, 1024.0, 464.0),
+        ];
+        // Floors 256, guaranteed +448 -> 704 of 1000; burstable asks 200 + 400 for 296 left:
+        // each gets the same fraction (296/600) of its extra; best-effort keeps its floor.
+        let g = divide(1000.0, &claims);
+        assert_eq!(g[0], 64.0);
+        assert_eq!(g[1], 512.0);
+        assert_eq!((g[2], g[3]), (64.0 + 98.0, 64.0 + 196.0));
+        assert!(g.iter().sum::<f64>() <= 1000.0);
+    }
+
+    #[test]
+    fn expected_demand_is_covered_before_any_burstable_band() {
+        let banded = |class, need, want| Claim {
+            need,
+            want,
+            ..claim(class, 100.0, 1000.0, 0.0)
+        };
+        let rising = |class, need, want| Claim {
+            rising: true,
+            ..banded(class, need, want)
+        };
+        // A burstable VM past its peak (a wide band over a small expected demand), one
+        // ramping (both high), and a best-effort VM: 300 floors, 500 to share.
+        let claims = [
+            banded(Class::Burstable, 150.0, 600.0),
+            banded(Class::Burstable, 400.0, 450.0),
+            banded(Class::BestEffort, 200.0, 300.0),
+        ];
+        let g = divide(800.0, &claims);
+        // Expected demands first (50 + 300 + 100 = 450), then 50 left for the burstable
+        // bands (450 + 50 asked): shared 10 to 1.
+        assert_eq!(g, vec![150.0 + 44.0, 400.0 + 4.0, 200.0]);
+        // The same, the second one rising: its band comes before the falling one's, and
+        // then a rising best-effort band before it too.
+        let claims = [claims[0], rising(Class::Burstable, 400.0, 450.0), claims[2]];
+        assert_eq!(divide(800.0, &claims), vec![150.0, 450.0, 200.0]);
+        let claims = [
+            claims[0],
+            claims[1],
+            rising(Class::BestEffort, 200.0, 300.0),
+        ];
+        assert_eq!(divide(850.0, &claims), vec![150.0, 450.0, 250.0]);
+    }
+
+    #[test]
+    fn grants_never_exceed_the_total_whatever_the_wants() {
+        // A small deterministic generator: many random pools, the invariant each time.
+        let mut x: u64 = 0x9e3779b97f4a7c15;
+        let mut next = |m: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % m
+        };
+        for _ in 0..2000 {
+            let n = 1 + next(20) as usize;
+            let claims: Vec<Claim> = (0..n)
+                .map(|_| {
+                    let floor = 1.0 + next(100) as f64;
+                    let need = next(1500) as f64;
+                    Claim {
+                        class: Class::ALL[next(3) as usize],
+                        span: Span {
+                            floor,
+                            ceiling: floor + next(1000) as f64,
+                            step: [0.01, 1.0, 2.0][next(3) as usize],
+                        },
+                        need,
+                        want: need + next(500) as f64,
+                        rising: next(2) == 1,
+                    }
+                })
+                .collect();
+            let floors: f64 = claims.iter().map(|c| c.span.floor).sum();
+            let total = floors + next(3000) as f64;
+            let g = divide(total, &claims);
+            assert!(g.iter().sum::<f64>() <= total + 1e-6, "{claims:?} {total}");
+            for (g, c) in g.iter().zip(&claims) {
+                assert!(*g >= c.span.floor && *g <= c.span.ceiling + 1e-9);
+            }
+            // A VM gets more than its expected demand only once every guaranteed VM has its
+            // band and every other VM its expected demand (within a step of rounding).
+            let covered = |d: &Claim, level: f64| level.clamp(d.span.floor, d.span.ceiling);
+            for (i, c) in claims.iter().enumerate() {
+                if g[i] > covered(c, c.need) + 1e-9 && c.class != Class::Guaranteed {
+                    for (j, d) in claims.iter().enumerate() {
+                        let due = match d.class {
+                            Class::Guaranteed => covered(d, d.want.max(d.need)),
+                            _ => covered(d, d.need),
+                        };
+                        assert!(g[j] + d.span.step > due - 1e-6, "{claims:?} {g:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn admission_names_the_resource_that_does_not_fit() {
+        let budget = HostBudget(PerResource {
+            cpu: 2.0,
+            mem: 256.0,
+            blk: 100.0,
+            net: 100.0,
+        });
+        let span = |floor| Span {
+            floor,
+            ceiling: floor * 2.0,
+            step: 1.0,
+        };
+        let spans = PerResource {
+            cpu: span(0.5),
+            mem: span(128.0),
+            blk: span(1.0),
+            net: span(1.0),
+        };
+        let r = reserved([spans, spans].iter());
+        assert_eq!(r.mem, 256.0);
+        assert!(admit(&budget, &reserved([spans].iter()), &spans).is_ok());
+        let e = admit(&budget, &r, &spans).unwrap_err().to_string();
+        assert!(e.contains("mem floor of 128 MiB: 256 of 256 MiB"), "{e}");
+    }
+}

@@ -1,0 +1,639 @@
+//! The VMs the supervisor runs: one `prescient` process each, launched from a checked spec,
+//! watched by its process and its API socket, and recorded on disk so that a restarted
+//! supervisor finds them again.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use predictor::resource::{PerResource, Resource};
+use serde::{Deserialize, Serialize};
+
+use super::spec::{budget_update, Class, LaunchSpec, Span};
+use crate::api::client::{Client, ClientError};
+use crate::vmm_config::PredictorUpdate;
+
+/// How long a new VMM has to serve its API.
+const START_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a stopped VMM has to exit after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
+/// Errors of launching, watching and stopping VMs.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read the state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start the VMM of {id}: {source}")]
+    Spawn { id: String, source: std::io::Error },
+    #[error("the VMM of {id} ended before serving its API ({status}): {log}")]
+    Died {
+        id: String,
+        status: String,
+        log: String,
+    },
+    #[error("the VMM of {id} did not serve its API within {START_DEADLINE:?}")]
+    Silent { id: String },
+    #[error("API of {id}: {source}")]
+    Api { id: String, source: ClientError },
+    #[error("API of {id}: {method} {path} answered {status}: {body}")]
+    Refused {
+        id: String,
+        method: &'static str,
+        path: &'static str,
+        status: u16,
+        body: String,
+    },
+    #[error("API of {id}: GET /predictor is not the predictor's status: {why}")]
+    Status { id: String, why: String },
+}
+
+/// What is kept on disk of a VM (`<state-dir>/<id>.vm.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub id: String,
+    pub class: Class,
+    pub pid: u32,
+    /// The process's start time (clock ticks after boot, /proc/PID/stat): with the pid, the
+    /// process itself, not a later one given the same pid.
+    pub start_ticks: u64,
+    pub api_sock: PathBuf,
+    pub spans: PerResource<Span>,
+    /// Where the VM came from: "config" or the warm pool's class.
+    #[serde(default)]
+    pub origin: String,
+}
+
+/// How a VM stands.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum VmState {
+    Running,
+    /// Restored from its warm pool's snapshot and paused, waiting to be handed out.
+    Warm {
+        pool: String,
+    },
+    /// Its process is gone; its grant went back to the pool.
+    Exited {
+        reason: String,
+    },
+}
+
+/// A VM under the supervisor.
+pub struct ManagedVm {
+    pub record: VmRecord,
+    pub state: VmState,
+    /// What it may use now (the max of its predictor's budget).
+    pub grant: PerResource<f64>,
+    /// What its last forecast asked for (upper band), if it made one.
+    pub want: PerResource<Option<f64>>,
+    /// That forecast's expected value.
+    pub point: PerResource<Option<f64>>,
+    /// How much that upper band rose since the window before (0 when it fell).
+    pub rise: PerResource<f64>,
+    /// The windows ahead the VM's predictor provisions for (its `horizon`).
+    pub horizon: u64,
+    /// The predictor's window count at the last read.
+    pub windows: u64,
+    /// Why the last read of its API failed, if it did.
+    pub api_error: Option<String>,
+    /// Our child, when this supervisor launched it (reaped on exit).
+    child: Option<Child>,
+    client: Option<Client>,
+    timeout: Duration,
+}
+
+/// `/proc/PID/stat`: state letter and start time.
+fn proc_stat(pid: u32) -> Option<(char, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: fields count from its end.
+    let rest = &text[text.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first()?.chars().next()?;
+    let start = fields.get(19)?.parse().ok()?;
+    Some((state, start))
+}
+
+fn write_file(path: &Path, contents: &[u8]) -> Result<(), VmError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|source| VmError::Write {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// The last lines of a VMM's log, for an error.
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(5).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+}
+
+/// Where a VM's files are.
+#[derive(Debug, Clone)]
+pub struct Files {
+    pub dir: PathBuf,
+}
+
+impl Files {
+    fn path(&self, id: &str, ext: &str) -> PathBuf {
+        self.dir.join(format!("{id}.{ext}"))
+    }
+    pub fn record(&self, id: &str) -> PathBuf {
+        self.path(id, "vm.json")
+    }
+    pub fn config(&self, id: &str) -> PathBuf {
+        self.path(id, "config.json")
+    }
+    pub fn socket(&self, id: &str) -> PathBuf {
+        self.path(id, "sock")
+    }
+    pub fn console(&self, id: &str) -> PathBuf {
+        self.path(id, "console")
+    }
+    pub fn log(&self, id: &str) -> PathBuf {
+        self.path(id, "log")
+    }
+
+    /// The records on disk.
+    pub fn records(&self) -> Result<Vec<VmRecord>, VmError> {
+        let entries = std::fs::read_dir(&self.dir).map_err(|source| VmError::StateDir {
+            path: self.dir.clone(),
+            source,
+        })?;
+        let mut records = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if !path.to_string_lossy().ends_with(".vm.json") {
+                continue;
+            }
+            match std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+            {
+                Ok(r) => records.push(r),
+                Err(e) => tracing::warn!("host: skipping {}: {e}", path.display()),
+            }
+        }
+        records.sort_by(|a: &VmRecord, b| a.id.cmp(&b.id));
+        Ok(records)
+    }
+
+    /// Removes every file of a VM.
+    pub fn remove(&self, id: &str) {
+        for ext in ["vm.json", "config.json", "sock"] {
+            let _ = std::fs::remove_file(self.path(id, ext));
+        }
+    }
+}
+
+impl ManagedVm {
+    /// Launches `spec` with `grant`, and waits until its API serves.
+    pub fn launch(
+        files: &Files,
+        spec: &LaunchSpec,
+        grant: PerResource<f64>,
+        timeout: Duration,
+    ) -> Result<Self, VmError> {
+        let config_path = files.config(&spec.id);
+        let config = spec.config_with_grant(&grant);
+        let text = serde_json::to_vec_pretty(&config).expect("a config serialises");
+        write_file(&config_path, &text)?;
+        let vm = Self::spawn(files, spec, grant, Some(&config_path), "config", timeout)?;
+        vm.save(files)?;
+        Ok(vm)
+    }
+
+    /// Starts a VMM for `spec` from the snapshot `snapshot` (state and memory files), paused:
+    /// a warm VM of `pool`.
+    pub fn restore(
+        files: &Files,
+        spec: &LaunchSpec,
+        grant: PerResource<f64>,
+        snapshot: (&Path, &Path),
+        pool: &str,
+        timeout: Duration,
+    ) -> Result<Self, VmError> {
+        let mut vm = Self::spawn(files, spec, grant, None, &format!("warm:{pool}"), timeout)?;
+        let load = serde_json::json!({
+            "snapshot_path": snapshot.0,
+            "mem_backend": {"backend_type": "File", "backend_path": snapshot.1},
+            "resume_vm": false,
+        });
+        if let Err(e) = vm.request("PUT", "/snapshot/load", Some(&load.to_string())) {
+            vm.kill();
+            return Err(e);
+        }
+        vm.state = VmState::Warm { pool: pool.into() };
+        vm.save(files)?;
+        Ok(vm)
+    }
+
+    fn save(&self, files: &Files) -> Result<(), VmError> {
+        write_file(
+            &files.record(&self.record.id),
+            &serde_json::to_vec_pretty(&self.record).expect("a record serialises"),
+        )
+    }
+
+    /// Starts the VMM (with `config`, or empty for a restore) and waits until its API serves.
+    fn spawn(
+        files: &Files,
+        spec: &LaunchSpec,
+        grant: PerResource<f64>,
+        config: Option<&Path>,
+        origin: &str,
+        timeout: Duration,
+    ) -> Result<Self, VmError> {
+        let id = spec.id.clone();
+        let sock = match &spec.jailer {
+            Some(j) => j.host_socket(&id),
+            None => files.socket(&id),
+        };
+        let _ = std::fs::remove_file(&sock);
+        let exe = std::env::current_exe().map_err(|source| VmError::Spawn {
+            id: id.clone(),
+            source,
+        })?;
+        let open = |p: PathBuf| {
+            std::fs::File::create(&p).map_err(|source| VmError::Write { path: p, source })
+        };
+        let mut command = Command::new(exe);
+        match &spec.jailer {
+            // The jailer execs the VMM in place: the pid stays the VMM's. It opens the config
+            // and the files it names before the chroot.
+            Some(j) => {
+                command
+                    .args(["jail", "--id", &id])
+                    .args(["--uid", &j.uid.to_string(), "--gid", &j.gid.to_string()])
+                    .arg("--chroot-base-dir")
+                    .arg(&j.chroot_base_dir)
+                    .args(["--cgroup-version", &j.cgroup_version.to_string()])
+                    .args(["--", "--api-sock", super::spec::JAILED_API_SOCK]);
+            }
+            None => {
+                command.arg("--api-sock").arg(&sock);
+            }
+        }
+        if let Some(config) = config {
+            command.arg("--config-file").arg(config);
+        }
+        if spec.jailer.is_none() {
+            // The jailer passes its own --id.
+            command.args(["--id", &id]);
+        }
+        command
+            .stdin(Stdio::null())
+            .stdout(open(files.console(&id))?)
+            .stderr(open(files.log(&id))?);
+        // Its own process group: a signal to the supervisor's terminal does not reach the VMs,
+        // which outlive a supervisor restart.
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        let child = command.spawn().map_err(|source| VmError::Spawn {
+            id: id.clone(),
+            source,
+        })?;
+        let pid = child.id();
+        let start_ticks = proc_stat(pid).map(|(_, t)| t).unwrap_or(0);
+        let record = VmRecord {
+            id: id.clone(),
+            class: spec.class,
+            pid,
+            start_ticks,
+            api_sock: sock.clone(),
+            spans: spec.spans,
+            origin: origin.into(),
+        };
+        let mut vm = ManagedVm::new(record, grant, Some(child), timeout);
+        let started = Instant::now();
+        loop {
+            if let Some(status) = vm.exit_status() {
+                return Err(VmError::Died {
+                    id,
+                    status,
+                    log: log_tail(&files.log(&vm.record.id)),
+                });
+            }
+            if let Ok(c) = Client::connect(&sock, timeout) {
+                vm.client = Some(c);
+                return Ok(vm);
+            }
+            if started.elapsed() > START_DEADLINE {
+                vm.kill();
+                return Err(VmError::Silent { id });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Hands a warm VM out: resumed, and from now on a VM like any other.
+    pub fn resume(&mut self, files: &Files) -> Result<(), VmError> {
+        self.request("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#))?;
+        if let VmState::Warm { pool } = &self.state {
+            self.record.origin = format!("from_pool:{pool}");
+        }
+        self.state = VmState::Running;
+        self.save(files)
+    }
+
+    /// Pauses the VM and writes a Full snapshot of it to `state` and `memory`.
+    pub fn snapshot(&mut self, state: &Path, memory: &Path) -> Result<(), VmError> {
+        self.request("PATCH", "/vm", Some(r#"{"state": "Paused"}"#))?;
+        let body = serde_json::json!({
+            "snapshot_type": "Full", "snapshot_path": state, "mem_file_path": memory,
+        });
+        self.request("PUT", "/snapshot/create", Some(&body.to_string()))?;
+        Ok(())
+    }
+
+    /// A running VM with no forecast read yet.
+    fn new(
+        record: VmRecord,
+        grant: PerResource<f64>,
+        child: Option<Child>,
+        timeout: Duration,
+    ) -> Self {
+        ManagedVm {
+            record,
+            state: VmState::Running,
+            grant,
+            want: PerResource::default(),
+            point: PerResource::default(),
+            rise: PerResource::default(),
+            horizon: 1,
+            windows: 0,
+            api_error: None,
+            child,
+            client: None,
+            timeout,
+        }
+    }
+
+    /// A VM of a previous supervisor: running if its process is still the one recorded, its
+    /// grant read back from its predictor.
+    pub fn adopt(record: VmRecord, timeout: Duration) -> Self {
+        let mut vm = ManagedVm::new(record, PerResource::default(), None, timeout);
+        if !vm.process_alive() {
+            vm.state = VmState::Exited {
+                reason: "its VMM ended while the supervisor was not running".into(),
+            };
+            return vm;
+        }
+        if let Some(pool) = vm.record.origin.strip_prefix("warm:") {
+            vm.state = VmState::Warm { pool: pool.into() };
+        }
+        match vm.read_status() {
+            Ok(status) => {
+                let budget = &status["config"]["budget"];
+                for r in Resource::ALL {
+                    let key = budget_key(r);
+                    vm.grant[r] = budget[key]["max"]
+                        .as_f64()
+                        .unwrap_or(vm.record.spans[r].ceiling);
+                }
+            }
+            Err(e) => {
+                // Running but not answering: it holds at most its ceiling.
+                vm.grant = vm.record.spans.map(|_, s| s.ceiling);
+                vm.api_error = Some(e.to_string());
+            }
+        }
+        vm
+    }
+
+    fn process_alive(&self) -> bool {
+        matches!(proc_stat(self.record.pid), Some((state, start))
+            if state != 'Z' && state != 'X' && start == self.record.start_ticks)
+    }
+
+    /// How the process ended, once it has.
+    fn exit_status(&mut self) -> Option<String> {
+        if let Some(child) = &mut self.child {
+            return match child.try_wait() {
+                Ok(Some(status)) => Some(status.to_string()),
+                _ => None,
+            };
+        }
+        (!self.process_alive()).then(|| "its process is gone".to_string())
+    }
+
+    /// Checks the process; a VM found dead becomes `Exited` and its grant is zero. True if it
+    /// died now.
+    pub fn check_exit(&mut self) -> bool {
+        if matches!(self.state, VmState::Exited { .. }) {
+            return false;
+        }
+        match self.exit_status() {
+            Some(status) => {
+                self.state = VmState::Exited {
+                    reason: format!("its VMM exited: {status}"),
+                };
+                self.client = None;
+                self.grant = PerResource::default();
+                self.want = PerResource::default();
+                self.point = PerResource::default();
+                let _ = std::fs::remove_file(&self.record.api_sock);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn api_err(&self, source: ClientError) -> VmError {
+        VmError::Api {
+            id: self.record.id.clone(),
+            source,
+        }
+    }
+
+    /// One request on the VM's API, reconnecting if the last connection broke.
+    fn request(
+        &mut self,
+        method: &'static str,
+        path: &'static str,
+        body: Option<&str>,
+    ) -> Result<crate::api::client::ClientResponse, VmError> {
+        if self.client.is_none() {
+            let c = Client::connect(&self.record.api_sock, self.timeout)
+                .map_err(|e| self.api_err(e))?;
+            self.client = Some(c);
+        }
+        let client = self.client.as_mut().expect("connected above");
+        let response = client.request(method, path, body);
+        match response {
+            Ok(r) if (200..300).contains(&r.status) => Ok(r),
+            Ok(r) => Err(VmError::Refused {
+                id: self.record.id.clone(),
+                method,
+                path,
+                status: r.status,
+                body: r.body,
+            }),
+            Err(e) => {
+                self.client = None;
+                Err(self.api_err(e))
+            }
+        }
+    }
+
+    fn read_status(&mut self) -> Result<serde_json::Value, VmError> {
+        let r = self.request("GET", "/predictor", None)?;
+        serde_json::from_str(&r.body).map_err(|e| VmError::Status {
+            id: self.record.id.clone(),
+            why: e.to_string(),
+        })
+    }
+
+    /// Reads the VM's forecast: per resource, the upper band of its last window's forecast.
+    pub fn observe(&mut self) -> Result<(), VmError> {
+        let status = self.read_status()?;
+        let windows = status["windows"].as_u64().unwrap_or(0);
+        if windows == self.windows {
+            return Ok(());
+        }
+        let forecast = &status["last"]["forecast"];
+        let want = PerResource::from_fn(|r| forecast[r.name()]["upper"].as_f64());
+        self.rise = PerResource::from_fn(|r| match (want[r], self.want[r]) {
+            (Some(now), Some(before)) => (now - before).max(0.0),
+            _ => 0.0,
+        });
+        self.want = want;
+        self.point = PerResource::from_fn(|r| forecast[r.name()]["point"].as_f64());
+        self.horizon = status["config"]["horizon"].as_u64().unwrap_or(1).max(1);
+        self.windows = windows;
+        Ok(())
+    }
+
+    /// Sets the VM's grant: its predictor's budget from its floors up to `grant`.
+    pub fn set_grant(&mut self, grant: PerResource<f64>) -> Result<(), VmError> {
+        let update = PredictorUpdate {
+            budget: Some(budget_update(&self.record.spans, &grant)),
+            ..PredictorUpdate::default()
+        };
+        let body = serde_json::to_string(&update).expect("an update serialises");
+        self.request("PATCH", "/predictor", Some(&body))?;
+        self.grant = grant;
+        Ok(())
+    }
+
+    /// Kills the VMM at once (a warm VM being let go, a template after its snapshot).
+    pub fn kill(&mut self) {
+        // SAFETY: kill only sends a signal to the pid we recorded for this VM.
+        unsafe { libc::kill(self.record.pid as i32, libc::SIGKILL) };
+        if let Some(c) = &mut self.child {
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops the VMM: SIGTERM, then SIGKILL after a grace period.
+    pub fn stop(&mut self) {
+        if !matches!(self.state, VmState::Exited { .. }) && self.process_alive() {
+            // SAFETY: kill only sends a signal to the process we checked is this VM's.
+            unsafe { libc::kill(self.record.pid as i32, libc::SIGTERM) };
+            let start = Instant::now();
+            while self.exit_status().is_none() {
+                if start.elapsed() > STOP_GRACE {
+                    self.kill();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        self.state = VmState::Exited {
+            reason: "stopped".into(),
+        };
+        self.grant = PerResource::default();
+        self.client = None;
+    }
+
+    /// The VM for `GET /vms`.
+    pub fn describe(&self) -> serde_json::Value {
+        let mut v = serde_json::json!({
+            "id": self.record.id,
+            "class": self.record.class,
+            "pid": self.record.pid,
+            "api_sock": self.record.api_sock,
+            "origin": self.record.origin,
+            "grant": self.grant,
+            "want": self.want,
+            "expected": self.point,
+            "spans": self.record.spans,
+            "windows": self.windows,
+        });
+        let state = serde_json::to_value(&self.state).expect("a state serialises");
+        if let (Some(v), Some(s)) = (v.as_object_mut(), state.as_object()) {
+            v.extend(s.clone());
+            if let Some(e) = &self.api_error {
+                v.insert("api_error".into(), e.clone().into());
+            }
+        }
+        v
+    }
+}
+
+/// The budget field of each resource in the predictor's config.
+fn budget_key(r: Resource) -> &'static str {
+    match r {
+        Resource::Cpu => "cpu_cores",
+        Resource::Mem => "memory_mib",
+        Resource::Blk => "blk_mibps",
+        Resource::Net => "net_mibps",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_stat_reads_this_process_and_misses_a_gone_one() {
+        let (state, start) = proc_stat(std::process::id()).unwrap();
+        assert!(matches!(state, 'R' | 'S'), "{state}");
+        assert!(start > 0);
+        assert_eq!(proc_stat(u32::MAX), None);
+    }
+
+    #[test]
+    fn records_survive_the_disk_and_bad_ones_are_skipped() {
+        let dir = std::env::temp_dir().join(format!("host-vms-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let files = Files { dir: dir.clone() };
+        let span = Span {
+            floor: 1.0,
+            ceiling: 2.0,
+            step: 1.0,
+        };
+        let record = VmRecord {
+            id: "a".into(),
+            class: Class::Guaranteed,
+            pid: std::process::id(),
+            start_ticks: proc_stat(std::process::id()).unwrap().1,
+            api_sock: dir.join("a.sock"),
+            spans: PerResource::from_fn(|_| span),
+            origin: "config".into(),
+        };
+        write_file(&files.record("a"), &serde_json::to_vec(&record).unwrap()).unwrap();
+        std::fs::write(files.record("b"), b"{not json").unwrap();
+        assert_eq!(files.records().unwrap(), vec![record.clone()]);
+        // This process is alive; its API socket is not there.
+        let vm = ManagedVm::adopt(record.clone(), Duration::from_millis(100));
+        assert_eq!(vm.state, VmState::Running);
+        assert!(vm.api_error.is_some());
+        let gone = VmRecord {
+            start_ticks: record.start_ticks + 1,
+            ..record
+        };
+        let vm = ManagedVm::adopt(gone, Duration::from_millis(100));
+        assert!(matches!(vm.state, VmState::Exited { .. }));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
