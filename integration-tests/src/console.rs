@@ -264,7 +264,11 @@ impl Console {
             .map_err(|end| {
                 let why = match end {
                     WaitEnd::Closed => "the console closed (the VMM exited)".to_string(),
-                    WaitEnd::TimedOut => format!("not within {timeout:?}"),
+                    WaitEnd::TimedOut => format!(
+                        "not within {timeout:?}\n--- its threads (a stalled guest: is a vCPU \
+                         running, or waiting in the VMM?) ---\n{}",
+                        thread_states(self.pid())
+                    ),
                 };
                 let tail = self.lines();
                 format!(
@@ -381,6 +385,36 @@ impl Console {
     }
 }
 
+/// One line per thread of process `pid`: its name, scheduler state, and the kernel function it
+/// sleeps in (`wchan`), from /proc.
+fn thread_states(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("(no /proc/{pid}/task: the process is gone)");
+    };
+    let mut lines: Vec<String> = tasks
+        .flatten()
+        .map(|task| {
+            let p = task.path();
+            let read = |f: &str| std::fs::read_to_string(p.join(f)).unwrap_or_default();
+            // stat: "tid (comm) S ..."; comm may hold spaces, the state follows its ')'.
+            let stat = read("stat");
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .unwrap_or("?")
+                .to_string();
+            format!(
+                "{} {} {state} wchan={}",
+                task.file_name().to_string_lossy(),
+                read("comm").trim(),
+                read("wchan").trim()
+            )
+        })
+        .collect();
+    lines.sort();
+    lines.join("\n")
+}
+
 impl Drop for Console {
     fn drop(&mut self) {
         // A failed assertion must not leave a VM running.
@@ -407,5 +441,38 @@ impl Drop for Console {
                 lines[lines.len().saturating_sub(40)..].join("\n")
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_states_name_each_thread_and_where_it_sleeps() {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let sleeper = std::thread::Builder::new()
+            .name("sleeper".into())
+            .spawn(move || {
+                let _ = rx.recv();
+            })
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let states = loop {
+            let states = thread_states(std::process::id());
+            if states.lines().any(|l| l.contains(" sleeper S wchan=")) {
+                break states;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no sleeping 'sleeper':\n{states}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        // This thread is running while it reads its own state.
+        assert!(states.lines().any(|l| l.contains(" R wchan=")), "{states}");
+        drop(tx);
+        sleeper.join().unwrap();
+        assert!(thread_states(u32::MAX).contains("the process is gone"));
     }
 }
