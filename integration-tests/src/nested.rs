@@ -94,18 +94,7 @@ pub fn on_hardware_kvm(timeout: Duration, body: impl Fn()) {
             "inside L1 but kvm_amd is not loaded"
         );
         println!("{TEST_PREFIX}begin {name} timeout={}", timeout.as_secs());
-        let attempt = || std::panic::catch_unwind(std::panic::AssertUnwindSafe(&body));
-        let mut result = attempt();
-        for _ in 0..EMULATOR_RETRIES {
-            let breakage = result
-                .as_ref()
-                .err()
-                .and_then(|p| emulator_breakage(panic_message(p.as_ref())));
-            let Some(sign) = breakage else { break };
-            // The failed attempt's panic and consoles are above, in the stream.
-            println!("{TEST_PREFIX}retry {name} the L2 guest broke inside the emulator: {sign}");
-            result = attempt();
-        }
+        let result = with_retries(name, &body);
         let verdict = if result.is_ok() { "passed" } else { "failed" };
         println!("{TEST_PREFIX}end {name} {verdict}");
         if let Err(panic) = result {
@@ -142,6 +131,24 @@ const EMULATOR_BREAKAGE: [&str; 6] = [
     "general protection fault",
     "PANIC: double fault",
 ];
+
+/// Runs `body` (test `name`), again while it fails with an [`emulator_breakage`], at most
+/// [`EMULATOR_RETRIES`] more times: the last attempt's result.
+fn with_retries(name: &str, body: &dyn Fn()) -> std::thread::Result<()> {
+    let attempt = || std::panic::catch_unwind(std::panic::AssertUnwindSafe(body));
+    let mut result = attempt();
+    for _ in 0..EMULATOR_RETRIES {
+        let breakage = result
+            .as_ref()
+            .err()
+            .and_then(|p| emulator_breakage(panic_message(p.as_ref())));
+        let Some(sign) = breakage else { break };
+        // The failed attempt's panic and consoles are above, in the stream.
+        println!("{TEST_PREFIX}retry {name} the L2 guest broke inside the emulator: {sign}");
+        result = attempt();
+    }
+    result
+}
 
 /// At one broken boot in 15, three attempts leave a scenario failing from this cause about once
 /// in 3000 runs.
@@ -913,6 +920,36 @@ mod tests {
         );
         let p: Box<dyn std::any::Any + Send> = Box::new(String::from(tf));
         assert_eq!(panic_message(p.as_ref()), tf);
+    }
+
+    #[test]
+    fn a_guest_broken_by_the_emulator_is_retried_at_most_twice_and_a_failed_check_never() {
+        use std::cell::Cell;
+        let runs = Cell::new(0);
+        let broken_once = || {
+            runs.set(runs.get() + 1);
+            if runs.get() == 1 {
+                panic!("vCPU 1: guest triple fault (KVM_EXIT_SHUTDOWN); registers rip=0xfff0");
+            }
+        };
+        assert!(with_retries("t", &broken_once).is_ok());
+        assert_eq!(runs.get(), 2);
+
+        runs.set(0);
+        let always_broken = || {
+            runs.set(runs.get() + 1);
+            panic!("[ 22.69] rcu: INFO: rcu_sched detected stalls on CPUs/tasks:");
+        };
+        assert!(with_retries("t", &always_broken).is_err());
+        assert_eq!(runs.get(), 1 + EMULATOR_RETRIES);
+
+        runs.set(0);
+        let failed_check = || {
+            runs.set(runs.get() + 1);
+            panic!("fio-randrw failed: exit_code 1");
+        };
+        assert!(with_retries("t", &failed_check).is_err());
+        assert_eq!(runs.get(), 1);
     }
 
     #[test]
