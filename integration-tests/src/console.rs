@@ -167,6 +167,8 @@ pub struct Console {
     what: String,
     out: LineStream,
     stderr: Option<std::thread::JoinHandle<String>>,
+    /// What the VMM wrote to stderr so far (the whole of it comes from `stderr` at the end).
+    stderr_so_far: Arc<Mutex<String>>,
     reaped: bool,
 }
 
@@ -190,16 +192,23 @@ impl Console {
             .unwrap_or_else(|e| panic!("cannot start {what} ({cmd:?}): {e}"));
         let out = LineStream::read(child.stdout.take().expect("piped stdout"), start, tee);
         let mut stderr = child.stderr.take().expect("piped stderr");
+        let stderr_so_far: Arc<Mutex<String>> = Arc::default();
+        let so_far = stderr_so_far.clone();
         let stderr = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = stderr.read_to_string(&mut s);
-            s
+            let mut bytes = Vec::new();
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = stderr.read(&mut buf) {
+                bytes.extend_from_slice(&buf[..n]);
+                *so_far.lock().unwrap() = String::from_utf8_lossy(&bytes).into_owned();
+            }
+            String::from_utf8_lossy(&bytes).into_owned()
         });
         Console {
             child,
             what: what.to_string(),
             out,
             stderr: Some(stderr),
+            stderr_so_far,
             reaped: false,
         }
     }
@@ -262,13 +271,32 @@ impl Console {
             .wait_line_from(skip, timeout, pred)
             .map(|(_, t, line)| (t, line))
             .map_err(|end| {
-                let why = match end {
-                    WaitEnd::Closed => "the console closed (the VMM exited)".to_string(),
-                    WaitEnd::TimedOut => format!("not within {timeout:?}"),
+                let (why, threads) = match end {
+                    WaitEnd::Closed => {
+                        // The VMM says why it ended on stderr (a triple fault, say), maybe a
+                        // moment after its console closed.
+                        std::thread::sleep(Duration::from_millis(200));
+                        let stderr = self.stderr_so_far.lock().unwrap().clone();
+                        let last: Vec<&str> = stderr.lines().rev().take(5).collect();
+                        let why = format!(
+                            "the console closed (the VMM exited); its stderr ends:\n{}",
+                            last.into_iter().rev().collect::<Vec<_>>().join("\n")
+                        );
+                        (why, String::new())
+                    }
+                    // Last in the message, where a report that shows its end sees it.
+                    WaitEnd::TimedOut => (
+                        format!("not within {timeout:?}"),
+                        format!(
+                            "\n--- its threads (a stalled guest: is a vCPU running, or waiting \
+                             in the VMM?) ---\n{}",
+                            thread_states(self.pid())
+                        ),
+                    ),
                 };
                 let tail = self.lines();
                 format!(
-                    "{}: waited for {awaited}: {why} ({:.1}s after start)\n--- console ({} lines, last 80) ---\n{}",
+                    "{}: waited for {awaited}: {why} ({:.1}s after start)\n--- console ({} lines, last 80) ---\n{}{threads}",
                     self.what,
                     self.out.elapsed().as_secs_f64(),
                     tail.len(),
@@ -381,6 +409,36 @@ impl Console {
     }
 }
 
+/// One line per thread of process `pid`: its name, scheduler state, and the kernel function it
+/// sleeps in (`wchan`), from /proc.
+fn thread_states(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("(no /proc/{pid}/task: the process is gone)");
+    };
+    let mut lines: Vec<String> = tasks
+        .flatten()
+        .map(|task| {
+            let p = task.path();
+            let read = |f: &str| std::fs::read_to_string(p.join(f)).unwrap_or_default();
+            // stat: "tid (comm) S ..."; comm may hold spaces, the state follows its ')'.
+            let stat = read("stat");
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .unwrap_or("?")
+                .to_string();
+            format!(
+                "{} {} {state} wchan={}",
+                task.file_name().to_string_lossy(),
+                read("comm").trim(),
+                read("wchan").trim()
+            )
+        })
+        .collect();
+    lines.sort();
+    lines.join("\n")
+}
+
 impl Drop for Console {
     fn drop(&mut self) {
         // A failed assertion must not leave a VM running.
@@ -407,5 +465,38 @@ impl Drop for Console {
                 lines[lines.len().saturating_sub(40)..].join("\n")
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_states_name_each_thread_and_where_it_sleeps() {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let sleeper = std::thread::Builder::new()
+            .name("sleeper".into())
+            .spawn(move || {
+                let _ = rx.recv();
+            })
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let states = loop {
+            let states = thread_states(std::process::id());
+            if states.lines().any(|l| l.contains(" sleeper S wchan=")) {
+                break states;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no sleeping 'sleeper':\n{states}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        // This thread is running while it reads its own state.
+        assert!(states.lines().any(|l| l.contains(" R wchan=")), "{states}");
+        drop(tx);
+        sleeper.join().unwrap();
+        assert!(thread_states(u32::MAX).contains("the process is gone"));
     }
 }

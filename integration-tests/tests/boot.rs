@@ -92,7 +92,7 @@ fn a_triple_faulting_guest_ends_the_vmm_with_a_clear_message() {
         .assert_line("prescient-test-guest: hello boot=pvh");
     assert!(
         out.stderr
-            .contains("vCPU 0: guest triple fault (KVM_EXIT_SHUTDOWN) at rip 0x"),
+            .contains("vCPU 0: guest triple fault (KVM_EXIT_SHUTDOWN); registers rip=0x"),
         "{}",
         out.stderr
     );

@@ -276,6 +276,9 @@ pub fn assemble(
             let mut cpuid = kvm
                 .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
                 .map_err(BuildError::SupportedCpuid)?;
+            if kvm.check_extension(Cap::TscDeadlineTimer) {
+                crate::arch::x86_64::cpuid::advertise_tsc_deadline(&mut cpuid);
+            }
             apply_cpu_templates(config, &kvm, &mut cpuid)?;
             Some(cpuid)
         }

@@ -19,8 +19,11 @@ pub enum ExitReason {
     GuestSystemEvent { vcpu: u8, kind: u32 },
     /// A vCPU halted with no in-kernel irqchip to wake it (KVM_EXIT_HLT).
     GuestHalted { vcpu: u8 },
-    /// The guest triple-faulted (KVM_EXIT_SHUTDOWN).
-    TripleFault { vcpu: u8, rip: Option<u64> },
+    /// The guest triple-faulted (KVM_EXIT_SHUTDOWN), with the vCPU's registers as KVM left them.
+    TripleFault {
+        vcpu: u8,
+        regs: Option<ShutdownRegs>,
+    },
     /// KVM could not run the guest any further (internal error, failed entry...).
     GuestCrashed { vcpu: u8, detail: String },
     /// A VMM-side failure while running.
@@ -29,6 +32,51 @@ pub enum ExitReason {
     Signal(i32),
     /// The predictor's anomaly response ended the VM (`anomaly.action: kill`), for this reason.
     KilledByPredictor(String),
+}
+
+/// A vCPU's registers as read right after its KVM_EXIT_SHUTDOWN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ShutdownRegs {
+    pub rip: u64,
+    pub rsp: u64,
+    pub rflags: u64,
+    pub cs_selector: u16,
+    pub cs_base: u64,
+    pub cr0: u64,
+    pub cr2: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub efer: u64,
+}
+
+impl ShutdownRegs {
+    /// The architectural state after INIT: KVM on AMD (SVM) INITs a vCPU when it intercepts a
+    /// shutdown (the VMCB is undefined afterwards), so its registers no longer say where the
+    /// guest was. KVM on Intel leaves them as they were at the triple fault.
+    pub fn is_reset_state(&self) -> bool {
+        const CR0_PE: u64 = 1;
+        self.rip == 0xfff0 && self.cs_base == 0xffff_0000 && self.cr0 & CR0_PE == 0
+    }
+}
+
+impl fmt::Display for ShutdownRegs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "rip={:#x} rsp={:#x} rflags={:#x} cs={:#x} (base {:#x}) cr0={:#x} cr2={:#x} \
+             cr3={:#x} cr4={:#x} efer={:#x}",
+            self.rip,
+            self.rsp,
+            self.rflags,
+            self.cs_selector,
+            self.cs_base,
+            self.cr0,
+            self.cr2,
+            self.cr3,
+            self.cr4,
+            self.efer
+        )
+    }
 }
 
 /// Process exit codes, documented in README.md.
@@ -66,12 +114,18 @@ impl fmt::Display for ExitReason {
                 write!(f, "vCPU {vcpu}: guest system event {kind}")
             }
             ExitReason::GuestHalted { vcpu } => write!(f, "vCPU {vcpu}: guest halted"),
-            ExitReason::TripleFault { vcpu, rip } => {
+            ExitReason::TripleFault { vcpu, regs } => {
                 write!(f, "vCPU {vcpu}: guest triple fault (KVM_EXIT_SHUTDOWN)")?;
-                if let Some(rip) = rip {
-                    write!(f, " at rip {rip:#x}")?;
+                match regs {
+                    Some(r) if r.is_reset_state() => write!(
+                        f,
+                        "; registers {r}: the reset state (KVM on AMD INITs a vCPU at a \
+                         shutdown, so where the guest faulted is lost: see its console, or \
+                         trace kvm:kvm_exit on the host for the guest's last rip)"
+                    ),
+                    Some(r) => write!(f, "; registers {r}"),
+                    None => Ok(()),
                 }
-                Ok(())
             }
             ExitReason::GuestCrashed { vcpu, detail } => write!(f, "vCPU {vcpu}: {detail}"),
             ExitReason::VmmError(msg) => write!(f, "{msg}"),
@@ -172,7 +226,10 @@ mod tests {
         let s = ExitSignal::new().unwrap();
         assert!(!s.requested.load(Ordering::Relaxed));
         s.request(ExitReason::GuestReset);
-        s.request(ExitReason::TripleFault { vcpu: 0, rip: None });
+        s.request(ExitReason::TripleFault {
+            vcpu: 0,
+            regs: None,
+        });
         assert_eq!(s.reason(), Some(ExitReason::GuestReset));
         assert!(s.is_requested());
         assert_eq!(s.event_fd().read().unwrap(), 1);
@@ -184,20 +241,49 @@ mod tests {
         assert_eq!(
             ExitReason::TripleFault {
                 vcpu: 1,
-                rip: Some(0x10)
+                regs: None
             }
             .exit_code(),
             3
         );
         assert_eq!(ExitReason::VmmError("x".into()).exit_code(), 1);
         assert_eq!(ExitReason::Signal(15).exit_code(), 143);
-        assert_eq!(
-            ExitReason::TripleFault {
-                vcpu: 1,
-                rip: Some(0x10)
-            }
-            .to_string(),
-            "vCPU 1: guest triple fault (KVM_EXIT_SHUTDOWN) at rip 0x10"
+    }
+
+    #[test]
+    fn a_triple_fault_names_the_registers_and_says_when_kvm_reset_them() {
+        let regs = ShutdownRegs {
+            rip: 0x10,
+            cs_selector: 0x10,
+            cr0: 0x8000_0011,
+            ..Default::default()
+        };
+        let msg = ExitReason::TripleFault {
+            vcpu: 1,
+            regs: Some(regs),
+        }
+        .to_string();
+        assert!(
+            msg.starts_with("vCPU 1: guest triple fault (KVM_EXIT_SHUTDOWN); registers rip=0x10 "),
+            "{msg}"
         );
+        assert!(msg.contains("cr0=0x80000011"), "{msg}");
+        assert!(!msg.contains("reset state"), "{msg}");
+        // What KVM on AMD leaves: the vCPU after INIT.
+        let reset = ShutdownRegs {
+            rip: 0xfff0,
+            cs_selector: 0xf000,
+            cs_base: 0xffff_0000,
+            cr0: 0x6000_0010,
+            ..Default::default()
+        };
+        assert!(reset.is_reset_state());
+        let msg = ExitReason::TripleFault {
+            vcpu: 0,
+            regs: Some(reset),
+        }
+        .to_string();
+        assert!(msg.contains("rip=0xfff0"), "{msg}");
+        assert!(msg.contains("the reset state"), "{msg}");
     }
 }

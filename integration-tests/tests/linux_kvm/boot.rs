@@ -57,7 +57,6 @@ fn run_workloads(spec: GuestSpec) -> Vec<String> {
 }
 
 #[test]
-#[ignore = "nested KVM under QEMU TCG is not yet reliable enough to gate CI: 2 of the last 6 full runs on 2026-12-07 failed, one with three L2 guests triple-faulting in early boot (KVM_EXIT_SHUTDOWN at rip 0xfff0), one hung for over 7 min; each scenario passed when rerun. .ci/run runs these with --ignored as a reported, non-gating step"]
 fn initramfs_runs_stress_ng_and_fio_then_powers_off_cleanly() {
     on_hardware_kvm(SCENARIO, || {
         run_workloads(GuestSpec::new("linux-initramfs", 2, 512).with_workloads_in_the_initrd());
@@ -65,7 +64,6 @@ fn initramfs_runs_stress_ng_and_fio_then_powers_off_cleanly() {
 }
 
 #[test]
-#[ignore = "nested KVM under QEMU TCG is not yet reliable enough to gate CI: 2 of the last 6 full runs on 2026-12-07 failed, one with three L2 guests triple-faulting in early boot (KVM_EXIT_SHUTDOWN at rip 0xfff0), one hung for over 7 min; each scenario passed when rerun. .ci/run runs these with --ignored as a reported, non-gating step"]
 fn rootfs_on_virtio_blk_runs_stress_ng_and_fio_then_powers_off_cleanly() {
     on_hardware_kvm(SCENARIO, || {
         let lines = run_workloads(GuestSpec::new("linux-rootfs", 2, 512).with_rootfs());
@@ -82,7 +80,6 @@ fn rootfs_on_virtio_blk_runs_stress_ng_and_fio_then_powers_off_cleanly() {
 /// lacks (the CMOS clock, COM2 to COM4, PCI configuration, the POST port for I/O delays): the
 /// predictor watches every window and none may count an unknown exit or raise a finding.
 #[test]
-#[ignore = "nested KVM under QEMU TCG is not yet reliable enough to gate CI: 2 of the last 6 full runs on 2026-12-07 failed, one with three L2 guests triple-faulting in early boot (KVM_EXIT_SHUTDOWN at rip 0xfff0), one hung for over 7 min; each scenario passed when rerun. .ci/run runs these with --ignored as a reported, non-gating step"]
 fn debian_bzimage_boots_to_init_runs_stress_ng_and_is_never_flagged() {
     on_hardware_kvm(SCENARIO, || {
         let release = std::fs::read_to_string(L1_KERNEL_RELEASE).expect("L1's kernel release");

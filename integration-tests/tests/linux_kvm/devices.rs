@@ -31,11 +31,12 @@ fn host(cmd: &mut Command) -> String {
 }
 
 #[test]
-#[ignore = "nested KVM under QEMU TCG is not yet reliable enough to gate CI: 2 of the last 6 full runs on 2026-12-07 failed, one with three L2 guests triple-faulting in early boot (KVM_EXIT_SHUTDOWN at rip 0xfff0), one hung for over 7 min; each scenario passed when rerun. .ci/run runs these with --ignored as a reported, non-gating step"]
 fn the_guest_pings_a_tap_peer_and_the_agent_reports_over_vsock() {
     on_hardware_kvm(SCENARIO, || {
         let tap = "pnet0";
-        let vm = GuestSpec::new("linux-net-vsock", 1, 256)
+        // Two vCPUs: should one stall inside a nested host's emulator, the other reports the
+        // RCU stall that tells that breakage from a failed check (nested::on_hardware_kvm).
+        let vm = GuestSpec::new("linux-net-vsock", 2, 256)
             .section(
                 "network-interfaces",
                 json!([{"iface_id": "eth0", "host_dev_name": tap,

@@ -38,12 +38,27 @@ const LEAF_V2_EXT_TOPOLOGY: u32 = 0x1f;
 const LEAF_AMD_SIZE_IDS: u32 = 0x8000_0008;
 const LEAF_AMD_EXT_APIC_ID: u32 = 0x8000_001e;
 
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
 
 /// Level types of leaves 0xb/0x1f.
 const LEVEL_SMT: u32 = 1;
 const LEVEL_CORE: u32 = 2;
+
+/// Shows the guest the TSC-deadline mode of its local APIC timer. KVM's in-kernel LAPIC emulates
+/// it (KVM_CAP_TSC_DEADLINE_TIMER) but KVM_GET_SUPPORTED_CPUID leaves the bit to userspace, and
+/// QEMU and Firecracker set it. Without it Linux calibrates the LAPIC timer against the PIT
+/// and, where time is irregular (a loaded or nested host), rejects it ("APIC timer disabled due
+/// to verification failure") and runs on the PIT's broadcast ticks, without high-resolution
+/// timers.
+pub fn advertise_tsc_deadline(cpuid: &mut CpuId) {
+    for entry in cpuid.as_mut_slice() {
+        if entry.function == LEAF_FEATURES {
+            entry.ecx |= ECX_TSC_DEADLINE;
+        }
+    }
+}
 
 /// Rewrites `cpuid` (KVM's supported set) for vCPU `index` of `topo`.
 pub fn filter_cpuid(cpuid: &mut CpuId, index: u8, topo: Topology) {
@@ -139,6 +154,14 @@ mod tests {
         assert_ne!(e.edx & EDX_HTT, 0);
         let single = filtered(1, 0, 0, Topology::new(1, true));
         assert_eq!(single.edx & EDX_HTT, 0);
+    }
+
+    #[test]
+    fn the_tsc_deadline_timer_is_advertised_in_leaf1_only() {
+        let mut cpuid = CpuId::from_entries(&[entry(1, 0), entry(7, 0)]).unwrap();
+        advertise_tsc_deadline(&mut cpuid);
+        assert_ne!(cpuid.as_slice()[0].ecx & ECX_TSC_DEADLINE, 0);
+        assert_eq!(cpuid.as_slice()[1].ecx, 0);
     }
 
     #[test]

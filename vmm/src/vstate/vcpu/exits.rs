@@ -84,7 +84,7 @@ pub(super) fn handle_exit(
         VcpuExit::Hlt => (ExitKind::Hlt, Next::End(ExitReason::GuestHalted { vcpu })),
         VcpuExit::Shutdown => (
             ExitKind::Shutdown,
-            Next::End(ExitReason::TripleFault { vcpu, rip: None }),
+            Next::End(ExitReason::TripleFault { vcpu, regs: None }),
         ),
         VcpuExit::SystemEvent(kind, _)
             if kind == KVM_SYSTEM_EVENT_SHUTDOWN || kind == KVM_SYSTEM_EVENT_RESET =>
@@ -204,7 +204,10 @@ mod tests {
         let mut o = Seen::default();
         assert_eq!(
             handle_exit(2, VcpuExit::Shutdown, &buses, &mut o),
-            Next::End(ExitReason::TripleFault { vcpu: 2, rip: None })
+            Next::End(ExitReason::TripleFault {
+                vcpu: 2,
+                regs: None
+            })
         );
         assert!(matches!(
             handle_exit(1, VcpuExit::InternalError, &buses, &mut o),

@@ -25,7 +25,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use crate::arch::x86_64::cpuid::{filter_cpuid, Topology};
 use crate::arch::x86_64::regs::{setup_boot_vcpu, setup_fpu, BootEntry, RegsError};
 use crate::arch::x86_64::{lapic, msr};
-use crate::exit::{ExitReason, ExitSignal};
+use crate::exit::{ExitReason, ExitSignal, ShutdownRegs};
 use crate::seccomp::{self, ThreadKind};
 use crate::vmm_config::cpu_config::BitFilter;
 use exits::{handle_exit, Next};
@@ -389,7 +389,7 @@ impl VcpuRunner {
                 ))),
             };
             if let Next::End(reason) = next {
-                self.exit.request(self.with_rip(reason));
+                self.exit.request(self.with_regs(reason));
                 break;
             }
             paused = false;
@@ -398,12 +398,26 @@ impl VcpuRunner {
     }
 
     /// A triple fault is easier to debug knowing where the guest was.
-    fn with_rip(&self, reason: ExitReason) -> ExitReason {
+    fn with_regs(&self, reason: ExitReason) -> ExitReason {
         match reason {
-            ExitReason::TripleFault { vcpu, rip: None } => ExitReason::TripleFault {
-                vcpu,
-                rip: self.fd.get_regs().ok().map(|r| r.rip),
-            },
+            ExitReason::TripleFault { vcpu, regs: None } => {
+                let regs = match (self.fd.get_regs(), self.fd.get_sregs()) {
+                    (Ok(r), Ok(s)) => Some(ShutdownRegs {
+                        rip: r.rip,
+                        rsp: r.rsp,
+                        rflags: r.rflags,
+                        cs_selector: s.cs.selector,
+                        cs_base: s.cs.base,
+                        cr0: s.cr0,
+                        cr2: s.cr2,
+                        cr3: s.cr3,
+                        cr4: s.cr4,
+                        efer: s.efer,
+                    }),
+                    _ => None,
+                };
+                ExitReason::TripleFault { vcpu, regs }
+            }
             other => other,
         }
     }
