@@ -697,6 +697,7 @@ impl Supervisor {
             "granted": granted,
             "reserved": reserved,
             "slack": slack,
+            "held": self.held(),
             "running": self.running().count(),
             "exited": self.vms.len() - self.running().count(),
             "decisions": self.log.decisions,
@@ -733,6 +734,11 @@ impl Supervisor {
         );
         gauge("granted", "Sum of the running VMs' grants.", &granted);
         gauge("reserved", "Sum of the running VMs' floors.", &reserved);
+        gauge(
+            "held",
+            "Slack lent to ramping VMs: what they must hold above their floors.",
+            &self.held(),
+        );
         let short = self.log.guaranteed_short.map(|_, &v| v as f64);
         gauge(
             "guaranteed_short_windows",
