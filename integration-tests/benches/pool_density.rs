@@ -11,7 +11,8 @@
 //! - Pool: 2K of the same VMs (two of them guaranteed) with their floor at RAM + 64 MiB, the
 //!   supervisor granting each its forecast every window. Printed: VMs run, allocation failures
 //!   summed over every guest, windows in which a guaranteed VM was granted less than its
-//!   forecast, the pool's slack, and the pool's decisions per second.
+//!   forecast, the pool's slack (and what of it was lent to ramping VMs, held above their
+//!   floors), and the pool's decisions per second.
 //!
 //! `cargo bench -p integration-tests --bench pool_density` (`POOL_BUDGET_MIB`, default 2048;
 //! `POOL_RAMP_MIB`, default 448; `POOL_RAMP_MS` (up, and as long down), default 4000;
@@ -102,6 +103,8 @@ struct PoolRun {
     peak_granted: f64,
     mean_slack: f64,
     min_slack: f64,
+    mean_held: f64,
+    held_windows: usize,
     decisions_per_s: f64,
     window_cpu_us: f64,
     wall: Duration,
@@ -168,6 +171,11 @@ fn pool(
         .filter(|w| w["vms"].as_u64() == Some(vms))
         .map(|w| w["budget"]["mem"].as_f64().unwrap() - w["granted"]["mem"].as_f64().unwrap())
         .collect();
+    let held: Vec<f64> = windows
+        .iter()
+        .filter(|w| w["vms"].as_u64() == Some(vms))
+        .map(|w| w["held"]["mem"].as_f64().unwrap())
+        .collect();
     let peak_granted = windows
         .iter()
         .map(|w| w["granted"]["mem"].as_f64().unwrap())
@@ -191,6 +199,8 @@ fn pool(
         peak_granted,
         mean_slack: slack.iter().sum::<f64>() / slack.len().max(1) as f64,
         min_slack: slack.iter().copied().fold(f64::MAX, f64::min),
+        mean_held: held.iter().sum::<f64>() / held.len().max(1) as f64,
+        held_windows: held.iter().filter(|h| **h > 0.0).count(),
         decisions_per_s: state["decisions"].as_f64().unwrap() / secs,
         window_cpu_us: state["busy_us"].as_f64().unwrap() / state["window"].as_f64().unwrap(),
         wall,
@@ -247,6 +257,10 @@ fn main() {
         (
             "pool slack, mean / min (all VMs up)",
             format!("{:.0} / {:.0} MiB", run.mean_slack, run.min_slack),
+        ),
+        (
+            "slack lent ahead of ramps, mean (windows held)",
+            format!("{:.0} MiB ({})", run.mean_held, run.held_windows),
         ),
         (
             "pool decisions per second (VMs x resources)",

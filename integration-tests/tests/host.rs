@@ -86,6 +86,8 @@ fn grants_stay_within_the_host_budget_in_every_window() {
         for c in w["changes"].as_array().unwrap() {
             if c["resource"] == "mem" {
                 let (from, to) = (c["from"].as_f64().unwrap(), c["to"].as_f64().unwrap());
+                // Slack lent to a ramping VM is held within its grant, never above it.
+                assert!(c["hold"].as_f64().unwrap() <= to, "{c}");
                 grew |= to > from;
                 shrank |= to < from;
             }

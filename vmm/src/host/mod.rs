@@ -212,6 +212,16 @@ impl Supervisor {
         sum
     }
 
+    fn held(&self) -> PerResource<f64> {
+        let mut sum = PerResource::default();
+        for vm in self.holding() {
+            for r in Resource::ALL {
+                sum[r] += vm.hold[r] - vm.record.spans[r].floor;
+            }
+        }
+        sum
+    }
+
     /// One window: reap the dead, read forecasts, divide, grant.
     pub fn window_pass(&mut self) {
         let t0 = Instant::now();
@@ -234,6 +244,7 @@ impl Supervisor {
                         want: 0.0,
                         from: before[r],
                         to: 0.0,
+                        hold: 0.0,
                         reason: format!("returned: {reason}"),
                     });
                 }
@@ -247,6 +258,7 @@ impl Supervisor {
         }
         let ids: Vec<String> = self.running().map(|v| v.record.id.clone()).collect();
         let mut target: Vec<PerResource<f64>> = ids.iter().map(|id| self.vms[id].grant).collect();
+        let mut hold: Vec<PerResource<f64>> = ids.iter().map(|id| self.vms[id].hold).collect();
         let mut wanted = PerResource::default();
         let mut short = PerResource::default();
         for r in Resource::ALL {
@@ -266,21 +278,25 @@ impl Supervisor {
                         None => vm.grant[r],
                     };
                     let (need, want) = (ahead(vm.point[r]), ahead(vm.want[r]));
+                    let ramping =
+                        vm.rose_at[r].is_some_and(|w| ((vm.windows - w) as f64) < ahead_windows);
                     Claim {
                         class: vm.record.class,
                         span,
                         need,
                         want,
                         rising: vm.rise[r] > 0.0,
+                        ramping,
                     }
                 })
                 .collect();
             let grants = pool::divide(self.budget.0[r], &claims);
             for (i, (g, c)) in grants.iter().zip(&claims).enumerate() {
-                target[i][r] = *g;
+                target[i][r] = g.max;
+                hold[i][r] = g.hold;
                 let full = c.want.clamp(c.span.floor, c.span.ceiling);
                 wanted[r] += full;
-                if *g + c.span.step <= full {
+                if g.max + c.span.step <= full {
                     short[r] += 1;
                     if c.class == Class::Guaranteed {
                         self.log.guaranteed_short[r] += 1;
@@ -289,13 +305,14 @@ impl Supervisor {
             }
         }
         self.log.decisions += (ids.len() * Resource::ALL.len()) as u64;
-        self.apply(&ids, &target, &mut changes);
+        self.apply(&ids, &target, &hold, &mut changes);
         let window = PoolWindow {
             seq: self.seq,
             t_ms: self.started.elapsed().as_millis() as u64,
             budget: self.budget.0,
             granted: self.granted(),
             wanted,
+            held: self.held(),
             vms: ids.len(),
             short,
             changes,
@@ -504,13 +521,15 @@ impl Supervisor {
         r
     }
 
-    /// Sets the grants towards `target`: every shrink first, then the grows that fit beside
-    /// what is granted, class by class, so that the grants in force never add up to more than
-    /// the budget, even while a VM is slow to take a shrink.
+    /// Sets the grants towards `target` and the holds towards `hold`: every shrink (and every
+    /// hold lowered) first, then the grows that fit beside what is granted, class by class, so
+    /// that the grants in force never add up to more than the budget, even while a VM is slow
+    /// to take a shrink. A hold never exceeds the grant in force.
     fn apply(
         &mut self,
         ids: &[String],
         target: &[PerResource<f64>],
+        hold: &[PerResource<f64>],
         changes: &mut Vec<GrantChange>,
     ) {
         // Small shrinks wait while the grows fit without them (fewer resizes); a resource
@@ -532,15 +551,19 @@ impl Supervisor {
             }
         }
         let deadband = PerResource::from_fn(|r| after[r] + grows[r] <= self.budget.0[r] + 1e-9);
-        for (id, t) in ids.iter().zip(target) {
+        for ((id, t), h) in ids.iter().zip(target).zip(hold) {
             let vm = self.vms.get_mut(id).expect("a running VM");
             let mut next = vm.grant;
+            let mut held = vm.hold;
             for r in Resource::ALL {
                 if t[r] < vm.grant[r] && !(deadband[r] && small(vm, r, t[r])) {
                     next[r] = t[r];
                 }
+                if h[r] < held[r] || held[r] > next[r] {
+                    held[r] = h[r].min(next[r]);
+                }
             }
-            regrant(vm, next, "shrink to forecast", changes);
+            regrant(vm, next, held, "shrink to forecast", changes);
         }
         let mut granted = self.granted();
         let mut order: Vec<(usize, &String)> = ids.iter().enumerate().collect();
@@ -558,8 +581,9 @@ impl Supervisor {
                     granted[r] += grow;
                 }
             }
+            let held = PerResource::from_fn(|r| hold[i][r].min(next[r]));
             let before = vm.grant;
-            if !regrant(vm, next, "grow to forecast", changes) {
+            if !regrant(vm, next, held, "grow to forecast", changes) {
                 for r in Resource::ALL {
                     granted[r] -= next[r] - before[r];
                 }
@@ -673,6 +697,7 @@ impl Supervisor {
             "granted": granted,
             "reserved": reserved,
             "slack": slack,
+            "held": self.held(),
             "running": self.running().count(),
             "exited": self.vms.len() - self.running().count(),
             "decisions": self.log.decisions,
@@ -709,6 +734,11 @@ impl Supervisor {
         );
         gauge("granted", "Sum of the running VMs' grants.", &granted);
         gauge("reserved", "Sum of the running VMs' floors.", &reserved);
+        gauge(
+            "held",
+            "Slack lent to ramping VMs: what they must hold above their floors.",
+            &self.held(),
+        );
         let short = self.log.guaranteed_short.map(|_, &v| v as f64);
         gauge(
             "guaranteed_short_windows",
@@ -765,18 +795,25 @@ impl Supervisor {
 fn regrant(
     vm: &mut ManagedVm,
     next: PerResource<f64>,
+    hold: PerResource<f64>,
     reason: &str,
     changes: &mut Vec<GrantChange>,
 ) -> bool {
-    let before = vm.grant;
-    if next == before {
+    let (before, held) = (vm.grant, vm.hold);
+    if next == before && hold == held {
         return true;
     }
-    if let Err(e) = vm.set_grant(next) {
+    if let Err(e) = vm.set_grant(next, hold) {
         tracing::warn!("host: {e}");
         return false;
     }
-    for r in Resource::ALL.into_iter().filter(|&r| next[r] != before[r]) {
+    let moved = |r: Resource| next[r] != before[r] || hold[r] != held[r];
+    for r in Resource::ALL.into_iter().filter(|&r| moved(r)) {
+        let reason = if hold[r] > vm.record.spans[r].floor {
+            format!("{reason}, held: slack lent ahead of a rise")
+        } else {
+            reason.to_string()
+        };
         changes.push(GrantChange {
             vm: vm.record.id.clone(),
             resource: r.name(),
@@ -784,7 +821,8 @@ fn regrant(
             want: vm.want[r].unwrap_or(before[r]),
             from: before[r],
             to: next[r],
-            reason: reason.to_string(),
+            hold: hold[r],
+            reason,
         });
     }
     true

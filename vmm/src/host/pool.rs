@@ -10,7 +10,16 @@
 //! 4. burstable VMs whose forecast is rising, up to their upper band;
 //! 5. best-effort VMs whose forecast is rising, up to their upper band;
 //! 6. the other burstable VMs, up to their upper band;
-//! 7. the other best-effort VMs, up to their upper band.
+//! 7. the other best-effort VMs, up to their upper band;
+//! 8. guaranteed VMs that are ramping, up to their ceiling, *held*;
+//! 9. burstable VMs that are ramping, up to their ceiling, held.
+//!
+//! Ramping: the forecast's upper band rose by a step or more within the windows the pool
+//! grants ahead. Tiers 8 and 9 spend only slack, what is left once every VM has its whole
+//! band. A VM that gets any of it is held at its grant (its predictor's budget minimum is
+//! raised to it, so the resource is plugged now, ahead of a forecast that lags the ramp). The
+//! division starts from the floors every window, so a hold is the first thing another VM's
+//! band takes back.
 //!
 //! A miss below the expected demand is likely (about even odds) and one above it is the band's
 //! tail; that tail is reached mostly on the way up (a forecaster lags a rise, and a band stays
@@ -60,6 +69,9 @@ pub struct Claim {
     pub want: f64,
     /// Whether its forecast rose since the window before.
     pub rising: bool,
+    /// Whether its forecast rose by a step or more within the windows the pool grants ahead:
+    /// a ramp under way, which slack may be held for.
+    pub ramping: bool,
 }
 
 /// How much of a VM's forecast a tier covers.
@@ -69,10 +81,12 @@ enum Cover {
     /// The upper band of VMs whose forecast rises.
     RisingBand,
     Band,
+    /// The ceiling of VMs whose forecast rises: slack, held.
+    RisingCeiling,
 }
 
 /// The tiers, in the order they are served.
-const TIERS: [(Class, Cover); 7] = [
+const TIERS: [(Class, Cover); 9] = [
     (Class::Guaranteed, Cover::Band),
     (Class::Burstable, Cover::Expected),
     (Class::BestEffort, Cover::Expected),
@@ -80,18 +94,34 @@ const TIERS: [(Class, Cover); 7] = [
     (Class::BestEffort, Cover::RisingBand),
     (Class::Burstable, Cover::Band),
     (Class::BestEffort, Cover::Band),
+    (Class::Guaranteed, Cover::RisingCeiling),
+    (Class::Burstable, Cover::RisingCeiling),
 ];
+
+/// One VM's share of a resource for a window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Grant {
+    /// What it may hold at most (its predictor's budget maximum); these add up to at most the
+    /// total.
+    pub max: f64,
+    /// What it must hold (its predictor's budget minimum): its floor, or its whole grant when
+    /// the grant includes slack.
+    pub hold: f64,
+}
 
 /// The grants of one resource: `claims` in, one grant each out, in their order. Every grant is
 /// within its span, a floor plus a multiple of its step, and the grants add up to at most
 /// `total` whenever the floors do.
-pub fn divide(total: f64, claims: &[Claim]) -> Vec<f64> {
+pub fn divide(total: f64, claims: &[Claim]) -> Vec<Grant> {
     let mut grants: Vec<f64> = claims.iter().map(|c| c.span.floor).collect();
+    let mut held = vec![false; claims.len()];
     let mut left = total - grants.iter().sum::<f64>();
     let level = |c: &Claim, cover: Cover| {
         let ask = match cover {
             Cover::Expected => c.need,
             Cover::RisingBand if !c.rising => c.need,
+            Cover::RisingCeiling if !c.ramping => c.want.max(c.need),
+            Cover::RisingCeiling => c.span.ceiling,
             _ => c.want.max(c.need),
         };
         ask.clamp(c.span.floor, c.span.ceiling)
@@ -112,7 +142,7 @@ pub fn divide(total: f64, claims: &[Claim]) -> Vec<f64> {
         }
         let share = (left / asked).min(1.0);
         let mut given = 0.0;
-        for (g, c) in grants.iter_mut().zip(claims) {
+        for ((g, c), h) in grants.iter_mut().zip(claims).zip(held.iter_mut()) {
             if c.class != class {
                 continue;
             }
@@ -121,6 +151,7 @@ pub fn divide(total: f64, claims: &[Claim]) -> Vec<f64> {
             let steps = ((*g + more - c.span.floor) / c.span.step + 1e-9).floor();
             let next = (c.span.floor + steps * c.span.step).max(*g);
             given += next - *g;
+            *h |= cover == Cover::RisingCeiling && next > *g;
             *g = next;
         }
         left -= given;
@@ -129,6 +160,14 @@ pub fn divide(total: f64, claims: &[Claim]) -> Vec<f64> {
         }
     }
     grants
+        .into_iter()
+        .zip(claims)
+        .zip(held)
+        .map(|((max, c), held)| Grant {
+            max,
+            hold: if held { max } else { c.span.floor },
+        })
+        .collect()
 }
 
 /// How a grant changed, and why.
@@ -140,6 +179,8 @@ pub struct GrantChange {
     pub want: f64,
     pub from: f64,
     pub to: f64,
+    /// What it must hold after the change (its predictor's budget minimum).
+    pub hold: f64,
     pub reason: String,
 }
 
@@ -153,6 +194,8 @@ pub struct PoolWindow {
     pub granted: PerResource<f64>,
     /// What the VMs' forecasts asked for, each within its span.
     pub wanted: PerResource<f64>,
+    /// What the VMs must hold above their floors: slack lent ahead of ramps.
+    pub held: PerResource<f64>,
     pub vms: usize,
     /// VMs of each class whose memory grant was below their want.
     pub short: PerResource<u64>,
@@ -237,7 +280,17 @@ mod tests {
             need: want,
             want,
             rising: false,
+            ramping: false,
         }
+    }
+
+    /// The grants' maxima, checking that no VM is held above its floor.
+    fn maxima(total: f64, claims: &[Claim]) -> Vec<f64> {
+        let g = divide(total, claims);
+        for (g, c) in g.iter().zip(claims) {
+            assert_eq!(g.hold, c.span.floor, "{claims:?} {g:?}");
+        }
+        g.iter().map(|g| g.max).collect()
     }
 
     #[test]
@@ -249,7 +302,7 @@ mod tests {
         ];
         // 101 rounds down to the step; 2000 stops at the ceiling; a want under the floor
         // keeps the floor.
-        assert_eq!(divide(4096.0, &claims), vec![100.0, 512.0, 64.0]);
+        assert_eq!(maxima(4096.0, &claims), vec![100.0, 512.0, 64.0]);
     }
 
     #[test]
@@ -262,7 +315,7 @@ mod tests {
         ];
         // Floors 256, guaranteed +448 -> 704 of 1000; burstable asks 200 + 400 for 296 left:
         // each gets the same fraction (296/600) of its extra; best-effort keeps its floor.
-        let g = divide(1000.0, &claims);
+        let g = maxima(1000.0, &claims);
         assert_eq!(g[0], 64.0);
         assert_eq!(g[1], 512.0);
         assert_eq!((g[2], g[3]), (64.0 + 98.0, 64.0 + 196.0));
@@ -287,20 +340,68 @@ mod tests {
             banded(Class::Burstable, 400.0, 450.0),
             banded(Class::BestEffort, 200.0, 300.0),
         ];
-        let g = divide(800.0, &claims);
+        let g = maxima(800.0, &claims);
         // Expected demands first (50 + 300 + 100 = 450), then 50 left for the burstable
         // bands (450 + 50 asked): shared 10 to 1.
         assert_eq!(g, vec![150.0 + 44.0, 400.0 + 4.0, 200.0]);
         // The same, the second one rising: its band comes before the falling one's, and
         // then a rising best-effort band before it too.
         let claims = [claims[0], rising(Class::Burstable, 400.0, 450.0), claims[2]];
-        assert_eq!(divide(800.0, &claims), vec![150.0, 450.0, 200.0]);
+        assert_eq!(maxima(800.0, &claims), vec![150.0, 450.0, 200.0]);
         let claims = [
             claims[0],
             claims[1],
             rising(Class::BestEffort, 200.0, 300.0),
         ];
-        assert_eq!(divide(850.0, &claims), vec![150.0, 450.0, 250.0]);
+        assert_eq!(maxima(850.0, &claims), vec![150.0, 450.0, 250.0]);
+    }
+
+    #[test]
+    fn slack_is_held_for_ramping_vms_and_taken_back_first() {
+        let vm = |class, want, ramping| Claim {
+            ramping,
+            ..claim(class, 100.0, 600.0, want)
+        };
+        let g = vm(Class::Guaranteed, 200.0, true);
+        let b = vm(Class::Burstable, 200.0, true);
+        let steady = vm(Class::Burstable, 200.0, false);
+        let be = vm(Class::BestEffort, 200.0, true);
+        let grants = |total, claims: &[Claim]| -> Vec<(f64, f64)> {
+            divide(total, claims)
+                .iter()
+                .map(|g| (g.max, g.hold))
+                .collect()
+        };
+        // Floors 400, bands 400 more: the 400 left go to the ramping guaranteed VM up to its
+        // ceiling, held there; the others keep their bands and their floors as holds.
+        let claims = [g, b, steady, be];
+        let bands = [(200.0, 100.0); 3];
+        assert_eq!(
+            grants(1200.0, &claims),
+            [(600.0, 600.0), bands[0], bands[1], bands[2]]
+        );
+        // Less slack: the guaranteed VM gets what there is; more: the ramping burstable VM
+        // gets what the guaranteed one's ceiling leaves. Best-effort VMs are never held.
+        assert_eq!(
+            grants(1000.0, &claims),
+            [(400.0, 400.0), bands[0], bands[1], bands[2]]
+        );
+        assert_eq!(
+            grants(1400.0, &claims),
+            [(600.0, 600.0), (400.0, 400.0), bands[1], bands[2]]
+        );
+        // The next window the steady VM's demand jumps: its band comes out of the hold, and
+        // with the slack gone so is the hold.
+        let jumped = [g, b, vm(Class::Burstable, 500.0, false), be];
+        assert_eq!(
+            grants(1200.0, &jumped),
+            [(300.0, 300.0), bands[0], (500.0, 100.0), bands[2]]
+        );
+        let jumped = [g, b, vm(Class::Burstable, 600.0, false), be];
+        assert_eq!(
+            grants(1200.0, &jumped),
+            [(200.0, 100.0), bands[0], (600.0, 100.0), bands[2]]
+        );
     }
 
     #[test]
@@ -313,6 +414,7 @@ mod tests {
             x ^= x << 17;
             x % m
         };
+        let mut held = 0;
         for _ in 0..2000 {
             let n = 1 + next(20) as usize;
             let claims: Vec<Claim> = (0..n)
@@ -329,15 +431,39 @@ mod tests {
                         need,
                         want: need + next(500) as f64,
                         rising: next(2) == 1,
+                        ramping: next(2) == 1,
                     }
                 })
                 .collect();
             let floors: f64 = claims.iter().map(|c| c.span.floor).sum();
             let total = floors + next(3000) as f64;
-            let g = divide(total, &claims);
+            let grants = divide(total, &claims);
+            let g: Vec<f64> = grants.iter().map(|g| g.max).collect();
             assert!(g.iter().sum::<f64>() <= total + 1e-6, "{claims:?} {total}");
-            for (g, c) in g.iter().zip(&claims) {
-                assert!(*g >= c.span.floor && *g <= c.span.ceiling + 1e-9);
+            for (g, c) in grants.iter().zip(&claims) {
+                assert!(g.max >= c.span.floor && g.max <= c.span.ceiling + 1e-9);
+                assert!(g.hold >= c.span.floor && g.hold <= g.max, "{c:?} {g:?}");
+            }
+            // Slack is held only for ramping guaranteed and burstable VMs, only once every VM
+            // has its whole band, and for a burstable VM only once every ramping guaranteed
+            // VM is held up to its ceiling (each within a step of rounding).
+            let band = |d: &Claim| d.want.max(d.need).clamp(d.span.floor, d.span.ceiling);
+            for (h, c) in grants.iter().zip(&claims) {
+                if h.hold == c.span.floor {
+                    continue;
+                }
+                assert!(c.ramping && c.class != Class::BestEffort, "{c:?} {h:?}");
+                assert_eq!(h.hold, h.max);
+                held += 1;
+                for (j, d) in claims.iter().enumerate() {
+                    assert!(g[j] + d.span.step > band(d) - 1e-6, "{claims:?} {g:?}");
+                    if c.class == Class::Burstable && d.class == Class::Guaranteed && d.ramping {
+                        assert!(
+                            g[j] + d.span.step > d.span.ceiling - 1e-6,
+                            "{claims:?} {g:?}"
+                        );
+                    }
+                }
             }
             // A VM gets more than its expected demand only once every guaranteed VM has its
             // band and every other VM its expected demand (within a step of rounding).
@@ -354,6 +480,8 @@ mod tests {
                 }
             }
         }
+        // The generator makes pools with slack: the rule above was exercised.
+        assert!(held >= 50, "{held} holds");
     }
 
     #[test]

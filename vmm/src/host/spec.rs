@@ -239,20 +239,22 @@ impl LaunchSpec {
     pub fn config_with_grant(&self, grant: &PerResource<f64>) -> VmConfig {
         let mut config = self.config.clone();
         if let Some(p) = config.predictor.as_mut() {
-            p.budget = budget_update(&self.spans, grant);
+            p.budget = budget_update(&self.spans, grant, &self.spans.map(|_, s| s.floor));
         }
         config
     }
 }
 
-/// The predictor budget that holds a VM to `grant`: from its floor up to the grant.
+/// The predictor budget that holds a VM to `grant`: from `hold` (at least its floor) up to the
+/// grant.
 pub fn budget_update(
     spans: &PerResource<Span>,
     grant: &PerResource<f64>,
+    hold: &PerResource<f64>,
 ) -> crate::vmm_config::BudgetConfig {
     let range = |r: Resource| {
         Some(Range {
-            min: spans[r].floor.min(grant[r]),
+            min: hold[r].max(spans[r].floor).min(grant[r]),
             max: grant[r],
         })
     };

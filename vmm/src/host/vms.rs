@@ -92,12 +92,17 @@ pub struct ManagedVm {
     pub state: VmState,
     /// What it may use now (the max of its predictor's budget).
     pub grant: PerResource<f64>,
+    /// What it must hold now (the min of its predictor's budget): its floor, or more while the
+    /// pool lends it slack.
+    pub hold: PerResource<f64>,
     /// What its last forecast asked for (upper band), if it made one.
     pub want: PerResource<Option<f64>>,
     /// That forecast's expected value.
     pub point: PerResource<Option<f64>>,
     /// How much that upper band rose since the window before (0 when it fell).
     pub rise: PerResource<f64>,
+    /// The predictor's window count when that upper band last rose by a step or more.
+    pub rose_at: PerResource<Option<u64>>,
     /// The windows ahead the VM's predictor provisions for (its `horizon`).
     pub horizon: u64,
     /// The predictor's window count at the last read.
@@ -363,12 +368,14 @@ impl ManagedVm {
         timeout: Duration,
     ) -> Self {
         ManagedVm {
+            hold: record.spans.map(|_, s| s.floor),
             record,
             state: VmState::Running,
             grant,
             want: PerResource::default(),
             point: PerResource::default(),
             rise: PerResource::default(),
+            rose_at: PerResource::default(),
             horizon: 1,
             windows: 0,
             api_error: None,
@@ -399,6 +406,9 @@ impl ManagedVm {
                     vm.grant[r] = budget[key]["max"]
                         .as_f64()
                         .unwrap_or(vm.record.spans[r].ceiling);
+                    vm.hold[r] = budget[key]["min"]
+                        .as_f64()
+                        .unwrap_or(vm.record.spans[r].floor);
                 }
             }
             Err(e) => {
@@ -506,6 +516,11 @@ impl ManagedVm {
             (Some(now), Some(before)) => (now - before).max(0.0),
             _ => 0.0,
         });
+        for r in Resource::ALL {
+            if self.rise[r] >= self.record.spans[r].step {
+                self.rose_at[r] = Some(windows);
+            }
+        }
         self.want = want;
         self.point = PerResource::from_fn(|r| forecast[r.name()]["point"].as_f64());
         self.horizon = status["config"]["horizon"].as_u64().unwrap_or(1).max(1);
@@ -513,15 +528,21 @@ impl ManagedVm {
         Ok(())
     }
 
-    /// Sets the VM's grant: its predictor's budget from its floors up to `grant`.
-    pub fn set_grant(&mut self, grant: PerResource<f64>) -> Result<(), VmError> {
+    /// Sets the VM's grant: its predictor's budget from `hold` (at least its floors) up to
+    /// `grant`.
+    pub fn set_grant(
+        &mut self,
+        grant: PerResource<f64>,
+        hold: PerResource<f64>,
+    ) -> Result<(), VmError> {
         let update = PredictorUpdate {
-            budget: Some(budget_update(&self.record.spans, &grant)),
+            budget: Some(budget_update(&self.record.spans, &grant, &hold)),
             ..PredictorUpdate::default()
         };
         let body = serde_json::to_string(&update).expect("an update serialises");
         self.request("PATCH", "/predictor", Some(&body))?;
         self.grant = grant;
+        self.hold = hold;
         Ok(())
     }
 
@@ -564,6 +585,7 @@ impl ManagedVm {
             "api_sock": self.record.api_sock,
             "origin": self.record.origin,
             "grant": self.grant,
+            "hold": self.hold,
             "want": self.want,
             "expected": self.point,
             "spans": self.record.spans,
