@@ -14,4 +14,5 @@ mod devices;
 mod guest;
 mod jailer;
 mod memory;
+mod mmds;
 mod predictor;

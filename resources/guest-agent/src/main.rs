@@ -16,6 +16,7 @@
 //! With `prescient.agent.vsock_port=P` every line also goes to the host over vsock (host CID 2,
 //! port P: `<uds_path>_<P>` under prescient and Firecracker), see `vsock.rs`.
 
+mod mmds;
 mod report;
 mod steps;
 mod vsock;
@@ -218,6 +219,12 @@ fn run_steps(rx: Receiver<Step>, current: Current) {
 }
 
 fn main() {
+    // The `mmds` step runs the agent's own binary (steps.rs).
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("mmds") {
+        let secs = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(10);
+        std::process::exit(mmds::run(secs));
+    }
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let current: Current = Arc::default();
     let (tx, rx) = mpsc::channel();

@@ -23,15 +23,19 @@ pub enum Kind {
     /// busybox `ping`: one echo request a second to `target` for the step's seconds; it fails
     /// when no reply came, and its summary line counts the losses.
     Ping,
+    /// The agent itself (`guest-agent mmds <secs>`, see `mmds.rs`): a V2 session token and the
+    /// metadata from MMDS at 169.254.169.254 on eth0, with busybox `wget`.
+    Mmds,
 }
 
 impl Kind {
-    const ALL: [Kind; 5] = [
+    const ALL: [Kind; 6] = [
         Kind::StressCpu,
         Kind::StressMem,
         Kind::FioRandrw,
         Kind::FioSeqwrite,
         Kind::Ping,
+        Kind::Mmds,
     ];
 
     pub fn name(self) -> &'static str {
@@ -41,6 +45,7 @@ impl Kind {
             Kind::FioRandrw => "fio-randrw",
             Kind::FioSeqwrite => "fio-seqwrite",
             Kind::Ping => "ping",
+            Kind::Mmds => "mmds",
         }
     }
 }
@@ -116,6 +121,9 @@ pub fn parse_step(s: &str) -> Result<Step, String> {
             return Err(format!("{name}: missing target, e.g. {name}:3:10.0.0.1"))
         }
         (_, None) => (None, None),
+        (Kind::Mmds, Some(extra)) => {
+            return Err(format!("{name}: takes only a duration, got {extra:?}"))
+        }
         (_, Some(size)) => {
             let digits = size.trim_end_matches(|c: char| c.is_ascii_alphabetic() || c == '%');
             let valid_unit = matches!(&size[digits.len()..], "" | "K" | "M" | "G" | "%");
@@ -245,6 +253,8 @@ impl Workload {
                         .collect(),
                 )
             }
+            // The kernel resolves /proc/self/exe in the forked child, still the agent.
+            Kind::Mmds => ("/proc/self/exe", vec!["mmds".into(), self.secs.to_string()]),
         }
     }
 }
@@ -407,6 +417,14 @@ mod tests {
         ] {
             assert!(args.contains(&a.to_string()), "{a} in {args:?}");
         }
+        let (prog, args) = w(Kind::Mmds, None).command(true);
+        assert_eq!(
+            (prog, args.join(" ").as_str()),
+            ("/proc/self/exe", "mmds 7")
+        );
+        assert!(parse_step("mmds:7:64M")
+            .unwrap_err()
+            .contains("only a duration"));
         let ping = Workload {
             target: Some(Ipv4Addr::new(10, 0, 0, 1)),
             ..w(Kind::Ping, None)
