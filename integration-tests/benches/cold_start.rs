@@ -265,6 +265,13 @@ fn main() {
     let warm = run(&host, &arrivals, true, Some(&samples));
     let pools = host.get("/pools");
     let make_ms = pools[0]["make_ms"].as_f64().unwrap();
+    let calibration = format!(
+        "{} / {} (target {}), band x{:.2}",
+        pools[0]["missed_windows"],
+        pools[0]["scored_windows"],
+        pools[0]["miss_rate"],
+        pools[0]["band_width"].as_f64().unwrap_or(f64::NAN)
+    );
     let cold = run(&host, &arrivals, false, None);
 
     let served_warm = warm.iter().filter(|t| t.warm).count();
@@ -319,6 +326,7 @@ fn main() {
             "  requests served warm / booted cold",
             format!("{served_warm} / {fallback}"),
         ),
+        ("  pool windows with requests: missed / all", calibration),
         ("p99 ready: cold / warm", format!("{:.1}x", cr99 / wr99)),
         ("p50 ready: cold / warm", format!("{:.1}x", cr50 / wr50)),
         (

@@ -334,7 +334,7 @@ impl Supervisor {
             pool.ready
                 .retain(|id| matches!(vms.get(id).map(|v| &v.state), Some(VmState::Warm { .. })));
             pool.close_window();
-            let (have, target) = (pool.ready.len() + pool.pending, pool.target);
+            let (have, target) = (pool.ready.len() + pool.pending, pool.target());
             for _ in 0..(target.saturating_sub(have)).min(WARM_PER_WINDOW) {
                 if let Err(e) = self.make_warm(&name) {
                     tracing::warn!("host: warm pool {name}: {e}");
@@ -507,7 +507,7 @@ impl Supervisor {
                 }
             }
         }
-        pool.cold += 1;
+        pool.cold_start();
         self.next_id += 1;
         let mut spec = pool.launch.clone();
         spec.id = format!("{name}-{}-{}", std::process::id(), self.next_id);

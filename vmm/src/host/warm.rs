@@ -1,11 +1,14 @@
 //! Warm pools: a VM class kept as N instances restored from one snapshot and paused, ready to
 //! be handed out (`POST /vms {"from_pool": NAME}` resumes one). N follows a forecast of the
-//! class's request arrivals, made by the predictor's own forecasters on the arrival series.
+//! class's request arrivals, made by the predictor's own forecasters on the arrival series,
+//! its upper band calibrated online (the policy's [`Calibration`]) so that the share of windows
+//! in which a request finds no warm VM holds the pool's `miss_rate`.
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
 use predictor::forecast::{Forecaster, Horizon, Preset};
+use predictor::policy::Calibration;
 use predictor::resource::Resource;
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +25,10 @@ pub enum WarmError {
     Bounds { min: usize, max: usize },
     #[error("snapshot_after_ms {0}: at most 60000")]
     After(u64),
+    #[error("miss_rate {0}: must be above 0 and at most 0.5")]
+    MissRate(f64),
+    #[error("calibration_step {0}: must be above 0 and at most 1")]
+    Step(f64),
     #[error("cannot build the arrival forecaster: {0}")]
     Forecaster(String),
 }
@@ -52,10 +59,28 @@ pub struct PoolSpec {
     pub min: usize,
     #[serde(default = "default_max")]
     pub max: usize,
+    /// The share of windows with requests in which a request may find no warm VM (and boot
+    /// cold): what the calibration of the pool's band aims at.
+    #[serde(default = "default_miss_rate")]
+    pub miss_rate: f64,
+    /// How much one miss widens the band, as a share of its width (at least one VM wide).
+    #[serde(default = "default_step")]
+    pub calibration_step: f64,
 }
 
 fn default_max() -> usize {
     8
+}
+
+fn default_miss_rate() -> f64 {
+    0.01
+}
+
+fn default_step() -> f64 {
+    // Half a band (at least half a VM) per miss: a pool sees far fewer windows with requests
+    // than a VM sees windows, so its band has to find its width in fewer of them than the
+    // policy's (0.1), and a miss (a cold boot) costs more than the VM it would have taken.
+    0.5
 }
 
 impl PoolSpec {
@@ -76,7 +101,88 @@ impl PoolSpec {
         if spec.snapshot_after_ms > 60_000 {
             return Err(WarmError::After(spec.snapshot_after_ms));
         }
+        if !(spec.miss_rate > 0.0 && spec.miss_rate <= 0.5) {
+            return Err(WarmError::MissRate(spec.miss_rate));
+        }
+        if !(spec.calibration_step > 0.0 && spec.calibration_step <= 1.0) {
+            return Err(WarmError::Step(spec.calibration_step));
+        }
         Ok(spec)
+    }
+}
+
+/// How many warm VMs a pool wants: the calibrated upper band of its arrivals over the lead
+/// time, within its bounds.
+///
+/// The forecasters see, each window, the arrivals of the last `lead` windows (what a warm VM
+/// asked for now could not have served) and forecast that sum `lead` windows ahead. A window
+/// with requests is scored: missed if a request found no warm VM while the pool was below its
+/// max (a miss at the max is the max's, and no band can fix it). A window without requests is
+/// not scored: it could not have missed, and counting it would narrow the band on idle time.
+/// The band is scaled as the policy's are (see [`Calibration`]): once widened it is at least
+/// one VM wide, so at `scale >= max` the target is the max, where no miss is counted; hence
+/// `scale < max + step` and over any `T` scored windows of any arrival series the share
+/// missed is at most `miss_rate + (max + step) / (step T)`.
+pub struct Sizing {
+    forecaster: Box<dyn Forecaster>,
+    horizon: Horizon,
+    /// Arrivals in each of the last windows, newest last, as long as the lead.
+    recent: VecDeque<u64>,
+    calibration: Calibration,
+    min: usize,
+    max: usize,
+    /// Warm VMs wanted now.
+    target: usize,
+}
+
+impl Sizing {
+    pub fn new(spec: &PoolSpec, horizon: Horizon) -> Result<Self, WarmError> {
+        let forecaster = Preset::ensemble(None)
+            // The arrival series is a count: "cpu" gives it the bands of a rate.
+            .build(Resource::Cpu, horizon, MAX_WARM as f64)
+            .map_err(|e| WarmError::Forecaster(e.to_string()))?;
+        Ok(Sizing {
+            forecaster,
+            horizon,
+            recent: VecDeque::new(),
+            calibration: Calibration::new(spec.miss_rate, spec.calibration_step),
+            min: spec.min,
+            max: spec.max,
+            target: spec.min,
+        })
+    }
+
+    /// Closes a window in which `arrivals` requests came and (`missed`) at least one found no
+    /// warm VM; returns the new target.
+    pub fn close(&mut self, arrivals: u64, missed: bool) -> usize {
+        if arrivals > 0 {
+            self.calibration.update(missed && self.target < self.max);
+        }
+        self.recent.push_back(arrivals);
+        while self.recent.len() > self.horizon.get() {
+            self.recent.pop_front();
+        }
+        let sum: u64 = self.recent.iter().sum();
+        self.forecaster.observe(sum as f64);
+        let mut f = self.forecaster.forecast(self.horizon);
+        f.point = f.point.max(0.0);
+        f.upper = f.upper.max(f.point);
+        let upper = self.calibration.upper(f, 1.0);
+        self.target = (upper.ceil() as usize).clamp(self.min, self.max);
+        self.target
+    }
+
+    pub fn target(&self) -> usize {
+        self.target
+    }
+
+    pub fn lead_windows(&self) -> usize {
+        self.horizon.get()
+    }
+
+    /// The factor the forecasters' band is scaled by.
+    pub fn width(&self) -> f64 {
+        self.calibration.width()
     }
 }
 
@@ -93,12 +199,12 @@ pub struct WarmPool {
     pub pending: usize,
     /// Requests this window.
     arrivals: u64,
-    /// Arrivals in each of the last windows, newest last, as long as making a VM takes.
-    recent: VecDeque<u64>,
-    forecaster: Box<dyn Forecaster>,
-    horizon: Horizon,
-    /// Warm VMs wanted now.
-    pub target: usize,
+    /// Whether a request this window found no warm VM.
+    missed: bool,
+    sizing: Sizing,
+    /// Windows with requests, and those of them in which a request found no warm VM.
+    pub scored: u64,
+    pub missed_windows: u64,
     /// How long making a warm VM took (milliseconds; moving average).
     pub make_ms: f64,
     pub made: u64,
@@ -120,23 +226,19 @@ impl WarmPool {
         make_ms: f64,
         window: Duration,
     ) -> Result<Self, WarmError> {
-        let horizon = lead(make_ms, window);
-        let forecaster = Preset::ensemble(None)
-            // The arrival series is a count: "cpu" gives it the bands of a rate.
-            .build(Resource::Cpu, horizon, MAX_WARM as f64)
-            .map_err(|e| WarmError::Forecaster(e.to_string()))?;
+        let sizing = Sizing::new(&spec, lead(make_ms, window))?;
         Ok(WarmPool {
             name,
-            target: spec.min,
             spec,
             launch,
             snapshot,
             ready: VecDeque::new(),
             pending: 0,
             arrivals: 0,
-            recent: VecDeque::new(),
-            forecaster,
-            horizon,
+            missed: false,
+            sizing,
+            scored: 0,
+            missed_windows: 0,
             make_ms,
             made: 0,
             handed_out: 0,
@@ -152,20 +254,30 @@ impl WarmPool {
         self.arrivals += 1;
     }
 
-    /// Closes a window: the forecaster sees the arrivals of the last `lead` windows (what a
-    /// warm VM made now could not have served), and the target becomes its upper band for
-    /// the `lead` windows ahead, within the pool's bounds.
+    /// A request that found no warm VM (it boots cold).
+    pub fn cold_start(&mut self) {
+        self.cold += 1;
+        self.missed = true;
+    }
+
+    /// Closes a window: its arrivals and whether one missed go to the sizing (see [`Sizing`]).
     pub fn close_window(&mut self) {
         self.windows += 1;
         self.ready_windows += self.ready.len() as u64;
-        self.recent.push_back(std::mem::take(&mut self.arrivals));
-        while self.recent.len() > self.horizon.get() {
-            self.recent.pop_front();
+        let (arrivals, missed) = (
+            std::mem::take(&mut self.arrivals),
+            std::mem::take(&mut self.missed),
+        );
+        if arrivals > 0 {
+            self.scored += 1;
+            self.missed_windows += u64::from(missed);
         }
-        let sum: u64 = self.recent.iter().sum();
-        self.forecaster.observe(sum as f64);
-        let upper = self.forecaster.forecast(self.horizon).upper.max(0.0);
-        self.target = (upper.ceil() as usize).clamp(self.spec.min, self.spec.max);
+        self.sizing.close(arrivals, missed);
+    }
+
+    /// Warm VMs wanted now.
+    pub fn target(&self) -> usize {
+        self.sizing.target()
     }
 
     /// A made warm VM's time, into the moving average.
@@ -180,11 +292,15 @@ impl WarmPool {
             "class": self.spec.class,
             "min": self.spec.min,
             "max": self.spec.max,
-            "target": self.target,
+            "miss_rate": self.spec.miss_rate,
+            "target": self.target(),
             "ready": self.ready.len(),
             "ready_ids": self.ready,
             "pending": self.pending,
-            "lead_windows": self.horizon.get(),
+            "lead_windows": self.sizing.lead_windows(),
+            "band_width": self.sizing.width(),
+            "scored_windows": self.scored,
+            "missed_windows": self.missed_windows,
             "make_ms": self.make_ms,
             "made": self.made,
             "handed_out": self.handed_out,
@@ -213,7 +329,111 @@ mod tests {
         assert!(err("a", r#"{"config": {}, "max": 65}"#).contains("at most 64"));
         assert!(err("a", r#"{"config": {}, "snapshot_after_ms": 60001}"#).contains("60000"));
         assert!(err("a", r#"{"config": {}, "size": 1}"#).contains("unknown field `size`"));
+        assert!(err("a", r#"{"config": {}, "miss_rate": 0}"#).contains("miss_rate 0"));
+        assert!(err("a", r#"{"config": {}, "miss_rate": 0.6}"#).contains("miss_rate 0.6"));
+        assert!(err("a", r#"{"config": {}, "calibration_step": 2}"#).contains("step 2"));
         let s = PoolSpec::parse("fn-1", br#"{"config": {}}"#).unwrap();
         assert_eq!((s.min, s.max, s.class), (0, 8, Class::Burstable));
+        assert_eq!((s.miss_rate, s.calibration_step), (0.01, 0.5));
+    }
+
+    /// Requests per 100 ms window: bursts of 1-4 arriving as a Poisson process, its rate
+    /// steady (1.5 bursts/s) or in phases of 30 s (quiet 0.5 bursts/s, busy 3 bursts/s).
+    fn poisson_bursts(windows: usize, seed: u64, phases: bool) -> Vec<u64> {
+        let mut rng = predictor::rng::Rng::new(seed);
+        (0..windows)
+            .map(|w| {
+                let rate = match (phases, (w / 300) % 2) {
+                    (false, _) => 0.15,
+                    (true, 1) => 0.3,
+                    (true, _) => 0.05,
+                };
+                // Poisson by inversion: the bursts in this window.
+                let u = rng.unit();
+                let (mut k, mut p) = (0, predictor::math::exp(-rate));
+                let mut cdf = p;
+                while u > cdf {
+                    k += 1;
+                    p *= rate / k as f64;
+                    cdf += p;
+                }
+                (0..k).map(|_| 1 + (rng.unit() * 4.0) as u64).sum()
+            })
+            .collect()
+    }
+
+    /// The host's loop around a pool, reduced to counts: a window's requests take the warm
+    /// VMs ready at its start, and at its close the host makes or lets go up to 4 towards the
+    /// target, the made ones ready by the next window (making one takes ~21 ms of a 100 ms
+    /// window, so the lead is 2).
+    /// Returns the share of windows with requests that missed, the most VMs kept and their
+    /// mean.
+    fn simulate(spec: &PoolSpec, arrivals: &[u64]) -> (f64, usize, f64) {
+        let mut sizing = Sizing::new(spec, lead(21.0, Duration::from_millis(100))).unwrap();
+        assert_eq!(sizing.lead_windows(), 2);
+        let (mut ready, mut scored, mut missed, mut most) = (0usize, 0u64, 0u64, 0usize);
+        let mut kept = 0;
+        for &a in arrivals {
+            let miss = a as usize > ready;
+            ready = ready.saturating_sub(a as usize);
+            if a > 0 {
+                scored += 1;
+                missed += u64::from(miss && sizing.target() < spec.max);
+            }
+            let target = sizing.close(a, miss);
+            assert!(target <= spec.max, "target {target} above max {}", spec.max);
+            ready = if target > ready {
+                ready + (target - ready).min(4)
+            } else {
+                ready - (ready - target).min(4)
+            };
+            most = most.max(ready);
+            kept += ready;
+        }
+        let mean = kept as f64 / arrivals.len() as f64;
+        (missed as f64 / scored as f64, most, mean)
+    }
+
+    fn spec(miss_rate: f64, max: usize) -> PoolSpec {
+        let body = format!(r#"{{"config": {{}}, "max": {max}, "miss_rate": {miss_rate}}}"#);
+        PoolSpec::parse("fn", body.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn the_calibrated_pool_misses_at_its_target_rate() {
+        for (seed, phases) in [(23, true), (29, false)] {
+            let arrivals = poisson_bursts(60_000, seed, phases);
+            let scored = arrivals.iter().filter(|&&a| a > 0).count();
+            assert!(scored > 5_000, "{scored} windows with requests");
+            let mut means = Vec::new();
+            for target in [0.01, 0.05] {
+                let (rate, most, mean) = simulate(&spec(target, 16), &arrivals);
+                eprintln!("phases {phases}, target {target}: missed {rate:.4}, mean {mean:.2}");
+                assert!(
+                    (rate - target).abs() <= 0.005,
+                    "miss rate {rate:.4} against a target of {target} (phases {phases})"
+                );
+                assert!(most <= 16);
+                means.push(mean);
+            }
+            // The target, not the forecasters' own band, set the size: fewer misses cost VMs.
+            assert!(means[0] > means[1], "{means:?}");
+        }
+    }
+
+    #[test]
+    fn sizing_never_exceeds_the_max() {
+        // A max far below the bursts: every window with requests misses, none is counted, and
+        // the target stays at the max.
+        let arrivals = poisson_bursts(6_000, 5, true);
+        let (_, most, _) = simulate(&spec(0.01, 2), &arrivals);
+        assert_eq!(most, 2);
+        let s = spec(0.01, 3);
+        let mut sizing = Sizing::new(&s, lead(21.0, Duration::from_millis(100))).unwrap();
+        for _ in 0..1_000 {
+            assert!(sizing.close(40, true) <= 3);
+        }
+        // Misses at the max are the max's: they do not widen the band without bound.
+        assert!(sizing.width() < 3.0 + 0.5 + 1.0, "width {}", sizing.width());
     }
 }
