@@ -156,6 +156,25 @@ impl<const N: usize> ActiveQueues<N> {
         })
     }
 
+    /// Returns chain `head` to the driver on queue `index` with `len` bytes written into it. A
+    /// used ring the driver placed where it cannot be written is the driver's fault, not the
+    /// device's: it is logged under `who` and `false` returned, and the device goes on.
+    pub fn add_used(
+        &mut self,
+        index: usize,
+        head: u16,
+        len: u32,
+        who: impl std::fmt::Display,
+    ) -> bool {
+        match self.queues[index].add_used(&self.mem, head, len) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!("{who}: cannot return a used buffer: {e}");
+                false
+            }
+        }
+    }
+
     /// Raises the interrupt for new used buffers in queue `index`, unless the driver asked not to
     /// be told (event index).
     pub fn notify(&mut self, index: usize) {

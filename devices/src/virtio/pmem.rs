@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
+use virtio_queue::{QueueOwnedT, Reader, Writer};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
@@ -248,9 +248,7 @@ impl Pmem {
                     0
                 }
             };
-            if let Err(e) = active.queues[0].add_used(&active.mem, head, used) {
-                tracing::warn!("pmem {}: cannot return a used buffer: {e}", self.id);
-            }
+            active.add_used(0, head, used, format_args!("pmem {}", self.id));
             completed = true;
         }
         if completed {

@@ -5,7 +5,7 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use virtio_queue::{QueueOwnedT, QueueT, Writer};
+use virtio_queue::{QueueOwnedT, Writer};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
@@ -135,9 +135,7 @@ impl Rng {
                     0
                 }
             };
-            if let Err(e) = active.queues[0].add_used(&active.mem, head, used) {
-                tracing::warn!("entropy: cannot return a used buffer: {e}");
-            }
+            active.add_used(0, head, used, "entropy");
             completed = true;
         }
         if completed {

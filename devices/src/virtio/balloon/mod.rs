@@ -381,9 +381,7 @@ impl Balloon {
 
     fn complete(&mut self, index: usize, head: u16) {
         if let Some(active) = self.active.as_mut() {
-            if let Err(e) = active.queues.queues[index].add_used(&active.queues.mem, head, 0) {
-                tracing::warn!("balloon: cannot return a used buffer: {e}");
-            }
+            active.queues.add_used(index, head, 0, "balloon");
         }
     }
 

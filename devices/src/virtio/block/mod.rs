@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::QueueOwnedT;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use self::io_uring::{AsyncIo, Completed};
@@ -179,8 +179,7 @@ impl Block {
                 IoKind::Flush => {}
             }
             count(&self.counters, &outcome);
-            if let Err(e) = active.queues[0].add_used(&active.mem, c.head, c.used) {
-                tracing::warn!("block {}: cannot return a used buffer: {e}", self.id);
+            if !active.add_used(0, c.head, c.used, format_args!("block {}", self.id)) {
                 DeviceCounters::inc(&self.counters.invalid_requests, 1);
             }
         }
@@ -297,8 +296,7 @@ impl Block {
                     0
                 }
             };
-            if let Err(e) = active.queues[0].add_used(&active.mem, head, used) {
-                tracing::warn!("block {}: cannot return a used buffer: {e}", self.id);
+            if !active.add_used(0, head, used, format_args!("block {}", self.id)) {
                 DeviceCounters::inc(&self.counters.invalid_requests, 1);
             }
             completed = true;

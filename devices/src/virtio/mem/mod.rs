@@ -15,7 +15,7 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use virtio_queue::{DescriptorChain, QueueT, Reader, Writer};
+use virtio_queue::{DescriptorChain, Reader, Writer};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -335,9 +335,7 @@ impl VirtioMem {
             let head = chain.head_index();
             let used = self.serve_chain(&mem, chain);
             if let Some(active) = self.active.as_mut() {
-                if let Err(e) = active.queues[0].add_used(&mem, head, used) {
-                    tracing::warn!("virtio-mem: cannot return a used buffer: {e}");
-                }
+                active.add_used(0, head, used, "virtio-mem");
             }
             completed = true;
         }
