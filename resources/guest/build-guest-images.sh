@@ -49,16 +49,9 @@ esac
 # --- Tools and Debian packages -------------------------------------------------------------
 packages=(linux-source-6.1 busybox-static stress-ng fio e2fsprogs cpio gzip xz-utils
     bc bison flex libelf-dev libssl-dev make gcc patch util-linux)
-missing=()
-for p in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    [ "$(id -u)" = 0 ] || die "missing Debian packages: ${missing[*]} (run as root, or: sudo apt-get install ${missing[*]})"
-    say "installing ${missing[*]}"
-    apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
-fi
+# shellcheck source=../debian-packages.sh
+. "$here/../debian-packages.sh"
+need_debian_packages "${packages[@]}"
 command -v cargo >/dev/null || die "cargo not found (the guest agent is Rust)"
 
 # --- Cache keys ------------------------------------------------------------------------------

@@ -79,16 +79,9 @@ done
 
 # --- Tools --------------------------------------------------------------------------------------
 packages=(qemu-system-x86 busybox-static cpio kmod binutils)
-missing=()
-for p in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    [ "$(id -u)" = 0 ] || die "missing Debian packages: ${missing[*]} (run as root, or: sudo apt-get install ${missing[*]})"
-    say "installing ${missing[*]}"
-    apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
-fi
+# shellcheck source=../debian-packages.sh
+. "$here/../debian-packages.sh"
+need_debian_packages "${packages[@]}"
 
 mkdir -p "$cache"
 exec 9>"$cache/.lock"
