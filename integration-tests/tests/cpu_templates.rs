@@ -231,3 +231,20 @@ fn static_template_bits_reach_the_guest_as_under_firecracker() {
     }
     assert_eq!(differs_from_plain, TEMPLATES.len());
 }
+
+/// A custom template that changes a CPUID leaf the host's KVM does not offer is refused by
+/// both, prescient naming the leaf.
+#[test]
+fn a_template_on_a_leaf_kvm_lacks_is_refused_by_both() {
+    let scratch = Scratch::new("cpu-templates-missing-leaf");
+    let cpu = json!({"cpuid_modifiers": [{"leaf": "0x3fff", "subleaf": "0x0", "flags": 0,
+        "modifiers": [{"register": "eax", "bitmap": format!("0b{}", "0".repeat(32))}]}]});
+    let (fc, pr) = both(&scratch, "missing-leaf", json!({}), Some(cpu));
+    assert!(matches!(fc, Run::Refused { .. }), "Firecracker: {fc:?}");
+    assert!(
+        matches!(pr, Run::Refused { code: Some(c), ref stderr } if c != 0
+            && stderr.contains("cpu-config.cpuid_modifiers")
+            && stderr.contains("leaf 0x3fff subleaf 0x0")),
+        "prescient: {pr:?}"
+    );
+}
