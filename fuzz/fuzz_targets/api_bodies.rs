@@ -63,7 +63,7 @@ fuzz_target!(|input: Input| {
             }
             Routed::Action(VmmAction::PutCpuConfig(c)) => {
                 if c.validate().is_ok() {
-                    for (_, _, _, f) in c.cpuid_filters() {
+                    for (_, _, _, _, f) in c.cpuid_filters() {
                         assert_eq!(f.bits & !f.mask, 0);
                         let _ = f.apply(u64::from(u32::MAX));
                     }

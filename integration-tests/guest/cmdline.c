@@ -75,6 +75,9 @@ static int apply(const char *k, size_t kn, const char *v, size_t vn)
 	int r = phases_param(k, kn, v, vn);     /* port_hammer= */
 	if (r != 1)
 		return r;
+	r = cpuinfo_param(k, kn, v, vn);        /* cpuinfo= */
+	if (r != 1)
+		return r;
 	r = cpuhp_param(k, kn, v, vn);          /* cpuhp_ms=, cpuhp_ops=, cpu_load= */
 	if (r != 1)
 		return r;

@@ -135,6 +135,10 @@ int parse_u64(const char *s, size_t n, u64 *out); /* decimal digits only; 0 if n
 int phases_param(const char *k, size_t kn, const char *v, size_t vn);
 void phases_run(void);                          /* CPL0, after stage_run */
 
+/* ---- cpuinfo.c (what the VMM's CPUID and MSRs show the kernel) ------ */
+int cpuinfo_param(const char *k, size_t kn, const char *v, size_t vn);
+void cpuinfo_print(void);                       /* CPL0, after stage_setup */
+
 /* ---- serial.c / fmt.c ----------------------------------------------- */
 void serial_init(void);
 void serial_write_line(const char *s, size_t n);  /* whole line, under lock */

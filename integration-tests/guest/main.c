@@ -6,6 +6,7 @@
  *   stage_hello    hello line; returns 1 for mode=triple
  *   stage_setup    cmdline/memory lines, page tables above 1 GiB, ACPI tables
  *                  (acpi.c), MMIO mappings, mode=panic
+ *   cpuinfo_print (CPL0) cpuinfo=1: CPUID leaves and ARCH_CAPABILITIES
  *   tsc_calibrate (CPL0, port I/O)
  *   stage_mp       CPUs from the MADT or the MP table, "cpu 0 ... up"
  *   smp_boot (CPL0) INIT-SIPI-SIPI, waiting at CPL3
@@ -110,6 +111,7 @@ void kmain(int kind, u64 info_paddr)
 		triple_fault();
 	run_user_on(0, stage_setup, 0);
 	paging_reload();
+	cpuinfo_print();
 	tsc_calibrate();
 	run_user_on(0, stage_mp, 0);
 	smp_boot();

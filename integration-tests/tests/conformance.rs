@@ -501,6 +501,34 @@ fn pre_boot_steps(disk_a: &str, disk_b: &str) -> Vec<Step> {
             ),
         ),
         step("PUT", "/cpu-config", Some(json!({"bogus": []}))),
+        // One CPU template at a time: a static one replaces a custom one and the other way
+        // round; a machine-config without `cpu_template` keeps the one set.
+        step(
+            "PUT",
+            "/machine-config",
+            Some(json!({"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "T2"})),
+        ),
+        step("GET", "/machine-config", None),
+        step(
+            "PUT",
+            "/machine-config",
+            Some(json!({"vcpu_count": 1, "mem_size_mib": 128})),
+        ),
+        step("GET", "/machine-config", None),
+        step("PUT", "/cpu-config", Some(json!({}))),
+        step("GET", "/machine-config", None),
+        step(
+            "PATCH",
+            "/machine-config",
+            Some(json!({"cpu_template": "C3"})),
+        ),
+        step("GET", "/machine-config", None),
+        step(
+            "PATCH",
+            "/machine-config",
+            Some(json!({"cpu_template": "None"})),
+        ),
+        step("GET", "/machine-config", None),
         // drives
         step(
             "PUT",

@@ -1,5 +1,6 @@
 //! Builds a running microVM from a validated [`VmConfig`].
 
+use std::borrow::Cow;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -33,8 +34,8 @@ use crate::microvm::{MicroVm, VirtioHandles};
 use crate::snapshot::{DeviceState, SnapshotState};
 use crate::vcpus::Vcpus;
 use crate::vmm_config::{
-    parse_mac, ConfigError, JsonPath, MachineConfig, MemoryHotplugConfig, Segment, VmConfig,
-    VsockConfig,
+    parse_mac, ConfigError, CpuConfig, JsonPath, MachineConfig, MemoryHotplugConfig, Segment,
+    VmConfig, VsockConfig,
 };
 use crate::vstate::memory::{create_guest_memory, create_hotplug_region};
 use crate::vstate::vcpu::spawner::Spawner;
@@ -93,48 +94,70 @@ pub enum Source<'a> {
     },
 }
 
-/// `machine-config.cpu_template` (checked against the host's vendor) and `cpu-config` (the
-/// capabilities it asks for must be there; its CPUID modifiers change what every vCPU is given).
-/// Hosts whose KVM does not intercept CPUID (software KVMs such as kvm_pvm) show the guest the
-/// host's CPUID whatever is set here.
-fn apply_cpu_templates(
-    config: &VmConfig,
+/// The CPU template the VM boots with, in custom-template form: `cpu-config`, else
+/// `machine-config.cpu_template` where it fits this host's CPU vendor and model. Firecracker
+/// keeps one template, the one set last; the API clears the other when one is set, and a spec
+/// file's `cpu-config` comes after its `machine-config`, so it wins there too.
+fn cpu_template<'a>(
+    config: &'a VmConfig,
+    cpuid: &kvm_bindings::CpuId,
+) -> Result<Option<Cow<'a, CpuConfig>>, ConfigError> {
+    if let Some(custom) = &config.cpu_config {
+        return Ok(Some(Cow::Borrowed(custom)));
+    }
+    let Some(template) = config.machine_config.cpu_template else {
+        return Ok(None);
+    };
+    let leaf = |function| cpuid.as_slice().iter().find(|e| e.function == function);
+    let mut vendor = [0u8; 12];
+    if let Some(e) = leaf(0) {
+        vendor[..4].copy_from_slice(&e.ebx.to_le_bytes());
+        vendor[4..8].copy_from_slice(&e.edx.to_le_bytes());
+        vendor[8..].copy_from_slice(&e.ecx.to_le_bytes());
+    }
+    let signature = leaf(1).map_or(0, |e| e.eax);
+    Ok(template.for_host(&vendor, signature)?.map(Cow::Owned))
+}
+
+/// Applies a CPU template to the CPUID every vCPU is given, as Firecracker does: the
+/// capabilities it adds must be there, each modifier's leaf must be one KVM offers (it takes
+/// the modifier's flags), and its bits are written over KVM's. Hosts whose KVM does not
+/// intercept CPUID (software KVMs such as kvm_pvm, for guest user code) show the guest the
+/// host's CPUID there whatever is set here.
+fn apply_cpu_template(
+    template: &CpuConfig,
     kvm: &Kvm,
     cpuid: &mut kvm_bindings::CpuId,
 ) -> Result<(), ConfigError> {
     use crate::vmm_config::cpu_config::CpuidRegister;
-    if let Some(template) = config.machine_config.cpu_template {
-        let mut vendor = [0u8; 12];
-        if let Some(e) = cpuid.as_slice().iter().find(|e| e.function == 0) {
-            vendor[..4].copy_from_slice(&e.ebx.to_le_bytes());
-            vendor[4..8].copy_from_slice(&e.edx.to_le_bytes());
-            vendor[8..].copy_from_slice(&e.ecx.to_le_bytes());
-        }
-        template.check_vendor(&vendor)?;
-    }
-    let Some(cpu) = &config.cpu_config else {
-        return Ok(());
-    };
-    for cap in cpu.required_capabilities() {
+    let path = |field| JsonPath::keys(&["cpu-config", field]);
+    for cap in template.required_capabilities() {
         if kvm.check_extension_raw(cap.into()) <= 0 {
             return Err(ConfigError::new(
-                JsonPath::keys(&["cpu-config", "kvm_capabilities"]),
+                path("kvm_capabilities"),
                 format!("this host's KVM lacks capability {cap}"),
             ));
         }
     }
-    for (leaf, subleaf, register, filter) in cpu.cpuid_filters() {
-        for e in cpuid.as_mut_slice().iter_mut() {
-            if e.function == leaf && e.index == subleaf {
-                let r = match register {
-                    CpuidRegister::Eax => &mut e.eax,
-                    CpuidRegister::Ebx => &mut e.ebx,
-                    CpuidRegister::Ecx => &mut e.ecx,
-                    CpuidRegister::Edx => &mut e.edx,
-                };
-                *r = filter.apply(u64::from(*r)) as u32;
-            }
-        }
+    for (leaf, subleaf, flags, register, filter) in template.cpuid_filters() {
+        let entry = cpuid
+            .as_mut_slice()
+            .iter_mut()
+            .find(|e| e.function == leaf && e.index == subleaf)
+            .ok_or_else(|| {
+                ConfigError::new(
+                    path("cpuid_modifiers"),
+                    format!("CPUID leaf {leaf:#x} subleaf {subleaf:#x} is not one this host's KVM offers"),
+                )
+            })?;
+        entry.flags = flags;
+        let r = match register {
+            CpuidRegister::Eax => &mut entry.eax,
+            CpuidRegister::Ebx => &mut entry.ebx,
+            CpuidRegister::Ecx => &mut entry.ecx,
+            CpuidRegister::Edx => &mut entry.edx,
+        };
+        *r = filter.apply(u64::from(*r)) as u32;
     }
     Ok(())
 }
@@ -279,8 +302,12 @@ pub fn assemble(
             if kvm.check_extension(Cap::TscDeadlineTimer) {
                 crate::arch::x86_64::cpuid::advertise_tsc_deadline(&mut cpuid);
             }
-            apply_cpu_templates(config, &kvm, &mut cpuid)?;
-            Some(cpuid)
+            let template = cpu_template(config, &cpuid)?;
+            if let Some(t) = &template {
+                apply_cpu_template(t, &kvm, &mut cpuid)?;
+            }
+            let msr_modifiers = template.map(|t| t.msr_filters()).unwrap_or_default();
+            Some((cpuid, msr_modifiers))
         }
         Source::Snapshot { .. } => None,
     };
@@ -394,11 +421,6 @@ pub fn assemble(
     register_kick_handler()?;
     // The topology is the largest the VM can have, so a vCPU plugged later fits it.
     let topology = Topology::new(max_vcpus, machine.smt);
-    let msr_modifiers = config
-        .cpu_config
-        .as_ref()
-        .map(|c| c.msr_filters())
-        .unwrap_or_default();
     let mut vcpus = (0..max_vcpus)
         .map(|index| {
             let vcpu = Vcpu::new(vm.fd(), index)?;
@@ -409,9 +431,9 @@ pub fn assemble(
                     })?;
                     vcpu.restore(saved)?;
                 }
-                (Source::Boot, Some((entry, supported_cpuid))) => {
+                (Source::Boot, Some((entry, (supported_cpuid, msr_modifiers)))) => {
                     vcpu.configure(supported_cpuid, topology, &mem, *entry)?;
-                    vcpu.modify_msrs(&msr_modifiers)?;
+                    vcpu.modify_msrs(msr_modifiers)?;
                 }
                 (Source::Boot, None) => unreachable!("a boot always has an entry"),
             }

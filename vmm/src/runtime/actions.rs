@@ -172,6 +172,11 @@ impl Runtime {
             let machine = update.apply(&self.config.machine_config);
             machine.validate()?;
             self.config.machine_config = machine;
+            if update.cpu_template.is_some() {
+                // Firecracker keeps one CPU template: a static one (or "None") replaces a
+                // custom one.
+                self.config.cpu_config = None;
+            }
             return Ok(VmmData::Empty);
         };
         if !vm.can_hotplug_vcpus() {
@@ -261,9 +266,15 @@ impl Runtime {
                 self.config.boot_source = Some(boot);
                 Ok(VmmData::Empty)
             }
-            VmmAction::PutMachineConfig(machine) => {
+            VmmAction::PutMachineConfig(mut machine) => {
                 self.before_boot()?;
                 machine.validate()?;
+                // As in Firecracker, a body without `cpu_template` keeps the template set.
+                if machine.cpu_template.is_none() {
+                    machine.cpu_template = self.config.machine_config.cpu_template;
+                } else {
+                    self.config.cpu_config = None;
+                }
                 self.config.machine_config = machine;
                 Ok(VmmData::Empty)
             }
@@ -455,6 +466,8 @@ impl Runtime {
             VmmAction::PutCpuConfig(cpu) => {
                 self.before_boot()?;
                 cpu.validate()?;
+                // It replaces a static template, as in Firecracker.
+                self.config.machine_config.cpu_template = None;
                 self.config.cpu_config = Some(cpu);
                 Ok(VmmData::Empty)
             }

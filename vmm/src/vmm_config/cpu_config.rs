@@ -6,7 +6,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{ConfigError, JsonPath};
 
-/// `machine-config.cpu_template` (deprecated in Firecracker).
+/// `machine-config.cpu_template` (deprecated in Firecracker); `static_cpu_templates` gives each
+/// its custom form.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CpuTemplate {
     C3,
@@ -16,31 +17,6 @@ pub enum CpuTemplate {
     T2A,
     V1N1,
     None,
-}
-
-impl CpuTemplate {
-    /// Whether the template can run on this host's CPU vendor (Intel's templates on Intel,
-    /// T2A on AMD, V1N1 on Arm only), as Firecracker checks at start.
-    pub fn check_vendor(self, vendor: &[u8; 12]) -> Result<(), ConfigError> {
-        let needs: Option<&[u8; 12]> = match self {
-            CpuTemplate::None => return Ok(()),
-            CpuTemplate::C3 | CpuTemplate::T2 | CpuTemplate::T2S | CpuTemplate::T2CL => {
-                Some(b"GenuineIntel")
-            }
-            CpuTemplate::T2A => Some(b"AuthenticAMD"),
-            CpuTemplate::V1N1 => None,
-        };
-        match needs {
-            Some(v) if v == vendor => Ok(()),
-            _ => Err(ConfigError::new(
-                JsonPath::keys(&["machine-config", "cpu_template"]),
-                format!(
-                    "the {self:?} CPU template does not fit this host's CPU ({})",
-                    String::from_utf8_lossy(vendor)
-                ),
-            )),
-        }
-    }
 }
 
 /// A custom CPU template (the x86_64 fields).
@@ -100,6 +76,19 @@ pub struct BitFilter {
 impl BitFilter {
     pub fn apply(self, value: u64) -> u64 {
         value & !self.mask | self.bits
+    }
+
+    /// The `0b` bitmap `parse_bitmap` reads back, `width` digits.
+    pub fn to_bitmap(self, width: usize) -> String {
+        let digits: String = (0..width)
+            .rev()
+            .map(|i| match (self.mask >> i & 1, self.bits >> i & 1) {
+                (0, _) => 'x',
+                (_, 0) => '0',
+                _ => '1',
+            })
+            .collect();
+        format!("0b{digits}")
     }
 }
 
@@ -198,8 +187,8 @@ impl CpuConfig {
             .filter_map(|c| c.parse().ok())
     }
 
-    /// The CPUID modifiers as (leaf, subleaf, register, filter).
-    pub fn cpuid_filters(&self) -> Vec<(u32, u32, CpuidRegister, BitFilter)> {
+    /// The CPUID modifiers as (leaf, subleaf, KVM flags, register, filter).
+    pub fn cpuid_filters(&self) -> Vec<(u32, u32, u32, CpuidRegister, BitFilter)> {
         let mut out = Vec::new();
         for m in &self.cpuid_modifiers {
             let (Some(leaf), Some(subleaf)) = (parse_number(&m.leaf), parse_number(&m.subleaf))
@@ -208,7 +197,7 @@ impl CpuConfig {
             };
             for r in &m.modifiers {
                 if let Some(f) = parse_bitmap(&r.bitmap, 32) {
-                    out.push((leaf as u32, subleaf as u32, r.register, f));
+                    out.push((leaf as u32, subleaf as u32, m.flags, r.register, f));
                 }
             }
         }
@@ -255,9 +244,7 @@ mod tests {
         assert!(
             serde_json::from_value::<CpuConfig>(serde_json::json!({"reg_modifiers": []})).is_err()
         );
-        assert!(CpuTemplate::T2A.check_vendor(b"AuthenticAMD").is_ok());
-        assert!(CpuTemplate::T2.check_vendor(b"AuthenticAMD").is_err());
-        assert!(CpuTemplate::V1N1.check_vendor(b"GenuineIntel").is_err());
-        assert!(CpuTemplate::None.check_vendor(b"AuthenticAMD").is_ok());
+        assert_eq!(f.to_bitmap(32), format!("0b{}10x1", "x".repeat(28)));
+        assert_eq!(parse_bitmap(&f.to_bitmap(32), 32), Some(f));
     }
 }

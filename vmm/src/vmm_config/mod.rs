@@ -15,6 +15,7 @@ mod net;
 mod pmem;
 mod predictor;
 mod serial;
+pub mod static_cpu_templates;
 mod vsock;
 
 use std::path::{Path, PathBuf};
