@@ -143,10 +143,12 @@ fn static_templates_boot_or_are_refused_as_by_firecracker() {
                     .find(|f| f.0 == 1 && f.3 == vmm::vmm_config::cpu_config::CpuidRegister::Eax)
                     .unwrap();
                 let host_eax = register(&plain, 1, 0, "eax").unwrap();
-                assert_eq!(
-                    register(a, 1, 0, "eax"),
-                    Some(eax.apply(host_eax.into()) as u32)
-                );
+                if cpuid_shown(&plain, a) {
+                    assert_eq!(
+                        register(a, 1, 0, "eax"),
+                        Some(eax.apply(host_eax.into()) as u32)
+                    );
+                }
                 eprintln!("{name}: booted under both, the same leaves");
             }
             (Run::Refused { stderr: a, .. }, Run::Refused { stderr: b, .. }) => {
@@ -200,6 +202,9 @@ fn static_template_bits_reach_the_guest_as_under_firecracker() {
         let a = booted(&fc, &format!("Firecracker with {name}'s bits"));
         let b = booted(&pr, &format!("prescient with {name}'s bits"));
         assert_eq!(a, b, "{name}'s bits: the guest's CPUID and MSRs differ");
+        if !cpuid_shown(&plain, &a) {
+            continue;
+        }
         let eax = custom
             .cpuid_filters()
             .into_iter()
@@ -229,7 +234,27 @@ fn static_template_bits_reach_the_guest_as_under_firecracker() {
         }
         eprintln!("{name}'s bits: the same under both");
     }
-    assert_eq!(differs_from_plain, TEMPLATES.len());
+    // Every template changes leaf 1's signature: where the host shows one, it shows them all.
+    assert!(
+        differs_from_plain == 0 || differs_from_plain == TEMPLATES.len(),
+        "{differs_from_plain} of {} templates reached the guest",
+        TEMPLATES.len()
+    );
+    if differs_from_plain == 0 {
+        // Seen on the AMD kvm_pvm hosts of ../shared/notes/host-kvm.md: only the two VMMs'
+        // agreement was checked there, not the bits themselves.
+        eprintln!(
+            "this host's KVM shows the guest the host's CPUID whatever either VMM sets: the \
+             templates' bits themselves could not be checked here"
+        );
+    }
+}
+
+/// Whether this host's KVM shows the guest the CPU signature a VMM set: Firecracker's guest
+/// with a template that changes leaf 1's EAX sees another value than without one. On kvm_pvm
+/// (Intel) CPL0 CPUID shows it; on AMD kvm_pvm hosts CPUID is not intercepted at all.
+fn cpuid_shown(plain: &[String], templated: &[String]) -> bool {
+    register(plain, 1, 0, "eax") != register(templated, 1, 0, "eax")
 }
 
 /// A custom template that changes a CPUID leaf the host's KVM does not offer is refused by
