@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use devices::virtio::balloon::Balloon;
 use devices::virtio::block::Block;
+use devices::virtio::device_writes::DeviceWrites;
 use devices::virtio::mem::{MemLayout, VirtioMem};
 use devices::virtio::net::Net;
 use devices::virtio::pmem::Pmem;
@@ -338,7 +339,13 @@ pub fn assemble(
     };
 
     let mut registry = DeviceRegistry::default();
-    let mut mmio = MmioDeviceManager::default();
+    // KVM logs the guest's writes only; the devices' go into this log, for a Diff snapshot.
+    let writes = if machine.track_dirty_pages {
+        DeviceWrites::new(&device_mem)
+    } else {
+        DeviceWrites::default()
+    };
+    let mut mmio = MmioDeviceManager::with_device_writes(Arc::new(writes));
     let (virtio, mut extra_args) = attach_virtio_devices(
         config,
         &vm,
@@ -779,6 +786,7 @@ fn attach_virtio_devices(
             pmems,
             balloon,
             memory,
+            writes: manager.device_writes(),
         },
         extra,
     ))

@@ -6,6 +6,7 @@ use devices::legacy::{I8042Error, I8042};
 use devices::virtio::balloon::stats::StatsReport;
 use devices::virtio::balloon::Balloon;
 use devices::virtio::block::Block;
+use devices::virtio::device_writes::DeviceWrites;
 use devices::virtio::discard::PAGE_SIZE;
 use devices::virtio::mem::VirtioMem;
 use devices::virtio::net::Net;
@@ -28,6 +29,8 @@ pub struct VirtioHandles {
     pub pmems: Vec<(String, Arc<Mutex<Pmem>>)>,
     pub balloon: Option<Arc<Mutex<Balloon>>>,
     pub memory: Option<Arc<Mutex<VirtioMem>>>,
+    /// The pages the devices wrote since the last snapshot (with dirty page tracking).
+    pub writes: Arc<DeviceWrites>,
 }
 
 fn lock<T>(device: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -207,9 +210,9 @@ impl MicroVm {
             .collect()
     }
 
-    /// The pages the guest wrote since the last call, one bitmap per region of
-    /// [`MicroVm::guest_memory`] (RAM regions are KVM slots 0.., the hotplug region's slots
-    /// follow).
+    /// The pages the guest (KVM's log) and its devices (their returned chains) wrote since the
+    /// last call, one bitmap per region of [`MicroVm::guest_memory`] (RAM regions are KVM slots
+    /// 0.., the hotplug region's slots follow).
     pub fn dirty_pages(&self) -> Result<Vec<Vec<u64>>, VmError> {
         let hotplug = self.hotplug_memory().map(|m| m.layout());
         let ram = self.mem.num_regions() - usize::from(hotplug.is_some());
@@ -223,6 +226,9 @@ impl MicroVm {
                 bits.extend(self.vm.dirty_log((ram + k) as u32, l.slot_size)?);
             }
             out.push(bits);
+        }
+        for (bits, written) in out.iter_mut().zip(self.virtio.writes.take()) {
+            bits.iter_mut().zip(written).for_each(|(b, w)| *b |= w);
         }
         Ok(out)
     }

@@ -12,6 +12,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::device_writes::DeviceWrites;
 use super::{ActivateContext, DeviceCounters, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::bus::BusDevice;
 use crate::persist::{Persist, PersistError};
@@ -39,6 +40,8 @@ pub struct MmioTransport {
     device: Arc<Mutex<dyn VirtioDevice>>,
     mem: GuestMemoryMmap,
     interrupt: Arc<VirtioInterrupt>,
+    /// The pages the device wrote, for Diff snapshots (shared by every device of the VM).
+    writes: Arc<DeviceWrites>,
     /// Clones of the device's queue eventfds, for notifications that reach us instead of KVM.
     queue_events: Vec<EventFd>,
     counters: Arc<DeviceCounters>,
@@ -61,6 +64,7 @@ impl MmioTransport {
         device: Arc<Mutex<dyn VirtioDevice>>,
         mem: GuestMemoryMmap,
         interrupt: Arc<VirtioInterrupt>,
+        writes: Arc<DeviceWrites>,
     ) -> std::io::Result<Self> {
         let (queues, queue_events, counters) = {
             let d = lock(&device);
@@ -80,6 +84,7 @@ impl MmioTransport {
             device,
             mem,
             interrupt,
+            writes,
             queue_events,
             counters,
             device_features_select: 0,
@@ -279,6 +284,7 @@ impl MmioTransport {
             queues,
             acked_features: self.acked_features,
             interrupt: self.interrupt.clone(),
+            writes: self.writes.clone(),
         };
         let result = lock(&self.device).activate(ctx);
         if let Err(e) = result {
@@ -534,7 +540,13 @@ pub(crate) mod tests {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let dev = Arc::new(Mutex::new(Dummy::new()));
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        let t = MmioTransport::new(dev.clone(), mem, Arc::new(VirtioInterrupt::new(irq))).unwrap();
+        let t = MmioTransport::new(
+            dev.clone(),
+            mem,
+            Arc::new(VirtioInterrupt::new(irq)),
+            Arc::default(),
+        )
+        .unwrap();
         (t, dev)
     }
 

@@ -7,6 +7,7 @@
 
 pub mod balloon;
 pub mod block;
+pub mod device_writes;
 pub mod discard;
 pub mod mem;
 pub mod mmio;
@@ -24,6 +25,7 @@ use std::sync::Arc;
 use event_manager::{EventOps, Events};
 
 use crate::persist::Snapshottable;
+use device_writes::DeviceWrites;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
@@ -127,6 +129,8 @@ pub struct ActivateContext {
     pub queues: Vec<Queue>,
     pub acked_features: u64,
     pub interrupt: Arc<VirtioInterrupt>,
+    /// Where returning a chain marks the pages the device wrote (for Diff snapshots).
+    pub writes: Arc<DeviceWrites>,
 }
 
 /// The queues of a started device, the memory they live in and the interrupt they raise.
@@ -134,6 +138,21 @@ pub struct ActiveQueues<const N: usize> {
     pub mem: GuestMemoryMmap,
     pub queues: [Queue; N],
     pub interrupt: Arc<VirtioInterrupt>,
+    pub writes: Arc<DeviceWrites>,
+}
+
+/// Returns chain `head` to the driver on `queue` with `len` bytes written into it, marking in
+/// `writes` the pages the device may have written for it. Every device returns chains this way.
+pub fn add_used(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    writes: &DeviceWrites,
+    head: u16,
+    len: u32,
+) -> Result<(), virtio_queue::Error> {
+    queue.add_used(mem, head, len)?;
+    writes.mark_used(mem, queue, head);
+    Ok(())
 }
 
 impl<const N: usize> ActiveQueues<N> {
@@ -153,6 +172,7 @@ impl<const N: usize> ActiveQueues<N> {
             mem: ctx.mem,
             queues,
             interrupt: ctx.interrupt,
+            writes: ctx.writes,
         })
     }
 
@@ -166,7 +186,7 @@ impl<const N: usize> ActiveQueues<N> {
         len: u32,
         who: impl std::fmt::Display,
     ) -> bool {
-        match self.queues[index].add_used(&self.mem, head, len) {
+        match add_used(&mut self.queues[index], &self.mem, &self.writes, head, len) {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!("{who}: cannot return a used buffer: {e}");

@@ -164,5 +164,6 @@ pub fn activate_with(
         queues: queues.iter().map(DriverQueue::queue).collect(),
         acked_features,
         interrupt,
+        writes: Arc::default(),
     })
 }

@@ -116,7 +116,7 @@ impl GuestSpec {
 
     /// A vsock device and the agent's link to the host over it.
     pub fn with_agent_link(mut self) -> Self {
-        let uds = self.scratch.path().join("vsock.sock");
+        let uds = vsock_uds(&self.scratch);
         self.spec["vsock"] = json!({"guest_cid": 3, "uds_path": uds});
         self.agent_link = true;
         self.arg(&format!("prescient.agent.vsock_port={AGENT_PORT}"))
@@ -178,6 +178,11 @@ impl GuestSpec {
     }
 }
 
+/// The vsock device's socket (`uds_path`) in `scratch`.
+fn vsock_uds(scratch: &Scratch) -> PathBuf {
+    scratch.path().join("vsock.sock")
+}
+
 /// The host side of the agent's vsock link: the lines it sends, and a way to send it steps.
 pub struct AgentLink {
     lines: Arc<Mutex<Option<LineStream>>>,
@@ -217,6 +222,13 @@ impl AgentLink {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Drops the current connection (its VMM is gone): `stream` and `send` wait for the agent's
+    /// next one.
+    fn forget(&self) {
+        *self.lines.lock().unwrap() = None;
+        *self.writer.lock().unwrap() = None;
     }
 
     /// Sends `line` to the agent (after waiting up to `timeout` for it to connect).
@@ -317,6 +329,43 @@ impl Guest {
         assert_eq!(r.status, 204, "{method} {path} {body}: {}", r.body);
     }
 
+    /// Pauses the VM and writes a `kind` (`Full` or `Diff`) snapshot named `name` into the
+    /// guest's scratch directory: its files, and how long `PUT /snapshot/create` took.
+    pub fn snapshot(&mut self, kind: &str, name: &str) -> (SnapshotFiles, Duration) {
+        self.send("PATCH", "/vm", json!({"state": "Paused"}));
+        let scratch = self._scratch.path();
+        let files = SnapshotFiles {
+            state: scratch.join(format!("{name}.state")),
+            mem: scratch.join(format!("{name}.mem")),
+        };
+        let start = Instant::now();
+        self.send(
+            "PUT",
+            "/snapshot/create",
+            json!({"snapshot_type": kind, "snapshot_path": files.state,
+                   "mem_file_path": files.mem}),
+        );
+        (files, start.elapsed())
+    }
+
+    /// Resumes a paused VM.
+    pub fn resume(&mut self) {
+        self.send("PATCH", "/vm", json!({"state": "Resumed"}));
+    }
+
+    /// Kills the VMM (as a host does once its VM is saved); the guest's scratch directory (its
+    /// disk, snapshots and sockets) and the agent's link stay for a restore.
+    pub fn stop(self) -> Stopped {
+        drop(self.console.kill());
+        if let Some(link) = &self.link {
+            link.forget();
+        }
+        Stopped {
+            scratch: self._scratch,
+            link: self.link,
+        }
+    }
+
     /// Asks the agent to power off and waits for the VMM's exit: status and stderr.
     pub fn poweroff(self) -> (ExitStatus, String) {
         self.run("poweroff");
@@ -329,5 +378,54 @@ impl Guest {
             l.contains("agent: poweroff")
         });
         self.console.wait_exit(EXIT)
+    }
+}
+
+/// A snapshot's two files.
+pub struct SnapshotFiles {
+    pub state: PathBuf,
+    pub mem: PathBuf,
+}
+
+/// A guest whose VMM was stopped after a snapshot: what a restore goes on with.
+pub struct Stopped {
+    scratch: Scratch,
+    link: Option<AgentLink>,
+}
+
+impl Stopped {
+    /// Loads the snapshot `state` with the memory file `mem` in a fresh `prescient --api-sock`
+    /// and resumes it: the running guest, and how long `PUT /snapshot/load` took.
+    pub fn restore(self, state: &Path, mem: &Path, track_dirty_pages: bool) -> (Guest, Duration) {
+        // Each VMM its own API socket (a killed one leaves its socket behind).
+        let socket = (1..)
+            .map(|n| self.scratch.path().join(format!("api-restore{n}.sock")))
+            .find(|p| !p.exists())
+            .expect("a free name");
+        // The stopped VMM could not remove its vsock socket; the device listens there again
+        // (Firecracker's users remove it too, or name another with `vsock_override`).
+        let _ = std::fs::remove_file(vsock_uds(&self.scratch));
+        let console = Console::spawn(
+            "prescient (restored)",
+            Command::new(prescient_bin()).arg("--api-sock").arg(&socket),
+        );
+        let mut vm = Guest {
+            console,
+            api_socket: None,
+            link: self.link,
+            _scratch: self.scratch,
+        };
+        vm.connect_api(&socket);
+        let start = Instant::now();
+        vm.send(
+            "PUT",
+            "/snapshot/load",
+            json!({"snapshot_path": state,
+                   "mem_backend": {"backend_type": "File", "backend_path": mem},
+                   "track_dirty_pages": track_dirty_pages, "resume_vm": true}),
+        );
+        let took = start.elapsed();
+        assert_eq!(vm.get("/")["state"], "Running");
+        (vm, took)
     }
 }

@@ -1,5 +1,5 @@
 //! Linux guests under the real `prescient` binary and a real KVM: the scenarios of a full boot
-//! (agent, workloads, devices with Linux's own drivers, the predictor, the jailer).
+//! (agent, workloads, devices with Linux's own drivers, the predictor, the jailer, snapshots).
 //!
 //! Each test needs a hardware KVM (`nested::on_hardware_kvm`): on a host with kvm_intel or
 //! kvm_amd it runs right there; anywhere else (the software-KVM development and CI machines) it
@@ -16,3 +16,4 @@ mod jailer;
 mod memory;
 mod mmds;
 mod predictor;
+mod snapshot;

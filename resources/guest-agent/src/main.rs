@@ -17,6 +17,7 @@
 //! port P: `<uds_path>_<P>` under prescient and Firecracker), see `vsock.rs`.
 
 mod mmds;
+mod pattern;
 mod report;
 mod steps;
 mod vsock;
@@ -219,11 +220,16 @@ fn run_steps(rx: Receiver<Step>, current: Current) {
 }
 
 fn main() {
-    // The `mmds` step runs the agent's own binary (steps.rs).
+    // The `mmds` and `pattern` steps run the agent's own binary (steps.rs).
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("mmds") {
-        let secs = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(10);
-        std::process::exit(mmds::run(secs));
+    let secs = || args.get(2).and_then(|s| s.parse().ok()).unwrap_or(10);
+    match args.get(1).map(String::as_str) {
+        Some("mmds") => std::process::exit(mmds::run(secs())),
+        Some("pattern") => std::process::exit(pattern::run(
+            secs(),
+            args.get(3).map_or("16M", String::as_str),
+        )),
+        _ => {}
     }
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let current: Current = Arc::default();

@@ -26,16 +26,21 @@ pub enum Kind {
     /// The agent itself (`guest-agent mmds <secs>`, see `mmds.rs`): a V2 session token and the
     /// metadata from MMDS at 169.254.169.254 on eth0, with busybox `wget`.
     Mmds,
+    /// The agent itself (`guest-agent pattern <secs> <size>`, see `pattern.rs`): `size`
+    /// (default 16M) of known data in memory and in a file under /var/tmp, checked every second
+    /// and, at the end, read back from the disk; the state a snapshot must carry.
+    Pattern,
 }
 
 impl Kind {
-    const ALL: [Kind; 6] = [
+    const ALL: [Kind; 7] = [
         Kind::StressCpu,
         Kind::StressMem,
         Kind::FioRandrw,
         Kind::FioSeqwrite,
         Kind::Ping,
         Kind::Mmds,
+        Kind::Pattern,
     ];
 
     pub fn name(self) -> &'static str {
@@ -46,6 +51,7 @@ impl Kind {
             Kind::FioSeqwrite => "fio-seqwrite",
             Kind::Ping => "ping",
             Kind::Mmds => "mmds",
+            Kind::Pattern => "pattern",
         }
     }
 }
@@ -123,6 +129,10 @@ pub fn parse_step(s: &str) -> Result<Step, String> {
         (_, None) => (None, None),
         (Kind::Mmds, Some(extra)) => {
             return Err(format!("{name}: takes only a duration, got {extra:?}"))
+        }
+        (Kind::Pattern, Some(size)) => {
+            crate::pattern::parse_size(size).map_err(|e| format!("{name}: {e}"))?;
+            (Some(size.to_string()), None)
         }
         (_, Some(size)) => {
             let digits = size.trim_end_matches(|c: char| c.is_ascii_alphabetic() || c == '%');
@@ -255,6 +265,14 @@ impl Workload {
             }
             // The kernel resolves /proc/self/exe in the forked child, still the agent.
             Kind::Mmds => ("/proc/self/exe", vec!["mmds".into(), self.secs.to_string()]),
+            Kind::Pattern => (
+                "/proc/self/exe",
+                vec![
+                    "pattern".into(),
+                    self.secs.to_string(),
+                    self.size.as_deref().unwrap_or("16M").into(),
+                ],
+            ),
         }
     }
 }
@@ -425,6 +443,16 @@ mod tests {
         assert!(parse_step("mmds:7:64M")
             .unwrap_err()
             .contains("only a duration"));
+        let (prog, args) = w(Kind::Pattern, None).command(true);
+        assert_eq!(
+            (prog, args.join(" ").as_str()),
+            ("/proc/self/exe", "pattern 7 16M")
+        );
+        assert_eq!(
+            parse_step("pattern:7:8M"),
+            Ok(run(Kind::Pattern, 7, Some("8M")))
+        );
+        assert!(parse_step("pattern:7:50%").unwrap_err().contains("size"));
         let ping = Workload {
             target: Some(Ipv4Addr::new(10, 0, 0, 1)),
             ..w(Kind::Ping, None)

@@ -7,6 +7,7 @@
 use std::sync::{Arc, Mutex};
 
 use acpi_tables::{aml, Aml};
+use devices::virtio::device_writes::DeviceWrites;
 use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 use devices::virtio::{
     VirtioDevice, VirtioInterrupt, TYPE_BALLOON, TYPE_BLOCK, TYPE_MEM, TYPE_NET, TYPE_VSOCK,
@@ -102,6 +103,8 @@ pub struct MmioDeviceManager {
     next_base: u64,
     next_irq: u32,
     slots: Vec<MmioSlot>,
+    /// Where every device's transport marks the pages the device wrote.
+    writes: Arc<DeviceWrites>,
 }
 
 impl Default for MmioDeviceManager {
@@ -111,11 +114,25 @@ impl Default for MmioDeviceManager {
             next_base: MMIO32_START + super::boot_timer::BOOT_TIMER_LEN,
             next_irq: FIRST_IRQ,
             slots: Vec::new(),
+            writes: Arc::default(),
         }
     }
 }
 
 impl MmioDeviceManager {
+    /// A manager whose devices mark the pages they write in `writes` (for Diff snapshots).
+    pub fn with_device_writes(writes: Arc<DeviceWrites>) -> Self {
+        Self {
+            writes,
+            ..Self::default()
+        }
+    }
+
+    /// The pages the devices wrote.
+    pub fn device_writes(&self) -> Arc<DeviceWrites> {
+        self.writes.clone()
+    }
+
     /// Attaches `device`, registered as `name` (its metrics group), and returns its slot.
     /// `device` is served by the VMM's event loop.
     pub fn attach<D>(
@@ -158,8 +175,8 @@ impl MmioDeviceManager {
         };
         let interrupt = Arc::new(VirtioInterrupt::new(irq_evt));
         let as_virtio: Arc<Mutex<dyn VirtioDevice>> = device.clone();
-        let transport =
-            MmioTransport::new(as_virtio, mem.clone(), interrupt).map_err(MmioError::EventFd)?;
+        let transport = MmioTransport::new(as_virtio, mem.clone(), interrupt, self.writes.clone())
+            .map_err(MmioError::EventFd)?;
         let transport = Arc::new(Mutex::new(transport));
         registry.attach(Attachment {
             device: transport.clone(),

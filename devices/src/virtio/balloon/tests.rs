@@ -49,6 +49,7 @@ impl<'a> Rig<'a> {
             queues: mocks.iter().map(|m| m.create_queue().unwrap()).collect(),
             acked_features: acked,
             interrupt: Arc::new(VirtioInterrupt::new(irq.try_clone().unwrap())),
+            writes: Arc::default(),
         })
         .unwrap();
         Rig {
@@ -400,6 +401,7 @@ fn a_negotiated_queue_that_was_not_set_up_refuses_activation() {
             queues,
             acked_features: ALL,
             interrupt: Arc::new(VirtioInterrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
+            writes: Arc::default(),
         })
         .unwrap_err();
     assert!(e.to_string().contains("queue 1"), "{e}");

@@ -65,6 +65,7 @@ impl<'a> Rig<'a> {
             queues: vec![mock.create_queue().unwrap()],
             acked_features: dev.avail_features(),
             interrupt: Arc::new(VirtioInterrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
+            writes: Arc::default(),
         })
         .unwrap();
         Rig {
@@ -291,6 +292,7 @@ fn drivers_that_would_touch_unplugged_memory_are_not_served() {
             queues: vec![mock.create_queue().unwrap()],
             acked_features: 1 << VIRTIO_F_VERSION_1,
             interrupt: Arc::new(VirtioInterrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
+            writes: Arc::default(),
         })
         .unwrap_err();
     assert!(e.to_string().contains("UNPLUGGED_INACCESSIBLE"), "{e}");

@@ -19,14 +19,14 @@ use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use mmds::MmdsStack;
-use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
+use virtio_queue::{QueueOwnedT, Reader, Writer};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::{
-    pop_chain, read_config_bytes, watch_fds, ActivateContext, ActivateError, ActiveQueues,
-    DeviceCounters, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
+    add_used, pop_chain, read_config_bytes, watch_fds, ActivateContext, ActivateError,
+    ActiveQueues, DeviceCounters, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
 };
 use crate::persist::{Persist, PersistError};
 use crate::rate_limiter::{
@@ -274,7 +274,7 @@ impl Net {
                 }
             };
             self.rx_len = 0;
-            if let Err(e) = q.add_used(&active.mem, head, used) {
+            if let Err(e) = add_used(q, &active.mem, &active.writes, head, used) {
                 tracing::warn!("net {}: cannot return an RX buffer: {e}", self.id);
             }
             completed = true;
@@ -334,7 +334,7 @@ impl Net {
                 }
                 _ => DeviceCounters::inc(&self.counters.invalid_requests, 1),
             }
-            if let Err(e) = q.add_used(&active.mem, head, 0) {
+            if let Err(e) = add_used(q, &active.mem, &active.writes, head, 0) {
                 tracing::warn!("net {}: cannot return a TX buffer: {e}", self.id);
             }
             completed = true;

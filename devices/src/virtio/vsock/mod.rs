@@ -40,13 +40,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
+use virtio_queue::{QueueOwnedT, Reader, Writer};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
-    pop_chain, read_config_bytes, watch_fds, ActivateContext, ActivateError, ActiveQueues,
-    DeviceCounters, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
+    add_used, pop_chain, read_config_bytes, watch_fds, ActivateContext, ActivateError,
+    ActiveQueues, DeviceCounters, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
 };
 use crate::persist::{Persist, PersistError};
 use conn::{connect_nonblocking, Conn, Flush, State};
@@ -248,7 +248,7 @@ impl Vsock {
                 Ok(w) if w.available_bytes() >= HDR_LEN => w,
                 _ => {
                     DeviceCounters::inc(&self.counters.invalid_requests, 1);
-                    if let Err(e) = q.add_used(&active.mem, head, 0) {
+                    if let Err(e) = add_used(q, &active.mem, &active.writes, head, 0) {
                         tracing::warn!("vsock: cannot return an RX buffer: {e}");
                     }
                     completed = true;
@@ -281,7 +281,7 @@ impl Vsock {
                     if cap == 0 {
                         // A buffer with room for the header only: nothing to put in it.
                         DeviceCounters::inc(&self.counters.invalid_requests, 1);
-                        if let Err(e) = q.add_used(&active.mem, head, 0) {
+                        if let Err(e) = add_used(q, &active.mem, &active.writes, head, 0) {
                             tracing::warn!("vsock: cannot return an RX buffer: {e}");
                         }
                         completed = true;
@@ -345,7 +345,7 @@ impl Vsock {
                     }
                 }
             };
-            if let Err(e) = q.add_used(&active.mem, head, used as u32) {
+            if let Err(e) = add_used(q, &active.mem, &active.writes, head, used as u32) {
                 tracing::warn!("vsock: cannot return an RX buffer: {e}");
             }
             completed = true;
@@ -411,7 +411,7 @@ impl Vsock {
                 _ => DeviceCounters::inc(&self.counters.invalid_requests, 1),
             }
             let q = &mut active.queues[TX];
-            if let Err(e) = q.add_used(&active.mem, head, 0) {
+            if let Err(e) = add_used(q, &active.mem, &active.writes, head, 0) {
                 tracing::warn!("vsock: cannot return a TX buffer: {e}");
             }
             completed = true;
@@ -780,7 +780,13 @@ impl Vsock {
             .is_some_and(|d| {
                 vm_memory::Bytes::write_obj(&mem, EVENT_TRANSPORT_RESET.to_le(), d.addr()).is_ok()
             });
-        if let Err(e) = active.queues[EVT].add_used(&mem, head, if written { 4 } else { 0 }) {
+        if let Err(e) = add_used(
+            &mut active.queues[EVT],
+            &mem,
+            &active.writes,
+            head,
+            if written { 4 } else { 0 },
+        ) {
             tracing::warn!("vsock: event queue: {e}");
             return false;
         }
