@@ -12,6 +12,7 @@ pub mod linux;
 pub mod nested;
 pub mod openapi;
 pub mod pty;
+pub mod vhost_user;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;

@@ -28,8 +28,7 @@ use vm_memory::{
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use self::protocol::{
-    Frontend, MemoryRegion, ProtocolError, VringAddresses, PROTOCOL_F_CONFIG,
-    PROTOCOL_F_REPLY_ACK,
+    Frontend, MemoryRegion, ProtocolError, VringAddresses, PROTOCOL_F_CONFIG, PROTOCOL_F_REPLY_ACK,
 };
 
 use super::{
@@ -349,7 +348,10 @@ impl VhostUserBlock {
     /// vhost-user drive: the backend's disk changed size) and tells the guest.
     pub fn refresh_config(&mut self) -> Result<(), VhostUserBlockError> {
         self.check_alive()?;
-        let config = self.conn.read_config().inspect_err(|_| self.broken = true)?;
+        let config = self
+            .conn
+            .read_config()
+            .inspect_err(|_| self.broken = true)?;
         if config != self.info.config {
             self.info.config = config;
             self.config_generation = self.config_generation.wrapping_add(1);
@@ -387,15 +389,10 @@ impl VhostUserBlock {
     fn start(&mut self, ctx: ActivateContext) -> Result<(), VhostUserBlockError> {
         self.check_alive()?;
         let queue = &ctx.queues[0];
-        let features = (ctx.acked_features & self.avail_features())
-            | (1 << VHOST_USER_F_PROTOCOL_FEATURES);
-        self.conn.start(
-            &ctx.mem,
-            queue,
-            features,
-            &self.queue_events[0],
-            &self.call,
-        )?;
+        let features =
+            (ctx.acked_features & self.avail_features()) | (1 << VHOST_USER_F_PROTOCOL_FEATURES);
+        self.conn
+            .start(&ctx.mem, queue, features, &self.queue_events[0], &self.call)?;
         self.started = true;
         tracing::info!(
             "vhost-user drive {}: queue started on {}",
@@ -496,7 +493,10 @@ impl VirtioDevice for VhostUserBlock {
     fn reset(&mut self) {
         self.pending.push(Pending::Stop);
         if let Err(e) = self.wake.write(1) {
-            tracing::warn!("vhost-user drive {}: cannot wake the VMM thread: {e}", self.id);
+            tracing::warn!(
+                "vhost-user drive {}: cannot wake the VMM thread: {e}",
+                self.id
+            );
         }
     }
 

@@ -140,7 +140,8 @@ pub fn check_reply_header(
     header: &[u8; HEADER_LEN],
     expected: u32,
 ) -> Result<(), ProtocolError> {
-    let word = |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+    let word =
+        |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
     let (got, flags, size) = (word(0), word(4), word(8));
     if got != request as u32 || flags & FLAG_REPLY == 0 || flags & VERSION_MASK != VERSION {
         return Err(ProtocolError::WrongReply {
@@ -314,7 +315,8 @@ impl Frontend {
         body.resize(12 + size as usize, 0);
         self.send(Request::GetConfig, &body, &[])?;
         let reply = self.reply(Request::GetConfig, 12 + size)?;
-        let word = |i: usize| u32::from_le_bytes([reply[i], reply[i + 1], reply[i + 2], reply[i + 3]]);
+        let word =
+            |i: usize| u32::from_le_bytes([reply[i], reply[i + 1], reply[i + 2], reply[i + 3]]);
         let (got_offset, got_size) = (word(0), word(4));
         if got_offset != offset || got_size != size {
             return Err(ProtocolError::ConfigShape {
@@ -379,11 +381,19 @@ impl Frontend {
     }
 
     pub fn set_vring_kick(&mut self, index: u32, fd: RawFd) -> Result<(), ProtocolError> {
-        self.set(Request::SetVringKick, &u64::from(index).to_le_bytes(), &[fd])
+        self.set(
+            Request::SetVringKick,
+            &u64::from(index).to_le_bytes(),
+            &[fd],
+        )
     }
 
     pub fn set_vring_call(&mut self, index: u32, fd: RawFd) -> Result<(), ProtocolError> {
-        self.set(Request::SetVringCall, &u64::from(index).to_le_bytes(), &[fd])
+        self.set(
+            Request::SetVringCall,
+            &u64::from(index).to_le_bytes(),
+            &[fd],
+        )
     }
 
     pub fn set_vring_enable(&mut self, index: u32, enable: bool) -> Result<(), ProtocolError> {
@@ -418,7 +428,10 @@ mod tests {
         }
         let e = check_reply_header(Request::GetFeatures, &header(1, VERSION | FLAG_REPLY, 9), 8)
             .unwrap_err();
-        assert_eq!(e.to_string(), "GET_FEATURES: the reply has 9 bytes, expected 8");
+        assert_eq!(
+            e.to_string(),
+            "GET_FEATURES: the reply has 9 bytes, expected 8"
+        );
     }
 
     /// Every 12-byte header: checked without a panic, and accepted only when exactly right.
@@ -433,7 +446,10 @@ mod tests {
             h[..8].copy_from_slice(&x.to_le_bytes());
             h[8..].copy_from_slice(&(x as u32 % 16).to_le_bytes());
             let ok = check_reply_header(Request::GetConfig, &h, 8).is_ok();
-            assert_eq!(ok, h[..4] == [24, 0, 0, 0] && h[4] & 0x7 == 0x5 && h[8] == 8);
+            assert_eq!(
+                ok,
+                h[..4] == [24, 0, 0, 0] && h[4] & 0x7 == 0x5 && h[8] == 8
+            );
         }
     }
 
@@ -467,7 +483,10 @@ mod tests {
             theirs.write_all(&r).unwrap();
         });
         let e = f.set_vring_num(0, 256).unwrap_err();
-        assert_eq!(e.to_string(), "SET_VRING_NUM: the backend refused it (status 5)");
+        assert_eq!(
+            e.to_string(),
+            "SET_VRING_NUM: the backend refused it (status 5)"
+        );
         t.join().unwrap();
     }
 }
