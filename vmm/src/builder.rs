@@ -664,8 +664,9 @@ fn attach_virtio_devices(
         let d = &config.drives[i];
         let name = format!("block_{}", d.drive_id);
         if let Some(socket) = d.vhost_user_socket() {
-            let block = VhostUserBlock::new(&d.drive_id, socket)
+            let mut block = VhostUserBlock::new(&d.drive_id, socket)
                 .map_err(|e| ConfigError::new(drive_field(i, "socket"), e.to_string()))?;
+            block.set_cache_writeback(d.writeback());
             if d.is_root_device {
                 extra.extend(root_device_args(d, block.read_only()));
             }

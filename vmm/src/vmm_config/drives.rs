@@ -11,19 +11,19 @@ use super::{check_file, ConfigError, JsonPath, Segment};
 /// One disk: a host file (`path_on_host`) served by prescient, or a vhost-user-block backend
 /// (`socket`) that serves it from another process.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, into = "DriveView")]
 pub struct DriveConfig {
     pub drive_id: String,
-    /// Empty for a vhost-user drive (Firecracker leaves the field out then).
-    #[serde(default, skip_serializing_if = "is_empty_path")]
+    /// Empty for a vhost-user drive.
+    #[serde(default)]
     pub path_on_host: PathBuf,
     pub is_root_device: bool,
     #[serde(default)]
     pub is_read_only: bool,
     /// With `is_root_device`: boot from this partition (`root=PARTUUID=...`) instead of /dev/vda.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub partuuid: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub rate_limiter: Option<RateLimiterConfig>,
     /// Firecracker's `cache_type`; left out, prescient flushes to the disk (`Writeback`, where
     /// Firecracker's default is `Unsafe`).
@@ -33,12 +33,50 @@ pub struct DriveConfig {
     #[serde(default)]
     pub io_engine: IoEngine,
     /// Firecracker's vhost-user-block socket: the backend listening there serves the disk.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub socket: Option<String>,
 }
 
 fn is_empty_path(p: &std::path::Path) -> bool {
     p.as_os_str().is_empty()
+}
+
+/// A drive as `GET /vm/config` shows it: as Firecracker does, a vhost-user drive without the
+/// fields only a file drive has.
+#[derive(Serialize)]
+struct DriveView {
+    drive_id: String,
+    #[serde(skip_serializing_if = "is_empty_path")]
+    path_on_host: PathBuf,
+    is_root_device: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    is_read_only: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    partuuid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rate_limiter: Option<RateLimiterConfig>,
+    cache_type: CacheType,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    io_engine: Option<IoEngine>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    socket: Option<String>,
+}
+
+impl From<DriveConfig> for DriveView {
+    fn from(d: DriveConfig) -> Self {
+        let file = d.socket.is_none();
+        Self {
+            drive_id: d.drive_id,
+            path_on_host: d.path_on_host,
+            is_root_device: d.is_root_device,
+            is_read_only: file.then_some(d.is_read_only),
+            partuuid: d.partuuid,
+            rate_limiter: d.rate_limiter,
+            cache_type: d.cache_type,
+            io_engine: file.then_some(d.io_engine),
+            socket: d.socket,
+        }
+    }
 }
 
 /// How the guest's FLUSH is served.
@@ -308,6 +346,12 @@ mod tests {
         // Read back as Firecracker writes it: no path_on_host for a vhost-user drive.
         d.io_engine = IoEngine::Sync;
         let json = serde_json::to_value(&d).unwrap();
-        assert!(json.get("path_on_host").is_none(), "{json}");
+        for absent in ["path_on_host", "is_read_only", "io_engine"] {
+            assert!(json.get(absent).is_none(), "{json}");
+        }
+        assert_eq!(serde_json::from_value::<DriveConfig>(json).unwrap(), d);
+        let file = serde_json::to_value(drive("f", false)).unwrap();
+        assert_eq!(file["is_read_only"], false);
+        assert_eq!(file["io_engine"], "Sync");
     }
 }

@@ -63,6 +63,7 @@ const GUEST_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
     | (1 << 13) // BLK_DISCARD
     | (1 << 14); // BLK_WRITE_ZEROES
 const VIRTIO_BLK_F_RO: u32 = 5;
+const VIRTIO_BLK_F_FLUSH: u32 = 9;
 
 /// Errors of talking to a vhost-user-block backend.
 #[derive(Debug, thiserror::Error)]
@@ -295,6 +296,9 @@ pub struct VhostUserBlock {
     started: bool,
     /// The backend went away or broke the protocol: nothing more is sent to it.
     broken: bool,
+    /// Firecracker's `cache_type`: FLUSH reaches the guest (if the backend has it) only with
+    /// Writeback.
+    writeback: bool,
     counters: Arc<DeviceCounters>,
 }
 
@@ -324,12 +328,19 @@ impl VhostUserBlock {
             interrupt: None,
             started: false,
             broken: false,
+            writeback: true,
             counters: Arc::default(),
         })
     }
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Firecracker's `cache_type`: `true` for Writeback, `false` for Unsafe (FLUSH hidden from
+    /// the guest). Set before the guest negotiates features.
+    pub fn set_cache_writeback(&mut self, writeback: bool) {
+        self.writeback = writeback;
     }
 
     pub fn socket(&self) -> &Path {
@@ -458,7 +469,11 @@ impl VirtioDevice for VhostUserBlock {
     }
 
     fn avail_features(&self) -> u64 {
-        self.info.features & GUEST_FEATURES
+        let mut f = self.info.features & GUEST_FEATURES;
+        if !self.writeback {
+            f &= !(1 << VIRTIO_BLK_F_FLUSH);
+        }
+        f
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

@@ -131,6 +131,13 @@ fn the_guest_sees_only_the_features_prescient_passes_through() {
         "{:#x}",
         dev.avail_features()
     );
+    let mut dev = dev;
+    dev.set_cache_writeback(false);
+    assert_eq!(
+        dev.avail_features(),
+        1 << VIRTIO_F_VERSION_1,
+        "Unsafe hides FLUSH"
+    );
     let mut cap = [0u8; 8];
     dev.read_config(0, &mut cap);
     assert_eq!(u64::from_le_bytes(cap), 1);
