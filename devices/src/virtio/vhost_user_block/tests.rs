@@ -271,3 +271,87 @@ fn nothing_listening_is_a_connect_error_naming_the_socket() {
     assert!(matches!(e, VhostUserBlockError::Connect { .. }));
     assert!(e.to_string().contains("/nonexistent/vu.sock"), "{e}");
 }
+
+/// Guest memory from a memfd, mapped shared: what the VMM gives a device with a backend.
+fn shared_memory(size: usize) -> GuestMemoryMmap {
+    use std::os::fd::FromRawFd;
+    // SAFETY: memfd_create with a NUL-terminated name; the fd is owned by the File below.
+    let fd = unsafe { libc::memfd_create(c"test_guest_mem".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: `fd` is new and owned by nothing else.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(size as u64).unwrap();
+    let at = vm_memory::FileOffset::new(file, 0);
+    GuestMemoryMmap::from_ranges_with_files(&[(GuestAddress(0), size, Some(at))]).unwrap()
+}
+
+/// Activation (handed from the vCPU's thread to the event loop) shares memory and the queue in
+/// the protocol's order; the backend's completions raise the device's interrupt; a backend that
+/// goes away is noticed by the event loop and the device refuses to start again.
+#[test]
+fn activation_runs_on_the_event_loop_and_completions_raise_the_interrupt() {
+    use crate::virtio::test_utils::{activate_with, DriverQueue};
+    use event_manager::{EventManager, SubscriberOps};
+    use std::sync::mpsc;
+    use std::sync::Mutex;
+
+    let (seen_tx, seen) = mpsc::channel();
+    let mut enables = 0;
+    let (sock, t) = backend(move |r| {
+        let _ = seen_tx.send(r);
+        if r == 18 {
+            enables += 1;
+            if enables == 2 {
+                // Hangs up on the second SET_VRING_ENABLE.
+                return Err(());
+            }
+        }
+        Ok(good(r, &config_of(64)))
+    });
+    let mut conn =
+        Connection::from_stream(Path::new("/run/vu.sock"), sock, Duration::from_secs(1)).unwrap();
+    let info = conn.handshake().unwrap();
+    let dev = Arc::new(Mutex::new(
+        VhostUserBlock::with_connection("vu", conn, info).unwrap(),
+    ));
+    let mut ops: EventManager<Arc<Mutex<VhostUserBlock>>> = EventManager::new().unwrap();
+    ops.add_subscriber(dev.clone());
+    let mem = shared_memory(1 << 20);
+    let q = DriverQueue::new(&mem, GuestAddress(0x1000), 16);
+    let irq = crate::virtio::test_utils::interrupt();
+    activate_with(
+        &mut *dev.lock().unwrap(),
+        &mem,
+        &[q],
+        irq.clone(),
+        1 << VIRTIO_F_VERSION_1,
+    )
+    .unwrap();
+    let handshake: Vec<u32> = seen.try_iter().collect();
+    assert_eq!(
+        handshake,
+        [3, GET_FEATURES, GET_PROTOCOL_FEATURES, 16, GET_CONFIG]
+    );
+    // Nothing is sent from the vCPU's thread: the event loop does it.
+    ops.run_with_timeout(1000).unwrap();
+    let mut started = Vec::new();
+    while started.len() < 8 {
+        started.push(seen.recv_timeout(Duration::from_secs(2)).unwrap());
+    }
+    // SET_FEATURES, SET_MEM_TABLE, SET_VRING_NUM/ADDR/BASE/CALL/KICK/ENABLE.
+    assert_eq!(started, [2, 5, 8, 9, 10, 13, 12, 18]);
+    assert!(dev.lock().unwrap().started);
+
+    dev.lock().unwrap().call.write(1).unwrap();
+    ops.run_with_timeout(1000).unwrap();
+    assert_eq!(irq.status() & crate::virtio::INTERRUPT_USED_RING, 1);
+
+    // The backend goes away: seen on its socket, and the drive is out of service.
+    let _ = dev.lock().unwrap().conn.frontend.set_vring_enable(0, false);
+    t.join().unwrap();
+    assert!(!dev.lock().unwrap().broken);
+    ops.run_with_timeout(1000).unwrap();
+    assert!(dev.lock().unwrap().broken);
+    let e = dev.lock().unwrap().refresh_config().unwrap_err();
+    assert!(e.to_string().contains("went away"), "{e}");
+}
