@@ -489,7 +489,14 @@ mod tests {
 
     #[test]
     fn a_short_hugetlbfs_pool_is_an_error_at_start_not_a_fault_later() {
-        match create_guest_memory(4 << 20, HugePages::Hugetlbfs2M) {
+        // Private (anonymous) and shared (memfd, for a vhost-user backend) alike.
+        for create in [create_guest_memory, create_shared_guest_memory] {
+            a_short_pool_is_an_error(create(4 << 20, HugePages::Hugetlbfs2M));
+        }
+    }
+
+    fn a_short_pool_is_an_error(mem: Result<GuestMemoryMmap, MemoryError>) {
+        match mem {
             Ok(mem) => {
                 // This host has 2 MiB pages to spare: they back the memory.
                 mem.write_obj(5u64, GuestAddress(0x20_0000)).unwrap();
