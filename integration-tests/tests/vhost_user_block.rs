@@ -197,3 +197,31 @@ fn a_backend_that_dies_leaves_the_vmm_running_and_is_logged() {
         out.stderr
     );
 }
+
+/// A hostile guest's descriptors go to the backend, not to prescient: whatever the backend makes
+/// of them, the VMM keeps running and answering. (Not `oob_addr`: qemu-storage-daemon drops the
+/// connection on a buffer outside guest memory, as on any bad address, and the test guest then
+/// treats its unanswered request as fatal and triple-faults: exit 3, the guest's own end.)
+#[test]
+fn hostile_descriptors_on_a_vhost_user_drive_leave_the_vmm_running() {
+    for mode in ["desc_loop", "bad_queue"] {
+        let scratch = Scratch::new(&format!("vhost-user-blk-hostile-{mode}"));
+        let img = scratch.zeroed_file("disk.img", 1 << 20);
+        let backend = Backend::start(&img, &scratch.path().join("vu.sock"));
+        let spec = serde_json::json!({
+            "boot-source": {
+                "kernel_image_path": TEST_GUEST_PVH,
+                "boot_args": format!("cpu_ms=1 mem_mib=1 exit=halt virtio_timeout_ms=1000 hostile={mode}"),
+            },
+            "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
+            "drives": [vhost_drive("vu0", &backend.socket)],
+        });
+        let (vmm, mut api, console) = start_with_console(&scratch, spec);
+        wait_for_console_line(&console, &format!("guest: hostile {mode} done"), DEADLINE);
+        let r = api.request("GET", "/", None);
+        assert_eq!(r.status, 200, "{mode}: the VMM still answers: {}", r.body);
+        let out = vmm.terminate(DEADLINE);
+        assert_eq!(out.code(), Some(143), "{mode}: {}", out.stderr);
+        drop(backend);
+    }
+}
