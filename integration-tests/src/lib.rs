@@ -153,6 +153,13 @@ pub fn file_data_bytes(path: &Path) -> u64 {
         .sum()
 }
 
+/// FNV-1a 64, as the test guest's `blk_read` and `pmem_read` report what they read.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// A `drives[]` entry that is not the root device.
 pub fn drive_json(id: &str, path: &Path, read_only: bool) -> serde_json::Value {
     serde_json::json!({"drive_id": id, "path_on_host": path, "is_root_device": false, "is_read_only": read_only})

@@ -8,18 +8,11 @@ use std::time::Duration;
 
 use integration_tests::vhost_user::StorageDaemon as Backend;
 use integration_tests::{
-    guest_spec_devices, run_spec, start_with_console, wait_for_console_line, ApiClient, RunningVmm,
-    Scratch, TEST_GUEST_PVH,
+    fnv1a, guest_spec_devices, run_spec, start_with_console, wait_for_console_line, ApiClient,
+    RunningVmm, Scratch, TEST_GUEST_PVH,
 };
 
 const DEADLINE: Duration = Duration::from_secs(90);
-
-/// FNV-1a 64, as the guest's `blk_read` reports it.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
 
 fn vhost_drive(id: &str, socket: &Path) -> serde_json::Value {
     serde_json::json!({"drive_id": id, "socket": socket, "is_root_device": false})
