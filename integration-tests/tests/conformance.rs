@@ -851,8 +851,10 @@ fn api_before_boot_answers_as_firecracker_does() {
 
 /// vhost-user-block drives with a backend listening (`qemu-storage-daemon`, one per side): the
 /// drive is accepted, wrong companions refused, the VM boots with it and a snapshot is refused,
-/// on both. (Not a PATCH of the drive after boot: the Firecracker 1.17 reference process exits
-/// on it here; prescient's is tested in tests/vhost_user_block.rs.)
+/// on both. (Not a PATCH of the drive right after boot: the Firecracker reference panics on one
+/// that arrives before the guest's driver started the device, "Device is not initialized" at
+/// src/vmm/src/devices/virtio/block/vhost_user/device.rs:261; README's table. prescient's PATCH
+/// is tested in tests/vhost_user_block.rs.)
 #[test]
 fn vhost_user_drives_answer_as_firecracker_does() {
     let scratch = Scratch::new("conformance-vhost");
