@@ -218,3 +218,56 @@ fn hostile_descriptors_on_a_vhost_user_drive_leave_the_vmm_running() {
         drop(backend);
     }
 }
+
+/// Bytes the host holds for the VM's guest memory file (the memfd shared with the backend).
+fn guest_memfd_bytes(pid: u32) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let dir = format!("/proc/{pid}/fd");
+    std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .find(|e| {
+            std::fs::read_link(e.path())
+                .is_ok_and(|t| t.to_string_lossy().starts_with("/memfd:guest_mem"))
+        })
+        .map(|e| std::fs::metadata(e.path()).unwrap().blocks() * 512)
+        .expect("the VMM holds its guest memory memfd")
+}
+
+/// With a vhost-user drive guest memory is a shared memfd; pages the guest puts in the balloon
+/// must leave the file (MADV_REMOVE), not only the VMM's page tables.
+#[test]
+fn balloon_pages_leave_the_shared_guest_memory_file() {
+    const MIB: u64 = 1 << 20;
+    let scratch = Scratch::new("vhost-user-blk-balloon");
+    let img = scratch.zeroed_file("disk.img", 1 << 20);
+    let backend = Backend::start(&img, &scratch.path().join("vu.sock"));
+    let spec = serde_json::json!({
+        "boot-source": {
+            "kernel_image_path": TEST_GUEST_PVH,
+            "boot_args": "cpu_ms=1 mem_mib=160 blk_rw=8 balloon_steps=1 exit=halt",
+        },
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 256},
+        "drives": [vhost_drive("vu0", &backend.socket)],
+        "balloon": {"amount_mib": 0, "deflate_on_oom": false},
+    });
+    let (vmm, mut api, console) = start_with_console(&scratch, spec);
+    wait_for_console_line(&console, "guest: blk0 rw sectors=8 ok", DEADLINE);
+    let before = guest_memfd_bytes(vmm.id());
+    assert!(
+        before >= 150 * MIB,
+        "the guest wrote 160 MiB: {} MiB",
+        before / MIB
+    );
+    let r = api.request("PATCH", "/balloon", Some(r#"{"amount_mib": 128}"#));
+    assert_eq!(r.status, 204, "{}", r.body);
+    wait_for_console_line(&console, "guest: balloon0 step=1 ", DEADLINE);
+    let after = guest_memfd_bytes(vmm.id());
+    assert!(
+        after + 110 * MIB <= before,
+        "inflating 128 MiB: the memory file went {} -> {} MiB",
+        before / MIB,
+        after / MIB
+    );
+    vmm.terminate(DEADLINE);
+}
