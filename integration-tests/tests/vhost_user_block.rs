@@ -26,7 +26,7 @@ fn guest_writes_through_a_vhost_user_backend_reach_its_file() {
     let out = run_spec(
         &scratch,
         &guest_spec_devices(
-            "blk_rw=64 blk_sector=100 blk_read=64",
+            "blk_rw=64 blk_sector=100 blk_read=64 blk_int_report=1",
             serde_json::json!([vhost_drive("vu0", &backend.socket)]),
             None,
         ),
@@ -58,6 +58,9 @@ fn guest_writes_through_a_vhost_user_backend_reach_its_file() {
         "guest: blk0 read sectors=64 ok fnv1a=0x{:016x}",
         fnv1a(written)
     ));
+    // The backend's completions (its call eventfd, relayed by the VMM thread) reached the
+    // device's InterruptStatus as used-buffer interrupts.
+    out.assert_line("guest: blk0 int_status_seen=0x1");
 }
 
 /// A second, file-backed drive beside the vhost-user one: both work in one guest.
