@@ -26,6 +26,7 @@ TARGETS=(
   snapshot_state
   mmds_frames
   api_bodies
+  vhost_user_replies
 )
 
 secs=60

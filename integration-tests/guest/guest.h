@@ -246,7 +246,7 @@ struct virtio_params {
 	struct { u64 base, size; u32 irq; } dev[VIRTIO_MAX_DEV];
 	int off;                        /* virtio=off: ignore every device */
 	u64 timeout_ms;                 /* virtio_timeout_ms: one request's bound */
-	u64 blk_rw, blk_read, blk_ops, blk_sector, blk_qd, blk_op_kib, blk_write;
+	u64 blk_rw, blk_read, blk_ops, blk_sector, blk_qd, blk_op_kib, blk_write, blk_int_report;
 	u64 rng_bytes;
 	u64 net_tx, net_rx, net_rx_ethertype;
 	u64 vsock_echo_listen, vsock_connect, vsock_send;

@@ -119,6 +119,7 @@ int virtio_param(const char *k, size_t kn, const char *v, size_t vn)
 		{ "blk_qd", &g_vparams.blk_qd },
 		{ "blk_op_kib", &g_vparams.blk_op_kib },
 		{ "blk_write", &g_vparams.blk_write },
+		{ "blk_int_report", &g_vparams.blk_int_report },
 		{ "rng_bytes", &g_vparams.rng_bytes },
 		{ "net_tx", &g_vparams.net_tx },
 		{ "net_rx", &g_vparams.net_rx },
@@ -326,6 +327,7 @@ int vdev_init(struct vdev *d, u64 want, u32 nq)
 void vdev_ack_irq(struct vdev *d)
 {
 	u32 s = vd_r(d, VM_INT_STATUS);
+	d->int_seen |= s;
 	if (s)
 		vd_w(d, VM_INT_ACK, s);
 }

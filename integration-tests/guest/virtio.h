@@ -88,6 +88,7 @@ struct vdev {
 	u32 irq, version, id;
 	int mapped, usable;             /* usable: magic ok, version 2, id != 0 */
 	u64 features;                   /* negotiated */
+	u32 int_seen;                   /* InterruptStatus bits acked so far */
 	struct vq vq[VDEV_MAX_VQ];
 	char name[12];                  /* "blk0", "net1", ... */
 };

@@ -393,6 +393,8 @@ int blk_workload(struct vdev *d)
 		return 0;
 	if (p->blk_ops && !blk_ops(d, p->blk_ops))
 		return 0;
+	if (p->blk_int_report)
+		gprintf("guest: %s int_status_seen=0x%x\n", d->name, d->int_seen);
 	return 1;
 }
 

@@ -284,6 +284,8 @@ pub struct VmSpec {
     pub args: String,
     /// Writable virtio-blk disks (not the root device).
     pub drives: Vec<PathBuf>,
+    /// vhost-user-block disks after `drives`: the sockets their backends listen on.
+    pub vhost_user_drives: Vec<PathBuf>,
     /// A vsock device (guest CID 3) with Firecracker's Unix-socket host side here.
     pub vsock_uds: Option<PathBuf>,
     /// A balloon starting empty (deflate on OOM, statistics every second).
@@ -311,6 +313,7 @@ impl VmSpec {
             mem_mib,
             args: format!("{args} {}", guest_clock_arg()),
             drives: Vec::new(),
+            vhost_user_drives: Vec::new(),
             vsock_uds: None,
             balloon: false,
             hotplug_mib: None,
@@ -350,6 +353,18 @@ impl VmSpec {
                 }
                 drive
             })
+            .chain(
+                self.vhost_user_drives
+                    .iter()
+                    .enumerate()
+                    .map(|(i, socket)| {
+                        serde_json::json!({
+                            "drive_id": format!("vu{i}"),
+                            "socket": socket,
+                            "is_root_device": false,
+                        })
+                    }),
+            )
             .collect();
         let mut spec = serde_json::json!({
             "boot-source": boot,
@@ -386,6 +401,11 @@ impl VmSpec {
                     "absent"
                 }
             ));
+        }
+        if !self.vhost_user_drives.is_empty() {
+            return Err("vhost-user drives are not set up for QEMU here (it needs \
+                        shared memory backends and chardevs of its own)"
+                .into());
         }
         if self.hotplug_mib.is_some() {
             return Err(

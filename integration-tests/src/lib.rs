@@ -12,6 +12,7 @@ pub mod linux;
 pub mod nested;
 pub mod openapi;
 pub mod pty;
+pub mod vhost_user;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -150,6 +151,13 @@ pub fn file_data_bytes(path: &Path) -> u64 {
         .iter()
         .map(|(start, end)| end - start)
         .sum()
+}
+
+/// FNV-1a 64, as the test guest's `blk_read` and `pmem_read` report what they read.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// A `drives[]` entry that is not the root device.

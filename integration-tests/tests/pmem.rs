@@ -4,13 +4,7 @@
 
 use std::time::Duration;
 
-use integration_tests::{run_spec, Scratch, TEST_GUEST_PVH};
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
+use integration_tests::{fnv1a, run_spec, Scratch, TEST_GUEST_PVH};
 
 fn run(
     name: &str,

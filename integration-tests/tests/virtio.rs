@@ -5,17 +5,11 @@
 use std::time::{Duration, Instant};
 
 use integration_tests::{
-    drive_json, guest_spec_devices, prometheus_value, run_spec, ApiClient, Scratch, TEST_GUEST_PVH,
+    drive_json, fnv1a, guest_spec_devices, prometheus_value, run_spec, ApiClient, Scratch,
+    TEST_GUEST_PVH,
 };
 
 const DEADLINE: Duration = Duration::from_secs(90);
-
-/// FNV-1a 64, as the guest's `blk_read` reports it.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
 
 #[test]
 fn guest_writes_reach_the_host_file_and_read_back_identically() {

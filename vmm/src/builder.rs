@@ -12,6 +12,7 @@ use devices::virtio::mem::{MemLayout, VirtioMem};
 use devices::virtio::net::Net;
 use devices::virtio::pmem::Pmem;
 use devices::virtio::rng::Rng;
+use devices::virtio::vhost_user_block::VhostUserBlock;
 use devices::virtio::vsock::Vsock;
 use event_manager::{EventManager, SubscriberOps};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
@@ -35,10 +36,12 @@ use crate::microvm::{MicroVm, VirtioHandles};
 use crate::snapshot::{DeviceState, SnapshotState};
 use crate::vcpus::Vcpus;
 use crate::vmm_config::{
-    parse_mac, ConfigError, CpuConfig, JsonPath, MachineConfig, MemoryHotplugConfig, Segment,
-    VmConfig, VsockConfig,
+    parse_mac, ConfigError, CpuConfig, DriveConfig, JsonPath, MachineConfig, MemoryHotplugConfig,
+    Segment, VmConfig, VsockConfig,
 };
-use crate::vstate::memory::{create_guest_memory, create_hotplug_region};
+use crate::vstate::memory::{
+    create_guest_memory, create_hotplug_region, create_shared_guest_memory,
+};
 use crate::vstate::vcpu::spawner::Spawner;
 use crate::vstate::vcpu::{register_kick_handler, saved_msr_indices, Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
@@ -254,8 +257,13 @@ fn guest_memory(
         ..
     } = source
     else {
-        let mem = create_guest_memory(machine.mem_bytes(), machine.huge_pages)
-            .map_err(|e| ConfigError::new(MachineConfig::mem_path(), e.to_string()))?;
+        // A vhost-user backend maps guest memory itself: it must be a file it can be given.
+        let mem = if config.drives.iter().any(|d| d.socket.is_some()) {
+            create_shared_guest_memory(machine.mem_bytes(), machine.huge_pages)
+        } else {
+            create_guest_memory(machine.mem_bytes(), machine.huge_pages)
+        }
+        .map_err(|e| ConfigError::new(MachineConfig::mem_path(), e.to_string()))?;
         return Ok((mem, None));
     };
     let mut expected: Vec<(u64, u64)> = ram_ranges(machine.mem_bytes());
@@ -644,6 +652,15 @@ fn attach_pmem(
     Ok(pmems)
 }
 
+/// The kernel parameters of the root drive `d`: which device or partition, and how to mount it.
+fn root_device_args(d: &DriveConfig, read_only: bool) -> [String; 2] {
+    let root = match &d.partuuid {
+        Some(uuid) => format!("root=PARTUUID={uuid}"),
+        None => "root=/dev/vda".to_string(),
+    };
+    [root, if read_only { "ro" } else { "rw" }.to_string()]
+}
+
 /// A drive's spec field, for errors about it.
 fn drive_field(index: usize, name: &'static str) -> JsonPath {
     JsonPath(vec![
@@ -670,9 +687,23 @@ fn attach_virtio_devices(
     let mut order: Vec<usize> = (0..config.drives.len()).collect();
     order.sort_by_key(|&i| !config.drives[i].is_root_device);
     let mut blocks = Vec::new();
+    let mut vhost_user_blocks = Vec::new();
     let mut nets = Vec::new();
     for i in order {
         let d = &config.drives[i];
+        let name = format!("block_{}", d.drive_id);
+        if let Some(socket) = d.vhost_user_socket() {
+            let mut block = VhostUserBlock::new(&d.drive_id, socket)
+                .map_err(|e| ConfigError::new(drive_field(i, "socket"), e.to_string()))?;
+            block.set_cache_writeback(d.writeback());
+            if d.is_root_device {
+                extra.extend(root_device_args(d, block.read_only()));
+            }
+            let block = Arc::new(Mutex::new(block));
+            manager.attach(vm.fd(), mem, registry, event_manager, name, block.clone())?;
+            vhost_user_blocks.push((d.drive_id.clone(), block));
+            continue;
+        }
         let block = Block::new(
             &d.drive_id,
             &d.path_on_host,
@@ -688,14 +719,9 @@ fn attach_virtio_devices(
                 .map_err(|e| ConfigError::new(drive_field(i, "io_engine"), e.to_string()))?;
         }
         let block = Arc::new(Mutex::new(block));
-        let name = format!("block_{}", d.drive_id);
         manager.attach(vm.fd(), mem, registry, event_manager, name, block.clone())?;
         if d.is_root_device {
-            extra.push(match &d.partuuid {
-                Some(uuid) => format!("root=PARTUUID={uuid}"),
-                None => "root=/dev/vda".to_string(),
-            });
-            extra.push(if d.is_read_only { "ro" } else { "rw" }.to_string());
+            extra.extend(root_device_args(d, d.is_read_only));
         }
         blocks.push((d.drive_id.clone(), block));
     }
@@ -782,6 +808,7 @@ fn attach_virtio_devices(
     Ok((
         VirtioHandles {
             blocks,
+            vhost_user_blocks,
             nets,
             pmems,
             balloon,

@@ -11,6 +11,7 @@ use devices::virtio::discard::PAGE_SIZE;
 use devices::virtio::mem::VirtioMem;
 use devices::virtio::net::Net;
 use devices::virtio::pmem::Pmem;
+use devices::virtio::vhost_user_block::VhostUserBlock;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::console::RawTerminal;
@@ -25,6 +26,7 @@ use crate::vstate::vm::{Vm, VmError};
 #[derive(Default)]
 pub struct VirtioHandles {
     pub blocks: Vec<(String, Arc<Mutex<Block>>)>,
+    pub vhost_user_blocks: Vec<(String, Arc<Mutex<VhostUserBlock>>)>,
     pub nets: Vec<(String, Arc<Mutex<Net>>)>,
     pub pmems: Vec<(String, Arc<Mutex<Pmem>>)>,
     pub balloon: Option<Arc<Mutex<Balloon>>>,
@@ -244,6 +246,11 @@ impl MicroVm {
     /// The drive with this spec id.
     pub fn drive(&self, drive_id: &str) -> Option<MutexGuard<'_, Block>> {
         find(&self.virtio.blocks, drive_id)
+    }
+
+    /// The vhost-user drive with this spec id.
+    pub fn vhost_user_drive(&self, drive_id: &str) -> Option<MutexGuard<'_, VhostUserBlock>> {
+        find(&self.virtio.vhost_user_blocks, drive_id)
     }
 
     /// The network interface with this spec id.

@@ -175,6 +175,8 @@ pub enum ActionError {
     Keyboard(#[from] devices::legacy::I8042Error),
     #[error("no drive {0:?}")]
     NoSuchDrive(String),
+    #[error("{0}")]
+    VhostUser(#[from] devices::virtio::vhost_user_block::VhostUserBlockError),
     #[error("no network interface {0:?}")]
     NoSuchInterface(String),
     #[error("no pmem device {0:?}")]

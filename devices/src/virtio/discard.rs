@@ -1,6 +1,8 @@
 //! Gives guest pages back to the host: the balloon's inflated and reported pages, and virtio-mem's
 //! unplugged blocks. Guest RAM is private anonymous memory, so MADV_DONTNEED frees the pages at
-//! once and a later guest access finds zeroes. Memory backed by 2 MiB hugetlbfs pages can only
+//! once and a later guest access finds zeroes; shared guest memory (a memfd, when a vhost-user
+//! backend maps it too) keeps its pages in the file under MADV_DONTNEED, so there MADV_REMOVE
+//! frees them (a hole in the file, which reads as zeroes in every mapping). Memory backed by 2 MiB hugetlbfs pages can only
 //! give back whole huge pages: the part of a range that covers one.
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -15,7 +17,7 @@ pub enum DiscardError {
     Misaligned { addr: u64, len: u64 },
     #[error("range {addr:#x}+{len:#x} is not all guest RAM")]
     OutsideMemory { addr: u64, len: u64 },
-    #[error("madvise(MADV_DONTNEED) of guest range {addr:#x}+{len:#x}: {source}")]
+    #[error("madvise (MADV_DONTNEED or, shared, MADV_REMOVE) of guest range {addr:#x}+{len:#x}: {source}")]
     Madvise {
         addr: u64,
         len: u64,
@@ -26,9 +28,13 @@ pub enum DiscardError {
 /// hugetlbfs pages (2 MiB) can only be given back whole.
 const HUGETLB_PAGE: usize = 2 << 20;
 
-/// The host pieces of `[addr, addr + len)`, one per memory region it crosses (and whether that
-/// region is hugetlbfs-backed), or None if any byte of it is not guest memory.
-fn host_pieces(mem: &GuestMemoryMmap, addr: u64, len: u64) -> Option<Vec<(*mut u8, usize, bool)>> {
+/// One region's part of a range: where it is mapped, how long, whether hugetlbfs backs it and
+/// whether the mapping is shared.
+type Piece = (*mut u8, usize, bool, bool);
+
+/// The host pieces of `[addr, addr + len)`, one per memory region it crosses, or None if any byte
+/// of it is not guest memory.
+fn host_pieces(mem: &GuestMemoryMmap, addr: u64, len: u64) -> Option<Vec<Piece>> {
     let mut pieces = Vec::new();
     let mut cur = addr;
     let end = addr.checked_add(len)?;
@@ -38,7 +44,8 @@ fn host_pieces(mem: &GuestMemoryMmap, addr: u64, len: u64) -> Option<Vec<(*mut u
         let n = (region.len() - offset.0).min(end - cur);
         let host = region.get_host_address(offset).ok()?;
         let hugetlb = region.is_hugetlbfs() == Some(true);
-        pieces.push((host, usize::try_from(n).ok()?, hugetlb));
+        let shared = region.flags() & libc::MAP_SHARED != 0;
+        pieces.push((host, usize::try_from(n).ok()?, hugetlb, shared));
         cur += n;
     }
     Some(pieces)
@@ -59,7 +66,7 @@ pub fn discard(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> Result<()
         return Err(DiscardError::Misaligned { addr, len });
     }
     let pieces = host_pieces(mem, addr, len).ok_or(DiscardError::OutsideMemory { addr, len })?;
-    for (host, n, hugetlb) in pieces {
+    for (host, n, hugetlb, shared) in pieces {
         let (host, n) = if hugetlb {
             match whole_huge_pages(host, n) {
                 Some(whole) => whole,
@@ -69,10 +76,15 @@ pub fn discard(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> Result<()
         } else {
             (host, n)
         };
+        let advice = if shared {
+            libc::MADV_REMOVE
+        } else {
+            libc::MADV_DONTNEED
+        };
         // SAFETY: `host..host + n` lies inside one live guest memory mapping (checked above).
-        // MADV_DONTNEED only drops its pages; the mapping stays valid and reads as zeroes, which
+        // Either advice only drops its pages; the mapping stays valid and reads as zeroes, which
         // is what the guest agreed to when it gave the pages up.
-        if unsafe { libc::madvise(host.cast(), n, libc::MADV_DONTNEED) } != 0 {
+        if unsafe { libc::madvise(host.cast(), n, advice) } != 0 {
             return Err(DiscardError::Madvise {
                 addr,
                 len,
@@ -114,6 +126,35 @@ mod tests {
             mem.read_obj::<u64>(GuestAddress(0x20_0000)).unwrap(),
             0xabcd
         );
+    }
+
+    #[test]
+    fn shared_memory_gives_its_pages_back_to_the_host_too() {
+        use std::os::fd::FromRawFd;
+        use std::os::unix::fs::FileExt;
+        // SAFETY: memfd_create with a NUL-terminated name; the fd is owned by the File below.
+        let fd = unsafe { libc::memfd_create(c"discard_test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: `fd` is new and owned by nothing else.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        file.set_len(0x10_0000).unwrap();
+        let reader = file.try_clone().unwrap();
+        let at = vm_memory::FileOffset::new(file, 0);
+        let mem =
+            GuestMemoryMmap::from_ranges_with_files(&[(GuestAddress(0), 0x10_0000, Some(at))])
+                .unwrap();
+        mem.write_obj(0xabcd_u64, GuestAddress(0x3000)).unwrap();
+        let blocks = |f: &std::fs::File| {
+            use std::os::unix::fs::MetadataExt;
+            f.metadata().unwrap().blocks()
+        };
+        assert!(blocks(&reader) > 0);
+        discard(&mem, GuestAddress(0x3000), 0x1000).unwrap();
+        assert_eq!(blocks(&reader), 0, "the page went back to the host");
+        let mut word = [0xffu8; 8];
+        reader.read_exact_at(&mut word, 0x3000).unwrap();
+        assert_eq!(word, [0; 8], "the file has a hole there");
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(0x3000)).unwrap(), 0);
     }
 
     #[test]

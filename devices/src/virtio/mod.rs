@@ -16,6 +16,7 @@ pub mod pmem;
 pub mod rng;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
+pub mod vhost_user_block;
 pub mod vsock;
 
 use std::os::fd::RawFd;

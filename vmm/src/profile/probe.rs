@@ -50,6 +50,11 @@ pub struct ProfileArgs {
 pub enum ProbeError {
     #[error("{0}")]
     Spec(#[from] SpecFileError),
+    #[error(
+        "drive {0} is a vhost-user drive: the probe works on copies of the disks and cannot copy \
+         what a backend serves"
+    )]
+    VhostUser(String),
     #[error("{0}")]
     Profile(#[from] ProfileError),
     #[error("--duration must be a positive number of seconds, got {0}")]
@@ -119,6 +124,9 @@ fn derive_spec(config: &VmConfig, dir: &Path) -> Result<VmConfig, ProbeError> {
         rate_limiter: None,
     });
     for d in &mut probe.drives {
+        if d.socket.is_some() {
+            return Err(ProbeError::VhostUser(d.drive_id.clone()));
+        }
         let size = std::fs::metadata(&d.path_on_host).map_or(u64::MAX, |m| m.len());
         if size <= COPY_LIMIT {
             let copy = dir.join(format!("drive-{}", d.drive_id));

@@ -79,6 +79,19 @@ impl Runtime {
             .position(|d| d.drive_id == update.drive_id)
             .ok_or_else(|| ActionError::NoSuchDrive(update.drive_id.clone()))?;
         let mut drives = self.config.drives.clone();
+        if drives[index].socket.is_some()
+            && update.path_on_host.is_none()
+            && update.rate_limiter.is_none()
+        {
+            // Firecracker's update of a vhost-user drive: its backend's disk changed, the
+            // configuration space is read again and the guest told.
+            let vm = self.running_vm()?;
+            let mut drive = vm
+                .vhost_user_drive(&update.drive_id)
+                .ok_or_else(|| ActionError::NoSuchDrive(update.drive_id.clone()))?;
+            drive.refresh_config()?;
+            return Ok(VmmData::Empty);
+        }
         if let Some(path) = &update.path_on_host {
             drives[index].path_on_host = path.clone();
         }
@@ -287,8 +300,16 @@ impl Runtime {
             }
             VmmAction::PutDrive(drive) => {
                 self.before_boot()?;
+                let drive_id = drive.drive_id.clone();
                 let drives = upsert_by_id(&self.config.drives, drive, |d| &d.drive_id);
                 validate_drives(&drives)?;
+                if let Some((i, d)) = drives
+                    .iter()
+                    .enumerate()
+                    .find(|(_, d)| d.drive_id == drive_id)
+                {
+                    d.probe_backend(i)?;
+                }
                 self.config.drives = drives;
                 Ok(VmmData::Empty)
             }

@@ -70,6 +70,11 @@ pub enum SnapshotError {
     Vcpu(#[from] VcpuError),
     #[error("cannot save the VM: {0}")]
     Vm(#[from] VmError),
+    #[error(
+        "drive {drive} is a vhost-user drive: snapshots of a microVM with vhost-user devices are \
+         not supported (as in Firecracker: the queues' state lives in the backend)"
+    )]
+    VhostUser { drive: String },
     #[error("cannot save device {name}: {message}")]
     Device { name: String, message: String },
     #[error(
@@ -376,6 +381,11 @@ pub fn create(
         return Err(SnapshotError::Hotplug {
             boot: machine.vcpu_count,
             max: machine.max_vcpus(),
+        });
+    }
+    if let Some(d) = config.drives.iter().find(|d| d.socket.is_some()) {
+        return Err(SnapshotError::VhostUser {
+            drive: d.drive_id.clone(),
         });
     }
     if vm.state() != RunState::Paused {

@@ -8,19 +8,22 @@ use serde::{Deserialize, Serialize};
 
 use super::{check_file, ConfigError, JsonPath, Segment};
 
-/// One disk.
+/// One disk: a host file (`path_on_host`) served by prescient, or a vhost-user-block backend
+/// (`socket`) that serves it from another process.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, into = "DriveView")]
 pub struct DriveConfig {
     pub drive_id: String,
+    /// Empty for a vhost-user drive.
+    #[serde(default)]
     pub path_on_host: PathBuf,
     pub is_root_device: bool,
     #[serde(default)]
     pub is_read_only: bool,
     /// With `is_root_device`: boot from this partition (`root=PARTUUID=...`) instead of /dev/vda.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub partuuid: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub rate_limiter: Option<RateLimiterConfig>,
     /// Firecracker's `cache_type`; left out, prescient flushes to the disk (`Writeback`, where
     /// Firecracker's default is `Unsafe`).
@@ -29,9 +32,51 @@ pub struct DriveConfig {
     /// Firecracker's `io_engine`: `Async` serves the drive through io_uring.
     #[serde(default)]
     pub io_engine: IoEngine,
-    /// Firecracker's vhost-user-block socket: refused (prescient has no vhost-user).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Firecracker's vhost-user-block socket: the backend listening there serves the disk.
+    #[serde(default)]
     pub socket: Option<String>,
+}
+
+fn is_empty_path(p: &std::path::Path) -> bool {
+    p.as_os_str().is_empty()
+}
+
+/// A drive as `GET /vm/config` shows it: as Firecracker does, a vhost-user drive without the
+/// fields only a file drive has.
+#[derive(Serialize)]
+struct DriveView {
+    drive_id: String,
+    #[serde(skip_serializing_if = "is_empty_path")]
+    path_on_host: PathBuf,
+    is_root_device: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    is_read_only: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    partuuid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rate_limiter: Option<RateLimiterConfig>,
+    cache_type: CacheType,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    io_engine: Option<IoEngine>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    socket: Option<String>,
+}
+
+impl From<DriveConfig> for DriveView {
+    fn from(d: DriveConfig) -> Self {
+        let file = d.socket.is_none();
+        Self {
+            drive_id: d.drive_id,
+            path_on_host: d.path_on_host,
+            is_root_device: d.is_root_device,
+            is_read_only: file.then_some(d.is_read_only),
+            partuuid: d.partuuid,
+            rate_limiter: d.rate_limiter,
+            cache_type: d.cache_type,
+            io_engine: file.then_some(d.io_engine),
+            socket: d.socket,
+        }
+    }
 }
 
 /// How the guest's FLUSH is served.
@@ -125,7 +170,6 @@ impl DriveConfig {
     /// Checks this drive as entry `index` of `drives`.
     pub fn validate(&self, index: usize) -> Result<(), ConfigError> {
         validate_id(field(index, "drive_id"), &self.drive_id)?;
-        check_file(field(index, "path_on_host"), &self.path_on_host)?;
         if self.partuuid.is_some() && !self.is_root_device {
             return Err(ConfigError::new(
                 field(index, "partuuid"),
@@ -133,12 +177,52 @@ impl DriveConfig {
             ));
         }
         if self.socket.is_some() {
+            return self.validate_vhost_user(index);
+        }
+        if is_empty_path(&self.path_on_host) {
             return Err(ConfigError::new(
-                field(index, "socket"),
-                "vhost-user-block drives are not supported by prescient; give path_on_host",
+                field(index, "path_on_host"),
+                "missing: a drive needs a file (path_on_host) or a vhost-user backend (socket)",
             ));
         }
+        check_file(field(index, "path_on_host"), &self.path_on_host)?;
         validate_rate_limiter(field(index, "rate_limiter"), &self.rate_limiter)
+    }
+
+    /// A vhost-user drive: the backend serves the file and decides read-only, and requests never
+    /// pass through prescient (no rate limiter, no I/O engine).
+    fn validate_vhost_user(&self, index: usize) -> Result<(), ConfigError> {
+        let only_for_files = [
+            ("path_on_host", !is_empty_path(&self.path_on_host)),
+            ("is_read_only", self.is_read_only),
+            ("rate_limiter", self.rate_limiter.is_some()),
+            ("io_engine", self.io_engine != IoEngine::default()),
+        ];
+        match only_for_files.iter().find(|(_, set)| *set) {
+            Some((name, _)) => Err(ConfigError::new(
+                field(index, name),
+                format!(
+                    "a vhost-user drive (socket) cannot have {name}: its backend serves the disk"
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// For a vhost-user drive configured through the API: a backend must be listening, and is
+    /// asked what it serves, as Firecracker does when the drive is configured (400 otherwise).
+    pub fn probe_backend(&self, index: usize) -> Result<(), ConfigError> {
+        match self.vhost_user_socket() {
+            Some(socket) => devices::virtio::vhost_user_block::probe(socket)
+                .map(|_| ())
+                .map_err(|e| ConfigError::new(field(index, "socket"), e.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    /// The drive's vhost-user backend socket, if it has one.
+    pub fn vhost_user_socket(&self) -> Option<&std::path::Path> {
+        self.socket.as_deref().map(std::path::Path::new)
     }
 
     /// Whether FLUSH is offered and synced.
@@ -233,5 +317,41 @@ mod tests {
             validate_drives(&[d]).unwrap_err().path.to_string(),
             "drives[0].rate_limiter"
         );
+    }
+
+    #[test]
+    fn a_vhost_user_drive_takes_no_file_fields_and_a_file_drive_needs_its_file() {
+        let mut d = drive("vu", false);
+        d.socket = Some("/run/vu.sock".into());
+        // path_on_host given as well: Firecracker refuses the pair too.
+        let e = validate_drives(std::slice::from_ref(&d)).unwrap_err();
+        assert_eq!(e.path.to_string(), "drives[0].path_on_host");
+        d.path_on_host = PathBuf::new();
+        // No backend is asked here: the checks are structural (PUT asks it, `probe_backend`).
+        assert!(validate_drives(std::slice::from_ref(&d)).is_ok());
+        d.is_read_only = true;
+        let e = validate_drives(std::slice::from_ref(&d)).unwrap_err();
+        assert_eq!(e.path.to_string(), "drives[0].is_read_only");
+        d.is_read_only = false;
+        d.io_engine = IoEngine::Async;
+        let e = validate_drives(std::slice::from_ref(&d)).unwrap_err();
+        assert_eq!(e.path.to_string(), "drives[0].io_engine");
+        let e = d.probe_backend(0).unwrap_err();
+        assert_eq!(e.path.to_string(), "drives[0].socket");
+        assert!(e.message.contains("/run/vu.sock"), "{}", e.message);
+        let mut f = drive("file", false);
+        f.path_on_host = PathBuf::new();
+        let e = validate_drives(&[f]).unwrap_err();
+        assert!(e.message.contains("socket"), "{}", e.message);
+        // Read back as Firecracker writes it: no path_on_host for a vhost-user drive.
+        d.io_engine = IoEngine::Sync;
+        let json = serde_json::to_value(&d).unwrap();
+        for absent in ["path_on_host", "is_read_only", "io_engine"] {
+            assert!(json.get(absent).is_none(), "{json}");
+        }
+        assert_eq!(serde_json::from_value::<DriveConfig>(json).unwrap(), d);
+        let file = serde_json::to_value(drive("f", false)).unwrap();
+        assert_eq!(file["is_read_only"], false);
+        assert_eq!(file["io_engine"], "Sync");
     }
 }

@@ -219,6 +219,19 @@ impl VmConfig {
         }
         if let Some(hotplug) = &self.memory_hotplug {
             hotplug.validate()?;
+            if let Some(i) = self.drives.iter().position(|d| d.socket.is_some()) {
+                // The backend maps guest memory once, at activation; hot-plugged memory would be
+                // memory it cannot reach.
+                return Err(ConfigError::new(
+                    JsonPath(vec![
+                        Segment::Key("drives"),
+                        Segment::Index(i),
+                        Segment::Key("socket"),
+                    ]),
+                    "a vhost-user drive cannot be combined with memory-hotplug: its backend \
+                     would not see hot-plugged memory",
+                ));
+            }
         }
         if let Some(cpu) = &self.cpu_config {
             cpu.validate()?;

@@ -1,9 +1,14 @@
-//! Guest RAM: anonymous host mappings laid out around the 32-bit MMIO gap.
+//! Guest RAM: anonymous host mappings laid out around the 32-bit MMIO gap, or, when another
+//! process must reach it (a vhost-user backend), one memfd mapped shared.
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::sync::Arc;
 
 use vm_memory::mmap::{MmapRegionBuilder, MmapRegionError};
 use vm_memory::{
-    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
-    MemoryRegionAddress,
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap, MemoryRegionAddress,
 };
 
 use crate::arch::x86_64::layout::ram_ranges;
@@ -27,6 +32,8 @@ pub enum MemoryError {
     },
     #[error("guest memory layout: {0}")]
     Layout(vm_memory::GuestRegionCollectionError),
+    #[error("cannot create the shared guest memory file (memfd, {mib} MiB): {source}")]
+    Memfd { mib: u64, source: std::io::Error },
 }
 
 /// Maps `mem_bytes` of guest RAM, backed as `pages` says.
@@ -37,8 +44,43 @@ pub fn create_guest_memory(
     let mib = mem_bytes >> 20;
     let regions = ram_ranges(mem_bytes)
         .into_iter()
-        .map(|(start, len)| map_region(start, len, pages, mib))
+        .map(|(start, len)| map_region(start, len, pages, mib, None))
         .collect::<Result<Vec<_>, _>>()?;
+    GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Layout)
+}
+
+/// Maps `mem_bytes` of guest RAM from one memfd, shared, so that its file descriptor can be
+/// handed to a vhost-user backend (as Firecracker does when a vhost-user device exists). The
+/// host still pays only for what the guest touches (the file is sparse). Transparent huge pages
+/// then follow the host's `shmem_enabled` setting rather than `enabled`, and the idle trim leaves
+/// these regions alone (a page given back from a shared mapping stays in the file).
+pub fn create_shared_guest_memory(
+    mem_bytes: u64,
+    pages: HugePages,
+) -> Result<GuestMemoryMmap, MemoryError> {
+    let mib = mem_bytes >> 20;
+    let memfd_error = |source| MemoryError::Memfd { mib, source };
+    let mut flags = libc::MFD_CLOEXEC;
+    if pages == HugePages::Hugetlbfs2M {
+        flags |= libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
+    }
+    // SAFETY: memfd_create takes a NUL-terminated name and flags; it returns a new fd or -1.
+    let fd = unsafe { libc::memfd_create(c"guest_mem".as_ptr(), flags) };
+    if fd < 0 {
+        return Err(memfd_error(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    let file = Arc::new(unsafe { File::from_raw_fd(fd) });
+    let ranges = ram_ranges(mem_bytes);
+    let total: u64 = ranges.iter().map(|(_, len)| len).sum();
+    file.set_len(total).map_err(memfd_error)?;
+    let mut offset = 0;
+    let mut regions = Vec::with_capacity(ranges.len());
+    for (start, len) in ranges {
+        let at = FileOffset::from_arc(file.clone(), offset);
+        regions.push(map_region(start, len, pages, mib, Some(at))?);
+        offset += len;
+    }
     GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Layout)
 }
 
@@ -49,11 +91,11 @@ pub fn create_hotplug_region(
     size: u64,
     pages: HugePages,
 ) -> Result<GuestRegionMmap, MemoryError> {
-    map_region(start, size, pages, size >> 20)
+    map_region(start, size, pages, size >> 20, None)
 }
 
-/// One anonymous mapping for guest-physical `[start, start + len)`, part of `mib` MiB of guest
-/// memory (which errors name).
+/// One mapping for guest-physical `[start, start + len)`, part of `mib` MiB of guest memory
+/// (which errors name): anonymous and private, or `shared` at that place of a memfd.
 ///
 /// 4 KiB and transparent pages are reserved lazily (MAP_NORESERVE): the host only pays for what
 /// the guest touches. 2 MiB hugetlbfs pages are reserved from the host's pool at once, so a pool
@@ -63,26 +105,34 @@ fn map_region(
     len: u64,
     pages: HugePages,
     mib: u64,
+    shared: Option<FileOffset>,
 ) -> Result<GuestRegionMmap, MemoryError> {
     let size = usize::try_from(len).map_err(|_| MemoryError::TooLarge { mib })?;
-    let mut flags = libc::MAP_ANONYMOUS | libc::MAP_PRIVATE;
-    flags |= match pages {
-        HugePages::None | HugePages::Transparent => libc::MAP_NORESERVE,
-        HugePages::Hugetlbfs2M => libc::MAP_HUGETLB | libc::MAP_HUGE_2MB,
+    let mut flags = match shared {
+        None => libc::MAP_ANONYMOUS | libc::MAP_PRIVATE,
+        Some(_) => libc::MAP_SHARED,
     };
-    let mapping = MmapRegionBuilder::new(size)
+    flags |= match (pages, shared.is_some()) {
+        (HugePages::None | HugePages::Transparent, _) => libc::MAP_NORESERVE,
+        (HugePages::Hugetlbfs2M, false) => libc::MAP_HUGETLB | libc::MAP_HUGE_2MB,
+        // The memfd's own flags pick the page size.
+        (HugePages::Hugetlbfs2M, true) => 0,
+    };
+    let mut builder = MmapRegionBuilder::new(size)
         .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
         .with_mmap_flags(flags)
-        .with_hugetlbfs(pages == HugePages::Hugetlbfs2M)
-        .build()
-        .map_err(|source| match pages {
-            HugePages::Hugetlbfs2M => MemoryError::HugetlbPool {
-                mib,
-                free_mib: free_hugetlb_2m_mib(),
-                source,
-            },
-            _ => MemoryError::Map { mib, source },
-        })?;
+        .with_hugetlbfs(pages == HugePages::Hugetlbfs2M);
+    if let Some(at) = shared {
+        builder = builder.with_file_offset(at);
+    }
+    let mapping = builder.build().map_err(|source| match pages {
+        HugePages::Hugetlbfs2M => MemoryError::HugetlbPool {
+            mib,
+            free_mib: free_hugetlb_2m_mib(),
+            source,
+        },
+        _ => MemoryError::Map { mib, source },
+    })?;
     let region =
         GuestRegionMmap::new(mapping, GuestAddress(start)).ok_or(MemoryError::TooLarge { mib })?;
     if pages == HugePages::Transparent {
@@ -308,6 +358,31 @@ mod tests {
     }
 
     #[test]
+    fn shared_memory_is_one_memfd_another_process_can_map() {
+        use std::os::unix::fs::FileExt;
+        let mem = create_shared_guest_memory(4 << 30, HugePages::None).unwrap();
+        assert_eq!(mem.num_regions(), 2);
+        let low = mem.iter().next().unwrap();
+        let high = mem.iter().nth(1).unwrap();
+        let (lo, hi) = (low.file_offset().unwrap(), high.file_offset().unwrap());
+        // One file, the regions one after the other in it.
+        assert_eq!(lo.start(), 0);
+        assert_eq!(hi.start(), low.len());
+        mem.write_obj(0x5eed_u32, GuestAddress(0x1_0000_0000))
+            .unwrap();
+        let mut word = [0u8; 4];
+        hi.file().read_exact_at(&mut word, hi.start()).unwrap();
+        assert_eq!(
+            u32::from_le_bytes(word),
+            0x5eed,
+            "the file sees the guest's write"
+        );
+        // Nothing to trim: a page given back from a shared mapping would stay in the file.
+        let (report, _) = trim_zero_pages(&mem, GuestAddress(0), u64::MAX, &mut |_, _| {});
+        assert_eq!(report.huge_pages_scanned, 0);
+    }
+
+    #[test]
     fn resident_bytes_follow_touched_pages_and_hotplug_regions_map_lazily() {
         let mem = create_guest_memory(64 << 20, HugePages::None).unwrap();
         let before = resident_bytes(&mem);
@@ -414,7 +489,14 @@ mod tests {
 
     #[test]
     fn a_short_hugetlbfs_pool_is_an_error_at_start_not_a_fault_later() {
-        match create_guest_memory(4 << 20, HugePages::Hugetlbfs2M) {
+        // Private (anonymous) and shared (memfd, for a vhost-user backend) alike.
+        for create in [create_guest_memory, create_shared_guest_memory] {
+            a_short_pool_is_an_error(create(4 << 20, HugePages::Hugetlbfs2M));
+        }
+    }
+
+    fn a_short_pool_is_an_error(mem: Result<GuestMemoryMmap, MemoryError>) {
+        match mem {
             Ok(mem) => {
                 // This host has 2 MiB pages to spare: they back the memory.
                 mem.write_obj(5u64, GuestAddress(0x20_0000)).unwrap();
