@@ -258,6 +258,25 @@ fn without_acpi_the_guest_boots_from_the_mp_table_and_the_command_line() {
     assert!(body.contains(not_after_boot), "{body}");
     vmm.terminate(DEADLINE);
 
+    // The ACPI tables alone: the command line names no device, the guest finds it in the DSDT
+    // and its CPUs in the MADT.
+    spec["machine-config"]["acpi_only"] = true.into();
+    let (vmm, _api, console) = start_with_console(&scratch, spec.clone());
+    wait_for_console_line(&console, "prescient-test-guest: done", DEADLINE);
+    let text = std::fs::read_to_string(&console).unwrap();
+    for line in [
+        "guest: cmdline \"cpu_ms=5 mem_mib=1 rng_bytes=64 exit=halt\"",
+        "guest: acpi madt lapics=2 enabled=2",
+        "guest: cpus online=2 expected=2",
+        "guest: virtio 0 id=4 base=0xc0001000 irq=5 version=2",
+        "guest: rng0 bytes=64 ok",
+    ] {
+        assert!(text.contains(line), "{line} missing:\n{text}");
+    }
+    assert!(!text.contains("virtio_mmio.device="), "{text}");
+    vmm.terminate(DEADLINE);
+    spec["machine-config"]["acpi_only"] = false.into();
+
     // Hot-plug needs ACPI: the spec says so before anything boots.
     spec["machine-config"]["acpi"] = false.into();
     spec["machine-config"]["max_vcpus"] = 4.into();
