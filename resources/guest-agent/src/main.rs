@@ -16,6 +16,7 @@
 //! With `prescient.agent.vsock_port=P` every line also goes to the host over vsock (host CID 2,
 //! port P: `<uds_path>_<P>` under prescient and Firecracker), see `vsock.rs`.
 
+mod cpus;
 mod mmds;
 mod report;
 mod steps;
@@ -94,8 +95,10 @@ fn report(current: &Current) {
 }
 
 /// Reports now, before any workload starts (a baseline to compare with), then every `interval`;
-/// before each report a vsock link that is down is re-made.
+/// before each report a vsock link that is down is re-made and hot-added CPUs are brought online
+/// (so the report counts them).
 fn start_reporting(interval: Duration, current: Current, mut host: HostLink) {
+    let mut hot_added = cpus::HotAdded::new();
     report(&current);
     thread::spawn(move || {
         let mut next = Instant::now();
@@ -104,6 +107,7 @@ fn start_reporting(interval: Duration, current: Current, mut host: HostLink) {
             next += interval;
             thread::sleep(next.saturating_duration_since(Instant::now()));
             host.reconnect();
+            hot_added.online_new(say);
             report(&current);
         }
     });
