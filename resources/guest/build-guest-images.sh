@@ -160,7 +160,10 @@ fi
 
 # --- Guest agent -----------------------------------------------------------------------------
 say "agent: cargo build --release (static)"
-agent_target=$cache/agent-target
+# One target directory per checkout: cargo keys a path package's build by its path relative to
+# the workspace, so two checkouts (git worktrees) sharing one directory each took the other's
+# fresh build for their own, and an image could hold another checkout's agent.
+agent_target=$cache/agent-target/$(printf %s "$repo" | sha256sum | cut -c1-16)
 RUSTFLAGS="-C target-feature=+crt-static" cargo build --quiet --release \
     --manifest-path "$repo/resources/guest-agent/Cargo.toml" \
     --target x86_64-unknown-linux-gnu --target-dir "$agent_target" >&2
