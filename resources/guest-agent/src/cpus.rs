@@ -53,6 +53,12 @@ impl HotAdded {
     }
 }
 
+/// How many CPUs are online now.
+pub fn online() -> Option<usize> {
+    let list = fs::read_to_string(format!("{SYSFS_CPUS}/online")).ok()?;
+    parse_list(&list).map(|cpus| cpus.len())
+}
+
 fn present() -> Option<Vec<u32>> {
     parse_list(&fs::read_to_string(format!("{SYSFS_CPUS}/present")).ok()?)
 }

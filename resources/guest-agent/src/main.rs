@@ -146,7 +146,7 @@ fn forward_lines(from: impl Read + Send + 'static, label: String) -> thread::Joi
 fn run_workload(w: &Workload, step: &str) {
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
     let direct_io = steps::fs_type_of("/var/tmp", &mounts) == Some("ext4");
-    let (program, args) = w.command(direct_io);
+    let (program, args) = w.command(direct_io, cpus::online());
     say(&format!("workload-start {step}"));
     let start = Instant::now();
     let child = Command::new(program)

@@ -131,9 +131,7 @@ impl Snapshot {
             psi_cpu: file("/proc/pressure/cpu").and_then(|t| parse_pressure(&t)),
             psi_memory: file("/proc/pressure/memory").and_then(|t| parse_pressure(&t)),
             psi_io: file("/proc/pressure/io").and_then(|t| parse_pressure(&t)),
-            cpus_online: file("/sys/devices/system/cpu/online")
-                .and_then(|t| crate::cpus::parse_list(&t))
-                .map(|c| c.len() as u32),
+            cpus_online: crate::cpus::online().map(|n| n as u32),
             cpu: file("/proc/stat").and_then(|t| parse_cpu_times(&t)),
             disk: file("/proc/diskstats").map(|t| parse_diskstats(&t, is_disk)),
         }
