@@ -13,6 +13,7 @@ pub mod nested;
 pub mod openapi;
 pub mod pty;
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -211,23 +212,34 @@ impl Outcome {
     }
 }
 
-/// CPU time (utime + stime, in clock ticks) of the vCPU threads under `tasks`
-/// (`/proc/<pid>/task`, or `/proc/self/task` for a VMM running in the test process).
-pub fn vcpu_ticks(tasks: &Path) -> u64 {
-    let mut total = 0;
-    for task in std::fs::read_dir(tasks).expect("a task directory") {
-        let dir = task.expect("a task").path();
-        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if !comm.starts_with(vmm::vstate::vcpu::THREAD_NAME_PREFIX) {
-            continue;
-        }
-        let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+/// The vCPU threads under `tasks` (`/proc/<pid>/task`, or `/proc/self/task` for a VMM running
+/// in the test process) by index (`fc_vcpu <N>`), each with its CPU time (utime + stime, in
+/// clock ticks); none when the process is gone.
+pub fn vcpu_thread_ticks(tasks: &Path) -> BTreeMap<u8, u64> {
+    let Ok(dir) = std::fs::read_dir(tasks) else {
+        return BTreeMap::new();
+    };
+    dir.filter_map(|task| {
+        // A thread that ends while this reads is simply not listed.
+        let dir = task.ok()?.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+        let index = comm
+            .trim()
+            .strip_prefix(vmm::vstate::vcpu::THREAD_NAME_PREFIX)?
+            .parse()
+            .ok()?;
+        let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
         // Fields after the parenthesised name: utime and stime are the 12th and 13th.
-        let rest = &stat[stat.rfind(')').expect("a stat line") + 2..];
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        total += fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    }
-    total
+        let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
+        let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        Some((index, ticks))
+    })
+    .collect()
+}
+
+/// CPU time (utime + stime, in clock ticks) of all the vCPU threads under `tasks`.
+pub fn vcpu_ticks(tasks: &Path) -> u64 {
+    vcpu_thread_ticks(tasks).values().sum()
 }
 
 /// The middle value of a benchmark's runs.

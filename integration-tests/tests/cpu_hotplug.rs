@@ -5,11 +5,12 @@
 //! devices, and the VM cannot change its vCPU count.
 
 use std::collections::BTreeSet;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use integration_tests::{
-    guest_spec, run_spec, seccomp_filters, start_with_console, wait_for_console_line, ApiClient,
-    Scratch, TEST_GUEST_LINUX64, TEST_GUEST_PVH,
+    guest_spec, run_spec, seccomp_filters, start_with_console, vcpu_thread_ticks,
+    wait_for_console_line, ApiClient, Scratch, TEST_GUEST_LINUX64, TEST_GUEST_PVH,
 };
 use vmm::vstate::vcpu::thread_name;
 
@@ -17,19 +18,9 @@ const DEADLINE: Duration = Duration::from_secs(60);
 
 /// The indices of `pid`'s vCPU threads (named `fc_vcpu <N>`).
 fn vcpu_threads(pid: u32) -> BTreeSet<u8> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|tasks| {
-            tasks
-                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-                .filter_map(|c| {
-                    c.trim()
-                        .strip_prefix(vmm::vstate::vcpu::THREAD_NAME_PREFIX)?
-                        .parse()
-                        .ok()
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+    vcpu_thread_ticks(Path::new(&format!("/proc/{pid}/task")))
+        .into_keys()
+        .collect()
 }
 
 /// Waits until `pid`'s vCPU threads are exactly `want`.
