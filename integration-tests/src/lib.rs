@@ -237,6 +237,36 @@ pub fn vcpu_thread_ticks(tasks: &Path) -> BTreeMap<u8, u64> {
     .collect()
 }
 
+/// Every vCPU plug and unplug the predictor's CPU actuator logged (`GET
+/// /predictor/decisions`): (seq, t_ms, applied, detail).
+pub fn vcpu_changes(api: &mut ApiClient) -> Vec<(u64, u64, bool, String)> {
+    let page = api
+        .request("GET", "/predictor/decisions?since=0", None)
+        .json();
+    page["decisions"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{page}"))
+        .iter()
+        .flat_map(|d| {
+            d["applied"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|a| a["what"] == "cpu")
+                .map(|a| {
+                    (
+                        d["seq"].as_u64().unwrap(),
+                        d["t_ms"].as_u64().unwrap(),
+                        a["applied"].as_bool().unwrap(),
+                        a["detail"].as_str().unwrap().to_string(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+        .filter(|(.., detail)| detail.contains("plug"))
+        .collect()
+}
+
 /// CPU time (utime + stime, in clock ticks) of all the vCPU threads under `tasks`.
 pub fn vcpu_ticks(tasks: &Path) -> u64 {
     vcpu_thread_ticks(tasks).values().sum()

@@ -3,14 +3,14 @@
 //! devices) boots with the ACPI tables alone, finds every virtio device in the DSDT, starts
 //! with 1 of at most 4 vCPUs, gets 2 more plugged (the agent onlines them, as udev would),
 //! runs stress-ng on all 3, and gives 2 back through ACPI's eject: their threads end on the
-//! host.
+//! host. Then the same with the predictor's CPU actuator deciding.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use integration_tests::agent::assert_output;
 use integration_tests::nested::{on_hardware_kvm, L1_KERNEL, L1_KERNEL_GUEST_MODULES};
-use integration_tests::vcpu_thread_ticks;
+use integration_tests::{vcpu_changes, vcpu_thread_ticks};
 use serde_json::{json, Value};
 
 use crate::guest::{Guest, GuestSpec, READY};
@@ -28,6 +28,21 @@ const DEVICES: [(&str, &str); 5] = [
     ("0x0005", "virtio_balloon"),
     ("0x0013", "vmw_vsock_virtio_transport"),
 ];
+
+/// Debian's kernel with its virtio modules, the workloads and the agent's vsock link, 1 of at
+/// most `max_vcpus` vCPUs, 512 MiB, described by the ACPI tables alone.
+fn debian(name: &str, max_vcpus: u8) -> GuestSpec {
+    GuestSpec::new(name, 1, 512)
+        .kernel(Path::new(L1_KERNEL))
+        .with_workloads_in_the_initrd()
+        .append_to_initrd(Path::new(L1_KERNEL_GUEST_MODULES))
+        .with_agent_link()
+        .arg("prescient.agent.interval_ms=500")
+        .section(
+            "machine-config",
+            json!({"vcpu_count": 1, "mem_size_mib": 512, "max_vcpus": max_vcpus, "acpi_only": true}),
+        )
+}
 
 /// Waits for an agent report with `n` CPUs online; when it came (from the VMM's start).
 fn online(vm: &Guest, skip: usize, n: i64) -> Duration {
@@ -87,21 +102,12 @@ fn vcpu_states(vm: &mut Guest) -> Vec<(u64, String)> {
 #[test]
 fn debian_finds_its_devices_in_the_dsdt_and_plugs_runs_and_unplugs_vcpus() {
     on_hardware_kvm(SCENARIO, || {
-        let spec = GuestSpec::new("linux-cpu-hotplug", 1, 512)
-            .kernel(Path::new(L1_KERNEL))
-            .with_workloads_in_the_initrd()
-            .append_to_initrd(Path::new(L1_KERNEL_GUEST_MODULES))
-            .with_agent_link()
-            .arg("prescient.agent.interval_ms=500");
+        let spec = debian("linux-cpu-hotplug", 4);
         let disk = spec.scratch().path().join("scratch.img");
         std::fs::File::create(&disk)
             .and_then(|f| f.set_len(8 << 20))
             .expect("a scratch disk");
         let mut vm = spec
-            .section(
-                "machine-config",
-                json!({"vcpu_count": 1, "mem_size_mib": 512, "max_vcpus": 4, "acpi_only": true}),
-            )
             .section(
                 "drives",
                 json!([{"drive_id": "scratch", "path_on_host": disk,
@@ -245,6 +251,116 @@ fn debian_finds_its_devices_in_the_dsdt_and_plugs_runs_and_unplugs_vcpus() {
             offline.saturating_sub(asked)
         );
 
+        let (status, stderr) = vm.poweroff();
+        assert_eq!(status.code(), Some(0), "{status}\n{stderr}");
+    });
+}
+
+/// The predictor's CPU actuator with the same guest, 1 of at most 2 vCPUs: stress-ng's first
+/// phase (one worker, all the guest has) saturates the vCPU, the forecast's upper band asks for
+/// more than one, and a vCPU is plugged while that phase runs, so that the next phase finds 2
+/// CPUs online and starts 2 workers; once the demand has gone the vCPU is unplugged again
+/// through the guest's eject.
+#[test]
+#[ignore = "nested KVM on a shared 2-core host: never passed there (2026-12-07, 5 runs): a vCPU the predictor plugged in early boot broke Debian's kernel inside the emulator (invalid opcode on `ret` in start_kernel, 2 of 2); with the budget held at 1 core through boot and 15 s of idle, the predictor still plugged at once when released (an idle guest's vCPU thread in L1 is busy with emulated timer ticks, so the forecast never falls below a core and nothing is 'ahead' of the stress phase), and then the guest soft-locked or the VM ended; run with --ignored on a hardware KVM host"]
+fn the_predictor_plugs_a_vcpu_during_a_stress_ng_phase_ahead_of_the_next_and_unplugs_after() {
+    on_hardware_kvm(SCENARIO, || {
+        let mut vm = debian("linux-predictor-vcpus", 2)
+            .section(
+                "predictor",
+                // An anomaly alarm is not what this is about: only logged.
+                // One core until the guest is up: a vCPU plugged while Debian's kernel patched
+                // its text in early boot (its boot keeps 1 vCPU busy, and the forecast asks for
+                // more) broke the guest inside the nested emulator, twice of two: an invalid
+                // opcode on `ret` in start_kernel, then "Attempted to kill the idle task".
+                json!({
+                    "budget": {"cpu_cores": {"min": 1, "max": 1}},
+                    "window_ms": 500,
+                    "vcpus": {"unplug_after_ms": 3000},
+                    "anomaly": {"threshold": 2.5, "action": "log"},
+                }),
+            )
+            .start();
+        let tasks = std::path::PathBuf::from(format!("/proc/{}/task", vm.console.pid()));
+        vm.ready();
+        // Idle a while before the budget lets it plug: the forecast comes down from the boot's
+        // busy vCPU (released at once, it plugged a vCPU for the boot that had just ended).
+        for _ in 0..30 {
+            online(&vm, vm.console.line_count(), 1);
+        }
+        vm.send(
+            "PATCH",
+            "/predictor",
+            json!({"budget": {"cpu_cores": {"min": 0.1, "max": 2}}}),
+        );
+        let skip = vm.console.line_count();
+        for _ in 0..6 {
+            online(&vm, vm.console.line_count(), 1);
+        }
+        assert!(vcpu_changes(&mut vm.api()).is_empty(), "a plug while idle");
+
+        vm.run("stress-cpu:30,stress-cpu:10");
+        let (first_start, _) = vm
+            .console
+            .wait_for_after(skip, "the first phase", CHANGE, |l| {
+                l.contains("agent: workload-start stress-cpu:30")
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (online_at, _) = vm
+            .console
+            .wait_for_after(
+                skip,
+                "vCPU 1 plugged and online",
+                Duration::from_secs(30) + CHANGE,
+                |l| l.contains("agent: cpu 1 hot-added, online"),
+            )
+            .unwrap_or_else(|e| panic!("{e}\n{:#?}", vcpu_changes(&mut vm.api())));
+        let changes = vcpu_changes(&mut vm.api());
+        assert!(
+            changes[0].2 && changes[0].3.starts_with("plugged vCPU [1]"),
+            "{changes:#?}"
+        );
+        vm.done("stress-cpu:30", 30);
+        let (second_start, _) = vm
+            .console
+            .wait_for_after(skip, "the second phase", CHANGE, |l| {
+                l.contains("agent: workload-start stress-cpu:10")
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+        vm.done("stress-cpu:10", 10);
+        let lines = vm.console.lines();
+        let dispatched: Vec<&String> = lines
+            .iter()
+            .filter(|l| l.contains("dispatching hogs:"))
+            .collect();
+        assert!(
+            dispatched.len() == 2
+                && dispatched[0].contains("dispatching hogs: 1 cpu")
+                && dispatched[1].contains("dispatching hogs: 2 cpu"),
+            "{dispatched:#?}"
+        );
+
+        // The demand gone, the vCPU goes: the guest ejects it and its thread ends.
+        let skip = vm.console.line_count();
+        let done_at = vm.console.elapsed();
+        let offline_at = online(&vm, skip, 1);
+        wait_threads(&tasks, 1);
+        let changes = vcpu_changes(&mut vm.api());
+        assert_eq!(changes.len(), 2, "one plug, one unplug: {changes:#?}");
+        assert!(
+            changes[1].2
+                && changes[1]
+                    .3
+                    .starts_with("asked the guest to unplug vCPU [1]"),
+            "{changes:#?}"
+        );
+        eprintln!(
+            "hotplug: predictor: vCPU 1 online {:?} into the 1-worker phase, {:?} before the \
+             2-worker one; back to 1 CPU {:?} after the last phase; changes {changes:?}",
+            online_at.saturating_sub(first_start),
+            second_start.saturating_sub(online_at),
+            offline_at.saturating_sub(done_at)
+        );
         let (status, stderr) = vm.poweroff();
         assert_eq!(status.code(), Some(0), "{status}\n{stderr}");
     });
