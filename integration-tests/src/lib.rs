@@ -14,6 +14,7 @@ pub mod openapi;
 pub mod pty;
 pub mod vhost_user;
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -219,23 +220,64 @@ impl Outcome {
     }
 }
 
-/// CPU time (utime + stime, in clock ticks) of the vCPU threads under `tasks`
-/// (`/proc/<pid>/task`, or `/proc/self/task` for a VMM running in the test process).
-pub fn vcpu_ticks(tasks: &Path) -> u64 {
-    let mut total = 0;
-    for task in std::fs::read_dir(tasks).expect("a task directory") {
-        let dir = task.expect("a task").path();
-        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if !comm.starts_with(vmm::vstate::vcpu::THREAD_NAME_PREFIX) {
-            continue;
-        }
-        let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+/// The vCPU threads under `tasks` (`/proc/<pid>/task`, or `/proc/self/task` for a VMM running
+/// in the test process) by index (`fc_vcpu <N>`), each with its CPU time (utime + stime, in
+/// clock ticks); none when the process is gone.
+pub fn vcpu_thread_ticks(tasks: &Path) -> BTreeMap<u8, u64> {
+    let Ok(dir) = std::fs::read_dir(tasks) else {
+        return BTreeMap::new();
+    };
+    dir.filter_map(|task| {
+        // A thread that ends while this reads is simply not listed.
+        let dir = task.ok()?.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+        let index = comm
+            .trim()
+            .strip_prefix(vmm::vstate::vcpu::THREAD_NAME_PREFIX)?
+            .parse()
+            .ok()?;
+        let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
         // Fields after the parenthesised name: utime and stime are the 12th and 13th.
-        let rest = &stat[stat.rfind(')').expect("a stat line") + 2..];
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        total += fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    }
-    total
+        let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
+        let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        Some((index, ticks))
+    })
+    .collect()
+}
+
+/// Every vCPU plug and unplug the predictor's CPU actuator logged (`GET
+/// /predictor/decisions`): (seq, t_ms, applied, detail).
+pub fn vcpu_changes(api: &mut ApiClient) -> Vec<(u64, u64, bool, String)> {
+    let page = api
+        .request("GET", "/predictor/decisions?since=0", None)
+        .json();
+    page["decisions"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{page}"))
+        .iter()
+        .flat_map(|d| {
+            d["applied"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|a| a["what"] == "cpu")
+                .map(|a| {
+                    (
+                        d["seq"].as_u64().unwrap(),
+                        d["t_ms"].as_u64().unwrap(),
+                        a["applied"].as_bool().unwrap(),
+                        a["detail"].as_str().unwrap().to_string(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+        .filter(|(.., detail)| detail.contains("plug"))
+        .collect()
+}
+
+/// CPU time (utime + stime, in clock ticks) of all the vCPU threads under `tasks`.
+pub fn vcpu_ticks(tasks: &Path) -> u64 {
+    vcpu_thread_ticks(tasks).values().sum()
 }
 
 /// The middle value of a benchmark's runs.

@@ -44,6 +44,10 @@ pub const L2_PREFIX: &str = "L2| ";
 pub const L1_KERNEL: &str = "/nested/l1/vmlinuz";
 /// Its release (`uname -r`), in a file beside it.
 pub const L1_KERNEL_RELEASE: &str = "/nested/l1/release";
+/// The virtio modules of L1's kernel, for the L2 guests that boot it: a gzipped cpio archive of
+/// `/lib/modules/<release>/` and its `load` list (resources/nested/build-l1.sh) to append to an
+/// initrd, whose rcS loads them.
+pub const L1_KERNEL_GUEST_MODULES: &str = "/nested/l1/guest-modules.cpio.gz";
 /// Where a boot's executables go inside L1.
 pub const L1_BIN_DIR: &str = "/nested/bin";
 const L1_IMAGES_MANIFEST: &str = "/nested/images/manifest";

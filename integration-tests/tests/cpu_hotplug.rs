@@ -5,11 +5,12 @@
 //! devices, and the VM cannot change its vCPU count.
 
 use std::collections::BTreeSet;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use integration_tests::{
-    guest_spec, run_spec, seccomp_filters, start_with_console, wait_for_console_line, ApiClient,
-    Scratch, TEST_GUEST_LINUX64, TEST_GUEST_PVH,
+    guest_spec, run_spec, seccomp_filters, start_with_console, vcpu_thread_ticks,
+    wait_for_console_line, ApiClient, Scratch, TEST_GUEST_LINUX64, TEST_GUEST_PVH,
 };
 use vmm::vstate::vcpu::thread_name;
 
@@ -17,19 +18,9 @@ const DEADLINE: Duration = Duration::from_secs(60);
 
 /// The indices of `pid`'s vCPU threads (named `fc_vcpu <N>`).
 fn vcpu_threads(pid: u32) -> BTreeSet<u8> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|tasks| {
-            tasks
-                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-                .filter_map(|c| {
-                    c.trim()
-                        .strip_prefix(vmm::vstate::vcpu::THREAD_NAME_PREFIX)?
-                        .parse()
-                        .ok()
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+    vcpu_thread_ticks(Path::new(&format!("/proc/{pid}/task")))
+        .into_keys()
+        .collect()
 }
 
 /// Waits until `pid`'s vCPU threads are exactly `want`.
@@ -257,6 +248,25 @@ fn without_acpi_the_guest_boots_from_the_mp_table_and_the_command_line() {
     assert_eq!(status, 400);
     assert!(body.contains(not_after_boot), "{body}");
     vmm.terminate(DEADLINE);
+
+    // The ACPI tables alone: the command line names no device, the guest finds it in the DSDT
+    // and its CPUs in the MADT.
+    spec["machine-config"]["acpi_only"] = true.into();
+    let (vmm, _api, console) = start_with_console(&scratch, spec.clone());
+    wait_for_console_line(&console, "prescient-test-guest: done", DEADLINE);
+    let text = std::fs::read_to_string(&console).unwrap();
+    for line in [
+        "guest: cmdline \"cpu_ms=5 mem_mib=1 rng_bytes=64 exit=halt\"",
+        "guest: acpi madt lapics=2 enabled=2",
+        "guest: cpus online=2 expected=2",
+        "guest: virtio 0 id=4 base=0xc0001000 irq=5 version=2",
+        "guest: rng0 bytes=64 ok",
+    ] {
+        assert!(text.contains(line), "{line} missing:\n{text}");
+    }
+    assert!(!text.contains("virtio_mmio.device="), "{text}");
+    vmm.terminate(DEADLINE);
+    spec["machine-config"]["acpi_only"] = false.into();
 
     // Hot-plug needs ACPI: the spec says so before anything boots.
     spec["machine-config"]["acpi"] = false.into();

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use integration_tests::TEST_GUEST_PVH;
 use integration_tests::{
-    guest_spec, start_with_console_args, wait_for_console_line, ApiClient, RunningVmm, Scratch,
+    guest_spec, start_with_console_args, vcpu_changes, wait_for_console_line, ApiClient,
+    RunningVmm, Scratch,
 };
 use serde_json::Value;
 
@@ -34,35 +35,6 @@ fn spawn(
         "anomaly": {"threshold": 2.5, "action": "log"},
     });
     start_with_console_args(scratch, spec, &["--id", id])
-}
-
-/// Every vCPU change the actuator logged: (seq, t_ms, applied, detail).
-fn vcpu_changes(api: &mut ApiClient) -> Vec<(u64, u64, bool, String)> {
-    let page = api
-        .request("GET", "/predictor/decisions?since=0", None)
-        .json();
-    page["decisions"]
-        .as_array()
-        .unwrap_or_else(|| panic!("{page}"))
-        .iter()
-        .flat_map(|d| {
-            d["applied"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|a| a["what"] == "cpu")
-                .map(|a| {
-                    (
-                        d["seq"].as_u64().unwrap(),
-                        d["t_ms"].as_u64().unwrap(),
-                        a["applied"].as_bool().unwrap(),
-                        a["detail"].as_str().unwrap().to_string(),
-                    )
-                })
-                .collect::<Vec<_>>()
-        })
-        .filter(|(.., detail)| detail.contains("plug"))
-        .collect()
 }
 
 fn wait_changes(api: &mut ApiClient, n: usize) -> Vec<(u64, u64, bool, String)> {

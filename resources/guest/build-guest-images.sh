@@ -68,15 +68,13 @@ kernel_key=$({
     [ ${#patches[@]} -eq 0 ] || cat "${patches[@]}"
     versions linux-source-6.1 gcc make
 } | sha256sum | cut -c1-16)
-agent_key=$({
-    (cd "$repo/resources/guest-agent" && find Cargo.toml src -type f | sort | xargs sha256sum)
-    rustc --version
-} | sha256sum | cut -c1-16)
 image_key=$({
-    echo "kernel=$kernel_key agent=$agent_key"
+    echo "kernel=$kernel_key"
     cat "$0"
     (cd "$here" && find rootfs -type f | sort | xargs sha256sum)
+    (cd "$repo/resources/guest-agent" && find Cargo.toml src -type f | sort | xargs sha256sum)
     versions busybox-static stress-ng fio e2fsprogs libc6
+    rustc --version
 } | sha256sum | cut -c1-16)
 out=$cache/$image_key
 kernel_dir=$cache/kernels/$kernel_key
@@ -162,9 +160,10 @@ fi
 
 # --- Guest agent -----------------------------------------------------------------------------
 say "agent: cargo build --release (static)"
-# One target directory per agent source: checkouts share this cache, and cargo judges freshness
-# by modification times, so a shared one handed a checkout another's newer-built binary.
-agent_target=$cache/agent-target/$agent_key
+# One target directory per checkout: cargo keys a path package's build by its path relative to
+# the workspace, so two checkouts (git worktrees) sharing one directory each took the other's
+# fresh build for their own, and an image could hold another checkout's agent.
+agent_target=$cache/agent-target/$(printf %s "$repo" | sha256sum | cut -c1-16)
 RUSTFLAGS="-C target-feature=+crt-static" cargo build --quiet --release \
     --manifest-path "$repo/resources/guest-agent/Cargo.toml" \
     --target x86_64-unknown-linux-gnu --target-dir "$agent_target" >&2

@@ -105,7 +105,28 @@ version=$(apt-cache policy "$pkg" | awk '/Candidate:/ { print $2 }')
 kernel=$cache/kernel/${pkg}_$version
 # What L1 loads: kvm_amd (with what it needs: kvm, irqbypass, ccp) and tun for the guests' TAPs.
 wanted_modules=(kvm-amd tun)
-if [ -f "$kernel/modules.load" ]; then
+# What an L2 guest booting this same kernel needs for prescient's devices (Debian builds its
+# virtio drivers as modules, and virtio_mmio without command-line devices: ACPI's DSDT is the
+# only way it finds them).
+guest_modules=(virtio_mmio virtio_blk virtio_net vmw_vsock_virtio_transport virtio-rng virtio_balloon virtio_mem)
+
+# Copies module $3 and its dependencies (modules.dep in $1) from $1 into directory $2 and appends
+# their names to $2/load, dependencies first; each module once.
+copy_module() {
+    local line f name
+    line=$(grep -E "/$3\.ko(\.xz|\.zst)?:" "$1/modules.dep") || die "$pkg has no module $3"
+    # modules.dep lists every dependency of a module, the deepest last: load in reverse.
+    for f in $(echo "${line#*:}" | tr ' ' '\n' | tac) "${line%%:*}"; do
+        name=$(basename "$f")
+        case "$name" in *.ko) ;; *) die "$name: compressed modules are not handled" ;; esac
+        if [ ! -e "$2/$name" ]; then
+            cp "$1/$f" "$2/"
+            echo "${name%.ko}" >>"$2/load"
+        fi
+    done
+}
+
+if [ -f "$kernel/modules.load" ] && [ -f "$kernel/guest-modules.cpio.gz" ]; then
     say "kernel: cached $kernel"
 else
     say "kernel: apt-get download $pkg=$version"
@@ -130,23 +151,21 @@ else
     rm -rf "$kernel.tmp" && mkdir -p "$kernel.tmp/modules"
     cp "$work/root/boot/vmlinuz-$kver" "$kernel.tmp/vmlinuz"
     echo "$kver" >"$kernel.tmp/release"
-    # modules.dep lists every dependency of a module, the deepest last: load in reverse.
-    for m in "${wanted_modules[@]}"; do
-        line=$(grep -E "/$m\.ko(\.xz|\.zst)?:" "$moddir/modules.dep") || die "$pkg has no module $m"
-        for f in $(echo "${line#*:}" | tr ' ' '\n' | tac) "${line%%:*}"; do
-            name=$(basename "$f")
-            case "$name" in *.ko) ;; *) die "$name: compressed modules are not handled" ;; esac
-            if [ ! -e "$kernel.tmp/modules/$name" ]; then
-                cp "$moddir/$f" "$kernel.tmp/modules/"
-                echo "${name%.ko}" >>"$kernel.tmp/modules.load"
-            fi
-        done
-    done
+    for m in "${wanted_modules[@]}"; do copy_module "$moddir" "$kernel.tmp/modules" "$m"; done
+    mv "$kernel.tmp/modules/load" "$kernel.tmp/modules.load"
+    # The guests' archive: /lib/modules/<release>/, the guest's rcS loads what `load` lists.
+    # Compressed like the archives it follows: Linux finds an uncompressed one that starts at an
+    # offset not a multiple of 4 "invalid" and stops unpacking there.
+    guest=$work/guest/lib/modules/$kver
+    mkdir -p "$guest"
+    for m in "${guest_modules[@]}"; do copy_module "$moddir" "$guest" "$m"; done
+    cpio_of "$work/guest" "$work/guest-modules.cpio"
+    gzip -9n <"$work/guest-modules.cpio" >"$kernel.tmp/guest-modules.cpio.gz"
     rm -rf "$kernel"
     mv "$kernel.tmp" "$kernel"
     rm -rf "$work"
     trap - EXIT
-    say "kernel: $kernel ($(cat "$kernel/release"); modules: $(tr '\n' ' ' <"$kernel/modules.load"))"
+    say "kernel: $kernel ($(cat "$kernel/release"); modules: $(tr '\n' ' ' <"$kernel/modules.load"); guest modules: $(gzip -dc "$kernel/guest-modules.cpio.gz" | cpio -t --quiet | grep -c '\.ko$'))"
 fi
 
 # --- Base archive: busybox, the modules, the init ------------------------------------------
@@ -166,8 +185,8 @@ else
     install -m 0755 "$here/init" "$root/init"
     cp "$kernel"/modules/*.ko "$root/nested/modules/"
     cp "$kernel/modules.load" "$root/nested/modules/load"
-    # L1's own kernel, for guests that boot Debian's bzImage.
-    cp "$kernel/vmlinuz" "$kernel/release" "$root/nested/l1/"
+    # L1's own kernel, for guests that boot Debian's bzImage, and its virtio modules for them.
+    cp "$kernel/vmlinuz" "$kernel/release" "$kernel/guest-modules.cpio.gz" "$root/nested/l1/"
     echo "root:x:0:0:root:/root:/bin/sh" >"$root/etc/passwd"
     echo "root:x:0:" >"$root/etc/group"
     mkdir -p "$cache/base"

@@ -91,7 +91,10 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
 }
 
 /// vCPU `i` is LAPIC `i`, with ACPI processor UID `i` (the DSDT's `Cxxx._UID`); those beyond
-/// the boot count are listed disabled so that the guest counts them as possible CPUs.
+/// the boot count are listed disabled but online capable, so that the guest counts them as
+/// possible CPUs. The flag is needed: the FADT says ACPI 6.5, and since 6.3 an OS ignores a
+/// disabled LAPIC without it as one that can never come online (Linux 6.1 then booted with
+/// "Allowing 1 CPUs, 0 hotplug CPUs" and could plug none).
 fn madt(cpus: Cpus) -> Vec<u8> {
     let mut m = MADT::new(
         OEM_ID,
@@ -103,7 +106,7 @@ fn madt(cpus: Cpus) -> Vec<u8> {
         let status = if i < cpus.boot {
             EnabledStatus::Enabled
         } else {
-            EnabledStatus::Disabled
+            EnabledStatus::DisabledOnlineCapable
         };
         m.add_structure(ProcessorLocalApic::new(i, i, status));
     }
@@ -286,7 +289,8 @@ mod tests {
             off += len;
         }
         assert_eq!(off, madt.len());
-        assert_eq!(lapics, vec![(0, 0, 1), (1, 1, 1), (2, 2, 0), (3, 3, 0)]);
+        // Enabled (bit 0), or disabled and online capable (bit 1).
+        assert_eq!(lapics, vec![(0, 0, 1), (1, 1, 1), (2, 2, 2), (3, 3, 2)]);
         assert_eq!(ioapic, Some((4, IOAPIC_START as u32, 0)));
     }
 

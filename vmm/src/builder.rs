@@ -364,9 +364,10 @@ pub fn assemble(
         event_manager,
     )?;
     // A kernel with ACPI finds the virtio devices in the DSDT and its CPUs in the MADT; one
-    // without finds them on the command line and in the MP table. Both are always given, as
-    // Firecracker does, so a kernel built without ACPI boots under the default too (a kernel
-    // with ACPI prefers the MADT; its second probe of a device's window fails harmlessly).
+    // without finds them on the command line and in the MP table. Both are given unless
+    // `acpi_only`, as Firecracker does, so a kernel built without ACPI boots under the default
+    // too (a kernel with ACPI prefers the MADT; its second probe of a device's window fails
+    // harmlessly).
     let (boot_vcpus, max_vcpus) = (machine.vcpu_count, machine.max_vcpus());
     if matches!(source, Source::Snapshot { .. }) && max_vcpus > boot_vcpus {
         // `PUT /snapshot/create` refuses such a VM; only an edited file gets here.
@@ -375,7 +376,10 @@ pub fn assemble(
              restored"
         )));
     }
-    extra_args.extend(mmio.cmdline_entries());
+    let legacy_tables = !machine.acpi_only;
+    if legacy_tables {
+        extra_args.extend(mmio.cmdline_entries());
+    }
     let acpi_devices = if machine.acpi {
         let irq = mmio.take_irq()?;
         let devices = acpi_devices::attach(vm.fd(), &mut registry, irq, boot_vcpus, max_vcpus)?;
@@ -393,7 +397,9 @@ pub fn assemble(
     // vCPUs their CPUID.
     let boot = match supported_cpuid {
         Some(supported_cpuid) => {
-            mptable::setup_mptable(&mem, boot_vcpus)?;
+            if legacy_tables {
+                mptable::setup_mptable(&mem, boot_vcpus)?;
+            }
             let rsdp = machine.acpi.then_some(RSDP_START);
             let entry = load_boot_source(&mem, config.boot_source()?, &extra_args, rsdp)
                 .map_err(|e| ConfigError::new(e.spec_field(), e.to_string()))?;

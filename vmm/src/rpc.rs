@@ -87,6 +87,7 @@ pub struct MachineConfigUpdate {
     pub cpu_template: Option<crate::vmm_config::CpuTemplate>,
     pub max_vcpus: Option<u8>,
     pub acpi: Option<bool>,
+    pub acpi_only: Option<bool>,
     pub huge_pages: Option<crate::vmm_config::HugePages>,
 }
 
@@ -100,6 +101,7 @@ impl MachineConfigUpdate {
             cpu_template: self.cpu_template.or(to.cpu_template),
             max_vcpus: self.max_vcpus.or(to.max_vcpus),
             acpi: self.acpi.unwrap_or(to.acpi),
+            acpi_only: self.acpi_only.unwrap_or(to.acpi_only),
             huge_pages: self.huge_pages.unwrap_or(to.huge_pages),
         }
     }
@@ -115,6 +117,7 @@ impl MachineConfigUpdate {
                 track_dirty_pages: None,
                 max_vcpus: None,
                 acpi: None,
+                acpi_only: None,
                 huge_pages: None,
                 cpu_template: None,
             } => Some(*n),

@@ -72,6 +72,24 @@ impl GuestSpec {
         self
     }
 
+    /// `archive` (a gzipped cpio, such as `nested::L1_KERNEL_GUEST_MODULES`) appended to the initrd
+    /// (Linux unpacks concatenated archives in order).
+    pub fn append_to_initrd(mut self, archive: &Path) -> Self {
+        let initrd = PathBuf::from(
+            self.spec["boot-source"]["initrd_path"]
+                .as_str()
+                .expect("an initrd"),
+        );
+        let mut bytes = std::fs::read(&initrd).expect("read the initrd");
+        bytes.extend(
+            std::fs::read(archive).unwrap_or_else(|e| panic!("read {}: {e}", archive.display())),
+        );
+        let path = self.scratch.path().join("initrd-appended.cpio.gz");
+        std::fs::write(&path, bytes).expect("write the initrd");
+        self.spec["boot-source"]["initrd_path"] = json!(path);
+        self
+    }
+
     /// A writable copy of the rootfs image as the root device (`/dev/vda`).
     pub fn with_rootfs(mut self) -> Self {
         let copy = self.scratch.path().join("rootfs.ext4");

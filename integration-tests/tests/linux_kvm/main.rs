@@ -12,6 +12,7 @@
 mod boot;
 mod devices;
 mod guest;
+mod hotplug;
 mod jailer;
 mod memory;
 mod mmds;

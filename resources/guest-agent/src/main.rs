@@ -16,6 +16,7 @@
 //! With `prescient.agent.vsock_port=P` every line also goes to the host over vsock (host CID 2,
 //! port P: `<uds_path>_<P>` under prescient and Firecracker), see `vsock.rs`.
 
+mod cpus;
 mod mmds;
 mod pattern;
 mod report;
@@ -95,8 +96,10 @@ fn report(current: &Current) {
 }
 
 /// Reports now, before any workload starts (a baseline to compare with), then every `interval`;
-/// before each report a vsock link that is down is re-made.
+/// before each report a vsock link that is down is re-made and hot-added CPUs are brought online
+/// (so the report counts them).
 fn start_reporting(interval: Duration, current: Current, mut host: HostLink) {
+    let mut hot_added = cpus::HotAdded::new();
     report(&current);
     thread::spawn(move || {
         let mut next = Instant::now();
@@ -105,6 +108,7 @@ fn start_reporting(interval: Duration, current: Current, mut host: HostLink) {
             next += interval;
             thread::sleep(next.saturating_duration_since(Instant::now()));
             host.reconnect();
+            hot_added.online_new(say);
             report(&current);
         }
     });
@@ -143,7 +147,7 @@ fn forward_lines(from: impl Read + Send + 'static, label: String) -> thread::Joi
 fn run_workload(w: &Workload, step: &str) {
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
     let direct_io = steps::fs_type_of("/var/tmp", &mounts) == Some("ext4");
-    let (program, args) = w.command(direct_io);
+    let (program, args) = w.command(direct_io, cpus::online());
     say(&format!("workload-start {step}"));
     let start = Instant::now();
     let child = Command::new(program)

@@ -110,17 +110,6 @@ pub fn parse_diskstats(text: &str, is_disk: impl Fn(&str) -> bool) -> DiskTotals
     t
 }
 
-/// A CPU list such as `0-3,6` (/sys/devices/system/cpu/online): how many CPUs it names.
-pub fn count_cpu_list(list: &str) -> Option<u32> {
-    list.trim()
-        .split(',')
-        .map(|r| match r.split_once('-') {
-            Some((a, b)) => Some(b.parse::<u32>().ok()? - a.parse::<u32>().ok()? + 1),
-            None => r.parse::<u32>().ok().map(|_| 1),
-        })
-        .sum()
-}
-
 impl Snapshot {
     pub fn read() -> Snapshot {
         let file = |p: &str| fs::read_to_string(p).ok();
@@ -142,7 +131,7 @@ impl Snapshot {
             psi_cpu: file("/proc/pressure/cpu").and_then(|t| parse_pressure(&t)),
             psi_memory: file("/proc/pressure/memory").and_then(|t| parse_pressure(&t)),
             psi_io: file("/proc/pressure/io").and_then(|t| parse_pressure(&t)),
-            cpus_online: file("/sys/devices/system/cpu/online").and_then(|t| count_cpu_list(&t)),
+            cpus_online: crate::cpus::online().map(|n| n as u32),
             cpu: file("/proc/stat").and_then(|t| parse_cpu_times(&t)),
             disk: file("/proc/diskstats").map(|t| parse_diskstats(&t, is_disk)),
         }
@@ -291,14 +280,6 @@ mod tests {
                 write_kib: 2056
             }
         );
-    }
-
-    #[test]
-    fn counts_cpu_lists() {
-        assert_eq!(count_cpu_list("0\n"), Some(1));
-        assert_eq!(count_cpu_list("0-3\n"), Some(4));
-        assert_eq!(count_cpu_list("0-1,4,6-7"), Some(5));
-        assert_eq!(count_cpu_list("x"), None);
     }
 
     #[test]

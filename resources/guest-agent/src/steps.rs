@@ -9,7 +9,7 @@ use std::net::Ipv4Addr;
 /// The named workloads. Each maps to one command of a Debian package in the rootfs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
-    /// `stress-ng --cpu 0`: every online CPU busy.
+    /// `stress-ng --cpu <online CPUs>`: every online CPU busy.
     StressCpu,
     /// `stress-ng --vm 1 --vm-keep --vm-populate`: one worker that maps `size` of memory
     /// (default 50% of what is available when it starts) once, populated at once (so the whole
@@ -183,17 +183,26 @@ pub fn from_console(line: &str) -> Result<Vec<Step>, String> {
 
 impl Workload {
     /// The program and arguments that run this workload. `direct_io` says whether fio may use
-    /// O_DIRECT (not on tmpfs, which the initramfs root is).
-    pub fn command(&self, direct_io: bool) -> (&'static str, Vec<String>) {
+    /// O_DIRECT (not on tmpfs, which the initramfs root is); `online_cpus` is how many CPUs are
+    /// online now. stress-ng's own `--cpu 0` counts the configured CPUs, which on a VM that can
+    /// hot-plug vCPUs are all it may ever have, online or not.
+    pub fn command(
+        &self,
+        direct_io: bool,
+        online_cpus: Option<usize>,
+    ) -> (&'static str, Vec<String>) {
         let timeout = format!("{}s", self.secs);
         match self.kind {
-            Kind::StressCpu => (
-                "stress-ng",
-                vec!["--cpu", "0", "--timeout", &timeout, "--metrics-brief"]
-                    .into_iter()
-                    .map(String::from)
-                    .collect(),
-            ),
+            Kind::StressCpu => {
+                let workers = online_cpus.map_or("0".to_string(), |n| n.to_string());
+                (
+                    "stress-ng",
+                    vec!["--cpu", &workers, "--timeout", &timeout, "--metrics-brief"]
+                        .into_iter()
+                        .map(String::from)
+                        .collect(),
+                )
+            }
             Kind::StressMem => {
                 let bytes = self.size.as_deref().unwrap_or("50%");
                 (
@@ -408,23 +417,25 @@ mod tests {
             size: size.map(String::from),
             target: None,
         };
-        let (prog, args) = w(Kind::StressCpu, None).command(true);
+        let (prog, args) = w(Kind::StressCpu, None).command(true, Some(3));
         assert_eq!(prog, "stress-ng");
+        assert_eq!(args.join(" "), "--cpu 3 --timeout 7s --metrics-brief");
+        let (_, args) = w(Kind::StressCpu, None).command(true, None);
         assert_eq!(args.join(" "), "--cpu 0 --timeout 7s --metrics-brief");
-        let (_, args) = w(Kind::StressMem, Some("64M")).command(true);
+        let (_, args) = w(Kind::StressMem, Some("64M")).command(true, None);
         assert_eq!(
             args.join(" "),
             "--vm 1 --vm-bytes 64M --vm-keep --vm-populate --timeout 7s --metrics-brief"
         );
-        let (prog, args) = w(Kind::FioRandrw, None).command(false);
+        let (prog, args) = w(Kind::FioRandrw, None).command(false, None);
         assert_eq!(prog, "fio");
         assert!(args.contains(&"--size=64M".to_string()));
         assert!(args.contains(&"--runtime=7".to_string()));
         assert!(args.contains(&"--direct=0".to_string()));
-        let (_, args) = w(Kind::FioRandrw, Some("8M")).command(true);
+        let (_, args) = w(Kind::FioRandrw, Some("8M")).command(true, None);
         assert!(args.contains(&"--size=8M".to_string()));
         assert!(args.contains(&"--direct=1".to_string()));
-        let (prog, args) = w(Kind::FioSeqwrite, None).command(true);
+        let (prog, args) = w(Kind::FioSeqwrite, None).command(true, None);
         assert_eq!(prog, "fio");
         for a in [
             "--rw=write",
@@ -435,7 +446,7 @@ mod tests {
         ] {
             assert!(args.contains(&a.to_string()), "{a} in {args:?}");
         }
-        let (prog, args) = w(Kind::Mmds, None).command(true);
+        let (prog, args) = w(Kind::Mmds, None).command(true, None);
         assert_eq!(
             (prog, args.join(" ").as_str()),
             ("/proc/self/exe", "mmds 7")
@@ -457,7 +468,7 @@ mod tests {
             target: Some(Ipv4Addr::new(10, 0, 0, 1)),
             ..w(Kind::Ping, None)
         };
-        let (prog, args) = ping.command(true);
+        let (prog, args) = ping.command(true, None);
         assert_eq!(prog, "ping");
         assert_eq!(args.join(" "), "-c 7 -w 9 10.0.0.1");
     }

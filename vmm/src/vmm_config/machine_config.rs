@@ -49,8 +49,9 @@ impl HugePages {
 
 /// vCPU count, memory size, SMT and huge pages, with Firecracker's field names and defaults, and
 /// two prescient extensions: `max_vcpus` (how many vCPUs the VM can be given while it runs;
-/// `vcpu_count` stays the boot count, as in Firecracker) and `acpi` (whether the guest is
-/// described by ACPI tables, or by an MP table and `virtio_mmio.device=` command-line entries).
+/// `vcpu_count` stays the boot count, as in Firecracker), `acpi` (whether the guest is
+/// described by ACPI tables, or by an MP table and `virtio_mmio.device=` command-line entries)
+/// and `acpi_only` (the ACPI tables without the other two).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MachineConfig {
@@ -70,6 +71,11 @@ pub struct MachineConfig {
     /// ACPI tables (default); `false` boots guests built without ACPI (or with `acpi=off`).
     #[serde(default = "acpi_default", skip_serializing_if = "is_default_acpi")]
     pub acpi: bool,
+    /// The ACPI tables alone: no MP table and no `virtio_mmio.device=` entries beside them (by
+    /// default both are given as well, as Firecracker does, for kernels built without ACPI). For
+    /// kernels that have ACPI, whose command line then names no device; needs `acpi`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub acpi_only: bool,
     /// Firecracker's static CPU template (deprecated there); checked against the host's CPU
     /// vendor at start.
     #[serde(default, skip_serializing_if = "no_template")]
@@ -99,6 +105,7 @@ impl Default for MachineConfig {
             cpu_template: None,
             max_vcpus: None,
             acpi: acpi_default(),
+            acpi_only: false,
             huge_pages: HugePages::default(),
         }
     }
@@ -135,6 +142,12 @@ impl MachineConfig {
                     "vCPUs are plugged one at a time, not as SMT sibling pairs; smt must be false",
                 ));
             }
+        }
+        if self.acpi_only && !self.acpi {
+            return Err(ConfigError::new(
+                JsonPath::keys(&["machine-config", "acpi_only"]),
+                "the ACPI tables alone need ACPI; acpi is false",
+            ));
         }
         if self.mem_size_mib == 0 {
             return Err(ConfigError::new(
@@ -275,6 +288,27 @@ mod tests {
         })
         .unwrap();
         assert_eq!(off["acpi"], false);
+        assert!(off.get("acpi_only").is_none());
+    }
+
+    #[test]
+    fn acpi_only_needs_acpi() {
+        let only: MachineConfig =
+            serde_json::from_str(r#"{"vcpu_count": 1, "mem_size_mib": 128, "acpi_only": true}"#)
+                .unwrap();
+        only.validate().unwrap();
+        assert_eq!(serde_json::to_value(&only).unwrap()["acpi_only"], true);
+        let err = MachineConfig {
+            acpi: false,
+            ..only
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("machine-config.acpi_only") && err.contains("acpi is false"),
+            "{err}"
+        );
     }
 
     #[test]
