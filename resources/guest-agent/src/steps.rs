@@ -454,7 +454,7 @@ mod tests {
         assert!(parse_step("mmds:7:64M")
             .unwrap_err()
             .contains("only a duration"));
-        let (prog, args) = w(Kind::Pattern, None).command(true);
+        let (prog, args) = w(Kind::Pattern, None).command(true, None);
         assert_eq!(
             (prog, args.join(" ").as_str()),
             ("/proc/self/exe", "pattern 7 16M")
