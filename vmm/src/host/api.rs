@@ -5,7 +5,7 @@
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::api::http::{Connection, ReadError, Request, Response};
 
@@ -45,6 +45,8 @@ pub enum HostRequest {
 pub struct Envelope {
     pub request: HostRequest,
     pub reply: Sender<Response>,
+    /// When the request was read, for the time it waits for the supervisor.
+    pub received: Instant,
 }
 
 fn not_allowed(allow: &str) -> Response {
@@ -185,12 +187,18 @@ fn serve(stream: UnixStream, supervisor: &Sender<Envelope>) {
                 return;
             }
         };
+        let received = Instant::now();
         let response = match route(&req) {
             Err(r) => r,
             Ok(request) => {
                 let (reply, answer) = channel();
                 let gone = || Response::fault(503, "the supervisor is shutting down");
-                if supervisor.send(Envelope { request, reply }).is_err() {
+                let envelope = Envelope {
+                    request,
+                    reply,
+                    received,
+                };
+                if supervisor.send(envelope).is_err() {
                     gone()
                 } else {
                     answer.recv().unwrap_or_else(|_| gone())

@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod budget;
+pub mod claim;
 pub mod pool;
 pub mod spec;
 pub mod vms;
@@ -24,6 +25,7 @@ use crate::api::http::Response;
 use crate::vmm_config::VmConfig;
 use api::{Envelope, HostRequest};
 use budget::HostBudget;
+use claim::{ClaimTimes, Timeline, Work};
 use pool::{Claim, GrantChange, PoolLog, PoolWindow};
 use spec::{Class, VmRequest};
 use vms::{Files, ManagedVm, VmState};
@@ -98,6 +100,8 @@ pub struct Supervisor {
     ),
     making: PerResource<f64>,
     log: PoolLog,
+    /// The loop's recent work, to tell a claim what it waited behind.
+    timeline: Timeline,
     seq: u64,
     started: Instant,
     next_id: u64,
@@ -153,6 +157,7 @@ impl Supervisor {
             made: std::sync::mpsc::channel(),
             making: PerResource::default(),
             log: PoolLog::default(),
+            timeline: Timeline::default(),
             seq: 0,
             started: Instant::now(),
             next_id: 0,
@@ -167,15 +172,19 @@ impl Supervisor {
             if now < next {
                 match requests.recv_timeout(next - now) {
                     Ok(env) => {
-                        let response = self.handle(env.request);
+                        let t0 = Instant::now();
+                        let response = self.handle(env.request, env.received);
                         let _ = env.reply.send(response);
+                        self.timeline.record(t0, Instant::now(), Work::Request);
                         continue;
                     }
                     Err(RecvTimeoutError::Timeout) => {}
                     Err(RecvTimeoutError::Disconnected) => std::thread::sleep(next - now),
                 }
             }
+            let t0 = Instant::now();
             self.window_pass();
+            self.timeline.record(t0, Instant::now(), Work::Window);
             next += self.window;
             // A window that ran long is not caught up in a burst.
             let now = Instant::now();
@@ -481,7 +490,8 @@ impl Supervisor {
 
     /// `POST /vms {"from_pool": NAME}`: a warm VM resumed, or (none ready) one booted cold
     /// from the pool's config.
-    fn claim(&mut self, name: &str) -> Response {
+    fn claim(&mut self, name: &str, received: Instant) -> Response {
+        let mut times = ClaimTimes::queued(received, &self.timeline);
         self.collect_made();
         let Some(pool) = self.pools.get_mut(name) else {
             return Response::fault(404, format!("no warm pool {name} on this host"));
@@ -495,10 +505,12 @@ impl Supervisor {
                 continue;
             }
             match vm.resume(&self.files) {
-                Ok(()) => {
+                Ok((api, record)) => {
                     pool.handed_out += 1;
+                    times.resumed(api, record);
                     let mut described = vm.describe();
                     described["warm"] = true.into();
+                    described["claim"] = serde_json::to_value(&times).expect("times serialise");
                     return json(201, described);
                 }
                 Err(e) => {
@@ -515,6 +527,7 @@ impl Supervisor {
         if r.status == 201 {
             if let Ok(mut v) = serde_json::from_str::<serde_json::Value>(&r.body) {
                 v["warm"] = false.into();
+                v["claim"] = serde_json::to_value(&times).expect("times serialise");
                 r.body = v.to_string();
             }
         }
@@ -591,8 +604,8 @@ impl Supervisor {
         }
     }
 
-    /// Answers one host API request.
-    pub fn handle(&mut self, request: HostRequest) -> Response {
+    /// Answers one host API request, read at `received`.
+    pub fn handle(&mut self, request: HostRequest, received: Instant) -> Response {
         match request {
             HostRequest::ListVms => json(200, self.vms.values().map(ManagedVm::describe).collect()),
             HostRequest::GetVm(id) => match self.vms.get(&id) {
@@ -607,7 +620,7 @@ impl Supervisor {
                 }
                 None => Response::fault(404, format!("no VM {id}")),
             },
-            HostRequest::CreateVm(body) => self.create(&body),
+            HostRequest::CreateVm(body) => self.create(&body, received),
             HostRequest::Pool => json(200, self.pool_state()),
             HostRequest::Decisions { since } => json(
                 200,
@@ -638,7 +651,7 @@ impl Supervisor {
         }
     }
 
-    fn create(&mut self, body: &[u8]) -> Response {
+    fn create(&mut self, body: &[u8], received: Instant) -> Response {
         let checked = VmRequest::parse(body).and_then(|req| {
             let config = req.config()?;
             let id = req.id.clone().unwrap_or_else(|| {
@@ -652,7 +665,7 @@ impl Supervisor {
         });
         match checked {
             Ok(Ok(spec)) => self.launch(spec),
-            Ok(Err(pool)) => self.claim(&pool),
+            Ok(Err(pool)) => self.claim(&pool, received),
             Err(e) => Response::fault(400, e),
         }
     }

@@ -340,14 +340,18 @@ impl ManagedVm {
         }
     }
 
-    /// Hands a warm VM out: resumed, and from now on a VM like any other.
-    pub fn resume(&mut self, files: &Files) -> Result<(), VmError> {
+    /// Hands a warm VM out: resumed, and from now on a VM like any other. Returns how long
+    /// the resume and the record took.
+    pub fn resume(&mut self, files: &Files) -> Result<(Duration, Duration), VmError> {
+        let t0 = Instant::now();
         self.request("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#))?;
+        let api = t0.elapsed();
         if let VmState::Warm { pool } = &self.state {
             self.record.origin = format!("from_pool:{pool}");
         }
         self.state = VmState::Running;
-        self.save(files)
+        self.save(files)?;
+        Ok((api, t0.elapsed() - api))
     }
 
     /// Pauses the VM and writes a Full snapshot of it to `state` and `memory`.
