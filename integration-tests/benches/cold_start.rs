@@ -280,15 +280,20 @@ fn oracle_mean(arrivals: &[f64], make_ms: f64, end_ms: f64) -> f64 {
     total / steps.max(1) as f64
 }
 
-fn percentiles(v: &[f64]) -> (f64, f64) {
+/// `v` at each quantile of `qs`.
+fn quantiles<const N: usize>(v: &[f64], qs: [f64; N]) -> [f64; N] {
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let at = |q: f64| s[((s.len() - 1) as f64 * q).round() as usize];
-    (at(0.5), at(0.99))
+    qs.map(|q| s[((s.len() - 1) as f64 * q).round() as usize])
 }
 
-/// Where the warm requests' time went: each part's p50 / p99 over the requests served warm,
-/// and the slowest requests part by part.
+fn percentiles(v: &[f64]) -> (f64, f64) {
+    let [p50, p99] = quantiles(v, [0.5, 0.99]);
+    (p50, p99)
+}
+
+/// Where the warm requests' time went: each part's mean and quantiles over the requests served
+/// warm, and the slowest requests part by part.
 fn breakdown(runs: &[Times]) {
     let warm: Vec<&Times> = runs.iter().filter(|t| t.warm).collect();
     if warm.is_empty() {
@@ -310,11 +315,18 @@ fn breakdown(runs: &[Times]) {
         "where a warm claim's time goes (ms), over {} requests:",
         warm.len()
     );
-    println!("| {:<44} | {:>7} | {:>7} |", "part", "p50", "p99");
+    let heads = ["mean", "p50", "p90", "p99", "max"];
+    println!(
+        "| {:<44} | {:>6} | {:>6} | {:>6} | {:>6} | {:>6} |",
+        "part", heads[0], heads[1], heads[2], heads[3], heads[4]
+    );
     for (label, part) in parts {
         let v: Vec<f64> = warm.iter().map(|t| part(t)).collect();
-        let (p50, p99) = percentiles(&v);
-        println!("| {label:<44} | {p50:>7.2} | {p99:>7.2} |");
+        let mean = v.iter().sum::<f64>() / v.len() as f64;
+        let [p50, p90, p99, max] = quantiles(&v, [0.5, 0.9, 0.99, 1.0]);
+        println!(
+            "| {label:<44} | {mean:>6.2} | {p50:>6.2} | {p90:>6.2} | {p99:>6.2} | {max:>6.2} |"
+        );
     }
     let mut slow = warm.clone();
     slow.sort_by(|a, b| b.running.partial_cmp(&a.running).unwrap());
