@@ -85,13 +85,15 @@ fn config() -> serde_json::Value {
     })
 }
 
-fn post(sock: &Path, body: &serde_json::Value) -> serde_json::Value {
+/// `POST /vms`: the answer, and when the connection was made.
+fn post(sock: &Path, body: &serde_json::Value) -> (serde_json::Value, Instant) {
     let mut c = Client::connect(sock, DEADLINE).expect("host API");
+    let connected = Instant::now();
     let r = c
         .request("POST", "/vms", Some(&body.to_string()))
         .expect("POST /vms");
     assert_eq!(r.status, 201, "{body}: {}", r.body);
-    serde_json::from_str(&r.body).expect("JSON")
+    (serde_json::from_str(&r.body).expect("JSON"), connected)
 }
 
 fn wait_line(console: &Path, line: &str) {
@@ -130,10 +132,13 @@ struct Times {
     claim: Claim,
 }
 
-/// The host's account of a claim (its answer's `"claim"`, ms), and what is left of the
-/// request's time outside the host: the client's connect, the host API's thread, HTTP.
+/// The host's account of a claim (its answer's `"claim"`, ms), the client's own (how late its
+/// thread woke for the arrival, its connect), and what is left of the request's time outside
+/// the host: the host API's accept and thread, HTTP.
 #[derive(Debug, Clone, Copy, Default)]
 struct Claim {
+    late: f64,
+    connect: f64,
     queued: f64,
     behind_window: f64,
     behind_requests: f64,
@@ -142,9 +147,11 @@ struct Claim {
 }
 
 impl Claim {
-    fn of(answer: &serde_json::Value) -> Claim {
+    fn of(answer: &serde_json::Value, late: f64, connect: f64) -> Claim {
         let f = |k: &str| answer["claim"][k].as_f64().unwrap_or(f64::NAN);
         Claim {
+            late,
+            connect,
             queued: f("queued_ms"),
             behind_window: f("behind_window_ms"),
             behind_requests: f("behind_requests_ms"),
@@ -189,19 +196,21 @@ fn run(
             std::thread::spawn(move || {
                 let due = start + Duration::from_secs_f64(at / 1000.0);
                 std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                let woke = Instant::now();
                 let body = if warm {
                     serde_json::json!({"from_pool": "fn"})
                 } else {
                     serde_json::json!({"config": config()})
                 };
-                let vm = post(&sock, &body);
+                let (vm, connected) = post(&sock, &body);
                 let since = |t: Instant| (t - due).as_secs_f64() * 1000.0;
                 let answer = Instant::now();
                 let id = vm["id"].as_str().unwrap().to_string();
                 let api = vm["api_sock"].as_str().unwrap().to_string();
                 let console = state.join(format!("{id}.console"));
                 let was_warm = vm["warm"].as_bool().unwrap_or(false);
-                let claim = Claim::of(&vm);
+                let connect = (connected - woke).as_secs_f64() * 1000.0;
+                let claim = Claim::of(&vm, since(woke), connect);
                 let times = if was_warm {
                     ctrl_alt_del(&api);
                     wait_line(&console, "guest: ctrl-alt-del");
@@ -300,11 +309,13 @@ fn breakdown(runs: &[Times]) {
         return;
     }
     type Part = fn(&Times) -> f64;
-    let parts: [(&str, Part); 7] = [
+    let parts: [(&str, Part); 9] = [
         ("request -> answer (total)", |t| t.running),
         ("  outside the host's claim (connect, HTTP)", |t| {
             t.claim.outside(t.running)
         }),
+        ("    the bench's thread woke late", |t| t.claim.late),
+        ("    its connect to the host API", |t| t.claim.connect),
         ("  queued for the supervisor's loop", |t| t.claim.queued),
         ("    behind its window passes", |t| t.claim.behind_window),
         ("    behind other requests", |t| t.claim.behind_requests),
@@ -330,13 +341,18 @@ fn breakdown(runs: &[Times]) {
     }
     let mut slow = warm.clone();
     slow.sort_by(|a, b| b.running.partial_cmp(&a.running).unwrap());
-    println!("the slowest: total = outside + queued (window, requests, other) + resume + record");
+    println!(
+        "the slowest: total = outside (woke late, connect) + queued (window, requests, other) \
+         + resume + record"
+    );
     for t in slow.iter().take(3) {
         let c = &t.claim;
         println!(
-            "  {:.1} = {:.1} + {:.1} ({:.1}, {:.1}, {:.1}) + {:.1} + {:.1}",
+            "  {:.1} = {:.1} ({:.1}, {:.1}) + {:.1} ({:.1}, {:.1}, {:.1}) + {:.1} + {:.1}",
             t.running,
             c.outside(t.running),
+            c.late,
+            c.connect,
             c.queued,
             c.behind_window,
             c.behind_requests,
