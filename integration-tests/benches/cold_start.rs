@@ -28,12 +28,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use integration_tests::bench::{env_or, guest_clock_arg, Stat};
+use integration_tests::bench::{env_or, guest_clock_arg, Footprint, Stat};
 use integration_tests::host::Host;
-use integration_tests::{rss_bytes, Scratch, TEST_GUEST_PVH};
+use integration_tests::{Scratch, TEST_GUEST_PVH};
 use vmm::api::client::Client;
 
 const WINDOW_MS: u64 = 100;
+/// The test guest's configured memory.
+const GUEST_MIB: f64 = 64.0;
 const DEADLINE: Duration = Duration::from_secs(30);
 
 /// A small deterministic generator (xorshift64*).
@@ -79,17 +81,19 @@ fn config() -> serde_json::Value {
     serde_json::json!({
         "boot-source": {"kernel_image_path": TEST_GUEST_PVH,
                         "boot_args": format!("cpu_ms=1 mem_mib=1 exit=kbd {}", guest_clock_arg())},
-        "machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": GUEST_MIB as u64},
     })
 }
 
-fn post(sock: &Path, body: &serde_json::Value) -> serde_json::Value {
+/// `POST /vms`: the answer, and when the connection was made.
+fn post(sock: &Path, body: &serde_json::Value) -> (serde_json::Value, Instant) {
     let mut c = Client::connect(sock, DEADLINE).expect("host API");
+    let connected = Instant::now();
     let r = c
         .request("POST", "/vms", Some(&body.to_string()))
         .expect("POST /vms");
     assert_eq!(r.status, 201, "{body}: {}", r.body);
-    serde_json::from_str(&r.body).expect("JSON")
+    (serde_json::from_str(&r.body).expect("JSON"), connected)
 }
 
 fn wait_line(console: &Path, line: &str) {
@@ -117,14 +121,61 @@ fn ctrl_alt_del(sock: &str) {
     }
 }
 
-/// One request's times from its arrival (ms): running, ready, answered (warm only); and
-/// whether it was served warm.
+/// One request's times from its arrival (ms): running, ready, answered (warm only); whether it
+/// was served warm, and where the host says its claim's time went.
 #[derive(Debug, Clone, Copy)]
 struct Times {
     running: f64,
     ready: f64,
     answered: f64,
     warm: bool,
+    claim: Claim,
+}
+
+/// The host's account of a claim (its answer's `"claim"`, ms), the client's own (how late its
+/// thread woke for the arrival, its connect), and what is left of the request's time outside
+/// the host: the host API's accept and thread, HTTP.
+#[derive(Debug, Clone, Copy, Default)]
+struct Claim {
+    late: f64,
+    connect: f64,
+    queued: f64,
+    behind_window: f64,
+    behind_requests: f64,
+    resume: f64,
+    record: f64,
+}
+
+impl Claim {
+    fn of(answer: &serde_json::Value, late: f64, connect: f64) -> Claim {
+        let f = |k: &str| answer["claim"][k].as_f64().unwrap_or(f64::NAN);
+        Claim {
+            late,
+            connect,
+            queued: f("queued_ms"),
+            behind_window: f("behind_window_ms"),
+            behind_requests: f("behind_requests_ms"),
+            resume: f("resume_ms"),
+            record: f("record_ms"),
+        }
+    }
+
+    /// Queued for the loop, but not behind its windows or requests (its wake-up, the channel).
+    fn queued_other(&self) -> f64 {
+        self.queued - self.behind_window - self.behind_requests
+    }
+
+    /// The request's time outside the host's claim: from its arrival to the host reading it,
+    /// and from the host's answer to the client reading it.
+    fn outside(&self, total: f64) -> f64 {
+        total - self.queued - self.resume - self.record
+    }
+}
+
+/// The warm pool at one moment: how many warm VMs were ready, and a few of their footprints.
+struct Sample {
+    ready: f64,
+    footprints: Vec<Footprint>,
 }
 
 /// Runs the trace; returns each request's times.
@@ -132,7 +183,7 @@ fn run(
     host: &Host,
     arrivals: &[f64],
     warm: bool,
-    samples: Option<&Mutex<Vec<(f64, f64)>>>,
+    samples: Option<&Mutex<Vec<Sample>>>,
 ) -> Vec<Times> {
     let start = Instant::now();
     let results = Arc::new(Mutex::new(Vec::new()));
@@ -145,18 +196,21 @@ fn run(
             std::thread::spawn(move || {
                 let due = start + Duration::from_secs_f64(at / 1000.0);
                 std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                let woke = Instant::now();
                 let body = if warm {
                     serde_json::json!({"from_pool": "fn"})
                 } else {
                     serde_json::json!({"config": config()})
                 };
-                let vm = post(&sock, &body);
+                let (vm, connected) = post(&sock, &body);
                 let since = |t: Instant| (t - due).as_secs_f64() * 1000.0;
                 let answer = Instant::now();
                 let id = vm["id"].as_str().unwrap().to_string();
                 let api = vm["api_sock"].as_str().unwrap().to_string();
                 let console = state.join(format!("{id}.console"));
                 let was_warm = vm["warm"].as_bool().unwrap_or(false);
+                let connect = (connected - woke).as_secs_f64() * 1000.0;
+                let claim = Claim::of(&vm, since(woke), connect);
                 let times = if was_warm {
                     ctrl_alt_del(&api);
                     wait_line(&console, "guest: ctrl-alt-del");
@@ -165,6 +219,7 @@ fn run(
                         ready: since(answer),
                         answered: since(Instant::now()),
                         warm: true,
+                        claim,
                     }
                 } else {
                     wait_line(&console, "prescient-test-guest: hello");
@@ -177,13 +232,14 @@ fn run(
                         ready,
                         answered: f64::NAN,
                         warm: false,
+                        claim,
                     }
                 };
                 results.lock().unwrap().push(times);
             })
         })
         .collect();
-    // Sample the warm pool while the trace runs: (warm VMs ready, their mean RSS in MiB).
+    // Sample the warm pool while the trace runs: warm VMs ready, and the footprint of a few.
     if let Some(samples) = samples {
         let mut c = Client::connect(&host.sock, DEADLINE).expect("host API");
         let end =
@@ -195,23 +251,20 @@ fn run(
                 .as_array()
                 .cloned()
                 .unwrap_or_default();
-            let mut rss = Vec::new();
+            let mut footprints = Vec::new();
             for id in ids.iter().take(3) {
                 let path = format!("/vms/{}", id.as_str().unwrap());
                 let vm: serde_json::Value =
                     serde_json::from_str(&c.request("GET", &path, None).unwrap().body).unwrap();
-                if let Some(pid) = vm["pid"].as_u64() {
-                    if Path::new(&format!("/proc/{pid}")).exists() {
-                        rss.push(rss_bytes(pid as u32) as f64 / (1 << 20) as f64);
-                    }
+                // A warm VM handed out since may be gone: it is not sampled.
+                if let Some(Ok(f)) = vm["pid"].as_u64().map(|pid| Footprint::try_of(pid as u32)) {
+                    footprints.push(f);
                 }
             }
-            let mean_rss = if rss.is_empty() {
-                f64::NAN
-            } else {
-                rss.iter().sum::<f64>() / rss.len() as f64
-            };
-            samples.lock().unwrap().push((ids.len() as f64, mean_rss));
+            samples.lock().unwrap().push(Sample {
+                ready: ids.len() as f64,
+                footprints,
+            });
             std::thread::sleep(Duration::from_millis(WINDOW_MS));
         }
     }
@@ -236,11 +289,78 @@ fn oracle_mean(arrivals: &[f64], make_ms: f64, end_ms: f64) -> f64 {
     total / steps.max(1) as f64
 }
 
-fn percentiles(v: &[f64]) -> (f64, f64) {
+/// `v` at each quantile of `qs`.
+fn quantiles<const N: usize>(v: &[f64], qs: [f64; N]) -> [f64; N] {
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let at = |q: f64| s[((s.len() - 1) as f64 * q).round() as usize];
-    (at(0.5), at(0.99))
+    qs.map(|q| s[((s.len() - 1) as f64 * q).round() as usize])
+}
+
+fn percentiles(v: &[f64]) -> (f64, f64) {
+    let [p50, p99] = quantiles(v, [0.5, 0.99]);
+    (p50, p99)
+}
+
+/// Where the warm requests' time went: each part's mean and quantiles over the requests served
+/// warm, and the slowest requests part by part.
+fn breakdown(runs: &[Times]) {
+    let warm: Vec<&Times> = runs.iter().filter(|t| t.warm).collect();
+    if warm.is_empty() {
+        return;
+    }
+    type Part = fn(&Times) -> f64;
+    let parts: [(&str, Part); 9] = [
+        ("request -> answer (total)", |t| t.running),
+        ("  outside the host's claim (connect, HTTP)", |t| {
+            t.claim.outside(t.running)
+        }),
+        ("    the bench's thread woke late", |t| t.claim.late),
+        ("    its connect to the host API", |t| t.claim.connect),
+        ("  queued for the supervisor's loop", |t| t.claim.queued),
+        ("    behind its window passes", |t| t.claim.behind_window),
+        ("    behind other requests", |t| t.claim.behind_requests),
+        ("  resume round trip (PATCH /vm)", |t| t.claim.resume),
+        ("  record written", |t| t.claim.record),
+    ];
+    println!(
+        "where a warm claim's time goes (ms), over {} requests:",
+        warm.len()
+    );
+    let heads = ["mean", "p50", "p90", "p99", "max"];
+    println!(
+        "| {:<44} | {:>6} | {:>6} | {:>6} | {:>6} | {:>6} |",
+        "part", heads[0], heads[1], heads[2], heads[3], heads[4]
+    );
+    for (label, part) in parts {
+        let v: Vec<f64> = warm.iter().map(|t| part(t)).collect();
+        let mean = v.iter().sum::<f64>() / v.len() as f64;
+        let [p50, p90, p99, max] = quantiles(&v, [0.5, 0.9, 0.99, 1.0]);
+        println!(
+            "| {label:<44} | {mean:>6.2} | {p50:>6.2} | {p90:>6.2} | {p99:>6.2} | {max:>6.2} |"
+        );
+    }
+    let mut slow = warm.clone();
+    slow.sort_by(|a, b| b.running.partial_cmp(&a.running).unwrap());
+    println!(
+        "the slowest: total = outside (woke late, connect) + queued (window, requests, other) \
+         + resume + record"
+    );
+    for t in slow.iter().take(3) {
+        let c = &t.claim;
+        println!(
+            "  {:.1} = {:.1} ({:.1}, {:.1}) + {:.1} ({:.1}, {:.1}, {:.1}) + {:.1} + {:.1}",
+            t.running,
+            c.outside(t.running),
+            c.late,
+            c.connect,
+            c.queued,
+            c.behind_window,
+            c.behind_requests,
+            c.queued_other(),
+            c.resume,
+            c.record
+        );
+    }
 }
 
 fn main() {
@@ -291,64 +411,90 @@ fn main() {
     let (wr50, wr99) = of(&warm, |t| t.ready);
     let (wa50, wa99) = of(&warm, |t| t.answered);
     let samples = samples.into_inner().unwrap();
-    let mean_ready = samples.iter().map(|s| s.0).sum::<f64>() / samples.len().max(1) as f64;
-    let rss: Vec<f64> = samples
-        .iter()
-        .map(|s| s.1)
-        .filter(|r| r.is_finite())
-        .collect();
-    let rss = Stat::of(&rss).median;
+    let mean_ready = samples.iter().map(|s| s.ready).sum::<f64>() / samples.len().max(1) as f64;
+    let per_vm = |f: fn(&Footprint) -> u64| -> f64 {
+        let v: Vec<f64> = samples
+            .iter()
+            .flat_map(|s| s.footprints.iter().map(|p| f(p) as f64 / 1024.0))
+            .collect();
+        if v.is_empty() {
+            f64::NAN
+        } else {
+            Stat::of(&v).median
+        }
+    };
+    let (rss, pss, anon) = (
+        per_vm(|f| f.rss_kib),
+        per_vm(|f| f.pss_kib),
+        per_vm(|f| f.anon_kib),
+    );
     let end_ms = arrivals.last().copied().unwrap_or(0.0) + 1000.0;
     let oracle = oracle_mean(&arrivals, make_ms, end_ms);
     println!(
         "cold start under Poisson bursts: {} requests in {seconds} s (seed {seed}), test guest \
-         1 vCPU 64 MiB; warm pool window {WINDOW_MS} ms, a warm VM made in {make_ms:.1} ms",
+         1 vCPU {GUEST_MIB} MiB; warm pool window {WINDOW_MS} ms, a warm VM made in {make_ms:.1} ms",
         arrivals.len()
     );
+    let idle = |label: &str, mib: f64| {
+        (
+            format!("warm idle memory at {label}, pool / oracle"),
+            format!(
+                "{:.1} / {:.2} MiB = {:.0}x",
+                mean_ready * mib,
+                oracle * mib,
+                mean_ready / oracle
+            ),
+        )
+    };
     let rows = [
         (
-            "cold: request -> guest running, p50 / p99",
+            "cold: request -> guest running, p50 / p99".to_string(),
             format!("{c50:.1} / {c99:.1} ms"),
         ),
         (
-            "cold: request -> guest ready, p50 / p99",
+            "cold: request -> guest ready, p50 / p99".into(),
             format!("{cr50:.1} / {cr99:.1} ms"),
         ),
         (
-            "warm: request -> guest running = ready, p50 / p99",
+            "warm: request -> guest running = ready, p50 / p99".into(),
             format!("{w50:.1} / {w99:.1} ms ({wr50:.1} / {wr99:.1})"),
         ),
         (
-            "warm: request -> guest answered Ctrl-Alt-Del",
+            "warm: request -> guest answered Ctrl-Alt-Del".into(),
             format!("{wa50:.1} / {wa99:.1} ms"),
         ),
         (
-            "  requests served warm / booted cold",
+            "  requests served warm / booted cold".into(),
             format!("{served_warm} / {fallback}"),
         ),
-        ("  pool windows with requests: missed / all", calibration),
-        ("p99 ready: cold / warm", format!("{:.1}x", cr99 / wr99)),
-        ("p50 ready: cold / warm", format!("{:.1}x", cr50 / wr50)),
         (
-            "warm VMs ready, mean (pool / oracle)",
-            format!("{mean_ready:.2} / {oracle:.2}"),
+            "  pool windows with requests: missed / all".into(),
+            calibration,
         ),
         (
-            "warm VM resident memory (paused, restored)",
-            format!("{rss:.1} MiB"),
+            "p99 ready: cold / warm".into(),
+            format!("{:.1}x", cr99 / wr99),
         ),
         (
-            "warm idle memory, mean (pool / oracle)",
-            format!("{:.1} / {:.1} MiB", mean_ready * rss, oracle * rss),
+            "p50 ready: cold / warm".into(),
+            format!("{:.1}x", cr50 / wr50),
         ),
         (
-            "idle memory pool / oracle",
-            format!("{:.2}x", mean_ready / oracle),
+            "warm VMs ready, mean (pool / oracle)".into(),
+            format!("{mean_ready:.2} / {oracle:.3}"),
         ),
+        (
+            "a warm VM (paused, restored): RSS / PSS / anon".into(),
+            format!("{rss:.1} / {pss:.1} / {anon:.1} MiB"),
+        ),
+        idle(&format!("configured size ({GUEST_MIB} MiB)"), GUEST_MIB),
+        idle("resident size (RSS)", rss),
+        idle("proportional size (PSS)", pss),
     ];
     for (label, value) in rows {
-        println!("| {label:<44} | {value:>24} |");
+        println!("| {label:<50} | {value:>28} |");
     }
+    breakdown(&warm);
     // Every VM of the runs has ended (reset on Ctrl-Alt-Del); the warm ones go with the host.
     let _ = host.request("DELETE", "/pools/fn", None);
 }

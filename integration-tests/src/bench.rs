@@ -469,6 +469,9 @@ impl VmSpec {
 pub struct Footprint {
     /// Resident pages (VmRSS): anonymous and file-backed, without hugetlbfs pages.
     pub rss_kib: u64,
+    /// Proportional set size: each resident page divided by the processes that map it (the
+    /// binary's text shared by every VMM counts once over all of them).
+    pub pss_kib: u64,
     /// Of those, anonymous (private) pages: what this process alone costs.
     pub anon_kib: u64,
     /// Of the anonymous pages, the ones in transparent huge pages.
@@ -480,22 +483,26 @@ pub struct Footprint {
 impl Footprint {
     /// Reads `/proc/<pid>/smaps_rollup` and `/proc/<pid>/status`.
     pub fn of(pid: u32) -> Footprint {
+        Self::try_of(pid).unwrap_or_else(|e| panic!("/proc/{pid}: {e}"))
+    }
+
+    /// As [`Footprint::of`], for a process that may have ended.
+    pub fn try_of(pid: u32) -> std::io::Result<Footprint> {
         let field = |text: &str, name: &str| -> u64 {
             text.lines()
                 .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
                 .unwrap_or(0)
         };
-        let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-            .unwrap_or_else(|e| panic!("/proc/{pid}/smaps_rollup: {e}"));
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
-        Footprint {
+        let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        Ok(Footprint {
             rss_kib: field(&rollup, "Rss"),
+            pss_kib: field(&rollup, "Pss"),
             anon_kib: field(&rollup, "Anonymous"),
             anon_huge_kib: field(&rollup, "AnonHugePages"),
             hugetlb_kib: field(&status, "HugetlbPages"),
-        }
+        })
     }
 
     /// Resident memory including hugetlbfs pages: what the host gives this process.

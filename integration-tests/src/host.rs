@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vmm::api::client::Client;
+use vmm::api::client::{Client, ClientError};
 
 use crate::{prescient_bin, TEST_GUEST_PVH};
 
@@ -89,12 +89,17 @@ impl Host {
         path: &str,
         body: Option<&str>,
     ) -> (u16, serde_json::Value) {
-        let r = self
-            .client
-            .as_mut()
-            .expect("a running supervisor")
-            .request(method, path, body)
-            .unwrap_or_else(|e| panic!("host API {method} {path}: {e}"));
+        let client = self.client.as_mut().expect("a running supervisor");
+        let mut r = client.request(method, path, body);
+        if matches!(r, Err(ClientError::Send(_) | ClientError::Closed)) {
+            // The host API closes a connection left idle for a minute (a long bench): the
+            // request never reached it, so it goes once more on a new connection.
+            let mut c = Client::connect(&self.sock, Duration::from_secs(30))
+                .unwrap_or_else(|e| panic!("host API {method} {path}: {e}"));
+            r = c.request(method, path, body);
+            self.client = Some(c);
+        }
+        let r = r.unwrap_or_else(|e| panic!("host API {method} {path}: {e}"));
         (
             r.status,
             serde_json::from_str(&r.body).unwrap_or(serde_json::Value::Null),

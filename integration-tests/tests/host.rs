@@ -3,9 +3,11 @@
 
 use std::time::{Duration, Instant};
 
+use integration_tests::bench::guest_clock_arg;
 use integration_tests::host::{guest_request, ramp_args, Host};
-use integration_tests::{line_field, wait_for_console_line, Scratch};
+use integration_tests::{line_field, wait_for_console_line, Scratch, TEST_GUEST_PVH};
 use serde_json::Value;
+use vmm::api::client::Client;
 
 const DEADLINE: Duration = Duration::from_secs(120);
 const WINDOW_MS: u64 = 100;
@@ -341,4 +343,123 @@ fn a_jailed_vm_is_launched_watched_and_stopped() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Warm claims are served on the host API's threads: four at once get four different warm
+/// VMs, each resumed (its guest answers), listed running from the pool; the grants stay within
+/// the budget; a supervisor restarted then adopts the VMs handed out (their records were
+/// written by the claims) and lets the still-warm ones go.
+#[test]
+fn warm_claims_at_once_get_distinct_running_vms_that_a_restart_adopts() {
+    let scratch = Scratch::new("host-warm");
+    let mut host = Host::start(
+        scratch.path(),
+        "mem=1024,cpu=4,blk=100M,net=100M",
+        WINDOW_MS,
+    );
+    let config = serde_json::json!({
+        "boot-source": {"kernel_image_path": TEST_GUEST_PVH,
+                        "boot_args": format!("cpu_ms=1 mem_mib=1 exit=kbd {}", guest_clock_arg())},
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
+    });
+    let pool = serde_json::json!({"config": config, "snapshot_after_ms": 300, "min": 5, "max": 5});
+    let (status, body) = host.request("PUT", "/pools/fn", Some(&pool.to_string()));
+    assert_eq!(status, 201, "{body}");
+    let start = Instant::now();
+    while host.get("/pools")[0]["ready"] != 5 {
+        assert!(start.elapsed() < DEADLINE, "{}", host.get("/pools"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(4));
+    let claims: Vec<_> = (0..4)
+        .map(|_| {
+            let (sock, barrier) = (host.sock.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let mut c = Client::connect(&sock, DEADLINE).unwrap();
+                barrier.wait();
+                let r = c
+                    .request("POST", "/vms", Some(r#"{"from_pool": "fn"}"#))
+                    .unwrap();
+                assert_eq!(r.status, 201, "{}", r.body);
+                serde_json::from_str::<Value>(&r.body).unwrap()
+            })
+        })
+        .collect();
+    let claims: Vec<Value> = claims.into_iter().map(|t| t.join().unwrap()).collect();
+    let mut ids: Vec<String> = claims
+        .iter()
+        .map(|c| {
+            assert_eq!(c["warm"], true, "{c}");
+            assert_eq!(c["claim"]["by"], "desk", "{c}");
+            c["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 4, "four different VMs: {claims:?}");
+    for id in &ids {
+        let vm = host.get(&format!("/vms/{id}"));
+        assert_eq!(vm["state"], "running", "{vm}");
+        assert_eq!(vm["origin"], "from_pool:fn", "{vm}");
+    }
+    // The guest of one runs: it answers Ctrl-Alt-Del.
+    let answered = &claims[0];
+    let mut c = Client::connect(
+        std::path::Path::new(answered["api_sock"].as_str().unwrap()),
+        DEADLINE,
+    )
+    .unwrap();
+    let r = c
+        .request(
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "SendCtrlAltDel"}"#),
+        )
+        .unwrap();
+    assert_eq!(r.status, 204, "{}", r.body);
+    wait_for_console_line(
+        &host.console(answered["id"].as_str().unwrap()),
+        "guest: ctrl-alt-del",
+        DEADLINE,
+    );
+    let pools = host.get("/pools");
+    assert_eq!(pools[0]["handed_out"], 4, "{pools}");
+    assert_eq!(pools[0]["cold"], 0, "{pools}");
+    let pool = host.get("/pool");
+    assert!(
+        pool["granted"]["mem"].as_f64().unwrap() <= 1024.0,
+        "within the budget: {pool}"
+    );
+
+    // Restart: the VMs handed out and still running are adopted, the warm ones let go.
+    let running: Vec<(String, u64)> = ids[..]
+        .iter()
+        .filter(|id| **id != answered["id"])
+        .map(|id| {
+            (
+                id.clone(),
+                host.get(&format!("/vms/{id}"))["pid"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    host.kill();
+    host.restart();
+    let listed = host.get("/vms");
+    for (id, pid) in &running {
+        let vm = host.get(&format!("/vms/{id}"));
+        assert_eq!(
+            (&vm["state"], vm["pid"].as_u64()),
+            (&"running".into(), Some(*pid)),
+            "{vm}"
+        );
+    }
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|vm| vm["state"] != "warm"),
+        "{listed}"
+    );
 }

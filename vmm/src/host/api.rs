@@ -1,11 +1,11 @@
 //! The host API: HTTP/1.1 on a Unix socket, served by the VMM's own HTTP layer. Client threads
-//! parse and route; every request is answered by the supervisor's loop between windows, so the
-//! pool's state has one owner and no lock.
+//! parse and route, and answer each request with the function the supervisor gives (which
+//! serves warm claims on the client thread and hands everything else to its loop).
 
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{channel, Receiver, Sender};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::api::http::{Connection, ReadError, Request, Response};
 
@@ -41,11 +41,8 @@ pub enum HostRequest {
     DeletePool(String),
 }
 
-/// A request and where its answer goes.
-pub struct Envelope {
-    pub request: HostRequest,
-    pub reply: Sender<Response>,
-}
+/// What answers a routed request, read at the instant given (on the client's thread).
+pub type Answer = dyn Fn(HostRequest, Instant) -> Response + Send + Sync;
 
 fn not_allowed(allow: &str) -> Response {
     let mut r = Response::fault(405, format!("method not allowed here; use {allow}"));
@@ -133,8 +130,8 @@ impl Drop for HostApi {
 }
 
 /// Binds `path` (taking over a socket no one serves any more, as a crashed supervisor leaves)
-/// and serves it; requests arrive on the receiver.
-pub fn start(path: &Path) -> Result<(HostApi, Receiver<Envelope>), HostApiError> {
+/// and serves it, each request answered by `answer`.
+pub fn start(path: &Path, answer: Arc<Answer>) -> Result<HostApi, HostApiError> {
     if path.exists() {
         if UnixStream::connect(path).is_ok() {
             return Err(HostApiError::InUse(path.to_path_buf()));
@@ -145,30 +142,26 @@ pub fn start(path: &Path) -> Result<(HostApi, Receiver<Envelope>), HostApiError>
         path: path.to_path_buf(),
         source,
     })?;
-    let (tx, rx) = channel();
     std::thread::Builder::new()
         .name("host-api".into())
         .spawn(move || {
             for stream in listener.incoming().flatten() {
-                let tx = tx.clone();
+                let answer = answer.clone();
                 let spawned = std::thread::Builder::new()
                     .name("host-api-client".into())
-                    .spawn(move || serve(stream, &tx));
+                    .spawn(move || serve(stream, &*answer));
                 if let Err(e) = spawned {
                     tracing::warn!("host API: cannot start a client thread: {e}");
                 }
             }
         })
         .map_err(HostApiError::Thread)?;
-    Ok((
-        HostApi {
-            path: path.to_path_buf(),
-        },
-        rx,
-    ))
+    Ok(HostApi {
+        path: path.to_path_buf(),
+    })
 }
 
-fn serve(stream: UnixStream, supervisor: &Sender<Envelope>) {
+fn serve(stream: UnixStream, answer: &Answer) {
     if stream.set_read_timeout(Some(IDLE_TIMEOUT)).is_err() {
         return;
     }
@@ -185,17 +178,10 @@ fn serve(stream: UnixStream, supervisor: &Sender<Envelope>) {
                 return;
             }
         };
+        let received = Instant::now();
         let response = match route(&req) {
             Err(r) => r,
-            Ok(request) => {
-                let (reply, answer) = channel();
-                let gone = || Response::fault(503, "the supervisor is shutting down");
-                if supervisor.send(Envelope { request, reply }).is_err() {
-                    gone()
-                } else {
-                    answer.recv().unwrap_or_else(|_| gone())
-                }
-            }
+            Ok(request) => answer(request, received),
         };
         if conn.write_response(&response, req.keep_alive).is_err() || !req.keep_alive {
             return;

@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod budget;
+pub mod claim;
 pub mod pool;
 pub mod spec;
 pub mod vms;
@@ -15,22 +16,42 @@ pub mod warm;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::mpsc::RecvTimeoutError;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use predictor::resource::{PerResource, Resource};
 
 use crate::api::http::Response;
 use crate::vmm_config::VmConfig;
-use api::{Envelope, HostRequest};
+use api::HostRequest;
 use budget::HostBudget;
+use claim::{ClaimTimes, Desk, Timeline, Work};
 use pool::{Claim, GrantChange, PoolLog, PoolWindow};
 use spec::{Class, VmRequest};
-use vms::{Files, ManagedVm, VmState};
+use vms::{Files, ManagedVm, Ready, VmState};
 use warm::{PoolSpec, WarmPool};
 
 /// Warm VMs started or let go per pool and window at most.
 const WARM_PER_WINDOW: usize = 4;
+
+/// What the supervisor's loop serves, in the order it came.
+enum Event {
+    /// A host API request the desk did not answer, and where its answer goes.
+    Request {
+        request: HostRequest,
+        reply: Sender<Response>,
+        /// When the host API read it, for the time it waits for the loop.
+        received: Instant,
+    },
+    /// A warm VM made on a helper thread.
+    Made(Box<Made>),
+    /// A warm VM the desk handed out (`Ok`: running) or found would not resume.
+    Claimed {
+        pool: String,
+        ready: Result<Box<Ready>, String>,
+    },
+}
 
 /// A warm VM made on a helper thread (a process start and a snapshot load), for its pool.
 struct Made {
@@ -91,13 +112,15 @@ pub struct Supervisor {
     window: Duration,
     vms: BTreeMap<String, ManagedVm>,
     pools: BTreeMap<String, WarmPool>,
-    /// Warm VMs being made, and the floors they will hold.
-    made: (
-        std::sync::mpsc::Sender<Made>,
-        std::sync::mpsc::Receiver<Made>,
-    ),
+    /// The warm VMs ready to hand out, claimed on the host API's threads.
+    desk: Desk,
+    /// What the loop serves: requests, made warm VMs, claims done.
+    events: (Sender<Event>, Receiver<Event>),
+    /// The floors the warm VMs being made will hold.
     making: PerResource<f64>,
     log: PoolLog,
+    /// The loop's recent work, to tell a claim what it waited behind.
+    timeline: Timeline,
     seq: u64,
     started: Instant,
     next_id: u64,
@@ -150,32 +173,69 @@ impl Supervisor {
             window,
             vms,
             pools: BTreeMap::new(),
-            made: std::sync::mpsc::channel(),
+            desk: Desk::default(),
+            events: channel(),
             making: PerResource::default(),
             log: PoolLog::default(),
+            timeline: Timeline::default(),
             seq: 0,
             started: Instant::now(),
             next_id: 0,
         })
     }
 
-    /// Serves requests between windows until the process is killed; the VMs live on.
-    pub fn run(&mut self, requests: std::sync::mpsc::Receiver<Envelope>) {
+    /// What answers the host API on its client threads: a warm claim is served there when a
+    /// warm VM is ready (see [`claim`]); everything else waits for the loop.
+    fn answer(&self) -> Arc<api::Answer> {
+        let (desk, files, events) = (self.desk.clone(), self.files.clone(), self.events.0.clone());
+        Arc::new(move |request: HostRequest, received: Instant| {
+            if let Some(pool) = warm_claim(&request) {
+                let failed = |ready: Ready, e| {
+                    tracing::warn!("host: warm VM {}: {e}; letting it go", ready.id);
+                    let ready = Err(ready.id);
+                    let _ = events.send(Event::Claimed {
+                        pool: pool.clone(),
+                        ready,
+                    });
+                };
+                let times = ClaimTimes::at_desk(received);
+                if let Some((described, ready)) = desk.claim(&pool, &files, times, failed) {
+                    let ready = Ok(Box::new(ready));
+                    let _ = events.send(Event::Claimed { pool, ready });
+                    return json(201, described);
+                }
+            }
+            let (reply, answer) = channel();
+            let gone = || Response::fault(503, "the supervisor is shutting down");
+            let request = Event::Request {
+                request,
+                reply,
+                received,
+            };
+            if events.send(request).is_err() {
+                return gone();
+            }
+            answer.recv().unwrap_or_else(|_| gone())
+        })
+    }
+
+    /// Serves events between windows until the process is killed; the VMs live on.
+    pub fn run(&mut self) {
         let mut next = Instant::now() + self.window;
         loop {
             let now = Instant::now();
             if now < next {
-                match requests.recv_timeout(next - now) {
-                    Ok(env) => {
-                        let response = self.handle(env.request);
-                        let _ = env.reply.send(response);
-                        continue;
-                    }
-                    Err(RecvTimeoutError::Timeout) => {}
-                    Err(RecvTimeoutError::Disconnected) => std::thread::sleep(next - now),
+                // The loop holds a sender itself: the channel never disconnects.
+                if let Ok(event) = self.events.1.recv_timeout(next - now) {
+                    let t0 = Instant::now();
+                    self.serve(event);
+                    self.timeline.record(t0, Instant::now(), Work::Request);
+                    continue;
                 }
             }
+            let t0 = Instant::now();
             self.window_pass();
+            self.timeline.record(t0, Instant::now(), Work::Window);
             next += self.window;
             // A window that ran long is not caught up in a burst.
             let now = Instant::now();
@@ -322,38 +382,72 @@ impl Supervisor {
         self.log.busy_us += t0.elapsed().as_micros() as u64;
     }
 
+    fn serve(&mut self, event: Event) {
+        match event {
+            Event::Request {
+                request,
+                reply,
+                received,
+            } => {
+                let _ = reply.send(self.handle(request, received));
+            }
+            Event::Made(made) => self.made(*made),
+            Event::Claimed { pool, ready } => match ready {
+                Ok(ready) => {
+                    if let Some(pool) = self.pools.get_mut(&pool) {
+                        pool.arrival();
+                        pool.handed_out += 1;
+                    }
+                    self.handed_out(*ready);
+                }
+                Err(id) => self.let_go(&id),
+            },
+        }
+    }
+
+    /// A warm VM handed out: from now on a VM like any other.
+    fn handed_out(&mut self, ready: Ready) {
+        match self.vms.get_mut(&ready.id) {
+            Some(vm) => vm.handed_out(ready),
+            None => tracing::warn!("host: handed out {}, a VM it does not know", ready.id),
+        }
+    }
+
+    /// Kills a warm VM and forgets it.
+    fn let_go(&mut self, id: &str) {
+        if let Some(mut vm) = self.vms.remove(id) {
+            vm.kill();
+        }
+        self.files.remove(id);
+    }
+
     /// Each warm pool: the window's arrivals into its forecast, then warm VMs started up to
     /// its target or let go above it, a few per window.
     fn tend_warm_pools(&mut self) {
-        self.collect_made();
         let names: Vec<String> = self.pools.keys().cloned().collect();
         for name in names {
-            let pool = self.pools.get_mut(&name).expect("a pool");
             // Warm VMs that died are no longer ready.
             let vms = &self.vms;
-            pool.ready
-                .retain(|id| matches!(vms.get(id).map(|v| &v.state), Some(VmState::Warm { .. })));
-            pool.close_window();
-            let (have, target) = (pool.ready.len() + pool.pending, pool.target());
+            self.desk.retain(&name, |id| {
+                matches!(vms.get(id).map(|v| &v.state), Some(VmState::Warm { .. }))
+            });
+            let ready = self.desk.len(&name);
+            let pool = self.pools.get_mut(&name).expect("a pool");
+            pool.close_window(ready);
+            let (have, target) = (ready + pool.pending, pool.target());
             for _ in 0..(target.saturating_sub(have)).min(WARM_PER_WINDOW) {
                 if let Err(e) = self.make_warm(&name) {
                     tracing::warn!("host: warm pool {name}: {e}");
                     break;
                 }
             }
-            let pool = self.pools.get_mut(&name).expect("a pool");
-            for _ in 0..(have.saturating_sub(target))
-                .min(pool.ready.len())
-                .min(WARM_PER_WINDOW)
-            {
-                let Some(id) = pool.ready.pop_front() else {
+            for _ in 0..(have.saturating_sub(target)).min(WARM_PER_WINDOW) {
+                // Popped from the desk: no claim can be handing it out.
+                let Some(ready) = self.desk.take(&name) else {
                     break;
                 };
-                pool.released += 1;
-                if let Some(mut vm) = self.vms.remove(&id) {
-                    vm.kill();
-                }
-                self.files.remove(&id);
+                self.pools.get_mut(&name).expect("a pool").released += 1;
+                self.let_go(&ready.id);
             }
         }
     }
@@ -373,7 +467,7 @@ impl Supervisor {
         let (files, snapshot, tx) = (
             self.files.clone(),
             pool.snapshot.clone(),
-            self.made.0.clone(),
+            self.events.0.clone(),
         );
         let (pool_name, timeout) = (name.to_string(), self.window * 5);
         self.pools.get_mut(name).expect("a pool").pending += 1;
@@ -383,43 +477,45 @@ impl Supervisor {
                 let t0 = Instant::now();
                 let snapshot = (snapshot.0.as_path(), snapshot.1.as_path());
                 let vm = ManagedVm::restore(&files, &spec, floors, snapshot, &pool_name, timeout);
-                let _ = tx.send(Made {
+                let _ = tx.send(Event::Made(Box::new(Made {
                     pool: pool_name,
                     id: spec.id,
                     spans: spec.spans,
                     vm,
                     ms: t0.elapsed().as_secs_f64() * 1000.0,
-                });
+                })));
             })
             .map(|_| ())
             .map_err(|e| e.to_string())
     }
 
-    /// The warm VMs made since the last look: ready in their pool (or let go if it is gone).
-    fn collect_made(&mut self) {
-        while let Ok(made) = self.made.1.try_recv() {
-            for r in Resource::ALL {
-                self.making[r] -= made.spans[r].floor;
+    /// A warm VM made: ready at the desk (or let go if its pool is gone).
+    fn made(&mut self, made: Made) {
+        for r in Resource::ALL {
+            self.making[r] -= made.spans[r].floor;
+        }
+        if let Some(pool) = self.pools.get_mut(&made.pool) {
+            pool.pending -= 1;
+            if made.vm.is_ok() {
+                pool.made_in(made.ms);
             }
-            let pool = self.pools.get_mut(&made.pool);
-            match (made.vm, pool) {
-                (Ok(vm), Some(pool)) => {
-                    pool.pending -= 1;
-                    pool.made_in(made.ms);
-                    pool.ready.push_back(made.id.clone());
-                    self.vms.insert(made.id, vm);
-                }
-                (Ok(mut vm), None) => {
-                    vm.kill();
-                    self.files.remove(&made.id);
-                }
-                (Err(e), pool) => {
-                    if let Some(pool) = pool {
-                        pool.pending -= 1;
-                    }
-                    tracing::warn!("host: warm VM {}: {e}", made.id);
-                    self.files.remove(&made.id);
-                }
+        }
+        let mut vm = match made.vm {
+            Ok(vm) => vm,
+            Err(e) => {
+                tracing::warn!("host: warm VM {}: {e}", made.id);
+                self.files.remove(&made.id);
+                return;
+            }
+        };
+        let ready = vm.ready();
+        self.vms.insert(made.id.clone(), vm);
+        match ready.map(|r| self.desk.push(&made.pool, r)) {
+            Ok(true) => {}
+            Ok(false) => self.let_go(&made.id),
+            Err(e) => {
+                tracing::warn!("host: warm VM {}: {e}", made.id);
+                self.let_go(&made.id);
             }
         }
     }
@@ -471,7 +567,8 @@ impl Supervisor {
         }
         match WarmPool::new(name.clone(), spec, launch, snapshot, boot_ms, self.window) {
             Ok(pool) => {
-                let described = pool.describe();
+                let described = pool.describe(Vec::new());
+                self.desk.open(&name);
                 self.pools.insert(name, pool);
                 json(201, described)
             }
@@ -479,34 +576,30 @@ impl Supervisor {
         }
     }
 
-    /// `POST /vms {"from_pool": NAME}`: a warm VM resumed, or (none ready) one booted cold
-    /// from the pool's config.
-    fn claim(&mut self, name: &str) -> Response {
-        self.collect_made();
+    /// `POST /vms {"from_pool": NAME}` that the desk could not serve (no warm VM was ready):
+    /// one made since, resumed, or else one booted cold from the pool's config.
+    fn claim(&mut self, name: &str, received: Instant) -> Response {
+        let times = ClaimTimes::queued(received, &self.timeline);
         let Some(pool) = self.pools.get_mut(name) else {
             return Response::fault(404, format!("no warm pool {name} on this host"));
         };
         pool.arrival();
-        while let Some(id) = pool.ready.pop_front() {
-            let Some(vm) = self.vms.get_mut(&id) else {
-                continue;
-            };
-            if !matches!(vm.state, VmState::Warm { .. }) {
-                continue;
-            }
-            match vm.resume(&self.files) {
-                Ok(()) => {
-                    pool.handed_out += 1;
-                    let mut described = vm.describe();
-                    described["warm"] = true.into();
-                    return json(201, described);
-                }
-                Err(e) => {
-                    tracing::warn!("host: warm VM {id}: {e}; letting it go");
-                    vm.kill();
-                }
-            }
+        let mut failed = Vec::new();
+        let served = self
+            .desk
+            .claim(name, &self.files, times.clone(), |ready, e| {
+                tracing::warn!("host: warm VM {}: {e}; letting it go", ready.id);
+                failed.push(ready.id);
+            });
+        for id in failed {
+            self.let_go(&id);
         }
+        if let Some((described, ready)) = served {
+            self.pools.get_mut(name).expect("a pool").handed_out += 1;
+            self.handed_out(ready);
+            return json(201, described);
+        }
+        let pool = self.pools.get_mut(name).expect("a pool");
         pool.cold_start();
         self.next_id += 1;
         let mut spec = pool.launch.clone();
@@ -515,6 +608,7 @@ impl Supervisor {
         if r.status == 201 {
             if let Ok(mut v) = serde_json::from_str::<serde_json::Value>(&r.body) {
                 v["warm"] = false.into();
+                v["claim"] = times.to_json();
                 r.body = v.to_string();
             }
         }
@@ -591,8 +685,8 @@ impl Supervisor {
         }
     }
 
-    /// Answers one host API request.
-    pub fn handle(&mut self, request: HostRequest) -> Response {
+    /// Answers one host API request, read at `received`.
+    pub fn handle(&mut self, request: HostRequest, received: Instant) -> Response {
         match request {
             HostRequest::ListVms => json(200, self.vms.values().map(ManagedVm::describe).collect()),
             HostRequest::GetVm(id) => match self.vms.get(&id) {
@@ -607,23 +701,24 @@ impl Supervisor {
                 }
                 None => Response::fault(404, format!("no VM {id}")),
             },
-            HostRequest::CreateVm(body) => self.create(&body),
+            HostRequest::CreateVm(body) => self.create(&body, received),
             HostRequest::Pool => json(200, self.pool_state()),
             HostRequest::Decisions { since } => json(
                 200,
                 serde_json::to_value(self.log.since(since)).expect("windows serialise"),
             ),
-            HostRequest::ListPools => {
-                json(200, self.pools.values().map(WarmPool::describe).collect())
-            }
+            HostRequest::ListPools => json(
+                200,
+                self.pools
+                    .values()
+                    .map(|p| p.describe(self.desk.ids(&p.name)))
+                    .collect(),
+            ),
             HostRequest::PutPool(name, body) => self.put_pool(name, &body),
             HostRequest::DeletePool(name) => match self.pools.remove(&name) {
                 Some(pool) => {
-                    for id in pool.ready {
-                        if let Some(mut vm) = self.vms.remove(&id) {
-                            vm.kill();
-                        }
-                        self.files.remove(&id);
+                    for ready in self.desk.close(&name) {
+                        self.let_go(&ready.id);
                     }
                     let _ = std::fs::remove_file(&pool.snapshot.0);
                     let _ = std::fs::remove_file(&pool.snapshot.1);
@@ -638,7 +733,7 @@ impl Supervisor {
         }
     }
 
-    fn create(&mut self, body: &[u8]) -> Response {
+    fn create(&mut self, body: &[u8], received: Instant) -> Response {
         let checked = VmRequest::parse(body).and_then(|req| {
             let config = req.config()?;
             let id = req.id.clone().unwrap_or_else(|| {
@@ -652,7 +747,7 @@ impl Supervisor {
         });
         match checked {
             Ok(Ok(spec)) => self.launch(spec),
-            Ok(Err(pool)) => self.claim(&pool),
+            Ok(Err(pool)) => self.claim(&pool, received),
             Err(e) => Response::fault(400, e),
         }
     }
@@ -828,15 +923,53 @@ fn regrant(
     true
 }
 
+/// The pool a request claims a warm VM of (`POST /vms {"from_pool": NAME}` and nothing else).
+fn warm_claim(request: &HostRequest) -> Option<String> {
+    let HostRequest::CreateVm(body) = request else {
+        return None;
+    };
+    let req = VmRequest::parse(body).ok()?;
+    match req.config() {
+        Ok(None) => req.from_pool,
+        _ => None,
+    }
+}
+
 /// `prescient host`: binds the API, adopts the recorded VMs and runs the pool.
 pub fn run(args: &HostArgs) -> Result<(), HostError> {
     let mut supervisor = Supervisor::new(args)?;
-    let (_api, requests) = api::start(&args.api_sock)?;
+    let _api = api::start(&args.api_sock, supervisor.answer())?;
     tracing::info!(
         "host: serving {} with {} VMs found",
         args.api_sock.display(),
         supervisor.vms.len()
     );
-    supervisor.run(requests);
+    supervisor.run();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_bare_pool_claim_is_served_at_the_desk() {
+        let create = |body: &str| HostRequest::CreateVm(body.as_bytes().to_vec());
+        assert_eq!(
+            warm_claim(&create(r#"{"from_pool": "fn"}"#)),
+            Some("fn".into())
+        );
+        assert_eq!(
+            warm_claim(&create(r#"{"id": "a", "from_pool": "fn"}"#)),
+            Some("fn".into())
+        );
+        // The loop answers the rest, with its errors.
+        assert_eq!(
+            warm_claim(&create(r#"{"from_pool": "fn", "config": {}}"#)),
+            None
+        );
+        assert_eq!(warm_claim(&create(r#"{"config": {}}"#)), None);
+        assert_eq!(warm_claim(&create("{not json")), None);
+        assert_eq!(warm_claim(&HostRequest::ListVms), None);
+    }
 }

@@ -10,7 +10,7 @@ use predictor::resource::{PerResource, Resource};
 use serde::{Deserialize, Serialize};
 
 use super::spec::{budget_update, Class, LaunchSpec, Span};
-use crate::api::client::{Client, ClientError};
+use crate::api::client::{Client, ClientError, ClientResponse};
 use crate::vmm_config::PredictorUpdate;
 
 /// How long a new VMM has to serve its API.
@@ -115,6 +115,61 @@ pub struct ManagedVm {
     timeout: Duration,
 }
 
+/// A warm VM ready to be handed out, as the claim desk holds it: its API connection and its
+/// record and description as they will be once it is handed out.
+pub struct Ready {
+    pub id: String,
+    record: VmRecord,
+    client: Client,
+    described: serde_json::Value,
+}
+
+impl Ready {
+    /// Resumes the VM and records it as handed out (a restarted supervisor adopts it rather
+    /// than letting it go as a warm one). Returns its description and how long the resume and
+    /// the record took.
+    pub fn resume(
+        &mut self,
+        files: &Files,
+    ) -> Result<(serde_json::Value, Duration, Duration), VmError> {
+        let t0 = Instant::now();
+        call(
+            &mut self.client,
+            &self.id,
+            "PATCH",
+            "/vm",
+            Some(r#"{"state": "Resumed"}"#),
+        )?;
+        let api = t0.elapsed();
+        save_record(files, &self.record)?;
+        Ok((self.described.clone(), api, t0.elapsed() - api))
+    }
+}
+
+/// One request on a VM's API; an answer outside 2xx is refused.
+fn call(
+    client: &mut Client,
+    id: &str,
+    method: &'static str,
+    path: &'static str,
+    body: Option<&str>,
+) -> Result<ClientResponse, VmError> {
+    match client.request(method, path, body) {
+        Ok(r) if (200..300).contains(&r.status) => Ok(r),
+        Ok(r) => Err(VmError::Refused {
+            id: id.to_string(),
+            method,
+            path,
+            status: r.status,
+            body: r.body,
+        }),
+        Err(source) => Err(VmError::Api {
+            id: id.to_string(),
+            source,
+        }),
+    }
+}
+
 /// `/proc/PID/stat`: state letter and start time.
 fn proc_stat(pid: u32) -> Option<(char, u64)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -134,6 +189,13 @@ fn write_file(path: &Path, contents: &[u8]) -> Result<(), VmError> {
             path: path.to_path_buf(),
             source,
         })
+}
+
+fn save_record(files: &Files, record: &VmRecord) -> Result<(), VmError> {
+    write_file(
+        &files.record(&record.id),
+        &serde_json::to_vec_pretty(record).expect("a record serialises"),
+    )
 }
 
 /// The last lines of a VMM's log, for an error.
@@ -244,10 +306,7 @@ impl ManagedVm {
     }
 
     fn save(&self, files: &Files) -> Result<(), VmError> {
-        write_file(
-            &files.record(&self.record.id),
-            &serde_json::to_vec_pretty(&self.record).expect("a record serialises"),
-        )
+        save_record(files, &self.record)
     }
 
     /// Starts the VMM (with `config`, or empty for a restore) and waits until its API serves.
@@ -340,14 +399,34 @@ impl ManagedVm {
         }
     }
 
-    /// Hands a warm VM out: resumed, and from now on a VM like any other.
-    pub fn resume(&mut self, files: &Files) -> Result<(), VmError> {
-        self.request("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#))?;
-        if let VmState::Warm { pool } = &self.state {
-            self.record.origin = format!("from_pool:{pool}");
-        }
+    /// A warm VM made ready to hand out: its API connection and what it will be once handed
+    /// out go to the claim desk, which resumes it without the supervisor's loop.
+    pub fn ready(&mut self) -> Result<Ready, VmError> {
+        let VmState::Warm { pool } = &self.state else {
+            unreachable!("only warm VMs are made ready")
+        };
+        let mut record = self.record.clone();
+        record.origin = format!("from_pool:{pool}");
+        let described = self.describe_as(&record, &VmState::Running);
+        let client = match self.client.take() {
+            Some(c) => c,
+            None => {
+                Client::connect(&self.record.api_sock, self.timeout).map_err(|e| self.api_err(e))?
+            }
+        };
+        Ok(Ready {
+            id: record.id.clone(),
+            record,
+            client,
+            described,
+        })
+    }
+
+    /// A warm VM the desk handed out: running, its connection back with the supervisor.
+    pub fn handed_out(&mut self, ready: Ready) {
+        self.record = ready.record;
+        self.client = Some(ready.client);
         self.state = VmState::Running;
-        self.save(files)
     }
 
     /// Pauses the VM and writes a Full snapshot of it to `state` and `memory`.
@@ -471,28 +550,18 @@ impl ManagedVm {
         method: &'static str,
         path: &'static str,
         body: Option<&str>,
-    ) -> Result<crate::api::client::ClientResponse, VmError> {
+    ) -> Result<ClientResponse, VmError> {
         if self.client.is_none() {
             let c = Client::connect(&self.record.api_sock, self.timeout)
                 .map_err(|e| self.api_err(e))?;
             self.client = Some(c);
         }
         let client = self.client.as_mut().expect("connected above");
-        let response = client.request(method, path, body);
-        match response {
-            Ok(r) if (200..300).contains(&r.status) => Ok(r),
-            Ok(r) => Err(VmError::Refused {
-                id: self.record.id.clone(),
-                method,
-                path,
-                status: r.status,
-                body: r.body,
-            }),
-            Err(e) => {
-                self.client = None;
-                Err(self.api_err(e))
-            }
+        let response = call(client, &self.record.id, method, path, body);
+        if matches!(response, Err(VmError::Api { .. })) {
+            self.client = None;
         }
+        response
     }
 
     fn read_status(&mut self) -> Result<serde_json::Value, VmError> {
@@ -578,20 +647,25 @@ impl ManagedVm {
 
     /// The VM for `GET /vms`.
     pub fn describe(&self) -> serde_json::Value {
+        self.describe_as(&self.record, &self.state)
+    }
+
+    /// The VM as it would be described with `record` in `state`.
+    fn describe_as(&self, record: &VmRecord, state: &VmState) -> serde_json::Value {
         let mut v = serde_json::json!({
-            "id": self.record.id,
-            "class": self.record.class,
-            "pid": self.record.pid,
-            "api_sock": self.record.api_sock,
-            "origin": self.record.origin,
+            "id": record.id,
+            "class": record.class,
+            "pid": record.pid,
+            "api_sock": record.api_sock,
+            "origin": record.origin,
             "grant": self.grant,
             "hold": self.hold,
             "want": self.want,
             "expected": self.point,
-            "spans": self.record.spans,
+            "spans": record.spans,
             "windows": self.windows,
         });
-        let state = serde_json::to_value(&self.state).expect("a state serialises");
+        let state = serde_json::to_value(state).expect("a state serialises");
         if let (Some(v), Some(s)) = (v.as_object_mut(), state.as_object()) {
             v.extend(s.clone());
             if let Some(e) = &self.api_error {

@@ -193,8 +193,6 @@ pub struct WarmPool {
     /// The checked config (the template's), for instances and cold fallbacks.
     pub launch: LaunchSpec,
     pub snapshot: (std::path::PathBuf, std::path::PathBuf),
-    /// Warm VMs' ids, oldest first.
-    pub ready: VecDeque<String>,
     /// Warm VMs being made.
     pub pending: usize,
     /// Requests this window.
@@ -232,7 +230,6 @@ impl WarmPool {
             spec,
             launch,
             snapshot,
-            ready: VecDeque::new(),
             pending: 0,
             arrivals: 0,
             missed: false,
@@ -260,10 +257,11 @@ impl WarmPool {
         self.missed = true;
     }
 
-    /// Closes a window: its arrivals and whether one missed go to the sizing (see [`Sizing`]).
-    pub fn close_window(&mut self) {
+    /// Closes a window with `ready` warm VMs: its arrivals and whether one missed go to the
+    /// sizing (see [`Sizing`]).
+    pub fn close_window(&mut self, ready: usize) {
         self.windows += 1;
-        self.ready_windows += self.ready.len() as u64;
+        self.ready_windows += ready as u64;
         let (arrivals, missed) = (
             std::mem::take(&mut self.arrivals),
             std::mem::take(&mut self.missed),
@@ -286,7 +284,8 @@ impl WarmPool {
         self.make_ms = 0.8 * self.make_ms + 0.2 * ms;
     }
 
-    pub fn describe(&self) -> serde_json::Value {
+    /// The pool for `GET /pools`, with the ids of its warm VMs ready.
+    pub fn describe(&self, ready: Vec<String>) -> serde_json::Value {
         serde_json::json!({
             "name": self.name,
             "class": self.spec.class,
@@ -294,8 +293,8 @@ impl WarmPool {
             "max": self.spec.max,
             "miss_rate": self.spec.miss_rate,
             "target": self.target(),
-            "ready": self.ready.len(),
-            "ready_ids": self.ready,
+            "ready": ready.len(),
+            "ready_ids": ready,
             "pending": self.pending,
             "lead_windows": self.sizing.lead_windows(),
             "band_width": self.sizing.width(),
