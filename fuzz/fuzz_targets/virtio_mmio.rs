@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use arbitrary::Arbitrary;
 use devices::bus::BusDevice;
 use devices::rate_limiter::RateLimiterConfig;
+use devices::virtio::device_writes::DeviceWrites;
 use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE};
 use devices::virtio::rng::Rng;
 use devices::virtio::test_utils::{guest_memory, interrupt};
@@ -22,7 +23,10 @@ fuzz_target!(|accesses: Vec<Access>| {
     let dev = Arc::new(Mutex::new(
         Rng::new(RateLimiterConfig::default()).expect("virtio-rng"),
     ));
-    let mut t = MmioTransport::new(dev, guest_memory(1 << 20), interrupt()).expect("transport");
+    let mem = guest_memory(1 << 20);
+    // Tracked, as with dirty page tracking on: the marking walks guest-written chains too.
+    let writes = Arc::new(DeviceWrites::new(&mem));
+    let mut t = MmioTransport::new(dev, mem, interrupt(), writes).expect("transport");
     let width = |w: u8| usize::from(w % 9);
     for a in accesses.iter().take(256) {
         match *a {
