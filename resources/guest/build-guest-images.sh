@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the Linux guest images: a kernel (Debian's linux-source-6.1, tinyconfig + kernel.config),
 # an initramfs (busybox-static + the guest agent), an ext4 rootfs with the workloads (stress-ng,
-# fio) and the same workloads as a cpio to append to the initramfs for VMMs without virtio-blk.
+# fio, curl) and the same workloads as a cpio to append to the initramfs for VMMs without virtio-blk.
 #
 # Outputs are cached under ${PRESCIENT_CACHE_DIR:-$HOME/.cache/prescient}/guest-images/<hash>/,
 # keyed by a hash of every input (this script, the kernel config, the patches, the rootfs files,
@@ -47,7 +47,7 @@ plain | software-kvm) ;;
 esac
 
 # --- Tools and Debian packages -------------------------------------------------------------
-packages=(linux-source-6.1 busybox-static stress-ng fio e2fsprogs cpio gzip xz-utils
+packages=(linux-source-6.1 busybox-static stress-ng fio curl e2fsprogs cpio gzip xz-utils
     bc bison flex libelf-dev libssl-dev make gcc patch util-linux)
 # shellcheck source=../debian-packages.sh
 . "$here/../debian-packages.sh"
@@ -73,7 +73,7 @@ image_key=$({
     cat "$0"
     (cd "$here" && find rootfs -type f | sort | xargs sha256sum)
     (cd "$repo/resources/guest-agent" && find Cargo.toml src -type f | sort | xargs sha256sum)
-    versions busybox-static stress-ng fio e2fsprogs libc6
+    versions busybox-static stress-ng fio curl e2fsprogs libc6
     rustc --version
 } | sha256sum | cut -c1-16)
 out=$cache/$image_key
@@ -187,9 +187,9 @@ cp -r "$here/rootfs/." "$base/"
 install -m 0755 "$agent" "$base/sbin/guest-agent"
 chmod 1777 "$base/tmp" "$base/var/tmp"
 
-say "workloads: stress-ng $(versions stress-ng | cut -d= -f2), fio $(versions fio | cut -d= -f2) and the libraries ldd lists"
+say "workloads: stress-ng $(versions stress-ng | cut -d= -f2), fio $(versions fio | cut -d= -f2), curl $(versions curl | cut -d= -f2) and the libraries ldd lists"
 wl=$stage/workloads
-for bin in /usr/bin/stress-ng /usr/bin/fio; do
+for bin in /usr/bin/stress-ng /usr/bin/fio /usr/bin/curl; do
     cp --parents "$bin" "$wl/"
     ldd "$bin" | awk '/=> \// { print $3 } /^\t\// { print $1 }' | while read -r lib; do
         [ -e "$wl/$lib" ] || cp -L --parents "$lib" "$wl/"

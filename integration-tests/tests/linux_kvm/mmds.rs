@@ -1,8 +1,8 @@
 //! Scenario: a Linux guest reads its metadata from MMDS, served by prescient's virtio-net device
 //! at 169.254.169.254 (`mmds-config` on eth0, metadata from `--metadata` before boot). The
 //! agent's `mmds` step routes the address to eth0, asks for a session token with
-//! `PUT /latest/api/token` over the guest's own TCP socket and fetches with busybox `wget`, with
-//! and without `X-metadata-token`: under V2 only the token opens the store, under V1 a request
+//! `curl -X PUT .../latest/api/token` (curl comes with the workloads in the initrd) and fetches
+//! with busybox `wget`, with and without `X-metadata-token`: under V2 only the token opens the store, under V1 a request
 //! without one is answered too. One boot per version.
 
 use std::time::Duration;
@@ -20,7 +20,7 @@ const GUEST_IP: &str = "172.16.0.2";
 /// got (the step's JSON lines, in order).
 fn fetch(version: &str) -> Vec<Value> {
     let name = format!("linux-mmds-{}", version.to_lowercase());
-    let spec = GuestSpec::new(&name, 2, 256);
+    let spec = GuestSpec::new(&name, 2, 256).with_workloads_in_the_initrd();
     let metadata = spec.scratch().write(
         "metadata.json",
         &json!({"latest": {"meta-data": {"ami-id": AMI, "placement": {"zone": "a"}}}}).to_string(),

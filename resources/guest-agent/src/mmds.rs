@@ -3,15 +3,12 @@
 //! workload's output (`agent: [mmds] {json}`).
 //!
 //! It routes the MMDS address to eth0 (as Firecracker's documentation tells guests to), asks
-//! for a V2 session token with `PUT /latest/api/token`, then fetches with busybox `wget`, with
-//! the token and without it. busybox `wget` cannot send a PUT, so the token request is written
-//! here over the guest kernel's own TCP socket; every request still goes through Linux's
-//! network stack and the virtio-net driver. The step reports what it got and succeeds when
-//! every request could be made: the host's test decides which answers are right for the
-//! configured MMDS version.
+//! for a V2 session token with `curl -X PUT .../latest/api/token` (Debian's curl, from the
+//! workloads: busybox `wget` cannot send a PUT), then fetches with busybox `wget`, with the
+//! token and without it, as a user of Firecracker's MMDS would. The step reports what it got
+//! and succeeds when every request could be made: the host's test decides which answers are
+//! right for the configured MMDS version.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::time::Duration;
 
@@ -70,52 +67,37 @@ pub fn run(secs: u64) -> i32 {
     i32::from(!ok)
 }
 
-/// `PUT /latest/api/token` with a TTL: the status code and the body.
-fn put_token(timeout: Duration) -> std::io::Result<(u16, String)> {
-    let addr: SocketAddr = format!("{MMDS}:80").parse().expect("a literal address");
-    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
-    write!(
-        s,
-        "PUT /latest/api/token HTTP/1.1\r\nHost: {MMDS}\r\n\
-         X-metadata-token-ttl-seconds: {TTL_SECS}\r\nContent-Length: 0\r\n\r\n"
-    )?;
-    parse_response(&mut s)
+/// `curl -X PUT http://<MMDS>/latest/api/token` with a TTL: the status code and the body.
+fn put_token(timeout: Duration) -> Result<(u16, String), String> {
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "-X",
+            "PUT",
+            "--max-time",
+            &timeout.as_secs().to_string(),
+        ])
+        .args(["-H", &format!("X-metadata-token-ttl-seconds: {TTL_SECS}")])
+        // The status on a line of its own after the body.
+        .args(["-w", "\n%{http_code}", "-o", "-"])
+        .arg(format!("http://{MMDS}/latest/api/token"))
+        .output()
+        .map_err(|e| format!("cannot run curl: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!(
+            "curl exited with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    status_and_body(&stdout).ok_or_else(|| format!("curl printed no status: {stdout:?}"))
 }
 
-/// Reads one HTTP/1.1 response with a `Content-Length` (as MMDS sends them).
-fn parse_response(s: &mut impl Read) -> std::io::Result<(u16, String)> {
-    let bad = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidData, why);
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 1024];
-    loop {
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let head = &text[..end];
-            let status = head
-                .split_whitespace()
-                .nth(1)
-                .and_then(|c| c.parse().ok())
-                .ok_or_else(|| bad(format!("no status line in {head:?}")))?;
-            let len: usize = head
-                .lines()
-                .filter_map(|l| l.split_once(':'))
-                .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-                .and_then(|(_, v)| v.trim().parse().ok())
-                .unwrap_or(0);
-            let body_start = end + 4;
-            if buf.len() >= body_start + len {
-                let body = String::from_utf8_lossy(&buf[body_start..body_start + len]);
-                return Ok((status, body.into_owned()));
-            }
-        }
-        let n = s.read(&mut chunk)?;
-        if n == 0 {
-            return Err(bad(format!("the connection closed after {:?}", text)));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
+/// Splits curl's output (the body, a newline, `-w`'s status code) into the code and the body.
+fn status_and_body(out: &str) -> Option<(u16, String)> {
+    let (body, code) = out.rsplit_once('\n')?;
+    Some((code.trim().parse().ok()?, body.to_string()))
 }
 
 /// What a request carries in `X-metadata-token`.
@@ -183,27 +165,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_a_response_split_across_reads() {
-        let raw = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nabcde";
-        struct Trickle<'a>(&'a [u8]);
-        impl Read for Trickle<'_> {
-            fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-                let n = self.0.len().min(3).min(out.len());
-                out[..n].copy_from_slice(&self.0[..n]);
-                self.0 = &self.0[n..];
-                Ok(n)
-            }
-        }
+    fn curls_output_is_split_into_status_and_body() {
         assert_eq!(
-            parse_response(&mut Trickle(raw)).unwrap(),
-            (200, "abcde".to_string())
+            status_and_body("AQAEAHRva2Vu\n200"),
+            Some((200, "AQAEAHRva2Vu".to_string()))
         );
-    }
-
-    #[test]
-    fn a_response_cut_short_is_an_error() {
-        let raw: &[u8] = b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 9\r\n\r\nNo";
-        let err = parse_response(&mut &raw[..]).unwrap_err();
-        assert!(err.to_string().contains("closed"), "{err}");
+        assert_eq!(status_and_body("\n400"), Some((400, String::new())));
+        assert_eq!(
+            status_and_body("a\nb\n401"),
+            Some((401, "a\nb".to_string()))
+        );
+        assert_eq!(status_and_body("no status"), None);
+        assert_eq!(status_and_body("body\n"), None);
     }
 }
