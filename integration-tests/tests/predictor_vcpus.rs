@@ -76,6 +76,29 @@ fn the_predictor_plugs_vcpus_for_a_cpu_step_and_unplugs_them_after() {
         "cpu_ms=1 mem_mib=1 cpuhp_ms=24000 cpu_load=0:3000,3:6000,0:15000",
         1500,
     );
+    // Until the guest has read from the hot-plug controller, the predictor plugs nothing
+    // (whatever its forecast wants while the guest boots).
+    let start = Instant::now();
+    while !std::fs::read_to_string(&console)
+        .unwrap_or_default()
+        .contains("guest: cpuhp first scan")
+    {
+        let vcpus = api.request("GET", "/hotplug/vcpus", None).json();
+        if vcpus["guest_uses_hotplug"] == false {
+            assert_eq!(
+                vcpus["online"], 1,
+                "plugged before the guest could see it: {vcpus}"
+            );
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the guest never scanned the controller"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // ...so the guest's first look finds no insert it missed.
+    let text = wait_for_console_line(&console, "guest: cpuhp first scan", DEADLINE);
+    assert!(text.ends_with("events=0"), "{text}");
     wait_for_console_line(&console, "guest: cpu_load step 1 workers=3", DEADLINE);
     // The demand is up: at least one vCPU is plugged, logged with why, and its thread is born in
     // the VM's CPU cgroup (the quota holds it).

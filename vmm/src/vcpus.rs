@@ -96,6 +96,9 @@ pub struct VcpuStatus {
     pub max_vcpus: u8,
     /// Whether the VM can plug and unplug vCPUs (it has ACPI).
     pub hotplug: bool,
+    /// Whether the guest has taken the CPU hot-plug controller into use (read a vCPU's status
+    /// from it): until then a plug may come before the guest could take note of it.
+    pub guest_uses_hotplug: bool,
     pub vcpus: Vec<VcpuInfo>,
 }
 
@@ -498,6 +501,7 @@ impl Vcpus {
             online: self.online(),
             max_vcpus: self.max(),
             hotplug: self.can_hotplug(),
+            guest_uses_hotplug: controller.as_ref().is_some_and(|c| c.in_use()),
             vcpus,
         }
     }
