@@ -171,6 +171,11 @@ impl CpuHotplug {
         }
     }
 
+    /// Whether a vCPU has an insert or remove event the guest has not cleared yet.
+    pub fn events_pending(&self) -> bool {
+        self.slots.iter().any(|s| s.insert_event || s.remove_event)
+    }
+
     /// The lowest vCPU whose removal waits for the guest.
     pub fn removal_pending(&self) -> Option<u8> {
         self.slots
@@ -620,6 +625,7 @@ mod tests {
             Err(CpuHotplugError::NoSuchCpu { cpu: 4, max: 4 })
         );
         assert_eq!(status_of(&mut c, 2), PRESENT | INSERT_EVENT);
+        assert!(c.events_pending());
         assert_eq!(
             c.state(2),
             CpuState::Present {
@@ -629,6 +635,9 @@ mod tests {
         c.write(STATUS, &[INSERT_EVENT]);
         assert_eq!(status_of(&mut c, 2), PRESENT);
         assert_eq!(c.state(2), CpuState::Present { acknowledged: true });
+        assert!(!c.events_pending());
+        c.request_removal(2).unwrap();
+        assert!(c.events_pending(), "a remove event too");
     }
 
     #[test]

@@ -46,6 +46,10 @@ pub struct VcpuCores {
 /// Why a plug waits, in `GET /predictor` and the decision log.
 const HELD: &str = "the guest has not taken the CPU hot-plug controller into use yet";
 
+/// What the decision log says of a CPU event raised again.
+const RAISED_AGAIN: &str =
+    "raised the CPU hot-plug event again: the guest had not read it for a window";
+
 /// vCPUs needed to hold `cores`.
 fn whole(cores: f64) -> u8 {
     (cores - 1e-9).ceil().clamp(1.0, f64::from(u8::MAX)) as u8
@@ -214,10 +218,21 @@ impl Actuator for VcpuCores {
     }
 
     fn follow_up(&mut self, ctx: &mut Context) -> Option<Result<String, ActuatorError>> {
+        let raised = match ctx.vm.renotify_vcpu_events() {
+            Ok(true) => Some(RAISED_AGAIN),
+            Ok(false) => None,
+            Err(e) => return Some(Err(ActuatorError::Refused(e.to_string()))),
+        };
         // Only changes: a window without one has nothing of the vCPUs to log.
-        match self.step(self.cores?, ctx)? {
-            (true, done) => Some(done),
-            (false, _) => None,
+        let change = match self.cores.and_then(|cores| self.step(cores, ctx)) {
+            Some((true, done)) => Some(done),
+            _ => None,
+        };
+        match (raised, change) {
+            (None, change) => change,
+            (Some(r), None) => Some(Ok(r.to_string())),
+            (Some(r), Some(Ok(c))) => Some(Ok(format!("{r}; {c}"))),
+            (Some(_), Some(Err(e))) => Some(Err(e)),
         }
     }
 }
