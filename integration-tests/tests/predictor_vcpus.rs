@@ -94,7 +94,7 @@ fn the_predictor_plugs_vcpus_for_a_cpu_step_and_unplugs_them_after() {
             start.elapsed() < DEADLINE,
             "the guest never scanned the controller"
         );
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(50));
     }
     // ...so the guest's first look finds no insert it missed.
     let text = wait_for_console_line(&console, "guest: cpuhp first scan", DEADLINE);
