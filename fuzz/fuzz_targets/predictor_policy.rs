@@ -141,6 +141,9 @@ fuzz_target!(|input: Input| {
             let add = |v: &mut u64, by: u32| *v = v.wrapping_add(u64::from(by));
             add(&mut k.exits, d[0]);
             add(&mut k.halt_wait_ns, d[1]);
+            // Halts counted or not (an odd delta: this kernel does not count them).
+            let halts = k.halt_exits.unwrap_or(0).wrapping_add(u64::from(d[1] % 4));
+            k.halt_exits = (d[1] % 2 == 0).then_some(halts);
             add(&mut k.io_exits, d[2]);
             add(&mut k.mmio_exits, d[3]);
             add(&mut k.page_faults, d[4]);

@@ -28,6 +28,8 @@
  *                  works until it is unplugged.
  *
  * Output:
+ *   guest: cpuhp first scan events=<n>  (inserts and ejects found before the
+ *                                       first interrupt)
  *   guest: cpuhp following ms=<T> ops=<N>
  *   guest: cpuhp cpu <i> inserted | guest: cpuhp cpu <i> ejected
  *   guest: cpu <i> apic=<a> up          (the AP, once at CPL3)
@@ -243,8 +245,13 @@ u64 cpuhp_follow_user(u64 unused)
 	for (u32 m = 0; m < g_acpi.ncpu; m++)
 		present[g_acpi.cpu[m].cpu] = g_acpi.cpu[m].enabled;
 	syscall3(SYS_ROUTE_IRQ, g_acpi.ged_irq, 0, 0);
+	/* With the interrupt routed, one scan takes the controller into use, as a guest OS
+	 * does when its hot-plug support starts (Linux reads each CPU's _STA); it finds the
+	 * events of a CPU inserted before (none, if the VMM waited for this). */
+	u64 ops = scan();
+	gprintf("guest: cpuhp first scan events=%lu\n", ops);
 	gprintf("guest: cpuhp following ms=%lu ops=%lu\n", follow_ms, want_ops);
-	u64 t0 = rdtsc(), ops = 0, short_ms = 0, last_ms = 0;
+	u64 t0 = rdtsc(), short_ms = 0, last_ms = 0;
 	u32 step = ~0u;
 	for (;;) {
 		u64 ms = (rdtsc() - t0) / tsc_per_ms();

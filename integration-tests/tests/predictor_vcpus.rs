@@ -76,6 +76,29 @@ fn the_predictor_plugs_vcpus_for_a_cpu_step_and_unplugs_them_after() {
         "cpu_ms=1 mem_mib=1 cpuhp_ms=24000 cpu_load=0:3000,3:6000,0:15000",
         1500,
     );
+    // Until the guest has read from the hot-plug controller, the predictor plugs nothing
+    // (whatever its forecast wants while the guest boots).
+    let start = Instant::now();
+    while !std::fs::read_to_string(&console)
+        .unwrap_or_default()
+        .contains("guest: cpuhp first scan")
+    {
+        let vcpus = api.request("GET", "/hotplug/vcpus", None).json();
+        if vcpus["guest_uses_hotplug"] == false {
+            assert_eq!(
+                vcpus["online"], 1,
+                "plugged before the guest could see it: {vcpus}"
+            );
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the guest never scanned the controller"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // ...so the guest's first look finds no insert it missed.
+    let text = wait_for_console_line(&console, "guest: cpuhp first scan", DEADLINE);
+    assert!(text.ends_with("events=0"), "{text}");
     wait_for_console_line(&console, "guest: cpu_load step 1 workers=3", DEADLINE);
     // The demand is up: at least one vCPU is plugged, logged with why, and its thread is born in
     // the VM's CPU cgroup (the quota holds it).
@@ -215,4 +238,68 @@ fn vcpus_follow_the_allocation_a_budget_sets_with_the_unplug_delay_and_no_flappi
     assert_eq!(text.matches(" inserted").count(), 2, "{text}");
     assert_eq!(text.matches(" ejected").count(), 2, "{text}");
     vmm.terminate(DEADLINE).assert_code(143);
+}
+
+#[test]
+fn plugs_wait_for_a_guest_that_never_reads_the_controller_and_an_unread_event_is_raised_again() {
+    let scratch = Scratch::new("predictor-vcpus-unread");
+    let id = format!("vcpus-unread-{}", std::process::id());
+    // A guest busy for 8 s that never looks at the hot-plug controller.
+    let (vmm, mut api, console) = spawn(&scratch, &id, 3, "cpu_ms=8000 mem_mib=1", 1000);
+    let r = api.request(
+        "PATCH",
+        "/predictor",
+        Some(r#"{"budget": {"cpu_cores": {"min": 2.5, "max": 3}}}"#),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    // The allocation wants 3 vCPUs; the actuator holds them and says why.
+    let held = wait_changes(&mut api, 1);
+    assert!(
+        held[0].3.contains("plug held")
+            && held[0]
+                .3
+                .contains("the guest has not taken the CPU hot-plug controller into use yet"),
+        "{held:#?}"
+    );
+    let status = api.request("GET", "/predictor", None).json();
+    let cpu = status["actuators"]["cpu_quota"].as_str().unwrap();
+    assert!(cpu.contains("plugs held: the guest has not taken"), "{cpu}");
+    let vcpus = api.request("GET", "/hotplug/vcpus", None).json();
+    assert_eq!(vcpus["online"], 1, "{vcpus}");
+    assert_eq!(vcpus["guest_uses_hotplug"], false, "{vcpus}");
+
+    // An operator's plug is not held; the guest never reads its event, which the VMM raises
+    // again (an interrupt raised before a guest's handler is there is lost).
+    let r = api.request("PATCH", "/machine-config", Some(r#"{"vcpu_count": 2}"#));
+    assert_eq!(r.status, 204, "{}", r.body);
+    let start = Instant::now();
+    loop {
+        let changes = vcpu_changes(&mut api);
+        if changes
+            .iter()
+            .any(|c| c.3.starts_with("raised the CPU hot-plug event again"))
+        {
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "{changes:#?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Less and less often: after 1, 2, 4, 8 windows more (20 windows at most in 2 s).
+    std::thread::sleep(Duration::from_secs(2));
+    let raised = vcpu_changes(&mut api)
+        .into_iter()
+        .filter(|c| c.3.starts_with("raised the CPU hot-plug event again"))
+        .count();
+    assert!((1..=5).contains(&raised), "raised {raised} times");
+    let vcpus = api.request("GET", "/hotplug/vcpus", None).json();
+    assert_eq!(vcpus["vcpus"][1]["state"], "plugged", "{vcpus}");
+    assert!(
+        !std::fs::read_to_string(&console)
+            .unwrap_or_default()
+            .contains("cpu_phase done"),
+        "all of it within the guest's busy phase"
+    );
+    // The plugged vCPU the guest never started does not keep the VM from ending.
+    let out = vmm.wait(DEADLINE);
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
 }

@@ -39,6 +39,10 @@ pub struct Signals {
     /// Written only when non-zero.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub cpu_throttled: u64,
+    /// Every vCPU wanted a CPU the whole window (none halted): the window's CPU use is what the
+    /// vCPUs online and the host allowed, a lower bound of its demand. Written only when true.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cpu_saturated: bool,
     /// Times during the window a block device's rate limiter made its queue wait: the
     /// bandwidth bucket (or an ops bucket) ran dry, so the window's block use is a lower bound
     /// of its demand. Written only when non-zero.
@@ -55,7 +59,7 @@ impl Signals {
     /// its demand.
     pub fn throttled(&self, r: Resource) -> bool {
         match r {
-            Resource::Cpu => self.cpu_throttled > 0,
+            Resource::Cpu => self.cpu_throttled > 0 || self.cpu_saturated,
             Resource::Mem => false,
             Resource::Blk => self.blk_throttled > 0,
             Resource::Net => self.net_throttled > 0,
@@ -105,6 +109,7 @@ mod tests {
                 faults: 12,
                 exits: 0,
                 cpu_throttled: 3,
+                cpu_saturated: false,
                 blk_throttled: 0,
                 net_throttled: 2,
             },

@@ -9,7 +9,7 @@
 //! Units are those of [`crate::resource::Resource`]; `capacity` is what the VM was
 //! configured with (the static allocation and the budget maximum). The rule signals
 //! (`io_ops`, `unknown_exits`, `devices`), the leading indicators (`faults`, `exits`) and
-//! `cpu_throttled` are optional. `t_ms` must increase.
+//! `cpu_throttled`, `cpu_saturated` are optional. `t_ms` must increase.
 
 use crate::resource::Usage;
 use crate::sample::Sample;

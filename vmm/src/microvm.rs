@@ -165,6 +165,11 @@ impl MicroVm {
         self.vcpus.set_count(count)
     }
 
+    /// Raises a CPU hot-plug event the guest has left unread since the last call again.
+    pub fn renotify_vcpu_events(&mut self) -> Result<bool, HotplugError> {
+        self.vcpus.renotify()
+    }
+
     /// Ends the threads of the vCPUs the guest has ejected; returns them.
     pub fn reap_ejected_vcpus(&mut self) -> Vec<u8> {
         self.vcpus.reap_ejected()

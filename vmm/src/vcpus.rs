@@ -96,6 +96,9 @@ pub struct VcpuStatus {
     pub max_vcpus: u8,
     /// Whether the VM can plug and unplug vCPUs (it has ACPI).
     pub hotplug: bool,
+    /// Whether the guest has taken the CPU hot-plug controller into use (read a vCPU's status
+    /// from it): until then a plug may come before the guest could take note of it.
+    pub guest_uses_hotplug: bool,
     pub vcpus: Vec<VcpuInfo>,
 }
 
@@ -152,6 +155,11 @@ pub struct Vcpus {
     paused: bool,
     /// Bumped whenever a thread starts or ends.
     generation: u64,
+    /// Calls of [`Vcpus::renotify`] in a row that found a CPU event unread, and how many more
+    /// it waits before raising it again (doubled each time: a guest that never handles
+    /// hot-plug is not interrupted on and on).
+    unread_calls: u32,
+    raise_after: u32,
 }
 
 impl Vcpus {
@@ -194,6 +202,8 @@ impl Vcpus {
                 .map(|(devices, spawner)| Hotplug { devices, spawner }),
             paused,
             generation: 0,
+            unread_calls: 0,
+            raise_after: 1,
         };
         for i in 0..usize::from(boot) {
             // The boot vCPUs start from this (still unfiltered) thread.
@@ -442,6 +452,34 @@ impl Vcpus {
         })
     }
 
+    /// Raises the CPU hot-plug interrupt again if an event the guest has still not taken was
+    /// already unread at the previous call (then after 2, 4, ... calls more while it stays
+    /// unread): an interrupt raised before the guest's handler was there (Linux reads the
+    /// controller when it scans ACPI, a little before its GED driver binds) is lost, while the
+    /// events wait in the controller. Returns whether it did.
+    pub fn renotify(&mut self) -> Result<bool, HotplugError> {
+        let Some(hotplug) = &self.hotplug else {
+            return Ok(false);
+        };
+        let unread = lock(&hotplug.devices.ged).pending() & EVENT_CPU_HOTPLUG != 0
+            && lock(&hotplug.devices.cpu_hotplug).events_pending();
+        if !unread {
+            (self.unread_calls, self.raise_after) = (0, 1);
+            return Ok(false);
+        }
+        self.unread_calls = self.unread_calls.saturating_add(1);
+        let again = self.unread_calls > self.raise_after;
+        if again {
+            self.unread_calls = 1;
+            self.raise_after = self.raise_after.saturating_mul(2);
+            lock(&hotplug.devices.ged)
+                .notify(EVENT_CPU_HOTPLUG)
+                .map_err(HotplugError::Notify)?;
+            tracing::info!("CPU hot-plug event unread by the guest: raised again");
+        }
+        Ok(again)
+    }
+
     /// Ends the threads of the vCPUs the guest ejected since the last call (the VMM thread calls
     /// this when the controller's eject event fires); returns them.
     pub fn reap_ejected(&mut self) -> Vec<u8> {
@@ -498,6 +536,7 @@ impl Vcpus {
             online: self.online(),
             max_vcpus: self.max(),
             hotplug: self.can_hotplug(),
+            guest_uses_hotplug: controller.as_ref().is_some_and(|c| c.in_use()),
             vcpus,
         }
     }

@@ -82,6 +82,10 @@ pub struct CpuHotplug {
     ejected: EventFd,
     /// Guest writes that asked for something not allowed (an eject nobody requested).
     refused: u64,
+    /// The guest has read a vCPU's status: its OS's hot-plug support has taken the controller
+    /// into use (Linux evaluates each processor's `_STA` when its ACPI scans the namespace at
+    /// boot; a guest's own driver scans the controller when it starts following it).
+    in_use: bool,
 }
 
 impl CpuHotplug {
@@ -98,6 +102,7 @@ impl CpuHotplug {
             selected: 0,
             ejected,
             refused: 0,
+            in_use: false,
         }
     }
 
@@ -166,6 +171,11 @@ impl CpuHotplug {
         }
     }
 
+    /// Whether a vCPU has an insert or remove event the guest has not cleared yet.
+    pub fn events_pending(&self) -> bool {
+        self.slots.iter().any(|s| s.insert_event || s.remove_event)
+    }
+
     /// The lowest vCPU whose removal waits for the guest.
     pub fn removal_pending(&self) -> Option<u8> {
         self.slots
@@ -177,6 +187,12 @@ impl CpuHotplug {
     /// Guest writes refused (an eject of a vCPU whose removal nobody asked for).
     pub fn refused(&self) -> u64 {
         self.refused
+    }
+
+    /// Whether the guest has read a vCPU's status yet. Before that, an insert may come while
+    /// the guest cannot take note of it (its OS still booting, its interrupt not yet routed).
+    pub fn in_use(&self) -> bool {
+        self.in_use
     }
 
     fn status(&self) -> u8 {
@@ -449,7 +465,10 @@ impl BusDevice for CpuHotplug {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let value = match offset {
             SELECT => self.selected,
-            STATUS => u32::from(self.status()),
+            STATUS => {
+                self.in_use = true;
+                u32::from(self.status())
+            }
             _ => 0,
         };
         super::fill_le(data, value);
@@ -470,6 +489,7 @@ pub struct CpuHotplugState {
     pub slots: Vec<Slot>,
     pub selected: u32,
     pub refused: u64,
+    pub in_use: bool,
 }
 
 impl Persist for CpuHotplug {
@@ -480,6 +500,7 @@ impl Persist for CpuHotplug {
             slots: self.slots.clone(),
             selected: self.selected,
             refused: self.refused,
+            in_use: self.in_use,
         }
     }
 
@@ -497,6 +518,7 @@ impl Persist for CpuHotplug {
         self.slots = state.slots;
         self.selected = state.selected;
         self.refused = state.refused;
+        self.in_use = state.in_use;
         // An eject the VMM had not taken note of wakes it again.
         if self.slots.iter().any(|s| s.ejected) {
             self.ejected
@@ -534,10 +556,14 @@ mod tests {
         c.write(STATUS, &[INSERT_EVENT]);
         c.request_removal(1).unwrap();
         c.write(SELECT, &2u32.to_le_bytes());
+        let mut b = [0u8; 1];
+        c.read(STATUS, &mut b);
         let bytes = c.save_bytes().unwrap();
 
         let (mut r, evt) = controller(1, 4);
+        assert!(!r.in_use());
         r.restore_bytes(&bytes).unwrap();
+        assert!(r.in_use(), "the guest's use of the controller is kept");
         assert!(evt.read().is_err(), "no eject was pending");
         let mut b = [0u8; 1];
         r.read(STATUS, &mut b);
@@ -556,6 +582,23 @@ mod tests {
         let err = other.restore_bytes(&bytes).unwrap_err();
         assert!(err.to_string().contains("4 vCPUs saved"), "{err}");
         assert!(other.restore_bytes(&bytes[..bytes.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn the_controller_is_in_use_once_the_guest_reads_a_status() {
+        let (mut c, _) = controller(1, 4);
+        c.insert(1).unwrap();
+        let mut sel = [0u8; 4];
+        c.read(SELECT, &mut sel);
+        c.write(SELECT, &1u32.to_le_bytes());
+        c.write(0x40, &[1]);
+        assert!(
+            !c.in_use(),
+            "a selection alone shows nothing of the guest's use"
+        );
+        let mut b = [0u8; 1];
+        c.read(STATUS, &mut b);
+        assert!(c.in_use());
     }
 
     #[test]
@@ -582,6 +625,7 @@ mod tests {
             Err(CpuHotplugError::NoSuchCpu { cpu: 4, max: 4 })
         );
         assert_eq!(status_of(&mut c, 2), PRESENT | INSERT_EVENT);
+        assert!(c.events_pending());
         assert_eq!(
             c.state(2),
             CpuState::Present {
@@ -591,6 +635,9 @@ mod tests {
         c.write(STATUS, &[INSERT_EVENT]);
         assert_eq!(status_of(&mut c, 2), PRESENT);
         assert_eq!(c.state(2), CpuState::Present { acknowledged: true });
+        assert!(!c.events_pending());
+        c.request_removal(2).unwrap();
+        assert!(c.events_pending(), "a remove event too");
     }
 
     #[test]

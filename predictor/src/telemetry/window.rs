@@ -13,6 +13,10 @@ const MIB: f64 = 1024.0 * 1024.0;
 pub struct KvmVcpuStats {
     pub exits: u64,
     pub halt_wait_ns: u64,
+    /// HLT exits; `None` where the kernel does not count them, so a window without one says
+    /// nothing.
+    #[serde(default)]
+    pub halt_exits: Option<u64>,
     pub io_exits: u64,
     pub mmio_exits: u64,
     pub page_faults: u64,
@@ -23,6 +27,10 @@ impl KvmVcpuStats {
         KvmVcpuStats {
             exits: self.exits.wrapping_sub(earlier.exits),
             halt_wait_ns: self.halt_wait_ns.wrapping_sub(earlier.halt_wait_ns),
+            halt_exits: match (self.halt_exits, earlier.halt_exits) {
+                (Some(now), Some(then)) => Some(now.wrapping_sub(then)),
+                _ => None,
+            },
             io_exits: self.io_exits.wrapping_sub(earlier.io_exits),
             mmio_exits: self.mmio_exits.wrapping_sub(earlier.mmio_exits),
             page_faults: self.page_faults.wrapping_sub(earlier.page_faults),
@@ -85,6 +93,19 @@ pub struct Window {
 }
 
 impl Window {
+    /// Whether every vCPU wanted a CPU all the window: each ran guest code (it exited) and
+    /// none halted. The window's CPU time is then what the vCPUs and the host gave, a floor of
+    /// the demand, not the demand: on a busy host a spinning vCPU gets only part of a core.
+    /// A vCPU blocked without halting (an AP waiting for its start-up IPI, a paused VM) does
+    /// not exit; where KVM does not count halts, nothing is claimed.
+    fn vcpus_saturated(&self) -> bool {
+        !self.vcpus.is_empty()
+            && self
+                .vcpus
+                .iter()
+                .all(|v| v.kvm.exits > 0 && v.kvm.halt_exits == Some(0))
+    }
+
     /// Reduces the window to per-resource usage and rule signals.
     pub fn sample(&self) -> Sample {
         let secs = self.duration_ns.max(1) as f64 / 1e9;
@@ -99,6 +120,7 @@ impl Window {
             unknown_exits: self.vcpus.iter().map(|v| v.exits.unknown()).sum(),
             faults: self.vcpus.iter().map(|v| v.kvm.page_faults).sum(),
             exits: self.vcpus.iter().map(|v| v.kvm.exits).sum(),
+            cpu_saturated: self.vcpus_saturated(),
             ..Signals::default()
         };
         for d in &self.devices {
@@ -185,6 +207,7 @@ mod tests {
         let a = KvmVcpuStats {
             exits: 10,
             halt_wait_ns: 5,
+            halt_exits: Some(1),
             io_exits: 3,
             mmio_exits: 2,
             page_faults: 1,
@@ -192,6 +215,7 @@ mod tests {
         let b = KvmVcpuStats {
             exits: 15,
             halt_wait_ns: 9,
+            halt_exits: Some(3),
             io_exits: 4,
             mmio_exits: 2,
             page_faults: 7,
@@ -201,10 +225,59 @@ mod tests {
             KvmVcpuStats {
                 exits: 5,
                 halt_wait_ns: 4,
+                halt_exits: Some(2),
                 io_exits: 1,
                 mmio_exits: 0,
                 page_faults: 6
             }
         );
+        let unknown = KvmVcpuStats {
+            halt_exits: None,
+            ..b
+        };
+        assert_eq!(unknown.since(&a).halt_exits, None);
+        assert_eq!(b.since(&unknown).halt_exits, None);
+    }
+
+    #[test]
+    fn a_window_is_saturated_only_if_every_vcpu_ran_and_none_halted() {
+        let vcpu = |exits, halt_exits| VcpuWindow {
+            kvm: KvmVcpuStats {
+                exits,
+                halt_exits,
+                ..KvmVcpuStats::default()
+            },
+            cpu_ns: 40_000_000,
+            ..VcpuWindow::default()
+        };
+        let saturated = |vcpus: Vec<VcpuWindow>| {
+            Window {
+                duration_ns: 100_000_000,
+                vcpus,
+                ..Window::default()
+            }
+            .sample()
+            .signals
+            .cpu_saturated
+        };
+        let cpu = crate::resource::Resource::Cpu;
+        assert!(saturated(vec![vcpu(90, Some(0))]));
+        assert!(saturated(vec![vcpu(90, Some(0)), vcpu(3, Some(0))]));
+        assert!(
+            !saturated(vec![vcpu(90, Some(0)), vcpu(3, Some(1))]),
+            "one halted"
+        );
+        assert!(
+            !saturated(vec![vcpu(90, Some(0)), vcpu(0, Some(0))]),
+            "one never ran"
+        );
+        assert!(!saturated(vec![vcpu(90, None)]), "halts not counted");
+        assert!(!saturated(vec![]));
+        let w = Window {
+            duration_ns: 100_000_000,
+            vcpus: vec![vcpu(90, Some(0))],
+            ..Window::default()
+        };
+        assert!(w.sample().signals.throttled(cpu), "a floor of the demand");
     }
 }

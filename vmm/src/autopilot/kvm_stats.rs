@@ -28,6 +28,7 @@ pub enum KvmStatsError {
 struct Fields {
     exits: Option<usize>,
     halt_wait_ns: Option<usize>,
+    halt_exits: Option<usize>,
     io_exits: Option<usize>,
     mmio_exits: Option<usize>,
     page_faults: Option<usize>,
@@ -75,6 +76,7 @@ impl Layout {
             let slot = match name {
                 b"exits" => &mut fields.exits,
                 b"halt_wait_ns" => &mut fields.halt_wait_ns,
+                b"halt_exits" => &mut fields.halt_exits,
                 b"io_exits" => &mut fields.io_exits,
                 b"mmio_exits" => &mut fields.mmio_exits,
                 b"pf_taken" => &mut fields.page_faults,
@@ -96,6 +98,7 @@ impl Layout {
         KvmVcpuStats {
             exits: get(self.fields.exits),
             halt_wait_ns: get(self.fields.halt_wait_ns),
+            halt_exits: self.fields.halt_exits.and_then(|i| data.get(i)).copied(),
             io_exits: get(self.fields.io_exits),
             mmio_exits: get(self.fields.mmio_exits),
             page_faults: get(self.fields.page_faults),
@@ -179,6 +182,7 @@ mod tests {
             (s.exits, s.io_exits, s.page_faults, s.mmio_exits),
             (7, 3, 9, 0)
         );
+        assert_eq!(s.halt_exits, None, "not counted: unknown, not zero");
         assert!(Layout::parse(&header, &descs[..20]).is_err());
     }
 
@@ -193,6 +197,7 @@ mod tests {
             .expect("KVM_GET_STATS_FD on this host's kernel");
         let mut r = KvmStatsReader::new(file).unwrap();
         assert!(r.layout.fields.exits.is_some(), "{:?}", r.layout);
+        assert!(r.layout.fields.halt_exits.is_some(), "{:?}", r.layout);
         let s = r.read().unwrap();
         assert_eq!(s.io_exits, 0);
         // A file that is not a stats file has no layout.

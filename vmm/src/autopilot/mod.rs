@@ -30,7 +30,7 @@ use predictor::trace::{Header, TraceWriter};
 use crate::device_manager::registry::DeviceInfo;
 use crate::event_loop::Subscriber;
 use crate::exit::ExitSignal;
-use crate::microvm::MicroVm;
+use crate::microvm::{MicroVm, RunState};
 use crate::vmm_config::{ConfigError, JsonPath, MachineConfig, PredictorConfig, VmConfig};
 use actuators::bandwidth::Bandwidth;
 use actuators::cpu::{CpuQuota, Throttling};
@@ -73,6 +73,9 @@ pub struct Autopilot {
     devices: Vec<DeviceInfo>,
     /// How often the VM's CPU quota ran out: the windows in which CPU use was censored.
     throttling: Option<Throttling>,
+    /// The VM ran at the last close: a window with a pause in it stopped the vCPUs without a
+    /// halt, which says nothing of their demand.
+    was_running: bool,
 }
 
 fn field(name: &'static str) -> JsonPath {
@@ -121,6 +124,7 @@ impl Autopilot {
             last: None,
             used_mib: 0.0,
             windows: 0,
+            was_running: false,
             due: Arc::new(AtomicBool::new(false)),
             trace,
             notes: ActuatorStatus {
@@ -253,6 +257,9 @@ impl Autopilot {
         let used_mib = inputs.memory.used();
         self.used_mib = used_mib;
         let mut sample = self.collector.close(now_ns, &inputs)?.sample();
+        let running = vm.state() == RunState::Running;
+        sample.signals.cpu_saturated &= running && self.was_running;
+        self.was_running = running;
         if let Some(t) = &mut self.throttling {
             sample.signals.cpu_throttled = t.since_last();
         }

@@ -13,6 +13,11 @@
 //! one (allocation at or below `n - 1 - hysteresis`) nothing changes, so an allocation wavering
 //! around a whole number does not flap.
 //!
+//! A plug waits for the guest, though: until it has taken the CPU hot-plug controller into use
+//! (read a vCPU's status from it), its OS may still be booting, and a vCPU inserted then may go
+//! unnoticed until a later event, or come while the guest cannot handle it. The quota is not
+//! held: it needs nothing of the guest.
+//!
 //! Every change (and every refusal) is logged with the decision that asked for it; an unplug,
 //! which needs no decision of its own (the allocation stayed low), comes from
 //! [`Actuator::follow_up`], once per window.
@@ -34,7 +39,16 @@ pub struct VcpuCores {
     cores: Option<f64>,
     /// The latest change of the vCPU count, for `GET /predictor`.
     last_change: Option<String>,
+    /// The latest window wanted a plug the guest could not take yet.
+    held: bool,
 }
+
+/// Why a plug waits, in `GET /predictor` and the decision log.
+const HELD: &str = "the guest has not taken the CPU hot-plug controller into use yet";
+
+/// What the decision log says of a CPU event raised again.
+const RAISED_AGAIN: &str =
+    "raised the CPU hot-plug event again: the guest had not read it for a window";
 
 /// vCPUs needed to hold `cores`.
 fn whole(cores: f64) -> u8 {
@@ -48,6 +62,10 @@ enum Move {
     Hold,
     /// The guest has not ejected this vCPU yet: no change until it has.
     Pending(u8),
+    /// `to` vCPUs are wanted, but the guest has not taken the hot-plug controller into use.
+    Held {
+        to: u8,
+    },
     Plug {
         to: u8,
     },
@@ -73,6 +91,9 @@ impl Hysteresis {
         let wanted = whole(cores).min(status.max_vcpus);
         if wanted > online {
             self.low_since = None;
+            if !status.guest_uses_hotplug {
+                return Move::Held { to: wanted };
+            }
             return Move::Plug { to: wanted };
         }
         let low = online > 1 && cores <= f64::from(online - 1) - self.policy.hysteresis;
@@ -100,6 +121,7 @@ impl VcpuCores {
             },
             cores: None,
             last_change: None,
+            held: false,
         }
     }
 
@@ -113,8 +135,18 @@ impl VcpuCores {
         let status = ctx.vm.vcpu_status();
         let online = status.online;
         let refused = |e: crate::vcpus::HotplugError| ActuatorError::Refused(e.to_string());
-        let done = match self.hysteresis.plan(cores, &status, Instant::now()) {
+        let plan = self.hysteresis.plan(cores, &status, Instant::now());
+        self.held = matches!(plan, Move::Held { .. });
+        let done = match plan {
             Move::Hold => return None,
+            Move::Held { to } => {
+                return Some((
+                    false,
+                    Ok(format!(
+                        "plug held: {cores:.2} cores need {to} vCPUs, {online} online, but {HELD}"
+                    )),
+                ))
+            }
             Move::Pending(cpu) => {
                 return Some((false, Ok(format!("vCPU {cpu} still to be ejected by the guest"))))
             }
@@ -148,8 +180,13 @@ impl Actuator for VcpuCores {
             Some(q) => format!("quota for the fraction: {}", q.describe()),
             None => "no quota (no cgroup)".to_string(),
         };
+        let held = if self.held {
+            format!("; plugs held: {HELD}")
+        } else {
+            String::new()
+        };
         format!(
-            "whole vCPUs by hot-plug (plug when the allocation needs one more, unplug one after {} ms at least {} cores below; last change: {}); {quota}",
+            "whole vCPUs by hot-plug (plug when the allocation needs one more, unplug one after {} ms at least {} cores below; last change: {}{held}); {quota}",
             self.hysteresis.policy.unplug_after_ms,
             self.hysteresis.policy.hysteresis,
             self.last_change.as_deref().unwrap_or("none")
@@ -181,10 +218,21 @@ impl Actuator for VcpuCores {
     }
 
     fn follow_up(&mut self, ctx: &mut Context) -> Option<Result<String, ActuatorError>> {
+        let raised = match ctx.vm.renotify_vcpu_events() {
+            Ok(true) => Some(RAISED_AGAIN),
+            Ok(false) => None,
+            Err(e) => return Some(Err(ActuatorError::Refused(e.to_string()))),
+        };
         // Only changes: a window without one has nothing of the vCPUs to log.
-        match self.step(self.cores?, ctx)? {
-            (true, done) => Some(done),
-            (false, _) => None,
+        let change = match self.cores.and_then(|cores| self.step(cores, ctx)) {
+            Some((true, done)) => Some(done),
+            _ => None,
+        };
+        match (raised, change) {
+            (None, change) => change,
+            (Some(r), None) => Some(Ok(r.to_string())),
+            (Some(r), Some(Ok(c))) => Some(Ok(format!("{r}; {c}"))),
+            (Some(_), Some(Err(e))) => Some(Err(e)),
         }
     }
 }
@@ -222,6 +270,7 @@ mod tests {
             online,
             max_vcpus: max,
             hotplug: true,
+            guest_uses_hotplug: true,
             vcpus,
         }
     }
@@ -246,6 +295,19 @@ mod tests {
         assert_eq!(h.plan(2.5, &status(1, 4, None), t), Move::Plug { to: 3 });
         assert_eq!(h.plan(9.0, &status(2, 4, None), t), Move::Plug { to: 4 });
         assert_eq!(h.plan(9.0, &status(4, 4, None), t), Move::Hold);
+    }
+
+    #[test]
+    fn plugs_wait_until_the_guest_has_taken_the_controller_into_use() {
+        let mut h = hysteresis(1000);
+        let t = Instant::now();
+        let booting = VcpuStatus {
+            guest_uses_hotplug: false,
+            ..status(1, 4, None)
+        };
+        assert_eq!(h.plan(2.5, &booting, t), Move::Held { to: 3 });
+        assert_eq!(h.plan(0.5, &booting, t), Move::Hold, "nothing wanted");
+        assert_eq!(h.plan(2.5, &status(1, 4, None), t), Move::Plug { to: 3 });
     }
 
     #[test]
@@ -340,7 +402,7 @@ mod tests {
                     unplugs.push((w, to));
                     online = to;
                 }
-                Move::Hold | Move::Pending(_) => {}
+                Move::Hold | Move::Pending(_) | Move::Held { .. } => {}
             }
         }
         assert_eq!(online, 1, "plugs {plugs:?}, unplugs {unplugs:?}");
