@@ -285,14 +285,19 @@ impl Console {
                         (why, String::new())
                     }
                     // Last in the message, where a report that shows its end sees it.
-                    WaitEnd::TimedOut => (
-                        format!("not within {timeout:?}"),
-                        format!(
-                            "\n--- its threads (a stalled guest: is a vCPU running, or waiting \
-                             in the VMM?) ---\n{}",
-                            thread_states(self.pid())
-                        ),
-                    ),
+                    WaitEnd::TimedOut => {
+                        let last = self.out.timed_lines().last().map(|(t, _)| *t);
+                        let silent = self.out.elapsed() - last.unwrap_or_default();
+                        (
+                            format!("not within {timeout:?}"),
+                            format!(
+                                "\n--- its threads (a stalled guest: is a vCPU running, or \
+                                 waiting in the VMM?; {SILENT_FOR}{}s) ---\n{}",
+                                silent.as_secs(),
+                                thread_states(self.pid())
+                            ),
+                        )
+                    }
                 };
                 let tail = self.lines();
                 format!(
@@ -411,6 +416,9 @@ impl Console {
 
 /// One line per thread of process `pid`: its name, scheduler state, and the kernel function it
 /// sleeps in (`wchan`), from /proc.
+/// In a timed-out wait's message: for how many whole seconds the console had printed nothing.
+pub const SILENT_FOR: &str = "its console silent for the last ";
+
 fn thread_states(pid: u32) -> String {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return format!("(no /proc/{pid}/task: the process is gone)");

@@ -158,10 +158,31 @@ fn with_retries(name: &str, body: &dyn Fn()) -> std::thread::Result<()> {
 /// in 3000 runs.
 const EMULATOR_RETRIES: usize = 2;
 
-/// The first sign of an emulator breakage in `message`, if any.
+/// The first sign of an emulator breakage in `message`, if any. Besides the guest's own reports,
+/// the silent stall above: a wait that timed out on a console silent for at least
+/// [`SILENT_STALL`] while a vCPU thread was in guest mode (running, no wait channel); a guest
+/// waiting on the VMM would have its vCPUs halted in KVM or the VMM's threads busy instead.
 fn emulator_breakage(message: &str) -> Option<&'static str> {
-    EMULATOR_BREAKAGE.into_iter().find(|s| message.contains(s))
+    if let Some(sign) = EMULATOR_BREAKAGE.into_iter().find(|s| message.contains(s)) {
+        return Some(sign);
+    }
+    let silent_secs: u64 = message
+        .split_once(crate::console::SILENT_FOR)?
+        .1
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()?;
+    let vcpu_in_guest = message
+        .lines()
+        .any(|l| l.contains(" fc_vcpu ") && l.ends_with(" R wchan=0"));
+    (silent_secs >= SILENT_STALL.as_secs() && vcpu_in_guest)
+        .then_some("a silent stall with a vCPU in guest mode")
 }
+
+/// How long a console must have been silent for a stalled guest to count as broken by the
+/// emulator: longer than any quiet stretch of a healthy boot in L1 (seconds).
+const SILENT_STALL: Duration = Duration::from_secs(120);
 
 /// A panic's message (`panic!` with a format or a literal).
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
@@ -924,6 +945,30 @@ mod tests {
         );
         let p: Box<dyn std::any::Any + Send> = Box::new(String::from(tf));
         assert_eq!(panic_message(p.as_ref()), tf);
+    }
+
+    #[test]
+    fn a_silent_stall_with_a_vcpu_in_guest_mode_is_a_breakage_and_an_idle_guest_is_not() {
+        let stalled = |silent: u64, vcpu0: &str| {
+            format!(
+                "waited for agent: ready: not within 240s\n--- its threads (a stalled guest: \
+                 is a vCPU running, or waiting in the VMM?; {}{silent}s) ---\n\
+                 137 prescient S wchan=do_epoll_wait\n144 fc_vcpu 0 {vcpu0}\n\
+                 145 fc_vcpu 1 S wchan=kvm_vcpu_block",
+                crate::console::SILENT_FOR
+            )
+        };
+        assert_eq!(
+            emulator_breakage(&stalled(238, "R wchan=0")),
+            Some("a silent stall with a vCPU in guest mode")
+        );
+        // Printing until shortly before the deadline: a slow guest, not a stalled one.
+        assert_eq!(emulator_breakage(&stalled(30, "R wchan=0")), None);
+        // Every vCPU halted: the guest waits for something (a device, an interrupt).
+        assert_eq!(
+            emulator_breakage(&stalled(238, "S wchan=kvm_vcpu_block")),
+            None
+        );
     }
 
     #[test]
