@@ -267,47 +267,49 @@ impl Console {
         timeout: Duration,
         pred: impl Fn(&str) -> bool,
     ) -> Result<(Duration, String), String> {
-        self.out
-            .wait_line_from(skip, timeout, pred)
-            .map(|(_, t, line)| (t, line))
-            .map_err(|end| {
-                let (why, threads) = match end {
-                    WaitEnd::Closed => {
-                        // The VMM says why it ended on stderr (a triple fault, say), maybe a
-                        // moment after its console closed.
-                        std::thread::sleep(Duration::from_millis(200));
-                        let stderr = self.stderr_so_far.lock().unwrap().clone();
-                        let last: Vec<&str> = stderr.lines().rev().take(5).collect();
-                        let why = format!(
-                            "the console closed (the VMM exited); its stderr ends:\n{}",
-                            last.into_iter().rev().collect::<Vec<_>>().join("\n")
-                        );
-                        (why, String::new())
-                    }
-                    // Last in the message, where a report that shows its end sees it.
-                    WaitEnd::TimedOut => {
-                        let last = self.out.timed_lines().last().map(|(t, _)| *t);
-                        let silent = self.out.elapsed() - last.unwrap_or_default();
-                        (
-                            format!("not within {timeout:?}"),
-                            format!(
-                                "\n--- its threads (a stalled guest: is a vCPU running, or \
-                                 waiting in the VMM?; {SILENT_FOR}{}s) ---\n{}",
-                                silent.as_secs(),
-                                thread_states(self.pid())
-                            ),
-                        )
-                    }
-                };
-                let tail = self.lines();
-                format!(
-                    "{}: waited for {awaited}: {why} ({:.1}s after start)\n--- console ({} lines, last 80) ---\n{}{threads}",
-                    self.what,
-                    self.out.elapsed().as_secs_f64(),
-                    tail.len(),
-                    tail[tail.len().saturating_sub(80)..].join("\n")
+        let signs = ENDS_WAITS.get().copied().unwrap_or_default();
+        let ends = |l: &str| signs.iter().any(|s| l.contains(s));
+        let found = self
+            .out
+            .wait_line_from(skip, timeout, |l| pred(l) || ends(l));
+        let (why, threads) = match found {
+            Ok((_, t, line)) if pred(&line) => return Ok((t, line)),
+            Ok((_, _, line)) => (format!("the guest printed `{line}`"), String::new()),
+            Err(WaitEnd::Closed) => {
+                // The VMM says why it ended on stderr (a triple fault, say), maybe a moment
+                // after its console closed.
+                std::thread::sleep(Duration::from_millis(200));
+                let stderr = self.stderr_so_far.lock().unwrap().clone();
+                let last: Vec<&str> = stderr.lines().rev().take(5).collect();
+                let why = format!(
+                    "the console closed (the VMM exited); its stderr ends:\n{}",
+                    last.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+                (why, String::new())
+            }
+            // Last in the message, where a report that shows its end sees it.
+            Err(WaitEnd::TimedOut) => {
+                let last = self.out.timed_lines().last().map(|(t, _)| *t);
+                let silent = self.out.elapsed() - last.unwrap_or_default();
+                (
+                    format!("not within {timeout:?}"),
+                    format!(
+                        "\n--- its threads (a stalled guest: is a vCPU running, or waiting in \
+                         the VMM?; {SILENT_FOR}{}s) ---\n{}",
+                        silent.as_secs(),
+                        thread_states(self.pid())
+                    ),
                 )
-            })
+            }
+        };
+        let tail = self.lines();
+        Err(format!(
+            "{}: waited for {awaited}: {why} ({:.1}s after start)\n--- console ({} lines, last 80) ---\n{}{threads}",
+            self.what,
+            self.out.elapsed().as_secs_f64(),
+            tail.len(),
+            tail[tail.len().saturating_sub(80)..].join("\n")
+        ))
     }
 
     /// Like `wait_for`, panicking with its message.
@@ -414,11 +416,21 @@ impl Console {
     }
 }
 
-/// One line per thread of process `pid`: its name, scheduler state, and the kernel function it
-/// sleeps in (`wchan`), from /proc.
 /// In a timed-out wait's message: for how many whole seconds the console had printed nothing.
 pub const SILENT_FOR: &str = "its console silent for the last ";
 
+/// Console lines that end a [`Console::wait_for`] at once, set by a harness that knows a guest
+/// printing one will never print what a test waits for (the nested KVM host's emulator).
+static ENDS_WAITS: std::sync::OnceLock<&'static [&'static str]> = std::sync::OnceLock::new();
+
+/// From now on in this process, a console line containing any of `signs` ends the wait it
+/// arrives in, as a failure that quotes it (the first call wins).
+pub fn end_waits_on(signs: &'static [&'static str]) {
+    let _ = ENDS_WAITS.set(signs);
+}
+
+/// One line per thread of process `pid`: its name, scheduler state, and the kernel function it
+/// sleeps in (`wchan`), from /proc.
 fn thread_states(pid: u32) -> String {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return format!("(no /proc/{pid}/task: the process is gone)");
@@ -506,5 +518,27 @@ mod tests {
         drop(tx);
         sleeper.join().unwrap();
         assert!(thread_states(u32::MAX).contains("the process is gone"));
+    }
+
+    #[test]
+    fn a_line_that_ends_waits_fails_the_wait_it_arrives_in_and_names_it() {
+        end_waits_on(&["guest broke:"]);
+        let console = Console::spawn(
+            "sh",
+            Command::new("sh").args(["-c", "echo up; echo 'guest broke: x'; exec sleep 60"]),
+        );
+        let err = console
+            .wait_for("never", Duration::from_secs(50), |l| l == "done")
+            .unwrap_err();
+        assert!(
+            err.contains("waited for never: the guest printed `guest broke: x`"),
+            "{err}"
+        );
+        // A line the test waits for still ends the wait as found, even one with the sign.
+        let (_, line) = console
+            .wait_for("the sign", Duration::from_secs(5), |l| l.contains("broke"))
+            .unwrap();
+        assert_eq!(line, "guest broke: x");
+        console.kill();
     }
 }
