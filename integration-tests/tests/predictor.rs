@@ -491,9 +491,10 @@ fn the_predictor_plugs_memory_ahead_of_a_ramp_and_takes_it_back_after() {
     assert_eq!(names, experts, "{status}");
     let total: f64 = weights.iter().filter_map(|w| w["weight"].as_f64()).sum();
     assert!((total - 1.0).abs() < 1e-9, "{status}");
+    // CPU: the four every resource has and the recent peak.
     assert_eq!(
         status["experts"]["cpu"].as_array().map(Vec::len),
-        Some(4),
+        Some(5),
         "{status}"
     );
     drop(vmm);

@@ -368,7 +368,15 @@ mod tests {
             net: 400.0,
         };
         let gru = Arc::new(GruWeights::shipped().expect("the shipped model"));
-        let forecasters = Preset::ensemble(Some(gru))
+        // The ensemble as it was when recorded, before the peak expert joined it.
+        let Preset::Ensemble(experts) = Preset::ensemble(Some(gru)) else {
+            unreachable!("Preset::ensemble builds an ensemble")
+        };
+        let experts = experts
+            .into_iter()
+            .filter(|p| !matches!(p, Preset::OnlyFor(_, only) if matches!(**only, Preset::Peak)))
+            .collect();
+        let forecasters = Preset::Ensemble(experts)
             .build_all(Horizon::new(5).expect("horizon"), &capacity)
             .expect("forecasters");
         // Recorded before the bandwidth buckets were modelled: without them, as then.

@@ -947,7 +947,11 @@ mod tests {
             blk: 100.0,
             net: 100.0,
         };
-        for (preset, seed) in [(Preset::default_ensemble().unwrap(), 1), (Preset::Ewma, 2)] {
+        for (preset, seed) in [
+            (Preset::default_ensemble().unwrap(), 1),
+            (Preset::Ewma, 2),
+            (Preset::Peak, 3),
+        ] {
             let cfg = PolicyConfig::default();
             let f = preset.build_all(cfg.horizon, &capacity).unwrap();
             let mut p = Policy::new(Budget::from_capacity(&capacity), cfg, f).unwrap();

@@ -26,6 +26,7 @@ pub enum ForecasterKind {
     Ewma,
     Holt,
     Histogram,
+    Peak,
     Indicator,
     Gru,
     /// Every forecaster side by side, following the ones with the lowest recent quantile
@@ -54,6 +55,7 @@ impl PolicySpec {
             ForecasterKind::Ewma => Preset::Ewma,
             ForecasterKind::Holt => Preset::Holt,
             ForecasterKind::Histogram => Preset::Histogram,
+            ForecasterKind::Peak => Preset::Peak,
             ForecasterKind::Indicator => Preset::Indicator,
             ForecasterKind::Gru => {
                 let path = self.model_path.as_ref().ok_or(SpecError::MissingModel)?;
@@ -95,6 +97,7 @@ mod tests {
             ForecasterKind::Ewma,
             ForecasterKind::Holt,
             ForecasterKind::Histogram,
+            ForecasterKind::Peak,
             ForecasterKind::Indicator,
             ForecasterKind::Ensemble,
         ] {

@@ -693,8 +693,8 @@ pub type Method = (String, Preset);
 
 /// The policy methods evaluated besides the baselines and the oracle: every forecaster alone
 /// (the recurrent one with `gru`'s weights, or the shipped ones), the default ensemble without
-/// its leading-indicator expert, with one on every resource, without its recurrent expert
-/// and with one on every resource (what each earns), and the default ensemble.
+/// its leading-indicator expert, with one on every resource, the same for its recurrent expert
+/// and for its peak expert (what each earns), and the default ensemble.
 pub fn methods(gru: Option<Arc<GruWeights>>) -> Result<Vec<Method>, RecurrentError> {
     let gru = match gru {
         Some(w) => w,
@@ -709,25 +709,32 @@ pub fn methods(gru: Option<Arc<GruWeights>>) -> Result<Vec<Method>, RecurrentErr
     let Preset::Ensemble(experts) = &default else {
         unreachable!("Preset::default_ensemble builds an ensemble")
     };
-    let is = |p: &Preset, indicator: bool| match p {
-        Preset::OnlyFor(_, p) => matches!(**p, Preset::Indicator) == indicator,
-        _ => false,
-    };
-    let without = |indicator: bool| -> Vec<Preset> {
+    // The default's experts but those `drop` names (its one-resource experts).
+    let without = |drop: fn(&Preset) -> bool| -> Vec<Preset> {
         experts
             .iter()
-            .filter(|p| !is(p, indicator))
+            .filter(|p| !matches!(p, Preset::OnlyFor(_, only) if drop(only)))
             .cloned()
             .collect()
     };
-    let mut all_indicators = without(true);
+    let indicator = |p: &Preset| matches!(p, Preset::Indicator);
+    let recurrent = |p: &Preset| matches!(p, Preset::Recurrent(_));
+    let peak = |p: &Preset| matches!(p, Preset::Peak);
+    let mut all_indicators = without(indicator);
     all_indicators.push(Preset::Indicator);
-    let mut all_gru = without(false);
+    let mut all_gru = without(recurrent);
     all_gru.push(Preset::Recurrent(gru));
-    m.push(("ens-no-indicator".into(), Preset::Ensemble(without(true))));
+    let mut all_peak = without(peak);
+    all_peak.push(Preset::Peak);
+    m.push((
+        "ens-no-indicator".into(),
+        Preset::Ensemble(without(indicator)),
+    ));
     m.push(("ens-indicators".into(), Preset::Ensemble(all_indicators)));
-    m.push(("ens-no-gru".into(), Preset::Ensemble(without(false))));
+    m.push(("ens-no-gru".into(), Preset::Ensemble(without(recurrent))));
     m.push(("ens-gru-all".into(), Preset::Ensemble(all_gru)));
+    m.push(("ens-no-peak".into(), Preset::Ensemble(without(peak))));
+    m.push(("ens-peak-all".into(), Preset::Ensemble(all_peak)));
     m.push((DEFAULT.into(), default));
     Ok(m)
 }
@@ -1076,12 +1083,15 @@ mod tests {
                 "ewma",
                 "holt",
                 "histogram",
+                "peak",
                 "indicator",
                 "gru",
                 "ens-no-indicator",
                 "ens-indicators",
                 "ens-no-gru",
                 "ens-gru-all",
+                "ens-no-peak",
+                "ens-peak-all",
                 DEFAULT
             ]
         );
