@@ -1292,7 +1292,18 @@ fn every_firecracker_flag_behaves_the_same() {
     for (flag, extra) in cases {
         let mut args = vec!["--no-api", "--config-file", spec.as_str()];
         args.extend(extra.iter().map(String::as_str));
-        let (a, b) = both(&args);
+        let mut first = both(&args);
+        // Firecracker itself once ended such a run with exit 1 on a loaded machine
+        // ("RunWithoutApiError(Shutdown(GenericError))", 2026-12-07, prescient 0): a failure of
+        // either VMM gets one more run of both, and only one that repeats is a difference.
+        if first.0 .0 != Some(0) || first.1 .0 != Some(0) {
+            eprintln!(
+                "{flag}: again after firecracker {:?} {} / prescient {:?} {}",
+                first.0 .0, first.0 .2, first.1 .0, first.1 .2
+            );
+            first = both(&args);
+        }
+        let (a, b) = first;
         check(
             flag,
             a.0 == b.0 && a.0 == Some(0),
