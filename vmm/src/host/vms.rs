@@ -109,6 +109,8 @@ pub struct ManagedVm {
     pub windows: u64,
     /// Why the last read of its API failed, if it did.
     pub api_error: Option<String>,
+    /// Handed out from a warm pool, no forecast read since.
+    claimed: bool,
     /// Our child, when this supervisor launched it (reaped on exit).
     child: Option<Child>,
     client: Option<Client>,
@@ -122,17 +124,57 @@ pub struct Ready {
     record: VmRecord,
     client: Client,
     described: serde_json::Value,
+    /// The grant it was handed out with (its floors until a claim sets its start grant).
+    start: PerResource<f64>,
+}
+
+/// Where a claim's time on the VM's API went.
+pub struct Took {
+    /// `PATCH /predictor`: its start grant.
+    pub grant: Duration,
+    /// `PATCH /vm`: resumed.
+    pub resume: Duration,
+    /// Its record rewritten.
+    pub record: Duration,
 }
 
 impl Ready {
-    /// Resumes the VM and records it as handed out (a restarted supervisor adopts it rather
-    /// than letting it go as a warm one). Returns its description and how long the resume and
-    /// the record took.
+    pub fn spans(&self) -> &PerResource<Span> {
+        &self.record.spans
+    }
+
+    /// What its start grant holds above its floors: what the claim took of the desk's
+    /// allowance.
+    pub fn lent(&self) -> PerResource<f64> {
+        PerResource::from_fn(|r| self.start[r] - self.record.spans[r].floor)
+    }
+
+    /// Raises the VM's grant to `start` (held: its predictor's allocation moves there now, its
+    /// CPU quota with it), then resumes it, and records it as handed out (a restarted
+    /// supervisor adopts it rather than letting it go as a warm one). Returns its description
+    /// and how long each step took.
     pub fn resume(
         &mut self,
         files: &Files,
-    ) -> Result<(serde_json::Value, Duration, Duration), VmError> {
+        start: PerResource<f64>,
+    ) -> Result<(serde_json::Value, Took), VmError> {
+        self.start = start;
         let t0 = Instant::now();
+        if start != self.record.spans.map(|_, s| s.floor) {
+            let update = PredictorUpdate {
+                budget: Some(budget_update(&self.record.spans, &start, &start)),
+                ..PredictorUpdate::default()
+            };
+            let body = serde_json::to_string(&update).expect("an update serialises");
+            call(
+                &mut self.client,
+                &self.id,
+                "PATCH",
+                "/predictor",
+                Some(&body),
+            )?;
+        }
+        let grant = t0.elapsed();
         call(
             &mut self.client,
             &self.id,
@@ -140,9 +182,19 @@ impl Ready {
             "/vm",
             Some(r#"{"state": "Resumed"}"#),
         )?;
-        let api = t0.elapsed();
+        let resume = t0.elapsed() - grant;
         save_record(files, &self.record)?;
-        Ok((self.described.clone(), api, t0.elapsed() - api))
+        let mut described = self.described.clone();
+        described["grant"] = serde_json::to_value(start).expect("a grant serialises");
+        described["hold"] = described["grant"].clone();
+        Ok((
+            described,
+            Took {
+                grant,
+                resume,
+                record: t0.elapsed() - grant - resume,
+            },
+        ))
     }
 }
 
@@ -416,14 +468,19 @@ impl ManagedVm {
         };
         Ok(Ready {
             id: record.id.clone(),
+            start: self.grant,
             record,
             client,
             described,
         })
     }
 
-    /// A warm VM the desk handed out: running, its connection back with the supervisor.
+    /// A warm VM the desk handed out: running at its start grant, held until the pool's next
+    /// division, its connection back with the supervisor.
     pub fn handed_out(&mut self, ready: Ready) {
+        self.grant = ready.start;
+        self.hold = ready.start;
+        self.claimed = true;
         self.record = ready.record;
         self.client = Some(ready.client);
         self.state = VmState::Running;
@@ -458,6 +515,7 @@ impl ManagedVm {
             horizon: 1,
             windows: 0,
             api_error: None,
+            claimed: false,
             child,
             client: None,
             timeout,
@@ -590,6 +648,13 @@ impl ManagedVm {
                 self.rose_at[r] = Some(windows);
             }
         }
+        // A VM just handed out went from paused to running, a rise its forecast (made while
+        // it was paused, or by its template) has not seen yet: its CPU counts as ramping, so
+        // for the windows the pool grants ahead slack may hold it up to its ceiling, as its
+        // start grant did.
+        if std::mem::take(&mut self.claimed) {
+            self.rose_at[Resource::Cpu] = Some(windows);
+        }
         self.want = want;
         self.point = PerResource::from_fn(|r| forecast[r.name()]["point"].as_f64());
         self.horizon = status["config"]["horizon"].as_u64().unwrap_or(1).max(1);
@@ -687,8 +752,113 @@ fn budget_key(r: Resource) -> &'static str {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::os::unix::net::UnixListener;
+    use std::sync::mpsc::{channel, Receiver};
+
+    /// A warm VM `id` of a VMM that only records its requests (`METHOD PATH BODY`, sent on
+    /// the receiver) and answers each with 204, its files in `dir`; its CPU spans 0.05 to 1
+    /// core in steps of 0.01.
+    pub(in crate::host) fn fake_ready(dir: &Path, id: &str) -> (Ready, Receiver<String>) {
+        let sock = dir.join(format!("{id}.sock"));
+        let _ = std::fs::remove_file(&sock);
+        let listener = UnixListener::bind(&sock).unwrap();
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut out = stream;
+            loop {
+                let mut head = String::new();
+                let mut length = 0;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap();
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                    if head.is_empty() {
+                        head = line.trim().trim_end_matches(" HTTP/1.1").to_string();
+                    }
+                }
+                let mut body = vec![0; length];
+                reader.read_exact(&mut body).unwrap();
+                let _ = tx.send(format!("{head} {}", String::from_utf8(body).unwrap()));
+                out.write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+                    .unwrap();
+            }
+        });
+        let span = |floor, ceiling, step| Span {
+            floor,
+            ceiling,
+            step,
+        };
+        let spans = PerResource {
+            cpu: span(0.05, 1.0, 0.01),
+            mem: span(64.0, 64.0, 2.0),
+            blk: span(1.0, 1024.0, 1.0),
+            net: span(1.0, 1024.0, 1.0),
+        };
+        let record = VmRecord {
+            id: id.into(),
+            class: Class::Burstable,
+            pid: std::process::id(),
+            start_ticks: 0,
+            api_sock: sock.clone(),
+            spans,
+            origin: "from_pool:fn".into(),
+        };
+        let ready = Ready {
+            id: id.into(),
+            start: spans.map(|_, s| s.floor),
+            record,
+            client: Client::connect(&sock, Duration::from_secs(5)).unwrap(),
+            described: serde_json::json!({"id": id}),
+        };
+        (ready, rx)
+    }
+
+    #[test]
+    fn a_claimed_vm_gets_its_start_grant_before_it_is_resumed() {
+        let dir = std::env::temp_dir().join(format!("host-ready-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let files = Files { dir: dir.clone() };
+        let (mut ready, requests) = fake_ready(&dir, "w1");
+        let mut start = ready.spans().map(|_, s| s.floor);
+        start.cpu = 1.0;
+        let (described, _) = ready.resume(&files, start).unwrap();
+        let first = requests.recv().unwrap();
+        let update: serde_json::Value =
+            serde_json::from_str(first.strip_prefix("PATCH /predictor ").unwrap()).unwrap();
+        // Held at the grant: the predictor's allocation (its quota) moves there at once.
+        assert_eq!(
+            update["budget"]["cpu_cores"],
+            serde_json::json!({"min": 1.0, "max": 1.0}),
+            "{first}"
+        );
+        assert_eq!(update["budget"]["memory_mib"]["max"], 64.0, "{first}");
+        assert_eq!(
+            requests.recv().unwrap(),
+            r#"PATCH /vm {"state": "Resumed"}"#
+        );
+        assert_eq!(described["grant"]["cpu"], 1.0);
+        assert!((ready.lent().cpu - 0.95).abs() < 1e-9);
+        assert!(files.record("w1").exists());
+        // A claim that found no allowance resumes the VM at its floors, asking nothing more.
+        let (mut ready, requests) = fake_ready(&dir, "w2");
+        let floors = ready.spans().map(|_, s| s.floor);
+        ready.resume(&files, floors).unwrap();
+        assert!(requests.recv().unwrap().starts_with("PATCH /vm "));
+        assert_eq!(ready.lent().cpu, 0.0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn proc_stat_reads_this_process_and_misses_a_gone_one() {
