@@ -117,7 +117,8 @@ fn grants_stay_within_the_host_budget_in_every_window() {
     }
 }
 
-/// Bad requests change nothing; a VMM killed under the supervisor is reported and its grant
+/// Bad requests change nothing; a VMM that stops answering holds up the others' reads and
+/// grants by at most a window; a VMM killed under the supervisor is reported and its grant
 /// is back in the pool within two windows; a supervisor killed and started again lists the
 /// same VMs (same processes), and can still stop them.
 #[test]
@@ -197,6 +198,41 @@ fn a_dead_vmm_is_reported_and_a_restarted_supervisor_finds_its_vms() {
             .collect()
     };
     assert_eq!(ids(&before), ids(&after), "bad requests touched no VM");
+
+    // Stop one VMM (SIGSTOP: alive, its API silent): the others are still read and granted
+    // every pass, a pass waiting for it at most a window, and it is read again once it runs.
+    let stopped = host.get("/vms/doomed")["pid"].as_u64().unwrap() as libc::pid_t;
+    // SAFETY: kill(2) of the VMM the supervisor reported for this VM.
+    unsafe { libc::kill(stopped, libc::SIGSTOP) };
+    let (w0, k0) = (
+        host.get("/pool")["window"].as_u64().unwrap(),
+        host.get("/vms/keep")["windows"].as_u64().unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(20 * WINDOW_MS));
+    let (w1, keep) = (
+        host.get("/pool")["window"].as_u64().unwrap(),
+        host.get("/vms/keep"),
+    );
+    let silent = host.get("/vms/doomed");
+    // SAFETY: as above.
+    unsafe { libc::kill(stopped, libc::SIGCONT) };
+    // A pass at most every two windows (a window's wait, a window's interval) and a little
+    // scheduling: before, each waited five windows for the silent VMM.
+    assert!(
+        w1 - w0 >= 6,
+        "{} pool windows in 20 window periods",
+        w1 - w0
+    );
+    assert!(
+        keep["windows"].as_u64().unwrap() >= k0 + 5 && keep.get("api_error").is_none(),
+        "the other VM was read: {keep}"
+    );
+    assert!(silent["api_error"].is_string(), "{silent}");
+    let start = Instant::now();
+    while host.get("/vms/doomed").get("api_error").is_some() {
+        assert!(start.elapsed() < DEADLINE, "{}", host.get("/vms/doomed"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     // Kill one VMM: reported, and its grant back within two windows.
     let doomed = host.get("/vms/doomed");

@@ -320,12 +320,14 @@ impl Supervisor {
                 }
             }
         }
-        for vm in self.vms.values_mut() {
-            if vm.state != VmState::Running {
-                continue;
-            }
-            vm.api_error = vm.observe().err().map(|e| e.to_string());
-        }
+        // Side by side, each within a window: a VMM that does not answer delays the others'
+        // grants by at most that.
+        let running = self
+            .vms
+            .values_mut()
+            .filter(|v| v.state == VmState::Running)
+            .collect();
+        vms::observe_all(running, self.window);
         let ids: Vec<String> = self.running().map(|v| v.record.id.clone()).collect();
         let mut target: Vec<PerResource<f64>> = ids.iter().map(|id| self.vms[id].grant).collect();
         let mut hold: Vec<PerResource<f64>> = ids.iter().map(|id| self.vms[id].hold).collect();
@@ -683,7 +685,8 @@ impl Supervisor {
     /// Sets the grants towards `target` and the holds towards `hold`: every shrink (and every
     /// hold lowered) first, then the grows that fit beside what is granted, class by class, so
     /// that the grants in force never add up to more than the budget, even while a VM is slow
-    /// to take a shrink. A hold never exceeds the grant in force.
+    /// to take a shrink. A hold never exceeds the grant in force. A VM whose forecast could not
+    /// be read this window keeps its grant: asking it to change would wait for it too.
     fn apply(
         &mut self,
         ids: &[String],
@@ -697,10 +700,13 @@ impl Supervisor {
             let span = vm.record.spans[r];
             vm.grant[r] - to < (span.ceiling * 0.02).max(span.step * 2.0)
         };
+        let answered: Vec<usize> = (0..ids.len())
+            .filter(|&i| self.vms[&ids[i]].api_error.is_none())
+            .collect();
         let mut after = self.granted();
         let mut grows: PerResource<f64> = PerResource::default();
-        for (id, t) in ids.iter().zip(target) {
-            let vm = &self.vms[id];
+        for &i in &answered {
+            let (vm, t) = (&self.vms[&ids[i]], &target[i]);
             for r in Resource::ALL {
                 if t[r] > vm.grant[r] {
                     grows[r] += t[r] - vm.grant[r];
@@ -710,8 +716,9 @@ impl Supervisor {
             }
         }
         let deadband = PerResource::from_fn(|r| after[r] + grows[r] <= self.budget.0[r] + 1e-9);
-        for ((id, t), h) in ids.iter().zip(target).zip(hold) {
-            let vm = self.vms.get_mut(id).expect("a running VM");
+        for &i in &answered {
+            let (t, h) = (&target[i], &hold[i]);
+            let vm = self.vms.get_mut(&ids[i]).expect("a running VM");
             let mut next = vm.grant;
             let mut held = vm.hold;
             for r in Resource::ALL {
@@ -725,7 +732,7 @@ impl Supervisor {
             regrant(vm, next, held, "shrink to forecast", changes);
         }
         let mut granted = self.granted();
-        let mut order: Vec<(usize, &String)> = ids.iter().enumerate().collect();
+        let mut order: Vec<(usize, &String)> = answered.iter().map(|&i| (i, &ids[i])).collect();
         order.sort_by_key(|(_, id)| self.vms[*id].record.class);
         for (i, id) in order {
             let vm = self.vms.get_mut(id).expect("a running VM");

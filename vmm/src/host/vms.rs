@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use predictor::resource::{PerResource, Resource};
@@ -17,6 +18,8 @@ use crate::vmm_config::PredictorUpdate;
 const START_DEADLINE: Duration = Duration::from_secs(10);
 /// How long a stopped VMM has to exit after SIGTERM before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(3);
+/// VMs whose forecasts are read at once at most.
+const READERS: usize = 8;
 
 /// Errors of launching, watching and stopping VMs.
 #[derive(Debug, thiserror::Error)]
@@ -535,7 +538,7 @@ impl ManagedVm {
         if let Some(pool) = vm.record.origin.strip_prefix("warm:") {
             vm.state = VmState::Warm { pool: pool.into() };
         }
-        match vm.read_status() {
+        match vm.read_status(timeout) {
             Ok(status) => {
                 let budget = &status["config"]["budget"];
                 for r in Resource::ALL {
@@ -609,12 +612,27 @@ impl ManagedVm {
         path: &'static str,
         body: Option<&str>,
     ) -> Result<ClientResponse, VmError> {
+        self.request_within(self.timeout, method, path, body)
+    }
+
+    /// [`ManagedVm::request`], its answer awaited at most `wait`.
+    fn request_within(
+        &mut self,
+        wait: Duration,
+        method: &'static str,
+        path: &'static str,
+        body: Option<&str>,
+    ) -> Result<ClientResponse, VmError> {
         if self.client.is_none() {
             let c = Client::connect(&self.record.api_sock, self.timeout)
                 .map_err(|e| self.api_err(e))?;
             self.client = Some(c);
         }
         let client = self.client.as_mut().expect("connected above");
+        client.set_timeout(wait).map_err(|e| VmError::Api {
+            id: self.record.id.clone(),
+            source: e,
+        })?;
         let response = call(client, &self.record.id, method, path, body);
         if matches!(response, Err(VmError::Api { .. })) {
             self.client = None;
@@ -622,17 +640,18 @@ impl ManagedVm {
         response
     }
 
-    fn read_status(&mut self) -> Result<serde_json::Value, VmError> {
-        let r = self.request("GET", "/predictor", None)?;
+    fn read_status(&mut self, wait: Duration) -> Result<serde_json::Value, VmError> {
+        let r = self.request_within(wait, "GET", "/predictor", None)?;
         serde_json::from_str(&r.body).map_err(|e| VmError::Status {
             id: self.record.id.clone(),
             why: e.to_string(),
         })
     }
 
-    /// Reads the VM's forecast: per resource, the upper band of its last window's forecast.
-    pub fn observe(&mut self) -> Result<(), VmError> {
-        let status = self.read_status()?;
+    /// Reads the VM's forecast: per resource, the upper band of its last window's forecast;
+    /// its answer awaited at most `wait`.
+    fn observe(&mut self, wait: Duration) -> Result<(), VmError> {
+        let status = self.read_status(wait)?;
         let windows = status["windows"].as_u64().unwrap_or(0);
         if windows == self.windows {
             return Ok(());
@@ -741,6 +760,37 @@ impl ManagedVm {
     }
 }
 
+/// Reads the forecasts of `vms` side by side, each answer awaited at most `wait`, on at most
+/// [`READERS`] threads that each take the next VM as they are free: a VM slow to answer (or
+/// not answering) holds up only its own reader, so the reads take about the slowest one's time
+/// up to `wait`, unless more VMs than readers are slow at once. Each VM's `api_error` says why
+/// its read failed, if it did.
+pub fn observe_all(vms: Vec<&mut ManagedVm>, wait: Duration) {
+    let readers = vms.len().min(READERS);
+    let queue = Mutex::new(vms.into_iter());
+    let read = || loop {
+        // Held only to take the next VM.
+        let next = queue.lock().unwrap_or_else(PoisonError::into_inner).next();
+        let Some(vm) = next else {
+            return;
+        };
+        vm.api_error = vm.observe(wait).err().map(|e| e.to_string());
+    };
+    std::thread::scope(|s| {
+        for _ in 1..readers {
+            let spawned = std::thread::Builder::new()
+                .name("host-read".into())
+                .spawn_scoped(s, read);
+            if let Err(e) = spawned {
+                // The calling thread reads what the readers that did start leave.
+                tracing::warn!("host: cannot start a forecast reader: {e}");
+                break;
+            }
+        }
+        read();
+    });
+}
+
 /// The budget field of each resource in the predictor's config.
 fn budget_key(r: Resource) -> &'static str {
     match r {
@@ -758,71 +808,131 @@ pub(super) mod tests {
     use std::os::unix::net::UnixListener;
     use std::sync::mpsc::{channel, Receiver};
 
-    /// A warm VM `id` of a VMM that only records its requests (`METHOD PATH BODY`, sent on
-    /// the receiver) and answers each with 204, its files in `dir`; its CPU spans 0.05 to 1
-    /// core in steps of 0.01.
-    pub(in crate::host) fn fake_ready(dir: &Path, id: &str) -> (Ready, Receiver<String>) {
-        let sock = dir.join(format!("{id}.sock"));
-        let _ = std::fs::remove_file(&sock);
-        let listener = UnixListener::bind(&sock).unwrap();
+    /// An API at `sock` that records each request (`METHOD PATH BODY`, sent on the receiver)
+    /// and answers it with `answer` (200), or, with none, accepts connections and never
+    /// answers.
+    fn fake_api(sock: &Path, answer: Option<&'static str>) -> Receiver<String> {
+        let _ = std::fs::remove_file(sock);
+        let listener = UnixListener::bind(sock).unwrap();
         let (tx, rx) = channel();
         std::thread::spawn(move || {
-            let (stream, _) = listener.accept().unwrap();
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut out = stream;
-            loop {
-                let mut head = String::new();
-                let mut length = 0;
+            let mut silent = Vec::new();
+            for stream in listener.incoming() {
+                let stream = stream.unwrap();
+                let Some(answer) = answer else {
+                    silent.push(stream);
+                    continue;
+                };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut out = stream;
                 loop {
-                    let mut line = String::new();
-                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                        return;
+                    let mut head = String::new();
+                    let mut length = 0;
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let lower = line.to_ascii_lowercase();
+                        if let Some(v) = lower.strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap();
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if head.is_empty() {
+                            head = line.trim().trim_end_matches(" HTTP/1.1").to_string();
+                        }
                     }
-                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                        length = v.trim().parse().unwrap();
-                    }
-                    if line == "\r\n" {
-                        break;
-                    }
-                    if head.is_empty() {
-                        head = line.trim().trim_end_matches(" HTTP/1.1").to_string();
-                    }
+                    let mut body = vec![0; length];
+                    reader.read_exact(&mut body).unwrap();
+                    let _ = tx.send(format!("{head} {}", String::from_utf8(body).unwrap()));
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{answer}",
+                        answer.len()
+                    );
+                    out.write_all(reply.as_bytes()).unwrap();
                 }
-                let mut body = vec![0; length];
-                reader.read_exact(&mut body).unwrap();
-                let _ = tx.send(format!("{head} {}", String::from_utf8(body).unwrap()));
-                out.write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
-                    .unwrap();
             }
         });
+        rx
+    }
+
+    fn spans() -> PerResource<Span> {
         let span = |floor, ceiling, step| Span {
             floor,
             ceiling,
             step,
         };
-        let spans = PerResource {
+        PerResource {
             cpu: span(0.05, 1.0, 0.01),
             mem: span(64.0, 64.0, 2.0),
             blk: span(1.0, 1024.0, 1.0),
             net: span(1.0, 1024.0, 1.0),
-        };
-        let record = VmRecord {
+        }
+    }
+
+    fn record(dir: &Path, id: &str) -> VmRecord {
+        VmRecord {
             id: id.into(),
             class: Class::Burstable,
             pid: std::process::id(),
             start_ticks: 0,
-            api_sock: sock.clone(),
-            spans,
+            api_sock: dir.join(format!("{id}.sock")),
+            spans: spans(),
             origin: "from_pool:fn".into(),
-        };
+        }
+    }
+
+    /// A warm VM `id` of a VMM that records its requests and answers each (see `fake_api`),
+    /// its files in `dir`; its CPU spans 0.05 to 1 core in steps of 0.01.
+    pub(in crate::host) fn fake_ready(dir: &Path, id: &str) -> (Ready, Receiver<String>) {
+        let record = record(dir, id);
+        let requests = fake_api(&record.api_sock, Some(""));
         let ready = Ready {
             id: id.into(),
-            start: spans.map(|_, s| s.floor),
+            start: spans().map(|_, s| s.floor),
+            client: Client::connect(&record.api_sock, Duration::from_secs(5)).unwrap(),
             record,
-            client: Client::connect(&sock, Duration::from_secs(5)).unwrap(),
             described: serde_json::json!({"id": id}),
         };
-        (ready, rx)
+        (ready, requests)
+    }
+
+    #[test]
+    fn a_vm_that_does_not_answer_holds_up_only_its_own_read() {
+        let dir = std::env::temp_dir().join(format!("host-read-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let status = r#"{"windows": 3, "config": {"horizon": 1},
+                         "last": {"forecast": {"cpu": {"point": 0.3, "upper": 0.5}}}}"#;
+        // Four VMMs that never answer among four that do: read one by one, the silent ones
+        // alone would take four waits.
+        let wait = Duration::from_millis(300);
+        let mut vms: Vec<ManagedVm> = (0..8)
+            .map(|i| {
+                let record = record(&dir, &format!("vm{i}"));
+                fake_api(&record.api_sock, (i % 2 == 0).then_some(status));
+                ManagedVm::new(record, spans().map(|_, s| s.floor), None, wait * 10)
+            })
+            .collect();
+        let t0 = Instant::now();
+        observe_all(vms.iter_mut().collect(), wait);
+        let took = t0.elapsed();
+        assert!(took < wait * 3, "{took:?}");
+        for (i, vm) in vms.iter().enumerate() {
+            if i % 2 == 0 {
+                assert_eq!(vm.api_error, None);
+                assert_eq!(
+                    (vm.want.cpu, vm.point.cpu, vm.windows),
+                    (Some(0.5), Some(0.3), 3)
+                );
+            } else {
+                let e = vm.api_error.as_deref().unwrap();
+                assert!(e.contains(&format!("API of vm{i}")), "{e}");
+                assert_eq!(vm.want.cpu, None);
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
