@@ -155,7 +155,11 @@ impl Desk {
         loop {
             let mut ready = self.take(pool)?;
             let start = self.lend(&ready);
-            match ready.resume(files, start) {
+            let lent = PerResource::from_fn(|r| start[r] - ready.spans()[r].floor);
+            let resumed = ready.resume(files, start);
+            // What the VM did not take is not out any more; the loop settles the rest.
+            self.settle(PerResource::from_fn(|r| lent[r] - ready.lent()[r]));
+            match resumed {
                 Ok((mut described, took)) => {
                     times.resumed(took);
                     described["warm"] = true.into();
@@ -278,7 +282,7 @@ impl ClaimTimes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::vms::tests::fake_ready;
+    use crate::host::vms::tests::{fake_ready, fake_vm};
 
     #[test]
     fn claims_share_the_offered_slack_and_the_loop_settles_it() {
@@ -323,6 +327,18 @@ mod tests {
         for ready in [a, b, c] {
             desk.settle(ready.lent());
         }
+        assert!(desk.out().cpu.abs() < 1e-9);
+        // A VM that refuses its start grant is handed out at its floors, and what it was lent
+        // is not out.
+        let refusing = fake_vm(&dir, "d", |head| match head {
+            "PATCH /predictor" => (400, "{}"),
+            _ => (204, ""),
+        });
+        assert!(desk.push("fn", refusing.0));
+        desk.redivide(|_| cpu(1.0));
+        let (fourth, d) = desk.claim("fn", &files, times(), no_failure).unwrap();
+        assert_eq!(fourth["grant"]["cpu"], 0.05);
+        assert_eq!(d.lent().cpu, 0.0);
         assert!(desk.out().cpu.abs() < 1e-9);
         std::fs::remove_dir_all(&dir).unwrap();
     }

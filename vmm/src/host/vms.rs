@@ -154,28 +154,38 @@ impl Ready {
 
     /// Raises the VM's grant to `start` (held: its predictor's allocation moves there now, its
     /// CPU quota with it), then resumes it, and records it as handed out (a restarted
-    /// supervisor adopts it rather than letting it go as a warm one). Returns its description
-    /// and how long each step took.
+    /// supervisor adopts it rather than letting it go as a warm one). A VM that refuses the
+    /// grant (its predictor disabled in its config) is resumed at its floors: [`Ready::lent`]
+    /// says what it holds. Returns its description and how long each step took.
     pub fn resume(
         &mut self,
         files: &Files,
         start: PerResource<f64>,
     ) -> Result<(serde_json::Value, Took), VmError> {
+        let floors = self.record.spans.map(|_, s| s.floor);
         self.start = start;
         let t0 = Instant::now();
-        if start != self.record.spans.map(|_, s| s.floor) {
+        if start != floors {
             let update = PredictorUpdate {
                 budget: Some(budget_update(&self.record.spans, &start, &start)),
                 ..PredictorUpdate::default()
             };
             let body = serde_json::to_string(&update).expect("an update serialises");
-            call(
+            let patched = call(
                 &mut self.client,
                 &self.id,
                 "PATCH",
                 "/predictor",
                 Some(&body),
-            )?;
+            );
+            match patched {
+                Ok(_) => {}
+                Err(e @ VmError::Refused { .. }) => {
+                    tracing::warn!("host: warm VM {}: no start grant: {e}", self.id);
+                    self.start = floors;
+                }
+                Err(e) => return Err(e),
+            }
         }
         let grant = t0.elapsed();
         call(
@@ -188,7 +198,7 @@ impl Ready {
         let resume = t0.elapsed() - grant;
         save_record(files, &self.record)?;
         let mut described = self.described.clone();
-        described["grant"] = serde_json::to_value(start).expect("a grant serialises");
+        described["grant"] = serde_json::to_value(self.start).expect("a grant serialises");
         described["hold"] = described["grant"].clone();
         Ok((
             described,
@@ -808,10 +818,12 @@ pub(super) mod tests {
     use std::os::unix::net::UnixListener;
     use std::sync::mpsc::{channel, Receiver};
 
+    /// How a fake API answers a request (`METHOD PATH`): status and body.
+    type Answer = fn(&str) -> (u16, &'static str);
+
     /// An API at `sock` that records each request (`METHOD PATH BODY`, sent on the receiver)
-    /// and answers it with `answer` (200), or, with none, accepts connections and never
-    /// answers.
-    fn fake_api(sock: &Path, answer: Option<&'static str>) -> Receiver<String> {
+    /// and answers it as `answer` says, or, with none, accepts connections and never answers.
+    fn fake_api(sock: &Path, answer: Option<Answer>) -> Receiver<String> {
         let _ = std::fs::remove_file(sock);
         let listener = UnixListener::bind(sock).unwrap();
         let (tx, rx) = channel();
@@ -846,10 +858,11 @@ pub(super) mod tests {
                     }
                     let mut body = vec![0; length];
                     reader.read_exact(&mut body).unwrap();
+                    let (status, text) = answer(&head);
                     let _ = tx.send(format!("{head} {}", String::from_utf8(body).unwrap()));
                     let reply = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{answer}",
-                        answer.len()
+                        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\n\r\n{text}",
+                        text.len()
                     );
                     out.write_all(reply.as_bytes()).unwrap();
                 }
@@ -884,11 +897,15 @@ pub(super) mod tests {
         }
     }
 
-    /// A warm VM `id` of a VMM that records its requests and answers each (see `fake_api`),
-    /// its files in `dir`; its CPU spans 0.05 to 1 core in steps of 0.01.
-    pub(in crate::host) fn fake_ready(dir: &Path, id: &str) -> (Ready, Receiver<String>) {
+    /// A warm VM `id` of a VMM that records its requests and answers each as `answer` says
+    /// (see `fake_api`), its files in `dir`; its CPU spans 0.05 to 1 core in steps of 0.01.
+    pub(in crate::host) fn fake_vm(
+        dir: &Path,
+        id: &str,
+        answer: Answer,
+    ) -> (Ready, Receiver<String>) {
         let record = record(dir, id);
-        let requests = fake_api(&record.api_sock, Some(""));
+        let requests = fake_api(&record.api_sock, Some(answer));
         let ready = Ready {
             id: id.into(),
             start: spans().map(|_, s| s.floor),
@@ -899,19 +916,25 @@ pub(super) mod tests {
         (ready, requests)
     }
 
+    /// [`fake_vm`] of a VMM that accepts every request.
+    pub(in crate::host) fn fake_ready(dir: &Path, id: &str) -> (Ready, Receiver<String>) {
+        fake_vm(dir, id, |_| (204, ""))
+    }
+
     #[test]
     fn a_vm_that_does_not_answer_holds_up_only_its_own_read() {
         let dir = std::env::temp_dir().join(format!("host-read-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let status = r#"{"windows": 3, "config": {"horizon": 1},
-                         "last": {"forecast": {"cpu": {"point": 0.3, "upper": 0.5}}}}"#;
+        const STATUS: &str = r#"{"windows": 3, "config": {"horizon": 1},
+                                "last": {"forecast": {"cpu": {"point": 0.3, "upper": 0.5}}}}"#;
         // Four VMMs that never answer among four that do: read one by one, the silent ones
         // alone would take four waits.
         let wait = Duration::from_millis(300);
         let mut vms: Vec<ManagedVm> = (0..8)
             .map(|i| {
                 let record = record(&dir, &format!("vm{i}"));
-                fake_api(&record.api_sock, (i % 2 == 0).then_some(status));
+                let answer: Answer = |_| (200, STATUS);
+                fake_api(&record.api_sock, (i % 2 == 0).then_some(answer));
                 ManagedVm::new(record, spans().map(|_, s| s.floor), None, wait * 10)
             })
             .collect();
@@ -967,6 +990,19 @@ pub(super) mod tests {
         ready.resume(&files, floors).unwrap();
         assert!(requests.recv().unwrap().starts_with("PATCH /vm "));
         assert_eq!(ready.lent().cpu, 0.0);
+        // A VM whose predictor does not run refuses the grant: it is resumed all the same, at
+        // its floors.
+        let (mut ready, requests) = fake_vm(&dir, "w3", |head| match head {
+            "PATCH /predictor" => (400, r#"{"fault_message": "the predictor is not running"}"#),
+            _ => (204, ""),
+        });
+        let (described, _) = ready.resume(&files, start).unwrap();
+        assert!(requests.recv().unwrap().starts_with("PATCH /predictor "));
+        assert!(requests.recv().unwrap().starts_with("PATCH /vm "));
+        assert_eq!(
+            (ready.lent().cpu, &described["grant"]["cpu"]),
+            (0.0, &0.05.into())
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
