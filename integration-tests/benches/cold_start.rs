@@ -142,6 +142,7 @@ struct Claim {
     queued: f64,
     behind_window: f64,
     behind_requests: f64,
+    grant: f64,
     resume: f64,
     record: f64,
 }
@@ -155,6 +156,8 @@ impl Claim {
             queued: f("queued_ms"),
             behind_window: f("behind_window_ms"),
             behind_requests: f("behind_requests_ms"),
+            // A host that sets no start grant says nothing of it.
+            grant: answer["claim"]["grant_ms"].as_f64().unwrap_or(0.0),
             resume: f("resume_ms"),
             record: f("record_ms"),
         }
@@ -168,7 +171,7 @@ impl Claim {
     /// The request's time outside the host's claim: from its arrival to the host reading it,
     /// and from the host's answer to the client reading it.
     fn outside(&self, total: f64) -> f64 {
-        total - self.queued - self.resume - self.record
+        total - self.queued - self.grant - self.resume - self.record
     }
 }
 
@@ -309,7 +312,7 @@ fn breakdown(runs: &[Times]) {
         return;
     }
     type Part = fn(&Times) -> f64;
-    let parts: [(&str, Part); 9] = [
+    let parts: [(&str, Part); 10] = [
         ("request -> answer (total)", |t| t.running),
         ("  outside the host's claim (connect, HTTP)", |t| {
             t.claim.outside(t.running)
@@ -319,6 +322,9 @@ fn breakdown(runs: &[Times]) {
         ("  queued for the supervisor's loop", |t| t.claim.queued),
         ("    behind its window passes", |t| t.claim.behind_window),
         ("    behind other requests", |t| t.claim.behind_requests),
+        ("  start grant round trip (PATCH /predictor)", |t| {
+            t.claim.grant
+        }),
         ("  resume round trip (PATCH /vm)", |t| t.claim.resume),
         ("  record written", |t| t.claim.record),
     ];
@@ -343,12 +349,12 @@ fn breakdown(runs: &[Times]) {
     slow.sort_by(|a, b| b.running.partial_cmp(&a.running).unwrap());
     println!(
         "the slowest: total = outside (woke late, connect) + queued (window, requests, other) \
-         + resume + record"
+         + grant + resume + record"
     );
     for t in slow.iter().take(3) {
         let c = &t.claim;
         println!(
-            "  {:.1} = {:.1} ({:.1}, {:.1}) + {:.1} ({:.1}, {:.1}, {:.1}) + {:.1} + {:.1}",
+            "  {:.1} = {:.1} ({:.1}, {:.1}) + {:.1} ({:.1}, {:.1}, {:.1}) + {:.1} + {:.1} + {:.1}",
             t.running,
             c.outside(t.running),
             c.late,
@@ -357,6 +363,7 @@ fn breakdown(runs: &[Times]) {
             c.behind_window,
             c.behind_requests,
             c.queued_other(),
+            c.grant,
             c.resume,
             c.record
         );

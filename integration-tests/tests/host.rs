@@ -117,7 +117,8 @@ fn grants_stay_within_the_host_budget_in_every_window() {
     }
 }
 
-/// Bad requests change nothing; a VMM killed under the supervisor is reported and its grant
+/// Bad requests change nothing; a VMM that stops answering holds up the others' reads and
+/// grants by at most a window; a VMM killed under the supervisor is reported and its grant
 /// is back in the pool within two windows; a supervisor killed and started again lists the
 /// same VMs (same processes), and can still stop them.
 #[test]
@@ -197,6 +198,41 @@ fn a_dead_vmm_is_reported_and_a_restarted_supervisor_finds_its_vms() {
             .collect()
     };
     assert_eq!(ids(&before), ids(&after), "bad requests touched no VM");
+
+    // Stop one VMM (SIGSTOP: alive, its API silent): the others are still read and granted
+    // every pass, a pass waiting for it at most a window, and it is read again once it runs.
+    let stopped = host.get("/vms/doomed")["pid"].as_u64().unwrap() as libc::pid_t;
+    // SAFETY: kill(2) of the VMM the supervisor reported for this VM.
+    unsafe { libc::kill(stopped, libc::SIGSTOP) };
+    let (w0, k0) = (
+        host.get("/pool")["window"].as_u64().unwrap(),
+        host.get("/vms/keep")["windows"].as_u64().unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(20 * WINDOW_MS));
+    let (w1, keep) = (
+        host.get("/pool")["window"].as_u64().unwrap(),
+        host.get("/vms/keep"),
+    );
+    let silent = host.get("/vms/doomed");
+    // SAFETY: as above.
+    unsafe { libc::kill(stopped, libc::SIGCONT) };
+    // A pass at most every two windows (a window's wait, a window's interval) and a little
+    // scheduling: before, each waited five windows for the silent VMM.
+    assert!(
+        w1 - w0 >= 6,
+        "{} pool windows in 20 window periods",
+        w1 - w0
+    );
+    assert!(
+        keep["windows"].as_u64().unwrap() >= k0 + 5 && keep.get("api_error").is_none(),
+        "the other VM was read: {keep}"
+    );
+    assert!(silent["api_error"].is_string(), "{silent}");
+    let start = Instant::now();
+    while host.get("/vms/doomed").get("api_error").is_some() {
+        assert!(start.elapsed() < DEADLINE, "{}", host.get("/vms/doomed"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     // Kill one VMM: reported, and its grant back within two windows.
     let doomed = host.get("/vms/doomed");
@@ -346,8 +382,9 @@ fn a_jailed_vm_is_launched_watched_and_stopped() {
 }
 
 /// Warm claims are served on the host API's threads: four at once get four different warm
-/// VMs, each resumed (its guest answers), listed running from the pool; the grants stay within
-/// the budget; a supervisor restarted then adopts the VMs handed out (their records were
+/// VMs, each raised to its start grant before its resume (its CPU quota, in its own and the
+/// pool's logs) and resumed (its guest answers), listed running from the pool; the grants stay
+/// within the budget; a supervisor restarted then adopts the VMs handed out (their records were
 /// written by the claims) and lets the still-warm ones go.
 #[test]
 fn warm_claims_at_once_get_distinct_running_vms_that_a_restart_adopts() {
@@ -403,6 +440,60 @@ fn warm_claims_at_once_get_distinct_running_vms_that_a_restart_adopts() {
         assert_eq!(vm["state"], "running", "{vm}");
         assert_eq!(vm["origin"], "from_pool:fn", "{vm}");
     }
+    // Each was raised to its start grant before its resume: its CPU ceiling (1 core) out of
+    // the slack (4 cores less 5 floors of 0.05 and the first claims' raises), written to its
+    // cgroup by its own predictor (its decision log) and in the pool's log.
+    let mut raised = 0.0;
+    for c in &claims {
+        let cpu = c["grant"]["cpu"].as_f64().unwrap();
+        assert!(cpu > 0.7 && cpu <= 1.0, "{c}");
+        raised += cpu - 0.05;
+        let mut api = Client::connect(
+            std::path::Path::new(c["api_sock"].as_str().unwrap()),
+            DEADLINE,
+        )
+        .unwrap();
+        let page = api.request("GET", "/predictor/decisions", None).unwrap();
+        let page: Value = serde_json::from_str(&page.body).unwrap();
+        let quota = format!("cpu quota {} us", (cpu * 100_000.0).round());
+        let patched = page["decisions"].as_array().unwrap().iter().any(|d| {
+            d["reason"]
+                .as_str()
+                .unwrap()
+                .starts_with("PATCH /predictor")
+                && d["applied"].as_array().unwrap().iter().any(|a| {
+                    a["applied"] == true && a["detail"].as_str().unwrap().starts_with(&quota)
+                })
+        });
+        assert!(patched, "no {quota:?} in {}'s log: {page}", c["id"]);
+    }
+    // The loop logs a start grant with the first window after it heard of the claim.
+    let logged = |log: &Value, c: &Value| {
+        log.as_array().unwrap().iter().any(|w| {
+            w["changes"].as_array().unwrap().iter().any(|ch| {
+                ch["vm"] == c["id"]
+                    && ch["resource"] == "cpu"
+                    && ch["to"] == c["grant"]["cpu"]
+                    && ch["reason"]
+                        .as_str()
+                        .unwrap()
+                        .starts_with("claimed from warm pool fn")
+            })
+        })
+    };
+    let start = Instant::now();
+    loop {
+        let log = host.get("/pool/decisions?since=0");
+        if claims.iter().all(|c| logged(&log, c)) {
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "{claims:?}: {log}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        raised <= 4.0 - 5.0 * 0.05 + 1e-9,
+        "{raised} lent: {claims:?}"
+    );
     // The guest of one runs: it answers Ctrl-Alt-Del.
     let answered = &claims[0];
     let mut c = Client::connect(

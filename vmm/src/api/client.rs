@@ -54,6 +54,13 @@ impl Client {
         })
     }
 
+    /// From now on each read waits at most `timeout`.
+    pub fn set_timeout(&self, timeout: Duration) -> Result<(), ClientError> {
+        self.stream
+            .set_read_timeout(Some(timeout))
+            .map_err(ClientError::Receive)
+    }
+
     /// Sends raw bytes (a request written by hand, or a malformed one).
     pub fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
         self.stream.write_all(bytes).map_err(ClientError::Send)

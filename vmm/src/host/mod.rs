@@ -46,10 +46,11 @@ enum Event {
     },
     /// A warm VM made on a helper thread.
     Made(Box<Made>),
-    /// A warm VM the desk handed out (`Ok`: running) or found would not resume.
+    /// A warm VM the desk handed out (`resumed`: running) or found would not resume.
     Claimed {
         pool: String,
-        ready: Result<Box<Ready>, String>,
+        ready: Box<Ready>,
+        resumed: bool,
     },
 }
 
@@ -119,6 +120,8 @@ pub struct Supervisor {
     /// The floors the warm VMs being made will hold.
     making: PerResource<f64>,
     log: PoolLog,
+    /// Start grants of claims heard of since the last window, for its log.
+    claimed: Vec<GrantChange>,
     /// The loop's recent work, to tell a claim what it waited behind.
     timeline: Timeline,
     seq: u64,
@@ -177,6 +180,7 @@ impl Supervisor {
             events: channel(),
             making: PerResource::default(),
             log: PoolLog::default(),
+            claimed: Vec::new(),
             timeline: Timeline::default(),
             seq: 0,
             started: Instant::now(),
@@ -192,16 +196,20 @@ impl Supervisor {
             if let Some(pool) = warm_claim(&request) {
                 let failed = |ready: Ready, e| {
                     tracing::warn!("host: warm VM {}: {e}; letting it go", ready.id);
-                    let ready = Err(ready.id);
                     let _ = events.send(Event::Claimed {
                         pool: pool.clone(),
-                        ready,
+                        ready: Box::new(ready),
+                        resumed: false,
                     });
                 };
                 let times = ClaimTimes::at_desk(received);
                 if let Some((described, ready)) = desk.claim(&pool, &files, times, failed) {
-                    let ready = Ok(Box::new(ready));
-                    let _ = events.send(Event::Claimed { pool, ready });
+                    let ready = Box::new(ready);
+                    let _ = events.send(Event::Claimed {
+                        pool,
+                        ready,
+                        resumed: true,
+                    });
                     return json(201, described);
                 }
             }
@@ -262,8 +270,10 @@ impl Supervisor {
         PerResource::from_fn(|r| held[r] + self.making[r])
     }
 
+    /// The grants of the VMs that hold one, and the start grants claims hold that the loop
+    /// has not heard of yet.
     fn granted(&self) -> PerResource<f64> {
-        let mut sum = PerResource::default();
+        let mut sum = self.desk.out();
         for vm in self.holding() {
             for r in Resource::ALL {
                 sum[r] += vm.grant[r];
@@ -310,61 +320,88 @@ impl Supervisor {
                 }
             }
         }
-        for vm in self.vms.values_mut() {
-            if vm.state != VmState::Running {
-                continue;
-            }
-            vm.api_error = vm.observe().err().map(|e| e.to_string());
-        }
+        // Side by side, each within a window: a VMM that does not answer delays the others'
+        // grants by at most that.
+        let running = self
+            .vms
+            .values_mut()
+            .filter(|v| v.state == VmState::Running)
+            .collect();
+        vms::observe_all(running, self.window);
         let ids: Vec<String> = self.running().map(|v| v.record.id.clone()).collect();
         let mut target: Vec<PerResource<f64>> = ids.iter().map(|id| self.vms[id].grant).collect();
         let mut hold: Vec<PerResource<f64>> = ids.iter().map(|id| self.vms[id].hold).collect();
         let mut wanted = PerResource::default();
         let mut short = PerResource::default();
-        for r in Resource::ALL {
-            let claims: Vec<Claim> = ids
-                .iter()
-                .map(|id| {
-                    let vm = &self.vms[id];
-                    let span = vm.record.spans[r];
-                    // The one-window forecast (expected and upper band) carried on at its rise
-                    // over the rest of the VM's horizon (which its own allocation covers) and
-                    // the windows the grant lags, in whole steps, one step over; a VM with no
-                    // forecast yet keeps what it has.
-                    let ahead_windows = (vm.horizon - 1) as f64 + LEAD_WINDOWS;
-                    let lead = ahead_windows * vm.rise[r];
-                    let ahead = |v: Option<f64>| match v {
-                        Some(v) => ((v + lead) / span.step).ceil() * span.step + span.step,
-                        None => vm.grant[r],
-                    };
-                    let (need, want) = (ahead(vm.point[r]), ahead(vm.want[r]));
-                    let ramping =
-                        vm.rose_at[r].is_some_and(|w| ((vm.windows - w) as f64) < ahead_windows);
-                    Claim {
-                        class: vm.record.class,
-                        span,
-                        need,
-                        want,
-                        rising: vm.rise[r] > 0.0,
-                        ramping,
-                    }
-                })
-                .collect();
-            let grants = pool::divide(self.budget.0[r], &claims);
-            for (i, (g, c)) in grants.iter().zip(&claims).enumerate() {
-                target[i][r] = g.max;
-                hold[i][r] = g.hold;
-                let full = c.want.clamp(c.span.floor, c.span.ceiling);
-                wanted[r] += full;
-                if g.max + c.span.step <= full {
-                    short[r] += 1;
-                    if c.class == Class::Guaranteed {
-                        self.log.guaranteed_short[r] += 1;
+        // Under the desk's lock from the division to the new offer: no claim takes the slack
+        // the division hands out, and a claim waits for this arithmetic at most, never for a
+        // VM's API.
+        let (vms, budget, making) = (&self.vms, &self.budget, &self.making);
+        self.desk.redivide(|lent| {
+            for r in Resource::ALL {
+                let claims: Vec<Claim> = ids
+                    .iter()
+                    .map(|id| {
+                        let vm = &vms[id];
+                        let span = vm.record.spans[r];
+                        // The one-window forecast (expected and upper band) carried on at its rise
+                        // over the rest of the VM's horizon (which its own allocation covers) and
+                        // the windows the grant lags, in whole steps, one step over; a VM with no
+                        // forecast yet keeps what it has.
+                        let ahead_windows = (vm.horizon - 1) as f64 + LEAD_WINDOWS;
+                        let lead = ahead_windows * vm.rise[r];
+                        let ahead = |v: Option<f64>| match v {
+                            Some(v) => ((v + lead) / span.step).ceil() * span.step + span.step,
+                            None => vm.grant[r],
+                        };
+                        let (need, want) = (ahead(vm.point[r]), ahead(vm.want[r]));
+                        let ramping = vm.rose_at[r]
+                            .is_some_and(|w| ((vm.windows - w) as f64) < ahead_windows);
+                        Claim {
+                            class: vm.record.class,
+                            span,
+                            need,
+                            want,
+                            rising: vm.rise[r] > 0.0,
+                            ramping,
+                        }
+                    })
+                    .collect();
+                let grants = pool::divide(budget.0[r] - lent[r], &claims);
+                for (i, (g, c)) in grants.iter().zip(&claims).enumerate() {
+                    target[i][r] = g.max;
+                    hold[i][r] = g.hold;
+                    let full = c.want.clamp(c.span.floor, c.span.ceiling);
+                    wanted[r] += full;
+                    if g.max + c.span.step <= full {
+                        short[r] += 1;
+                        if c.class == Class::Guaranteed {
+                            self.log.guaranteed_short[r] += 1;
+                        }
                     }
                 }
             }
-        }
+            // The most each VM may hold while its grant moves to its target (apply moves it
+            // only between the two), the floors of the warm VMs being made, and what claims
+            // hold unsettled: what is left is the claims' until the next division.
+            let mut bound = lent;
+            for (id, t) in ids.iter().zip(&target) {
+                for r in Resource::ALL {
+                    bound[r] += vms[id].grant[r].max(t[r]);
+                }
+            }
+            for vm in vms
+                .values()
+                .filter(|v| matches!(v.state, VmState::Warm { .. }))
+            {
+                for r in Resource::ALL {
+                    bound[r] += vm.grant[r];
+                }
+            }
+            PerResource::from_fn(|r| budget.0[r] - bound[r] - making[r])
+        });
         self.log.decisions += (ids.len() * Resource::ALL.len()) as u64;
+        changes.append(&mut self.claimed);
         self.apply(&ids, &target, &hold, &mut changes);
         let window = PoolWindow {
             seq: self.seq,
@@ -392,24 +429,52 @@ impl Supervisor {
                 let _ = reply.send(self.handle(request, received));
             }
             Event::Made(made) => self.made(*made),
-            Event::Claimed { pool, ready } => match ready {
-                Ok(ready) => {
+            Event::Claimed {
+                pool,
+                ready,
+                resumed,
+            } => {
+                if resumed {
                     if let Some(pool) = self.pools.get_mut(&pool) {
                         pool.arrival();
                         pool.handed_out += 1;
                     }
-                    self.handed_out(*ready);
                 }
-                Err(id) => self.let_go(&id),
-            },
+                self.claim_done(&pool, *ready, resumed);
+            }
         }
     }
 
-    /// A warm VM handed out: from now on a VM like any other.
-    fn handed_out(&mut self, ready: Ready) {
-        match self.vms.get_mut(&ready.id) {
-            Some(vm) => vm.handed_out(ready),
-            None => tracing::warn!("host: handed out {}, a VM it does not know", ready.id),
+    /// A claim's warm VM: its start grant settled with the desk and logged, and the VM from
+    /// now on one like any other (`resumed`), or let go.
+    fn claim_done(&mut self, pool: &str, ready: Ready, resumed: bool) {
+        self.desk.settle(ready.lent());
+        if !resumed {
+            self.let_go(&ready.id);
+            return;
+        }
+        let Some(vm) = self.vms.get_mut(&ready.id) else {
+            tracing::warn!("host: handed out {}, a VM it does not know", ready.id);
+            return;
+        };
+        let before = vm.grant;
+        vm.handed_out(ready);
+        for r in Resource::ALL
+            .into_iter()
+            .filter(|&r| vm.grant[r] != before[r])
+        {
+            self.claimed.push(GrantChange {
+                vm: vm.record.id.clone(),
+                resource: r.name(),
+                class: vm.record.class,
+                want: vm.grant[r],
+                from: before[r],
+                to: vm.grant[r],
+                hold: vm.hold[r],
+                reason: format!(
+                    "claimed from warm pool {pool}: its start grant, set before its resume"
+                ),
+            });
         }
     }
 
@@ -464,6 +529,8 @@ impl Supervisor {
             self.making[r] += spec.spans[r].floor;
         }
         let floors = spec.spans.map(|_, s| s.floor);
+        // Its floors come out of the slack offered to claims.
+        self.desk.spend(floors);
         let (files, snapshot, tx) = (
             self.files.clone(),
             pool.snapshot.clone(),
@@ -589,14 +656,14 @@ impl Supervisor {
             .desk
             .claim(name, &self.files, times.clone(), |ready, e| {
                 tracing::warn!("host: warm VM {}: {e}; letting it go", ready.id);
-                failed.push(ready.id);
+                failed.push(ready);
             });
-        for id in failed {
-            self.let_go(&id);
+        for ready in failed {
+            self.claim_done(name, ready, false);
         }
         if let Some((described, ready)) = served {
             self.pools.get_mut(name).expect("a pool").handed_out += 1;
-            self.handed_out(ready);
+            self.claim_done(name, ready, true);
             return json(201, described);
         }
         let pool = self.pools.get_mut(name).expect("a pool");
@@ -618,7 +685,8 @@ impl Supervisor {
     /// Sets the grants towards `target` and the holds towards `hold`: every shrink (and every
     /// hold lowered) first, then the grows that fit beside what is granted, class by class, so
     /// that the grants in force never add up to more than the budget, even while a VM is slow
-    /// to take a shrink. A hold never exceeds the grant in force.
+    /// to take a shrink. A hold never exceeds the grant in force. A VM whose forecast could not
+    /// be read this window keeps its grant: asking it to change would wait for it too.
     fn apply(
         &mut self,
         ids: &[String],
@@ -632,10 +700,13 @@ impl Supervisor {
             let span = vm.record.spans[r];
             vm.grant[r] - to < (span.ceiling * 0.02).max(span.step * 2.0)
         };
+        let answered: Vec<usize> = (0..ids.len())
+            .filter(|&i| self.vms[&ids[i]].api_error.is_none())
+            .collect();
         let mut after = self.granted();
         let mut grows: PerResource<f64> = PerResource::default();
-        for (id, t) in ids.iter().zip(target) {
-            let vm = &self.vms[id];
+        for &i in &answered {
+            let (vm, t) = (&self.vms[&ids[i]], &target[i]);
             for r in Resource::ALL {
                 if t[r] > vm.grant[r] {
                     grows[r] += t[r] - vm.grant[r];
@@ -645,8 +716,9 @@ impl Supervisor {
             }
         }
         let deadband = PerResource::from_fn(|r| after[r] + grows[r] <= self.budget.0[r] + 1e-9);
-        for ((id, t), h) in ids.iter().zip(target).zip(hold) {
-            let vm = self.vms.get_mut(id).expect("a running VM");
+        for &i in &answered {
+            let (t, h) = (&target[i], &hold[i]);
+            let vm = self.vms.get_mut(&ids[i]).expect("a running VM");
             let mut next = vm.grant;
             let mut held = vm.hold;
             for r in Resource::ALL {
@@ -660,7 +732,7 @@ impl Supervisor {
             regrant(vm, next, held, "shrink to forecast", changes);
         }
         let mut granted = self.granted();
-        let mut order: Vec<(usize, &String)> = ids.iter().enumerate().collect();
+        let mut order: Vec<(usize, &String)> = answered.iter().map(|&i| (i, &ids[i])).collect();
         order.sort_by_key(|(_, id)| self.vms[*id].record.class);
         for (i, id) in order {
             let vm = self.vms.get_mut(id).expect("a running VM");
@@ -766,6 +838,8 @@ impl Supervisor {
             return Response::fault(409, e);
         }
         let floors = spec.spans.map(|_, s| s.floor);
+        // Its floors come out of the slack offered to claims.
+        self.desk.spend(floors);
         match ManagedVm::launch(&self.files, &spec, floors, self.window * 5) {
             Ok(vm) => {
                 let described = vm.describe();
@@ -792,6 +866,7 @@ impl Supervisor {
             "granted": granted,
             "reserved": reserved,
             "slack": slack,
+            "claim_allowance": self.desk.allowance(),
             "held": self.held(),
             "running": self.running().count(),
             "exited": self.vms.len() - self.running().count(),

@@ -170,6 +170,32 @@ pub fn divide(total: f64, claims: &[Claim]) -> Vec<Grant> {
         .collect()
 }
 
+/// A claimed warm VM's grant from its resume until the loop's next division: its CPU ceiling
+/// (every vCPU's worth), as much of it as `allowance` (the slack the loop left after its last
+/// division, shared by the claims until the next) has in whole steps above the floor, taken
+/// from it; every other resource its floor.
+///
+/// A warm VM holds only its floors while paused, and its predictor's allocation is its
+/// snapshot's (0.05 cores for a template that booted at its floor): resumed so, its vCPU
+/// threads would wait out most of each CFS period, so the grant goes up before the resume.
+/// CPU alone, because a quota takes effect at once and is what a resume and a guest's first
+/// steps wait for; memory would be a plug the guest has to take (slow, and a warm VM's floor
+/// already holds what it cannot give back), bandwidth is idle until the guest does I/O.
+/// Slack only: no VM's band is taken for it, so every class gets the same rule, and from the
+/// next window on the VM is divided like any other.
+pub fn start_grant(
+    spans: &PerResource<Span>,
+    allowance: &mut PerResource<f64>,
+) -> PerResource<f64> {
+    let mut grant = spans.map(|_, s| s.floor);
+    let cpu = spans[Resource::Cpu];
+    let room = allowance.cpu.min(cpu.ceiling - cpu.floor).max(0.0);
+    let steps = (room / cpu.step + 1e-9).floor();
+    grant.cpu = cpu.floor + steps * cpu.step;
+    allowance.cpu -= grant.cpu - cpu.floor;
+    grant
+}
+
 /// How a grant changed, and why.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct GrantChange {
@@ -482,6 +508,47 @@ mod tests {
         }
         // The generator makes pools with slack: the rule above was exercised.
         assert!(held >= 50, "{held} holds");
+    }
+
+    #[test]
+    fn a_claim_starts_at_its_cpu_ceiling_while_the_allowance_lasts() {
+        let span = |floor, ceiling, step| Span {
+            floor,
+            ceiling,
+            step,
+        };
+        let spans = PerResource {
+            cpu: span(0.05, 1.0, 0.01),
+            mem: span(64.0, 256.0, 2.0),
+            blk: span(1.0, 1024.0, 1.0),
+            net: span(1.0, 1024.0, 1.0),
+        };
+        let mut allowance = PerResource {
+            cpu: 2.0,
+            mem: 1000.0,
+            blk: 1000.0,
+            net: 1000.0,
+        };
+        let first = start_grant(&spans, &mut allowance);
+        assert_eq!(
+            (first.cpu, first.mem, first.blk, first.net),
+            (1.0, 64.0, 1.0, 1.0)
+        );
+        // The second takes what is left in whole steps; the third finds none and keeps its
+        // floor; the other resources are never lent.
+        let second = start_grant(&spans, &mut allowance);
+        assert!((second.cpu - 1.0).abs() < 1e-9, "{second:?}");
+        assert!((allowance.cpu - 0.1).abs() < 1e-9, "{allowance:?}");
+        allowance.cpu = 0.034;
+        let third = start_grant(&spans, &mut allowance);
+        assert!((third.cpu - 0.08).abs() < 1e-9, "{third:?}");
+        assert!(
+            allowance.cpu >= 0.0 && allowance.cpu < 0.01,
+            "{allowance:?}"
+        );
+        let fourth = start_grant(&spans, &mut allowance);
+        assert_eq!(fourth.cpu, 0.05);
+        assert_eq!(allowance.mem, 1000.0);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use predictor::resource::{PerResource, Resource};
@@ -17,6 +18,8 @@ use crate::vmm_config::PredictorUpdate;
 const START_DEADLINE: Duration = Duration::from_secs(10);
 /// How long a stopped VMM has to exit after SIGTERM before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(3);
+/// VMs whose forecasts are read at once at most.
+const READERS: usize = 8;
 
 /// Errors of launching, watching and stopping VMs.
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +112,8 @@ pub struct ManagedVm {
     pub windows: u64,
     /// Why the last read of its API failed, if it did.
     pub api_error: Option<String>,
+    /// Handed out from a warm pool, no forecast read since.
+    claimed: bool,
     /// Our child, when this supervisor launched it (reaped on exit).
     child: Option<Child>,
     client: Option<Client>,
@@ -122,17 +127,67 @@ pub struct Ready {
     record: VmRecord,
     client: Client,
     described: serde_json::Value,
+    /// The grant it was handed out with (its floors until a claim sets its start grant).
+    start: PerResource<f64>,
+}
+
+/// Where a claim's time on the VM's API went.
+pub struct Took {
+    /// `PATCH /predictor`: its start grant.
+    pub grant: Duration,
+    /// `PATCH /vm`: resumed.
+    pub resume: Duration,
+    /// Its record rewritten.
+    pub record: Duration,
 }
 
 impl Ready {
-    /// Resumes the VM and records it as handed out (a restarted supervisor adopts it rather
-    /// than letting it go as a warm one). Returns its description and how long the resume and
-    /// the record took.
+    pub fn spans(&self) -> &PerResource<Span> {
+        &self.record.spans
+    }
+
+    /// What its start grant holds above its floors: what the claim took of the desk's
+    /// allowance.
+    pub fn lent(&self) -> PerResource<f64> {
+        PerResource::from_fn(|r| self.start[r] - self.record.spans[r].floor)
+    }
+
+    /// Raises the VM's grant to `start` (held: its predictor's allocation moves there now, its
+    /// CPU quota with it), then resumes it, and records it as handed out (a restarted
+    /// supervisor adopts it rather than letting it go as a warm one). A VM that refuses the
+    /// grant (its predictor disabled in its config) is resumed at its floors: [`Ready::lent`]
+    /// says what it holds. Returns its description and how long each step took.
     pub fn resume(
         &mut self,
         files: &Files,
-    ) -> Result<(serde_json::Value, Duration, Duration), VmError> {
+        start: PerResource<f64>,
+    ) -> Result<(serde_json::Value, Took), VmError> {
+        let floors = self.record.spans.map(|_, s| s.floor);
+        self.start = start;
         let t0 = Instant::now();
+        if start != floors {
+            let update = PredictorUpdate {
+                budget: Some(budget_update(&self.record.spans, &start, &start)),
+                ..PredictorUpdate::default()
+            };
+            let body = serde_json::to_string(&update).expect("an update serialises");
+            let patched = call(
+                &mut self.client,
+                &self.id,
+                "PATCH",
+                "/predictor",
+                Some(&body),
+            );
+            match patched {
+                Ok(_) => {}
+                Err(e @ VmError::Refused { .. }) => {
+                    tracing::warn!("host: warm VM {}: no start grant: {e}", self.id);
+                    self.start = floors;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let grant = t0.elapsed();
         call(
             &mut self.client,
             &self.id,
@@ -140,9 +195,19 @@ impl Ready {
             "/vm",
             Some(r#"{"state": "Resumed"}"#),
         )?;
-        let api = t0.elapsed();
+        let resume = t0.elapsed() - grant;
         save_record(files, &self.record)?;
-        Ok((self.described.clone(), api, t0.elapsed() - api))
+        let mut described = self.described.clone();
+        described["grant"] = serde_json::to_value(self.start).expect("a grant serialises");
+        described["hold"] = described["grant"].clone();
+        Ok((
+            described,
+            Took {
+                grant,
+                resume,
+                record: t0.elapsed() - grant - resume,
+            },
+        ))
     }
 }
 
@@ -416,14 +481,19 @@ impl ManagedVm {
         };
         Ok(Ready {
             id: record.id.clone(),
+            start: self.grant,
             record,
             client,
             described,
         })
     }
 
-    /// A warm VM the desk handed out: running, its connection back with the supervisor.
+    /// A warm VM the desk handed out: running at its start grant, held until the pool's next
+    /// division, its connection back with the supervisor.
     pub fn handed_out(&mut self, ready: Ready) {
+        self.grant = ready.start;
+        self.hold = ready.start;
+        self.claimed = true;
         self.record = ready.record;
         self.client = Some(ready.client);
         self.state = VmState::Running;
@@ -458,6 +528,7 @@ impl ManagedVm {
             horizon: 1,
             windows: 0,
             api_error: None,
+            claimed: false,
             child,
             client: None,
             timeout,
@@ -477,7 +548,7 @@ impl ManagedVm {
         if let Some(pool) = vm.record.origin.strip_prefix("warm:") {
             vm.state = VmState::Warm { pool: pool.into() };
         }
-        match vm.read_status() {
+        match vm.read_status(timeout) {
             Ok(status) => {
                 let budget = &status["config"]["budget"];
                 for r in Resource::ALL {
@@ -551,12 +622,27 @@ impl ManagedVm {
         path: &'static str,
         body: Option<&str>,
     ) -> Result<ClientResponse, VmError> {
+        self.request_within(self.timeout, method, path, body)
+    }
+
+    /// [`ManagedVm::request`], its answer awaited at most `wait`.
+    fn request_within(
+        &mut self,
+        wait: Duration,
+        method: &'static str,
+        path: &'static str,
+        body: Option<&str>,
+    ) -> Result<ClientResponse, VmError> {
         if self.client.is_none() {
             let c = Client::connect(&self.record.api_sock, self.timeout)
                 .map_err(|e| self.api_err(e))?;
             self.client = Some(c);
         }
         let client = self.client.as_mut().expect("connected above");
+        client.set_timeout(wait).map_err(|e| VmError::Api {
+            id: self.record.id.clone(),
+            source: e,
+        })?;
         let response = call(client, &self.record.id, method, path, body);
         if matches!(response, Err(VmError::Api { .. })) {
             self.client = None;
@@ -564,17 +650,18 @@ impl ManagedVm {
         response
     }
 
-    fn read_status(&mut self) -> Result<serde_json::Value, VmError> {
-        let r = self.request("GET", "/predictor", None)?;
+    fn read_status(&mut self, wait: Duration) -> Result<serde_json::Value, VmError> {
+        let r = self.request_within(wait, "GET", "/predictor", None)?;
         serde_json::from_str(&r.body).map_err(|e| VmError::Status {
             id: self.record.id.clone(),
             why: e.to_string(),
         })
     }
 
-    /// Reads the VM's forecast: per resource, the upper band of its last window's forecast.
-    pub fn observe(&mut self) -> Result<(), VmError> {
-        let status = self.read_status()?;
+    /// Reads the VM's forecast: per resource, the upper band of its last window's forecast;
+    /// its answer awaited at most `wait`.
+    fn observe(&mut self, wait: Duration) -> Result<(), VmError> {
+        let status = self.read_status(wait)?;
         let windows = status["windows"].as_u64().unwrap_or(0);
         if windows == self.windows {
             return Ok(());
@@ -589,6 +676,13 @@ impl ManagedVm {
             if self.rise[r] >= self.record.spans[r].step {
                 self.rose_at[r] = Some(windows);
             }
+        }
+        // A VM just handed out went from paused to running, a rise its forecast (made while
+        // it was paused, or by its template) has not seen yet: its CPU counts as ramping, so
+        // for the windows the pool grants ahead slack may hold it up to its ceiling, as its
+        // start grant did.
+        if std::mem::take(&mut self.claimed) {
+            self.rose_at[Resource::Cpu] = Some(windows);
         }
         self.want = want;
         self.point = PerResource::from_fn(|r| forecast[r.name()]["point"].as_f64());
@@ -676,6 +770,37 @@ impl ManagedVm {
     }
 }
 
+/// Reads the forecasts of `vms` side by side, each answer awaited at most `wait`, on at most
+/// [`READERS`] threads that each take the next VM as they are free: a VM slow to answer (or
+/// not answering) holds up only its own reader, so the reads take about the slowest one's time
+/// up to `wait`, unless more VMs than readers are slow at once. Each VM's `api_error` says why
+/// its read failed, if it did.
+pub fn observe_all(vms: Vec<&mut ManagedVm>, wait: Duration) {
+    let readers = vms.len().min(READERS);
+    let queue = Mutex::new(vms.into_iter());
+    let read = || loop {
+        // Held only to take the next VM.
+        let next = queue.lock().unwrap_or_else(PoisonError::into_inner).next();
+        let Some(vm) = next else {
+            return;
+        };
+        vm.api_error = vm.observe(wait).err().map(|e| e.to_string());
+    };
+    std::thread::scope(|s| {
+        for _ in 1..readers {
+            let spawned = std::thread::Builder::new()
+                .name("host-read".into())
+                .spawn_scoped(s, read);
+            if let Err(e) = spawned {
+                // The calling thread reads what the readers that did start leave.
+                tracing::warn!("host: cannot start a forecast reader: {e}");
+                break;
+            }
+        }
+        read();
+    });
+}
+
 /// The budget field of each resource in the predictor's config.
 fn budget_key(r: Resource) -> &'static str {
     match r {
@@ -687,8 +812,199 @@ fn budget_key(r: Resource) -> &'static str {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::os::unix::net::UnixListener;
+    use std::sync::mpsc::{channel, Receiver};
+
+    /// How a fake API answers a request (`METHOD PATH`): status and body.
+    type Answer = fn(&str) -> (u16, &'static str);
+
+    /// An API at `sock` that records each request (`METHOD PATH BODY`, sent on the receiver)
+    /// and answers it as `answer` says, or, with none, accepts connections and never answers.
+    fn fake_api(sock: &Path, answer: Option<Answer>) -> Receiver<String> {
+        let _ = std::fs::remove_file(sock);
+        let listener = UnixListener::bind(sock).unwrap();
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            let mut silent = Vec::new();
+            for stream in listener.incoming() {
+                let stream = stream.unwrap();
+                let Some(answer) = answer else {
+                    silent.push(stream);
+                    continue;
+                };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut out = stream;
+                loop {
+                    let mut head = String::new();
+                    let mut length = 0;
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let lower = line.to_ascii_lowercase();
+                        if let Some(v) = lower.strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap();
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if head.is_empty() {
+                            head = line.trim().trim_end_matches(" HTTP/1.1").to_string();
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    reader.read_exact(&mut body).unwrap();
+                    let (status, text) = answer(&head);
+                    let _ = tx.send(format!("{head} {}", String::from_utf8(body).unwrap()));
+                    let reply = format!(
+                        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\n\r\n{text}",
+                        text.len()
+                    );
+                    out.write_all(reply.as_bytes()).unwrap();
+                }
+            }
+        });
+        rx
+    }
+
+    fn spans() -> PerResource<Span> {
+        let span = |floor, ceiling, step| Span {
+            floor,
+            ceiling,
+            step,
+        };
+        PerResource {
+            cpu: span(0.05, 1.0, 0.01),
+            mem: span(64.0, 64.0, 2.0),
+            blk: span(1.0, 1024.0, 1.0),
+            net: span(1.0, 1024.0, 1.0),
+        }
+    }
+
+    fn record(dir: &Path, id: &str) -> VmRecord {
+        VmRecord {
+            id: id.into(),
+            class: Class::Burstable,
+            pid: std::process::id(),
+            start_ticks: 0,
+            api_sock: dir.join(format!("{id}.sock")),
+            spans: spans(),
+            origin: "from_pool:fn".into(),
+        }
+    }
+
+    /// A warm VM `id` of a VMM that records its requests and answers each as `answer` says
+    /// (see `fake_api`), its files in `dir`; its CPU spans 0.05 to 1 core in steps of 0.01.
+    pub(in crate::host) fn fake_vm(
+        dir: &Path,
+        id: &str,
+        answer: Answer,
+    ) -> (Ready, Receiver<String>) {
+        let record = record(dir, id);
+        let requests = fake_api(&record.api_sock, Some(answer));
+        let ready = Ready {
+            id: id.into(),
+            start: spans().map(|_, s| s.floor),
+            client: Client::connect(&record.api_sock, Duration::from_secs(5)).unwrap(),
+            record,
+            described: serde_json::json!({"id": id}),
+        };
+        (ready, requests)
+    }
+
+    /// [`fake_vm`] of a VMM that accepts every request.
+    pub(in crate::host) fn fake_ready(dir: &Path, id: &str) -> (Ready, Receiver<String>) {
+        fake_vm(dir, id, |_| (204, ""))
+    }
+
+    #[test]
+    fn a_vm_that_does_not_answer_holds_up_only_its_own_read() {
+        let dir = std::env::temp_dir().join(format!("host-read-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        const STATUS: &str = r#"{"windows": 3, "config": {"horizon": 1},
+                                "last": {"forecast": {"cpu": {"point": 0.3, "upper": 0.5}}}}"#;
+        // Four VMMs that never answer among four that do: read one by one, the silent ones
+        // alone would take four waits.
+        let wait = Duration::from_millis(300);
+        let mut vms: Vec<ManagedVm> = (0..8)
+            .map(|i| {
+                let record = record(&dir, &format!("vm{i}"));
+                let answer: Answer = |_| (200, STATUS);
+                fake_api(&record.api_sock, (i % 2 == 0).then_some(answer));
+                ManagedVm::new(record, spans().map(|_, s| s.floor), None, wait * 10)
+            })
+            .collect();
+        let t0 = Instant::now();
+        observe_all(vms.iter_mut().collect(), wait);
+        let took = t0.elapsed();
+        assert!(took < wait * 3, "{took:?}");
+        for (i, vm) in vms.iter().enumerate() {
+            if i % 2 == 0 {
+                assert_eq!(vm.api_error, None);
+                assert_eq!(
+                    (vm.want.cpu, vm.point.cpu, vm.windows),
+                    (Some(0.5), Some(0.3), 3)
+                );
+            } else {
+                let e = vm.api_error.as_deref().unwrap();
+                assert!(e.contains(&format!("API of vm{i}")), "{e}");
+                assert_eq!(vm.want.cpu, None);
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_claimed_vm_gets_its_start_grant_before_it_is_resumed() {
+        let dir = std::env::temp_dir().join(format!("host-ready-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let files = Files { dir: dir.clone() };
+        let (mut ready, requests) = fake_ready(&dir, "w1");
+        let mut start = ready.spans().map(|_, s| s.floor);
+        start.cpu = 1.0;
+        let (described, _) = ready.resume(&files, start).unwrap();
+        let first = requests.recv().unwrap();
+        let update: serde_json::Value =
+            serde_json::from_str(first.strip_prefix("PATCH /predictor ").unwrap()).unwrap();
+        // Held at the grant: the predictor's allocation (its quota) moves there at once.
+        assert_eq!(
+            update["budget"]["cpu_cores"],
+            serde_json::json!({"min": 1.0, "max": 1.0}),
+            "{first}"
+        );
+        assert_eq!(update["budget"]["memory_mib"]["max"], 64.0, "{first}");
+        assert_eq!(
+            requests.recv().unwrap(),
+            r#"PATCH /vm {"state": "Resumed"}"#
+        );
+        assert_eq!(described["grant"]["cpu"], 1.0);
+        assert!((ready.lent().cpu - 0.95).abs() < 1e-9);
+        assert!(files.record("w1").exists());
+        // A claim that found no allowance resumes the VM at its floors, asking nothing more.
+        let (mut ready, requests) = fake_ready(&dir, "w2");
+        let floors = ready.spans().map(|_, s| s.floor);
+        ready.resume(&files, floors).unwrap();
+        assert!(requests.recv().unwrap().starts_with("PATCH /vm "));
+        assert_eq!(ready.lent().cpu, 0.0);
+        // A VM whose predictor does not run refuses the grant: it is resumed all the same, at
+        // its floors.
+        let (mut ready, requests) = fake_vm(&dir, "w3", |head| match head {
+            "PATCH /predictor" => (400, r#"{"fault_message": "the predictor is not running"}"#),
+            _ => (204, ""),
+        });
+        let (described, _) = ready.resume(&files, start).unwrap();
+        assert!(requests.recv().unwrap().starts_with("PATCH /predictor "));
+        assert!(requests.recv().unwrap().starts_with("PATCH /vm "));
+        assert_eq!(
+            (ready.lent().cpu, &described["grant"]["cpu"]),
+            (0.0, &0.05.into())
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn proc_stat_reads_this_process_and_misses_a_gone_one() {
