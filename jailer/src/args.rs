@@ -34,7 +34,9 @@ pub enum ArgsError {
     ExecFile(PathBuf),
 }
 
-/// `prescient jail`: isolate one microVM, then run the VMM with the arguments after `--`.
+// `prescient jail`: isolate one microVM, then run the VMM with the arguments after `--`.
+// Not a doc comment: clap would take it as the subcommand's description, over the
+// one on `prescient`'s list of tools (whose arguments are defined late, main.rs).
 #[derive(Debug, Clone, clap::Args)]
 pub struct JailArgs {
     /// The microVM's id: names its chroot and cgroup (letters, digits, '-'; at most 64).

@@ -25,7 +25,9 @@ pub enum ReportError {
     Output(#[from] std::io::Error),
 }
 
-/// Arguments of `prescient report`.
+// Arguments of `prescient report`.
+// Not a doc comment: clap would take it as the subcommand's description, over the
+// one on `prescient`'s list of tools (whose arguments are defined late, main.rs).
 #[derive(Clone, Debug, clap::Args)]
 pub struct ReportArgs {
     /// A trace (`*.jsonl`), e.g. one the VMM recorded to its predictor `trace_path`.

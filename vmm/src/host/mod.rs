@@ -71,7 +71,9 @@ const LEAD_WINDOWS: f64 = 2.0;
 /// Window bounds of the pool, as for a VM's predictor.
 const WINDOW_MS: std::ops::RangeInclusive<u64> = 10..=10_000;
 
-/// `prescient host` arguments.
+// `prescient host` arguments.
+// Not a doc comment: clap would take it as the subcommand's description, over the
+// one on `prescient`'s list of tools (whose arguments are defined late, main.rs).
 #[derive(Debug, Clone, clap::Args)]
 pub struct HostArgs {
     /// What the pool may grant in all: cpu (cores), mem (MiB, or with K/M/G), blk and net
