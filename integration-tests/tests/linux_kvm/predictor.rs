@@ -34,8 +34,13 @@ fn applied<'a>(d: &'a Value, what: &str) -> Option<&'a Value> {
 
 /// What the predictor was doing, for a failure: the VMM's threads with their CPU time (the
 /// VMM thread runs the predictor and shares the quota with the vCPUs), its allocation and its
-/// last decisions, one line each (what it saw, what it allocated, why).
-fn explain(vm: &mut Guest) -> String {
+/// last decisions, one line each (what it saw, what it allocated, why). Nothing once the VMM
+/// has ended (`failure` says so, with its stderr): asking its API would panic on the socket and
+/// hide the cause, a triple fault the nested harness retries, say.
+fn explain(vm: &mut Guest, failure: &str) -> String {
+    if failure.contains("the VMM exited") {
+        return String::new();
+    }
     let status = vm.get("/predictor");
     let log = decisions(&mut vm.api());
     let mut out = format!(
@@ -69,7 +74,7 @@ fn done(vm: &mut Guest, step: &str, secs: u64) {
         |l| l.contains("agent: workload-done ") && l.contains(&marker),
     );
     if let Err(e) = waited {
-        panic!("{e}\n{}", explain(vm));
+        panic!("{e}\n{}", explain(vm, &e));
     }
     vm.done(step, secs);
 }
@@ -93,7 +98,7 @@ fn cgroup_cores(id: &str) -> Option<f64> {
 }
 
 #[test]
-#[ignore = "nested KVM on a shared 2-core host: never passed there (2026-12-07, 2 more runs in the evening with 2 MiB-mapped memory, 2 attempts each): the 2-vCPU guest made no progress in stress-cpu:5 (90-130 ms of guest user time in 60-110 s, its 2 vCPUs stolen ~1.1 s per s) until its RCU stall report; the quota was not the limit (1.5 to 2 cores, throttled in a few windows only) but the VMM thread was: a debug build running the predictor every 100 ms (plus 100 ms balloon statistics) took 58.9 s of CPU in 106 s, more than either vCPU thread (47.6, 36.6 s), three busy threads on L1's 2 CPUs; run with --ignored on a hardware KVM host"]
+#[ignore = "nested KVM on a shared 2-core host: passed 1 of 2 runs (2026-12-07 evening, 153.5 s in L1; the other: the guest triple-faulted during fio after the memory ramp, KVM_EXIT_SHUTDOWN at the reset state, which the harness did not retry as emulator breakage: asking the dead VMM for its decisions panicked first, fixed since); with 100 ms windows (before) the guest made no progress in stress-cpu:5 (90-130 ms of guest user time in 60-110 s) while the debug build's VMM thread running the predictor took 58.9 s of L1 CPU in 106 s, more than either vCPU thread (47.6, 36.6 s), the quota at 1.5-2 cores not the limit; run with --ignored on a hardware KVM host"]
 fn the_predictor_follows_stress_ng_phases_without_oom_or_false_alarms_and_replays() {
     on_hardware_kvm(SCENARIO, || {
         let id = format!("linux-predictor-{}", std::process::id());
@@ -119,7 +124,10 @@ fn the_predictor_follows_stress_ng_phases_without_oom_or_false_alarms_and_replay
             .section(
                 "predictor",
                 json!({
-                    "window_ms": 100,
+                    // Not 100 ms: under the nested KVM the debug build's VMM thread, which runs
+                    // the predictor, then took more of L1's 2 CPUs than either vCPU thread and
+                    // the guest made no progress in stress-ng (8 to 10 windows per step still).
+                    "window_ms": 500,
                     "budget": {
                         "memory_mib": {"min": BOOT_MIB + 64, "max": BOOT_MIB + 1024},
                         // Down to a tenth of a core: the quota the boot settles at is far
@@ -147,7 +155,7 @@ fn the_predictor_follows_stress_ng_phases_without_oom_or_false_alarms_and_replay
                 l.contains("agent: ready")
             })
         {
-            panic!("{e}\n{}", explain(&mut vm));
+            panic!("{e}\n{}", explain(&mut vm, &e));
         }
 
         // CPU: the quota is raised for stress-ng and the cgroup holds the allocation.
@@ -235,13 +243,13 @@ fn the_predictor_follows_stress_ng_phases_without_oom_or_false_alarms_and_replay
             &log,
             DEADLINE,
         );
-        let common = live.len().min(replayed.len());
+        // The trace runs on past the last decisions fetched, so the replay has a few more.
         assert!(
-            common >= 100,
+            live.len() >= 30 && replayed.len() >= live.len(),
             "replayed {} of {} decisions",
             replayed.len(),
             live.len()
         );
-        assert_eq!(live[..common], replayed[..common]);
+        assert_eq!(live[..], replayed[..live.len()]);
     });
 }
