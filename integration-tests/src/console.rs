@@ -325,6 +325,11 @@ impl Console {
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// The process's threads: state, CPU time and where each sleeps.
+    pub fn threads(&self) -> String {
+        thread_states(self.pid())
+    }
+
     /// Every console line so far.
     pub fn lines(&self) -> Vec<String> {
         self.out.lines()
@@ -442,15 +447,25 @@ fn thread_states(pid: u32) -> String {
             let read = |f: &str| std::fs::read_to_string(p.join(f)).unwrap_or_default();
             // stat: "tid (comm) S ..."; comm may hold spaces, the state follows its ')'.
             let stat = read("stat");
-            let state = stat
+            let fields: Vec<&str> = stat
                 .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().next())
-                .unwrap_or("?")
-                .to_string();
+                .map(|(_, rest)| rest.split_whitespace().collect())
+                .unwrap_or_default();
+            let state = fields.first().copied().unwrap_or("?");
+            // utime and stime (fields 14 and 15, the 12th and 13th after the comm): which
+            // thread the process's CPU went to (a guest that makes no progress while its VMM
+            // burns CPU, say).
+            let ticks: u64 = fields
+                .get(11..13)
+                .map(|t| t.iter().filter_map(|v| v.parse::<u64>().ok()).sum())
+                .unwrap_or(0);
+            // SAFETY: sysconf reads a constant of the system.
+            let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
             format!(
-                "{} {} {state} wchan={}",
+                "{} {} {state} cpu={:.1}s wchan={}",
                 task.file_name().to_string_lossy(),
                 read("comm").trim(),
+                ticks as f64 / hz,
                 read("wchan").trim()
             )
         })
@@ -504,7 +519,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(10);
         let states = loop {
             let states = thread_states(std::process::id());
-            if states.lines().any(|l| l.contains(" sleeper S wchan=")) {
+            if states.lines().any(|l| l.contains(" sleeper S cpu=")) {
                 break states;
             }
             assert!(
@@ -514,7 +529,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         };
         // This thread is running while it reads its own state.
-        assert!(states.lines().any(|l| l.contains(" R wchan=")), "{states}");
+        assert!(states.lines().any(|l| l.contains(" R cpu=")), "{states}");
         drop(tx);
         sleeper.join().unwrap();
         assert!(thread_states(u32::MAX).contains("the process is gone"));

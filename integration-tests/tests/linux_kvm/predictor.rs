@@ -32,13 +32,20 @@ fn applied<'a>(d: &'a Value, what: &str) -> Option<&'a Value> {
     d["applied"].as_array()?.iter().find(|a| a["what"] == what)
 }
 
-/// What the predictor was doing, for a failure: its allocation and its last decisions, one line
-/// each (what it saw, what it allocated, why).
-fn explain(vm: &mut Guest) -> String {
+/// What the predictor was doing, for a failure: the VMM's threads with their CPU time (the
+/// VMM thread runs the predictor and shares the quota with the vCPUs), its allocation and its
+/// last decisions, one line each (what it saw, what it allocated, why). Nothing once the VMM
+/// has ended (`failure` says so, with its stderr): asking its API would panic on the socket and
+/// hide the cause, a triple fault the nested harness retries, say.
+fn explain(vm: &mut Guest, failure: &str) -> String {
+    if failure.contains("the VMM exited") {
+        return String::new();
+    }
     let status = vm.get("/predictor");
     let log = decisions(&mut vm.api());
     let mut out = format!(
-        "--- GET /predictor: allocation {} ---\n--- last of {} decisions ---\n",
+        "--- the VMM's threads ---\n{}\n--- GET /predictor: allocation {} ---\n--- last of {} decisions ---\n",
+        vm.console.threads(),
         status["allocation"],
         log.len()
     );
@@ -67,7 +74,7 @@ fn done(vm: &mut Guest, step: &str, secs: u64) {
         |l| l.contains("agent: workload-done ") && l.contains(&marker),
     );
     if let Err(e) = waited {
-        panic!("{e}\n{}", explain(vm));
+        panic!("{e}\n{}", explain(vm, &e));
     }
     vm.done(step, secs);
 }
@@ -91,7 +98,7 @@ fn cgroup_cores(id: &str) -> Option<f64> {
 }
 
 #[test]
-#[ignore = "nested KVM on a shared 2-core host: never passed there (2026-12-07): under a CPU quota on the whole VMM process (cgroup v2 in L1) the guest stalled in stress-ng for over 2 min, and late in a loaded run the 256 MiB guest triple-faulted in early boot; run with --ignored on a hardware KVM host"]
+#[ignore = "nested KVM on a shared 2-core host: 3 runs on 2026-12-07 evening with 500 ms windows: 2 passed (153.5 s in L1; 109.9 s after the harness retried a first attempt), and in 2 of the 3 the guest triple-faulted (KVM_EXIT_SHUTDOWN at the reset state) during or right after the memory ramp, as virtio-mem plugged memory: far more often than the ~1 in 15 L2 boots QEMU's SVM breaks, so suspect the plug path (not proven); with 100 ms windows the guest made no progress in stress-cpu:5 (90-130 ms of guest user time in 60-110 s) while the debug build's VMM thread running the predictor took 58.9 s of L1 CPU in 106 s, more than either vCPU thread (47.6, 36.6 s), the quota at 1.5-2 cores not the limit; run with --ignored on a hardware KVM host"]
 fn the_predictor_follows_stress_ng_phases_without_oom_or_false_alarms_and_replays() {
     on_hardware_kvm(SCENARIO, || {
         let id = format!("linux-predictor-{}", std::process::id());
@@ -117,7 +124,10 @@ fn the_predictor_follows_stress_ng_phases_without_oom_or_false_alarms_and_replay
             .section(
                 "predictor",
                 json!({
-                    "window_ms": 100,
+                    // Not 100 ms: under the nested KVM the debug build's VMM thread, which runs
+                    // the predictor, then took more of L1's 2 CPUs than either vCPU thread and
+                    // the guest made no progress in stress-ng (8 to 10 windows per step still).
+                    "window_ms": 500,
                     "budget": {
                         "memory_mib": {"min": BOOT_MIB + 64, "max": BOOT_MIB + 1024},
                         // Down to a tenth of a core: the quota the boot settles at is far
@@ -145,7 +155,7 @@ fn the_predictor_follows_stress_ng_phases_without_oom_or_false_alarms_and_replay
                 l.contains("agent: ready")
             })
         {
-            panic!("{e}\n{}", explain(&mut vm));
+            panic!("{e}\n{}", explain(&mut vm, &e));
         }
 
         // CPU: the quota is raised for stress-ng and the cgroup holds the allocation.
@@ -233,13 +243,13 @@ fn the_predictor_follows_stress_ng_phases_without_oom_or_false_alarms_and_replay
             &log,
             DEADLINE,
         );
-        let common = live.len().min(replayed.len());
+        // The trace runs on past the last decisions fetched, so the replay has a few more.
         assert!(
-            common >= 100,
+            live.len() >= 30 && replayed.len() >= live.len(),
             "replayed {} of {} decisions",
             replayed.len(),
             live.len()
         );
-        assert_eq!(live[..common], replayed[..common]);
+        assert_eq!(live[..], replayed[..live.len()]);
     });
 }
