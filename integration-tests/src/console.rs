@@ -461,17 +461,35 @@ fn thread_states(pid: u32) -> String {
                 .unwrap_or(0);
             // SAFETY: sysconf reads a constant of the system.
             let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-            format!(
-                "{} {} {state} cpu={:.1}s wchan={}",
-                task.file_name().to_string_lossy(),
+            thread_line(
+                &task.file_name().to_string_lossy(),
                 read("comm").trim(),
+                state,
                 ticks as f64 / hz,
-                read("wchan").trim()
+                read("wchan").trim(),
             )
         })
         .collect();
     lines.sort();
     lines.join("\n")
+}
+
+/// One line of [`thread_states`]: `<tid> <name> <state> cpu=<s>s wchan=<function>`.
+fn thread_line(tid: &str, name: &str, state: &str, cpu_secs: f64, wchan: &str) -> String {
+    format!("{tid} {name} {state} cpu={cpu_secs:.1}s wchan={wchan}")
+}
+
+/// Whether `line` of [`thread_states`] is a vCPU thread (named `fc_vcpu N`, as Firecracker's)
+/// inside the guest: runnable with no wait channel, where a vCPU waiting for an interrupt
+/// sleeps in KVM (`kvm_vcpu_block`).
+pub fn is_vcpu_in_guest(line: &str) -> bool {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let state = words
+        .iter()
+        .position(|w| w.starts_with("cpu="))
+        .and_then(|i| i.checked_sub(1))
+        .map(|i| words[i]);
+    line.contains(" fc_vcpu ") && state == Some("R") && line.ends_with(" wchan=0")
 }
 
 impl Drop for Console {
@@ -533,6 +551,31 @@ mod tests {
         drop(tx);
         sleeper.join().unwrap();
         assert!(thread_states(u32::MAX).contains("the process is gone"));
+    }
+
+    #[test]
+    fn a_vcpu_in_guest_mode_is_told_from_a_halted_one_and_from_other_threads() {
+        assert!(is_vcpu_in_guest(&thread_line(
+            "133",
+            "fc_vcpu 0",
+            "R",
+            243.5,
+            "0"
+        )));
+        assert!(!is_vcpu_in_guest(&thread_line(
+            "134",
+            "fc_vcpu 1",
+            "S",
+            0.4,
+            "kvm_vcpu_block"
+        )));
+        assert!(!is_vcpu_in_guest(&thread_line(
+            "126",
+            "prescient",
+            "R",
+            10.8,
+            "0"
+        )));
     }
 
     #[test]

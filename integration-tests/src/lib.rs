@@ -373,13 +373,18 @@ pub fn seccomp_filters(pid: u32, comm: &str) -> u32 {
 
 /// Resident memory of process `pid`, in bytes (VmRSS).
 pub fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");
+    try_rss_bytes(pid).expect("VmRSS in /proc/<pid>/status")
+}
+
+/// Resident memory of process `pid`, in bytes, while it lives (a process that exited has no
+/// VmRSS, even before it is reaped).
+pub fn try_rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kib: u64 = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/<pid>/status");
-    kib << 10
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())?;
+    Some(kib << 10)
 }
 
 /// A `prescient` that runs alongside the test; killed when dropped, so a failing test never

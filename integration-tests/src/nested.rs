@@ -277,9 +277,7 @@ fn emulator_breakage(message: &str) -> Option<&'static str> {
         .next()?
         .parse()
         .ok()?;
-    let vcpu_in_guest = message
-        .lines()
-        .any(|l| l.contains(" fc_vcpu ") && l.ends_with(" R wchan=0"));
+    let vcpu_in_guest = message.lines().any(crate::console::is_vcpu_in_guest);
     (silent_secs >= SILENT_STALL.as_secs() && vcpu_in_guest)
         .then_some("a silent stall with a vCPU in guest mode")
 }
@@ -1076,20 +1074,23 @@ mod tests {
             format!(
                 "waited for agent: ready: not within 240s\n--- its threads (a stalled guest: \
                  is a vCPU running, or waiting in the VMM?; {}{silent}s) ---\n\
-                 137 prescient S wchan=do_epoll_wait\n144 fc_vcpu 0 {vcpu0}\n\
-                 145 fc_vcpu 1 S wchan=kvm_vcpu_block",
+                 137 prescient S cpu=10.8s wchan=do_epoll_wait\n144 fc_vcpu 0 {vcpu0}\n\
+                 145 fc_vcpu 1 S cpu=0.4s wchan=kvm_vcpu_block",
                 crate::console::SILENT_FOR
             )
         };
         assert_eq!(
-            emulator_breakage(&stalled(238, "R wchan=0")),
+            emulator_breakage(&stalled(238, "R cpu=243.5s wchan=0")),
             Some("a silent stall with a vCPU in guest mode")
         );
         // Printing until shortly before the deadline: a slow guest, not a stalled one.
-        assert_eq!(emulator_breakage(&stalled(30, "R wchan=0")), None);
+        assert_eq!(
+            emulator_breakage(&stalled(30, "R cpu=243.5s wchan=0")),
+            None
+        );
         // Every vCPU halted: the guest waits for something (a device, an interrupt).
         assert_eq!(
-            emulator_breakage(&stalled(238, "S wchan=kvm_vcpu_block")),
+            emulator_breakage(&stalled(238, "S cpu=0.4s wchan=kvm_vcpu_block")),
             None
         );
     }

@@ -9,9 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use integration_tests::agent::{self, STEP_SLACK};
-use integration_tests::console::{Console, LineStream};
+use integration_tests::console::{Console, LineStream, WaitEnd};
 use integration_tests::linux::{cmdline, images};
-use integration_tests::{prescient_bin, rss_bytes, ApiClient, Scratch};
+use integration_tests::{prescient_bin, try_rss_bytes, ApiClient, Scratch};
 use serde_json::{json, Value};
 
 /// Boot to `agent: ready` under a real KVM, with room for a loaded L1 (everything in L1 runs
@@ -19,6 +19,10 @@ use serde_json::{json, Value};
 pub const READY: Duration = Duration::from_secs(240);
 /// From the agent's poweroff (or a reset) to the VMM's exit.
 pub const EXIT: Duration = Duration::from_secs(60);
+/// How long a guest may take from `agent: poweroff` to its VMM's exit before the wait ends as
+/// a stall: past the nested harness's silent-stall threshold (120 s), so that such a stall is
+/// recognised; a healthy guest exits within seconds.
+const EXIT_STALL: Duration = Duration::from_secs(150);
 /// The port the agent connects to on the host side.
 pub const AGENT_PORT: u32 = 52;
 pub const MIB: u64 = 1 << 20;
@@ -331,7 +335,17 @@ impl Guest {
 
     /// The VMM's resident memory.
     pub fn rss(&self) -> u64 {
-        rss_bytes(self.console.pid())
+        try_rss_bytes(self.console.pid()).unwrap_or_else(|| {
+            // The VMM has exited: the failure says why it ended (its stderr), which is what
+            // tells a guest broken by the nested emulator from a failed check.
+            let why = self
+                .console
+                .wait_for("the VMM to run (its RSS)", Duration::from_secs(2), |_| {
+                    false
+                })
+                .unwrap_err();
+            panic!("{why}")
+        })
     }
 
     /// `GET path` as JSON.
@@ -395,6 +409,20 @@ impl Guest {
         self.console.expect("agent: poweroff", STEP_SLACK, |l| {
             l.contains("agent: poweroff")
         });
+        // A guest that never gets to power off fails with its VMM's threads and how long its
+        // console was silent, as any stalled wait does (the nested harness retries one whose
+        // vCPU spun silently in the guest), rather than with a bare kill.
+        let closed = self
+            .console
+            .stream()
+            .wait_line_from(usize::MAX, EXIT_STALL, |_| false);
+        if closed != Err(WaitEnd::Closed) {
+            let why = self
+                .console
+                .wait_for("the VMM to exit after poweroff", Duration::ZERO, |_| false)
+                .unwrap_err();
+            panic!("{why}");
+        }
         self.console.wait_exit(EXIT)
     }
 }
